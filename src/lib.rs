@@ -1,0 +1,41 @@
+//! # websocket-driver (`wsd`)
+//!
+//! RFC 6455 WebSockets for servers and clients, with the API of the Common Lisp
+//! `websocket-driver`: `make_server`, `make_client`, `start_connection`, `send`,
+//! `send_text`, `send_binary`, `send_ping`, `close_connection`, `version`, `protocol`,
+//! `ready_state`, and `open` / `message` / `error` / `close` events.
+//!
+//! Layers (see `DESIGN.md`): [`protocol`] is sans-IO (bytes in, events and bytes out);
+//! [`WebSocket`] adds seed-style closures; [`blocking`] runs connections on `std::net`
+//! threads.
+//!
+//! ```
+//! use websocket_driver::{make_client, Event, Options};
+//! let mut client = make_client("ws://localhost:5000/echo", &Options::default()).unwrap();
+//! client.start_connection();
+//! assert!(client.pending_output().starts_with(b"GET /echo HTTP/1.1\r\nHost: localhost:5000\r\n"));
+//! client.send_text("Hi").unwrap(); // queued until the handshake completes
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod blocking;
+pub mod protocol;
+mod websocket;
+
+pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
+pub use protocol::error::{Error, HandshakeError, ProtocolError, UsageError, code};
+pub use protocol::handshake::{Request, RequestParser, is_websocket};
+pub use protocol::options::Options;
+pub use websocket::WebSocket;
+
+/// A server driver for an upgrade request (the seed's `make-server`).
+pub fn make_server(request: &Request, options: &Options) -> Result<Driver, Error> {
+    Driver::make_server(request, options)
+}
+
+/// A client driver for a `ws://` URL (the seed's `make-client`).
+pub fn make_client(url: &str, options: &Options) -> Result<Driver, Error> {
+    Driver::make_client(url, options)
+}

@@ -1,0 +1,298 @@
+//! Frame headers (RFC 6455 §5.2): parsing and encoding.
+//!
+//! The parser follows httparse: it returns `Complete(header, length)` or `Partial` and
+//! consumes nothing on partial input. Everything that can be judged from the bytes seen
+//! so far is judged at once, so a bad frame is rejected before any payload is buffered.
+
+use super::error::ProtocolError;
+
+/// Frame opcodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum OpCode {
+    /// Continues a fragmented message.
+    Continuation = 0x0,
+    /// First frame of a text message.
+    Text = 0x1,
+    /// First frame of a binary message.
+    Binary = 0x2,
+    /// Close control frame.
+    Close = 0x8,
+    /// Ping control frame.
+    Ping = 0x9,
+    /// Pong control frame.
+    Pong = 0xa,
+}
+
+impl OpCode {
+    /// Decodes the low nibble of the first header byte.
+    pub fn from_u8(bits: u8) -> Option<OpCode> {
+        Some(match bits {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xa => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    /// Close, ping and pong.
+    pub fn is_control(self) -> bool {
+        (self as u8) & 0x8 != 0
+    }
+}
+
+/// Largest control frame payload (RFC 6455 §5.5).
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Longest possible frame header: 2 + 8 (length) + 4 (mask).
+pub const MAX_HEADER_LEN: usize = 14;
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Last frame of the message.
+    pub fin: bool,
+    /// RSV1..RSV3 as the top bits of a nibble (`0b100` = RSV1).
+    pub rsv: u8,
+    /// The frame type.
+    pub opcode: OpCode,
+    /// The masking key, if the frame is masked.
+    pub mask: Option<[u8; 4]>,
+    /// Declared payload length.
+    pub payload_len: u64,
+}
+
+/// Outcome of parsing input that may be incomplete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status<T> {
+    /// Parsed; the `usize` is how many bytes it took.
+    Complete(T, usize),
+    /// More bytes are needed; nothing was consumed.
+    Partial,
+}
+
+impl FrameHeader {
+    /// Length of this header on the wire.
+    pub fn encoded_len(&self) -> usize {
+        header_len(self.payload_len, self.mask.is_some())
+    }
+}
+
+/// Length of a header for a payload of `payload_len` bytes.
+pub fn header_len(payload_len: u64, masked: bool) -> usize {
+    let ext = match payload_len {
+        0..=125 => 0,
+        126..=0xffff => 2,
+        _ => 8,
+    };
+    2 + ext + if masked { 4 } else { 0 }
+}
+
+/// Parses a frame header from the start of `buf`.
+///
+/// `allowed_rsv` holds the RSV bits an extension has claimed (0 without extensions).
+pub fn parse_header(buf: &[u8], allowed_rsv: u8) -> Result<Status<FrameHeader>, ProtocolError> {
+    let Some(&b0) = buf.first() else {
+        return Ok(Status::Partial);
+    };
+    let rsv = (b0 >> 4) & 0x7;
+    if rsv & !allowed_rsv != 0 {
+        return Err(ProtocolError::ReservedBits(rsv));
+    }
+    let opcode = OpCode::from_u8(b0 & 0xf).ok_or(ProtocolError::ReservedOpcode(b0 & 0xf))?;
+    let fin = b0 & 0x80 != 0;
+    if opcode.is_control() && !fin {
+        return Err(ProtocolError::FragmentedControlFrame);
+    }
+    let Some(&b1) = buf.get(1) else {
+        return Ok(Status::Partial);
+    };
+    let masked = b1 & 0x80 != 0;
+    let short_len = b1 & 0x7f;
+    if opcode.is_control() && short_len > MAX_CONTROL_PAYLOAD as u8 {
+        return Err(ProtocolError::ControlFrameTooLong);
+    }
+    let (payload_len, mut at) = match short_len {
+        126 => {
+            let Some(b) = buf.get(2..4) else {
+                return Ok(Status::Partial);
+            };
+            (u16::from_be_bytes([b[0], b[1]]) as u64, 4)
+        }
+        127 => {
+            let Some(b) = buf.get(2..10) else {
+                return Ok(Status::Partial);
+            };
+            let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(ProtocolError::LengthTopBitSet);
+            }
+            (len, 10)
+        }
+        n => (n as u64, 2),
+    };
+    let mask = if masked {
+        let Some(b) = buf.get(at..at + 4) else {
+            return Ok(Status::Partial);
+        };
+        at += 4;
+        Some([b[0], b[1], b[2], b[3]])
+    } else {
+        None
+    };
+    Ok(Status::Complete(
+        FrameHeader {
+            fin,
+            rsv,
+            opcode,
+            mask,
+            payload_len,
+        },
+        at,
+    ))
+}
+
+/// Writes the header into `out` (at least [`MAX_HEADER_LEN`] bytes) and returns its length.
+/// Uses the shortest length form, as RFC 6455 §5.2 requires.
+pub fn encode_header(out: &mut [u8], header: &FrameHeader) -> usize {
+    out[0] = (header.fin as u8) << 7 | (header.rsv & 7) << 4 | header.opcode as u8;
+    let mask_bit = if header.mask.is_some() { 0x80 } else { 0 };
+    let len = header.payload_len;
+    let mut at = match len {
+        0..=125 => {
+            out[1] = mask_bit | len as u8;
+            2
+        }
+        126..=0xffff => {
+            out[1] = mask_bit | 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            out[1] = mask_bit | 127;
+            out[2..10].copy_from_slice(&len.to_be_bytes());
+            10
+        }
+    };
+    if let Some(key) = header.mask {
+        out[at..at + 4].copy_from_slice(&key);
+        at += 4;
+    }
+    at
+}
+
+/// Appends a whole frame (header, then the payload masked with `mask` if given) to `out`.
+pub fn write_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) -> usize {
+    let header = FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode,
+        mask,
+        payload_len: payload.len() as u64,
+    };
+    let mut head = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(&mut head, &header);
+    out.reserve(n + payload.len());
+    out.extend_from_slice(&head[..n]);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if let Some(key) = mask {
+        super::mask::apply_mask(&mut out[start..], key, 0);
+    }
+    n + payload.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn fast_websocket_vectors() {
+        let mut out = Vec::new();
+        write_frame(&mut out, OpCode::Text, b"hi", None);
+        assert_eq!(out, [129, 2, 104, 105]);
+        out.clear();
+        write_frame(&mut out, OpCode::Text, b"hi", Some([186, 43, 99, 37]));
+        assert_eq!(out, [129, 130, 186, 43, 99, 37, 210, 66]);
+        out.clear();
+        write_frame(&mut out, OpCode::Close, &[3, 232, b'b', b'y', b'e'], None);
+        assert_eq!(out, [136, 5, 3, 232, 98, 121, 101]);
+        for (len, total) in [(124, 126), (125, 127), (126, 130), (65534, 65538), (65535, 65539), (65536, 65546)] {
+            out.clear();
+            assert_eq!(write_frame(&mut out, OpCode::Text, &vec![b'a'; len], None), total);
+            assert_eq!(out.len(), total);
+        }
+    }
+
+    #[test]
+    fn rejections_need_only_the_bytes_that_show_them() {
+        assert_eq!(parse_header(&[0xc1], 0), Err(ProtocolError::ReservedBits(4)));
+        assert_eq!(parse_header(&[0xa1], 0), Err(ProtocolError::ReservedBits(2)));
+        assert_eq!(parse_header(&[0x83], 0), Err(ProtocolError::ReservedOpcode(3)));
+        assert_eq!(parse_header(&[0x8b], 0), Err(ProtocolError::ReservedOpcode(0xb)));
+        assert_eq!(parse_header(&[0x09], 0), Err(ProtocolError::FragmentedControlFrame));
+        assert_eq!(parse_header(&[0x89, 126], 0), Err(ProtocolError::ControlFrameTooLong));
+        let mut huge = vec![0x82, 0xff];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(parse_header(&huge, 0), Err(ProtocolError::LengthTopBitSet));
+        // RSV1 is fine once an extension claims it.
+        assert!(matches!(parse_header(&[0xc1, 0], 4), Ok(Status::Complete(_, 2))));
+    }
+
+    #[test]
+    fn partial_consumes_nothing() {
+        let mut frame = Vec::new();
+        write_frame(&mut frame, OpCode::Binary, &[7; 70000], Some([1, 2, 3, 4]));
+        for cut in 0..14 {
+            assert_eq!(parse_header(&frame[..cut], 0), Ok(Status::Partial), "cut {cut}");
+        }
+        assert!(matches!(parse_header(&frame, 0), Ok(Status::Complete(h, 14)) if h.payload_len == 70000));
+    }
+
+    fn any_header() -> impl Strategy<Value = FrameHeader> {
+        let opcode = prop_oneof![
+            Just(OpCode::Continuation),
+            Just(OpCode::Text),
+            Just(OpCode::Binary),
+            Just(OpCode::Close),
+            Just(OpCode::Ping),
+            Just(OpCode::Pong)
+        ];
+        let len = prop_oneof![
+            0u64..=125,
+            Just(126u64),
+            Just(127),
+            Just(65535),
+            Just(65536),
+            Just((1 << 32) - 1),
+            Just((1 << 32) + 1),
+            0u64..(1 << 63)
+        ];
+        (any::<bool>(), opcode, proptest::option::of(any::<[u8; 4]>()), len).prop_map(|(fin, opcode, mask, len)| {
+            let control = opcode.is_control();
+            FrameHeader {
+                fin: fin || control,
+                rsv: 0,
+                opcode,
+                mask,
+                payload_len: if control { len % 126 } else { len },
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn encode_parse_round_trip(header in any_header()) {
+            let mut buf = [0u8; MAX_HEADER_LEN];
+            let n = encode_header(&mut buf, &header);
+            prop_assert_eq!(n, header.encoded_len());
+            prop_assert_eq!(parse_header(&buf[..n], 0), Ok(Status::Complete(header, n)));
+            for cut in 0..n {
+                prop_assert_eq!(parse_header(&buf[..cut], 0), Ok(Status::Partial));
+            }
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! The opening handshake (RFC 6455 §4): HTTP upgrade request and response, both roles.
+//!
+//! Heads are read incrementally. Each byte is scanned for the end of the head at most
+//! once (plus a 3-byte overlap), so a head dripped one byte per read costs linear time
+//! (the CVE-2023-43669 class), and httparse runs once, on the complete head.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha1::{Digest, Sha1};
+
+use super::error::{HandshakeError, UsageError};
+use super::frame::Status;
+
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.trim().as_bytes());
+    sha.update(ACCEPT_GUID);
+    BASE64.encode(sha.finalize())
+}
+
+/// A parsed HTTP request head: what the seed calls the `env` of an upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The method, e.g. `GET`.
+    pub method: String,
+    /// The request target: path and query.
+    pub path: String,
+    /// Minor HTTP version: 1 for HTTP/1.1.
+    pub version: u8,
+    /// Header lines in order, names as sent.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A parsed HTTP response head (the client side of the handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header lines in order, names as sent.
+    pub headers: Vec<(String, String)>,
+}
+
+fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn count_header(headers: &[(String, String)], name: &str) -> usize {
+    headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count()
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive), in any of the
+/// header's lines.
+fn has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .flat_map(|(_, v)| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl Request {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+impl Response {
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+/// Whether a request asks for a WebSocket upgrade: GET, `Connection` holding `upgrade` and
+/// `Upgrade: websocket`. Like the seed's `websocket-p`, for routing before `make_server`.
+pub fn is_websocket(request: &Request) -> bool {
+    request.method == "GET"
+        && has_token(&request.headers, "connection", "upgrade")
+        && has_token(&request.headers, "upgrade", "websocket")
+}
+
+/// Limits on a handshake head.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    /// Largest head in bytes, final blank line included.
+    pub max_size: usize,
+    /// Most header lines.
+    pub max_headers: usize,
+}
+
+/// Collects a head until its blank line.
+#[derive(Debug, Default)]
+struct HeadBuffer {
+    buf: Vec<u8>,
+}
+
+enum Head<'a> {
+    /// The head, and how many bytes of the input it took.
+    Complete(&'a [u8], usize),
+    Partial,
+}
+
+impl HeadBuffer {
+    fn feed<'a>(&'a mut self, input: &'a [u8], max_size: usize) -> Result<Head<'a>, HandshakeError> {
+        const END: &[u8] = b"\r\n\r\n";
+        if self.buf.is_empty() {
+            // Fast path: the whole head in one read needs no copy.
+            if let Some(at) = memchr::memmem::find(input, END) {
+                let end = at + END.len();
+                if end > max_size {
+                    return Err(HandshakeError::HeadTooLarge { limit: max_size });
+                }
+                return Ok(Head::Complete(&input[..end], end));
+            }
+        }
+        let old = self.buf.len();
+        let start = old.saturating_sub(END.len() - 1);
+        // Never hold more than the limit plus the terminator, whatever the read size.
+        let room = (max_size + END.len()).saturating_sub(old);
+        let take = input.len().min(room);
+        self.buf.extend_from_slice(&input[..take]);
+        match memchr::memmem::find(&self.buf[start..], END) {
+            Some(at) => {
+                let end = start + at + END.len();
+                if end > max_size {
+                    return Err(HandshakeError::HeadTooLarge { limit: max_size });
+                }
+                self.buf.truncate(end);
+                Ok(Head::Complete(&self.buf, end - old))
+            }
+            None if self.buf.len() > max_size => Err(HandshakeError::HeadTooLarge { limit: max_size }),
+            None => Ok(Head::Partial),
+        }
+    }
+}
+
+fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+        .collect()
+}
+
+fn http_error(e: httparse::Error, limits: HeadLimits) -> HandshakeError {
+    match e {
+        httparse::Error::TooManyHeaders => HandshakeError::TooManyHeaders {
+            limit: limits.max_headers,
+        },
+        other => HandshakeError::MalformedHttp(other.to_string()),
+    }
+}
+
+/// Incremental parser for an HTTP upgrade request.
+#[derive(Debug)]
+pub struct RequestParser {
+    head: HeadBuffer,
+    limits: HeadLimits,
+}
+
+impl RequestParser {
+    /// A parser with the given limits.
+    pub fn new(limits: HeadLimits) -> Self {
+        RequestParser {
+            head: HeadBuffer::default(),
+            limits,
+        }
+    }
+
+    /// Feeds the next read. `Complete(request, n)`: the head ended after `n` bytes of
+    /// `input`, and `input[n..]` belongs to the WebSocket stream. `Partial`: all of `input`
+    /// was taken in.
+    pub fn parse(&mut self, input: &[u8]) -> Result<Status<Request>, HandshakeError> {
+        let limits = self.limits;
+        let (head, used) = match self.head.feed(input, limits.max_size)? {
+            Head::Complete(head, used) => (head, used),
+            Head::Partial => return Ok(Status::Partial),
+        };
+        let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(head).map_err(|e| http_error(e, limits))? {
+            httparse::Status::Complete(_) => {}
+            httparse::Status::Partial => return Err(HandshakeError::MalformedHttp("incomplete head".into())),
+        }
+        let request = Request {
+            method: req.method.unwrap_or_default().to_string(),
+            path: req.path.unwrap_or_default().to_string(),
+            version: req.version.unwrap_or_default(),
+            headers: owned_headers(req.headers),
+        };
+        Ok(Status::Complete(request, used))
+    }
+}
+
+/// Incremental parser for the server's handshake response.
+#[derive(Debug)]
+pub struct ResponseParser {
+    head: HeadBuffer,
+    limits: HeadLimits,
+}
+
+impl ResponseParser {
+    /// A parser with the given limits.
+    pub fn new(limits: HeadLimits) -> Self {
+        ResponseParser {
+            head: HeadBuffer::default(),
+            limits,
+        }
+    }
+
+    /// Like [`RequestParser::parse`], for the response.
+    pub fn parse(&mut self, input: &[u8]) -> Result<Status<Response>, HandshakeError> {
+        let limits = self.limits;
+        let (head, used) = match self.head.feed(input, limits.max_size)? {
+            Head::Complete(head, used) => (head, used),
+            Head::Partial => return Ok(Status::Partial),
+        };
+        let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(head).map_err(|e| http_error(e, limits))? {
+            httparse::Status::Complete(_) => {}
+            httparse::Status::Partial => return Err(HandshakeError::MalformedHttp("incomplete head".into())),
+        }
+        Ok(Status::Complete(
+            Response {
+                status: resp.code.unwrap_or_default(),
+                headers: owned_headers(resp.headers),
+            },
+            used,
+        ))
+    }
+}
+
+/// Checks an upgrade request (RFC 6455 §4.2.1) and returns its `Sec-WebSocket-Accept`.
+pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
+    use HandshakeError::BadRequest;
+    if request.method != "GET" {
+        return Err(BadRequest("WebSocket upgrade requires the GET method"));
+    }
+    if request.version != 1 {
+        return Err(BadRequest("WebSocket upgrade requires HTTP/1.1"));
+    }
+    if request.header("host").is_none() {
+        return Err(BadRequest("missing Host header"));
+    }
+    if !has_token(&request.headers, "upgrade", "websocket") {
+        return Err(BadRequest("missing 'Upgrade: websocket' header"));
+    }
+    if !has_token(&request.headers, "connection", "upgrade") {
+        return Err(BadRequest("'Connection' header does not contain 'upgrade'"));
+    }
+    match count_header(&request.headers, "sec-websocket-version") {
+        0 => return Err(HandshakeError::UnsupportedVersion(String::new())),
+        1 => {}
+        _ => return Err(BadRequest("duplicate Sec-WebSocket-Version header")),
+    }
+    let version = request.header("sec-websocket-version").unwrap_or_default().trim();
+    if version != "13" {
+        return Err(HandshakeError::UnsupportedVersion(version.to_string()));
+    }
+    let key = match count_header(&request.headers, "sec-websocket-key") {
+        0 => return Err(BadRequest("missing Sec-WebSocket-Key header")),
+        1 => request.header("sec-websocket-key").unwrap_or_default().trim(),
+        _ => return Err(BadRequest("duplicate Sec-WebSocket-Key header")),
+    };
+    match BASE64.decode(key) {
+        Ok(raw) if raw.len() == 16 => Ok(accept_key(key)),
+        _ => Err(BadRequest("Sec-WebSocket-Key is not 16 bytes of base64")),
+    }
+}
+
+/// The first protocol the client offers that the server accepts (case-sensitive, as the seed).
+pub fn select_protocol(request: &Request, accept_protocols: &[String]) -> Option<String> {
+    request
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .find(|offered| accept_protocols.iter().any(|a| a == offered))
+        .map(str::to_string)
+}
+
+/// Rejects header names that are not HTTP tokens and values with CR, LF, NUL or other
+/// control characters, so `additional_headers` cannot inject lines.
+pub fn validate_header(name: &str, value: &str) -> Result<(), UsageError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let value_ok = |b: u8| b == b'\t' || (b >= 0x20 && b != 0x7f);
+    if name.is_empty() || !name.bytes().all(token) || !value.bytes().all(value_ok) {
+        return Err(UsageError::InvalidHeader(format!("{name}: {value}")));
+    }
+    Ok(())
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The 101 response. `additional_headers` must have passed [`validate_header`].
+pub fn server_response(accept: &str, protocol: Option<&str>, additional_headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
+    push_header(&mut out, "Sec-WebSocket-Accept", accept);
+    if let Some(p) = protocol {
+        push_header(&mut out, "Sec-WebSocket-Protocol", p);
+    }
+    for (name, value) in additional_headers {
+        push_header(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// A complete plain-text HTTP response that closes the connection.
+pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reason_phrase(status),
+        body.len() + 1
+    )
+    .into_bytes();
+    for (name, value) in extra_headers {
+        push_header(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out.push(b'\n');
+    out
+}
+
+/// The HTTP response a server sends for a failed handshake: 400 with the reason,
+/// 426 with `Sec-WebSocket-Version: 13`, or 431.
+pub fn error_response(error: &HandshakeError) -> Vec<u8> {
+    let status = error.status();
+    let extra: &[(&str, &str)] = if status == 426 {
+        &[("Sec-WebSocket-Version", "13")]
+    } else {
+        &[]
+    };
+    http_response(status, extra, &error.to_string())
+}
+
+/// A `ws://` or `wss://` URL, split for the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientUrl {
+    /// `wss://`.
+    pub secure: bool,
+    /// Host name or address (IPv6 without brackets), for connecting and TLS.
+    pub host: String,
+    /// Port, defaulting to 80 (ws) or 443 (wss).
+    pub port: u16,
+    /// The `Host` header: host, and the port when not the default. Never userinfo.
+    pub host_header: String,
+    /// Path and query, `/` at least. The fragment is dropped.
+    pub resource: String,
+    /// `user:password` from the URL, sent as Basic authorization.
+    pub userinfo: Option<String>,
+}
+
+impl ClientUrl {
+    /// Parses a WebSocket URL.
+    pub fn parse(url: &str) -> Result<ClientUrl, UsageError> {
+        let bad = || UsageError::InvalidUrl(url.to_string());
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let secure = match scheme.to_ascii_lowercase().as_str() {
+            "ws" => false,
+            "wss" => true,
+            _ => return Err(bad()),
+        };
+        let rest = rest.split('#').next().unwrap_or_default();
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, resource) = rest.split_at(split);
+        let resource = match resource {
+            "" => "/".to_string(),
+            r if r.starts_with('?') => format!("/{r}"),
+            r => r.to_string(),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        let default_port = if secure { 443 } else { 80 };
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p.parse::<u16>().map_err(|_| bad())?,
+        };
+        if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
+            return Err(bad());
+        }
+        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let host_header = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        if resource.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(bad());
+        }
+        Ok(ClientUrl {
+            secure,
+            host: host.to_string(),
+            port,
+            host_header,
+            resource,
+            userinfo,
+        })
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 bytes from the OS CSPRNG, base64.
+pub fn generate_key() -> String {
+    let mut raw = [0u8; 16];
+    super::mask::random_bytes(&mut raw);
+    BASE64.encode(raw)
+}
+
+/// The client's upgrade request.
+pub fn client_request(url: &ClientUrl, key: &str, protocols: &[String], additional_headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(url.resource.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    push_header(&mut out, "Host", &url.host_header);
+    out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    push_header(&mut out, "Sec-WebSocket-Key", key);
+    out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
+    if !protocols.is_empty() {
+        push_header(&mut out, "Sec-WebSocket-Protocol", &protocols.join(", "));
+    }
+    if let Some(userinfo) = &url.userinfo {
+        push_header(&mut out, "Authorization", &format!("Basic {}", BASE64.encode(userinfo)));
+    }
+    for (name, value) in additional_headers {
+        push_header(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Checks the server's response (RFC 6455 §4.2.2 from the client's side) and returns the
+/// selected subprotocol.
+pub fn validate_response(response: &Response, expected_accept: &str, offered: &[String]) -> Result<Option<String>, HandshakeError> {
+    use HandshakeError::BadResponse;
+    if response.status != 101 {
+        return Err(HandshakeError::UnexpectedStatus(response.status));
+    }
+    if !has_token(&response.headers, "upgrade", "websocket") {
+        return Err(BadResponse("'Upgrade' header is missing or not 'websocket'"));
+    }
+    if !has_token(&response.headers, "connection", "upgrade") {
+        return Err(BadResponse("'Connection' header is missing or not 'Upgrade'"));
+    }
+    if response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept) {
+        return Err(HandshakeError::AcceptMismatch);
+    }
+    if response.header("sec-websocket-extensions").is_some_and(|v| !v.trim().is_empty()) {
+        return Err(BadResponse("server selected an extension the client did not offer"));
+    }
+    match response.header("sec-websocket-protocol").map(str::trim) {
+        None => Ok(None),
+        Some(p) if offered.iter().any(|o| o == p) => Ok(Some(p.to_string())),
+        Some(_) => Err(BadResponse("server selected a subprotocol the client did not offer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_size: 16 * 1024,
+        max_headers: 64,
+    };
+
+    fn parse(head: &str) -> Request {
+        match RequestParser::new(LIMITS).parse(head.as_bytes()) {
+            Ok(Status::Complete(r, n)) => {
+                assert_eq!(n, head.len());
+                r
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const GOOD: &str = "GET /chat HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Protocol: chat, superchat\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn accept_vectors() {
+        // RFC 6455 §1.3, then two vectors the faye drivers test with.
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(accept_key("JFBCWHksyIpXV+6Wlq/9pw=="), "JdiiuafpBKRqD7eol0y4vJDTsTs=");
+        assert_eq!(accept_key("2vBVWg4Qyk3ZoM/5d3QD9Q=="), "QV3I5XUXU2CdhtjixE7QCkCcMZM=");
+    }
+
+    #[test]
+    fn rfc_request_validates() {
+        let req = parse(GOOD);
+        assert!(is_websocket(&req));
+        assert_eq!(validate_request(&req).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(select_protocol(&req, &["superchat".into(), "chat".into()]), Some("chat".into()));
+        assert_eq!(select_protocol(&req, &["superchat".into()]), Some("superchat".into()));
+        assert_eq!(select_protocol(&req, &["Chat".into()]), None);
+    }
+
+    #[test]
+    fn malformed_requests_get_clear_statuses() {
+        let cases: &[(&str, &str, u16)] = &[
+            ("GET /chat HTTP/1.1", "POST /chat HTTP/1.1", 400),
+            ("HTTP/1.1\r\nHost", "HTTP/1.0\r\nHost", 400),
+            ("Host: server.example.com\r\n", "", 400),
+            ("Upgrade: websocket", "Upgrade: h2c", 400),
+            ("Connection: Upgrade", "Connection: keep-alive", 400),
+            ("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8", 426),
+            ("Sec-WebSocket-Version: 13\r\n", "", 426),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ", 400),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ==", 400),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZR==", 400),
+            ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "", 400),
+            ("Upgrade: websocket", "Upgrade: websocket\r\nSec-WebSocket-Key: JFBCWHksyIpXV+6Wlq/9pw==", 400),
+        ];
+        for (from, to, status) in cases {
+            let head = GOOD.replacen(from, to, 1);
+            let req = parse(&head);
+            let err = validate_request(&req).expect_err(&head);
+            assert_eq!(err.status(), *status, "{head}: {err}");
+        }
+        let resp = String::from_utf8(error_response(&HandshakeError::UnsupportedVersion("8".into()))).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+    }
+
+    #[test]
+    fn connection_token_lists_and_case() {
+        let head = GOOD
+            .replace("Connection: Upgrade", "connection: keep-alive, UPGRADE")
+            .replace("Upgrade: websocket", "upgrade: WebSocket");
+        assert!(validate_request(&parse(&head)).is_ok());
+    }
+
+    #[test]
+    fn head_limits_at_limit_and_over() {
+        for (extra, ok) in [(0usize, true), (1, false), (2, false)] {
+            let len = GOOD.len() + extra;
+            let limits = HeadLimits {
+                max_size: GOOD.len(),
+                max_headers: 64,
+            };
+            let padded = GOOD.replacen("/chat", &format!("/chat{}", "x".repeat(len - GOOD.len())), 1);
+            let result = RequestParser::new(limits).parse(padded.as_bytes());
+            assert_eq!(result.is_ok(), ok, "extra {extra}");
+            if !ok {
+                assert_eq!(result.unwrap_err().status(), 431);
+            }
+        }
+        // Six header lines: at a limit of 6 fine, at 5 or 4 rejected with 431.
+        for (max_headers, ok) in [(6usize, true), (5, false), (4, false)] {
+            let limits = HeadLimits {
+                max_size: 1 << 16,
+                max_headers,
+            };
+            let result = RequestParser::new(limits).parse(GOOD.as_bytes());
+            assert_eq!(result.is_ok(), ok, "max_headers {max_headers}");
+            if !ok {
+                assert_eq!(result.unwrap_err().status(), 431);
+            }
+        }
+    }
+
+    #[test]
+    fn split_head_hands_over_the_rest() {
+        let mut input = GOOD.as_bytes().to_vec();
+        input.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
+        for cut in 0..input.len() {
+            let mut p = RequestParser::new(LIMITS);
+            let (a, b) = input.split_at(cut);
+            let (req, used) = match p.parse(a).unwrap() {
+                Status::Complete(r, n) => (r, n),
+                Status::Partial => match p.parse(b).unwrap() {
+                    Status::Complete(r, n) => (r, cut + n),
+                    Status::Partial => panic!("cut {cut}"),
+                },
+            };
+            assert_eq!(used, GOOD.len(), "cut {cut}");
+            assert_eq!(req.path, "/chat");
+        }
+    }
+
+    #[test]
+    fn additional_headers_cannot_inject() {
+        assert!(validate_header("X-Api-Key", "abc def").is_ok());
+        assert!(validate_header("X-Api-Key", "a\r\nSet-Cookie: x").is_err());
+        assert!(validate_header("X-Api-Key", "a\nb").is_err());
+        assert!(validate_header("X-Api-Key", "a\0b").is_err());
+        assert!(validate_header("X Api", "a").is_err());
+        assert!(validate_header("X:Api", "a").is_err());
+        assert!(validate_header("", "a").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let u = ClientUrl::parse("ws://user:pw@example.com/chat?room=1#frag").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.host_header.as_str()), ("example.com", 80, "example.com"));
+        assert_eq!(u.resource, "/chat?room=1");
+        assert_eq!(u.userinfo.as_deref(), Some("user:pw"));
+        let u = ClientUrl::parse("wss://[::1]:9001").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.host_header.as_str(), u.resource.as_str()), ("::1", 9001, "[::1]:9001", "/"));
+        let u = ClientUrl::parse("WS://h:80?x").unwrap();
+        assert_eq!((u.host_header.as_str(), u.resource.as_str()), ("h", "/?x"));
+        for bad in ["http://x/", "ws://", "ws://:80/", "ws://h:99999/", "ws://h/a b", "x"] {
+            assert!(ClientUrl::parse(bad).is_err(), "{bad}");
+        }
+        let req = String::from_utf8(client_request(&ClientUrl::parse("ws://u:p@h:81/p").unwrap(), "k", &[], &[])).unwrap();
+        assert!(req.starts_with("GET /p HTTP/1.1\r\nHost: h:81\r\n"));
+        assert!(req.contains("Authorization: Basic dTpw\r\n"));
+        assert!(!req.contains("u:p@"));
+    }
+
+    #[test]
+    fn response_checks() {
+        let accept = accept_key("dGhlIHNhbXBsZSBub25jZQ==");
+        let ok = Response {
+            status: 101,
+            headers: vec![
+                ("Upgrade".into(), "websocket".into()),
+                ("Connection".into(), "Upgrade".into()),
+                ("Sec-WebSocket-Accept".into(), accept.clone()),
+            ],
+        };
+        assert_eq!(validate_response(&ok, &accept, &[]), Ok(None));
+        assert_eq!(validate_response(&ok, "other", &[]), Err(HandshakeError::AcceptMismatch));
+        let mut r = ok.clone();
+        r.status = 403;
+        assert_eq!(validate_response(&r, &accept, &[]), Err(HandshakeError::UnexpectedStatus(403)));
+        let mut r = ok.clone();
+        r.headers.push(("Sec-WebSocket-Protocol".into(), "chat".into()));
+        assert!(validate_response(&r, &accept, &[]).is_err());
+        assert_eq!(validate_response(&r, &accept, &["x".into(), "chat".into()]), Ok(Some("chat".into())));
+        let mut r = ok.clone();
+        r.headers.push(("Sec-WebSocket-Extensions".into(), "permessage-deflate".into()));
+        assert!(validate_response(&r, &accept, &[]).is_err());
+        let mut r = ok;
+        r.headers.retain(|(n, _)| n != "Connection");
+        assert!(validate_response(&r, &accept, &[]).is_err());
+    }
+}

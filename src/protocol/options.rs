@@ -1,0 +1,105 @@
+//! Options shared by servers and clients (the seed's `&key` arguments).
+
+use super::error::UsageError;
+use super::handshake::{HeadLimits, validate_header};
+
+/// The seed's default `max-length`: `#x3ffffff` bytes (64 MiB − 1).
+pub const DEFAULT_MAX_LENGTH: usize = 0x3ff_ffff;
+/// Default limit on a handshake head (request or response), in bytes.
+pub const DEFAULT_MAX_HANDSHAKE_SIZE: usize = 16 * 1024;
+/// Default limit on header lines in a handshake head.
+pub const DEFAULT_MAX_HEADERS: usize = 64;
+
+/// Driver options.
+///
+/// ```
+/// use websocket_driver::Options;
+/// let options = Options::default()
+///     .max_length(1 << 20)
+///     .accept_protocols(["chat"])
+///     .additional_header("X-Server", "wsd");
+/// assert_eq!(options.max_length, 1 << 20);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Largest message, in bytes, across all its fragments. Bigger ones fail the
+    /// connection with 1009. Default [`DEFAULT_MAX_LENGTH`].
+    pub max_length: usize,
+    /// Server: subprotocols it accepts. Client: subprotocols it offers, in order.
+    pub accept_protocols: Vec<String>,
+    /// Extra headers for the handshake (server: the 101 response; client: the request).
+    pub additional_headers: Vec<(String, String)>,
+    /// Largest handshake head, in bytes (431 beyond). Default [`DEFAULT_MAX_HANDSHAKE_SIZE`].
+    pub max_handshake_size: usize,
+    /// Most header lines in a handshake head (431 beyond). Default [`DEFAULT_MAX_HEADERS`].
+    pub max_headers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_length: DEFAULT_MAX_LENGTH,
+            accept_protocols: Vec::new(),
+            additional_headers: Vec::new(),
+            max_handshake_size: DEFAULT_MAX_HANDSHAKE_SIZE,
+            max_headers: DEFAULT_MAX_HEADERS,
+        }
+    }
+}
+
+impl Options {
+    /// Sets [`Options::max_length`].
+    pub fn max_length(mut self, bytes: usize) -> Self {
+        self.max_length = bytes;
+        self
+    }
+
+    /// Sets [`Options::accept_protocols`].
+    pub fn accept_protocols<I, S>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.accept_protocols = protocols.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds one of [`Options::additional_headers`].
+    pub fn additional_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.additional_headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets [`Options::max_handshake_size`].
+    pub fn max_handshake_size(mut self, bytes: usize) -> Self {
+        self.max_handshake_size = bytes;
+        self
+    }
+
+    /// Sets [`Options::max_headers`].
+    pub fn max_headers(mut self, count: usize) -> Self {
+        self.max_headers = count;
+        self
+    }
+
+    pub(crate) fn head_limits(&self) -> HeadLimits {
+        HeadLimits {
+            max_size: self.max_handshake_size,
+            max_headers: self.max_headers,
+        }
+    }
+
+    /// Checks the headers and protocol names for characters that could break the head.
+    pub fn validate(&self) -> Result<(), UsageError> {
+        for (name, value) in &self.additional_headers {
+            validate_header(name, value)?;
+        }
+        for p in &self.accept_protocols {
+            if p.contains(',') {
+                return Err(UsageError::InvalidHeader(format!("Sec-WebSocket-Protocol: {p}")));
+            }
+            validate_header("Sec-WebSocket-Protocol", p)?;
+        }
+        Ok(())
+    }
+}
