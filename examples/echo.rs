@@ -1,44 +1,85 @@
 //! Echo server: every message comes back as it came.
 //!
-//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 --backend blocking`
+//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend epoll|blocking] [--threads N]`
+//!
+//! SIGINT / SIGTERM shut the reactor down gracefully: every client gets close 1001.
 
-use websocket_driver::Options;
+use std::time::Duration;
+
 use websocket_driver::blocking::BlockingServer;
+use websocket_driver::server::{Handler, Server, Upgrade, Ws};
+use websocket_driver::{Backend, Message, Options};
+
+struct Echo;
+
+impl Handler for Echo {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = ws.send_message(&message);
+    }
+}
 
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
-    let mut backend = "blocking".to_string();
+    let mut backend = "epoll".to_string();
+    let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().unwrap_or_else(|| usage(&format!("{name} needs a value")));
         match arg.as_str() {
             "--addr" => addr = value("--addr"),
             "--backend" => backend = value("--backend"),
+            "--threads" => {
+                threads = value("--threads")
+                    .parse()
+                    .unwrap_or_else(|_| usage("--threads needs a number"))
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    if backend != "blocking" {
-        usage(&format!("backend {backend:?} is not available; this build has: blocking"));
-    }
     // Autobahn's 9.x cases send 16 MiB messages; the default max_length (64 MiB) allows them.
-    let server = BlockingServer::bind(&addr)
+    let options = Options::default();
+    if backend == "blocking" {
+        let server = BlockingServer::bind(&addr)
+            .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
+            .options(options);
+        eprintln!("echo: listening on ws://{} (backend blocking)", server.local_addr().unwrap());
+        server
+            .serve(|_request, ws| {
+                ws.on_message(|ws, message| {
+                    let _ = ws.send_message(&message);
+                });
+            })
+            .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
+        return;
+    }
+    let backend: Backend = backend.parse().unwrap_or_else(|e: String| usage(&e));
+    let server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
-        .options(Options::default());
-    eprintln!("echo: listening on ws://{} (backend {backend})", server.local_addr().unwrap());
-    server
-        .serve(|_request, ws| {
-            ws.on_message(|ws, message| {
-                let _ = ws.send_message(&message);
-            });
-        })
+        .threads(threads)
+        .backend(backend)
+        .options(options);
+    let local = server.local_addr().unwrap();
+    let handle = server
+        .start(|_request| Upgrade::Accept(Echo))
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
+    eprintln!("echo: listening on ws://{local} ({}, {threads} threads)", backend.resolve().1);
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
+    if let Some(signal) = signals.forever().next() {
+        eprintln!("echo: signal {signal}, shutting down");
+        let stats = handle.stats();
+        handle
+            .shutdown(Duration::from_secs(5))
+            .unwrap_or_else(|e| usage(&format!("shutdown failed: {e}")));
+        eprintln!("echo: stopped; {stats:?}");
+    }
 }
 
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("echo: {problem}");
     }
-    eprintln!("usage: echo [--addr HOST:PORT] [--backend blocking]");
+    eprintln!("usage: echo [--addr HOST:PORT] [--backend epoll|auto|blocking] [--threads N]");
     std::process::exit(2)
 }

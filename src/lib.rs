@@ -22,12 +22,16 @@
 
 pub mod blocking;
 pub mod protocol;
+pub mod reactor;
+pub mod server;
 mod websocket;
 
 pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
 pub use protocol::error::{Error, HandshakeError, ProtocolError, UsageError, code};
 pub use protocol::handshake::{Request, RequestParser, is_websocket};
 pub use protocol::options::Options;
+pub use reactor::Backend;
+pub use server::{Handler, Server, ServerConfig, ServerHandle, Upgrade, UpgradeRequest, Ws};
 pub use websocket::WebSocket;
 
 /// A server driver for an upgrade request (the seed's `make-server`).

@@ -720,6 +720,25 @@ impl Driver {
         }
     }
 
+    /// Ends the connection from this side without waiting for the peer: queues a close
+    /// frame with `code` if the connection is open (the transport may not get to send it),
+    /// stops reading and reports `Close(code, reason)` unless a close was reported already.
+    /// For local policy decisions: timeouts, a peer that stopped reading, shutdown.
+    pub fn abort(&mut self, close_code: u16, reason: &str) {
+        if self.state == ReadyState::Open && is_valid_close_code(close_code) {
+            let mut payload = close_code.to_be_bytes().to_vec();
+            payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)]);
+            self.push_frame(OpCode::Close, &payload);
+        }
+        if self.state == ReadyState::Connecting {
+            self.out.truncate(self.out_pos + self.handshake_left);
+        }
+        self.stop();
+        if let Some(close) = self.report_close(close_code, reason.to_string()) {
+            self.events.push_back(close);
+        }
+    }
+
     // ----- output -----
 
     fn releasable_end(&self) -> usize {
@@ -766,10 +785,23 @@ impl Driver {
         self.out.len() - self.out_pos
     }
 
-    /// Frees the output buffer's memory if nothing is pending (for idle connections).
-    pub fn shrink_buffers(&mut self) {
-        if self.out_pos == self.out.len() {
-            self.out = Vec::new();
+    /// Takes the output buffer when nothing is pending, so an idle connection holds none
+    /// (a reactor returns it to its pool). The driver allocates anew if it must write.
+    pub fn take_output_buffer(&mut self) -> Option<Vec<u8>> {
+        if self.out_pos != self.out.len() || self.out.capacity() == 0 {
+            return None;
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Some(std::mem::take(&mut self.out))
+    }
+
+    /// Gives the driver an empty buffer (from a pool) to write into; ignored if the driver
+    /// already has one.
+    pub fn provide_output_buffer(&mut self, mut buf: Vec<u8>) {
+        if self.out.capacity() == 0 {
+            buf.clear();
+            self.out = buf;
             self.out_pos = 0;
         }
     }

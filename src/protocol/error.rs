@@ -178,6 +178,13 @@ pub enum UsageError {
     InvalidHeader(String),
     /// A URL that is not `ws://` or `wss://`, or has no host.
     InvalidUrl(String),
+    /// The outgoing buffer is over its limit and the policy drops new sends.
+    BufferFull {
+        /// Bytes queued.
+        buffered: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl fmt::Display for UsageError {
@@ -190,6 +197,9 @@ impl fmt::Display for UsageError {
             UsageError::InvalidUtf8 => f.write_str("text payload is not UTF-8"),
             UsageError::InvalidHeader(h) => write!(f, "invalid header {h:?}"),
             UsageError::InvalidUrl(u) => write!(f, "invalid WebSocket URL {u:?}"),
+            UsageError::BufferFull { buffered, limit } => {
+                write!(f, "{buffered} bytes already queued, over the limit of {limit}; message dropped")
+            }
         }
     }
 }

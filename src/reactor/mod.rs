@@ -1,0 +1,205 @@
+//! The reactor: thread-per-core event loops that own sockets, buffers and time.
+//!
+//! It knows nothing of WebSocket frames. Each loop drives connections through the
+//! [`Service`] trait, which the facade (`crate::server`) implements with a `Driver` and the
+//! user's handler; sessions live inline in the loop's `Slab`, so a connection costs no
+//! `Box`. Backends implement the loop itself (today: epoll through mio); the `Service`
+//! trait is the one interface above them.
+
+pub(crate) mod epoll;
+pub(crate) mod timer;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+/// Which IO backend runs the event loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The best the kernel supports (epoll until the io_uring backend lands).
+    #[default]
+    Auto,
+    /// epoll, through mio.
+    Epoll,
+}
+
+impl Backend {
+    /// The backend that will actually run, and why.
+    pub fn resolve(self) -> (Backend, &'static str) {
+        match self {
+            Backend::Auto => (Backend::Epoll, "epoll (the only backend in this build)"),
+            Backend::Epoll => (Backend::Epoll, "epoll (requested)"),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "epoll" => Ok(Backend::Epoll),
+            other => Err(format!("unknown backend {other:?} (expected auto or epoll)")),
+        }
+    }
+}
+
+/// What a connection asks of the loop, collected during a [`Service`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseRequest {
+    /// Keep the connection.
+    Keep,
+    /// Close once everything queued is written (the loop lingers for the peer's FIN).
+    AfterFlush,
+    /// Close the socket now.
+    Now,
+}
+
+/// The loop's side of one [`Service`] call: the time, the connection's identity, and
+/// what the service wants done (a new deadline, a close).
+pub(crate) struct Io<'a, C> {
+    pub now: Instant,
+    pub key: usize,
+    pub generation: u32,
+    pub remote: &'a Remote<C>,
+    pub(crate) deadline: Option<Option<Instant>>,
+    pub(crate) close: CloseRequest,
+}
+
+impl<'a, C> Io<'a, C> {
+    pub(crate) fn new(now: Instant, key: usize, generation: u32, remote: &'a Remote<C>) -> Self {
+        Io {
+            now,
+            key,
+            generation,
+            remote,
+            deadline: None,
+            close: CloseRequest::Keep,
+        }
+    }
+
+    /// Replaces the connection's deadline (`None` disarms it).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = Some(deadline);
+    }
+
+    /// Asks the loop to close after flushing (or at once with [`CloseRequest::Now`]).
+    pub fn close(&mut self, how: CloseRequest) {
+        if how == CloseRequest::Now || self.close == CloseRequest::Keep {
+            self.close = how;
+        }
+    }
+}
+
+/// The per-connection logic a loop drives. Every method gets the session from the slab.
+///
+/// Call order per connection: `open`, then any number of `read` / `timeout` / `command` /
+/// `drained` / `shutdown` / `consume`, then exactly one `closed`.
+pub(crate) trait Service: 'static {
+    /// Per-connection state, stored inline in the loop's slab.
+    type Session;
+    /// Work another thread sends to one connection.
+    type Command: Send + 'static;
+
+    /// A connection was accepted.
+    fn open(&mut self, io: &mut Io<'_, Self::Command>, peer: SocketAddr) -> Self::Session;
+    /// Bytes arrived (the slice is the loop's read buffer, free to modify in place).
+    fn read(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, data: &mut [u8]);
+    /// The deadline set through [`Io::set_deadline`] passed.
+    fn timeout(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
+    /// A command from a [`Sender`](Remote) arrived.
+    fn command(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, command: Self::Command);
+    /// Output that had blocked is fully written.
+    fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
+    /// The server is shutting down.
+    fn shutdown(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
+    /// Bytes to write.
+    fn output<'s>(&self, session: &'s Self::Session) -> &'s [u8];
+    /// `n` bytes of [`Service::output`] were written.
+    fn consume(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
+    /// The socket is closed (by request, by the peer, by error or by shutdown).
+    fn closed(&mut self, session: Self::Session, io: &mut Io<'_, Self::Command>);
+    /// The response for a connection refused because the server is full.
+    fn over_capacity(&self) -> Vec<u8>;
+}
+
+/// A message to a loop from another thread.
+pub(crate) enum Envelope<C> {
+    /// For one connection, if it is still the same one (`generation`).
+    Conn { key: usize, generation: u32, command: C },
+    /// Begin a graceful shutdown that must finish by `deadline`.
+    Shutdown { deadline: Instant },
+}
+
+/// The handle other threads use to reach a loop: a channel plus a waker. Sends never
+/// take a lock the loop holds; the waker is only rung when the loop is not already due
+/// to look at the channel.
+pub(crate) struct Remote<C> {
+    tx: mpsc::Sender<Envelope<C>>,
+    waker: Arc<mio::Waker>,
+    notified: Arc<AtomicBool>,
+}
+
+impl<C> Clone for Remote<C> {
+    fn clone(&self) -> Self {
+        Remote {
+            tx: self.tx.clone(),
+            waker: self.waker.clone(),
+            notified: self.notified.clone(),
+        }
+    }
+}
+
+impl<C> Remote<C> {
+    /// Queues `envelope` and wakes the loop. Fails if the loop has stopped.
+    pub fn send(&self, envelope: Envelope<C>) -> io::Result<()> {
+        self.tx
+            .send(envelope)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "the event loop has stopped"))?;
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            self.waker.wake()?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one loop; summed over loops by the server's `stats()`.
+#[derive(Debug, Default)]
+pub(crate) struct LoopStats {
+    pub connections_open: AtomicUsize,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl LoopStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        // Only the owning loop writes, so a relaxed load + store is enough and cheaper
+        // than a locked read-modify-write.
+        counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+}
+
+/// Loop settings the reactor itself uses.
+#[derive(Debug, Clone)]
+pub(crate) struct LoopConfig {
+    pub max_connections: usize,
+    pub read_buffer_size: usize,
+    /// Shared by every loop of one server, for `max_connections`.
+    pub connections: Arc<AtomicUsize>,
+}
+
+/// The largest number of connections the open-file limit leaves room for: the soft
+/// limit (raised to the hard limit first, where allowed) minus a reserve for listeners,
+/// epoll instances and the application's own files.
+pub fn default_max_connections() -> usize {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    (soft as usize).saturating_sub(64).max(16)
+}

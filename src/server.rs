@@ -1,0 +1,895 @@
+//! The reactor-hosted server: `Server::bind(addr)?.serve(app)`.
+//!
+//! `app` sees each HTTP request on a new connection (path, headers, peer address: the
+//! seed's `env`) and returns either a [`Handler`] (accept the upgrade) or an HTTP response
+//! (reject). The handler lives inline in the loop's slab entry next to its `Driver`.
+
+use std::io;
+use std::marker::PhantomData;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, SendToken};
+use crate::protocol::error::{Error, UsageError, code};
+use crate::protocol::frame::Status;
+use crate::protocol::handshake::{Request, RequestParser, error_response, http_response, is_websocket};
+use crate::protocol::options::Options;
+use crate::reactor::epoll::{EventLoop, prepare};
+use crate::reactor::{self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service};
+
+/// What a slow reader's connection gets once its outgoing buffer passes the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackpressurePolicy {
+    /// Keep queueing for `grace`; if the buffer is still over the limit then, close with
+    /// 1008 and drop the connection.
+    Close {
+        /// How long the buffer may stay over the limit.
+        grace: Duration,
+    },
+    /// Refuse new sends with [`UsageError::BufferFull`] while over the limit.
+    DropNew,
+}
+
+/// Server settings. Every limit has a default; see each field.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Event loops (threads). Default: the number of CPUs.
+    pub threads: usize,
+    /// IO backend. Default [`Backend::Auto`].
+    pub backend: Backend,
+    /// Driver options (`max_length`, `accept_protocols`, `additional_headers`, head limits).
+    pub options: Options,
+    /// Most open connections over all loops; beyond, new ones get 503 and are closed.
+    /// Default: what the open-file limit allows, minus a reserve
+    /// ([`reactor::default_max_connections`]).
+    pub max_connections: usize,
+    /// Time a client has to complete its upgrade request. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
+    pub close_timeout: Duration,
+    /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
+    /// without input, close with 1001. Default `None` (off).
+    pub idle_timeout: Option<Duration>,
+    /// Outgoing bytes a connection may queue before the policy applies. Default 1 MiB.
+    pub max_backpressure: usize,
+    /// Default: `Close { grace: 10 s }`.
+    pub backpressure_policy: BackpressurePolicy,
+    /// Size of each loop's read buffer. Default 64 KiB.
+    pub read_buffer_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backend: Backend::Auto,
+            options: Options::default(),
+            max_connections: reactor::default_max_connections(),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            max_backpressure: 1 << 20,
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::from_secs(10),
+            },
+            read_buffer_size: 64 * 1024,
+        }
+    }
+}
+
+/// An HTTP response that refuses an upgrade (or answers a plain HTTP request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Plain-text body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A response with a status and a plain-text body.
+    pub fn new(status: u16, body: impl Into<String>) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .filter(|(n, v)| crate::protocol::handshake::validate_header(n, v).is_ok())
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        http_response(self.status, &headers, &self.body)
+    }
+}
+
+/// The app's answer to a request.
+#[derive(Debug)]
+pub enum Upgrade<H> {
+    /// Accept the upgrade; `H` handles the connection.
+    Accept(H),
+    /// Answer with this HTTP response and close.
+    Reject(HttpResponse),
+}
+
+/// What the app sees of a request: the parsed head and the peer's address.
+#[derive(Debug)]
+pub struct UpgradeRequest<'a> {
+    /// Method, path, headers.
+    pub request: &'a Request,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl UpgradeRequest<'_> {
+    /// The request target (path and query).
+    pub fn path(&self) -> &str {
+        &self.request.path
+    }
+
+    /// A header value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.request.header(name)
+    }
+
+    /// Whether this is a WebSocket upgrade request.
+    pub fn is_websocket(&self) -> bool {
+        is_websocket(self.request)
+    }
+}
+
+/// Per-connection event handler. Every method has an empty default.
+pub trait Handler: Send + 'static {
+    /// The connection is open.
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        let _ = ws;
+    }
+    /// A complete message (borrowed from the read buffer when it arrived whole).
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = (ws, message);
+    }
+    /// The peer broke the protocol (a close follows).
+    fn on_error(&mut self, ws: &mut Ws<'_>, error: &Error) {
+        let _ = (ws, error);
+    }
+    /// The connection closed; called exactly once.
+    fn on_close(&mut self, ws: &mut Ws<'_>, code: u16, reason: &str) {
+        let _ = (ws, code, reason);
+    }
+    /// A ping arrived (the pong is already queued).
+    fn on_ping(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+    /// A pong arrived.
+    fn on_pong(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+    /// Output that had backed up is fully written.
+    fn on_drain(&mut self, ws: &mut Ws<'_>) {
+        let _ = ws;
+    }
+}
+
+/// Commands a [`Sender`] carries to a connection's loop.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Send(Vec<u8>, MessageType),
+    Close(u16, String),
+}
+
+/// The connection handle a [`Handler`] gets: send, close, inspect.
+pub struct Ws<'a> {
+    driver: &'a mut Driver,
+    ctx: &'a Ctx<'a>,
+}
+
+struct Ctx<'a> {
+    peer: SocketAddr,
+    key: usize,
+    generation: u32,
+    remote: &'a Remote<Command>,
+    max_backpressure: usize,
+    policy: BackpressurePolicy,
+    stats: &'a LoopStats,
+}
+
+impl Ws<'_> {
+    fn admit(&self) -> Result<(), Error> {
+        let buffered = self.driver.buffered_amount();
+        if self.ctx.policy == BackpressurePolicy::DropNew && buffered > self.ctx.max_backpressure {
+            return Err(UsageError::BufferFull {
+                buffered,
+                limit: self.ctx.max_backpressure,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn counted(&self, result: Result<SendToken, Error>) -> Result<SendToken, Error> {
+        if result.is_ok() {
+            LoopStats::add(&self.ctx.stats.messages_out, 1);
+        }
+        result
+    }
+
+    /// Sends `data` as `kind` (the seed's `send`).
+    pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send(data, kind);
+        self.counted(result)
+    }
+
+    /// Sends a message back as it came (text as text, binary as binary).
+    pub fn send_message(&mut self, message: &Message<'_>) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_message(message);
+        self.counted(result)
+    }
+
+    /// Sends a text message.
+    pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_text(text);
+        self.counted(result)
+    }
+
+    /// Sends a binary message.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_binary(data);
+        self.counted(result)
+    }
+
+    /// Sends a ping; the pong arrives at [`Handler::on_pong`].
+    pub fn send_ping(&mut self, payload: &[u8]) -> Result<SendToken, Error> {
+        self.driver.send_ping(payload)
+    }
+
+    /// Starts the close handshake.
+    pub fn close_connection(&mut self, code: u16, reason: &str) -> Result<SendToken, Error> {
+        self.driver.close_connection(code, reason)
+    }
+
+    /// The agreed subprotocol.
+    pub fn protocol(&self) -> Option<&str> {
+        self.driver.protocol()
+    }
+
+    /// `"hybi-13"`.
+    pub fn version(&self) -> &'static str {
+        self.driver.version()
+    }
+
+    /// The connection state.
+    pub fn ready_state(&self) -> ReadyState {
+        self.driver.ready_state()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn buffered_amount(&self) -> usize {
+        self.driver.buffered_amount()
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.ctx.peer
+    }
+
+    /// A handle other threads can send through.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            remote: self.ctx.remote.clone(),
+            key: self.ctx.key,
+            generation: self.ctx.generation,
+        }
+    }
+}
+
+/// Sends to one connection from any thread (`Send + Clone`). Commands go through the
+/// owning loop's queue and wake it; a connection that has since closed ignores them.
+#[derive(Clone)]
+pub struct Sender {
+    remote: Remote<Command>,
+    key: usize,
+    generation: u32,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").field("key", &self.key).field("generation", &self.generation).finish()
+    }
+}
+
+impl Sender {
+    fn post(&self, command: Command) -> io::Result<()> {
+        self.remote.send(Envelope::Conn {
+            key: self.key,
+            generation: self.generation,
+            command,
+        })
+    }
+
+    /// Queues a text message. Fails only if the server has stopped.
+    pub fn send_text(&self, text: impl Into<String>) -> io::Result<()> {
+        self.post(Command::Send(text.into().into_bytes(), MessageType::Text))
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&self, data: impl Into<Vec<u8>>) -> io::Result<()> {
+        self.post(Command::Send(data.into(), MessageType::Binary))
+    }
+
+    /// Queues a message of any type (as [`Ws::send`]).
+    pub fn send(&self, data: impl Into<Vec<u8>>, kind: MessageType) -> io::Result<()> {
+        self.post(Command::Send(data.into(), kind))
+    }
+
+    /// Starts the close handshake.
+    pub fn close_connection(&self, code: u16, reason: impl Into<String>) -> io::Result<()> {
+        self.post(Command::Close(code, reason.into()))
+    }
+}
+
+/// Server-wide counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections open now (including those still in the handshake).
+    pub connections_open: usize,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Connections refused with 503 because of `max_connections`.
+    pub connections_refused: u64,
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages sent.
+    pub messages_out: u64,
+    /// Bytes read from sockets.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+    /// Closed WebSocket connections by close code (as reported to `on_close`).
+    pub closes: std::collections::BTreeMap<u16, u64>,
+}
+
+/// Controls a running server from any thread.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    remotes: Vec<Remote<Command>>,
+    stats: Vec<Arc<LoopStats>>,
+    threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("local_addr", &self.inner.local_addr).finish()
+    }
+}
+
+impl ServerHandle {
+    /// The listening address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for l in &self.inner.stats {
+            s.connections_open += l.connections_open.load(Ordering::Relaxed);
+            s.connections_total += l.connections_total.load(Ordering::Relaxed);
+            s.connections_refused += l.connections_refused.load(Ordering::Relaxed);
+            s.messages_in += l.messages_in.load(Ordering::Relaxed);
+            s.messages_out += l.messages_out.load(Ordering::Relaxed);
+            s.bytes_in += l.bytes_in.load(Ordering::Relaxed);
+            s.bytes_out += l.bytes_out.load(Ordering::Relaxed);
+            for (code, n) in l.closes.lock().expect("stats lock").iter() {
+                *s.closes.entry(*code).or_default() += n;
+            }
+        }
+        s
+    }
+
+    /// Stops accepting, sends 1001 to every connection, waits up to `grace` for them to
+    /// close, drops the rest, and returns when every loop has stopped.
+    pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + grace;
+        for remote in &self.inner.remotes {
+            // A loop that already stopped has nothing left to close.
+            let _ = remote.send(Envelope::Shutdown { deadline });
+        }
+        self.wait()
+    }
+
+    /// Blocks until every loop has stopped (after a shutdown).
+    pub fn wait(&self) -> io::Result<()> {
+        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        let mut result = Ok(());
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("an event loop panicked")),
+            }
+        }
+        result
+    }
+}
+
+/// A WebSocket server on the reactor.
+///
+/// ```no_run
+/// use websocket_driver::server::{Handler, Server, Upgrade, Ws};
+/// use websocket_driver::Message;
+///
+/// struct Echo;
+/// impl Handler for Echo {
+///     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+///         let _ = ws.send_message(&message);
+///     }
+/// }
+///
+/// Server::bind("127.0.0.1:9001").unwrap().serve(|_req| Upgrade::Accept(Echo)).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    config: ServerConfig,
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+impl Server {
+    /// Binds the first listener (port 0 picks a free port), with default settings.
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind"))?;
+        Ok(Server {
+            listener: reuseport_listener(addr)?,
+            config: ServerConfig::default(),
+        })
+    }
+
+    /// Replaces all settings.
+    pub fn config(mut self, config: ServerConfig) -> Server {
+        self.config = config;
+        self
+    }
+
+    /// Sets the number of event loops.
+    pub fn threads(mut self, threads: usize) -> Server {
+        self.config.threads = threads.max(1);
+        self
+    }
+
+    /// Sets the backend.
+    pub fn backend(mut self, backend: Backend) -> Server {
+        self.config.backend = backend;
+        self
+    }
+
+    /// Sets the driver options.
+    pub fn options(mut self, options: Options) -> Server {
+        self.config.options = options;
+        self
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Starts the loops and serves until [`ServerHandle::shutdown`]; returns the handle at once.
+    pub fn start<F, H>(self, app: F) -> io::Result<ServerHandle>
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+        H: Handler,
+    {
+        self.config
+            .options
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let local_addr = self.listener.local_addr()?;
+        let (backend, why) = self.config.backend.resolve();
+        debug_assert_eq!(backend, Backend::Epoll);
+        let _ = why;
+        let threads = self.config.threads.max(1);
+        let mut listeners = vec![self.listener];
+        for _ in 1..threads {
+            listeners.push(reuseport_listener(local_addr)?);
+        }
+        let app = Arc::new(app);
+        let shared = Arc::new(self.config);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let mut remotes = Vec::new();
+        let mut stats = Vec::new();
+        let mut handles = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let prepared = prepare::<Command>()?;
+            remotes.push(prepared.remote.clone());
+            let loop_stats = Arc::new(LoopStats::default());
+            stats.push(loop_stats.clone());
+            let service = WsService {
+                app: app.clone(),
+                config: shared.clone(),
+                stats: loop_stats.clone(),
+                pool: Vec::new(),
+                _handler: PhantomData,
+            };
+            let loop_config = LoopConfig {
+                max_connections: shared.max_connections,
+                read_buffer_size: shared.read_buffer_size,
+                connections: connections.clone(),
+            };
+            let event_loop = EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("wsd-loop-{i}"))
+                    .spawn(move || event_loop.run())?,
+            );
+        }
+        Ok(ServerHandle {
+            inner: Arc::new(HandleInner {
+                remotes,
+                stats,
+                threads: Mutex::new(handles),
+                local_addr,
+            }),
+        })
+    }
+
+    /// Starts the loops and blocks until the server is shut down from a [`ServerHandle`]
+    /// obtained by [`Server::start`] (use that to stop it).
+    pub fn serve<F, H>(self, app: F) -> io::Result<()>
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+        H: Handler,
+    {
+        self.start(app)?.wait()
+    }
+}
+
+// ----- the Service the loops drive -----
+
+/// Buffers kept per loop for drivers' output; larger ones are freed, not pooled.
+const POOL_MAX_BUFFERS: usize = 256;
+const POOL_MAX_CAPACITY: usize = 256 * 1024;
+
+pub(crate) struct WsService<F, H> {
+    app: Arc<F>,
+    config: Arc<ServerConfig>,
+    stats: Arc<LoopStats>,
+    pool: Vec<Vec<u8>>,
+    _handler: PhantomData<fn() -> H>,
+}
+
+pub(crate) struct Conn<H> {
+    phase: Phase<H>,
+    peer: SocketAddr,
+    /// When the close handshake we started must be finished.
+    close_by: Option<Instant>,
+    /// When the outgoing buffer went over the limit.
+    over_limit_since: Option<Instant>,
+    /// Idle keepalive: the next check, and whether a ping is unanswered.
+    idle_check: Option<Instant>,
+    ping_outstanding: bool,
+}
+
+enum Phase<H> {
+    Handshake(RequestParser),
+    Rejecting(Vec<u8>, usize),
+    Open(Driver, H),
+    Done,
+}
+
+impl<F, H> WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    fn reject(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, response: Vec<u8>) {
+        conn.phase = Phase::Rejecting(response, 0);
+        io.set_deadline(Some(io.now + self.config.close_timeout));
+        io.close(CloseRequest::AfterFlush);
+    }
+
+    fn handshake(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let Phase::Handshake(parser) = &mut conn.phase else { return };
+        let (request, used) = match parser.parse(data) {
+            Ok(Status::Partial) => return,
+            Ok(Status::Complete(request, used)) => (request, used),
+            Err(e) => return self.reject(conn, io, error_response(&e)),
+        };
+        let upgrade = (self.app)(&UpgradeRequest {
+            request: &request,
+            peer: conn.peer,
+        });
+        let handler = match upgrade {
+            Upgrade::Reject(response) => return self.reject(conn, io, response.to_bytes()),
+            Upgrade::Accept(handler) => handler,
+        };
+        if !is_websocket(&request) {
+            let response = http_response(426, &[("Upgrade", "websocket")], "this endpoint requires a WebSocket upgrade");
+            return self.reject(conn, io, response);
+        }
+        let mut driver = match Driver::make_server(&request, &self.config.options) {
+            Ok(driver) => driver,
+            Err(Error::Handshake(e)) => return self.reject(conn, io, error_response(&e)),
+            Err(e) => return self.reject(conn, io, http_response(500, &[], &e.to_string())),
+        };
+        if let Some(buf) = self.pool.pop() {
+            driver.provide_output_buffer(buf);
+        }
+        driver.start_connection();
+        conn.phase = Phase::Open(driver, handler);
+        conn.idle_check = self.config.idle_timeout.map(|t| io.now + t);
+        self.pump(conn, io, &mut data[used..]);
+    }
+
+    /// Feeds input to the driver, runs the handler for each event, then settles deadlines
+    /// and closing.
+    fn pump(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let Phase::Open(driver, handler) = &mut conn.phase else { return };
+        let ctx = Ctx {
+            peer: conn.peer,
+            key: io.key,
+            generation: io.generation,
+            remote: io.remote,
+            max_backpressure: self.config.max_backpressure,
+            policy: self.config.backpressure_policy,
+            stats: &self.stats,
+        };
+        let mut at = 0;
+        loop {
+            let (used, event) = driver.poll_event(&mut data[at..]);
+            at += used;
+            let Some(event) = event else { break };
+            let mut ws = Ws { driver, ctx: &ctx };
+            match event {
+                Event::Open => handler.on_open(&mut ws),
+                Event::Message(m) => {
+                    LoopStats::add(&self.stats.messages_in, 1);
+                    handler.on_message(&mut ws, m)
+                }
+                Event::Ping(p) => handler.on_ping(&mut ws, &p),
+                Event::Pong(p) => handler.on_pong(&mut ws, &p),
+                Event::Error(e) => handler.on_error(&mut ws, &e),
+                Event::Close { code, reason } => {
+                    *self.stats.closes.lock().expect("stats lock").entry(code).or_default() += 1;
+                    handler.on_close(&mut ws, code, &reason)
+                }
+            }
+        }
+        self.settle(conn, io);
+    }
+
+    /// Recomputes the deadline and asks for a close once the driver is finished.
+    fn settle(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let Phase::Open(driver, _) = &conn.phase else { return };
+        if driver.ready_state() == ReadyState::Closing && conn.close_by.is_none() {
+            conn.close_by = Some(io.now + self.config.close_timeout);
+        }
+        if driver.buffered_amount() > self.config.max_backpressure {
+            if conn.over_limit_since.is_none() {
+                conn.over_limit_since = Some(io.now);
+            }
+        } else {
+            conn.over_limit_since = None;
+        }
+        if driver.ready_state() == ReadyState::Closed {
+            io.close(CloseRequest::AfterFlush);
+            conn.idle_check = None;
+        }
+        let grace = match self.config.backpressure_policy {
+            BackpressurePolicy::Close { grace } => conn.over_limit_since.map(|t| t + grace),
+            BackpressurePolicy::DropNew => None,
+        };
+        let deadline = [conn.close_by, grace, conn.idle_check].into_iter().flatten().min();
+        io.set_deadline(deadline);
+    }
+
+    fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        let Phase::Open(driver, _) = &mut conn.phase else { return };
+        let result = match command {
+            Command::Send(data, kind) => {
+                let over = driver.buffered_amount() > self.config.max_backpressure;
+                if over && self.config.backpressure_policy == BackpressurePolicy::DropNew {
+                    return;
+                }
+                let sent = driver.send(&data, kind);
+                if sent.is_ok() && !matches!(kind, MessageType::Close(_)) {
+                    LoopStats::add(&self.stats.messages_out, 1);
+                }
+                sent.map(|_| ())
+            }
+            Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+        };
+        // Errors (sending on a closing connection) have no one to report to: the sender
+        // already returned. Events the command caused (a close while connecting) run now.
+        let _ = result;
+        self.pump(conn, io, &mut []);
+    }
+}
+
+impl<F, H> Service for WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    type Session = Conn<H>;
+    type Command = Command;
+
+    fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+        io.set_deadline(Some(io.now + self.config.handshake_timeout));
+        Conn {
+            phase: Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
+            peer,
+            close_by: None,
+            over_limit_since: None,
+            idle_check: None,
+            ping_outstanding: false,
+        }
+    }
+
+    fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        match conn.phase {
+            Phase::Handshake(_) => self.handshake(conn, io, data),
+            Phase::Open(..) => {
+                if let Some(t) = self.config.idle_timeout {
+                    conn.idle_check = Some(io.now + t);
+                    conn.ping_outstanding = false;
+                }
+                self.pump(conn, io, data)
+            }
+            Phase::Rejecting(..) | Phase::Done => {}
+        }
+    }
+
+    fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let now = io.now;
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            // A handshake that took too long (slowloris) or a reject that never flushed.
+            io.close(CloseRequest::Now);
+            return;
+        };
+        if conn.close_by.is_some_and(|t| now >= t) {
+            driver.abort(code::ABNORMAL, "close handshake timed out");
+            self.pump(conn, io, &mut []);
+            io.close(CloseRequest::Now);
+            return;
+        }
+        if let (BackpressurePolicy::Close { grace }, Some(since)) = (self.config.backpressure_policy, conn.over_limit_since) {
+            if now >= since + grace {
+                driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+                self.pump(conn, io, &mut []);
+                io.close(CloseRequest::Now);
+                return;
+            }
+        }
+        if let (Some(t), Some(check)) = (self.config.idle_timeout, conn.idle_check) {
+            if now >= check {
+                if conn.ping_outstanding {
+                    driver.abort(code::GOING_AWAY, "idle timeout");
+                    self.pump(conn, io, &mut []);
+                    io.close(CloseRequest::AfterFlush);
+                    return;
+                }
+                let _ = driver.send_ping(b"");
+                conn.ping_outstanding = true;
+                conn.idle_check = Some(now + t);
+            }
+        }
+        self.settle(conn, io);
+    }
+
+    fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        self.command_on(conn, io, command);
+    }
+
+    fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let Phase::Open(driver, handler) = &mut conn.phase else { return };
+        if driver.ready_state() != ReadyState::Open {
+            return;
+        }
+        let ctx = Ctx {
+            peer: conn.peer,
+            key: io.key,
+            generation: io.generation,
+            remote: io.remote,
+            max_backpressure: self.config.max_backpressure,
+            policy: self.config.backpressure_policy,
+            stats: &self.stats,
+        };
+        handler.on_drain(&mut Ws { driver, ctx: &ctx });
+        self.settle(conn, io);
+    }
+
+    fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                if driver.ready_state() == ReadyState::Open {
+                    let _ = driver.close_connection(code::GOING_AWAY, "server shutting down");
+                }
+                self.pump(conn, io, &mut []);
+            }
+            Phase::Handshake(_) => io.close(CloseRequest::Now),
+            Phase::Rejecting(..) | Phase::Done => {}
+        }
+    }
+
+    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+        match &conn.phase {
+            Phase::Open(driver, _) => driver.pending_output(),
+            Phase::Rejecting(response, at) => &response[*at..],
+            _ => &[],
+        }
+    }
+
+    fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                driver.consume_output(n);
+                if conn.over_limit_since.is_some() && driver.buffered_amount() <= self.config.max_backpressure {
+                    conn.over_limit_since = None;
+                    self.settle(conn, io);
+                    let Phase::Open(driver, _) = &mut conn.phase else { return };
+                    self.recycle(driver);
+                    return;
+                }
+                self.recycle(driver);
+            }
+            Phase::Rejecting(_, at) => *at += n,
+            _ => {}
+        }
+    }
+
+    fn closed(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
+        if let Phase::Open(driver, _) = &mut conn.phase {
+            driver.receive_eof();
+            self.pump(&mut conn, io, &mut []);
+            if let Phase::Open(driver, _) = &mut conn.phase {
+                self.recycle(driver);
+            }
+        }
+        conn.phase = Phase::Done;
+    }
+
+    fn over_capacity(&self) -> Vec<u8> {
+        http_response(503, &[("Retry-After", "1")], "server is at its connection limit")
+    }
+}
+
+impl<F, H> WsService<F, H> {
+    /// Returns an emptied output buffer to the pool, so idle connections hold none.
+    fn recycle(&mut self, driver: &mut Driver) {
+        if let Some(buf) = driver.take_output_buffer() {
+            if self.pool.len() < POOL_MAX_BUFFERS && buf.capacity() <= POOL_MAX_CAPACITY {
+                self.pool.push(buf);
+            }
+        }
+    }
+}
