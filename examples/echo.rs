@@ -24,7 +24,10 @@ fn main() {
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().unwrap_or_else(|| usage(&format!("{name} needs a value")));
+        let mut value = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{name} needs a value")))
+        };
         match arg.as_str() {
             "--addr" => addr = value("--addr"),
             "--backend" => backend = value("--backend"),
@@ -43,7 +46,10 @@ fn main() {
         let server = BlockingServer::bind(&addr)
             .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
             .options(options);
-        eprintln!("echo: listening on ws://{} (backend blocking)", server.local_addr().unwrap());
+        eprintln!(
+            "echo: listening on ws://{} (backend blocking)",
+            server.local_addr().unwrap()
+        );
         server
             .serve(|_request, ws| {
                 ws.on_message(|ws, message| {
@@ -63,9 +69,15 @@ fn main() {
     let handle = server
         .start(|_request| Upgrade::Accept(Echo))
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
-    eprintln!("echo: listening on ws://{local} ({}, {threads} threads)", backend.resolve().1);
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
+    eprintln!(
+        "echo: listening on ws://{local} ({}, {threads} threads)",
+        backend.resolve().1
+    );
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
     if let Some(signal) = signals.forever().next() {
         eprintln!("echo: signal {signal}, shutting down");
         let stats = handle.stats();

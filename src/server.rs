@@ -15,10 +15,14 @@ use std::time::{Duration, Instant};
 use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::frame::Status;
-use crate::protocol::handshake::{Request, RequestParser, error_response, http_response, is_websocket};
+use crate::protocol::handshake::{
+    Request, RequestParser, error_response, http_response, is_websocket,
+};
 use crate::protocol::options::Options;
 use crate::reactor::epoll::{EventLoop, prepare};
-use crate::reactor::{self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service};
+use crate::reactor::{
+    self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service,
+};
 
 /// What a slow reader's connection gets once its outgoing buffer passes the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,7 +310,10 @@ pub struct Sender {
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sender").field("key", &self.key).field("generation", &self.generation).finish()
+        f.debug_struct("Sender")
+            .field("key", &self.key)
+            .field("generation", &self.generation)
+            .finish()
     }
 }
 
@@ -376,7 +383,9 @@ struct HandleInner {
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandle").field("local_addr", &self.inner.local_addr).finish()
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
     }
 }
 
@@ -618,7 +627,9 @@ where
     }
 
     fn handshake(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
-        let Phase::Handshake(parser) = &mut conn.phase else { return };
+        let Phase::Handshake(parser) = &mut conn.phase else {
+            return;
+        };
         let (request, used) = match parser.parse(data) {
             Ok(Status::Partial) => return,
             Ok(Status::Complete(request, used)) => (request, used),
@@ -633,7 +644,11 @@ where
             Upgrade::Accept(handler) => handler,
         };
         if !is_websocket(&request) {
-            let response = http_response(426, &[("Upgrade", "websocket")], "this endpoint requires a WebSocket upgrade");
+            let response = http_response(
+                426,
+                &[("Upgrade", "websocket")],
+                "this endpoint requires a WebSocket upgrade",
+            );
             return self.reject(conn, io, response);
         }
         let mut driver = match Driver::make_server(&request, &self.config.options) {
@@ -653,7 +668,9 @@ where
     /// Feeds input to the driver, runs the handler for each event, then settles deadlines
     /// and closing.
     fn pump(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
-        let Phase::Open(driver, handler) = &mut conn.phase else { return };
+        let Phase::Open(driver, handler) = &mut conn.phase else {
+            return;
+        };
         let ctx = Ctx {
             peer: conn.peer,
             key: io.key,
@@ -679,7 +696,13 @@ where
                 Event::Pong(p) => handler.on_pong(&mut ws, &p),
                 Event::Error(e) => handler.on_error(&mut ws, &e),
                 Event::Close { code, reason } => {
-                    *self.stats.closes.lock().expect("stats lock").entry(code).or_default() += 1;
+                    *self
+                        .stats
+                        .closes
+                        .lock()
+                        .expect("stats lock")
+                        .entry(code)
+                        .or_default() += 1;
                     handler.on_close(&mut ws, code, &reason)
                 }
             }
@@ -689,7 +712,9 @@ where
 
     /// Recomputes the deadline and asks for a close once the driver is finished.
     fn settle(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
-        let Phase::Open(driver, _) = &conn.phase else { return };
+        let Phase::Open(driver, _) = &conn.phase else {
+            return;
+        };
         if driver.ready_state() == ReadyState::Closing && conn.close_by.is_none() {
             conn.close_by = Some(io.now + self.config.close_timeout);
         }
@@ -708,12 +733,17 @@ where
             BackpressurePolicy::Close { grace } => conn.over_limit_since.map(|t| t + grace),
             BackpressurePolicy::DropNew => None,
         };
-        let deadline = [conn.close_by, grace, conn.idle_check].into_iter().flatten().min();
+        let deadline = [conn.close_by, grace, conn.idle_check]
+            .into_iter()
+            .flatten()
+            .min();
         io.set_deadline(deadline);
     }
 
     fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
-        let Phase::Open(driver, _) = &mut conn.phase else { return };
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
         let result = match command {
             Command::Send(data, kind) => {
                 let over = driver.buffered_amount() > self.config.max_backpressure;
@@ -782,7 +812,9 @@ where
             io.close(CloseRequest::Now);
             return;
         }
-        if let (BackpressurePolicy::Close { grace }, Some(since)) = (self.config.backpressure_policy, conn.over_limit_since) {
+        if let (BackpressurePolicy::Close { grace }, Some(since)) =
+            (self.config.backpressure_policy, conn.over_limit_since)
+        {
             if now >= since + grace {
                 driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
                 self.pump(conn, io, &mut []);
@@ -811,7 +843,9 @@ where
     }
 
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
-        let Phase::Open(driver, handler) = &mut conn.phase else { return };
+        let Phase::Open(driver, handler) = &mut conn.phase else {
+            return;
+        };
         if driver.ready_state() != ReadyState::Open {
             return;
         }
@@ -853,10 +887,14 @@ where
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 driver.consume_output(n);
-                if conn.over_limit_since.is_some() && driver.buffered_amount() <= self.config.max_backpressure {
+                if conn.over_limit_since.is_some()
+                    && driver.buffered_amount() <= self.config.max_backpressure
+                {
                     conn.over_limit_since = None;
                     self.settle(conn, io);
-                    let Phase::Open(driver, _) = &mut conn.phase else { return };
+                    let Phase::Open(driver, _) = &mut conn.phase else {
+                        return;
+                    };
                     self.recycle(driver);
                     return;
                 }
@@ -879,7 +917,11 @@ where
     }
 
     fn over_capacity(&self) -> Vec<u8> {
-        http_response(503, &[("Retry-After", "1")], "server is at its connection limit")
+        http_response(
+            503,
+            &[("Retry-After", "1")],
+            "server is at its connection limit",
+        )
     }
 }
 

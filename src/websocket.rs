@@ -29,7 +29,9 @@ pub struct WebSocket {
 
 impl std::fmt::Debug for WebSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebSocket").field("driver", &self.driver).finish_non_exhaustive()
+        f.debug_struct("WebSocket")
+            .field("driver", &self.driver)
+            .finish_non_exhaustive()
     }
 }
 
@@ -44,7 +46,9 @@ impl WebSocket {
 
     /// The wrapped driver.
     pub fn driver(&mut self) -> &mut Driver {
-        self.driver.as_mut().expect("a WebSocket always holds a driver")
+        self.driver
+            .as_mut()
+            .expect("a WebSocket always holds a driver")
     }
 
     /// Called when the connection opens.
@@ -54,7 +58,10 @@ impl WebSocket {
     }
 
     /// Called with each complete message.
-    pub fn on_message(&mut self, f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static) -> &mut Self {
+    pub fn on_message(
+        &mut self,
+        f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
+    ) -> &mut Self {
         self.on_message = Some(Box::new(f));
         self
     }
@@ -66,7 +73,10 @@ impl WebSocket {
     }
 
     /// Called exactly once, with the close code and reason.
-    pub fn on_close(&mut self, f: impl FnMut(&mut Driver, u16, &str) + Send + 'static) -> &mut Self {
+    pub fn on_close(
+        &mut self,
+        f: impl FnMut(&mut Driver, u16, &str) + Send + 'static,
+    ) -> &mut Self {
         self.on_close = Some(Box::new(f));
         self
     }
@@ -92,7 +102,10 @@ impl WebSocket {
 
     /// Feeds bytes read from the transport and runs the handlers for every event.
     pub fn receive(&mut self, input: &mut [u8]) {
-        let mut driver = self.driver.take().expect("a WebSocket always holds a driver");
+        let mut driver = self
+            .driver
+            .take()
+            .expect("a WebSocket always holds a driver");
         let mut at = 0;
         loop {
             let (used, event) = driver.poll_event(&mut input[at..]);
@@ -132,7 +145,11 @@ impl WebSocket {
                 }
             }
             Event::Pong(p) => {
-                if let Some(at) = self.ping_callbacks.iter().position(|(payload, _)| payload[..] == p[..]) {
+                if let Some(at) = self
+                    .ping_callbacks
+                    .iter()
+                    .position(|(payload, _)| payload[..] == p[..])
+                {
                     let (_, callback) = self.ping_callbacks.remove(at);
                     callback(driver);
                 }
@@ -161,7 +178,8 @@ impl WebSocket {
         on_pong: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
         let token = self.driver().send_ping(payload)?;
-        self.ping_callbacks.push((payload.to_vec(), Box::new(on_pong)));
+        self.ping_callbacks
+            .push((payload.to_vec(), Box::new(on_pong)));
         Ok(token)
     }
 
@@ -174,7 +192,8 @@ impl WebSocket {
         on_written: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
         let token = self.driver().send(data, kind)?;
-        self.write_callbacks.push_back((token, Box::new(on_written)));
+        self.write_callbacks
+            .push_back((token, Box::new(on_written)));
         Ok(token)
     }
 
@@ -188,7 +207,10 @@ impl WebSocket {
     /// Marks `n` bytes written (see [`Driver::consume_output`]) and runs the write
     /// callbacks of the sends that are now complete.
     pub fn consume_output(&mut self, n: usize) {
-        let mut driver = self.driver.take().expect("a WebSocket always holds a driver");
+        let mut driver = self
+            .driver
+            .take()
+            .expect("a WebSocket always holds a driver");
         driver.consume_output(n);
         while let Some((token, _)) = self.write_callbacks.front() {
             if !driver.is_sent(*token) {
@@ -206,7 +228,9 @@ impl WebSocket {
 impl Deref for WebSocket {
     type Target = Driver;
     fn deref(&self) -> &Driver {
-        self.driver.as_ref().expect("a WebSocket always holds a driver")
+        self.driver
+            .as_ref()
+            .expect("a WebSocket always holds a driver")
     }
 }
 

@@ -4,10 +4,12 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use super::error::{Error, HandshakeError, ProtocolError, UsageError, code, is_valid_close_code};
-use super::frame::{MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header, write_frame};
+use super::frame::{
+    MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header, write_frame,
+};
 use super::handshake::{
-    self, ClientUrl, Request, ResponseParser, client_request, generate_key, select_protocol, server_response,
-    validate_request, validate_response,
+    self, ClientUrl, Request, ResponseParser, client_request, generate_key, select_protocol,
+    server_response, validate_request, validate_response,
 };
 use super::mask::{apply_mask, random_mask};
 use super::options::Options;
@@ -125,7 +127,10 @@ enum Stage {
     /// Collecting a frame header; `len` bytes of it are in `buf`.
     Header { buf: [u8; MAX_HEADER_LEN], len: u8 },
     /// Reading the payload of `header`; `done` bytes of it are read.
-    Payload { header: super::frame::FrameHeader, done: u64 },
+    Payload {
+        header: super::frame::FrameHeader,
+        done: u64,
+    },
     /// Closed or failed: input is ignored.
     Stopped,
 }
@@ -243,7 +248,11 @@ impl Driver {
         let accept = validate_request(request)?;
         let protocol = select_protocol(request, &options.accept_protocols);
         let response = server_response(&accept, protocol.as_deref(), &options.additional_headers);
-        let mut driver = Driver::new(Role::Server, options.max_length, Handshake::Server(response));
+        let mut driver = Driver::new(
+            Role::Server,
+            options.max_length,
+            Handshake::Server(response),
+        );
         driver.protocol = protocol;
         Ok(driver)
     }
@@ -254,7 +263,12 @@ impl Driver {
         options.validate()?;
         let url = ClientUrl::parse(url)?;
         let key = generate_key();
-        let request = client_request(&url, &key, &options.accept_protocols, &options.additional_headers);
+        let request = client_request(
+            &url,
+            &key,
+            &options.accept_protocols,
+            &options.additional_headers,
+        );
         let hs = ClientHandshake {
             url,
             request,
@@ -262,7 +276,11 @@ impl Driver {
             offered: options.accept_protocols.clone(),
             parser: ResponseParser::new(options.head_limits()),
         };
-        Ok(Driver::new(Role::Client, options.max_length, Handshake::Client(Box::new(hs))))
+        Ok(Driver::new(
+            Role::Client,
+            options.max_length,
+            Handshake::Client(Box::new(hs)),
+        ))
     }
 
     /// Server or client.
@@ -350,17 +368,22 @@ impl Driver {
             return;
         }
         let cut_off = self.message.is_some()
-            || matches!(self.stage, Stage::Payload { .. } | Stage::Header { len: 1.., .. });
+            || matches!(
+                self.stage,
+                Stage::Payload { .. } | Stage::Header { len: 1.., .. }
+            );
         if self.state == ReadyState::Connecting && self.role == Role::Client {
-            self.events.push_back(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
+            self.events
+                .push_back(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
         } else if cut_off {
-            self.events.push_back(Event::Error(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed in the middle of a frame",
-            ))));
+            self.events
+                .push_back(Event::Error(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame",
+                ))));
         }
         self.stop();
-        self.report_close(code::ABNORMAL, String::new());
+        self.queue_close(code::ABNORMAL, String::new());
     }
 
     fn read_response<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
@@ -385,7 +408,7 @@ impl Driver {
                 // Frames queued for a connection that never opened are dropped.
                 self.out.truncate(self.out_pos + self.handshake_left);
                 self.stop();
-                self.report_close(code::ABNORMAL, e.to_string());
+                self.queue_close(code::ABNORMAL, e.to_string());
                 (input.len(), Some(Event::Error(Error::Handshake(e))))
             }
         }
@@ -400,7 +423,9 @@ impl Driver {
         let buffered = match (h.opcode, &self.message) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Continuation, Some(m)) => m.buf.len() as u64,
-            (OpCode::Text | OpCode::Binary, Some(_)) => return Err(ProtocolError::UnfinishedMessage),
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::UnfinishedMessage);
+            }
             _ => 0,
         };
         let len = buffered + h.payload_len;
@@ -462,7 +487,8 @@ impl Driver {
                     let remaining = header.payload_len - done;
                     let avail = (total - pos) as u64;
                     let opcode = header.opcode;
-                    let whole = opcode.is_control() || (header.fin && opcode != OpCode::Continuation);
+                    let whole =
+                        opcode.is_control() || (header.fin && opcode != OpCode::Continuation);
                     if done == 0 && whole && avail >= remaining {
                         // Fast path: the whole frame is in this read; hand it out borrowed.
                         let len = remaining as usize;
@@ -475,10 +501,16 @@ impl Driver {
                         let payload: &'i [u8] = payload;
                         return match opcode {
                             OpCode::Text => match simdutf8::basic::from_utf8(payload) {
-                                Ok(text) => (pos, Some(Event::Message(Message::Text(Cow::Borrowed(text))))),
+                                Ok(text) => (
+                                    pos,
+                                    Some(Event::Message(Message::Text(Cow::Borrowed(text)))),
+                                ),
                                 Err(_) => self.fail(total, ProtocolError::InvalidUtf8),
                             },
-                            OpCode::Binary => (pos, Some(Event::Message(Message::Binary(Cow::Borrowed(payload))))),
+                            OpCode::Binary => (
+                                pos,
+                                Some(Event::Message(Message::Binary(Cow::Borrowed(payload)))),
+                            ),
                             _ => match self.control_frame(opcode, Cow::Borrowed(payload)) {
                                 Ok(event) => (pos, event),
                                 Err(e) => self.fail(total, e),
@@ -507,7 +539,9 @@ impl Driver {
                         if message.buf.capacity() - message.buf.len() < chunk.len() {
                             // Room for the rest of this frame at once, never past max_length.
                             let frame_left = (expected - done) as usize + chunk.len();
-                            message.buf.reserve_exact(frame_left.max(message.buf.len()).min(self.max_length));
+                            message.buf.reserve_exact(
+                                frame_left.max(message.buf.len()).min(self.max_length),
+                            );
                         }
                         message.buf.extend_from_slice(chunk);
                     }
@@ -543,7 +577,11 @@ impl Driver {
         }
     }
 
-    fn control_frame<'i>(&mut self, opcode: OpCode, payload: Cow<'i, [u8]>) -> Result<Option<Event<'i>>, ProtocolError> {
+    fn control_frame<'i>(
+        &mut self,
+        opcode: OpCode,
+        payload: Cow<'i, [u8]>,
+    ) -> Result<Option<Event<'i>>, ProtocolError> {
         match opcode {
             OpCode::Ping => {
                 if self.state == ReadyState::Open {
@@ -561,7 +599,8 @@ impl Driver {
                         if !is_valid_close_code(c) {
                             return Err(ProtocolError::InvalidCloseCode(c));
                         }
-                        let reason = std::str::from_utf8(&payload[2..]).map_err(|_| ProtocolError::InvalidUtf8)?;
+                        let reason = std::str::from_utf8(&payload[2..])
+                            .map_err(|_| ProtocolError::InvalidUtf8)?;
                         (c, reason.to_string())
                     }
                 };
@@ -575,7 +614,9 @@ impl Driver {
                     self.push_frame(OpCode::Close, echo);
                 }
                 self.stop();
-                Ok(self.report_close(close_code, reason))
+                self.queue_close(close_code, reason);
+                // Nothing else is queued while frames are parsed, so this is the Close.
+                Ok(self.events.pop_front())
             }
         }
     }
@@ -591,9 +632,7 @@ impl Driver {
             self.push_frame(OpCode::Close, &payload);
         }
         self.stop();
-        if let Some(close) = self.report_close(close_code, reason) {
-            self.events.push_back(close);
-        }
+        self.queue_close(close_code, reason);
         (consumed, Some(Event::Error(Error::Protocol(error))))
     }
 
@@ -604,13 +643,12 @@ impl Driver {
         self.control = Vec::new();
     }
 
-    /// The `Close` event, the first time only.
-    fn report_close(&mut self, code: u16, reason: String) -> Option<Event<'static>> {
-        if self.close_reported {
-            return None;
+    /// Queues the `Close` event, the first time only.
+    fn queue_close(&mut self, code: u16, reason: String) {
+        if !self.close_reported {
+            self.close_reported = true;
+            self.events.push_back(Event::Close { code, reason });
         }
-        self.close_reported = true;
-        Some(Event::Close { code, reason })
     }
 
     // ----- commands -----
@@ -703,9 +741,7 @@ impl Driver {
             ReadyState::Connecting => {
                 self.out.truncate(self.out_pos + self.handshake_left);
                 self.stop();
-                if let Some(close) = self.report_close(close_code, reason.to_string()) {
-                    self.events.push_back(close);
-                }
+                self.queue_close(close_code, reason.to_string());
                 Ok(SendToken(self.frames_appended))
             }
             ReadyState::Open => {
@@ -727,16 +763,15 @@ impl Driver {
     pub fn abort(&mut self, close_code: u16, reason: &str) {
         if self.state == ReadyState::Open && is_valid_close_code(close_code) {
             let mut payload = close_code.to_be_bytes().to_vec();
-            payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)]);
+            payload
+                .extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)]);
             self.push_frame(OpCode::Close, &payload);
         }
         if self.state == ReadyState::Connecting {
             self.out.truncate(self.out_pos + self.handshake_left);
         }
         self.stop();
-        if let Some(close) = self.report_close(close_code, reason.to_string()) {
-            self.events.push_back(close);
-        }
+        self.queue_close(close_code, reason.to_string());
     }
 
     // ----- output -----
@@ -757,7 +792,10 @@ impl Driver {
 
     /// Marks the first `n` bytes of [`Driver::pending_output`] as written.
     pub fn consume_output(&mut self, n: usize) {
-        assert!(n <= self.releasable_end() - self.out_pos, "consumed more than was pending");
+        assert!(
+            n <= self.releasable_end() - self.out_pos,
+            "consumed more than was pending"
+        );
         self.out_pos += n;
         let handshake = n.min(self.handshake_left);
         self.handshake_left -= handshake;
@@ -813,6 +851,8 @@ impl Driver {
 
     /// Closed, with every queued byte written: the transport may close now.
     pub fn is_finished(&self) -> bool {
-        self.state == ReadyState::Closed && self.pending_output().is_empty() && self.events.is_empty()
+        self.state == ReadyState::Closed
+            && self.pending_output().is_empty()
+            && self.events.is_empty()
     }
 }

@@ -87,12 +87,20 @@ impl fmt::Display for ProtocolError {
             ProtocolError::ReservedBits(bits) => write!(f, "reserved bits set: {bits:#05b}"),
             ProtocolError::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
             ProtocolError::FragmentedControlFrame => f.write_str("fragmented control frame"),
-            ProtocolError::ControlFrameTooLong => f.write_str("control frame payload over 125 bytes"),
-            ProtocolError::LengthTopBitSet => f.write_str("64-bit payload length with the top bit set"),
+            ProtocolError::ControlFrameTooLong => {
+                f.write_str("control frame payload over 125 bytes")
+            }
+            ProtocolError::LengthTopBitSet => {
+                f.write_str("64-bit payload length with the top bit set")
+            }
             ProtocolError::UnmaskedFrame => f.write_str("unmasked frame from a client"),
             ProtocolError::MaskedFrame => f.write_str("masked frame from a server"),
-            ProtocolError::UnexpectedContinuation => f.write_str("continuation frame without a message"),
-            ProtocolError::UnfinishedMessage => f.write_str("new data frame inside a fragmented message"),
+            ProtocolError::UnexpectedContinuation => {
+                f.write_str("continuation frame without a message")
+            }
+            ProtocolError::UnfinishedMessage => {
+                f.write_str("new data frame inside a fragmented message")
+            }
             ProtocolError::InvalidUtf8 => f.write_str("invalid UTF-8 in a text message"),
             ProtocolError::MessageTooLarge { len, max } => {
                 write!(f, "message of {len} bytes exceeds max_length {max}")
@@ -147,15 +155,24 @@ impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HandshakeError::MalformedHttp(why) => write!(f, "malformed HTTP: {why}"),
-            HandshakeError::HeadTooLarge { limit } => write!(f, "handshake head larger than {limit} bytes"),
+            HandshakeError::HeadTooLarge { limit } => {
+                write!(f, "handshake head larger than {limit} bytes")
+            }
             HandshakeError::TooManyHeaders { limit } => write!(f, "more than {limit} header lines"),
             HandshakeError::BadRequest(why) => f.write_str(why),
             HandshakeError::UnsupportedVersion(v) => {
-                write!(f, "unsupported Sec-WebSocket-Version {v:?} (only 13 is supported)")
+                write!(
+                    f,
+                    "unsupported Sec-WebSocket-Version {v:?} (only 13 is supported)"
+                )
             }
-            HandshakeError::UnexpectedStatus(s) => write!(f, "unexpected response status {s} (expected 101)"),
+            HandshakeError::UnexpectedStatus(s) => {
+                write!(f, "unexpected response status {s} (expected 101)")
+            }
             HandshakeError::BadResponse(why) => f.write_str(why),
-            HandshakeError::AcceptMismatch => f.write_str("Sec-WebSocket-Accept does not match the key"),
+            HandshakeError::AcceptMismatch => {
+                f.write_str("Sec-WebSocket-Accept does not match the key")
+            }
             HandshakeError::Incomplete => f.write_str("connection closed during the handshake"),
         }
     }
@@ -193,12 +210,17 @@ impl fmt::Display for UsageError {
             UsageError::NotOpen => f.write_str("the connection is closing or closed"),
             UsageError::InvalidCloseCode(c) => write!(f, "close code {c} may not be sent"),
             UsageError::CloseReasonTooLong => f.write_str("close reason longer than 123 bytes"),
-            UsageError::ControlPayloadTooLong => f.write_str("ping/pong payload longer than 125 bytes"),
+            UsageError::ControlPayloadTooLong => {
+                f.write_str("ping/pong payload longer than 125 bytes")
+            }
             UsageError::InvalidUtf8 => f.write_str("text payload is not UTF-8"),
             UsageError::InvalidHeader(h) => write!(f, "invalid header {h:?}"),
             UsageError::InvalidUrl(u) => write!(f, "invalid WebSocket URL {u:?}"),
             UsageError::BufferFull { buffered, limit } => {
-                write!(f, "{buffered} bytes already queued, over the limit of {limit}; message dropped")
+                write!(
+                    f,
+                    "{buffered} bytes already queued, over the limit of {limit}; message dropped"
+                )
             }
         }
     }
@@ -266,10 +288,14 @@ mod tests {
     fn close_code_table() {
         let valid: Vec<u16> = (0..=u16::MAX).filter(|&c| is_valid_close_code(c)).collect();
         assert_eq!(valid.len(), 4 + 5 + 2000);
-        for c in [0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        for c in [
+            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
             assert!(!is_valid_close_code(c), "{c}");
         }
-        for c in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+        for c in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
             assert!(is_valid_close_code(c), "{c}");
         }
     }
@@ -277,7 +303,10 @@ mod tests {
     #[test]
     fn errors_map_to_codes() {
         assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
-        assert_eq!(ProtocolError::MessageTooLarge { len: 2, max: 1 }.close_code(), 1009);
+        assert_eq!(
+            ProtocolError::MessageTooLarge { len: 2, max: 1 }.close_code(),
+            1009
+        );
         assert_eq!(ProtocolError::UnmaskedFrame.close_code(), 1002);
         assert_eq!(HandshakeError::UnsupportedVersion("8".into()).status(), 426);
         assert_eq!(HandshakeError::HeadTooLarge { limit: 1 }.status(), 431);

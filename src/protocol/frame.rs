@@ -184,7 +184,12 @@ pub fn encode_header(out: &mut [u8], header: &FrameHeader) -> usize {
 }
 
 /// Appends a whole frame (header, then the payload masked with `mask` if given) to `out`.
-pub fn write_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) -> usize {
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> usize {
     let header = FrameHeader {
         fin: true,
         rsv: 0,
@@ -220,26 +225,57 @@ mod tests {
         out.clear();
         write_frame(&mut out, OpCode::Close, &[3, 232, b'b', b'y', b'e'], None);
         assert_eq!(out, [136, 5, 3, 232, 98, 121, 101]);
-        for (len, total) in [(124, 126), (125, 127), (126, 130), (65534, 65538), (65535, 65539), (65536, 65546)] {
+        for (len, total) in [
+            (124, 126),
+            (125, 127),
+            (126, 130),
+            (65534, 65538),
+            (65535, 65539),
+            (65536, 65546),
+        ] {
             out.clear();
-            assert_eq!(write_frame(&mut out, OpCode::Text, &vec![b'a'; len], None), total);
+            assert_eq!(
+                write_frame(&mut out, OpCode::Text, &vec![b'a'; len], None),
+                total
+            );
             assert_eq!(out.len(), total);
         }
     }
 
     #[test]
     fn rejections_need_only_the_bytes_that_show_them() {
-        assert_eq!(parse_header(&[0xc1], 0), Err(ProtocolError::ReservedBits(4)));
-        assert_eq!(parse_header(&[0xa1], 0), Err(ProtocolError::ReservedBits(2)));
-        assert_eq!(parse_header(&[0x83], 0), Err(ProtocolError::ReservedOpcode(3)));
-        assert_eq!(parse_header(&[0x8b], 0), Err(ProtocolError::ReservedOpcode(0xb)));
-        assert_eq!(parse_header(&[0x09], 0), Err(ProtocolError::FragmentedControlFrame));
-        assert_eq!(parse_header(&[0x89, 126], 0), Err(ProtocolError::ControlFrameTooLong));
+        assert_eq!(
+            parse_header(&[0xc1], 0),
+            Err(ProtocolError::ReservedBits(4))
+        );
+        assert_eq!(
+            parse_header(&[0xa1], 0),
+            Err(ProtocolError::ReservedBits(2))
+        );
+        assert_eq!(
+            parse_header(&[0x83], 0),
+            Err(ProtocolError::ReservedOpcode(3))
+        );
+        assert_eq!(
+            parse_header(&[0x8b], 0),
+            Err(ProtocolError::ReservedOpcode(0xb))
+        );
+        assert_eq!(
+            parse_header(&[0x09], 0),
+            Err(ProtocolError::FragmentedControlFrame)
+        );
+        assert_eq!(
+            parse_header(&[0x89, 126], 0),
+            Err(ProtocolError::ControlFrameTooLong)
+        );
         let mut huge = vec![0x82, 0xff];
         huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
         assert_eq!(parse_header(&huge, 0), Err(ProtocolError::LengthTopBitSet));
         // RSV1 is fine once an extension claims it.
-        assert!(matches!(parse_header(&[0xc1, 0], 4), Ok(Status::Complete(_, 2))));
+        assert!(matches!(
+            parse_header(&[0xc1, 0], 4),
+            Ok(Status::Complete(_, 2))
+        ));
     }
 
     #[test]
@@ -247,9 +283,15 @@ mod tests {
         let mut frame = Vec::new();
         write_frame(&mut frame, OpCode::Binary, &[7; 70000], Some([1, 2, 3, 4]));
         for cut in 0..14 {
-            assert_eq!(parse_header(&frame[..cut], 0), Ok(Status::Partial), "cut {cut}");
+            assert_eq!(
+                parse_header(&frame[..cut], 0),
+                Ok(Status::Partial),
+                "cut {cut}"
+            );
         }
-        assert!(matches!(parse_header(&frame, 0), Ok(Status::Complete(h, 14)) if h.payload_len == 70000));
+        assert!(
+            matches!(parse_header(&frame, 0), Ok(Status::Complete(h, 14)) if h.payload_len == 70000)
+        );
     }
 
     fn any_header() -> impl Strategy<Value = FrameHeader> {
@@ -271,16 +313,22 @@ mod tests {
             Just((1 << 32) + 1),
             0u64..(1 << 63)
         ];
-        (any::<bool>(), opcode, proptest::option::of(any::<[u8; 4]>()), len).prop_map(|(fin, opcode, mask, len)| {
-            let control = opcode.is_control();
-            FrameHeader {
-                fin: fin || control,
-                rsv: 0,
-                opcode,
-                mask,
-                payload_len: if control { len % 126 } else { len },
-            }
-        })
+        (
+            any::<bool>(),
+            opcode,
+            proptest::option::of(any::<[u8; 4]>()),
+            len,
+        )
+            .prop_map(|(fin, opcode, mask, len)| {
+                let control = opcode.is_control();
+                FrameHeader {
+                    fin: fin || control,
+                    rsv: 0,
+                    opcode,
+                    mask,
+                    payload_len: if control { len % 126 } else { len },
+                }
+            })
     }
 
     proptest! {

@@ -51,7 +51,10 @@ fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a st
 }
 
 fn count_header(headers: &[(String, String)], name: &str) -> usize {
-    headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count()
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .count()
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive), in any of the
@@ -108,7 +111,11 @@ enum Head<'a> {
 }
 
 impl HeadBuffer {
-    fn feed<'a>(&'a mut self, input: &'a [u8], max_size: usize) -> Result<Head<'a>, HandshakeError> {
+    fn feed<'a>(
+        &'a mut self,
+        input: &'a [u8],
+        max_size: usize,
+    ) -> Result<Head<'a>, HandshakeError> {
         const END: &[u8] = b"\r\n\r\n";
         if self.buf.is_empty() {
             // Fast path: the whole head in one read needs no copy.
@@ -135,7 +142,9 @@ impl HeadBuffer {
                 self.buf.truncate(end);
                 Ok(Head::Complete(&self.buf, end - old))
             }
-            None if self.buf.len() > max_size => Err(HandshakeError::HeadTooLarge { limit: max_size }),
+            None if self.buf.len() > max_size => {
+                Err(HandshakeError::HeadTooLarge { limit: max_size })
+            }
             None => Ok(Head::Partial),
         }
     }
@@ -144,7 +153,12 @@ impl HeadBuffer {
 fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
     headers
         .iter()
-        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect()
 }
 
@@ -186,7 +200,9 @@ impl RequestParser {
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(head).map_err(|e| http_error(e, limits))? {
             httparse::Status::Complete(_) => {}
-            httparse::Status::Partial => return Err(HandshakeError::MalformedHttp("incomplete head".into())),
+            httparse::Status::Partial => {
+                return Err(HandshakeError::MalformedHttp("incomplete head".into()));
+            }
         }
         let request = Request {
             method: req.method.unwrap_or_default().to_string(),
@@ -225,7 +241,9 @@ impl ResponseParser {
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(head).map_err(|e| http_error(e, limits))? {
             httparse::Status::Complete(_) => {}
-            httparse::Status::Partial => return Err(HandshakeError::MalformedHttp("incomplete head".into())),
+            httparse::Status::Partial => {
+                return Err(HandshakeError::MalformedHttp("incomplete head".into()));
+            }
         }
         Ok(Status::Complete(
             Response {
@@ -260,13 +278,19 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
         1 => {}
         _ => return Err(BadRequest("duplicate Sec-WebSocket-Version header")),
     }
-    let version = request.header("sec-websocket-version").unwrap_or_default().trim();
+    let version = request
+        .header("sec-websocket-version")
+        .unwrap_or_default()
+        .trim();
     if version != "13" {
         return Err(HandshakeError::UnsupportedVersion(version.to_string()));
     }
     let key = match count_header(&request.headers, "sec-websocket-key") {
         0 => return Err(BadRequest("missing Sec-WebSocket-Key header")),
-        1 => request.header("sec-websocket-key").unwrap_or_default().trim(),
+        1 => request
+            .header("sec-websocket-key")
+            .unwrap_or_default()
+            .trim(),
         _ => return Err(BadRequest("duplicate Sec-WebSocket-Key header")),
     };
     match BASE64.decode(key) {
@@ -306,9 +330,15 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 /// The 101 response. `additional_headers` must have passed [`validate_header`].
-pub fn server_response(accept: &str, protocol: Option<&str>, additional_headers: &[(String, String)]) -> Vec<u8> {
+pub fn server_response(
+    accept: &str,
+    protocol: Option<&str>,
+    additional_headers: &[(String, String)],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
-    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+    );
     push_header(&mut out, "Sec-WebSocket-Accept", accept);
     if let Some(p) = protocol {
         push_header(&mut out, "Sec-WebSocket-Protocol", p);
@@ -419,7 +449,11 @@ impl ClientUrl {
         if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
             return Err(bad());
         }
-        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
         let host_header = if port == default_port {
             bracketed
         } else {
@@ -447,7 +481,12 @@ pub fn generate_key() -> String {
 }
 
 /// The client's upgrade request.
-pub fn client_request(url: &ClientUrl, key: &str, protocols: &[String], additional_headers: &[(String, String)]) -> Vec<u8> {
+pub fn client_request(
+    url: &ClientUrl,
+    key: &str,
+    protocols: &[String],
+    additional_headers: &[(String, String)],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(url.resource.as_bytes());
@@ -460,7 +499,11 @@ pub fn client_request(url: &ClientUrl, key: &str, protocols: &[String], addition
         push_header(&mut out, "Sec-WebSocket-Protocol", &protocols.join(", "));
     }
     if let Some(userinfo) = &url.userinfo {
-        push_header(&mut out, "Authorization", &format!("Basic {}", BASE64.encode(userinfo)));
+        push_header(
+            &mut out,
+            "Authorization",
+            &format!("Basic {}", BASE64.encode(userinfo)),
+        );
     }
     for (name, value) in additional_headers {
         push_header(&mut out, name, value);
@@ -471,27 +514,42 @@ pub fn client_request(url: &ClientUrl, key: &str, protocols: &[String], addition
 
 /// Checks the server's response (RFC 6455 §4.2.2 from the client's side) and returns the
 /// selected subprotocol.
-pub fn validate_response(response: &Response, expected_accept: &str, offered: &[String]) -> Result<Option<String>, HandshakeError> {
+pub fn validate_response(
+    response: &Response,
+    expected_accept: &str,
+    offered: &[String],
+) -> Result<Option<String>, HandshakeError> {
     use HandshakeError::BadResponse;
     if response.status != 101 {
         return Err(HandshakeError::UnexpectedStatus(response.status));
     }
     if !has_token(&response.headers, "upgrade", "websocket") {
-        return Err(BadResponse("'Upgrade' header is missing or not 'websocket'"));
+        return Err(BadResponse(
+            "'Upgrade' header is missing or not 'websocket'",
+        ));
     }
     if !has_token(&response.headers, "connection", "upgrade") {
-        return Err(BadResponse("'Connection' header is missing or not 'Upgrade'"));
+        return Err(BadResponse(
+            "'Connection' header is missing or not 'Upgrade'",
+        ));
     }
     if response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept) {
         return Err(HandshakeError::AcceptMismatch);
     }
-    if response.header("sec-websocket-extensions").is_some_and(|v| !v.trim().is_empty()) {
-        return Err(BadResponse("server selected an extension the client did not offer"));
+    if response
+        .header("sec-websocket-extensions")
+        .is_some_and(|v| !v.trim().is_empty())
+    {
+        return Err(BadResponse(
+            "server selected an extension the client did not offer",
+        ));
     }
     match response.header("sec-websocket-protocol").map(str::trim) {
         None => Ok(None),
         Some(p) if offered.iter().any(|o| o == p) => Ok(Some(p.to_string())),
-        Some(_) => Err(BadResponse("server selected a subprotocol the client did not offer")),
+        Some(_) => Err(BadResponse(
+            "server selected a subprotocol the client did not offer",
+        )),
     }
 }
 
@@ -521,18 +579,36 @@ mod tests {
     #[test]
     fn accept_vectors() {
         // RFC 6455 §1.3, then two vectors the faye drivers test with.
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        assert_eq!(accept_key("JFBCWHksyIpXV+6Wlq/9pw=="), "JdiiuafpBKRqD7eol0y4vJDTsTs=");
-        assert_eq!(accept_key("2vBVWg4Qyk3ZoM/5d3QD9Q=="), "QV3I5XUXU2CdhtjixE7QCkCcMZM=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(
+            accept_key("JFBCWHksyIpXV+6Wlq/9pw=="),
+            "JdiiuafpBKRqD7eol0y4vJDTsTs="
+        );
+        assert_eq!(
+            accept_key("2vBVWg4Qyk3ZoM/5d3QD9Q=="),
+            "QV3I5XUXU2CdhtjixE7QCkCcMZM="
+        );
     }
 
     #[test]
     fn rfc_request_validates() {
         let req = parse(GOOD);
         assert!(is_websocket(&req));
-        assert_eq!(validate_request(&req).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-        assert_eq!(select_protocol(&req, &["superchat".into(), "chat".into()]), Some("chat".into()));
-        assert_eq!(select_protocol(&req, &["superchat".into()]), Some("superchat".into()));
+        assert_eq!(
+            validate_request(&req).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(
+            select_protocol(&req, &["superchat".into(), "chat".into()]),
+            Some("chat".into())
+        );
+        assert_eq!(
+            select_protocol(&req, &["superchat".into()]),
+            Some("superchat".into())
+        );
         assert_eq!(select_protocol(&req, &["Chat".into()]), None);
     }
 
@@ -550,7 +626,11 @@ mod tests {
             ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ==", 400),
             ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZR==", 400),
             ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "", 400),
-            ("Upgrade: websocket", "Upgrade: websocket\r\nSec-WebSocket-Key: JFBCWHksyIpXV+6Wlq/9pw==", 400),
+            (
+                "Upgrade: websocket",
+                "Upgrade: websocket\r\nSec-WebSocket-Key: JFBCWHksyIpXV+6Wlq/9pw==",
+                400,
+            ),
         ];
         for (from, to, status) in cases {
             let head = GOOD.replacen(from, to, 1);
@@ -558,7 +638,10 @@ mod tests {
             let err = validate_request(&req).expect_err(&head);
             assert_eq!(err.status(), *status, "{head}: {err}");
         }
-        let resp = String::from_utf8(error_response(&HandshakeError::UnsupportedVersion("8".into()))).unwrap();
+        let resp = String::from_utf8(error_response(&HandshakeError::UnsupportedVersion(
+            "8".into(),
+        )))
+        .unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
     }
@@ -579,7 +662,11 @@ mod tests {
                 max_size: GOOD.len(),
                 max_headers: 64,
             };
-            let padded = GOOD.replacen("/chat", &format!("/chat{}", "x".repeat(len - GOOD.len())), 1);
+            let padded = GOOD.replacen(
+                "/chat",
+                &format!("/chat{}", "x".repeat(len - GOOD.len())),
+                1,
+            );
             let result = RequestParser::new(limits).parse(padded.as_bytes());
             assert_eq!(result.is_ok(), ok, "extra {extra}");
             if !ok {
@@ -633,17 +720,41 @@ mod tests {
     #[test]
     fn urls() {
         let u = ClientUrl::parse("ws://user:pw@example.com/chat?room=1#frag").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.host_header.as_str()), ("example.com", 80, "example.com"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.host_header.as_str()),
+            ("example.com", 80, "example.com")
+        );
         assert_eq!(u.resource, "/chat?room=1");
         assert_eq!(u.userinfo.as_deref(), Some("user:pw"));
         let u = ClientUrl::parse("wss://[::1]:9001").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.host_header.as_str(), u.resource.as_str()), ("::1", 9001, "[::1]:9001", "/"));
+        assert_eq!(
+            (
+                u.host.as_str(),
+                u.port,
+                u.host_header.as_str(),
+                u.resource.as_str()
+            ),
+            ("::1", 9001, "[::1]:9001", "/")
+        );
         let u = ClientUrl::parse("WS://h:80?x").unwrap();
         assert_eq!((u.host_header.as_str(), u.resource.as_str()), ("h", "/?x"));
-        for bad in ["http://x/", "ws://", "ws://:80/", "ws://h:99999/", "ws://h/a b", "x"] {
+        for bad in [
+            "http://x/",
+            "ws://",
+            "ws://:80/",
+            "ws://h:99999/",
+            "ws://h/a b",
+            "x",
+        ] {
             assert!(ClientUrl::parse(bad).is_err(), "{bad}");
         }
-        let req = String::from_utf8(client_request(&ClientUrl::parse("ws://u:p@h:81/p").unwrap(), "k", &[], &[])).unwrap();
+        let req = String::from_utf8(client_request(
+            &ClientUrl::parse("ws://u:p@h:81/p").unwrap(),
+            "k",
+            &[],
+            &[],
+        ))
+        .unwrap();
         assert!(req.starts_with("GET /p HTTP/1.1\r\nHost: h:81\r\n"));
         assert!(req.contains("Authorization: Basic dTpw\r\n"));
         assert!(!req.contains("u:p@"));
@@ -661,16 +772,29 @@ mod tests {
             ],
         };
         assert_eq!(validate_response(&ok, &accept, &[]), Ok(None));
-        assert_eq!(validate_response(&ok, "other", &[]), Err(HandshakeError::AcceptMismatch));
+        assert_eq!(
+            validate_response(&ok, "other", &[]),
+            Err(HandshakeError::AcceptMismatch)
+        );
         let mut r = ok.clone();
         r.status = 403;
-        assert_eq!(validate_response(&r, &accept, &[]), Err(HandshakeError::UnexpectedStatus(403)));
+        assert_eq!(
+            validate_response(&r, &accept, &[]),
+            Err(HandshakeError::UnexpectedStatus(403))
+        );
         let mut r = ok.clone();
-        r.headers.push(("Sec-WebSocket-Protocol".into(), "chat".into()));
+        r.headers
+            .push(("Sec-WebSocket-Protocol".into(), "chat".into()));
         assert!(validate_response(&r, &accept, &[]).is_err());
-        assert_eq!(validate_response(&r, &accept, &["x".into(), "chat".into()]), Ok(Some("chat".into())));
+        assert_eq!(
+            validate_response(&r, &accept, &["x".into(), "chat".into()]),
+            Ok(Some("chat".into()))
+        );
         let mut r = ok.clone();
-        r.headers.push(("Sec-WebSocket-Extensions".into(), "permessage-deflate".into()));
+        r.headers.push((
+            "Sec-WebSocket-Extensions".into(),
+            "permessage-deflate".into(),
+        ));
         assert!(validate_response(&r, &accept, &[]).is_err());
         let mut r = ok;
         r.headers.retain(|(n, _)| n != "Connection");

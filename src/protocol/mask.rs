@@ -61,7 +61,12 @@ pub fn random_mask() -> [u8; 4] {
         }
         let n = pool.next;
         pool.next += 4;
-        [pool.bytes[n], pool.bytes[n + 1], pool.bytes[n + 2], pool.bytes[n + 3]]
+        [
+            pool.bytes[n],
+            pool.bytes[n + 1],
+            pool.bytes[n + 2],
+            pool.bytes[n + 3],
+        ]
     })
 }
 

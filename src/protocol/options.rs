@@ -96,7 +96,9 @@ impl Options {
         }
         for p in &self.accept_protocols {
             if p.contains(',') {
-                return Err(UsageError::InvalidHeader(format!("Sec-WebSocket-Protocol: {p}")));
+                return Err(UsageError::InvalidHeader(format!(
+                    "Sec-WebSocket-Protocol: {p}"
+                )));
             }
             validate_header("Sec-WebSocket-Protocol", p)?;
         }

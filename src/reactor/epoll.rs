@@ -93,7 +93,10 @@ impl<S: Service> EventLoop<S> {
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        prepared.poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        prepared
+            .poll
+            .registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(EventLoop {
             poll: prepared.poll,
             listener: Some(listener),
@@ -119,7 +122,10 @@ impl<S: Service> EventLoop<S> {
         loop {
             let now = Instant::now();
             let mut timeout = self.wheel.next_timeout(now);
-            for extra in [self.accept_paused_until, self.shutdown_deadline].into_iter().flatten() {
+            for extra in [self.accept_paused_until, self.shutdown_deadline]
+                .into_iter()
+                .flatten()
+            {
                 let wait = extra.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
             }
@@ -165,7 +171,9 @@ impl<S: Service> EventLoop<S> {
 
     fn accept_ready(&mut self) {
         loop {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             if self.accept_paused_until.is_some() {
                 return;
             }
@@ -201,7 +209,11 @@ impl<S: Service> EventLoop<S> {
         if self
             .poll
             .registry()
-            .register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut stream,
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
             connections.fetch_sub(1, Ordering::AcqRel);
@@ -228,7 +240,12 @@ impl<S: Service> EventLoop<S> {
     }
 
     /// Applies what a service call asked for. Returns false if the connection is gone.
-    fn apply(&mut self, key: usize, deadline: Option<Option<Instant>>, close: CloseRequest) -> bool {
+    fn apply(
+        &mut self,
+        key: usize,
+        deadline: Option<Option<Instant>>,
+        close: CloseRequest,
+    ) -> bool {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
@@ -255,7 +272,9 @@ impl<S: Service> EventLoop<S> {
     fn read_ready(&mut self, key: usize) {
         let mut ended = false;
         loop {
-            let Some(conn) = self.conns.get_mut(key) else { return };
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
             match conn.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     ended = true;
@@ -267,7 +286,8 @@ impl<S: Service> EventLoop<S> {
                         continue;
                     }
                     let mut io = Io::new(Instant::now(), key, conn.generation, &self.remote);
-                    self.service.read(&mut conn.session, &mut io, &mut self.read_buf[..n]);
+                    self.service
+                        .read(&mut conn.session, &mut io, &mut self.read_buf[..n]);
                     let (deadline, close) = (io.deadline, io.close);
                     if !self.apply(key, deadline, close) {
                         return;
@@ -291,7 +311,9 @@ impl<S: Service> EventLoop<S> {
     /// Writes what the session has queued, then handles a requested close.
     fn flush(&mut self, key: usize) {
         loop {
-            let Some(conn) = self.conns.get_mut(key) else { return };
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
             let out = self.service.output(&conn.session);
             if out.is_empty() {
                 break;
@@ -358,11 +380,15 @@ impl<S: Service> EventLoop<S> {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(now, &mut due);
         for entry in due.drain(..) {
-            let Some(conn) = self.conns.get_mut(entry.key) else { continue };
+            let Some(conn) = self.conns.get_mut(entry.key) else {
+                continue;
+            };
             if conn.seq != entry.seq {
                 continue;
             }
-            let Some(deadline) = conn.deadline else { continue };
+            let Some(deadline) = conn.deadline else {
+                continue;
+            };
             if deadline > now {
                 // Came up early (beyond the wheel's horizon): arm again.
                 self.wheel.arm(deadline, entry);
@@ -393,7 +419,9 @@ impl<S: Service> EventLoop<S> {
                     generation,
                     command,
                 } => {
-                    let Some(conn) = self.conns.get_mut(key) else { continue };
+                    let Some(conn) = self.conns.get_mut(key) else {
+                        continue;
+                    };
                     if conn.generation != generation || conn.phase != Phase::Active {
                         continue;
                     }
@@ -417,7 +445,9 @@ impl<S: Service> EventLoop<S> {
         self.shutdown_deadline = Some(deadline);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.phase != Phase::Active {
                 continue;
             }

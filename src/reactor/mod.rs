@@ -41,7 +41,9 @@ impl std::str::FromStr for Backend {
         match s {
             "auto" => Ok(Backend::Auto),
             "epoll" => Ok(Backend::Epoll),
-            other => Err(format!("unknown backend {other:?} (expected auto or epoll)")),
+            other => Err(format!(
+                "unknown backend {other:?} (expected auto or epoll)"
+            )),
         }
     }
 }
@@ -106,11 +108,21 @@ pub(crate) trait Service: 'static {
     /// A connection was accepted.
     fn open(&mut self, io: &mut Io<'_, Self::Command>, peer: SocketAddr) -> Self::Session;
     /// Bytes arrived (the slice is the loop's read buffer, free to modify in place).
-    fn read(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, data: &mut [u8]);
+    fn read(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        data: &mut [u8],
+    );
     /// The deadline set through [`Io::set_deadline`] passed.
     fn timeout(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// A command from a [`Sender`](Remote) arrived.
-    fn command(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, command: Self::Command);
+    fn command(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        command: Self::Command,
+    );
     /// Output that had blocked is fully written.
     fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// The server is shutting down.
@@ -128,7 +140,11 @@ pub(crate) trait Service: 'static {
 /// A message to a loop from another thread.
 pub(crate) enum Envelope<C> {
     /// For one connection, if it is still the same one (`generation`).
-    Conn { key: usize, generation: u32, command: C },
+    Conn {
+        key: usize,
+        generation: u32,
+        command: C,
+    },
     /// Begin a graceful shutdown that must finish by `deadline`.
     Shutdown { deadline: Instant },
 }
@@ -155,9 +171,9 @@ impl<C> Clone for Remote<C> {
 impl<C> Remote<C> {
     /// Queues `envelope` and wakes the loop. Fails if the loop has stopped.
     pub fn send(&self, envelope: Envelope<C>) -> io::Result<()> {
-        self.tx
-            .send(envelope)
-            .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "the event loop has stopped"))?;
+        self.tx.send(envelope).map_err(|_| {
+            io::Error::new(io::ErrorKind::NotConnected, "the event loop has stopped")
+        })?;
         if !self.notified.swap(true, Ordering::AcqRel) {
             self.waker.wake()?;
         }

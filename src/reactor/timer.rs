@@ -71,7 +71,8 @@ impl Wheel {
         if self.armed == 0 {
             return None;
         }
-        let next = self.start + Duration::from_nanos((TICK.as_nanos() as u64).saturating_mul(self.cursor));
+        let next =
+            self.start + Duration::from_nanos((TICK.as_nanos() as u64).saturating_mul(self.cursor));
         Some(next.saturating_duration_since(now))
     }
 }
@@ -93,7 +94,10 @@ mod tests {
         assert_eq!(due, vec![Entry { key: 1, seq: 0 }]);
         due.clear();
         // Beyond the horizon: comes up at the horizon, for the loop to re-arm.
-        wheel.expire(t0 + TICK * SLOTS as u32 + Duration::from_millis(100), &mut due);
+        wheel.expire(
+            t0 + TICK * SLOTS as u32 + Duration::from_millis(100),
+            &mut due,
+        );
         assert_eq!(due, vec![Entry { key: 2, seq: 0 }]);
         assert_eq!(wheel.next_timeout(t0), None);
     }

@@ -1,0 +1,478 @@
+//! The reactor-hosted server over loopback: echo at scale, leaks, backpressure, idle
+//! connections, timeouts, shutdown, rejections, cross-thread sends.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{Owned, Rng, TestClient, eventually};
+use websocket_driver::server::{
+    BackpressurePolicy, Handler, HttpResponse, Sender, Server, ServerConfig, ServerHandle, Upgrade,
+    Ws,
+};
+use websocket_driver::{Error, Message, UsageError};
+
+struct Echo;
+impl Handler for Echo {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = ws.send_message(&message);
+    }
+}
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        threads: 2,
+        ..ServerConfig::default()
+    }
+}
+
+fn start_echo(config: ServerConfig) -> ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(|req| match req.path() {
+            "/forbidden" => Upgrade::Reject(HttpResponse::new(403, "not for you")),
+            _ => Upgrade::Accept(Echo),
+        })
+        .unwrap()
+}
+
+fn raw_request(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn thousand_clients_echo_random_sizes_without_loss() {
+    let server = start_echo(config());
+    let addr = server.local_addr();
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 125;
+    const MESSAGES: usize = 100;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
+                let mut clients: Vec<TestClient> = (0..PER_THREAD)
+                    .map(|_| TestClient::connect(addr, "/").unwrap())
+                    .collect();
+                let mut echoed = 0usize;
+                for round in 0..MESSAGES {
+                    let sent: Vec<Vec<u8>> = clients
+                        .iter_mut()
+                        .map(|c| {
+                            let size = rng.size();
+                            let mut payload = rng.bytes(size);
+                            payload[0] = round as u8;
+                            c.send_binary(&payload).unwrap();
+                            payload
+                        })
+                        .collect();
+                    for (c, payload) in clients.iter_mut().zip(sent) {
+                        match c.next_message().unwrap() {
+                            Owned::Binary(b) => assert_eq!(b, payload, "corrupted echo"),
+                            other => panic!("expected an echo, got {other:?}"),
+                        }
+                        echoed += 1;
+                    }
+                }
+                for c in &mut clients {
+                    c.driver.close_connection(1000, "done").unwrap();
+                    c.flush().unwrap();
+                    assert_eq!(c.next_message().unwrap(), Owned::Close(1000, String::new()));
+                    assert!(c.wait_eof(), "server closes TCP after the close handshake");
+                }
+                echoed
+            })
+        })
+        .collect();
+    let echoed: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(echoed, THREADS * PER_THREAD * MESSAGES);
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .connections_open
+        == 0));
+    let stats = server.stats();
+    assert_eq!(stats.connections_total, 1000);
+    assert_eq!(stats.messages_in, 100_000);
+    assert_eq!(stats.messages_out, 100_000);
+    assert_eq!(stats.closes.get(&1000), Some(&1000));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn random_disconnects_leak_no_connection() {
+    let server = start_echo(config());
+    let addr = server.local_addr();
+    let mut rng = Rng(7);
+    for i in 0..300 {
+        match i % 3 {
+            0 => {
+                // Cut mid-handshake.
+                let mut stream = TcpStream::connect(addr).unwrap();
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgr")
+                    .unwrap();
+            }
+            1 => {
+                // Cut mid-message: header of a 1000-byte masked frame, then 10 bytes.
+                let mut c = TestClient::connect(addr, "/").unwrap();
+                let mut frame = vec![0x82, 0x80 | 126, 0x03, 0xe8, 1, 2, 3, 4];
+                frame.extend(rng.bytes(10));
+                c.stream.write_all(&frame).unwrap();
+                if rng.next() % 2 == 0 {
+                    socket2::SockRef::from(&c.stream)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
+                continue;
+            }
+            _ => {
+                // Reset right after connecting.
+                let stream = TcpStream::connect(addr).unwrap();
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+        }
+    }
+    // The WebSocket connections were all accepted (they completed the handshake); the
+    // others may be reset before accept() sees them.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let s = server.stats();
+            s.connections_open == 0 && s.connections_total >= 100
+        }),
+        "connections left open: {:?}",
+        server.stats()
+    );
+    assert!(server.stats().connections_total <= 300);
+    // Every opened WebSocket reported its close: 1006, no close handshake.
+    assert_eq!(
+        server.stats().closes.get(&1006),
+        Some(&100),
+        "{:?}",
+        server.stats()
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// Sends `count` messages of `size` bytes back for every text message "flood count size".
+struct Flooder {
+    refused: Arc<AtomicUsize>,
+}
+impl Handler for Flooder {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let text = message.as_text().unwrap_or_default().to_string();
+        let mut parts = text.split(' ');
+        if parts.next() == Some("flood") {
+            let count: usize = parts.next().unwrap().parse().unwrap();
+            let size: usize = parts.next().unwrap().parse().unwrap();
+            let chunk = vec![7u8; size];
+            for _ in 0..count {
+                match ws.send_binary(&chunk) {
+                    Ok(_) => {}
+                    Err(Error::Usage(UsageError::BufferFull { .. })) => {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        } else {
+            let _ = ws.send_message(&message);
+        }
+    }
+}
+
+fn start_flooder(config: ServerConfig, refused: Arc<AtomicUsize>) -> ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(move |_| {
+            Upgrade::Accept(Flooder {
+                refused: refused.clone(),
+            })
+        })
+        .unwrap()
+}
+
+#[test]
+fn never_reading_client_is_closed_with_1008_while_others_keep_going() {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let server = start_flooder(
+        ServerConfig {
+            threads: 1,
+            max_backpressure: 256 * 1024,
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::from_millis(300),
+            },
+            ..ServerConfig::default()
+        },
+        refused,
+    );
+    let addr = server.local_addr();
+    let mut slow = TestClient::connect(addr, "/").unwrap();
+    // 64 MiB: far more than the socket buffers, so the server's queue passes the limit.
+    slow.send_text("flood 1024 65536").unwrap();
+    let mut healthy = TestClient::connect(addr, "/").unwrap();
+    for i in 0..200 {
+        let text = format!("ping {i}");
+        healthy.send_text(&text).unwrap();
+        assert_eq!(healthy.next_message().unwrap(), Owned::Text(text));
+    }
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .closes
+        .get(&1008)
+        == Some(&1)));
+    // The slow client's connection is gone, the healthy one still echoes.
+    healthy.send_text("still here").unwrap();
+    assert_eq!(
+        healthy.next_message().unwrap(),
+        Owned::Text("still here".into())
+    );
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 1));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn drop_new_policy_refuses_sends_over_the_limit() {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let server = start_flooder(
+        ServerConfig {
+            threads: 1,
+            max_backpressure: 64 * 1024,
+            backpressure_policy: BackpressurePolicy::DropNew,
+            ..ServerConfig::default()
+        },
+        refused.clone(),
+    );
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    // 64 sends of 16 KiB in one handler call: the socket cannot take them all at once,
+    // so the queue passes 64 KiB and later sends are refused.
+    client.send_text("flood 64 16384").unwrap();
+    let mut received = 0;
+    while received + refused.load(Ordering::Relaxed) < 64 {
+        match client.next_message().unwrap() {
+            Owned::Binary(b) => {
+                assert_eq!(b.len(), 16384);
+                received += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let dropped = refused.load(Ordering::Relaxed);
+    assert!(dropped > 0, "nothing was refused");
+    // All 64 sends happen in one handler call, before any write: four 16 KiB frames
+    // (65 552 bytes with headers) pass the 64 KiB limit, so the other 60 are refused.
+    assert_eq!((received, dropped), (4, 60));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn nine_thousand_idle_connections_open_and_close_cleanly() {
+    // Client and server share this process: 18 000 descriptors of the hard limit of 20 000.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let server = start_echo(config());
+    let addr = server.local_addr();
+    const N: usize = 9000;
+    let mut clients = Vec::with_capacity(N);
+    for _ in 0..N {
+        clients.push(TestClient::connect(addr, "/").unwrap());
+    }
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .connections_open
+        == N));
+    for c in &mut clients {
+        c.driver.close_connection(1000, "").unwrap();
+        c.flush().unwrap();
+    }
+    for c in &mut clients {
+        assert_eq!(c.next_message().unwrap(), Owned::Close(1000, String::new()));
+    }
+    drop(clients);
+    assert!(eventually(Duration::from_secs(15), || server
+        .stats()
+        .connections_open
+        == 0));
+    assert_eq!(server.stats().closes.get(&1000), Some(&(N as u64)));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn handshake_timeout_closes_silent_and_slow_sockets() {
+    let server = start_echo(ServerConfig {
+        threads: 1,
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    });
+    let addr = server.local_addr();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    for s in [&mut silent, &mut slow] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap(), 0, "the server closes the socket");
+    }
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 0));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn shutdown_sends_1001_to_everyone_and_returns() {
+    let server = start_echo(config());
+    let addr = server.local_addr();
+    let mut clients: Vec<TestClient> = (0..50)
+        .map(|_| TestClient::connect(addr, "/").unwrap())
+        .collect();
+    let stopper = {
+        let server = server.clone();
+        std::thread::spawn(move || server.shutdown(Duration::from_secs(5)))
+    };
+    for c in &mut clients {
+        assert_eq!(
+            c.next_message().unwrap(),
+            Owned::Close(1001, "server shutting down".into())
+        );
+    }
+    stopper.join().unwrap().unwrap();
+    assert_eq!(server.stats().connections_open, 0);
+    assert!(
+        TcpStream::connect(addr).is_err() || raw_request(addr, "GET / HTTP/1.1\r\n\r\n").is_empty()
+    );
+}
+
+#[test]
+fn plain_http_and_rejections_get_clear_responses() {
+    let server = start_echo(config());
+    let addr = server.local_addr();
+    let plain = raw_request(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+        "{plain}"
+    );
+    let upgrade = "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let forbidden = raw_request(addr, &format!("GET /forbidden HTTP/1.1\r\n{upgrade}"));
+    assert!(
+        forbidden.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{forbidden}"
+    );
+    assert!(forbidden.ends_with("not for you\n"));
+    let old = raw_request(
+        addr,
+        &format!(
+            "GET / HTTP/1.1\r\n{}",
+            upgrade.replace("Version: 13", "Version: 8")
+        ),
+    );
+    assert!(
+        old.starts_with("HTTP/1.1 426") && old.contains("Sec-WebSocket-Version: 13\r\n"),
+        "{old}"
+    );
+    let huge = raw_request(
+        addr,
+        &format!("GET /{} HTTP/1.1\r\n{upgrade}", "a".repeat(20_000)),
+    );
+    assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
+    let ok = raw_request(
+        addr,
+        &format!(
+            "GET / HTTP/1.1\r\n{}",
+            upgrade.replace("\r\n\r\n", "\r\n\r\n\u{88}\u{80}")
+        ),
+    );
+    assert!(
+        ok.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{ok}"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn max_connections_answers_503_beyond_the_limit() {
+    let server = start_echo(ServerConfig {
+        threads: 1,
+        max_connections: 5,
+        ..ServerConfig::default()
+    });
+    let addr = server.local_addr();
+    let held: Vec<TestClient> = (0..5)
+        .map(|_| TestClient::connect(addr, "/").unwrap())
+        .collect();
+    let refused = raw_request(addr, "GET / HTTP/1.1\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert_eq!(server.stats().connections_refused, 1);
+    drop(held);
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 0));
+    // Room again.
+    TestClient::connect(addr, "/").unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn sender_reaches_a_connection_from_another_thread() {
+    struct Register(Arc<Mutex<Vec<Sender>>>);
+    impl Handler for Register {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            self.0.lock().unwrap().push(ws.sender());
+        }
+    }
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config())
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    let mut clients: Vec<TestClient> = (0..4)
+        .map(|_| TestClient::connect(server.local_addr(), "/").unwrap())
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == 4));
+    let all = senders.lock().unwrap().clone();
+    let pusher = std::thread::spawn(move || {
+        for (i, s) in all.iter().enumerate() {
+            s.send_text(format!("hello {i}")).unwrap();
+            s.send_binary(vec![i as u8; 3]).unwrap();
+            s.close_connection(4000, "bye").unwrap();
+        }
+    });
+    pusher.join().unwrap();
+    let mut seen = Vec::new();
+    for c in &mut clients {
+        let Owned::Text(t) = c.next_message().unwrap() else {
+            panic!()
+        };
+        let i: u8 = t.strip_prefix("hello ").unwrap().parse().unwrap();
+        assert_eq!(c.next_message().unwrap(), Owned::Binary(vec![i; 3]));
+        assert_eq!(c.next_message().unwrap(), Owned::Close(4000, "bye".into()));
+        seen.push(i);
+    }
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}

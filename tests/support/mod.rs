@@ -1,0 +1,182 @@
+//! A small blocking WebSocket client for the reactor tests: a client `Driver` over a
+//! `std::net::TcpStream`, with every read bounded by a timeout so no test can hang.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use websocket_driver::{Driver, Event, Message, Options};
+
+/// An event with everything owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owned {
+    Open,
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Error(String),
+    Close(u16, String),
+}
+
+pub fn own(event: Event<'_>) -> Owned {
+    match event {
+        Event::Open => Owned::Open,
+        Event::Message(Message::Text(t)) => Owned::Text(t.into_owned()),
+        Event::Message(Message::Binary(b)) => Owned::Binary(b.into_owned()),
+        Event::Ping(p) => Owned::Ping(p.into_owned()),
+        Event::Pong(p) => Owned::Pong(p.into_owned()),
+        Event::Error(e) => Owned::Error(e.to_string()),
+        Event::Close { code, reason } => Owned::Close(code, reason),
+    }
+}
+
+pub struct TestClient {
+    pub stream: TcpStream,
+    pub driver: Driver,
+    buf: Vec<u8>,
+    pending: std::collections::VecDeque<Owned>,
+}
+
+impl TestClient {
+    /// Connects and completes the handshake.
+    pub fn connect(addr: SocketAddr, path: &str) -> io::Result<TestClient> {
+        let mut client = TestClient::connect_only(addr, path)?;
+        match client.next_event()? {
+            Owned::Open => Ok(client),
+            other => Err(io::Error::other(format!("expected Open, got {other:?}"))),
+        }
+    }
+
+    /// Connects and sends the upgrade request without waiting for the response.
+    pub fn connect_only(addr: SocketAddr, path: &str) -> io::Result<TestClient> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.set_nodelay(true)?;
+        let url = format!("ws://{addr}{path}");
+        let mut driver =
+            Driver::make_client(&url, &Options::default()).map_err(io::Error::other)?;
+        driver.start_connection();
+        let mut client = TestClient {
+            stream,
+            driver,
+            buf: vec![0; 64 * 1024],
+            pending: Default::default(),
+        };
+        client.flush()?;
+        Ok(client)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        while !self.driver.pending_output().is_empty() {
+            let n = self.stream.write(self.driver.pending_output())?;
+            self.driver.consume_output(n);
+        }
+        Ok(())
+    }
+
+    pub fn send_binary(&mut self, data: &[u8]) -> io::Result<()> {
+        self.driver.send_binary(data).map_err(io::Error::other)?;
+        self.flush()
+    }
+
+    pub fn send_text(&mut self, text: &str) -> io::Result<()> {
+        self.driver.send_text(text).map_err(io::Error::other)?;
+        self.flush()
+    }
+
+    /// The next event; EOF is reported as the driver's own events (Close 1006).
+    pub fn next_event(&mut self) -> io::Result<Owned> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            let (_, event) = self.driver.poll_event(&mut []);
+            if let Some(event) = event {
+                return Ok(own(event));
+            }
+            let n = match self.stream.read(&mut self.buf) {
+                Ok(0) => {
+                    self.driver.receive_eof();
+                    let (_, event) = self.driver.poll_event(&mut []);
+                    return event.map(own).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "EOF after close")
+                    });
+                }
+                Ok(n) => n,
+                Err(e) => return Err(e),
+            };
+            let mut at = 0;
+            while at < n {
+                let (used, event) = self.driver.poll_event(&mut self.buf[at..n]);
+                at += used;
+                match event {
+                    Some(e) => self.pending.push_back(own(e)),
+                    None => break,
+                }
+            }
+            // Auto-pongs and close echoes go out at once.
+            self.flush()?;
+        }
+    }
+
+    /// The next message, skipping pings and pongs.
+    pub fn next_message(&mut self) -> io::Result<Owned> {
+        loop {
+            match self.next_event()? {
+                Owned::Ping(_) | Owned::Pong(_) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Reads until the server closes TCP; true if it did (within the read timeout).
+    pub fn wait_eof(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Polls `check` until it holds or `limit` passes (a bound on waiting, not an assertion
+/// on speed); returns whether it held.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+/// A deterministic xorshift generator, so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A size from 1 B to 64 KiB, log-uniform so small and large messages both occur.
+    pub fn size(&mut self) -> usize {
+        let bits = 1 + self.next() % 16;
+        1 + (self.next() % (1u64 << bits)) as usize
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
