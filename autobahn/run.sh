@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Autobahn|Testsuite fuzzingclient against the echo example and judges the report.
 #
-#   autobahn/run.sh [--backend blocking] [--cases '1.*,2.*']
+#   autobahn/run.sh [--backend epoll|blocking] [--threads N] [--cases '1.*,2.*']
 #
 # Installs the suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing, the way
 # ../shared/autobahn/install.sh does (autobahn/install.sh is a copy of it). Exits non-zero
@@ -10,13 +10,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-backend=blocking
+backend=epoll
+threads=2
 cases=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
     --cases) cases=$2; shift 2 ;;
-    *) echo "usage: autobahn/run.sh [--backend B] [--cases LIST]" >&2; exit 2 ;;
+    *) echo "usage: autobahn/run.sh [--backend B] [--threads N] [--cases LIST]" >&2; exit 2 ;;
   esac
 done
 
@@ -28,7 +30,7 @@ fi
 
 port=${AUTOBAHN_PORT:-9001}
 cargo build --release --example echo
-./target/release/examples/echo --addr "127.0.0.1:$port" --backend "$backend" &
+./target/release/examples/echo --addr "127.0.0.1:$port" --backend "$backend" --threads "$threads" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do

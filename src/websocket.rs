@@ -8,6 +8,11 @@ use crate::protocol::driver::{Driver, Event, Message, MessageType, SendToken};
 use crate::protocol::error::Error;
 
 type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
+type OnOpen = Box<dyn FnMut(&mut Driver) + Send>;
+type OnMessage = Box<dyn for<'m> FnMut(&mut Driver, Message<'m>) + Send>;
+type OnError = Box<dyn FnMut(&mut Driver, &Error) + Send>;
+type OnClose = Box<dyn FnMut(&mut Driver, u16, &str) + Send>;
+type OnPayload = Box<dyn FnMut(&mut Driver, &[u8]) + Send>;
 
 /// A [`Driver`] with event handlers attached, like the seed's `ws` object.
 ///
@@ -17,12 +22,12 @@ type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
 #[derive(Default)]
 pub struct WebSocket {
     driver: Option<Driver>,
-    on_open: Option<Box<dyn FnMut(&mut Driver) + Send>>,
-    on_message: Option<Box<dyn for<'m> FnMut(&mut Driver, Message<'m>) + Send>>,
-    on_error: Option<Box<dyn FnMut(&mut Driver, &Error) + Send>>,
-    on_close: Option<Box<dyn FnMut(&mut Driver, u16, &str) + Send>>,
-    on_ping: Option<Box<dyn FnMut(&mut Driver, &[u8]) + Send>>,
-    on_pong: Option<Box<dyn FnMut(&mut Driver, &[u8]) + Send>>,
+    on_open: Option<OnOpen>,
+    on_message: Option<OnMessage>,
+    on_error: Option<OnError>,
+    on_close: Option<OnClose>,
+    on_ping: Option<OnPayload>,
+    on_pong: Option<OnPayload>,
     ping_callbacks: Vec<(Vec<u8>, Callback)>,
     write_callbacks: VecDeque<(SendToken, Callback)>,
 }

@@ -130,7 +130,7 @@ fn random_disconnects_leak_no_connection() {
                 let mut frame = vec![0x82, 0x80 | 126, 0x03, 0xe8, 1, 2, 3, 4];
                 frame.extend(rng.bytes(10));
                 c.stream.write_all(&frame).unwrap();
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     socket2::SockRef::from(&c.stream)
                         .set_linger(Some(Duration::ZERO))
                         .unwrap();
@@ -474,5 +474,35 @@ fn sender_reaches_a_connection_from_another_thread() {
     }
     seen.sort();
     assert_eq!(seen, vec![0, 1, 2, 3]);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn idle_timeout_pings_then_closes_a_silent_peer() {
+    let server = start_echo(ServerConfig {
+        threads: 1,
+        idle_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    });
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    // A peer that answers pings stays open: two idle periods pass, two pings answered.
+    assert_eq!(client.next_event().unwrap(), Owned::Ping(vec![]));
+    assert_eq!(client.next_event().unwrap(), Owned::Ping(vec![]));
+    assert_eq!(server.stats().connections_open, 1);
+    // Now go silent (read raw bytes, never pong): a ping, then close 1001.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !seen.windows(2).any(|w| w == [0x03, 0xe9]) {
+        let n = client.stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the close frame; got {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&seen[..2], [0x89, 0x00], "a ping first");
+    assert_eq!(&seen[2..4], [0x88, 2 + "idle timeout".len() as u8]);
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .closes
+        .get(&1001)
+        == Some(&1)));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
