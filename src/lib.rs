@@ -43,3 +43,8 @@ pub fn make_server(request: &Request, options: &Options) -> Result<Driver, Error
 pub fn make_client(url: &str, options: &Options) -> Result<Driver, Error> {
     Driver::make_client(url, options)
 }
+
+/// The README's code blocks compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
