@@ -1,0 +1,352 @@
+//! Memory use under hostile input, measured with a counting global allocator.
+//!
+//! Only allocations made by a thread while it is measuring are counted, and the tests take
+//! a lock, so the measurements stay single-threaded even under the parallel test runner.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Mutex;
+
+use common::{MASK, client_frame, open_server};
+use websocket_driver::protocol::frame::Status;
+use websocket_driver::protocol::handshake::HeadLimits;
+use websocket_driver::{Driver, Error, Event, Message, Options, ProtocolError, RequestParser};
+
+struct Counting;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    allocs: usize,
+    allocated: usize,
+    live: isize,
+    peak: isize,
+}
+
+thread_local! {
+    static MEASURING: Cell<bool> = const { Cell::new(false) };
+    static STATS: Cell<Stats> = const { Cell::new(Stats { allocs: 0, allocated: 0, live: 0, peak: 0 }) };
+}
+
+fn record(grow: usize, shrink: usize, new_block: bool) {
+    let _ = MEASURING.try_with(|m| {
+        if m.get() {
+            let _ = STATS.try_with(|s| {
+                let mut st = s.get();
+                if new_block {
+                    st.allocs += 1;
+                }
+                st.allocated += grow;
+                st.live += grow as isize - shrink as isize;
+                st.peak = st.peak.max(st.live);
+                s.set(st);
+            });
+        }
+    });
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        record(layout.size(), 0, true);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        record(layout.size(), 0, true);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        record(0, layout.size(), false);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        record(new_size, layout.size(), true);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One measuring test at a time; a failed test does not stop the others.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` and returns what it allocated on this thread (peak and live relative to the start).
+fn measure<T>(f: impl FnOnce() -> T) -> (T, Stats) {
+    STATS.with(|s| s.set(Stats::default()));
+    MEASURING.with(|m| m.set(true));
+    let result = f();
+    MEASURING.with(|m| m.set(false));
+    (result, STATS.with(Cell::get))
+}
+
+/// What an event was, without keeping (or copying) its payload.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Open,
+    Message {
+        text: bool,
+        len: usize,
+        capacity: Option<usize>,
+    },
+    Ping,
+    Pong,
+    Error(Option<ProtocolError>),
+    Close(u16),
+}
+
+fn kind(event: Event<'_>) -> Kind {
+    match event {
+        Event::Open => Kind::Open,
+        Event::Message(m) => {
+            let text = m.is_text();
+            let len = m.as_bytes().len();
+            let capacity = match m {
+                Message::Text(std::borrow::Cow::Owned(s)) => Some(s.capacity()),
+                Message::Binary(std::borrow::Cow::Owned(b)) => Some(b.capacity()),
+                _ => None,
+            };
+            Kind::Message {
+                text,
+                len,
+                capacity,
+            }
+        }
+        Event::Ping(_) => Kind::Ping,
+        Event::Pong(_) => Kind::Pong,
+        Event::Error(Error::Protocol(e)) => Kind::Error(Some(e)),
+        Event::Error(_) => Kind::Error(None),
+        Event::Close { code, .. } => Kind::Close(code),
+    }
+}
+
+/// Feeds one read, allocating nothing itself beyond `out` (which has room reserved).
+fn feed_into(driver: &mut Driver, input: &mut [u8], out: &mut Vec<Kind>) {
+    let mut at = 0;
+    loop {
+        let (used, event) = driver.poll_event(&mut input[at..]);
+        at += used;
+        match event {
+            None => return,
+            Some(e) => out.push(kind(e)),
+        }
+    }
+}
+
+fn header_2_62() -> Vec<u8> {
+    let mut bytes = vec![0x82, 0xff];
+    bytes.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    bytes.extend_from_slice(&MASK);
+    bytes
+}
+
+#[test]
+fn header_declaring_2_pow_62_bytes_costs_no_allocation() {
+    let _serial = serial();
+    let max_length = Options::default().max_length;
+    let mut server = open_server(&Options::default());
+    let mut input = header_2_62();
+    input.extend_from_slice(&[0u8; 64]); // some payload, too
+    let mut events = Vec::with_capacity(8);
+    let ((), stats) = measure(|| feed_into(&mut server, &mut input, &mut events));
+    println!("2^62 header: {stats:?}");
+    assert_eq!(
+        events,
+        vec![
+            Kind::Error(Some(ProtocolError::MessageTooLarge {
+                len: 1 << 62,
+                max: max_length
+            })),
+            Kind::Close(1009)
+        ]
+    );
+    assert!(
+        stats.allocated < 1024,
+        "allocated {} bytes for a header",
+        stats.allocated
+    );
+    assert!(stats.peak < 1024);
+}
+
+/// A frame within `max_length` that declares a large payload but sends one byte must not
+/// make the driver reserve the declared size: 15 bytes from the peer would pin 64 MiB per
+/// connection, and with a `max_length` above what the allocator can give (e.g.
+/// `usize::MAX` for "no limit") the reservation aborts the process.
+#[test]
+#[ignore = "bug: the first payload byte of a frame reserves its whole declared length (up to max_length)"]
+fn declared_length_is_not_preallocated() {
+    let _serial = serial();
+    let mut server = open_server(&Options::default());
+    let mut input = vec![0x82, 0xff];
+    input.extend_from_slice(&(Options::default().max_length as u64).to_be_bytes());
+    input.extend_from_slice(&MASK);
+    input.push(0);
+    let mut events = Vec::with_capacity(8);
+    let ((), stats) = measure(|| feed_into(&mut server, &mut input, &mut events));
+    println!("64 MiB declared, 1 byte sent: {stats:?}");
+    assert_eq!(events, vec![]);
+    assert!(
+        stats.peak < 1 << 20,
+        "one payload byte made the driver hold {} bytes",
+        stats.peak
+    );
+}
+
+#[test]
+fn continuation_flood_does_not_grow_memory() {
+    let _serial = serial();
+    const FRAMES: usize = 100_000;
+    let max_length = 1000;
+    let mut server = open_server(&Options::default().max_length(max_length));
+    let mut events = Vec::with_capacity(16);
+
+    let mut start = client_frame(0x01, b"open message");
+    feed_into(&mut server, &mut start, &mut events);
+    assert_eq!(events, vec![]);
+
+    let empty_continuation = client_frame(0x00, b"");
+    let mut flood: Vec<u8> = empty_continuation.repeat(FRAMES);
+    // In one read.
+    let ((), one_read) = measure(|| feed_into(&mut server, &mut flood, &mut events));
+    // And one frame per read.
+    let mut frame = empty_continuation.clone();
+    let ((), per_frame) = measure(|| {
+        for _ in 0..FRAMES {
+            frame.copy_from_slice(&empty_continuation);
+            feed_into(&mut server, &mut frame, &mut events);
+        }
+    });
+    println!("one read: {one_read:?}; one frame per read: {per_frame:?}");
+    assert_eq!(events, vec![]);
+    for stats in [one_read, per_frame] {
+        assert!(
+            stats.allocs <= 4,
+            "{} allocations for empty frames",
+            stats.allocs
+        );
+        assert!(stats.live <= 0, "memory grew by {} bytes", stats.live);
+        assert!(
+            stats.peak <= max_length as isize,
+            "held {} bytes",
+            stats.peak
+        );
+    }
+
+    let mut end = client_frame(0x80, b"!");
+    feed_into(&mut server, &mut end, &mut events);
+    assert!(matches!(
+        events[..],
+        [Kind::Message {
+            text: true,
+            len: 13,
+            ..
+        }]
+    ));
+}
+
+/// A fragmented binary message with fragments of these sizes, one frame per read.
+/// Returns the peak bytes held while it was received, and the events.
+fn peak_while_receiving(max_length: usize, sizes: &[usize]) -> (isize, Vec<Kind>) {
+    let mut server = open_server(&Options::default().max_length(max_length));
+    let mut frames: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let opcode = if i == 0 { 0x02 } else { 0x00 };
+            let fin = if i == sizes.len() - 1 { 0x80 } else { 0 };
+            client_frame(fin | opcode, &vec![0x5a; size])
+        })
+        .collect();
+    let mut events = Vec::with_capacity(8);
+    let ((), stats) = measure(|| {
+        for frame in &mut frames {
+            feed_into(&mut server, frame, &mut events);
+        }
+    });
+    (stats.peak, events)
+}
+
+#[test]
+#[ignore = "bug: reserve_exact caps the growth, not the capacity, at max_length (up to ~2x max_length held)"]
+fn bytes_held_for_a_fragmented_message_never_exceed_max_length() {
+    let _serial = serial();
+    const MAX: usize = 100_000;
+    let cases: Vec<Vec<usize>> = vec![
+        vec![100_000],
+        vec![50_000, 50_000],
+        vec![25_000; 4],
+        vec![60_000, 40_000],
+        vec![99_999, 1],
+        vec![1000; 100],
+        vec![10; 10_000],
+    ];
+    let mut failures = Vec::new();
+    for sizes in &cases {
+        let (peak, events) = peak_while_receiving(MAX, sizes);
+        let total: usize = sizes.iter().sum();
+        let label = format!(
+            "{} fragments ({}, ..., {})",
+            sizes.len(),
+            sizes[0],
+            sizes[sizes.len() - 1]
+        );
+        println!("{label}: peak {peak} bytes, {events:?}");
+        assert!(
+            matches!(events[..], [Kind::Message { text: false, len, .. }] if len == total),
+            "{label}: {events:?}"
+        );
+        // The message itself, plus a little bookkeeping.
+        if peak > (MAX + 512) as isize {
+            failures.push(format!("{label} held {peak} bytes"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "max_length is {MAX}, but: {failures:#?}"
+    );
+}
+
+#[test]
+fn dripped_head_allocates_linearly() {
+    let _serial = serial();
+    const HEAD: usize = 64 * 1024;
+    let limits = HeadLimits {
+        max_size: 128 * 1024,
+        max_headers: 64,
+    };
+    let (_client, request) = common::started_client(&Options::default());
+    let pad = "p".repeat(HEAD - request.len() - "X-Pad: \r\n".len());
+    let mut head = request[..request.len() - 2].to_vec();
+    head.extend_from_slice(format!("X-Pad: {pad}\r\n\r\n").as_bytes());
+    assert_eq!(head.len(), HEAD);
+
+    let mut parser = RequestParser::new(limits);
+    let (result, stats) = measure(|| {
+        for &byte in &head[..HEAD - 1] {
+            if parser.parse(&[byte]) != Ok(Status::Partial) {
+                return None;
+            }
+        }
+        match parser.parse(&head[HEAD - 1..]) {
+            Ok(Status::Complete(request, 1)) => Some(request),
+            _ => None,
+        }
+    });
+    let request = result.expect("dripped head parses");
+    println!("dripping {HEAD} bytes: {stats:?}");
+    assert_eq!(request.header("X-Pad"), Some(pad.as_str()));
+    // Buffer growth by doubling plus the parsed request: a small multiple of the head,
+    // in a logarithmic number of allocations, not one per byte.
+    assert!(
+        stats.allocated <= 8 * HEAD,
+        "allocated {} bytes",
+        stats.allocated
+    );
+    assert!(stats.allocs <= 200, "{} allocations", stats.allocs);
+}

@@ -1,0 +1,354 @@
+//! The thread-per-connection `BlockingServer`, over real TCP on localhost, with a client
+//! `Driver` on the other end. Every socket has read and write timeouts, so a broken server
+//! fails a test instead of hanging it.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{Ev, feed, masked, parse_frames};
+use websocket_driver::blocking::BlockingServer;
+use websocket_driver::protocol::frame::OpCode;
+use websocket_driver::{Driver, Options, ReadyState};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts a server on a free port with `configure` attached to every connection.
+fn start_server(
+    options: Options,
+    configure: impl Fn(&websocket_driver::Request, &mut websocket_driver::WebSocket)
+    + Send
+    + Sync
+    + 'static,
+) -> SocketAddr {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .options(options);
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let _ = server.serve(configure);
+    });
+    addr
+}
+
+fn echo_server() -> SocketAddr {
+    start_server(Options::default(), |_, ws| {
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
+        });
+    })
+}
+
+fn connect_tcp(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+/// A client `Driver` over a blocking `TcpStream`.
+struct Client {
+    stream: TcpStream,
+    driver: Driver,
+    events: VecDeque<Ev>,
+    eof: bool,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let mut driver =
+            Driver::make_client(&format!("ws://{addr}/echo"), &Options::default()).unwrap();
+        assert!(driver.start_connection());
+        let mut client = Client {
+            stream: connect_tcp(addr),
+            driver,
+            events: VecDeque::new(),
+            eof: false,
+        };
+        client.flush();
+        assert_eq!(client.next_event(), Ev::Open);
+        assert_eq!(client.driver.ready_state(), ReadyState::Open);
+        client
+    }
+
+    fn flush(&mut self) {
+        while !self.driver.pending_output().is_empty() {
+            let n = self
+                .stream
+                .write(self.driver.pending_output())
+                .expect("write to server");
+            assert!(n > 0);
+            self.driver.consume_output(n);
+        }
+    }
+
+    /// The next event, reading from the socket as needed (panics on timeout).
+    fn next_event(&mut self) -> Ev {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return event;
+            }
+            assert!(!self.eof, "connection ended without another event");
+            let n = self
+                .stream
+                .read(&mut buf)
+                .expect("read from server (timed out?)");
+            if n == 0 {
+                self.eof = true;
+                self.driver.receive_eof();
+                self.events.extend(feed(&mut self.driver, &[]));
+            } else {
+                self.events.extend(feed(&mut self.driver, &buf[..n]));
+            }
+            // Pongs and close echoes go out at once.
+            self.flush();
+        }
+    }
+
+    /// Reads until the server closes TCP; returns the bytes that came before.
+    fn read_to_eof(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        self.stream
+            .read_to_end(&mut rest)
+            .expect("server closes TCP (timed out?)");
+        rest
+    }
+}
+
+/// Sends raw bytes and returns everything the server writes until it closes TCP.
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = connect_tcp(addr);
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("server closes TCP (timed out?)");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn echoes_text() {
+    let mut client = Client::connect(echo_server());
+    for text in ["hello", "", "☃ snowman ☃", &"long ".repeat(30_000)] {
+        client.driver.send_text(text).unwrap();
+        client.flush();
+        assert_eq!(client.next_event(), Ev::Text(text.to_string()));
+    }
+}
+
+#[test]
+fn echoes_one_mib_binary() {
+    let mut client = Client::connect(echo_server());
+    let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + i / 251) as u8).collect();
+    client.driver.send_binary(&payload).unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Binary(payload));
+}
+
+#[test]
+fn answers_ping_with_pong() {
+    let mut client = Client::connect(echo_server());
+    client.driver.send_ping(b"ping payload").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Pong(b"ping payload".to_vec()));
+    // Messages still flow afterwards.
+    client.driver.send_text("after").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Text("after".into()));
+}
+
+#[test]
+fn client_close_gets_reply_then_tcp_close() {
+    let mut client = Client::connect(echo_server());
+    client.driver.send_text("last").unwrap();
+    client.driver.close_connection(1000, "bye").unwrap();
+    client.flush();
+    assert_eq!(client.driver.ready_state(), ReadyState::Closing);
+    assert_eq!(client.next_event(), Ev::Text("last".into()));
+    assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
+    assert_eq!(client.driver.ready_state(), ReadyState::Closed);
+    assert!(client.driver.is_finished());
+    // The server closes TCP after its close frame: the next read returns 0.
+    assert_eq!(client.read_to_eof(), Vec::<u8>::new());
+}
+
+#[test]
+fn server_close_from_handler_is_completed() {
+    let addr = start_server(Options::default(), |_, ws| {
+        ws.on_message(|ws, message| {
+            if message.as_text() == Some("quit") {
+                ws.close_connection(4000, "as you wish").unwrap();
+            }
+        });
+    });
+    let mut client = Client::connect(addr);
+    client.driver.send_text("quit").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Close(4000, "as you wish".into()));
+    // Our echo went out in next_event; the server then ends the connection.
+    assert_eq!(client.read_to_eof(), Vec::<u8>::new());
+}
+
+#[test]
+fn protocol_error_gets_close_1002_then_tcp_close() {
+    let addr = echo_server();
+    let mut client = Client::connect(addr);
+    // An unmasked frame from a client.
+    client.stream.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    assert_eq!(
+        client.next_event(),
+        Ev::Close(1002, "unmasked frame from a client".into())
+    );
+    assert_eq!(client.read_to_eof(), Vec::<u8>::new());
+}
+
+#[test]
+fn version_8_gets_426_with_supported_version() {
+    let addr = echo_server();
+    let response = raw_exchange(
+        addr,
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    assert!(
+        response.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{response}"
+    );
+}
+
+#[test]
+fn non_upgrade_get_gets_400() {
+    let addr = echo_server();
+    let response = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(!response.contains("101"), "{response}");
+}
+
+#[test]
+fn oversized_head_gets_431() {
+    let addr = start_server(Options::default().max_handshake_size(512), |_, _| {});
+    let request = format!(
+        "GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(1024)
+    );
+    let response = raw_exchange(addr, request.as_bytes());
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+}
+
+#[test]
+fn frame_in_the_same_write_as_the_request_is_handled() {
+    let addr = echo_server();
+    let mut bytes =
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            .to_vec();
+    bytes.extend(masked(OpCode::Text, b"eager"));
+    bytes.extend(masked(OpCode::Close, &[0x03, 0xe8]));
+    let mut stream = connect_tcp(addr);
+    stream.write_all(&bytes).unwrap();
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("server closes TCP (timed out?)");
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
+    let frames = parse_frames(&response[head_end..]);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(
+        (frames[0].opcode, frames[0].payload.as_slice()),
+        (OpCode::Text, &b"eager"[..])
+    );
+    assert_eq!(frames[1].opcode, OpCode::Close);
+    assert_eq!(frames[1].close_code(), Some(1000));
+    assert!(frames.iter().all(|f| f.mask.is_none()));
+}
+
+#[test]
+fn app_sees_the_request_and_subprotocol() {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let options = Options::default().accept_protocols(["chat"]);
+    let addr = start_server(options, move |request, ws| {
+        let _ = tx
+            .lock()
+            .unwrap()
+            .send((request.path.clone(), ws.protocol().map(str::to_string)));
+    });
+    let mut driver = Driver::make_client(
+        &format!("ws://{addr}/room/7?x=1"),
+        &Options::default().accept_protocols(["superchat", "chat"]),
+    )
+    .unwrap();
+    driver.start_connection();
+    let mut stream = connect_tcp(addr);
+    stream.write_all(driver.pending_output()).unwrap();
+    let n = driver.pending_output().len();
+    driver.consume_output(n);
+    let mut buf = vec![0u8; 4096];
+    let mut events = Vec::new();
+    while events.is_empty() {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "server closed before answering");
+        events = feed(&mut driver, &buf[..n]);
+    }
+    assert_eq!(events, vec![Ev::Open]);
+    assert_eq!(driver.protocol(), Some("chat"));
+    let (path, protocol) = rx.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(path, "/room/7?x=1");
+    assert_eq!(protocol.as_deref(), Some("chat"));
+}
+
+#[test]
+fn on_close_runs_when_the_client_drops_tcp() {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let addr = start_server(Options::default(), move |_, ws| {
+        let tx = tx.lock().unwrap().clone();
+        ws.on_close(move |_, code, _| {
+            let _ = tx.send(code);
+        });
+    });
+    let client = Client::connect(addr);
+    drop(client);
+    assert_eq!(rx.recv_timeout(TIMEOUT), Ok(1006));
+}
+
+#[test]
+fn many_clients_at_once() {
+    let addr = echo_server();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                for j in 0..20 {
+                    let text = format!("client {i} message {j}");
+                    client.driver.send_text(&text).unwrap();
+                    client.flush();
+                    assert_eq!(client.next_event(), Ev::Text(text));
+                }
+                client.driver.close_connection(1000, "").unwrap();
+                client.flush();
+                assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
