@@ -87,7 +87,7 @@ fn main() {
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
     eprintln!(
         "broadcast: listening on ws://{local} ({}, {threads} threads)",
-        backend.resolve().1
+        handle.backend()
     );
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -105,6 +105,6 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("broadcast: {problem}");
     }
-    eprintln!("usage: broadcast [--addr HOST:PORT] [--threads N] [--backend auto|epoll]");
+    eprintln!("usage: broadcast [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring]");
     std::process::exit(2)
 }

@@ -20,7 +20,7 @@ impl Handler for Echo {
 
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
-    let mut backend = "epoll".to_string();
+    let mut backend = "auto".to_string();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,7 +71,7 @@ fn main() {
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
     eprintln!(
         "echo: listening on ws://{local} ({}, {threads} threads)",
-        backend.resolve().1
+        handle.backend()
     );
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -92,6 +92,8 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("echo: {problem}");
     }
-    eprintln!("usage: echo [--addr HOST:PORT] [--backend epoll|auto|blocking] [--threads N]");
+    eprintln!(
+        "usage: echo [--addr HOST:PORT] [--backend auto|epoll|io-uring|blocking] [--threads N]"
+    );
     std::process::exit(2)
 }

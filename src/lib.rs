@@ -17,7 +17,10 @@
 //! client.send_text("Hi").unwrap(); // queued until the handshake completes
 //! ```
 
-#![forbid(unsafe_code)]
+// `unsafe` is allowed only in `reactor::uring` (kernel-shared memory), each block with a
+// `// SAFETY:` comment; the protocol layer, including the unmask kernel, is safe code.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod blocking;

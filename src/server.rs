@@ -20,6 +20,7 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::options::Options;
 use crate::reactor::epoll::{EventLoop, prepare};
+use crate::reactor::uring::{self, UringLoop};
 use crate::reactor::{
     self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service,
 };
@@ -204,11 +205,13 @@ struct Ctx<'a> {
     max_backpressure: usize,
     policy: BackpressurePolicy,
     stats: &'a LoopStats,
+    /// Bytes handed to the kernel and not yet sent (completion backends).
+    in_flight: usize,
 }
 
 impl Ws<'_> {
     fn admit(&self) -> Result<(), Error> {
-        let buffered = self.driver.buffered_amount();
+        let buffered = self.buffered_amount();
         if self.ctx.policy == BackpressurePolicy::DropNew && buffered > self.ctx.max_backpressure {
             return Err(UsageError::BufferFull {
                 buffered,
@@ -281,7 +284,7 @@ impl Ws<'_> {
 
     /// Bytes queued and not yet written.
     pub fn buffered_amount(&self) -> usize {
-        self.driver.buffered_amount()
+        self.driver.buffered_amount() + self.ctx.in_flight
     }
 
     /// The client's address.
@@ -379,6 +382,14 @@ struct HandleInner {
     stats: Vec<Arc<LoopStats>>,
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
     local_addr: SocketAddr,
+    backend: Backend,
+}
+
+/// The one log line saying which backend serves and why (stderr; `WSD_LOG=off` silences it).
+fn log_backend(why: &str) {
+    if std::env::var("WSD_LOG").map_or(true, |v| v != "off") {
+        eprintln!("websocket-driver: serving on {why}");
+    }
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -393,6 +404,11 @@ impl ServerHandle {
     /// The listening address.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The backend the loops run on (what `Backend::Auto` resolved to).
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
     }
 
     /// Current counters.
@@ -523,9 +539,11 @@ impl Server {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let local_addr = self.listener.local_addr()?;
-        let (backend, why) = self.config.backend.resolve();
-        debug_assert_eq!(backend, Backend::Epoll);
-        let _ = why;
+        let (backend, why) = self
+            .config
+            .backend
+            .resolve()
+            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
         let threads = self.config.threads.max(1);
         let mut listeners = vec![self.listener];
         for _ in 1..threads {
@@ -538,8 +556,6 @@ impl Server {
         let mut stats = Vec::new();
         let mut handles = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
-            let prepared = prepare::<Command>()?;
-            remotes.push(prepared.remote.clone());
             let loop_stats = Arc::new(LoopStats::default());
             stats.push(loop_stats.clone());
             let service = WsService {
@@ -554,19 +570,35 @@ impl Server {
                 read_buffer_size: shared.read_buffer_size,
                 connections: connections.clone(),
             };
-            let event_loop = EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("wsd-loop-{i}"))
-                    .spawn(move || event_loop.run())?,
-            );
+            let thread = std::thread::Builder::new().name(format!("wsd-loop-{i}"));
+            let handle = match backend {
+                Backend::IoUring => {
+                    let prepared = uring::prepare::<Command>()?;
+                    remotes.push(prepared.remote.clone());
+                    // The ring is built on the loop's thread (SINGLE_ISSUER ties it to its
+                    // creator); a failure there ends that thread with the error.
+                    thread.spawn(move || {
+                        UringLoop::new(prepared, listener, service, loop_config, loop_stats)?.run()
+                    })?
+                }
+                _ => {
+                    let prepared = prepare::<Command>()?;
+                    remotes.push(prepared.remote.clone());
+                    let event_loop =
+                        EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
+                    thread.spawn(move || event_loop.run())?
+                }
+            };
+            handles.push(handle);
         }
+        log_backend(&why);
         Ok(ServerHandle {
             inner: Arc::new(HandleInner {
                 remotes,
                 stats,
                 threads: Mutex::new(handles),
                 local_addr,
+                backend,
             }),
         })
     }
@@ -603,6 +635,8 @@ pub(crate) struct Conn<H> {
     close_by: Option<Instant>,
     /// When the outgoing buffer went over the limit.
     over_limit_since: Option<Instant>,
+    /// Output the kernel holds (io_uring sends not yet completed).
+    in_flight: usize,
     /// Idle keepalive: the next check, and whether a ping is unanswered.
     idle_check: Option<Instant>,
     ping_outstanding: bool,
@@ -679,6 +713,7 @@ where
             max_backpressure: self.config.max_backpressure,
             policy: self.config.backpressure_policy,
             stats: &self.stats,
+            in_flight: conn.in_flight,
         };
         let mut at = 0;
         loop {
@@ -718,7 +753,7 @@ where
         if driver.ready_state() == ReadyState::Closing && conn.close_by.is_none() {
             conn.close_by = Some(io.now + self.config.close_timeout);
         }
-        if driver.buffered_amount() > self.config.max_backpressure {
+        if driver.buffered_amount() + conn.in_flight > self.config.max_backpressure {
             if conn.over_limit_since.is_none() {
                 conn.over_limit_since = Some(io.now);
             }
@@ -746,7 +781,7 @@ where
         };
         let result = match command {
             Command::Send(data, kind) => {
-                let over = driver.buffered_amount() > self.config.max_backpressure;
+                let over = driver.buffered_amount() + conn.in_flight > self.config.max_backpressure;
                 if over && self.config.backpressure_policy == BackpressurePolicy::DropNew {
                     return;
                 }
@@ -780,6 +815,7 @@ where
             peer,
             close_by: None,
             over_limit_since: None,
+            in_flight: 0,
             idle_check: None,
             ping_outstanding: false,
         }
@@ -859,6 +895,7 @@ where
             max_backpressure: self.config.max_backpressure,
             policy: self.config.backpressure_policy,
             stats: &self.stats,
+            in_flight: conn.in_flight,
         };
         handler.on_drain(&mut Ws { driver, ctx: &ctx });
         self.settle(conn, io);
@@ -907,6 +944,35 @@ where
         }
     }
 
+    fn take_output(
+        &mut self,
+        conn: &mut Conn<H>,
+        _io: &mut Io<'_, Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                let taken = driver.take_output(spare)?;
+                conn.in_flight += taken.len();
+                Some(taken)
+            }
+            Phase::Rejecting(response, at) => {
+                let mut bytes = std::mem::take(response);
+                bytes.drain(..*at);
+                *at = 0;
+                (!bytes.is_empty()).then_some(bytes)
+            }
+            _ => None,
+        }
+    }
+
+    fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        conn.in_flight = conn.in_flight.saturating_sub(n);
+        if conn.over_limit_since.is_some() {
+            self.settle(conn, io);
+        }
+    }
+
     fn closed(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
         if let Phase::Open(driver, _) = &mut conn.phase {
             driver.receive_eof();
@@ -947,6 +1013,6 @@ mod tests {
         struct Quiet;
         impl super::Handler for Quiet {}
         assert!(std::mem::size_of::<crate::Driver>() <= 232);
-        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 320);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 328);
     }
 }

@@ -179,7 +179,6 @@ fn header_declaring_2_pow_62_bytes_costs_no_allocation() {
 /// connection, and with a `max_length` above what the allocator can give (e.g.
 /// `usize::MAX` for "no limit") the reservation aborts the process.
 #[test]
-#[ignore = "bug: the first payload byte of a frame reserves its whole declared length (up to max_length)"]
 fn declared_length_is_not_preallocated() {
     let _serial = serial();
     let mut server = open_server(&Options::default());
@@ -273,7 +272,6 @@ fn peak_while_receiving(max_length: usize, sizes: &[usize]) -> (isize, Vec<Kind>
 }
 
 #[test]
-#[ignore = "bug: reserve_exact caps the growth, not the capacity, at max_length (up to ~2x max_length held)"]
 fn bytes_held_for_a_fragmented_message_never_exceed_max_length() {
     let _serial = serial();
     const MAX: usize = 100_000;

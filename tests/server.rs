@@ -14,7 +14,7 @@ use websocket_driver::server::{
     BackpressurePolicy, Handler, HttpResponse, Sender, Server, ServerConfig, ServerHandle, Upgrade,
     Ws,
 };
-use websocket_driver::{Error, Message, UsageError};
+use websocket_driver::{Backend, Error, Message, UsageError};
 
 struct Echo;
 impl Handler for Echo {
@@ -23,11 +23,20 @@ impl Handler for Echo {
     }
 }
 
-fn config() -> ServerConfig {
+fn config(backend: Backend) -> ServerConfig {
     ServerConfig {
         threads: 2,
+        backend,
         ..ServerConfig::default()
     }
+}
+
+/// Tests that hold thousands of sockets take turns: both ends live in this process and
+/// the hard limit is 20 000 descriptors.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn start_echo(config: ServerConfig) -> ServerHandle {
@@ -52,9 +61,9 @@ fn raw_request(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-#[test]
-fn thousand_clients_echo_random_sizes_without_loss() {
-    let server = start_echo(config());
+fn thousand_clients_echo_random_sizes_without_loss(backend: Backend) {
+    let _turn = heavy();
+    let server = start_echo(config(backend));
     let addr = server.local_addr();
     const THREADS: usize = 8;
     const PER_THREAD: usize = 125;
@@ -110,9 +119,8 @@ fn thousand_clients_echo_random_sizes_without_loss() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn random_disconnects_leak_no_connection() {
-    let server = start_echo(config());
+fn random_disconnects_leak_no_connection(backend: Backend) {
+    let server = start_echo(config(backend));
     let addr = server.local_addr();
     let mut rng = Rng(7);
     for i in 0..300 {
@@ -206,12 +214,12 @@ fn start_flooder(config: ServerConfig, refused: Arc<AtomicUsize>) -> ServerHandl
         .unwrap()
 }
 
-#[test]
-fn never_reading_client_is_closed_with_1008_while_others_keep_going() {
+fn never_reading_client_is_closed_with_1008_while_others_keep_going(backend: Backend) {
     let refused = Arc::new(AtomicUsize::new(0));
     let server = start_flooder(
         ServerConfig {
             threads: 1,
+            backend,
             max_backpressure: 256 * 1024,
             backpressure_policy: BackpressurePolicy::Close {
                 grace: Duration::from_millis(300),
@@ -248,12 +256,12 @@ fn never_reading_client_is_closed_with_1008_while_others_keep_going() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn drop_new_policy_refuses_sends_over_the_limit() {
+fn drop_new_policy_refuses_sends_over_the_limit(backend: Backend) {
     let refused = Arc::new(AtomicUsize::new(0));
     let server = start_flooder(
         ServerConfig {
             threads: 1,
+            backend,
             max_backpressure: 64 * 1024,
             backpressure_policy: BackpressurePolicy::DropNew,
             ..ServerConfig::default()
@@ -282,11 +290,11 @@ fn drop_new_policy_refuses_sends_over_the_limit() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn nine_thousand_idle_connections_open_and_close_cleanly() {
+fn nine_thousand_idle_connections_open_and_close_cleanly(backend: Backend) {
+    let _turn = heavy();
     // Client and server share this process: 18 000 descriptors of the hard limit of 20 000.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let server = start_echo(config());
+    let server = start_echo(config(backend));
     let addr = server.local_addr();
     const N: usize = 9000;
     let mut clients = Vec::with_capacity(N);
@@ -313,10 +321,10 @@ fn nine_thousand_idle_connections_open_and_close_cleanly() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn handshake_timeout_closes_silent_and_slow_sockets() {
+fn handshake_timeout_closes_silent_and_slow_sockets(backend: Backend) {
     let server = start_echo(ServerConfig {
         threads: 1,
+        backend,
         handshake_timeout: Duration::from_millis(300),
         ..ServerConfig::default()
     });
@@ -336,9 +344,8 @@ fn handshake_timeout_closes_silent_and_slow_sockets() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn shutdown_sends_1001_to_everyone_and_returns() {
-    let server = start_echo(config());
+fn shutdown_sends_1001_to_everyone_and_returns(backend: Backend) {
+    let server = start_echo(config(backend));
     let addr = server.local_addr();
     let mut clients: Vec<TestClient> = (0..50)
         .map(|_| TestClient::connect(addr, "/").unwrap())
@@ -360,9 +367,8 @@ fn shutdown_sends_1001_to_everyone_and_returns() {
     );
 }
 
-#[test]
-fn plain_http_and_rejections_get_clear_responses() {
-    let server = start_echo(config());
+fn plain_http_and_rejections_get_clear_responses(backend: Backend) {
+    let server = start_echo(config(backend));
     let addr = server.local_addr();
     let plain = raw_request(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(
@@ -406,10 +412,10 @@ fn plain_http_and_rejections_get_clear_responses() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn max_connections_answers_503_beyond_the_limit() {
+fn max_connections_answers_503_beyond_the_limit(backend: Backend) {
     let server = start_echo(ServerConfig {
         threads: 1,
+        backend,
         max_connections: 5,
         ..ServerConfig::default()
     });
@@ -430,8 +436,7 @@ fn max_connections_answers_503_beyond_the_limit() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn sender_reaches_a_connection_from_another_thread() {
+fn sender_reaches_a_connection_from_another_thread(backend: Backend) {
     struct Register(Arc<Mutex<Vec<Sender>>>);
     impl Handler for Register {
         fn on_open(&mut self, ws: &mut Ws<'_>) {
@@ -442,7 +447,7 @@ fn sender_reaches_a_connection_from_another_thread() {
     let registry = senders.clone();
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(config())
+        .config(config(backend))
         .start(move |_| Upgrade::Accept(Register(registry.clone())))
         .unwrap();
     let mut clients: Vec<TestClient> = (0..4)
@@ -477,10 +482,10 @@ fn sender_reaches_a_connection_from_another_thread() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-#[test]
-fn idle_timeout_pings_then_closes_a_silent_peer() {
+fn idle_timeout_pings_then_closes_a_silent_peer(backend: Backend) {
     let server = start_echo(ServerConfig {
         threads: 1,
+        backend,
         idle_timeout: Some(Duration::from_millis(200)),
         ..ServerConfig::default()
     });
@@ -506,3 +511,29 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
         == Some(&1)));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
+
+/// Every test above runs once per backend.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test] fn $name() { super::$name(websocket_driver::Backend::Epoll) })*
+        }
+        mod io_uring {
+            $(#[test] fn $name() { super::$name(websocket_driver::Backend::IoUring) })*
+        }
+    };
+}
+
+on_every_backend!(
+    thousand_clients_echo_random_sizes_without_loss,
+    random_disconnects_leak_no_connection,
+    never_reading_client_is_closed_with_1008_while_others_keep_going,
+    drop_new_policy_refuses_sends_over_the_limit,
+    nine_thousand_idle_connections_open_and_close_cleanly,
+    handshake_timeout_closes_silent_and_slow_sockets,
+    shutdown_sends_1001_to_everyone_and_returns,
+    plain_http_and_rejections_get_clear_responses,
+    max_connections_answers_503_beyond_the_limit,
+    sender_reaches_a_connection_from_another_thread,
+    idle_timeout_pings_then_closes_a_silent_peer,
+);

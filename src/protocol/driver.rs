@@ -527,7 +527,6 @@ impl Driver {
                     if opcode.is_control() {
                         self.control.extend_from_slice(chunk);
                     } else {
-                        let expected = header.payload_len;
                         let message = self.message.get_or_insert_with(|| PartialMessage {
                             text: opcode == OpCode::Text,
                             buf: Vec::new(),
@@ -536,12 +535,13 @@ impl Driver {
                         if message.text && message.utf8.feed(chunk).is_err() {
                             return self.fail(total, ProtocolError::InvalidUtf8);
                         }
-                        if message.buf.capacity() - message.buf.len() < chunk.len() {
-                            // Room for the rest of this frame at once, never past max_length.
-                            let frame_left = (expected - done) as usize + chunk.len();
-                            message.buf.reserve_exact(
-                                frame_left.max(message.buf.len()).min(self.max_length),
-                            );
+                        let needed = message.buf.len() + chunk.len();
+                        if needed > message.buf.capacity() {
+                            // Grow by doubling, from what actually arrived (a declared length
+                            // is not trusted), and never past max_length: the header check
+                            // guarantees `needed <= max_length`.
+                            let target = needed.max(message.buf.len() * 2).min(self.max_length);
+                            message.buf.reserve_exact(target - message.buf.len());
                         }
                         message.buf.extend_from_slice(chunk);
                     }
@@ -807,6 +807,32 @@ impl Driver {
             self.out.drain(..self.out_pos);
             self.out_pos = 0;
         }
+    }
+
+    /// Hands all pending output over as an owned buffer, for completion-based transports
+    /// (io_uring) where the kernel holds the bytes until the send completes. `spare` (an
+    /// empty buffer, e.g. from a pool) becomes the driver's new output buffer. The bytes
+    /// count as written (for [`Driver::is_sent`]) from this moment.
+    pub fn take_output(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
+        let end = self.releasable_end();
+        let n = end - self.out_pos;
+        if n == 0 {
+            return None;
+        }
+        if end < self.out.len() {
+            // Still connecting: only the handshake may go, frames stay queued behind it.
+            let bytes = self.out[self.out_pos..end].to_vec();
+            self.consume_output(n);
+            return Some(bytes);
+        }
+        let mut taken = std::mem::replace(&mut self.out, spare);
+        self.out.clear();
+        taken.drain(..self.out_pos);
+        self.out_pos = 0;
+        let handshake = n.min(self.handshake_left);
+        self.handshake_left -= handshake;
+        self.frames_written += (n - handshake) as u64;
+        Some(taken)
     }
 
     /// Copies pending output into `buf`, marks it written, and returns how many bytes.

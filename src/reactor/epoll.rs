@@ -2,8 +2,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, atomic::AtomicBool, mpsc};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -11,7 +11,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::timer::{Entry, Wheel};
-use super::{CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service};
+use super::{
+    CloseRequest, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker, channel,
+};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -42,25 +44,17 @@ struct Conn<T> {
 /// Parts a loop needs before its thread starts, so the spawner keeps the [`Remote`].
 pub(crate) struct Prepared<C> {
     poll: Poll,
-    rx: mpsc::Receiver<Envelope<C>>,
-    notified: Arc<AtomicBool>,
+    inbox: Inbox<C>,
     pub remote: Remote<C>,
 }
 
 pub(crate) fn prepare<C>() -> io::Result<Prepared<C>> {
     let poll = Poll::new()?;
     let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
-    let (tx, rx) = mpsc::channel();
-    let notified = Arc::new(AtomicBool::new(false));
-    let remote = Remote {
-        tx,
-        waker,
-        notified: notified.clone(),
-    };
+    let (remote, inbox) = channel(Waker::Poll(waker));
     Ok(Prepared {
         poll,
-        rx,
-        notified,
+        inbox,
         remote,
     })
 }
@@ -71,8 +65,7 @@ pub(crate) struct EventLoop<S: Service> {
     conns: Slab<Conn<S::Session>>,
     service: S,
     wheel: Wheel,
-    rx: mpsc::Receiver<Envelope<S::Command>>,
-    notified: Arc<AtomicBool>,
+    inbox: Inbox<S::Command>,
     remote: Remote<S::Command>,
     read_buf: Vec<u8>,
     config: LoopConfig,
@@ -103,8 +96,7 @@ impl<S: Service> EventLoop<S> {
             conns: Slab::with_capacity(1024),
             service,
             wheel: Wheel::new(Instant::now()),
-            rx: prepared.rx,
-            notified: prepared.notified,
+            inbox: prepared.inbox,
             remote: prepared.remote,
             read_buf: vec![0; config.read_buffer_size],
             config,
@@ -410,9 +402,8 @@ impl<S: Service> EventLoop<S> {
     }
 
     fn drain_remote(&mut self) {
-        // Clear first: a send racing with this drain rings the waker again.
-        self.notified.store(false, Ordering::Release);
-        while let Ok(envelope) = self.rx.try_recv() {
+        self.inbox.rearm();
+        while let Some(envelope) = self.inbox.next() {
             match envelope {
                 Envelope::Conn {
                     key,

@@ -3,11 +3,13 @@
 //! It knows nothing of WebSocket frames. Each loop drives connections through the
 //! [`Service`] trait, which the facade (`crate::server`) implements with a `Driver` and the
 //! user's handler; sessions live inline in the loop's `Slab`, so a connection costs no
-//! `Box`. Backends implement the loop itself (today: epoll through mio); the `Service`
+//! `Box`. Backends implement the loop itself (epoll through mio, io_uring); the `Service`
 //! trait is the one interface above them.
 
 pub(crate) mod epoll;
 pub(crate) mod timer;
+#[allow(unsafe_code)]
+pub(crate) mod uring;
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,21 +20,59 @@ use std::time::Instant;
 /// Which IO backend runs the event loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// The best the kernel supports (epoll until the io_uring backend lands).
+    /// io_uring when the kernel supports everything the backend uses, else epoll.
     #[default]
     Auto,
     /// epoll, through mio.
     Epoll,
+    /// io_uring: multishot accept and recv, a provided-buffer ring, batched submission.
+    IoUring,
 }
 
 impl Backend {
-    /// The backend that will actually run, and why.
-    pub fn resolve(self) -> (Backend, &'static str) {
+    /// The backend that will actually run, and why (one line, for the log).
+    ///
+    /// `Auto` probes the kernel (see [`io_uring_support`]); setting the environment
+    /// variable `WSD_IO_URING=off` makes the probe fail, which forces epoll where io_uring
+    /// is present but unwanted (seccomp filters, auditing).
+    pub fn resolve(self) -> Result<(Backend, String), String> {
         match self {
-            Backend::Auto => (Backend::Epoll, "epoll (the only backend in this build)"),
-            Backend::Epoll => (Backend::Epoll, "epoll (requested)"),
+            Backend::Epoll => Ok((Backend::Epoll, "epoll (requested)".into())),
+            Backend::IoUring => match io_uring_support() {
+                Ok(setup) => Ok((Backend::IoUring, format!("io_uring (requested; {setup})"))),
+                Err(why) => Err(format!("io_uring requested but unavailable: {why}")),
+            },
+            Backend::Auto => Ok(match io_uring_support() {
+                Ok(setup) => (
+                    Backend::IoUring,
+                    format!("io_uring (auto: the kernel supports it; {setup})"),
+                ),
+                Err(why) => (
+                    Backend::Epoll,
+                    format!("epoll (auto: io_uring unavailable: {why})"),
+                ),
+            }),
         }
     }
+}
+
+/// Whether this kernel (and environment) supports the io_uring backend: the ring setup
+/// flags it will use, or why not.
+pub fn io_uring_support() -> Result<&'static str, String> {
+    if std::env::var("WSD_IO_URING").is_ok_and(|v| v == "off" || v == "0") {
+        return Err("disabled by WSD_IO_URING=off".into());
+    }
+    // Probed once per process, on a thread of its own: tearing a ring down queues task
+    // work on its creator, which would interrupt the caller's next blocking socket call
+    // (EINTR on sockets with timeouts).
+    static PROBE: std::sync::OnceLock<Result<&'static str, String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            std::thread::spawn(uring::probe)
+                .join()
+                .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
+        })
+        .clone()
 }
 
 impl std::str::FromStr for Backend {
@@ -41,10 +81,21 @@ impl std::str::FromStr for Backend {
         match s {
             "auto" => Ok(Backend::Auto),
             "epoll" => Ok(Backend::Epoll),
+            "io-uring" | "io_uring" | "iouring" => Ok(Backend::IoUring),
             other => Err(format!(
-                "unknown backend {other:?} (expected auto or epoll)"
+                "unknown backend {other:?} (expected auto, epoll or io-uring)"
             )),
         }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Epoll => "epoll",
+            Backend::IoUring => "io-uring",
+        })
     }
 }
 
@@ -129,8 +180,19 @@ pub(crate) trait Service: 'static {
     fn shutdown(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// Bytes to write.
     fn output<'s>(&self, session: &'s Self::Session) -> &'s [u8];
-    /// `n` bytes of [`Service::output`] were written.
+    /// `n` bytes of [`Service::output`] were written (readiness backends).
     fn consume(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
+    /// Everything queued, as an owned buffer the kernel can hold (completion backends);
+    /// `spare` is an empty buffer to write on into.
+    fn take_output(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>>;
+    /// `n` bytes of a buffer from [`Service::take_output`] were sent (or dropped because the
+    /// connection failed).
+    fn sent(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
     /// The socket is closed (by request, by the peer, by error or by shutdown).
     fn closed(&mut self, session: Self::Session, io: &mut Io<'_, Self::Command>);
     /// The response for a connection refused because the server is full.
@@ -154,8 +216,29 @@ pub(crate) enum Envelope<C> {
 /// to look at the channel.
 pub(crate) struct Remote<C> {
     tx: mpsc::Sender<Envelope<C>>,
-    waker: Arc<mio::Waker>,
+    waker: Waker,
     notified: Arc<AtomicBool>,
+}
+
+/// How another thread interrupts a loop's wait.
+#[derive(Clone)]
+pub(crate) enum Waker {
+    /// mio's eventfd, registered with the epoll instance.
+    Poll(Arc<mio::Waker>),
+    /// A pipe the io_uring loop keeps a read posted on.
+    Pipe(Arc<std::io::PipeWriter>),
+}
+
+impl Waker {
+    fn wake(&self) -> io::Result<()> {
+        match self {
+            Waker::Poll(waker) => waker.wake(),
+            Waker::Pipe(pipe) => {
+                use std::io::Write;
+                (&**pipe).write_all(&[1])
+            }
+        }
+    }
 }
 
 impl<C> Clone for Remote<C> {
@@ -166,6 +249,38 @@ impl<C> Clone for Remote<C> {
             notified: self.notified.clone(),
         }
     }
+}
+
+/// A loop's end of its [`Remote`]: the channel and the flag that gates wake-ups.
+pub(crate) struct Inbox<C> {
+    pub rx: mpsc::Receiver<Envelope<C>>,
+    pub notified: Arc<AtomicBool>,
+}
+
+impl<C> Inbox<C> {
+    /// Call before draining: a send racing with the drain then wakes the loop again.
+    pub fn rearm(&self) {
+        self.notified.store(false, Ordering::Release);
+    }
+
+    /// The next queued envelope, if any.
+    pub fn next(&self) -> Option<Envelope<C>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// A channel and a [`Remote`] for one loop, woken through `waker`.
+pub(crate) fn channel<C>(waker: Waker) -> (Remote<C>, Inbox<C>) {
+    let (tx, rx) = mpsc::channel();
+    let notified = Arc::new(AtomicBool::new(false));
+    (
+        Remote {
+            tx,
+            waker,
+            notified: notified.clone(),
+        },
+        Inbox { rx, notified },
+    )
 }
 
 impl<C> Remote<C> {

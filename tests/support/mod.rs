@@ -105,6 +105,7 @@ impl TestClient {
                     });
                 }
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             let mut at = 0;
@@ -138,6 +139,7 @@ impl TestClient {
             match self.stream.read(&mut sink) {
                 Ok(0) => return true,
                 Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return false,
             }
         }
