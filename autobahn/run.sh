@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# Runs the Autobahn|Testsuite fuzzingclient against the echo example and judges the report.
+# Runs the Autobahn|Testsuite against this project and judges the report.
 #
-#   autobahn/run.sh [--backend epoll|blocking] [--threads N] [--cases '1.*,2.*']
+#   autobahn/run.sh [--backend auto|epoll|io-uring|blocking] [--threads N] [--cases LIST]
+#       server mode: wstest's fuzzingclient against examples/echo.rs
+#   autobahn/run.sh client [--hosted] [--backend auto|epoll|io-uring]
+#       client mode: wstest's fuzzingserver driven by examples/autobahn_client.rs
+#       (BlockingClient, or ClientReactor with --hosted)
 #
 # Installs the suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing, the way
 # ../shared/autobahn/install.sh does (autobahn/install.sh is a copy of it). Exits non-zero
 # on any case that is not OK/INFORMATIONAL in sections 1-10 (NON-STRICT counts as failing)
-# or not UNIMPLEMENTED in 12-13.
+# or not UNIMPLEMENTED in 12-13 (autobahn/check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-backend=epoll
+mode=server
+if [ "${1:-}" = client ]; then mode=client; shift; fi
+backend=auto
 threads=2
 cases=""
+hosted=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --cases) cases=$2; shift 2 ;;
-    *) echo "usage: autobahn/run.sh [--backend B] [--threads N] [--cases LIST]" >&2; exit 2 ;;
+    --hosted) hosted=--hosted; shift ;;
+    *) echo "usage: autobahn/run.sh [client] [--backend B] [--threads N] [--cases LIST] [--hosted]" >&2; exit 2 ;;
   esac
 done
 
@@ -29,32 +37,63 @@ if ! "$AUTOBAHN_HOME/bin/wstest" --help >/dev/null 2>&1; then
 fi
 
 port=${AUTOBAHN_PORT:-9001}
-cargo build --release --example echo
-./target/release/examples/echo --addr "127.0.0.1:$port" --backend "$backend" --threads "$threads" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
-
 work=$(mktemp -d)
-outdir="autobahn/reports/server-$backend"
-rm -rf "$outdir"
-python3 - "$work/config.json" "$outdir" "$port" "$backend" "$cases" <<'PY'
-import json, sys
-path, outdir, port, backend, cases = sys.argv[1:]
-config = json.load(open("autobahn/fuzzingclient.json"))
-config["outdir"] = outdir
-config["servers"] = [{"agent": "websocket-driver-" + backend, "url": "ws://127.0.0.1:%s" % port}]
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "autobahn: nothing listens on port $1" >&2; return 1
+}
+# Rewrites a checked-in config for this run: report directory, agent/url, case list.
+configure() {  # template outdir agent
+  python3 - "$1" "$work/config.json" "$2" "$3" "$port" "$cases" <<'PY'
+import json, os, sys
+template, path, outdir, agent, port, cases = sys.argv[1:]
+config = json.load(open(template))
+config["outdir"] = os.path.abspath(outdir)
+if "servers" in config:
+    config["servers"] = [{"agent": agent, "url": "ws://127.0.0.1:%s" % port}]
+else:
+    config["url"] = "ws://127.0.0.1:%s" % port
 if cases:
     config["cases"] = cases.split(",")
 json.dump(config, open(path, "w"))
 PY
-"$AUTOBAHN_HOME/bin/wstest" -m fuzzingclient -s "$work/config.json" > "$work/wstest.log" 2>&1 || {
-  tail -20 "$work/wstest.log"; exit 1; }
-if [ -n "$cases" ]; then
-  python3 autobahn/check.py "$outdir" || true   # a partial run cannot reach 301 cases
+}
+judge() {
+  if [ -n "$cases" ]; then
+    python3 autobahn/check.py "$1" || true   # a partial run cannot reach 301 cases
+  else
+    python3 autobahn/check.py "$1"
+  fi
+}
+
+if [ "$mode" = server ]; then
+  cargo build --release --example echo
+  ./target/release/examples/echo --addr "127.0.0.1:$port" --backend "$backend" --threads "$threads" &
+  pids+=($!)
+  wait_port "$port"
+  outdir="autobahn/reports/server-$backend"
+  rm -rf "$outdir"
+  configure autobahn/fuzzingclient.json "$outdir" "websocket-driver-$backend"
+  "$AUTOBAHN_HOME/bin/wstest" -m fuzzingclient -s "$work/config.json" > "$work/wstest.log" 2>&1 || {
+    tail -20 "$work/wstest.log"; exit 1; }
+  judge "$outdir"
 else
-  python3 autobahn/check.py "$outdir"
+  cargo build --release --example autobahn_client
+  flavour=${hosted:+hosted-$backend}
+  flavour=${flavour:-blocking}
+  agent="websocket-driver-client-$flavour"
+  outdir="autobahn/reports/client-$flavour"
+  rm -rf "$outdir"
+  configure autobahn/fuzzingserver.json "$outdir" "$agent"
+  (cd "$work" && exec "$AUTOBAHN_HOME/bin/wstest" -m fuzzingserver -s "$work/config.json" > "$work/wstest.log" 2>&1) &
+  pids+=($!)
+  wait_port "$port"
+  ./target/release/examples/autobahn_client --url "ws://127.0.0.1:$port" --agent "$agent" $hosted --backend "$backend"
+  judge "$outdir"
 fi

@@ -24,9 +24,14 @@
 #![warn(missing_docs)]
 
 pub mod blocking;
+pub mod client;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 pub mod protocol;
 pub mod reactor;
 pub mod server;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 mod websocket;
 
 pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};

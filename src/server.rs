@@ -185,10 +185,12 @@ pub trait Handler: Send + 'static {
 }
 
 /// Commands a [`Sender`] carries to a connection's loop.
-#[derive(Debug)]
 pub(crate) enum Command {
     Send(Vec<u8>, MessageType),
     Close(u16, String),
+    /// A client connection to open: `(Driver, H)`, boxed so `Sender` needs no type
+    /// parameter (one allocation per connect, off the hot path).
+    Connect(Box<dyn std::any::Any + Send>),
 }
 
 /// The connection handle a [`Handler`] gets: send, close, inspect.
@@ -381,7 +383,7 @@ struct HandleInner {
     remotes: Vec<Remote<Command>>,
     stats: Vec<Arc<LoopStats>>,
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     backend: Backend,
 }
 
@@ -401,9 +403,11 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    /// The listening address.
+    /// The listening address (`0.0.0.0:0` for a client-only reactor).
     pub fn local_addr(&self) -> SocketAddr {
-        self.inner.local_addr
+        self.inner
+            .local_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The backend the loops run on (what `Backend::Auto` resolved to).
@@ -438,6 +442,17 @@ impl ServerHandle {
             let _ = remote.send(Envelope::Shutdown { deadline });
         }
         self.wait()
+    }
+
+    /// Queues an outgoing connection on loop `i` (modulo the loop count).
+    pub(crate) fn connect_on(
+        &self,
+        i: usize,
+        addr: SocketAddr,
+        command: Command,
+    ) -> io::Result<()> {
+        let remotes = &self.inner.remotes;
+        remotes[i % remotes.len()].send(Envelope::Connect { addr, command })
     }
 
     /// Blocks until every loop has stopped (after a shutdown).
@@ -534,73 +549,13 @@ impl Server {
         F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
         H: Handler,
     {
-        self.config
-            .options
-            .validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let local_addr = self.listener.local_addr()?;
-        let (backend, why) = self
-            .config
-            .backend
-            .resolve()
-            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
         let threads = self.config.threads.max(1);
-        let mut listeners = vec![self.listener];
+        let mut listeners = vec![Some(self.listener)];
         for _ in 1..threads {
-            listeners.push(reuseport_listener(local_addr)?);
+            listeners.push(Some(reuseport_listener(local_addr)?));
         }
-        let app = Arc::new(app);
-        let shared = Arc::new(self.config);
-        let connections = Arc::new(AtomicUsize::new(0));
-        let mut remotes = Vec::new();
-        let mut stats = Vec::new();
-        let mut handles = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let loop_stats = Arc::new(LoopStats::default());
-            stats.push(loop_stats.clone());
-            let service = WsService {
-                app: app.clone(),
-                config: shared.clone(),
-                stats: loop_stats.clone(),
-                pool: Vec::new(),
-                _handler: PhantomData,
-            };
-            let loop_config = LoopConfig {
-                max_connections: shared.max_connections,
-                read_buffer_size: shared.read_buffer_size,
-                connections: connections.clone(),
-            };
-            let thread = std::thread::Builder::new().name(format!("wsd-loop-{i}"));
-            let handle = match backend {
-                Backend::IoUring => {
-                    let prepared = uring::prepare::<Command>()?;
-                    remotes.push(prepared.remote.clone());
-                    // The ring is built on the loop's thread (SINGLE_ISSUER ties it to its
-                    // creator); a failure there ends that thread with the error.
-                    thread.spawn(move || {
-                        UringLoop::new(prepared, listener, service, loop_config, loop_stats)?.run()
-                    })?
-                }
-                _ => {
-                    let prepared = prepare::<Command>()?;
-                    remotes.push(prepared.remote.clone());
-                    let event_loop =
-                        EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
-                    thread.spawn(move || event_loop.run())?
-                }
-            };
-            handles.push(handle);
-        }
-        log_backend(&why);
-        Ok(ServerHandle {
-            inner: Arc::new(HandleInner {
-                remotes,
-                stats,
-                threads: Mutex::new(handles),
-                local_addr,
-                backend,
-            }),
-        })
+        spawn(self.config, listeners, app, Some(local_addr))
     }
 
     /// Starts the loops and blocks until the server is shut down from a [`ServerHandle`]
@@ -612,6 +567,79 @@ impl Server {
     {
         self.start(app)?.wait()
     }
+}
+
+/// Starts one loop per entry of `listeners` (`None`: a loop for outgoing connections only).
+pub(crate) fn spawn<F, H>(
+    config: ServerConfig,
+    listeners: Vec<Option<TcpListener>>,
+    app: F,
+    local_addr: Option<SocketAddr>,
+) -> io::Result<ServerHandle>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    config
+        .options
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let (backend, why) = config
+        .backend
+        .resolve()
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+    let app = Arc::new(app);
+    let shared = Arc::new(config);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut remotes = Vec::new();
+    let mut stats = Vec::new();
+    let mut handles = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let loop_stats = Arc::new(LoopStats::default());
+        stats.push(loop_stats.clone());
+        let service = WsService {
+            app: app.clone(),
+            config: shared.clone(),
+            stats: loop_stats.clone(),
+            pool: Vec::new(),
+            _handler: PhantomData,
+        };
+        let loop_config = LoopConfig {
+            max_connections: shared.max_connections,
+            read_buffer_size: shared.read_buffer_size,
+            connections: connections.clone(),
+        };
+        let thread = std::thread::Builder::new().name(format!("wsd-loop-{i}"));
+        let handle = match backend {
+            Backend::IoUring => {
+                let prepared = uring::prepare::<Command>()?;
+                remotes.push(prepared.remote.clone());
+                // The ring is built on the loop's thread (SINGLE_ISSUER ties it to its
+                // creator); a failure there ends that thread with the error.
+                thread.spawn(move || {
+                    UringLoop::new(prepared, listener, service, loop_config, loop_stats)?.run()
+                })?
+            }
+            _ => {
+                let prepared = prepare::<Command>()?;
+                remotes.push(prepared.remote.clone());
+                let event_loop =
+                    EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
+                thread.spawn(move || event_loop.run())?
+            }
+        };
+        handles.push(handle);
+    }
+    log_backend(&why);
+    Ok(ServerHandle {
+        inner: Arc::new(HandleInner {
+            remotes,
+            stats,
+            threads: Mutex::new(handles),
+            local_addr,
+            backend,
+        }),
+    })
 }
 
 // ----- the Service the loops drive -----
@@ -792,6 +820,8 @@ where
                 sent.map(|_| ())
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+            // Only ever sent as `Envelope::Connect`, handled by `connected`.
+            Command::Connect(_) => Ok(()),
         };
         // Errors (sending on a closing connection) have no one to report to: the sender
         // already returned. Events the command caused (a close while connecting) run now.
@@ -821,6 +851,74 @@ where
         }
     }
 
+    fn connected(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        peer: SocketAddr,
+        command: Command,
+    ) -> Conn<H> {
+        let mut conn = Conn {
+            phase: Phase::Done,
+            peer,
+            close_by: None,
+            over_limit_since: None,
+            in_flight: 0,
+            idle_check: None,
+            ping_outstanding: false,
+        };
+        let Command::Connect(init) = command else {
+            io.close(CloseRequest::Now);
+            return conn;
+        };
+        let Ok(init) = init.downcast::<(Driver, H)>() else {
+            io.close(CloseRequest::Now);
+            return conn;
+        };
+        let (mut driver, handler) = *init;
+        if let Some(buf) = self.pool.pop() {
+            driver.provide_output_buffer(buf);
+        }
+        // The upgrade request is queued; the 101 must arrive within the handshake timeout.
+        conn.phase = Phase::Open(driver, handler);
+        conn.close_by = Some(io.now + self.config.handshake_timeout);
+        self.settle(&mut conn, io);
+        conn
+    }
+
+    fn connect_failed(&mut self, io: &mut Io<'_, Command>, command: Command, error: io::Error) {
+        let Command::Connect(init) = command else {
+            return;
+        };
+        let Ok(init) = init.downcast::<(Driver, H)>() else {
+            return;
+        };
+        let (driver, handler) = *init;
+        let mut conn = Conn {
+            phase: Phase::Open(driver, handler),
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            close_by: None,
+            over_limit_since: None,
+            in_flight: 0,
+            idle_check: None,
+            ping_outstanding: false,
+        };
+        if let Phase::Open(driver, handler) = &mut conn.phase {
+            let ctx = Ctx {
+                peer: conn.peer,
+                key: io.key,
+                generation: io.generation,
+                remote: io.remote,
+                max_backpressure: self.config.max_backpressure,
+                policy: self.config.backpressure_policy,
+                stats: &self.stats,
+                in_flight: 0,
+            };
+            handler.on_error(&mut Ws { driver, ctx: &ctx }, &Error::Io(error));
+            driver.abort(code::ABNORMAL, "connect failed");
+        }
+        self.pump(&mut conn, io, &mut []);
+    }
+
     fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
         match conn.phase {
             Phase::Handshake(_) => self.handshake(conn, io, data),
@@ -843,7 +941,12 @@ where
             return;
         };
         if conn.close_by.is_some_and(|t| now >= t) {
-            driver.abort(code::ABNORMAL, "close handshake timed out");
+            let why = if driver.ready_state() == ReadyState::Connecting {
+                "opening handshake timed out"
+            } else {
+                "close handshake timed out"
+            };
+            driver.abort(code::ABNORMAL, why);
             self.pump(conn, io, &mut []);
             io.close(CloseRequest::Now);
             return;

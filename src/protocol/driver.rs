@@ -215,6 +215,7 @@ pub struct Driver {
     frames_written: u64,
     events: VecDeque<Event<'static>>,
     close_reported: bool,
+    handshake_error: Option<Box<HandshakeError>>,
 }
 
 impl Driver {
@@ -235,6 +236,7 @@ impl Driver {
             frames_written: 0,
             events: VecDeque::new(),
             close_reported: false,
+            handshake_error: None,
         }
     }
 
@@ -301,6 +303,16 @@ impl Driver {
     /// The connection state.
     pub fn ready_state(&self) -> ReadyState {
         self.state
+    }
+
+    /// Whether the opening handshake completed (the connection was open at some point).
+    pub fn is_handshake_complete(&self) -> bool {
+        matches!(self.handshake, Handshake::Done) && self.state != ReadyState::Connecting
+    }
+
+    /// Why a client's opening handshake failed, if it did.
+    pub fn handshake_error(&self) -> Option<&HandshakeError> {
+        self.handshake_error.as_deref()
     }
 
     /// The parsed URL of a client driver.
@@ -405,6 +417,7 @@ impl Driver {
                 (used, Some(Event::Open))
             }
             Err(e) => {
+                self.handshake_error = Some(Box::new(e.clone()));
                 // Frames queued for a connection that never opened are dropped.
                 self.out.truncate(self.out_pos + self.handshake_left);
                 self.stop();

@@ -79,20 +79,26 @@ pub(crate) struct EventLoop<S: Service> {
 impl<S: Service> EventLoop<S> {
     pub fn new(
         prepared: Prepared<S::Command>,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
         service: S,
         config: LoopConfig,
         stats: Arc<LoopStats>,
     ) -> io::Result<Self> {
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        prepared
-            .poll
-            .registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let listener = match listener {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                let mut listener = TcpListener::from_std(listener);
+                prepared
+                    .poll
+                    .registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)?;
+                Some(listener)
+            }
+            None => None,
+        };
         Ok(EventLoop {
             poll: prepared.poll,
-            listener: Some(listener),
+            listener,
             conns: Slab::with_capacity(1024),
             service,
             wheel: Wheel::new(Instant::now()),
@@ -185,9 +191,28 @@ impl<S: Service> EventLoop<S> {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        self.register(stream, peer, None);
+    }
+
+    /// Starts an outgoing connection; its session comes from `command`.
+    fn connect(&mut self, addr: SocketAddr, command: S::Command) {
+        match TcpStream::connect(addr) {
+            Ok(stream) => self.register(stream, addr, Some(command)),
+            Err(e) => {
+                let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                self.service.connect_failed(&mut io, command, e);
+            }
+        }
+    }
+
+    /// Adds a socket to the loop: accepted (`command` is `None`, subject to
+    /// `max_connections`) or outgoing.
+    fn register(&mut self, mut stream: TcpStream, peer: SocketAddr, command: Option<S::Command>) {
         let connections = &self.config.connections;
-        if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
+        if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections
+            && command.is_none()
+        {
             connections.fetch_sub(1, Ordering::AcqRel);
             LoopStats::add(&self.stats.connections_refused, 1);
             // Best effort: a fresh socket's send buffer takes a short response whole.
@@ -214,7 +239,10 @@ impl<S: Service> EventLoop<S> {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let mut io = Io::new(Instant::now(), key, generation, &self.remote);
-        let session = self.service.open(&mut io, peer);
+        let session = match command {
+            None => self.service.open(&mut io, peer),
+            Some(command) => self.service.connected(&mut io, peer, command),
+        };
         let (deadline, close) = (io.deadline, io.close);
         entry.insert(Conn {
             stream,
@@ -423,6 +451,7 @@ impl<S: Service> EventLoop<S> {
                         self.flush(key);
                     }
                 }
+                Envelope::Connect { addr, command } => self.connect(addr, command),
                 Envelope::Shutdown { deadline } => self.begin_shutdown(deadline),
             }
         }

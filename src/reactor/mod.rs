@@ -158,6 +158,21 @@ pub(crate) trait Service: 'static {
 
     /// A connection was accepted.
     fn open(&mut self, io: &mut Io<'_, Self::Command>, peer: SocketAddr) -> Self::Session;
+    /// An outgoing connection to `peer` (from [`Envelope::Connect`]) is being established;
+    /// `command` carries what the session is made of.
+    fn connected(
+        &mut self,
+        io: &mut Io<'_, Self::Command>,
+        peer: SocketAddr,
+        command: Self::Command,
+    ) -> Self::Session;
+    /// An outgoing connection could not even be started (no socket, no route).
+    fn connect_failed(
+        &mut self,
+        io: &mut Io<'_, Self::Command>,
+        command: Self::Command,
+        error: io::Error,
+    );
     /// Bytes arrived (the slice is the loop's read buffer, free to modify in place).
     fn read(
         &mut self,
@@ -207,6 +222,8 @@ pub(crate) enum Envelope<C> {
         generation: u32,
         command: C,
     },
+    /// Open an outgoing connection to `addr`.
+    Connect { addr: SocketAddr, command: C },
     /// Begin a graceful shutdown that must finish by `deadline`.
     Shutdown { deadline: Instant },
 }

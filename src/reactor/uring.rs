@@ -286,18 +286,20 @@ pub(crate) struct UringLoop<S: Service> {
 impl<S: Service> UringLoop<S> {
     pub fn new(
         prepared: Prepared<S::Command>,
-        listener: TcpListener,
+        listener: Option<TcpListener>,
         service: S,
         config: LoopConfig,
         stats: Arc<LoopStats>,
     ) -> io::Result<Self> {
         let (ring, _) = build_ring(RING_ENTRIES)?;
         let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BUF_GROUP)?;
-        listener.set_nonblocking(false)?;
+        if let Some(listener) = &listener {
+            listener.set_nonblocking(false)?;
+        }
         Ok(UringLoop {
             ring,
             bufs: Some(bufs),
-            listener: Some(listener),
+            listener,
             accept_op: None,
             conns: Slab::with_capacity(1024),
             ops: Slab::with_capacity(1024),
@@ -611,9 +613,49 @@ impl<S: Service> UringLoop<S> {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream) -> io::Result<()> {
+    fn admit(&mut self, stream: TcpStream) -> io::Result<()> {
+        let Ok(peer) = stream.peer_addr() else {
+            return Ok(());
+        };
+        self.register(stream, peer, None)
+    }
+
+    /// Starts an outgoing connection: a non-blocking connect; the kernel's recv and send
+    /// on the socket wait for it to complete.
+    fn connect(&mut self, addr: std::net::SocketAddr, command: S::Command) -> io::Result<()> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let started = (|| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            match socket.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(TcpStream::from(socket))
+        })();
+        match started {
+            Ok(stream) => self.register(stream, addr, Some(command)),
+            Err(e) => {
+                let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                self.service.connect_failed(&mut io, command, e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a socket to the loop: accepted (`command` is `None`, subject to
+    /// `max_connections`) or outgoing.
+    fn register(
+        &mut self,
+        mut stream: TcpStream,
+        peer: std::net::SocketAddr,
+        command: Option<S::Command>,
+    ) -> io::Result<()> {
         let connections = &self.config.connections;
-        if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
+        if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections
+            && command.is_none()
+        {
             connections.fetch_sub(1, Ordering::AcqRel);
             LoopStats::add(&self.stats.connections_refused, 1);
             // A fresh socket's send buffer takes a short response whole.
@@ -621,10 +663,6 @@ impl<S: Service> UringLoop<S> {
             let _ = stream.shutdown(Shutdown::Both);
             return Ok(());
         }
-        let Ok(peer) = stream.peer_addr() else {
-            connections.fetch_sub(1, Ordering::AcqRel);
-            return Ok(());
-        };
         let _ = stream.set_nodelay(true);
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
@@ -641,13 +679,18 @@ impl<S: Service> UringLoop<S> {
             backlogged: false,
         });
         let mut io = Io::new(Instant::now(), key, generation, &self.remote);
-        let session = self.service.open(&mut io, peer);
+        let session = match command {
+            None => self.service.open(&mut io, peer),
+            Some(command) => self.service.connected(&mut io, peer, command),
+        };
         let (deadline, close) = (io.deadline, io.close);
         self.conns[key].session = Some(session);
         self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         LoopStats::add(&self.stats.connections_total, 1);
         if self.apply(key, deadline, close) {
             self.arm_recv(key)?;
+            // An outgoing connection has its upgrade request to send.
+            self.dirty.push(key);
         }
         Ok(())
     }
@@ -853,6 +896,7 @@ impl<S: Service> UringLoop<S> {
                         self.dirty.push(key);
                     }
                 }
+                Envelope::Connect { addr, command } => self.connect(addr, command)?,
                 Envelope::Shutdown { deadline } => self.begin_shutdown(deadline)?,
             }
         }

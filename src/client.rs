@@ -1,0 +1,429 @@
+//! Clients: the seed's `make-client` over a blocking socket with a reader thread
+//! ([`BlockingClient`]), and thousands of client connections hosted on event loops
+//! ([`ClientReactor`]), both with the same handlers as the server side.
+
+use std::io::{self, Read, Write};
+use std::marker::PhantomData;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
+use crate::protocol::error::{Error, HandshakeError, UsageError};
+use crate::protocol::handshake::ClientUrl;
+use crate::protocol::options::Options;
+use crate::reactor::Backend;
+use crate::server::{
+    Command, Handler, HttpResponse, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest,
+    spawn,
+};
+use crate::websocket::WebSocket;
+
+/// Resolves a `ws://` URL to the address to dial. `wss://` needs TLS, which these clients
+/// do not speak yet.
+fn resolve(url: &str) -> Result<(ClientUrl, SocketAddr), Error> {
+    let parsed = ClientUrl::parse(url)?;
+    if parsed.secure {
+        return Err(UsageError::InvalidUrl(format!(
+            "{url}: wss:// (TLS) is not supported by this client yet"
+        ))
+        .into());
+    }
+    let addr = (parsed.host.as_str(), parsed.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} resolves to no address", parsed.host),
+            )
+        })?;
+    Ok((parsed, addr))
+}
+
+// ----- blocking -----
+
+/// Timeouts of a [`BlockingClient`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    /// TCP connect. Default 10 s.
+    pub connect: Duration,
+    /// From connected to the 101 response. Default 10 s.
+    pub handshake: Duration,
+    /// From our close frame to the server's reply (then TCP is closed). Default 5 s.
+    pub close: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            connect: Duration::from_secs(10),
+            handshake: Duration::from_secs(10),
+            close: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Shared {
+    ws: Mutex<WebSocket>,
+    stream: Mutex<Option<TcpStream>>,
+    finished: Condvar,
+}
+
+/// A client on a blocking socket, like the seed's: `start_connection` connects and
+/// performs the handshake on the caller's thread, then a reader thread fires the events.
+/// Sends and `close_connection` work from any thread; handlers run on the reader thread
+/// with the connection locked, so automatic pongs never interleave with user frames.
+///
+/// ```no_run
+/// use websocket_driver::client::BlockingClient;
+/// use websocket_driver::Options;
+///
+/// let client = BlockingClient::new("ws://localhost:5000/echo", Options::default()).unwrap();
+/// client.on_message(|_ws, message| println!("Got: {:?}", message.as_text()));
+/// client.start_connection().unwrap();
+/// client.send_text("Hi").unwrap();
+/// ```
+pub struct BlockingClient {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    timeouts: ClientTimeouts,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for BlockingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking handler poisons the lock; the connection state is still consistent
+    // (the driver never panics mid-update), so carry on.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes everything the driver has queued.
+fn flush(ws: &mut WebSocket, stream: &mut TcpStream) -> io::Result<()> {
+    while !ws.pending_output().is_empty() {
+        let n = stream.write(ws.pending_output())?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        ws.consume_output(n);
+    }
+    Ok(())
+}
+
+impl BlockingClient {
+    /// A client for `url` (the seed's `make-client`); nothing is connected yet.
+    pub fn new(url: &str, options: Options) -> Result<BlockingClient, Error> {
+        let (_, addr) = resolve(url)?;
+        let driver = Driver::make_client(url, &options)?;
+        Ok(BlockingClient {
+            shared: Arc::new(Shared {
+                ws: Mutex::new(WebSocket::new(driver)),
+                stream: Mutex::new(None),
+                finished: Condvar::new(),
+            }),
+            addr,
+            timeouts: ClientTimeouts::default(),
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// Sets the timeouts (before `start_connection`).
+    pub fn timeouts(mut self, timeouts: ClientTimeouts) -> BlockingClient {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Called when the connection opens (on the caller's thread, in `start_connection`).
+    pub fn on_open(&self, f: impl FnMut(&mut Driver) + Send + 'static) -> &Self {
+        lock(&self.shared.ws).on_open(f);
+        self
+    }
+
+    /// Called with each message, on the reader thread.
+    pub fn on_message(
+        &self,
+        f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
+    ) -> &Self {
+        lock(&self.shared.ws).on_message(f);
+        self
+    }
+
+    /// Called on a protocol or handshake error (a close follows).
+    pub fn on_error(&self, f: impl FnMut(&mut Driver, &Error) + Send + 'static) -> &Self {
+        lock(&self.shared.ws).on_error(f);
+        self
+    }
+
+    /// Called exactly once with the close code and reason.
+    pub fn on_close(&self, f: impl FnMut(&mut Driver, u16, &str) + Send + 'static) -> &Self {
+        lock(&self.shared.ws).on_close(f);
+        self
+    }
+
+    /// Called with each pong's payload.
+    pub fn on_pong(&self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &Self {
+        lock(&self.shared.ws).on_pong(f);
+        self
+    }
+
+    /// Connects, sends the upgrade request, waits for the 101, fires `open`, and starts
+    /// the reader thread. A failed handshake fires `error` and `close` and is returned.
+    pub fn start_connection(&self) -> Result<(), Error> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(self.timeouts.handshake))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        {
+            let mut ws = lock(&self.shared.ws);
+            if !ws.start_connection() {
+                return Err(UsageError::NotOpen.into());
+            }
+            flush(&mut ws, &mut stream)?;
+        }
+        let deadline = Instant::now() + self.timeouts.handshake;
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {
+                    continue;
+                }
+                Err(e) => {
+                    lock(&self.shared.ws).receive_eof();
+                    return Err(e.into());
+                }
+            };
+            let mut ws = lock(&self.shared.ws);
+            if n == 0 {
+                ws.receive_eof();
+                return Err(HandshakeError::Incomplete.into());
+            }
+            ws.receive(&mut buf[..n]);
+            flush(&mut ws, &mut stream)?;
+            if ws.is_handshake_complete() {
+                break;
+            }
+            if ws.ready_state() == ReadyState::Closed {
+                let why = ws
+                    .handshake_error()
+                    .cloned()
+                    .unwrap_or(HandshakeError::Incomplete);
+                return Err(why.into());
+            }
+        }
+        stream.set_read_timeout(None)?;
+        let reader_stream = stream.try_clone()?;
+        *lock(&self.shared.stream) = Some(stream);
+        let shared = self.shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("wsd-client-reader".into())
+            .spawn(move || read_loop(shared, reader_stream, buf))?;
+        *lock(&self.reader) = Some(reader);
+        Ok(())
+    }
+
+    fn with_driver<T>(
+        &self,
+        f: impl FnOnce(&mut WebSocket) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut ws = lock(&self.shared.ws);
+        let result = f(&mut ws)?;
+        if let Some(stream) = lock(&self.shared.stream).as_mut() {
+            flush(&mut ws, stream)?;
+        }
+        Ok(result)
+    }
+
+    /// Sends `data` as `kind` (queued if not yet open).
+    pub fn send(&self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
+        self.with_driver(|ws| ws.send(data, kind))
+    }
+
+    /// Sends a text message.
+    pub fn send_text(&self, text: &str) -> Result<SendToken, Error> {
+        self.with_driver(|ws| ws.send_text(text))
+    }
+
+    /// Sends a binary message.
+    pub fn send_binary(&self, data: &[u8]) -> Result<SendToken, Error> {
+        self.with_driver(|ws| ws.send_binary(data))
+    }
+
+    /// Sends a ping; `on_pong` runs on the reader thread when the matching pong arrives.
+    pub fn send_ping(
+        &self,
+        payload: &[u8],
+        on_pong: impl FnOnce(&mut Driver) + Send + 'static,
+    ) -> Result<SendToken, Error> {
+        self.with_driver(|ws| ws.send_ping(payload, on_pong))
+    }
+
+    /// The connection state.
+    pub fn ready_state(&self) -> ReadyState {
+        lock(&self.shared.ws).ready_state()
+    }
+
+    /// The agreed subprotocol.
+    pub fn protocol(&self) -> Option<String> {
+        lock(&self.shared.ws).protocol().map(str::to_string)
+    }
+
+    /// Performs the close handshake: sends the close frame, waits up to the close timeout
+    /// for the server's reply (and its TCP close), then closes TCP. `close` fires once.
+    pub fn close_connection(&self, code: u16, reason: &str) -> Result<(), Error> {
+        self.with_driver(|ws| ws.close_connection(code, reason).map(|_| ()))?;
+        self.wait_closed(self.timeouts.close);
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Blocks until the connection is closed or `timeout` passes; returns whether closed.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut ws = lock(&self.shared.ws);
+        while ws.ready_state() != ReadyState::Closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            ws = self
+                .shared
+                .finished
+                .wait_timeout(ws, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Closes TCP and joins the reader thread (which reports `close` 1006 if no close
+    /// handshake happened).
+    fn shutdown(&self) {
+        if let Some(stream) = lock(&self.shared.stream).take() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let reader = lock(&self.reader).take();
+        if let Some(reader) = reader
+            && reader.thread().id() != std::thread::current().id()
+        {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for BlockingClient {
+    fn drop(&mut self) {
+        if self.ready_state() == ReadyState::Open {
+            let _ = self.close_connection(crate::code::NORMAL, "");
+        } else {
+            self.shutdown();
+        }
+    }
+}
+
+fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let mut ws = lock(&shared.ws);
+        if n == 0 {
+            ws.receive_eof();
+            shared.finished.notify_all();
+            return;
+        }
+        ws.receive(&mut buf[..n]);
+        let flushed = match lock(&shared.stream).as_mut() {
+            Some(writer) => flush(&mut ws, writer).is_ok(),
+            None => false,
+        };
+        if ws.ready_state() == ReadyState::Closed {
+            shared.finished.notify_all();
+        }
+        if !flushed && ws.ready_state() != ReadyState::Closed {
+            ws.receive_eof();
+            shared.finished.notify_all();
+            return;
+        }
+    }
+}
+
+// ----- hosted on event loops -----
+
+/// Client connections on event loops of their own: tens of thousands per process, each
+/// with a [`Handler`] stored inline, exactly like server connections.
+pub struct ClientReactor<H: Handler> {
+    handle: ServerHandle,
+    options: Options,
+    next: AtomicUsize,
+    _handler: PhantomData<fn() -> H>,
+}
+
+impl<H: Handler> std::fmt::Debug for ClientReactor<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientReactor")
+            .field("backend", &self.handle.backend())
+            .finish()
+    }
+}
+
+impl<H: Handler> ClientReactor<H> {
+    /// Starts `config.threads` loops on `config.backend`. `config.options` are the default
+    /// options of each connection (`accept_protocols` is the list of offered subprotocols);
+    /// the timeouts and backpressure settings apply as on a server.
+    pub fn start(config: ServerConfig) -> io::Result<ClientReactor<H>> {
+        let options = config.options.clone();
+        let loops = (0..config.threads.max(1)).map(|_| None).collect();
+        let refuse = |_: &UpgradeRequest<'_>| Upgrade::<H>::Reject(HttpResponse::new(404, ""));
+        Ok(ClientReactor {
+            handle: spawn(config, loops, refuse, None)?,
+            options,
+            next: AtomicUsize::new(0),
+            _handler: PhantomData,
+        })
+    }
+
+    /// Opens a connection to `url` with the default options; `handler` gets its events.
+    /// Connection failures reach `handler.on_error` and `on_close` (1006).
+    pub fn connect(&self, url: &str, handler: H) -> Result<(), Error> {
+        let options = self.options.clone();
+        self.connect_with(url, &options, handler)
+    }
+
+    /// Like [`ClientReactor::connect`], with per-connection options.
+    pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
+        let (_, addr) = resolve(url)?;
+        let mut driver = Driver::make_client(url, options)?;
+        driver.start_connection();
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.handle
+            .connect_on(i, addr, Command::Connect(Box::new((driver, handler))))?;
+        Ok(())
+    }
+
+    /// Counters over all loops.
+    pub fn stats(&self) -> Stats {
+        self.handle.stats()
+    }
+
+    /// The backend the loops run on.
+    pub fn backend(&self) -> Backend {
+        self.handle.backend()
+    }
+
+    /// Sends 1001 to every connection, waits up to `grace`, closes the rest, stops the loops.
+    pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
+        self.handle.shutdown(grace)
+    }
+}

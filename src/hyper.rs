@@ -1,0 +1,209 @@
+//! Upgrading hyper 1.x requests (feature `hyper`), and so axum's: the 101 response comes
+//! from the driver's own handshake, and the upgraded stream runs on the
+//! [tokio adapter](crate::tokio).
+//!
+//! ```no_run
+//! use http_body_util::Full;
+//! use hyper::body::Bytes;
+//! use hyper::{Request, Response};
+//! use websocket_driver::{Event, Options};
+//!
+//! async fn route(mut req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+//!     websocket_driver::hyper::serve(&mut req, &Options::default(), |tx, mut rx| async move {
+//!         while let Some(event) = rx.next().await {
+//!             if let Event::Message(message) = event {
+//!                 let _ = tx.send_message(message).await;
+//!             }
+//!         }
+//!     })
+//! }
+//! ```
+//!
+//! How the driver meets hyper: [`upgrade`] converts the hyper request into a
+//! [`protocol::handshake::Request`](crate::Request), creates a server [`Driver`] with
+//! [`Driver::make_server`] and calls [`Driver::start_connection`], exactly as on any other
+//! transport. The driver's queued 101 head is then parsed into the hyper `Response` (so the
+//! accept key, subprotocol and `additional_headers` are the driver's) and marked written
+//! with [`Driver::consume_output`], since hyper writes the response. When hyper hands over
+//! the upgraded IO, the already open driver runs on it through [`crate::tokio::spawn`].
+//! Only public driver APIs are used.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use ::hyper::body::Bytes;
+use ::hyper::header::{HeaderName, HeaderValue};
+use ::hyper::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+use crate::protocol::driver::Driver;
+use crate::protocol::error::{Error, HandshakeError, UsageError};
+use crate::protocol::handshake;
+use crate::protocol::options::Options;
+use crate::tokio::{Config, WsReceiver, WsSender};
+
+/// The request head as the driver sees it. Header values that are not UTF-8 are kept
+/// lossily (the handshake headers are ASCII).
+pub fn to_request<B>(req: &Request<B>) -> handshake::Request {
+    let version = match req.version() {
+        ::hyper::Version::HTTP_10 => 0,
+        ::hyper::Version::HTTP_11 => 1,
+        // HTTP/2 and later carry WebSockets differently (RFC 8441): not a valid upgrade here.
+        _ => 2,
+    };
+    handshake::Request {
+        method: req.method().as_str().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        version,
+        headers: req
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Whether a hyper request asks for a WebSocket upgrade (the seed's `websocket-p`): GET,
+/// `Connection: upgrade` and `Upgrade: websocket`.
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    handshake::is_websocket(&to_request(req))
+}
+
+/// The upgraded connection, once hyper has sent the 101 and handed the stream over.
+/// Resolves to the tokio adapter's halves.
+pub struct Upgrading {
+    inner: Pin<Box<dyn Future<Output = Result<(WsSender, WsReceiver), Error>> + Send>>,
+}
+
+impl std::fmt::Debug for Upgrading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgrading").finish_non_exhaustive()
+    }
+}
+
+impl Future for Upgrading {
+    type Output = Result<(WsSender, WsReceiver), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Accepts a WebSocket upgrade: returns the 101 response for hyper to send and the
+/// future of the connection (await it on a spawned task, after the response has been
+/// returned to hyper). Fails with [`Error::Handshake`] for a request that is not a valid
+/// upgrade: answer it with [`error_response`].
+pub fn upgrade<B>(
+    req: &mut Request<B>,
+    options: &Options,
+) -> Result<(Response<Full<Bytes>>, Upgrading), Error> {
+    upgrade_with(req, options, &Config::default())
+}
+
+/// [`upgrade`] with the tokio adapter's settings.
+pub fn upgrade_with<B>(
+    req: &mut Request<B>,
+    options: &Options,
+    config: &Config,
+) -> Result<(Response<Full<Bytes>>, Upgrading), Error> {
+    let mut driver = Driver::make_server(&to_request(req), options)?;
+    driver.start_connection();
+    let head = driver.pending_output();
+    let response = response_from_head(head)?;
+    // hyper writes the 101; the driver goes on from the first frame.
+    let written = head.len();
+    driver.consume_output(written);
+    let on_upgrade = ::hyper::upgrade::on(req);
+    let config = config.clone();
+    let inner = Box::pin(async move {
+        let upgraded = on_upgrade
+            .await
+            .map_err(|e| Error::Io(io::Error::other(e)))?;
+        Ok(crate::tokio::spawn(
+            TokioIo::new(upgraded),
+            driver,
+            Vec::new(),
+            &config,
+        ))
+    });
+    Ok((response, Upgrading { inner }))
+}
+
+/// Turns the driver's 101 head into a hyper response with the same headers.
+fn response_from_head(head: &[u8]) -> Result<Response<Full<Bytes>>, Error> {
+    let bad = |what: &str| Error::Usage(UsageError::InvalidHeader(what.to_string()));
+    let lines = head.split(|&b| b == b'\n').count();
+    let mut headers = vec![httparse::EMPTY_HEADER; lines];
+    let mut parsed = httparse::Response::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) if parsed.code == Some(101) => {}
+        _ => return Err(bad("the driver's 101 response")),
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad(h.name))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad(h.name))?;
+        response.headers_mut().append(name, value);
+    }
+    Ok(response)
+}
+
+/// The HTTP response for a failed upgrade: 400 with the reason, 426 with
+/// `Sec-WebSocket-Version: 13`, 431 for an oversized head, 500 for anything else.
+pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
+    let status = match error {
+        Error::Handshake(e) => e.status(),
+        _ => 500,
+    };
+    let mut response = Response::new(Full::new(Bytes::from(format!("{error}\n"))));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        ::hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if matches!(
+        error,
+        Error::Handshake(HandshakeError::UnsupportedVersion(_))
+    ) {
+        headers.insert(
+            ::hyper::header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+    }
+    response
+}
+
+/// Upgrades `req` and runs `app` on the connection in a new task; returns the response
+/// for hyper (the 101, or the error response for a bad request). Needs a tokio runtime,
+/// as hyper and axum servers have.
+pub fn serve<B, F, Fut>(req: &mut Request<B>, options: &Options, app: F) -> Response<Full<Bytes>>
+where
+    F: FnOnce(WsSender, WsReceiver) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match upgrade(req, options) {
+        Ok((response, upgrading)) => {
+            ::tokio::spawn(async move {
+                if let Ok((tx, rx)) = upgrading.await {
+                    app(tx, rx).await;
+                }
+            });
+            response
+        }
+        Err(e) => error_response(&e),
+    }
+}

@@ -1,0 +1,368 @@
+//! The clients against the project's own server over loopback: the blocking client (reader
+//! thread) and the reactor-hosted client on both backends.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use websocket_driver::client::{BlockingClient, ClientReactor};
+use websocket_driver::server::{
+    Handler, HttpResponse, Server, ServerConfig, ServerHandle, Upgrade, Ws,
+};
+use websocket_driver::{Backend, Error, HandshakeError, Message, Options};
+
+struct Echo;
+impl Handler for Echo {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let text = message.as_text().map(str::to_string);
+        match text.as_deref() {
+            Some("close-4001") => {
+                let _ = ws.close_connection(4001, "asked to");
+            }
+            _ => {
+                let _ = ws.send_message(&message);
+            }
+        }
+    }
+}
+
+fn echo_server() -> ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend: Backend::Epoll,
+            options: Options::default().accept_protocols(["chat"]),
+            ..ServerConfig::default()
+        })
+        .start(|req| match req.path() {
+            "/forbidden" => Upgrade::Reject(HttpResponse::new(403, "no")),
+            _ => Upgrade::Accept(Echo),
+        })
+        .unwrap()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Open,
+    Text(String),
+    Binary(usize, u8),
+    Error(String),
+    Close(u16, String),
+}
+
+fn recorded(client: &BlockingClient) -> mpsc::Receiver<Seen> {
+    let (tx, rx) = mpsc::channel();
+    let (a, b, c, d) = (tx.clone(), tx.clone(), tx.clone(), tx);
+    client.on_open(move |_| {
+        let _ = a.send(Seen::Open);
+    });
+    client.on_message(move |_, m| {
+        let _ = b.send(match m {
+            Message::Text(t) => Seen::Text(t.into_owned()),
+            Message::Binary(bytes) => {
+                Seen::Binary(bytes.len(), bytes.iter().fold(0u8, |x, y| x ^ y))
+            }
+        });
+    });
+    client.on_error(move |_, e| {
+        let _ = c.send(Seen::Error(e.to_string()));
+    });
+    client.on_close(move |_, code, reason| {
+        let _ = d.send(Seen::Close(code, reason.to_string()));
+    });
+    rx
+}
+
+fn next(rx: &mpsc::Receiver<Seen>) -> Seen {
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("an event within 20 s")
+}
+
+#[test]
+fn blocking_client_text_binary_16_mib_ping_and_close() {
+    let server = echo_server();
+    let url = format!("ws://{}/echo", server.local_addr());
+    let client = BlockingClient::new(&url, Options::default().accept_protocols(["chat"])).unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    assert_eq!(client.protocol().as_deref(), Some("chat"));
+    client.send_text("Hi").unwrap();
+    assert_eq!(next(&events), Seen::Text("Hi".into()));
+    let big: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let checksum = big.iter().fold(0u8, |x, y| x ^ y);
+    client.send_binary(&big).unwrap();
+    assert_eq!(next(&events), Seen::Binary(big.len(), checksum));
+    let (pong_tx, pong_rx) = mpsc::channel();
+    client
+        .send_ping(b"are you there", move |_| {
+            let _ = pong_tx.send(());
+        })
+        .unwrap();
+    pong_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the ping callback fires");
+    client.close_connection(1000, "bye").unwrap();
+    // The close event carries the server's reply: the echoed code, no reason.
+    assert_eq!(next(&events), Seen::Close(1000, String::new()));
+    assert!(
+        events.recv_timeout(Duration::from_millis(200)).is_err(),
+        "close fires once"
+    );
+    assert!(client.send_text("late").is_err());
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn blocking_client_sends_from_many_threads() {
+    let server = echo_server();
+    let client = Arc::new(
+        BlockingClient::new(
+            &format!("ws://{}/", server.local_addr()),
+            Options::default(),
+        )
+        .unwrap(),
+    );
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    client.send_text(&format!("{t}:{i}")).unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let mut got: Vec<String> = (0..200)
+        .map(|_| match next(&events) {
+            Seen::Text(t) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // Per sender, order is kept.
+    for t in 0..4 {
+        let mine: Vec<usize> = got
+            .iter()
+            .filter_map(|s| s.strip_prefix(&format!("{t}:")).map(|i| i.parse().unwrap()))
+            .collect();
+        assert_eq!(mine, (0..50).collect::<Vec<_>>());
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 200);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn blocking_client_server_close_code_and_vanishing_server() {
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    let client = BlockingClient::new(&url, Options::default()).unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    client.send_text("close-4001").unwrap();
+    assert_eq!(next(&events), Seen::Close(4001, "asked to".into()));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+
+    // A server that vanishes in the middle of a message: error, then 1006, once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap()
+            .to_string();
+        let accept = websocket_driver::protocol::handshake::accept_key(&key);
+        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").unwrap();
+        // A 1000-byte binary frame, cut after 10 bytes.
+        s.write_all(&[0x82, 126, 0x03, 0xe8]).unwrap();
+        s.write_all(&[0u8; 10]).unwrap();
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    fake.join().unwrap();
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("middle of a frame")));
+    assert_eq!(next(&events), Seen::Close(1006, String::new()));
+    assert!(
+        events.recv_timeout(Duration::from_millis(200)).is_err(),
+        "close fires once"
+    );
+}
+
+#[test]
+fn blocking_client_handshake_rejections_are_errors() {
+    let server = echo_server();
+    let client = BlockingClient::new(
+        &format!("ws://{}/forbidden", server.local_addr()),
+        Options::default(),
+    )
+    .unwrap();
+    let events = recorded(&client);
+    let err = client.start_connection().unwrap_err();
+    assert!(matches!(err, Error::Handshake(_)), "{err}");
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("403")));
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    // A subprotocol the client did not offer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap()
+            .to_string();
+        let accept = websocket_driver::protocol::handshake::accept_key(&key);
+        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: evil\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let err = client.start_connection().unwrap_err();
+    assert!(
+        matches!(err, Error::Handshake(HandshakeError::BadResponse(m)) if m.contains("subprotocol")),
+        "{err}"
+    );
+    // Nobody listening: a clear connect error, not a panic.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = BlockingClient::new(&format!("ws://{closed}/"), Options::default())
+        .unwrap()
+        .start_connection()
+        .unwrap_err();
+    assert!(matches!(err, Error::Io(_)), "{err}");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// Hosted handler: echoes nothing, records everything.
+struct Recorder {
+    log: Arc<Mutex<Vec<Seen>>>,
+    closes: Arc<AtomicUsize>,
+    greeting: Option<String>,
+}
+impl Handler for Recorder {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        self.log.lock().unwrap().push(Seen::Open);
+        if let Some(text) = &self.greeting {
+            ws.send_text(text).unwrap();
+        }
+    }
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        if let Some(text) = message.as_text() {
+            self.log.lock().unwrap().push(Seen::Text(text.to_string()));
+        }
+        let _ = ws.close_connection(1000, "thanks");
+    }
+    fn on_error(&mut self, _ws: &mut Ws<'_>, error: &Error) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Seen::Error(error.to_string()));
+    }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, reason: &str) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Seen::Close(code, reason.to_string()));
+        self.closes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn hosted_clients(backend: Backend) {
+    let server = echo_server();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 2,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    assert_eq!(reactor.backend(), backend);
+    let closes = Arc::new(AtomicUsize::new(0));
+    let logs: Vec<Arc<Mutex<Vec<Seen>>>> = (0..200).map(|_| Arc::default()).collect();
+    for (i, log) in logs.iter().enumerate() {
+        reactor
+            .connect(
+                &format!("ws://{}/", server.local_addr()),
+                Recorder {
+                    log: log.clone(),
+                    closes: closes.clone(),
+                    greeting: Some(format!("hello {i}")),
+                },
+            )
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while closes.load(Ordering::Relaxed) < 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                Seen::Open,
+                Seen::Text(format!("hello {i}")),
+                Seen::Close(1000, String::new())
+            ]
+        );
+    }
+    // A refused connection reaches the handler as an error and a 1006 close.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    reactor
+        .connect(
+            &format!("ws://{nowhere}/"),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    while closes.load(Ordering::Relaxed) < 201 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(matches!(&log[0], Seen::Error(_)));
+    assert!(matches!(&log[1], Seen::Close(1006, _)));
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn hosted_clients_on_epoll() {
+    hosted_clients(Backend::Epoll);
+}
+
+#[test]
+fn hosted_clients_on_io_uring() {
+    hosted_clients(Backend::IoUring);
+}
