@@ -80,10 +80,12 @@ pub fn is_websocket<B>(req: &Request<B>) -> bool {
     handshake::is_websocket(&to_request(req))
 }
 
+type Connected = Result<(WsSender, WsReceiver), Error>;
+
 /// The upgraded connection, once hyper has sent the 101 and handed the stream over.
 /// Resolves to the tokio adapter's halves.
 pub struct Upgrading {
-    inner: Pin<Box<dyn Future<Output = Result<(WsSender, WsReceiver), Error>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Connected> + Send>>,
 }
 
 impl std::fmt::Debug for Upgrading {
@@ -93,7 +95,7 @@ impl std::fmt::Debug for Upgrading {
 }
 
 impl Future for Upgrading {
-    type Output = Result<(WsSender, WsReceiver), Error>;
+    type Output = Connected;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)

@@ -13,9 +13,17 @@
 //!
 //! One spawned task per connection owns the [`Driver`] and the stream: it reads, runs
 //! [`Driver::poll_event`], hands owned events to the receiver, applies the senders'
-//! commands and writes the driver's output. Reading pauses while the receiver lags (32
-//! events queued), so a slow consumer slows the peer down instead of buffering without
-//! bound.
+//! commands and writes the driver's output.
+//!
+//! Input is parsed as the receiver asks for events (like a synchronous read loop): while
+//! the connection is open, the task parses the next event only when the receiver waits
+//! for one, and applies the commands queued before that first. So an app that answers a
+//! message before asking for the next one gets its answer out before anything the
+//! following frames cause (a protocol error's close frame, a pong), which keeps the
+//! Autobahn suite strict; and a receiver that stops asking stops the reading (TCP pushes
+//! back on the peer). Keep polling [`WsReceiver::next`] (in a `select!` beside your other
+//! work) for pings to be answered and closes to be seen. Once closing, input is parsed as
+//! it comes.
 //!
 //! Seed-style callbacks: implement [`Handler`] and [`run`] it.
 //!
@@ -157,6 +165,8 @@ struct Shared {
     finished: AtomicBool,
     /// Woken when the buffer shrinks, the state changes or the task ends.
     changed: Notify,
+    /// The receiver waits for an event (receiver to task).
+    demand: Notify,
     protocol: Option<String>,
     limit: usize,
 }
@@ -387,6 +397,9 @@ impl WsSender {
 #[derive(Debug)]
 pub struct WsReceiver {
     events: mpsc::Receiver<Event<'static>>,
+    shared: Arc<Shared>,
+    /// The connection task was asked for an event that has not come yet.
+    requested: bool,
     closed: bool,
 }
 
@@ -403,6 +416,7 @@ impl WsReceiver {
         }
         match self.events.poll_recv(cx) {
             Poll::Ready(Some(event)) => {
+                self.requested = false;
                 if matches!(event, Event::Close { .. }) {
                     self.closed = true;
                     self.events.close();
@@ -417,7 +431,14 @@ impl WsReceiver {
                     reason: "connection task ended".into(),
                 }))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if !self.requested {
+                    // Ask the connection task to parse the next event.
+                    self.requested = true;
+                    self.shared.demand.notify_one();
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -733,11 +754,15 @@ where
         state: AtomicU8::new(state_code(driver.ready_state())),
         finished: AtomicBool::new(false),
         changed: Notify::new(),
+        demand: Notify::new(),
         protocol: driver.protocol().map(str::to_string),
         limit: config.max_backpressure,
     });
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let end = read_ahead.len();
+    let mut buf = read_ahead;
+    buf.resize(end.max(config.read_buffer_size.max(1)), 0);
     let connection = Connection {
         driver,
         inbox,
@@ -746,15 +771,22 @@ where
         events: event_tx,
         config: config.clone(),
         close_seen: false,
+        buf,
+        start: 0,
+        end,
+        credit: false,
+        receiver_gone: false,
     };
-    ::tokio::spawn(connection.run(stream, read_ahead));
+    ::tokio::spawn(connection.run(stream));
     (
         WsSender {
             commands: command_tx,
-            shared,
+            shared: shared.clone(),
         },
         WsReceiver {
             events: event_rx,
+            shared,
+            requested: false,
             closed: false,
         },
     )
@@ -775,30 +807,6 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Hands queued events to the receiver without waiting; the first one has a permit.
-fn deliver(
-    inbox: &mut VecDeque<Event<'static>>,
-    events: &mpsc::Sender<Event<'static>>,
-    permit: mpsc::OwnedPermit<Event<'static>>,
-) {
-    if let Some(event) = inbox.pop_front() {
-        permit.send(event);
-    }
-    while let Some(event) = inbox.pop_front() {
-        match events.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(event)) => {
-                inbox.push_front(event);
-                break;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                inbox.clear();
-                break;
-            }
-        }
-    }
-}
-
 struct Connection {
     driver: Driver,
     /// Events taken from the driver, not yet handed to the receiver.
@@ -809,6 +817,13 @@ struct Connection {
     config: Config,
     /// A `Close` went into the inbox: nothing may follow it.
     close_seen: bool,
+    /// The read buffer; `buf[start..end]` is read and not yet parsed.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The receiver asked for an event and has not been given one since.
+    credit: bool,
+    receiver_gone: bool,
 }
 
 /// Copies borrowed payloads so an event outlives the read buffer.
@@ -824,22 +839,60 @@ fn owned(event: Event<'_>) -> Event<'static> {
 }
 
 impl Connection {
-    /// Feeds input to the driver and moves every event it reports into the inbox.
-    fn feed(&mut self, input: &mut [u8]) {
-        let mut at = 0;
-        loop {
-            let (used, event) = self.driver.poll_event(&mut input[at..]);
-            at += used;
-            match event {
-                None => break,
-                Some(event) => {
-                    if matches!(event, Event::Close { .. }) {
-                        self.close_seen = true;
-                    }
-                    self.inbox.push_back(owned(event));
-                }
+    fn push(&mut self, event: Event<'_>) {
+        if matches!(event, Event::Close { .. }) {
+            self.close_seen = true;
+        }
+        self.inbox.push_back(owned(event));
+    }
+
+    /// Moves the events the driver already queued (no input) into the inbox.
+    fn drain(&mut self) {
+        while let (_, Some(event)) = self.driver.poll_event(&mut []) {
+            self.push(event);
+        }
+    }
+
+    /// Whether the next event may be parsed now.
+    ///
+    /// While the connection is open, input is parsed one event per request of the
+    /// receiver, after the commands queued before that request: an app that answers each
+    /// message before asking for the next (an echo) sees its answer go out before whatever
+    /// the following frames cause (a protocol error's close, a pong), as with a
+    /// synchronous handler. Once closing, nothing can be sent any more, and input is parsed
+    /// as it comes (up to the receiver's queue).
+    fn may_parse(&self) -> bool {
+        self.inbox.is_empty()
+            && (self.credit || self.receiver_gone || self.driver.ready_state() != ReadyState::Open)
+    }
+
+    /// Parses up to one event from the unparsed input; true if one came.
+    fn parse_one(&mut self) -> bool {
+        if self.driver.ready_state() == ReadyState::Open {
+            // Commands queued before the receiver's request go first.
+            while let Ok(command) = self.commands.try_recv() {
+                self.apply(command);
             }
         }
+        let mut buf = std::mem::take(&mut self.buf);
+        let (used, event) = self.driver.poll_event(&mut buf[self.start..self.end]);
+        self.start += used;
+        let got = match event {
+            Some(event) => {
+                self.push(event);
+                true
+            }
+            None => false,
+        };
+        self.buf = buf;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if got {
+            self.credit = false;
+        }
+        got
     }
 
     /// The transport failed or ended: report the error (if the connection was not closed
@@ -851,7 +904,7 @@ impl Connection {
             self.inbox.push_back(Event::Error(Error::Io(e)));
         }
         self.driver.receive_eof();
-        self.feed(&mut []);
+        self.drain();
     }
 
     fn apply(&mut self, command: Command) {
@@ -870,29 +923,46 @@ impl Connection {
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
     }
 
-    async fn run<S>(mut self, stream: S, mut read_ahead: Vec<u8>)
+    /// Hands inbox events to the receiver as far as its queue has room.
+    fn try_deliver(&mut self) {
+        while let Some(event) = self.inbox.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.inbox.push_front(event);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.receiver_gone = true;
+                    self.inbox.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn run<S>(mut self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (mut rd, mut wr) = ::tokio::io::split(stream);
-        self.feed(&mut read_ahead);
-        let mut buf = read_ahead;
-        buf.clear();
-        buf.resize(self.config.read_buffer_size.max(1), 0);
+        let shared = self.shared.clone();
         let mut reading = true;
         let mut writing = true;
         let mut flushed = true;
         let mut commands_open = true;
-        let mut receiver_gone = false;
         let mut deadline: Option<Instant> = None;
         loop {
-            self.feed(&mut []);
+            self.try_deliver();
+            if self.may_parse() && self.parse_one() {
+                continue;
+            }
             self.shared.publish(&self.driver);
             if !writing || self.driver.is_finished() {
                 break;
             }
             let state = self.driver.ready_state();
-            if receiver_gone && !commands_open && state == ReadyState::Open {
+            if self.receiver_gone && !commands_open && state == ReadyState::Open {
                 // Nobody can use the connection any more: close it properly.
                 let _ = self.driver.close_connection(code::NORMAL, "");
                 continue;
@@ -901,19 +971,23 @@ impl Connection {
                 deadline = Some(Instant::now() + self.config.close_timeout);
             }
             let has_output = !self.driver.pending_output().is_empty();
+            let want_input = reading && self.may_parse() && self.start == self.end;
             ::tokio::select! {
                 permit = self.events.clone().reserve_owned(), if !self.inbox.is_empty() => {
                     match permit {
-                        Ok(permit) => deliver(&mut self.inbox, &self.events, permit),
+                        Ok(permit) => {
+                            permit.send(self.inbox.pop_front().expect("the inbox has an event"));
+                        }
                         Err(_) => {
-                            receiver_gone = true;
+                            self.receiver_gone = true;
                             self.inbox.clear();
                         }
                     }
                 }
-                _ = self.events.closed(), if !receiver_gone && self.inbox.is_empty() => {
-                    receiver_gone = true;
+                _ = self.events.closed(), if !self.receiver_gone && self.inbox.is_empty() => {
+                    self.receiver_gone = true;
                 }
+                _ = shared.demand.notified(), if !self.credit => self.credit = true,
                 // Write while there is output, then flush (a TLS stream may buffer).
                 done = write_or_flush(&mut wr, self.driver.pending_output()),
                     if has_output || !flushed => match done {
@@ -935,12 +1009,15 @@ impl Connection {
                     Some(command) => self.apply(command),
                     None => commands_open = false,
                 },
-                read = rd.read(&mut buf), if reading && self.inbox.is_empty() => match read {
+                read = rd.read(&mut self.buf), if want_input => match read {
                     Ok(0) => {
                         reading = false;
                         self.transport_ended(None);
                     }
-                    Ok(n) => self.feed(&mut buf[..n]),
+                    Ok(n) => {
+                        self.start = 0;
+                        self.end = n;
+                    }
                     Err(e) => {
                         reading = false;
                         self.transport_ended(Some(e));
@@ -949,12 +1026,13 @@ impl Connection {
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     // The peer did not finish the close in time: drop it.
                     self.driver.abort(code::ABNORMAL, "close handshake timed out");
-                    self.feed(&mut []);
+                    self.drain();
                     writing = false;
                 }
                 else => break,
             }
         }
+        self.drain();
         // Closed: stop taking commands, tell the senders, hand out the last events while
         // the stream ends.
         self.commands.close();
@@ -964,6 +1042,7 @@ impl Connection {
             inbox,
             events,
             config,
+            mut buf,
             ..
         } = self;
         let linger = async {

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs the Autobahn|Testsuite fuzzingclient against the tokio or hyper adapter and judges
+# the report with autobahn/check.py (sections 1-10 strict: no NON-STRICT, no FAILED).
+#
+#   autobahn/run-adapter.sh --adapter tokio|hyper [--cases '1.*,2.*']
+#
+# tokio: examples/echo_tokio.rs (websocket_driver::tokio::accept over TcpStream).
+# hyper: examples/echo_hyper.rs (a hyper 1.x http1 server upgrading with
+#        websocket_driver::hyper, the connection on the tokio adapter).
+# Same fuzzingclient config as autobahn/run.sh (autobahn/fuzzingclient.json). Installs the
+# suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+adapter=""
+cases=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --adapter) adapter=$2; shift 2 ;;
+    --cases) cases=$2; shift 2 ;;
+    *) echo "usage: autobahn/run-adapter.sh --adapter tokio|hyper [--cases LIST]" >&2; exit 2 ;;
+  esac
+done
+case "$adapter" in
+  tokio) example=echo_tokio; features=tokio; default_port=9101 ;;
+  hyper) example=echo_hyper; features=hyper; default_port=9102 ;;
+  *) echo "usage: autobahn/run-adapter.sh --adapter tokio|hyper [--cases LIST]" >&2; exit 2 ;;
+esac
+
+AUTOBAHN_HOME=${AUTOBAHN_HOME:-/opt/autobahn}
+export AUTOBAHN_HOME
+if ! "$AUTOBAHN_HOME/bin/wstest" --help >/dev/null 2>&1; then
+  bash autobahn/install.sh
+fi
+
+port=${AUTOBAHN_PORT:-$default_port}
+cargo build --release --features "$features" --example "$example"
+"./target/release/examples/$example" --addr "127.0.0.1:$port" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
+
+work=$(mktemp -d)
+outdir="autobahn/reports/server-adapter-$adapter"
+rm -rf "$outdir"
+python3 - "$work/config.json" "$outdir" "$port" "$adapter" "$cases" <<'PY'
+import json, sys
+path, outdir, port, adapter, cases = sys.argv[1:]
+config = json.load(open("autobahn/fuzzingclient.json"))
+config["outdir"] = outdir
+config["servers"] = [{"agent": "websocket-driver-" + adapter, "url": "ws://127.0.0.1:%s" % port}]
+if cases:
+    config["cases"] = cases.split(",")
+json.dump(config, open(path, "w"))
+PY
+"$AUTOBAHN_HOME/bin/wstest" -m fuzzingclient -s "$work/config.json" > "$work/wstest.log" 2>&1 || {
+  tail -20 "$work/wstest.log"; exit 1; }
+if [ -n "$cases" ]; then
+  python3 autobahn/check.py "$outdir" || true   # a partial run cannot reach 301 cases
+else
+  python3 autobahn/check.py "$outdir"
+fi

@@ -1,0 +1,2 @@
+//! The hyper adapter (`--features hyper`).
+#![cfg(feature = "hyper")]

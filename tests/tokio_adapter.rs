@@ -1,0 +1,823 @@
+//! The tokio adapter (`--features tokio`) against itself (the project's own client driver
+//! on `connect`), against the project's blocking server, and against tokio-tungstenite in
+//! both directions: text, binary, 16 MiB, ping/pong, close codes, backpressure, and
+//! cancellation of a task mid-send. Loopback only, ephemeral ports, every test bounded.
+#![cfg(feature = "tokio")]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use websocket_driver::server::HttpResponse;
+use websocket_driver::tokio::{
+    Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, run,
+};
+use websocket_driver::{Error, Event, Message, MessageType, Options, ReadyState, UsageError};
+
+const BIG: usize = 16 << 20;
+
+/// Runs a test body with a hard limit.
+async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .expect("test timed out");
+}
+
+/// A recognisable payload: byte `i` is `(i * 31 + seed) % 251`.
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+}
+
+/// Echo app on the adapter. `close:CODE` makes the server close with that code; `ping`
+/// makes it ping the client with payload "srv".
+async fn echo_app(tx: WsSender, mut rx: WsReceiver) {
+    while let Some(event) = rx.next().await {
+        match event {
+            Event::Message(Message::Text(t)) if t.starts_with("close:") => {
+                let code: u16 = t[6..].parse().unwrap();
+                tx.close_connection(code, "server says bye").await.unwrap();
+            }
+            Event::Message(Message::Text(t)) if t == "ping" => {
+                tx.send_ping("srv").await.unwrap();
+            }
+            Event::Message(m) => {
+                let _ = tx.send_message(m).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The adapter's echo server on an ephemeral port.
+async fn adapter_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                if let Ok((tx, rx)) = accept(stream, &Options::default()).await {
+                    echo_app(tx, rx).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A tokio-tungstenite echo server on an ephemeral port; `close:CODE` closes with it.
+async fn tungstenite_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(message)) = ws.next().await {
+                    match message {
+                        TMessage::Text(t) if t.as_str().starts_with("close:") => {
+                            let code: u16 = t.as_str()[6..].parse().unwrap();
+                            let frame = CloseFrame {
+                                code: CloseCode::from(code),
+                                reason: "server says bye".into(),
+                            };
+                            let _ = ws.close(Some(frame)).await;
+                        }
+                        m @ (TMessage::Text(_) | TMessage::Binary(_)) => {
+                            if ws.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The next message event, skipping Open, pings and pongs.
+async fn next_message(rx: &mut WsReceiver) -> Message<'static> {
+    loop {
+        match rx.next().await.expect("connection ended") {
+            Event::Message(m) => return m,
+            Event::Close { code, reason } => panic!("closed {code} {reason}"),
+            Event::Error(e) => panic!("error {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Waits for the Close event and checks nothing follows it.
+async fn expect_close(rx: &mut WsReceiver) -> (u16, String) {
+    loop {
+        match rx.next().await.expect("Close comes before the end") {
+            Event::Close { code, reason } => {
+                assert!(rx.next().await.is_none(), "nothing after Close");
+                assert!(rx.next().await.is_none(), "still nothing after Close");
+                return (code, reason);
+            }
+            Event::Error(e) => panic!("error before close: {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Text, binary, 16 MiB both kinds, a ping answered by the peer, and a client-side close
+/// with an application code: the adapter's client against any echo server.
+async fn client_exchange(url: String) {
+    let (tx, mut rx) = connect(&url, &Options::default()).await.unwrap();
+    assert!(matches!(rx.next().await, Some(Event::Open)));
+    assert_eq!(tx.ready_state(), ReadyState::Open);
+
+    tx.send_text("héllo").await.unwrap();
+    assert_eq!(next_message(&mut rx).await, Message::Text("héllo".into()));
+    tx.send_binary(vec![0u8, 1, 2, 255]).await.unwrap();
+    assert_eq!(
+        next_message(&mut rx).await,
+        Message::Binary(vec![0u8, 1, 2, 255].into())
+    );
+    tx.send(b"typed".to_vec(), MessageType::Text).await.unwrap();
+    assert_eq!(next_message(&mut rx).await, Message::Text("typed".into()));
+
+    let big = pattern(BIG, 7);
+    tx.send_binary(big.clone()).await.unwrap();
+    match next_message(&mut rx).await {
+        Message::Binary(b) => assert!(b[..] == big[..], "16 MiB binary came back intact"),
+        other => panic!("expected binary, got {:?}", other.is_text()),
+    }
+    let big_text: String = "wsd-".repeat(BIG / 4);
+    tx.send_text(big_text.clone()).await.unwrap();
+    match next_message(&mut rx).await {
+        Message::Text(t) => assert!(t == big_text, "16 MiB text came back intact"),
+        _ => panic!("expected text"),
+    }
+
+    tx.send_ping("are you there").await.unwrap();
+    loop {
+        match rx.next().await.unwrap() {
+            Event::Pong(p) => {
+                assert_eq!(&p[..], b"are you there");
+                break;
+            }
+            Event::Ping(_) | Event::Message(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    tx.flush().await.unwrap();
+    tx.close_connection(4000, "client done").await.unwrap();
+    let (code, _) = expect_close(&mut rx).await;
+    assert_eq!(code, 4000, "the server echoes the close code");
+    assert!(matches!(
+        tx.send_text("late").await,
+        Err(Error::Usage(UsageError::NotOpen))
+    ));
+}
+
+/// The server closes with `code`; the adapter's client reports it.
+async fn client_sees_server_close(url: String, code: u16) {
+    let (tx, mut rx) = connect(&url, &Options::default()).await.unwrap();
+    tx.send_text(format!("close:{code}")).await.unwrap();
+    let (got, reason) = expect_close(&mut rx).await;
+    assert_eq!(got, code);
+    assert_eq!(reason, "server says bye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_client_against_adapter_server() {
+    bounded(60, async {
+        let addr = adapter_server().await;
+        client_exchange(format!("ws://{addr}/echo")).await;
+        client_sees_server_close(format!("ws://{addr}/"), 1001).await;
+        client_sees_server_close(format!("ws://{addr}/"), 3000).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_client_against_tungstenite_server() {
+    bounded(60, async {
+        let addr = tungstenite_server().await;
+        client_exchange(format!("ws://{addr}/echo")).await;
+        client_sees_server_close(format!("ws://{addr}/"), 4999).await;
+        client_sees_server_close(format!("ws://{addr}/"), 1008).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_client_against_blocking_server() {
+    bounded(60, async {
+        let server = websocket_driver::blocking::BlockingServer::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let _ = server.serve(|_req, ws| {
+                ws.on_message(|ws, m| {
+                    let _ = ws.send_message(&m);
+                });
+            });
+        });
+        client_exchange(format!("ws://{addr}/")).await;
+    })
+    .await;
+}
+
+/// A server-side ping from the adapter: the client's automatic pong comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_server_pings_tungstenite_client() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            assert!(matches!(rx.next().await, Some(Event::Open)));
+            tx.send_ping(vec![1u8, 2, 3]).await.unwrap();
+            loop {
+                match rx.next().await.unwrap() {
+                    Event::Pong(p) => {
+                        assert_eq!(&p[..], &[1, 2, 3]);
+                        break;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            tx.close_connection(1000, "").await.unwrap();
+            expect_close(&mut rx).await
+        });
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        let mut pinged = false;
+        while let Some(message) = ws.next().await {
+            match message.unwrap() {
+                TMessage::Ping(p) => {
+                    assert_eq!(&p[..], &[1, 2, 3]);
+                    pinged = true;
+                }
+                TMessage::Close(frame) => {
+                    assert_eq!(u16::from(frame.unwrap().code), 1000);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(pinged);
+        assert_eq!(server.await.unwrap().0, 1000);
+    })
+    .await;
+}
+
+/// tokio-tungstenite's client against the adapter's server: text, binary, 16 MiB, ping,
+/// a client close with a code, and server closes with codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tungstenite_client_against_adapter_server() {
+    bounded(60, async {
+        let addr = adapter_server().await;
+        let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 101);
+
+        ws.send(TMessage::Text("hello".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("hello".into())
+        );
+        ws.send(TMessage::Binary(vec![9u8; 1000].into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Binary(vec![9u8; 1000].into())
+        );
+        let big = pattern(BIG, 3);
+        ws.send(TMessage::Binary(big.clone().into())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Binary(b) => assert!(b[..] == big[..]),
+            other => panic!("unexpected {:?}", other.len()),
+        }
+        ws.send(TMessage::Ping(b"tick".to_vec().into()))
+            .await
+            .unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Pong(p) => assert_eq!(&p[..], b"tick"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The server pings on request; tungstenite answers by itself.
+        ws.send(TMessage::Text("ping".into())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Ping(p) => assert_eq!(&p[..], b"srv"),
+            other => panic!("unexpected {other:?}"),
+        }
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(4123),
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+        loop {
+            match ws.next().await {
+                Some(Ok(TMessage::Close(Some(frame)))) => {
+                    assert_eq!(u16::from(frame.code), 4123);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{e}"),
+                None => break,
+            }
+        }
+
+        for code in [1000u16, 1001, 3001] {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                .await
+                .unwrap();
+            ws.send(TMessage::Text(format!("close:{code}").into()))
+                .await
+                .unwrap();
+            match ws.next().await.unwrap().unwrap() {
+                TMessage::Close(Some(frame)) => {
+                    assert_eq!(u16::from(frame.code), code);
+                    assert_eq!(frame.reason.as_str(), "server says bye");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(ws.next().await.is_none());
+        }
+    })
+    .await;
+}
+
+/// The adapter's server sees the client's close code and reason, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_server_reports_client_close_code() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            expect_close(&mut rx).await
+        });
+        let (tx, mut rx) = connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        tx.close_connection(3456, "going").await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 3456);
+        assert_eq!(server.await.unwrap(), (3456, "going".to_string()));
+
+        // A transport that just ends is 1006.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            expect_close(&mut rx).await
+        });
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        drop(ws);
+        assert_eq!(server.await.unwrap().0, 1006);
+    })
+    .await;
+}
+
+/// A peer that breaks the protocol: Error, then Close with the code the driver sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_reports_error_then_close() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            let mut events = Vec::new();
+            while let Some(event) = rx.next().await {
+                events.push(event);
+            }
+            events
+        });
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // An unmasked text frame from a client: 1002.
+        raw.write_all(b"\x81\x02hi").await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await;
+        let events = server.await.unwrap();
+        assert!(matches!(events[0], Event::Open));
+        assert!(matches!(events[1], Event::Error(Error::Protocol(_))));
+        assert!(matches!(events[2], Event::Close { code: 1002, .. }));
+        assert_eq!(events.len(), 3);
+        assert!(got.starts_with(b"HTTP/1.1 101"));
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let close = &got[head_end..];
+        assert_eq!(close[0], 0x88, "a close frame follows the 101");
+        assert_eq!(&close[2..4], &1002u16.to_be_bytes());
+    })
+    .await;
+}
+
+/// Requests that are not valid upgrades get an HTTP error and `accept` fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upgrades_are_answered_with_http_errors() {
+    bounded(30, async {
+        async fn answer(request: &'static [u8], check_404: bool) -> (String, bool) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let result = accept_with(stream, &Options::default(), &Config::default(), |req| {
+                    if check_404 && req.path != "/chat" {
+                        Err(HttpResponse::new(404, "no such room"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await;
+                result.is_err()
+            });
+            let mut raw = TcpStream::connect(addr).await.unwrap();
+            raw.write_all(request).await.unwrap();
+            let mut got = Vec::new();
+            raw.read_to_end(&mut got).await.unwrap();
+            (
+                String::from_utf8_lossy(&got).into_owned(),
+                server.await.unwrap(),
+            )
+        }
+        let (text, failed) = answer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(failed);
+        let (text, failed) = answer(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+            false,
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 426"), "{text}");
+        assert!(text.contains("Sec-WebSocket-Version: 13"));
+        assert!(failed);
+        let (text, failed) = answer(
+            b"GET /lobby HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            true,
+        )
+        .await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(failed);
+
+        // The client side of a refused handshake.
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let _ = accept_with(stream, &Options::default(), &Config::default(), |_| {
+                    Err(HttpResponse::new(403, "go away"))
+                })
+                .await;
+            });
+            addr
+        };
+        match connect(&format!("ws://{addr}/"), &Options::default()).await {
+            Err(Error::Handshake(e)) => assert!(e.to_string().contains("403"), "{e}"),
+            other => panic!("expected a handshake error, got {:?}", other.is_ok()),
+        }
+    })
+    .await;
+}
+
+/// Subprotocol negotiation goes through the adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocol_is_agreed() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let options = Options::default().accept_protocols(["chat.v2"]);
+            let (tx, rx) = accept(stream, &options).await.unwrap();
+            assert_eq!(tx.protocol(), Some("chat.v2"));
+            echo_app(tx, rx).await;
+        });
+        let options = Options::default().accept_protocols(["chat.v1", "chat.v2"]);
+        let (tx, mut rx) = connect(&format!("ws://{addr}/"), &options).await.unwrap();
+        assert_eq!(tx.protocol(), Some("chat.v2"));
+        assert_eq!(tx.version(), "hybi-13");
+        tx.close_connection(1000, "").await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 1000);
+    })
+    .await;
+}
+
+/// Seed-style handler: on_open, on_message, on_close each run, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_callbacks_run() {
+    #[derive(Default)]
+    struct Recorder {
+        log: Vec<String>,
+    }
+    impl Handler for Recorder {
+        async fn on_open(&mut self, ws: &WsSender) {
+            self.log.push("open".into());
+            let _ = ws.send_text("welcome").await;
+        }
+        async fn on_message(&mut self, ws: &WsSender, message: Message<'static>) {
+            self.log
+                .push(format!("message {}", message.as_text().unwrap()));
+            let _ = ws.send_message(message).await;
+        }
+        async fn on_close(&mut self, _ws: &WsSender, code: u16, reason: &str) {
+            self.log.push(format!("close {code} {reason}"));
+        }
+    }
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            run(
+                accept(stream, &Options::default()).await.unwrap(),
+                Recorder::default(),
+            )
+            .await
+            .log
+        });
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("welcome".into())
+        );
+        ws.send(TMessage::Text("one".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("one".into())
+        );
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        }))
+        .await
+        .unwrap();
+        while ws.next().await.is_some() {}
+        assert_eq!(
+            server.await.unwrap(),
+            vec!["open", "message one", "close 1000 done"]
+        );
+    })
+    .await;
+}
+
+/// Senders are cloneable and usable from other tasks; messages arrive whole, each task's
+/// in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_from_many_tasks() {
+    bounded(60, async {
+        let addr = tungstenite_server().await;
+        let (tx, mut rx) = connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200 {
+                    tx.send_text(format!("{t}:{i}")).await.unwrap();
+                }
+            }));
+        }
+        let mut next = [0usize; 4];
+        for _ in 0..800 {
+            let m = next_message(&mut rx).await;
+            let (t, i) = m.as_text().unwrap().split_once(':').unwrap();
+            let (t, i): (usize, usize) = (t.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(next[t], i, "task {t}'s messages in order");
+            next[t] += 1;
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        tx.close_connection(1000, "").await.unwrap();
+        expect_close(&mut rx).await;
+    })
+    .await;
+}
+
+/// Backpressure and cancellation: against a peer that does not read, `send` waits once
+/// the buffer is over the limit; a task aborted while sending, and a send cancelled by a
+/// timeout, leave the stream consistent: the peer later gets exactly the messages whose
+/// `send` completed, whole and in order, then later messages and a clean close.
+async fn cancellation_mid_send<S>(tx: WsSender, mut rx: WsReceiver, mut peer: S)
+where
+    S: futures_util::Stream<Item = Result<TMessage, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<TMessage, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin,
+{
+    const SIZE: usize = 256 * 1024;
+    let completed = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let (tx, completed) = (tx.clone(), completed.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                tx.send_binary(pattern(SIZE, i)).await.unwrap();
+                completed.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    // The peer reads nothing: the socket buffers fill, then the adapter's buffer passes
+    // the limit and the sender blocks.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = completed.load(Ordering::SeqCst);
+        if now == last && tx.buffered_amount() > 64 * 1024 {
+            break;
+        }
+        last = now;
+    }
+    assert!(!sender.is_finished());
+    sender.abort();
+    assert!(sender.await.unwrap_err().is_cancelled());
+    // A send cancelled by a timeout queues nothing either.
+    let timed_out =
+        tokio::time::timeout(Duration::from_millis(100), tx.send_binary(vec![0xEE; SIZE])).await;
+    assert!(timed_out.is_err(), "send waits while over the limit");
+    let sent = completed.load(Ordering::SeqCst);
+    assert!(sent > 0);
+
+    // Now the peer reads everything: exactly the completed messages, whole and in order.
+    for i in 0..sent {
+        match peer.next().await.unwrap().unwrap() {
+            TMessage::Binary(b) => {
+                assert_eq!(b.len(), SIZE, "message {i} whole");
+                assert!(b[..] == pattern(SIZE, i)[..], "message {i} intact");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The connection still works after the cancellations.
+    tx.send_text("after").await.unwrap();
+    assert_eq!(
+        peer.next().await.unwrap().unwrap(),
+        TMessage::Text("after".into())
+    );
+    peer.send(TMessage::Text("still here".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut rx).await,
+        Message::Text("still here".into())
+    );
+    tx.close_connection(1000, "done").await.unwrap();
+    match peer.next().await.unwrap().unwrap() {
+        TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Polling on lets tungstenite send its close reply.
+    assert!(peer.next().await.is_none());
+    assert_eq!(expect_close(&mut rx).await.0, 1000);
+    assert_eq!(tx.buffered_amount(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_mid_send_adapter_server() {
+    bounded(60, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let config = Config::default().max_backpressure(64 * 1024);
+            websocket_driver::tokio::accept_with(stream, &Options::default(), &config, |_| Ok(()))
+                .await
+                .unwrap()
+        });
+        let (peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        let (tx, rx) = server.await.unwrap();
+        cancellation_mid_send(tx, rx, peer).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_mid_send_adapter_client() {
+    bounded(60, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(stream).await.unwrap()
+        });
+        let config = Config::default().max_backpressure(64 * 1024);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (tx, rx) = websocket_driver::tokio::client_with(
+            stream,
+            &format!("ws://{addr}/"),
+            &Options::default(),
+            &config,
+        )
+        .await
+        .unwrap();
+        let peer = server.await.unwrap();
+        cancellation_mid_send(tx, rx, peer).await;
+    })
+    .await;
+}
+
+/// A dropped receiver leaves the senders working; dropping every half closes with 1000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_both_halves_closes_normally() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            let mut seen = Vec::new();
+            while let Some(Ok(message)) = ws.next().await {
+                seen.push(message);
+            }
+            seen
+        });
+        let (tx, rx) = connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        drop(rx);
+        tx.send_text("still sending").await.unwrap();
+        drop(tx);
+        let seen = server.await.unwrap();
+        assert_eq!(seen[0], TMessage::Text("still sending".into()));
+        match &seen[1] {
+            TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
+            other => panic!("unexpected {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// A close handshake the peer never answers ends after the close timeout with 1006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_close_times_out() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            // Answer the upgrade by hand, then read and ignore everything.
+            let mut buf = vec![0u8; 4096];
+            let n = stream.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap()
+                .trim()
+                .to_string();
+            let accept = websocket_driver::protocol::handshake::accept_key(&key);
+            stream
+                .write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                         Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            while stream.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        let config = Config::default().close_timeout(Duration::from_millis(300));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (tx, mut rx) = websocket_driver::tokio::client_with(
+            stream,
+            &format!("ws://{addr}/"),
+            &Options::default(),
+            &config,
+        )
+        .await
+        .unwrap();
+        tx.close_connection(1000, "").await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(expect_close(&mut rx).await.0, 1006);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    })
+    .await;
+}
