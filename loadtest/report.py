@@ -1,0 +1,596 @@
+#!/usr/bin/env python3
+"""The data half of loadtest/compare.sh (python3 stdlib only).
+
+    report.py record  ...   one run's raw measurements -> one JSON line (compare.sh appends
+                            it to results/runs.jsonl)
+    report.py summarize --runs runs.jsonl --out DIR --command CMD [--machine-json FILE]
+                            medians over rounds -> a table on stdout, DIR/compare.json,
+                            DIR/compare.md and DIR/compare.svg
+    report.py selftest      summarize made-up runs into a temporary folder (checks this script)
+
+Server CPU per message comes from /proc/PID/stat (utime + stime, in clock ticks) sampled
+each time wsload prints a progress line, so it covers the measuring window only; when fewer
+than two progress lines came (--secs < 2) it falls back to the whole wsload run (handshakes
+and warm-up included, so a little high) and says so in `cpu_basis`.
+"""
+import argparse
+import html
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+
+# The interleaving order of compare.sh; peers are the ones "ratio to best peer" compares to.
+SERVERS = ["wsd-epoll", "wsd-io-uring", "tokio-tungstenite", "fastwebsockets"]
+PEERS = ["tokio-tungstenite", "fastwebsockets"]
+COLORS = {
+    "wsd-epoll": "#1f77b4",
+    "wsd-io-uring": "#17becf",
+    "tokio-tungstenite": "#ff7f0e",
+    "fastwebsockets": "#d62728",
+}
+PROGRESS = re.compile(r"wsload:\s+([\d.]+)s\s+(\d+)\s+msgs/s")
+
+
+# ----- record -----
+
+def last_json_object(text):
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def parse_samples(path):
+    """Lines `EPOCHREALTIME TICKS <wsload progress line>` -> [(wall_s, ticks, window_s, msgs)]."""
+    samples = []
+    if not path or not os.path.exists(path):
+        return samples
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(" ", 2)
+            if len(parts) < 3:
+                continue
+            m = PROGRESS.search(parts[2])
+            if not m:
+                continue
+            try:
+                wall, ticks = float(parts[0]), int(parts[1])
+            except ValueError:
+                continue
+            if ticks < 0:
+                continue
+            samples.append((wall, ticks, float(m.group(1)), int(m.group(2))))
+    return samples
+
+
+def cmd_record(a):
+    rec = {
+        "kind": a.kind,
+        "server": a.server,
+        "scenario": a.scenario,
+        "round": a.round,
+        "rc": a.rc,
+    }
+    try:
+        with open(a.json, encoding="utf-8", errors="replace") as f:
+            result = last_json_object(f.read())
+    except OSError:
+        result = None
+    rec["wsload"] = result
+    clk = a.clk_tck or 100
+    whole_ticks = None
+    if a.cpu_before >= 0 and a.cpu_after >= 0:
+        whole_ticks = a.cpu_after - a.cpu_before
+        rec["server_cpu_s_whole_run"] = whole_ticks / clk
+    if a.client_cpu_s >= 0:
+        rec["client_cpu_s"] = a.client_cpu_s
+    if a.wall_s > 0:
+        rec["wall_s"] = a.wall_s
+    problems = []
+    if a.server_exited:
+        problems.append("server exited during the run")
+    if a.rc != 0:
+        problems.append(f"wsload exit status {a.rc}")
+    if result is None:
+        problems.append("no JSON from wsload")
+    elif a.kind == "echo":
+        if result.get("errors", 0):
+            problems.append(f"{result['errors']} errors")
+        samples = parse_samples(a.samples)
+        rec["progress_samples"] = len(samples)
+        messages = result.get("messages", 0)
+        if len(samples) >= 2:
+            first, last = samples[0], samples[-1]
+            window_msgs = sum(s[3] for s in samples[1:])
+            ticks = last[1] - first[1]
+            wall = last[0] - first[0]
+            rec["cpu_basis"] = "window"
+            rec["cpu_window_s"] = round(wall, 3)
+            rec["cpu_window_msgs"] = window_msgs
+            rec["server_cpu_s"] = ticks / clk
+            if window_msgs > 0:
+                rec["server_cpu_us_per_msg"] = ticks / clk * 1e6 / window_msgs
+            if wall > 0:
+                rec["server_cpu_util"] = ticks / clk / wall
+        elif whole_ticks is not None and messages > 0:
+            rec["cpu_basis"] = "whole run"
+            rec["server_cpu_s"] = whole_ticks / clk
+            rec["server_cpu_us_per_msg"] = whole_ticks / clk * 1e6 / messages
+            secs = result.get("secs") or 0
+            if secs > 0:
+                rec["server_cpu_util"] = whole_ticks / clk / max(a.wall_s, secs)
+        if rec.get("client_cpu_s") is not None and a.wall_s > 0:
+            rec["client_cpu_util"] = rec["client_cpu_s"] / a.wall_s
+        if not messages:
+            problems.append("no messages")
+    elif a.kind == "idle":
+        if not result.get("all_opened", True) or result.get("held", result.get("conns")) != result.get("conns"):
+            problems.append(f"held {result.get('held')} of {result.get('conns')} connections")
+    rec["ok"] = not problems
+    if problems:
+        rec["problems"] = problems
+    print(json.dumps(rec, sort_keys=True))
+
+
+# ----- summarize -----
+
+def median(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(xs) if xs else None
+
+
+def load_runs(path):
+    runs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                runs.append(json.loads(line))
+    return runs
+
+
+def ordered(names):
+    return [s for s in SERVERS if s in names] + sorted(n for n in names if n not in SERVERS)
+
+
+def summarize(runs, rounds=None, secs=None):
+    scenarios = []  # keep first-seen order
+    for r in runs:
+        if r["kind"] == "echo" and r["scenario"] not in scenarios:
+            scenarios.append(r["scenario"])
+    out = {"scenarios": [], "idle": None}
+    for name in scenarios:
+        rs = [r for r in runs if r["kind"] == "echo" and r["scenario"] == name]
+        servers = {}
+        for server in ordered({r["server"] for r in rs}):
+            mine = [r for r in rs if r["server"] == server]
+            good = [r for r in mine if r["ok"]]
+            w = [r["wsload"] for r in good]
+            servers[server] = {
+                "runs": len(mine),
+                "ok_runs": len(good),
+                "msgs_per_sec": median([x.get("msgs_per_sec") for x in w]),
+                "mb_per_sec": median([x.get("mb_per_sec") for x in w]),
+                "p50_us": median([x.get("p50_us") for x in w]),
+                "p99_us": median([x.get("p99_us") for x in w]),
+                "p999_us": median([x.get("p999_us") for x in w]),
+                "server_cpu_us_per_msg": median([r.get("server_cpu_us_per_msg") for r in good]),
+                "server_cpu_util": median([r.get("server_cpu_util") for r in good]),
+                "client_cpu_util": median([r.get("client_cpu_util") for r in good]),
+                "errors": sum((r["wsload"] or {}).get("errors", 0) for r in mine),
+                "cpu_basis": sorted({r.get("cpu_basis") for r in good if r.get("cpu_basis")}),
+                "problems": [f"round {r['round']}: {'; '.join(r['problems'])}" for r in mine if not r["ok"]],
+                "per_round_msgs_per_sec": [(r["wsload"] or {}).get("msgs_per_sec") if r["ok"] else None for r in mine],
+            }
+        first = rs[0]["wsload"] or {} if rs else {}
+        conns = next((r["wsload"]["conns"] for r in rs if r["wsload"]), None)
+        size = next((r["wsload"]["size"] for r in rs if r["wsload"]), None)
+        peer_rates = {p: servers[p]["msgs_per_sec"] for p in PEERS if p in servers and servers[p]["msgs_per_sec"]}
+        best_peer = max(peer_rates, key=peer_rates.get) if peer_rates else None
+        peer_cpu = {p: servers[p]["server_cpu_us_per_msg"] for p in PEERS
+                    if p in servers and servers[p]["server_cpu_us_per_msg"]}
+        best_cpu_peer = min(peer_cpu, key=peer_cpu.get) if peer_cpu else None
+        for s in servers.values():
+            s["ratio_to_best_peer"] = (s["msgs_per_sec"] / peer_rates[best_peer]
+                                       if best_peer and s["msgs_per_sec"] is not None else None)
+            s["cpu_ratio_to_best_peer"] = (s["server_cpu_us_per_msg"] / peer_cpu[best_cpu_peer]
+                                           if best_cpu_peer and s["server_cpu_us_per_msg"] is not None else None)
+        del first
+        out["scenarios"].append({
+            "name": name, "conns": conns, "size": size,
+            "best_peer": best_peer, "best_cpu_peer": best_cpu_peer, "servers": servers,
+        })
+    idle_runs = [r for r in runs if r["kind"] == "idle"]
+    if idle_runs:
+        servers = {}
+        for server in ordered({r["server"] for r in idle_runs}):
+            mine = [r for r in idle_runs if r["server"] == server]
+            good = [r for r in mine if r["ok"]]
+            w = [r["wsload"] for r in good]
+            servers[server] = {
+                "runs": len(mine),
+                "ok_runs": len(good),
+                "conns": median([x.get("conns") for x in w]),
+                "held": median([x.get("held") for x in w]),
+                "rss_before_kib": median([x.get("rss_before_kib") for x in w]),
+                "rss_after_kib": median([x.get("rss_after_kib") for x in w]),
+                "bytes_per_conn": median([x.get("bytes_per_conn") for x in w]),
+                "problems": [f"round {r['round']}: {'; '.join(r['problems'])}" for r in mine if not r["ok"]],
+            }
+        peer_mem = {p: servers[p]["bytes_per_conn"] for p in PEERS
+                    if p in servers and servers[p]["bytes_per_conn"]}
+        best = min(peer_mem, key=peer_mem.get) if peer_mem else None
+        for s in servers.values():
+            s["ratio_to_best_peer"] = (s["bytes_per_conn"] / peer_mem[best]
+                                       if best and s["bytes_per_conn"] is not None else None)
+        out["idle"] = {"conns": median([r["wsload"].get("conns") for r in idle_runs if r["wsload"]]),
+                       "best_peer": best, "servers": servers}
+    return out
+
+
+def fmt(x, digits=0, suffix=""):
+    if x is None:
+        return "—"
+    if digits == 0:
+        return f"{x:,.0f}{suffix}"
+    return f"{x:,.{digits}f}{suffix}"
+
+
+def fmt_ratio(x):
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def pct(x):
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def tables(summary):
+    """-> (echo header, echo rows, idle header, idle rows), cells as strings."""
+    eh = ["scenario", "server", "msgs/s", "× best peer", "MB/s", "p99 µs",
+          "server CPU µs/msg", "CPU/msg × best peer", "server CPU", "client CPU", "errors"]
+    er = []
+    for sc in summary["scenarios"]:
+        for name, s in sc["servers"].items():
+            flag = "" if s["ok_runs"] == s["runs"] else f" ({s['runs'] - s['ok_runs']} of {s['runs']} runs failed)"
+            er.append([sc["name"], name + flag, fmt(s["msgs_per_sec"]), fmt_ratio(s["ratio_to_best_peer"]),
+                       fmt(s["mb_per_sec"], 1), fmt(s["p99_us"]),
+                       fmt(s["server_cpu_us_per_msg"], 2), fmt_ratio(s["cpu_ratio_to_best_peer"]),
+                       pct(s["server_cpu_util"]), pct(s["client_cpu_util"]), str(s["errors"])])
+    ih = ["server", "connections held", "RSS before KiB", "RSS after KiB", "bytes/conn", "× best peer"]
+    ir = []
+    if summary["idle"]:
+        for name, s in summary["idle"]["servers"].items():
+            flag = "" if s["ok_runs"] == s["runs"] else f" ({s['runs'] - s['ok_runs']} of {s['runs']} runs failed)"
+            ir.append([name + flag, fmt(s["held"]), fmt(s["rss_before_kib"]), fmt(s["rss_after_kib"]),
+                       fmt(s["bytes_per_conn"]), fmt_ratio(s["ratio_to_best_peer"])])
+    return eh, er, ih, ir
+
+
+NUMERIC_FROM = 2  # columns from here on are right-aligned
+
+
+def text_table(header, rows, numeric_from=NUMERIC_FROM):
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    def line(cells):
+        return "  ".join(c.rjust(w) if i >= numeric_from else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(header), line(["-" * w for w in widths])]
+    prev = None
+    for r in rows:
+        if prev is not None and r[0] != prev and header[0] == "scenario":
+            out.append("")
+        prev = r[0]
+        out.append(line(r))
+    return "\n".join(out)
+
+
+def md_table(header, rows, numeric_from=NUMERIC_FROM):
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def problems_text(summary):
+    lines = []
+    for sc in summary["scenarios"]:
+        for name, s in sc["servers"].items():
+            for p in s["problems"]:
+                lines.append(f"{sc['name']} / {name}: {p}")
+            if "whole run" in s["cpu_basis"]:
+                lines.append(f"{sc['name']} / {name}: server CPU per message measured over the whole run "
+                             "(--secs < 2 leaves no progress window), so it includes handshakes and warm-up")
+    if summary["idle"]:
+        for name, s in summary["idle"]["servers"].items():
+            for p in s["problems"]:
+                lines.append(f"idle / {name}: {p}")
+    return lines
+
+
+def busy_warning(machine):
+    """A line when other work was running: load average above a quarter of the CPUs."""
+    loads = []
+    for key in ("loadavg at start", "loadavg at end"):
+        try:
+            loads.append(float(str(machine.get(key, "")).split()[0]))
+        except (ValueError, IndexError):
+            pass
+    cpus = machine.get("nproc") or 2
+    if loads and max(loads) > cpus / 4:
+        return (f"the machine was busy (1-minute load average {' → '.join(f'{x:.2f}' for x in loads)} on "
+                f"{cpus} CPUs): other processes shared the pinned cores, so absolute numbers are low and noisy; "
+                "compare ratios from a run on an idle machine")
+    return None
+
+
+# ----- SVG -----
+
+def svg_chart(summary, title):
+    """Three panels: throughput relative to the best peer, server CPU per message relative to
+    the best peer, idle memory per connection. Hand-written SVG, no plotting library."""
+    servers = ordered({n for sc in summary["scenarios"] for n in sc["servers"]}
+                      | set((summary["idle"] or {}).get("servers", {})))
+    W, left, right = 960, 70, 20
+    panel_h, gap_top = 230, 60
+    parts = []
+    y0 = 70
+    legend = []
+    x = left
+    for s in servers:
+        legend.append(f'<rect x="{x}" y="44" width="12" height="12" fill="{COLORS.get(s, "#888")}"/>'
+                      f'<text x="{x + 16}" y="54" class="l">{html.escape(s)}</text>')
+        x += 30 + 8 * len(s)
+
+    def panel(y, heading, groups, value, label, ref_line, ylabel, log_scale=False):
+        """groups: [(group label, {server: row})]. log_scale: a log10 axis (for values that
+        span orders of magnitude, like idle memory across servers)."""
+        out = [f'<text x="{left}" y="{y - 8}" class="h">{html.escape(heading)}</text>']
+        plot_h = panel_h - 60
+        top, bottom = y + 10, y + 10 + plot_h
+        vals = [value(r) for _, rows in groups for r in rows.values() if value(r) is not None]
+        if log_scale:
+            positive = [v for v in vals if v > 0] or [1.0]
+            lo = 10 ** math.floor(math.log10(min(positive)))
+            hi = 10 ** math.ceil(math.log10(max(positive) * 1.5))
+            span = math.log10(hi) - math.log10(lo)
+            def height(v):
+                return max(0.0, (math.log10(max(v, lo)) - math.log10(lo)) / span * plot_h)
+            ticks = [lo * 10 ** k for k in range(int(round(span)) + 1)]
+        else:
+            vmax = max(vals + ([ref_line * 1.15] if ref_line else [])) if vals else 1.0
+            vmax = vmax * 1.12 or 1.0
+            def height(v):
+                return v / vmax * plot_h
+            step = nice_step(vmax)
+            ticks = [k * step for k in range(int(vmax / step + 1e-9) + 1)]
+        for t in ticks:
+            yy = bottom - height(t) if t > 0 or not log_scale else bottom
+            out.append(f'<line x1="{left}" x2="{W - right}" y1="{yy:.1f}" y2="{yy:.1f}" class="g"/>'
+                       f'<text x="{left - 6}" y="{yy + 4:.1f}" class="t" text-anchor="end">{tick(t)}</text>')
+        out.append(f'<text x="16" y="{(top + bottom) / 2:.0f}" class="t" text-anchor="middle" '
+                   f'transform="rotate(-90 16 {(top + bottom) / 2:.0f})">{html.escape(ylabel)}</text>')
+        if ref_line:
+            yy = bottom - height(ref_line)
+            out.append(f'<line x1="{left}" x2="{W - right}" y1="{yy:.1f}" y2="{yy:.1f}" class="ref"/>')
+        n = max(len(groups), 1)
+        gw = (W - left - right) / n
+        for gi, (glabel, rows) in enumerate(groups):
+            names = [s for s in servers if s in rows]
+            bw = min(44, (gw - 20) / max(len(names), 1))
+            gx = left + gi * gw + (gw - bw * len(names)) / 2
+            for si, s in enumerate(names):
+                v = value(rows[s])
+                bx = gx + si * bw
+                if v is None:
+                    out.append(f'<text x="{bx + bw / 2:.1f}" y="{bottom - 4}" class="v" text-anchor="middle">n/a</text>')
+                    continue
+                h = height(v)
+                out.append(f'<rect x="{bx + 2:.1f}" y="{bottom - h:.1f}" width="{bw - 4:.1f}" height="{h:.1f}" '
+                           f'fill="{COLORS.get(s, "#888")}"><title>{html.escape(s)}: {html.escape(label(rows[s]))}</title></rect>'
+                           f'<text x="{bx + bw / 2:.1f}" y="{bottom - h - 4:.1f}" class="v" text-anchor="middle">'
+                           f'{html.escape(short(v, ref_line))}</text>')
+            out.append(f'<text x="{left + gi * gw + gw / 2:.1f}" y="{bottom + 18}" class="t" text-anchor="middle">'
+                       f'{html.escape(glabel)}</text>')
+        out.append(f'<line x1="{left}" x2="{W - right}" y1="{bottom}" y2="{bottom}" class="a"/>')
+        return out
+
+    y = y0 + 20
+    if summary["scenarios"]:
+        groups = [(f'{sc["name"]} (best peer {fmt(sc["servers"].get(sc["best_peer"], {}).get("msgs_per_sec"))}/s)'
+                   if sc["best_peer"] else sc["name"], sc["servers"]) for sc in summary["scenarios"]]
+        parts += panel(y, "Echo throughput: messages/s relative to the best peer, dashed line (higher is better)", groups,
+                       lambda r: r.get("ratio_to_best_peer"),
+                       lambda r: f'{fmt(r["msgs_per_sec"])} msgs/s, p99 {fmt(r["p99_us"])} µs',
+                       1.0, "× best peer")
+        y += panel_h + gap_top
+        groups = [(sc["name"], sc["servers"]) for sc in summary["scenarios"]]
+        parts += panel(y, "Server CPU time per message relative to the best peer, dashed line (lower is better)", groups,
+                       lambda r: r.get("cpu_ratio_to_best_peer"),
+                       lambda r: f'{fmt(r["server_cpu_us_per_msg"], 2)} µs/msg',
+                       1.0, "× best peer")
+        y += panel_h + gap_top
+    if summary["idle"]:
+        conns = summary["idle"]["conns"]
+        parts += panel(y, f"Idle server memory per connection at {fmt(conns)} connections, bytes (lower is better)",
+                       [("RSS growth / connection", summary["idle"]["servers"])],
+                       lambda r: r.get("bytes_per_conn"),
+                       lambda r: f'{fmt(r["bytes_per_conn"])} B/conn', None, "bytes (log scale)",
+                       log_scale=True)
+        y += panel_h + gap_top
+    H = y - gap_top + 10
+    style = ("<style>text{font-family:sans-serif;fill:#222}.h{font-size:14px;font-weight:bold}"
+             ".t{font-size:11px}.l{font-size:12px}.v{font-size:10px}.g{stroke:#e4e4e4}"
+             ".a{stroke:#444}.ref{stroke:#222;stroke-dasharray:5 4}</style>")
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}">'
+            f'{style}<rect width="100%" height="100%" fill="#fff"/>'
+            f'<text x="{left}" y="26" class="h" style="font-size:16px">{html.escape(title)}</text>')
+    return head + "".join(legend) + "".join(parts) + "</svg>\n"
+
+
+def nice_step(vmax):
+    raw = vmax / 5
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def tick(t):
+    if t >= 1e6:
+        return f"{t / 1e6:g}M"
+    if t >= 1000:
+        return f"{t / 1000:g}k"
+    return f"{t:g}"
+
+
+def short(v, ratio):
+    if ratio:
+        return f"{v:.2f}"
+    return f"{v:,.0f}"
+
+
+# ----- command -----
+
+def cmd_summarize(a):
+    runs = load_runs(a.runs)
+    summary = summarize(runs)
+    machine = {}
+    if a.machine_json and os.path.exists(a.machine_json):
+        with open(a.machine_json, encoding="utf-8") as f:
+            machine = json.load(f)
+    eh, er, ih, ir = tables(summary)
+    text = []
+    if er:
+        text += ["Echo (medians over rounds; × best peer = msgs/s ÷ the faster of "
+                 + " / ".join(PEERS) + ")", text_table(eh, er), ""]
+    if ir:
+        text += [f"Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", text_table(ih, ir, numeric_from=1), ""]
+    probs = problems_text(summary)
+    busy = busy_warning(machine)
+    if busy:
+        probs.insert(0, busy)
+    if probs:
+        text += ["Notes:"] + [f"  {p}" for p in probs] + [""]
+    print("\n".join(text))
+
+    os.makedirs(a.out, exist_ok=True)
+    doc = {"command": a.command, "machine": machine, "peers": PEERS, **summary}
+    with open(os.path.join(a.out, "compare.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+    md = ["# websocket-driver vs peers: echo and idle-memory comparison", ""]
+    md += [f"Command: `{a.command}`", ""]
+    if machine:
+        md += ["| machine | |", "|---|---|"]
+        md += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in machine.items()]
+        md.append("")
+    md += ["Each server runs alone, pinned to CPU 0 (`taskset -c 0`, one thread/worker); `wsload` runs pinned "
+           "to CPU 1. Servers are interleaved (" + ", ".join(SERVERS) + ", then again) for every round; "
+           "each cell is the median over rounds. *× best peer* divides by the faster of "
+           + " and ".join(PEERS) + " in the same scenario (for CPU/msg and memory: the leaner one). "
+           "Server CPU is utime+stime from /proc/PID/stat over the measuring window; client CPU is wsload's "
+           "share of its one core over its whole run (near 100% means the load generator, not the server, "
+           "set the pace).", ""]
+    if er:
+        md += ["## Echo", "", md_table(eh, er), ""]
+    if ir:
+        md += [f"## Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", "",
+               "Server RSS growth (VmRSS after opening and holding the connections − before) ÷ connections held.", "",
+               md_table(ih, ir, numeric_from=1), ""]
+    if probs:
+        md += ["## Notes", ""] + [f"- {p}" for p in probs] + [""]
+    md += ["![chart](compare.svg)", ""]
+    with open(os.path.join(a.out, "compare.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(md))
+
+    title = "websocket-driver vs peers"
+    if machine.get("date"):
+        title += f" — {machine['date']}"
+    with open(os.path.join(a.out, "compare.svg"), "w", encoding="utf-8") as f:
+        f.write(svg_chart(summary, title))
+    print(f"wrote {a.out}/compare.json, compare.md, compare.svg")
+
+
+def cmd_selftest(_a):
+    import random
+    rng = random.Random(6)
+    runs = []
+    base = {"wsd-epoll": 1.3, "wsd-io-uring": 1.5, "tokio-tungstenite": 1.0, "fastwebsockets": 1.15}
+    for name, conns, size, rate in [("100×20 B", 100, 20, 40000), ("10×1 KiB", 10, 1024, 30000),
+                                    ("500×16 KiB", 500, 16384, 9000), ("1×1 MiB", 1, 1 << 20, 300)]:
+        for rnd in range(1, 4):
+            for s in SERVERS:
+                mps = rate * base[s] * rng.uniform(0.95, 1.05)
+                ok = not (s == "wsd-io-uring" and name == "1×1 MiB" and rnd == 2)
+                runs.append({"kind": "echo", "server": s, "scenario": name, "round": rnd, "rc": 0 if ok else 1,
+                             "ok": ok, **({} if ok else {"problems": ["wsload exit status 1"]}),
+                             "cpu_basis": "window", "server_cpu_us_per_msg": 1e6 / mps * 0.7,
+                             "server_cpu_util": 0.7, "client_cpu_util": 0.97,
+                             "wsload": {"mode": "echo", "conns": conns, "size": size, "secs": 5,
+                                        "messages": int(mps * 5), "msgs_per_sec": mps,
+                                        "mb_per_sec": mps * size / 1e6, "p50_us": 900, "p99_us": 3000,
+                                        "p999_us": 9000, "errors": 0}})
+    for rnd in range(1, 4):
+        for s, b in zip(SERVERS, [600, 700, 9000, 12000]):
+            runs.append({"kind": "idle", "server": s, "scenario": "idle", "round": rnd, "rc": 0, "ok": True,
+                         "wsload": {"mode": "idle", "conns": 10000, "held": 10000, "all_opened": True,
+                                    "rss_before_kib": 2000, "rss_after_kib": 2000 + b * 10000 // 1024,
+                                    "bytes_per_conn": b * rng.uniform(0.98, 1.02), "errors": 0}})
+    d = tempfile.mkdtemp(prefix="wsd-report-")
+    path = os.path.join(d, "runs.jsonl")
+    with open(path, "w") as f:
+        for r in runs:
+            f.write(json.dumps(r) + "\n")
+    machine = os.path.join(d, "machine.json")
+    with open(machine, "w") as f:
+        json.dump({"date": "selftest", "nproc": 2}, f)
+    cmd_summarize(argparse.Namespace(runs=path, out=d, command="report.py selftest", machine_json=machine))
+    doc = json.load(open(os.path.join(d, "compare.json")))
+    assert doc["scenarios"][0]["best_peer"] == "fastwebsockets", doc["scenarios"][0]["best_peer"]
+    r = doc["scenarios"][0]["servers"]["wsd-io-uring"]["ratio_to_best_peer"]
+    assert 1.1 < r < 1.5, r
+    assert doc["idle"]["best_peer"] == "tokio-tungstenite"
+    import xml.dom.minidom
+    xml.dom.minidom.parse(os.path.join(d, "compare.svg"))  # well-formed
+    print(f"selftest ok: {d}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("--kind", choices=["echo", "idle"], required=True)
+    r.add_argument("--server", required=True)
+    r.add_argument("--scenario", required=True)
+    r.add_argument("--round", type=int, required=True)
+    r.add_argument("--json", required=True, help="wsload's stdout")
+    r.add_argument("--samples", help="progress samples: EPOCHREALTIME TICKS LINE")
+    r.add_argument("--cpu-before", type=int, default=-1)
+    r.add_argument("--cpu-after", type=int, default=-1)
+    r.add_argument("--clk-tck", type=int, default=100)
+    r.add_argument("--client-cpu-s", type=float, default=-1)
+    r.add_argument("--wall-s", type=float, default=0)
+    r.add_argument("--rc", type=int, default=0)
+    r.add_argument("--server-exited", action="store_true")
+    s = sub.add_parser("summarize")
+    s.add_argument("--runs", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--command", default="")
+    s.add_argument("--machine-json")
+    sub.add_parser("selftest")
+    a = p.parse_args()
+    {"record": cmd_record, "summarize": cmd_summarize, "selftest": cmd_selftest}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
