@@ -19,6 +19,10 @@
 //! }
 //! ```
 //!
+//! The hyper connection must allow upgrades: `http1::Builder::serve_connection(..)
+//! .with_upgrades()` (axum's `serve` does). See `examples/echo_hyper.rs` and
+//! `examples/axum.rs`.
+//!
 //! How the driver meets hyper: [`upgrade`] converts the hyper request into a
 //! [`protocol::handshake::Request`](crate::Request), creates a server [`Driver`] with
 //! [`Driver::make_server`] and calls [`Driver::start_connection`], exactly as on any other

@@ -93,7 +93,8 @@ async fn tungstenite_server() -> SocketAddr {
                             let _ = ws.close(Some(frame)).await;
                         }
                         m @ (TMessage::Text(_) | TMessage::Binary(_)) => {
-                            if ws.send(m).await.is_err() {
+                            let sent = ws.send(m).await;
+                            if sent.is_err() {
                                 break;
                             }
                         }
@@ -244,14 +245,9 @@ async fn adapter_server_pings_tungstenite_client() {
             let (tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
             assert!(matches!(rx.next().await, Some(Event::Open)));
             tx.send_ping(vec![1u8, 2, 3]).await.unwrap();
-            loop {
-                match rx.next().await.unwrap() {
-                    Event::Pong(p) => {
-                        assert_eq!(&p[..], &[1, 2, 3]);
-                        break;
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
+            match rx.next().await.unwrap() {
+                Event::Pong(p) => assert_eq!(&p[..], &[1, 2, 3]),
+                other => panic!("unexpected {other:?}"),
             }
             tx.close_connection(1000, "").await.unwrap();
             expect_close(&mut rx).await
