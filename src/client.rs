@@ -16,20 +16,18 @@ use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
-    Command, Handler, HttpResponse, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest,
-    spawn,
+    ClientInit, Command, Handler, HttpResponse, ServerConfig, ServerHandle, Stats, Upgrade,
+    UpgradeRequest, spawn,
 };
 use crate::websocket::WebSocket;
 
-/// Resolves a `ws://` URL to the address to dial. `wss://` needs TLS, which these clients
-/// do not speak yet.
+/// Resolves a `ws://` or `wss://` URL to the address to dial.
 fn resolve(url: &str) -> Result<(ClientUrl, SocketAddr), Error> {
     let parsed = ClientUrl::parse(url)?;
-    if parsed.secure {
-        return Err(UsageError::InvalidUrl(format!(
-            "{url}: wss:// (TLS) is not supported by this client yet"
-        ))
-        .into());
+    if parsed.secure && cfg!(not(feature = "tls")) {
+        return Err(
+            UsageError::InvalidUrl(format!("{url}: wss:// needs the `tls` feature")).into(),
+        );
     }
     let addr = (parsed.host.as_str(), parsed.port)
         .to_socket_addrs()?
@@ -66,8 +64,43 @@ impl Default for ClientTimeouts {
     }
 }
 
+/// The connection state the reader thread and senders share, under one lock.
+struct Session {
+    ws: WebSocket,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsStream>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = WebSocket;
+    fn deref(&self) -> &WebSocket {
+        &self.ws
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut WebSocket {
+        &mut self.ws
+    }
+}
+
+impl Session {
+    /// Feeds bytes read from the socket (decrypting them first on wss).
+    fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = self.tls.as_mut() {
+            let mut plain = Vec::new();
+            let decrypted = tls.decrypt(data, &mut plain);
+            self.ws.receive(&mut plain);
+            return decrypted;
+        }
+        self.ws.receive(data);
+        Ok(())
+    }
+}
+
 struct Shared {
-    ws: Mutex<WebSocket>,
+    ws: Mutex<Session>,
     stream: Mutex<Option<TcpStream>>,
     finished: Condvar,
 }
@@ -89,7 +122,11 @@ struct Shared {
 pub struct BlockingClient {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    url: ClientUrl,
     timeouts: ClientTimeouts,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ClientConfig>>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -107,8 +144,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes everything the driver has queued.
-fn flush(ws: &mut WebSocket, stream: &mut TcpStream) -> io::Result<()> {
+/// Writes everything the driver has queued (through TLS on wss).
+fn flush(session: &mut Session, stream: &mut TcpStream) -> io::Result<()> {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = session.tls.as_mut() {
+        let pending = session.ws.pending_output();
+        if !pending.is_empty() {
+            let n = pending.len();
+            tls.encrypt(pending)?;
+            session.ws.consume_output(n);
+        }
+        while !tls.output().is_empty() {
+            let n = stream.write(tls.output())?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            tls.consume(n);
+        }
+        return Ok(());
+    }
+    let ws = &mut session.ws;
     while !ws.pending_output().is_empty() {
         let n = stream.write(ws.pending_output())?;
         if n == 0 {
@@ -122,18 +177,39 @@ fn flush(ws: &mut WebSocket, stream: &mut TcpStream) -> io::Result<()> {
 impl BlockingClient {
     /// A client for `url` (the seed's `make-client`); nothing is connected yet.
     pub fn new(url: &str, options: Options) -> Result<BlockingClient, Error> {
-        let (_, addr) = resolve(url)?;
+        let (parsed, addr) = resolve(url)?;
         let driver = Driver::make_client(url, &options)?;
         Ok(BlockingClient {
             shared: Arc::new(Shared {
-                ws: Mutex::new(WebSocket::new(driver)),
+                ws: Mutex::new(Session {
+                    ws: WebSocket::new(driver),
+                    #[cfg(feature = "tls")]
+                    tls: None,
+                }),
                 stream: Mutex::new(None),
                 finished: Condvar::new(),
             }),
             addr,
+            url: parsed,
             timeouts: ClientTimeouts::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
             reader: Mutex::new(None),
         })
+    }
+
+    /// How a `wss://` connection checks the server (default: the system roots).
+    #[cfg(feature = "tls")]
+    pub fn verify(mut self, verify: &crate::tls::Verify) -> Result<BlockingClient, Error> {
+        self.tls = Some(crate::tls::client_config(verify)?);
+        Ok(self)
+    }
+
+    /// Uses this rustls configuration for `wss://`.
+    #[cfg(feature = "tls")]
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> BlockingClient {
+        self.tls = Some(config);
+        self
     }
 
     /// Sets the timeouts (before `start_connection`).
@@ -184,6 +260,14 @@ impl BlockingClient {
         let mut buf = vec![0u8; 64 * 1024];
         {
             let mut ws = lock(&self.shared.ws);
+            #[cfg(feature = "tls")]
+            if self.url.secure {
+                let config = match &self.tls {
+                    Some(config) => config.clone(),
+                    None => crate::tls::client_config(&crate::tls::Verify::SystemRoots)?,
+                };
+                ws.tls = Some(crate::tls::TlsStream::client(config, &self.url.host)?);
+            }
             if !ws.start_connection() {
                 return Err(UsageError::NotOpen.into());
             }
@@ -206,8 +290,12 @@ impl BlockingClient {
                 ws.receive_eof();
                 return Err(HandshakeError::Incomplete.into());
             }
-            ws.receive(&mut buf[..n]);
+            let received = ws.receive(&mut buf[..n]);
             flush(&mut ws, &mut stream)?;
+            if let Err(e) = received {
+                ws.receive_eof();
+                return Err(e);
+            }
             if ws.is_handshake_complete() {
                 break;
             }
@@ -343,11 +431,12 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
             shared.finished.notify_all();
             return;
         }
-        ws.receive(&mut buf[..n]);
-        let flushed = match lock(&shared.stream).as_mut() {
-            Some(writer) => flush(&mut ws, writer).is_ok(),
-            None => false,
-        };
+        let received = ws.receive(&mut buf[..n]);
+        let flushed = received.is_ok()
+            && match lock(&shared.stream).as_mut() {
+                Some(writer) => flush(&mut ws, writer).is_ok(),
+                None => false,
+            };
         if ws.ready_state() == ReadyState::Closed {
             shared.finished.notify_all();
         }
@@ -366,6 +455,8 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
 pub struct ClientReactor<H: Handler> {
     handle: ServerHandle,
     options: Options,
+    #[cfg(feature = "tls")]
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     next: AtomicUsize,
     _handler: PhantomData<fn() -> H>,
 }
@@ -384,11 +475,15 @@ impl<H: Handler> ClientReactor<H> {
     /// the timeouts and backpressure settings apply as on a server.
     pub fn start(config: ServerConfig) -> io::Result<ClientReactor<H>> {
         let options = config.options.clone();
+        #[cfg(feature = "tls")]
+        let tls = Mutex::new(config.client_tls.clone());
         let loops = (0..config.threads.max(1)).map(|_| None).collect();
         let refuse = |_: &UpgradeRequest<'_>| Upgrade::<H>::Reject(HttpResponse::new(404, ""));
         Ok(ClientReactor {
             handle: spawn(config, loops, refuse, None)?,
             options,
+            #[cfg(feature = "tls")]
+            tls,
             next: AtomicUsize::new(0),
             _handler: PhantomData,
         })
@@ -403,12 +498,36 @@ impl<H: Handler> ClientReactor<H> {
 
     /// Like [`ClientReactor::connect`], with per-connection options.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
-        let (_, addr) = resolve(url)?;
+        let (parsed, addr) = resolve(url)?;
         let mut driver = Driver::make_client(url, options)?;
         driver.start_connection();
+        let init = ClientInit {
+            driver,
+            handler,
+            #[cfg(feature = "tls")]
+            tls: if parsed.secure {
+                let config = {
+                    let mut slot = lock(&self.tls);
+                    match &*slot {
+                        Some(config) => config.clone(),
+                        None => slot
+                            .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
+                            .clone(),
+                    }
+                };
+                Some(Box::new(crate::tls::TlsStream::client(
+                    config,
+                    &parsed.host,
+                )?))
+            } else {
+                None
+            },
+        };
+        #[cfg(not(feature = "tls"))]
+        let _ = parsed;
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.handle
-            .connect_on(i, addr, Command::Connect(Box::new((driver, handler))))?;
+            .connect_on(i, addr, Command::Connect(Box::new(init)))?;
         Ok(())
     }
 

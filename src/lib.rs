@@ -30,6 +30,8 @@ pub mod hyper;
 pub mod protocol;
 pub mod reactor;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 mod websocket;

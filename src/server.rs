@@ -64,6 +64,13 @@ pub struct ServerConfig {
     pub backpressure_policy: BackpressurePolicy,
     /// Size of each loop's read buffer. Default 64 KiB.
     pub read_buffer_size: usize,
+    /// TLS for every accepted connection (wss). Default `None`; see [`Server::bind_tls`].
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS settings for `wss://` connections of a [`ClientReactor`](crate::client::ClientReactor).
+    /// Default `None`: verify against the system roots.
+    #[cfg(feature = "tls")]
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +88,10 @@ impl Default for ServerConfig {
                 grace: Duration::from_secs(10),
             },
             read_buffer_size: 64 * 1024,
+            #[cfg(feature = "tls")]
+            tls: None,
+            #[cfg(feature = "tls")]
+            client_tls: None,
         }
     }
 }
@@ -185,6 +196,14 @@ pub trait Handler: Send + 'static {
 }
 
 /// Commands a [`Sender`] carries to a connection's loop.
+/// What a client connection is made of, carried to its loop.
+pub(crate) struct ClientInit<H> {
+    pub driver: Driver,
+    pub handler: H,
+    #[cfg(feature = "tls")]
+    pub tls: Option<Box<crate::tls::TlsStream>>,
+}
+
 pub(crate) enum Command {
     Send(Vec<u8>, MessageType),
     Close(u16, String),
@@ -514,6 +533,27 @@ impl Server {
         })
     }
 
+    /// Like [`Server::bind`], serving wss with a PEM certificate chain and private key.
+    #[cfg(feature = "tls")]
+    pub fn bind_tls(
+        addr: impl ToSocketAddrs,
+        cert_chain: impl AsRef<std::path::Path>,
+        private_key: impl AsRef<std::path::Path>,
+    ) -> io::Result<Server> {
+        let tls = crate::tls::server_config_from_pem(cert_chain, private_key)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut server = Server::bind(addr)?;
+        server.config.tls = Some(tls);
+        Ok(server)
+    }
+
+    /// Serves wss with this rustls configuration (applies to the current settings).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Server {
+        self.config.tls = Some(config);
+        self
+    }
+
     /// Replaces all settings.
     pub fn config(mut self, config: ServerConfig) -> Server {
         self.config = config;
@@ -602,6 +642,8 @@ where
             config: shared.clone(),
             stats: loop_stats.clone(),
             pool: Vec::new(),
+            #[cfg(feature = "tls")]
+            plain: Vec::new(),
             _handler: PhantomData,
         };
         let loop_config = LoopConfig {
@@ -653,6 +695,9 @@ pub(crate) struct WsService<F, H> {
     config: Arc<ServerConfig>,
     stats: Arc<LoopStats>,
     pool: Vec<Vec<u8>>,
+    /// Scratch for decrypted input (TLS connections), shared by the loop.
+    #[cfg(feature = "tls")]
+    plain: Vec<u8>,
     _handler: PhantomData<fn() -> H>,
 }
 
@@ -668,6 +713,9 @@ pub(crate) struct Conn<H> {
     /// Idle keepalive: the next check, and whether a ping is unanswered.
     idle_check: Option<Instant>,
     ping_outstanding: bool,
+    /// TLS state for wss (boxed: plain connections pay one pointer).
+    #[cfg(feature = "tls")]
+    tls: Option<Box<crate::tls::TlsStream>>,
 }
 
 enum Phase<H> {
@@ -682,6 +730,59 @@ where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
 {
+    /// The handler context for a connection.
+    fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, in_flight: usize) -> Ctx<'a> {
+        Ctx {
+            peer,
+            key: io.key,
+            generation: io.generation,
+            remote: io.remote,
+            max_backpressure: self.config.max_backpressure,
+            policy: self.config.backpressure_policy,
+            stats: &self.stats,
+            in_flight,
+        }
+    }
+
+    /// Moves plaintext output (driver frames, a reject response) into TLS, so the loop
+    /// writes ciphertext. A no-op for plain connections.
+    #[allow(unused_variables)]
+    fn seal(&mut self, conn: &mut Conn<H>) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            match &mut conn.phase {
+                Phase::Open(driver, _) => {
+                    let pending = driver.pending_output();
+                    if !pending.is_empty() && tls.encrypt(pending).is_ok() {
+                        let n = pending.len();
+                        driver.consume_output(n);
+                    }
+                    if driver.is_finished() {
+                        tls.close();
+                    }
+                    self.recycle(driver);
+                }
+                Phase::Rejecting(response, at)
+                    if *at < response.len() && tls.encrypt(&response[*at..]).is_ok() =>
+                {
+                    *at = response.len();
+                    tls.close();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Bytes queued for this connection outside its driver: handed to the kernel
+    /// (io_uring) or encrypted and waiting (TLS).
+    fn queued_outside(conn: &Conn<H>) -> usize {
+        #[cfg(feature = "tls")]
+        let tls = conn.tls.as_ref().map_or(0, |t| t.output().len());
+        #[cfg(not(feature = "tls"))]
+        let tls = 0;
+        conn.in_flight + tls
+    }
+
     fn reject(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, response: Vec<u8>) {
         conn.phase = Phase::Rejecting(response, 0);
         io.set_deadline(Some(io.now + self.config.close_timeout));
@@ -733,16 +834,7 @@ where
         let Phase::Open(driver, handler) = &mut conn.phase else {
             return;
         };
-        let ctx = Ctx {
-            peer: conn.peer,
-            key: io.key,
-            generation: io.generation,
-            remote: io.remote,
-            max_backpressure: self.config.max_backpressure,
-            policy: self.config.backpressure_policy,
-            stats: &self.stats,
-            in_flight: conn.in_flight,
-        };
+        let ctx = self.ctx(conn.peer, io, conn.in_flight);
         let mut at = 0;
         loop {
             let (used, event) = driver.poll_event(&mut data[at..]);
@@ -781,7 +873,7 @@ where
         if driver.ready_state() == ReadyState::Closing && conn.close_by.is_none() {
             conn.close_by = Some(io.now + self.config.close_timeout);
         }
-        if driver.buffered_amount() + conn.in_flight > self.config.max_backpressure {
+        if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure {
             if conn.over_limit_since.is_none() {
                 conn.over_limit_since = Some(io.now);
             }
@@ -804,12 +896,13 @@ where
     }
 
     fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        let outside = Self::queued_outside(conn);
         let Phase::Open(driver, _) = &mut conn.phase else {
             return;
         };
         let result = match command {
             Command::Send(data, kind) => {
-                let over = driver.buffered_amount() + conn.in_flight > self.config.max_backpressure;
+                let over = driver.buffered_amount() + outside > self.config.max_backpressure;
                 if over && self.config.backpressure_policy == BackpressurePolicy::DropNew {
                     return;
                 }
@@ -830,15 +923,12 @@ where
     }
 }
 
-impl<F, H> Service for WsService<F, H>
+impl<F, H> WsService<F, H>
 where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
 {
-    type Session = Conn<H>;
-    type Command = Command;
-
-    fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+    fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
         io.set_deadline(Some(io.now + self.config.handshake_timeout));
         Conn {
             phase: Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
@@ -848,10 +938,12 @@ where
             in_flight: 0,
             idle_check: None,
             ping_outstanding: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
-    fn connected(
+    fn connected_plain(
         &mut self,
         io: &mut Io<'_, Command>,
         peer: SocketAddr,
@@ -865,16 +957,27 @@ where
             in_flight: 0,
             idle_check: None,
             ping_outstanding: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         };
         let Command::Connect(init) = command else {
             io.close(CloseRequest::Now);
             return conn;
         };
-        let Ok(init) = init.downcast::<(Driver, H)>() else {
+        let Ok(init) = init.downcast::<ClientInit<H>>() else {
             io.close(CloseRequest::Now);
             return conn;
         };
-        let (mut driver, handler) = *init;
+        let ClientInit {
+            mut driver,
+            handler,
+            #[cfg(feature = "tls")]
+            tls,
+        } = *init;
+        #[cfg(feature = "tls")]
+        {
+            conn.tls = tls;
+        }
         if let Some(buf) = self.pool.pop() {
             driver.provide_output_buffer(buf);
         }
@@ -885,14 +988,19 @@ where
         conn
     }
 
-    fn connect_failed(&mut self, io: &mut Io<'_, Command>, command: Command, error: io::Error) {
+    fn connect_failed_plain(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        command: Command,
+        error: io::Error,
+    ) {
         let Command::Connect(init) = command else {
             return;
         };
-        let Ok(init) = init.downcast::<(Driver, H)>() else {
+        let Ok(init) = init.downcast::<ClientInit<H>>() else {
             return;
         };
-        let (driver, handler) = *init;
+        let (driver, handler) = (init.driver, init.handler);
         let mut conn = Conn {
             phase: Phase::Open(driver, handler),
             peer: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -901,25 +1009,18 @@ where
             in_flight: 0,
             idle_check: None,
             ping_outstanding: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         };
         if let Phase::Open(driver, handler) = &mut conn.phase {
-            let ctx = Ctx {
-                peer: conn.peer,
-                key: io.key,
-                generation: io.generation,
-                remote: io.remote,
-                max_backpressure: self.config.max_backpressure,
-                policy: self.config.backpressure_policy,
-                stats: &self.stats,
-                in_flight: 0,
-            };
+            let ctx = self.ctx(conn.peer, io, 0);
             handler.on_error(&mut Ws { driver, ctx: &ctx }, &Error::Io(error));
             driver.abort(code::ABNORMAL, "connect failed");
         }
         self.pump(&mut conn, io, &mut []);
     }
 
-    fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+    fn read_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
         match conn.phase {
             Phase::Handshake(_) => self.handshake(conn, io, data),
             Phase::Open(..) => {
@@ -933,7 +1034,7 @@ where
         }
     }
 
-    fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+    fn timeout_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         let now = io.now;
         let Phase::Open(driver, _) = &mut conn.phase else {
             // A handshake that took too long (slowloris) or a reject that never flushed.
@@ -979,32 +1080,23 @@ where
         self.settle(conn, io);
     }
 
-    fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+    fn command_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
         self.command_on(conn, io, command);
     }
 
-    fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+    fn drained_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         let Phase::Open(driver, handler) = &mut conn.phase else {
             return;
         };
         if driver.ready_state() != ReadyState::Open {
             return;
         }
-        let ctx = Ctx {
-            peer: conn.peer,
-            key: io.key,
-            generation: io.generation,
-            remote: io.remote,
-            max_backpressure: self.config.max_backpressure,
-            policy: self.config.backpressure_policy,
-            stats: &self.stats,
-            in_flight: conn.in_flight,
-        };
+        let ctx = self.ctx(conn.peer, io, conn.in_flight);
         handler.on_drain(&mut Ws { driver, ctx: &ctx });
         self.settle(conn, io);
     }
 
-    fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+    fn shutdown_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 if driver.ready_state() == ReadyState::Open {
@@ -1017,7 +1109,7 @@ where
         }
     }
 
-    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+    fn output_plain<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
         match &conn.phase {
             Phase::Open(driver, _) => driver.pending_output(),
             Phase::Rejecting(response, at) => &response[*at..],
@@ -1025,7 +1117,7 @@ where
         }
     }
 
-    fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+    fn consume_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 driver.consume_output(n);
@@ -1047,7 +1139,7 @@ where
         }
     }
 
-    fn take_output(
+    fn take_output_plain(
         &mut self,
         conn: &mut Conn<H>,
         _io: &mut Io<'_, Command>,
@@ -1069,14 +1161,14 @@ where
         }
     }
 
-    fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+    fn sent_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
         conn.in_flight = conn.in_flight.saturating_sub(n);
         if conn.over_limit_since.is_some() {
             self.settle(conn, io);
         }
     }
 
-    fn closed(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
+    fn closed_plain(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
         if let Phase::Open(driver, _) = &mut conn.phase {
             driver.receive_eof();
             self.pump(&mut conn, io, &mut []);
@@ -1085,6 +1177,131 @@ where
             }
         }
         conn.phase = Phase::Done;
+    }
+}
+
+impl<F, H> Service for WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    type Session = Conn<H>;
+    type Command = Command;
+
+    fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+        #[allow(unused_mut)]
+        let mut conn = self.open_plain(io, peer);
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.config.tls {
+            match crate::tls::TlsStream::server(config.clone()) {
+                Ok(tls) => conn.tls = Some(Box::new(tls)),
+                Err(_) => io.close(CloseRequest::Now),
+            }
+        }
+        conn
+    }
+
+    fn connected(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        peer: SocketAddr,
+        command: Command,
+    ) -> Conn<H> {
+        let mut conn = self.connected_plain(io, peer, command);
+        self.seal(&mut conn);
+        conn
+    }
+
+    fn connect_failed(&mut self, io: &mut Io<'_, Command>, command: Command, error: io::Error) {
+        self.connect_failed_plain(io, command, error)
+    }
+
+    fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let mut plain = std::mem::take(&mut self.plain);
+            plain.clear();
+            match tls.decrypt(data, &mut plain) {
+                Ok(()) => self.read_plain(conn, io, &mut plain),
+                Err(e) => {
+                    // A TLS failure ends the connection; the alert (if any) goes out first.
+                    if let Phase::Open(driver, handler) = &mut conn.phase {
+                        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+                        handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
+                        driver.abort(code::ABNORMAL, "TLS failure");
+                    }
+                    self.pump(conn, io, &mut []);
+                    io.close(CloseRequest::AfterFlush);
+                }
+            }
+            self.plain = plain;
+            self.seal(conn);
+            return;
+        }
+        self.read_plain(conn, io, data)
+    }
+
+    fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.timeout_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        self.command_plain(conn, io, command);
+        self.seal(conn);
+    }
+
+    fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.drained_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.shutdown_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &conn.tls {
+            return tls.output();
+        }
+        self.output_plain(conn)
+    }
+
+    fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            tls.consume(n);
+            if conn.over_limit_since.is_some() {
+                self.settle(conn, io);
+            }
+            return;
+        }
+        self.consume_plain(conn, io, n)
+    }
+
+    fn take_output(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let taken = tls.take_output(spare)?;
+            conn.in_flight += taken.len();
+            return Some(taken);
+        }
+        self.take_output_plain(conn, io, spare)
+    }
+
+    fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        self.sent_plain(conn, io, n)
+    }
+
+    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>) {
+        self.closed_plain(conn, io)
     }
 
     fn over_capacity(&self) -> Vec<u8> {
@@ -1115,7 +1332,7 @@ mod tests {
     fn connection_state_stays_small() {
         struct Quiet;
         impl super::Handler for Quiet {}
-        assert!(std::mem::size_of::<crate::Driver>() <= 232);
-        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 328);
+        assert!(std::mem::size_of::<crate::Driver>() <= 200);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 336);
     }
 }

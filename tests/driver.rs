@@ -1512,3 +1512,43 @@ proptest! {
         prop_assert!(!events.contains(&Ev::Open) || events[0] == Ev::Open);
     }
 }
+
+/// Found by the `stream` fuzzer: a read that ends right after a frame header must not
+/// leave a half-made message behind for the next frame.
+#[test]
+fn read_ending_right_after_a_header_leaves_no_partial_message() {
+    let mut client = websocket_driver::Driver::make_client(
+        "ws://localhost/",
+        &websocket_driver::Options::default(),
+    )
+    .unwrap();
+    client.start_connection();
+    let request = client.pending_output().to_vec();
+    client.consume_output(request.len());
+    let key = String::from_utf8_lossy(&request)
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").map(str::to_string))
+        .unwrap();
+    let accept = websocket_driver::protocol::handshake::accept_key(&key);
+    let mut response = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+    let mut events = Vec::new();
+    let feed =
+        |client: &mut websocket_driver::Driver, bytes: &mut [u8], events: &mut Vec<String>| {
+            let mut at = 0;
+            loop {
+                let (used, event) = client.poll_event(&mut bytes[at..]);
+                at += used;
+                match event {
+                    Some(e) => events.push(format!("{e:?}")),
+                    None => break,
+                }
+            }
+        };
+    feed(&mut client, &mut response, &mut events);
+    feed(&mut client, &mut [0x82, 0x01], &mut events);
+    feed(&mut client, &mut [0x41, 0x82, 0x01, 0x42], &mut events);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events[0].starts_with("Open"));
+    assert!(events[1].contains("[65]"), "{events:?}");
+    assert!(events[2].contains("[66]"), "{events:?}");
+}

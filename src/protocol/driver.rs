@@ -163,6 +163,8 @@ enum Handshake {
     Server(Vec<u8>),
     /// Client: the request (until `start_connection`) and the response check.
     Client(Box<ClientHandshake>),
+    /// Client: the server's response was refused.
+    Failed(Box<HandshakeError>),
     Done,
 }
 
@@ -202,10 +204,11 @@ pub struct Driver {
     role: Role,
     state: ReadyState,
     max_length: usize,
-    protocol: Option<String>,
+    protocol: Option<Box<str>>,
     handshake: Handshake,
     stage: Stage,
-    message: Option<PartialMessage>,
+    /// Boxed: most connections have no message in progress most of the time.
+    message: Option<Box<PartialMessage>>,
     control: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
@@ -215,7 +218,6 @@ pub struct Driver {
     frames_written: u64,
     events: VecDeque<Event<'static>>,
     close_reported: bool,
-    handshake_error: Option<Box<HandshakeError>>,
 }
 
 impl Driver {
@@ -236,7 +238,6 @@ impl Driver {
             frames_written: 0,
             events: VecDeque::new(),
             close_reported: false,
-            handshake_error: None,
         }
     }
 
@@ -255,7 +256,7 @@ impl Driver {
             options.max_length,
             Handshake::Server(response),
         );
-        driver.protocol = protocol;
+        driver.protocol = protocol.map(String::into_boxed_str);
         Ok(driver)
     }
 
@@ -312,7 +313,10 @@ impl Driver {
 
     /// Why a client's opening handshake failed, if it did.
     pub fn handshake_error(&self) -> Option<&HandshakeError> {
-        self.handshake_error.as_deref()
+        match &self.handshake {
+            Handshake::Failed(e) => Some(e),
+            _ => None,
+        }
     }
 
     /// The parsed URL of a client driver.
@@ -411,13 +415,13 @@ impl Driver {
         };
         match outcome {
             Ok((protocol, used)) => {
-                self.protocol = protocol;
+                self.protocol = protocol.map(String::into_boxed_str);
                 self.handshake = Handshake::Done;
                 self.state = ReadyState::Open;
                 (used, Some(Event::Open))
             }
             Err(e) => {
-                self.handshake_error = Some(Box::new(e.clone()));
+                self.handshake = Handshake::Failed(Box::new(e.clone()));
                 // Frames queued for a connection that never opened are dropped.
                 self.out.truncate(self.out_pos + self.handshake_left);
                 self.stop();
@@ -531,6 +535,12 @@ impl Driver {
                         };
                     }
                     let take = remaining.min(avail) as usize;
+                    if take == 0 && remaining > 0 {
+                        // The read ended right after the header: nothing to do until the
+                        // payload arrives (which may then take the fast path).
+                        self.stage = Stage::Payload { header, done };
+                        return (pos, None);
+                    }
                     let chunk = &mut input[pos..pos + take];
                     if let Some(key) = header.mask {
                         apply_mask(chunk, key, done as usize);
@@ -540,10 +550,12 @@ impl Driver {
                     if opcode.is_control() {
                         self.control.extend_from_slice(chunk);
                     } else {
-                        let message = self.message.get_or_insert_with(|| PartialMessage {
-                            text: opcode == OpCode::Text,
-                            buf: Vec::new(),
-                            utf8: Utf8Validator::new(),
+                        let message = self.message.get_or_insert_with(|| {
+                            Box::new(PartialMessage {
+                                text: opcode == OpCode::Text,
+                                buf: Vec::new(),
+                                utf8: Utf8Validator::new(),
+                            })
                         });
                         if message.text && message.utf8.feed(chunk).is_err() {
                             return self.fail(total, ProtocolError::InvalidUtf8);

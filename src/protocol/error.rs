@@ -237,6 +237,8 @@ pub enum Error {
     Usage(UsageError),
     /// The transport failed.
     Io(std::io::Error),
+    /// TLS failed: certificate verification, handshake, configuration.
+    Tls(String),
 }
 
 impl fmt::Display for Error {
@@ -246,6 +248,7 @@ impl fmt::Display for Error {
             Error::Handshake(e) => write!(f, "handshake failed: {e}"),
             Error::Usage(e) => write!(f, "{e}"),
             Error::Io(e) => write!(f, "I/O error: {e}"),
+            Error::Tls(e) => write!(f, "TLS error: {e}"),
         }
     }
 }

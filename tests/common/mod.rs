@@ -21,6 +21,7 @@ pub enum Err {
     Handshake(HandshakeError),
     Usage(UsageError),
     Io(std::io::ErrorKind),
+    Tls(String),
 }
 
 impl From<&Error> for Err {
@@ -30,6 +31,7 @@ impl From<&Error> for Err {
             Error::Handshake(h) => Err::Handshake(h.clone()),
             Error::Usage(u) => Err::Usage(u.clone()),
             Error::Io(io) => Err::Io(io.kind()),
+            Error::Tls(m) => Err::Tls(m.clone()),
         }
     }
 }
