@@ -161,17 +161,24 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 // ----- echo -----
 
-/// The payload of message `seq`: deterministic, so every echo is checked byte for byte.
-fn fill(buf: &mut Vec<u8>, size: usize, seq: u64, text: bool) {
-    buf.clear();
-    buf.extend((0..size).map(|i| {
-        let x = seq as usize + i;
-        if text {
-            b'a' + (x % 26) as u8
-        } else {
-            (x.wrapping_mul(31) >> 3) as u8
-        }
-    }));
+/// The payload of message `seq`: a fixed pattern (made once per connection) with the
+/// sequence number in its first 8 bytes, so every echo is checked byte for byte without
+/// regenerating megabytes per message.
+fn pattern(size: usize, text: bool) -> Vec<u8> {
+    (0..size)
+        .map(|i| if text { b'a' + (i % 26) as u8 } else { (i.wrapping_mul(31) >> 3) as u8 })
+        .collect()
+}
+
+fn stamp(buf: &mut [u8], seq: u64, text: bool) {
+    let n = buf.len().min(8);
+    if text {
+        // Hex digits keep text payloads ASCII.
+        let hex = format!("{:08x}", seq as u32);
+        buf[..n].copy_from_slice(&hex.as_bytes()[..n]);
+    } else {
+        buf[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
+    }
 }
 
 struct EchoLoad {
@@ -182,14 +189,16 @@ struct EchoLoad {
     next_seq: u64,
     expect_seq: u64,
     sent_at: VecDeque<Instant>,
+    /// The pattern, stamped with the next sequence number before each send.
     out: Vec<u8>,
+    /// The pattern, stamped with the expected sequence number for each echo.
     expected: Vec<u8>,
     latencies: Vec<u32>,
 }
 
 impl EchoLoad {
     fn send_next(&mut self, ws: &mut Ws<'_>) {
-        fill(&mut self.out, self.size, self.next_seq, self.text);
+        stamp(&mut self.out, self.next_seq, self.text);
         self.next_seq += 1;
         self.sent_at.push_back(Instant::now());
         let sent = if self.text {
@@ -214,7 +223,7 @@ impl Handler for EchoLoad {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let now = Instant::now();
         let sent = self.sent_at.pop_front();
-        fill(&mut self.expected, self.size, self.expect_seq, self.text);
+        stamp(&mut self.expected, self.expect_seq, self.text);
         self.expect_seq += 1;
         if message.as_bytes() != self.expected.as_slice()
             || message.is_text() != self.text
@@ -268,8 +277,8 @@ fn echo(args: &Args) {
             next_seq: 0,
             expect_seq: 0,
             sent_at: VecDeque::new(),
-            out: Vec::with_capacity(args.size),
-            expected: Vec::with_capacity(args.size),
+            out: pattern(args.size, args.text),
+            expected: pattern(args.size, args.text),
             latencies: Vec::new(),
         };
         clients
