@@ -122,6 +122,7 @@ struct Shared {
 pub struct BlockingClient {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    proxy: Option<Proxy>,
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     url: ClientUrl,
     timeouts: ClientTimeouts,
@@ -190,6 +191,7 @@ impl BlockingClient {
                 finished: Condvar::new(),
             }),
             addr,
+            proxy: None,
             url: parsed,
             timeouts: ClientTimeouts::default(),
             #[cfg(feature = "tls")]
@@ -210,6 +212,14 @@ impl BlockingClient {
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> BlockingClient {
         self.tls = Some(config);
         self
+    }
+
+    /// Connects through an HTTP proxy with `CONNECT` (`http://[user:password@]host:port`,
+    /// credentials sent as `Proxy-Authorization: Basic`). The WebSocket handshake (and TLS
+    /// for wss) then runs through the tunnel.
+    pub fn proxy(mut self, proxy_url: &str) -> Result<BlockingClient, Error> {
+        self.proxy = Some(Proxy::parse(proxy_url)?);
+        Ok(self)
     }
 
     /// Sets the timeouts (before `start_connection`).
@@ -254,7 +264,15 @@ impl BlockingClient {
     /// Connects, sends the upgrade request, waits for the 101, fires `open`, and starts
     /// the reader thread. A failed handshake fires `error` and `close` and is returned.
     pub fn start_connection(&self) -> Result<(), Error> {
-        let mut stream = TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?;
+        let mut stream = match &self.proxy {
+            None => TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?,
+            Some(proxy) => {
+                let mut stream = TcpStream::connect_timeout(&proxy.addr, self.timeouts.connect)?;
+                stream.set_read_timeout(Some(self.timeouts.handshake))?;
+                proxy.tunnel(&mut stream, &self.url)?;
+                stream
+            }
+        };
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(self.timeouts.handshake))?;
         let mut buf = vec![0u8; 64 * 1024];
@@ -444,6 +462,77 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
             ws.receive_eof();
             shared.finished.notify_all();
             return;
+        }
+    }
+}
+
+/// An HTTP proxy for `CONNECT` tunnels.
+#[derive(Debug, Clone)]
+struct Proxy {
+    addr: SocketAddr,
+    authorization: Option<String>,
+}
+
+impl Proxy {
+    fn parse(url: &str) -> Result<Proxy, Error> {
+        let bad = || UsageError::InvalidUrl(url.to_string());
+        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|_| bad())?
+            .next()
+            .ok_or_else(bad)?;
+        let authorization = userinfo.map(|u| {
+            use base64::Engine;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(u)
+            )
+        });
+        Ok(Proxy {
+            addr,
+            authorization,
+        })
+    }
+
+    /// Asks the proxy for a tunnel to the WebSocket server and waits for its 200.
+    fn tunnel(&self, stream: &mut TcpStream, target: &ClientUrl) -> Result<(), Error> {
+        use crate::protocol::frame::Status;
+        use crate::protocol::handshake::{HeadLimits, ResponseParser};
+        let host = if target.host.contains(':') {
+            format!("[{}]:{}", target.host, target.port)
+        } else {
+            format!("{}:{}", target.host, target.port)
+        };
+        let mut request = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n");
+        if let Some(auth) = &self.authorization {
+            request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes())?;
+        let mut parser = ResponseParser::new(HeadLimits {
+            max_size: 16 * 1024,
+            max_headers: 64,
+        });
+        // Read byte by byte: nothing past the proxy's head may be consumed, it belongs
+        // to the tunnel (a few hundred bytes, once per connection).
+        let mut byte = [0u8; 1];
+        loop {
+            if stream.read(&mut byte)? == 0 {
+                return Err(HandshakeError::Incomplete.into());
+            }
+            match parser.parse(&byte)? {
+                Status::Partial => continue,
+                Status::Complete(response, _) if response.status == 200 => return Ok(()),
+                Status::Complete(response, _) => {
+                    return Err(HandshakeError::ProxyRefused(response.status).into());
+                }
+            }
         }
     }
 }

@@ -220,7 +220,11 @@ fn blocking_client_handshake_rejections_are_errors() {
     let events = recorded(&client);
     let err = client.start_connection().unwrap_err();
     assert!(matches!(err, Error::Handshake(_)), "{err}");
-    assert!(matches!(next(&events), Seen::Error(e) if e.contains("403")));
+    assert!(
+        matches!(&err, Error::Handshake(HandshakeError::UnexpectedStatus { status: 403, body }) if body == "no\n"),
+        "{err}"
+    );
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("403") && e.contains("no")));
     assert!(matches!(next(&events), Seen::Close(1006, _)));
     // A subprotocol the client did not offer.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -365,4 +369,88 @@ fn hosted_clients_on_epoll() {
 #[test]
 fn hosted_clients_on_io_uring() {
     hosted_clients(Backend::IoUring);
+}
+
+/// A one-connection HTTP CONNECT proxy: checks the request and the credentials, answers
+/// 200 (or 407), then pipes bytes both ways.
+fn connect_proxy(
+    expect_auth: Option<&'static str>,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let target = head.split_whitespace().nth(1).unwrap().to_string();
+        if let Some(auth) = expect_auth
+            && !head.contains(&format!("Proxy-Authorization: Basic {auth}\r\n"))
+        {
+            client
+                .write_all(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
+                )
+                .unwrap();
+            return head;
+        }
+        let upstream = std::net::TcpStream::connect(&target).unwrap();
+        client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .unwrap();
+        let (mut a, mut b) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut a, &mut b);
+            let _ = b.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut upstream, mut client) = (upstream, client);
+        let _ = std::io::copy(&mut upstream, &mut client);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        let _ = up.join();
+        head
+    });
+    (addr, handle)
+}
+
+#[test]
+fn blocking_client_through_a_connect_proxy() {
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    // "user:secret" in base64.
+    let (proxy, seen) = connect_proxy(Some("dXNlcjpzZWNyZXQ="));
+    let client = BlockingClient::new(&url, Options::default())
+        .unwrap()
+        .proxy(&format!("http://user:secret@{proxy}"))
+        .unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    client.send_text("tunnelled").unwrap();
+    assert_eq!(next(&events), Seen::Text("tunnelled".into()));
+    client.close_connection(1000, "").unwrap();
+    drop(client);
+    let head = seen.join().unwrap();
+    assert!(
+        head.starts_with(&format!("CONNECT {} HTTP/1.1\r\n", server.local_addr())),
+        "{head}"
+    );
+
+    // Wrong credentials: the proxy's 407 is a clear handshake error.
+    let (proxy, _) = connect_proxy(Some("bm90LXRoaXM="));
+    let err = BlockingClient::new(&url, Options::default())
+        .unwrap()
+        .proxy(&format!("http://user:secret@{proxy}"))
+        .unwrap()
+        .start_connection()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Handshake(HandshakeError::ProxyRefused(407))),
+        "{err}"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
 }

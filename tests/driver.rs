@@ -959,7 +959,14 @@ fn client_rejects_status_403() {
     let (mut client, events) = client_with_response(&Options::default(), |_| {
         b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_vec()
     });
-    assert_handshake_failed(&mut client, &events, HandshakeError::UnexpectedStatus(403));
+    assert_handshake_failed(
+        &mut client,
+        &events,
+        HandshakeError::UnexpectedStatus {
+            status: 403,
+            body: String::new(),
+        },
+    );
 }
 
 #[test]
@@ -1030,8 +1037,11 @@ fn client_handshake_failures_ignore_frames_after_the_response() {
             HandshakeError::AcceptMismatch,
         ),
         (
-            Box::new(|_| b"HTTP/1.1 403 Forbidden\r\n\r\n".to_vec()),
-            HandshakeError::UnexpectedStatus(403),
+            Box::new(|_| b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_vec()),
+            HandshakeError::UnexpectedStatus {
+                status: 403,
+                body: String::new(),
+            },
         ),
         (
             Box::new(|req| response_for(req, "Sec-WebSocket-Protocol: chat\r\n")),

@@ -409,7 +409,23 @@ impl Driver {
         let outcome = match hs.parser.parse(input) {
             Ok(Status::Partial) => return (input.len(), None),
             Ok(Status::Complete(response, used)) => {
-                validate_response(&response, &hs.expected_accept, &hs.offered).map(|p| (p, used))
+                validate_response(&response, &hs.expected_accept, &hs.offered)
+                    .map(|p| (p, used))
+                    .map_err(|e| match e {
+                        HandshakeError::UnexpectedStatus { status, .. } => {
+                            // The body as far as it came with the head: Content-Length bytes,
+                            // else everything up to the close (RFC 9112 §6.3), at most 1 KiB.
+                            let rest = &input[used..];
+                            let declared = response
+                                .header("content-length")
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(rest.len());
+                            let take = rest.len().min(declared).min(1024);
+                            let body = String::from_utf8_lossy(&rest[..take]).into_owned();
+                            HandshakeError::UnexpectedStatus { status, body }
+                        }
+                        other => other,
+                    })
             }
             Err(e) => Err(e),
         };

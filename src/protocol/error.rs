@@ -130,14 +130,22 @@ pub enum HandshakeError {
     BadRequest(&'static str),
     /// `Sec-WebSocket-Version` is not 13 (426).
     UnsupportedVersion(String),
-    /// The server answered with something other than 101.
-    UnexpectedStatus(u16),
+    /// The server answered with something other than 101 (the body: what arrived of it
+    /// with the head, at most 1 KiB, lossily decoded).
+    UnexpectedStatus {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the response body.
+        body: String,
+    },
     /// The server's response is missing or has a wrong header.
     BadResponse(&'static str),
     /// The server's `Sec-WebSocket-Accept` does not match the key.
     AcceptMismatch,
     /// The connection ended before the handshake completed.
     Incomplete,
+    /// The HTTP proxy refused the `CONNECT` tunnel with this status.
+    ProxyRefused(u16),
 }
 
 impl HandshakeError {
@@ -166,14 +174,24 @@ impl fmt::Display for HandshakeError {
                     "unsupported Sec-WebSocket-Version {v:?} (only 13 is supported)"
                 )
             }
-            HandshakeError::UnexpectedStatus(s) => {
-                write!(f, "unexpected response status {s} (expected 101)")
+            HandshakeError::UnexpectedStatus { status, body } if body.trim().is_empty() => {
+                write!(f, "unexpected response status {status} (expected 101)")
+            }
+            HandshakeError::UnexpectedStatus { status, body } => {
+                write!(
+                    f,
+                    "unexpected response status {status} (expected 101): {}",
+                    body.trim_end()
+                )
             }
             HandshakeError::BadResponse(why) => f.write_str(why),
             HandshakeError::AcceptMismatch => {
                 f.write_str("Sec-WebSocket-Accept does not match the key")
             }
             HandshakeError::Incomplete => f.write_str("connection closed during the handshake"),
+            HandshakeError::ProxyRefused(s) => {
+                write!(f, "the proxy refused the tunnel with status {s}")
+            }
         }
     }
 }
@@ -253,11 +271,18 @@ impl fmt::Display for Error {
     }
 }
 
+impl std::error::Error for ProtocolError {}
+impl std::error::Error for HandshakeError {}
+impl std::error::Error for UsageError {}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(e) => Some(e),
-            _ => None,
+            Error::Protocol(e) => Some(e),
+            Error::Handshake(e) => Some(e),
+            Error::Usage(e) => Some(e),
+            Error::Tls(_) => None,
         }
     }
 }

@@ -521,7 +521,10 @@ pub fn validate_response(
 ) -> Result<Option<String>, HandshakeError> {
     use HandshakeError::BadResponse;
     if response.status != 101 {
-        return Err(HandshakeError::UnexpectedStatus(response.status));
+        return Err(HandshakeError::UnexpectedStatus {
+            status: response.status,
+            body: String::new(),
+        });
     }
     if !has_token(&response.headers, "upgrade", "websocket") {
         return Err(BadResponse(
@@ -780,7 +783,10 @@ mod tests {
         r.status = 403;
         assert_eq!(
             validate_response(&r, &accept, &[]),
-            Err(HandshakeError::UnexpectedStatus(403))
+            Err(HandshakeError::UnexpectedStatus {
+                status: 403,
+                body: String::new()
+            })
         );
         let mut r = ok.clone();
         r.headers

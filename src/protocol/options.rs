@@ -82,7 +82,8 @@ impl Options {
         self
     }
 
-    pub(crate) fn head_limits(&self) -> HeadLimits {
+    /// The handshake head limits, for a [`RequestParser`](super::handshake::RequestParser).
+    pub fn head_limits(&self) -> HeadLimits {
         HeadLimits {
             max_size: self.max_handshake_size,
             max_headers: self.max_headers,

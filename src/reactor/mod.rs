@@ -1,7 +1,7 @@
 //! The reactor: thread-per-core event loops that own sockets, buffers and time.
 //!
 //! It knows nothing of WebSocket frames. Each loop drives connections through the
-//! [`Service`] trait, which the facade (`crate::server`) implements with a `Driver` and the
+//! `Service` trait, which the facade (`crate::server`) implements with a `Driver` and the
 //! user's handler; sessions live inline in the loop's `Slab`, so a connection costs no
 //! `Box`. Backends implement the loop itself (epoll through mio, io_uring); the `Service`
 //! trait is the one interface above them.
