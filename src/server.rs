@@ -1333,6 +1333,6 @@ mod tests {
         struct Quiet;
         impl super::Handler for Quiet {}
         assert!(std::mem::size_of::<crate::Driver>() <= 200);
-        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 336);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 304);
     }
 }

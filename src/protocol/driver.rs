@@ -368,6 +368,11 @@ impl Driver {
     /// is handed out borrowed from `input` without a copy.
     pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
         if let Some(event) = self.events.pop_front() {
+            if self.events.is_empty() {
+                // Events queue up only around open, errors and close: free the queue so an
+                // idle connection holds no allocation for it.
+                self.events = VecDeque::new();
+            }
             return (0, Some(event));
         }
         if matches!(self.handshake, Handshake::Client(_)) && self.state == ReadyState::Connecting {
