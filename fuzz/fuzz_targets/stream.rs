@@ -86,17 +86,6 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Known src bug (found by this target): when a read ends exactly after the header of an
-/// unfragmented data frame with a non-empty payload, `read_frames` creates a
-/// `PartialMessage` for the zero payload bytes it has, and the next read takes the fast
-/// path (`done == 0`), which never clears it. The stale message makes the next data frame
-/// fail with `UnfinishedMessage` (1002), or EOF report a cut-off frame. Strict by default;
-/// with this variable set, flushes to the client never end a read at such a point.
-fn avoid_header_cut_bug() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| std::env::var_os("WSD_FUZZ_AVOID_HEADER_CUT_BUG").is_some())
-}
-
 /// Follows the server's output stream (101 response, then frames) as the client reads it.
 #[derive(Clone)]
 struct Wire {
@@ -231,10 +220,7 @@ impl Server {
             if pending.is_empty() {
                 break;
             }
-            let mut n = pending.len().min(chunk).min(limit - moved);
-            if avoid_header_cut_bug() && n < pending.len() && self.wire.clone().advance(&pending[..n]) {
-                n += 1;
-            }
+            let n = pending.len().min(chunk).min(limit - moved);
             self.wire.advance(&pending[..n]);
             let mut read = if copy {
                 let mut buf = vec![0u8; n];

@@ -139,7 +139,12 @@ impl<S: Service> EventLoop<S> {
                     WAKER => self.drain_remote(),
                     Token(key) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_ready(key);
+                            // Edge-triggered: a short read drained the socket, and any later
+                            // data raises a new edge, so there is no need for the extra read
+                            // that returns EAGAIN, unless the peer's FIN or an error is pending
+                            // (that raises no new edge: read on until EOF).
+                            let drain = event.is_read_closed() || event.is_error();
+                            self.read_ready(key, drain);
                         }
                         if event.is_writable() && self.conns.contains(key) {
                             self.flush(key);
@@ -289,7 +294,7 @@ impl<S: Service> EventLoop<S> {
         }
     }
 
-    fn read_ready(&mut self, key: usize) {
+    fn read_ready(&mut self, key: usize, drain: bool) {
         let mut ended = false;
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -311,6 +316,9 @@ impl<S: Service> EventLoop<S> {
                     let (deadline, close) = (io.deadline, io.close);
                     if !self.apply(key, deadline, close) {
                         return;
+                    }
+                    if n < self.read_buf.len() && !drain {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
