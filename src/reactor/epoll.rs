@@ -10,7 +10,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::timer::{Entry, Wheel};
+use super::timer::{Deadline, Entry, Wheel};
 use super::{
     CloseRequest, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker, channel,
 };
@@ -33,9 +33,7 @@ struct Conn<T> {
     stream: TcpStream,
     session: T,
     generation: u32,
-    /// Arming sequence: only the wheel entry with this number is live.
-    seq: u32,
-    deadline: Option<Instant>,
+    deadline: Deadline,
     close_requested: bool,
     write_blocked: bool,
     phase: Phase,
@@ -253,8 +251,7 @@ impl<S: Service> EventLoop<S> {
             stream,
             session,
             generation,
-            seq: 0,
-            deadline: None,
+            deadline: Deadline::default(),
             close_requested: false,
             write_blocked: false,
             phase: Phase::Active,
@@ -275,11 +272,7 @@ impl<S: Service> EventLoop<S> {
             return false;
         };
         if let Some(deadline) = deadline {
-            conn.deadline = deadline;
-            conn.seq = conn.seq.wrapping_add(1);
-            if let Some(at) = deadline {
-                self.wheel.arm(at, Entry { key, seq: conn.seq });
-            }
+            self.wheel.reset(key, &mut conn.deadline, deadline);
         }
         match close {
             CloseRequest::Keep => true,
@@ -411,18 +404,9 @@ impl<S: Service> EventLoop<S> {
             let Some(conn) = self.conns.get_mut(entry.key) else {
                 continue;
             };
-            if conn.seq != entry.seq {
+            if !self.wheel.fires(entry, &mut conn.deadline, now) {
                 continue;
             }
-            let Some(deadline) = conn.deadline else {
-                continue;
-            };
-            if deadline > now {
-                // Came up early (beyond the wheel's horizon): arm again.
-                self.wheel.arm(deadline, entry);
-                continue;
-            }
-            conn.deadline = None;
             if conn.phase == Phase::Lingering {
                 self.close_now(entry.key);
                 continue;

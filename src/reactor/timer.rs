@@ -18,6 +18,20 @@ pub struct Entry {
     pub seq: u32,
 }
 
+/// A connection's one deadline, and the sequence number of its live wheel entry.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Deadline {
+    at: Option<Instant>,
+    seq: u32,
+}
+
+impl Deadline {
+    /// Disarms it (entries already in the wheel will not fire).
+    pub fn clear(&mut self) {
+        self.at = None;
+    }
+}
+
 #[derive(Debug)]
 pub struct Wheel {
     start: Instant,
@@ -50,6 +64,41 @@ impl Wheel {
         let tick = tick.min(self.cursor + SLOTS as u64 - 1);
         self.slots[(tick % SLOTS as u64) as usize].push(entry);
         self.armed += 1;
+    }
+
+    /// Replaces connection `key`'s deadline; entries armed before go stale.
+    pub fn reset(&mut self, key: usize, deadline: &mut Deadline, at: Option<Instant>) {
+        deadline.at = at;
+        deadline.seq = deadline.seq.wrapping_add(1);
+        if let Some(at) = at {
+            self.arm(
+                at,
+                Entry {
+                    key,
+                    seq: deadline.seq,
+                },
+            );
+        }
+    }
+
+    /// Whether an expired `entry` fires for its connection's `deadline`: stale entries are
+    /// dropped, entries that came up early (beyond the horizon) are armed again, and a
+    /// firing deadline is disarmed.
+    pub fn fires(&mut self, entry: Entry, deadline: &mut Deadline, now: Instant) -> bool {
+        if deadline.seq != entry.seq {
+            return false;
+        }
+        match deadline.at {
+            None => false,
+            Some(at) if at > now => {
+                self.arm(at, entry);
+                false
+            }
+            Some(_) => {
+                deadline.at = None;
+                true
+            }
+        }
     }
 
     /// Moves every entry due by `now` into `due`.

@@ -24,7 +24,7 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use slab::Slab;
 
-use super::timer::{Entry, Wheel};
+use super::timer::{Deadline, Entry, Wheel};
 use super::{
     CloseRequest, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker, channel,
 };
@@ -231,8 +231,7 @@ struct Conn<T> {
     stream: TcpStream,
     session: Option<T>,
     generation: u32,
-    seq: u32,
-    deadline: Option<Instant>,
+    deadline: Deadline,
     close_requested: bool,
     phase: Phase,
     recv_op: Option<usize>,
@@ -673,8 +672,7 @@ impl<S: Service> UringLoop<S> {
             stream,
             session: None,
             generation,
-            seq: 0,
-            deadline: None,
+            deadline: Deadline::default(),
             close_requested: false,
             phase: Phase::Active,
             recv_op: None,
@@ -709,11 +707,7 @@ impl<S: Service> UringLoop<S> {
             return false;
         };
         if let Some(deadline) = deadline {
-            conn.deadline = deadline;
-            conn.seq = conn.seq.wrapping_add(1);
-            if let Some(at) = deadline {
-                self.wheel.arm(at, Entry { key, seq: conn.seq });
-            }
+            self.wheel.reset(key, &mut conn.deadline, deadline);
         }
         match close {
             CloseRequest::Keep => true,
@@ -802,7 +796,7 @@ impl<S: Service> UringLoop<S> {
             return Ok(());
         }
         conn.phase = Phase::Closing;
-        conn.deadline = None;
+        conn.deadline.clear();
         let generation = conn.generation;
         let session = conn.session.take();
         // Make in-flight sends fail fast and recvs end.
@@ -844,17 +838,9 @@ impl<S: Service> UringLoop<S> {
             let Some(conn) = self.conns.get_mut(entry.key) else {
                 continue;
             };
-            if conn.seq != entry.seq || conn.phase == Phase::Closing {
+            if conn.phase == Phase::Closing || !self.wheel.fires(entry, &mut conn.deadline, now) {
                 continue;
             }
-            let Some(deadline) = conn.deadline else {
-                continue;
-            };
-            if deadline > now {
-                self.wheel.arm(deadline, entry);
-                continue;
-            }
-            conn.deadline = None;
             if conn.phase == Phase::Lingering {
                 self.close_now(entry.key)?;
                 continue;
