@@ -166,7 +166,13 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 /// regenerating megabytes per message.
 fn pattern(size: usize, text: bool) -> Vec<u8> {
     (0..size)
-        .map(|i| if text { b'a' + (i % 26) as u8 } else { (i.wrapping_mul(31) >> 3) as u8 })
+        .map(|i| {
+            if text {
+                b'a' + (i % 26) as u8
+            } else {
+                (i.wrapping_mul(31) >> 3) as u8
+            }
+        })
         .collect()
 }
 
