@@ -746,7 +746,7 @@ where
 
     /// Moves plaintext output (driver frames, a reject response) into TLS, so the loop
     /// writes ciphertext. A no-op for plain connections.
-    #[allow(unused_variables)]
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     fn seal(&mut self, conn: &mut Conn<H>) {
         #[cfg(feature = "tls")]
         if let Some(tls) = conn.tls.as_mut() {
@@ -1189,7 +1189,7 @@ where
     type Command = Command;
 
     fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
-        #[allow(unused_mut)]
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
         let mut conn = self.open_plain(io, peer);
         #[cfg(feature = "tls")]
         if let Some(config) = &self.config.tls {
