@@ -718,6 +718,22 @@ pub(crate) struct Conn<H> {
     tls: Option<Box<crate::tls::TlsStream>>,
 }
 
+impl<H> Conn<H> {
+    fn new(phase: Phase<H>, peer: SocketAddr) -> Conn<H> {
+        Conn {
+            phase,
+            peer,
+            close_by: None,
+            over_limit_since: None,
+            in_flight: 0,
+            idle_check: None,
+            ping_outstanding: false,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+}
+
 enum Phase<H> {
     Handshake(RequestParser),
     Rejecting(Vec<u8>, usize),
@@ -930,17 +946,10 @@ where
 {
     fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
         io.set_deadline(Some(io.now + self.config.handshake_timeout));
-        Conn {
-            phase: Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
+        Conn::new(
+            Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
             peer,
-            close_by: None,
-            over_limit_since: None,
-            in_flight: 0,
-            idle_check: None,
-            ping_outstanding: false,
-            #[cfg(feature = "tls")]
-            tls: None,
-        }
+        )
     }
 
     fn connected_plain(
@@ -949,17 +958,7 @@ where
         peer: SocketAddr,
         command: Command,
     ) -> Conn<H> {
-        let mut conn = Conn {
-            phase: Phase::Done,
-            peer,
-            close_by: None,
-            over_limit_since: None,
-            in_flight: 0,
-            idle_check: None,
-            ping_outstanding: false,
-            #[cfg(feature = "tls")]
-            tls: None,
-        };
+        let mut conn = Conn::new(Phase::Done, peer);
         let Command::Connect(init) = command else {
             io.close(CloseRequest::Now);
             return conn;
@@ -1001,17 +1000,10 @@ where
             return;
         };
         let (driver, handler) = (init.driver, init.handler);
-        let mut conn = Conn {
-            phase: Phase::Open(driver, handler),
-            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-            close_by: None,
-            over_limit_since: None,
-            in_flight: 0,
-            idle_check: None,
-            ping_outstanding: false,
-            #[cfg(feature = "tls")]
-            tls: None,
-        };
+        let mut conn = Conn::new(
+            Phase::Open(driver, handler),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        );
         if let Phase::Open(driver, handler) = &mut conn.phase {
             let ctx = self.ctx(conn.peer, io, 0);
             handler.on_error(&mut Ws { driver, ctx: &ctx }, &Error::Io(error));
