@@ -69,6 +69,9 @@ struct Session {
     ws: WebSocket,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsStream>,
+    /// Decrypted input, reused across reads (wss only).
+    #[cfg(feature = "tls")]
+    plain: Vec<u8>,
 }
 
 impl std::ops::Deref for Session {
@@ -89,9 +92,9 @@ impl Session {
     fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
         #[cfg(feature = "tls")]
         if let Some(tls) = self.tls.as_mut() {
-            let mut plain = Vec::new();
-            let decrypted = tls.decrypt(data, &mut plain);
-            self.ws.receive(&mut plain);
+            self.plain.clear();
+            let decrypted = tls.decrypt(data, &mut self.plain);
+            self.ws.receive(&mut self.plain);
             return decrypted;
         }
         self.ws.receive(data);
@@ -186,6 +189,8 @@ impl BlockingClient {
                     ws: WebSocket::new(driver),
                     #[cfg(feature = "tls")]
                     tls: None,
+                    #[cfg(feature = "tls")]
+                    plain: Vec::new(),
                 }),
                 stream: Mutex::new(None),
                 finished: Condvar::new(),
