@@ -79,6 +79,35 @@ fn next(rx: &mpsc::Receiver<Seen>) -> Seen {
         .expect("an event within 20 s")
 }
 
+/// Reads an HTTP head byte by byte (nothing past it is consumed).
+fn read_head(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A fake server's side of the handshake: reads the upgrade request and answers 101 with
+/// the right accept key plus `extra` header lines.
+fn accept_upgrade(stream: &mut std::net::TcpStream, extra: &str) {
+    use std::io::Write;
+    let head = read_head(stream);
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap();
+    let accept = websocket_driver::protocol::handshake::accept_key(key);
+    write!(
+        stream,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    )
+    .unwrap();
+}
+
 #[test]
 fn blocking_client_text_binary_16_mib_ping_and_close() {
     let server = echo_server();
@@ -176,22 +205,9 @@ fn blocking_client_server_close_code_and_vanishing_server() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let fake = std::thread::spawn(move || {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .unwrap()
-            .to_string();
-        let accept = websocket_driver::protocol::handshake::accept_key(&key);
-        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").unwrap();
+        accept_upgrade(&mut s, "");
         // A 1000-byte binary frame, cut after 10 bytes.
         s.write_all(&[0x82, 126, 0x03, 0xe8]).unwrap();
         s.write_all(&[0u8; 10]).unwrap();
@@ -230,18 +246,8 @@ fn blocking_client_handshake_rejections_are_errors() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        use std::io::{Read, Write};
         let (mut s, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).unwrap();
-        let head = String::from_utf8_lossy(&buf[..n]).to_string();
-        let key = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .unwrap()
-            .to_string();
-        let accept = websocket_driver::protocol::handshake::accept_key(&key);
-        write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: evil\r\n\r\n").unwrap();
+        accept_upgrade(&mut s, "Sec-WebSocket-Protocol: evil\r\n");
         std::thread::sleep(Duration::from_millis(500));
     });
     let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
@@ -376,18 +382,12 @@ fn hosted_clients_on_io_uring() {
 fn connect_proxy(
     expect_auth: Option<&'static str>,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = std::thread::spawn(move || {
         let (mut client, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            client.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
+        let head = read_head(&mut client);
         let target = head.split_whitespace().nth(1).unwrap().to_string();
         if let Some(auth) = expect_auth
             && !head.contains(&format!("Proxy-Authorization: Basic {auth}\r\n"))
