@@ -512,6 +512,60 @@ fn idle_timeout_pings_then_closes_a_silent_peer(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+fn close_timeout_drops_a_peer_that_never_answers(backend: Backend) {
+    struct Register(Arc<Mutex<Vec<Sender>>>);
+    impl Handler for Register {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            self.0.lock().unwrap().push(ws.sender());
+        }
+    }
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            close_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == 1));
+    senders.lock().unwrap()[0]
+        .close_connection(1000, "bye")
+        .unwrap();
+    // Read raw bytes and never answer: the close frame, then the server drops TCP.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        match client.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("no close within the read timeout: {e}"),
+        }
+    }
+    assert_eq!(
+        &seen[..4],
+        [0x88, 5, 0x03, 0xe8],
+        "a close frame with 1000 first"
+    );
+    // No close handshake happened: the handler saw 1006.
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .closes
+        .get(&1006)
+        == Some(&1)));
+    assert_eq!(server.stats().connections_open, 0);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 /// Every test above runs once per backend.
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -525,6 +579,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(
+    close_timeout_drops_a_peer_that_never_answers,
     thousand_clients_echo_random_sizes_without_loss,
     random_disconnects_leak_no_connection,
     never_reading_client_is_closed_with_1008_while_others_keep_going,
