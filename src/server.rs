@@ -19,8 +19,9 @@ use crate::protocol::handshake::{
     Request, RequestParser, error_response, http_response, is_websocket,
 };
 use crate::protocol::options::Options;
-use crate::reactor::epoll::{EventLoop, prepare};
-use crate::reactor::uring::{self, UringLoop};
+use crate::reactor::core;
+use crate::reactor::epoll::Epoll;
+use crate::reactor::uring::Uring;
 use crate::reactor::{
     self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service,
 };
@@ -651,25 +652,14 @@ where
             read_buffer_size: shared.read_buffer_size,
             connections: connections.clone(),
         };
-        let thread = std::thread::Builder::new().name(format!("wsd-loop-{i}"));
-        let handle = match backend {
+        let name = format!("wsd-loop-{i}");
+        let (remote, handle) = match backend {
             Backend::IoUring => {
-                let prepared = uring::prepare::<Command>()?;
-                remotes.push(prepared.remote.clone());
-                // The ring is built on the loop's thread (SINGLE_ISSUER ties it to its
-                // creator); a failure there ends that thread with the error.
-                thread.spawn(move || {
-                    UringLoop::new(prepared, listener, service, loop_config, loop_stats)?.run()
-                })?
+                core::spawn::<_, Uring>(name, listener, service, loop_config, loop_stats)?
             }
-            _ => {
-                let prepared = prepare::<Command>()?;
-                remotes.push(prepared.remote.clone());
-                let event_loop =
-                    EventLoop::new(prepared, listener, service, loop_config, loop_stats)?;
-                thread.spawn(move || event_loop.run())?
-            }
+            _ => core::spawn::<_, Epoll>(name, listener, service, loop_config, loop_stats)?,
         };
+        remotes.push(remote);
         handles.push(handle);
     }
     log_backend(&why);

@@ -3,12 +3,14 @@
 //! It knows nothing of WebSocket frames. Each loop drives connections through the
 //! `Service` trait, which the facade (`crate::server`) implements with a `Driver` and the
 //! user's handler; sessions live inline in the loop's `Slab`, so a connection costs no
-//! `Box`. Backends implement the loop itself (epoll through mio, io_uring); the `Service`
-//! trait is the one interface above them.
+//! `Box`. The loop core (`core`: slab and generations, timer wheel, inbox, stats,
+//! admission, shutdown) is written once over a small backend trait that epoll (through
+//! mio) and io_uring implement: the `Service` trait is the one interface above the loop,
+//! the `Backend` trait the one below it.
 
+pub(crate) mod core;
 pub(crate) mod epoll;
 pub(crate) mod timer;
-#[allow(unsafe_code)]
 pub(crate) mod uring;
 
 use std::io;

@@ -1,0 +1,657 @@
+//! The loop core: every part of a connection's life that is not IO, written once for all
+//! backends.
+//!
+//! A [`Core`] owns the connection slab (with generations, so a late command never reaches
+//! a reused key), the timer wheel, the inbox of cross-thread commands, the loop's stats,
+//! admission (`max_connections`), the accept back-off and the graceful shutdown. It drives
+//! each connection's session through the [`Service`] trait. A [`Backend`] only moves
+//! bytes: it waits for IO, reads, writes and closes sockets, and reports what happened
+//! through the core's `on_*` inputs.
+//!
+//! One loop turn ([`run`]):
+//! 1. [`Core::next_timeout`] bounds the wait;
+//! 2. [`Backend::wait`] blocks, then reports IO: [`Core::on_accept`], [`Core::on_data`],
+//!    [`Core::on_eof`], [`Core::on_writable`], [`Core::on_sent`], [`Core::on_wake`]…;
+//! 3. [`Core::end_turn`] writes what the turn produced (one [`Backend::write`] per
+//!    connection that has output: writes are coalesced per turn), fires due timers, resumes
+//!    accepting after a back-off and enforces the shutdown deadline.
+//!
+//! Connection phases: `Active` (the session sees everything) → `Lingering` (all output
+//! written, our FIN sent, waiting for the peer's FIN or [`LINGER`]) → `Closing` (the
+//! session got `closed`; the slab entry waits until the backend holds no operation on the
+//! socket, then is freed and the socket closed).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::timer::{Deadline, Entry, Wheel};
+use super::{CloseRequest, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker};
+
+/// How long a closing connection waits for the peer's FIN after ours.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
+/// Pause before accepting again after EMFILE and the like.
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a backend did with a connection's queued output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Everything queued is written (or nothing was queued).
+    All,
+    /// A send was handed to the kernel; it completes through [`Core::on_sent`].
+    Submitted,
+    /// Output is left that the socket (or the send in flight) cannot take yet; the backend
+    /// reports progress later ([`Core::on_writable`] / [`Core::on_sent`]), and the session
+    /// hears `drained` once everything is out.
+    Blocked,
+}
+
+/// An IO backend: the part of an event loop that differs between epoll and io_uring.
+///
+/// The core calls `attach` / `write` / `finish_writes` / `detach` for one connection and
+/// `resume_accepting` / `stop_accepting` for the listener; the backend calls the core's
+/// `on_*` methods from `wait` (and from `resume_accepting`), passing itself along.
+pub(crate) trait Backend: Sized + 'static {
+    /// Per-connection IO state, stored in the core's slab entry.
+    type Socket;
+    /// What must exist before the loop's thread starts (the waker's other end).
+    type Prepared: Send + 'static;
+
+    /// Makes the parts created on the spawning thread, and the waker other threads use.
+    fn prepare() -> io::Result<(Self::Prepared, Waker)>;
+    /// Builds the backend on the loop's own thread.
+    fn new(prepared: Self::Prepared, listener: Option<TcpListener>) -> io::Result<Self>;
+    /// Waits up to `timeout` for IO and reports it to `core`.
+    fn wait<S: Service>(
+        &mut self,
+        core: &mut Core<S, Self>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()>;
+    /// Takes a new connection's socket (non-blocking, accepted or connecting) and starts
+    /// reading from it.
+    fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Self::Socket>;
+    /// Writes what `out` holds, as far as the socket takes it.
+    fn write<S: Service>(
+        &mut self,
+        key: usize,
+        socket: &mut Self::Socket,
+        out: &mut Output<'_, '_, S>,
+    ) -> io::Result<Written>;
+    /// Sends our FIN (everything queued is written).
+    fn finish_writes(&mut self, socket: &mut Self::Socket);
+    /// Stops all IO on the socket; it is closed when the slab entry is freed.
+    fn detach(&mut self, socket: &mut Self::Socket);
+    /// Whether no kernel operation refers to the socket any more, so it may be freed.
+    fn is_idle(socket: &Self::Socket) -> bool;
+    /// Accepts again after a back-off ([`Core::on_accept_error`]).
+    fn resume_accepting<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<()>;
+    /// Stops accepting for good and closes the listener (shutdown).
+    fn stop_accepting(&mut self) -> io::Result<()>;
+    /// Called once when the loop ends, after every connection was closed: release what the
+    /// kernel still holds.
+    fn quiesce<S: Service>(&mut self, core: &mut Core<S, Self>);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Active,
+    /// Everything is written and our FIN sent; waiting for the peer's FIN (or LINGER).
+    Lingering,
+    /// The session is closed; waiting for the backend to let go of the socket.
+    Closing,
+}
+
+struct Conn<T, K> {
+    socket: K,
+    /// `None` once the session was handed to [`Service::closed`].
+    session: Option<T>,
+    generation: u32,
+    deadline: Deadline,
+    phase: Phase,
+    close_requested: bool,
+    /// A write was left unfinished: tell the session `drained` when all is out.
+    write_blocked: bool,
+    /// Listed in `dirty` (output to write at the end of the turn).
+    dirty: bool,
+}
+
+/// The session's output, as one [`Backend::write`] sees it.
+pub(crate) struct Output<'s, 'r, S: Service> {
+    service: &'s mut S,
+    session: &'s mut S::Session,
+    io: Io<'r, S::Command>,
+    stats: &'s LoopStats,
+}
+
+impl<S: Service> Output<'_, '_, S> {
+    /// The bytes to write next (readiness backends).
+    pub fn bytes(&self) -> &[u8] {
+        self.service.output(self.session)
+    }
+
+    /// `n` bytes of [`Output::bytes`] were written.
+    pub fn consume(&mut self, n: usize) {
+        LoopStats::add(&self.stats.bytes_out, n as u64);
+        self.service.consume(self.session, &mut self.io, n);
+    }
+
+    /// Everything queued, as an owned buffer the kernel can hold until its send completes
+    /// (completion backends); `spare` is an empty buffer to write on into.
+    pub fn take(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
+        self.service.take_output(self.session, &mut self.io, spare)
+    }
+}
+
+/// The loop core; see the module documentation.
+pub(crate) struct Core<S: Service, B: Backend> {
+    conns: Slab<Conn<S::Session, B::Socket>>,
+    service: S,
+    wheel: Wheel,
+    inbox: Inbox<S::Command>,
+    remote: Remote<S::Command>,
+    config: LoopConfig,
+    stats: Arc<LoopStats>,
+    next_generation: u32,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    due: Vec<Entry>,
+    dirty: Vec<usize>,
+}
+
+/// Runs one loop until a shutdown completes.
+pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) -> io::Result<()> {
+    let result = (|| {
+        loop {
+            let timeout = core.next_timeout(Instant::now());
+            backend.wait(&mut core, timeout)?;
+            core.end_turn(&mut backend)?;
+            if core.shutdown_deadline.is_some() && core.conns.is_empty() {
+                return Ok(());
+            }
+        }
+    })();
+    core.close_all(&mut backend);
+    backend.quiesce(&mut core);
+    result
+}
+
+impl<S: Service, B: Backend> Core<S, B> {
+    pub fn new(
+        service: S,
+        inbox: Inbox<S::Command>,
+        remote: Remote<S::Command>,
+        config: LoopConfig,
+        stats: Arc<LoopStats>,
+    ) -> Self {
+        Core {
+            conns: Slab::with_capacity(1024),
+            service,
+            wheel: Wheel::new(Instant::now()),
+            inbox,
+            remote,
+            config,
+            stats,
+            next_generation: 0,
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            due: Vec::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    /// The loop's read buffer size (readiness backends read into one buffer of this size).
+    pub fn read_buffer_size(&self) -> usize {
+        self.config.read_buffer_size
+    }
+
+    /// How long the backend may wait: until the next timer, the end of an accept back-off
+    /// or the shutdown deadline.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let mut timeout = self.wheel.next_timeout(now);
+        for extra in [self.accept_paused_until, self.shutdown_deadline]
+            .into_iter()
+            .flatten()
+        {
+            let wait = extra.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
+        }
+        timeout
+    }
+
+    /// Whether accepting is paused after an error (the backend should not accept now).
+    pub fn accept_paused(&self) -> bool {
+        self.accept_paused_until.is_some()
+    }
+
+    /// The socket of a connection that is not closing.
+    pub fn socket(&mut self, key: usize) -> Option<&mut B::Socket> {
+        self.conns
+            .get_mut(key)
+            .filter(|c| c.phase != Phase::Closing)
+            .map(|c| &mut c.socket)
+    }
+
+    /// The socket of any connection in the slab, closing ones included (to settle the
+    /// backend's bookkeeping when an operation completes).
+    pub fn any_socket(&mut self, key: usize) -> Option<&mut B::Socket> {
+        self.conns.get_mut(key).map(|c| &mut c.socket)
+    }
+
+    // ----- inputs from the backend -----
+
+    /// A connection was accepted.
+    pub fn on_accept(&mut self, backend: &mut B, stream: TcpStream, peer: SocketAddr) {
+        self.register(backend, stream, peer, None);
+    }
+
+    /// accept() failed (EMFILE, ENFILE, ENOBUFS…): the pending connection stays in the
+    /// backlog, so try again after a back-off instead of spinning.
+    pub fn on_accept_error(&mut self) {
+        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    /// Another thread rang the waker: run the queued commands.
+    pub fn on_wake(&mut self, backend: &mut B) {
+        self.inbox.rearm();
+        while let Some(envelope) = self.inbox.next() {
+            match envelope {
+                Envelope::Conn {
+                    key,
+                    generation,
+                    command,
+                } => {
+                    if self
+                        .conns
+                        .get(key)
+                        .is_some_and(|c| c.generation == generation && c.phase == Phase::Active)
+                    {
+                        self.call(backend, key, Instant::now(), |service, session, io| {
+                            service.command(session, io, command)
+                        });
+                    }
+                }
+                Envelope::Connect { addr, command } => self.connect(backend, addr, command),
+                Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
+            }
+        }
+    }
+
+    /// Bytes arrived for `key`. Returns whether the connection still reads.
+    pub fn on_data(&mut self, backend: &mut B, key: usize, data: &mut [u8]) -> bool {
+        LoopStats::add(&self.stats.bytes_in, data.len() as u64);
+        match self.conns.get(key).map(|c| c.phase) {
+            Some(Phase::Active) => {
+                self.call(backend, key, Instant::now(), |service, session, io| {
+                    service.read(session, io, data)
+                })
+            }
+            // Our side is done: discard until the peer's FIN.
+            Some(Phase::Lingering) => true,
+            Some(Phase::Closing) | None => false,
+        }
+    }
+
+    /// The peer closed its side, or reading failed.
+    pub fn on_eof(&mut self, backend: &mut B, key: usize) {
+        self.close_now(backend, key);
+    }
+
+    /// The socket can take more output (readiness backends).
+    pub fn on_writable(&mut self, key: usize) {
+        self.mark_dirty(key);
+    }
+
+    /// `n` bytes of a buffer from [`Output::take`] were sent (completion backends).
+    pub fn on_sent(&mut self, backend: &mut B, key: usize, n: usize) {
+        LoopStats::add(&self.stats.bytes_out, n as u64);
+        self.call(backend, key, Instant::now(), |service, session, io| {
+            service.sent(session, io, n)
+        });
+    }
+
+    /// Writing failed: the connection is gone.
+    pub fn on_write_error(&mut self, backend: &mut B, key: usize) {
+        self.close_now(backend, key);
+    }
+
+    /// An operation on `key`'s socket ended: free a closing connection that has none left.
+    pub fn on_released(&mut self, key: usize) {
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.phase == Phase::Closing && B::is_idle(&c.socket))
+        {
+            self.conns.remove(key);
+        }
+    }
+
+    // ----- the turn -----
+
+    /// Writes what the turn produced, fires due timers, resumes accepting after a
+    /// back-off, and enforces the shutdown deadline.
+    pub fn end_turn(&mut self, backend: &mut B) -> io::Result<()> {
+        self.flush_dirty(backend);
+        let now = Instant::now();
+        self.expire_timers(backend, now);
+        self.flush_dirty(backend);
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            backend.resume_accepting(self)?;
+            self.flush_dirty(backend);
+        }
+        if self.shutdown_deadline.is_some_and(|t| now >= t) {
+            self.close_all(backend);
+        }
+        Ok(())
+    }
+
+    fn flush_dirty(&mut self, backend: &mut B) {
+        // Flushing can make more output (a `drained` handler sends): keep going until no
+        // connection has any.
+        while let Some(key) = self.dirty.pop() {
+            self.flush(backend, key);
+        }
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// Calls the service for one live connection and applies what it asked for (a new
+    /// deadline, a close). Returns whether the connection is still active.
+    fn call(
+        &mut self,
+        backend: &mut B,
+        key: usize,
+        now: Instant,
+        f: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>),
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let Some(session) = conn.session.as_mut() else {
+            return false;
+        };
+        let mut io = Io::new(now, key, conn.generation, &self.remote);
+        f(&mut self.service, session, &mut io);
+        let (deadline, close) = (io.deadline, io.close);
+        self.apply(backend, key, deadline, close)
+    }
+
+    /// Applies a service call's requests. Returns false if the connection is closing.
+    fn apply(
+        &mut self,
+        backend: &mut B,
+        key: usize,
+        deadline: Option<Option<Instant>>,
+        close: CloseRequest,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if conn.phase == Phase::Closing {
+            return false;
+        }
+        if let Some(deadline) = deadline {
+            self.wheel.reset(key, &mut conn.deadline, deadline);
+        }
+        match close {
+            CloseRequest::Now => {
+                self.close_now(backend, key);
+                false
+            }
+            CloseRequest::AfterFlush => {
+                conn.close_requested = true;
+                self.mark_dirty(key);
+                true
+            }
+            CloseRequest::Keep => {
+                // Any call may have queued output.
+                self.mark_dirty(key);
+                true
+            }
+        }
+    }
+
+    /// Writes a connection's queued output; once all is out, reports `drained` or starts
+    /// a requested close.
+    fn flush(&mut self, backend: &mut B, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.dirty = false;
+        if conn.phase != Phase::Active {
+            return;
+        }
+        let Some(session) = conn.session.as_mut() else {
+            return;
+        };
+        let mut out = Output {
+            service: &mut self.service,
+            session,
+            io: Io::new(Instant::now(), key, conn.generation, &self.remote),
+            stats: &self.stats,
+        };
+        let written = backend.write(key, &mut conn.socket, &mut out);
+        let (deadline, close) = (out.io.deadline, out.io.close);
+        if deadline.is_some() || close != CloseRequest::Keep {
+            // Applying marks the connection dirty again only when it asked for something.
+            if !self.apply(backend, key, deadline, close) {
+                return;
+            }
+        }
+        match written {
+            Err(_) => self.close_now(backend, key),
+            Ok(Written::Submitted) => {}
+            Ok(Written::Blocked) => self.conns[key].write_blocked = true,
+            Ok(Written::All) => {
+                let conn = &mut self.conns[key];
+                if conn.write_blocked {
+                    conn.write_blocked = false;
+                    // `drained` may queue more; the next flush of it starts the close.
+                    self.call(backend, key, Instant::now(), |service, session, io| {
+                        service.drained(session, io)
+                    });
+                } else if conn.close_requested {
+                    // The server closes TCP first (RFC 6455 §7.1.1), then reads until the
+                    // peer's FIN, so unread bytes do not turn the close into a reset.
+                    backend.finish_writes(&mut conn.socket);
+                    conn.phase = Phase::Lingering;
+                    self.wheel
+                        .reset(key, &mut conn.deadline, Some(Instant::now() + LINGER));
+                }
+            }
+        }
+    }
+
+    fn expire_timers(&mut self, backend: &mut B, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.expire(now, &mut due);
+        for entry in due.drain(..) {
+            let Some(conn) = self.conns.get_mut(entry.key) else {
+                continue;
+            };
+            if conn.phase == Phase::Closing || !self.wheel.fires(entry, &mut conn.deadline, now) {
+                continue;
+            }
+            if conn.phase == Phase::Lingering {
+                self.close_now(backend, entry.key);
+                continue;
+            }
+            self.call(backend, entry.key, now, |service, session, io| {
+                service.timeout(session, io)
+            });
+        }
+        self.due = due;
+    }
+
+    // ----- connections -----
+
+    /// Starts an outgoing connection (non-blocking); its session comes from `command`.
+    fn connect(&mut self, backend: &mut B, addr: SocketAddr, command: S::Command) {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let started = (|| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            match socket.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(TcpStream::from(socket))
+        })();
+        match started {
+            Ok(stream) => self.register(backend, stream, addr, Some(command)),
+            Err(e) => {
+                let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                self.service.connect_failed(&mut io, command, e);
+            }
+        }
+    }
+
+    /// Adds a socket to the loop: accepted (`command` is `None`, subject to
+    /// `max_connections`) or outgoing.
+    fn register(
+        &mut self,
+        backend: &mut B,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        command: Option<S::Command>,
+    ) {
+        let connections = &self.config.connections;
+        if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections
+            && command.is_none()
+        {
+            connections.fetch_sub(1, Ordering::AcqRel);
+            LoopStats::add(&self.stats.connections_refused, 1);
+            // Best effort: a fresh socket's send buffer takes a short response whole.
+            use std::io::Write;
+            let _ = stream.write(&self.service.over_capacity());
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let socket = match backend.attach(key, stream) {
+            Ok(socket) => socket,
+            Err(e) => {
+                connections.fetch_sub(1, Ordering::AcqRel);
+                if let Some(command) = command {
+                    let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                    self.service.connect_failed(&mut io, command, e);
+                }
+                return;
+            }
+        };
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let mut io = Io::new(Instant::now(), key, generation, &self.remote);
+        let session = match command {
+            None => self.service.open(&mut io, peer),
+            Some(command) => self.service.connected(&mut io, peer, command),
+        };
+        let (deadline, close) = (io.deadline, io.close);
+        entry.insert(Conn {
+            socket,
+            session: Some(session),
+            generation,
+            deadline: Deadline::default(),
+            phase: Phase::Active,
+            close_requested: false,
+            write_blocked: false,
+            dirty: false,
+        });
+        self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        LoopStats::add(&self.stats.connections_total, 1);
+        // An outgoing connection has its upgrade request to send: `apply` marks it dirty.
+        self.apply(backend, key, deadline, close);
+    }
+
+    /// Ends the connection for the session now; the socket closes once the backend holds
+    /// no operation on it.
+    fn close_now(&mut self, backend: &mut B, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.phase == Phase::Closing {
+            return;
+        }
+        conn.phase = Phase::Closing;
+        conn.deadline.clear();
+        // Count the connection out before the peer can see the close (stats readers race
+        // with the socket's EOF).
+        self.config.connections.fetch_sub(1, Ordering::AcqRel);
+        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        backend.detach(&mut conn.socket);
+        let (generation, session) = (conn.generation, conn.session.take());
+        if let Some(session) = session {
+            let mut io = Io::new(Instant::now(), key, generation, &self.remote);
+            self.service.closed(session, &mut io);
+        }
+        self.on_released(key);
+    }
+
+    fn close_all(&mut self, backend: &mut B) {
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close_now(backend, key);
+        }
+    }
+
+    /// Stops accepting and asks every open session to close (1001), finishing by
+    /// `deadline`.
+    fn begin_shutdown(&mut self, backend: &mut B, deadline: Instant) {
+        // A failure here only means the listener was already gone.
+        let _ = backend.stop_accepting();
+        self.accept_paused_until = None;
+        self.shutdown_deadline = Some(deadline);
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            if self.conns[key].phase == Phase::Active {
+                self.call(backend, key, Instant::now(), |service, session, io| {
+                    service.shutdown(session, io)
+                });
+            }
+        }
+    }
+}
+
+/// A loop's thread; it ends with the loop's result.
+pub(crate) type LoopThread = std::thread::JoinHandle<io::Result<()>>;
+
+/// Spawns one loop thread on backend `B`: `prepare` on this thread, the rest on the new
+/// one. Returns the loop's [`Remote`] and its thread.
+pub(crate) fn spawn<S, B>(
+    name: String,
+    listener: Option<TcpListener>,
+    service: S,
+    config: LoopConfig,
+    stats: Arc<LoopStats>,
+) -> io::Result<(Remote<S::Command>, LoopThread)>
+where
+    S: Service + Send,
+    B: Backend,
+{
+    let (prepared, waker) = B::prepare()?;
+    let (remote, inbox) = super::channel(waker);
+    let loop_remote = remote.clone();
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        // Built on the loop's thread: io_uring's SINGLE_ISSUER ties a ring to its creator.
+        let backend = B::new(prepared, listener)?;
+        run(
+            backend,
+            Core::new(service, inbox, loop_remote, config, stats),
+        )
+    })?;
+    Ok((remote, thread))
+}

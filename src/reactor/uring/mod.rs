@@ -1,0 +1,305 @@
+//! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
+//! send in flight per connection, everything submitted with one `io_uring_enter` per loop
+//! turn.
+//!
+//! A connection that closes cancels its receive and stays in the core's slab, holding its
+//! socket, until its last operation completed; only then is the socket closed and the slab
+//! key reused. All `unsafe` lives in [`ring`]; this module is safe code over its API.
+
+#[allow(unsafe_code)]
+mod ring;
+
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use ring::probe;
+use ring::{BufRing, Completion, Op, Ring};
+
+use super::core::{Backend, Core, Output, Written};
+use super::{Service, Waker};
+
+const RING_ENTRIES: u32 = 4096;
+const BUF_COUNT: u16 = 256;
+/// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
+/// instead of being reassembled from two receives. 256 × 32 KiB = 8 MiB per loop, touched
+/// as the kernel uses them.
+const BUF_SIZE: usize = 32 * 1024;
+/// Send buffers kept for reuse, and the largest one kept.
+const SPARE_MAX: usize = 64;
+const SPARE_MAX_CAPACITY: usize = 256 * 1024;
+
+/// A connection's socket and the operations in flight on it.
+pub(crate) struct Socket {
+    stream: TcpStream,
+    recv_op: Option<usize>,
+    send_op: Option<usize>,
+}
+
+pub(crate) struct Uring {
+    // Declared first so it is dropped first: the ring's teardown ends the kernel's use of
+    // everything below.
+    ring: Ring,
+    /// Lent out while completions are handled (`None` only then, and after quiesce).
+    bufs: Option<BufRing>,
+    listener: Option<TcpListener>,
+    accept_op: Option<usize>,
+    wake_reader: std::io::PipeReader,
+    completions: Vec<Completion>,
+    rearm_recv: Vec<usize>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl Backend for Uring {
+    type Socket = Socket;
+    type Prepared = std::io::PipeReader;
+
+    fn prepare() -> io::Result<(std::io::PipeReader, Waker)> {
+        let (reader, writer) = std::io::pipe()?;
+        Ok((reader, Waker::Pipe(Arc::new(writer))))
+    }
+
+    fn new(wake_reader: std::io::PipeReader, listener: Option<TcpListener>) -> io::Result<Self> {
+        let mut ring = Ring::new(RING_ENTRIES)?;
+        let bufs = ring.buffers(BUF_COUNT, BUF_SIZE)?;
+        let accept_op = match &listener {
+            Some(listener) => {
+                listener.set_nonblocking(false)?;
+                Some(ring.accept(listener.as_raw_fd())?)
+            }
+            None => None,
+        };
+        ring.read_wake(wake_reader.as_raw_fd())?;
+        Ok(Uring {
+            ring,
+            bufs: Some(bufs),
+            listener,
+            accept_op,
+            wake_reader,
+            completions: Vec::new(),
+            rearm_recv: Vec::new(),
+            spare: Vec::new(),
+        })
+    }
+
+    fn wait<S: Service>(
+        &mut self,
+        core: &mut Core<S, Self>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        self.ring.enter(timeout)?;
+        let mut completions = std::mem::take(&mut self.completions);
+        self.ring.reap(&mut completions);
+        let mut bufs = self
+            .bufs
+            .take()
+            .expect("the buffer ring is only lent out here");
+        let mut result = Ok(());
+        for completion in completions.drain(..) {
+            if let Err(e) = self.complete(core, &mut bufs, completion) {
+                result = Err(e);
+                break;
+            }
+        }
+        bufs.publish();
+        self.bufs = Some(bufs);
+        self.completions = completions;
+        result?;
+        for key in std::mem::take(&mut self.rearm_recv) {
+            if let Some(socket) = core.socket(key)
+                && socket.recv_op.is_none()
+            {
+                socket.recv_op = Some(self.ring.recv(socket.stream.as_raw_fd(), key)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Socket> {
+        let recv = self.ring.recv(stream.as_raw_fd(), key)?;
+        Ok(Socket {
+            stream,
+            recv_op: Some(recv),
+            send_op: None,
+        })
+    }
+
+    fn write<S: Service>(
+        &mut self,
+        key: usize,
+        socket: &mut Socket,
+        out: &mut Output<'_, '_, S>,
+    ) -> io::Result<Written> {
+        if socket.send_op.is_some() {
+            // One send in flight per connection; the rest goes when it completes.
+            return Ok(match out.bytes().is_empty() {
+                true => Written::Submitted,
+                false => Written::Blocked,
+            });
+        }
+        let spare = self.spare.pop().unwrap_or_default();
+        match out.take(spare) {
+            Some(buf) => {
+                socket.send_op = Some(self.ring.send(socket.stream.as_raw_fd(), key, buf)?);
+                Ok(Written::Submitted)
+            }
+            None => Ok(Written::All),
+        }
+    }
+
+    fn finish_writes(&mut self, socket: &mut Socket) {
+        let _ = socket.stream.shutdown(Shutdown::Write);
+    }
+
+    fn detach(&mut self, socket: &mut Socket) {
+        // Makes an in-flight send fail fast and the receive end; the cancel makes sure.
+        let _ = socket.stream.shutdown(Shutdown::Both);
+        if let Some(recv) = socket.recv_op {
+            // If the cancel cannot be queued, the shutdown above still ends the receive.
+            let _ = self.ring.cancel(recv);
+        }
+    }
+
+    fn is_idle(socket: &Socket) -> bool {
+        socket.recv_op.is_none() && socket.send_op.is_none()
+    }
+
+    fn resume_accepting<S: Service>(&mut self, _core: &mut Core<S, Self>) -> io::Result<()> {
+        if let Some(listener) = &self.listener
+            && self.accept_op.is_none()
+        {
+            self.accept_op = Some(self.ring.accept(listener.as_raw_fd())?);
+        }
+        Ok(())
+    }
+
+    fn stop_accepting(&mut self) -> io::Result<()> {
+        self.listener = None;
+        match self.accept_op.take() {
+            Some(op) => self.ring.cancel(op),
+            None => Ok(()),
+        }
+    }
+
+    fn quiesce<S: Service>(&mut self, _core: &mut Core<S, Self>) {
+        self.ring.quiesce(self.bufs.take());
+    }
+}
+
+impl Uring {
+    fn complete<S: Service>(
+        &mut self,
+        core: &mut Core<S, Self>,
+        bufs: &mut BufRing,
+        completion: Completion,
+    ) -> io::Result<()> {
+        let Completion {
+            op,
+            result,
+            more,
+            buffer,
+            accepted,
+        } = completion;
+        match self.ring.op(op) {
+            None => {}
+            Some(Op::Cancel) => {
+                self.ring.finish(op);
+            }
+            Some(Op::Wake(_)) => {
+                self.ring.finish(op);
+                core.on_wake(self);
+                if result >= 0 || result == -libc::EINTR {
+                    self.ring.read_wake(self.wake_reader.as_raw_fd())?;
+                }
+            }
+            Some(Op::Accept) => {
+                if !more {
+                    self.ring.finish(op);
+                    self.accept_op = None;
+                }
+                if let Some(stream) = accepted {
+                    if let Ok(peer) = stream.peer_addr() {
+                        core.on_accept(self, stream, peer);
+                    }
+                    if !more {
+                        self.resume_accepting(core)?;
+                    }
+                } else if !more && self.listener.is_some() && result != -libc::ECANCELED {
+                    // EMFILE, ENFILE, ENOBUFS…: retry after a back-off instead of spinning.
+                    core.on_accept_error();
+                }
+            }
+            Some(&Op::Recv { key }) => {
+                if !more {
+                    self.ring.finish(op);
+                    if let Some(socket) = core.any_socket(key) {
+                        socket.recv_op = None;
+                    }
+                }
+                if result > 0 {
+                    let bid = buffer.expect("multishot recv always selects a buffer");
+                    core.on_data(self, key, bufs.buffer(bid, result as usize));
+                    bufs.recycle(bid);
+                    if !more {
+                        self.rearm_recv.push(key);
+                    }
+                } else if result == -libc::ENOBUFS {
+                    // The buffer ring ran dry within one batch; buffers are recycled by the
+                    // end of this turn, so re-arm then.
+                    self.rearm_recv.push(key);
+                } else if result != -libc::ECANCELED {
+                    // 0 = EOF; negative = error.
+                    core.on_eof(self, key);
+                }
+                core.on_released(key);
+            }
+            Some(&Op::Send { key, .. }) => self.sent(core, op, key, result)?,
+        }
+        Ok(())
+    }
+
+    fn sent<S: Service>(
+        &mut self,
+        core: &mut Core<S, Self>,
+        op: usize,
+        key: usize,
+        result: i32,
+    ) -> io::Result<()> {
+        let Some(Op::Send { buf, offset, .. }) = self.ring.op_mut(op) else {
+            unreachable!("a send op")
+        };
+        let sent = result.max(0) as usize;
+        *offset += sent;
+        let whole = *offset == buf.len();
+        if sent > 0 {
+            core.on_sent(self, key, sent);
+        }
+        let live = core.socket(key).map(|s| s.stream.as_raw_fd());
+        if let Some(fd) = live
+            && sent > 0
+            && !whole
+        {
+            // Short send: the rest goes from the same buffer, same op.
+            return self.ring.resend(op, fd);
+        }
+        let Op::Send { buf, .. } = self.ring.finish(op) else {
+            unreachable!("a send op")
+        };
+        if self.spare.len() < SPARE_MAX && buf.capacity() <= SPARE_MAX_CAPACITY {
+            self.spare.push(buf);
+        }
+        if let Some(socket) = core.any_socket(key) {
+            socket.send_op = None;
+        }
+        if live.is_some() && result <= 0 && result != -libc::ECANCELED {
+            core.on_write_error(self, key);
+        } else if live.is_some() {
+            // Write on: the session may have queued more while this send was in flight.
+            core.on_writable(key);
+        }
+        core.on_released(key);
+        Ok(())
+    }
+}

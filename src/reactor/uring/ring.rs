@@ -1,0 +1,470 @@
+//! The io_uring ring with a safe API: an op table whose entries own everything the kernel
+//! may touch, and the provided-buffer ring. This module is the only place in the crate
+//! where `unsafe` is allowed; every block says why it is sound.
+//!
+//! Ownership rules (the tokio-uring / monoio model): a submitted operation's buffer is
+//! owned by value by its [`Op`] in the table (send buffers, the wake buffer) or by the
+//! [`BufRing`] (receive buffers) until its final completion is reaped; ops are only
+//! removed from the table through [`Ring::finish`] after that completion. At exit the
+//! backend cancels everything, reaps, and unregisters the buffer ring before freeing it.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{FromRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use slab::Slab;
+
+/// The buffer group multishot receives pick from.
+const BUF_GROUP: u16 = 0;
+
+/// Builds a ring with the fastest setup the kernel accepts: SINGLE_ISSUER + DEFER_TASKRUN,
+/// else COOP_TASKRUN, else plain.
+fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
+    type Configure = fn(&mut io_uring::Builder);
+    let attempts: [(&'static str, Configure); 3] = [
+        ("single_issuer+defer_taskrun", |b| {
+            b.setup_single_issuer().setup_defer_taskrun();
+        }),
+        ("coop_taskrun", |b| {
+            b.setup_coop_taskrun();
+        }),
+        ("plain", |_| {}),
+    ];
+    let mut last = None;
+    for (name, configure) in attempts {
+        let mut builder = IoUring::builder();
+        configure(&mut builder);
+        match builder.setup_cqsize(entries * 4).build(entries) {
+            Ok(ring) => return Ok((ring, name)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no ring")))
+}
+
+/// Checks that the kernel has every operation and feature the backend uses.
+/// Returns the ring setup flags that will be used.
+pub(crate) fn probe() -> Result<&'static str, String> {
+    let (ring, setup) = build(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("probing opcodes failed: {e}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Read::CODE, "read"),
+        (opcode::AsyncCancel::CODE, "async_cancel"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "the kernel lacks IORING_OP_{}",
+                name.to_uppercase()
+            ));
+        }
+    }
+    let bufs = BufRing::new(&ring, 1, 64, 7)
+        .map_err(|e| format!("provided-buffer rings unsupported: {e}"))?;
+    bufs.unregister(&ring);
+    Ok(setup)
+}
+
+/// An operation the kernel holds, with everything it points into.
+pub(crate) enum Op {
+    /// Multishot accept on the listener.
+    Accept,
+    /// A read of the wake pipe into its own buffer.
+    Wake(Box<[u8; 64]>),
+    /// Multishot receive for connection `key`, into the buffer ring.
+    Recv { key: usize },
+    /// A send of `buf[offset..]` for connection `key`.
+    Send {
+        key: usize,
+        buf: Vec<u8>,
+        offset: usize,
+    },
+    /// Cancels another op.
+    Cancel,
+}
+
+/// One reaped completion.
+pub(crate) struct Completion {
+    pub op: usize,
+    pub result: i32,
+    /// Whether the (multishot) op stays armed.
+    pub more: bool,
+    /// The receive buffer a successful `Recv` filled.
+    pub buffer: Option<u16>,
+    /// The connection a successful `Accept` produced.
+    pub accepted: Option<TcpStream>,
+}
+
+/// The ring and its op table.
+pub(crate) struct Ring {
+    ring: IoUring,
+    ops: Slab<Op>,
+}
+
+impl Ring {
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let (ring, _) = build(entries)?;
+        Ok(Ring {
+            ring,
+            ops: Slab::with_capacity(1024),
+        })
+    }
+
+    /// Queues an SQE for op `op`; when the submission queue is full, hands it to the
+    /// kernel first.
+    fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an entry points to is owned by its `ops` entry (send and
+            // wake buffers) or by a registered `BufRing` and outlives the operation: ops
+            // are only removed by `finish`, after their final completion was reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn start(&mut self, op: Op, build: impl FnOnce(&mut Op) -> squeue::Entry) -> io::Result<usize> {
+        let id = self.ops.insert(op);
+        let entry = build(&mut self.ops[id]).user_data(id as u64);
+        if let Err(e) = self.push(entry) {
+            self.ops.remove(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Arms a multishot accept on `listener`.
+    pub fn accept(&mut self, listener: RawFd) -> io::Result<usize> {
+        self.start(Op::Accept, |_| {
+            opcode::AcceptMulti::new(Fd(listener))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        })
+    }
+
+    /// Posts a read of the wake pipe.
+    pub fn read_wake(&mut self, pipe: RawFd) -> io::Result<usize> {
+        self.start(Op::Wake(Box::new([0; 64])), |op| {
+            let Op::Wake(buf) = op else { unreachable!() };
+            opcode::Read::new(Fd(pipe), buf.as_mut_ptr(), 64).build()
+        })
+    }
+
+    /// Arms a multishot receive for connection `key` into the buffer ring.
+    pub fn recv(&mut self, socket: RawFd, key: usize) -> io::Result<usize> {
+        self.start(Op::Recv { key }, |_| {
+            opcode::RecvMulti::new(Fd(socket), BUF_GROUP).build()
+        })
+    }
+
+    /// Sends `buf` (owned by the op until its completion) for connection `key`.
+    pub fn send(&mut self, socket: RawFd, key: usize, buf: Vec<u8>) -> io::Result<usize> {
+        self.start(
+            Op::Send {
+                key,
+                buf,
+                offset: 0,
+            },
+            |op| send_entry(op, socket),
+        )
+    }
+
+    /// Sends the rest of send op `op` after a short send (same op, same buffer).
+    pub fn resend(&mut self, op: usize, socket: RawFd) -> io::Result<()> {
+        let entry = send_entry(&mut self.ops[op], socket).user_data(op as u64);
+        self.push(entry)
+    }
+
+    /// Cancels op `target` (its completion still comes, with `-ECANCELED` or a result).
+    pub fn cancel(&mut self, target: usize) -> io::Result<()> {
+        self.start(Op::Cancel, |_| {
+            opcode::AsyncCancel::new(target as u64).build()
+        })
+        .map(|_| ())
+    }
+
+    pub fn op(&self, id: usize) -> Option<&Op> {
+        self.ops.get(id)
+    }
+
+    pub fn op_mut(&mut self, id: usize) -> Option<&mut Op> {
+        self.ops.get_mut(id)
+    }
+
+    /// Removes an op whose final completion was reaped, returning what it owned.
+    pub fn finish(&mut self, id: usize) -> Op {
+        self.ops.remove(id)
+    }
+
+    /// Submits everything queued and waits up to `timeout` for one completion.
+    pub fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let entered = match timeout {
+            Some(t) => {
+                let ts = Timespec::from(t);
+                self.ring
+                    .submitter()
+                    .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match entered {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves every available completion into `out`.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        for cqe in self.ring.completion() {
+            let (op, result, flags) = (cqe.user_data() as usize, cqe.result(), cqe.flags());
+            let accepted =
+                (result >= 0 && matches!(self.ops.get(op), Some(Op::Accept))).then(|| {
+                    // SAFETY: an accept completion's result is a descriptor the kernel just
+                    // created for us; each completion is reaped once, so nothing else owns it.
+                    unsafe { TcpStream::from_raw_fd(result) }
+                });
+            out.push(Completion {
+                op,
+                result,
+                more: cqueue::more(flags),
+                buffer: cqueue::buffer_select(flags),
+                accepted,
+            });
+        }
+    }
+
+    /// A provided-buffer ring of `count` buffers of `size` bytes for multishot receives.
+    pub fn buffers(&self, count: u16, size: usize) -> io::Result<BufRing> {
+        BufRing::new(&self.ring, count, size, BUF_GROUP)
+    }
+
+    /// Cancels every operation, waits (bounded) for their completions, and unregisters
+    /// `bufs` so no kernel reference to loop memory outlives the loop; if something could
+    /// not be reaped the buffer memory is leaked rather than freed.
+    pub fn quiesce(&mut self, bufs: Option<BufRing>) {
+        let _ = self.ring.submit();
+        let _ = self.ring.submitter().register_sync_cancel(
+            Some(Timespec::from(Duration::from_secs(1))),
+            CancelBuilder::any(),
+        );
+        let mut reaped = Vec::new();
+        for _ in 0..100 {
+            self.reap(&mut reaped);
+            for completion in reaped.drain(..) {
+                if !completion.more && self.ops.contains(completion.op) {
+                    self.ops.remove(completion.op);
+                }
+            }
+            if self.ops.is_empty() {
+                break;
+            }
+            let _ = self.enter(Some(Duration::from_millis(10)));
+        }
+        if let Some(bufs) = bufs {
+            if self.ops.is_empty() {
+                bufs.unregister(&self.ring);
+            } else {
+                std::mem::forget(bufs);
+            }
+        }
+    }
+}
+
+fn send_entry(op: &mut Op, socket: RawFd) -> squeue::Entry {
+    let Op::Send { buf, offset, .. } = op else {
+        unreachable!("a send op")
+    };
+    let rest = &buf[*offset..];
+    opcode::Send::new(Fd(socket), rest.as_ptr(), rest.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+}
+
+/// A provided-buffer ring: `count` buffers of `size` bytes the kernel picks from for
+/// multishot recv, handed back (recycled) as soon as the session consumed them.
+pub(crate) struct BufRing {
+    entries: NonNull<BufRingEntry>,
+    entries_layout: Layout,
+    memory: NonNull<u8>,
+    memory_layout: Layout,
+    count: u16,
+    size: usize,
+    tail: u16,
+    group: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, count: u16, size: usize, group: u16) -> io::Result<BufRing> {
+        assert!(count.is_power_of_two() && size > 0);
+        let entries_layout =
+            Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+                .map_err(io::Error::other)?;
+        let memory_layout =
+            Layout::from_size_align(count as usize * size, 64).map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size (count >= 1, size >= 1, asserted).
+        let (entries, memory) =
+            unsafe { (alloc_zeroed(entries_layout), alloc_zeroed(memory_layout)) };
+        let (Some(entries), Some(memory)) = (
+            NonNull::new(entries.cast::<BufRingEntry>()),
+            NonNull::new(memory),
+        ) else {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        };
+        let mut bufs = BufRing {
+            entries,
+            entries_layout,
+            memory,
+            memory_layout,
+            count,
+            size,
+            tail: 0,
+            group,
+        };
+        // SAFETY: the entries array is page-aligned, `count` entries long, and lives until
+        // `unregister` (called before it is freed).
+        let registered = unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries.as_ptr() as u64, count, group, 0)
+        };
+        if let Err(e) = registered {
+            // Not registered: freeing is safe.
+            drop(bufs);
+            return Err(e);
+        }
+        for bid in 0..count {
+            bufs.recycle(bid);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// Queues buffer `bid` for the kernel again (visible after `publish`).
+    pub fn recycle(&mut self, bid: u16) {
+        assert!(bid < self.count);
+        let slot = (self.tail & (self.count - 1)) as usize;
+        // SAFETY: `slot < count`, inside the entries allocation; the kernel only reads
+        // entries between its head and our published tail, and this slot is past it.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(slot) };
+        // SAFETY: `bid < count` (asserted), so the offset is inside the memory allocation.
+        entry.set_addr(unsafe { self.memory.as_ptr().add(bid as usize * self.size) } as u64);
+        entry.set_len(self.size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes recycled buffers visible to the kernel.
+    pub fn publish(&self) {
+        // SAFETY: the entries pointer is the ring base, so `tail` points at the ring's
+        // shared tail field, which is only ever accessed atomically.
+        let tail =
+            unsafe { AtomicU16::from_ptr(BufRingEntry::tail(self.entries.as_ptr()) as *mut u16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// The first `len` bytes of buffer `bid`, which the kernel filled and handed over.
+    pub fn buffer(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        assert!(bid < self.count && len <= self.size);
+        // SAFETY: in bounds (asserted); the kernel wrote these bytes and will not touch
+        // this buffer again until it is recycled, which needs `&mut self` again.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.memory.as_ptr().add(bid as usize * self.size), len)
+        }
+    }
+
+    fn unregister(self, ring: &IoUring) {
+        if ring.submitter().unregister_buf_ring(self.group).is_ok() {
+            drop(self);
+        } else {
+            // The kernel may still reference the memory: leak it rather than free it.
+            std::mem::forget(self);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts; only reached once the kernel no
+        // longer references them (never registered, unregistered, or after ring teardown).
+        unsafe {
+            dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            dealloc(self.memory.as_ptr(), self.memory_layout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The op table's ownership rules end to end on a real ring: a send's buffer stays
+    /// alive until its completion, accept completions arrive as owned streams, and the
+    /// buffer ring hands back what the kernel received.
+    #[test]
+    fn send_recv_and_accept_through_the_op_table() {
+        if probe().is_err() {
+            return; // No io_uring here: the epoll backend is tested instead.
+        }
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let mut ring = Ring::new(64).unwrap();
+        let mut bufs = ring.buffers(4, 4096).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ring.accept(listener.as_raw_fd()).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut done = Vec::new();
+        let mut server = None;
+        while server.is_none() {
+            ring.enter(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut done);
+            server = done.drain(..).find_map(|c| c.accepted);
+        }
+        let server = server.unwrap();
+        let send = ring.send(server.as_raw_fd(), 7, b"hello".to_vec()).unwrap();
+        let recv = ring.recv(server.as_raw_fd(), 7).unwrap();
+        client.write_all(b"ping").unwrap();
+        let (mut sent, mut got) = (false, None);
+        while !sent || got.is_none() {
+            ring.enter(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut done);
+            for c in done.drain(..) {
+                if c.op == send {
+                    assert_eq!(c.result, 5);
+                    let Op::Send { buf, .. } = ring.finish(send) else {
+                        panic!("not a send")
+                    };
+                    assert_eq!(buf, b"hello");
+                    sent = true;
+                } else if c.op == recv && c.result > 0 {
+                    let bid = c.buffer.expect("a provided buffer");
+                    got = Some(bufs.buffer(bid, c.result as usize).to_vec());
+                    bufs.recycle(bid);
+                }
+            }
+        }
+        assert_eq!(got.as_deref(), Some(&b"ping"[..]));
+        let mut echo = [0; 5];
+        client.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"hello");
+        drop(server);
+        ring.quiesce(Some(bufs));
+    }
+}
