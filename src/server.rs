@@ -21,6 +21,7 @@ use crate::protocol::handshake::{
 use crate::protocol::options::Options;
 use crate::reactor::core;
 use crate::reactor::epoll::Epoll;
+#[cfg(target_os = "linux")]
 use crate::reactor::uring::Uring;
 use crate::reactor::{
     self, Backend, CloseRequest, Envelope, Io, LoopConfig, LoopStats, Remote, Service,
@@ -654,6 +655,7 @@ where
         };
         let name = format!("wsd-loop-{i}");
         let (remote, handle) = match backend {
+            #[cfg(target_os = "linux")]
             Backend::IoUring => {
                 core::spawn::<_, Uring>(name, listener, service, loop_config, loop_stats)?
             }

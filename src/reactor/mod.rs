@@ -11,6 +11,7 @@
 pub(crate) mod core;
 pub(crate) mod epoll;
 pub(crate) mod timer;
+#[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
 use std::io;
@@ -25,7 +26,7 @@ pub enum Backend {
     /// io_uring when the kernel supports everything the backend uses, else epoll.
     #[default]
     Auto,
-    /// epoll, through mio.
+    /// epoll through mio (kqueue on the BSDs and macOS, where io_uring does not exist).
     Epoll,
     /// io_uring: multishot accept and recv, a provided-buffer ring, batched submission.
     IoUring,
@@ -64,6 +65,11 @@ pub fn io_uring_support() -> Result<&'static str, String> {
     if std::env::var("WSD_IO_URING").is_ok_and(|v| v == "off" || v == "0") {
         return Err("disabled by WSD_IO_URING=off".into());
     }
+    probe_io_uring()
+}
+
+#[cfg(target_os = "linux")]
+fn probe_io_uring() -> Result<&'static str, String> {
     // Probed once per process, on a thread of its own: tearing a ring down queues task
     // work on its creator, which would interrupt the caller's next blocking socket call
     // (EINTR on sockets with timeouts).
@@ -75,6 +81,11 @@ pub fn io_uring_support() -> Result<&'static str, String> {
                 .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
         })
         .clone()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn probe_io_uring() -> Result<&'static str, String> {
+    Err("io_uring exists only on Linux".into())
 }
 
 impl std::str::FromStr for Backend {
@@ -245,6 +256,7 @@ pub(crate) enum Waker {
     /// mio's eventfd, registered with the epoll instance.
     Poll(Arc<mio::Waker>),
     /// A pipe the io_uring loop keeps a read posted on.
+    #[cfg(target_os = "linux")]
     Pipe(Arc<std::io::PipeWriter>),
 }
 
@@ -252,6 +264,7 @@ impl Waker {
     fn wake(&self) -> io::Result<()> {
         match self {
             Waker::Poll(waker) => waker.wake(),
+            #[cfg(target_os = "linux")]
             Waker::Pipe(pipe) => {
                 use std::io::Write;
                 (&**pipe).write_all(&[1])
