@@ -5,6 +5,10 @@
 #   loadtest/compare.sh [--rounds R] [--secs S] [--quick] [--idle-conns N] [--idle-secs S]
 #                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m] [--no-idle] [--no-build]
 #
+# Servers: wsd-epoll, wsd-io-uring, tokio-tungstenite, fastwebsockets, and base-epoll /
+# base-io-uring: an earlier build of the echo example named by BASELINE_ECHO=path, to
+# measure a change before and after in one interleaved run.
+#
 # Each server runs alone pinned to CPU 0 (one thread / worker), wsload pinned to CPU 1; for
 # every scenario and round the servers run in the same interleaved order A B C D, A B C D, …
 # Medians over rounds go to a table on stdout and to loadtest/results/compare.{json,md,svg};
@@ -127,6 +131,9 @@ server_cmd() { # name port -> the command line, as an array in SERVER_ARGV
     case "$1" in
         wsd-epoll) SERVER_ARGV=("$ECHO" --addr "$addr" --backend epoll --threads 1) ;;
         wsd-io-uring) SERVER_ARGV=("$ECHO" --addr "$addr" --backend io-uring --threads 1) ;;
+        # An earlier build of the echo example (BASELINE_ECHO=path), for before/after runs.
+        base-epoll) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend epoll --threads 1) ;;
+        base-io-uring) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend io-uring --threads 1) ;;
         tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
         fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
         *) return 1 ;;

@@ -31,6 +31,8 @@ COLORS = {
     "wsd-io-uring": "#17becf",
     "tokio-tungstenite": "#ff7f0e",
     "fastwebsockets": "#d62728",
+    "base-epoll": "#7f7f7f",
+    "base-io-uring": "#bcbd22",
 }
 PROGRESS = re.compile(r"wsload:\s+([\d.]+)s\s+(\d+)\s+msgs/s")
 
