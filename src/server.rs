@@ -406,11 +406,11 @@ struct HandleInner {
     backend: Backend,
 }
 
-/// The one log line saying which backend serves and why (stderr; `WSD_LOG=off` silences it).
+/// The one log line saying which backend serves and why, through the [`log`] facade at
+/// `info` level (the library never prints; an application that wants the line installs a
+/// logger or prints [`ServerHandle::backend`] itself).
 fn log_backend(why: &str) {
-    if std::env::var("WSD_LOG").map_or(true, |v| v != "off") {
-        eprintln!("websocket-driver: serving on {why}");
-    }
+    log::info!("websocket-driver: serving on {why}");
 }
 
 impl std::fmt::Debug for ServerHandle {

@@ -579,7 +579,8 @@ fn fanout(args: &Args) {
 }
 
 fn main() {
-    // No one-line backend banner from the library on stdout/stderr noise; the JSON says it.
+    // The library prints nothing (its backend line goes to the `log` facade, with no
+    // logger installed here); the JSON reports the client backend.
     let args = parse_args();
     match args.mode.as_str() {
         "echo" => echo(&args),
