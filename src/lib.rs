@@ -37,7 +37,7 @@ pub mod tokio;
 mod websocket;
 
 pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
-pub use protocol::error::{Error, HandshakeError, ProtocolError, UsageError, code};
+pub use protocol::error::{Error, HandshakeError, ProtocolError, TlsError, UsageError, code};
 pub use protocol::handshake::{Request, RequestParser, is_websocket};
 pub use protocol::options::Options;
 pub use reactor::Backend;

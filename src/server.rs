@@ -541,7 +541,7 @@ impl Server {
         private_key: impl AsRef<std::path::Path>,
     ) -> io::Result<Server> {
         let tls = crate::tls::server_config_from_pem(cert_chain, private_key)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut server = Server::bind(addr)?;
         server.config.tls = Some(tls);
         Ok(server)

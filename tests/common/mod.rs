@@ -31,7 +31,7 @@ impl From<&Error> for Err {
             Error::Handshake(h) => Err::Handshake(h.clone()),
             Error::Usage(u) => Err::Usage(u.clone()),
             Error::Io(io) => Err::Io(io.kind()),
-            Error::Tls(m) => Err::Tls(m.clone()),
+            Error::Tls(e) => Err::Tls(e.to_string()),
         }
     }
 }
