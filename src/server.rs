@@ -27,6 +27,7 @@ use crate::reactor::{
 
 /// What a slow reader's connection gets once its outgoing buffer passes the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackpressurePolicy {
     /// Keep queueing for `grace`; if the buffer is still over the limit then, close with
     /// 1008 and drop the connection.

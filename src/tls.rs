@@ -23,6 +23,7 @@ fn tls_error(context: &str, e: impl std::error::Error + Send + Sync + 'static) -
 
 /// How a client checks the server's certificate (the seed's `:verify` and `:ca-path`).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub enum Verify {
     /// Against the operating system's roots.
     #[default]

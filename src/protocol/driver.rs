@@ -26,6 +26,7 @@ pub enum Role {
 
 /// The connection state, as the seed's `ready-state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadyState {
     /// Before the handshake completes. Sends are queued.
     Connecting,
@@ -104,6 +105,7 @@ pub enum Event<'a> {
 
 /// What [`Driver::send`] sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MessageType {
     /// A text message (the bytes must be UTF-8).
     Text,

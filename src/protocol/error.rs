@@ -36,6 +36,7 @@ pub fn is_valid_close_code(code: u16) -> bool {
 
 /// The peer broke RFC 6455 after the handshake. Each maps to the close code sent back.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// RSV bits set that no negotiated extension claims (the bits, RSV1 = 4).
     ReservedBits(u8),
@@ -113,6 +114,7 @@ impl fmt::Display for ProtocolError {
 
 /// The opening handshake failed. On the server side each carries the HTTP status to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// The request or response is not valid HTTP/1.1.
     MalformedHttp(String),
@@ -198,6 +200,7 @@ impl fmt::Display for HandshakeError {
 
 /// The caller asked for something the connection cannot do.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UsageError {
     /// Sending on a connection that is closing or closed.
     NotOpen,
@@ -302,6 +305,7 @@ impl std::error::Error for TlsError {
 
 /// Every error the crate reports.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The peer broke the WebSocket protocol; the connection was failed with a close code.
     Protocol(ProtocolError),

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 /// Which IO backend runs the event loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backend {
     /// io_uring when the kernel supports everything the backend uses, else epoll.
     #[default]
