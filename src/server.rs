@@ -366,9 +366,25 @@ impl Sender {
         self.post(Command::Send(data.into(), kind))
     }
 
-    /// Starts the close handshake.
+    /// Starts the close handshake. A close code that may not be sent or a reason over
+    /// 123 bytes fails here with [`io::ErrorKind::InvalidInput`] (wrapping the
+    /// [`UsageError`]), since the loop would have no one to report it to.
     pub fn close_connection(&self, code: u16, reason: impl Into<String>) -> io::Result<()> {
-        self.post(Command::Close(code, reason.into()))
+        let reason = reason.into();
+        let refused = if !crate::protocol::error::is_valid_close_code(code) {
+            Some(UsageError::InvalidCloseCode(code))
+        } else if reason.len() > 123 {
+            Some(UsageError::CloseReasonTooLong)
+        } else {
+            None
+        };
+        if let Some(usage) = refused {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                Error::Usage(usage),
+            ));
+        }
+        self.post(Command::Close(code, reason))
     }
 }
 

@@ -461,6 +461,24 @@ fn sender_reaches_a_connection_from_another_thread(backend: Backend) {
     let all = senders.lock().unwrap().clone();
     let pusher = std::thread::spawn(move || {
         for (i, s) in all.iter().enumerate() {
+            // Close arguments the loop would refuse fail here, clearly, and send nothing.
+            for (code, reason) in [(4000, "é€".repeat(40)), (1005, String::new())] {
+                let err = s.close_connection(code, reason).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+                let usage = err
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<Error>())
+                    .unwrap_or_else(|| panic!("{err:?}"));
+                assert!(
+                    matches!(
+                        usage,
+                        Error::Usage(
+                            UsageError::CloseReasonTooLong | UsageError::InvalidCloseCode(1005)
+                        )
+                    ),
+                    "{usage:?}"
+                );
+            }
             s.send_text(format!("hello {i}")).unwrap();
             s.send_binary(vec![i as u8; 3]).unwrap();
             s.close_connection(4000, "bye").unwrap();
