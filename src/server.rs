@@ -49,8 +49,9 @@ pub struct ServerConfig {
     /// Driver options (`max_length`, `accept_protocols`, `additional_headers`, head limits).
     pub options: Options,
     /// Most open connections over all loops; beyond, new ones get 503 and are closed.
-    /// Default: what the open-file limit allows, minus a reserve
-    /// ([`reactor::default_max_connections`]).
+    /// Default: what the current soft open-file limit allows, minus a reserve
+    /// ([`reactor::default_max_connections`]); the limit is not changed, see
+    /// [`raise_open_file_limit`](crate::raise_open_file_limit).
     pub max_connections: usize,
     /// Time a client has to complete its upgrade request. Default 10 s.
     pub handshake_timeout: Duration,

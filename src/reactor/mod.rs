@@ -344,11 +344,11 @@ pub(crate) struct LoopConfig {
     pub connections: Arc<AtomicUsize>,
 }
 
-/// The largest number of connections the open-file limit leaves room for: the soft
-/// limit (raised to the hard limit first, where allowed) minus a reserve for listeners,
-/// epoll instances and the application's own files.
+/// The largest number of connections the open-file limit leaves room for: the current
+/// soft limit minus a reserve for listeners, epoll instances and the application's own
+/// files. Only reads the limit; [`raise_open_file_limit`](crate::raise_open_file_limit)
+/// raises it.
 pub fn default_max_connections() -> usize {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     (soft as usize).saturating_sub(64).max(16)
 }
