@@ -538,20 +538,50 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Fails with [`io::ErrorKind::AddrInUse`] if a socket already listens on `addr`.
+///
+/// The loops' listeners share the port through `SO_REUSEPORT`, which would just as well
+/// let this server join another process's group (of the same user) and take a share of
+/// its connections. A probe bound without `SO_REUSEPORT` (with `SO_REUSEADDR`, as std's
+/// listeners, so connections in TIME_WAIT do not count) conflicts with any listener on
+/// the address; it is dropped before the real listeners bind.
+fn ensure_not_served(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another socket: {e}"),
+        )),
+        other => other,
+    }
+}
+
 impl Server {
     /// Binds the first listener (port 0 picks a free port), with default settings.
+    ///
+    /// Fails with [`io::ErrorKind::AddrInUse`] when something (another server, this
+    /// process's or not) already listens on the address, even though the listeners use
+    /// `SO_REUSEPORT` among themselves.
     pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Server> {
         let addr = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind"))?;
+        // Port 0: the kernel picks a port no socket holds (it does not share one through
+        // SO_REUSEPORT when choosing); `start` binds the other loops' listeners to it.
+        if addr.port() != 0 {
+            ensure_not_served(addr)?;
+        }
         Ok(Server {
             listener: reuseport_listener(addr)?,
             config: ServerConfig::default(),
         })
     }
 
-    /// Like [`Server::bind`], serving wss with a PEM certificate chain and private key.
+    /// Like [`Server::bind`] (and so failing with [`io::ErrorKind::AddrInUse`] the same
+    /// way), serving wss with a PEM certificate chain and private key.
     #[cfg(feature = "tls")]
     pub fn bind_tls(
         addr: impl ToSocketAddrs,

@@ -100,6 +100,18 @@ fn wss_verification_fails_for_an_unknown_issuer() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+#[test]
+fn bind_tls_refuses_an_address_in_use() {
+    let (cert, key) = certificate("in-use");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = Server::bind_tls(listener.local_addr().unwrap(), &cert, &key).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    let server = tls_server(Backend::Epoll, &cert, &key);
+    let err = Server::bind_tls(server.local_addr(), &cert, &key).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 struct Greeter {
     log: Arc<Mutex<Vec<String>>>,
     closes: Arc<AtomicUsize>,
