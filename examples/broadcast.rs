@@ -70,6 +70,11 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
+    // One descriptor per connection: lift the soft open-file limit to the hard limit
+    // (the library never does it on its own).
+    if let Err(e) = websocket_driver::raise_open_file_limit() {
+        eprintln!("broadcast: cannot raise the open-file limit: {e}");
+    }
     let registry: Registry = Arc::default();
     let next_id = Arc::new(AtomicU64::new(0));
     let server = Server::bind(&addr)

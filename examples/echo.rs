@@ -40,6 +40,11 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
+    // One descriptor per connection: lift the soft open-file limit to the hard limit
+    // (the library never does it on its own).
+    if let Err(e) = websocket_driver::raise_open_file_limit() {
+        eprintln!("echo: cannot raise the open-file limit: {e}");
+    }
     // Autobahn's 9.x cases send 16 MiB messages; the default max_length (64 MiB) allows them.
     let options = Options::default();
     if backend == "blocking" {

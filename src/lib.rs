@@ -39,12 +39,29 @@ pub mod tokio;
 mod websocket;
 
 pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
-pub use protocol::error::{Error, HandshakeError, ProtocolError, UsageError, code};
+pub use protocol::error::{Error, HandshakeError, ProtocolError, TlsError, UsageError, code};
 pub use protocol::handshake::{Request, RequestParser, is_websocket};
 pub use protocol::options::Options;
 pub use reactor::Backend;
 pub use server::{Handler, Server, ServerConfig, ServerHandle, Upgrade, UpgradeRequest, Ws};
 pub use websocket::WebSocket;
+
+/// Raises this process's soft open-file limit (`RLIMIT_NOFILE`) as far as allowed, to the
+/// hard limit, and returns the new soft limit.
+///
+/// Each connection holds a descriptor, and the usual soft limit (1024) caps a server at
+/// about a thousand of them. The library never changes the limit on its own: call this
+/// at startup, before building a [`ServerConfig`] (whose default `max_connections` follows
+/// the soft limit read then), in programs that hold many connections.
+///
+/// ```no_run
+/// let limit = websocket_driver::raise_open_file_limit()?;
+/// let config = websocket_driver::ServerConfig::default(); // sized for `limit`
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
 
 /// A server driver for an upgrade request (the seed's `make-server`).
 pub fn make_server(request: &Request, options: &Options) -> Result<Driver, Error> {

@@ -29,6 +29,7 @@ use crate::reactor::{
 
 /// What a slow reader's connection gets once its outgoing buffer passes the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackpressurePolicy {
     /// Keep queueing for `grace`; if the buffer is still over the limit then, close with
     /// 1008 and drop the connection.
@@ -50,8 +51,9 @@ pub struct ServerConfig {
     /// Driver options (`max_length`, `accept_protocols`, `additional_headers`, head limits).
     pub options: Options,
     /// Most open connections over all loops; beyond, new ones get 503 and are closed.
-    /// Default: what the open-file limit allows, minus a reserve
-    /// ([`reactor::default_max_connections`]).
+    /// Default: what the current soft open-file limit allows, minus a reserve
+    /// ([`reactor::default_max_connections`]); the limit is not changed, see
+    /// [`raise_open_file_limit`](crate::raise_open_file_limit).
     pub max_connections: usize,
     /// Time a client has to complete its upgrade request. Default 10 s.
     pub handshake_timeout: Duration,
@@ -367,9 +369,25 @@ impl Sender {
         self.post(Command::Send(data.into(), kind))
     }
 
-    /// Starts the close handshake.
+    /// Starts the close handshake. A close code that may not be sent or a reason over
+    /// 123 bytes fails here with [`io::ErrorKind::InvalidInput`] (wrapping the
+    /// [`UsageError`]), since the loop would have no one to report it to.
     pub fn close_connection(&self, code: u16, reason: impl Into<String>) -> io::Result<()> {
-        self.post(Command::Close(code, reason.into()))
+        let reason = reason.into();
+        let refused = if !crate::protocol::error::is_valid_close_code(code) {
+            Some(UsageError::InvalidCloseCode(code))
+        } else if reason.len() > 123 {
+            Some(UsageError::CloseReasonTooLong)
+        } else {
+            None
+        };
+        if let Some(usage) = refused {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                Error::Usage(usage),
+            ));
+        }
+        self.post(Command::Close(code, reason))
     }
 }
 
@@ -408,11 +426,11 @@ struct HandleInner {
     backend: Backend,
 }
 
-/// The one log line saying which backend serves and why (stderr; `WSD_LOG=off` silences it).
+/// The one log line saying which backend serves and why, through the [`log`] facade at
+/// `info` level (the library never prints; an application that wants the line installs a
+/// logger or prints [`ServerHandle::backend`] itself).
 fn log_backend(why: &str) {
-    if std::env::var("WSD_LOG").map_or(true, |v| v != "off") {
-        eprintln!("websocket-driver: serving on {why}");
-    }
+    log::info!("websocket-driver: serving on {why}");
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -522,20 +540,50 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Fails with [`io::ErrorKind::AddrInUse`] if a socket already listens on `addr`.
+///
+/// The loops' listeners share the port through `SO_REUSEPORT`, which would just as well
+/// let this server join another process's group (of the same user) and take a share of
+/// its connections. A probe bound without `SO_REUSEPORT` (with `SO_REUSEADDR`, as std's
+/// listeners, so connections in TIME_WAIT do not count) conflicts with any listener on
+/// the address; it is dropped before the real listeners bind.
+fn ensure_not_served(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another socket: {e}"),
+        )),
+        other => other,
+    }
+}
+
 impl Server {
     /// Binds the first listener (port 0 picks a free port), with default settings.
+    ///
+    /// Fails with [`io::ErrorKind::AddrInUse`] when something (another server, this
+    /// process's or not) already listens on the address, even though the listeners use
+    /// `SO_REUSEPORT` among themselves.
     pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Server> {
         let addr = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind"))?;
+        // Port 0: the kernel picks a port no socket holds (it does not share one through
+        // SO_REUSEPORT when choosing); `start` binds the other loops' listeners to it.
+        if addr.port() != 0 {
+            ensure_not_served(addr)?;
+        }
         Ok(Server {
             listener: reuseport_listener(addr)?,
             config: ServerConfig::default(),
         })
     }
 
-    /// Like [`Server::bind`], serving wss with a PEM certificate chain and private key.
+    /// Like [`Server::bind`] (and so failing with [`io::ErrorKind::AddrInUse`] the same
+    /// way), serving wss with a PEM certificate chain and private key.
     #[cfg(feature = "tls")]
     pub fn bind_tls(
         addr: impl ToSocketAddrs,
@@ -543,7 +591,7 @@ impl Server {
         private_key: impl AsRef<std::path::Path>,
     ) -> io::Result<Server> {
         let tls = crate::tls::server_config_from_pem(cert_chain, private_key)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut server = Server::bind(addr)?;
         server.config.tls = Some(tls);
         Ok(server)

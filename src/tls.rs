@@ -10,18 +10,20 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::protocol::error::Error;
+use crate::protocol::error::{Error, TlsError};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn tls_error(context: &str, e: impl std::fmt::Display) -> Error {
-    Error::Tls(format!("{context}: {e}"))
+/// An [`Error::Tls`] keeping `e` as its source.
+fn tls_error(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Tls(TlsError::new(context, e))
 }
 
 /// How a client checks the server's certificate (the seed's `:verify` and `:ca-path`).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub enum Verify {
     /// Against the operating system's roots.
     #[default]
@@ -48,7 +50,9 @@ pub fn client_config(verify: &Verify) -> Result<Arc<ClientConfig>, Error> {
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err(Error::Tls("no system root certificates found".into()));
+                return Err(Error::Tls(TlsError::msg(
+                    "no system root certificates found",
+                )));
             }
             roots
         }

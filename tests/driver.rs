@@ -212,6 +212,66 @@ fn close_argument_checks() {
     assert_eq!(parse_frames(server.pending_output())[0].payload.len(), 125);
 }
 
+/// 200 bytes of 2- and 3-byte characters ("é€" is 5 bytes): no character boundary at 123.
+fn long_multibyte_reason() -> String {
+    let reason = "é€".repeat(40);
+    assert_eq!(reason.len(), 200);
+    assert!(!reason.is_char_boundary(123));
+    reason
+}
+
+/// The reason of the one close frame in `bytes` (server output), as a client parses it.
+fn close_reason_seen_by_client(client: &mut Driver, bytes: &[u8]) -> (u16, String) {
+    let frames = parse_frames(bytes);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].opcode, OpCode::Close);
+    assert!(frames[0].payload.len() <= 125);
+    let reason = std::str::from_utf8(&frames[0].payload[2..])
+        .expect("the reason on the wire is UTF-8")
+        .to_string();
+    // The client driver accepts the frame (an invalid UTF-8 reason would fail it with 1007).
+    let events = feed(client, bytes);
+    assert_eq!(
+        events,
+        vec![Ev::Close(frames[0].close_code().unwrap(), reason.clone())]
+    );
+    (frames[0].close_code().unwrap(), reason)
+}
+
+#[test]
+fn abort_cuts_a_long_reason_on_a_character_boundary() {
+    let reason = long_multibyte_reason();
+    let (mut client, mut server) = open_client(&Options::default());
+    server.abort(4000, &reason);
+    let (code, sent) = close_reason_seen_by_client(&mut client, &take_output(&mut server));
+    assert_eq!(code, 4000);
+    // The longest whole-character prefix within 123 bytes: 24 × "é€" (120 bytes) + "é".
+    assert!(sent.len() <= 123);
+    assert_eq!(sent.len(), 122);
+    assert!(reason.starts_with(&sent));
+    // Locally the whole reason is reported.
+    assert_eq!(drain(&mut server), vec![Ev::Close(4000, reason)]);
+}
+
+#[test]
+fn close_connection_refuses_a_long_multibyte_reason_and_sends_a_fitting_one() {
+    let reason = long_multibyte_reason();
+    let (mut client, mut server) = open_client(&Options::default());
+    let err = server.close_connection(4000, &reason).unwrap_err();
+    assert!(
+        matches!(err, Error::Usage(UsageError::CloseReasonTooLong)),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "close reason longer than 123 bytes");
+    assert!(server.pending_output().is_empty(), "nothing sent");
+    assert_eq!(server.ready_state(), ReadyState::Open);
+    // Up to 123 bytes of whole characters go through as they are.
+    let fitting = &reason[..120];
+    server.close_connection(4000, fitting).unwrap();
+    let (code, sent) = close_reason_seen_by_client(&mut client, &take_output(&mut server));
+    assert_eq!((code, sent.as_str()), (4000, fitting));
+}
+
 // ----- sending around open and close -----
 
 #[test]

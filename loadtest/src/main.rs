@@ -411,7 +411,6 @@ fn idle(args: &Args) {
     let pid = args
         .pid
         .unwrap_or_else(|| usage("idle needs --pid of the server"));
-    let _ = websocket_driver::reactor::default_max_connections(); // raises our fd limit
     let before = rss_kib(pid);
     let shared = Arc::new(Shared::default());
     // The reactor pings connections that stay quiet, as a real idle client would.
@@ -579,8 +578,13 @@ fn fanout(args: &Args) {
 }
 
 fn main() {
-    // No one-line backend banner from the library on stdout/stderr noise; the JSON says it.
+    // The library prints nothing (its backend line goes to the `log` facade, with no
+    // logger installed here); the JSON reports the client backend.
     let args = parse_args();
+    // Every mode holds many connections: one descriptor each.
+    if let Err(e) = websocket_driver::raise_open_file_limit() {
+        eprintln!("wsload: cannot raise the open-file limit: {e}");
+    }
     match args.mode.as_str() {
         "echo" => echo(&args),
         "idle" => idle(&args),

@@ -26,6 +26,7 @@ pub enum Role {
 
 /// The connection state, as the seed's `ready-state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadyState {
     /// Before the handshake completes. Sends are queued.
     Connecting,
@@ -104,6 +105,7 @@ pub enum Event<'a> {
 
 /// What [`Driver::send`] sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MessageType {
     /// A text message (the bytes must be UTF-8).
     Text,
@@ -115,6 +117,19 @@ pub enum MessageType {
     Pong,
     /// A close frame with this code; the bytes are the reason (at most 123, UTF-8).
     Close(u16),
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary, so
+/// a close reason cut to fit its frame stays valid UTF-8.
+fn cut_at_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Identifies a send: it has reached the transport once [`Driver::is_sent`] says so.
@@ -674,7 +689,9 @@ impl Driver {
         let reason = error.to_string();
         if self.state == ReadyState::Open {
             let mut payload = close_code.to_be_bytes().to_vec();
-            payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+            payload.extend_from_slice(
+                cut_at_char_boundary(&reason, MAX_CONTROL_PAYLOAD - 2).as_bytes(),
+            );
             self.push_frame(OpCode::Close, &payload);
         }
         self.stop();
@@ -806,11 +823,15 @@ impl Driver {
     /// frame with `code` if the connection is open (the transport may not get to send it),
     /// stops reading and reports `Close(code, reason)` unless a close was reported already.
     /// For local policy decisions: timeouts, a peer that stopped reading, shutdown.
+    ///
+    /// A reason over 123 bytes is cut, on a character boundary, in the frame (the
+    /// reported `Close` keeps it whole).
     pub fn abort(&mut self, close_code: u16, reason: &str) {
         if self.state == ReadyState::Open && is_valid_close_code(close_code) {
             let mut payload = close_code.to_be_bytes().to_vec();
-            payload
-                .extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)]);
+            payload.extend_from_slice(
+                cut_at_char_boundary(reason, MAX_CONTROL_PAYLOAD - 2).as_bytes(),
+            );
             self.push_frame(OpCode::Close, &payload);
         }
         if self.state == ReadyState::Connecting {

@@ -36,6 +36,7 @@ pub fn is_valid_close_code(code: u16) -> bool {
 
 /// The peer broke RFC 6455 after the handshake. Each maps to the close code sent back.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// RSV bits set that no negotiated extension claims (the bits, RSV1 = 4).
     ReservedBits(u8),
@@ -113,6 +114,7 @@ impl fmt::Display for ProtocolError {
 
 /// The opening handshake failed. On the server side each carries the HTTP status to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// The request or response is not valid HTTP/1.1.
     MalformedHttp(String),
@@ -198,6 +200,7 @@ impl fmt::Display for HandshakeError {
 
 /// The caller asked for something the connection cannot do.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UsageError {
     /// Sending on a connection that is closing or closed.
     NotOpen,
@@ -244,8 +247,65 @@ impl fmt::Display for UsageError {
     }
 }
 
+/// TLS failed: what was being done, and the error behind it (with the `tls` feature, a
+/// `rustls::Error` for handshake, certificate and configuration failures, or the PEM or
+/// server-name error for files and hosts).
+///
+/// [`Error::source`](std::error::Error::source) on an [`Error::Tls`] returns that
+/// underlying error itself, so it downcasts directly:
+/// `err.source().and_then(|e| e.downcast_ref::<rustls::Error>())`.
+#[derive(Debug)]
+pub struct TlsError {
+    context: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl TlsError {
+    /// A failure while doing `context`, caused by `source`.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn new(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> TlsError {
+        TlsError {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// A failure with no underlying error.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn msg(context: impl Into<String>) -> TlsError {
+        TlsError {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// What was being done (a file name, a host, `TLS` for the handshake).
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.context),
+            None => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
 /// Every error the crate reports.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The peer broke the WebSocket protocol; the connection was failed with a close code.
     Protocol(ProtocolError),
@@ -255,8 +315,9 @@ pub enum Error {
     Usage(UsageError),
     /// The transport failed.
     Io(std::io::Error),
-    /// TLS failed: certificate verification, handshake, configuration.
-    Tls(String),
+    /// TLS failed: certificate verification, handshake, configuration. Its
+    /// [`source`](std::error::Error::source) is the underlying (rustls) error.
+    Tls(TlsError),
 }
 
 impl fmt::Display for Error {
@@ -282,7 +343,8 @@ impl std::error::Error for Error {
             Error::Protocol(e) => Some(e),
             Error::Handshake(e) => Some(e),
             Error::Usage(e) => Some(e),
-            Error::Tls(_) => None,
+            // The underlying error itself (not the wrapper), so it downcasts directly.
+            Error::Tls(e) => std::error::Error::source(e),
         }
     }
 }
@@ -326,6 +388,26 @@ mod tests {
         ] {
             assert!(is_valid_close_code(c), "{c}");
         }
+    }
+
+    #[test]
+    fn tls_error_keeps_its_source() {
+        use std::error::Error as _;
+        let gone = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let err = Error::Tls(TlsError::new("cert.pem", gone));
+        assert_eq!(err.to_string(), "TLS error: cert.pem: gone");
+        // The underlying error itself, not the wrapper.
+        let source = err.source().expect("a source");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        let bare = Error::Tls(TlsError::msg("no system root certificates found"));
+        assert_eq!(
+            bare.to_string(),
+            "TLS error: no system root certificates found"
+        );
+        assert!(bare.source().is_none());
     }
 
     #[test]

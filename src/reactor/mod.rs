@@ -22,6 +22,7 @@ use std::time::Instant;
 
 /// Which IO backend runs the event loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backend {
     /// io_uring when the kernel supports everything the backend uses, else epoll.
     #[default]
@@ -358,11 +359,11 @@ pub(crate) struct LoopConfig {
     pub connections: Arc<AtomicUsize>,
 }
 
-/// The largest number of connections the open-file limit leaves room for: the soft
-/// limit (raised to the hard limit first, where allowed) minus a reserve for listeners,
-/// epoll instances and the application's own files.
+/// The largest number of connections the open-file limit leaves room for: the current
+/// soft limit minus a reserve for listeners, epoll instances and the application's own
+/// files. Only reads the limit; [`raise_open_file_limit`](crate::raise_open_file_limit)
+/// raises it.
 pub fn default_max_connections() -> usize {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     (soft as usize).saturating_sub(64).max(16)
 }

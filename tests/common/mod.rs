@@ -22,6 +22,8 @@ pub enum Err {
     Usage(UsageError),
     Io(std::io::ErrorKind),
     Tls(String),
+    /// A kind of error added after this helper (`Error` is non-exhaustive): its text.
+    Other(String),
 }
 
 impl From<&Error> for Err {
@@ -31,7 +33,8 @@ impl From<&Error> for Err {
             Error::Handshake(h) => Err::Handshake(h.clone()),
             Error::Usage(u) => Err::Usage(u.clone()),
             Error::Io(io) => Err::Io(io.kind()),
-            Error::Tls(m) => Err::Tls(m.clone()),
+            Error::Tls(e) => Err::Tls(e.to_string()),
+            other => Err::Other(other.to_string()),
         }
     }
 }
