@@ -30,18 +30,16 @@
 //! ```
 //! use std::time::{Duration, Instant};
 //! use websocket_driver::session::{Expired, TimerConfig, Timers};
-//! # let (mut server, _client) = {
-//! #     let mut c = websocket_driver::make_client("ws://x/", &Default::default()).unwrap();
-//! #     c.start_connection();
-//! #     let mut p = websocket_driver::RequestParser::new(Default::default());
-//! #     let req = match p.parse(c.pending_output()).unwrap() {
-//! #         websocket_driver::protocol::frame::Status::Complete(r, _) => r,
-//! #         _ => unreachable!(),
-//! #     };
-//! #     let mut s = websocket_driver::make_server(&req, &Default::default()).unwrap();
-//! #     s.start_connection();
-//! #     (s, c)
+//! # use websocket_driver::{Options, RequestParser, make_client, make_server};
+//! # use websocket_driver::protocol::frame::Status;
+//! # let mut client = make_client("ws://example.com/", &Options::default()).unwrap();
+//! # client.start_connection();
+//! # let mut parser = RequestParser::new(Options::default().head_limits());
+//! # let Ok(Status::Complete(request, _)) = parser.parse(client.pending_output()) else {
+//! #     unreachable!()
 //! # };
+//! # let mut server = make_server(&request, &Options::default()).unwrap();
+//! # server.start_connection();
 //! let config = TimerConfig {
 //!     idle: Some(Duration::from_secs(30)),
 //!     ..TimerConfig::default()
