@@ -533,3 +533,38 @@ fn blocking_client_idle_timeout_pings_then_closes_a_silent_server() {
         "close fires once"
     );
 }
+
+/// A hosted client's opening-handshake deadline ends when it opens: an open connection
+/// outlives several handshake timeouts (it used to be aborted with 1006 after one).
+#[test]
+fn hosted_client_stays_open_past_the_handshake_timeout() {
+    let server = echo_server();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend: Backend::Epoll,
+        handshake_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let closes = Arc::new(AtomicUsize::new(0));
+    reactor
+        .connect(
+            &format!("ws://{}/", server.local_addr()),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(*log.lock().unwrap(), vec![Seen::Open]);
+    assert_eq!(closes.load(Ordering::Relaxed), 0);
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
