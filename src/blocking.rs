@@ -6,13 +6,14 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::driver::{Driver, ReadyState};
-use crate::protocol::error::Error;
+use crate::protocol::driver::ReadyState;
 use crate::protocol::frame::Status;
-use crate::protocol::handshake::{Request, RequestParser, error_response, http_response};
+use crate::protocol::handshake::{Request, RequestParser};
 use crate::protocol::options::Options;
+use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::upgrade::{self, Answer, NonUpgrade, error_response};
 use crate::websocket::WebSocket;
 
 /// Timeouts of the blocking server.
@@ -22,6 +23,9 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
     pub close: Duration,
+    /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
+    /// without input, close with 1001 "idle timeout". Default `None` (off).
+    pub idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -29,6 +33,50 @@ impl Default for Timeouts {
         Timeouts {
             handshake: Duration::from_secs(10),
             close: Duration::from_secs(5),
+            idle: None,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The deadlines' durations (writes block, so there is no backpressure grace).
+    fn timer_config(&self) -> TimerConfig {
+        TimerConfig {
+            handshake: self.handshake,
+            close: self.close,
+            idle: self.idle,
+            backpressure_grace: None,
+        }
+    }
+}
+
+/// Reads with `deadline` as the socket's read timeout. `Ok(None)`: the deadline passed
+/// first (it may have passed already).
+pub(crate) fn read_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> io::Result<Option<usize>> {
+    loop {
+        let timeout = match deadline {
+            None => None,
+            Some(t) => match t.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Ok(None),
+            },
+        };
+        stream.set_read_timeout(timeout)?;
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            // A timeout (or a signal): look at the deadline again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -132,11 +180,18 @@ pub fn serve_connection(
     app: &(dyn Fn(&Request, &mut WebSocket) + Send + Sync),
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(timeouts.handshake))?;
+    let config = timeouts.timer_config();
+    let mut timers = Timers::new();
+    timers.handshake_started(Instant::now(), &config);
     let mut buf = vec![0u8; 64 * 1024];
     let mut parser = RequestParser::new(options.head_limits());
     let (request, len, used) = loop {
-        let n = stream.read(&mut buf)?;
+        let Some(n) = read_by(&mut stream, &mut buf, timers.poll_timeout())? else {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "opening handshake timed out",
+            ));
+        };
         if n == 0 {
             return Ok(());
         }
@@ -149,33 +204,43 @@ pub fn serve_connection(
             }
         }
     };
-    let driver = match Driver::make_server(&request, options) {
-        Ok(driver) => driver,
-        Err(Error::Handshake(e)) => {
-            stream.write_all(&error_response(&e))?;
-            return linger_close(stream);
-        }
-        Err(e) => {
-            stream.write_all(&http_response(500, &[], &e.to_string()))?;
+    let driver = match upgrade::answer(&request, options, Ok(()), NonUpgrade::BadRequest) {
+        Answer::Accept(driver, ()) => driver,
+        Answer::Reject(refusal) => {
+            stream.write_all(&refusal.response)?;
             return linger_close(stream);
         }
     };
     let mut ws = WebSocket::new(driver);
     app(&request, &mut ws);
-    stream.set_read_timeout(None)?;
     ws.start_connection();
+    timers.opened(Instant::now(), &config);
     ws.receive(&mut buf[used..len]);
     flush(&mut stream, &mut ws)?;
     while !ws.is_finished() {
-        if ws.ready_state() == ReadyState::Closing {
-            stream.set_read_timeout(Some(timeouts.close))?;
+        match ws.ready_state() {
+            ReadyState::Closing => timers.close_started(Instant::now(), &config),
+            ReadyState::Closed => timers.closed(),
+            _ => {}
         }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => {
+        match read_by(&mut stream, &mut buf, timers.poll_timeout()) {
+            Ok(Some(0)) | Err(_) => {
                 ws.receive_eof();
                 break;
             }
-            Ok(n) => ws.receive(&mut buf[..n]),
+            Ok(Some(n)) => {
+                timers.received(Instant::now(), &config);
+                ws.receive(&mut buf[..n]);
+            }
+            Ok(None) => {
+                let expired = timers.handle_timeout(Instant::now(), &config, ws.driver());
+                // Run the handlers for what the timers did (an abort's close).
+                ws.receive(&mut []);
+                if let Expired::Drop(_) = expired {
+                    // The handshake or close took too long: drop the peer.
+                    return Ok(());
+                }
+            }
         }
         if flush(&mut stream, &mut ws).is_err() {
             ws.receive_eof();

@@ -10,15 +10,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::blocking::read_by;
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
-    ClientInit, Command, Handler, HttpResponse, ServerConfig, ServerHandle, Stats, Upgrade,
-    UpgradeRequest, spawn,
+    ClientInit, Command, Handler, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, spawn,
 };
+use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::upgrade::HttpResponse;
 use crate::websocket::WebSocket;
 
 /// Resolves a `ws://` or `wss://` URL to the address to dial.
@@ -52,6 +54,10 @@ pub struct ClientTimeouts {
     pub handshake: Duration,
     /// From our close frame to the server's reply (then TCP is closed). Default 5 s.
     pub close: Duration,
+    /// With `Some(t)`: after `t` without input, the reader thread sends a ping; after
+    /// another `t` still without input, it closes with 1001 "idle timeout". Default `None`
+    /// (off).
+    pub idle: Option<Duration>,
 }
 
 impl Default for ClientTimeouts {
@@ -60,6 +66,19 @@ impl Default for ClientTimeouts {
             connect: Duration::from_secs(10),
             handshake: Duration::from_secs(10),
             close: Duration::from_secs(5),
+            idle: None,
+        }
+    }
+}
+
+impl ClientTimeouts {
+    /// The deadlines' durations (writes block, so there is no backpressure grace).
+    fn timer_config(&self) -> TimerConfig {
+        TimerConfig {
+            handshake: self.handshake,
+            close: self.close,
+            idle: self.idle,
+            backpressure_grace: None,
         }
     }
 }
@@ -67,6 +86,9 @@ impl Default for ClientTimeouts {
 /// The connection state the reader thread and senders share, under one lock.
 struct Session {
     ws: WebSocket,
+    /// The connection's deadlines; the reader thread sleeps until the next one.
+    timers: Timers,
+    timer_config: TimerConfig,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsStream>,
     /// Decrypted input, reused across reads (wss only).
@@ -88,8 +110,20 @@ impl std::ops::DerefMut for Session {
 }
 
 impl Session {
+    /// Tells the timers the state the driver is in now.
+    fn track(&mut self) {
+        match self.ws.ready_state() {
+            ReadyState::Closing => self
+                .timers
+                .close_started(Instant::now(), &self.timer_config),
+            ReadyState::Closed => self.timers.closed(),
+            _ => {}
+        }
+    }
+
     /// Feeds bytes read from the socket (decrypting them first on wss).
     fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
+        self.timers.received(Instant::now(), &self.timer_config);
         #[cfg(feature = "tls")]
         if let Some(tls) = self.tls.as_mut() {
             self.plain.clear();
@@ -187,6 +221,8 @@ impl BlockingClient {
             shared: Arc::new(Shared {
                 ws: Mutex::new(Session {
                     ws: WebSocket::new(driver),
+                    timers: Timers::new(),
+                    timer_config: ClientTimeouts::default().timer_config(),
                     #[cfg(feature = "tls")]
                     tls: None,
                     #[cfg(feature = "tls")]
@@ -279,10 +315,12 @@ impl BlockingClient {
             }
         };
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(self.timeouts.handshake))?;
         let mut buf = vec![0u8; 64 * 1024];
-        {
+        let deadline = {
             let mut ws = lock(&self.shared.ws);
+            ws.timer_config = self.timeouts.timer_config();
+            let config = ws.timer_config;
+            ws.timers.handshake_started(Instant::now(), &config);
             #[cfg(feature = "tls")]
             if self.url.secure {
                 let config = match &self.tls {
@@ -295,13 +333,18 @@ impl BlockingClient {
                 return Err(UsageError::NotOpen.into());
             }
             flush(&mut ws, &mut stream)?;
-        }
-        let deadline = Instant::now() + self.timeouts.handshake;
+            ws.timers.poll_timeout()
+        };
         loop {
-            let n = match stream.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted && Instant::now() < deadline => {
-                    continue;
+            let n = match read_by(&mut stream, &mut buf, deadline) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    lock(&self.shared.ws).receive_eof();
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "opening handshake timed out",
+                    )
+                    .into());
                 }
                 Err(e) => {
                     lock(&self.shared.ws).receive_eof();
@@ -320,6 +363,8 @@ impl BlockingClient {
                 return Err(e);
             }
             if ws.is_handshake_complete() {
+                let config = ws.timer_config;
+                ws.timers.opened(Instant::now(), &config);
                 break;
             }
             if ws.ready_state() == ReadyState::Closed {
@@ -330,7 +375,6 @@ impl BlockingClient {
                 return Err(why.into());
             }
         }
-        stream.set_read_timeout(None)?;
         let reader_stream = stream.try_clone()?;
         *lock(&self.shared.stream) = Some(stream);
         let shared = self.shared.clone();
@@ -347,6 +391,7 @@ impl BlockingClient {
     ) -> Result<T, Error> {
         let mut ws = lock(&self.shared.ws);
         let result = f(&mut ws)?;
+        ws.track();
         if let Some(stream) = lock(&self.shared.stream).as_mut() {
             flush(&mut ws, stream)?;
         }
@@ -440,12 +485,46 @@ impl Drop for BlockingClient {
     }
 }
 
+/// The reader thread: reads until the connection ends, sleeping at most until the next
+/// deadline of the session's timers (a close started on another thread while it sleeps
+/// is timed from its next wake; `close_connection` bounds that wait itself).
 fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
     loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => 0,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        let deadline = lock(&shared.ws).timers.poll_timeout();
+        let n = match read_by(&mut stream, &mut buf, deadline) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                let mut guard = lock(&shared.ws);
+                let session = &mut *guard;
+                let config = session.timer_config;
+                let expired =
+                    session
+                        .timers
+                        .handle_timeout(Instant::now(), &config, session.ws.driver());
+                // Run the handlers for what the timers did (an abort's close).
+                session.ws.receive(&mut []);
+                let flushed = match lock(&shared.stream).as_mut() {
+                    Some(writer) => flush(session, writer).is_ok(),
+                    None => false,
+                };
+                session.track();
+                if session.ready_state() == ReadyState::Closed {
+                    shared.finished.notify_all();
+                }
+                if let Expired::Drop(_) = expired {
+                    // The close took too long: drop the server.
+                    if let Some(stream) = lock(&shared.stream).as_ref() {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                    return;
+                }
+                if !flushed && session.ready_state() != ReadyState::Closed {
+                    session.receive_eof();
+                    shared.finished.notify_all();
+                    return;
+                }
+                continue;
+            }
             Err(_) => 0,
         };
         let mut ws = lock(&shared.ws);
@@ -460,6 +539,7 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
                 Some(writer) => flush(&mut ws, writer).is_ok(),
                 None => false,
             };
+        ws.track();
         if ws.ready_state() == ReadyState::Closed {
             shared.finished.notify_all();
         }

@@ -6,8 +6,9 @@
 //! `ready_state`, and `open` / `message` / `error` / `close` events.
 //!
 //! Layers (see `DESIGN.md`): [`protocol`] is sans-IO (bytes in, events and bytes out);
-//! [`WebSocket`] adds seed-style closures; [`blocking`] runs connections on `std::net`
-//! threads.
+//! [`session`] is sans-IO too and holds what every runtime does around a driver (the
+//! server upgrade flow, the deadlines); [`WebSocket`] adds seed-style closures; the
+//! runtimes ([`server`], [`blocking`], [`client`], `tokio`) do the IO.
 //!
 //! ```
 //! use websocket_driver::{make_client, Event, Options};
@@ -32,6 +33,7 @@ pub mod hyper;
 pub mod protocol;
 pub mod reactor;
 pub mod server;
+pub mod session;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "tokio")]

@@ -100,37 +100,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// An HTTP response that refuses an upgrade (or answers a plain HTTP request).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    /// Status code.
-    pub status: u16,
-    /// Extra headers.
-    pub headers: Vec<(String, String)>,
-    /// Plain-text body.
-    pub body: String,
-}
-
-impl HttpResponse {
-    /// A response with a status and a plain-text body.
-    pub fn new(status: u16, body: impl Into<String>) -> HttpResponse {
-        HttpResponse {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .filter(|(n, v)| crate::protocol::handshake::validate_header(n, v).is_ok())
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        http_response(self.status, &headers, &self.body)
-    }
-}
+pub use crate::session::upgrade::HttpResponse;
 
 /// The app's answer to a request.
 #[derive(Debug)]
@@ -730,6 +700,9 @@ where
 const POOL_MAX_BUFFERS: usize = 256;
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
+use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::upgrade::{self, Answer, NonUpgrade};
+
 pub(crate) struct WsService<F, H> {
     app: Arc<F>,
     config: Arc<ServerConfig>,
@@ -744,15 +717,10 @@ pub(crate) struct WsService<F, H> {
 pub(crate) struct Conn<H> {
     phase: Phase<H>,
     peer: SocketAddr,
-    /// When the close handshake we started must be finished.
-    close_by: Option<Instant>,
-    /// When the outgoing buffer went over the limit.
-    over_limit_since: Option<Instant>,
+    /// Handshake, close, idle and backpressure deadlines.
+    timers: Timers,
     /// Output the kernel holds (io_uring sends not yet completed).
     in_flight: usize,
-    /// Idle keepalive: the next check, and whether a ping is unanswered.
-    idle_check: Option<Instant>,
-    ping_outstanding: bool,
     /// TLS state for wss (boxed: plain connections pay one pointer).
     #[cfg(feature = "tls")]
     tls: Option<Box<crate::tls::TlsStream>>,
@@ -763,11 +731,8 @@ impl<H> Conn<H> {
         Conn {
             phase,
             peer,
-            close_by: None,
-            over_limit_since: None,
+            timers: Timers::new(),
             in_flight: 0,
-            idle_check: None,
-            ping_outstanding: false,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -786,6 +751,11 @@ where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
 {
+    /// The deadlines' durations, from the server's settings.
+    fn timer_config(&self) -> TimerConfig {
+        timer_config(&self.config)
+    }
+
     /// The handler context for a connection.
     fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, in_flight: usize) -> Ctx<'a> {
         Ctx {
@@ -841,7 +811,9 @@ where
 
     fn reject(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, response: Vec<u8>) {
         conn.phase = Phase::Rejecting(response, 0);
-        io.set_deadline(Some(io.now + self.config.close_timeout));
+        // The response has the close timeout to get out.
+        conn.timers.close_started(io.now, &self.timer_config());
+        io.set_deadline(conn.timers.poll_timeout());
         io.close(CloseRequest::AfterFlush);
     }
 
@@ -854,42 +826,40 @@ where
             Ok(Status::Complete(request, used)) => (request, used),
             Err(e) => return self.reject(conn, io, error_response(&e)),
         };
-        let upgrade = (self.app)(&UpgradeRequest {
+        let decision = match (self.app)(&UpgradeRequest {
             request: &request,
             peer: conn.peer,
-        });
-        let handler = match upgrade {
-            Upgrade::Reject(response) => return self.reject(conn, io, response.to_bytes()),
-            Upgrade::Accept(handler) => handler,
+        }) {
+            Upgrade::Accept(handler) => Ok(handler),
+            Upgrade::Reject(response) => Err(response),
         };
-        if !is_websocket(&request) {
-            let response = http_response(
-                426,
-                &[("Upgrade", "websocket")],
-                "this endpoint requires a WebSocket upgrade",
-            );
-            return self.reject(conn, io, response);
-        }
-        let mut driver = match Driver::make_server(&request, &self.config.options) {
-            Ok(driver) => driver,
-            Err(Error::Handshake(e)) => return self.reject(conn, io, error_response(&e)),
-            Err(e) => return self.reject(conn, io, http_response(500, &[], &e.to_string())),
-        };
+        let options = &self.config.options;
+        let (mut driver, handler) =
+            match upgrade::answer(&request, options, decision, NonUpgrade::UpgradeRequired) {
+                Answer::Accept(driver, handler) => (driver, handler),
+                Answer::Reject(refusal) => return self.reject(conn, io, refusal.response),
+            };
         if let Some(buf) = self.pool.pop() {
             driver.provide_output_buffer(buf);
         }
         driver.start_connection();
         conn.phase = Phase::Open(driver, handler);
-        conn.idle_check = self.config.idle_timeout.map(|t| io.now + t);
+        conn.timers.opened(io.now, &self.timer_config());
         self.pump(conn, io, &mut data[used..]);
     }
 
     /// Feeds input to the driver, runs the handler for each event, then settles deadlines
     /// and closing.
     fn pump(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
-        let Phase::Open(driver, handler) = &mut conn.phase else {
+        let Conn {
+            phase: Phase::Open(driver, handler),
+            timers,
+            ..
+        } = conn
+        else {
             return;
         };
+        let timer_config = self.timer_config();
         let ctx = self.ctx(conn.peer, io, conn.in_flight);
         let mut at = 0;
         loop {
@@ -898,7 +868,11 @@ where
             let Some(event) = event else { break };
             let mut ws = Ws { driver, ctx: &ctx };
             match event {
-                Event::Open => handler.on_open(&mut ws),
+                Event::Open => {
+                    // Ends a client's opening handshake deadline; starts the keepalive.
+                    timers.opened(io.now, &timer_config);
+                    handler.on_open(&mut ws)
+                }
                 Event::Message(m) => {
                     LoopStats::add(&self.stats.messages_in, 1);
                     handler.on_message(&mut ws, m)
@@ -926,29 +900,19 @@ where
         let Phase::Open(driver, _) = &conn.phase else {
             return;
         };
-        if driver.ready_state() == ReadyState::Closing && conn.close_by.is_none() {
-            conn.close_by = Some(io.now + self.config.close_timeout);
+        let timer_config = self.timer_config();
+        let state = driver.ready_state();
+        let over =
+            driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure;
+        if state == ReadyState::Closing {
+            conn.timers.close_started(io.now, &timer_config);
         }
-        if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure {
-            if conn.over_limit_since.is_none() {
-                conn.over_limit_since = Some(io.now);
-            }
-        } else {
-            conn.over_limit_since = None;
-        }
-        if driver.ready_state() == ReadyState::Closed {
+        conn.timers.buffered(io.now, over, &timer_config);
+        if state == ReadyState::Closed {
             io.close(CloseRequest::AfterFlush);
-            conn.idle_check = None;
+            conn.timers.closed();
         }
-        let grace = match self.config.backpressure_policy {
-            BackpressurePolicy::Close { grace } => conn.over_limit_since.map(|t| t + grace),
-            BackpressurePolicy::DropNew => None,
-        };
-        let deadline = [conn.close_by, grace, conn.idle_check]
-            .into_iter()
-            .flatten()
-            .min();
-        io.set_deadline(deadline);
+        io.set_deadline(conn.timers.poll_timeout());
     }
 
     fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
@@ -985,11 +949,13 @@ where
     H: Handler,
 {
     fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
-        io.set_deadline(Some(io.now + self.config.handshake_timeout));
-        Conn::new(
+        let mut conn = Conn::new(
             Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
             peer,
-        )
+        );
+        conn.timers.handshake_started(io.now, &self.timer_config());
+        io.set_deadline(conn.timers.poll_timeout());
+        conn
     }
 
     fn connected_plain(
@@ -1022,7 +988,7 @@ where
         }
         // The upgrade request is queued; the 101 must arrive within the handshake timeout.
         conn.phase = Phase::Open(driver, handler);
-        conn.close_by = Some(io.now + self.config.handshake_timeout);
+        conn.timers.handshake_started(io.now, &self.timer_config());
         self.settle(&mut conn, io);
         conn
     }
@@ -1056,10 +1022,7 @@ where
         match conn.phase {
             Phase::Handshake(_) => self.handshake(conn, io, data),
             Phase::Open(..) => {
-                if let Some(t) = self.config.idle_timeout {
-                    conn.idle_check = Some(io.now + t);
-                    conn.ping_outstanding = false;
-                }
+                conn.timers.received(io.now, &self.timer_config());
                 self.pump(conn, io, data)
             }
             Phase::Rejecting(..) | Phase::Done => {}
@@ -1067,49 +1030,21 @@ where
     }
 
     fn timeout_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
-        let now = io.now;
+        let timer_config = self.timer_config();
         let Phase::Open(driver, _) = &mut conn.phase else {
             // A handshake that took too long (slowloris) or a reject that never flushed.
             io.close(CloseRequest::Now);
             return;
         };
-        if conn.close_by.is_some_and(|t| now >= t) {
-            let why = if driver.ready_state() == ReadyState::Connecting {
-                "opening handshake timed out"
-            } else {
-                "close handshake timed out"
-            };
-            driver.abort(code::ABNORMAL, why);
-            self.pump(conn, io, &mut []);
-            io.close(CloseRequest::Now);
-            return;
-        }
-        if let (BackpressurePolicy::Close { grace }, Some(since)) =
-            (self.config.backpressure_policy, conn.over_limit_since)
-            && now >= since + grace
-        {
-            driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
-            self.pump(conn, io, &mut []);
-            io.close(CloseRequest::Now);
-            return;
-        }
-        if let (Some(t), Some(check)) = (self.config.idle_timeout, conn.idle_check)
-            && now >= check
-        {
-            if conn.ping_outstanding {
-                // The peer answered nothing for two idle periods: say why, then give
-                // the close frame until the close timeout to get out.
-                driver.abort(code::GOING_AWAY, "idle timeout");
-                conn.idle_check = None;
-                conn.close_by = Some(now + self.config.close_timeout);
+        match conn.timers.handle_timeout(io.now, &timer_config, driver) {
+            Expired::Drop(_) => {
                 self.pump(conn, io, &mut []);
-                return;
+                io.close(CloseRequest::Now);
             }
-            let _ = driver.send_ping(b"");
-            conn.ping_outstanding = true;
-            conn.idle_check = Some(now + t);
+            // The idle close's frame goes out; the close timeout bounds it.
+            Expired::IdleClose => self.pump(conn, io, &mut []),
+            Expired::Ping | Expired::Nothing => self.settle(conn, io),
         }
-        self.settle(conn, io);
     }
 
     fn command_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
@@ -1153,10 +1088,11 @@ where
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 driver.consume_output(n);
-                if conn.over_limit_since.is_some()
+                if conn.timers.is_over_limit()
                     && driver.buffered_amount() <= self.config.max_backpressure
                 {
-                    conn.over_limit_since = None;
+                    conn.timers
+                        .buffered(io.now, false, &timer_config(&self.config));
                     self.settle(conn, io);
                     let Phase::Open(driver, _) = &mut conn.phase else {
                         return;
@@ -1195,7 +1131,7 @@ where
 
     fn sent_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
         conn.in_flight = conn.in_flight.saturating_sub(n);
-        if conn.over_limit_since.is_some() {
+        if conn.timers.is_over_limit() {
             self.settle(conn, io);
         }
     }
@@ -1305,7 +1241,7 @@ where
         #[cfg(feature = "tls")]
         if let Some(tls) = conn.tls.as_mut() {
             tls.consume(n);
-            if conn.over_limit_since.is_some() {
+            if conn.timers.is_over_limit() {
                 self.settle(conn, io);
             }
             return;
@@ -1342,6 +1278,19 @@ where
             &[("Retry-After", "1")],
             "server is at its connection limit",
         )
+    }
+}
+
+/// The deadlines' durations for a server's settings.
+fn timer_config(config: &ServerConfig) -> TimerConfig {
+    TimerConfig {
+        handshake: config.handshake_timeout,
+        close: config.close_timeout,
+        idle: config.idle_timeout,
+        backpressure_grace: match config.backpressure_policy {
+            BackpressurePolicy::Close { grace } => Some(grace),
+            BackpressurePolicy::DropNew => None,
+        },
     }
 }
 

@@ -69,11 +69,10 @@ use ::tokio::time::{Instant, sleep_until, timeout};
 use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role};
 use crate::protocol::error::{Error, HandshakeError, UsageError, code, is_valid_close_code};
 use crate::protocol::frame::Status;
-use crate::protocol::handshake::{
-    ClientUrl, Request, RequestParser, error_response, http_response, validate_header,
-};
+use crate::protocol::handshake::{ClientUrl, Request, RequestParser};
 use crate::protocol::options::Options;
-use crate::server::HttpResponse;
+use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::upgrade::{self, Answer, HttpResponse, NonUpgrade, error_response};
 
 /// Events the receiver may lag behind before the connection stops reading.
 const EVENT_QUEUE: usize = 32;
@@ -94,6 +93,14 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Size of the connection's read buffer. Default 64 KiB.
     pub read_buffer_size: usize,
+    /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
+    /// without input, close with 1001 "idle timeout" (the close frame then has
+    /// [`Config::close_timeout`] to get out). Default `None` (off).
+    ///
+    /// Input counts when the connection task reads it, and while open it reads only as
+    /// the [`WsReceiver`] asks for events: keep polling [`WsReceiver::next`], or a busy
+    /// receiver looks like a silent peer.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -103,6 +110,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             read_buffer_size: 64 * 1024,
+            idle_timeout: None,
         }
     }
 }
@@ -130,6 +138,22 @@ impl Config {
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.read_buffer_size = bytes.max(1);
         self
+    }
+
+    /// Sets [`Config::idle_timeout`] (`None`: off).
+    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.idle_timeout = timeout.into();
+        self
+    }
+
+    /// The deadlines' durations (the adapter has no backpressure grace: senders wait).
+    fn timer_config(&self) -> TimerConfig {
+        TimerConfig {
+            handshake: self.handshake_timeout,
+            close: self.close_timeout,
+            idle: self.idle_timeout,
+            backpressure_grace: None,
+        }
     }
 }
 
@@ -600,31 +624,14 @@ where
             Ok(result) => result?,
             Err(_) => return Err(timed_out("handshake timed out")),
         };
-    if let Err(response) = check(&request) {
-        let headers: Vec<(&str, &str)> = response
-            .headers
-            .iter()
-            .filter(|(n, v)| validate_header(n, v).is_ok())
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        reject(
-            &mut stream,
-            &http_response(response.status, &headers, &response.body),
-        )
-        .await;
-        return Err(HandshakeError::BadRequest("upgrade refused by the application").into());
-    }
-    let mut driver = match Driver::make_server(&request, options) {
-        Ok(driver) => driver,
-        Err(Error::Handshake(e)) => {
-            reject(&mut stream, &error_response(&e)).await;
-            return Err(e.into());
-        }
-        Err(e) => {
-            reject(&mut stream, &http_response(500, &[], &e.to_string())).await;
-            return Err(e);
-        }
-    };
+    let mut driver =
+        match upgrade::answer(&request, options, check(&request), NonUpgrade::BadRequest) {
+            Answer::Accept(driver, ()) => driver,
+            Answer::Reject(refusal) => {
+                reject(&mut stream, &refusal.response).await;
+                return Err(refusal.error);
+            }
+        };
     driver.start_connection();
     Ok(spawn(stream, driver, read_ahead, config))
 }
@@ -765,6 +772,8 @@ where
     buf.resize(end.max(config.read_buffer_size.max(1)), 0);
     let connection = Connection {
         driver,
+        timers: Timers::new(),
+        timer_config: config.timer_config(),
         inbox,
         shared: shared.clone(),
         commands: command_rx,
@@ -809,6 +818,9 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(
 
 struct Connection {
     driver: Driver,
+    /// The close deadline and the idle keepalive.
+    timers: Timers,
+    timer_config: TimerConfig,
     /// Events taken from the driver, not yet handed to the receiver.
     inbox: VecDeque<Event<'static>>,
     shared: Arc<Shared>,
@@ -826,6 +838,11 @@ struct Connection {
     receiver_gone: bool,
 }
 
+/// The clock the deadlines run on (tokio's, so a paused test clock applies).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
 /// Copies borrowed payloads so an event outlives the read buffer.
 fn owned(event: Event<'_>) -> Event<'static> {
     match event {
@@ -840,8 +857,11 @@ fn owned(event: Event<'_>) -> Event<'static> {
 
 impl Connection {
     fn push(&mut self, event: Event<'_>) {
-        if matches!(event, Event::Close { .. }) {
-            self.close_seen = true;
+        match event {
+            Event::Close { .. } => self.close_seen = true,
+            // A client driver handed over still connecting has just opened.
+            Event::Open => self.timers.opened(now(), &self.timer_config),
+            _ => {}
         }
         self.inbox.push_back(owned(event));
     }
@@ -951,7 +971,10 @@ impl Connection {
         let mut writing = true;
         let mut flushed = true;
         let mut commands_open = true;
-        let mut deadline: Option<Instant> = None;
+        match self.driver.ready_state() {
+            ReadyState::Connecting => self.timers.handshake_started(now(), &self.timer_config),
+            _ => self.timers.opened(now(), &self.timer_config),
+        }
         loop {
             self.try_deliver();
             if self.may_parse() && self.parse_one() {
@@ -967,9 +990,14 @@ impl Connection {
                 let _ = self.driver.close_connection(code::NORMAL, "");
                 continue;
             }
-            if matches!(state, ReadyState::Closing | ReadyState::Closed) && deadline.is_none() {
-                deadline = Some(Instant::now() + self.config.close_timeout);
+            if matches!(state, ReadyState::Closing | ReadyState::Closed) {
+                // Once closing, the peer has the close timeout to answer and take the rest.
+                self.timers.close_started(now(), &self.timer_config);
             }
+            if state == ReadyState::Closed {
+                self.timers.closed();
+            }
+            let deadline = self.timers.poll_timeout().map(Instant::from_std);
             let has_output = !self.driver.pending_output().is_empty();
             let want_input = reading && self.may_parse() && self.start == self.end;
             ::tokio::select! {
@@ -1017,6 +1045,7 @@ impl Connection {
                     Ok(n) => {
                         self.start = 0;
                         self.end = n;
+                        self.timers.received(now(), &self.timer_config);
                     }
                     Err(e) => {
                         reading = false;
@@ -1024,10 +1053,17 @@ impl Connection {
                     }
                 },
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    // The peer did not finish the close in time: drop it.
-                    self.driver.abort(code::ABNORMAL, "close handshake timed out");
-                    self.drain();
-                    writing = false;
+                    match self.timers.handle_timeout(now(), &self.timer_config, &mut self.driver) {
+                        // The opening or close handshake took too long: drop the peer.
+                        Expired::Drop(_) => {
+                            self.drain();
+                            writing = false;
+                        }
+                        // A silent peer: the close frame goes out, then the close timeout.
+                        Expired::IdleClose => self.drain(),
+                        // A keepalive ping is queued (or nothing was due yet).
+                        Expired::Ping | Expired::Nothing => {}
+                    }
                 }
                 else => break,
             }

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{Ev, feed, masked, parse_frames};
-use websocket_driver::blocking::BlockingServer;
+use websocket_driver::blocking::{BlockingServer, Timeouts};
 use websocket_driver::protocol::frame::OpCode;
 use websocket_driver::{Driver, Options, ReadyState};
 
@@ -351,4 +351,76 @@ fn many_clients_at_once() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+/// The idle keepalive: a peer that answers pings stays open over several idle periods; a
+/// peer that completed the handshake and then only reads gets a ping after one idle
+/// period, a close 1001 "idle timeout" after the second, then the end of TCP.
+#[test]
+fn idle_timeout_pings_then_closes_a_silent_peer() {
+    let idle = Duration::from_millis(250);
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            idle: Some(idle),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (closes_tx, closes) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let closes = closes_tx.clone();
+            ws.on_message(|ws, message| {
+                let _ = ws.send_message(&message);
+            });
+            ws.on_close(move |_, code, reason| {
+                let _ = closes.send((code, reason.to_string()));
+            });
+        });
+    });
+
+    // The test client's driver answers each ping with a pong at once.
+    let mut client = Client::connect(addr);
+    for _ in 0..4 {
+        assert_eq!(client.next_event(), Ev::Ping(vec![]));
+    }
+    client.driver.send_text("still here").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Text("still here".into()));
+    client.driver.close_connection(1000, "").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
+    assert_eq!(closes.recv_timeout(TIMEOUT).unwrap().0, 1000);
+
+    // A raw socket that upgrades, then reads and never writes.
+    let mut raw = connect_tcp(addr);
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"\r\n\r\n") {
+        raw.read_exact(&mut byte).unwrap();
+        seen.push(byte[0]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 101 "));
+    let opened = std::time::Instant::now();
+    let mut frames = Vec::new();
+    raw.read_to_end(&mut frames)
+        .expect("the server closes TCP (timed out?)");
+    let closed_after = opened.elapsed();
+    let parsed = parse_frames(&frames);
+    assert_eq!(parsed.len(), 2, "{parsed:?}");
+    assert_eq!(parsed[0].opcode, OpCode::Ping);
+    assert!(parsed[0].payload.is_empty());
+    assert_eq!(parsed[1].close_code(), Some(1001));
+    assert_eq!(&parsed[1].payload[2..], b"idle timeout");
+    // After two idle periods, not one (the read timeout bounds the wait from above).
+    assert!(closed_after >= idle + idle / 2, "{closed_after:?}");
+    assert_eq!(
+        closes.recv_timeout(TIMEOUT).unwrap(),
+        (1001, "idle timeout".to_string())
+    );
 }

@@ -1,11 +1,13 @@
 //! The clients against the project's own server over loopback: the blocking client (reader
 //! thread) and the reactor-hosted client on both backends.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use websocket_driver::client::{BlockingClient, ClientReactor};
+use websocket_driver::client::{BlockingClient, ClientReactor, ClientTimeouts};
 use websocket_driver::server::{
     Handler, HttpResponse, Server, ServerConfig, ServerHandle, Upgrade, Ws,
 };
@@ -452,5 +454,117 @@ fn blocking_client_through_a_connect_proxy() {
         matches!(err, Error::Handshake(HandshakeError::ProxyRefused(407))),
         "{err}"
     );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// The blocking client's idle keepalive: against a server that answers pings it stays open
+/// over several idle periods; against a server that completed the handshake and then
+/// only reads, it pings after one idle period, closes with 1001 "idle timeout" after the
+/// second, and drops TCP once the close timeout passes unanswered.
+#[test]
+fn blocking_client_idle_timeout_pings_then_closes_a_silent_server() {
+    use common::parse_frames;
+    use websocket_driver::protocol::frame::OpCode;
+    let idle = Duration::from_millis(250);
+    let timeouts = ClientTimeouts {
+        idle: Some(idle),
+        close: Duration::from_millis(300),
+        ..ClientTimeouts::default()
+    };
+
+    // The reactor's echo server answers every ping with a pong.
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    let client = BlockingClient::new(&url, Options::default())
+        .unwrap()
+        .timeouts(timeouts);
+    let events = recorded(&client);
+    let (pong_tx, pongs) = mpsc::channel();
+    client.on_pong(move |_, payload| {
+        let _ = pong_tx.send(payload.to_vec());
+    });
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    for _ in 0..4 {
+        let pong = pongs
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a pong for each keepalive ping");
+        assert!(pong.is_empty());
+    }
+    client.send_text("still here").unwrap();
+    assert_eq!(next(&events), Seen::Text("still here".into()));
+    client.close_connection(1000, "").unwrap();
+    assert_eq!(next(&events), Seen::Close(1000, String::new()));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+
+    // A fake server that answers the upgrade, then reads and never writes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        accept_upgrade(&mut s, "");
+        let opened = std::time::Instant::now();
+        let mut frames = Vec::new();
+        s.read_to_end(&mut frames)
+            .expect("the client drops TCP (timed out?)");
+        (frames, opened.elapsed())
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(timeouts);
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    assert_eq!(next(&events), Seen::Close(1001, "idle timeout".into()));
+    let (frames, dropped_after) = fake.join().unwrap();
+    let frames = parse_frames(&frames);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(frames[0].opcode, OpCode::Ping);
+    assert!(frames[0].mask.is_some() && frames[0].payload.is_empty());
+    assert_eq!(frames[1].close_code(), Some(1001));
+    assert_eq!(&frames[1].payload[2..], b"idle timeout");
+    // Two idle periods, then the close timeout; never sooner (the read timeout bounds
+    // the wait from above).
+    assert!(dropped_after >= 2 * idle, "{dropped_after:?}");
+    assert!(
+        events.recv_timeout(Duration::from_millis(200)).is_err(),
+        "close fires once"
+    );
+}
+
+/// A hosted client's opening-handshake deadline ends when it opens: an open connection
+/// outlives several handshake timeouts (it used to be aborted with 1006 after one).
+#[test]
+fn hosted_client_stays_open_past_the_handshake_timeout() {
+    let server = echo_server();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend: Backend::Epoll,
+        handshake_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let closes = Arc::new(AtomicUsize::new(0));
+    reactor
+        .connect(
+            &format!("ws://{}/", server.local_addr()),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while log.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(*log.lock().unwrap(), vec![Seen::Open]);
+    assert_eq!(closes.load(Ordering::Relaxed), 0);
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
     server.shutdown(Duration::from_secs(1)).unwrap();
 }

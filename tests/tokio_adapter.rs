@@ -817,3 +817,101 @@ async fn unanswered_close_times_out() {
     })
     .await;
 }
+
+/// An adapter server whose connections have an idle timeout (pings once silent, closes
+/// with 1001 after a second silent period).
+async fn idle_server(idle: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config::default().idle_timeout(idle);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let config = config.clone();
+            tokio::spawn(async move {
+                if let Ok((tx, rx)) =
+                    accept_with(stream, &Options::default(), &config, |_| Ok(())).await
+                {
+                    echo_app(tx, rx).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The idle keepalive: a peer that answers pings stays open over several idle periods;
+/// a peer that completed the handshake and then only reads gets a ping after one idle
+/// period and a close 1001 "idle timeout" after the second, then the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_pings_then_closes_a_silent_peer() {
+    bounded(60, async {
+        let idle = Duration::from_millis(250);
+        let addr = idle_server(idle).await;
+
+        // The adapter's own client answers pings (the driver queues the pong).
+        let (tx, mut rx) = connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        assert!(matches!(rx.next().await, Some(Event::Open)));
+        let mut pings = 0;
+        while pings < 4 {
+            match rx.next().await.unwrap() {
+                Event::Ping(p) => {
+                    assert!(p.is_empty(), "keepalive pings are empty");
+                    pings += 1;
+                }
+                other => panic!("expected only pings while silent, got {other:?}"),
+            }
+        }
+        // Four idle periods later it is still open and echoes.
+        assert!(tx.is_open());
+        tx.send_text("still here").await.unwrap();
+        assert_eq!(
+            next_message(&mut rx).await,
+            Message::Text("still here".into())
+        );
+        tx.close_connection(1000, "").await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 1000);
+
+        // A raw socket that upgrades, then reads and never writes.
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed during the handshake");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(seen.starts_with(b"HTTP/1.1 101 "));
+        let mut frames = seen.split_off(head_end);
+        let opened = std::time::Instant::now();
+        loop {
+            let n = raw.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            frames.extend_from_slice(&buf[..n]);
+        }
+        let closed_after = opened.elapsed();
+        assert_eq!(
+            &frames[..2],
+            [0x89, 0x00],
+            "an empty ping first: {frames:?}"
+        );
+        assert_eq!(&frames[2..6], [0x88, 2 + 12, 0x03, 0xe9], "then close 1001");
+        assert_eq!(&frames[6..], b"idle timeout");
+        // The close came after two idle periods, not one (the upper bound only guards
+        // against a hang).
+        assert!(closed_after >= idle + idle / 2, "{closed_after:?}");
+        assert!(closed_after < Duration::from_secs(20), "{closed_after:?}");
+    })
+    .await;
+}
