@@ -28,11 +28,12 @@
 
 pub mod blocking;
 pub mod client;
+mod hosted;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 pub mod protocol;
 pub mod reactor;
-pub mod server;
+pub use hosted::server;
 pub mod session;
 #[cfg(feature = "tls")]
 pub mod tls;

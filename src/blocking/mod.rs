@@ -3,6 +3,8 @@
 //! The simplest way to run the driver for real, and the reference the reactor backends
 //! are compared against. Each connection costs a thread and a 64 KiB read buffer.
 
+pub(crate) mod client;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;

@@ -1,0 +1,119 @@
+//! Client connections hosted on the reactor's event loops, with the same [`Handler`]s as
+//! server connections.
+
+use std::io;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(feature = "tls")]
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::protocol::driver::Driver;
+use crate::protocol::error::Error;
+use crate::protocol::options::Options;
+use crate::reactor::Backend;
+use crate::server::{
+    ClientInit, Command, Handler, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, spawn,
+};
+use crate::session::upgrade::HttpResponse;
+
+#[cfg(feature = "tls")]
+use crate::blocking::client::lock;
+use crate::client::resolve;
+
+/// Client connections on event loops of their own: tens of thousands per process, each
+/// with a [`Handler`] stored inline, exactly like server connections.
+pub struct ClientReactor<H: Handler> {
+    handle: ServerHandle,
+    options: Options,
+    #[cfg(feature = "tls")]
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    next: AtomicUsize,
+    _handler: PhantomData<fn() -> H>,
+}
+
+impl<H: Handler> std::fmt::Debug for ClientReactor<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientReactor")
+            .field("backend", &self.handle.backend())
+            .finish()
+    }
+}
+
+impl<H: Handler> ClientReactor<H> {
+    /// Starts `config.threads` loops on `config.backend`. `config.options` are the default
+    /// options of each connection (`accept_protocols` is the list of offered subprotocols);
+    /// the timeouts and backpressure settings apply as on a server.
+    pub fn start(config: ServerConfig) -> io::Result<ClientReactor<H>> {
+        let options = config.options.clone();
+        #[cfg(feature = "tls")]
+        let tls = Mutex::new(config.client_tls.clone());
+        let loops = (0..config.threads.max(1)).map(|_| None).collect();
+        let refuse = |_: &UpgradeRequest<'_>| Upgrade::<H>::Reject(HttpResponse::new(404, ""));
+        Ok(ClientReactor {
+            handle: spawn(config, loops, refuse, None)?,
+            options,
+            #[cfg(feature = "tls")]
+            tls,
+            next: AtomicUsize::new(0),
+            _handler: PhantomData,
+        })
+    }
+
+    /// Opens a connection to `url` with the default options; `handler` gets its events.
+    /// Connection failures reach `handler.on_error` and `on_close` (1006).
+    pub fn connect(&self, url: &str, handler: H) -> Result<(), Error> {
+        let options = self.options.clone();
+        self.connect_with(url, &options, handler)
+    }
+
+    /// Like [`ClientReactor::connect`], with per-connection options.
+    pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
+        let (parsed, addr) = resolve(url)?;
+        let mut driver = Driver::make_client(url, options)?;
+        driver.start_connection();
+        let init = ClientInit {
+            driver,
+            handler,
+            #[cfg(feature = "tls")]
+            tls: if parsed.secure {
+                let config = {
+                    let mut slot = lock(&self.tls);
+                    match &*slot {
+                        Some(config) => config.clone(),
+                        None => slot
+                            .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
+                            .clone(),
+                    }
+                };
+                Some(Box::new(crate::tls::TlsStream::client(
+                    config,
+                    &parsed.host,
+                )?))
+            } else {
+                None
+            },
+        };
+        #[cfg(not(feature = "tls"))]
+        let _ = parsed;
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.handle
+            .connect_on(i, addr, Command::Connect(Box::new(init)))?;
+        Ok(())
+    }
+
+    /// Counters over all loops.
+    pub fn stats(&self) -> Stats {
+        self.handle.stats()
+    }
+
+    /// The backend the loops run on.
+    pub fn backend(&self) -> Backend {
+        self.handle.backend()
+    }
+
+    /// Sends 1001 to every connection, waits up to `grace`, closes the rest, stops the loops.
+    pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
+        self.handle.shutdown(grace)
+    }
+}

@@ -1,0 +1,81 @@
+//! Server settings.
+
+#[cfg(feature = "tls")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::options::Options;
+use crate::reactor::{self, Backend};
+
+/// What a slow reader's connection gets once its outgoing buffer passes the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackpressurePolicy {
+    /// Keep queueing for `grace`; if the buffer is still over the limit then, close with
+    /// 1008 and drop the connection.
+    Close {
+        /// How long the buffer may stay over the limit.
+        grace: Duration,
+    },
+    /// Refuse new sends with [`UsageError::BufferFull`](crate::UsageError::BufferFull) while over the limit.
+    DropNew,
+}
+
+/// Server settings. Every limit has a default; see each field.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Event loops (threads). Default: the number of CPUs.
+    pub threads: usize,
+    /// IO backend. Default [`Backend::Auto`].
+    pub backend: Backend,
+    /// Driver options (`max_length`, `accept_protocols`, `additional_headers`, head limits).
+    pub options: Options,
+    /// Most open connections over all loops; beyond, new ones get 503 and are closed.
+    /// Default: what the current soft open-file limit allows, minus a reserve
+    /// ([`reactor::default_max_connections`]); the limit is not changed, see
+    /// [`raise_open_file_limit`](crate::raise_open_file_limit).
+    pub max_connections: usize,
+    /// Time a client has to complete its upgrade request. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
+    pub close_timeout: Duration,
+    /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
+    /// without input, close with 1001. Default `None` (off).
+    pub idle_timeout: Option<Duration>,
+    /// Outgoing bytes a connection may queue before the policy applies. Default 1 MiB.
+    pub max_backpressure: usize,
+    /// Default: `Close { grace: 10 s }`.
+    pub backpressure_policy: BackpressurePolicy,
+    /// Size of each loop's read buffer. Default 64 KiB.
+    pub read_buffer_size: usize,
+    /// TLS for every accepted connection (wss). Default `None`; see [`Server::bind_tls`](super::Server::bind_tls).
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS settings for `wss://` connections of a [`ClientReactor`](crate::client::ClientReactor).
+    /// Default `None`: verify against the system roots.
+    #[cfg(feature = "tls")]
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backend: Backend::Auto,
+            options: Options::default(),
+            max_connections: reactor::default_max_connections(),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            max_backpressure: 1 << 20,
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::from_secs(10),
+            },
+            read_buffer_size: 64 * 1024,
+            #[cfg(feature = "tls")]
+            tls: None,
+            #[cfg(feature = "tls")]
+            client_tls: None,
+        }
+    }
+}

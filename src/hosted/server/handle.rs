@@ -1,0 +1,153 @@
+//! The running server: [`ServerHandle`] and its [`Stats`].
+
+use super::Command;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::reactor::{Backend, Envelope, LoopStats, Remote};
+
+/// Server-wide counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections open now (including those still in the handshake).
+    pub connections_open: usize,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Connections refused with 503 because of `max_connections`.
+    pub connections_refused: u64,
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages sent.
+    pub messages_out: u64,
+    /// Bytes read from sockets.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+    /// Closed WebSocket connections by close code (as reported to `on_close`).
+    pub closes: std::collections::BTreeMap<u16, u64>,
+}
+
+/// Controls a running server from any thread.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    remotes: Vec<Remote<Command>>,
+    stats: Vec<Arc<LoopStats>>,
+    threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
+    local_addr: Option<SocketAddr>,
+    backend: Backend,
+}
+
+/// The one log line saying which backend serves and why, through the [`log`] facade at
+/// `info` level (the library never prints; an application that wants the line installs a
+/// logger or prints [`ServerHandle::backend`] itself).
+fn log_backend(why: &str) {
+    log::info!("websocket-driver: serving on {why}");
+}
+
+impl ServerHandle {
+    /// A handle over started loops; logs which backend serves and why.
+    pub(crate) fn new(
+        remotes: Vec<Remote<Command>>,
+        stats: Vec<Arc<LoopStats>>,
+        threads: Vec<JoinHandle<io::Result<()>>>,
+        local_addr: Option<SocketAddr>,
+        backend: Backend,
+        why: &str,
+    ) -> ServerHandle {
+        log_backend(why);
+        ServerHandle {
+            inner: Arc::new(HandleInner {
+                remotes,
+                stats,
+                threads: Mutex::new(threads),
+                local_addr,
+                backend,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+impl ServerHandle {
+    /// The listening address (`0.0.0.0:0` for a client-only reactor).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .local_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The backend the loops run on (what `Backend::Auto` resolved to).
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for l in &self.inner.stats {
+            s.connections_open += l.connections_open.load(Ordering::Relaxed);
+            s.connections_total += l.connections_total.load(Ordering::Relaxed);
+            s.connections_refused += l.connections_refused.load(Ordering::Relaxed);
+            s.messages_in += l.messages_in.load(Ordering::Relaxed);
+            s.messages_out += l.messages_out.load(Ordering::Relaxed);
+            s.bytes_in += l.bytes_in.load(Ordering::Relaxed);
+            s.bytes_out += l.bytes_out.load(Ordering::Relaxed);
+            for (code, n) in l.closes.lock().expect("stats lock").iter() {
+                *s.closes.entry(*code).or_default() += n;
+            }
+        }
+        s
+    }
+
+    /// Stops accepting, sends 1001 to every connection, waits up to `grace` for them to
+    /// close, drops the rest, and returns when every loop has stopped.
+    pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + grace;
+        for remote in &self.inner.remotes {
+            // A loop that already stopped has nothing left to close.
+            let _ = remote.send(Envelope::Shutdown { deadline });
+        }
+        self.wait()
+    }
+
+    /// Queues an outgoing connection on loop `i` (modulo the loop count).
+    pub(crate) fn connect_on(
+        &self,
+        i: usize,
+        addr: SocketAddr,
+        command: Command,
+    ) -> io::Result<()> {
+        let remotes = &self.inner.remotes;
+        remotes[i % remotes.len()].send(Envelope::Connect { addr, command })
+    }
+
+    /// Blocks until every loop has stopped (after a shutdown).
+    pub fn wait(&self) -> io::Result<()> {
+        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        let mut result = Ok(());
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("an event loop panicked")),
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,272 @@
+//! What the application implements and holds: the upgrade decision, the [`Handler`]
+//! callbacks, the [`Ws`] handle inside them and the cross-thread [`Sender`].
+
+use super::{BackpressurePolicy, HttpResponse};
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
+use crate::protocol::error::{Error, UsageError};
+use crate::protocol::handshake::{Request, is_websocket};
+use crate::reactor::{Envelope, LoopStats, Remote};
+
+/// The app's answer to a request.
+#[derive(Debug)]
+pub enum Upgrade<H> {
+    /// Accept the upgrade; `H` handles the connection.
+    Accept(H),
+    /// Answer with this HTTP response and close.
+    Reject(HttpResponse),
+}
+
+/// What the app sees of a request: the parsed head and the peer's address.
+#[derive(Debug)]
+pub struct UpgradeRequest<'a> {
+    /// Method, path, headers.
+    pub request: &'a Request,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+impl UpgradeRequest<'_> {
+    /// The request target (path and query).
+    pub fn path(&self) -> &str {
+        &self.request.path
+    }
+
+    /// A header value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.request.header(name)
+    }
+
+    /// Whether this is a WebSocket upgrade request.
+    pub fn is_websocket(&self) -> bool {
+        is_websocket(self.request)
+    }
+}
+
+/// Per-connection event handler. Every method has an empty default.
+pub trait Handler: Send + 'static {
+    /// The connection is open.
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        let _ = ws;
+    }
+    /// A complete message (borrowed from the read buffer when it arrived whole).
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = (ws, message);
+    }
+    /// The peer broke the protocol (a close follows).
+    fn on_error(&mut self, ws: &mut Ws<'_>, error: &Error) {
+        let _ = (ws, error);
+    }
+    /// The connection closed; called exactly once.
+    fn on_close(&mut self, ws: &mut Ws<'_>, code: u16, reason: &str) {
+        let _ = (ws, code, reason);
+    }
+    /// A ping arrived (the pong is already queued).
+    fn on_ping(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+    /// A pong arrived.
+    fn on_pong(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
+        let _ = (ws, payload);
+    }
+    /// Output that had backed up is fully written.
+    fn on_drain(&mut self, ws: &mut Ws<'_>) {
+        let _ = ws;
+    }
+}
+
+/// Commands a [`Sender`] carries to a connection's loop.
+/// What a client connection is made of, carried to its loop.
+pub(crate) struct ClientInit<H> {
+    pub driver: Driver,
+    pub handler: H,
+    #[cfg(feature = "tls")]
+    pub tls: Option<Box<crate::tls::TlsStream>>,
+}
+
+pub(crate) enum Command {
+    Send(Vec<u8>, MessageType),
+    Close(u16, String),
+    /// A client connection to open: `(Driver, H)`, boxed so `Sender` needs no type
+    /// parameter (one allocation per connect, off the hot path).
+    Connect(Box<dyn std::any::Any + Send>),
+}
+
+/// The connection handle a [`Handler`] gets: send, close, inspect.
+pub struct Ws<'a> {
+    pub(super) driver: &'a mut Driver,
+    pub(super) ctx: &'a Ctx<'a>,
+}
+
+/// What a [`Ws`] knows of its connection beyond the driver.
+pub(super) struct Ctx<'a> {
+    pub peer: SocketAddr,
+    pub key: usize,
+    pub generation: u32,
+    pub remote: &'a Remote<Command>,
+    pub max_backpressure: usize,
+    pub policy: BackpressurePolicy,
+    pub stats: &'a LoopStats,
+    /// Bytes handed to the kernel and not yet sent (completion backends).
+    pub in_flight: usize,
+}
+
+impl Ws<'_> {
+    fn admit(&self) -> Result<(), Error> {
+        let buffered = self.buffered_amount();
+        if self.ctx.policy == BackpressurePolicy::DropNew && buffered > self.ctx.max_backpressure {
+            return Err(UsageError::BufferFull {
+                buffered,
+                limit: self.ctx.max_backpressure,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn counted(&self, result: Result<SendToken, Error>) -> Result<SendToken, Error> {
+        if result.is_ok() {
+            LoopStats::add(&self.ctx.stats.messages_out, 1);
+        }
+        result
+    }
+
+    /// Sends `data` as `kind` (the seed's `send`).
+    pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send(data, kind);
+        self.counted(result)
+    }
+
+    /// Sends a message back as it came (text as text, binary as binary).
+    pub fn send_message(&mut self, message: &Message<'_>) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_message(message);
+        self.counted(result)
+    }
+
+    /// Sends a text message.
+    pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_text(text);
+        self.counted(result)
+    }
+
+    /// Sends a binary message.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_binary(data);
+        self.counted(result)
+    }
+
+    /// Sends a ping; the pong arrives at [`Handler::on_pong`].
+    pub fn send_ping(&mut self, payload: &[u8]) -> Result<SendToken, Error> {
+        self.driver.send_ping(payload)
+    }
+
+    /// Starts the close handshake.
+    pub fn close_connection(&mut self, code: u16, reason: &str) -> Result<SendToken, Error> {
+        self.driver.close_connection(code, reason)
+    }
+
+    /// The agreed subprotocol.
+    pub fn protocol(&self) -> Option<&str> {
+        self.driver.protocol()
+    }
+
+    /// `"hybi-13"`.
+    pub fn version(&self) -> &'static str {
+        self.driver.version()
+    }
+
+    /// The connection state.
+    pub fn ready_state(&self) -> ReadyState {
+        self.driver.ready_state()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn buffered_amount(&self) -> usize {
+        self.driver.buffered_amount() + self.ctx.in_flight
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.ctx.peer
+    }
+
+    /// A handle other threads can send through.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            remote: self.ctx.remote.clone(),
+            key: self.ctx.key,
+            generation: self.ctx.generation,
+        }
+    }
+}
+
+/// Sends to one connection from any thread (`Send + Clone`). Commands go through the
+/// owning loop's queue and wake it; a connection that has since closed ignores them.
+#[derive(Clone)]
+pub struct Sender {
+    remote: Remote<Command>,
+    key: usize,
+    generation: u32,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("key", &self.key)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl Sender {
+    fn post(&self, command: Command) -> io::Result<()> {
+        self.remote.send(Envelope::Conn {
+            key: self.key,
+            generation: self.generation,
+            command,
+        })
+    }
+
+    /// Queues a text message. Fails only if the server has stopped.
+    pub fn send_text(&self, text: impl Into<String>) -> io::Result<()> {
+        self.post(Command::Send(text.into().into_bytes(), MessageType::Text))
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&self, data: impl Into<Vec<u8>>) -> io::Result<()> {
+        self.post(Command::Send(data.into(), MessageType::Binary))
+    }
+
+    /// Queues a message of any type (as [`Ws::send`]).
+    pub fn send(&self, data: impl Into<Vec<u8>>, kind: MessageType) -> io::Result<()> {
+        self.post(Command::Send(data.into(), kind))
+    }
+
+    /// Starts the close handshake. A close code that may not be sent or a reason over
+    /// 123 bytes fails here with [`io::ErrorKind::InvalidInput`] (wrapping the
+    /// [`UsageError`]), since the loop would have no one to report it to.
+    pub fn close_connection(&self, code: u16, reason: impl Into<String>) -> io::Result<()> {
+        let reason = reason.into();
+        let refused = if !crate::protocol::error::is_valid_close_code(code) {
+            Some(UsageError::InvalidCloseCode(code))
+        } else if reason.len() > 123 {
+            Some(UsageError::CloseReasonTooLong)
+        } else {
+            None
+        };
+        if let Some(usage) = refused {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                Error::Usage(usage),
+            ));
+        }
+        self.post(Command::Close(code, reason))
+    }
+}

@@ -1,0 +1,231 @@
+//! The reactor-hosted server: `Server::bind(addr)?.serve(app)`.
+//!
+//! `app` sees each HTTP request on a new connection (path, headers, peer address: the
+//! seed's `env`) and returns either a [`Handler`] (accept the upgrade) or an HTTP response
+//! (reject). The handler lives inline in the loop's slab entry next to its `Driver`.
+
+mod config;
+mod handle;
+mod handler;
+pub(crate) mod service;
+
+use service::WsService;
+
+pub use config::{BackpressurePolicy, ServerConfig};
+pub use handle::{ServerHandle, Stats};
+pub(crate) use handler::{ClientInit, Command};
+pub use handler::{Handler, Sender, Upgrade, UpgradeRequest, Ws};
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use crate::protocol::options::Options;
+use crate::reactor::core;
+use crate::reactor::epoll::Epoll;
+#[cfg(target_os = "linux")]
+use crate::reactor::uring::Uring;
+use crate::reactor::{Backend, LoopConfig, LoopStats};
+
+pub use crate::session::upgrade::HttpResponse;
+
+/// A WebSocket server on the reactor.
+///
+/// ```no_run
+/// use websocket_driver::server::{Handler, Server, Upgrade, Ws};
+/// use websocket_driver::Message;
+///
+/// struct Echo;
+/// impl Handler for Echo {
+///     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+///         let _ = ws.send_message(&message);
+///     }
+/// }
+///
+/// Server::bind("127.0.0.1:9001").unwrap().serve(|_req| Upgrade::Accept(Echo)).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    config: ServerConfig,
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Fails with [`io::ErrorKind::AddrInUse`] if a socket already listens on `addr`.
+///
+/// The loops' listeners share the port through `SO_REUSEPORT`, which would just as well
+/// let this server join another process's group (of the same user) and take a share of
+/// its connections. A probe bound without `SO_REUSEPORT` (with `SO_REUSEADDR`, as std's
+/// listeners, so connections in TIME_WAIT do not count) conflicts with any listener on
+/// the address; it is dropped before the real listeners bind.
+fn ensure_not_served(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another socket: {e}"),
+        )),
+        other => other,
+    }
+}
+
+impl Server {
+    /// Binds the first listener (port 0 picks a free port), with default settings.
+    ///
+    /// Fails with [`io::ErrorKind::AddrInUse`] when something (another server, this
+    /// process's or not) already listens on the address, even though the listeners use
+    /// `SO_REUSEPORT` among themselves.
+    pub fn bind(addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind"))?;
+        // Port 0: the kernel picks a port no socket holds (it does not share one through
+        // SO_REUSEPORT when choosing); `start` binds the other loops' listeners to it.
+        if addr.port() != 0 {
+            ensure_not_served(addr)?;
+        }
+        Ok(Server {
+            listener: reuseport_listener(addr)?,
+            config: ServerConfig::default(),
+        })
+    }
+
+    /// Like [`Server::bind`] (and so failing with [`io::ErrorKind::AddrInUse`] the same
+    /// way), serving wss with a PEM certificate chain and private key.
+    #[cfg(feature = "tls")]
+    pub fn bind_tls(
+        addr: impl ToSocketAddrs,
+        cert_chain: impl AsRef<std::path::Path>,
+        private_key: impl AsRef<std::path::Path>,
+    ) -> io::Result<Server> {
+        let tls = crate::tls::server_config_from_pem(cert_chain, private_key)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut server = Server::bind(addr)?;
+        server.config.tls = Some(tls);
+        Ok(server)
+    }
+
+    /// Serves wss with this rustls configuration (applies to the current settings).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Server {
+        self.config.tls = Some(config);
+        self
+    }
+
+    /// Replaces all settings.
+    pub fn config(mut self, config: ServerConfig) -> Server {
+        self.config = config;
+        self
+    }
+
+    /// Sets the number of event loops.
+    pub fn threads(mut self, threads: usize) -> Server {
+        self.config.threads = threads.max(1);
+        self
+    }
+
+    /// Sets the backend.
+    pub fn backend(mut self, backend: Backend) -> Server {
+        self.config.backend = backend;
+        self
+    }
+
+    /// Sets the driver options.
+    pub fn options(mut self, options: Options) -> Server {
+        self.config.options = options;
+        self
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Starts the loops and serves until [`ServerHandle::shutdown`]; returns the handle at once.
+    pub fn start<F, H>(self, app: F) -> io::Result<ServerHandle>
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+        H: Handler,
+    {
+        let local_addr = self.listener.local_addr()?;
+        let threads = self.config.threads.max(1);
+        let mut listeners = vec![Some(self.listener)];
+        for _ in 1..threads {
+            listeners.push(Some(reuseport_listener(local_addr)?));
+        }
+        spawn(self.config, listeners, app, Some(local_addr))
+    }
+
+    /// Starts the loops and blocks until the server is shut down from a [`ServerHandle`]
+    /// obtained by [`Server::start`] (use that to stop it).
+    pub fn serve<F, H>(self, app: F) -> io::Result<()>
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+        H: Handler,
+    {
+        self.start(app)?.wait()
+    }
+}
+
+/// Starts one loop per entry of `listeners` (`None`: a loop for outgoing connections only).
+pub(crate) fn spawn<F, H>(
+    config: ServerConfig,
+    listeners: Vec<Option<TcpListener>>,
+    app: F,
+    local_addr: Option<SocketAddr>,
+) -> io::Result<ServerHandle>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    config
+        .options
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let (backend, why) = config
+        .backend
+        .resolve()
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+    let app = Arc::new(app);
+    let shared = Arc::new(config);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut remotes = Vec::new();
+    let mut stats = Vec::new();
+    let mut handles = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let loop_stats = Arc::new(LoopStats::default());
+        stats.push(loop_stats.clone());
+        let service = WsService::new(app.clone(), shared.clone(), loop_stats.clone());
+        let loop_config = LoopConfig {
+            max_connections: shared.max_connections,
+            read_buffer_size: shared.read_buffer_size,
+            connections: connections.clone(),
+        };
+        let name = format!("wsd-loop-{i}");
+        let (remote, handle) = match backend {
+            #[cfg(target_os = "linux")]
+            Backend::IoUring => {
+                core::spawn::<_, Uring>(name, listener, service, loop_config, loop_stats)?
+            }
+            _ => core::spawn::<_, Epoll>(name, listener, service, loop_config, loop_stats)?,
+        };
+        remotes.push(remote);
+        handles.push(handle);
+    }
+    Ok(ServerHandle::new(
+        remotes, stats, handles, local_addr, backend, &why,
+    ))
+}

@@ -1,0 +1,654 @@
+//! The per-connection service the loops drive: the upgrade, the session's deadlines,
+//! TLS and the handler's events, behind the reactor's `Service` trait.
+
+use super::handler::Ctx;
+use super::{
+    BackpressurePolicy, ClientInit, Command, Handler, ServerConfig, Upgrade, UpgradeRequest, Ws,
+};
+
+use std::io;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
+use crate::protocol::error::{Error, code};
+use crate::protocol::frame::Status;
+use crate::protocol::handshake::{RequestParser, error_response, http_response};
+use crate::reactor::{CloseRequest, Io, LoopStats, Service};
+
+/// Buffers kept per loop for drivers' output; larger ones are freed, not pooled.
+const POOL_MAX_BUFFERS: usize = 256;
+const POOL_MAX_CAPACITY: usize = 256 * 1024;
+
+use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::upgrade::{self, Answer, NonUpgrade};
+
+pub(crate) struct WsService<F, H> {
+    app: Arc<F>,
+    config: Arc<ServerConfig>,
+    stats: Arc<LoopStats>,
+    pool: Vec<Vec<u8>>,
+    /// Scratch for decrypted input (TLS connections), shared by the loop.
+    #[cfg(feature = "tls")]
+    plain: Vec<u8>,
+    _handler: PhantomData<fn() -> H>,
+}
+
+impl<F, H> WsService<F, H> {
+    pub(crate) fn new(app: Arc<F>, config: Arc<ServerConfig>, stats: Arc<LoopStats>) -> Self {
+        WsService {
+            app,
+            config,
+            stats,
+            pool: Vec::new(),
+            #[cfg(feature = "tls")]
+            plain: Vec::new(),
+            _handler: PhantomData,
+        }
+    }
+}
+
+pub(crate) struct Conn<H> {
+    phase: Phase<H>,
+    peer: SocketAddr,
+    /// Handshake, close, idle and backpressure deadlines.
+    timers: Timers,
+    /// Output the kernel holds (io_uring sends not yet completed).
+    in_flight: usize,
+    /// TLS state for wss (boxed: plain connections pay one pointer).
+    #[cfg(feature = "tls")]
+    tls: Option<Box<crate::tls::TlsStream>>,
+}
+
+impl<H> Conn<H> {
+    fn new(phase: Phase<H>, peer: SocketAddr) -> Conn<H> {
+        Conn {
+            phase,
+            peer,
+            timers: Timers::new(),
+            in_flight: 0,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+}
+
+enum Phase<H> {
+    Handshake(RequestParser),
+    Rejecting(Vec<u8>, usize),
+    Open(Driver, H),
+    Done,
+}
+
+impl<F, H> WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    /// The deadlines' durations, from the server's settings.
+    fn timer_config(&self) -> TimerConfig {
+        timer_config(&self.config)
+    }
+
+    /// The handler context for a connection.
+    fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, in_flight: usize) -> Ctx<'a> {
+        Ctx {
+            peer,
+            key: io.key,
+            generation: io.generation,
+            remote: io.remote,
+            max_backpressure: self.config.max_backpressure,
+            policy: self.config.backpressure_policy,
+            stats: &self.stats,
+            in_flight,
+        }
+    }
+
+    /// Moves plaintext output (driver frames, a reject response) into TLS, so the loop
+    /// writes ciphertext. A no-op for plain connections.
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn seal(&mut self, conn: &mut Conn<H>) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            match &mut conn.phase {
+                Phase::Open(driver, _) => {
+                    let pending = driver.pending_output();
+                    if !pending.is_empty() && tls.encrypt(pending).is_ok() {
+                        let n = pending.len();
+                        driver.consume_output(n);
+                    }
+                    if driver.is_finished() {
+                        tls.close();
+                    }
+                    self.recycle(driver);
+                }
+                Phase::Rejecting(response, at)
+                    if *at < response.len() && tls.encrypt(&response[*at..]).is_ok() =>
+                {
+                    *at = response.len();
+                    tls.close();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Bytes queued for this connection outside its driver: handed to the kernel
+    /// (io_uring) or encrypted and waiting (TLS).
+    fn queued_outside(conn: &Conn<H>) -> usize {
+        #[cfg(feature = "tls")]
+        let tls = conn.tls.as_ref().map_or(0, |t| t.output().len());
+        #[cfg(not(feature = "tls"))]
+        let tls = 0;
+        conn.in_flight + tls
+    }
+
+    fn reject(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, response: Vec<u8>) {
+        conn.phase = Phase::Rejecting(response, 0);
+        // The response has the close timeout to get out.
+        conn.timers.close_started(io.now, &self.timer_config());
+        io.set_deadline(conn.timers.poll_timeout());
+        io.close(CloseRequest::AfterFlush);
+    }
+
+    fn handshake(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let Phase::Handshake(parser) = &mut conn.phase else {
+            return;
+        };
+        let (request, used) = match parser.parse(data) {
+            Ok(Status::Partial) => return,
+            Ok(Status::Complete(request, used)) => (request, used),
+            Err(e) => return self.reject(conn, io, error_response(&e)),
+        };
+        let decision = match (self.app)(&UpgradeRequest {
+            request: &request,
+            peer: conn.peer,
+        }) {
+            Upgrade::Accept(handler) => Ok(handler),
+            Upgrade::Reject(response) => Err(response),
+        };
+        let options = &self.config.options;
+        let (mut driver, handler) =
+            match upgrade::answer(&request, options, decision, NonUpgrade::UpgradeRequired) {
+                Answer::Accept(driver, handler) => (driver, handler),
+                Answer::Reject(refusal) => return self.reject(conn, io, refusal.response),
+            };
+        if let Some(buf) = self.pool.pop() {
+            driver.provide_output_buffer(buf);
+        }
+        driver.start_connection();
+        conn.phase = Phase::Open(driver, handler);
+        conn.timers.opened(io.now, &self.timer_config());
+        self.pump(conn, io, &mut data[used..]);
+    }
+
+    /// Feeds input to the driver, runs the handler for each event, then settles deadlines
+    /// and closing.
+    fn pump(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let Conn {
+            phase: Phase::Open(driver, handler),
+            timers,
+            ..
+        } = conn
+        else {
+            return;
+        };
+        let timer_config = self.timer_config();
+        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        let mut at = 0;
+        loop {
+            let (used, event) = driver.poll_event(&mut data[at..]);
+            at += used;
+            let Some(event) = event else { break };
+            let mut ws = Ws { driver, ctx: &ctx };
+            match event {
+                Event::Open => {
+                    // Ends a client's opening handshake deadline; starts the keepalive.
+                    timers.opened(io.now, &timer_config);
+                    handler.on_open(&mut ws)
+                }
+                Event::Message(m) => {
+                    LoopStats::add(&self.stats.messages_in, 1);
+                    handler.on_message(&mut ws, m)
+                }
+                Event::Ping(p) => handler.on_ping(&mut ws, &p),
+                Event::Pong(p) => handler.on_pong(&mut ws, &p),
+                Event::Error(e) => handler.on_error(&mut ws, &e),
+                Event::Close { code, reason } => {
+                    *self
+                        .stats
+                        .closes
+                        .lock()
+                        .expect("stats lock")
+                        .entry(code)
+                        .or_default() += 1;
+                    handler.on_close(&mut ws, code, &reason)
+                }
+            }
+        }
+        self.settle(conn, io);
+    }
+
+    /// Recomputes the deadline and asks for a close once the driver is finished.
+    fn settle(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let Phase::Open(driver, _) = &conn.phase else {
+            return;
+        };
+        let timer_config = self.timer_config();
+        let state = driver.ready_state();
+        let over =
+            driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure;
+        if state == ReadyState::Closing {
+            conn.timers.close_started(io.now, &timer_config);
+        }
+        conn.timers.buffered(io.now, over, &timer_config);
+        if state == ReadyState::Closed {
+            io.close(CloseRequest::AfterFlush);
+            conn.timers.closed();
+        }
+        io.set_deadline(conn.timers.poll_timeout());
+    }
+
+    fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        let outside = Self::queued_outside(conn);
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        let result = match command {
+            Command::Send(data, kind) => {
+                let over = driver.buffered_amount() + outside > self.config.max_backpressure;
+                if over && self.config.backpressure_policy == BackpressurePolicy::DropNew {
+                    return;
+                }
+                let sent = driver.send(&data, kind);
+                if sent.is_ok() && !matches!(kind, MessageType::Close(_)) {
+                    LoopStats::add(&self.stats.messages_out, 1);
+                }
+                sent.map(|_| ())
+            }
+            Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+            // Only ever sent as `Envelope::Connect`, handled by `connected`.
+            Command::Connect(_) => Ok(()),
+        };
+        // Errors (sending on a closing connection) have no one to report to: the sender
+        // already returned. Events the command caused (a close while connecting) run now.
+        let _ = result;
+        self.pump(conn, io, &mut []);
+    }
+}
+
+impl<F, H> WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+        let mut conn = Conn::new(
+            Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
+            peer,
+        );
+        conn.timers.handshake_started(io.now, &self.timer_config());
+        io.set_deadline(conn.timers.poll_timeout());
+        conn
+    }
+
+    fn connected_plain(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        peer: SocketAddr,
+        command: Command,
+    ) -> Conn<H> {
+        let mut conn = Conn::new(Phase::Done, peer);
+        let Command::Connect(init) = command else {
+            io.close(CloseRequest::Now);
+            return conn;
+        };
+        let Ok(init) = init.downcast::<ClientInit<H>>() else {
+            io.close(CloseRequest::Now);
+            return conn;
+        };
+        let ClientInit {
+            mut driver,
+            handler,
+            #[cfg(feature = "tls")]
+            tls,
+        } = *init;
+        #[cfg(feature = "tls")]
+        {
+            conn.tls = tls;
+        }
+        if let Some(buf) = self.pool.pop() {
+            driver.provide_output_buffer(buf);
+        }
+        // The upgrade request is queued; the 101 must arrive within the handshake timeout.
+        conn.phase = Phase::Open(driver, handler);
+        conn.timers.handshake_started(io.now, &self.timer_config());
+        self.settle(&mut conn, io);
+        conn
+    }
+
+    fn connect_failed_plain(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        command: Command,
+        error: io::Error,
+    ) {
+        let Command::Connect(init) = command else {
+            return;
+        };
+        let Ok(init) = init.downcast::<ClientInit<H>>() else {
+            return;
+        };
+        let (driver, handler) = (init.driver, init.handler);
+        let mut conn = Conn::new(
+            Phase::Open(driver, handler),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+        );
+        if let Phase::Open(driver, handler) = &mut conn.phase {
+            let ctx = self.ctx(conn.peer, io, 0);
+            handler.on_error(&mut Ws { driver, ctx: &ctx }, &Error::Io(error));
+            driver.abort(code::ABNORMAL, "connect failed");
+        }
+        self.pump(&mut conn, io, &mut []);
+    }
+
+    fn read_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        match conn.phase {
+            Phase::Handshake(_) => self.handshake(conn, io, data),
+            Phase::Open(..) => {
+                conn.timers.received(io.now, &self.timer_config());
+                self.pump(conn, io, data)
+            }
+            Phase::Rejecting(..) | Phase::Done => {}
+        }
+    }
+
+    fn timeout_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let timer_config = self.timer_config();
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            // A handshake that took too long (slowloris) or a reject that never flushed.
+            io.close(CloseRequest::Now);
+            return;
+        };
+        match conn.timers.handle_timeout(io.now, &timer_config, driver) {
+            Expired::Drop(_) => {
+                self.pump(conn, io, &mut []);
+                io.close(CloseRequest::Now);
+            }
+            // The idle close's frame goes out; the close timeout bounds it.
+            Expired::IdleClose => self.pump(conn, io, &mut []),
+            Expired::Ping | Expired::Nothing => self.settle(conn, io),
+        }
+    }
+
+    fn command_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        self.command_on(conn, io, command);
+    }
+
+    fn drained_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let Phase::Open(driver, handler) = &mut conn.phase else {
+            return;
+        };
+        if driver.ready_state() != ReadyState::Open {
+            return;
+        }
+        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        handler.on_drain(&mut Ws { driver, ctx: &ctx });
+        self.settle(conn, io);
+    }
+
+    fn shutdown_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                if driver.ready_state() == ReadyState::Open {
+                    let _ = driver.close_connection(code::GOING_AWAY, "server shutting down");
+                }
+                self.pump(conn, io, &mut []);
+            }
+            Phase::Handshake(_) => io.close(CloseRequest::Now),
+            Phase::Rejecting(..) | Phase::Done => {}
+        }
+    }
+
+    fn output_plain<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+        match &conn.phase {
+            Phase::Open(driver, _) => driver.pending_output(),
+            Phase::Rejecting(response, at) => &response[*at..],
+            _ => &[],
+        }
+    }
+
+    fn consume_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                driver.consume_output(n);
+                if conn.timers.is_over_limit()
+                    && driver.buffered_amount() <= self.config.max_backpressure
+                {
+                    conn.timers
+                        .buffered(io.now, false, &timer_config(&self.config));
+                    self.settle(conn, io);
+                    let Phase::Open(driver, _) = &mut conn.phase else {
+                        return;
+                    };
+                    self.recycle(driver);
+                    return;
+                }
+                self.recycle(driver);
+            }
+            Phase::Rejecting(_, at) => *at += n,
+            _ => {}
+        }
+    }
+
+    fn take_output_plain(
+        &mut self,
+        conn: &mut Conn<H>,
+        _io: &mut Io<'_, Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => {
+                let taken = driver.take_output(spare)?;
+                conn.in_flight += taken.len();
+                Some(taken)
+            }
+            Phase::Rejecting(response, at) => {
+                let mut bytes = std::mem::take(response);
+                bytes.drain(..*at);
+                *at = 0;
+                (!bytes.is_empty()).then_some(bytes)
+            }
+            _ => None,
+        }
+    }
+
+    fn sent_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        conn.in_flight = conn.in_flight.saturating_sub(n);
+        if conn.timers.is_over_limit() {
+            self.settle(conn, io);
+        }
+    }
+
+    fn closed_plain(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
+        if let Phase::Open(driver, _) = &mut conn.phase {
+            driver.receive_eof();
+            self.pump(&mut conn, io, &mut []);
+            if let Phase::Open(driver, _) = &mut conn.phase {
+                self.recycle(driver);
+            }
+        }
+        conn.phase = Phase::Done;
+    }
+}
+
+impl<F, H> Service for WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    type Session = Conn<H>;
+    type Command = Command;
+
+    fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut conn = self.open_plain(io, peer);
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.config.tls {
+            match crate::tls::TlsStream::server(config.clone()) {
+                Ok(tls) => conn.tls = Some(Box::new(tls)),
+                Err(_) => io.close(CloseRequest::Now),
+            }
+        }
+        conn
+    }
+
+    fn connected(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        peer: SocketAddr,
+        command: Command,
+    ) -> Conn<H> {
+        let mut conn = self.connected_plain(io, peer, command);
+        self.seal(&mut conn);
+        conn
+    }
+
+    fn connect_failed(&mut self, io: &mut Io<'_, Command>, command: Command, error: io::Error) {
+        self.connect_failed_plain(io, command, error)
+    }
+
+    fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let mut plain = std::mem::take(&mut self.plain);
+            plain.clear();
+            match tls.decrypt(data, &mut plain) {
+                Ok(()) => self.read_plain(conn, io, &mut plain),
+                Err(e) => {
+                    // A TLS failure ends the connection; the alert (if any) goes out first.
+                    if let Phase::Open(driver, handler) = &mut conn.phase {
+                        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+                        handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
+                        driver.abort(code::ABNORMAL, "TLS failure");
+                    }
+                    self.pump(conn, io, &mut []);
+                    io.close(CloseRequest::AfterFlush);
+                }
+            }
+            self.plain = plain;
+            self.seal(conn);
+            return;
+        }
+        self.read_plain(conn, io, data)
+    }
+
+    fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.timeout_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        self.command_plain(conn, io, command);
+        self.seal(conn);
+    }
+
+    fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.drained_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.shutdown_plain(conn, io);
+        self.seal(conn);
+    }
+
+    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &conn.tls {
+            return tls.output();
+        }
+        self.output_plain(conn)
+    }
+
+    fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            tls.consume(n);
+            if conn.timers.is_over_limit() {
+                self.settle(conn, io);
+            }
+            return;
+        }
+        self.consume_plain(conn, io, n)
+    }
+
+    fn take_output(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let taken = tls.take_output(spare)?;
+            conn.in_flight += taken.len();
+            return Some(taken);
+        }
+        self.take_output_plain(conn, io, spare)
+    }
+
+    fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        self.sent_plain(conn, io, n)
+    }
+
+    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>) {
+        self.closed_plain(conn, io)
+    }
+
+    fn over_capacity(&self) -> Vec<u8> {
+        http_response(
+            503,
+            &[("Retry-After", "1")],
+            "server is at its connection limit",
+        )
+    }
+}
+
+/// The deadlines' durations for a server's settings.
+fn timer_config(config: &ServerConfig) -> TimerConfig {
+    TimerConfig {
+        handshake: config.handshake_timeout,
+        close: config.close_timeout,
+        idle: config.idle_timeout,
+        backpressure_grace: match config.backpressure_policy {
+            BackpressurePolicy::Close { grace } => Some(grace),
+            BackpressurePolicy::DropNew => None,
+        },
+    }
+}
+
+impl<F, H> WsService<F, H> {
+    /// Returns an emptied output buffer to the pool, so idle connections hold none.
+    fn recycle(&mut self, driver: &mut Driver) {
+        if let Some(buf) = driver.take_output_buffer()
+            && self.pool.len() < POOL_MAX_BUFFERS
+            && buf.capacity() <= POOL_MAX_CAPACITY
+        {
+            self.pool.push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Idle memory per connection is mostly this slab entry; keep it from creeping up.
+    #[test]
+    fn connection_state_stays_small() {
+        struct Quiet;
+        impl super::Handler for Quiet {}
+        assert!(std::mem::size_of::<crate::Driver>() <= 200);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 304);
+    }
+}
