@@ -13,7 +13,8 @@ use crate::protocol::error::Error;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
-    ClientInit, Command, Handler, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, spawn,
+    ClientConnector, ClientInit, Handler, ServerConfig, ServerHandle, Stats, Upgrade,
+    UpgradeRequest, spawn,
 };
 use crate::session::upgrade::HttpResponse;
 
@@ -25,6 +26,7 @@ use crate::client::resolve;
 /// with a [`Handler`] stored inline, exactly like server connections.
 pub struct ClientReactor<H: Handler> {
     handle: ServerHandle,
+    connectors: Vec<ClientConnector<H>>,
     options: Options,
     #[cfg(feature = "tls")]
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
@@ -50,8 +52,10 @@ impl<H: Handler> ClientReactor<H> {
         let tls = Mutex::new(config.client_tls.clone());
         let loops = (0..config.threads.max(1)).map(|_| None).collect();
         let refuse = |_: &UpgradeRequest<'_>| Upgrade::<H>::Reject(HttpResponse::new(404, ""));
+        let (handle, connectors) = spawn(config, loops, refuse, None)?;
         Ok(ClientReactor {
-            handle: spawn(config, loops, refuse, None)?,
+            handle,
+            connectors,
             options,
             #[cfg(feature = "tls")]
             tls,
@@ -97,8 +101,7 @@ impl<H: Handler> ClientReactor<H> {
         #[cfg(not(feature = "tls"))]
         let _ = parsed;
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.handle
-            .connect_on(i, addr, Command::Connect(Box::new(init)))?;
+        self.connectors[i % self.connectors.len()].connect(addr, init)?;
         Ok(())
     }
 

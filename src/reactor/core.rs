@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::timer::{Deadline, Entry, Wheel};
-use super::{CloseRequest, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker};
+use super::{
+    CloseRequest, Connector, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker,
+};
 
 /// How long a closing connection waits for the peer's FIN after ours.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
@@ -151,7 +153,7 @@ pub(crate) struct Core<S: Service, B: Backend> {
     conns: Slab<Conn<S::Session, B::Socket>>,
     service: S,
     wheel: Wheel,
-    inbox: Inbox<S::Command>,
+    inbox: Inbox<S::Command, S::Connect>,
     remote: Remote<S::Command>,
     config: LoopConfig,
     stats: Arc<LoopStats>,
@@ -182,7 +184,7 @@ pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) 
 impl<S: Service, B: Backend> Core<S, B> {
     pub fn new(
         service: S,
-        inbox: Inbox<S::Command>,
+        inbox: Inbox<S::Command, S::Connect>,
         remote: Remote<S::Command>,
         config: LoopConfig,
         stats: Arc<LoopStats>,
@@ -274,9 +276,11 @@ impl<S: Service, B: Backend> Core<S, B> {
                         });
                     }
                 }
-                Envelope::Connect { addr, command } => self.connect(backend, addr, command),
                 Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
             }
+        }
+        while let Some((addr, init)) = self.inbox.next_connect() {
+            self.connect(backend, addr, init);
         }
     }
 
@@ -496,8 +500,8 @@ impl<S: Service, B: Backend> Core<S, B> {
 
     // ----- connections -----
 
-    /// Starts an outgoing connection (non-blocking); its session comes from `command`.
-    fn connect(&mut self, backend: &mut B, addr: SocketAddr, command: S::Command) {
+    /// Starts an outgoing connection (non-blocking); its session is made of `init`.
+    fn connect(&mut self, backend: &mut B, addr: SocketAddr, init: S::Connect) {
         use socket2::{Domain, Protocol, Socket, Type};
         let started = (|| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -510,26 +514,26 @@ impl<S: Service, B: Backend> Core<S, B> {
             Ok(TcpStream::from(socket))
         })();
         match started {
-            Ok(stream) => self.register(backend, stream, addr, Some(command)),
+            Ok(stream) => self.register(backend, stream, addr, Some(init)),
             Err(e) => {
                 let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
-                self.service.connect_failed(&mut io, command, e);
+                self.service.connect_failed(&mut io, init, e);
             }
         }
     }
 
-    /// Adds a socket to the loop: accepted (`command` is `None`, subject to
+    /// Adds a socket to the loop: accepted (`init` is `None`, subject to
     /// `max_connections`) or outgoing.
     fn register(
         &mut self,
         backend: &mut B,
         mut stream: TcpStream,
         peer: SocketAddr,
-        command: Option<S::Command>,
+        init: Option<S::Connect>,
     ) {
         let connections = &self.config.connections;
         if connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections
-            && command.is_none()
+            && init.is_none()
         {
             connections.fetch_sub(1, Ordering::AcqRel);
             LoopStats::add(&self.stats.connections_refused, 1);
@@ -546,9 +550,9 @@ impl<S: Service, B: Backend> Core<S, B> {
             Ok(socket) => socket,
             Err(e) => {
                 connections.fetch_sub(1, Ordering::AcqRel);
-                if let Some(command) = command {
+                if let Some(init) = init {
                     let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
-                    self.service.connect_failed(&mut io, command, e);
+                    self.service.connect_failed(&mut io, init, e);
                 }
                 return;
             }
@@ -556,9 +560,9 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let mut io = Io::new(Instant::now(), key, generation, &self.remote);
-        let session = match command {
+        let session = match init {
             None => self.service.open(&mut io, peer),
-            Some(command) => self.service.connected(&mut io, peer, command),
+            Some(init) => self.service.connected(&mut io, peer, init),
         };
         let (deadline, close) = (io.deadline, io.close);
         entry.insert(Conn {
@@ -629,21 +633,28 @@ impl<S: Service, B: Backend> Core<S, B> {
 /// A loop's thread; it ends with the loop's result.
 pub(crate) type LoopThread = std::thread::JoinHandle<io::Result<()>>;
 
+/// A started loop: how other threads reach it, and its thread.
+pub(crate) struct Spawned<S: Service> {
+    pub remote: Remote<S::Command>,
+    pub connector: Connector<S::Connect, S::Command>,
+    pub thread: LoopThread,
+}
+
 /// Spawns one loop thread on backend `B`: `prepare` on this thread, the rest on the new
-/// one. Returns the loop's [`Remote`] and its thread.
+/// one.
 pub(crate) fn spawn<S, B>(
     name: String,
     listener: Option<TcpListener>,
     service: S,
     config: LoopConfig,
     stats: Arc<LoopStats>,
-) -> io::Result<(Remote<S::Command>, LoopThread)>
+) -> io::Result<Spawned<S>>
 where
     S: Service + Send,
     B: Backend,
 {
     let (prepared, waker) = B::prepare()?;
-    let (remote, inbox) = super::channel(waker);
+    let (remote, connector, inbox) = super::channel(waker);
     let loop_remote = remote.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // Built on the loop's thread: io_uring's SINGLE_ISSUER ties a ring to its creator.
@@ -653,5 +664,9 @@ where
             Core::new(service, inbox, loop_remote, config, stats),
         )
     })?;
-    Ok((remote, thread))
+    Ok(Spawned {
+        remote,
+        connector,
+        thread,
+    })
 }

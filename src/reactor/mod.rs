@@ -169,22 +169,24 @@ pub(crate) trait Service: 'static {
     type Session;
     /// Work another thread sends to one connection.
     type Command: Send + 'static;
+    /// What an outgoing connection is made of (see [`Connector`]).
+    type Connect: Send + 'static;
 
     /// A connection was accepted.
     fn open(&mut self, io: &mut Io<'_, Self::Command>, peer: SocketAddr) -> Self::Session;
-    /// An outgoing connection to `peer` (from [`Envelope::Connect`]) is being established;
-    /// `command` carries what the session is made of.
+    /// An outgoing connection to `peer` (from a [`Connector`]) is being established;
+    /// `init` is what the session is made of.
     fn connected(
         &mut self,
         io: &mut Io<'_, Self::Command>,
         peer: SocketAddr,
-        command: Self::Command,
+        init: Self::Connect,
     ) -> Self::Session;
     /// An outgoing connection could not even be started (no socket, no route).
     fn connect_failed(
         &mut self,
         io: &mut Io<'_, Self::Command>,
-        command: Self::Command,
+        init: Self::Connect,
         error: io::Error,
     );
     /// Bytes arrived (the slice is the loop's read buffer, free to modify in place).
@@ -236,8 +238,6 @@ pub(crate) enum Envelope<C> {
         generation: u32,
         command: C,
     },
-    /// Open an outgoing connection to `addr`.
-    Connect { addr: SocketAddr, command: C },
     /// Begin a graceful shutdown that must finish by `deadline`.
     Shutdown { deadline: Instant },
 }
@@ -284,13 +284,15 @@ impl<C> Clone for Remote<C> {
     }
 }
 
-/// A loop's end of its [`Remote`]: the channel and the flag that gates wake-ups.
-pub(crate) struct Inbox<C> {
-    pub rx: mpsc::Receiver<Envelope<C>>,
-    pub notified: Arc<AtomicBool>,
+/// A loop's end of its [`Remote`] and [`Connector`]: the channels and the flag that gates
+/// wake-ups.
+pub(crate) struct Inbox<C, K> {
+    rx: mpsc::Receiver<Envelope<C>>,
+    connects: mpsc::Receiver<(SocketAddr, K)>,
+    notified: Arc<AtomicBool>,
 }
 
-impl<C> Inbox<C> {
+impl<C, K> Inbox<C, K> {
     /// Call before draining: a send racing with the drain then wakes the loop again.
     pub fn rearm(&self) {
         self.notified.store(false, Ordering::Release);
@@ -300,32 +302,70 @@ impl<C> Inbox<C> {
     pub fn next(&self) -> Option<Envelope<C>> {
         self.rx.try_recv().ok()
     }
+
+    /// The next queued outgoing connection, if any.
+    pub fn next_connect(&self) -> Option<(SocketAddr, K)> {
+        self.connects.try_recv().ok()
+    }
 }
 
-/// A channel and a [`Remote`] for one loop, woken through `waker`.
-pub(crate) fn channel<C>(waker: Waker) -> (Remote<C>, Inbox<C>) {
+/// The channels, [`Remote`] and [`Connector`] of one loop, woken through `waker`.
+pub(crate) fn channel<C, K>(waker: Waker) -> (Remote<C>, Connector<K, C>, Inbox<C, K>) {
     let (tx, rx) = mpsc::channel();
+    let (connect_tx, connects) = mpsc::channel();
     let notified = Arc::new(AtomicBool::new(false));
+    let remote = Remote {
+        tx,
+        waker,
+        notified: notified.clone(),
+    };
+    let connector = Connector {
+        tx: connect_tx,
+        remote: remote.clone(),
+    };
     (
-        Remote {
-            tx,
-            waker,
-            notified: notified.clone(),
+        remote,
+        connector,
+        Inbox {
+            rx,
+            connects,
+            notified,
         },
-        Inbox { rx, notified },
     )
 }
 
 impl<C> Remote<C> {
     /// Queues `envelope` and wakes the loop. Fails if the loop has stopped.
     pub fn send(&self, envelope: Envelope<C>) -> io::Result<()> {
-        self.tx.send(envelope).map_err(|_| {
-            io::Error::new(io::ErrorKind::NotConnected, "the event loop has stopped")
-        })?;
+        self.tx.send(envelope).map_err(|_| stopped())?;
+        self.wake()
+    }
+
+    /// Makes the loop look at its queues, unless it is already due to.
+    fn wake(&self) -> io::Result<()> {
         if !self.notified.swap(true, Ordering::AcqRel) {
             self.waker.wake()?;
         }
         Ok(())
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the event loop has stopped")
+}
+
+/// Asks one loop to open outgoing connections: a typed queue beside the loop's inbox,
+/// sharing its waker, so a connection's parts (`K`) reach the loop without type erasure.
+pub(crate) struct Connector<K, C> {
+    tx: mpsc::Sender<(SocketAddr, K)>,
+    remote: Remote<C>,
+}
+
+impl<K, C> Connector<K, C> {
+    /// Queues a connection to `addr` made of `init`, and wakes the loop.
+    pub fn connect(&self, addr: SocketAddr, init: K) -> io::Result<()> {
+        self.tx.send((addr, init)).map_err(|_| stopped())?;
+        self.remote.wake()
     }
 }
 

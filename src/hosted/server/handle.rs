@@ -126,17 +126,6 @@ impl ServerHandle {
         self.wait()
     }
 
-    /// Queues an outgoing connection on loop `i` (modulo the loop count).
-    pub(crate) fn connect_on(
-        &self,
-        i: usize,
-        addr: SocketAddr,
-        command: Command,
-    ) -> io::Result<()> {
-        let remotes = &self.inner.remotes;
-        remotes[i % remotes.len()].send(Envelope::Connect { addr, command })
-    }
-
     /// Blocks until every loop has stopped (after a shutdown).
     pub fn wait(&self) -> io::Result<()> {
         let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));

@@ -90,9 +90,6 @@ pub(crate) struct ClientInit<H> {
 pub(crate) enum Command {
     Send(Vec<u8>, MessageType),
     Close(u16, String),
-    /// A client connection to open: `(Driver, H)`, boxed so `Sender` needs no type
-    /// parameter (one allocation per connect, off the hot path).
-    Connect(Box<dyn std::any::Any + Send>),
 }
 
 /// The connection handle a [`Handler`] gets: send, close, inspect.

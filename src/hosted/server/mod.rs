@@ -26,7 +26,7 @@ use crate::reactor::core;
 use crate::reactor::epoll::Epoll;
 #[cfg(target_os = "linux")]
 use crate::reactor::uring::Uring;
-use crate::reactor::{Backend, LoopConfig, LoopStats};
+use crate::reactor::{Backend, Connector, LoopConfig, LoopStats};
 
 pub use crate::session::upgrade::HttpResponse;
 
@@ -166,7 +166,7 @@ impl Server {
         for _ in 1..threads {
             listeners.push(Some(reuseport_listener(local_addr)?));
         }
-        spawn(self.config, listeners, app, Some(local_addr))
+        spawn(self.config, listeners, app, Some(local_addr)).map(|(handle, _)| handle)
     }
 
     /// Starts the loops and blocks until the server is shut down from a [`ServerHandle`]
@@ -180,13 +180,17 @@ impl Server {
     }
 }
 
+/// How a client reactor asks one loop to open a connection.
+pub(crate) type ClientConnector<H> = Connector<ClientInit<H>, Command>;
+
 /// Starts one loop per entry of `listeners` (`None`: a loop for outgoing connections only).
+/// Returns the handle and, per loop, the queue for outgoing connections.
 pub(crate) fn spawn<F, H>(
     config: ServerConfig,
     listeners: Vec<Option<TcpListener>>,
     app: F,
     local_addr: Option<SocketAddr>,
-) -> io::Result<ServerHandle>
+) -> io::Result<(ServerHandle, Vec<ClientConnector<H>>)>
 where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
@@ -203,6 +207,7 @@ where
     let shared = Arc::new(config);
     let connections = Arc::new(AtomicUsize::new(0));
     let mut remotes = Vec::new();
+    let mut connectors = Vec::new();
     let mut stats = Vec::new();
     let mut handles = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -215,17 +220,17 @@ where
             connections: connections.clone(),
         };
         let name = format!("wsd-loop-{i}");
-        let (remote, handle) = match backend {
+        let spawned = match backend {
             #[cfg(target_os = "linux")]
             Backend::IoUring => {
                 core::spawn::<_, Uring>(name, listener, service, loop_config, loop_stats)?
             }
             _ => core::spawn::<_, Epoll>(name, listener, service, loop_config, loop_stats)?,
         };
-        remotes.push(remote);
-        handles.push(handle);
+        remotes.push(spawned.remote);
+        connectors.push(spawned.connector);
+        handles.push(spawned.thread);
     }
-    Ok(ServerHandle::new(
-        remotes, stats, handles, local_addr, backend, &why,
-    ))
+    let handle = ServerHandle::new(remotes, stats, handles, local_addr, backend, &why);
+    Ok((handle, connectors))
 }

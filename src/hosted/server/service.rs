@@ -268,8 +268,6 @@ where
                 sent.map(|_| ())
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
-            // Only ever sent as `Envelope::Connect`, handled by `connected`.
-            Command::Connect(_) => Ok(()),
         };
         // Errors (sending on a closing connection) have no one to report to: the sender
         // already returned. Events the command caused (a close while connecting) run now.
@@ -297,23 +295,15 @@ where
         &mut self,
         io: &mut Io<'_, Command>,
         peer: SocketAddr,
-        command: Command,
+        init: ClientInit<H>,
     ) -> Conn<H> {
         let mut conn = Conn::new(Phase::Done, peer);
-        let Command::Connect(init) = command else {
-            io.close(CloseRequest::Now);
-            return conn;
-        };
-        let Ok(init) = init.downcast::<ClientInit<H>>() else {
-            io.close(CloseRequest::Now);
-            return conn;
-        };
         let ClientInit {
             mut driver,
             handler,
             #[cfg(feature = "tls")]
             tls,
-        } = *init;
+        } = init;
         #[cfg(feature = "tls")]
         {
             conn.tls = tls;
@@ -331,15 +321,9 @@ where
     fn connect_failed_plain(
         &mut self,
         io: &mut Io<'_, Command>,
-        command: Command,
+        init: ClientInit<H>,
         error: io::Error,
     ) {
-        let Command::Connect(init) = command else {
-            return;
-        };
-        let Ok(init) = init.downcast::<ClientInit<H>>() else {
-            return;
-        };
         let (driver, handler) = (init.driver, init.handler);
         let mut conn = Conn::new(
             Phase::Open(driver, handler),
@@ -490,6 +474,7 @@ where
 {
     type Session = Conn<H>;
     type Command = Command;
+    type Connect = ClientInit<H>;
 
     fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
         #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
@@ -508,15 +493,15 @@ where
         &mut self,
         io: &mut Io<'_, Command>,
         peer: SocketAddr,
-        command: Command,
+        init: ClientInit<H>,
     ) -> Conn<H> {
-        let mut conn = self.connected_plain(io, peer, command);
+        let mut conn = self.connected_plain(io, peer, init);
         self.seal(&mut conn);
         conn
     }
 
-    fn connect_failed(&mut self, io: &mut Io<'_, Command>, command: Command, error: io::Error) {
-        self.connect_failed_plain(io, command, error)
+    fn connect_failed(&mut self, io: &mut Io<'_, Command>, init: ClientInit<H>, error: io::Error) {
+        self.connect_failed_plain(io, init, error)
     }
 
     fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
