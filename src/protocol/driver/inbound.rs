@@ -1,0 +1,365 @@
+//! The inbound half of [`Driver`]: the client's read of the handshake response, frame
+//! parsing, message reassembly, control frames and failing the connection on a protocol
+//! error.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+
+use super::outbound::cut_at_char_boundary;
+use super::{Driver, Event, Handshake, Message, ReadyState, Role};
+use crate::protocol::error::{Error, HandshakeError, ProtocolError, code, is_valid_close_code};
+use crate::protocol::frame::{
+    FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header,
+};
+use crate::protocol::handshake::validate_response;
+use crate::protocol::mask::apply_mask;
+use crate::protocol::utf8::Utf8Validator;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Stage {
+    /// Collecting a frame header; `len` bytes of it are in `buf`.
+    Header { buf: [u8; MAX_HEADER_LEN], len: u8 },
+    /// Reading the payload of `header`; `done` bytes of it are read.
+    Payload { header: FrameHeader, done: u64 },
+    /// Closed or failed: input is ignored.
+    Stopped,
+}
+
+pub(super) const HEADER_START: Stage = Stage::Header {
+    buf: [0; MAX_HEADER_LEN],
+    len: 0,
+};
+
+/// A data message being reassembled (fragmented, or one frame split across reads).
+#[derive(Debug)]
+pub(super) struct PartialMessage {
+    text: bool,
+    buf: Vec<u8>,
+    utf8: Utf8Validator,
+}
+
+impl Driver {
+    /// Feeds bytes read from the transport and returns `(consumed, event)`.
+    ///
+    /// With no event, all of `input` was consumed. With an event, call again with
+    /// `&mut input[consumed..]` (and finally with an empty slice) until no event comes.
+    /// Payloads are unmasked in place, so an unfragmented message that arrived in one read
+    /// is handed out borrowed from `input` without a copy.
+    pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
+        if let Some(event) = self.events.pop_front() {
+            if self.events.is_empty() {
+                // Events queue up only around open, errors and close: free the queue so an
+                // idle connection holds no allocation for it.
+                self.events = VecDeque::new();
+            }
+            return (0, Some(event));
+        }
+        if matches!(self.handshake, Handshake::Client(_)) && self.state == ReadyState::Connecting {
+            return self.read_response(input);
+        }
+        self.read_frames(input)
+    }
+
+    /// The transport ended (EOF or error). Queues `Error` if a frame or message was cut
+    /// off, and `Close` 1006 unless the connection already reported its close.
+    pub fn receive_eof(&mut self) {
+        if self.close_reported {
+            self.state = ReadyState::Closed;
+            return;
+        }
+        let cut_off = self.message.is_some()
+            || matches!(
+                self.stage,
+                Stage::Payload { .. } | Stage::Header { len: 1.., .. }
+            );
+        if self.state == ReadyState::Connecting && self.role == Role::Client {
+            self.events
+                .push_back(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
+        } else if cut_off {
+            self.events
+                .push_back(Event::Error(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame",
+                ))));
+        }
+        self.stop();
+        self.queue_close(code::ABNORMAL, String::new());
+    }
+
+    fn read_response<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
+        let Handshake::Client(hs) = &mut self.handshake else {
+            unreachable!("checked by the caller")
+        };
+        let outcome = match hs.parser.parse(input) {
+            Ok(Status::Partial) => return (input.len(), None),
+            Ok(Status::Complete(response, used)) => {
+                validate_response(&response, &hs.expected_accept, &hs.offered)
+                    .map(|p| (p, used))
+                    .map_err(|e| match e {
+                        HandshakeError::UnexpectedStatus { status, .. } => {
+                            // The body as far as it came with the head: Content-Length bytes,
+                            // else everything up to the close (RFC 9112 §6.3), at most 1 KiB.
+                            let rest = &input[used..];
+                            let declared = response
+                                .header("content-length")
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(rest.len());
+                            let take = rest.len().min(declared).min(1024);
+                            let body = String::from_utf8_lossy(&rest[..take]).into_owned();
+                            HandshakeError::UnexpectedStatus { status, body }
+                        }
+                        other => other,
+                    })
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((protocol, used)) => {
+                self.protocol = protocol.map(String::into_boxed_str);
+                self.handshake = Handshake::Done;
+                self.state = ReadyState::Open;
+                (used, Some(Event::Open))
+            }
+            Err(e) => {
+                self.handshake = Handshake::Failed(Box::new(e.clone()));
+                // Frames queued for a connection that never opened are dropped.
+                self.out.truncate(self.out_pos + self.handshake_left);
+                self.stop();
+                self.queue_close(code::ABNORMAL, e.to_string());
+                (input.len(), Some(Event::Error(Error::Handshake(e))))
+            }
+        }
+    }
+
+    fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        let buffered = match (h.opcode, &self.message) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(m)) => m.buf.len() as u64,
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::UnfinishedMessage);
+            }
+            _ => 0,
+        };
+        let len = buffered + h.payload_len;
+        if !h.opcode.is_control() && len > self.max_length as u64 {
+            return Err(ProtocolError::MessageTooLarge {
+                len,
+                max: self.max_length,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_frames<'i>(&mut self, mut input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
+        let total = input.len();
+        let mut pos = 0;
+        loop {
+            match self.stage {
+                Stage::Stopped => return (total, None),
+                Stage::Header { mut buf, len } => {
+                    if pos == total {
+                        return (total, None);
+                    }
+                    let have = len as usize;
+                    let avail = &input[pos..];
+                    let parsed = if have == 0 {
+                        parse_header(avail, 0)
+                    } else {
+                        let take = (MAX_HEADER_LEN - have).min(avail.len());
+                        buf[have..have + take].copy_from_slice(&avail[..take]);
+                        parse_header(&buf[..have + take], 0)
+                    };
+                    match parsed {
+                        Err(e) => return self.fail(total, e),
+                        Ok(Status::Partial) => {
+                            // Fewer than 14 bytes remain: keep them for the next read.
+                            let rest = total - pos;
+                            if have == 0 {
+                                buf[..rest].copy_from_slice(avail);
+                            }
+                            self.stage = Stage::Header {
+                                buf,
+                                len: (have + rest) as u8,
+                            };
+                            return (total, None);
+                        }
+                        Ok(Status::Complete(header, n)) => {
+                            pos += n - have;
+                            if let Err(e) = self.check_header(&header) {
+                                return self.fail(total, e);
+                            }
+                            if header.opcode.is_control() {
+                                self.control.clear();
+                            }
+                            self.stage = Stage::Payload { header, done: 0 };
+                        }
+                    }
+                }
+                Stage::Payload { header, done } => {
+                    let remaining = header.payload_len - done;
+                    let avail = (total - pos) as u64;
+                    let opcode = header.opcode;
+                    let whole =
+                        opcode.is_control() || (header.fin && opcode != OpCode::Continuation);
+                    if done == 0 && whole && avail >= remaining {
+                        // Fast path: the whole frame is in this read; hand it out borrowed.
+                        let len = remaining as usize;
+                        self.stage = HEADER_START;
+                        let payload = &mut std::mem::take(&mut input)[pos..pos + len];
+                        pos += len;
+                        if let Some(key) = header.mask {
+                            apply_mask(payload, key, 0);
+                        }
+                        let payload: &'i [u8] = payload;
+                        return match opcode {
+                            OpCode::Text => match simdutf8::basic::from_utf8(payload) {
+                                Ok(text) => (
+                                    pos,
+                                    Some(Event::Message(Message::Text(Cow::Borrowed(text)))),
+                                ),
+                                Err(_) => self.fail(total, ProtocolError::InvalidUtf8),
+                            },
+                            OpCode::Binary => (
+                                pos,
+                                Some(Event::Message(Message::Binary(Cow::Borrowed(payload)))),
+                            ),
+                            _ => match self.control_frame(opcode, Cow::Borrowed(payload)) {
+                                Ok(event) => (pos, event),
+                                Err(e) => self.fail(total, e),
+                            },
+                        };
+                    }
+                    let take = remaining.min(avail) as usize;
+                    if take == 0 && remaining > 0 {
+                        // The read ended right after the header: nothing to do until the
+                        // payload arrives (which may then take the fast path).
+                        self.stage = Stage::Payload { header, done };
+                        return (pos, None);
+                    }
+                    let chunk = &mut input[pos..pos + take];
+                    if let Some(key) = header.mask {
+                        apply_mask(chunk, key, done as usize);
+                    }
+                    pos += take;
+                    let done = done + take as u64;
+                    if opcode.is_control() {
+                        self.control.extend_from_slice(chunk);
+                    } else {
+                        let message = self.message.get_or_insert_with(|| {
+                            Box::new(PartialMessage {
+                                text: opcode == OpCode::Text,
+                                buf: Vec::new(),
+                                utf8: Utf8Validator::new(),
+                            })
+                        });
+                        if message.text && message.utf8.feed(chunk).is_err() {
+                            return self.fail(total, ProtocolError::InvalidUtf8);
+                        }
+                        let needed = message.buf.len() + chunk.len();
+                        if needed > message.buf.capacity() {
+                            // Grow by doubling, from what actually arrived (a declared length
+                            // is not trusted), and never past max_length: the header check
+                            // guarantees `needed <= max_length`.
+                            let target = needed.max(message.buf.len() * 2).min(self.max_length);
+                            message.buf.reserve_exact(target - message.buf.len());
+                        }
+                        message.buf.extend_from_slice(chunk);
+                    }
+                    if done < header.payload_len {
+                        self.stage = Stage::Payload { header, done };
+                        return (pos, None);
+                    }
+                    self.stage = HEADER_START;
+                    if opcode.is_control() {
+                        let payload = std::mem::take(&mut self.control);
+                        return match self.control_frame(opcode, Cow::Owned(payload)) {
+                            Ok(event) => (pos, event),
+                            Err(e) => self.fail(total, e),
+                        };
+                    }
+                    if header.fin {
+                        let message = self.message.take().expect("a data frame has a message");
+                        let event = if message.text {
+                            if !message.utf8.is_complete() {
+                                return self.fail(total, ProtocolError::InvalidUtf8);
+                            }
+                            match String::from_utf8(message.buf) {
+                                Ok(text) => Message::Text(Cow::Owned(text)),
+                                Err(_) => return self.fail(total, ProtocolError::InvalidUtf8),
+                            }
+                        } else {
+                            Message::Binary(Cow::Owned(message.buf))
+                        };
+                        return (pos, Some(Event::Message(event)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn control_frame<'i>(
+        &mut self,
+        opcode: OpCode,
+        payload: Cow<'i, [u8]>,
+    ) -> Result<Option<Event<'i>>, ProtocolError> {
+        match opcode {
+            OpCode::Ping => {
+                if self.state == ReadyState::Open {
+                    self.push_frame(OpCode::Pong, &payload);
+                }
+                Ok(Some(Event::Ping(payload)))
+            }
+            OpCode::Pong => Ok(Some(Event::Pong(payload))),
+            _ => {
+                let (close_code, reason) = match payload.len() {
+                    0 => (code::NO_STATUS, String::new()),
+                    1 => return Err(ProtocolError::CloseFrameTooShort),
+                    _ => {
+                        let c = u16::from_be_bytes([payload[0], payload[1]]);
+                        if !is_valid_close_code(c) {
+                            return Err(ProtocolError::InvalidCloseCode(c));
+                        }
+                        let reason = std::str::from_utf8(&payload[2..])
+                            .map_err(|_| ProtocolError::InvalidUtf8)?;
+                        (c, reason.to_string())
+                    }
+                };
+                if matches!(self.state, ReadyState::Open | ReadyState::Connecting) {
+                    // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
+                    let echo = if close_code == code::NO_STATUS {
+                        &[][..]
+                    } else {
+                        &payload[..2]
+                    };
+                    self.push_frame(OpCode::Close, echo);
+                }
+                self.stop();
+                self.queue_close(close_code, reason);
+                // Nothing else is queued while frames are parsed, so this is the Close.
+                Ok(self.events.pop_front())
+            }
+        }
+    }
+
+    /// Fails the connection: send the error's close code (if no close was sent yet),
+    /// stop parsing, report `Error` now and `Close` next.
+    fn fail<'i>(&mut self, consumed: usize, error: ProtocolError) -> (usize, Option<Event<'i>>) {
+        let close_code = error.close_code();
+        let reason = error.to_string();
+        if self.state == ReadyState::Open {
+            let mut payload = close_code.to_be_bytes().to_vec();
+            payload.extend_from_slice(
+                cut_at_char_boundary(&reason, MAX_CONTROL_PAYLOAD - 2).as_bytes(),
+            );
+            self.push_frame(OpCode::Close, &payload);
+        }
+        self.stop();
+        self.queue_close(close_code, reason);
+        (consumed, Some(Event::Error(Error::Protocol(error))))
+    }
+}

@@ -1,0 +1,257 @@
+//! The outbound half of [`Driver`]: the commands that queue frames, and the output buffer
+//! the transport drains.
+
+use super::{Driver, Message, MessageType, ReadyState, Role, SendToken};
+use crate::protocol::error::{Error, UsageError, is_valid_close_code};
+use crate::protocol::frame::{MAX_CONTROL_PAYLOAD, OpCode, write_frame};
+use crate::protocol::mask::random_mask;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary, so
+/// a close reason cut to fit its frame stays valid UTF-8.
+pub(super) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Driver {
+    // ----- commands -----
+
+    pub(super) fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
+        let mask = match self.role {
+            Role::Client => Some(random_mask()),
+            Role::Server => None,
+        };
+        let n = write_frame(&mut self.out, opcode, payload, mask);
+        self.frames_appended += n as u64;
+        SendToken(self.frames_appended)
+    }
+
+    fn writable(&self) -> Result<(), Error> {
+        match self.state {
+            ReadyState::Connecting | ReadyState::Open => Ok(()),
+            _ => Err(UsageError::NotOpen.into()),
+        }
+    }
+
+    /// Sends `data` as the given type (the seed's `send` with `:type` and `:code`).
+    /// Queued while connecting; an error once closing or closed.
+    pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
+        match kind {
+            MessageType::Text => {
+                let text = simdutf8::basic::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
+                self.send_text(text)
+            }
+            MessageType::Binary => self.send_binary(data),
+            MessageType::Ping => self.send_ping(data),
+            MessageType::Pong => self.send_pong(data),
+            MessageType::Close(c) => {
+                let reason = std::str::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
+                self.close_connection(c, reason)
+            }
+        }
+    }
+
+    /// Sends a received message back as it came: text as text, binary as binary.
+    pub fn send_message(&mut self, message: &Message<'_>) -> Result<SendToken, Error> {
+        match message {
+            Message::Text(t) => self.send_text(t),
+            Message::Binary(b) => self.send_binary(b),
+        }
+    }
+
+    /// Sends a text message.
+    pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
+        self.writable()?;
+        Ok(self.push_frame(OpCode::Text, text.as_bytes()))
+    }
+
+    /// Sends a binary message.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<SendToken, Error> {
+        self.writable()?;
+        Ok(self.push_frame(OpCode::Binary, data))
+    }
+
+    /// Sends a ping. Match the pong with [`Event::Pong`](super::Event::Pong)'s payload (the
+    /// closure API's `send_ping` does that for you).
+    pub fn send_ping(&mut self, payload: &[u8]) -> Result<SendToken, Error> {
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(UsageError::ControlPayloadTooLong.into());
+        }
+        self.writable()?;
+        Ok(self.push_frame(OpCode::Ping, payload))
+    }
+
+    /// Sends an unsolicited pong (a heartbeat that needs no reply).
+    pub fn send_pong(&mut self, payload: &[u8]) -> Result<SendToken, Error> {
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(UsageError::ControlPayloadTooLong.into());
+        }
+        self.writable()?;
+        Ok(self.push_frame(OpCode::Pong, payload))
+    }
+
+    /// Starts the close handshake (the seed's `close-connection`). While connecting, the
+    /// connection closes at once with `Close(code, reason)` and nothing is sent. While open,
+    /// a close frame is sent and the state becomes `Closing` until the peer answers.
+    pub fn close_connection(&mut self, close_code: u16, reason: &str) -> Result<SendToken, Error> {
+        if !is_valid_close_code(close_code) {
+            return Err(UsageError::InvalidCloseCode(close_code).into());
+        }
+        if reason.len() > MAX_CONTROL_PAYLOAD - 2 {
+            return Err(UsageError::CloseReasonTooLong.into());
+        }
+        match self.state {
+            ReadyState::Connecting => {
+                self.out.truncate(self.out_pos + self.handshake_left);
+                self.stop();
+                self.queue_close(close_code, reason.to_string());
+                Ok(SendToken(self.frames_appended))
+            }
+            ReadyState::Open => {
+                let mut payload = Vec::with_capacity(2 + reason.len());
+                payload.extend_from_slice(&close_code.to_be_bytes());
+                payload.extend_from_slice(reason.as_bytes());
+                let token = self.push_frame(OpCode::Close, &payload);
+                self.state = ReadyState::Closing;
+                Ok(token)
+            }
+            ReadyState::Closing | ReadyState::Closed => Err(UsageError::NotOpen.into()),
+        }
+    }
+
+    /// Ends the connection from this side without waiting for the peer: queues a close
+    /// frame with `code` if the connection is open (the transport may not get to send it),
+    /// stops reading and reports `Close(code, reason)` unless a close was reported already.
+    /// For local policy decisions: timeouts, a peer that stopped reading, shutdown.
+    ///
+    /// A reason over 123 bytes is cut, on a character boundary, in the frame (the
+    /// reported `Close` keeps it whole).
+    pub fn abort(&mut self, close_code: u16, reason: &str) {
+        if self.state == ReadyState::Open && is_valid_close_code(close_code) {
+            let mut payload = close_code.to_be_bytes().to_vec();
+            payload.extend_from_slice(
+                cut_at_char_boundary(reason, MAX_CONTROL_PAYLOAD - 2).as_bytes(),
+            );
+            self.push_frame(OpCode::Close, &payload);
+        }
+        if self.state == ReadyState::Connecting {
+            self.out.truncate(self.out_pos + self.handshake_left);
+        }
+        self.stop();
+        self.queue_close(close_code, reason.to_string());
+    }
+
+    // ----- output -----
+
+    fn releasable_end(&self) -> usize {
+        if self.state == ReadyState::Connecting {
+            self.out_pos + self.handshake_left
+        } else {
+            self.out.len()
+        }
+    }
+
+    /// Bytes ready for the transport, without copying. Report what was written with
+    /// [`Driver::consume_output`].
+    pub fn pending_output(&self) -> &[u8] {
+        &self.out[self.out_pos..self.releasable_end()]
+    }
+
+    /// Marks the first `n` bytes of [`Driver::pending_output`] as written.
+    pub fn consume_output(&mut self, n: usize) {
+        assert!(
+            n <= self.releasable_end() - self.out_pos,
+            "consumed more than was pending"
+        );
+        self.out_pos += n;
+        let handshake = n.min(self.handshake_left);
+        self.handshake_left -= handshake;
+        self.frames_written += (n - handshake) as u64;
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos >= 64 * 1024 && self.out_pos * 2 >= self.out.len() {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+    }
+
+    /// Hands all pending output over as an owned buffer, for completion-based transports
+    /// (io_uring) where the kernel holds the bytes until the send completes. `spare` (an
+    /// empty buffer, e.g. from a pool) becomes the driver's new output buffer. The bytes
+    /// count as written (for [`Driver::is_sent`]) from this moment.
+    pub fn take_output(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
+        let end = self.releasable_end();
+        let n = end - self.out_pos;
+        if n == 0 {
+            return None;
+        }
+        if end < self.out.len() {
+            // Still connecting: only the handshake may go, frames stay queued behind it.
+            let bytes = self.out[self.out_pos..end].to_vec();
+            self.consume_output(n);
+            return Some(bytes);
+        }
+        let mut taken = std::mem::replace(&mut self.out, spare);
+        self.out.clear();
+        taken.drain(..self.out_pos);
+        self.out_pos = 0;
+        let handshake = n.min(self.handshake_left);
+        self.handshake_left -= handshake;
+        self.frames_written += (n - handshake) as u64;
+        Some(taken)
+    }
+
+    /// Copies pending output into `buf`, marks it written, and returns how many bytes.
+    pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
+        let pending = self.pending_output();
+        let n = pending.len().min(buf.len());
+        buf[..n].copy_from_slice(&pending[..n]);
+        self.consume_output(n);
+        n
+    }
+
+    /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
+    pub fn buffered_amount(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Takes the output buffer when nothing is pending, so an idle connection holds none
+    /// (a reactor returns it to its pool). The driver allocates anew if it must write.
+    pub fn take_output_buffer(&mut self) -> Option<Vec<u8>> {
+        if self.out_pos != self.out.len() || self.out.capacity() == 0 {
+            return None;
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        Some(std::mem::take(&mut self.out))
+    }
+
+    /// Gives the driver an empty buffer (from a pool) to write into; ignored if the driver
+    /// already has one.
+    pub fn provide_output_buffer(&mut self, mut buf: Vec<u8>) {
+        if self.out.capacity() == 0 {
+            buf.clear();
+            self.out = buf;
+            self.out_pos = 0;
+        }
+    }
+
+    /// Whether the send identified by `token` has been handed to the transport.
+    pub fn is_sent(&self, token: SendToken) -> bool {
+        self.frames_written >= token.0
+    }
+
+    /// Closed, with every queued byte written: the transport may close now.
+    pub fn is_finished(&self) -> bool {
+        self.state == ReadyState::Closed
+            && self.pending_output().is_empty()
+            && self.events.is_empty()
+    }
+}

@@ -1,0 +1,265 @@
+//! The client's side of the opening handshake: the `ws://` URL, the upgrade request and
+//! the check of the server's response.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::{Response, has_token, push_header};
+use crate::protocol::error::{HandshakeError, UsageError};
+use crate::protocol::mask::random_bytes;
+
+/// A `ws://` or `wss://` URL, split for the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientUrl {
+    /// `wss://`.
+    pub secure: bool,
+    /// Host name or address (IPv6 without brackets), for connecting and TLS.
+    pub host: String,
+    /// Port, defaulting to 80 (ws) or 443 (wss).
+    pub port: u16,
+    /// The `Host` header: host, and the port when not the default. Never userinfo.
+    pub host_header: String,
+    /// Path and query, `/` at least. The fragment is dropped.
+    pub resource: String,
+    /// `user:password` from the URL, sent as Basic authorization.
+    pub userinfo: Option<String>,
+}
+
+impl ClientUrl {
+    /// Parses a WebSocket URL.
+    pub fn parse(url: &str) -> Result<ClientUrl, UsageError> {
+        let bad = || UsageError::InvalidUrl(url.to_string());
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let secure = match scheme.to_ascii_lowercase().as_str() {
+            "ws" => false,
+            "wss" => true,
+            _ => return Err(bad()),
+        };
+        let rest = rest.split('#').next().unwrap_or_default();
+        let split = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, resource) = rest.split_at(split);
+        let resource = match resource {
+            "" => "/".to_string(),
+            r if r.starts_with('?') => format!("/{r}"),
+            r => r.to_string(),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        let default_port = if secure { 443 } else { 80 };
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p.parse::<u16>().map_err(|_| bad())?,
+        };
+        if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
+            return Err(bad());
+        }
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let host_header = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        if resource.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(bad());
+        }
+        Ok(ClientUrl {
+            secure,
+            host: host.to_string(),
+            port,
+            host_header,
+            resource,
+            userinfo,
+        })
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 bytes from the OS CSPRNG, base64.
+pub fn generate_key() -> String {
+    let mut raw = [0u8; 16];
+    random_bytes(&mut raw);
+    BASE64.encode(raw)
+}
+
+/// The client's upgrade request.
+pub fn client_request(
+    url: &ClientUrl,
+    key: &str,
+    protocols: &[String],
+    additional_headers: &[(String, String)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(url.resource.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    push_header(&mut out, "Host", &url.host_header);
+    out.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\n");
+    push_header(&mut out, "Sec-WebSocket-Key", key);
+    out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
+    if !protocols.is_empty() {
+        push_header(&mut out, "Sec-WebSocket-Protocol", &protocols.join(", "));
+    }
+    if let Some(userinfo) = &url.userinfo {
+        push_header(
+            &mut out,
+            "Authorization",
+            &format!("Basic {}", BASE64.encode(userinfo)),
+        );
+    }
+    for (name, value) in additional_headers {
+        push_header(&mut out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Checks the server's response (RFC 6455 §4.2.2 from the client's side) and returns the
+/// selected subprotocol.
+pub fn validate_response(
+    response: &Response,
+    expected_accept: &str,
+    offered: &[String],
+) -> Result<Option<String>, HandshakeError> {
+    use HandshakeError::BadResponse;
+    if response.status != 101 {
+        return Err(HandshakeError::UnexpectedStatus {
+            status: response.status,
+            body: String::new(),
+        });
+    }
+    if !has_token(&response.headers, "upgrade", "websocket") {
+        return Err(BadResponse(
+            "'Upgrade' header is missing or not 'websocket'",
+        ));
+    }
+    if !has_token(&response.headers, "connection", "upgrade") {
+        return Err(BadResponse(
+            "'Connection' header is missing or not 'Upgrade'",
+        ));
+    }
+    if response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept) {
+        return Err(HandshakeError::AcceptMismatch);
+    }
+    if response
+        .header("sec-websocket-extensions")
+        .is_some_and(|v| !v.trim().is_empty())
+    {
+        return Err(BadResponse(
+            "server selected an extension the client did not offer",
+        ));
+    }
+    match response.header("sec-websocket-protocol").map(str::trim) {
+        None => Ok(None),
+        Some(p) if offered.iter().any(|o| o == p) => Ok(Some(p.to_string())),
+        Some(_) => Err(BadResponse(
+            "server selected a subprotocol the client did not offer",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::handshake::accept_key;
+
+    #[test]
+    fn urls() {
+        let u = ClientUrl::parse("ws://user:pw@example.com/chat?room=1#frag").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.host_header.as_str()),
+            ("example.com", 80, "example.com")
+        );
+        assert_eq!(u.resource, "/chat?room=1");
+        assert_eq!(u.userinfo.as_deref(), Some("user:pw"));
+        let u = ClientUrl::parse("wss://[::1]:9001").unwrap();
+        assert_eq!(
+            (
+                u.host.as_str(),
+                u.port,
+                u.host_header.as_str(),
+                u.resource.as_str()
+            ),
+            ("::1", 9001, "[::1]:9001", "/")
+        );
+        let u = ClientUrl::parse("WS://h:80?x").unwrap();
+        assert_eq!((u.host_header.as_str(), u.resource.as_str()), ("h", "/?x"));
+        for bad in [
+            "http://x/",
+            "ws://",
+            "ws://:80/",
+            "ws://h:99999/",
+            "ws://h/a b",
+            "x",
+        ] {
+            assert!(ClientUrl::parse(bad).is_err(), "{bad}");
+        }
+        let req = String::from_utf8(client_request(
+            &ClientUrl::parse("ws://u:p@h:81/p").unwrap(),
+            "k",
+            &[],
+            &[],
+        ))
+        .unwrap();
+        assert!(req.starts_with("GET /p HTTP/1.1\r\nHost: h:81\r\n"));
+        assert!(req.contains("Authorization: Basic dTpw\r\n"));
+        assert!(!req.contains("u:p@"));
+    }
+
+    #[test]
+    fn response_checks() {
+        let accept = accept_key("dGhlIHNhbXBsZSBub25jZQ==");
+        let ok = Response {
+            status: 101,
+            headers: vec![
+                ("Upgrade".into(), "websocket".into()),
+                ("Connection".into(), "Upgrade".into()),
+                ("Sec-WebSocket-Accept".into(), accept.clone()),
+            ],
+        };
+        assert_eq!(validate_response(&ok, &accept, &[]), Ok(None));
+        assert_eq!(
+            validate_response(&ok, "other", &[]),
+            Err(HandshakeError::AcceptMismatch)
+        );
+        let mut r = ok.clone();
+        r.status = 403;
+        assert_eq!(
+            validate_response(&r, &accept, &[]),
+            Err(HandshakeError::UnexpectedStatus {
+                status: 403,
+                body: String::new()
+            })
+        );
+        let mut r = ok.clone();
+        r.headers
+            .push(("Sec-WebSocket-Protocol".into(), "chat".into()));
+        assert!(validate_response(&r, &accept, &[]).is_err());
+        assert_eq!(
+            validate_response(&r, &accept, &["x".into(), "chat".into()]),
+            Ok(Some("chat".into()))
+        );
+        let mut r = ok.clone();
+        r.headers.push((
+            "Sec-WebSocket-Extensions".into(),
+            "permessage-deflate".into(),
+        ));
+        assert!(validate_response(&r, &accept, &[]).is_err());
+        let mut r = ok;
+        r.headers.retain(|(n, _)| n != "Connection");
+        assert!(validate_response(&r, &accept, &[]).is_err());
+    }
+}
