@@ -134,6 +134,22 @@ fn blocking_client_text_binary_16_mib_ping_and_close() {
     pong_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the ping callback fires");
+    // The seed's write callback: runs once the frame is handed to the socket, and the
+    // message it followed arrives.
+    let (written_tx, written_rx) = mpsc::channel();
+    client
+        .send_with(
+            b"confirmed",
+            websocket_driver::MessageType::Text,
+            move |driver| {
+                let _ = written_tx.send(driver.buffered_amount());
+            },
+        )
+        .unwrap();
+    written_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the write callback fires");
+    assert_eq!(next(&events), Seen::Text("confirmed".into()));
     client.close_connection(1000, "bye").unwrap();
     // The close event carries the server's reply: the echoed code, no reason.
     assert_eq!(next(&events), Seen::Close(1000, String::new()));

@@ -589,6 +589,112 @@ fn close_timeout_drops_a_peer_that_never_answers(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// The seed's callbacks on the hosted `Ws`: `send_with` runs once the frame is handed to
+/// the transport, `send_ping` once the matching pong arrives; both may send again. A
+/// callback whose connection closes first never runs.
+fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
+    struct Callbacks(Arc<Mutex<Vec<String>>>, usize);
+    impl Handler for Callbacks {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            let log = self.0.clone();
+            ws.send_with(b"one", websocket_driver::MessageType::Binary, move |ws| {
+                log.lock().unwrap().push("written one".into());
+                ws.send_text("after one").unwrap();
+            })
+            .unwrap();
+            let log = self.0.clone();
+            ws.send_ping(b"p1", move |ws| {
+                log.lock().unwrap().push("pong p1".into());
+                ws.send_text("after pong").unwrap();
+            })
+            .unwrap();
+        }
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            if message.as_text() == Some("ping me") {
+                let (log, id) = (self.0.clone(), self.1);
+                ws.send_ping(b"unanswered", move |_| {
+                    log.lock().unwrap().push(format!("pong unanswered #{id}"));
+                })
+                .unwrap();
+            }
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let shared = log.clone();
+    let accepted = AtomicUsize::new(0);
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            ..config(backend)
+        })
+        .start(move |_| {
+            let id = accepted.fetch_add(1, Ordering::Relaxed) + 1;
+            Upgrade::Accept(Callbacks(shared.clone(), id))
+        })
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Binary(b"one".to_vec())
+    );
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Text("after one".into())
+    );
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Text("after pong".into())
+    );
+    assert_eq!(*log.lock().unwrap(), ["written one", "pong p1"]);
+
+    // A ping the client never answers: it reads the raw frame and goes away.
+    client.send_text("ping me").unwrap();
+    let mut frame = [0u8; 12];
+    client.stream.read_exact(&mut frame).unwrap();
+    assert_eq!(&frame[..2], [0x89, 10], "the ping arrives");
+    drop(client);
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 0));
+    // The next connection reuses the slab key; the old callback must not fire for it.
+    let mut next = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert_eq!(next.next_message().unwrap(), Owned::Binary(b"one".to_vec()));
+    assert_eq!(
+        next.next_message().unwrap(),
+        Owned::Text("after one".into())
+    );
+    assert_eq!(
+        next.next_message().unwrap(),
+        Owned::Text("after pong".into())
+    );
+    // Its own callback runs when it answers; the dead connection's (same slab key, same
+    // payload) never does.
+    next.send_text("ping me").unwrap();
+    assert_eq!(
+        next.next_event().unwrap(),
+        Owned::Ping(b"unanswered".to_vec())
+    );
+    assert!(eventually(Duration::from_secs(5), || log
+        .lock()
+        .unwrap()
+        .len()
+        == 5));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "written one",
+            "pong p1",
+            "written one",
+            "pong p1",
+            "pong unanswered #2"
+        ]
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 /// Every test above runs once per backend.
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -614,4 +720,5 @@ on_every_backend!(
     max_connections_answers_503_beyond_the_limit,
     sender_reaches_a_connection_from_another_thread,
     idle_timeout_pings_then_closes_a_silent_peer,
+    write_and_pong_callbacks_run_and_are_dropped_on_close,
 );

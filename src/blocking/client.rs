@@ -375,6 +375,18 @@ impl BlockingClient {
         self.with_driver(|ws| ws.send(data, kind))
     }
 
+    /// Sends `data` as `kind`; `on_written` runs once its bytes are handed to the socket
+    /// (the seed's `(send ws data :callback fn)`), on whichever thread writes them: this
+    /// one when the socket takes them at once.
+    pub fn send_with(
+        &self,
+        data: &[u8],
+        kind: MessageType,
+        on_written: impl FnOnce(&mut Driver) + Send + 'static,
+    ) -> Result<SendToken, Error> {
+        self.with_driver(|ws| ws.send_with(data, kind, on_written))
+    }
+
     /// Sends a text message.
     pub fn send_text(&self, text: &str) -> Result<SendToken, Error> {
         self.with_driver(|ws| ws.send_text(text))

@@ -3,6 +3,8 @@
 
 use super::{BackpressurePolicy, HttpResponse};
 
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 
@@ -109,6 +111,43 @@ pub(super) struct Ctx<'a> {
     pub stats: &'a LoopStats,
     /// Bytes handed to the kernel and not yet sent (completion backends).
     pub in_flight: usize,
+    pub callbacks: &'a RefCell<Callbacks>,
+}
+
+/// A write-completion or pong callback of a hosted connection.
+pub(super) type WsCallback = Box<dyn FnOnce(&mut Ws<'_>) + Send>;
+
+/// The callbacks a loop's connections wait on, by slab key. Most connections have none,
+/// so they live here rather than in each connection's state.
+pub(super) type Callbacks = HashMap<usize, Pending>;
+
+/// One connection's callbacks.
+#[derive(Default)]
+pub(super) struct Pending {
+    /// Write callbacks in send order, with the token that says when they are due.
+    pub written: VecDeque<(SendToken, WsCallback)>,
+    /// Pong callbacks with the ping payload they wait for.
+    pub pongs: Vec<(Vec<u8>, WsCallback)>,
+}
+
+impl Pending {
+    /// The next write callback whose bytes `driver` has handed to the transport.
+    pub fn next_written(&mut self, driver: &Driver) -> Option<WsCallback> {
+        match self.written.front() {
+            Some((token, _)) if driver.is_sent(*token) => self.written.pop_front().map(|(_, f)| f),
+            _ => None,
+        }
+    }
+
+    /// The callback waiting for a pong with `payload`.
+    pub fn take_pong(&mut self, payload: &[u8]) -> Option<WsCallback> {
+        let at = self.pongs.iter().position(|(p, _)| p[..] == payload[..])?;
+        Some(self.pongs.remove(at).1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.pongs.is_empty()
+    }
 }
 
 impl Ws<'_> {
@@ -159,9 +198,43 @@ impl Ws<'_> {
         self.counted(result)
     }
 
-    /// Sends a ping; the pong arrives at [`Handler::on_pong`].
-    pub fn send_ping(&mut self, payload: &[u8]) -> Result<SendToken, Error> {
-        self.driver.send_ping(payload)
+    /// Sends `data` as `kind` and runs `on_written` once its bytes are handed to the
+    /// transport (the seed's `(send ws data :callback fn)`). The callback never runs if
+    /// the connection closes first.
+    pub fn send_with(
+        &mut self,
+        data: &[u8],
+        kind: MessageType,
+        on_written: impl FnOnce(&mut Ws<'_>) + Send + 'static,
+    ) -> Result<SendToken, Error> {
+        let token = self.send(data, kind)?;
+        self.ctx
+            .callbacks
+            .borrow_mut()
+            .entry(self.ctx.key)
+            .or_default()
+            .written
+            .push_back((token, Box::new(on_written)));
+        Ok(token)
+    }
+
+    /// Sends a ping; `on_pong` runs when a pong with the same payload arrives (the seed's
+    /// `(send-ping ws msg fn)`), before [`Handler::on_pong`]. It never runs if the
+    /// connection closes first.
+    pub fn send_ping(
+        &mut self,
+        payload: &[u8],
+        on_pong: impl FnOnce(&mut Ws<'_>) + Send + 'static,
+    ) -> Result<SendToken, Error> {
+        let token = self.driver.send_ping(payload)?;
+        self.ctx
+            .callbacks
+            .borrow_mut()
+            .entry(self.ctx.key)
+            .or_default()
+            .pongs
+            .push((payload.to_vec(), Box::new(on_pong)));
+        Ok(token)
     }
 
     /// Starts the close handshake.

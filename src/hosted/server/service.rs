@@ -1,10 +1,11 @@
 //! The per-connection service the loops drive: the upgrade, the session's deadlines,
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
-use super::handler::Ctx;
+use super::handler::{Callbacks, Ctx};
 use super::{
     BackpressurePolicy, ClientInit, Command, Handler, ServerConfig, Upgrade, UpgradeRequest, Ws,
 };
+use std::cell::RefCell;
 
 use std::io;
 use std::marker::PhantomData;
@@ -29,6 +30,8 @@ pub(crate) struct WsService<F, H> {
     config: Arc<ServerConfig>,
     stats: Arc<LoopStats>,
     pool: Vec<Vec<u8>>,
+    /// Write-completion and pong callbacks of this loop's connections.
+    callbacks: RefCell<Callbacks>,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -42,6 +45,7 @@ impl<F, H> WsService<F, H> {
             config,
             stats,
             pool: Vec::new(),
+            callbacks: RefCell::default(),
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -102,19 +106,51 @@ where
             policy: self.config.backpressure_policy,
             stats: &self.stats,
             in_flight,
+            callbacks: &self.callbacks,
+        }
+    }
+
+    /// Runs the write callbacks whose bytes the driver has handed on.
+    fn run_written(&self, conn: &mut Conn<H>, io: &Io<'_, Command>) {
+        if self.callbacks.borrow().is_empty() {
+            return;
+        }
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        loop {
+            let due = {
+                let mut callbacks = self.callbacks.borrow_mut();
+                let Some(pending) = callbacks.get_mut(&io.key) else {
+                    return;
+                };
+                let due = pending.next_written(driver);
+                if pending.is_empty() {
+                    callbacks.remove(&io.key);
+                }
+                due
+            };
+            let Some(callback) = due else { return };
+            callback(&mut Ws { driver, ctx: &ctx });
         }
     }
 
     /// Moves plaintext output (driver frames, a reject response) into TLS, so the loop
-    /// writes ciphertext. A no-op for plain connections.
+    /// writes ciphertext, and runs the write callbacks of what was sealed. A no-op for
+    /// plain connections.
     #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
-    fn seal(&mut self, conn: &mut Conn<H>) {
+    fn seal(&mut self, conn: &mut Conn<H>, io: &Io<'_, Command>) {
         #[cfg(feature = "tls")]
-        if let Some(tls) = conn.tls.as_mut() {
+        loop {
+            let Some(tls) = conn.tls.as_mut() else {
+                return;
+            };
             match &mut conn.phase {
                 Phase::Open(driver, _) => {
                     let pending = driver.pending_output();
-                    if !pending.is_empty() && tls.encrypt(pending).is_ok() {
+                    let sealed = !pending.is_empty() && tls.encrypt(pending).is_ok();
+                    if sealed {
                         let n = pending.len();
                         driver.consume_output(n);
                     }
@@ -122,14 +158,20 @@ where
                         tls.close();
                     }
                     self.recycle(driver);
+                    if !sealed {
+                        return;
+                    }
+                    // A callback may send again: seal until nothing is left.
+                    self.run_written(conn, io);
                 }
                 Phase::Rejecting(response, at)
                     if *at < response.len() && tls.encrypt(&response[*at..]).is_ok() =>
                 {
                     *at = response.len();
                     tls.close();
+                    return;
                 }
-                _ => {}
+                _ => return,
             }
         }
     }
@@ -213,7 +255,17 @@ where
                     handler.on_message(&mut ws, m)
                 }
                 Event::Ping(p) => handler.on_ping(&mut ws, &p),
-                Event::Pong(p) => handler.on_pong(&mut ws, &p),
+                Event::Pong(p) => {
+                    let callback = self
+                        .callbacks
+                        .borrow_mut()
+                        .get_mut(&io.key)
+                        .and_then(|c| c.take_pong(&p));
+                    if let Some(callback) = callback {
+                        callback(&mut ws);
+                    }
+                    handler.on_pong(&mut ws, &p)
+                }
                 Event::Error(e) => handler.on_error(&mut ws, &e),
                 Event::Close { code, reason } => {
                     *self
@@ -223,6 +275,8 @@ where
                         .expect("stats lock")
                         .entry(code)
                         .or_default() += 1;
+                    // Nothing more is written or answered: waiting callbacks never run.
+                    self.callbacks.borrow_mut().remove(&io.key);
                     handler.on_close(&mut ws, code, &reason)
                 }
             }
@@ -407,6 +461,10 @@ where
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 driver.consume_output(n);
+                self.run_written(conn, io);
+                let Phase::Open(driver, _) = &mut conn.phase else {
+                    return;
+                };
                 if conn.timers.is_over_limit()
                     && driver.buffered_amount() <= self.config.max_backpressure
                 {
@@ -429,13 +487,15 @@ where
     fn take_output_plain(
         &mut self,
         conn: &mut Conn<H>,
-        _io: &mut Io<'_, Command>,
+        io: &mut Io<'_, Command>,
         spare: Vec<u8>,
     ) -> Option<Vec<u8>> {
         match &mut conn.phase {
             Phase::Open(driver, _) => {
                 let taken = driver.take_output(spare)?;
                 conn.in_flight += taken.len();
+                // What the callbacks send goes out with the next send.
+                self.run_written(conn, io);
                 Some(taken)
             }
             Phase::Rejecting(response, at) => {
@@ -463,6 +523,8 @@ where
                 self.recycle(driver);
             }
         }
+        // The key is free for the next connection: no callback of this one may linger.
+        self.callbacks.get_mut().remove(&io.key);
         conn.phase = Phase::Done;
     }
 }
@@ -496,7 +558,7 @@ where
         init: ClientInit<H>,
     ) -> Conn<H> {
         let mut conn = self.connected_plain(io, peer, init);
-        self.seal(&mut conn);
+        self.seal(&mut conn, io);
         conn
     }
 
@@ -523,7 +585,7 @@ where
                 }
             }
             self.plain = plain;
-            self.seal(conn);
+            self.seal(conn, io);
             return;
         }
         self.read_plain(conn, io, data)
@@ -531,22 +593,22 @@ where
 
     fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.timeout_plain(conn, io);
-        self.seal(conn);
+        self.seal(conn, io);
     }
 
     fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
         self.command_plain(conn, io, command);
-        self.seal(conn);
+        self.seal(conn, io);
     }
 
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.drained_plain(conn, io);
-        self.seal(conn);
+        self.seal(conn, io);
     }
 
     fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.shutdown_plain(conn, io);
-        self.seal(conn);
+        self.seal(conn, io);
     }
 
     fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
