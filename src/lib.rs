@@ -5,10 +5,13 @@
 //! `send_text`, `send_binary`, `send_ping`, `close_connection`, `version`, `protocol`,
 //! `ready_state`, and `open` / `message` / `error` / `close` events.
 //!
-//! Layers (see `DESIGN.md`): [`protocol`] is sans-IO (bytes in, events and bytes out);
-//! [`session`] is sans-IO too and holds what every runtime does around a driver (the
-//! server upgrade flow, the deadlines); [`WebSocket`] adds seed-style closures; the
-//! runtimes ([`server`], [`blocking`], [`client`], `tokio`) do the IO.
+//! Layers, each using only those below it: [`protocol`] is sans-IO (bytes in, events and
+//! bytes out); [`session`] is sans-IO too and holds what every runtime does around a
+//! driver (the server upgrade flow, the deadlines); [`reactor`] is the event loops (one
+//! loop core over an epoll and an io_uring backend); the runtimes ([`server`] and
+//! [`client::ClientReactor`] hosted on the reactor, [`blocking`] threads, `tokio`,
+//! `hyper`) only move bytes, events and deadlines; [`WebSocket`] adds seed-style closures
+//! over any transport.
 //!
 //! ```
 //! use websocket_driver::{make_client, Event, Options};
