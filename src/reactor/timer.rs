@@ -1,9 +1,12 @@
 //! A hashed timer wheel: O(1) to arm, coarse (TICK) resolution, no allocation per timer
 //! beyond the slot vectors' growth.
 //!
-//! Each connection has at most one deadline. Arming again makes older entries stale: an
-//! entry carries the `seq` it was armed with, and the loop ignores entries whose `seq` no
-//! longer matches the connection's.
+//! Each connection has at most one deadline and, in steady state, one wheel entry: moving
+//! a deadline later (every read, with an idle timeout) keeps the entry that is already
+//! armed, which fires early and re-arms for the new time; only an earlier deadline arms a
+//! new entry and makes the old one stale (an entry carries the `seq` it was armed with, and
+//! entries whose `seq` no longer matches the connection's are dropped when they come up).
+//! So the wheel holds at most two entries per connection, however often deadlines move.
 
 use std::time::{Duration, Instant};
 
@@ -18,11 +21,19 @@ pub struct Entry {
     pub seq: u32,
 }
 
-/// A connection's one deadline, and the sequence number of its live wheel entry.
+/// A connection's one deadline, and the sequence number and tick of its live wheel entry.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Deadline {
     at: Option<Instant>,
     seq: u32,
+    /// The live entry's tick + 1 (wrapping; 0: no live entry). Entries sit within the
+    /// wheel's horizon of its cursor, so wrapping comparisons are exact.
+    armed: u32,
+}
+
+/// `tick` as stored in [`Deadline::armed`].
+fn stamp(tick: u64) -> u32 {
+    (tick as u32).wrapping_add(1).max(1)
 }
 
 impl Deadline {
@@ -57,28 +68,39 @@ impl Wheel {
         since.as_nanos().div_ceil(TICK.as_nanos()) as u64
     }
 
-    /// Arms `entry` for `deadline`. Deadlines past the wheel's horizon land in its last
-    /// slot; the loop re-arms them when they come up early.
-    pub fn arm(&mut self, deadline: Instant, entry: Entry) {
+    /// The tick whose slot holds an entry for `deadline`: deadlines past the wheel's
+    /// horizon land in its last slot and are re-armed when they come up early.
+    fn slot_tick(&self, deadline: Instant) -> u64 {
         let tick = self.tick_of(deadline).max(self.cursor);
-        let tick = tick.min(self.cursor + SLOTS as u64 - 1);
-        self.slots[(tick % SLOTS as u64) as usize].push(entry);
-        self.armed += 1;
+        tick.min(self.cursor + SLOTS as u64 - 1)
     }
 
-    /// Replaces connection `key`'s deadline; entries armed before go stale.
+    /// Arms `entry` for `deadline`; returns the tick it sits at.
+    pub fn arm(&mut self, deadline: Instant, entry: Entry) -> u64 {
+        let tick = self.slot_tick(deadline);
+        self.slots[(tick % SLOTS as u64) as usize].push(entry);
+        self.armed += 1;
+        tick
+    }
+
+    /// Replaces connection `key`'s deadline (`None` disarms it).
     pub fn reset(&mut self, key: usize, deadline: &mut Deadline, at: Option<Instant>) {
         deadline.at = at;
-        deadline.seq = deadline.seq.wrapping_add(1);
-        if let Some(at) = at {
-            self.arm(
-                at,
-                Entry {
-                    key,
-                    seq: deadline.seq,
-                },
-            );
+        let Some(at) = at else {
+            // The live entry, if any, finds nothing to fire and retires.
+            return;
+        };
+        let tick = self.slot_tick(at);
+        if deadline.armed != 0 && (stamp(tick).wrapping_sub(deadline.armed) as i32) >= 0 {
+            // The live entry comes up no later: it re-arms for `at` then.
+            return;
         }
+        deadline.seq = deadline.seq.wrapping_add(1);
+        let entry = Entry {
+            key,
+            seq: deadline.seq,
+        };
+        deadline.armed = stamp(self.arm(at, entry));
     }
 
     /// Whether an expired `entry` fires for its connection's `deadline`: stale entries are
@@ -88,10 +110,11 @@ impl Wheel {
         if deadline.seq != entry.seq {
             return false;
         }
+        deadline.armed = 0;
         match deadline.at {
             None => false,
             Some(at) if at > now => {
-                self.arm(at, entry);
+                deadline.armed = stamp(self.arm(at, entry));
                 false
             }
             Some(_) => {
@@ -129,6 +152,58 @@ impl Wheel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pushing a deadline later again and again (an idle timeout reset by every read)
+    /// keeps one entry; it fires once, at the last deadline, not before.
+    #[test]
+    fn moving_a_deadline_later_keeps_one_entry() {
+        let t0 = Instant::now();
+        let mut wheel = Wheel::new(t0);
+        let mut deadline = Deadline::default();
+        for i in 0..10_000u32 {
+            let at = t0 + Duration::from_secs(1) + Duration::from_micros(u64::from(i) * 100);
+            wheel.reset(7, &mut deadline, Some(at));
+        }
+        assert_eq!(wheel.armed, 1);
+        let last = t0 + Duration::from_secs(1) + Duration::from_micros(9_999 * 100);
+        let mut fired = Vec::new();
+        let mut now = t0;
+        while now < last + TICK * 2 {
+            now += TICK / 2;
+            let mut due = Vec::new();
+            wheel.expire(now, &mut due);
+            for entry in due {
+                if wheel.fires(entry, &mut deadline, now) {
+                    fired.push(now);
+                }
+            }
+        }
+        assert_eq!(fired.len(), 1);
+        assert!(fired[0] >= last, "fired before its deadline");
+        assert_eq!(wheel.armed, 0);
+    }
+
+    /// An earlier deadline arms a new entry and the later one goes stale.
+    #[test]
+    fn an_earlier_deadline_replaces_the_live_entry() {
+        let t0 = Instant::now();
+        let mut wheel = Wheel::new(t0);
+        let mut deadline = Deadline::default();
+        wheel.reset(1, &mut deadline, Some(t0 + Duration::from_secs(10)));
+        wheel.reset(1, &mut deadline, Some(t0 + Duration::from_millis(200)));
+        assert_eq!(wheel.armed, 2);
+        let mut due = Vec::new();
+        let now = t0 + Duration::from_millis(250);
+        wheel.expire(now, &mut due);
+        assert_eq!(due.len(), 1);
+        assert!(wheel.fires(due[0], &mut deadline, now));
+        // Disarmed and re-armed later: the stale 10 s entry must not fire it early.
+        wheel.reset(1, &mut deadline, Some(t0 + Duration::from_secs(20)));
+        let mut due = Vec::new();
+        let now = t0 + Duration::from_secs(11);
+        wheel.expire(now, &mut due);
+        assert!(due.into_iter().all(|e| !wheel.fires(e, &mut deadline, now)));
+    }
 
     #[test]
     fn fires_no_earlier_than_the_deadline() {
