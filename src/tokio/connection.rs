@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use ::tokio::sync::{Notify, mpsc};
+use ::tokio::sync::{Notify, mpsc, oneshot};
 use ::tokio::time::{Instant, sleep_until, timeout};
 
 use super::config::Config;
 use super::receiver::WsReceiver;
 use super::sender::WsSender;
-use super::shared::{Command, Shared, state_code};
-use crate::protocol::driver::{Driver, Event, ReadyState, Role};
+use super::shared::{Ack, Command, Queued, Shared, state_code};
+use crate::protocol::driver::{Driver, Event, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, code};
 use crate::session::timers::{Expired, TimerConfig, Timers};
 
@@ -73,6 +73,8 @@ where
         inbox,
         shared: shared.clone(),
         commands: command_rx,
+        written: VecDeque::new(),
+        pongs: Vec::new(),
         events: event_tx,
         config: config.clone(),
         close_seen: false,
@@ -120,7 +122,11 @@ struct Connection {
     /// Events taken from the driver, not yet handed to the receiver.
     inbox: VecDeque<Event<'static>>,
     shared: Arc<Shared>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Queued>,
+    /// Receipts of confirmed sends, in send order, until their frame is written.
+    written: VecDeque<(SendToken, oneshot::Sender<()>)>,
+    /// Pings waiting for their pong: payload and receipt, oldest first.
+    pongs: Vec<(Vec<u8>, oneshot::Sender<()>)>,
     events: mpsc::Sender<Event<'static>>,
     config: Config,
     /// A `Close` went into the inbox: nothing may follow it.
@@ -154,7 +160,16 @@ fn owned(event: Event<'_>) -> Event<'static> {
 impl Connection {
     fn push(&mut self, event: Event<'_>) {
         match event {
-            Event::Close { .. } => self.close_seen = true,
+            Event::Close { .. } => {
+                self.close_seen = true;
+                // No pong comes after the close: the pings' receipts fail.
+                self.pongs.clear();
+            }
+            Event::Pong(ref payload) => {
+                if let Some(at) = self.pongs.iter().position(|(p, _)| p[..] == payload[..]) {
+                    let _ = self.pongs.remove(at).1.send(());
+                }
+            }
             // A client driver handed over still connecting has just opened.
             Event::Open => self.timers.opened(now(), &self.timer_config),
             _ => {}
@@ -186,8 +201,8 @@ impl Connection {
     fn parse_one(&mut self) -> bool {
         if self.driver.ready_state() == ReadyState::Open {
             // Commands queued before the receiver's request go first.
-            while let Ok(command) = self.commands.try_recv() {
-                self.apply(command);
+            while let Ok((command, ack)) = self.commands.try_recv() {
+                self.apply(command, ack);
             }
         }
         let mut buf = std::mem::take(&mut self.buf);
@@ -223,20 +238,42 @@ impl Connection {
         self.drain();
     }
 
-    fn apply(&mut self, command: Command) {
+    fn apply(&mut self, command: Command, ack: Option<Ack>) {
         let cost = command.cost();
-        // Refused commands (the connection closed meanwhile) are dropped.
-        let _ = match command {
+        let mut ping = None;
+        // Refused commands (the connection closed meanwhile) are dropped, and so are their
+        // receipts' senders: the receipts fail.
+        let sent = match command {
             Command::Text(t) => self.driver.send_text(&t),
             Command::Binary(b) => self.driver.send_binary(&b),
-            Command::Ping(p) => self.driver.send_ping(&p),
+            Command::Ping(p) => {
+                let sent = self.driver.send_ping(&p);
+                ping = Some(p);
+                sent
+            }
             Command::Pong(p) => self.driver.send_pong(&p),
             Command::Close(c, r) => self.driver.close_connection(c, &r),
         };
+        match (sent, ack, ping) {
+            (Ok(token), Some(Ack::Written(done)), _) => self.written.push_back((token, done)),
+            (Ok(_), Some(Ack::Pong(done)), Some(payload)) => self.pongs.push((payload, done)),
+            _ => {}
+        }
         self.shared
             .buffered
             .store(self.driver.buffered_amount(), Ordering::Release);
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
+    }
+
+    /// Completes the receipts of the sends whose frames are now written.
+    fn confirm_written(&mut self) {
+        while let Some((token, _)) = self.written.front() {
+            if !self.driver.is_sent(*token) {
+                break;
+            }
+            let (_, done) = self.written.pop_front().expect("front exists");
+            let _ = done.send(());
+        }
     }
 
     /// Hands inbox events to the receiver as far as its queue has room.
@@ -321,6 +358,7 @@ impl Connection {
                     }
                     Ok(Some(n)) => {
                         self.driver.consume_output(n);
+                        self.confirm_written();
                         flushed = false;
                     }
                     Ok(None) => flushed = true,
@@ -330,7 +368,7 @@ impl Connection {
                     }
                 },
                 command = self.commands.recv(), if commands_open => match command {
-                    Some(command) => self.apply(command),
+                    Some((command, ack)) => self.apply(command, ack),
                     None => commands_open = false,
                 },
                 read = rd.read(&mut self.buf), if want_input => match read {
@@ -369,6 +407,11 @@ impl Connection {
         // the stream ends.
         self.commands.close();
         self.shared.finish();
+        // What was not confirmed by now never will be: fail the receipts (unapplied
+        // commands included) now rather than after the linger.
+        while self.commands.try_recv().is_ok() {}
+        self.written.clear();
+        self.pongs.clear();
         let Connection {
             driver,
             inbox,

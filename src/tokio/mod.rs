@@ -7,6 +7,9 @@
 //! - [`WsSender`]: cloneable, for any task; async `send_text`, `send_binary`, `send_ping`,
 //!   `close_connection`… Each call queues one whole message; it waits while the connection's
 //!   outgoing buffer is over [`Config::max_backpressure`] (1 MiB by default).
+//!   [`WsSender::send_with_receipt`] also hands back a [`Receipt`] that resolves once the
+//!   frame is written (the seed's `:callback`), and [`WsSender::ping`] one that resolves
+//!   with the matching pong (the seed's `send-ping` callback).
 //! - [`WsReceiver`]: the driver's [`Event`]s in order (`Open`, `Message`, `Ping`, `Pong`,
 //!   `Error`, `Close`), through [`WsReceiver::next`] or as a `futures_core::Stream`. `Close`
 //!   comes exactly once, then `None`.
@@ -68,4 +71,4 @@ pub use connection::spawn;
 pub use handler::{Handler, run};
 pub use handshake::{accept, accept_with, client, client_with, connect, connect_with};
 pub use receiver::WsReceiver;
-pub use sender::WsSender;
+pub use sender::{Receipt, WsSender};

@@ -1,11 +1,14 @@
 //! [`WsSender`]: the cloneable sending half.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
-use ::tokio::sync::mpsc;
+use ::tokio::sync::{mpsc, oneshot};
 
-use super::shared::{Command, Shared};
+use super::shared::{Ack, Command, Queued, Shared};
 use crate::protocol::driver::{Message, MessageType, ReadyState};
 use crate::protocol::error::{Error, UsageError, is_valid_close_code};
 
@@ -16,12 +19,40 @@ use crate::protocol::error::{Error, UsageError, is_valid_close_code};
 /// accepted just before the peer closed is dropped silently, as on the reactor's `Sender`.
 #[derive(Debug, Clone)]
 pub struct WsSender {
-    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) commands: mpsc::Sender<Queued>,
     pub(super) shared: Arc<Shared>,
 }
 
 fn not_open() -> Error {
     UsageError::NotOpen.into()
+}
+
+/// Checks `data` for a message of type `kind` and makes the command.
+fn command(data: Vec<u8>, kind: MessageType) -> Result<Command, Error> {
+    let control = |payload: Vec<u8>| {
+        if payload.len() > 125 {
+            return Err(Error::from(UsageError::ControlPayloadTooLong));
+        }
+        Ok(payload)
+    };
+    let text = |data: Vec<u8>| String::from_utf8(data).map_err(|_| UsageError::InvalidUtf8);
+    Ok(match kind {
+        MessageType::Text => Command::Text(text(data)?),
+        MessageType::Binary => Command::Binary(data),
+        MessageType::Ping => Command::Ping(control(data)?),
+        MessageType::Pong => Command::Pong(control(data)?),
+        MessageType::Close(code) => close_command(code, text(data)?)?,
+    })
+}
+
+fn close_command(code: u16, reason: String) -> Result<Command, Error> {
+    if !is_valid_close_code(code) {
+        return Err(UsageError::InvalidCloseCode(code).into());
+    }
+    if reason.len() > 123 {
+        return Err(UsageError::CloseReasonTooLong.into());
+    }
+    Ok(Command::Close(code, reason))
 }
 
 impl WsSender {
@@ -44,7 +75,7 @@ impl WsSender {
         }
     }
 
-    async fn submit(&self, command: Command) -> Result<(), Error> {
+    async fn submit(&self, command: Command, ack: Option<Ack>) -> Result<(), Error> {
         let cost = command.cost();
         if cost > 0 {
             self.wait_until(|s| s.total() <= s.limit).await?;
@@ -54,27 +85,80 @@ impl WsSender {
         let permit = self.commands.reserve().await.map_err(|_| not_open())?;
         // Nothing awaits from here on: the message is queued whole or not at all.
         self.shared.queued.fetch_add(cost, Ordering::AcqRel);
-        permit.send(command);
+        permit.send((command, ack));
         Ok(())
     }
 
     /// Sends `data` as `kind` (the seed's `send`): text must be UTF-8, pings and pongs at
     /// most 125 bytes, `Close(code)` takes the reason as `data`.
     pub async fn send(&self, data: impl Into<Vec<u8>>, kind: MessageType) -> Result<(), Error> {
-        let data = data.into();
-        match kind {
-            MessageType::Text => {
-                let text = String::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
-                self.send_text(text).await
-            }
-            MessageType::Binary => self.send_binary(data).await,
-            MessageType::Ping => self.send_ping(data).await,
-            MessageType::Pong => self.send_pong(data).await,
-            MessageType::Close(c) => {
-                let reason = String::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
-                self.close_connection(c, reason).await
-            }
-        }
+        self.submit(command(data.into(), kind)?, None).await
+    }
+
+    /// Sends like [`WsSender::send`] and returns, once the message is queued, a [`Receipt`]
+    /// that resolves when its frame has been handed to the transport (the seed's
+    /// `(send ws data :callback fn)`, the tokio way).
+    ///
+    /// "Handed to the transport" is the driver's [`SendToken`](crate::SendToken) sense:
+    /// every byte of the frame was accepted by the stream's `write` (for a buffering stream
+    /// such as TLS: by its buffer; the flush follows). The receipt fails with
+    /// [`UsageError::NotOpen`] if the connection ended first (the frame was dropped or the
+    /// transport failed before it got out). Waiting on it is optional: dropping it changes
+    /// nothing about the send.
+    ///
+    /// Cost: one `tokio::sync::oneshot` channel per confirmed send (an allocation) and a
+    /// queue entry in the connection task until the frame is written; other sends pay
+    /// nothing. Cancel-safe like every `send*`.
+    ///
+    /// ```no_run
+    /// # async fn demo(tx: websocket_driver::tokio::WsSender) -> Result<(), websocket_driver::Error> {
+    /// use websocket_driver::MessageType;
+    /// let receipt = tx.send_with_receipt("report", MessageType::Text).await?; // queued
+    /// receipt.await?; // written to the socket
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_with_receipt(
+        &self,
+        data: impl Into<Vec<u8>>,
+        kind: MessageType,
+    ) -> Result<Receipt, Error> {
+        let command = command(data.into(), kind)?;
+        let (tx, rx) = oneshot::channel();
+        self.submit(command, Some(Ack::Written(tx))).await?;
+        Ok(Receipt(rx))
+    }
+
+    /// Sends a ping (at most 125 bytes) and returns, once it is queued, a [`Receipt`] that
+    /// resolves when a pong with the same payload arrives (the seed's
+    /// `(send-ping ws msg fn)`). The pong also comes out of the receiver as [`Event::Pong`].
+    ///
+    /// Pongs are matched by payload, oldest ping first, so give concurrent pings distinct
+    /// payloads (a pong answering only the latest of several pings, as RFC 6455 allows,
+    /// leaves the earlier ones waiting). The receipt fails with [`UsageError::NotOpen`]
+    /// when the connection closes before the pong. Pongs are read like all input: while
+    /// the connection is open, only as the [`WsReceiver`](super::WsReceiver) asks for
+    /// events, so keep polling it.
+    ///
+    /// Cost: one `tokio::sync::oneshot` channel and a copy of the payload per ping, held by
+    /// the connection task until the pong or the close.
+    ///
+    /// ```no_run
+    /// # async fn demo(tx: websocket_driver::tokio::WsSender) -> Result<(), websocket_driver::Error> {
+    /// let pong = tx.ping("are you there").await?;
+    /// match tokio::time::timeout(std::time::Duration::from_secs(5), pong).await {
+    ///     Ok(Ok(())) => println!("pong"),
+    ///     Ok(Err(closed)) => println!("closed first: {closed}"),
+    ///     Err(_) => println!("no pong within 5 s"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`Event::Pong`]: crate::Event::Pong
+    pub async fn ping(&self, payload: impl Into<Vec<u8>>) -> Result<Receipt, Error> {
+        let command = command(payload.into(), MessageType::Ping)?;
+        let (tx, rx) = oneshot::channel();
+        self.submit(command, Some(Ack::Pong(tx))).await?;
+        Ok(Receipt(rx))
     }
 
     /// Sends a received message back as it came: text as text, binary as binary.
@@ -87,30 +171,23 @@ impl WsSender {
 
     /// Sends a text message.
     pub async fn send_text(&self, text: impl Into<String>) -> Result<(), Error> {
-        self.submit(Command::Text(text.into())).await
+        self.submit(Command::Text(text.into()), None).await
     }
 
     /// Sends a binary message.
     pub async fn send_binary(&self, data: impl Into<Vec<u8>>) -> Result<(), Error> {
-        self.submit(Command::Binary(data.into())).await
+        self.submit(Command::Binary(data.into()), None).await
     }
 
     /// Sends a ping (at most 125 bytes); the pong arrives as [`Event::Pong`](crate::Event::Pong).
+    /// To wait for it, use [`WsSender::ping`].
     pub async fn send_ping(&self, payload: impl Into<Vec<u8>>) -> Result<(), Error> {
-        let payload = payload.into();
-        if payload.len() > 125 {
-            return Err(UsageError::ControlPayloadTooLong.into());
-        }
-        self.submit(Command::Ping(payload)).await
+        self.send(payload, MessageType::Ping).await
     }
 
     /// Sends an unsolicited pong (a heartbeat that needs no answer).
     pub async fn send_pong(&self, payload: impl Into<Vec<u8>>) -> Result<(), Error> {
-        let payload = payload.into();
-        if payload.len() > 125 {
-            return Err(UsageError::ControlPayloadTooLong.into());
-        }
-        self.submit(Command::Pong(payload)).await
+        self.send(payload, MessageType::Pong).await
     }
 
     /// Starts the close handshake (the seed's `close-connection`): the close frame goes out
@@ -124,14 +201,7 @@ impl WsSender {
         code: u16,
         reason: impl Into<String>,
     ) -> Result<(), Error> {
-        let reason = reason.into();
-        if !is_valid_close_code(code) {
-            return Err(UsageError::InvalidCloseCode(code).into());
-        }
-        if reason.len() > 123 {
-            return Err(UsageError::CloseReasonTooLong.into());
-        }
-        self.submit(Command::Close(code, reason)).await
+        self.submit(close_command(code, reason.into())?, None).await
     }
 
     /// Waits until everything queued so far has been written to the stream. Fails if the
@@ -174,5 +244,22 @@ impl WsSender {
     /// `"hybi-13"`.
     pub fn version(&self) -> &'static str {
         "hybi-13"
+    }
+}
+
+/// Resolves when what it confirms has happened: a frame handed to the transport
+/// ([`WsSender::send_with_receipt`]) or the matching pong received ([`WsSender::ping`]).
+/// Fails with [`UsageError::NotOpen`] if the connection ended first.
+#[derive(Debug)]
+#[must_use = "a receipt does nothing unless awaited (`send` needs none)"]
+pub struct Receipt(oneshot::Receiver<()>);
+
+impl Future for Receipt {
+    type Output = Result<(), Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Pin::new(&mut self.get_mut().0)
+            .poll(cx)
+            .map(|done| done.map_err(|_| not_open()))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
-use ::tokio::sync::Notify;
+use ::tokio::sync::{Notify, oneshot};
 
 use crate::protocol::driver::{Driver, ReadyState};
 
@@ -91,3 +91,16 @@ impl Command {
         }
     }
 }
+
+/// What a confirmed command waits for; the connection task completes it or drops it (the
+/// waiting [`Receipt`](super::Receipt) then fails).
+#[derive(Debug)]
+pub(super) enum Ack {
+    /// The frame was handed to the transport.
+    Written(oneshot::Sender<()>),
+    /// A pong with the ping's payload arrived.
+    Pong(oneshot::Sender<()>),
+}
+
+/// A command as queued by a sender, with its confirmation if one was asked for.
+pub(super) type Queued = (Command, Option<Ack>);
