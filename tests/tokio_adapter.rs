@@ -1,7 +1,8 @@
 //! The tokio adapter (`--features tokio`) against itself (the project's own client driver
 //! on `connect`), against the project's blocking server, and against tokio-tungstenite in
-//! both directions: text, binary, 16 MiB, ping/pong, close codes, backpressure, and
-//! cancellation of a task mid-send. Loopback only, ephemeral ports, every test bounded.
+//! both directions: text, binary, 16 MiB, ping/pong, close codes, backpressure,
+//! cancellation of a task mid-send, write receipts and pong futures, and clients through an
+//! HTTP `CONNECT` proxy. Loopback only, ephemeral ports, every test bounded.
 #![cfg(feature = "tokio")]
 
 use std::future::Future;
@@ -18,9 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use websocket_driver::server::HttpResponse;
 use websocket_driver::tokio::{
-    Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, run,
+    Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, connect_via_proxy, run,
 };
-use websocket_driver::{Error, Event, Message, MessageType, Options, ReadyState, UsageError};
+use websocket_driver::{
+    Error, Event, HandshakeError, Message, MessageType, Options, ReadyState, UsageError,
+};
 
 const BIG: usize = 16 << 20;
 
@@ -1084,6 +1087,134 @@ async fn ping_fails_when_the_peer_closes_first() {
         let pong = tx.ping("anyone").await.unwrap();
         drop(peer);
         assert!(is_not_open(pong.await), "dropped before the pong");
+    })
+    .await;
+}
+
+// ----- through an HTTP CONNECT proxy -----
+
+/// A tiny HTTP `CONNECT` proxy on an ephemeral port. It answers 200 and copies bytes both
+/// ways when the request's `Proxy-Authorization` equals `authorization`, 407 otherwise;
+/// it reports each request head it reads.
+async fn connect_proxy(
+    authorization: &'static str,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 512];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = client.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the client closed mid-head");
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let _ = heads_tx.send(head.clone());
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .expect("a CONNECT request")
+                    .to_string();
+                let authorized = head.lines().any(|line| {
+                    line.split_once(':').is_some_and(|(name, value)| {
+                        name.eq_ignore_ascii_case("proxy-authorization")
+                            && value.trim() == authorization
+                    })
+                });
+                if !authorized {
+                    let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+                                   Proxy-Authenticate: Basic realm=\"test\"\r\n\
+                                   Content-Length: 0\r\n\r\n";
+                    let _ = client.write_all(refusal.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                let mut server = TcpStream::connect(&target).await.unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_through_connect_proxy() {
+    bounded(60, async {
+        let server = adapter_server().await;
+        // base64("alice:secret")
+        let (proxy, mut heads) = connect_proxy("Basic YWxpY2U6c2VjcmV0").await;
+        let url = format!("ws://{server}/echo");
+        let (tx, mut rx) = connect_via_proxy(
+            &url,
+            &format!("http://alice:secret@{proxy}"),
+            &Options::default(),
+            &Config::default(),
+        )
+        .await
+        .unwrap();
+        let head = heads.recv().await.unwrap();
+        assert!(
+            head.starts_with(&format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n")),
+            "{head}"
+        );
+
+        // Messages round-trip through the tunnel, a big one included.
+        assert!(matches!(rx.next().await, Some(Event::Open)));
+        tx.send_text("through the proxy").await.unwrap();
+        assert_eq!(
+            next_message(&mut rx).await,
+            Message::Text("through the proxy".into())
+        );
+        let big = pattern(1 << 20, 9);
+        tx.send_binary(big.clone()).await.unwrap();
+        assert_eq!(next_message(&mut rx).await, Message::Binary(big.into()));
+        tx.close_connection(1000, "bye").await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 1000);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_refusal_is_reported() {
+    bounded(60, async {
+        let server = adapter_server().await;
+        let (proxy, mut heads) = connect_proxy("Basic YWxpY2U6c2VjcmV0").await;
+        let url = format!("ws://{server}/");
+        for proxy_url in [
+            format!("http://alice:wrong@{proxy}"),
+            format!("http://{proxy}"),
+        ] {
+            let refused =
+                connect_via_proxy(&url, &proxy_url, &Options::default(), &Config::default()).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::Handshake(HandshakeError::ProxyRefused(407)))
+                ),
+                "{proxy_url}: {:?}",
+                refused.map(|_| ())
+            );
+            heads.recv().await.unwrap();
+        }
+        // wss:// is refused before connecting: TLS goes through `tunnel` and `client`.
+        let wss = connect_via_proxy(
+            &format!("wss://{server}/"),
+            &format!("http://{proxy}"),
+            &Options::default(),
+            &Config::default(),
+        )
+        .await;
+        assert!(matches!(wss, Err(Error::Usage(UsageError::InvalidUrl(_)))));
     })
     .await;
 }

@@ -24,7 +24,7 @@ async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
     let _ = stream.shutdown().await;
 }
 
-fn timed_out(what: &str) -> Error {
+pub(super) fn timed_out(what: &str) -> Error {
     Error::Io(io::Error::new(io::ErrorKind::TimedOut, what.to_string()))
 }
 

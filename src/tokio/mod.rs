@@ -28,6 +28,9 @@
 //! work) for pings to be answered and closes to be seen. Once closing, input is parsed as
 //! it comes.
 //!
+//! Through an HTTP proxy: [`connect_via_proxy`] (`ws://`), or [`tunnel`] and then TLS and
+//! [`client`] (`wss://`).
+//!
 //! Seed-style callbacks: implement [`Handler`] and [`run`] it.
 //!
 //! ```no_run
@@ -62,6 +65,7 @@ mod config;
 mod connection;
 mod handler;
 mod handshake;
+mod proxy;
 mod receiver;
 mod sender;
 mod shared;
@@ -70,5 +74,6 @@ pub use config::Config;
 pub use connection::spawn;
 pub use handler::{Handler, run};
 pub use handshake::{accept, accept_with, client, client_with, connect, connect_with};
+pub use proxy::{connect_via_proxy, tunnel};
 pub use receiver::WsReceiver;
 pub use sender::{Receipt, WsSender};
