@@ -1,7 +1,8 @@
 //! The tokio adapter (`--features tokio`) against itself (the project's own client driver
 //! on `connect`), against the project's blocking server, and against tokio-tungstenite in
-//! both directions: text, binary, 16 MiB, ping/pong, close codes, backpressure, and
-//! cancellation of a task mid-send. Loopback only, ephemeral ports, every test bounded.
+//! both directions: text, binary, 16 MiB, ping/pong, close codes, backpressure,
+//! cancellation of a task mid-send, write receipts and pong futures, and clients through an
+//! HTTP `CONNECT` proxy. Loopback only, ephemeral ports, every test bounded.
 #![cfg(feature = "tokio")]
 
 use std::future::Future;
@@ -14,13 +15,15 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message as TMessage;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use websocket_driver::server::HttpResponse;
 use websocket_driver::tokio::{
-    Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, run,
+    Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, connect_via_proxy, run,
 };
-use websocket_driver::{Error, Event, Message, MessageType, Options, ReadyState, UsageError};
+use websocket_driver::{
+    Error, Event, HandshakeError, Message, MessageType, Options, ReadyState, UsageError,
+};
 
 const BIG: usize = 16 << 20;
 
@@ -912,6 +915,306 @@ async fn idle_timeout_pings_then_closes_a_silent_peer() {
         // against a hang).
         assert!(closed_after >= idle + idle / 2, "{closed_after:?}");
         assert!(closed_after < Duration::from_secs(20), "{closed_after:?}");
+    })
+    .await;
+}
+
+// ----- receipts and pong futures -----
+
+type Peer = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// The adapter's client connected to a tokio-tungstenite peer that the test drives by
+/// hand (it reads, and so answers pings, only when the test polls it).
+async fn hand_driven_peer() -> (WsSender, WsReceiver, Peer) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        // Room for the unbuffered message in one frame.
+        let config = WebSocketConfig::default()
+            .max_frame_size(Some(2 * UNBUFFERED))
+            .max_message_size(Some(2 * UNBUFFERED));
+        tokio_tungstenite::accept_async_with_config(stream, Some(config))
+            .await
+            .unwrap()
+    });
+    let (tx, rx) = connect(&format!("ws://{addr}/"), &Options::default())
+        .await
+        .unwrap();
+    (tx, rx, peer.await.unwrap())
+}
+
+/// Polls the receiver on a task of its own (pongs and closes are read only as it asks)
+/// and forwards its events.
+fn forward_events(mut rx: WsReceiver) -> tokio::sync::mpsc::UnboundedReceiver<Event<'static>> {
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = rx.next().await {
+            let _ = events_tx.send(event);
+        }
+    });
+    events
+}
+
+/// More than loopback socket buffers hold: its frame is written only as the peer reads.
+const UNBUFFERED: usize = 32 << 20;
+
+fn is_not_open(result: Result<(), Error>) -> bool {
+    matches!(result, Err(Error::Usage(UsageError::NotOpen)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_resolves_once_the_frame_is_written() {
+    bounded(60, async {
+        let (tx, mut rx, mut peer) = hand_driven_peer().await;
+        assert!(matches!(rx.next().await, Some(Event::Open)));
+
+        // A small message: written at once, and the peer gets it.
+        let receipt = tx
+            .send_with_receipt("small", MessageType::Text)
+            .await
+            .unwrap();
+        receipt.await.unwrap();
+        assert_eq!(
+            peer.next().await.unwrap().unwrap(),
+            TMessage::Text("small".into())
+        );
+
+        // A message larger than the socket buffers: queued at once, but its receipt waits
+        // while the peer reads nothing, and resolves as the peer takes the whole message.
+        let big = pattern(UNBUFFERED, 3);
+        let mut receipt = tx
+            .send_with_receipt(big.clone(), MessageType::Binary)
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut receipt).await;
+        assert!(
+            early.is_err(),
+            "the receipt waits for the frame to be written"
+        );
+        assert!(tx.buffered_amount() > 0);
+        let (received, written) = tokio::join!(peer.next(), receipt);
+        written.unwrap();
+        match received.unwrap().unwrap() {
+            TMessage::Binary(b) => assert!(b[..] == big[..], "the peer got it whole"),
+            other => panic!("unexpected {other:?}"),
+        }
+
+        // Once the peer has closed, a confirmed send is refused outright.
+        peer.close(None).await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 1005);
+        let refused = tx.send_with_receipt("late", MessageType::Text).await;
+        assert!(matches!(refused, Err(Error::Usage(UsageError::NotOpen))));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_fails_when_the_peer_goes_before_the_frame_is_written() {
+    bounded(60, async {
+        let (tx, rx, peer) = hand_driven_peer().await;
+        let _events = forward_events(rx);
+        let mut receipt = tx
+            .send_with_receipt(pattern(UNBUFFERED, 5), MessageType::Binary)
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut receipt).await;
+        assert!(
+            early.is_err(),
+            "the peer reads nothing: the frame is not written"
+        );
+        // The peer goes away with our bytes unread (a reset): the frame never gets out.
+        drop(peer);
+        assert!(is_not_open(receipt.await), "the receipt fails");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_resolves_with_the_pong() {
+    bounded(60, async {
+        let url = format!("ws://{}/", tungstenite_server().await);
+        let (tx, rx) = connect(&url, &Options::default()).await.unwrap();
+        let mut events = forward_events(rx);
+
+        let first = tx.ping("one").await.unwrap();
+        let second = tx.ping("two").await.unwrap();
+        let (first, second) = tokio::join!(first, second);
+        first.unwrap();
+        second.unwrap();
+        // The pongs also come out of the receiver, in order.
+        let mut pongs = Vec::new();
+        while pongs.len() < 2 {
+            match events.recv().await.unwrap() {
+                Event::Pong(p) => pongs.push(p.into_owned()),
+                Event::Open => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(pongs, [b"one".to_vec(), b"two".to_vec()]);
+
+        assert!(matches!(
+            tx.ping(vec![0u8; 126]).await,
+            Err(Error::Usage(UsageError::ControlPayloadTooLong))
+        ));
+        tx.close_connection(1000, "").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_fails_when_the_peer_closes_first() {
+    bounded(60, async {
+        // The peer closes with a close frame, never having read the ping.
+        let (tx, rx, mut peer) = hand_driven_peer().await;
+        let mut events = forward_events(rx);
+        let mut pong = tx.ping("anyone").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), &mut pong).await;
+        assert!(early.is_err(), "no pong while the peer reads nothing");
+        peer.close(None).await.unwrap();
+        assert!(is_not_open(pong.await), "closed before the pong");
+        loop {
+            match events.recv().await.unwrap() {
+                Event::Close { code, .. } => break assert_eq!(code, 1005),
+                Event::Open => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        // The peer drops the connection without a close frame.
+        let (tx, rx, peer) = hand_driven_peer().await;
+        let _events = forward_events(rx);
+        let pong = tx.ping("anyone").await.unwrap();
+        drop(peer);
+        assert!(is_not_open(pong.await), "dropped before the pong");
+    })
+    .await;
+}
+
+// ----- through an HTTP CONNECT proxy -----
+
+/// A tiny HTTP `CONNECT` proxy on an ephemeral port. It answers 200 and copies bytes both
+/// ways when the request's `Proxy-Authorization` equals `authorization`, 407 otherwise;
+/// it reports each request head it reads.
+async fn connect_proxy(
+    authorization: &'static str,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 512];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = client.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the client closed mid-head");
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let _ = heads_tx.send(head.clone());
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|rest| rest.split(' ').next())
+                    .expect("a CONNECT request")
+                    .to_string();
+                let authorized = head.lines().any(|line| {
+                    line.split_once(':').is_some_and(|(name, value)| {
+                        name.eq_ignore_ascii_case("proxy-authorization")
+                            && value.trim() == authorization
+                    })
+                });
+                if !authorized {
+                    let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+                                   Proxy-Authenticate: Basic realm=\"test\"\r\n\
+                                   Content-Length: 0\r\n\r\n";
+                    let _ = client.write_all(refusal.as_bytes()).await;
+                    let _ = client.shutdown().await;
+                    return;
+                }
+                let mut server = TcpStream::connect(&target).await.unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_through_connect_proxy() {
+    bounded(60, async {
+        let server = adapter_server().await;
+        // base64("alice:secret")
+        let (proxy, mut heads) = connect_proxy("Basic YWxpY2U6c2VjcmV0").await;
+        let url = format!("ws://{server}/echo");
+        let (tx, mut rx) = connect_via_proxy(
+            &url,
+            &format!("http://alice:secret@{proxy}"),
+            &Options::default(),
+            &Config::default(),
+        )
+        .await
+        .unwrap();
+        let head = heads.recv().await.unwrap();
+        assert!(
+            head.starts_with(&format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n")),
+            "{head}"
+        );
+
+        // Messages round-trip through the tunnel, a big one included.
+        assert!(matches!(rx.next().await, Some(Event::Open)));
+        tx.send_text("through the proxy").await.unwrap();
+        assert_eq!(
+            next_message(&mut rx).await,
+            Message::Text("through the proxy".into())
+        );
+        let big = pattern(1 << 20, 9);
+        tx.send_binary(big.clone()).await.unwrap();
+        assert_eq!(next_message(&mut rx).await, Message::Binary(big.into()));
+        tx.close_connection(1000, "bye").await.unwrap();
+        assert_eq!(expect_close(&mut rx).await.0, 1000);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_refusal_is_reported() {
+    bounded(60, async {
+        let server = adapter_server().await;
+        let (proxy, mut heads) = connect_proxy("Basic YWxpY2U6c2VjcmV0").await;
+        let url = format!("ws://{server}/");
+        for proxy_url in [
+            format!("http://alice:wrong@{proxy}"),
+            format!("http://{proxy}"),
+        ] {
+            let refused =
+                connect_via_proxy(&url, &proxy_url, &Options::default(), &Config::default()).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::Handshake(HandshakeError::ProxyRefused(407)))
+                ),
+                "{proxy_url}: {:?}",
+                refused.map(|_| ())
+            );
+            heads.recv().await.unwrap();
+        }
+        // wss:// is refused before connecting: TLS goes through `tunnel` and `client`.
+        let wss = connect_via_proxy(
+            &format!("wss://{server}/"),
+            &format!("http://{proxy}"),
+            &Options::default(),
+            &Config::default(),
+        )
+        .await;
+        assert!(matches!(wss, Err(Error::Usage(UsageError::InvalidUrl(_)))));
     })
     .await;
 }

@@ -12,6 +12,7 @@
 //! server and client, [`blocking`](crate::blocking), the blocking client, the tokio
 //! adapter) feed it what happened and do what it answers.
 
+pub mod proxy;
 pub mod timers;
 pub mod upgrade;
 

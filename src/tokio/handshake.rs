@@ -1,0 +1,183 @@
+//! The opening handshakes: [`accept`] on the server side, [`connect`] and [`client`] on
+//! the client side. Each ends by starting the connection task.
+
+use std::collections::VecDeque;
+use std::io;
+
+use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use ::tokio::net::TcpStream;
+use ::tokio::time::timeout;
+
+use super::config::Config;
+use super::connection::{spawn, spawn_with};
+use super::receiver::WsReceiver;
+use super::sender::WsSender;
+use crate::protocol::driver::{Driver, Event, ReadyState};
+use crate::protocol::error::{Error, HandshakeError, UsageError};
+use crate::protocol::frame::Status;
+use crate::protocol::handshake::{ClientUrl, Request, RequestParser};
+use crate::protocol::options::Options;
+use crate::session::upgrade::{self, Answer, HttpResponse, NonUpgrade, error_response};
+
+async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
+    let _ = stream.write_all(response).await;
+    let _ = stream.shutdown().await;
+}
+
+pub(super) fn timed_out(what: &str) -> Error {
+    Error::Io(io::Error::new(io::ErrorKind::TimedOut, what.to_string()))
+}
+
+/// Reads an upgrade request head; returns it and the bytes that followed it.
+async fn read_request<S>(stream: &mut S, options: &Options) -> Result<(Request, Vec<u8>), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut parser = RequestParser::new(options.head_limits());
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(HandshakeError::Incomplete.into());
+        }
+        match parser.parse(&buf[..n]) {
+            Ok(Status::Complete(request, used)) => return Ok((request, buf[used..n].to_vec())),
+            Ok(Status::Partial) => continue,
+            Err(e) => {
+                reject(stream, &error_response(&e)).await;
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// Accepts a WebSocket connection on `stream`: reads the upgrade request, answers it (an
+/// HTTP error for a bad one) and starts the connection task. Needs a tokio runtime.
+pub async fn accept<S>(stream: S, options: &Options) -> Result<(WsSender, WsReceiver), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    accept_with(stream, options, &Config::default(), |_| Ok(())).await
+}
+
+/// [`accept`] with settings and a check: `check` sees the parsed request (path, headers)
+/// and may refuse it with an HTTP response, which is sent before the stream closes.
+pub async fn accept_with<S, F>(
+    mut stream: S,
+    options: &Options,
+    config: &Config,
+    check: F,
+) -> Result<(WsSender, WsReceiver), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnOnce(&Request) -> Result<(), HttpResponse>,
+{
+    let (request, read_ahead) =
+        match timeout(config.handshake_timeout, read_request(&mut stream, options)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("handshake timed out")),
+        };
+    let mut driver =
+        match upgrade::answer(&request, options, check(&request), NonUpgrade::BadRequest) {
+            Answer::Accept(driver, ()) => driver,
+            Answer::Reject(refusal) => {
+                reject(&mut stream, &refusal.response).await;
+                return Err(refusal.error);
+            }
+        };
+    driver.start_connection();
+    Ok(spawn(stream, driver, read_ahead, config))
+}
+
+/// Connects to a `ws://` URL over TCP and completes the handshake. For `wss://`, open the
+/// TLS stream yourself and use [`client`].
+pub async fn connect(url: &str, options: &Options) -> Result<(WsSender, WsReceiver), Error> {
+    connect_with(url, options, &Config::default()).await
+}
+
+/// [`connect`] with settings.
+pub async fn connect_with(
+    url: &str,
+    options: &Options,
+    config: &Config,
+) -> Result<(WsSender, WsReceiver), Error> {
+    let parsed = ClientUrl::parse(url)?;
+    if parsed.secure {
+        return Err(UsageError::InvalidUrl(format!(
+            "{url} (wss:// needs a TLS stream: connect one and call websocket_driver::tokio::client)"
+        ))
+        .into());
+    }
+    let stream = match timeout(
+        config.handshake_timeout,
+        TcpStream::connect((parsed.host.as_str(), parsed.port)),
+    )
+    .await
+    {
+        Ok(stream) => stream?,
+        Err(_) => return Err(timed_out("connect timed out")),
+    };
+    stream.set_nodelay(true)?;
+    client_with(stream, url, options, config).await
+}
+
+/// Runs the client handshake for `url` over an already connected `stream` (TCP, TLS, a
+/// proxy tunnel) and starts the connection task.
+pub async fn client<S>(
+    stream: S,
+    url: &str,
+    options: &Options,
+) -> Result<(WsSender, WsReceiver), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    client_with(stream, url, options, &Config::default()).await
+}
+
+/// [`client`] with settings.
+pub async fn client_with<S>(
+    mut stream: S,
+    url: &str,
+    options: &Options,
+    config: &Config,
+) -> Result<(WsSender, WsReceiver), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut driver = Driver::make_client(url, options)?;
+    driver.start_connection();
+    let handshake = async {
+        stream.write_all(driver.pending_output()).await?;
+        let n = driver.pending_output().len();
+        driver.consume_output(n);
+        stream.flush().await?;
+        let mut buf = vec![0u8; 8 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                driver.receive_eof();
+            }
+            let mut at = 0;
+            loop {
+                let (used, event) = driver.poll_event(&mut buf[at..n]);
+                at += used;
+                match event {
+                    None => break,
+                    Some(Event::Open) => return Ok::<_, Error>(buf[at..n].to_vec()),
+                    Some(Event::Error(e)) => return Err(e),
+                    Some(_) => {}
+                }
+            }
+            if n == 0 || driver.ready_state() == ReadyState::Closed {
+                return Err(HandshakeError::Incomplete.into());
+            }
+        }
+    };
+    let read_ahead = match timeout(config.handshake_timeout, handshake).await {
+        Ok(result) => result?,
+        Err(_) => return Err(timed_out("handshake timed out")),
+    };
+    let mut events = VecDeque::new();
+    events.push_back(Event::Open);
+    Ok(spawn_with(stream, driver, read_ahead, events, config))
+}

@@ -1,0 +1,106 @@
+//! What the connection task and its two halves share: the published state and the
+//! commands senders queue.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+
+use ::tokio::sync::{Notify, oneshot};
+
+use crate::protocol::driver::{Driver, ReadyState};
+
+pub(super) fn state_code(state: ReadyState) -> u8 {
+    match state {
+        ReadyState::Connecting => 0,
+        ReadyState::Open => 1,
+        ReadyState::Closing => 2,
+        ReadyState::Closed => 3,
+    }
+}
+
+fn state_from(code: u8) -> ReadyState {
+    match code {
+        0 => ReadyState::Connecting,
+        1 => ReadyState::Open,
+        2 => ReadyState::Closing,
+        _ => ReadyState::Closed,
+    }
+}
+
+/// What the connection task publishes for its senders.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// Payload bytes senders queued that the task has not handed to the driver yet.
+    pub(super) queued: AtomicUsize,
+    /// The driver's unwritten output.
+    pub(super) buffered: AtomicUsize,
+    pub(super) state: AtomicU8,
+    /// The task has ended; nothing more will be written.
+    pub(super) finished: AtomicBool,
+    /// Woken when the buffer shrinks, the state changes or the task ends.
+    pub(super) changed: Notify,
+    /// The receiver waits for an event (receiver to task).
+    pub(super) demand: Notify,
+    pub(super) protocol: Option<String>,
+    pub(super) limit: usize,
+}
+
+impl Shared {
+    pub(super) fn total(&self) -> usize {
+        self.queued.load(Ordering::Acquire) + self.buffered.load(Ordering::Acquire)
+    }
+
+    pub(super) fn state(&self) -> ReadyState {
+        state_from(self.state.load(Ordering::Acquire))
+    }
+
+    /// Publishes the driver's buffer and state; wakes waiters when either improved.
+    pub(super) fn publish(&self, driver: &Driver) {
+        let buffered = driver.buffered_amount();
+        let old = self.buffered.swap(buffered, Ordering::AcqRel);
+        let state = state_code(driver.ready_state());
+        let old_state = self.state.swap(state, Ordering::AcqRel);
+        if buffered < old || state != old_state {
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        self.state
+            .store(state_code(ReadyState::Closed), Ordering::Release);
+        self.finished.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
+/// One whole message for the connection task.
+#[derive(Debug)]
+pub(super) enum Command {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(u16, String),
+}
+
+impl Command {
+    /// Bytes counted against the backpressure budget (control frames count nothing).
+    pub(super) fn cost(&self) -> usize {
+        match self {
+            Command::Text(t) => t.len(),
+            Command::Binary(b) => b.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What a confirmed command waits for; the connection task completes it or drops it (the
+/// waiting [`Receipt`](super::Receipt) then fails).
+#[derive(Debug)]
+pub(super) enum Ack {
+    /// The frame was handed to the transport.
+    Written(oneshot::Sender<()>),
+    /// A pong with the ping's payload arrived.
+    Pong(oneshot::Sender<()>),
+}
+
+/// A command as queued by a sender, with its confirmation if one was asked for.
+pub(super) type Queued = (Command, Option<Ack>);
