@@ -16,6 +16,8 @@ use crate::session::timers::{Expired, TimerConfig, Timers};
 use crate::websocket::WebSocket;
 
 use crate::client::resolve;
+use crate::protocol::frame::Status;
+use crate::session::proxy::{self, Proxy};
 
 /// Timeouts of a [`BlockingClient`].
 #[derive(Debug, Clone, Copy)]
@@ -228,8 +230,9 @@ impl BlockingClient {
     }
 
     /// Connects through an HTTP proxy with `CONNECT` (`http://[user:password@]host:port`,
-    /// credentials sent as `Proxy-Authorization: Basic`). The WebSocket handshake (and TLS
-    /// for wss) then runs through the tunnel.
+    /// credentials sent as `Proxy-Authorization: Basic`; see [`Proxy::parse`]). The
+    /// WebSocket handshake (and TLS for wss) then runs through the tunnel; a proxy answer
+    /// other than 2xx is `HandshakeError::ProxyRefused(status)`.
     pub fn proxy(mut self, proxy_url: &str) -> Result<BlockingClient, Error> {
         self.proxy = Some(Proxy::parse(proxy_url)?);
         Ok(self)
@@ -280,9 +283,13 @@ impl BlockingClient {
         let mut stream = match &self.proxy {
             None => TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?,
             Some(proxy) => {
-                let mut stream = TcpStream::connect_timeout(&proxy.addr, self.timeouts.connect)?;
+                let addr = (proxy.host.as_str(), proxy.port)
+                    .to_socket_addrs()?
+                    .next()
+                    .ok_or_else(|| UsageError::InvalidUrl(format!("{proxy:?}")))?;
+                let mut stream = TcpStream::connect_timeout(&addr, self.timeouts.connect)?;
                 stream.set_read_timeout(Some(self.timeouts.handshake))?;
-                proxy.tunnel(&mut stream, &self.url)?;
+                tunnel(proxy, &mut stream, &self.url)?;
                 stream
             }
         };
@@ -535,73 +542,20 @@ fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
     }
 }
 
-/// An HTTP proxy for `CONNECT` tunnels.
-#[derive(Debug, Clone)]
-struct Proxy {
-    addr: SocketAddr,
-    authorization: Option<String>,
-}
-
-impl Proxy {
-    fn parse(url: &str) -> Result<Proxy, Error> {
-        let bad = || UsageError::InvalidUrl(url.to_string());
-        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let addr = hostport
-            .to_socket_addrs()
-            .map_err(|_| bad())?
-            .next()
-            .ok_or_else(bad)?;
-        let authorization = userinfo.map(|u| {
-            use base64::Engine;
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(u)
-            )
-        });
-        Ok(Proxy {
-            addr,
-            authorization,
-        })
-    }
-
-    /// Asks the proxy for a tunnel to the WebSocket server and waits for its 200.
-    fn tunnel(&self, stream: &mut TcpStream, target: &ClientUrl) -> Result<(), Error> {
-        use crate::protocol::frame::Status;
-        use crate::protocol::handshake::{HeadLimits, ResponseParser};
-        let host = if target.host.contains(':') {
-            format!("[{}]:{}", target.host, target.port)
-        } else {
-            format!("{}:{}", target.host, target.port)
-        };
-        let mut request = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n");
-        if let Some(auth) = &self.authorization {
-            request.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+/// Opens a `CONNECT` tunnel through `proxy` to `target` on `stream`.
+fn tunnel(proxy: &Proxy, stream: &mut TcpStream, target: &ClientUrl) -> Result<(), Error> {
+    stream.write_all(&proxy.connect_request(target))?;
+    // Read byte by byte: nothing past the proxy's head may be consumed, it belongs to the
+    // tunnel (a few hundred bytes, once per connection).
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.read(&mut byte)? == 0 {
+            return Err(HandshakeError::Incomplete.into());
         }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes())?;
-        let mut parser = ResponseParser::new(HeadLimits {
-            max_size: 16 * 1024,
-            max_headers: 64,
-        });
-        // Read byte by byte: nothing past the proxy's head may be consumed, it belongs
-        // to the tunnel (a few hundred bytes, once per connection).
-        let mut byte = [0u8; 1];
-        loop {
-            if stream.read(&mut byte)? == 0 {
-                return Err(HandshakeError::Incomplete.into());
-            }
-            match parser.parse(&byte)? {
-                Status::Partial => continue,
-                Status::Complete(response, _) if response.status == 200 => return Ok(()),
-                Status::Complete(response, _) => {
-                    return Err(HandshakeError::ProxyRefused(response.status).into());
-                }
-            }
+        head.push(byte[0]);
+        if let Status::Complete(..) = proxy::parse_response(&head)? {
+            return Ok(());
         }
     }
 }
