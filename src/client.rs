@@ -30,3 +30,16 @@ pub(crate) fn resolve(url: &str) -> Result<(ClientUrl, SocketAddr), Error> {
         })?;
     Ok((parsed, addr))
 }
+
+/// Resolves an HTTP proxy's address.
+pub(crate) fn resolve_proxy(proxy: &crate::session::proxy::Proxy) -> io::Result<SocketAddr> {
+    (proxy.host.as_str(), proxy.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("proxy {} resolves to no address", proxy.host),
+            )
+        })
+}

@@ -13,6 +13,18 @@ use websocket_driver::server::{
 };
 use websocket_driver::{Backend, Error, HandshakeError, Message, Options};
 
+/// Polls `check` until it holds or `limit` passes (a bound on waiting, not on speed).
+fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    check()
+}
+
 struct Echo;
 impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
@@ -471,6 +483,83 @@ fn blocking_client_through_a_connect_proxy() {
         "{err}"
     );
     server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// The hosted client through the same kind of proxy, on both backends: the tunnel opens,
+/// the handshake and messages run through it; a 407 reaches the handler as
+/// `ProxyRefused(407)` and a 1006 close.
+fn hosted_client_through_a_connect_proxy(backend: Backend) {
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    let (proxy, seen) = connect_proxy(Some("dXNlcjpzZWNyZXQ="));
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap()
+    .proxy(&format!("http://user:secret@{proxy}"))
+    .unwrap();
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let recorder = |greeting: Option<&str>| Recorder {
+        log: log.clone(),
+        closes: closes.clone(),
+        greeting: greeting.map(str::to_string),
+    };
+    reactor.connect(&url, recorder(Some("tunnelled"))).unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            Seen::Open,
+            Seen::Text("tunnelled".into()),
+            Seen::Close(1000, String::new())
+        ]
+    );
+    let head = seen.join().unwrap();
+    assert!(
+        head.starts_with(&format!("CONNECT {} HTTP/1.1\r\n", server.local_addr())),
+        "{head}"
+    );
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+
+    // Wrong credentials: the proxy answers 407.
+    let (proxy, _) = connect_proxy(Some("bm90LXRoaXM="));
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap()
+    .proxy(&format!("http://user:secret@{proxy}"))
+    .unwrap();
+    log.lock().unwrap().clear();
+    reactor.connect(&url, recorder(None)).unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 2));
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        matches!(&seen[0], Seen::Error(e) if e.contains("407")),
+        "{seen:?}"
+    );
+    assert!(matches!(&seen[1], Seen::Close(1006, _)), "{seen:?}");
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn hosted_client_through_a_connect_proxy_on_epoll() {
+    hosted_client_through_a_connect_proxy(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_through_a_connect_proxy_on_io_uring() {
+    hosted_client_through_a_connect_proxy(Backend::IoUring);
 }
 
 /// The blocking client's idle keepalive: against a server that answers pings it stays open

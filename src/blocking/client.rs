@@ -2,7 +2,7 @@
 //! then a reader thread that fires the events; sends and closes from any thread.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use crate::protocol::options::Options;
 use crate::session::timers::{Expired, TimerConfig, Timers};
 use crate::websocket::WebSocket;
 
-use crate::client::resolve;
+use crate::client::{resolve, resolve_proxy};
 use crate::protocol::frame::Status;
 use crate::session::proxy::{self, Proxy};
 
@@ -283,10 +283,7 @@ impl BlockingClient {
         let mut stream = match &self.proxy {
             None => TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?,
             Some(proxy) => {
-                let addr = (proxy.host.as_str(), proxy.port)
-                    .to_socket_addrs()?
-                    .next()
-                    .ok_or_else(|| UsageError::InvalidUrl(format!("{proxy:?}")))?;
+                let addr = resolve_proxy(proxy)?;
                 let mut stream = TcpStream::connect_timeout(&addr, self.timeouts.connect)?;
                 stream.set_read_timeout(Some(self.timeouts.handshake))?;
                 tunnel(proxy, &mut stream, &self.url)?;

@@ -20,7 +20,8 @@ use crate::session::upgrade::HttpResponse;
 
 #[cfg(feature = "tls")]
 use crate::blocking::client::lock;
-use crate::client::resolve;
+use crate::client::{resolve, resolve_proxy};
+use crate::session::proxy::Proxy;
 
 /// Client connections on event loops of their own: tens of thousands per process, each
 /// with a [`Handler`] stored inline, exactly like server connections.
@@ -28,6 +29,8 @@ pub struct ClientReactor<H: Handler> {
     handle: ServerHandle,
     connectors: Vec<ClientConnector<H>>,
     options: Options,
+    /// Every connection goes through this HTTP proxy's `CONNECT` tunnels, when set.
+    proxy: Option<Proxy>,
     #[cfg(feature = "tls")]
     tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
     next: AtomicUsize,
@@ -57,11 +60,25 @@ impl<H: Handler> ClientReactor<H> {
             handle,
             connectors,
             options,
+            proxy: None,
             #[cfg(feature = "tls")]
             tls,
             next: AtomicUsize::new(0),
             _handler: PhantomData,
         })
+    }
+
+    /// Opens every later connection through an HTTP proxy with `CONNECT`
+    /// (`http://[user:password@]host:port`, credentials sent as `Proxy-Authorization:
+    /// Basic`; see [`Proxy::parse`]). The WebSocket handshake (and TLS for wss) runs through
+    /// the tunnel; a proxy answer other than 2xx reaches the handler as
+    /// `HandshakeError::ProxyRefused(status)` and a 1006 close. [`Ws::peer_addr`] is the
+    /// proxy's address.
+    ///
+    /// [`Ws::peer_addr`]: crate::server::Ws::peer_addr
+    pub fn proxy(mut self, proxy_url: &str) -> Result<ClientReactor<H>, Error> {
+        self.proxy = Some(Proxy::parse(proxy_url)?);
+        Ok(self)
     }
 
     /// Opens a connection to `url` with the default options; `handler` gets its events.
@@ -73,11 +90,19 @@ impl<H: Handler> ClientReactor<H> {
 
     /// Like [`ClientReactor::connect`], with per-connection options.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
-        let (parsed, addr) = resolve(url)?;
+        let (parsed, mut addr) = resolve(url)?;
         let mut driver = Driver::make_client(url, options)?;
         driver.start_connection();
+        let proxy = match &self.proxy {
+            Some(proxy) => {
+                addr = resolve_proxy(proxy)?;
+                Some(proxy.connect_request(&parsed))
+            }
+            None => None,
+        };
         let init = ClientInit {
             driver,
+            proxy,
             handler,
             #[cfg(feature = "tls")]
             tls: if parsed.secure {

@@ -85,6 +85,8 @@ pub trait Handler: Send + 'static {
 pub(crate) struct ClientInit<H> {
     pub driver: Driver,
     pub handler: H,
+    /// The `CONNECT` request when the connection goes through a proxy.
+    pub proxy: Option<Vec<u8>>,
     #[cfg(feature = "tls")]
     pub tls: Option<Box<crate::tls::TlsStream>>,
 }

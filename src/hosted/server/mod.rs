@@ -8,6 +8,7 @@ mod config;
 mod handle;
 mod handler;
 pub(crate) mod service;
+mod tunnel;
 
 use service::WsService;
 

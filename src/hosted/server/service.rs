@@ -2,6 +2,7 @@
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
 use super::handler::{Callbacks, Ctx};
+use super::tunnel::{Progress, Tunnel};
 use super::{
     BackpressurePolicy, ClientInit, Command, Handler, ServerConfig, Upgrade, UpgradeRequest, Ws,
 };
@@ -81,8 +82,23 @@ impl<H> Conn<H> {
 enum Phase<H> {
     Handshake(RequestParser),
     Rejecting(Vec<u8>, usize),
+    /// A client connection opening its tunnel through a proxy.
+    Tunnel(Box<Tunnel<H>>),
     Open(Driver, H),
     Done,
+}
+
+impl<H> Conn<H> {
+    /// Gives up a tunnel still opening: the connection continues as an open driver (still
+    /// connecting), so timeouts, shutdown and EOF reach the handler as for any client.
+    fn untunnel(&mut self) {
+        if let Phase::Tunnel(_) = self.phase {
+            let Phase::Tunnel(tunnel) = std::mem::replace(&mut self.phase, Phase::Done) else {
+                unreachable!()
+            };
+            self.phase = Phase::Open(tunnel.driver, tunnel.handler);
+        }
+    }
 }
 
 impl<F, H> WsService<F, H>
@@ -355,19 +371,32 @@ where
         let ClientInit {
             mut driver,
             handler,
+            proxy,
             #[cfg(feature = "tls")]
             tls,
         } = init;
+        if let Some(buf) = self.pool.pop() {
+            driver.provide_output_buffer(buf);
+        }
+        // The upgrade request is queued (behind the proxy's tunnel, if any); the 101 must
+        // arrive within the handshake timeout.
+        conn.timers.handshake_started(io.now, &self.timer_config());
+        if let Some(request) = proxy {
+            conn.phase = Phase::Tunnel(Box::new(Tunnel::new(
+                request,
+                driver,
+                handler,
+                #[cfg(feature = "tls")]
+                tls,
+            )));
+            io.set_deadline(conn.timers.poll_timeout());
+            return conn;
+        }
         #[cfg(feature = "tls")]
         {
             conn.tls = tls;
         }
-        if let Some(buf) = self.pool.pop() {
-            driver.provide_output_buffer(buf);
-        }
-        // The upgrade request is queued; the 101 must arrive within the handshake timeout.
         conn.phase = Phase::Open(driver, handler);
-        conn.timers.handshake_started(io.now, &self.timer_config());
         self.settle(&mut conn, io);
         conn
     }
@@ -394,6 +423,7 @@ where
     fn read_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
         match conn.phase {
             Phase::Handshake(_) => self.handshake(conn, io, data),
+            Phase::Tunnel(_) => self.tunnel(conn, io, data),
             Phase::Open(..) => {
                 conn.timers.received(io.now, &self.timer_config());
                 self.pump(conn, io, data)
@@ -402,7 +432,46 @@ where
         }
     }
 
+    /// Bytes from the proxy of a client connection that is opening its tunnel.
+    fn tunnel(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let Phase::Tunnel(tunnel) = &mut conn.phase else {
+            return;
+        };
+        match tunnel.receive(data) {
+            Progress::Pending => {}
+            Progress::Open(mut rest) => {
+                let Phase::Tunnel(tunnel) = std::mem::replace(&mut conn.phase, Phase::Done) else {
+                    unreachable!()
+                };
+                let tunnel = *tunnel;
+                #[cfg(feature = "tls")]
+                {
+                    conn.tls = tunnel.tls;
+                }
+                conn.phase = Phase::Open(tunnel.driver, tunnel.handler);
+                // The upgrade request (in TLS for wss) goes out now; what the server sent
+                // right behind the proxy's answer is its first input.
+                self.seal(conn, io);
+                if !rest.is_empty() {
+                    self.read(conn, io, &mut rest);
+                }
+                self.settle(conn, io);
+            }
+            Progress::Refused(error) => {
+                conn.untunnel();
+                if let Phase::Open(driver, handler) = &mut conn.phase {
+                    let ctx = self.ctx(conn.peer, io, 0);
+                    handler.on_error(&mut Ws { driver, ctx: &ctx }, &Error::Handshake(error));
+                    driver.abort(code::ABNORMAL, "the proxy refused the tunnel");
+                }
+                self.pump(conn, io, &mut []);
+                io.close(CloseRequest::Now);
+            }
+        }
+    }
+
     fn timeout_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        conn.untunnel();
         let timer_config = self.timer_config();
         let Phase::Open(driver, _) = &mut conn.phase else {
             // A handshake that took too long (slowloris) or a reject that never flushed.
@@ -444,7 +513,7 @@ where
                 }
                 self.pump(conn, io, &mut []);
             }
-            Phase::Handshake(_) => io.close(CloseRequest::Now),
+            Phase::Handshake(_) | Phase::Tunnel(_) => io.close(CloseRequest::Now),
             Phase::Rejecting(..) | Phase::Done => {}
         }
     }
@@ -453,6 +522,7 @@ where
         match &conn.phase {
             Phase::Open(driver, _) => driver.pending_output(),
             Phase::Rejecting(response, at) => &response[*at..],
+            Phase::Tunnel(tunnel) => tunnel.output(),
             _ => &[],
         }
     }
@@ -480,6 +550,7 @@ where
                 self.recycle(driver);
             }
             Phase::Rejecting(_, at) => *at += n,
+            Phase::Tunnel(tunnel) => tunnel.consume(n),
             _ => {}
         }
     }
@@ -504,6 +575,7 @@ where
                 *at = 0;
                 (!bytes.is_empty()).then_some(bytes)
             }
+            Phase::Tunnel(tunnel) => tunnel.take_output(),
             _ => None,
         }
     }
@@ -516,6 +588,7 @@ where
     }
 
     fn closed_plain(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
+        conn.untunnel();
         if let Phase::Open(driver, _) = &mut conn.phase {
             driver.receive_eof();
             self.pump(&mut conn, io, &mut []);
