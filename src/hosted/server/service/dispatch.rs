@@ -1,0 +1,153 @@
+//! The reactor's `Service` trait for [`WsService`]: for wss connections, TLS is peeled off
+//! incoming bytes and put around outgoing ones here, so the plaintext methods of the
+//! parent module never see ciphertext.
+
+use std::io;
+use std::net::SocketAddr;
+
+#[cfg(feature = "tls")]
+use super::Phase;
+use super::{Conn, WsService};
+#[cfg(feature = "tls")]
+use crate::hosted::server::Ws;
+use crate::hosted::server::{ClientInit, Command, Handler, Upgrade, UpgradeRequest};
+#[cfg(feature = "tls")]
+use crate::protocol::error::code;
+use crate::protocol::handshake::http_response;
+#[cfg(feature = "tls")]
+use crate::reactor::CloseRequest;
+use crate::reactor::{Io, Service};
+
+impl<F, H> Service for WsService<F, H>
+where
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
+{
+    type Session = Conn<H>;
+    type Command = Command;
+    type Connect = ClientInit<H>;
+
+    fn open(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut conn = self.open_plain(io, peer);
+        #[cfg(feature = "tls")]
+        if let Some(config) = &self.config.tls {
+            match crate::tls::TlsStream::server(config.clone()) {
+                Ok(tls) => conn.tls = Some(Box::new(tls)),
+                Err(_) => io.close(CloseRequest::Now),
+            }
+        }
+        conn
+    }
+
+    fn connected(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        peer: SocketAddr,
+        init: ClientInit<H>,
+    ) -> Conn<H> {
+        let mut conn = self.connected_plain(io, peer, init);
+        self.seal(&mut conn, io);
+        conn
+    }
+
+    fn connect_failed(&mut self, io: &mut Io<'_, Command>, init: ClientInit<H>, error: io::Error) {
+        self.connect_failed_plain(io, init, error)
+    }
+
+    fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let mut plain = std::mem::take(&mut self.plain);
+            plain.clear();
+            match tls.decrypt(data, &mut plain) {
+                Ok(()) => self.read_plain(conn, io, &mut plain),
+                Err(e) => {
+                    // A TLS failure ends the connection; the alert (if any) goes out first.
+                    if let Phase::Open(driver, handler) = &mut conn.phase {
+                        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+                        handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
+                        driver.abort(code::ABNORMAL, "TLS failure");
+                    }
+                    self.pump(conn, io, &mut []);
+                    io.close(CloseRequest::AfterFlush);
+                }
+            }
+            self.plain = plain;
+            self.seal(conn, io);
+            return;
+        }
+        self.read_plain(conn, io, data)
+    }
+
+    fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.timeout_plain(conn, io);
+        self.seal(conn, io);
+    }
+
+    fn command(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
+        self.command_plain(conn, io, command);
+        self.seal(conn, io);
+    }
+
+    fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.drained_plain(conn, io);
+        self.seal(conn, io);
+    }
+
+    fn shutdown(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        self.shutdown_plain(conn, io);
+        self.seal(conn, io);
+    }
+
+    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &conn.tls {
+            return tls.output();
+        }
+        self.output_plain(conn)
+    }
+
+    fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            tls.consume(n);
+            if conn.timers.is_over_limit() {
+                self.settle(conn, io);
+            }
+            return;
+        }
+        self.consume_plain(conn, io, n)
+    }
+
+    fn take_output(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        spare: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = conn.tls.as_mut() {
+            let taken = tls.take_output(spare)?;
+            conn.in_flight += taken.len();
+            return Some(taken);
+        }
+        self.take_output_plain(conn, io, spare)
+    }
+
+    fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        self.sent_plain(conn, io, n)
+    }
+
+    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>) {
+        self.closed_plain(conn, io)
+    }
+
+    fn over_capacity(&self) -> Vec<u8> {
+        http_response(
+            503,
+            &[("Retry-After", "1")],
+            "server is at its connection limit",
+        )
+    }
+}
