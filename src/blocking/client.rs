@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::blocking::read_by;
+use crate::blocking::{Timeouts, read_by};
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
@@ -19,43 +19,9 @@ use crate::client::{resolve, resolve_proxy};
 use crate::protocol::frame::Status;
 use crate::session::proxy::{self, Proxy};
 
-/// Timeouts of a [`BlockingClient`].
-#[derive(Debug, Clone, Copy)]
-pub struct ClientTimeouts {
-    /// TCP connect. Default 10 s.
-    pub connect: Duration,
-    /// From connected to the 101 response. Default 10 s.
-    pub handshake: Duration,
-    /// From our close frame to the server's reply (then TCP is closed). Default 5 s.
-    pub close: Duration,
-    /// With `Some(t)`: after `t` without input, the reader thread sends a ping; after
-    /// another `t` still without input, it closes with 1001 "idle timeout". Default `None`
-    /// (off).
-    pub idle: Option<Duration>,
-}
-
-impl Default for ClientTimeouts {
-    fn default() -> Self {
-        ClientTimeouts {
-            connect: Duration::from_secs(10),
-            handshake: Duration::from_secs(10),
-            close: Duration::from_secs(5),
-            idle: None,
-        }
-    }
-}
-
-impl ClientTimeouts {
-    /// The deadlines' durations (writes block, so there is no backpressure grace).
-    fn timer_config(&self) -> TimerConfig {
-        TimerConfig {
-            handshake: self.handshake,
-            close: self.close,
-            idle: self.idle,
-            backpressure_grace: None,
-        }
-    }
-}
+/// Timeouts of a [`BlockingClient`]: the blocking runtime's [`Timeouts`], whose
+/// `connect` applies to clients only.
+pub type ClientTimeouts = Timeouts;
 
 /// The connection state the reader thread and senders share, under one lock.
 struct Session {

@@ -18,10 +18,14 @@ use crate::session::timers::{Expired, TimerConfig, Timers};
 use crate::session::upgrade::{self, Answer, NonUpgrade, error_response};
 use crate::websocket::WebSocket;
 
-/// Timeouts of the blocking server.
+/// Timeouts of the blocking runtime: the server and [`BlockingClient`](crate::client::BlockingClient)
+/// (as `ClientTimeouts`).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// Time a client has to send its whole upgrade request. Default 10 s.
+    /// Clients only: the TCP connect (to the server or the proxy). Default 10 s.
+    pub connect: Duration,
+    /// The opening handshake, whole: a client's upgrade request (server), or from
+    /// connected to the 101 response (client). Default 10 s.
     pub handshake: Duration,
     /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
     pub close: Duration,
@@ -33,6 +37,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
+            connect: Duration::from_secs(10),
             handshake: Duration::from_secs(10),
             close: Duration::from_secs(5),
             idle: None,
@@ -42,7 +47,7 @@ impl Default for Timeouts {
 
 impl Timeouts {
     /// The deadlines' durations (writes block, so there is no backpressure grace).
-    fn timer_config(&self) -> TimerConfig {
+    pub(crate) fn timer_config(&self) -> TimerConfig {
         TimerConfig {
             handshake: self.handshake,
             close: self.close,
