@@ -141,15 +141,7 @@ fn flush(session: &mut Session, stream: &mut TcpStream) -> io::Result<()> {
         }
         return Ok(());
     }
-    let ws = &mut session.ws;
-    while !ws.pending_output().is_empty() {
-        let n = stream.write(ws.pending_output())?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        ws.consume_output(n);
-    }
-    Ok(())
+    crate::blocking::flush(stream, &mut session.ws)
 }
 
 impl BlockingClient {

@@ -168,7 +168,8 @@ impl BlockingServer {
     }
 }
 
-fn flush(stream: &mut TcpStream, ws: &mut WebSocket) -> io::Result<()> {
+/// Writes everything `ws` has queued (running its write callbacks as bytes go out).
+pub(crate) fn flush(stream: &mut TcpStream, ws: &mut WebSocket) -> io::Result<()> {
     while !ws.pending_output().is_empty() {
         let n = stream.write(ws.pending_output())?;
         if n == 0 {
