@@ -357,6 +357,14 @@ impl<S: Service, B: Backend> Core<S, B> {
         // Flushing can make more output (a `drained` handler sends): keep going until no
         // connection has any.
         while let Some(key) = self.dirty.pop() {
+            self.flush_now(backend, key);
+        }
+    }
+
+    /// Writes `key`'s output now if it has any, instead of at the end of the turn
+    /// (readiness backends, right after reading: the reply leaves while the data is hot).
+    pub fn flush_now(&mut self, backend: &mut B, key: usize) {
+        if self.conns.get(key).is_some_and(|c| c.dirty) {
             self.flush(backend, key);
         }
     }

@@ -190,5 +190,6 @@ impl Epoll {
             }
         }
         self.read_buf = buf;
+        core.flush_now(self, key);
     }
 }
