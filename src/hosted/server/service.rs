@@ -587,6 +587,13 @@ where
         if conn.timers.is_over_limit() {
             self.settle(conn, io);
         }
+        // All out: the (spare) buffer the driver writes into goes back to the pool, so an
+        // idle connection holds none.
+        if conn.in_flight == 0
+            && let Phase::Open(driver, _) = &mut conn.phase
+        {
+            self.recycle(driver);
+        }
     }
 
     fn closed_plain(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
