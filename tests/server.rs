@@ -198,7 +198,8 @@ impl Handler for Flooder {
                     Err(Error::Usage(UsageError::BufferFull { .. })) => {
                         self.refused.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => panic!("{e}"),
+                    // Closed by the policy: nothing more to send.
+                    Err(_) => break,
                 }
             }
         } else {
@@ -219,7 +220,10 @@ fn start_flooder(config: ServerConfig, refused: Arc<AtomicUsize>) -> ServerHandl
         .unwrap()
 }
 
-fn never_reading_client_is_closed_with_1008_while_others_keep_going(backend: Backend) {
+/// `BackpressurePolicy::Close { grace: ZERO }` (uWebSockets' `closeOnBackpressureLimit`):
+/// the first send refused by the cap closes the connection with 1008; another client on
+/// the same loop keeps echoing.
+fn refused_send_closes_with_1008_under_close_policy(backend: Backend) {
     let refused = Arc::new(AtomicUsize::new(0));
     let server = start_flooder(
         ServerConfig {
@@ -227,15 +231,15 @@ fn never_reading_client_is_closed_with_1008_while_others_keep_going(backend: Bac
             backend,
             max_backpressure: 256 * 1024,
             backpressure_policy: BackpressurePolicy::Close {
-                grace: Duration::from_millis(300),
+                grace: Duration::ZERO,
             },
             ..ServerConfig::default()
         },
-        refused,
+        refused.clone(),
     );
     let addr = server.local_addr();
     let mut slow = TestClient::connect(addr, "/").unwrap();
-    // 64 MiB: far more than the socket buffers, so the server's queue passes the limit.
+    // 64 MiB in one handler call: the queue passes 256 KiB after five 64 KiB sends.
     slow.send_text("flood 1024 65536").unwrap();
     let mut healthy = TestClient::connect(addr, "/").unwrap();
     for i in 0..200 {
@@ -248,7 +252,20 @@ fn never_reading_client_is_closed_with_1008_while_others_keep_going(backend: Bac
         .closes
         .get(&1008)
         == Some(&1)));
-    // The slow client's connection is gone, the healthy one still echoes.
+    // Each 64 KiB message is a 65 546-byte frame: four make 262 184 bytes, just over the
+    // 256 KiB cap, so the fifth send was refused and closed the connection (and the rest
+    // were refused too); the slow client gets exactly the four messages, then the close.
+    assert_eq!(refused.load(Ordering::Relaxed), 1024 - 4);
+    for _ in 0..4 {
+        match slow.next_message().unwrap() {
+            Owned::Binary(data) => assert_eq!(data.len(), 65536),
+            other => panic!("expected a 64 KiB message, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        slow.next_message().unwrap(),
+        Owned::Close(1008, _)
+    ));
     healthy.send_text("still here").unwrap();
     assert_eq!(
         healthy.next_message().unwrap(),
@@ -711,7 +728,7 @@ on_every_backend!(
     close_timeout_drops_a_peer_that_never_answers,
     thousand_clients_echo_random_sizes_without_loss,
     random_disconnects_leak_no_connection,
-    never_reading_client_is_closed_with_1008_while_others_keep_going,
+    refused_send_closes_with_1008_under_close_policy,
     drop_new_policy_refuses_sends_over_the_limit,
     nine_thousand_idle_connections_open_and_close_cleanly,
     handshake_timeout_closes_silent_and_slow_sockets,

@@ -31,7 +31,8 @@ use slab::Slab;
 
 use super::timer::{Deadline, Entry, Wheel};
 use super::{
-    CloseRequest, Connector, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service, Waker,
+    CloseRequest, Connector, Effects, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service,
+    Waker,
 };
 
 /// How long a closing connection waits for the peer's FIN after ours.
@@ -87,6 +88,12 @@ pub(crate) trait Backend: Sized + 'static {
     fn finish_writes(&mut self, socket: &mut Self::Socket);
     /// Stops all IO on the socket; it is closed when the slab entry is freed.
     fn detach(&mut self, socket: &mut Self::Socket);
+    /// Stops reading from the socket (its output is over the limit): data stays in the
+    /// kernel and TCP flow control slows the peer.
+    fn pause_reading(&mut self, socket: &mut Self::Socket);
+    /// Reads from `key`'s socket again after [`Backend::pause_reading`] (at the end of the
+    /// turn in which the session asked for it).
+    fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize);
     /// Whether no kernel operation refers to the socket any more, so it may be freed.
     fn is_idle(socket: &Self::Socket) -> bool;
     /// Accepts again after a back-off ([`Core::on_accept_error`]).
@@ -119,6 +126,8 @@ struct Conn<T, K> {
     write_blocked: bool,
     /// Listed in `dirty` (output to write at the end of the turn).
     dirty: bool,
+    /// Whether the loop reads from the socket (false while the output is over the limit).
+    reading: bool,
 }
 
 /// The session's output, as one [`Backend::write`] sees it.
@@ -162,6 +171,8 @@ pub(crate) struct Core<S: Service, B: Backend> {
     shutdown_deadline: Option<Instant>,
     due: Vec<Entry>,
     dirty: Vec<usize>,
+    /// Connections whose reading resumes at the end of this turn.
+    resumed: Vec<usize>,
 }
 
 /// Runs one loop until a shutdown completes.
@@ -202,6 +213,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             shutdown_deadline: None,
             due: Vec::new(),
             dirty: Vec::new(),
+            resumed: Vec::new(),
         }
     }
 
@@ -234,6 +246,14 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.conns
             .get_mut(key)
             .filter(|c| c.phase != Phase::Closing)
+            .map(|c| &mut c.socket)
+    }
+
+    /// The socket of a connection the loop reads from now (active, not paused).
+    pub fn reading_socket(&mut self, key: usize) -> Option<&mut B::Socket> {
+        self.conns
+            .get_mut(key)
+            .filter(|c| c.phase == Phase::Active && c.reading)
             .map(|c| &mut c.socket)
     }
 
@@ -339,6 +359,12 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// back-off, and enforces the shutdown deadline.
     pub fn end_turn(&mut self, backend: &mut B) -> io::Result<()> {
         self.flush_dirty(backend);
+        while let Some(key) = self.resumed.pop() {
+            if self.reading_socket(key).is_some() {
+                backend.resume_reading(self, key);
+            }
+            self.flush_dirty(backend);
+        }
         let now = Instant::now();
         self.expire_timers(backend, now);
         self.flush_dirty(backend);
@@ -395,28 +421,33 @@ impl<S: Service, B: Backend> Core<S, B> {
         };
         let mut io = Io::new(now, key, conn.generation, &self.remote);
         f(&mut self.service, session, &mut io);
-        let (deadline, close) = (io.deadline, io.close);
-        self.apply(backend, key, deadline, close)
+        let effects = io.effects;
+        self.apply(backend, key, effects)
     }
 
     /// Applies a service call's requests. Returns false if the connection is closing.
-    fn apply(
-        &mut self,
-        backend: &mut B,
-        key: usize,
-        deadline: Option<Option<Instant>>,
-        close: CloseRequest,
-    ) -> bool {
+    fn apply(&mut self, backend: &mut B, key: usize, effects: Effects) -> bool {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
         if conn.phase == Phase::Closing {
             return false;
         }
-        if let Some(deadline) = deadline {
+        if let Some(deadline) = effects.deadline {
             self.wheel.reset(key, &mut conn.deadline, deadline);
         }
-        match close {
+        match effects.reading {
+            Some(false) if conn.reading => {
+                conn.reading = false;
+                backend.pause_reading(&mut conn.socket);
+            }
+            Some(true) if !conn.reading => {
+                conn.reading = true;
+                self.resumed.push(key);
+            }
+            _ => {}
+        }
+        match effects.close {
             CloseRequest::Now => {
                 self.close_now(backend, key);
                 false
@@ -454,10 +485,10 @@ impl<S: Service, B: Backend> Core<S, B> {
             stats: &self.stats,
         };
         let written = backend.write(key, &mut conn.socket, &mut out);
-        let (deadline, close) = (out.io.deadline, out.io.close);
-        if deadline.is_some() || close != CloseRequest::Keep {
+        let effects = out.io.effects;
+        if effects != Effects::NONE {
             // Applying marks the connection dirty again only when it asked for something.
-            if !self.apply(backend, key, deadline, close) {
+            if !self.apply(backend, key, effects) {
                 return;
             }
         }
@@ -572,7 +603,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             None => self.service.open(&mut io, peer),
             Some(init) => self.service.connected(&mut io, peer, init),
         };
-        let (deadline, close) = (io.deadline, io.close);
+        let effects = io.effects;
         entry.insert(Conn {
             socket,
             session: Some(session),
@@ -582,11 +613,12 @@ impl<S: Service, B: Backend> Core<S, B> {
             close_requested: false,
             write_blocked: false,
             dirty: false,
+            reading: true,
         });
         self.stats.connections_open.fetch_add(1, Ordering::Relaxed);
         LoopStats::add(&self.stats.connections_total, 1);
         // An outgoing connection has its upgrade request to send: `apply` marks it dirty.
-        self.apply(backend, key, deadline, close);
+        self.apply(backend, key, effects);
     }
 
     /// Ends the connection for the session now; the socket closes once the backend holds

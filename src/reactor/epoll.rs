@@ -14,6 +14,9 @@ use super::{Service, Waker};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+/// Reads per connection per turn: a peer that keeps its socket full gets this many, then
+/// the loop serves the others and comes back next turn.
+const READS_PER_TURN: usize = 4;
 
 pub(crate) struct Epoll {
     poll: Poll,
@@ -21,6 +24,9 @@ pub(crate) struct Epoll {
     listener: Option<TcpListener>,
     /// Where every connection of this loop reads into; parsed in place.
     read_buf: Vec<u8>,
+    /// Connections that used their read budget with data left: read on next turn (their
+    /// edge has been consumed, so no event would come).
+    unfinished: Vec<usize>,
 }
 
 impl Backend for Epoll {
@@ -49,6 +55,7 @@ impl Backend for Epoll {
             events: Events::with_capacity(1024),
             listener,
             read_buf: Vec::new(),
+            unfinished: Vec::new(),
         })
     }
 
@@ -57,6 +64,11 @@ impl Backend for Epoll {
         core: &mut Core<S, Self>,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
+        // Unfinished reads are due now: look for events without sleeping.
+        let timeout = match self.unfinished.is_empty() {
+            true => timeout,
+            false => Some(Duration::ZERO),
+        };
         if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             return match e.kind() {
                 io::ErrorKind::Interrupted => Ok(()),
@@ -85,6 +97,9 @@ impl Backend for Epoll {
             }
         }
         self.events = events;
+        for key in std::mem::take(&mut self.unfinished) {
+            self.read(core, key, false);
+        }
         Ok(())
     }
 
@@ -124,6 +139,15 @@ impl Backend for Epoll {
 
     fn detach(&mut self, stream: &mut TcpStream) {
         let _ = self.poll.registry().deregister(stream);
+    }
+
+    fn pause_reading(&mut self, _: &mut TcpStream) {
+        // Nothing to do: readiness is only acted on for connections that read.
+    }
+
+    fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
+        // Edge-triggered: what arrived while paused raised its edge already.
+        self.read(core, key, false);
     }
 
     fn is_idle(_: &TcpStream) -> bool {
@@ -170,7 +194,13 @@ impl Epoll {
         if buf.is_empty() {
             buf = vec![0; core.read_buffer_size()];
         }
-        while let Some(stream) = core.socket(key) {
+        let mut budget = READS_PER_TURN;
+        while let Some(stream) = core.reading_socket(key) {
+            if budget == 0 {
+                self.unfinished.push(key);
+                break;
+            }
+            budget -= 1;
             match stream.read(&mut buf) {
                 Ok(0) => {
                     core.on_eof(self, key);

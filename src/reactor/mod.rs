@@ -131,8 +131,25 @@ pub(crate) struct Io<'a, C> {
     pub key: usize,
     pub generation: u32,
     pub remote: &'a Remote<C>,
-    pub(crate) deadline: Option<Option<Instant>>,
-    pub(crate) close: CloseRequest,
+    pub(crate) effects: Effects,
+}
+
+/// What a [`Service`] call asked of the loop for its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Effects {
+    /// A new deadline (`Some(None)` disarms it).
+    pub deadline: Option<Option<Instant>>,
+    pub close: CloseRequest,
+    /// Stop (`Some(false)`) or resume (`Some(true)`) reading from the socket.
+    pub reading: Option<bool>,
+}
+
+impl Effects {
+    pub(crate) const NONE: Effects = Effects {
+        deadline: None,
+        close: CloseRequest::Keep,
+        reading: None,
+    };
 }
 
 impl<'a, C> Io<'a, C> {
@@ -142,21 +159,26 @@ impl<'a, C> Io<'a, C> {
             key,
             generation,
             remote,
-            deadline: None,
-            close: CloseRequest::Keep,
+            effects: Effects::NONE,
         }
     }
 
     /// Replaces the connection's deadline (`None` disarms it).
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = Some(deadline);
+        self.effects.deadline = Some(deadline);
     }
 
     /// Asks the loop to close after flushing (or at once with [`CloseRequest::Now`]).
     pub fn close(&mut self, how: CloseRequest) {
-        if how == CloseRequest::Now || self.close == CloseRequest::Keep {
-            self.close = how;
+        if how == CloseRequest::Now || self.effects.close == CloseRequest::Keep {
+            self.effects.close = how;
         }
+    }
+
+    /// Asks the loop to stop reading from the connection (`false`: its output is over the
+    /// limit) or to read again (`true`).
+    pub fn set_reading(&mut self, reading: bool) {
+        self.effects.reading = Some(reading);
     }
 }
 

@@ -7,18 +7,26 @@ use std::time::Duration;
 use crate::protocol::options::Options;
 use crate::reactor::{self, Backend};
 
-/// What a slow reader's connection gets once its outgoing buffer passes the limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens beyond [`ServerConfig::max_backpressure`], on top of the cap itself.
+///
+/// The cap always holds: while a connection's unsent output (its driver's queue, what
+/// the kernel holds for it, TLS records not yet written) is over the limit, a send is
+/// refused with [`UsageError::BufferFull`](crate::UsageError::BufferFull) and the message
+/// is not queued, and the loop stops reading from the connection (and delivering what it
+/// already read) until the output drains below half the limit, so TCP slows the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum BackpressurePolicy {
-    /// Keep queueing for `grace`; if the buffer is still over the limit then, close with
-    /// 1008 and drop the connection.
+    /// Only the cap: refused sends, paused reading. The default.
+    #[default]
+    DropNew,
+    /// The cap, and close with 1008 once the output has stayed over the limit for
+    /// `grace` (`Duration::ZERO`: at the first refused send, like uWebSockets'
+    /// `closeOnBackpressureLimit`).
     Close {
-        /// How long the buffer may stay over the limit.
+        /// How long the output may stay over the limit.
         grace: Duration,
     },
-    /// Refuse new sends with [`UsageError::BufferFull`](crate::UsageError::BufferFull) while over the limit.
-    DropNew,
 }
 
 /// Server settings. Every limit has a default; see each field.
@@ -42,9 +50,11 @@ pub struct ServerConfig {
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
     /// without input, close with 1001. Default `None` (off).
     pub idle_timeout: Option<Duration>,
-    /// Outgoing bytes a connection may queue before the policy applies. Default 1 MiB.
+    /// The cap on a connection's unsent output (see [`BackpressurePolicy`]). Default 1 MiB.
+    /// A connection's memory is bounded by this, one read buffer and the message being
+    /// assembled (`Options::max_length`).
     pub max_backpressure: usize,
-    /// Default: `Close { grace: 10 s }`.
+    /// Default [`BackpressurePolicy::DropNew`]: the cap only.
     pub backpressure_policy: BackpressurePolicy,
     /// Size of each loop's read buffer. Default 64 KiB.
     pub read_buffer_size: usize,
@@ -68,9 +78,7 @@ impl Default for ServerConfig {
             close_timeout: Duration::from_secs(5),
             idle_timeout: None,
             max_backpressure: 1 << 20,
-            backpressure_policy: BackpressurePolicy::Close {
-                grace: Duration::from_secs(10),
-            },
+            backpressure_policy: BackpressurePolicy::DropNew,
             read_buffer_size: 64 * 1024,
             #[cfg(feature = "tls")]
             tls: None,

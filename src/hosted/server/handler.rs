@@ -1,7 +1,7 @@
 //! What the application implements and holds: the upgrade decision, the [`Handler`]
 //! callbacks, the [`Ws`] handle inside them and the cross-thread [`Sender`].
 
-use super::{BackpressurePolicy, HttpResponse};
+use super::HttpResponse;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
-use crate::protocol::error::{Error, UsageError};
+use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::handshake::{Request, is_websocket};
 use crate::reactor::{Envelope, LoopStats, Remote};
 
@@ -109,10 +109,12 @@ pub(super) struct Ctx<'a> {
     pub generation: u32,
     pub remote: &'a Remote<Command>,
     pub max_backpressure: usize,
-    pub policy: BackpressurePolicy,
+    /// Close with 1008 at the first send refused by the cap.
+    pub close_on_limit: bool,
     pub stats: &'a LoopStats,
-    /// Bytes handed to the kernel and not yet sent (completion backends).
-    pub in_flight: usize,
+    /// Output queued outside the driver: handed to the kernel and not yet sent
+    /// (completion backends), or sealed into TLS records not yet written.
+    pub outside: usize,
     pub callbacks: &'a RefCell<Callbacks>,
 }
 
@@ -153,9 +155,15 @@ impl Pending {
 }
 
 impl Ws<'_> {
-    fn admit(&self) -> Result<(), Error> {
+    /// The cap: a send while the output is over the limit is refused (and, under
+    /// `BackpressurePolicy::Close { grace: ZERO }`, the connection closed with 1008).
+    fn admit(&mut self) -> Result<(), Error> {
         let buffered = self.buffered_amount();
-        if self.ctx.policy == BackpressurePolicy::DropNew && buffered > self.ctx.max_backpressure {
+        if buffered > self.ctx.max_backpressure {
+            if self.ctx.close_on_limit {
+                self.driver
+                    .abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+            }
             return Err(UsageError::BufferFull {
                 buffered,
                 limit: self.ctx.max_backpressure,
@@ -261,7 +269,7 @@ impl Ws<'_> {
 
     /// Bytes queued and not yet written.
     pub fn buffered_amount(&self) -> usize {
-        self.driver.buffered_amount() + self.ctx.in_flight
+        self.driver.buffered_amount() + self.ctx.outside
     }
 
     /// The client's address.

@@ -9,11 +9,13 @@ use super::{
     BackpressurePolicy, ClientInit, Command, Handler, ServerConfig, Upgrade, UpgradeRequest, Ws,
 };
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
@@ -35,6 +37,10 @@ pub(crate) struct WsService<F, H> {
     pool: Vec<Vec<u8>>,
     /// Write-completion and pong callbacks of this loop's connections.
     callbacks: RefCell<Callbacks>,
+    /// Input read but not yet delivered, by key, for connections whose output is over the
+    /// cap (their reading is paused): at most what was left of one read, plus receives
+    /// already under way when the pause began.
+    held: HashMap<usize, Vec<u8>>,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -49,6 +55,7 @@ impl<F, H> WsService<F, H> {
             stats,
             pool: Vec::new(),
             callbacks: RefCell::default(),
+            held: HashMap::new(),
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -113,17 +120,25 @@ where
         timer_config(&self.config)
     }
 
+    /// Whether a send refused by the cap closes the connection at once.
+    fn close_on_limit(&self) -> bool {
+        self.config.backpressure_policy
+            == (BackpressurePolicy::Close {
+                grace: Duration::ZERO,
+            })
+    }
+
     /// The handler context for a connection.
-    fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, in_flight: usize) -> Ctx<'a> {
+    fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, outside: usize) -> Ctx<'a> {
         Ctx {
             peer,
             key: io.key,
             generation: io.generation,
             remote: io.remote,
             max_backpressure: self.config.max_backpressure,
-            policy: self.config.backpressure_policy,
+            close_on_limit: self.close_on_limit(),
             stats: &self.stats,
-            in_flight,
+            outside,
             callbacks: &self.callbacks,
         }
     }
@@ -133,10 +148,11 @@ where
         if self.callbacks.borrow().is_empty() {
             return;
         }
+        let outside = Self::queued_outside(conn);
         let Phase::Open(driver, _) = &mut conn.phase else {
             return;
         };
-        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        let ctx = self.ctx(conn.peer, io, outside);
         loop {
             let due = {
                 let mut callbacks = self.callbacks.borrow_mut();
@@ -246,6 +262,7 @@ where
     /// Feeds input to the driver, runs the handler for each event, then settles deadlines
     /// and closing.
     fn pump(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        let outside = Self::queued_outside(conn);
         let Conn {
             phase: Phase::Open(driver, handler),
             timers,
@@ -255,9 +272,16 @@ where
             return;
         };
         let timer_config = self.timer_config();
-        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        let ctx = self.ctx(conn.peer, io, outside);
+        let cap = self.config.max_backpressure;
         let mut at = 0;
         loop {
+            // Over the cap, the handler hears nothing more of the peer's input until the
+            // output drains: what is left of this read waits (events the driver queued
+            // itself, such as an abort's close, still go out).
+            if at < data.len() && driver.buffered_amount() + outside > cap {
+                break;
+            }
             let (used, event) = driver.poll_event(&mut data[at..]);
             at += used;
             let Some(event) = event else { break };
@@ -299,7 +323,35 @@ where
                 }
             }
         }
+        // ... and the loop stops reading from it (TCP then slows the peer).
+        if driver.buffered_amount() + outside > cap {
+            self.held
+                .entry(io.key)
+                .or_default()
+                .extend_from_slice(&data[at..]);
+            io.set_reading(false);
+        }
         self.settle(conn, io);
+    }
+
+    /// Delivers held-back input once a paused connection's output has drained to half the
+    /// cap, and resumes reading if it all went through.
+    fn resume_if_drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        if self.held.is_empty() || !self.held.contains_key(&io.key) {
+            return;
+        }
+        let Phase::Open(driver, _) = &conn.phase else {
+            return;
+        };
+        if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure / 2
+        {
+            return;
+        }
+        let mut input = self.held.remove(&io.key).unwrap_or_default();
+        self.pump(conn, io, &mut input);
+        if !self.held.contains_key(&io.key) {
+            io.set_reading(true);
+        }
     }
 
     /// Recomputes the deadline and asks for a close once the driver is finished.
@@ -329,8 +381,12 @@ where
         };
         let result = match command {
             Command::Send(data, kind) => {
-                let over = driver.buffered_amount() + outside > self.config.max_backpressure;
-                if over && self.config.backpressure_policy == BackpressurePolicy::DropNew {
+                // The cap holds for sends from other threads too.
+                if driver.buffered_amount() + outside > self.config.max_backpressure {
+                    if self.close_on_limit() {
+                        driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+                        self.pump(conn, io, &mut []);
+                    }
                     return;
                 }
                 let sent = driver.send(&data, kind);
@@ -428,7 +484,11 @@ where
             Phase::Tunnel(_) => self.tunnel(conn, io, data),
             Phase::Open(..) => {
                 conn.timers.received(io.now, &self.timer_config());
-                self.pump(conn, io, data)
+                match self.held.get_mut(&io.key) {
+                    // Paused: receives that were already under way queue behind the rest.
+                    Some(held) => held.extend_from_slice(data),
+                    None => self.pump(conn, io, data),
+                }
             }
             Phase::Rejecting(..) | Phase::Done => {}
         }
@@ -496,13 +556,14 @@ where
     }
 
     fn drained_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
+        let outside = Self::queued_outside(conn);
         let Phase::Open(driver, handler) = &mut conn.phase else {
             return;
         };
         if driver.ready_state() != ReadyState::Open {
             return;
         }
-        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+        let ctx = self.ctx(conn.peer, io, outside);
         handler.on_drain(&mut Ws { driver, ctx: &ctx });
         self.settle(conn, io);
     }
@@ -534,6 +595,7 @@ where
             Phase::Open(driver, _) => {
                 driver.consume_output(n);
                 self.run_written(conn, io);
+                self.resume_if_drained(conn, io);
                 let Phase::Open(driver, _) = &mut conn.phase else {
                     return;
                 };
@@ -584,6 +646,7 @@ where
 
     fn sent_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
         conn.in_flight = conn.in_flight.saturating_sub(n);
+        self.resume_if_drained(conn, io);
         if conn.timers.is_over_limit() {
             self.settle(conn, io);
         }
@@ -605,8 +668,10 @@ where
                 self.recycle(driver);
             }
         }
-        // The key is free for the next connection: no callback of this one may linger.
+        // The key is free for the next connection: no callback or held input of this one
+        // may linger.
         self.callbacks.get_mut().remove(&io.key);
+        self.held.remove(&io.key);
         conn.phase = Phase::Done;
     }
 }

@@ -108,7 +108,7 @@ impl Backend for Uring {
         self.completions = completions;
         result?;
         for key in std::mem::take(&mut self.rearm_recv) {
-            if let Some(socket) = core.socket(key)
+            if let Some(socket) = core.reading_socket(key)
                 && socket.recv_op.is_none()
             {
                 socket.recv_op = Some(self.ring.recv(socket.stream.as_raw_fd(), key)?);
@@ -160,6 +160,21 @@ impl Backend for Uring {
             // If the cancel cannot be queued, the shutdown above still ends the receive.
             let _ = self.ring.cancel(recv);
         }
+    }
+
+    fn pause_reading(&mut self, socket: &mut Socket) {
+        // Receives already completed still arrive (the session holds them back); the
+        // cancel's completion ends the multishot receive.
+        if let Some(recv) = socket.recv_op {
+            let _ = self.ring.cancel(recv);
+        }
+    }
+
+    fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
+        // Armed at the end of the next completion batch (or when the cancelled receive
+        // has completed).
+        let _ = core;
+        self.rearm_recv.push(key);
     }
 
     fn is_idle(socket: &Socket) -> bool {
@@ -238,18 +253,16 @@ impl Uring {
                         socket.recv_op = None;
                     }
                 }
+                if !more {
+                    // Re-armed after this batch if the connection still reads (a
+                    // multishot receive ends on ENOBUFS, a cancel, or a full CQ).
+                    self.rearm_recv.push(key);
+                }
                 if result > 0 {
                     let bid = buffer.expect("multishot recv always selects a buffer");
                     core.on_data(self, key, bufs.buffer(bid, result as usize));
                     bufs.recycle(bid);
-                    if !more {
-                        self.rearm_recv.push(key);
-                    }
-                } else if result == -libc::ENOBUFS {
-                    // The buffer ring ran dry within one batch; buffers are recycled by the
-                    // end of this turn, so re-arm then.
-                    self.rearm_recv.push(key);
-                } else if result != -libc::ECANCELED {
+                } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
                     // 0 = EOF; negative = error.
                     core.on_eof(self, key);
                 }

@@ -64,8 +64,9 @@ where
                 Ok(()) => self.read_plain(conn, io, &mut plain),
                 Err(e) => {
                     // A TLS failure ends the connection; the alert (if any) goes out first.
+                    let outside = WsService::<F, H>::queued_outside(conn);
                     if let Phase::Open(driver, handler) = &mut conn.phase {
-                        let ctx = self.ctx(conn.peer, io, conn.in_flight);
+                        let ctx = self.ctx(conn.peer, io, outside);
                         handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
                         driver.abort(code::ABNORMAL, "TLS failure");
                     }
@@ -115,6 +116,8 @@ where
             if conn.timers.is_over_limit() {
                 self.settle(conn, io);
             }
+            self.resume_if_drained(conn, io);
+            self.seal(conn, io);
             return;
         }
         self.consume_plain(conn, io, n)
