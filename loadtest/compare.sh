@@ -3,7 +3,12 @@
 # tokio-tungstenite and fastwebsockets echo servers (loadtest/peers), driven by wsload.
 #
 #   loadtest/compare.sh [--rounds R] [--secs S] [--quick] [--idle-conns N] [--idle-secs S]
-#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m] [--no-idle] [--no-build]
+#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow] [--no-idle] [--no-build]
+#                       [--slow-conns N] [--flood-size B] [--out DIR]
+#
+# Scenario slow: wsload slow, one flooder that sends 64 KiB messages and never reads, next to
+# --slow-conns (10) echo clients of 1 KiB; records the server's RSS growth and whether the
+# flooder got disconnected. A server that dies there is recorded, not fatal.
 #
 # Servers: wsd-epoll, wsd-io-uring, tokio-tungstenite, fastwebsockets, and base-epoll /
 # base-io-uring: an earlier build of the echo example named by BASELINE_ECHO=path, to
@@ -28,14 +33,17 @@ IDLE_SECS=3
 IDLE=1
 BUILD=1
 SERVERS="wsd-epoll,wsd-io-uring,tokio-tungstenite,fastwebsockets"
-SCENARIOS="20b,1k,16k,1m"
+SCENARIOS="20b,1k,16k,1m,slow"
+SLOW_CONNS=10
+SLOW_SIZE=1024
+FLOOD_SIZE=65536
 OUT="$ROOT/loadtest/results"
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 PORT_BASE=${PORT_BASE:-19300}
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 while (($#)); do
@@ -50,6 +58,8 @@ while (($#)); do
         --no-idle) IDLE=0 ;;
         --no-build) BUILD=0 ;;
         --out) OUT=${2:?}; shift ;;
+        --slow-conns) SLOW_CONNS=${2:?}; shift ;;
+        --flood-size) FLOOD_SIZE=${2:?}; shift ;;
         -h | --help) usage 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; usage 2 ;;
     esac
@@ -57,6 +67,8 @@ while (($#)); do
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
 [[ $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "compare.sh: --secs needs a number" >&2; exit 2; }
+[[ $SLOW_CONNS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --slow-conns needs a positive integer" >&2; exit 2; }
+[[ $FLOOD_SIZE =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --flood-size needs a positive integer" >&2; exit 2; }
 
 log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -214,7 +226,8 @@ scenario() { # key -> SC_NAME SC_CONNS SC_SIZE
         1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
         16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
         1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
-        *) die "unknown scenario $1 (20b, 1k, 16k, 1m)" ;;
+        slow) SC_NAME="slow reader" SC_CONNS=$SLOW_CONNS SC_SIZE=$SLOW_SIZE ;;
+        *) die "unknown scenario $1 (20b, 1k, 16k, 1m, slow)" ;;
     esac
 }
 
@@ -267,6 +280,39 @@ print("    %s msgs/s, p99 %s us, server %s us/msg%s" % (
     "" if r["ok"] else "  PROBLEM: " + "; ".join(r.get("problems", []))))' >&2
 }
 
+run_slow() { # server round: one flooder that never reads + SLOW_CONNS echo clients
+    local server=$1 round=$2 tag out wlog rc exited=()
+    scenario slow
+    tag="slow-r$round-$server"
+    out=$TMP/$tag.json wlog=$OUT/logs/$tag.wsload.log
+    log "slow reader ($SC_CONNS×$SC_SIZE B echo + one $FLOOD_SIZE B flooder) round $round/$ROUNDS: $server"
+    if ! start_server "$server" "$OUT/logs/$tag.server.log"; then
+        echo '{}' >"$out"
+        python3 loadtest/report.py record --kind slow --server "$server" --scenario "$SC_NAME" \
+            --round "$round" --json "$out" --rc 125 --server-exited >>"$RUNS"
+        return
+    fi
+    timeout -k 5 "$(python3 -c "print(int($SECS) + 90)")" \
+        taskset -c "$CLIENT_CPU" "$WSLOAD" slow --url "ws://127.0.0.1:$PORT/" \
+        --conns "$SC_CONNS" --size "$SC_SIZE" --flood-size "$FLOOD_SIZE" --secs "$SECS" \
+        --pid "$SPID" >"$out" 2>"$wlog"
+    rc=$?
+    # A server the flooder took down (or the OOM killer did) is a result, not a failure here.
+    kill -0 "$SPID" 2>/dev/null || exited=(--server-exited)
+    stop_server
+    python3 loadtest/report.py record --kind slow --server "$server" --scenario "$SC_NAME" \
+        --round "$round" --json "$out" --rc "$rc" "${exited[@]}" >>"$RUNS"
+    tail -n 1 "$RUNS" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read()); w = r.get("wsload") or {}
+print("    %s msgs/s, p99 %s us, server RSS +%s MiB, flooder sent %s MiB, disconnected %s%s" % (
+    format(w.get("msgs_per_sec", 0), ",.0f"), w.get("p99_us", "-"),
+    format(w.get("server_rss_growth_max_kib", 0) / 1024, ".1f"),
+    format(w.get("flooder_bytes_sent", 0) / 2**20, ".1f"),
+    "yes" if w.get("flooder_disconnected") else "no",
+    "" if r["ok"] else "  PROBLEM: " + "; ".join(r.get("problems", []))))' >&2
+}
+
 run_idle() { # server round
     local server=$1 round=$2 tag out wlog rc exited=()
     tag="idle-r$round-$server"
@@ -297,7 +343,11 @@ start=$SECONDS
 for key in "${scenario_list[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do
         for server in "${server_list[@]}"; do
-            run_echo "$server" "$key" "$round"
+            if [[ $key == slow ]]; then
+                run_slow "$server" "$round"
+            else
+                run_echo "$server" "$key" "$round"
+            fi
         done
     done
 done

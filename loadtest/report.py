@@ -8,6 +8,11 @@
                             DIR/compare.md and DIR/compare.svg
     report.py selftest      summarize made-up runs into a temporary folder (checks this script)
 
+Slow-reader runs (`--kind slow`, from `wsload slow`) get their own table: the normal echo
+clients' rate and p99 next to the server's largest RSS growth, the bytes the non-reading
+flooder got in and whether the server disconnected it. A server that died during such a run
+is a result, not a failed measurement: its numbers stay in the table, flagged.
+
 Server CPU per message comes from /proc/PID/stat (utime + stime, in clock ticks) sampled
 each time wsload prints a progress line, so it covers the measuring window only; when fewer
 than two progress lines came (--secs < 2) it falls back to the whole wsload run (handshakes
@@ -133,6 +138,29 @@ def cmd_record(a):
             rec["client_cpu_util"] = rec["client_cpu_s"] / a.wall_s
         if not messages:
             problems.append("no messages")
+    elif a.kind == "slow":
+        notes = []
+        if not result:
+            problems.append("no JSON from wsload")
+        elif not result.get("flooder_connected", False):
+            problems.append(f"the flooder did not connect: {result.get('flooder_error')}")
+        if result:
+            if result.get("errors", 0):
+                notes.append(f"{result['errors']} errors on the normal clients")
+            if result.get("rss_cap_hit"):
+                notes.append(f"server RSS grew past wsload's cap ({result.get('server_rss_growth_max_kib', 0) // 1024} MiB): "
+                             "flooder stopped early")
+            if not result.get("messages"):
+                notes.append("the normal clients got no echo in the window")
+        if result and (a.server_exited or result.get("server_gone")):
+            notes.append("server died during the run")
+            rec["server_died"] = True
+            # A server the flooder took down is the scenario's result: keep its numbers.
+            problems = [p for p in problems if p != "server exited during the run"]
+            if a.rc == 0:
+                problems = [p for p in problems if not p.startswith("wsload exit status")]
+        if notes:
+            rec["notes"] = notes
     elif a.kind == "idle":
         if not result.get("all_opened", True) or result.get("held", result.get("conns")) != result.get("conns"):
             problems.append(f"held {result.get('held')} of {result.get('conns')} connections")
@@ -235,7 +263,78 @@ def summarize(runs, rounds=None, secs=None):
                                        if best and s["bytes_per_conn"] is not None else None)
         out["idle"] = {"conns": median([r["wsload"].get("conns") for r in idle_runs if r["wsload"]]),
                        "best_peer": best, "servers": servers}
+    out["slow"] = summarize_slow([r for r in runs if r["kind"] == "slow"])
     return out
+
+
+def summarize_slow(slow_runs):
+    """Slow-reader runs -> per server: medians over rounds for the normal clients and the
+    flooder, the largest RSS growth of any round (memory is about the worst case)."""
+    if not slow_runs:
+        return None
+    servers = {}
+    for server in ordered({r["server"] for r in slow_runs}):
+        mine = [r for r in slow_runs if r["server"] == server]
+        good = [r for r in mine if r["ok"]]
+        w = [r["wsload"] for r in good]
+        growth = [x.get("server_rss_growth_max_kib") for x in w if x.get("server_rss_growth_max_kib") is not None]
+        disc = [bool(x.get("flooder_disconnected")) for x in w]
+        servers[server] = {
+            "runs": len(mine),
+            "ok_runs": len(good),
+            "msgs_per_sec": median([x.get("msgs_per_sec") for x in w]),
+            "p50_us": median([x.get("p50_us") for x in w]),
+            "p99_us": median([x.get("p99_us") for x in w]),
+            "p999_us": median([x.get("p999_us") for x in w]),
+            "rss_start_kib": median([x.get("server_rss_start_kib") for x in w]),
+            "rss_growth_max_mib": max(growth) / 1024 if growth else None,
+            "flooder_mib_sent": median([x.get("flooder_bytes_sent", 0) / 2**20 for x in w]),
+            "flooder_last_progress_s": median([x.get("flooder_last_progress_s") for x in w]),
+            "flooder_disconnected_runs": sum(disc),
+            "flooder_disconnected_at_s": median([x.get("flooder_disconnected_at_s") for x in w]),
+            "rss_cap_hit_runs": sum(bool(x.get("rss_cap_hit")) for x in w),
+            "server_died_runs": sum(bool(r.get("server_died")) for r in mine),
+            "errors": sum((r["wsload"] or {}).get("errors", 0) for r in mine),
+            "problems": [f"round {r['round']}: {'; '.join(r['problems'])}" for r in mine if not r["ok"]],
+            "notes": [f"round {r['round']}: {'; '.join(r['notes'])}" for r in mine if r.get("notes")],
+        }
+    conns = next((r["wsload"].get("conns") for r in slow_runs if r["wsload"]), None)
+    size = next((r["wsload"].get("size") for r in slow_runs if r["wsload"]), None)
+    flood = next((r["wsload"].get("flood_size") for r in slow_runs if r["wsload"]), None)
+    return {"conns": conns, "size": size, "flood_size": flood, "servers": servers}
+
+
+def slow_title(slow):
+    return f"Slow reader (one non-reading flooder + {fmt(slow['conns']) if slow['conns'] else 'N'} echo clients)"
+
+
+def slow_table(slow):
+    """-> (header, rows) for the slow-reader table."""
+    header = ["server", "normal msgs/s", "normal p99 µs", "server RSS growth MiB (max)",
+              "flooder bytes sent MiB", "flooder disconnected", "errors"]
+    rows = []
+    for name, s in ((slow or {}).get("servers") or {}).items():
+        flags = []
+        if s["ok_runs"] != s["runs"]:
+            flags.append(f"{s['runs'] - s['ok_runs']} of {s['runs']} runs failed")
+        if s["server_died_runs"]:
+            flags.append("died" if s["server_died_runs"] == s["runs"] else f"died in {s['server_died_runs']} of {s['runs']}")
+        if s["rss_cap_hit_runs"]:
+            flags.append("RSS cap hit")
+        growth = fmt(s["rss_growth_max_mib"], 1)
+        if s["rss_cap_hit_runs"] and s["rss_growth_max_mib"] is not None:
+            growth = "≥ " + growth
+        n, d = s["ok_runs"], s["flooder_disconnected_runs"]
+        if not n:
+            disc = "—"
+        elif d == 0:
+            disc = "no"
+        else:
+            disc = ("yes" if d == n else f"{d} of {n}") + (f" ({s['flooder_disconnected_at_s']:.1f} s)"
+                                                          if s["flooder_disconnected_at_s"] is not None else "")
+        rows.append([name + (f" ({', '.join(flags)})" if flags else ""), fmt(s["msgs_per_sec"]), fmt(s["p99_us"]),
+                     growth, fmt(s["flooder_mib_sent"], 1), disc, str(s["errors"])])
+    return header, rows
 
 
 def fmt(x, digits=0, suffix=""):
@@ -314,6 +413,10 @@ def problems_text(summary):
         for name, s in summary["idle"]["servers"].items():
             for p in s["problems"]:
                 lines.append(f"idle / {name}: {p}")
+    if summary.get("slow"):
+        for name, s in summary["slow"]["servers"].items():
+            for p in s["problems"] + s["notes"]:
+                lines.append(f"slow reader / {name}: {p}")
     return lines
 
 
@@ -476,6 +579,11 @@ def cmd_summarize(a):
                  + " / ".join(PEERS) + ")", text_table(eh, er), ""]
     if ir:
         text += [f"Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", text_table(ih, ir, numeric_from=1), ""]
+    sh, sr = slow_table(summary.get("slow"))
+    if sr:
+        slow = summary["slow"]
+        text += [slow_title(slow) + f": {fmt(slow['size'])} B echo messages, {fmt(slow['flood_size'])} B flood messages; "
+                 "medians over rounds, RSS growth the largest of any round", text_table(sh, sr, numeric_from=1), ""]
     probs = problems_text(summary)
     busy = busy_warning(machine)
     if busy:
@@ -509,6 +617,17 @@ def cmd_summarize(a):
         md += [f"## Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", "",
                "Server RSS growth (VmRSS after opening and holding the connections − before) ÷ connections held.", "",
                md_table(ih, ir, numeric_from=1), ""]
+    if sr:
+        slow = summary["slow"]
+        md += [f"## {slow_title(slow)}", "",
+               f"`wsload slow`: one connection sends {fmt(slow['flood_size'])}-byte binary messages as fast as the "
+               f"socket takes them and never reads its echoes, while {fmt(slow['conns'])} normal connections run the "
+               f"echo workload ({fmt(slow['size'])} B, one message in flight each). Normal msgs/s and p99 are medians over "
+               "rounds; server RSS growth is the largest VmRSS − start seen (sampled every 100 ms) in any round; "
+               "flooder bytes sent counts what its socket accepted (a few MiB of that can sit in kernel buffers "
+               "without the server reading it); *flooder disconnected* means the server dropped it (a write "
+               "failed), with the median time after it started flooding.", "",
+               md_table(sh, sr, numeric_from=1), ""]
     if probs:
         md += ["## Notes", ""] + [f"- {p}" for p in probs] + [""]
     md += ["![chart](compare.svg)", ""]
@@ -548,6 +667,30 @@ def cmd_selftest(_a):
                          "wsload": {"mode": "idle", "conns": 10000, "held": 10000, "all_opened": True,
                                     "rss_before_kib": 2000, "rss_after_kib": 2000 + b * 10000 // 1024,
                                     "bytes_per_conn": b * rng.uniform(0.98, 1.02), "errors": 0}})
+    for rnd in range(1, 4):
+        for s in SERVERS:
+            cap = s == "wsd-epoll" and rnd == 2
+            died = s == "wsd-io-uring" and rnd == 3
+            no_flooder = s == "tokio-tungstenite" and rnd == 1
+            disc = s == "fastwebsockets"
+            w = {"mode": "slow", "conns": 10, "size": 1024, "flood_size": 65536, "secs": 5,
+                 "messages": 0 if died else 100000, "msgs_per_sec": 0.0 if died else 20000 * base[s],
+                 "p50_us": 80, "p99_us": 4000, "p999_us": 9000, "errors": 10 if died else 0,
+                 "server_rss_start_kib": 3000, "server_rss_growth_max_kib": 1030 * 1024 if cap else 2048 * rnd,
+                 "server_gone": died, "rss_cap_hit": cap, "flooder_connected": not no_flooder,
+                 "flooder_error": "refused" if no_flooder else None,
+                 "flooder_bytes_sent": (1 << 30) if cap else 8 << 20, "flooder_last_progress_s": 0.2,
+                 "flooder_disconnected": disc or died, "flooder_disconnected_at_s": 1.5 if disc else (2.0 if died else None)}
+            rec = {"kind": "slow", "server": s, "scenario": "slow reader", "round": rnd, "rc": 0,
+                   "ok": not no_flooder, "wsload": w}
+            if no_flooder:
+                rec["problems"] = ["the flooder did not connect: refused"]
+            if died:
+                rec["server_died"] = True
+                rec["notes"] = ["10 errors on the normal clients", "server died during the run"]
+            if cap:
+                rec["notes"] = ["server RSS grew past wsload's cap (1030 MiB): flooder stopped early"]
+            runs.append(rec)
     d = tempfile.mkdtemp(prefix="wsd-report-")
     path = os.path.join(d, "runs.jsonl")
     with open(path, "w") as f:
@@ -562,6 +705,16 @@ def cmd_selftest(_a):
     r = doc["scenarios"][0]["servers"]["wsd-io-uring"]["ratio_to_best_peer"]
     assert 1.1 < r < 1.5, r
     assert doc["idle"]["best_peer"] == "tokio-tungstenite"
+    slow = doc["slow"]["servers"]
+    assert slow["wsd-epoll"]["rss_growth_max_mib"] == 1030, slow["wsd-epoll"]
+    assert slow["wsd-epoll"]["rss_cap_hit_runs"] == 1 and slow["wsd-epoll"]["ok_runs"] == 3
+    assert slow["wsd-io-uring"]["server_died_runs"] == 1 and slow["wsd-io-uring"]["ok_runs"] == 3
+    assert slow["fastwebsockets"]["flooder_disconnected_runs"] == 3
+    assert slow["tokio-tungstenite"]["ok_runs"] == 2 and slow["tokio-tungstenite"]["problems"]
+    md = open(os.path.join(d, "compare.md"), encoding="utf-8").read()
+    assert "## Slow reader (one non-reading flooder + 10 echo clients)" in md
+    assert "| wsd-io-uring (died in 1 of 3) |" in md, md
+    assert "| fastwebsockets | " in md and "| yes (1.5 s) |" in md
     import xml.dom.minidom
     xml.dom.minidom.parse(os.path.join(d, "compare.svg"))  # well-formed
     print(f"selftest ok: {d}")
@@ -571,7 +724,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
-    r.add_argument("--kind", choices=["echo", "idle"], required=True)
+    r.add_argument("--kind", choices=["echo", "idle", "slow"], required=True)
     r.add_argument("--server", required=True)
     r.add_argument("--scenario", required=True)
     r.add_argument("--round", type=int, required=True)

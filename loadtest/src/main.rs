@@ -5,18 +5,23 @@
 //! wsload echo   --url ws://127.0.0.1:9001/ --conns 100 --size 20 --secs 10 [--inflight 1] [--text]
 //! wsload idle   --url ws://127.0.0.1:9001/ --conns 10000 --pid PID [--secs 5] [--hosts 4]
 //! wsload fanout --url ws://127.0.0.1:9002/ --subs 1000 --secs 10 [--rate 100]
+//! wsload slow   --url ws://127.0.0.1:9001/ --conns 10 --size 1024 --secs 5 --pid PID
+//!               [--flood-size 65536] [--max-rss-growth-mib 1024]
 //! ```
 //! Common options: `--threads N` (client event loops, default 1), `--backend auto|epoll|io-uring`.
 //! Every run is bounded in time and stops by itself.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use websocket_driver::client::ClientReactor;
 use websocket_driver::server::{Handler, Sender, ServerConfig, Ws};
-use websocket_driver::{Backend, Error, Message, Options};
+use websocket_driver::{Backend, Error, Event, Message, Options};
 
 struct Args {
     mode: String,
@@ -31,13 +36,15 @@ struct Args {
     rate: f64,
     threads: usize,
     backend: Backend,
+    flood_size: usize,
+    max_rss_growth_kib: u64,
 }
 
 fn parse_args() -> Args {
     let mut argv = std::env::args().skip(1);
     let mode = argv
         .next()
-        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout)"));
+        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout, slow)"));
     let mut args = Args {
         mode,
         url: "ws://127.0.0.1:9001/".into(),
@@ -51,6 +58,8 @@ fn parse_args() -> Args {
         rate: 100.0,
         threads: 1,
         backend: Backend::Auto,
+        flood_size: 64 * 1024,
+        max_rss_growth_kib: 1024 * 1024,
     };
     while let Some(flag) = argv.next() {
         let mut value = |name: &str| {
@@ -71,6 +80,13 @@ fn parse_args() -> Args {
             "--pid" => args.pid = Some(num("--pid", value("--pid"))),
             "--hosts" => args.hosts = num::<usize>("--hosts", value("--hosts")).clamp(1, 250),
             "--rate" => args.rate = num("--rate", value("--rate")),
+            "--flood-size" => {
+                args.flood_size = num::<usize>("--flood-size", value("--flood-size")).max(1)
+            }
+            "--max-rss-growth-mib" => {
+                args.max_rss_growth_kib =
+                    num::<u64>("--max-rss-growth-mib", value("--max-rss-growth-mib")) * 1024
+            }
             "--threads" => args.threads = num::<usize>("--threads", value("--threads")).max(1),
             "--backend" => {
                 args.backend = value("--backend")
@@ -98,6 +114,8 @@ fn usage(problem: &str) -> ! {
         "usage:\n  wsload echo --url URL --conns N --size B --secs S [--inflight K] [--text]\n  \
          wsload idle --url URL --conns N --pid PID [--secs S] [--hosts K]\n  \
          wsload fanout --url URL --subs N --secs S [--rate R]\n  \
+         wsload slow --url URL --conns N --size B --secs S --pid PID [--flood-size F] \
+         [--max-rss-growth-mib M]\n  \
          common: [--threads N] [--backend auto|epoll|io-uring]"
     );
     std::process::exit(2)
@@ -271,104 +289,180 @@ impl Handler for EchoLoad {
     }
 }
 
-fn echo(args: &Args) {
-    let shared = Arc::new(Shared::default());
-    let clients: ClientReactor<EchoLoad> = reactor(args, None);
-    for _ in 0..args.conns {
-        let handler = EchoLoad {
-            shared: shared.clone(),
-            size: args.size,
-            text: args.text,
-            inflight: args.inflight,
-            next_seq: 0,
-            expect_seq: 0,
-            sent_at: VecDeque::new(),
-            out: pattern(args.size, args.text),
-            expected: pattern(args.size, args.text),
-            latencies: Vec::new(),
-        };
-        clients
-            .connect(&args.url, handler)
-            .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
-    }
-    let opened = wait_until(
-        "connections",
-        Duration::from_secs(30),
-        || {
-            shared.opened.load(Ordering::Relaxed) + shared.closed.load(Ordering::Relaxed)
-                >= args.conns
-        },
-        || {
-            format!(
-                "{} of {} open",
+/// The `echo` workload's connections: opened by [`EchoRun::open`], measured by
+/// [`EchoRun::measure`], closed and summed up by [`EchoRun::finish`]. `slow` runs the same
+/// workload next to its flooder.
+struct EchoRun {
+    shared: Arc<Shared>,
+    clients: ClientReactor<EchoLoad>,
+    conns: usize,
+}
+
+/// What the echo connections measured.
+struct EchoStats {
+    secs: f64,
+    messages: u64,
+    bytes: u64,
+    errors: u64,
+    p50_us: u32,
+    p99_us: u32,
+    p999_us: u32,
+}
+
+impl EchoRun {
+    /// Connects `args.conns` echo connections and waits until all are open (exits if not).
+    fn open(args: &Args) -> EchoRun {
+        let shared = Arc::new(Shared::default());
+        let clients: ClientReactor<EchoLoad> = reactor(args, None);
+        for _ in 0..args.conns {
+            let handler = EchoLoad {
+                shared: shared.clone(),
+                size: args.size,
+                text: args.text,
+                inflight: args.inflight,
+                next_seq: 0,
+                expect_seq: 0,
+                sent_at: VecDeque::new(),
+                out: pattern(args.size, args.text),
+                expected: pattern(args.size, args.text),
+                latencies: Vec::new(),
+            };
+            clients
+                .connect(&args.url, handler)
+                .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
+        }
+        let opened = wait_until(
+            "connections",
+            Duration::from_secs(30),
+            || {
+                shared.opened.load(Ordering::Relaxed) + shared.closed.load(Ordering::Relaxed)
+                    >= args.conns
+            },
+            || {
+                format!(
+                    "{} of {} open",
+                    shared.opened.load(Ordering::Relaxed),
+                    args.conns
+                )
+            },
+        );
+        if !opened || shared.opened.load(Ordering::Relaxed) < args.conns {
+            usage(&format!(
+                "only {} of {} connections opened",
                 shared.opened.load(Ordering::Relaxed),
                 args.conns
-            )
-        },
-    );
-    if !opened || shared.opened.load(Ordering::Relaxed) < args.conns {
-        usage(&format!(
-            "only {} of {} connections opened",
-            shared.opened.load(Ordering::Relaxed),
-            args.conns
-        ));
+            ));
+        }
+        EchoRun {
+            shared,
+            clients,
+            conns: args.conns,
+        }
     }
-    // Warm up for a moment, then measure a fixed window.
-    std::thread::sleep(Duration::from_millis(200));
-    shared.measuring.store(true, Ordering::Relaxed);
-    let start = Instant::now();
-    let window = Duration::from_secs_f64(args.secs);
-    let mut last = 0;
-    while start.elapsed() < window {
-        std::thread::sleep(Duration::from_secs(1).min(window.saturating_sub(start.elapsed())));
-        let now = shared.received.load(Ordering::Relaxed);
-        eprintln!(
-            "wsload: {:>5.1}s {:>10} msgs/s",
-            start.elapsed().as_secs_f64(),
-            now - last
+
+    /// Warms up for a moment, then measures a window of `secs`: a progress line on stderr
+    /// every second (`wsload:   1.0s   12345 msgs/s`, then whatever `extra` adds), and
+    /// `tick` called every `tick_every` meanwhile. Returns the window's length in seconds.
+    fn measure(
+        &self,
+        secs: f64,
+        tick_every: Duration,
+        mut tick: impl FnMut(),
+        extra: impl Fn() -> String,
+    ) -> f64 {
+        std::thread::sleep(Duration::from_millis(200));
+        self.shared.measuring.store(true, Ordering::Relaxed);
+        let start = Instant::now();
+        let window = Duration::from_secs_f64(secs);
+        let mut last = 0;
+        let mut last_line = start;
+        while start.elapsed() < window {
+            let left = window.saturating_sub(start.elapsed());
+            let to_line = Duration::from_secs(1).saturating_sub(last_line.elapsed());
+            std::thread::sleep(tick_every.min(left).min(to_line));
+            tick();
+            if last_line.elapsed() >= Duration::from_secs(1) || start.elapsed() >= window {
+                let now = self.shared.received.load(Ordering::Relaxed);
+                eprintln!(
+                    "wsload: {:>5.1}s {:>10} msgs/s{}",
+                    start.elapsed().as_secs_f64(),
+                    now - last,
+                    extra()
+                );
+                last = now;
+                last_line = Instant::now();
+            }
+        }
+        self.shared.measuring.store(false, Ordering::Relaxed);
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Stops sending, waits (bounded) for every connection to close, shuts the client
+    /// reactor down and sums up.
+    fn finish(self, secs: f64) -> EchoStats {
+        let shared = &self.shared;
+        shared.stop.store(true, Ordering::Relaxed);
+        wait_until(
+            "connections to close",
+            Duration::from_secs(15),
+            || shared.closed.load(Ordering::Relaxed) >= self.conns,
+            || {
+                format!(
+                    "{} of {} closed",
+                    shared.closed.load(Ordering::Relaxed),
+                    self.conns
+                )
+            },
         );
-        last = now;
+        let _ = self.clients.shutdown(Duration::from_secs(2));
+        let mut latencies = std::mem::take(&mut *shared.latencies.lock().unwrap());
+        latencies.sort_unstable();
+        EchoStats {
+            secs,
+            messages: shared.received.load(Ordering::Relaxed),
+            bytes: shared.bytes.load(Ordering::Relaxed),
+            errors: shared.errors.load(Ordering::Relaxed)
+                + shared.failed.load(Ordering::Relaxed) as u64,
+            p50_us: percentile(&latencies, 50.0),
+            p99_us: percentile(&latencies, 99.0),
+            p999_us: percentile(&latencies, 99.9),
+        }
     }
-    shared.measuring.store(false, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    shared.stop.store(true, Ordering::Relaxed);
-    wait_until(
-        "connections to close",
-        Duration::from_secs(15),
-        || shared.closed.load(Ordering::Relaxed) >= args.conns,
-        || {
-            format!(
-                "{} of {} closed",
-                shared.closed.load(Ordering::Relaxed),
-                args.conns
-            )
-        },
-    );
-    let _ = clients.shutdown(Duration::from_secs(2));
-    let mut latencies = std::mem::take(&mut *shared.latencies.lock().unwrap());
-    latencies.sort_unstable();
-    let messages = shared.received.load(Ordering::Relaxed);
-    let bytes = shared.bytes.load(Ordering::Relaxed);
-    let errors =
-        shared.errors.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) as u64;
+}
+
+impl EchoStats {
+    /// The JSON fields both `echo` and `slow` report, without braces.
+    fn json_fields(&self) -> String {
+        format!(
+            "\"secs\":{:.3},\"messages\":{},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\
+             \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}",
+            self.secs,
+            self.messages,
+            self.messages as f64 / self.secs,
+            self.bytes as f64 / self.secs / 1e6,
+            self.p50_us,
+            self.p99_us,
+            self.p999_us,
+            self.errors,
+        )
+    }
+}
+
+fn echo(args: &Args) {
+    let run = EchoRun::open(args);
+    let secs = run.measure(args.secs, Duration::from_secs(1), || {}, String::new);
+    let backend = run.clients.backend();
+    let stats = run.finish(secs);
     println!(
-        "{{\"mode\":\"echo\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},\"secs\":{:.3},\
-         \"messages\":{},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\
-         \"errors\":{},\"client_backend\":\"{}\"}}",
+        "{{\"mode\":\"echo\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},{},\
+         \"client_backend\":\"{}\"}}",
         args.url,
         args.conns,
         args.size,
         args.inflight,
         args.text,
-        elapsed,
-        messages,
-        messages as f64 / elapsed,
-        bytes as f64 / elapsed / 1e6,
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        percentile(&latencies, 99.9),
-        errors,
-        clients.backend(),
+        stats.json_fields(),
+        backend,
     );
 }
 
@@ -388,6 +482,11 @@ impl Handler for Idle {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    try_rss_kib(pid).unwrap_or_else(|| usage(&format!("cannot read the RSS of pid {pid}")))
+}
+
+/// VmRSS of `pid` in KiB, or `None` once the process is gone.
+fn try_rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -395,7 +494,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
-        .unwrap_or_else(|| usage(&format!("cannot read the RSS of pid {pid}")))
 }
 
 /// The URL with its host replaced by 127.0.0.(1 + i % hosts), so more than one
@@ -577,6 +675,284 @@ fn fanout(args: &Args) {
     );
 }
 
+// ----- slow -----
+
+/// The flooder's phases, in `FloodState::phase`.
+const FLOOD_CONNECTING: usize = 0;
+const FLOOD_OPEN: usize = 1;
+const FLOOD_FAILED: usize = 2;
+
+/// What the flooder thread and the main thread share while it runs.
+#[derive(Default)]
+struct FloodState {
+    phase: AtomicUsize,
+    stop: AtomicBool,
+    /// Frame bytes the socket took (the handshake not counted).
+    bytes: AtomicU64,
+}
+
+/// How the flood went. Times are seconds since the flooder's handshake completed.
+struct FloodResult {
+    /// Why the connection or the handshake failed, if it did.
+    connect_error: Option<String>,
+    frames: u64,
+    secs: f64,
+    /// The last write that moved bytes: long before `secs` means the server stopped
+    /// reading the flooder (its receive window filled up).
+    last_progress_s: f64,
+    /// When a write failed (reset or broken pipe: the server dropped the connection) and why.
+    disconnected: Option<(f64, String)>,
+}
+
+/// `host:port` of a `ws://host:port/...` URL.
+fn host_port(url: &str) -> String {
+    let rest = url.strip_prefix("ws://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if authority.contains("]:") || (!authority.starts_with('[') && authority.contains(':')) {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    }
+}
+
+/// Connects a plain blocking socket and completes the opening handshake with a client
+/// [`Driver`](websocket_driver::Driver) (which only encodes and parses; no reactor).
+fn flooder_connect(url: &str) -> Result<(TcpStream, websocket_driver::Driver), String> {
+    let addr = host_port(url)
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: no address"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .and_then(|_| stream.set_write_timeout(Some(Duration::from_secs(10))))
+        .map_err(|e| e.to_string())?;
+    let mut driver = websocket_driver::make_client(url, &Options::default())
+        .map_err(|e| format!("client driver: {e}"))?;
+    driver.start_connection();
+    let request = driver.pending_output().to_vec();
+    stream.write_all(&request).map_err(|e| e.to_string())?;
+    driver.consume_output(request.len());
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed during the handshake".into());
+        }
+        let mut at = 0;
+        loop {
+            let (used, event) = driver.poll_event(&mut buf[at..n]);
+            at += used;
+            match event {
+                None => break,
+                Some(Event::Open) => return Ok((stream, driver)),
+                Some(Event::Error(e)) => return Err(format!("handshake: {e}")),
+                Some(Event::Close { code, .. }) => {
+                    return Err(format!("closed during the handshake ({code})"));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// The flooder: one connection that sends `size`-byte binary messages as fast as the
+/// socket takes them and never reads, on a plain blocking socket in its own thread, so
+/// nothing on this side (no reactor, no flow control of ours) holds it back. Stops when
+/// `state.stop` is set or a write fails; the socket is closed on return.
+fn flood(url: &str, size: usize, state: &FloodState) -> FloodResult {
+    let (mut stream, mut driver) = match flooder_connect(url) {
+        Ok(open) => open,
+        Err(e) => {
+            state.phase.store(FLOOD_FAILED, Ordering::Release);
+            return FloodResult {
+                connect_error: Some(e),
+                frames: 0,
+                secs: 0.0,
+                last_progress_s: 0.0,
+                disconnected: None,
+            };
+        }
+    };
+    // One masked frame, encoded once by the driver and written again and again: the server
+    // cannot tell a reused mask from a fresh one, and the flooder stays cheap on the client CPU.
+    driver
+        .send_binary(&pattern(size, false))
+        .expect("an open client driver sends");
+    let frame = driver.pending_output().to_vec();
+    driver.consume_output(frame.len());
+    // Short write timeouts so a flooder the server no longer reads still sees `stop`.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    state.phase.store(FLOOD_OPEN, Ordering::Release);
+    let start = Instant::now();
+    let mut last_progress = start;
+    let (mut pos, mut frames) = (0, 0u64);
+    let mut disconnected = None;
+    while !state.stop.load(Ordering::Relaxed) {
+        match stream.write(&frame[pos..]) {
+            Ok(0) => {
+                disconnected = Some((start.elapsed().as_secs_f64(), "write returned 0".into()));
+                break;
+            }
+            Ok(n) => {
+                state.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                last_progress = Instant::now();
+                pos += n;
+                if pos == frame.len() {
+                    pos = 0;
+                    frames += 1;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                disconnected = Some((start.elapsed().as_secs_f64(), e.to_string()));
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+    FloodResult {
+        connect_error: None,
+        frames,
+        secs: start.elapsed().as_secs_f64(),
+        last_progress_s: last_progress.duration_since(start).as_secs_f64(),
+        disconnected,
+    }
+}
+
+/// A JSON string (or `null`).
+fn json_str(s: Option<&str>) -> String {
+    match s {
+        None => "null".into(),
+        Some(s) => {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+    }
+}
+
+/// `slow`: the `echo` workload on `--conns` connections next to one flooder that never
+/// reads, while the server's VmRSS is sampled every 100 ms. Shows whether the server
+/// bounds the memory a non-reading client costs it, and whether the other clients still
+/// get served.
+fn slow(args: &Args) {
+    let pid = args
+        .pid
+        .unwrap_or_else(|| usage("slow needs --pid of the server"));
+    let rss_start = rss_kib(pid);
+    let run = EchoRun::open(args);
+    let state = Arc::new(FloodState::default());
+    let flooder = {
+        let (state, url, size) = (state.clone(), args.url.clone(), args.flood_size);
+        std::thread::Builder::new()
+            .name("flooder".into())
+            .spawn(move || flood(&url, size, &state))
+            .unwrap_or_else(|e| usage(&format!("cannot start the flooder thread: {e}")))
+    };
+    wait_until(
+        "the flooder's handshake",
+        Duration::from_secs(20),
+        || state.phase.load(Ordering::Acquire) != FLOOD_CONNECTING,
+        || "connecting".into(),
+    );
+    let rss_max = Cell::new(rss_start);
+    let rss_last = Cell::new(rss_start);
+    let samples = Cell::new(1u64);
+    let gone = Cell::new(false);
+    let capped = Cell::new(false);
+    let sample = || match try_rss_kib(pid) {
+        Some(kib) => {
+            rss_last.set(kib);
+            rss_max.set(rss_max.get().max(kib));
+            samples.set(samples.get() + 1);
+            if kib.saturating_sub(rss_start) > args.max_rss_growth_kib && !capped.get() {
+                // A server without flow control could take the machine's memory: stop here.
+                eprintln!(
+                    "wsload: server RSS grew by {} MiB (over --max-rss-growth-mib): stopping the flooder",
+                    kib.saturating_sub(rss_start) / 1024
+                );
+                capped.set(true);
+                state.stop.store(true, Ordering::Relaxed);
+            }
+        }
+        None => gone.set(true),
+    };
+    let secs = run.measure(args.secs, Duration::from_millis(100), sample, || {
+        format!(
+            ", server RSS {} MiB, flooder sent {} MiB",
+            rss_last.get() / 1024,
+            state.bytes.load(Ordering::Relaxed) >> 20
+        )
+    });
+    sample();
+    state.stop.store(true, Ordering::Relaxed);
+    let flood = flooder
+        .join()
+        .unwrap_or_else(|_| usage("the flooder thread panicked"));
+    let backend = run.clients.backend();
+    let stats = run.finish(secs);
+    if let Some(e) = &flood.connect_error {
+        eprintln!("wsload: the flooder did not connect: {e}");
+    }
+    let growth = rss_max.get().saturating_sub(rss_start);
+    eprintln!(
+        "wsload: server RSS {rss_start} KiB at start, +{growth} KiB at most; flooder sent {} MiB{}",
+        state.bytes.load(Ordering::Relaxed) >> 20,
+        match &flood.disconnected {
+            Some((at, why)) => format!(", disconnected after {at:.2} s ({why})"),
+            None => String::new(),
+        }
+    );
+    println!(
+        "{{\"mode\":\"slow\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"flood_size\":{},{},\
+         \"server_rss_start_kib\":{},\"server_rss_max_kib\":{},\"server_rss_end_kib\":{},\
+         \"server_rss_growth_max_kib\":{},\"rss_samples\":{},\"server_gone\":{},\"rss_cap_hit\":{},\
+         \"flooder_connected\":{},\"flooder_error\":{},\"flooder_bytes_sent\":{},\"flooder_frames_sent\":{},\
+         \"flooder_secs\":{:.3},\"flooder_last_progress_s\":{:.3},\"flooder_disconnected\":{},\
+         \"flooder_disconnected_at_s\":{},\"flooder_disconnect_reason\":{},\"client_backend\":\"{}\"}}",
+        args.url,
+        args.conns,
+        args.size,
+        args.flood_size,
+        stats.json_fields(),
+        rss_start,
+        rss_max.get(),
+        rss_last.get(),
+        growth,
+        samples.get(),
+        gone.get(),
+        capped.get(),
+        flood.connect_error.is_none(),
+        json_str(flood.connect_error.as_deref()),
+        state.bytes.load(Ordering::Relaxed),
+        flood.frames,
+        flood.secs,
+        flood.last_progress_s,
+        flood.disconnected.is_some(),
+        flood
+            .disconnected
+            .as_ref()
+            .map_or("null".into(), |(at, _)| format!("{at:.3}")),
+        json_str(flood.disconnected.as_ref().map(|(_, why)| why.as_str())),
+        backend,
+    );
+}
+
 fn main() {
     // The library prints nothing (its backend line goes to the `log` facade, with no
     // logger installed here); the JSON reports the client backend.
@@ -589,6 +965,7 @@ fn main() {
         "echo" => echo(&args),
         "idle" => idle(&args),
         "fanout" => fanout(&args),
+        "slow" => slow(&args),
         other => usage(&format!("unknown mode {other}")),
     }
 }

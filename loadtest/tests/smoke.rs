@@ -1,5 +1,5 @@
 //! `wsload echo` for one second against an in-process echo server: a non-zero rate and
-//! zero errors, on each server backend.
+//! zero errors, on each server backend; `wsload slow` likewise, with its flooder.
 
 use std::process::Command;
 use std::time::Duration;
@@ -26,7 +26,8 @@ fn field(json: &str, name: &str) -> f64 {
         .unwrap_or_else(|_| panic!("{name} is not a number in {json}"))
 }
 
-fn smoke(backend: Backend, extra: &[&str]) {
+/// Runs `wsload MODE --url URL ARGS…` against an in-process echo server; its JSON.
+fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
@@ -38,10 +39,8 @@ fn smoke(backend: Backend, extra: &[&str]) {
         .unwrap();
     let url = format!("ws://{}/", server.local_addr());
     let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
-        .args([
-            "echo", "--url", &url, "--conns", "10", "--size", "100", "--secs", "1",
-        ])
-        .args(extra)
+        .args([mode, "--url", &url])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -49,11 +48,16 @@ fn smoke(backend: Backend, extra: &[&str]) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let json = String::from_utf8(output.stdout).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn smoke(backend: Backend, extra: &[&str]) {
+    let args = [&["--conns", "10", "--size", "100", "--secs", "1"], extra].concat();
+    let json = run_wsload(backend, "echo", &args);
     assert!(field(&json, "msgs_per_sec") > 0.0, "{json}");
     assert_eq!(field(&json, "errors"), 0.0, "{json}");
     assert!(field(&json, "p50_us") <= field(&json, "p99_us"), "{json}");
-    server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
 #[test]
@@ -67,4 +71,38 @@ fn echo_smoke_on_io_uring_with_text_and_inflight() {
         Backend::IoUring,
         &["--backend", "io-uring", "--text", "--inflight", "4"],
     );
+}
+
+/// `wsload slow` against this process's own server: the flooder connects and gets bytes
+/// in, the echo clients still get echoes, the RSS is read. Its flood is capped at 64 MiB
+/// of growth so the test process stays small whatever the server's flow control does.
+#[test]
+fn slow_smoke_on_epoll() {
+    let pid = std::process::id().to_string();
+    let json = run_wsload(
+        Backend::Epoll,
+        "slow",
+        &[
+            "--conns",
+            "4",
+            "--size",
+            "100",
+            "--secs",
+            "1",
+            "--pid",
+            &pid,
+            "--flood-size",
+            "16384",
+            "--max-rss-growth-mib",
+            "64",
+            "--backend",
+            "epoll",
+        ],
+    );
+    assert!(json.contains("\"mode\":\"slow\""), "{json}");
+    assert!(json.contains("\"flooder_connected\":true"), "{json}");
+    assert!(field(&json, "flooder_bytes_sent") > 0.0, "{json}");
+    assert!(field(&json, "server_rss_start_kib") > 0.0, "{json}");
+    assert!(field(&json, "messages") > 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
 }
