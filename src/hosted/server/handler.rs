@@ -7,6 +7,8 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, UsageError, code};
@@ -116,6 +118,7 @@ pub(super) struct Ctx<'a> {
     /// (completion backends), or sealed into TLS records not yet written.
     pub outside: usize,
     pub callbacks: &'a RefCell<Callbacks>,
+    pub gauges: &'a RefCell<Gauges>,
 }
 
 /// A write-completion or pong callback of a hosted connection.
@@ -279,10 +282,24 @@ impl Ws<'_> {
 
     /// A handle other threads can send through.
     pub fn sender(&self) -> Sender {
+        let gauge = self
+            .ctx
+            .gauges
+            .borrow_mut()
+            .entry(self.ctx.key)
+            .or_insert_with(|| {
+                Arc::new(Gauge {
+                    queued: AtomicUsize::new(0),
+                    backlog: AtomicUsize::new(self.buffered_amount()),
+                    limit: self.ctx.max_backpressure,
+                })
+            })
+            .clone();
         Sender {
             remote: self.ctx.remote.clone(),
             key: self.ctx.key,
             generation: self.ctx.generation,
+            gauge,
         }
     }
 }
@@ -294,7 +311,21 @@ pub struct Sender {
     remote: Remote<Command>,
     key: usize,
     generation: u32,
+    gauge: Arc<Gauge>,
 }
+
+/// What the [`Sender`]s of one connection share with its loop, so the cap on its output
+/// covers what other threads queued for it too.
+pub(super) struct Gauge {
+    /// Bytes of messages in the loop's inbox for this connection.
+    pub queued: AtomicUsize,
+    /// The connection's unsent output, as the loop last saw it.
+    pub backlog: AtomicUsize,
+    pub limit: usize,
+}
+
+/// The gauges of a loop's connections that have [`Sender`]s, by slab key.
+pub(super) type Gauges = HashMap<usize, Arc<Gauge>>;
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,19 +345,40 @@ impl Sender {
         })
     }
 
-    /// Queues a text message. Fails only if the server has stopped.
+    /// Queues a text message (see [`Sender::send`]).
     pub fn send_text(&self, text: impl Into<String>) -> io::Result<()> {
-        self.post(Command::Send(text.into().into_bytes(), MessageType::Text))
+        self.send(text.into().into_bytes(), MessageType::Text)
     }
 
-    /// Queues a binary message.
+    /// Queues a binary message (see [`Sender::send`]).
     pub fn send_binary(&self, data: impl Into<Vec<u8>>) -> io::Result<()> {
-        self.post(Command::Send(data.into(), MessageType::Binary))
+        self.send(data.into(), MessageType::Binary)
     }
 
-    /// Queues a message of any type (as [`Ws::send`]).
+    /// Queues a message of any type (as [`Ws::send`]). The connection's output cap
+    /// (`ServerConfig::max_backpressure`) counts what senders have queued and not yet
+    /// handed to the loop: while the two together are over it, this fails with
+    /// [`io::ErrorKind::WouldBlock`] wrapping [`UsageError::BufferFull`] and queues
+    /// nothing. It also fails if the server has stopped. A message for a connection that
+    /// has closed meanwhile is dropped by its loop.
     pub fn send(&self, data: impl Into<Vec<u8>>, kind: MessageType) -> io::Result<()> {
-        self.post(Command::Send(data.into(), kind))
+        let data = data.into();
+        let gauge = &self.gauge;
+        let buffered = gauge.queued.load(Ordering::Acquire) + gauge.backlog.load(Ordering::Acquire);
+        if buffered > gauge.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                Error::Usage(UsageError::BufferFull {
+                    buffered,
+                    limit: gauge.limit,
+                }),
+            ));
+        }
+        let len = data.len();
+        gauge.queued.fetch_add(len, Ordering::AcqRel);
+        self.post(Command::Send(data, kind)).inspect_err(|_| {
+            gauge.queued.fetch_sub(len, Ordering::AcqRel);
+        })
     }
 
     /// Starts the close handshake. A close code that may not be sent or a reason over

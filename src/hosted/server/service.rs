@@ -1,7 +1,7 @@
 //! The per-connection service the loops drive: the upgrade, the session's deadlines,
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
-use super::handler::{Callbacks, Ctx};
+use super::handler::{Callbacks, Ctx, Gauges};
 use super::tunnel::{Progress, Tunnel};
 
 mod dispatch;
@@ -10,6 +10,7 @@ use super::{
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use std::io;
 use std::marker::PhantomData;
@@ -41,6 +42,8 @@ pub(crate) struct WsService<F, H> {
     /// cap (their reading is paused): at most what was left of one read, plus receives
     /// already under way when the pause began.
     held: HashMap<usize, Vec<u8>>,
+    /// What the `Sender`s of connections that have any share with the loop.
+    gauges: RefCell<Gauges>,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -56,6 +59,7 @@ impl<F, H> WsService<F, H> {
             pool: Vec::new(),
             callbacks: RefCell::default(),
             held: HashMap::new(),
+            gauges: RefCell::default(),
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -140,6 +144,7 @@ where
             stats: &self.stats,
             outside,
             callbacks: &self.callbacks,
+            gauges: &self.gauges,
         }
     }
 
@@ -334,17 +339,21 @@ where
         self.settle(conn, io);
     }
 
-    /// Delivers held-back input once a paused connection's output has drained to half the
-    /// cap, and resumes reading if it all went through.
+    /// After output progress: delivers held-back input once a paused connection's output
+    /// has drained to half the cap, and resumes reading if it all went through.
+    /// Also tells the connection's senders, if any, how much output is left.
     fn resume_if_drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
-        if self.held.is_empty() || !self.held.contains_key(&io.key) {
+        if self.held.is_empty() && self.gauges.get_mut().is_empty() {
             return;
         }
         let Phase::Open(driver, _) = &conn.phase else {
             return;
         };
-        if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure / 2
-        {
+        let backlog = driver.buffered_amount() + Self::queued_outside(conn);
+        if let Some(gauge) = self.gauges.get_mut().get(&io.key) {
+            gauge.backlog.store(backlog, Ordering::Release);
+        }
+        if !self.held.contains_key(&io.key) || backlog > self.config.max_backpressure / 2 {
             return;
         }
         let mut input = self.held.remove(&io.key).unwrap_or_default();
@@ -361,8 +370,13 @@ where
         };
         let timer_config = self.timer_config();
         let state = driver.ready_state();
-        let over =
-            driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure;
+        let backlog = driver.buffered_amount() + Self::queued_outside(conn);
+        let over = backlog > self.config.max_backpressure;
+        if !self.gauges.get_mut().is_empty()
+            && let Some(gauge) = self.gauges.get_mut().get(&io.key)
+        {
+            gauge.backlog.store(backlog, Ordering::Release);
+        }
         if state == ReadyState::Closing {
             conn.timers.close_started(io.now, &timer_config);
         }
@@ -381,6 +395,9 @@ where
         };
         let result = match command {
             Command::Send(data, kind) => {
+                if let Some(gauge) = self.gauges.get_mut().get(&io.key) {
+                    gauge.queued.fetch_sub(data.len(), Ordering::AcqRel);
+                }
                 // The cap holds for sends from other threads too.
                 if driver.buffered_amount() + outside > self.config.max_backpressure {
                     if self.close_on_limit() {
@@ -672,6 +689,7 @@ where
         // may linger.
         self.callbacks.get_mut().remove(&io.key);
         self.held.remove(&io.key);
+        self.gauges.get_mut().remove(&io.key);
         conn.phase = Phase::Done;
     }
 }

@@ -1,0 +1,335 @@
+//! Flow control on the reactor's default configuration: a flooding peer, a handler that
+//! sends in a loop, and a thread sending through a `Sender` are each held to the output
+//! cap (`max_backpressure`, 1 MiB), on both backends.
+//!
+//! These tests read the process's RSS, so they run one at a time (one lock), in a test
+//! binary of their own.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{Owned, TestClient, eventually};
+use websocket_driver::server::{Handler, Sender, Server, ServerConfig, Upgrade, Ws};
+use websocket_driver::{Backend, Error, Message, UsageError};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The default cap.
+const CAP: usize = 1 << 20;
+/// A 64 KiB binary message is a frame of 65 546 bytes (10-byte header).
+const FRAME: usize = 65536 + 10;
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Samples RSS every 20 ms until stopped; returns the peak.
+fn watch_rss(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = rss_kib();
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(rss_kib());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak.max(rss_kib())
+    })
+}
+
+struct Echo;
+impl Handler for Echo {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        ws.send_message(&message)
+            .expect("an echo is never refused: reading pauses before the cap is passed");
+    }
+}
+
+fn default_server(backend: Backend) -> websocket_driver::ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap()
+}
+
+/// A 64 KiB message numbered `i` (the number in the first 8 bytes, a pattern after).
+fn numbered(i: u64) -> Vec<u8> {
+    let mut payload = vec![0u8; 65536];
+    payload[..8].copy_from_slice(&i.to_le_bytes());
+    for (j, b) in payload[8..].iter_mut().enumerate() {
+        *b = (j as u64 ^ i) as u8;
+    }
+    payload
+}
+
+/// A client floods 256 MiB of 64 KiB messages at the echo server (default settings)
+/// without reading for two seconds, then reads while it keeps sending: the server's
+/// memory stays bounded (RSS growth under 64 MiB, sampled throughout), the flooder is
+/// slowed (its writes stall while it does not read), not disconnected, and it gets every
+/// echo intact and in order.
+fn flooding_client_is_slowed_not_dropped(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const MESSAGES: u64 = 4096;
+    let server = default_server(backend);
+    let addr = server.local_addr();
+    let client = TestClient::connect(addr, "/").unwrap();
+    let TestClient {
+        stream, mut driver, ..
+    } = client;
+    let before = rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_rss(stop.clone());
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut writer_stream = stream.try_clone().unwrap();
+    let writer = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            for i in 0..MESSAGES {
+                let frame = encode(&numbered(i));
+                writer_stream.write_all(&frame).unwrap();
+                sent.store(i + 1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // Two seconds of not reading: the writer must stall well short of the whole flood.
+    std::thread::sleep(Duration::from_secs(2));
+    let stalled_at = sent.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sent.load(Ordering::Relaxed),
+        stalled_at,
+        "the flooder was not slowed"
+    );
+    assert!(
+        stalled_at < MESSAGES / 4,
+        "sent {stalled_at} without reading"
+    );
+    assert_eq!(
+        server.stats().connections_open,
+        1,
+        "the flooder was dropped"
+    );
+
+    // Now read everything back.
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut next = 0u64;
+    while next < MESSAGES {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the flooder after {next} echoes");
+        let mut at = 0;
+        while at < n {
+            let (used, event) = driver.poll_event(&mut buf[at..n]);
+            at += used;
+            match event.map(support::own) {
+                Some(Owned::Binary(data)) => {
+                    assert_eq!(data, numbered(next), "echo {next} differs");
+                    next += 1;
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+                None => break,
+            }
+        }
+    }
+    writer.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let peak = watcher.join().unwrap();
+    let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    eprintln!("{backend}: stalled after {stalled_at} messages; RSS growth {growth_mib:.1} MiB");
+    assert!(growth_mib < 64.0, "RSS grew by {growth_mib:.1} MiB");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// Masks `payload` into one client frame (binary, FIN).
+fn encode(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x5a, 0xa5, 0x3c, 0xc3];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// On "flood N": sends N 64 KiB messages in one go, counting the refused ones.
+struct Flooder {
+    accepted: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+impl Handler for Flooder {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let count: usize = message
+            .as_text()
+            .and_then(|t| t.strip_prefix("flood "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let chunk = vec![7u8; 65536];
+        for _ in 0..count {
+            match ws.send_binary(&chunk) {
+                Ok(_) => self.accepted.fetch_add(1, Ordering::Relaxed),
+                Err(Error::Usage(UsageError::BufferFull { limit, .. })) => {
+                    assert_eq!(limit, CAP);
+                    self.refused.fetch_add(1, Ordering::Relaxed)
+                }
+                Err(e) => panic!("{e}"),
+            };
+        }
+    }
+}
+
+/// A handler sending 64 messages of 64 KiB in one call on the default settings: sends
+/// are taken while the queue is at or under 1 MiB and refused once it is over — the 16th
+/// frame takes it from 983 190 to 1 048 736 bytes, so 16 are queued and 48 refused — and
+/// the client gets exactly those 16.
+fn handler_sends_are_refused_past_the_cap(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (accepted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counters = (accepted.clone(), refused.clone());
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| {
+            Upgrade::Accept(Flooder {
+                accepted: counters.0.clone(),
+                refused: counters.1.clone(),
+            })
+        })
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    client.send_text("flood 64").unwrap();
+    assert!(eventually(Duration::from_secs(10), || accepted
+        .load(Ordering::Relaxed)
+        + refused.load(Ordering::Relaxed)
+        == 64));
+    let queued = CAP.div_ceil(FRAME);
+    assert_eq!(queued, 16);
+    assert_eq!(accepted.load(Ordering::Relaxed), queued);
+    assert_eq!(refused.load(Ordering::Relaxed), 64 - queued);
+    for _ in 0..queued {
+        assert!(matches!(client.next_message().unwrap(), Owned::Binary(d) if d.len() == 65536));
+    }
+    // Nothing more comes: the refused ones were never queued.
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(client.next_message().is_err());
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// Hands its connection's `Sender` to the test.
+struct Register(Arc<Mutex<Option<Sender>>>);
+impl Handler for Register {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        *self.0.lock().unwrap() = Some(ws.sender());
+    }
+}
+
+/// A thread sending 64 KiB messages through a `Sender` to a connection that never reads:
+/// it is refused (`WouldBlock` wrapping `BufferFull`) once the connection's queue plus
+/// what waits in the loop's inbox passes the cap, having queued no more than the cap plus
+/// what the kernel's socket buffers took; once the client reads, sends go through again.
+fn sender_is_refused_past_the_cap(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = Arc::new(Mutex::new(None));
+    let registry = slot.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    // Small socket buffers on the client's side keep what the kernel absorbs small.
+    let socket = socket2::SockRef::from(&client.stream);
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    assert!(eventually(Duration::from_secs(5), || slot
+        .lock()
+        .unwrap()
+        .is_some()));
+    let sender = slot.lock().unwrap().clone().unwrap();
+    let chunk = vec![9u8; 65536];
+    let start = Instant::now();
+    let mut queued = 0usize;
+    let err = loop {
+        match sender.send_binary(chunk.clone()) {
+            Ok(()) => queued += 1,
+            Err(e) => break e,
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never refused");
+        if queued.is_multiple_of(16) {
+            // Let the loop catch up, so the refusal comes from its queue, not a race.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    let inner = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<Error>())
+        .unwrap_or_else(|| panic!("{err:?}"));
+    assert!(
+        matches!(inner, Error::Usage(UsageError::BufferFull { limit, .. }) if *limit == CAP),
+        "{inner:?}"
+    );
+    // The cap, plus the socket buffers on both sides (a few MiB on loopback at most).
+    assert!(queued * 65536 < CAP + 16 * CAP, "queued {queued} messages");
+    // Reading drains it; the sender is taken again.
+    for _ in 0..queued {
+        assert!(matches!(client.next_message().unwrap(), Owned::Binary(d) if d.len() == 65536));
+    }
+    assert!(eventually(Duration::from_secs(5), || sender
+        .send_text("again")
+        .is_ok()));
+    assert_eq!(client.next_message().unwrap(), Owned::Text("again".into()));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test] fn $name() { super::$name(websocket_driver::Backend::Epoll) })*
+        }
+        mod io_uring {
+            $(#[test] fn $name() { super::$name(websocket_driver::Backend::IoUring) })*
+        }
+    };
+}
+
+on_every_backend!(
+    flooding_client_is_slowed_not_dropped,
+    handler_sends_are_refused_past_the_cap,
+    sender_is_refused_past_the_cap,
+);
