@@ -177,3 +177,55 @@ fn hosted_clients_speak_wss_on_both_backends() {
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
+
+/// The output cap holds over wss: a handler sending 64 messages of 64 KiB in one call on
+/// the default settings gets the same 16 through and 48 refused as over plain TCP, and
+/// the client receives exactly those 16. (`buffered_amount` and the cap also count TLS
+/// records sealed but not yet written; `tests/flow.rs` covers a never-reading peer.)
+#[test]
+fn wss_cap_counts_sealed_bytes() {
+    struct Flooder(Arc<AtomicUsize>, Arc<AtomicUsize>);
+    impl Handler for Flooder {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            let chunk = vec![3u8; 65536];
+            for _ in 0..64 {
+                match ws.send_binary(&chunk) {
+                    Ok(_) => self.0.fetch_add(1, Ordering::Relaxed),
+                    Err(Error::Usage(websocket_driver::UsageError::BufferFull { .. })) => {
+                        self.1.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+            }
+        }
+    }
+    let (cert, key) = certificate("cap");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (accepted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counters = (accepted.clone(), refused.clone());
+        let server = Server::bind_tls("127.0.0.1:0", &cert, &key)
+            .unwrap()
+            .threads(1)
+            .backend(backend)
+            .start(move |_| Upgrade::Accept(Flooder(counters.0.clone(), counters.1.clone())))
+            .unwrap();
+        let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
+        let client = BlockingClient::new(&url, Options::default())
+            .unwrap()
+            .verify(&Verify::CaFile(cert.clone()))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        client.on_message(move |_, m| {
+            let _ = tx.send(m.as_bytes().len());
+        });
+        client.start_connection().unwrap();
+        for _ in 0..16 {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 65536);
+        }
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        assert_eq!(accepted.load(Ordering::Relaxed), 16, "{backend}");
+        assert_eq!(refused.load(Ordering::Relaxed), 48, "{backend}");
+        client.close_connection(1000, "").unwrap();
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
