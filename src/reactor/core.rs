@@ -13,8 +13,14 @@
 //! 2. [`Backend::wait`] blocks, then reports IO: [`Core::on_accept`], [`Core::on_data`],
 //!    [`Core::on_eof`], [`Core::on_writable`], [`Core::on_sent`], [`Core::on_wake`]…;
 //! 3. [`Core::end_turn`] writes what the turn produced (one [`Backend::write`] per
-//!    connection that has output: writes are coalesced per turn), fires due timers, resumes
-//!    accepting after a back-off and enforces the shutdown deadline.
+//!    connection that has output: writes are coalesced per turn; a readiness backend may
+//!    write a connection's reply right after reading it, [`Core::flush_now`]), resumes
+//!    reading for connections whose output drained, fires due timers, resumes accepting
+//!    after a back-off and enforces the shutdown deadline.
+//!
+//! Flow control: a session whose output is over its cap asks the loop to stop reading
+//! (`Io::set_reading(false)`); the backend pauses the socket ([`Backend::pause_reading`])
+//! and resumes it ([`Backend::resume_reading`]) once the session asks again.
 //!
 //! Connection phases: `Active` (the session sees everything) → `Lingering` (all output
 //! written, our FIN sent, waiting for the peer's FIN or [`LINGER`]) → `Closing` (the
@@ -29,81 +35,16 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+pub(crate) use super::backend::{Backend, Written};
 use super::timer::{Deadline, Entry, Wheel};
 use super::{
     CloseRequest, Connector, Effects, Envelope, Inbox, Io, LoopConfig, LoopStats, Remote, Service,
-    Waker,
 };
 
 /// How long a closing connection waits for the peer's FIN after ours.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after EMFILE and the like.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// What a backend did with a connection's queued output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Written {
-    /// Everything queued is written (or nothing was queued).
-    All,
-    /// A send was handed to the kernel; it completes through [`Core::on_sent`].
-    Submitted,
-    /// Output is left that the socket (or the send in flight) cannot take yet; the backend
-    /// reports progress later ([`Core::on_writable`] / [`Core::on_sent`]), and the session
-    /// hears `drained` once everything is out.
-    Blocked,
-}
-
-/// An IO backend: the part of an event loop that differs between epoll and io_uring.
-///
-/// The core calls `attach` / `write` / `finish_writes` / `detach` for one connection and
-/// `resume_accepting` / `stop_accepting` for the listener; the backend calls the core's
-/// `on_*` methods from `wait` (and from `resume_accepting`), passing itself along.
-pub(crate) trait Backend: Sized + 'static {
-    /// Per-connection IO state, stored in the core's slab entry.
-    type Socket;
-    /// What must exist before the loop's thread starts (the waker's other end).
-    type Prepared: Send + 'static;
-
-    /// Makes the parts created on the spawning thread, and the waker other threads use.
-    fn prepare() -> io::Result<(Self::Prepared, Waker)>;
-    /// Builds the backend on the loop's own thread.
-    fn new(prepared: Self::Prepared, listener: Option<TcpListener>) -> io::Result<Self>;
-    /// Waits up to `timeout` for IO and reports it to `core`.
-    fn wait<S: Service>(
-        &mut self,
-        core: &mut Core<S, Self>,
-        timeout: Option<Duration>,
-    ) -> io::Result<()>;
-    /// Takes a new connection's socket (non-blocking, accepted or connecting) and starts
-    /// reading from it.
-    fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Self::Socket>;
-    /// Writes what `out` holds, as far as the socket takes it.
-    fn write<S: Service>(
-        &mut self,
-        key: usize,
-        socket: &mut Self::Socket,
-        out: &mut Output<'_, '_, S>,
-    ) -> io::Result<Written>;
-    /// Sends our FIN (everything queued is written).
-    fn finish_writes(&mut self, socket: &mut Self::Socket);
-    /// Stops all IO on the socket; it is closed when the slab entry is freed.
-    fn detach(&mut self, socket: &mut Self::Socket);
-    /// Stops reading from the socket (its output is over the limit): data stays in the
-    /// kernel and TCP flow control slows the peer.
-    fn pause_reading(&mut self, socket: &mut Self::Socket);
-    /// Reads from `key`'s socket again after [`Backend::pause_reading`] (at the end of the
-    /// turn in which the session asked for it).
-    fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize);
-    /// Whether no kernel operation refers to the socket any more, so it may be freed.
-    fn is_idle(socket: &Self::Socket) -> bool;
-    /// Accepts again after a back-off ([`Core::on_accept_error`]).
-    fn resume_accepting<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<()>;
-    /// Stops accepting for good and closes the listener (shutdown).
-    fn stop_accepting(&mut self) -> io::Result<()>;
-    /// Called once when the loop ends, after every connection was closed: release what the
-    /// kernel still holds.
-    fn quiesce<S: Service>(&mut self, core: &mut Core<S, Self>);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -8,6 +8,7 @@
 //! mio) and io_uring implement: the `Service` trait is the one interface above the loop,
 //! the `Backend` trait the one below it.
 
+pub(crate) mod backend;
 pub(crate) mod core;
 pub(crate) mod epoll;
 pub(crate) mod timer;

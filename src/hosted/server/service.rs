@@ -5,6 +5,7 @@ use super::handler::{Callbacks, Ctx, Gauges};
 use super::tunnel::{Progress, Tunnel};
 
 mod dispatch;
+mod flow;
 use super::{
     BackpressurePolicy, ClientInit, Command, Handler, ServerConfig, Upgrade, UpgradeRequest, Ws,
 };
@@ -16,7 +17,6 @@ use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
@@ -124,14 +124,6 @@ where
         timer_config(&self.config)
     }
 
-    /// Whether a send refused by the cap closes the connection at once.
-    fn close_on_limit(&self) -> bool {
-        self.config.backpressure_policy
-            == (BackpressurePolicy::Close {
-                grace: Duration::ZERO,
-            })
-    }
-
     /// The handler context for a connection.
     fn ctx<'a>(&'a self, peer: SocketAddr, io: &'a Io<'_, Command>, outside: usize) -> Ctx<'a> {
         Ctx {
@@ -145,33 +137,6 @@ where
             outside,
             callbacks: &self.callbacks,
             gauges: &self.gauges,
-        }
-    }
-
-    /// Runs the write callbacks whose bytes the driver has handed on.
-    fn run_written(&self, conn: &mut Conn<H>, io: &Io<'_, Command>) {
-        if self.callbacks.borrow().is_empty() {
-            return;
-        }
-        let outside = Self::queued_outside(conn);
-        let Phase::Open(driver, _) = &mut conn.phase else {
-            return;
-        };
-        let ctx = self.ctx(conn.peer, io, outside);
-        loop {
-            let due = {
-                let mut callbacks = self.callbacks.borrow_mut();
-                let Some(pending) = callbacks.get_mut(&io.key) else {
-                    return;
-                };
-                let due = pending.next_written(driver);
-                if pending.is_empty() {
-                    callbacks.remove(&io.key);
-                }
-                due
-            };
-            let Some(callback) = due else { return };
-            callback(&mut Ws { driver, ctx: &ctx });
         }
     }
 
@@ -337,30 +302,6 @@ where
             io.set_reading(false);
         }
         self.settle(conn, io);
-    }
-
-    /// After output progress: delivers held-back input once a paused connection's output
-    /// has drained to half the cap, and resumes reading if it all went through.
-    /// Also tells the connection's senders, if any, how much output is left.
-    fn resume_if_drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
-        if self.held.is_empty() && self.gauges.get_mut().is_empty() {
-            return;
-        }
-        let Phase::Open(driver, _) = &conn.phase else {
-            return;
-        };
-        let backlog = driver.buffered_amount() + Self::queued_outside(conn);
-        if let Some(gauge) = self.gauges.get_mut().get(&io.key) {
-            gauge.backlog.store(backlog, Ordering::Release);
-        }
-        if !self.held.contains_key(&io.key) || backlog > self.config.max_backpressure / 2 {
-            return;
-        }
-        let mut input = self.held.remove(&io.key).unwrap_or_default();
-        self.pump(conn, io, &mut input);
-        if !self.held.contains_key(&io.key) {
-            io.set_reading(true);
-        }
     }
 
     /// Recomputes the deadline and asks for a close once the driver is finished.
