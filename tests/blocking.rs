@@ -495,7 +495,7 @@ fn a_client_that_floods_without_reading_is_slowed_with_bounded_memory() {
     let growth = peak.saturating_sub(before);
     eprintln!(
         "flood: {} MiB written before the flooder blocked; RSS {} MiB -> peak {} MiB (+{} KiB)",
-        stuck_at * FRAME >> 20,
+        (stuck_at * FRAME) >> 20,
         before >> 20,
         peak >> 20,
         growth >> 10
@@ -527,4 +527,39 @@ fn a_client_that_floods_without_reading_is_slowed_with_bounded_memory() {
     }
     flooder.join().unwrap();
     assert_eq!(written.load(Ordering::Relaxed), FRAMES);
+}
+
+#[test]
+fn write_timeout_fails_a_connection_whose_peer_reads_nothing() {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            write: Duration::from_millis(300),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (seen_tx, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let (errors, closes) = (seen_tx.clone(), seen_tx.clone());
+            ws.on_open(|ws| {
+                // More than the socket buffers hold, under the client's max_length.
+                ws.send_binary(&vec![1u8; 48 << 20]).unwrap();
+            });
+            ws.on_error(move |_, e| {
+                let _ = errors.send(format!("error: {e}"));
+            });
+            ws.on_close(move |_, code, reason| {
+                let _ = closes.send(format!("close: {code} {reason}"));
+            });
+        });
+    });
+    // Completes the handshake, then reads nothing.
+    let client = Client::connect(addr);
+    let first = seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.contains("write timed out"), "{first}");
+    let second = seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(second.starts_with("close: 1006"), "{second}");
+    assert!(seen.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(client);
 }

@@ -1285,7 +1285,7 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
         eprintln!(
             "backpressure: {stuck} of {MESSAGES} sends completed ({} MiB); \
              adapter buffer {} KiB; kernel buffers at most {} MiB",
-            stuck * MESSAGE >> 20,
+            (stuck * MESSAGE) >> 20,
             buffered >> 10,
             kernel >> 20
         );

@@ -1,23 +1,6 @@
 //! The seed's `make-client` over a blocking socket: the handshake on the caller's thread,
 //! then an I/O thread that reads, fires the events and writes; sends and closes from any
-//! thread.
-//!
-//! # Flow control
-//!
-//! Nothing holds the connection lock across a blocking write. After the handshake the
-//! socket is non-blocking: a send queues its frame and writes what the socket takes at
-//! once, under the lock (a non-blocking write never waits); the rest is written by the
-//! I/O thread, which sleeps in a [`mio::Poll`] until the socket is readable or writable.
-//! So the I/O thread always keeps reading, and two ends that both send large messages
-//! while the other is not reading cannot deadlock. A send returns once its bytes are
-//! handed to the socket (as before: each sending thread has at most one message in
-//! flight, so senders cannot grow memory without bound), waiting on a condition variable
-//! rather than in a write. Queued output that makes no progress for [`Timeouts::write`]
-//! fails the connection: `on_error` with a `TimedOut` I/O error, `on_close` 1006, and the
-//! waiting sends return that error.
-//!
-//! Write callbacks ([`BlockingClient::send_with`]) run on the thread whose write finished
-//! the message: the sender's when the socket took it at once, the I/O thread's otherwise.
+//! thread. See [`BlockingClient`] for how writes wait (flow control).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -162,7 +145,7 @@ impl Session {
         let mut progressed = false;
         let result = loop {
             let out = match self.output() {
-                Ok(out) if out.is_empty() => break Ok(()),
+                Ok([]) => break Ok(()),
                 Ok(out) => out,
                 Err(e) => break Err(e),
             };
@@ -238,7 +221,28 @@ impl Shared {
 /// performs the handshake on the caller's thread, then an I/O thread fires the events.
 /// Sends and `close_connection` work from any thread; handlers run on the I/O thread
 /// with the connection locked, so automatic pongs never interleave with user frames.
-/// See [Flow control](self#flow-control) for how writes wait.
+///
+/// # Flow control
+///
+/// Nothing holds the connection lock across a blocking write. After the handshake the
+/// socket is non-blocking: a send queues its frame and writes what the socket takes at
+/// once, under the lock (a non-blocking write never waits); the rest is written by the
+/// I/O thread, which sleeps in a [`mio::Poll`] until the socket is readable or writable.
+/// So the I/O thread always keeps reading, and two ends that both send large messages
+/// while the other is not reading cannot deadlock. A send returns once its bytes are
+/// handed to the socket, waiting on a condition variable rather than in a write, so each
+/// sending thread has at most one message in flight. Queued output that makes no
+/// progress for [`Timeouts::write`] fails the connection: `on_error` with a `TimedOut`
+/// I/O error, `on_close` 1006, and the waiting sends return that error.
+///
+/// Frames queued by handlers on the I/O thread (automatic pongs, close replies, sends
+/// from `on_message`) do not wait: the I/O thread must keep reading. They are bounded by
+/// the write timeout only, so a handler should not answer every message of a peer that
+/// reads nothing.
+///
+/// Write callbacks ([`send_with`](BlockingClient::send_with)) run on the thread whose
+/// write finished the message: the sender's when the socket took it at once, the I/O
+/// thread's otherwise.
 ///
 /// ```no_run
 /// use websocket_driver::client::BlockingClient;
@@ -503,7 +507,7 @@ impl BlockingClient {
     }
 
     /// Runs `f` on the driver, writes what the socket takes now, and (once open) waits
-    /// until the returned send is handed to the socket: see [Flow control](self#flow-control).
+    /// until the returned send is handed to the socket (see [`BlockingClient`]).
     fn submit(
         &self,
         f: impl FnOnce(&mut WebSocket) -> Result<SendToken, Error>,

@@ -182,7 +182,7 @@ impl BlockingServer {
     }
 
     /// Outgoing bytes a connection may have queued before it stops reading its peer
-    /// (default [`DEFAULT_MAX_BACKPRESSURE`]); see [Flow control](self#flow-control).
+    /// (default [`DEFAULT_MAX_BACKPRESSURE`]); see [flow control](crate::blocking#flow-control).
     pub fn max_backpressure(mut self, bytes: usize) -> BlockingServer {
         self.max_backpressure = bytes;
         self
