@@ -1,13 +1,19 @@
 //! Echo server: every message comes back as it came.
 //!
-//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend epoll|blocking] [--threads N]`
+//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend epoll|blocking] [--threads N]
+//! [--max-length BYTES] [--max-backpressure BYTES]`
+//!
+//! `--max-length` is the largest message accepted (`Options::max_length`, default 64 MiB);
+//! `--max-backpressure` the output a connection may queue (`ServerConfig::max_backpressure`
+//! on the reactor, `BlockingServer::max_backpressure` on the blocking backend, where it
+//! is the point past which the connection stops reading).
 //!
 //! SIGINT / SIGTERM shut the reactor down gracefully: every client gets close 1001.
 
 use std::time::Duration;
 
 use websocket_driver::blocking::BlockingServer;
-use websocket_driver::server::{Handler, Server, Upgrade, Ws};
+use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
 use websocket_driver::{Backend, Message, Options};
 
 struct Echo;
@@ -22,6 +28,8 @@ fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut backend = "auto".to_string();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut max_length = None;
+    let mut max_backpressure = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -36,6 +44,20 @@ fn main() {
                     .parse()
                     .unwrap_or_else(|_| usage("--threads needs a number"))
             }
+            "--max-length" => {
+                max_length = Some(
+                    value("--max-length")
+                        .parse()
+                        .unwrap_or_else(|_| usage("--max-length needs a number of bytes")),
+                )
+            }
+            "--max-backpressure" => {
+                max_backpressure = Some(
+                    value("--max-backpressure")
+                        .parse()
+                        .unwrap_or_else(|_| usage("--max-backpressure needs a number of bytes")),
+                )
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -46,11 +68,17 @@ fn main() {
         eprintln!("echo: cannot raise the open-file limit: {e}");
     }
     // Autobahn's 9.x cases send 16 MiB messages; the default max_length (64 MiB) allows them.
-    let options = Options::default();
+    let mut options = Options::default();
+    if let Some(bytes) = max_length {
+        options = options.max_length(bytes);
+    }
     if backend == "blocking" {
-        let server = BlockingServer::bind(&addr)
+        let mut server = BlockingServer::bind(&addr)
             .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
             .options(options);
+        if let Some(bytes) = max_backpressure {
+            server = server.max_backpressure(bytes);
+        }
         eprintln!(
             "echo: listening on ws://{} (backend blocking)",
             server.local_addr().unwrap()
@@ -65,11 +93,18 @@ fn main() {
         return;
     }
     let backend: Backend = backend.parse().unwrap_or_else(|e: String| usage(&e));
+    let mut config = ServerConfig {
+        threads,
+        backend,
+        options,
+        ..ServerConfig::default()
+    };
+    if let Some(bytes) = max_backpressure {
+        config.max_backpressure = bytes;
+    }
     let server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
-        .threads(threads)
-        .backend(backend)
-        .options(options);
+        .config(config);
     let local = server.local_addr().unwrap();
     let handle = server
         .start(|_request| Upgrade::Accept(Echo))
@@ -98,7 +133,8 @@ fn usage(problem: &str) -> ! {
         eprintln!("echo: {problem}");
     }
     eprintln!(
-        "usage: echo [--addr HOST:PORT] [--backend auto|epoll|io-uring|blocking] [--threads N]"
+        "usage: echo [--addr HOST:PORT] [--backend auto|epoll|io-uring|blocking] [--threads N] \
+         [--max-length BYTES] [--max-backpressure BYTES]"
     );
     std::process::exit(2)
 }

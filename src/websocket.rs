@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 
-use crate::protocol::driver::{Driver, Event, Message, MessageType, SendToken};
+use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::Error;
 
 type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
@@ -200,6 +200,25 @@ impl WebSocket {
         self.write_callbacks
             .push_back((token, Box::new(on_written)));
         Ok(token)
+    }
+
+    /// Fails the connection from the transport's side (a write that timed out, say): runs
+    /// `on_error` with `error`, ends the connection with `code` and `reason` (see
+    /// [`Driver::abort`]) and runs `on_close`. Does nothing once the connection is closed.
+    pub fn fail(&mut self, error: Error, code: u16, reason: &str) {
+        if self.ready_state() == ReadyState::Closed {
+            return;
+        }
+        let mut driver = self
+            .driver
+            .take()
+            .expect("a WebSocket always holds a driver");
+        if let Some(f) = &mut self.on_error {
+            f(&mut driver, &error)
+        }
+        driver.abort(code, reason);
+        self.driver = Some(driver);
+        self.receive(&mut []);
     }
 
     /// Closes (see [`Driver::close_connection`]); runs `on_close` at once if still connecting.

@@ -424,3 +424,142 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
         (1001, "idle timeout".to_string())
     );
 }
+
+/// This process's resident set, from `/proc/self/status` (`VmRSS`, in kB).
+fn vm_rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/self/status");
+    let kb: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn a_client_that_floods_without_reading_is_slowed_with_bounded_memory() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    const FRAME: usize = 64 * 1024;
+    const FRAMES: usize = 3200; // 200 MiB
+    let addr = echo_server();
+    let before = vm_rss();
+    let client = Client::connect(addr);
+    let payload: Vec<u8> = (0..FRAME).map(|i| (i * 31 + i / 253) as u8).collect();
+    let frame = masked(OpCode::Binary, &payload);
+
+    // The flooder writes 200 MiB of 64 KiB masked frames and reads nothing; its writes
+    // may block for as long as the test does not read.
+    let mut flood = client.stream.try_clone().unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let flooder = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            for _ in 0..FRAMES {
+                flood
+                    .write_all(&frame)
+                    .expect("the flooder is slowed, not cut off");
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    // Wait until the flooder is stuck (the server stopped reading), then look at memory.
+    let guard = Instant::now() + Duration::from_secs(30);
+    let mut last = usize::MAX;
+    let mut peak = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = written.load(Ordering::Relaxed);
+        peak = peak.max(vm_rss());
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < guard, "the flooder never stopped");
+        last = now;
+    }
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(vm_rss());
+    }
+    let stuck_at = written.load(Ordering::Relaxed);
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "flood: {} MiB written before the flooder blocked; RSS {} MiB -> peak {} MiB (+{} KiB)",
+        (stuck_at * FRAME) >> 20,
+        before >> 20,
+        peak >> 20,
+        growth >> 10
+    );
+    assert!(stuck_at < FRAMES, "the flooder was never slowed down");
+    assert!(
+        growth < 64 << 20,
+        "RSS grew {} MiB while the peer did not read",
+        growth >> 20
+    );
+
+    // Now read: every echo arrives intact, and the flooder finishes.
+    let mut reader = client.stream.try_clone().unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut head = [0u8; 10];
+    let mut got = vec![0u8; FRAME];
+    for i in 0..FRAMES {
+        reader.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x82, "frame {i}: a final binary frame");
+        assert_eq!(head[1], 127, "frame {i}: unmasked, 64-bit length");
+        assert_eq!(
+            u64::from_be_bytes(head[2..].try_into().unwrap()),
+            FRAME as u64
+        );
+        reader.read_exact(&mut got).unwrap();
+        assert!(got == payload, "echo {i} is intact");
+    }
+    flooder.join().unwrap();
+    assert_eq!(written.load(Ordering::Relaxed), FRAMES);
+}
+
+#[test]
+fn write_timeout_fails_a_connection_whose_peer_reads_nothing() {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            write: Duration::from_millis(300),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (seen_tx, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let (errors, closes) = (seen_tx.clone(), seen_tx.clone());
+            ws.on_open(|ws| {
+                // More than the socket buffers hold, under the client's max_length.
+                ws.send_binary(&vec![1u8; 48 << 20]).unwrap();
+            });
+            ws.on_error(move |_, e| {
+                let _ = errors.send(format!("error: {e}"));
+            });
+            ws.on_close(move |_, code, reason| {
+                let _ = closes.send(format!("close: {code} {reason}"));
+            });
+        });
+    });
+    // Completes the handshake, then reads nothing.
+    let client = Client::connect(addr);
+    let first = seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.contains("write timed out"), "{first}");
+    let second = seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(second.starts_with("close: 1006"), "{second}");
+    assert!(seen.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(client);
+}

@@ -673,3 +673,109 @@ fn hosted_client_stays_open_past_the_handshake_timeout() {
     reactor.shutdown(Duration::from_secs(1)).unwrap();
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
+
+/// An order-sensitive checksum of a message.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn blocking_client_and_server_both_send_64_mib_while_the_other_sends_too() {
+    use websocket_driver::blocking::BlockingServer;
+    const SIZE: usize = 64 << 20;
+    let options = Options::default().max_length(128 << 20);
+    let to_client: Arc<Vec<u8>> = Arc::new((0..SIZE).map(|i| (i % 251) as u8).collect());
+    let to_server: Vec<u8> = (0..SIZE).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    let (want_at_client, want_at_server) = (checksum(&to_client), checksum(&to_server));
+
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .options(options.clone());
+    let addr = server.local_addr().unwrap();
+    let (server_got_tx, server_got) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let big = to_client.clone();
+            ws.on_open(move |ws| {
+                ws.send_binary(&big).unwrap();
+            });
+            let got = Mutex::new(server_got_tx.clone());
+            ws.on_message(move |_, m| {
+                let bytes = m.as_bytes();
+                let _ = got.lock().unwrap().send((bytes.len(), checksum(bytes)));
+            });
+        });
+    });
+
+    // The whole exchange runs on its own thread, so a deadlock fails the test.
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let client = BlockingClient::new(&format!("ws://{addr}/"), options).unwrap();
+        let (client_got_tx, client_got) = mpsc::channel();
+        let got = Mutex::new(client_got_tx);
+        client.on_message(move |_, m| {
+            let bytes = m.as_bytes();
+            let _ = got.lock().unwrap().send((bytes.len(), checksum(bytes)));
+        });
+        client.start_connection().unwrap();
+        // The server's 64 MiB is on its way already; send ours at the same time.
+        client.send_binary(&to_server).unwrap();
+        let at_client = client_got.recv_timeout(Duration::from_secs(60));
+        let at_server = server_got.recv_timeout(Duration::from_secs(60));
+        client.close_connection(1000, "").unwrap();
+        let _ = done_tx.send((at_client, at_server));
+    });
+    let (at_client, at_server) = done
+        .recv_timeout(Duration::from_secs(60))
+        .expect("both 64 MiB messages cross within 60 s (no deadlock)");
+    assert_eq!(at_client.unwrap(), (SIZE, want_at_client));
+    assert_eq!(at_server.unwrap(), (SIZE, want_at_server));
+}
+
+#[test]
+fn blocking_client_write_timeout_fails_with_1006_against_a_server_that_never_reads() {
+    use std::time::Instant;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hold_tx, hold) = mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        accept_upgrade(&mut s, "");
+        // Holds the connection open and reads nothing until the test is done.
+        let _ = hold.recv_timeout(Duration::from_secs(60));
+        drop(s);
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            write: Duration::from_millis(500),
+            ..ClientTimeouts::default()
+        });
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+
+    let started = Instant::now();
+    let sent = client.send_binary(&vec![7u8; 64 << 20]);
+    let took = started.elapsed();
+    match sent {
+        Err(Error::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(e.to_string().contains("write timed out"), "{e}");
+        }
+        other => panic!("the send fails with the write timeout, got {other:?}"),
+    }
+    // A hang guard, not a speed test: the timeout is 500 ms.
+    assert!(took < Duration::from_secs(20), "failed after {took:?}");
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("write timed out")));
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    assert!(
+        events.recv_timeout(Duration::from_millis(200)).is_err(),
+        "close fires once"
+    );
+    drop(client);
+    let _ = hold_tx.send(());
+    fake.join().unwrap();
+}

@@ -932,8 +932,8 @@ async fn hand_driven_peer() -> (WsSender, WsReceiver, Peer) {
         let (stream, _) = listener.accept().await.unwrap();
         // Room for the unbuffered message in one frame.
         let config = WebSocketConfig::default()
-            .max_frame_size(Some(2 * UNBUFFERED))
-            .max_message_size(Some(2 * UNBUFFERED));
+            .max_frame_size(Some(2 * unbuffered()))
+            .max_message_size(Some(2 * unbuffered()));
         tokio_tungstenite::accept_async_with_config(stream, Some(config))
             .await
             .unwrap()
@@ -957,7 +957,10 @@ fn forward_events(mut rx: WsReceiver) -> tokio::sync::mpsc::UnboundedReceiver<Ev
 }
 
 /// More than loopback socket buffers hold: its frame is written only as the peer reads.
-const UNBUFFERED: usize = 32 << 20;
+/// (32 MiB was not enough where `tcp_rmem` lets a receive buffer grow to 32 MiB.)
+fn unbuffered() -> usize {
+    (tcp_buffer_max("tcp_wmem") + tcp_buffer_max("tcp_rmem") + (16 << 20)).max(32 << 20)
+}
 
 fn is_not_open(result: Result<(), Error>) -> bool {
     matches!(result, Err(Error::Usage(UsageError::NotOpen)))
@@ -982,7 +985,7 @@ async fn receipt_resolves_once_the_frame_is_written() {
 
         // A message larger than the socket buffers: queued at once, but its receipt waits
         // while the peer reads nothing, and resolves as the peer takes the whole message.
-        let big = pattern(UNBUFFERED, 3);
+        let big = pattern(unbuffered(), 3);
         let mut receipt = tx
             .send_with_receipt(big.clone(), MessageType::Binary)
             .await
@@ -1015,7 +1018,7 @@ async fn receipt_fails_when_the_peer_goes_before_the_frame_is_written() {
         let (tx, rx, peer) = hand_driven_peer().await;
         let _events = forward_events(rx);
         let mut receipt = tx
-            .send_with_receipt(pattern(UNBUFFERED, 5), MessageType::Binary)
+            .send_with_receipt(pattern(unbuffered(), 5), MessageType::Binary)
             .await
             .unwrap();
         let early = tokio::time::timeout(Duration::from_millis(300), &mut receipt).await;
@@ -1215,6 +1218,102 @@ async fn proxy_refusal_is_reported() {
         )
         .await;
         assert!(matches!(wss, Err(Error::Usage(UsageError::InvalidUrl(_)))));
+    })
+    .await;
+}
+
+/// The largest size the kernel lets a TCP buffer autotune to (`tcp_wmem` / `tcp_rmem`'s
+/// last field), or 16 MiB where that cannot be read.
+fn tcp_buffer_max(sysctl: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|n| n.parse().ok()))
+        .unwrap_or(16 << 20)
+}
+
+/// A server task that sends 1 MiB messages in a loop to a tokio-tungstenite client that
+/// does not read: once the kernel's buffers and the adapter's budget are full, the send
+/// future stays pending; when the client reads, every message arrives in order, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_wait_while_a_tungstenite_client_does_not_read() {
+    const MESSAGE: usize = 1 << 20;
+    const MESSAGES: usize = 96;
+    bounded(60, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let completed = Arc::new(AtomicUsize::new(0));
+        let limit = Config::default().max_backpressure;
+        let (sender_tx, sender_rx) = tokio::sync::oneshot::channel();
+        let server = {
+            let completed = completed.clone();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (tx, _rx) = accept(stream, &Options::default()).await.unwrap();
+                let _ = sender_tx.send(tx.clone());
+                for i in 0..MESSAGES {
+                    tx.send_binary(pattern(MESSAGE, i)).await.unwrap();
+                    completed.fetch_add(1, Ordering::SeqCst);
+                }
+                tx.close_connection(1000, "done").await.unwrap();
+                let _ = tx.flush().await;
+            })
+        };
+        let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        let tx = sender_rx.await.unwrap();
+
+        // Do not read: wait until the sends stop completing.
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = completed.load(Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        // The next send stays pending.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stuck = completed.load(Ordering::SeqCst);
+        assert_eq!(
+            stuck, last,
+            "a send completed while the client read nothing"
+        );
+        let buffered = tx.buffered_amount();
+        let kernel = tcp_buffer_max("tcp_wmem") + tcp_buffer_max("tcp_rmem");
+        eprintln!(
+            "backpressure: {stuck} of {MESSAGES} sends completed ({} MiB); \
+             adapter buffer {} KiB; kernel buffers at most {} MiB",
+            (stuck * MESSAGE) >> 20,
+            buffered >> 10,
+            kernel >> 20
+        );
+        assert!(stuck < MESSAGES, "every send completed: nothing waited");
+        // The adapter holds at most the limit plus the one message admitted under it.
+        assert!(buffered <= limit + MESSAGE, "adapter buffer {buffered}");
+        // Completed sends are what the adapter and the socket buffers hold.
+        assert!(
+            stuck * MESSAGE <= limit + MESSAGE + kernel,
+            "{stuck} MiB completed past the limit and the socket buffers"
+        );
+
+        // Now read: everything arrives, in order, then the close.
+        for i in 0..MESSAGES {
+            match client.next().await.unwrap().unwrap() {
+                TMessage::Binary(data) => {
+                    assert_eq!(data.len(), MESSAGE, "message {i}");
+                    assert!(data[..] == pattern(MESSAGE, i)[..], "message {i} is intact");
+                }
+                other => panic!("message {i}: expected binary, got {other:?}"),
+            }
+        }
+        match client.next().await.unwrap().unwrap() {
+            TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
+            other => panic!("expected the close, got {other:?}"),
+        }
+        server.await.unwrap();
+        assert_eq!(completed.load(Ordering::SeqCst), MESSAGES);
     })
     .await;
 }

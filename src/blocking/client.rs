@@ -1,5 +1,6 @@
 //! The seed's `make-client` over a blocking socket: the handshake on the caller's thread,
-//! then a reader thread that fires the events; sends and closes from any thread.
+//! then an I/O thread that reads, fires the events and writes; sends and closes from any
+//! thread. See [`BlockingClient`] for how writes wait (flow control).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -7,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::blocking::{Timeouts, read_by};
+use crate::blocking::{Stall, Timeouts, earliest, read_by, write_timed_out};
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
@@ -23,17 +24,36 @@ use crate::session::proxy::{self, Proxy};
 /// `connect` applies to clients only.
 pub type ClientTimeouts = Timeouts;
 
-/// The connection state the reader thread and senders share, under one lock.
+/// The socket in the I/O thread's poll, and its waker.
+const STREAM: mio::Token = mio::Token(0);
+const WAKE: mio::Token = mio::Token(1);
+
+/// Most plaintext encrypted ahead of the socket on wss (the rest stays in the driver).
+#[cfg(feature = "tls")]
+const TLS_CHUNK: usize = 256 * 1024;
+
+/// The connection state the I/O thread and senders share, under one lock.
 struct Session {
     ws: WebSocket,
-    /// The connection's deadlines; the reader thread sleeps until the next one.
+    /// The connection's deadlines; the I/O thread sleeps until the next one.
     timers: Timers,
     timer_config: TimerConfig,
+    write_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<crate::tls::TlsStream>,
     /// Decrypted input, reused across reads (wss only).
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
+    /// The non-blocking socket, once open (the I/O thread reads it, anyone writes it).
+    stream: Option<Arc<mio::net::TcpStream>>,
+    /// Wakes the I/O thread (to time output a sender left behind, or a close).
+    waker: Option<Arc<mio::Waker>>,
+    /// Since when queued output has made no progress.
+    stall: Stall,
+    /// Why writing failed, once it has.
+    failed: Option<(io::ErrorKind, String)>,
+    /// The I/O thread has ended: nothing more will be written.
+    ended: bool,
 }
 
 impl std::ops::Deref for Session {
@@ -74,18 +94,155 @@ impl Session {
         self.ws.receive(data);
         Ok(())
     }
+
+    /// The bytes to write next (on wss, encrypting up to `TLS_CHUNK` more of the
+    /// driver's output when the last ciphertext has gone).
+    fn output(&mut self) -> io::Result<&[u8]> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = self.tls.as_mut() {
+            if tls.output().is_empty() {
+                let pending = self.ws.pending_output();
+                if !pending.is_empty() {
+                    let n = pending.len().min(TLS_CHUNK);
+                    tls.encrypt(&pending[..n])?;
+                    self.ws.consume_output(n);
+                }
+            }
+            return Ok(tls.output());
+        }
+        Ok(self.ws.pending_output())
+    }
+
+    /// Marks the first `n` bytes of [`Session::output`] written.
+    fn consumed(&mut self, n: usize) {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = self.tls.as_mut() {
+            tls.consume(n);
+            return;
+        }
+        self.ws.consume_output(n);
+    }
+
+    fn has_output(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls
+            && !tls.output().is_empty()
+        {
+            return true;
+        }
+        !self.ws.pending_output().is_empty()
+    }
+
+    /// Writes what the socket takes now, without blocking (nothing before the socket is
+    /// open), and notes progress for the write timeout. An error fails the connection.
+    fn write_ready(&mut self) {
+        let Some(stream) = self.stream.clone() else {
+            return;
+        };
+        if self.failed.is_some() {
+            return;
+        }
+        let mut progressed = false;
+        let result = loop {
+            let out = match self.output() {
+                Ok([]) => break Ok(()),
+                Ok(out) => out,
+                Err(e) => break Err(e),
+            };
+            match (&*stream).write(out) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.consumed(n);
+                    progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let pending = self.has_output();
+        self.stall.update(progressed, pending, Instant::now());
+        if let Err(e) = result {
+            self.write_failed(e);
+        }
+    }
+
+    /// Ends the connection after a failed write: a timeout is an error (`on_error`, then
+    /// `on_close` 1006); a peer that went away is an end of stream (`on_close` 1006).
+    fn write_failed(&mut self, e: io::Error) {
+        self.failed = Some((e.kind(), e.to_string()));
+        if e.kind() == io::ErrorKind::TimedOut {
+            self.ws
+                .fail(e.into(), crate::code::ABNORMAL, "write timed out");
+        } else {
+            self.ws.receive_eof();
+        }
+        if let Some(stream) = &self.stream {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Fails the connection if its output has made no progress for the write timeout.
+    fn check_stall(&mut self, now: Instant) {
+        if self.failed.is_none()
+            && self
+                .stall
+                .deadline(self.write_timeout)
+                .is_some_and(|d| d <= now)
+        {
+            self.write_failed(write_timed_out(self.write_timeout));
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            let _ = waker.wake();
+        }
+    }
 }
 
 struct Shared {
-    ws: Mutex<Session>,
-    stream: Mutex<Option<TcpStream>>,
-    finished: Condvar,
+    session: Mutex<Session>,
+    /// Signalled whenever output went out or the connection changed state.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        lock(&self.session)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Session>) -> MutexGuard<'a, Session> {
+        self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A client on a blocking socket, like the seed's: `start_connection` connects and
-/// performs the handshake on the caller's thread, then a reader thread fires the events.
-/// Sends and `close_connection` work from any thread; handlers run on the reader thread
+/// performs the handshake on the caller's thread, then an I/O thread fires the events.
+/// Sends and `close_connection` work from any thread; handlers run on the I/O thread
 /// with the connection locked, so automatic pongs never interleave with user frames.
+///
+/// # Flow control
+///
+/// Nothing holds the connection lock across a blocking write. After the handshake the
+/// socket is non-blocking: a send queues its frame and writes what the socket takes at
+/// once, under the lock (a non-blocking write never waits); the rest is written by the
+/// I/O thread, which sleeps in a [`mio::Poll`] until the socket is readable or writable.
+/// So the I/O thread always keeps reading, and two ends that both send large messages
+/// while the other is not reading cannot deadlock. A send returns once its bytes are
+/// handed to the socket, waiting on a condition variable rather than in a write, so each
+/// sending thread has at most one message in flight. Queued output that makes no
+/// progress for [`Timeouts::write`] fails the connection: `on_error` with a `TimedOut`
+/// I/O error, `on_close` 1006, and the waiting sends return that error.
+///
+/// Frames queued by handlers on the I/O thread (automatic pongs, close replies, sends
+/// from `on_message`) do not wait: the I/O thread must keep reading. They are bounded by
+/// the write timeout only, so a handler should not answer every message of a peer that
+/// reads nothing.
+///
+/// Write callbacks ([`send_with`](BlockingClient::send_with)) run on the thread whose
+/// write finished the message: the sender's when the socket took it at once, the I/O
+/// thread's otherwise.
 ///
 /// ```no_run
 /// use websocket_driver::client::BlockingClient;
@@ -105,7 +262,7 @@ pub struct BlockingClient {
     timeouts: ClientTimeouts,
     #[cfg(feature = "tls")]
     tls: Option<Arc<rustls::ClientConfig>>,
-    reader: Mutex<Option<JoinHandle<()>>>,
+    io_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for BlockingClient {
@@ -122,26 +279,26 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes everything the driver has queued (through TLS on wss).
-fn flush(session: &mut Session, stream: &mut TcpStream) -> io::Result<()> {
-    #[cfg(feature = "tls")]
-    if let Some(tls) = session.tls.as_mut() {
-        let pending = session.ws.pending_output();
-        if !pending.is_empty() {
-            let n = pending.len();
-            tls.encrypt(pending)?;
-            session.ws.consume_output(n);
-        }
-        while !tls.output().is_empty() {
-            let n = stream.write(tls.output())?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+/// Writes the handshake's output on the still blocking socket (write timeout set), before
+/// the I/O thread exists: the bytes are copied out under the lock and written outside it.
+fn write_handshake(shared: &Shared, stream: &mut TcpStream) -> io::Result<()> {
+    loop {
+        let chunk = {
+            let mut session = shared.lock();
+            let out = session.output()?;
+            if out.is_empty() {
+                return Ok(());
             }
-            tls.consume(n);
-        }
-        return Ok(());
+            out[..out.len().min(64 * 1024)].to_vec()
+        };
+        stream.write_all(&chunk).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                io::Error::new(io::ErrorKind::TimedOut, "opening handshake write timed out")
+            }
+            _ => e,
+        })?;
+        shared.lock().consumed(chunk.len());
     }
-    crate::blocking::flush(stream, &mut session.ws)
 }
 
 impl BlockingClient {
@@ -151,17 +308,22 @@ impl BlockingClient {
         let driver = Driver::make_client(url, &options)?;
         Ok(BlockingClient {
             shared: Arc::new(Shared {
-                ws: Mutex::new(Session {
+                session: Mutex::new(Session {
                     ws: WebSocket::new(driver),
                     timers: Timers::new(),
                     timer_config: ClientTimeouts::default().timer_config(),
+                    write_timeout: ClientTimeouts::default().write,
                     #[cfg(feature = "tls")]
                     tls: None,
                     #[cfg(feature = "tls")]
                     plain: Vec::new(),
+                    stream: None,
+                    waker: None,
+                    stall: Stall::default(),
+                    failed: None,
+                    ended: false,
                 }),
-                stream: Mutex::new(None),
-                finished: Condvar::new(),
+                changed: Condvar::new(),
             }),
             addr,
             proxy: None,
@@ -169,7 +331,7 @@ impl BlockingClient {
             timeouts: ClientTimeouts::default(),
             #[cfg(feature = "tls")]
             tls: None,
-            reader: Mutex::new(None),
+            io_thread: Mutex::new(None),
         })
     }
 
@@ -204,39 +366,39 @@ impl BlockingClient {
 
     /// Called when the connection opens (on the caller's thread, in `start_connection`).
     pub fn on_open(&self, f: impl FnMut(&mut Driver) + Send + 'static) -> &Self {
-        lock(&self.shared.ws).on_open(f);
+        self.shared.lock().on_open(f);
         self
     }
 
-    /// Called with each message, on the reader thread.
+    /// Called with each message, on the I/O thread.
     pub fn on_message(
         &self,
         f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
     ) -> &Self {
-        lock(&self.shared.ws).on_message(f);
+        self.shared.lock().on_message(f);
         self
     }
 
     /// Called on a protocol or handshake error (a close follows).
     pub fn on_error(&self, f: impl FnMut(&mut Driver, &Error) + Send + 'static) -> &Self {
-        lock(&self.shared.ws).on_error(f);
+        self.shared.lock().on_error(f);
         self
     }
 
     /// Called exactly once with the close code and reason.
     pub fn on_close(&self, f: impl FnMut(&mut Driver, u16, &str) + Send + 'static) -> &Self {
-        lock(&self.shared.ws).on_close(f);
+        self.shared.lock().on_close(f);
         self
     }
 
     /// Called with each pong's payload.
     pub fn on_pong(&self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &Self {
-        lock(&self.shared.ws).on_pong(f);
+        self.shared.lock().on_pong(f);
         self
     }
 
     /// Connects, sends the upgrade request, waits for the 101, fires `open`, and starts
-    /// the reader thread. A failed handshake fires `error` and `close` and is returned.
+    /// the I/O thread. A failed handshake fires `error` and `close` and is returned.
     pub fn start_connection(&self) -> Result<(), Error> {
         let mut stream = match &self.proxy {
             None => TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?,
@@ -244,15 +406,18 @@ impl BlockingClient {
                 let addr = resolve_proxy(proxy)?;
                 let mut stream = TcpStream::connect_timeout(&addr, self.timeouts.connect)?;
                 stream.set_read_timeout(Some(self.timeouts.handshake))?;
+                stream.set_write_timeout(Some(self.timeouts.write))?;
                 tunnel(proxy, &mut stream, &self.url)?;
                 stream
             }
         };
         stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(self.timeouts.write))?;
         let mut buf = vec![0u8; 64 * 1024];
         let deadline = {
-            let mut ws = lock(&self.shared.ws);
+            let mut ws = self.shared.lock();
             ws.timer_config = self.timeouts.timer_config();
+            ws.write_timeout = self.timeouts.write;
             let config = ws.timer_config;
             ws.timers.handshake_started(Instant::now(), &config);
             #[cfg(feature = "tls")]
@@ -266,14 +431,14 @@ impl BlockingClient {
             if !ws.start_connection() {
                 return Err(UsageError::NotOpen.into());
             }
-            flush(&mut ws, &mut stream)?;
             ws.timers.poll_timeout()
         };
+        write_handshake(&self.shared, &mut stream)?;
         loop {
             let n = match read_by(&mut stream, &mut buf, deadline) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
-                    lock(&self.shared.ws).receive_eof();
+                    self.shared.lock().receive_eof();
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "opening handshake timed out",
@@ -281,25 +446,33 @@ impl BlockingClient {
                     .into());
                 }
                 Err(e) => {
-                    lock(&self.shared.ws).receive_eof();
+                    self.shared.lock().receive_eof();
                     return Err(e.into());
                 }
             };
-            let mut ws = lock(&self.shared.ws);
+            let mut ws = self.shared.lock();
             if n == 0 {
                 ws.receive_eof();
                 return Err(HandshakeError::Incomplete.into());
             }
             let received = ws.receive(&mut buf[..n]);
-            flush(&mut ws, &mut stream)?;
+            if ws.is_handshake_complete() && received.is_ok() {
+                // What follows the handshake is the I/O thread's to write.
+                let config = ws.timer_config;
+                ws.timers.opened(Instant::now(), &config);
+                break;
+            }
+            drop(ws);
+            // The TLS handshake's next flight, or an alert.
+            let written = write_handshake(&self.shared, &mut stream);
+            let mut ws = self.shared.lock();
             if let Err(e) = received {
                 ws.receive_eof();
                 return Err(e);
             }
-            if ws.is_handshake_complete() {
-                let config = ws.timer_config;
-                ws.timers.opened(Instant::now(), &config);
-                break;
+            if let Err(e) = written {
+                ws.receive_eof();
+                return Err(e.into());
             }
             if ws.ready_state() == ReadyState::Closed {
                 let why = ws
@@ -309,88 +482,132 @@ impl BlockingClient {
                 return Err(why.into());
             }
         }
-        let reader_stream = stream.try_clone()?;
-        *lock(&self.shared.stream) = Some(stream);
+        // Open: the socket turns non-blocking and the I/O thread takes over.
+        stream.set_nonblocking(true)?;
+        let mut conn = mio::net::TcpStream::from_std(stream);
+        let poll = mio::Poll::new()?;
+        poll.registry().register(
+            &mut conn,
+            STREAM,
+            mio::Interest::READABLE | mio::Interest::WRITABLE,
+        )?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKE)?);
+        let conn = Arc::new(conn);
+        {
+            let mut ws = self.shared.lock();
+            ws.stream = Some(conn.clone());
+            ws.waker = Some(waker);
+        }
         let shared = self.shared.clone();
-        let reader = std::thread::Builder::new()
-            .name("wsd-client-reader".into())
-            .spawn(move || read_loop(shared, reader_stream, buf))?;
-        *lock(&self.reader) = Some(reader);
+        let io_thread = std::thread::Builder::new()
+            .name("wsd-client-io".into())
+            .spawn(move || io_loop(shared, conn, poll, buf))?;
+        *lock(&self.io_thread) = Some(io_thread);
         Ok(())
     }
 
-    fn with_driver<T>(
+    /// Runs `f` on the driver, writes what the socket takes now, and (once open) waits
+    /// until the returned send is handed to the socket (see [`BlockingClient`]).
+    fn submit(
         &self,
-        f: impl FnOnce(&mut WebSocket) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        let mut ws = lock(&self.shared.ws);
-        let result = f(&mut ws)?;
+        f: impl FnOnce(&mut WebSocket) -> Result<SendToken, Error>,
+    ) -> Result<SendToken, Error> {
+        let mut ws = self.shared.lock();
+        let token = f(&mut ws)?;
         ws.track();
-        if let Some(stream) = lock(&self.shared.stream).as_mut() {
-            flush(&mut ws, stream)?;
+        if ws.stream.is_none() {
+            // Not open yet: queued, written once the handshake is done.
+            return Ok(token);
         }
-        Ok(result)
+        ws.write_ready();
+        self.shared.changed.notify_all();
+        if ws.has_output() || ws.ready_state() != ReadyState::Open {
+            // The I/O thread times what is left (and a close).
+            ws.wake();
+        }
+        loop {
+            if ws.is_sent(token) {
+                return Ok(token);
+            }
+            if let Some((kind, why)) = &ws.failed {
+                return Err(io::Error::new(*kind, why.clone()).into());
+            }
+            if ws.ended {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the connection ended before the message was written",
+                )
+                .into());
+            }
+            ws = self.shared.wait(ws);
+        }
     }
 
-    /// Sends `data` as `kind` (queued if not yet open).
+    /// Sends `data` as `kind` (queued if not yet open). Returns once the bytes are handed
+    /// to the socket; an error if the connection fails first (a write timeout, say).
     pub fn send(&self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
-        self.with_driver(|ws| ws.send(data, kind))
+        self.submit(|ws| ws.send(data, kind))
     }
 
     /// Sends `data` as `kind`; `on_written` runs once its bytes are handed to the socket
     /// (the seed's `(send ws data :callback fn)`), on whichever thread writes them: this
-    /// one when the socket takes them at once.
+    /// one when the socket takes them at once, the I/O thread otherwise.
     pub fn send_with(
         &self,
         data: &[u8],
         kind: MessageType,
         on_written: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
-        self.with_driver(|ws| ws.send_with(data, kind, on_written))
+        self.submit(|ws| ws.send_with(data, kind, on_written))
     }
 
     /// Sends a text message.
     pub fn send_text(&self, text: &str) -> Result<SendToken, Error> {
-        self.with_driver(|ws| ws.send_text(text))
+        self.submit(|ws| ws.send_text(text))
     }
 
     /// Sends a binary message.
     pub fn send_binary(&self, data: &[u8]) -> Result<SendToken, Error> {
-        self.with_driver(|ws| ws.send_binary(data))
+        self.submit(|ws| ws.send_binary(data))
     }
 
-    /// Sends a ping; `on_pong` runs on the reader thread when the matching pong arrives.
+    /// Sends a ping; `on_pong` runs on the I/O thread when the matching pong arrives.
     pub fn send_ping(
         &self,
         payload: &[u8],
         on_pong: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
-        self.with_driver(|ws| ws.send_ping(payload, on_pong))
+        self.submit(|ws| ws.send_ping(payload, on_pong))
     }
 
     /// The connection state.
     pub fn ready_state(&self) -> ReadyState {
-        lock(&self.shared.ws).ready_state()
+        self.shared.lock().ready_state()
     }
 
     /// The agreed subprotocol.
     pub fn protocol(&self) -> Option<String> {
-        lock(&self.shared.ws).protocol().map(str::to_string)
+        self.shared.lock().protocol().map(str::to_string)
     }
 
     /// Performs the close handshake: sends the close frame, waits up to the close timeout
     /// for the server's reply (and its TCP close), then closes TCP. `close` fires once.
     pub fn close_connection(&self, code: u16, reason: &str) -> Result<(), Error> {
-        self.with_driver(|ws| ws.close_connection(code, reason).map(|_| ()))?;
-        self.wait_closed(self.timeouts.close);
+        let sent = self.submit(|ws| ws.close_connection(code, reason));
+        if let Err(Error::Usage(_)) = sent {
+            return sent.map(|_| ());
+        }
+        if sent.is_ok() {
+            self.wait_closed(self.timeouts.close);
+        }
         self.shutdown();
-        Ok(())
+        sent.map(|_| ())
     }
 
     /// Blocks until the connection is closed or `timeout` passes; returns whether closed.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut ws = lock(&self.shared.ws);
+        let mut ws = self.shared.lock();
         while ws.ready_state() != ReadyState::Closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -398,7 +615,7 @@ impl BlockingClient {
             }
             ws = self
                 .shared
-                .finished
+                .changed
                 .wait_timeout(ws, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
@@ -406,17 +623,18 @@ impl BlockingClient {
         true
     }
 
-    /// Closes TCP and joins the reader thread (which reports `close` 1006 if no close
+    /// Closes TCP and joins the I/O thread (which reports `close` 1006 if no close
     /// handshake happened).
     fn shutdown(&self) {
-        if let Some(stream) = lock(&self.shared.stream).take() {
+        let stream = self.shared.lock().stream.clone();
+        if let Some(stream) = stream {
             let _ = stream.shutdown(Shutdown::Both);
         }
-        let reader = lock(&self.reader).take();
-        if let Some(reader) = reader
-            && reader.thread().id() != std::thread::current().id()
+        let io_thread = lock(&self.io_thread).take();
+        if let Some(io_thread) = io_thread
+            && io_thread.thread().id() != std::thread::current().id()
         {
-            let _ = reader.join();
+            let _ = io_thread.join();
         }
     }
 }
@@ -431,70 +649,87 @@ impl Drop for BlockingClient {
     }
 }
 
-/// The reader thread: reads until the connection ends, sleeping at most until the next
-/// deadline of the session's timers (a close started on another thread while it sleeps
-/// is timed from its next wake; `close_connection` bounds that wait itself).
-fn read_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
+/// The I/O thread: reads until the connection ends and writes what senders left behind,
+/// sleeping in `poll` until the socket is ready, a sender wakes it, or the next deadline
+/// of the session's timers or of the write timeout.
+fn io_loop(
+    shared: Arc<Shared>,
+    stream: Arc<mio::net::TcpStream>,
+    mut poll: mio::Poll,
+    mut buf: Vec<u8>,
+) {
+    let mut events = mio::Events::with_capacity(4);
     loop {
-        let deadline = lock(&shared.ws).timers.poll_timeout();
-        let n = match read_by(&mut stream, &mut buf, deadline) {
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                let mut guard = lock(&shared.ws);
-                let session = &mut *guard;
-                let config = session.timer_config;
-                let expired =
-                    session
-                        .timers
-                        .handle_timeout(Instant::now(), &config, session.ws.driver());
-                // Run the handlers for what the timers did (an abort's close).
-                session.ws.receive(&mut []);
-                let flushed = match lock(&shared.stream).as_mut() {
-                    Some(writer) => flush(session, writer).is_ok(),
-                    None => false,
-                };
+        let read = (&*stream).read(&mut buf);
+        let mut guard = shared.lock();
+        let session = &mut *guard;
+        match read {
+            Ok(n) if n > 0 => {
+                let received = session.receive(&mut buf[..n]);
+                if received.is_ok() {
+                    session.write_ready();
+                }
                 session.track();
-                if session.ready_state() == ReadyState::Closed {
-                    shared.finished.notify_all();
-                }
-                if let Expired::Drop(_) = expired {
-                    // The close took too long: drop the server.
-                    if let Some(stream) = lock(&shared.stream).as_ref() {
-                        let _ = stream.shutdown(Shutdown::Both);
-                    }
-                    return;
-                }
-                if !flushed && session.ready_state() != ReadyState::Closed {
+                if received.is_err() {
+                    // Undecryptable input: the connection is over.
                     session.receive_eof();
-                    shared.finished.notify_all();
-                    return;
+                    return end(&shared, guard, &stream);
                 }
+                shared.changed.notify_all();
                 continue;
             }
-            Err(_) => 0,
-        };
-        let mut ws = lock(&shared.ws);
-        if n == 0 {
-            ws.receive_eof();
-            shared.finished.notify_all();
-            return;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // End of stream, or the socket failed.
+            _ => {
+                session.receive_eof();
+                return end(&shared, guard, &stream);
+            }
         }
-        let received = ws.receive(&mut buf[..n]);
-        let flushed = received.is_ok()
-            && match lock(&shared.stream).as_mut() {
-                Some(writer) => flush(&mut ws, writer).is_ok(),
-                None => false,
-            };
-        ws.track();
-        if ws.ready_state() == ReadyState::Closed {
-            shared.finished.notify_all();
+        // Input drained: write what the socket takes, then look at the deadlines.
+        session.write_ready();
+        let now = Instant::now();
+        session.check_stall(now);
+        session.track();
+        if session.timers.poll_timeout().is_some_and(|d| d <= now) {
+            let config = session.timer_config;
+            let expired = session
+                .timers
+                .handle_timeout(now, &config, session.ws.driver());
+            // Run the handlers for what the timers did (an abort's close).
+            session.ws.receive(&mut []);
+            session.write_ready();
+            session.track();
+            if let Expired::Drop(_) = expired {
+                // The close took too long: drop the server.
+                return end(&shared, guard, &stream);
+            }
+            shared.changed.notify_all();
+            continue;
         }
-        if !flushed && ws.ready_state() != ReadyState::Closed {
-            ws.receive_eof();
-            shared.finished.notify_all();
-            return;
+        shared.changed.notify_all();
+        let deadline = earliest(
+            session.timers.poll_timeout(),
+            session.stall.deadline(session.write_timeout),
+        );
+        drop(guard);
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            let mut session = shared.lock();
+            session.receive_eof();
+            return end(&shared, session, &stream);
         }
     }
+}
+
+/// The I/O thread's end: nothing more is written; waiting senders and closers wake up.
+fn end(shared: &Shared, mut session: MutexGuard<'_, Session>, stream: &mio::net::TcpStream) {
+    let _ = stream.shutdown(Shutdown::Both);
+    session.ended = true;
+    drop(session);
+    shared.changed.notify_all();
 }
 
 /// Opens a `CONNECT` tunnel through `proxy` to `target` on `stream`.

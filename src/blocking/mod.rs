@@ -1,7 +1,22 @@
 //! A blocking transport over `std::net`: one thread per connection.
 //!
 //! The simplest way to run the driver for real, and the reference the reactor backends
-//! are compared against. Each connection costs a thread and a 64 KiB read buffer.
+//! are compared against. Each connection costs a thread, a 64 KiB read buffer and a
+//! poll descriptor.
+//!
+//! # Flow control
+//!
+//! A connection thread never blocks in a write. Once the handshake is done the socket is
+//! non-blocking and the thread sleeps in a per-connection [`mio::Poll`] until the socket
+//! is readable or writable (or a deadline passes), so two peers that both send big
+//! messages while neither reads still make progress: each keeps reading while its output
+//! waits. What it reads is bounded too: while more than
+//! [`max_backpressure`](BlockingServer::max_backpressure) bytes wait for the peer, the
+//! thread stops reading, so a peer that sends without reading is slowed down by TCP
+//! (not disconnected), and a connection holds at most about `max_backpressure` plus one
+//! message ([`Options::max_length`]) of output. Output that makes no progress for
+//! [`Timeouts::write`] fails the connection (`on_error` with a `TimedOut` I/O error,
+//! then `on_close` 1006).
 
 pub(crate) mod client;
 
@@ -18,6 +33,13 @@ use crate::session::timers::{Expired, TimerConfig, Timers};
 use crate::session::upgrade::{self, Answer, NonUpgrade, error_response};
 use crate::websocket::WebSocket;
 
+/// Outgoing bytes a [`BlockingServer`] connection may have queued before it stops reading
+/// its peer (1 MiB, like the reactor server's `max_backpressure`).
+pub const DEFAULT_MAX_BACKPRESSURE: usize = 1 << 20;
+
+/// The connection's socket in its `mio::Poll`.
+const STREAM: mio::Token = mio::Token(0);
+
 /// Timeouts of the blocking runtime: the server and [`BlockingClient`](crate::client::BlockingClient)
 /// (as `ClientTimeouts`).
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +54,10 @@ pub struct Timeouts {
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
     /// without input, close with 1001 "idle timeout". Default `None` (off).
     pub idle: Option<Duration>,
+    /// Queued output that makes no progress for this long (the peer reads nothing) fails
+    /// the connection: `on_error` with a `TimedOut` I/O error, then `on_close` 1006. Also
+    /// bounds each write of the opening handshake. Default 30 s.
+    pub write: Duration,
 }
 
 impl Default for Timeouts {
@@ -41,12 +67,13 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             close: Duration::from_secs(5),
             idle: None,
+            write: Duration::from_secs(30),
         }
     }
 }
 
 impl Timeouts {
-    /// The deadlines' durations (writes block, so there is no backpressure grace).
+    /// The deadlines' durations (the write timeout is kept apart, see [`Stall`]).
     pub(crate) fn timer_config(&self) -> TimerConfig {
         TimerConfig {
             handshake: self.handshake,
@@ -88,6 +115,42 @@ pub(crate) fn read_by(
     }
 }
 
+/// Since when queued output has made no progress; the write timeout runs from there.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Stall(Option<Instant>);
+
+impl Stall {
+    /// Records a write attempt: whether it `progressed` and whether output is still `pending`.
+    pub(crate) fn update(&mut self, progressed: bool, pending: bool, now: Instant) {
+        self.0 = match self.0 {
+            _ if !pending => None,
+            Some(since) if !progressed => Some(since),
+            _ => Some(now),
+        };
+    }
+
+    /// When the pending output times out, if any is pending.
+    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.0.map(|since| since + timeout)
+    }
+}
+
+/// The error a connection fails with when its output made no progress for `timeout`.
+pub(crate) fn write_timed_out(timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("write timed out: the peer took no data for {timeout:?}"),
+    )
+}
+
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A thread-per-connection WebSocket server.
 ///
 /// ```no_run
@@ -104,6 +167,7 @@ pub struct BlockingServer {
     listener: TcpListener,
     options: Options,
     timeouts: Timeouts,
+    max_backpressure: usize,
 }
 
 impl BlockingServer {
@@ -113,7 +177,15 @@ impl BlockingServer {
             listener: TcpListener::bind(addr)?,
             options: Options::default(),
             timeouts: Timeouts::default(),
+            max_backpressure: DEFAULT_MAX_BACKPRESSURE,
         })
+    }
+
+    /// Outgoing bytes a connection may have queued before it stops reading its peer
+    /// (default [`DEFAULT_MAX_BACKPRESSURE`]); see [flow control](crate::blocking#flow-control).
+    pub fn max_backpressure(mut self, bytes: usize) -> BlockingServer {
+        self.max_backpressure = bytes;
+        self
     }
 
     /// Sets the driver options for every connection.
@@ -155,11 +227,12 @@ impl BlockingServer {
                 Err(e) => return Err(e),
             };
             let (app, options, timeouts) = (app.clone(), options.clone(), self.timeouts);
+            let limit = self.max_backpressure;
             let spawned = std::thread::Builder::new()
                 .name("wsd-conn".into())
                 .stack_size(256 * 1024)
                 .spawn(move || {
-                    let _ = serve_connection(stream, &options, timeouts, &*app);
+                    let _ = run_connection(stream, &options, timeouts, limit, &*app);
                 });
             if spawned.is_err() {
                 std::thread::sleep(Duration::from_millis(50));
@@ -168,26 +241,45 @@ impl BlockingServer {
     }
 }
 
-/// Writes everything `ws` has queued (running its write callbacks as bytes go out).
-pub(crate) fn flush(stream: &mut TcpStream, ws: &mut WebSocket) -> io::Result<()> {
+/// Writes what the socket takes now without blocking. `Ok(true)`: some bytes went out.
+fn write_ready(mut stream: &mio::net::TcpStream, ws: &mut WebSocket) -> io::Result<bool> {
+    let mut progressed = false;
     while !ws.pending_output().is_empty() {
-        let n = stream.write(ws.pending_output())?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        match stream.write(ws.pending_output()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                ws.consume_output(n);
+                progressed = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        ws.consume_output(n);
     }
-    Ok(())
+    Ok(progressed)
 }
 
-/// Runs one server connection to its end on the calling thread.
+/// Runs one server connection to its end on the calling thread, with at most
+/// [`DEFAULT_MAX_BACKPRESSURE`] bytes of output queued before it stops reading
+/// ([`BlockingServer`] lets that be set).
 pub fn serve_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     options: &Options,
     timeouts: Timeouts,
     app: &(dyn Fn(&Request, &mut WebSocket) + Send + Sync),
 ) -> io::Result<()> {
+    run_connection(stream, options, timeouts, DEFAULT_MAX_BACKPRESSURE, app)
+}
+
+fn run_connection(
+    mut stream: TcpStream,
+    options: &Options,
+    timeouts: Timeouts,
+    max_backpressure: usize,
+    app: &(dyn Fn(&Request, &mut WebSocket) + Send + Sync),
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(timeouts.write))?;
     let config = timeouts.timer_config();
     let mut timers = Timers::new();
     timers.handshake_started(Instant::now(), &config);
@@ -224,41 +316,94 @@ pub fn serve_connection(
     ws.start_connection();
     timers.opened(Instant::now(), &config);
     ws.receive(&mut buf[used..len]);
-    flush(&mut stream, &mut ws)?;
-    while !ws.is_finished() {
+
+    // From here on the socket is non-blocking; `linger` keeps a blocking handle for the end.
+    let linger = stream.try_clone()?;
+    stream.set_nonblocking(true)?;
+    let mut conn = mio::net::TcpStream::from_std(stream);
+    let mut poll = mio::Poll::new()?;
+    poll.registry().register(
+        &mut conn,
+        STREAM,
+        mio::Interest::READABLE | mio::Interest::WRITABLE,
+    )?;
+    let mut events = mio::Events::with_capacity(4);
+    let mut stall = Stall::default();
+    let mut eof = false;
+    loop {
+        let progressed = match write_ready(&conn, &mut ws) {
+            Ok(progressed) => progressed,
+            Err(_) => {
+                // The peer is gone.
+                ws.receive_eof();
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        stall.update(progressed, !ws.pending_output().is_empty(), now);
+        if ws.is_finished() {
+            break;
+        }
         match ws.ready_state() {
-            ReadyState::Closing => timers.close_started(Instant::now(), &config),
+            ReadyState::Closing => timers.close_started(now, &config),
             ReadyState::Closed => timers.closed(),
             _ => {}
         }
-        match read_by(&mut stream, &mut buf, timers.poll_timeout()) {
-            Ok(Some(0)) | Err(_) => {
-                ws.receive_eof();
-                break;
-            }
-            Ok(Some(n)) => {
-                timers.received(Instant::now(), &config);
-                ws.receive(&mut buf[..n]);
-            }
-            Ok(None) => {
-                let expired = timers.handle_timeout(Instant::now(), &config, ws.driver());
-                // Run the handlers for what the timers did (an abort's close).
-                ws.receive(&mut []);
-                if let Expired::Drop(_) = expired {
-                    // The handshake or close took too long: drop the peer.
-                    return Ok(());
+        // Read unless the peer has not taken what we owe it: what we read may add to it.
+        if !eof && ws.buffered_amount() <= max_backpressure {
+            match (&conn).read(&mut buf) {
+                Ok(0) => {
+                    ws.receive_eof();
+                    eof = true;
+                    continue;
+                }
+                Ok(n) => {
+                    timers.received(now, &config);
+                    ws.receive(&mut buf[..n]);
+                    continue;
+                }
+                // Drained: wait for the socket below.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    ws.receive_eof();
+                    eof = true;
+                    continue;
                 }
             }
         }
-        if flush(&mut stream, &mut ws).is_err() {
-            ws.receive_eof();
-            return Ok(());
+        // Nothing to do until the socket is ready again or a deadline passes: the input is
+        // drained (or not wanted now) and the output went as far as the socket took it.
+        if stall.deadline(timeouts.write).is_some_and(|d| d <= now) {
+            ws.fail(
+                write_timed_out(timeouts.write).into(),
+                crate::code::ABNORMAL,
+                "write timed out",
+            );
+            return Err(write_timed_out(timeouts.write));
+        }
+        if timers.poll_timeout().is_some_and(|d| d <= now) {
+            let expired = timers.handle_timeout(now, &config, ws.driver());
+            // Run the handlers for what the timers did (an abort's close).
+            ws.receive(&mut []);
+            if let Expired::Drop(_) = expired {
+                // The handshake or close took too long: drop the peer.
+                return Ok(());
+            }
+            continue;
+        }
+        let deadline = earliest(timers.poll_timeout(), stall.deadline(timeouts.write));
+        let timeout = deadline.map(|d| d.saturating_duration_since(now));
+        match poll.poll(&mut events, timeout) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
         }
     }
-    flush(&mut stream, &mut ws)?;
-    linger_close(stream)
+    drop(poll);
+    drop(conn);
+    linger.set_nonblocking(false)?;
+    linger_close(linger)
 }
-
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
 /// for a moment, so unread data does not turn the close into a reset that could destroy
 /// the close frame in flight.
