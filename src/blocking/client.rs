@@ -8,17 +8,21 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::blocking::{Stall, Timeouts, earliest, read_by, write_timed_out};
+use crate::blocking::{Stall, Timeouts, earliest, read_by};
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
-use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::timers::{Expired, Timers};
 use crate::websocket::WebSocket;
 
 use crate::client::{resolve, resolve_proxy};
 use crate::protocol::frame::Status;
 use crate::session::proxy::{self, Proxy};
+
+mod session;
+
+use session::{Session, Shared};
 
 /// Timeouts of a [`BlockingClient`]: the blocking runtime's [`Timeouts`], whose
 /// `connect` applies to clients only.
@@ -27,195 +31,6 @@ pub type ClientTimeouts = Timeouts;
 /// The socket in the I/O thread's poll, and its waker.
 const STREAM: mio::Token = mio::Token(0);
 const WAKE: mio::Token = mio::Token(1);
-
-/// Most plaintext encrypted ahead of the socket on wss (the rest stays in the driver).
-#[cfg(feature = "tls")]
-const TLS_CHUNK: usize = 256 * 1024;
-
-/// The connection state the I/O thread and senders share, under one lock.
-struct Session {
-    ws: WebSocket,
-    /// The connection's deadlines; the I/O thread sleeps until the next one.
-    timers: Timers,
-    timer_config: TimerConfig,
-    write_timeout: Duration,
-    #[cfg(feature = "tls")]
-    tls: Option<crate::tls::TlsStream>,
-    /// Decrypted input, reused across reads (wss only).
-    #[cfg(feature = "tls")]
-    plain: Vec<u8>,
-    /// The non-blocking socket, once open (the I/O thread reads it, anyone writes it).
-    stream: Option<Arc<mio::net::TcpStream>>,
-    /// Wakes the I/O thread (to time output a sender left behind, or a close).
-    waker: Option<Arc<mio::Waker>>,
-    /// Since when queued output has made no progress.
-    stall: Stall,
-    /// Why writing failed, once it has.
-    failed: Option<(io::ErrorKind, String)>,
-    /// The I/O thread has ended: nothing more will be written.
-    ended: bool,
-}
-
-impl std::ops::Deref for Session {
-    type Target = WebSocket;
-    fn deref(&self) -> &WebSocket {
-        &self.ws
-    }
-}
-
-impl std::ops::DerefMut for Session {
-    fn deref_mut(&mut self) -> &mut WebSocket {
-        &mut self.ws
-    }
-}
-
-impl Session {
-    /// Tells the timers the state the driver is in now.
-    fn track(&mut self) {
-        match self.ws.ready_state() {
-            ReadyState::Closing => self
-                .timers
-                .close_started(Instant::now(), &self.timer_config),
-            ReadyState::Closed => self.timers.closed(),
-            _ => {}
-        }
-    }
-
-    /// Feeds bytes read from the socket (decrypting them first on wss).
-    fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
-        self.timers.received(Instant::now(), &self.timer_config);
-        #[cfg(feature = "tls")]
-        if let Some(tls) = self.tls.as_mut() {
-            self.plain.clear();
-            let decrypted = tls.decrypt(data, &mut self.plain);
-            self.ws.receive(&mut self.plain);
-            return decrypted;
-        }
-        self.ws.receive(data);
-        Ok(())
-    }
-
-    /// The bytes to write next (on wss, encrypting up to `TLS_CHUNK` more of the
-    /// driver's output when the last ciphertext has gone).
-    fn output(&mut self) -> io::Result<&[u8]> {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = self.tls.as_mut() {
-            if tls.output().is_empty() {
-                let pending = self.ws.pending_output();
-                if !pending.is_empty() {
-                    let n = pending.len().min(TLS_CHUNK);
-                    tls.encrypt(&pending[..n])?;
-                    self.ws.consume_output(n);
-                }
-            }
-            return Ok(tls.output());
-        }
-        Ok(self.ws.pending_output())
-    }
-
-    /// Marks the first `n` bytes of [`Session::output`] written.
-    fn consumed(&mut self, n: usize) {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = self.tls.as_mut() {
-            tls.consume(n);
-            return;
-        }
-        self.ws.consume_output(n);
-    }
-
-    fn has_output(&self) -> bool {
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.tls
-            && !tls.output().is_empty()
-        {
-            return true;
-        }
-        !self.ws.pending_output().is_empty()
-    }
-
-    /// Writes what the socket takes now, without blocking (nothing before the socket is
-    /// open), and notes progress for the write timeout. An error fails the connection.
-    fn write_ready(&mut self) {
-        let Some(stream) = self.stream.clone() else {
-            return;
-        };
-        if self.failed.is_some() {
-            return;
-        }
-        let mut progressed = false;
-        let result = loop {
-            let out = match self.output() {
-                Ok([]) => break Ok(()),
-                Ok(out) => out,
-                Err(e) => break Err(e),
-            };
-            match (&*stream).write(out) {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.consumed(n);
-                    progressed = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        let pending = self.has_output();
-        self.stall.update(progressed, pending, Instant::now());
-        if let Err(e) = result {
-            self.write_failed(e);
-        }
-    }
-
-    /// Ends the connection after a failed write: a timeout is an error (`on_error`, then
-    /// `on_close` 1006); a peer that went away is an end of stream (`on_close` 1006).
-    fn write_failed(&mut self, e: io::Error) {
-        self.failed = Some((e.kind(), e.to_string()));
-        if e.kind() == io::ErrorKind::TimedOut {
-            self.ws
-                .fail(e.into(), crate::code::ABNORMAL, "write timed out");
-        } else {
-            self.ws.receive_eof();
-        }
-        if let Some(stream) = &self.stream {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Fails the connection if its output has made no progress for the write timeout.
-    fn check_stall(&mut self, now: Instant) {
-        if self.failed.is_none()
-            && self
-                .stall
-                .deadline(self.write_timeout)
-                .is_some_and(|d| d <= now)
-        {
-            self.write_failed(write_timed_out(self.write_timeout));
-        }
-    }
-
-    fn wake(&self) {
-        if let Some(waker) = &self.waker {
-            let _ = waker.wake();
-        }
-    }
-}
-
-struct Shared {
-    session: Mutex<Session>,
-    /// Signalled whenever output went out or the connection changed state.
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Session> {
-        lock(&self.session)
-    }
-
-    fn wait<'a>(&self, guard: MutexGuard<'a, Session>) -> MutexGuard<'a, Session> {
-        self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// A client on a blocking socket, like the seed's: `start_connection` connects and
 /// performs the handshake on the caller's thread, then an I/O thread fires the events.
