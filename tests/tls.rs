@@ -229,3 +229,258 @@ fn wss_cap_counts_sealed_bytes() {
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
+
+/// A raw wss client whose TLS state is shared by a writer and a reader thread without
+/// ever holding the lock across a blocking socket call: encrypt under the lock, write the
+/// ciphertext outside it; read outside it, decrypt under the lock.
+struct RawWss {
+    tls: Arc<Mutex<rustls::ClientConnection>>,
+    socket: std::net::TcpStream,
+    ws: websocket_driver::Driver,
+}
+
+impl RawWss {
+    /// TLS and WebSocket handshakes with the server at `addr`.
+    fn connect(addr: std::net::SocketAddr, ca: &PathBuf) -> RawWss {
+        use std::io::Read;
+        let config = client_config(&Verify::CaFile(ca.clone())).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        tls.complete_io(&mut socket).unwrap();
+        let url = format!("wss://127.0.0.1:{}/", addr.port());
+        let mut ws = websocket_driver::Driver::make_client(&url, &Options::default()).unwrap();
+        ws.start_connection();
+        let mut raw = RawWss {
+            tls: Arc::new(Mutex::new(tls)),
+            socket,
+            ws,
+        };
+        let request = raw.ws.take_output(Vec::new()).unwrap();
+        raw.send_plain(&request);
+        // Read until the 101 has opened the driver.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = raw.socket.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF during the handshake");
+            let mut plain = raw.decrypt(&buf[..n]);
+            let (_, event) = raw.ws.poll_event(&mut plain);
+            if let Some(event) = event {
+                assert!(matches!(event, websocket_driver::Event::Open), "{event:?}");
+                return raw;
+            }
+        }
+    }
+
+    /// Encrypts `plain` under the lock, then writes the records without it.
+    fn send_plain(&self, plain: &[u8]) {
+        send_tls(&self.tls, &mut &self.socket, plain);
+    }
+
+    /// Decrypts what came off the socket.
+    fn decrypt(&self, mut ciphertext: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut tls = self.tls.lock().unwrap();
+        let mut plain = Vec::new();
+        while !ciphertext.is_empty() {
+            tls.read_tls(&mut ciphertext).unwrap();
+            tls.process_new_packets().unwrap();
+            let _ = tls.reader().read_to_end(&mut plain);
+        }
+        plain
+    }
+}
+
+fn send_tls(tls: &Mutex<rustls::ClientConnection>, socket: &mut impl std::io::Write, plain: &[u8]) {
+    use std::io::Write;
+    let mut records = Vec::new();
+    {
+        let mut tls = tls.lock().unwrap();
+        let mut at = 0;
+        while at < plain.len() {
+            // rustls takes plaintext up to its buffer limit; drain records between.
+            at += tls.writer().write(&plain[at..]).unwrap();
+            while tls.wants_write() {
+                tls.write_tls(&mut records).unwrap();
+            }
+        }
+    }
+    socket.write_all(&records).unwrap();
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The flood over wss, default settings, both backends: a client sends 64 MiB of 64 KiB
+/// messages without reading for two seconds, then reads while it keeps sending. It is
+/// slowed (its writes stall), not dropped, gets every echo back intact and in order, and
+/// the process's RSS grows by less than 64 MiB — the cap counts the TLS records sealed
+/// but not yet written, so the server stops reading instead of sealing without bound.
+#[test]
+fn wss_flooding_client_is_slowed_not_dropped() {
+    use std::io::Read;
+    use std::sync::atomic::AtomicU64;
+    let (cert, key) = certificate("flood");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        const MESSAGES: u64 = 1024;
+        let server = Server::bind_tls("127.0.0.1:0", &cert, &key)
+            .unwrap()
+            .threads(1)
+            .backend(backend)
+            .start(|_| Upgrade::Accept(Echo))
+            .unwrap();
+        let mut raw = RawWss::connect(server.local_addr(), &cert);
+        let before = rss_kib();
+        let sent = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (tls, mut socket, sent) = (
+                raw.tls.clone(),
+                raw.socket.try_clone().unwrap(),
+                sent.clone(),
+            );
+            let mut encoder = websocket_driver::Driver::make_client(
+                &format!("wss://{}/", server.local_addr()),
+                &Options::default(),
+            )
+            .unwrap();
+            std::thread::spawn(move || {
+                // The encoder only frames (masked): drop its handshake bytes.
+                encoder.start_connection();
+                let head = encoder.pending_output().len();
+                encoder.consume_output(head);
+                for i in 0..MESSAGES {
+                    let frame = masked_frame(&numbered(i));
+                    send_tls(&tls, &mut socket, &frame);
+                    sent.store(i + 1, Ordering::Relaxed);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let stalled_at = sent.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(sent.load(Ordering::Relaxed), stalled_at, "not slowed");
+        assert!(stalled_at < MESSAGES / 2, "{backend}: sent {stalled_at}");
+        assert_eq!(
+            server.stats().connections_open,
+            1,
+            "the flooder was dropped"
+        );
+        let mut peak = rss_kib();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut next = 0u64;
+        while next < MESSAGES {
+            let n = raw.socket.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {next} echoes");
+            let mut plain = raw.decrypt(&buf[..n]);
+            let mut at = 0;
+            loop {
+                let (used, event) = raw.ws.poll_event(&mut plain[at..]);
+                at += used;
+                match event {
+                    Some(websocket_driver::Event::Message(m)) => {
+                        assert_eq!(m.as_bytes(), &numbered(next)[..], "echo {next}");
+                        next += 1;
+                    }
+                    Some(other) => panic!("unexpected {other:?}"),
+                    None => break,
+                }
+            }
+            peak = peak.max(rss_kib());
+        }
+        writer.join().unwrap();
+        let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+        eprintln!("wss {backend}: stalled after {stalled_at}; RSS growth {growth_mib:.1} MiB");
+        assert!(
+            growth_mib < 64.0,
+            "{backend}: RSS grew by {growth_mib:.1} MiB"
+        );
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
+fn numbered(i: u64) -> Vec<u8> {
+    let mut payload = vec![0u8; 65536];
+    payload[..8].copy_from_slice(&i.to_le_bytes());
+    for (j, b) in payload[8..].iter_mut().enumerate() {
+        *b = (j as u64 ^ i) as u8;
+    }
+    payload
+}
+
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A thread sending through a `Sender` to a wss connection that never reads is refused
+/// (`WouldBlock` wrapping `BufferFull`) once the queue — sealed TLS records included —
+/// passes the default cap, having queued no more than the cap plus the socket buffers.
+#[test]
+fn wss_sender_is_refused_past_the_cap() {
+    use websocket_driver::server::Sender;
+    struct Register(Arc<Mutex<Option<Sender>>>);
+    impl Handler for Register {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            *self.0.lock().unwrap() = Some(ws.sender());
+        }
+    }
+    let (cert, key) = certificate("sender");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let slot = Arc::new(Mutex::new(None));
+        let registry = slot.clone();
+        let server = Server::bind_tls("127.0.0.1:0", &cert, &key)
+            .unwrap()
+            .threads(1)
+            .backend(backend)
+            .start(move |_| Upgrade::Accept(Register(registry.clone())))
+            .unwrap();
+        let raw = RawWss::connect(server.local_addr(), &cert);
+        socket2::SockRef::from(&raw.socket)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let start = std::time::Instant::now();
+        while slot.lock().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let sender = slot.lock().unwrap().clone().unwrap();
+        let mut queued = 0usize;
+        let err = loop {
+            match sender.send_binary(vec![5u8; 65536]) {
+                Ok(()) => queued += 1,
+                Err(e) => break e,
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "never refused");
+            if queued.is_multiple_of(16) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{backend}");
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+        assert!(
+            matches!(
+                inner,
+                Some(Error::Usage(
+                    websocket_driver::UsageError::BufferFull { .. }
+                ))
+            ),
+            "{inner:?}"
+        );
+        assert!(queued * 65536 < 17 << 20, "{backend}: queued {queued}");
+        drop(raw);
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}

@@ -139,7 +139,9 @@ where
     }
 
     fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
-        self.sent_plain(conn, io, n)
+        self.sent_plain(conn, io, n);
+        // Held-back input delivered as the output drained may have queued replies.
+        self.seal(conn, io);
     }
 
     fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>) {
