@@ -241,9 +241,9 @@ struct RawWss {
 
 impl RawWss {
     /// TLS and WebSocket handshakes with the server at `addr`.
-    fn connect(addr: std::net::SocketAddr, ca: &PathBuf) -> RawWss {
+    fn connect(addr: std::net::SocketAddr, ca: &std::path::Path) -> RawWss {
         use std::io::Read;
-        let config = client_config(&Verify::CaFile(ca.clone())).unwrap();
+        let config = client_config(&Verify::CaFile(ca.to_path_buf())).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let mut tls = rustls::ClientConnection::new(config, name).unwrap();
         let mut socket = std::net::TcpStream::connect(addr).unwrap();
