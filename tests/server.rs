@@ -712,6 +712,51 @@ fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// After the close handshake the server closes TCP first and keeps reading until the
+/// peer's FIN (RFC 6455 §7.1.1): bytes the peer sends after our FIN are read and dropped,
+/// and the peer's FIN ends the connection at once rather than the linger timer.
+fn lingering_close_reads_until_the_peers_fin(backend: Backend) {
+    struct Register(Arc<Mutex<Vec<Sender>>>);
+    impl Handler for Register {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            self.0.lock().unwrap().push(ws.sender());
+        }
+    }
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config(backend))
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == 1));
+    senders.lock().unwrap()[0]
+        .close_connection(1000, "bye")
+        .unwrap();
+    // The close frame; the client's driver answers it at once.
+    assert_eq!(
+        client.next_event().unwrap(),
+        Owned::Close(1000, "bye".into())
+    );
+    assert!(client.wait_eof(), "the server's FIN");
+    // Half-closed: the server's side is done, ours still sends; then our FIN.
+    client.stream.write_all(&[0u8; 64 * 1024]).unwrap();
+    client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    // The server reads our bytes and our FIN and closes at once: well before its 2 s
+    // linger would expire (had it stopped reading, only that timer would close it, and with
+    // our bytes unread the kernel would answer with a reset).
+    assert!(eventually(Duration::from_secs(1), || server
+        .stats()
+        .connections_open
+        == 0));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 /// Every test above runs once per backend.
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -738,4 +783,5 @@ on_every_backend!(
     sender_reaches_a_connection_from_another_thread,
     idle_timeout_pings_then_closes_a_silent_peer,
     write_and_pong_callbacks_run_and_are_dropped_on_close,
+    lingering_close_reads_until_the_peers_fin,
 );

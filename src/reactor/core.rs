@@ -190,11 +190,13 @@ impl<S: Service, B: Backend> Core<S, B> {
             .map(|c| &mut c.socket)
     }
 
-    /// The socket of a connection the loop reads from now (active, not paused).
+    /// The socket of a connection the loop reads from now: not paused, and active or
+    /// lingering (reading on until the peer's FIN, so unread bytes do not turn our close
+    /// into a reset).
     pub fn reading_socket(&mut self, key: usize) -> Option<&mut B::Socket> {
         self.conns
             .get_mut(key)
-            .filter(|c| c.phase == Phase::Active && c.reading)
+            .filter(|c| c.phase != Phase::Closing && c.reading)
             .map(|c| &mut c.socket)
     }
 
