@@ -6,16 +6,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Conn, Phase, WsService};
-use crate::hosted::server::{BackpressurePolicy, Command, Ws};
+use crate::hosted::server::{BackpressurePolicy, Command, Handler, Upgrade, UpgradeRequest, Ws};
 use crate::reactor::Io;
 
 impl<F, H> WsService<F, H>
 where
-    F: Fn(&crate::hosted::server::UpgradeRequest<'_>) -> crate::hosted::server::Upgrade<H>
-        + Send
-        + Sync
-        + 'static,
-    H: crate::hosted::server::Handler,
+    F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    H: Handler,
 {
     /// Whether a send refused by the cap closes the connection at once.
     pub(super) fn close_on_limit(&self) -> bool {
