@@ -779,3 +779,51 @@ fn blocking_client_write_timeout_fails_with_1006_against_a_server_that_never_rea
     let _ = hold_tx.send(());
     fake.join().unwrap();
 }
+
+/// A close frame that arrives in the same segment as the 101 is handled while
+/// `start_connection` runs, so `on_close` fires before the I/O thread has written
+/// anything; an application that drops the client right then (as the Autobahn client
+/// does) must still send the close reply.
+#[test]
+fn blocking_client_dropped_in_on_close_still_answers_the_close() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let head = read_head(&mut stream);
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let accept = websocket_driver::protocol::handshake::accept_key(key);
+        let mut reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        reply.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]); // close 1000, same write
+        stream.write_all(&reply).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 2 {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_close(move |_, code, _| {
+        let _ = tx.send(code);
+    });
+    client.start_connection().unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 1000);
+    drop(client);
+    let got = server.join().unwrap();
+    assert_eq!(got.first(), Some(&0x88), "no close reply: {got:?}");
+}

@@ -441,7 +441,13 @@ impl BlockingClient {
     /// Closes TCP and joins the I/O thread (which reports `close` 1006 if no close
     /// handshake happened).
     fn shutdown(&self) {
-        let stream = self.shared.lock().stream.clone();
+        let stream = {
+            let mut session = self.shared.lock();
+            // What the I/O thread's handlers queued last (a close reply) may not be written
+            // yet: hand it to the socket before shutting it.
+            session.write_ready();
+            session.stream.clone()
+        };
         if let Some(stream) = stream {
             let _ = stream.shutdown(Shutdown::Both);
         }
