@@ -148,6 +148,19 @@ struct Shared {
     latencies: Mutex<Vec<u32>>,
 }
 
+impl Shared {
+    /// Waits (with progress lines) until `conns` connections have opened or failed;
+    /// returns whether they all did within `limit`.
+    fn wait_open(&self, conns: usize, limit: Duration) -> bool {
+        wait_until(
+            "connections",
+            limit,
+            || self.opened.load(Ordering::Relaxed) + self.closed.load(Ordering::Relaxed) >= conns,
+            || format!("{} of {conns} open", self.opened.load(Ordering::Relaxed)),
+        )
+    }
+}
+
 fn wait_until(
     what: &str,
     limit: Duration,
@@ -331,21 +344,7 @@ impl EchoRun {
                 .connect(&args.url, handler)
                 .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
         }
-        let opened = wait_until(
-            "connections",
-            Duration::from_secs(30),
-            || {
-                shared.opened.load(Ordering::Relaxed) + shared.closed.load(Ordering::Relaxed)
-                    >= args.conns
-            },
-            || {
-                format!(
-                    "{} of {} open",
-                    shared.opened.load(Ordering::Relaxed),
-                    args.conns
-                )
-            },
-        );
+        let opened = shared.wait_open(args.conns, Duration::from_secs(30));
         if !opened || shared.opened.load(Ordering::Relaxed) < args.conns {
             usage(&format!(
                 "only {} of {} connections opened",
@@ -523,21 +522,7 @@ fn idle(args: &Args) {
             )
             .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
     }
-    let all = wait_until(
-        "connections",
-        Duration::from_secs(120),
-        || {
-            shared.opened.load(Ordering::Relaxed) + shared.closed.load(Ordering::Relaxed)
-                >= args.conns
-        },
-        || {
-            format!(
-                "{} of {} open",
-                shared.opened.load(Ordering::Relaxed),
-                args.conns
-            )
-        },
-    );
+    let all = shared.wait_open(args.conns, Duration::from_secs(120));
     let opened = shared.opened.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs_f64(args.secs.max(1.0)));
     let after = rss_kib(pid);
