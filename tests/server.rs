@@ -181,6 +181,14 @@ fn random_disconnects_leak_no_connection(backend: Backend) {
 }
 
 /// Sends `count` messages of `size` bytes back for every text message "flood count size".
+/// Hands every connection's `Sender` to the test.
+struct Register(Arc<Mutex<Vec<Sender>>>);
+impl Handler for Register {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        self.0.lock().unwrap().push(ws.sender());
+    }
+}
+
 struct Flooder {
     refused: Arc<AtomicUsize>,
 }
@@ -459,12 +467,6 @@ fn max_connections_answers_503_beyond_the_limit(backend: Backend) {
 }
 
 fn sender_reaches_a_connection_from_another_thread(backend: Backend) {
-    struct Register(Arc<Mutex<Vec<Sender>>>);
-    impl Handler for Register {
-        fn on_open(&mut self, ws: &mut Ws<'_>) {
-            self.0.lock().unwrap().push(ws.sender());
-        }
-    }
     let senders = Arc::new(Mutex::new(Vec::new()));
     let registry = senders.clone();
     let server = Server::bind("127.0.0.1:0")
@@ -553,12 +555,6 @@ fn idle_timeout_pings_then_closes_a_silent_peer(backend: Backend) {
 }
 
 fn close_timeout_drops_a_peer_that_never_answers(backend: Backend) {
-    struct Register(Arc<Mutex<Vec<Sender>>>);
-    impl Handler for Register {
-        fn on_open(&mut self, ws: &mut Ws<'_>) {
-            self.0.lock().unwrap().push(ws.sender());
-        }
-    }
     let senders = Arc::new(Mutex::new(Vec::new()));
     let registry = senders.clone();
     let server = Server::bind("127.0.0.1:0")
@@ -716,12 +712,6 @@ fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
 /// peer's FIN (RFC 6455 §7.1.1): bytes the peer sends after our FIN are read and dropped,
 /// and the peer's FIN ends the connection at once rather than the linger timer.
 fn lingering_close_reads_until_the_peers_fin(backend: Backend) {
-    struct Register(Arc<Mutex<Vec<Sender>>>);
-    impl Handler for Register {
-        fn on_open(&mut self, ws: &mut Ws<'_>) {
-            self.0.lock().unwrap().push(ws.sender());
-        }
-    }
     let senders = Arc::new(Mutex::new(Vec::new()));
     let registry = senders.clone();
     let server = Server::bind("127.0.0.1:0")
