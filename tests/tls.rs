@@ -183,7 +183,7 @@ fn hosted_clients_speak_wss_on_both_backends() {
 /// the client receives exactly those 16. (`buffered_amount` and the cap also count TLS
 /// records sealed but not yet written; `tests/flow.rs` covers a never-reading peer.)
 #[test]
-fn wss_cap_counts_sealed_bytes() {
+fn wss_handler_sends_are_capped() {
     struct Flooder(Arc<AtomicUsize>, Arc<AtomicUsize>);
     impl Handler for Flooder {
         fn on_open(&mut self, ws: &mut Ws<'_>) {
