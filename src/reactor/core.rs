@@ -80,9 +80,10 @@ pub(crate) struct Output<'s, 'r, S: Service> {
 }
 
 impl<S: Service> Output<'_, '_, S> {
-    /// The bytes to write next (readiness backends).
-    pub fn bytes(&self) -> &[u8] {
-        self.service.output(self.session)
+    /// The bytes to write next, as slices for one vectored write (readiness backends);
+    /// returns how many of `parts` were filled.
+    pub fn parts<'p>(&'p self, parts: &mut [std::io::IoSlice<'p>]) -> usize {
+        self.service.output(self.session, parts)
     }
 
     /// `n` bytes of [`Output::bytes`] were written.
@@ -91,10 +92,10 @@ impl<S: Service> Output<'_, '_, S> {
         self.service.consume(self.session, &mut self.io, n);
     }
 
-    /// Everything queued, as an owned buffer the kernel can hold until its send completes
-    /// (completion backends); `spare` is an empty buffer to write on into.
-    pub fn take(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
-        self.service.take_output(self.session, &mut self.io, spare)
+    /// Everything queued, handed over into `into` for the kernel to hold until its send
+    /// completes (completion backends). Returns false when nothing is queued.
+    pub fn take(&mut self, into: &mut super::Outgoing) -> bool {
+        self.service.take_output(self.session, &mut self.io, into)
     }
 }
 

@@ -15,11 +15,13 @@ pub(crate) mod timer;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
+
+pub(crate) use crate::protocol::driver::Outgoing;
 
 /// Which IO backend runs the event loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -232,18 +234,20 @@ pub(crate) trait Service: 'static {
     fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// The server is shutting down.
     fn shutdown(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
-    /// Bytes to write.
-    fn output<'s>(&self, session: &'s Self::Session) -> &'s [u8];
+    /// The bytes to write next, as up to `parts.len()` slices in order (one vectored
+    /// write); returns how many were filled.
+    fn output<'s>(&self, session: &'s Self::Session, parts: &mut [IoSlice<'s>]) -> usize;
     /// `n` bytes of [`Service::output`] were written (readiness backends).
     fn consume(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
-    /// Everything queued, as an owned buffer the kernel can hold (completion backends);
-    /// `spare` is an empty buffer to write on into.
+    /// Everything queued, handed over into `into` (empty, from the backend's pool) for the
+    /// kernel to hold until the send completes (completion backends). Returns false when
+    /// nothing is queued.
     fn take_output(
         &mut self,
         session: &mut Self::Session,
         io: &mut Io<'_, Self::Command>,
-        spare: Vec<u8>,
-    ) -> Option<Vec<u8>>;
+        into: &mut Outgoing,
+    ) -> bool;
     /// `n` bytes of a buffer from [`Service::take_output`] were sent (or dropped because the
     /// connection failed).
     fn sent(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);

@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::Status;
 use crate::protocol::handshake::{RequestParser, error_response};
-use crate::reactor::{CloseRequest, Io, LoopStats, Service};
+use crate::reactor::{CloseRequest, Io, LoopStats, Outgoing, Service};
 
 /// Buffers kept per loop for drivers' output; larger ones are freed, not pooled.
 const POOL_MAX_BUFFERS: usize = 256;
@@ -539,12 +539,12 @@ where
         }
     }
 
-    fn output_plain<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+    fn output_plain<'s>(&self, conn: &'s Conn<H>, parts: &mut [IoSlice<'s>]) -> usize {
         match &conn.phase {
-            Phase::Open(driver, _) => driver.pending_output(),
-            Phase::Rejecting(response, at) => &response[*at..],
-            Phase::Tunnel(tunnel) => tunnel.output(),
-            _ => &[],
+            Phase::Open(driver, _) => driver.pending_output_vectored(parts),
+            Phase::Rejecting(response, at) => dispatch::one_part(&response[*at..], parts),
+            Phase::Tunnel(tunnel) => dispatch::one_part(tunnel.output(), parts),
+            _ => 0,
         }
     }
 
@@ -581,24 +581,36 @@ where
         &mut self,
         conn: &mut Conn<H>,
         io: &mut Io<'_, Command>,
-        spare: Vec<u8>,
-    ) -> Option<Vec<u8>> {
+        into: &mut Outgoing,
+    ) -> bool {
         match &mut conn.phase {
             Phase::Open(driver, _) => {
-                let taken = driver.take_output(spare)?;
-                conn.in_flight += taken.len();
+                if !driver.take_output(into) {
+                    return false;
+                }
+                conn.in_flight += into.len();
                 // What the callbacks send goes out with the next send.
                 self.run_written(conn, io);
-                Some(taken)
+                true
             }
             Phase::Rejecting(response, at) => {
                 let mut bytes = std::mem::take(response);
                 bytes.drain(..*at);
                 *at = 0;
-                (!bytes.is_empty()).then_some(bytes)
+                if bytes.is_empty() {
+                    return false;
+                }
+                into.set_own(bytes);
+                true
             }
-            Phase::Tunnel(tunnel) => tunnel.take_output(),
-            _ => None,
+            Phase::Tunnel(tunnel) => match tunnel.take_output() {
+                Some(bytes) => {
+                    into.set_own(bytes);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
         }
     }
 
@@ -667,7 +679,8 @@ mod tests {
     fn connection_state_stays_small() {
         struct Quiet;
         impl super::Handler for Quiet {}
-        assert!(std::mem::size_of::<crate::Driver>() <= 200);
-        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 304);
+        // The driver's pub/sub queue is one pointer until a frame is published to it.
+        assert!(std::mem::size_of::<crate::Driver>() <= 208);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 312);
     }
 }
