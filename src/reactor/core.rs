@@ -115,6 +115,8 @@ pub(crate) struct Core<S: Service, B: Backend> {
     dirty: Vec<usize>,
     /// Connections whose reading resumes at the end of this turn.
     resumed: Vec<usize>,
+    /// Scratch for the targets of a loop-wide command.
+    targets: Vec<usize>,
 }
 
 /// Runs one loop until a shutdown completes.
@@ -156,6 +158,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             due: Vec::new(),
             dirty: Vec::new(),
             resumed: Vec::new(),
+            targets: Vec::new(),
         }
     }
 
@@ -240,6 +243,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                         });
                     }
                 }
+                Envelope::Loop(command) => self.fan_out(backend, command),
                 Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
             }
         }
@@ -302,6 +306,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// Writes what the turn produced, fires due timers, resumes accepting after a
     /// back-off, and enforces the shutdown deadline.
     pub fn end_turn(&mut self, backend: &mut B) -> io::Result<()> {
+        self.run_local(backend);
         self.flush_dirty(backend);
         while let Some(key) = self.resumed.pop() {
             if self.reading_socket(key).is_some() {
@@ -321,6 +326,29 @@ impl<S: Service, B: Backend> Core<S, B> {
             self.close_all(backend);
         }
         Ok(())
+    }
+
+    /// Runs the loop-wide commands the turn's sessions raised for this loop.
+    fn run_local(&mut self, backend: &mut B) {
+        while let Some(command) = self.service.next_local() {
+            self.fan_out(backend, command);
+        }
+    }
+
+    /// Hands a loop-wide command to each connection it concerns (one command per loop,
+    /// not one per connection).
+    fn fan_out(&mut self, backend: &mut B, command: S::Command) {
+        let mut targets = std::mem::take(&mut self.targets);
+        self.service.targets(&command, &mut targets);
+        let now = Instant::now();
+        for key in targets.drain(..) {
+            if self.conns.get(key).is_some_and(|c| c.phase == Phase::Active) {
+                self.call(backend, key, now, |service, session, io| {
+                    service.deliver(session, io, &command)
+                });
+            }
+        }
+        self.targets = targets;
     }
 
     fn flush_dirty(&mut self, backend: &mut B) {

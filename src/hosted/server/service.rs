@@ -2,6 +2,7 @@
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
 use super::handler::{Callbacks, Ctx, Gauges};
+use super::pubsub::{LoopTopics, PubSub, Publication};
 use super::tunnel::{Progress, Tunnel};
 
 mod dispatch;
@@ -44,6 +45,11 @@ pub(crate) struct WsService<F, H> {
     held: HashMap<usize, Vec<u8>>,
     /// What the `Sender`s of connections that have any share with the loop.
     gauges: RefCell<Gauges>,
+    /// The loop's topic index (and publications for its own subscribers).
+    topics: RefCell<LoopTopics>,
+    /// This loop's place among the server's loops.
+    loop_index: usize,
+    pubsub: Arc<PubSub>,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -51,7 +57,12 @@ pub(crate) struct WsService<F, H> {
 }
 
 impl<F, H> WsService<F, H> {
-    pub(crate) fn new(app: Arc<F>, config: Arc<ServerConfig>, stats: Arc<LoopStats>) -> Self {
+    pub(crate) fn new(
+        app: Arc<F>,
+        config: Arc<ServerConfig>,
+        stats: Arc<LoopStats>,
+        (loop_index, pubsub): (usize, Arc<PubSub>),
+    ) -> Self {
         WsService {
             app,
             config,
@@ -60,6 +71,9 @@ impl<F, H> WsService<F, H> {
             callbacks: RefCell::default(),
             held: HashMap::new(),
             gauges: RefCell::default(),
+            topics: RefCell::default(),
+            loop_index,
+            pubsub,
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -137,6 +151,9 @@ where
             outside,
             callbacks: &self.callbacks,
             gauges: &self.gauges,
+            topics: &self.topics,
+            loop_index: self.loop_index,
+            pubsub: &self.pubsub,
         }
     }
 
@@ -287,8 +304,12 @@ where
                         .expect("stats lock")
                         .entry(code)
                         .or_default() += 1;
-                    // Nothing more is written or answered: waiting callbacks never run.
+                    // Nothing more is written or answered: waiting callbacks never run, and
+                    // the connection leaves its topics.
                     self.callbacks.borrow_mut().remove(&io.key);
+                    self.topics
+                        .borrow_mut()
+                        .leave_all(&self.pubsub, self.loop_index, io.key);
                     handler.on_close(&mut ws, code, &reason)
                 }
             }
@@ -354,6 +375,10 @@ where
                 sent.map(|_| ())
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+            Command::Publish(publication) => {
+                self.deliver_plain(conn, io, &publication);
+                return;
+            }
         };
         // Errors (sending on a closing connection) have no one to report to: the sender
         // already returned. Events the command caused (a close while connecting) run now.
@@ -367,6 +392,38 @@ where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
 {
+    /// Queues a published frame (by reference) for one subscriber, unless its output is
+    /// over the cap: then the message is dropped for it and counted, or under
+    /// `BackpressurePolicy::Close { grace: ZERO }` the subscriber is closed with 1008.
+    pub(super) fn deliver_plain(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        publication: &Publication,
+    ) {
+        let outside = Self::queued_outside(conn);
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        let cap = self.config.max_backpressure;
+        if driver.buffered_amount() + outside > cap {
+            LoopStats::add(&self.stats.dropped, 1);
+            if self.close_on_limit() {
+                driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+                self.pump(conn, io, &mut []);
+            }
+            return;
+        }
+        if driver.send_shared(&publication.frame).is_ok() {
+            LoopStats::add(&self.stats.delivered, 1);
+            LoopStats::add(&self.stats.messages_out, 1);
+        }
+        // Over the cap now: the grace timer (if any) starts and senders learn it.
+        if driver.buffered_amount() + outside > cap {
+            self.settle(conn, io);
+        }
+    }
+
     fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
         let mut conn = Conn::new(
             Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
@@ -641,6 +698,9 @@ where
         // The key is free for the next connection: no callback or held input of this one
         // may linger.
         self.callbacks.get_mut().remove(&io.key);
+        self.topics
+            .get_mut()
+            .leave_all(&self.pubsub, self.loop_index, io.key);
         self.held.remove(&io.key);
         self.gauges.get_mut().remove(&io.key);
         conn.phase = Phase::Done;

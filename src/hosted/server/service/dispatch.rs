@@ -91,6 +91,25 @@ where
         self.seal(conn, io);
     }
 
+    fn targets(&mut self, command: &Command, targets: &mut Vec<usize>) {
+        if let Command::Publish(publication) = command {
+            self.topics
+                .get_mut()
+                .targets(self.loop_index, publication, targets);
+        }
+    }
+
+    fn deliver(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: &Command) {
+        if let Command::Publish(publication) = command {
+            self.deliver_plain(conn, io, publication);
+            self.seal(conn, io);
+        }
+    }
+
+    fn next_local(&mut self) -> Option<Command> {
+        self.topics.get_mut().local.pop_front().map(Command::Publish)
+    }
+
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.drained_plain(conn, io);
         self.seal(conn, io);
