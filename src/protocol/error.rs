@@ -247,7 +247,10 @@ impl fmt::Display for UsageError {
             UsageError::InvalidHeader(h) => write!(f, "invalid header {h:?}"),
             UsageError::InvalidUrl(u) => write!(f, "invalid WebSocket URL {u:?}"),
             UsageError::TopicTooLong { len, max } => {
-                write!(f, "topic of {len} bytes is longer than the maximum of {max}")
+                write!(
+                    f,
+                    "topic of {len} bytes is longer than the maximum of {max}"
+                )
             }
             UsageError::NotPublishable => {
                 f.write_str("only text and binary messages can be published")

@@ -342,7 +342,11 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.service.targets(&command, &mut targets);
         let now = Instant::now();
         for key in targets.drain(..) {
-            if self.conns.get(key).is_some_and(|c| c.phase == Phase::Active) {
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.phase == Phase::Active)
+            {
                 self.call(backend, key, now, |service, session, io| {
                     service.deliver(session, io, &command)
                 });

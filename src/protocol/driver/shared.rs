@@ -390,10 +390,11 @@ mod tests {
             assert_eq!(bytes, expected[sent..]);
         }
         // The frame itself was not copied: the batch holds the same allocation.
-        assert!(out.frames.iter().any(|(_, f)| std::ptr::eq(
-            f.as_bytes().as_ptr(),
-            shared.as_bytes().as_ptr()
-        )));
+        assert!(
+            out.frames
+                .iter()
+                .any(|(_, f)| std::ptr::eq(f.as_bytes().as_ptr(), shared.as_bytes().as_ptr()))
+        );
         out.clear();
         assert!(!driver.take_output(&mut out));
     }

@@ -107,7 +107,11 @@ where
     }
 
     fn next_local(&mut self) -> Option<Command> {
-        self.topics.get_mut().local.pop_front().map(Command::Publish)
+        self.topics
+            .get_mut()
+            .local
+            .pop_front()
+            .map(Command::Publish)
     }
 
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
