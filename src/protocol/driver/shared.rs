@@ -125,9 +125,9 @@ impl Outgoing {
         self.len = 0;
     }
 
-    /// Bytes of buffer this batch keeps allocated.
-    pub fn capacity(&self) -> usize {
-        self.own.capacity() + self.frames.capacity() * std::mem::size_of::<(usize, SharedFrame)>()
+    /// Bytes the own-bytes buffer keeps allocated.
+    pub fn own_capacity(&self) -> usize {
+        self.own.capacity()
     }
 }
 

@@ -27,9 +27,14 @@ const BUF_COUNT: u16 = 256;
 /// instead of being reassembled from two receives. 256 × 32 KiB = 8 MiB per loop, touched
 /// as the kernel uses them.
 const BUF_SIZE: usize = 32 * 1024;
-/// Send batches kept for reuse, and the largest one kept.
-const SPARE_MAX: usize = 64;
+/// Send batches kept for reuse: enough for a loop's fan-out to many subscribers at once
+/// (each has its own send in flight) without allocating a batch per send.
+const SPARE_MAX: usize = 1024;
+/// The first `SPARE_BUFFERS` spares keep byte buffers up to `SPARE_MAX_CAPACITY`, the
+/// rest only small ones: at most 64 × 256 KiB + 960 × 4 KiB (20 MiB) stays pooled.
+const SPARE_BUFFERS: usize = 64;
 const SPARE_MAX_CAPACITY: usize = 256 * 1024;
+const SPARE_SMALL_CAPACITY: usize = 4 * 1024;
 
 /// A connection's socket and the operations in flight on it.
 pub(crate) struct Socket {
@@ -49,6 +54,9 @@ pub(crate) struct Uring {
     wake_reader: std::io::PipeReader,
     completions: Vec<Completion>,
     rearm_recv: Vec<usize>,
+    /// Boxed on purpose: a batch's `msghdr` must not move while the kernel reads it, and
+    /// reusing the boxes saves an allocation per send.
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<SendBatch>>,
 }
 
@@ -302,7 +310,13 @@ impl Uring {
         };
         // Drops the batch's references to shared frames now, not when it is reused.
         batch.clear();
-        if self.spare.len() < SPARE_MAX && batch.out.capacity() <= SPARE_MAX_CAPACITY {
+        let own = batch.out.own_capacity();
+        if own > SPARE_MAX_CAPACITY
+            || (own > SPARE_SMALL_CAPACITY && self.spare.len() >= SPARE_BUFFERS)
+        {
+            batch.out.set_own(Vec::new());
+        }
+        if self.spare.len() < SPARE_MAX {
             self.spare.push(batch);
         }
         if let Some(socket) = core.any_socket(key) {
