@@ -114,7 +114,28 @@ fn first_line<T>(
 /// The chat example's binary, built by cargo (a no-op when `--all-targets` built it).
 fn chat_binary() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    // Without what `cargo test` sets for this process: build scripts (ring's) rerun when
+    // these change, and the build would then differ from (and undo) a plain `cargo build`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&&*name)
+        {
+            command.env_remove(&*name);
+        }
+    }
+    let out = command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "build",
