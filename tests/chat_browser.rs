@@ -12,6 +12,8 @@
 //!
 //! Chromium is required: without it the test fails (`.ci/run` installs it).
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -113,46 +115,7 @@ fn first_line<T>(
 
 /// The chat example's binary, built by cargo (a no-op when `--all-targets` built it).
 fn chat_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    // Without what `cargo test` sets for this process: build scripts (ring's) rerun when
-    // these change, and the build would then differ from (and undo) a plain `cargo build`.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ]
-            .contains(&&*name)
-        {
-            command.env_remove(&*name);
-        }
-    }
-    let out = command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--example",
-            "chat",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cannot run cargo to build the chat example");
-    assert!(out.status.success(), "cargo build --example chat failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "chat")
-        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo build --example chat named no executable")
+    support::example_binary("chat", &[])
 }
 
 /// Starts the chat server on a free loopback port; returns it and its address.

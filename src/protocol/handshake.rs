@@ -358,7 +358,6 @@ pub fn server_response(
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
-        200 => "OK",
         201 => "Created",
         204 => "No Content",
         301 => "Moved Permanently",
@@ -376,10 +375,12 @@ fn reason_phrase(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
-        100..=199 => "Continue",
-        200..=299 => "OK",
-        300..=399 => "Redirect",
-        _ => "Error",
+        _ => match status / 100 {
+            1 => "Continue",
+            2 => "OK",
+            3 => "Redirect",
+            _ => "Error",
+        },
     }
 }
 
