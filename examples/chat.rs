@@ -3,6 +3,10 @@
 //! `cargo run --example chat -- [--addr 127.0.0.1:9003] [--backend auto|epoll|io-uring]
 //! [--threads N]`, then open <http://127.0.0.1:9003/> in a few browser tabs.
 //!
+//! Two servers share rooms through Redis (`--features redis`):
+//! `cargo run --features redis --example chat -- --addr 127.0.0.1:9003 --redis redis://127.0.0.1:6379/`
+//! and the same with `--addr 127.0.0.1:9004`; a line sent on one shows on both.
+//!
 //! One port serves both: `GET /` is the chat page (HTML, inline script and style, below
 //! as [`PAGE`]); `/ws?room=ROOM&nick=NICK` upgrades to the chat itself. Anything else is
 //! 404.
@@ -290,6 +294,7 @@ fn main() {
     let mut addr = "127.0.0.1:9003".to_string();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut backend = Backend::Auto;
+    let mut redis: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -308,6 +313,7 @@ fn main() {
                     .parse()
                     .unwrap_or_else(|e: String| usage(&e))
             }
+            "--redis" => redis = Some(value("--redis")),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -316,11 +322,14 @@ fn main() {
         eprintln!("chat: cannot raise the open-file limit: {e}");
     }
     let rooms: Rooms = Arc::default();
-    let server = Server::bind(&addr)
+    let mut server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
         .threads(threads)
         .backend(backend)
         .options(Options::default().max_length(MAX_FRAME));
+    if let Some(url) = redis {
+        server = with_redis(server, &url);
+    }
     let local = server.local_addr().unwrap();
     let handle = server
         .start(move |req| route(req, &rooms))
@@ -342,11 +351,28 @@ fn main() {
     }
 }
 
+/// Rooms span every chat server started with the same Redis (the member lists and the
+/// nickname check stay per server).
+#[cfg(feature = "redis")]
+fn with_redis(server: Server, url: &str) -> Server {
+    let backplane = websocket_driver::server::RedisBackplane::connect(url)
+        .unwrap_or_else(|e| usage(&format!("cannot reach Redis at {url}: {e}")));
+    server.backplane(backplane.prefix("chat:"))
+}
+
+#[cfg(not(feature = "redis"))]
+fn with_redis(_server: Server, _url: &str) -> Server {
+    usage("--redis needs the `redis` feature (cargo run --features redis --example chat …)")
+}
+
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("chat: {problem}");
     }
-    eprintln!("usage: chat [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring]");
+    eprintln!(
+        "usage: chat [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring] \
+         [--redis redis://HOST:PORT/]"
+    );
     std::process::exit(2)
 }
 

@@ -92,7 +92,13 @@ fn numsub(port: u16, channel: &str) -> Option<String> {
 
 /// `examples/pubsub` (with the `redis` feature) using the Redis on `redis_port`.
 fn start_node(redis_port: u16) -> (Reaped, SocketAddr) {
-    let binary = support::example_binary("pubsub", &["redis"]);
+    start_example("pubsub", redis_port)
+}
+
+/// An example (with the `redis` feature) using the Redis on `redis_port`; it names its
+/// address on its first line.
+fn start_example(name: &str, redis_port: u16) -> (Reaped, SocketAddr) {
+    let binary = support::example_binary(name, &["redis"]);
     let mut child = Command::new(binary)
         .args([
             "--addr",
@@ -111,9 +117,9 @@ fn start_node(redis_port: u16) -> (Reaped, SocketAddr) {
     let mut lines = BufReader::new(stderr).lines();
     let line = lines.next().expect("the node's first line").unwrap();
     let addr = line
-        .split("ws://")
+        .split("://")
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|rest| rest.split(['/', ' ']).next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .parse()
         .unwrap();
@@ -301,4 +307,47 @@ fn redis_outage_keeps_local_delivery_and_recovers() {
     }
     assert!(stat(a, "backplane_reconnects") >= 1);
     assert!(stat(b, "backplane_reconnects") >= 1);
+}
+
+/// Two chat servers on two ports share rooms: a line sent on one reaches the same room on
+/// the other, and not another room.
+#[test]
+fn two_chat_servers_share_rooms() {
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port);
+    let (_a, a) = start_example("chat", redis_port);
+    let (_b, b) = start_example("chat", redis_port);
+    let mut alice = TestClient::connect(a, "/ws?room=alpha&nick=alice").unwrap();
+    let mut bob = TestClient::connect(b, "/ws?room=alpha&nick=bob").unwrap();
+    let mut carol = TestClient::connect(b, "/ws?room=beta&nick=carol").unwrap();
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let Owned::Text(welcome) = client.next_message().unwrap() else {
+            panic!("expected a welcome")
+        };
+        assert!(welcome.contains(r#""type":"welcome""#), "{welcome}");
+    }
+    assert!(eventually(Duration::from_secs(10), || numsub(
+        redis_port,
+        "chat:room:alpha"
+    )
+    .is_some_and(|n| n == ":2")));
+    alice.send_text("hello from A").unwrap();
+    for client in [&mut alice, &mut bob] {
+        let line = loop {
+            let Owned::Text(line) = client.next_message().unwrap() else {
+                panic!("expected text")
+            };
+            if line.contains(r#""type":"message""#) {
+                break line;
+            }
+        };
+        assert!(line.contains(r#""text":"hello from A""#), "{line}");
+        assert!(line.contains(r#""nick":"alice""#), "{line}");
+    }
+    // carol (room beta, on B) got nothing of alpha: her next message is her own line.
+    carol.send_text("beta only").unwrap();
+    let Owned::Text(line) = carol.next_message().unwrap() else {
+        panic!("expected text")
+    };
+    assert!(line.contains(r#""text":"beta only""#), "{line}");
 }
