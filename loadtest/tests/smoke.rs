@@ -1,16 +1,61 @@
 //! `wsload echo` for one second against an in-process echo server: a non-zero rate and
-//! zero errors, on each server backend; `wsload slow` likewise, with its flooder.
+//! zero errors, on each server backend; `wsload slow` likewise, with its flooder;
+//! `wsload broadcast` and `wsload fanout` against an in-process one-topic pub/sub server
+//! (every message to every client, the sender included).
 
+use std::collections::HashMap;
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
-use websocket_driver::{Backend, Message};
+use websocket_driver::server::{
+    Handler, Sender, Server, ServerConfig, Upgrade, UpgradeRequest, Ws,
+};
+use websocket_driver::{Backend, Message, MessageType};
 
 struct Echo;
 impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let _ = ws.send_message(&message);
+    }
+}
+
+/// One topic: what any member sends goes to every member, itself included, with its opcode.
+struct Member {
+    id: u64,
+    members: Arc<RwLock<HashMap<u64, Sender>>>,
+}
+
+impl Handler for Member {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        self.members.write().unwrap().insert(self.id, ws.sender());
+    }
+
+    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+        let kind = if message.is_text() {
+            MessageType::Text
+        } else {
+            MessageType::Binary
+        };
+        for sender in self.members.read().unwrap().values() {
+            let _ = sender.send(message.as_bytes().to_vec(), kind);
+        }
+    }
+
+    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        self.members.write().unwrap().remove(&self.id);
+    }
+}
+
+fn pubsub_app() -> impl Fn(&UpgradeRequest<'_>) -> Upgrade<Member> + Send + Sync + 'static {
+    let members = Arc::default();
+    let next = AtomicU64::new(0);
+    move |_| {
+        Upgrade::Accept(Member {
+            id: next.fetch_add(1, Ordering::Relaxed),
+            members: Arc::clone(&members),
+        })
     }
 }
 
@@ -28,6 +73,16 @@ fn field(json: &str, name: &str) -> f64 {
 
 /// Runs `wsload MODE --url URL ARGS…` against an in-process echo server; its JSON.
 fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
+    run_wsload_on(backend, |_| Upgrade::Accept(Echo), mode, args)
+}
+
+/// Runs `wsload MODE --url URL ARGS…` against an in-process server of `app`; its JSON.
+fn run_wsload_on<H: Handler>(
+    backend: Backend,
+    app: impl Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    mode: &str,
+    args: &[&str],
+) -> String {
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
@@ -35,9 +90,9 @@ fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
             backend,
             ..ServerConfig::default()
         })
-        .start(|_| Upgrade::Accept(Echo))
+        .start(app)
         .unwrap();
-    let url = format!("ws://{}/", server.local_addr());
+    let url = format!("ws://{}/topic", server.local_addr());
     let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
         .args([mode, "--url", &url])
         .args(args)
@@ -105,4 +160,59 @@ fn slow_smoke_on_epoll() {
     assert!(field(&json, "server_rss_start_kib") > 0.0, "{json}");
     assert!(field(&json, "messages") > 0.0, "{json}");
     assert_eq!(field(&json, "errors"), 0.0, "{json}");
+}
+
+#[test]
+fn broadcast_smoke_on_epoll() {
+    let args = ["--conns", "20", "--secs", "1", "--backend", "epoll"];
+    let json = run_wsload_on(Backend::Epoll, pubsub_app(), "broadcast", &args);
+    assert!(json.contains("\"mode\":\"broadcast\""), "{json}");
+    assert!(field(&json, "rounds") > 0.0, "{json}");
+    assert!(field(&json, "deliveries_per_sec") > 0.0, "{json}");
+    let per_round = field(&json, "deliveries_per_sec") / field(&json, "rounds_per_sec");
+    assert!((per_round - 400.0).abs() < 1.0, "{json}");
+    assert_eq!(field(&json, "missing"), 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
+    assert!(json.contains("\"stalled\":false"), "{json}");
+}
+
+/// Against an echo server a client only hears itself: the first round never completes,
+/// which shows as missing deliveries and a stall, not as a hang.
+#[test]
+fn broadcast_against_echo_stalls() {
+    let args = ["--conns", "3", "--secs", "1"];
+    let json = run_wsload(Backend::Epoll, "broadcast", &args);
+    assert_eq!(field(&json, "missing"), 6.0, "{json}");
+    assert!(json.contains("\"stalled\":true"), "{json}");
+}
+
+#[test]
+fn fanout_smoke_on_io_uring() {
+    let args = [
+        "--subs",
+        "50",
+        "--rate",
+        "20",
+        "--secs",
+        "1",
+        "--backend",
+        "io-uring",
+    ];
+    let json = run_wsload_on(Backend::IoUring, pubsub_app(), "fanout", &args);
+    assert!(json.contains("\"mode\":\"fanout\""), "{json}");
+    assert_eq!(field(&json, "missing"), 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
+    assert!(field(&json, "published") >= 30.0, "{json}");
+    assert_eq!(
+        field(&json, "deliveries"),
+        field(&json, "measured_published") * 50.0,
+        "{json}"
+    );
+    // The publisher hears its own messages too, and they are left out of the deliveries.
+    assert_eq!(
+        field(&json, "self_delivered"),
+        field(&json, "published"),
+        "{json}"
+    );
+    assert!(field(&json, "p50_us") <= field(&json, "p99_us"), "{json}");
 }
