@@ -259,7 +259,8 @@ impl RawWss {
             socket,
             ws,
         };
-        let request = raw.ws.take_output(Vec::new()).unwrap();
+        let request = raw.ws.pending_output().to_vec();
+        raw.ws.consume_output(request.len());
         raw.send_plain(&request);
         // Read until the 101 has opened the driver.
         let mut buf = vec![0u8; 64 * 1024];

@@ -14,6 +14,9 @@ use super::options::Options;
 // response, frames, reassembly) and writing (commands, the output buffer).
 mod inbound;
 mod outbound;
+mod shared;
+
+pub use shared::Outgoing;
 
 use inbound::{HEADER_START, PartialMessage, Stage};
 
@@ -194,6 +197,8 @@ pub struct Driver {
     handshake_left: usize,
     frames_appended: u64,
     frames_written: u64,
+    /// Pub/sub frames queued by reference between the own frames in `out`.
+    shared: Option<Box<shared::SharedQueue>>,
     events: VecDeque<Event<'static>>,
     close_reported: bool,
 }
@@ -214,6 +219,7 @@ impl Driver {
             handshake_left: 0,
             frames_appended: 0,
             frames_written: 0,
+            shared: None,
             events: VecDeque::new(),
             close_reported: false,
         }

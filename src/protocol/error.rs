@@ -223,6 +223,15 @@ pub enum UsageError {
         /// The limit.
         limit: usize,
     },
+    /// A pub/sub topic longer than the maximum.
+    TopicTooLong {
+        /// The topic's length in bytes.
+        len: usize,
+        /// The longest topic allowed.
+        max: usize,
+    },
+    /// A message kind that cannot be published (only text and binary can).
+    NotPublishable,
 }
 
 impl fmt::Display for UsageError {
@@ -237,6 +246,15 @@ impl fmt::Display for UsageError {
             UsageError::InvalidUtf8 => f.write_str("text payload is not UTF-8"),
             UsageError::InvalidHeader(h) => write!(f, "invalid header {h:?}"),
             UsageError::InvalidUrl(u) => write!(f, "invalid WebSocket URL {u:?}"),
+            UsageError::TopicTooLong { len, max } => {
+                write!(
+                    f,
+                    "topic of {len} bytes is longer than the maximum of {max}"
+                )
+            }
+            UsageError::NotPublishable => {
+                f.write_str("only text and binary messages can be published")
+            }
             UsageError::BufferFull { buffered, limit } => {
                 write!(
                     f,

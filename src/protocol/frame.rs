@@ -209,6 +209,71 @@ pub fn write_frame(
     n + payload.len()
 }
 
+/// A complete server frame (header + payload, unmasked), encoded once and shared by
+/// reference: the unit of pub/sub fan-out. Server frames carry no mask, so one encoding
+/// serves every subscriber; queueing it on a connection
+/// ([`Driver::send_shared`](super::driver::Driver::send_shared)) clones a reference, never
+/// the bytes.
+#[derive(Clone)]
+pub struct SharedFrame {
+    bytes: std::sync::Arc<[u8]>,
+}
+
+impl SharedFrame {
+    /// Encodes one unfragmented text or binary frame. Text must be UTF-8; other kinds are
+    /// refused with [`UsageError::NotPublishable`](super::error::UsageError::NotPublishable).
+    pub fn new(
+        data: &[u8],
+        kind: super::driver::MessageType,
+    ) -> Result<SharedFrame, super::error::Error> {
+        use super::driver::MessageType;
+        use super::error::UsageError;
+        let opcode = match kind {
+            MessageType::Text => {
+                simdutf8::basic::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
+                OpCode::Text
+            }
+            MessageType::Binary => OpCode::Binary,
+            _ => return Err(UsageError::NotPublishable.into()),
+        };
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode,
+            mask: None,
+            payload_len: data.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(&mut head, &header);
+        // One allocation of the exact size: a chain of slices has a trusted length.
+        let bytes = head[..n].iter().chain(data).copied().collect();
+        Ok(SharedFrame { bytes })
+    }
+
+    /// The frame as it goes on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Header plus payload, in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Never true: a frame has at least a two-byte header.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SharedFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedFrame")
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

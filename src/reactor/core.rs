@@ -80,9 +80,10 @@ pub(crate) struct Output<'s, 'r, S: Service> {
 }
 
 impl<S: Service> Output<'_, '_, S> {
-    /// The bytes to write next (readiness backends).
-    pub fn bytes(&self) -> &[u8] {
-        self.service.output(self.session)
+    /// The bytes to write next, as slices for one vectored write (readiness backends);
+    /// returns how many of `parts` were filled.
+    pub fn parts<'p>(&'p self, parts: &mut [std::io::IoSlice<'p>]) -> usize {
+        self.service.output(self.session, parts)
     }
 
     /// `n` bytes of [`Output::bytes`] were written.
@@ -91,10 +92,10 @@ impl<S: Service> Output<'_, '_, S> {
         self.service.consume(self.session, &mut self.io, n);
     }
 
-    /// Everything queued, as an owned buffer the kernel can hold until its send completes
-    /// (completion backends); `spare` is an empty buffer to write on into.
-    pub fn take(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
-        self.service.take_output(self.session, &mut self.io, spare)
+    /// Everything queued, handed over into `into` for the kernel to hold until its send
+    /// completes (completion backends). Returns false when nothing is queued.
+    pub fn take(&mut self, into: &mut super::Outgoing) -> bool {
+        self.service.take_output(self.session, &mut self.io, into)
     }
 }
 
@@ -114,6 +115,8 @@ pub(crate) struct Core<S: Service, B: Backend> {
     dirty: Vec<usize>,
     /// Connections whose reading resumes at the end of this turn.
     resumed: Vec<usize>,
+    /// Scratch for the targets of a loop-wide command.
+    targets: Vec<usize>,
 }
 
 /// Runs one loop until a shutdown completes.
@@ -155,6 +158,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             due: Vec::new(),
             dirty: Vec::new(),
             resumed: Vec::new(),
+            targets: Vec::new(),
         }
     }
 
@@ -239,6 +243,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                         });
                     }
                 }
+                Envelope::Loop(command) => self.fan_out(backend, command),
                 Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
             }
         }
@@ -301,6 +306,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// Writes what the turn produced, fires due timers, resumes accepting after a
     /// back-off, and enforces the shutdown deadline.
     pub fn end_turn(&mut self, backend: &mut B) -> io::Result<()> {
+        self.run_local(backend);
         self.flush_dirty(backend);
         while let Some(key) = self.resumed.pop() {
             if self.reading_socket(key).is_some() {
@@ -320,6 +326,33 @@ impl<S: Service, B: Backend> Core<S, B> {
             self.close_all(backend);
         }
         Ok(())
+    }
+
+    /// Runs the loop-wide commands the turn's sessions raised for this loop.
+    fn run_local(&mut self, backend: &mut B) {
+        while let Some(command) = self.service.next_local() {
+            self.fan_out(backend, command);
+        }
+    }
+
+    /// Hands a loop-wide command to each connection it concerns (one command per loop,
+    /// not one per connection).
+    fn fan_out(&mut self, backend: &mut B, command: S::Command) {
+        let mut targets = std::mem::take(&mut self.targets);
+        self.service.targets(&command, &mut targets);
+        let now = Instant::now();
+        for key in targets.drain(..) {
+            if self
+                .conns
+                .get(key)
+                .is_some_and(|c| c.phase == Phase::Active)
+            {
+                self.call(backend, key, now, |service, session, io| {
+                    service.deliver(session, io, &command)
+                });
+            }
+        }
+        self.targets = targets;
     }
 
     fn flush_dirty(&mut self, backend: &mut B) {

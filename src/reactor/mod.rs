@@ -15,11 +15,13 @@ pub(crate) mod timer;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
+
+pub(crate) use crate::protocol::driver::Outgoing;
 
 /// Which IO backend runs the event loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -186,7 +188,7 @@ impl<'a, C> Io<'a, C> {
 /// The per-connection logic a loop drives. Every method gets the session from the slab.
 ///
 /// Call order per connection: `open`, then any number of `read` / `timeout` / `command` /
-/// `drained` / `shutdown` / `consume`, then exactly one `closed`.
+/// `deliver` / `drained` / `shutdown` / `consume`, then exactly one `closed`.
 pub(crate) trait Service: 'static {
     /// Per-connection state, stored inline in the loop's slab.
     type Session;
@@ -228,22 +230,37 @@ pub(crate) trait Service: 'static {
         io: &mut Io<'_, Self::Command>,
         command: Self::Command,
     );
+    /// The connections a loop-wide command ([`Envelope::Loop`], or one from
+    /// [`Service::next_local`]) concerns, into `targets`.
+    fn targets(&mut self, command: &Self::Command, targets: &mut Vec<usize>);
+    /// A loop-wide command for one of its targets.
+    fn deliver(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        command: &Self::Command,
+    );
+    /// The next loop-wide command raised on the loop itself (by a session, for other
+    /// sessions of the same loop), run at the end of the turn without a wake-up.
+    fn next_local(&mut self) -> Option<Self::Command>;
     /// Output that had blocked is fully written.
     fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// The server is shutting down.
     fn shutdown(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
-    /// Bytes to write.
-    fn output<'s>(&self, session: &'s Self::Session) -> &'s [u8];
+    /// The bytes to write next, as up to `parts.len()` slices in order (one vectored
+    /// write); returns how many were filled.
+    fn output<'s>(&self, session: &'s Self::Session, parts: &mut [IoSlice<'s>]) -> usize;
     /// `n` bytes of [`Service::output`] were written (readiness backends).
     fn consume(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
-    /// Everything queued, as an owned buffer the kernel can hold (completion backends);
-    /// `spare` is an empty buffer to write on into.
+    /// Everything queued, handed over into `into` (empty, from the backend's pool) for the
+    /// kernel to hold until the send completes (completion backends). Returns false when
+    /// nothing is queued.
     fn take_output(
         &mut self,
         session: &mut Self::Session,
         io: &mut Io<'_, Self::Command>,
-        spare: Vec<u8>,
-    ) -> Option<Vec<u8>>;
+        into: &mut Outgoing,
+    ) -> bool;
     /// `n` bytes of a buffer from [`Service::take_output`] were sent (or dropped because the
     /// connection failed).
     fn sent(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
@@ -261,6 +278,9 @@ pub(crate) enum Envelope<C> {
         generation: u32,
         command: C,
     },
+    /// For the loop as a whole: the service names the connections it concerns
+    /// ([`Service::targets`]) and each gets it ([`Service::deliver`]).
+    Loop(C),
     /// Begin a graceful shutdown that must finish by `deadline`.
     Shutdown { deadline: Instant },
 }
@@ -402,6 +422,12 @@ pub(crate) struct LoopStats {
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Publishes made by this loop's handlers.
+    pub published: AtomicU64,
+    /// Published messages queued on a subscriber.
+    pub delivered: AtomicU64,
+    /// Published messages a subscriber did not get: its output was over the cap.
+    pub dropped: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::pubsub::{PubSub, Publisher};
+use crate::protocol::driver::MessageType;
+use crate::protocol::error::Error;
 use crate::reactor::{Backend, Envelope, LoopStats, Remote};
 
 /// Server-wide counters at one moment.
@@ -28,6 +31,12 @@ pub struct Stats {
     pub bytes_in: u64,
     /// Bytes written to sockets.
     pub bytes_out: u64,
+    /// Messages published (by handlers, the server handle and publishers).
+    pub published: u64,
+    /// Published messages queued on a subscriber (one per subscriber reached).
+    pub delivered: u64,
+    /// Published messages a subscriber did not get because its output was over the cap.
+    pub dropped: u64,
     /// Closed WebSocket connections by close code (as reported to `on_close`).
     pub closes: std::collections::BTreeMap<u16, u64>,
 }
@@ -44,6 +53,7 @@ struct HandleInner {
     threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
     local_addr: Option<SocketAddr>,
     backend: Backend,
+    pubsub: Arc<PubSub>,
 }
 
 /// The one log line saying which backend serves and why, through the [`log`] facade at
@@ -62,6 +72,7 @@ impl ServerHandle {
         local_addr: Option<SocketAddr>,
         backend: Backend,
         why: &str,
+        pubsub: Arc<PubSub>,
     ) -> ServerHandle {
         log_backend(why);
         ServerHandle {
@@ -71,6 +82,7 @@ impl ServerHandle {
                 threads: Mutex::new(threads),
                 local_addr,
                 backend,
+                pubsub,
             }),
         }
     }
@@ -99,7 +111,10 @@ impl ServerHandle {
 
     /// Current counters.
     pub fn stats(&self) -> Stats {
-        let mut s = Stats::default();
+        let mut s = Stats {
+            published: self.inner.pubsub.published.load(Ordering::Relaxed),
+            ..Stats::default()
+        };
         for l in &self.inner.stats {
             s.connections_open += l.connections_open.load(Ordering::Relaxed);
             s.connections_total += l.connections_total.load(Ordering::Relaxed);
@@ -108,11 +123,37 @@ impl ServerHandle {
             s.messages_out += l.messages_out.load(Ordering::Relaxed);
             s.bytes_in += l.bytes_in.load(Ordering::Relaxed);
             s.bytes_out += l.bytes_out.load(Ordering::Relaxed);
+            s.published += l.published.load(Ordering::Relaxed);
+            s.delivered += l.delivered.load(Ordering::Relaxed);
+            s.dropped += l.dropped.load(Ordering::Relaxed);
             for (code, n) in l.closes.lock().expect("stats lock").iter() {
                 *s.closes.entry(*code).or_default() += n;
             }
         }
         s
+    }
+
+    /// Publishes `data` as `kind` (text or binary) to every subscriber of `topic` on
+    /// every loop, encoded once; see [`Publisher::publish`].
+    pub fn publish(
+        &self,
+        topic: impl AsRef<[u8]>,
+        data: &[u8],
+        kind: MessageType,
+    ) -> Result<(), Error> {
+        self.publisher().publish(topic, data, kind)
+    }
+
+    /// Subscribers of `topic` over the whole server, now.
+    pub fn subscribers(&self, topic: impl AsRef<[u8]>) -> usize {
+        self.inner.pubsub.subscribers(topic.as_ref())
+    }
+
+    /// A handle that publishes from any thread, without the rest of the server's handle.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            pubsub: self.inner.pubsub.clone(),
+        }
     }
 
     /// Stops accepting, sends 1001 to every connection, waits up to `grace` for them to

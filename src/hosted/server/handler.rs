@@ -15,6 +15,8 @@ use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::handshake::{Request, is_websocket};
 use crate::reactor::{Envelope, LoopStats, Remote};
 
+use super::pubsub::{LoopTopics, Origin, PubSub, Publication, Publisher, Topic};
+
 /// The app's answer to a request.
 #[derive(Debug)]
 pub enum Upgrade<H> {
@@ -96,6 +98,8 @@ pub(crate) struct ClientInit<H> {
 pub(crate) enum Command {
     Send(Vec<u8>, MessageType),
     Close(u16, String),
+    /// A published message for this loop's subscribers of its topic.
+    Publish(Arc<Publication>),
 }
 
 /// The connection handle a [`Handler`] gets: send, close, inspect.
@@ -119,6 +123,10 @@ pub(super) struct Ctx<'a> {
     pub outside: usize,
     pub callbacks: &'a RefCell<Callbacks>,
     pub gauges: &'a RefCell<Gauges>,
+    /// The loop's topic index, its place among the loops, and the server's pub/sub.
+    pub topics: &'a RefCell<LoopTopics>,
+    pub loop_index: usize,
+    pub pubsub: &'a Arc<PubSub>,
 }
 
 /// A write-completion or pong callback of a hosted connection.
@@ -278,6 +286,100 @@ impl Ws<'_> {
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
         self.ctx.peer
+    }
+
+    /// Subscribes this connection to `topic` (bytes, at most
+    /// [`MAX_TOPIC_LEN`](super::MAX_TOPIC_LEN)): it gets every message published to it from
+    /// now on. Returns false if it already was subscribed. A closing connection leaves
+    /// all its topics.
+    pub fn subscribe(&mut self, topic: impl AsRef<[u8]>) -> Result<bool, Error> {
+        if self.driver.ready_state() != ReadyState::Open {
+            return Err(UsageError::NotOpen.into());
+        }
+        self.ctx.topics.borrow_mut().subscribe(
+            self.ctx.pubsub,
+            self.ctx.loop_index,
+            self.ctx.key,
+            topic.as_ref(),
+        )
+    }
+
+    /// Unsubscribes this connection from `topic`; false if it was not subscribed.
+    pub fn unsubscribe(&mut self, topic: impl AsRef<[u8]>) -> bool {
+        self.ctx.topics.borrow_mut().unsubscribe(
+            self.ctx.pubsub,
+            self.ctx.loop_index,
+            self.ctx.key,
+            topic.as_ref(),
+        )
+    }
+
+    /// Whether this connection is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: impl AsRef<[u8]>) -> bool {
+        self.ctx
+            .topics
+            .borrow()
+            .is_subscribed(self.ctx.key, topic.as_ref())
+    }
+
+    /// The topics this connection is subscribed to (in no particular order).
+    pub fn topics(&self) -> Vec<Topic> {
+        self.ctx.topics.borrow().topics(self.ctx.key)
+    }
+
+    /// Publishes `data` as `kind` (text or binary) to every subscriber of `topic` on
+    /// every loop but this connection, encoded once (see
+    /// [`Publisher::publish`](super::Publisher::publish) for ordering and slow subscribers).
+    pub fn publish(
+        &mut self,
+        topic: impl AsRef<[u8]>,
+        data: &[u8],
+        kind: MessageType,
+    ) -> Result<(), Error> {
+        self.publish_from(topic.as_ref(), data, kind, Some(self.ctx.key))
+    }
+
+    /// Publishes to every subscriber of `topic`, this connection included.
+    pub fn publish_all(
+        &mut self,
+        topic: impl AsRef<[u8]>,
+        data: &[u8],
+        kind: MessageType,
+    ) -> Result<(), Error> {
+        self.publish_from(topic.as_ref(), data, kind, None)
+    }
+
+    fn publish_from(
+        &mut self,
+        topic: &[u8],
+        data: &[u8],
+        kind: MessageType,
+        exclude: Option<usize>,
+    ) -> Result<(), Error> {
+        self.ctx.pubsub.publish(
+            topic,
+            data,
+            kind,
+            Some(Origin {
+                loop_index: self.ctx.loop_index,
+                local: self.ctx.topics,
+                exclude,
+            }),
+        )?;
+        LoopStats::add(&self.ctx.stats.published, 1);
+        Ok(())
+    }
+
+    /// Subscribers of `topic` over the whole server, now.
+    pub fn subscribers(&self, topic: impl AsRef<[u8]>) -> usize {
+        self.ctx.pubsub.subscribers(topic.as_ref())
+    }
+
+    /// A handle that publishes from any thread (to every subscriber).
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            pubsub: self.ctx.pubsub.clone(),
+        }
     }
 
     /// A handle other threads can send through.

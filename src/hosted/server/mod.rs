@@ -7,6 +7,7 @@
 mod config;
 mod handle;
 mod handler;
+mod pubsub;
 pub(crate) mod service;
 mod tunnel;
 
@@ -16,6 +17,7 @@ pub use config::{BackpressurePolicy, ServerConfig};
 pub use handle::{ServerHandle, Stats};
 pub(crate) use handler::{ClientInit, Command};
 pub use handler::{Handler, Sender, Upgrade, UpgradeRequest, Ws};
+pub use pubsub::{MAX_TOPIC_LEN, Publisher, Topic};
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -207,6 +209,7 @@ where
     let app = Arc::new(app);
     let shared = Arc::new(config);
     let connections = Arc::new(AtomicUsize::new(0));
+    let pubsub = Arc::new(pubsub::PubSub::new(listeners.len()));
     let mut remotes = Vec::new();
     let mut connectors = Vec::new();
     let mut stats = Vec::new();
@@ -214,7 +217,12 @@ where
     for (i, listener) in listeners.into_iter().enumerate() {
         let loop_stats = Arc::new(LoopStats::default());
         stats.push(loop_stats.clone());
-        let service = WsService::new(app.clone(), shared.clone(), loop_stats.clone());
+        let service = WsService::new(
+            app.clone(),
+            shared.clone(),
+            loop_stats.clone(),
+            (i, pubsub.clone()),
+        );
         let loop_config = LoopConfig {
             max_connections: shared.max_connections,
             read_buffer_size: shared.read_buffer_size,
@@ -232,6 +240,7 @@ where
         connectors.push(spawned.connector);
         handles.push(spawned.thread);
     }
-    let handle = ServerHandle::new(remotes, stats, handles, local_addr, backend, &why);
+    pubsub.set_remotes(remotes.clone());
+    let handle = ServerHandle::new(remotes, stats, handles, local_addr, backend, &why, pubsub);
     Ok((handle, connectors))
 }

@@ -2,6 +2,7 @@
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
 use super::handler::{Callbacks, Ctx, Gauges};
+use super::pubsub::{LoopTopics, PubSub, Publication};
 use super::tunnel::{Progress, Tunnel};
 
 mod dispatch;
@@ -13,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::Status;
 use crate::protocol::handshake::{RequestParser, error_response};
-use crate::reactor::{CloseRequest, Io, LoopStats, Service};
+use crate::reactor::{CloseRequest, Io, LoopStats, Outgoing, Service};
 
 /// Buffers kept per loop for drivers' output; larger ones are freed, not pooled.
 const POOL_MAX_BUFFERS: usize = 256;
@@ -44,6 +45,11 @@ pub(crate) struct WsService<F, H> {
     held: HashMap<usize, Vec<u8>>,
     /// What the `Sender`s of connections that have any share with the loop.
     gauges: RefCell<Gauges>,
+    /// The loop's topic index (and publications for its own subscribers).
+    topics: RefCell<LoopTopics>,
+    /// This loop's place among the server's loops.
+    loop_index: usize,
+    pubsub: Arc<PubSub>,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -51,7 +57,12 @@ pub(crate) struct WsService<F, H> {
 }
 
 impl<F, H> WsService<F, H> {
-    pub(crate) fn new(app: Arc<F>, config: Arc<ServerConfig>, stats: Arc<LoopStats>) -> Self {
+    pub(crate) fn new(
+        app: Arc<F>,
+        config: Arc<ServerConfig>,
+        stats: Arc<LoopStats>,
+        (loop_index, pubsub): (usize, Arc<PubSub>),
+    ) -> Self {
         WsService {
             app,
             config,
@@ -60,6 +71,9 @@ impl<F, H> WsService<F, H> {
             callbacks: RefCell::default(),
             held: HashMap::new(),
             gauges: RefCell::default(),
+            topics: RefCell::default(),
+            loop_index,
+            pubsub,
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -137,6 +151,9 @@ where
             outside,
             callbacks: &self.callbacks,
             gauges: &self.gauges,
+            topics: &self.topics,
+            loop_index: self.loop_index,
+            pubsub: &self.pubsub,
         }
     }
 
@@ -287,8 +304,12 @@ where
                         .expect("stats lock")
                         .entry(code)
                         .or_default() += 1;
-                    // Nothing more is written or answered: waiting callbacks never run.
+                    // Nothing more is written or answered: waiting callbacks never run, and
+                    // the connection leaves its topics.
                     self.callbacks.borrow_mut().remove(&io.key);
+                    self.topics
+                        .borrow_mut()
+                        .leave_all(&self.pubsub, self.loop_index, io.key);
                     handler.on_close(&mut ws, code, &reason)
                 }
             }
@@ -354,6 +375,10 @@ where
                 sent.map(|_| ())
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+            Command::Publish(publication) => {
+                self.deliver_plain(conn, io, &publication);
+                return;
+            }
         };
         // Errors (sending on a closing connection) have no one to report to: the sender
         // already returned. Events the command caused (a close while connecting) run now.
@@ -367,6 +392,38 @@ where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
     H: Handler,
 {
+    /// Queues a published frame (by reference) for one subscriber, unless its output is
+    /// over the cap: then the message is dropped for it and counted, or under
+    /// `BackpressurePolicy::Close { grace: ZERO }` the subscriber is closed with 1008.
+    pub(super) fn deliver_plain(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        publication: &Publication,
+    ) {
+        let outside = Self::queued_outside(conn);
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        let cap = self.config.max_backpressure;
+        if driver.buffered_amount() + outside > cap {
+            LoopStats::add(&self.stats.dropped, 1);
+            if self.close_on_limit() {
+                driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+                self.pump(conn, io, &mut []);
+            }
+            return;
+        }
+        if driver.send_shared(&publication.frame).is_ok() {
+            LoopStats::add(&self.stats.delivered, 1);
+            LoopStats::add(&self.stats.messages_out, 1);
+        }
+        // Over the cap now: the grace timer (if any) starts and senders learn it.
+        if driver.buffered_amount() + outside > cap {
+            self.settle(conn, io);
+        }
+    }
+
     fn open_plain(&mut self, io: &mut Io<'_, Command>, peer: SocketAddr) -> Conn<H> {
         let mut conn = Conn::new(
             Phase::Handshake(RequestParser::new(self.config.options.head_limits())),
@@ -539,12 +596,12 @@ where
         }
     }
 
-    fn output_plain<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+    fn output_plain<'s>(&self, conn: &'s Conn<H>, parts: &mut [IoSlice<'s>]) -> usize {
         match &conn.phase {
-            Phase::Open(driver, _) => driver.pending_output(),
-            Phase::Rejecting(response, at) => &response[*at..],
-            Phase::Tunnel(tunnel) => tunnel.output(),
-            _ => &[],
+            Phase::Open(driver, _) => driver.pending_output_vectored(parts),
+            Phase::Rejecting(response, at) => dispatch::one_part(&response[*at..], parts),
+            Phase::Tunnel(tunnel) => dispatch::one_part(tunnel.output(), parts),
+            _ => 0,
         }
     }
 
@@ -581,24 +638,36 @@ where
         &mut self,
         conn: &mut Conn<H>,
         io: &mut Io<'_, Command>,
-        spare: Vec<u8>,
-    ) -> Option<Vec<u8>> {
+        into: &mut Outgoing,
+    ) -> bool {
         match &mut conn.phase {
             Phase::Open(driver, _) => {
-                let taken = driver.take_output(spare)?;
-                conn.in_flight += taken.len();
+                if !driver.take_output(into) {
+                    return false;
+                }
+                conn.in_flight += into.len();
                 // What the callbacks send goes out with the next send.
                 self.run_written(conn, io);
-                Some(taken)
+                true
             }
             Phase::Rejecting(response, at) => {
                 let mut bytes = std::mem::take(response);
                 bytes.drain(..*at);
                 *at = 0;
-                (!bytes.is_empty()).then_some(bytes)
+                if bytes.is_empty() {
+                    return false;
+                }
+                into.set_own(bytes);
+                true
             }
-            Phase::Tunnel(tunnel) => tunnel.take_output(),
-            _ => None,
+            Phase::Tunnel(tunnel) => match tunnel.take_output() {
+                Some(bytes) => {
+                    into.set_own(bytes);
+                    true
+                }
+                None => false,
+            },
+            _ => false,
         }
     }
 
@@ -629,6 +698,9 @@ where
         // The key is free for the next connection: no callback or held input of this one
         // may linger.
         self.callbacks.get_mut().remove(&io.key);
+        self.topics
+            .get_mut()
+            .leave_all(&self.pubsub, self.loop_index, io.key);
         self.held.remove(&io.key);
         self.gauges.get_mut().remove(&io.key);
         conn.phase = Phase::Done;
@@ -667,7 +739,8 @@ mod tests {
     fn connection_state_stays_small() {
         struct Quiet;
         impl super::Handler for Quiet {}
-        assert!(std::mem::size_of::<crate::Driver>() <= 200);
-        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 304);
+        // The driver's pub/sub queue is one pointer until a frame is published to it.
+        assert!(std::mem::size_of::<crate::Driver>() <= 208);
+        assert!(std::mem::size_of::<super::Conn<Quiet>>() <= 312);
     }
 }

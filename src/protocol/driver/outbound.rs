@@ -149,7 +149,7 @@ impl Driver {
 
     // ----- output -----
 
-    fn releasable_end(&self) -> usize {
+    pub(super) fn releasable_end(&self) -> usize {
         if self.state == ReadyState::Connecting {
             self.out_pos + self.handshake_left
         } else {
@@ -157,14 +157,8 @@ impl Driver {
         }
     }
 
-    /// Bytes ready for the transport, without copying. Report what was written with
-    /// [`Driver::consume_output`].
-    pub fn pending_output(&self) -> &[u8] {
-        &self.out[self.out_pos..self.releasable_end()]
-    }
-
-    /// Marks the first `n` bytes of [`Driver::pending_output`] as written.
-    pub fn consume_output(&mut self, n: usize) {
+    /// Marks `n` of the driver's own bytes (no shared frame in between) as written.
+    pub(super) fn consume_own(&mut self, n: usize) {
         assert!(
             n <= self.releasable_end() - self.out_pos,
             "consumed more than was pending"
@@ -182,32 +176,6 @@ impl Driver {
         }
     }
 
-    /// Hands all pending output over as an owned buffer, for completion-based transports
-    /// (io_uring) where the kernel holds the bytes until the send completes. `spare` (an
-    /// empty buffer, e.g. from a pool) becomes the driver's new output buffer. The bytes
-    /// count as written (for [`Driver::is_sent`]) from this moment.
-    pub fn take_output(&mut self, spare: Vec<u8>) -> Option<Vec<u8>> {
-        let end = self.releasable_end();
-        let n = end - self.out_pos;
-        if n == 0 {
-            return None;
-        }
-        if end < self.out.len() {
-            // Still connecting: only the handshake may go, frames stay queued behind it.
-            let bytes = self.out[self.out_pos..end].to_vec();
-            self.consume_output(n);
-            return Some(bytes);
-        }
-        let mut taken = std::mem::replace(&mut self.out, spare);
-        self.out.clear();
-        taken.drain(..self.out_pos);
-        self.out_pos = 0;
-        let handshake = n.min(self.handshake_left);
-        self.handshake_left -= handshake;
-        self.frames_written += (n - handshake) as u64;
-        Some(taken)
-    }
-
     /// Copies pending output into `buf`, marks it written, and returns how many bytes.
     pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
         let pending = self.pending_output();
@@ -219,7 +187,7 @@ impl Driver {
 
     /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
-        self.out.len() - self.out_pos
+        self.out.len() - self.out_pos + self.shared.as_deref().map_or(0, |q| q.bytes())
     }
 
     /// Takes the output buffer when nothing is pending, so an idle connection holds none

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use ring::probe;
-use ring::{BufRing, Completion, Op, Ring};
+use ring::{BufRing, Completion, Op, Ring, SendBatch};
 
 use super::core::{Backend, Core, Output, Written};
 use super::{Service, Waker};
@@ -27,9 +27,14 @@ const BUF_COUNT: u16 = 256;
 /// instead of being reassembled from two receives. 256 × 32 KiB = 8 MiB per loop, touched
 /// as the kernel uses them.
 const BUF_SIZE: usize = 32 * 1024;
-/// Send buffers kept for reuse, and the largest one kept.
-const SPARE_MAX: usize = 64;
+/// Send batches kept for reuse: enough for a loop's fan-out to many subscribers at once
+/// (each has its own send in flight) without allocating a batch per send.
+const SPARE_MAX: usize = 1024;
+/// The first `SPARE_BUFFERS` spares keep byte buffers up to `SPARE_MAX_CAPACITY`, the
+/// rest only small ones: at most 64 × 256 KiB + 960 × 4 KiB (20 MiB) stays pooled.
+const SPARE_BUFFERS: usize = 64;
 const SPARE_MAX_CAPACITY: usize = 256 * 1024;
+const SPARE_SMALL_CAPACITY: usize = 4 * 1024;
 
 /// A connection's socket and the operations in flight on it.
 pub(crate) struct Socket {
@@ -49,7 +54,10 @@ pub(crate) struct Uring {
     wake_reader: std::io::PipeReader,
     completions: Vec<Completion>,
     rearm_recv: Vec<usize>,
-    spare: Vec<Vec<u8>>,
+    /// Boxed on purpose: a batch's `msghdr` must not move while the kernel reads it, and
+    /// reusing the boxes saves an allocation per send.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<SendBatch>>,
 }
 
 impl Backend for Uring {
@@ -134,19 +142,19 @@ impl Backend for Uring {
     ) -> io::Result<Written> {
         if socket.send_op.is_some() {
             // One send in flight per connection; the rest goes when it completes.
-            return Ok(match out.bytes().is_empty() {
-                true => Written::Submitted,
-                false => Written::Blocked,
+            let mut parts = [std::io::IoSlice::new(&[])];
+            return Ok(match out.parts(&mut parts) {
+                0 => Written::Submitted,
+                _ => Written::Blocked,
             });
         }
-        let spare = self.spare.pop().unwrap_or_default();
-        match out.take(spare) {
-            Some(buf) => {
-                socket.send_op = Some(self.ring.send(socket.stream.as_raw_fd(), key, buf)?);
-                Ok(Written::Submitted)
-            }
-            None => Ok(Written::All),
+        let mut batch = self.spare.pop().unwrap_or_default();
+        if !out.take(&mut batch.out) {
+            self.spare.push(batch);
+            return Ok(Written::All);
         }
+        socket.send_op = Some(self.ring.send(socket.stream.as_raw_fd(), key, batch)?);
+        Ok(Written::Submitted)
     }
 
     fn finish_writes(&mut self, socket: &mut Socket) {
@@ -280,12 +288,12 @@ impl Uring {
         key: usize,
         result: i32,
     ) -> io::Result<()> {
-        let Some(Op::Send { buf, offset, .. }) = self.ring.op_mut(op) else {
+        let Some(Op::Send { batch, offset, .. }) = self.ring.op_mut(op) else {
             unreachable!("a send op")
         };
         let sent = result.max(0) as usize;
         *offset += sent;
-        let whole = *offset == buf.len();
+        let whole = *offset == batch.out.len();
         if sent > 0 {
             core.on_sent(self, key, sent);
         }
@@ -297,11 +305,19 @@ impl Uring {
             // Short send: the rest goes from the same buffer, same op.
             return self.ring.resend(op, fd);
         }
-        let Op::Send { buf, .. } = self.ring.finish(op) else {
+        let Op::Send { mut batch, .. } = self.ring.finish(op) else {
             unreachable!("a send op")
         };
-        if self.spare.len() < SPARE_MAX && buf.capacity() <= SPARE_MAX_CAPACITY {
-            self.spare.push(buf);
+        // Drops the batch's references to shared frames now, not when it is reused.
+        batch.clear();
+        let own = batch.out.own_capacity();
+        if own > SPARE_MAX_CAPACITY
+            || (own > SPARE_SMALL_CAPACITY && self.spare.len() >= SPARE_BUFFERS)
+        {
+            batch.out.set_own(Vec::new());
+        }
+        if self.spare.len() < SPARE_MAX {
+            self.spare.push(batch);
         }
         if let Some(socket) = core.any_socket(key) {
             socket.send_op = None;

@@ -20,6 +20,8 @@ use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use slab::Slab;
 
+use crate::reactor::Outgoing;
+
 /// The buffer group multishot receives pick from.
 const BUF_GROUP: u16 = 0;
 
@@ -84,15 +86,46 @@ pub(crate) enum Op {
     Wake(Box<[u8; 64]>),
     /// Multishot receive for connection `key`, into the buffer ring.
     Recv { key: usize },
-    /// A send of `buf[offset..]` for connection `key`.
+    /// A send of what `batch` holds after its first `offset` bytes, for connection `key`.
     Send {
         key: usize,
-        buf: Vec<u8>,
+        batch: Box<SendBatch>,
         offset: usize,
     },
     /// Cancels another op.
     Cancel,
 }
+
+/// A send's bytes with the `sendmsg` header and iovecs that point into them: boxed, so
+/// the header's address stays put while the kernel reads it, and pooled by the backend.
+pub(crate) struct SendBatch {
+    pub out: Outgoing,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        SendBatch {
+            out: Outgoing::default(),
+            iov: Vec::new(),
+            // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
+            // pointers, zero lengths).
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+impl SendBatch {
+    /// Drops the iovecs (they point into the batch) and empties the batch.
+    pub fn clear(&mut self) {
+        self.iov.clear();
+        self.out.clear();
+    }
+}
+
+/// Most iovecs in one `sendmsg` (`IOV_MAX`); a longer batch is sent in parts.
+const MAX_IOVECS: usize = 1024;
 
 /// One reaped completion.
 pub(crate) struct Completion {
@@ -125,9 +158,12 @@ impl Ring {
     /// kernel first.
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every buffer an entry points to is owned by its `ops` entry (send and
-            // wake buffers) or by a registered `BufRing` and outlives the operation: ops
-            // are only removed by `finish`, after their final completion was reaped.
+            // SAFETY: every buffer an entry points to is owned by its `ops` entry (send
+            // batches: their own bytes, the shared frames they hold references to, and the
+            // boxed `msghdr` and iovecs of a `sendmsg`, rebuilt only by `resend` between a
+            // completion and the next submission; wake buffers) or by a registered
+            // `BufRing`, and outlives the operation: ops are only removed by `finish`,
+            // after their final completion was reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -169,12 +205,12 @@ impl Ring {
         })
     }
 
-    /// Sends `buf` (owned by the op until its completion) for connection `key`.
-    pub fn send(&mut self, socket: RawFd, key: usize, buf: Vec<u8>) -> io::Result<usize> {
+    /// Sends `batch` (owned by the op until its completion) for connection `key`.
+    pub fn send(&mut self, socket: RawFd, key: usize, batch: Box<SendBatch>) -> io::Result<usize> {
         self.start(
             Op::Send {
                 key,
-                buf,
+                batch,
                 offset: 0,
             },
             |op| send_entry(op, socket),
@@ -289,13 +325,32 @@ impl Ring {
     }
 }
 
+/// The SQE for what is left of send op `op`: a plain send of the own bytes, or a
+/// `sendmsg` gathering own bytes and shared frames (each by reference).
 fn send_entry(op: &mut Op, socket: RawFd) -> squeue::Entry {
-    let Op::Send { buf, offset, .. } = op else {
+    let Op::Send { batch, offset, .. } = op else {
         unreachable!("a send op")
     };
-    let rest = &buf[*offset..];
-    opcode::Send::new(Fd(socket), rest.as_ptr(), rest.len() as u32)
-        .flags(libc::MSG_NOSIGNAL)
+    if !batch.out.has_frames() {
+        let rest = &batch.out.own()[*offset..];
+        return opcode::Send::new(Fd(socket), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+    }
+    let SendBatch { out, iov, msg } = &mut **batch;
+    iov.clear();
+    out.parts(*offset, |part| {
+        if iov.len() < MAX_IOVECS {
+            iov.push(libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: part.len(),
+            });
+        }
+    });
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    opcode::SendMsg::new(Fd(socket), msg as *const libc::msghdr)
+        .flags(libc::MSG_NOSIGNAL as u32)
         .build()
 }
 
@@ -438,7 +493,9 @@ mod tests {
             server = done.drain(..).find_map(|c| c.accepted);
         }
         let server = server.unwrap();
-        let send = ring.send(server.as_raw_fd(), 7, b"hello".to_vec()).unwrap();
+        let mut batch = Box::<SendBatch>::default();
+        batch.out.set_bytes(b"hello");
+        let send = ring.send(server.as_raw_fd(), 7, batch).unwrap();
         let recv = ring.recv(server.as_raw_fd(), 7).unwrap();
         client.write_all(b"ping").unwrap();
         let (mut sent, mut got) = (false, None);
@@ -448,10 +505,10 @@ mod tests {
             for c in done.drain(..) {
                 if c.op == send {
                     assert_eq!(c.result, 5);
-                    let Op::Send { buf, .. } = ring.finish(send) else {
+                    let Op::Send { batch, .. } = ring.finish(send) else {
                         panic!("not a send")
                     };
-                    assert_eq!(buf, b"hello");
+                    assert_eq!(batch.out.own(), b"hello");
                     sent = true;
                 } else if c.op == recv && c.result > 0 {
                     let bid = c.buffer.expect("a provided buffer");

@@ -2,7 +2,7 @@
 //! incoming bytes and put around outgoing ones here, so the plaintext methods of the
 //! parent module never see ciphertext.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
 #[cfg(feature = "tls")]
@@ -16,7 +16,7 @@ use crate::protocol::error::code;
 use crate::protocol::handshake::http_response;
 #[cfg(feature = "tls")]
 use crate::reactor::CloseRequest;
-use crate::reactor::{Io, Service};
+use crate::reactor::{Io, Outgoing, Service};
 
 impl<F, H> Service for WsService<F, H>
 where
@@ -91,6 +91,29 @@ where
         self.seal(conn, io);
     }
 
+    fn targets(&mut self, command: &Command, targets: &mut Vec<usize>) {
+        if let Command::Publish(publication) = command {
+            self.topics
+                .get_mut()
+                .targets(self.loop_index, publication, targets);
+        }
+    }
+
+    fn deliver(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: &Command) {
+        if let Command::Publish(publication) = command {
+            self.deliver_plain(conn, io, publication);
+            self.seal(conn, io);
+        }
+    }
+
+    fn next_local(&mut self) -> Option<Command> {
+        self.topics
+            .get_mut()
+            .local
+            .pop_front()
+            .map(Command::Publish)
+    }
+
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.drained_plain(conn, io);
         self.seal(conn, io);
@@ -101,12 +124,12 @@ where
         self.seal(conn, io);
     }
 
-    fn output<'s>(&self, conn: &'s Conn<H>) -> &'s [u8] {
+    fn output<'s>(&self, conn: &'s Conn<H>, parts: &mut [IoSlice<'s>]) -> usize {
         #[cfg(feature = "tls")]
         if let Some(tls) = &conn.tls {
-            return tls.output();
+            return one_part(tls.output(), parts);
         }
-        self.output_plain(conn)
+        self.output_plain(conn, parts)
     }
 
     fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
@@ -127,15 +150,20 @@ where
         &mut self,
         conn: &mut Conn<H>,
         io: &mut Io<'_, Command>,
-        spare: Vec<u8>,
-    ) -> Option<Vec<u8>> {
+        into: &mut Outgoing,
+    ) -> bool {
         #[cfg(feature = "tls")]
         if let Some(tls) = conn.tls.as_mut() {
-            let taken = tls.take_output(spare)?;
-            conn.in_flight += taken.len();
-            return Some(taken);
+            if tls.output().is_empty() {
+                return false;
+            }
+            let spare = into.set_own(Vec::new());
+            let taken = tls.take_output(spare).expect("TLS output is pending");
+            into.set_own(taken);
+            conn.in_flight += into.len();
+            return true;
         }
-        self.take_output_plain(conn, io, spare)
+        self.take_output_plain(conn, io, into)
     }
 
     fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
@@ -154,5 +182,16 @@ where
             &[("Retry-After", "1")],
             "server is at its connection limit",
         )
+    }
+}
+
+/// `bytes` as the only part of a vectored write (none when empty).
+pub(super) fn one_part<'s>(bytes: &'s [u8], parts: &mut [IoSlice<'s>]) -> usize {
+    match (bytes.is_empty(), parts.first_mut()) {
+        (false, Some(first)) => {
+            *first = IoSlice::new(bytes);
+            1
+        }
+        _ => 0,
     }
 }

@@ -1,46 +1,36 @@
-//! Broadcast server: every message received is sent to every connected client (the load
-//! of uWebSockets' `broadcast_test`).
+//! Pub/sub server: a client's request path is its topic (`/` included), and every message
+//! a client sends is published to that topic — delivered to every subscriber, the sender
+//! included, with the same opcode, on every event loop, encoded once. uWebSockets'
+//! `broadcast_test` runs against it unchanged (everyone on `/`).
 //!
-//! `cargo run --release --example broadcast -- --addr 127.0.0.1:9002 [--threads N]`
+//! `cargo run --release --example pubsub -- --addr 127.0.0.1:9002 [--backend auto|epoll|io-uring] [--threads N]`
 //!
-//! Connections register a [`Sender`] on open; a message fans out through the senders,
-//! so clients on every event loop receive it.
+//! On SIGINT/SIGTERM it shuts down (1001 to everyone) and prints its counters.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, Sender, Server, Upgrade, Ws};
+use websocket_driver::server::{Handler, Server, Upgrade, Ws};
 use websocket_driver::{Backend, Message, MessageType};
 
-type Registry = Arc<RwLock<HashMap<u64, Sender>>>;
-
 struct Member {
-    id: u64,
-    registry: Registry,
+    topic: String,
 }
 
 impl Handler for Member {
     fn on_open(&mut self, ws: &mut Ws<'_>) {
-        self.registry.write().unwrap().insert(self.id, ws.sender());
-    }
-
-    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
-        let kind = if message.is_text() {
-            MessageType::Text
-        } else {
-            MessageType::Binary
-        };
-        let payload = message.as_bytes();
-        for sender in self.registry.read().unwrap().values() {
-            // A member that just left is skipped by its loop; nothing to do here.
-            let _ = sender.send(payload.to_vec(), kind);
+        // The path fits: the request head limits it well under the topic maximum.
+        if let Err(e) = ws.subscribe(&self.topic) {
+            let _ = ws.close_connection(1008, &e.to_string());
         }
     }
 
-    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
-        self.registry.write().unwrap().remove(&self.id);
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let kind = match message {
+            Message::Text(_) => MessageType::Text,
+            Message::Binary(_) => MessageType::Binary,
+        };
+        // Cannot fail: the topic was accepted on open and the text is already validated.
+        let _ = ws.publish_all(&self.topic, message.as_bytes(), kind);
     }
 }
 
@@ -73,25 +63,22 @@ fn main() {
     // One descriptor per connection: lift the soft open-file limit to the hard limit
     // (the library never does it on its own).
     if let Err(e) = websocket_driver::raise_open_file_limit() {
-        eprintln!("broadcast: cannot raise the open-file limit: {e}");
+        eprintln!("pubsub: cannot raise the open-file limit: {e}");
     }
-    let registry: Registry = Arc::default();
-    let next_id = Arc::new(AtomicU64::new(0));
     let server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
         .threads(threads)
         .backend(backend);
     let local = server.local_addr().unwrap();
     let handle = server
-        .start(move |_request| {
+        .start(|request| {
             Upgrade::Accept(Member {
-                id: next_id.fetch_add(1, Ordering::Relaxed),
-                registry: registry.clone(),
+                topic: request.path().to_string(),
             })
         })
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
     eprintln!(
-        "broadcast: listening on ws://{local} ({}, {threads} threads)",
+        "pubsub: listening on ws://{local} ({}, {threads} threads)",
         handle.backend()
     );
     let mut signals = signal_hook::iterator::Signals::new([
@@ -100,6 +87,11 @@ fn main() {
     ])
     .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
     if signals.forever().next().is_some() {
+        let stats = handle.stats();
+        eprintln!(
+            "pubsub: published {} delivered {} dropped {}",
+            stats.published, stats.delivered, stats.dropped
+        );
         handle
             .shutdown(Duration::from_secs(5))
             .unwrap_or_else(|e| usage(&format!("shutdown failed: {e}")));
@@ -108,8 +100,8 @@ fn main() {
 
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
-        eprintln!("broadcast: {problem}");
+        eprintln!("pubsub: {problem}");
     }
-    eprintln!("usage: broadcast [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring]");
+    eprintln!("usage: pubsub [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring]");
     std::process::exit(2)
 }

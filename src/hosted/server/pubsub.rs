@@ -1,0 +1,335 @@
+//! Topics: subscribe, unsubscribe and publish with encode-once fan-out over every loop.
+//!
+//! A publish encodes its frame once ([`SharedFrame`]: server frames are unmasked, so one
+//! encoding serves every subscriber) and sends one command per loop that has subscribers
+//! of the topic (the publisher's own loop queues it locally instead of waking itself).
+//! Each loop looks the topic up in its own index ([`LoopTopics`]) and queues a reference
+//! to the frame on each subscriber's output, which the backend writes gathered with the
+//! connection's other frames: no per-subscriber copy and no per-subscriber allocation.
+//!
+//! Ordering: a loop's inbox and its local queue are FIFO, so messages published from one
+//! thread to one topic reach every subscriber in publish order; frames are queued whole,
+//! so they are never interleaved or cut.
+//!
+//! Memory per subscription: one key in the topic's set on the connection's loop and one
+//! topic reference in the connection's list (about 40 bytes, plus the topic's bytes once
+//! per loop); the server-wide count is one entry per topic.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use super::Command;
+use crate::protocol::driver::MessageType;
+use crate::protocol::error::{Error, UsageError};
+use crate::protocol::frame::SharedFrame;
+use crate::reactor::{Envelope, Remote};
+
+/// The longest topic, in bytes.
+pub const MAX_TOPIC_LEN: usize = 1024;
+
+/// A topic name: bytes (usually UTF-8), cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Topic(Arc<[u8]>);
+
+impl Topic {
+    fn new(name: &[u8]) -> Result<Topic, Error> {
+        check_len(name)?;
+        Ok(Topic(Arc::from(name)))
+    }
+
+    /// The topic as text, if it is UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+}
+
+fn check_len(name: &[u8]) -> Result<(), Error> {
+    if name.len() > MAX_TOPIC_LEN {
+        return Err(UsageError::TopicTooLong {
+            len: name.len(),
+            max: MAX_TOPIC_LEN,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+impl std::ops::Deref for Topic {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Borrow<[u8]> for Topic {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Topic {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Topic({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// One published message on its way to the loops: the topic, the frame encoded once,
+/// and the connection that must not get it (`Ws::publish` leaves out its sender).
+pub(crate) struct Publication {
+    pub topic: Topic,
+    pub frame: SharedFrame,
+    /// `(loop, key)` of the publishing connection, if it is left out.
+    pub exclude: Option<(usize, usize)>,
+}
+
+/// Server-wide pub/sub state, shared by every loop, the server handle and every
+/// [`Publisher`].
+pub(crate) struct PubSub {
+    /// Filled once every loop is started (a publish waits for it, which only a publish
+    /// racing with the server's start can).
+    remotes: OnceLock<Vec<Remote<Command>>>,
+    /// Subscribers of each topic, per loop: a publish goes only to loops that have some.
+    counts: RwLock<HashMap<Topic, Vec<u32>>>,
+    loops: usize,
+    /// Publishes made outside the loops (server handle, publishers).
+    pub published: AtomicU64,
+}
+
+/// Where a publish made inside a handler comes from: its loop's local queue stands in for
+/// that loop's inbox.
+pub(crate) struct Origin<'a> {
+    pub loop_index: usize,
+    pub local: &'a RefCell<LoopTopics>,
+    /// The publishing connection's key, when it is left out.
+    pub exclude: Option<usize>,
+}
+
+impl PubSub {
+    pub fn new(loops: usize) -> PubSub {
+        PubSub {
+            remotes: OnceLock::new(),
+            counts: RwLock::default(),
+            loops,
+            published: AtomicU64::new(0),
+        }
+    }
+
+    /// Connects the loops, once all are started.
+    pub fn set_remotes(&self, remotes: Vec<Remote<Command>>) {
+        let _ = self.remotes.set(remotes);
+    }
+
+    /// Subscribers of `topic` over the whole server.
+    pub fn subscribers(&self, topic: &[u8]) -> usize {
+        let counts = self.counts.read().expect("topic counts lock");
+        counts
+            .get(topic)
+            .map_or(0, |per_loop| per_loop.iter().map(|&n| n as usize).sum())
+    }
+
+    /// Adds `delta` (±1) to the subscribers of `topic` on loop `loop_index`.
+    fn count(&self, topic: &Topic, loop_index: usize, delta: i32) {
+        let mut counts = self.counts.write().expect("topic counts lock");
+        if delta > 0 {
+            let per_loop = counts
+                .entry(topic.clone())
+                .or_insert_with(|| vec![0; self.loops]);
+            per_loop[loop_index] += 1;
+        } else if let Some(per_loop) = counts.get_mut(&**topic) {
+            per_loop[loop_index] = per_loop[loop_index].saturating_sub(1);
+            if per_loop.iter().all(|&n| n == 0) {
+                counts.remove(&**topic);
+            }
+        }
+    }
+
+    /// Encodes `data` once and sends it to every loop with subscribers of `topic`.
+    /// Returns whether anyone was subscribed.
+    pub fn publish(
+        &self,
+        topic: &[u8],
+        data: &[u8],
+        kind: MessageType,
+        origin: Option<Origin<'_>>,
+    ) -> Result<bool, Error> {
+        check_len(topic)?;
+        let frame = SharedFrame::new(data, kind)?;
+        let counts = self.counts.read().expect("topic counts lock");
+        let Some((topic, per_loop)) = counts.get_key_value(topic) else {
+            return Ok(false);
+        };
+        let remotes = self.remotes.wait();
+        let publication = Arc::new(Publication {
+            topic: topic.clone(),
+            frame,
+            exclude: origin
+                .as_ref()
+                .and_then(|o| o.exclude.map(|key| (o.loop_index, key))),
+        });
+        for (i, &subscribers) in per_loop.iter().enumerate() {
+            if subscribers == 0 {
+                continue;
+            }
+            match &origin {
+                Some(origin) if origin.loop_index == i => origin
+                    .local
+                    .borrow_mut()
+                    .local
+                    .push_back(publication.clone()),
+                // A loop that has stopped has no subscribers left to reach.
+                _ => {
+                    let _ = remotes[i].send(Envelope::Loop(Command::Publish(publication.clone())));
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One loop's topic index: who subscribes to what, both ways, so subscribe, unsubscribe
+/// and a connection's close cost O(its topics) and a publish O(the loop's subscribers of
+/// the topic).
+#[derive(Default)]
+pub(crate) struct LoopTopics {
+    subscribers: HashMap<Topic, HashSet<usize>>,
+    by_conn: HashMap<usize, Vec<Topic>>,
+    /// Publications from this loop's own handlers, delivered at the end of the turn.
+    pub local: VecDeque<Arc<Publication>>,
+}
+
+impl LoopTopics {
+    /// Subscribes connection `key`; false if it already was.
+    pub fn subscribe(
+        &mut self,
+        pubsub: &PubSub,
+        loop_index: usize,
+        key: usize,
+        name: &[u8],
+    ) -> Result<bool, Error> {
+        let topic = match self.subscribers.get_key_value(name) {
+            Some((_, keys)) if keys.contains(&key) => return Ok(false),
+            Some((topic, _)) => topic.clone(),
+            None => Topic::new(name)?,
+        };
+        self.subscribers
+            .entry(topic.clone())
+            .or_default()
+            .insert(key);
+        pubsub.count(&topic, loop_index, 1);
+        self.by_conn.entry(key).or_default().push(topic);
+        Ok(true)
+    }
+
+    /// Unsubscribes connection `key`; false if it was not subscribed.
+    pub fn unsubscribe(
+        &mut self,
+        pubsub: &PubSub,
+        loop_index: usize,
+        key: usize,
+        name: &[u8],
+    ) -> bool {
+        let Some(keys) = self.subscribers.get_mut(name) else {
+            return false;
+        };
+        if !keys.remove(&key) {
+            return false;
+        }
+        if keys.is_empty() {
+            self.subscribers.remove(name);
+        }
+        if let Some(topics) = self.by_conn.get_mut(&key) {
+            if let Some(at) = topics.iter().position(|t| &**t == name) {
+                let topic = topics.swap_remove(at);
+                pubsub.count(&topic, loop_index, -1);
+            }
+            if topics.is_empty() {
+                self.by_conn.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Connection `key` leaves every topic (it is closing).
+    pub fn leave_all(&mut self, pubsub: &PubSub, loop_index: usize, key: usize) {
+        let Some(topics) = self.by_conn.remove(&key) else {
+            return;
+        };
+        for topic in topics {
+            if let Some(keys) = self.subscribers.get_mut(&*topic) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.subscribers.remove(&*topic);
+                }
+            }
+            pubsub.count(&topic, loop_index, -1);
+        }
+    }
+
+    pub fn is_subscribed(&self, key: usize, name: &[u8]) -> bool {
+        self.subscribers
+            .get(name)
+            .is_some_and(|keys| keys.contains(&key))
+    }
+
+    pub fn topics(&self, key: usize) -> Vec<Topic> {
+        self.by_conn.get(&key).cloned().unwrap_or_default()
+    }
+
+    /// The loop's subscribers of `publication`'s topic, but the excluded one.
+    pub fn targets(&self, loop_index: usize, publication: &Publication, out: &mut Vec<usize>) {
+        let Some(keys) = self.subscribers.get(&*publication.topic) else {
+            return;
+        };
+        let excluded = match publication.exclude {
+            Some((l, key)) if l == loop_index => Some(key),
+            _ => None,
+        };
+        out.extend(keys.iter().copied().filter(|&k| Some(k) != excluded));
+    }
+}
+
+/// Publishes to every subscriber of a topic from any thread (`Send + Sync + Clone`):
+/// what [`ServerHandle::publisher`](super::ServerHandle::publisher) and
+/// [`Ws::publisher`](super::Ws::publisher) give.
+#[derive(Clone)]
+pub struct Publisher {
+    pub(crate) pubsub: Arc<PubSub>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Sends `data` as `kind` (text or binary) to every subscriber of `topic`, on every
+    /// loop, encoded once. Messages published from one thread to one topic arrive in
+    /// order. A subscriber whose output is over the cap does not get it (counted in
+    /// `Stats::dropped`, or closed with 1008 under `BackpressurePolicy::Close`).
+    /// Fails for a topic over [`MAX_TOPIC_LEN`], text that is not UTF-8, or another kind.
+    pub fn publish(
+        &self,
+        topic: impl AsRef<[u8]>,
+        data: &[u8],
+        kind: MessageType,
+    ) -> Result<(), Error> {
+        self.pubsub.publish(topic.as_ref(), data, kind, None)?;
+        self.pubsub.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Subscribers of `topic` over the whole server, now.
+    pub fn subscribers(&self, topic: impl AsRef<[u8]>) -> usize {
+        self.pubsub.subscribers(topic.as_ref())
+    }
+}

@@ -1,0 +1,439 @@
+//! Shared frames in a driver's output: pub/sub frames queued by reference between the
+//! driver's own bytes, the gathered view a readiness transport writes with one `writev`,
+//! and the owned batch ([`Outgoing`]) a completion transport hands to the kernel.
+//!
+//! The driver's own frames live in its output buffer; a shared frame is recorded with the
+//! number of own frame bytes appended before it (`after`), so the output is, in order:
+//! own bytes up to the first shared frame, that frame, own bytes up to the next one, …
+//! Positions are counted in the own byte stream (`frames_appended` / `frames_written`),
+//! which survives the buffer being compacted or handed over.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use super::{Driver, ReadyState, Role};
+use crate::protocol::error::{Error, UsageError};
+use crate::protocol::frame::SharedFrame;
+
+/// Shared frames waiting in one driver's output. Boxed in the driver and kept once made,
+/// so a subscriber's deliveries allocate nothing after its first.
+#[derive(Debug, Default)]
+pub(super) struct SharedQueue {
+    frames: VecDeque<Queued>,
+    /// Bytes of `frames[0]` already written.
+    pos: usize,
+    /// Unwritten bytes of all queued frames.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Queued {
+    /// Own frame bytes appended before this frame (`Driver::frames_appended` then).
+    after: u64,
+    frame: SharedFrame,
+}
+
+impl SharedQueue {
+    /// Unwritten bytes of all queued frames.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Output handed over whole, for completion transports (io_uring) that give the kernel
+/// buffers it holds until the send completes: the driver's own bytes and the shared frames
+/// that go between them, each frame by reference. Reuse one (after [`Outgoing::clear`]) to
+/// keep its buffers.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    own: Vec<u8>,
+    /// `(offset in own, frame)`: the frame goes before `own[offset..]`.
+    frames: Vec<(usize, SharedFrame)>,
+    /// Bytes of the first frame written before the hand-over (it is at offset 0 then).
+    skip: usize,
+    len: usize,
+}
+
+impl Outgoing {
+    /// Total bytes to send.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether it holds any shared frame (else [`Outgoing::own`] is everything).
+    pub fn has_frames(&self) -> bool {
+        !self.frames.is_empty()
+    }
+
+    /// The driver's own bytes (all of the output when there are no shared frames).
+    pub fn own(&self) -> &[u8] {
+        &self.own
+    }
+
+    /// Plain bytes to send (a response, a tunnel request): replaces the contents.
+    pub fn set_bytes(&mut self, bytes: &[u8]) {
+        self.clear();
+        self.own.extend_from_slice(bytes);
+        self.len = bytes.len();
+    }
+
+    /// Makes `bytes` the whole batch without copying; returns the batch's previous buffer,
+    /// emptied, for reuse.
+    pub fn set_own(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        self.clear();
+        self.len = bytes.len();
+        std::mem::replace(&mut self.own, bytes)
+    }
+
+    /// Calls `f` with each part left after the first `sent` bytes, in order.
+    pub fn parts<'a>(&'a self, sent: usize, mut f: impl FnMut(&'a [u8])) {
+        let mut skip = sent;
+        let mut own_at = 0;
+        let mut part = |bytes: &'a [u8]| {
+            if skip >= bytes.len() {
+                skip -= bytes.len();
+            } else {
+                f(&bytes[skip..]);
+                skip = 0;
+            }
+        };
+        for (i, (offset, frame)) in self.frames.iter().enumerate() {
+            part(&self.own[own_at..*offset]);
+            own_at = *offset;
+            let start = if i == 0 { self.skip } else { 0 };
+            part(&frame.as_bytes()[start..]);
+        }
+        part(&self.own[own_at..]);
+    }
+
+    /// The parts left after the first `sent` bytes, in order, into `out` (cleared first).
+    pub fn slices<'a>(&'a self, sent: usize, out: &mut Vec<IoSlice<'a>>) {
+        out.clear();
+        self.parts(sent, |part| out.push(IoSlice::new(part)));
+    }
+
+    /// Empties it, dropping its frame references and keeping its buffers.
+    pub fn clear(&mut self) {
+        self.own.clear();
+        self.frames.clear();
+        self.skip = 0;
+        self.len = 0;
+    }
+
+    /// Bytes the own-bytes buffer keeps allocated.
+    pub fn own_capacity(&self) -> usize {
+        self.own.capacity()
+    }
+}
+
+impl Driver {
+    /// Queues a shared frame (pub/sub) behind everything queued so far, by reference.
+    /// Only on an open server connection: a client must mask each frame itself
+    /// ([`UsageError::NotPublishable`]), and a closing one takes no more messages
+    /// ([`UsageError::NotOpen`]).
+    pub fn send_shared(&mut self, frame: &SharedFrame) -> Result<(), Error> {
+        if self.role != Role::Server {
+            return Err(UsageError::NotPublishable.into());
+        }
+        if self.state != ReadyState::Open {
+            return Err(UsageError::NotOpen.into());
+        }
+        let queue = self.shared.get_or_insert_with(Box::default);
+        queue.frames.push_back(Queued {
+            after: self.frames_appended,
+            frame: frame.clone(),
+        });
+        queue.bytes += frame.len();
+        Ok(())
+    }
+
+    /// Own bytes between the write position and the point where a shared frame recorded
+    /// at `after` goes.
+    fn own_before(&self, after: u64) -> usize {
+        self.handshake_left + (after - self.frames_written) as usize
+    }
+
+    /// The first shared frame and the own bytes before it, if any frame is queued.
+    fn next_shared(&self) -> Option<(usize, &[u8])> {
+        let queue = self.shared.as_deref()?;
+        let front = queue.frames.front()?;
+        Some((
+            self.own_before(front.after),
+            &front.frame.as_bytes()[queue.pos..],
+        ))
+    }
+
+    /// Bytes ready for the transport, without copying: the first contiguous part of the
+    /// output (own bytes, or a shared frame). Report what was written with
+    /// [`Driver::consume_output`]; [`Driver::pending_output_vectored`] gives every part.
+    pub fn pending_output(&self) -> &[u8] {
+        match self.next_shared() {
+            Some((0, frame)) => frame,
+            Some((own, _)) => &self.out[self.out_pos..self.out_pos + own],
+            None => &self.out[self.out_pos..self.releasable_end()],
+        }
+    }
+
+    /// Every part of the pending output in order, as slices for one vectored write (up to
+    /// `parts.len()` of them); returns how many were filled.
+    pub fn pending_output_vectored<'a>(&'a self, parts: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        let mut own_at = self.out_pos;
+        if let Some(queue) = self.shared.as_deref() {
+            for (i, queued) in queue.frames.iter().enumerate() {
+                let own_end = self.out_pos + self.own_before(queued.after);
+                if own_end > own_at {
+                    if n == parts.len() {
+                        return n;
+                    }
+                    parts[n] = IoSlice::new(&self.out[own_at..own_end]);
+                    n += 1;
+                    own_at = own_end;
+                }
+                if n == parts.len() {
+                    return n;
+                }
+                let start = if i == 0 { queue.pos } else { 0 };
+                parts[n] = IoSlice::new(&queued.frame.as_bytes()[start..]);
+                n += 1;
+            }
+        }
+        let end = self.releasable_end();
+        if end > own_at && n < parts.len() {
+            parts[n] = IoSlice::new(&self.out[own_at..end]);
+            n += 1;
+        }
+        n
+    }
+
+    /// Marks the first `n` bytes of the pending output as written.
+    pub fn consume_output(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some((own, frame_left)) = self.next_shared().map(|(own, f)| (own, f.len())) else {
+                return self.consume_own(n);
+            };
+            let k = n.min(own);
+            if k > 0 {
+                self.consume_own(k);
+                n -= k;
+                continue;
+            }
+            let k = n.min(frame_left);
+            let queue = self.shared.as_deref_mut().expect("a frame is queued");
+            queue.pos += k;
+            queue.bytes -= k;
+            n -= k;
+            if k == frame_left {
+                queue.frames.pop_front();
+                queue.pos = 0;
+            }
+        }
+    }
+
+    /// Hands all pending output over as an [`Outgoing`] batch, for completion-based
+    /// transports (io_uring) where the kernel holds the bytes until the send completes.
+    /// `into` must be empty; its own-bytes buffer becomes the driver's next output buffer
+    /// (a pool's spare). The bytes count as written (for [`Driver::is_sent`]) from this
+    /// moment. Returns false, leaving `into` empty, when nothing is pending.
+    pub fn take_output(&mut self, into: &mut Outgoing) -> bool {
+        into.clear();
+        let end = self.releasable_end();
+        let own = end - self.out_pos;
+        let shared = self.shared.as_deref().map_or(0, SharedQueue::bytes);
+        if own + shared == 0 {
+            return false;
+        }
+        if end < self.out.len() {
+            // Still connecting: only the handshake may go, frames stay queued behind it
+            // (and no shared frame can be queued yet).
+            into.own.extend_from_slice(&self.out[self.out_pos..end]);
+            into.len = own;
+            self.consume_own(own);
+            return true;
+        }
+        if let Some(queue) = self.shared.as_deref_mut() {
+            for queued in queue.frames.drain(..) {
+                let offset = self.handshake_left + (queued.after - self.frames_written) as usize;
+                into.frames.push((offset, queued.frame));
+            }
+            into.skip = queue.pos;
+            queue.pos = 0;
+            queue.bytes = 0;
+        }
+        std::mem::swap(&mut self.out, &mut into.own);
+        into.own.drain(..self.out_pos);
+        into.len = own + shared;
+        self.out_pos = 0;
+        let handshake = own.min(self.handshake_left);
+        self.handshake_left -= handshake;
+        self.frames_written += (own - handshake) as u64;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::driver::{Event, MessageType};
+    use crate::protocol::handshake::{RequestParser, client_request};
+    use crate::protocol::options::Options;
+
+    /// An open server driver whose 101 response is already written.
+    fn open_server() -> Driver {
+        let request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let _ = client_request;
+        let mut parser = RequestParser::new(Options::default().head_limits());
+        let crate::protocol::frame::Status::Complete(request, _) =
+            parser.parse(request.as_bytes()).unwrap()
+        else {
+            panic!("a complete request")
+        };
+        let mut driver = Driver::make_server(&request, &Options::default()).unwrap();
+        driver.start_connection();
+        let n = driver.pending_output().len();
+        driver.consume_output(n);
+        assert!(matches!(driver.poll_event(&mut []).1, Some(Event::Open)));
+        driver
+    }
+
+    fn frame(text: &str) -> SharedFrame {
+        SharedFrame::new(text.as_bytes(), MessageType::Text).unwrap()
+    }
+
+    /// Everything pending, gathered.
+    fn gathered(driver: &Driver) -> Vec<u8> {
+        let mut parts = [IoSlice::new(&[]); 16];
+        let n = driver.pending_output_vectored(&mut parts);
+        parts[..n].iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    #[test]
+    fn shared_frames_go_between_own_frames_in_queue_order() {
+        let mut driver = open_server();
+        driver.send_text("a").unwrap();
+        driver.send_shared(&frame("S1")).unwrap();
+        driver.send_shared(&frame("S2")).unwrap();
+        driver.send_text("b").unwrap();
+        let expected = [
+            &[0x81, 1, b'a'][..],
+            &[0x81, 2, b'S', b'1'],
+            &[0x81, 2, b'S', b'2'],
+            &[0x81, 1, b'b'],
+        ]
+        .concat();
+        assert_eq!(gathered(&driver), expected);
+        assert_eq!(driver.buffered_amount(), expected.len());
+        // One byte at a time through the contiguous view gives the same stream.
+        let mut written = Vec::new();
+        while !driver.pending_output().is_empty() {
+            written.push(driver.pending_output()[0]);
+            driver.consume_output(1);
+        }
+        assert_eq!(written, expected);
+        assert_eq!(driver.buffered_amount(), 0);
+    }
+
+    #[test]
+    fn partial_writes_across_parts_resume_mid_frame() {
+        let mut driver = open_server();
+        driver.send_shared(&frame("hello")).unwrap();
+        driver.send_binary(&[9; 3]).unwrap();
+        driver.send_shared(&frame("world")).unwrap();
+        let all = gathered(&driver);
+        for cut in [3, 4, 9, 10] {
+            let mut d = open_server();
+            d.send_shared(&frame("hello")).unwrap();
+            d.send_binary(&[9; 3]).unwrap();
+            d.send_shared(&frame("world")).unwrap();
+            d.consume_output(cut);
+            assert_eq!(gathered(&d), all[cut..], "cut at {cut}");
+            assert_eq!(d.buffered_amount(), all.len() - cut);
+        }
+    }
+
+    #[test]
+    fn write_tokens_count_own_frames_only() {
+        let mut driver = open_server();
+        driver.send_shared(&frame("first")).unwrap();
+        let token = driver.send_text("mine").unwrap();
+        assert!(!driver.is_sent(token));
+        // The shared frame (7 bytes) goes first; the token is due after the own frame.
+        driver.consume_output(7);
+        assert!(!driver.is_sent(token));
+        driver.consume_output(6);
+        assert!(driver.is_sent(token));
+    }
+
+    #[test]
+    fn take_output_hands_over_frames_by_reference() {
+        let mut driver = open_server();
+        let shared = frame("x");
+        driver.send_text("a").unwrap();
+        driver.send_shared(&shared).unwrap();
+        driver.send_text("b").unwrap();
+        let expected = gathered(&driver);
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        assert!(out.has_frames());
+        assert_eq!(out.len(), expected.len());
+        assert_eq!(driver.buffered_amount(), 0);
+        let mut slices = Vec::new();
+        for sent in 0..expected.len() {
+            out.slices(sent, &mut slices);
+            let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(bytes, expected[sent..]);
+        }
+        // The frame itself was not copied: the batch holds the same allocation.
+        assert!(
+            out.frames
+                .iter()
+                .any(|(_, f)| std::ptr::eq(f.as_bytes().as_ptr(), shared.as_bytes().as_ptr()))
+        );
+        out.clear();
+        assert!(!driver.take_output(&mut out));
+    }
+
+    #[test]
+    fn take_output_after_a_partial_frame_write() {
+        let mut driver = open_server();
+        driver.send_shared(&frame("abcdef")).unwrap();
+        driver.consume_output(3);
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        let mut slices = Vec::new();
+        out.slices(0, &mut slices);
+        let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes, b"bcdef");
+    }
+
+    #[test]
+    fn shared_frames_only_on_open_server_connections() {
+        let mut driver = open_server();
+        driver.close_connection(1000, "").unwrap();
+        assert!(matches!(
+            driver.send_shared(&frame("late")),
+            Err(Error::Usage(UsageError::NotOpen))
+        ));
+        let mut client = Driver::make_client("ws://example.com/", &Options::default()).unwrap();
+        assert!(matches!(
+            client.send_shared(&frame("masked?")),
+            Err(Error::Usage(UsageError::NotPublishable))
+        ));
+    }
+
+    #[test]
+    fn shared_frame_validates_its_kind() {
+        assert!(SharedFrame::new(&[0xff], MessageType::Text).is_err());
+        assert!(SharedFrame::new(b"x", MessageType::Ping).is_err());
+        let big = vec![7u8; 70_000];
+        let f = SharedFrame::new(&big, MessageType::Binary).unwrap();
+        assert_eq!(&f.as_bytes()[..2], &[0x82, 127]);
+        assert_eq!(f.len(), 10 + big.len());
+    }
+}

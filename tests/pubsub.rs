@@ -1,0 +1,504 @@
+//! Pub/sub on the reactor, both backends, several loops: every subscriber on every loop
+//! gets every message of a burst once and in order; unsubscribe and close stop delivery;
+//! a subscriber that never reads is held to the output cap (dropped or closed, per
+//! policy) while the others get everything; many topics; the limits of topic names.
+//!
+//! The test server is driven by its clients' messages: `sub:T`, `unsub:T`, `pub:T:DATA`
+//! (to every subscriber of T but the sender), `all:T:DATA` (to every subscriber),
+//! `topics` and `count:T` (answered to the sender).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{Owned, TestClient, eventually};
+use websocket_driver::server::{
+    BackpressurePolicy, Handler, MAX_TOPIC_LEN, Server, ServerConfig, ServerHandle, Upgrade, Ws,
+};
+use websocket_driver::{Backend, Error, Message, MessageType, UsageError};
+
+/// Loops per test server: enough that subscribers spread over several.
+const LOOPS: usize = 3;
+
+/// These tests hold many sockets and some read RSS: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Subscribes to its request path (without the leading `/`, unless empty) on open, then
+/// obeys its client's commands.
+struct Member {
+    topic: String,
+}
+
+impl Handler for Member {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        if !self.topic.is_empty() {
+            ws.subscribe(&self.topic).expect("subscribe on open");
+        }
+    }
+
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let Some(text) = message.as_text() else {
+            return;
+        };
+        let reply = match text.split_once(':') {
+            Some(("sub", topic)) => match ws.subscribe(topic) {
+                Ok(new) => Some(format!("subscribed {new}")),
+                Err(e) => Some(format!("error {e}")),
+            },
+            Some(("unsub", topic)) => Some(format!("unsubscribed {}", ws.unsubscribe(topic))),
+            Some(("count", topic)) => Some(format!("count {}", ws.subscribers(topic))),
+            Some(("is", topic)) => Some(format!("is {}", ws.is_subscribed(topic))),
+            Some((verb @ ("pub" | "all"), rest)) => {
+                let (topic, data) = rest.split_once(':').expect("pub:T:DATA");
+                let result = match verb {
+                    "pub" => ws.publish(topic, data.as_bytes(), MessageType::Text),
+                    _ => ws.publish_all(topic, data.as_bytes(), MessageType::Text),
+                };
+                result.err().map(|e| format!("error {e}"))
+            }
+            None if text == "topics" => {
+                let topics: BTreeSet<String> = ws
+                    .topics()
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_string())
+                    .collect();
+                Some(format!("topics {topics:?}"))
+            }
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            let _ = ws.send_text(&reply);
+        }
+    }
+}
+
+fn start(backend: Backend, config: ServerConfig) -> ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: LOOPS,
+            backend,
+            ..config
+        })
+        .start(|request| {
+            Upgrade::Accept(Member {
+                topic: request.path().trim_start_matches('/').to_string(),
+            })
+        })
+        .unwrap()
+}
+
+fn text(client: &mut TestClient) -> String {
+    match client.next_message().unwrap() {
+        Owned::Text(t) => t,
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+fn subscribers(server: &ServerHandle, topic: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(10), || server.subscribers(topic) == n),
+        "{topic}: {} subscribers, expected {n}",
+        server.subscribers(topic)
+    );
+}
+
+/// 30 subscribers (spread over the loops by the kernel's SO_REUSEPORT hash) each get all
+/// 10 000 messages published from another thread, once and in order; then 10 000 more,
+/// published by one of them inside its handler with `publish_all`, reach all of them, the
+/// publisher included, in order.
+fn burst_reaches_every_subscriber_once_and_in_order(backend: Backend) {
+    let _turn = turn();
+    const SUBSCRIBERS: usize = 30;
+    const BURST: usize = 10_000;
+    let server = start(backend, ServerConfig::default());
+    let addr = server.local_addr();
+    let clients: Vec<TestClient> = (0..SUBSCRIBERS)
+        .map(|_| TestClient::connect(addr, "/burst").unwrap())
+        .collect();
+    subscribers(&server, "burst", SUBSCRIBERS);
+
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            std::thread::spawn(move || {
+                for round in ["handle", "handler"] {
+                    for n in 0..BURST {
+                        assert_eq!(text(&mut client), format!("{round} {n}"), "client {i}");
+                    }
+                    if round == "handle" && i == 0 {
+                        // This client publishes the second burst from inside its handler.
+                        for n in 0..BURST {
+                            client.send_text(&format!("all:burst:handler {n}")).unwrap();
+                        }
+                    }
+                }
+                client
+            })
+        })
+        .collect();
+    for n in 0..BURST {
+        server
+            .publish("burst", format!("handle {n}").as_bytes(), MessageType::Text)
+            .unwrap();
+    }
+    let mut clients: Vec<TestClient> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    // Nothing more is queued for anyone: the next message is the answer to a command.
+    clients[0].send_text("count:burst").unwrap();
+    assert_eq!(text(&mut clients[0]), format!("count {SUBSCRIBERS}"));
+    let stats = server.stats();
+    assert_eq!(stats.published, 2 * BURST as u64);
+    assert_eq!(stats.delivered, (2 * BURST * SUBSCRIBERS) as u64);
+    assert_eq!(stats.dropped, 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// `publish` leaves the sender out; `unsubscribe` and closing stop delivery and the
+/// counts follow.
+fn unsubscribe_and_close_stop_delivery(backend: Backend) {
+    let _turn = turn();
+    let server = start(backend, ServerConfig::default());
+    let addr = server.local_addr();
+    let mut a = TestClient::connect(addr, "/news").unwrap();
+    let mut b = TestClient::connect(addr, "/news").unwrap();
+    let mut c = TestClient::connect(addr, "/news").unwrap();
+    subscribers(&server, "news", 3);
+
+    // `pub` from a: b and c get it, a does not (its next message is its own reply).
+    a.send_text("pub:news:from a").unwrap();
+    assert_eq!(text(&mut b), "from a");
+    assert_eq!(text(&mut c), "from a");
+    a.send_text("is:news").unwrap();
+    assert_eq!(text(&mut a), "is true");
+
+    // b leaves the topic: it gets nothing more from it.
+    b.send_text("unsub:news").unwrap();
+    assert_eq!(text(&mut b), "unsubscribed true");
+    b.send_text("unsub:news").unwrap();
+    assert_eq!(text(&mut b), "unsubscribed false");
+    subscribers(&server, "news", 2);
+    b.send_text("sub:other").unwrap();
+    assert_eq!(text(&mut b), "subscribed true");
+    b.send_text("sub:other").unwrap();
+    assert_eq!(text(&mut b), "subscribed false");
+    server
+        .publish("news", b"after unsubscribe", MessageType::Text)
+        .unwrap();
+    server
+        .publish("other", b"marker", MessageType::Text)
+        .unwrap();
+    assert_eq!(text(&mut b), "marker", "b still got news");
+    assert_eq!(text(&mut a), "after unsubscribe");
+    assert_eq!(text(&mut c), "after unsubscribe");
+    b.send_text("topics").unwrap();
+    assert_eq!(text(&mut b), r#"topics {"other"}"#);
+
+    // c closes: it leaves every topic.
+    c.driver.close_connection(1000, "bye").unwrap();
+    c.flush().unwrap();
+    assert!(matches!(c.next_message().unwrap(), Owned::Close(1000, _)));
+    subscribers(&server, "news", 1);
+    server
+        .publish("news", b"after close", MessageType::Text)
+        .unwrap();
+    assert_eq!(text(&mut a), "after close");
+    // A topic without subscribers costs nothing and is no error.
+    server.publish("nobody", b"x", MessageType::Binary).unwrap();
+    assert_eq!(server.subscribers("nobody"), 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// Topic names: up to `MAX_TOPIC_LEN` bytes, one more is refused with a clear error (on
+/// the connection and on the handle); only text (UTF-8) and binary can be published.
+fn topic_limits_and_publishable_kinds(backend: Backend) {
+    let _turn = turn();
+    let server = start(backend, ServerConfig::default());
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let at_limit = "t".repeat(MAX_TOPIC_LEN);
+    client.send_text(&format!("sub:{at_limit}")).unwrap();
+    assert_eq!(text(&mut client), "subscribed true");
+    let over = "t".repeat(MAX_TOPIC_LEN + 1);
+    client.send_text(&format!("sub:{over}")).unwrap();
+    assert_eq!(
+        text(&mut client),
+        format!(
+            "error topic of {} bytes is longer than the maximum of {MAX_TOPIC_LEN}",
+            MAX_TOPIC_LEN + 1
+        )
+    );
+    server
+        .publish(&at_limit, b"at the limit", MessageType::Text)
+        .unwrap();
+    assert_eq!(text(&mut client), "at the limit");
+    assert!(matches!(
+        server.publish(&over, b"x", MessageType::Text),
+        Err(Error::Usage(UsageError::TopicTooLong { len, max })) if len == MAX_TOPIC_LEN + 1 && max == MAX_TOPIC_LEN
+    ));
+    assert!(matches!(
+        server.publish(&at_limit, &[0xff, 0xfe], MessageType::Text),
+        Err(Error::Usage(UsageError::InvalidUtf8))
+    ));
+    assert!(matches!(
+        server.publish(&at_limit, b"x", MessageType::Ping),
+        Err(Error::Usage(UsageError::NotPublishable))
+    ));
+    server
+        .publish(&at_limit, &[0xff, 0xfe], MessageType::Binary)
+        .unwrap();
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Binary(vec![0xff, 0xfe])
+    );
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// 10 000 topics with 2 subscribers each (100 pairs of connections, each pair on 100
+/// topics of its own): one publish per topic reaches exactly its two subscribers.
+fn ten_thousand_topics_with_two_subscribers_each(backend: Backend) {
+    let _turn = turn();
+    const PAIRS: usize = 100;
+    const PER_PAIR: usize = 100;
+    let server = start(backend, ServerConfig::default());
+    let addr = server.local_addr();
+    let mut clients: Vec<TestClient> = (0..2 * PAIRS)
+        .map(|_| TestClient::connect(addr, "/").unwrap())
+        .collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        for t in 0..PER_PAIR {
+            client
+                .driver
+                .send_text(&format!("sub:topic-{}", (i / 2) * PER_PAIR + t))
+                .unwrap();
+        }
+        client.flush().unwrap();
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            std::thread::spawn(move || {
+                for _ in 0..PER_PAIR {
+                    assert_eq!(text(&mut client), "subscribed true");
+                }
+                let mut got = BTreeSet::new();
+                for _ in 0..PER_PAIR {
+                    got.insert(text(&mut client));
+                }
+                let expected: BTreeSet<String> = (0..PER_PAIR)
+                    .map(|t| format!("topic-{}", (i / 2) * PER_PAIR + t))
+                    .collect();
+                assert_eq!(got, expected, "client {i}");
+                client
+            })
+        })
+        .collect();
+    for t in 0..PAIRS * PER_PAIR {
+        subscribers(&server, &format!("topic-{t}"), 2);
+    }
+    for t in 0..PAIRS * PER_PAIR {
+        let topic = format!("topic-{t}");
+        server
+            .publish(&topic, topic.as_bytes(), MessageType::Text)
+            .unwrap();
+    }
+    for reader in readers {
+        drop(reader.join().unwrap());
+    }
+    let stats = server.stats();
+    assert_eq!(stats.delivered, (2 * PAIRS * PER_PAIR) as u64);
+    // Every connection closed: every topic is gone.
+    subscribers(&server, "topic-0", 0);
+    subscribers(&server, &format!("topic-{}", PAIRS * PER_PAIR - 1), 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// One subscriber never reads while 64 MiB of 64 KiB messages are published to its topic:
+/// past the cap its deliveries are dropped and counted (default policy) or it is closed
+/// with 1008 (`Close { grace: 0 }`); three readers get every message in order, and the
+/// server's memory stays bounded (RSS growth under 48 MiB, sampled throughout).
+fn never_reading_subscriber_is_held_to_the_cap(backend: Backend, policy: BackpressurePolicy) {
+    let _turn = turn();
+    const MESSAGES: usize = 1024;
+    const SIZE: usize = 64 * 1024;
+    let server = start(
+        backend,
+        ServerConfig {
+            backpressure_policy: policy,
+            ..ServerConfig::default()
+        },
+    );
+    let addr = server.local_addr();
+    let mut slow = TestClient::connect(addr, "/flood").unwrap();
+    let readers: Vec<TestClient> = (0..3)
+        .map(|_| TestClient::connect(addr, "/flood").unwrap())
+        .collect();
+    subscribers(&server, "flood", 4);
+    let before = rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = rss_kib();
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak.max(rss_kib())
+        })
+    };
+    // How far each reader got: the publisher keeps within 8 messages (512 KiB, half the
+    // cap) of the slowest reader, so readers are never over the cap; the slow subscriber
+    // never reads at all.
+    let progress: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+    let readers: Vec<_> = readers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            let progress = progress.clone();
+            std::thread::spawn(move || {
+                for n in 0..MESSAGES {
+                    let Owned::Binary(payload) = client.next_message().unwrap() else {
+                        panic!("expected binary");
+                    };
+                    assert_eq!(payload.len(), SIZE);
+                    assert_eq!(payload[..8], (n as u64).to_le_bytes());
+                    progress[i].store(n + 1, Ordering::Release);
+                }
+                client
+            })
+        })
+        .collect();
+    let mut payload = vec![0x5a; SIZE];
+    for n in 0..MESSAGES {
+        payload[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        server
+            .publish("flood", &payload, MessageType::Binary)
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || progress
+                .iter()
+                .all(|p| p.load(Ordering::Acquire) + 8 > n)),
+            "a reader stopped"
+        );
+    }
+    match policy {
+        BackpressurePolicy::DropNew => assert!(
+            eventually(Duration::from_secs(20), || {
+                let stats = server.stats();
+                stats.delivered + stats.dropped == 4 * MESSAGES as u64
+            }),
+            "not every publication was delivered or dropped"
+        ),
+        _ => assert!(
+            eventually(Duration::from_secs(10), || server
+                .stats()
+                .closes
+                .contains_key(&1008)),
+            "the slow subscriber was not closed with 1008"
+        ),
+    }
+    // The readers got everything; they stay connected until the end.
+    let readers: Vec<TestClient> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let stats = server.stats();
+    match policy {
+        BackpressurePolicy::DropNew => {
+            assert!(stats.dropped > 0, "nothing was dropped for the slow reader");
+            assert_eq!(stats.delivered + stats.dropped, 4 * MESSAGES as u64);
+            // The slow reader is still connected and gets what it was given, in order.
+            let mut last = None;
+            let mut got = 0;
+            while got < stats.delivered as usize - 3 * MESSAGES {
+                let Owned::Binary(payload) = slow.next_message().unwrap() else {
+                    panic!("expected binary");
+                };
+                let n = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                assert!(last.is_none_or(|l| n > l), "out of order");
+                last = Some(n);
+                got += 1;
+            }
+            slow.send_text("count:flood").unwrap();
+            assert_eq!(text(&mut slow), "count 4");
+            assert!(stats.closes.is_empty(), "closed: {:?}", stats.closes);
+        }
+        _ => {
+            // Closed: it left the topic. Its close frame sits behind the output it never
+            // read, so it may or may not reach it before the connection is dropped.
+            subscribers(&server, "flood", 3);
+            assert_eq!(stats.closes.get(&1008), Some(&1));
+            loop {
+                match slow.next_event() {
+                    // A frame cut by the drop reads as an error, then 1006.
+                    Ok(Owned::Binary(_) | Owned::Error(_)) => continue,
+                    Ok(Owned::Close(code, _)) => {
+                        assert!(code == 1008 || code == 1006, "closed with {code}");
+                        break;
+                    }
+                    Ok(other) => panic!("unexpected {other:?}"),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    drop(readers);
+    stop.store(true, Ordering::Relaxed);
+    let peak = watcher.join().unwrap();
+    assert!(
+        peak.saturating_sub(before) < 48 * 1024,
+        "RSS grew by {} KiB",
+        peak - before
+    );
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            use super::*;
+            $(#[test] fn $name() { super::$name(Backend::Epoll) })*
+        }
+        #[cfg(target_os = "linux")]
+        mod io_uring {
+            use super::*;
+            $(#[test] fn $name() { super::$name(Backend::IoUring) })*
+        }
+    };
+}
+
+on_both_backends!(
+    burst_reaches_every_subscriber_once_and_in_order,
+    unsubscribe_and_close_stop_delivery,
+    topic_limits_and_publishable_kinds,
+    ten_thousand_topics_with_two_subscribers_each,
+    slow_subscriber_dropped,
+    slow_subscriber_closed,
+);
+
+fn slow_subscriber_dropped(backend: Backend) {
+    never_reading_subscriber_is_held_to_the_cap(backend, BackpressurePolicy::DropNew);
+}
+
+fn slow_subscriber_closed(backend: Backend) {
+    never_reading_subscriber_is_held_to_the_cap(
+        backend,
+        BackpressurePolicy::Close {
+            grace: Duration::ZERO,
+        },
+    );
+}

@@ -1,0 +1,174 @@
+//! 19 000 subscribers to one topic in one server process. The server is
+//! `examples/pubsub` run as a child process (the open-file limit is 20 000 per process,
+//! so server and clients cannot share one); the clients are a `ClientReactor` here. A
+//! publisher client sends ten numbered messages to the topic: every subscriber gets all
+//! ten, once and in order.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::{Owned, TestClient, eventually};
+use websocket_driver::client::ClientReactor;
+use websocket_driver::server::{Handler, ServerConfig, Ws};
+use websocket_driver::{Backend, Message};
+
+const SUBSCRIBERS: usize = 19_000;
+const MESSAGES: u64 = 10;
+
+/// Kills the child server however the test ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `examples/pubsub` (built by `cargo test` next to this test's binary) on a free
+/// port; returns it with its address.
+fn start_pubsub(backend: &str) -> (Server, SocketAddr) {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let example = profile_dir.join("examples").join("pubsub");
+    assert!(
+        example.exists(),
+        "{} is missing: `cargo build --examples` (cargo test builds it)",
+        example.display()
+    );
+    let mut child = Command::new(&example)
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--backend",
+            backend,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines.next().expect("the server's first line").unwrap();
+    // "pubsub: listening on ws://127.0.0.1:PORT (...)"
+    let addr = line
+        .split("ws://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    // Keep draining its stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, addr)
+}
+
+#[derive(Default)]
+struct Counts {
+    opened: AtomicUsize,
+    received: AtomicU64,
+    out_of_order: AtomicU64,
+}
+
+struct Subscriber {
+    counts: Arc<Counts>,
+    next: u64,
+}
+
+impl Handler for Subscriber {
+    fn on_open(&mut self, _ws: &mut Ws<'_>) {
+        self.counts.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+        let n: u64 = message
+            .as_text()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(u64::MAX);
+        if n != self.next {
+            self.counts.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        self.next = n + 1;
+        self.counts.received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Both tests need nearly all of this process's descriptors: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn nineteen_thousand_subscribers_to_one_topic(backend: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    websocket_driver::raise_open_file_limit().expect("raise the open-file limit");
+    let (_server, addr) = start_pubsub(backend);
+    let counts = Arc::new(Counts::default());
+    let clients: ClientReactor<Subscriber> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend: Backend::Epoll,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let url = format!("ws://{addr}/everyone");
+    for _ in 0..SUBSCRIBERS {
+        clients
+            .connect(
+                &url,
+                Subscriber {
+                    counts: counts.clone(),
+                    next: 0,
+                },
+            )
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(120), || counts
+            .opened
+            .load(Ordering::Relaxed)
+            == SUBSCRIBERS),
+        "only {} of {SUBSCRIBERS} subscribers opened",
+        counts.opened.load(Ordering::Relaxed)
+    );
+    // The publisher is a subscriber too: `examples/pubsub` publishes to everyone.
+    let mut publisher = TestClient::connect(addr, "/everyone").unwrap();
+    for n in 0..MESSAGES {
+        publisher.send_text(&n.to_string()).unwrap();
+    }
+    for n in 0..MESSAGES {
+        assert_eq!(
+            publisher.next_message().unwrap(),
+            Owned::Text(n.to_string())
+        );
+    }
+    let expected = SUBSCRIBERS as u64 * MESSAGES;
+    assert!(
+        eventually(Duration::from_secs(60), || counts
+            .received
+            .load(Ordering::Relaxed)
+            >= expected),
+        "{} of {expected} deliveries",
+        counts.received.load(Ordering::Relaxed)
+    );
+    // Nothing more arrives (no duplicates), and everything came in order.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counts.received.load(Ordering::Relaxed), expected);
+    assert_eq!(counts.out_of_order.load(Ordering::Relaxed), 0);
+    clients.shutdown(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn nineteen_thousand_subscribers_epoll() {
+    nineteen_thousand_subscribers_to_one_topic("epoll");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn nineteen_thousand_subscribers_io_uring() {
+    nineteen_thousand_subscribers_to_one_topic("io-uring");
+}
