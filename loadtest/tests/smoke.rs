@@ -1,17 +1,13 @@
 //! `wsload echo` for one second against an in-process echo server: a non-zero rate and
 //! zero errors, on each server backend; `wsload slow` likewise, with its flooder;
-//! `wsload broadcast` and `wsload fanout` against an in-process one-topic pub/sub server
-//! (every message to every client, the sender included).
+//! `wsload broadcast` and `wsload fanout` against an in-process pub/sub server (the
+//! library's topics, as `examples/pubsub.rs`: every message to every client of the topic,
+//! the sender included).
 
-use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use websocket_driver::server::{
-    Handler, Sender, Server, ServerConfig, Upgrade, UpgradeRequest, Ws,
-};
+use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, UpgradeRequest, Ws};
 use websocket_driver::{Backend, Message, MessageType};
 
 struct Echo;
@@ -21,40 +17,32 @@ impl Handler for Echo {
     }
 }
 
-/// One topic: what any member sends goes to every member, itself included, with its opcode.
+/// As `examples/pubsub.rs`: the request path is the topic, and what a member sends goes to
+/// every member of it, itself included, with its opcode.
 struct Member {
-    id: u64,
-    members: Arc<RwLock<HashMap<u64, Sender>>>,
+    topic: String,
 }
 
 impl Handler for Member {
     fn on_open(&mut self, ws: &mut Ws<'_>) {
-        self.members.write().unwrap().insert(self.id, ws.sender());
+        ws.subscribe(&self.topic).unwrap();
     }
 
-    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let kind = if message.is_text() {
             MessageType::Text
         } else {
             MessageType::Binary
         };
-        for sender in self.members.read().unwrap().values() {
-            let _ = sender.send(message.as_bytes().to_vec(), kind);
-        }
-    }
-
-    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
-        self.members.write().unwrap().remove(&self.id);
+        ws.publish_all(&self.topic, message.as_bytes(), kind)
+            .unwrap();
     }
 }
 
 fn pubsub_app() -> impl Fn(&UpgradeRequest<'_>) -> Upgrade<Member> + Send + Sync + 'static {
-    let members = Arc::default();
-    let next = AtomicU64::new(0);
-    move |_| {
+    |request| {
         Upgrade::Accept(Member {
-            id: next.fetch_add(1, Ordering::Relaxed),
-            members: Arc::clone(&members),
+            topic: request.path().to_string(),
         })
     }
 }
