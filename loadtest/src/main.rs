@@ -133,6 +133,8 @@ fn reactor<H: Handler>(args: &Args, idle_ping: Option<Duration>) -> ClientReacto
         backend: args.backend,
         options: Options::default(),
         idle_timeout: idle_ping,
+        // A server busy accepting thousands of connections answers late.
+        handshake_timeout: Duration::from_secs(30),
         // Load generation must not drop its own connections for being busy.
         max_backpressure: usize::MAX / 2,
         ..ServerConfig::default()
@@ -154,7 +156,25 @@ struct Shared {
     latencies: Mutex<Vec<u32>>,
 }
 
+/// Most connections `broadcast` and `fanout` leave handshaking at once: thousands of connects
+/// in one burst overflow a server's accept queue (tokio's listeners take 1024), and the
+/// dropped SYNs' retries can outlast the handshake timeout.
+const MAX_CONNECTING: usize = 512;
+
 impl Shared {
+    /// Waits (bounded) until fewer than `max` of the `issued` connections are still
+    /// connecting.
+    fn pace(&self, issued: usize, max: usize) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while issued.saturating_sub(
+            self.opened.load(Ordering::Relaxed) + self.closed.load(Ordering::Relaxed),
+        ) >= max
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits (with progress lines) until `conns` connections have opened or failed;
     /// returns whether they all did within `limit`.
     fn wait_open(&self, conns: usize, limit: Duration) -> bool {
@@ -746,6 +766,7 @@ fn broadcast(args: &Args) {
     });
     let clients: ClientReactor<BroadcastClient> = reactor(args, None);
     for id in 0..conns {
+        shared.pace(id, MAX_CONNECTING);
         let handler = BroadcastClient {
             id,
             shared: shared.clone(),
@@ -941,6 +962,7 @@ fn fanout(args: &Args) {
     });
     let clients: ClientReactor<FanoutClient> = reactor(args, None);
     for i in 0..=subs {
+        shared.pace(i, MAX_CONNECTING);
         let handler = FanoutClient {
             shared: shared.clone(),
             fanout: fanout.clone(),
