@@ -137,6 +137,56 @@ FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
 PS_TUNGSTENITE=$PEERS_TARGET/release/pubsub-tungstenite
 PS_FASTWS=$PEERS_TARGET/release/pubsub-fastwebsockets
 
+# ----- servers and scenarios (checked before anything is built or written) -----
+server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARGV
+    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-}
+    if [[ ${3:-echo} == broadcast || ${3:-echo} == fanout ]]; then
+        wsd=$PUBSUB base=${BASELINE_PUBSUB:-}
+    fi
+    case "$1" in
+        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1) ;;
+        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1) ;;
+        # An earlier build of the echo example (BASELINE_ECHO=path) or of the pub/sub one
+        # (BASELINE_PUBSUB=path), for before/after runs.
+        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1) ;;
+        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1) ;;
+        tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
+        fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
+        pubsub-tungstenite) SERVER_ARGV=("$PS_TUNGSTENITE" --addr "$addr" --threads 1) ;;
+        pubsub-fastwebsockets) SERVER_ARGV=("$PS_FASTWS" --addr "$addr" --threads 1) ;;
+        *) return 1 ;;
+    esac
+}
+
+scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
+    SC_KIND=$(kind_of "$1") SC_RATE=""
+    case "$1" in
+        20b) SC_NAME="100×20 B" SC_CONNS=100 SC_SIZE=20 ;;
+        1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
+        16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
+        1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
+        slow) SC_NAME="slow reader" SC_CONNS=$SLOW_CONNS SC_SIZE=$SLOW_SIZE ;;
+        bcast100) SC_NAME="broadcast 100" SC_CONNS=100 SC_SIZE=20 ;;
+        bcast500) SC_NAME="broadcast 500" SC_CONNS=500 SC_SIZE=20 ;;
+        fanout10k) SC_NAME="fanout 1→$FANOUT_SUBS @ $FANOUT_RATE/s" SC_CONNS=$FANOUT_SUBS SC_SIZE=16 SC_RATE=$FANOUT_RATE ;;
+        *) die "unknown scenario $1" ;;
+    esac
+}
+
+for s in "${server_list[@]}"; do
+    fits "$s" echo || fits "$s" fanout || die "unknown server $s"
+done
+for k in "${scenario_list[@]}"; do
+    scenario "$k"
+    n=0
+    for s in "${server_list[@]}"; do
+        fits "$s" "$SC_KIND" || continue
+        server_cmd "$s" 0 "$SC_KIND"
+        n=$((n + 1))
+    done
+    ((n)) || die "no server in --servers $SERVERS runs scenario $k"
+done
+
 examples=()
 ((NEED_ECHO)) && examples+=(--example echo)
 ((NEED_PUBSUB)) && examples+=(--example "$PUBSUB_EXAMPLE")
@@ -200,25 +250,6 @@ EOF
 
 # ----- servers -----
 PORT=$PORT_BASE
-server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARGV
-    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-}
-    if [[ ${3:-echo} == broadcast || ${3:-echo} == fanout ]]; then
-        wsd=$PUBSUB base=${BASELINE_PUBSUB:-}
-    fi
-    case "$1" in
-        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1) ;;
-        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1) ;;
-        # An earlier build of the echo example (BASELINE_ECHO=path) or of the pub/sub one
-        # (BASELINE_PUBSUB=path), for before/after runs.
-        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1) ;;
-        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1) ;;
-        tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
-        fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
-        pubsub-tungstenite) SERVER_ARGV=("$PS_TUNGSTENITE" --addr "$addr" --threads 1) ;;
-        pubsub-fastwebsockets) SERVER_ARGV=("$PS_FASTWS" --addr "$addr" --threads 1) ;;
-        *) return 1 ;;
-    esac
-}
 
 listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), without connecting
     local hex
@@ -287,35 +318,6 @@ sample_progress() { # pid samples-file log-file
         printf '%s\n' "$line" >>"$3"
     done
 }
-
-scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
-    SC_KIND=$(kind_of "$1") SC_RATE=""
-    case "$1" in
-        20b) SC_NAME="100×20 B" SC_CONNS=100 SC_SIZE=20 ;;
-        1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
-        16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
-        1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
-        slow) SC_NAME="slow reader" SC_CONNS=$SLOW_CONNS SC_SIZE=$SLOW_SIZE ;;
-        bcast100) SC_NAME="broadcast 100" SC_CONNS=100 SC_SIZE=20 ;;
-        bcast500) SC_NAME="broadcast 500" SC_CONNS=500 SC_SIZE=20 ;;
-        fanout10k) SC_NAME="fanout 1→$FANOUT_SUBS @ $FANOUT_RATE/s" SC_CONNS=$FANOUT_SUBS SC_SIZE=16 SC_RATE=$FANOUT_RATE ;;
-        *) die "unknown scenario $1" ;;
-    esac
-}
-
-for s in "${server_list[@]}"; do
-    fits "$s" echo || fits "$s" fanout || die "unknown server $s"
-done
-for k in "${scenario_list[@]}"; do
-    scenario "$k"
-    n=0
-    for s in "${server_list[@]}"; do
-        fits "$s" "$SC_KIND" || continue
-        server_cmd "$s" 0 "$SC_KIND"
-        n=$((n + 1))
-    done
-    ((n)) || die "no server in --servers $SERVERS runs scenario $k"
-done
 
 run_load() { # server scenario-key round: echo, broadcast or fanout
     local server=$1 key=$2 round=$3 tag out samples wlog before after c0 c1 t0 t1 rc limit exited=() load
