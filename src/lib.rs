@@ -34,6 +34,7 @@ pub mod client;
 mod hosted;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+mod instant;
 pub mod protocol;
 pub mod reactor;
 pub use hosted::server;

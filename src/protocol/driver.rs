@@ -138,15 +138,16 @@ struct ClientHandshake {
     parser: ResponseParser,
 }
 
+/// The opening handshake while it lasts (the driver holds `None` once it succeeded, so an
+/// open connection keeps nothing of it).
 #[derive(Debug)]
 enum Handshake {
     /// Server: the 101 response, until `start_connection`.
     Server(Vec<u8>),
     /// Client: the request (until `start_connection`) and the response check.
-    Client(Box<ClientHandshake>),
+    Client(ClientHandshake),
     /// Client: the server's response was refused.
-    Failed(Box<HandshakeError>),
-    Done,
+    Failed(HandshakeError),
 }
 
 /// One WebSocket connection, without IO.
@@ -185,12 +186,17 @@ pub struct Driver {
     role: Role,
     state: ReadyState,
     max_length: usize,
-    protocol: Option<Box<str>>,
-    handshake: Handshake,
+    /// Boxed whole (one pointer): most connections negotiate none.
+    #[allow(clippy::box_collection)] // one pointer inline instead of two words
+    protocol: Option<Box<String>>,
+    /// Boxed, and `None` once done: open connections hold nothing of it.
+    handshake: Option<Box<Handshake>>,
     stage: Stage,
     /// Boxed: most connections have no message in progress most of the time.
     message: Option<Box<PartialMessage>>,
-    control: Vec<u8>,
+    /// A control frame's payload split across reads (rare: boxed, dropped after use).
+    #[allow(clippy::box_collection)] // one pointer inline instead of three words
+    control: Option<Box<Vec<u8>>>,
     out: Vec<u8>,
     out_pos: usize,
     /// Handshake bytes at `out[out_pos..]` not yet written; only these go out while connecting.
@@ -199,7 +205,9 @@ pub struct Driver {
     frames_written: u64,
     /// Pub/sub frames queued by reference between the own frames in `out`.
     shared: Option<Box<shared::SharedQueue>>,
-    events: VecDeque<Event<'static>>,
+    /// Events queued around open, errors and close; `None` (no allocation) otherwise.
+    #[allow(clippy::box_collection)] // one pointer inline instead of four words
+    events: Option<Box<VecDeque<Event<'static>>>>,
     close_reported: bool,
 }
 
@@ -210,17 +218,17 @@ impl Driver {
             state: ReadyState::Connecting,
             max_length,
             protocol: None,
-            handshake,
+            handshake: Some(Box::new(handshake)),
             stage: HEADER_START,
             message: None,
-            control: Vec::new(),
+            control: None,
             out: Vec::new(),
             out_pos: 0,
             handshake_left: 0,
             frames_appended: 0,
             frames_written: 0,
             shared: None,
-            events: VecDeque::new(),
+            events: None,
             close_reported: false,
         }
     }
@@ -240,7 +248,7 @@ impl Driver {
             options.max_length,
             Handshake::Server(response),
         );
-        driver.protocol = protocol.map(String::into_boxed_str);
+        driver.protocol = protocol.map(Box::new);
         Ok(driver)
     }
 
@@ -266,7 +274,7 @@ impl Driver {
         Ok(Driver::new(
             Role::Client,
             options.max_length,
-            Handshake::Client(Box::new(hs)),
+            Handshake::Client(hs),
         ))
     }
 
@@ -282,7 +290,7 @@ impl Driver {
 
     /// The agreed subprotocol, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref()
+        self.protocol.as_deref().map(String::as_str)
     }
 
     /// The connection state.
@@ -292,21 +300,21 @@ impl Driver {
 
     /// Whether the opening handshake completed (the connection was open at some point).
     pub fn is_handshake_complete(&self) -> bool {
-        matches!(self.handshake, Handshake::Done) && self.state != ReadyState::Connecting
+        self.handshake.is_none() && self.state != ReadyState::Connecting
     }
 
     /// Why a client's opening handshake failed, if it did.
     pub fn handshake_error(&self) -> Option<&HandshakeError> {
-        match &self.handshake {
-            Handshake::Failed(e) => Some(e),
+        match self.handshake.as_deref() {
+            Some(Handshake::Failed(e)) => Some(e),
             _ => None,
         }
     }
 
     /// The parsed URL of a client driver.
     pub fn url(&self) -> Option<&ClientUrl> {
-        match &self.handshake {
-            Handshake::Client(hs) => Some(&hs.url),
+        match self.handshake.as_deref() {
+            Some(Handshake::Client(hs)) => Some(&hs.url),
             _ => None,
         }
     }
@@ -318,16 +326,16 @@ impl Driver {
         if self.state != ReadyState::Connecting {
             return false;
         }
-        match &mut self.handshake {
-            Handshake::Server(response) => {
+        match self.handshake.as_deref_mut() {
+            Some(Handshake::Server(response)) => {
                 let response = std::mem::take(response);
                 self.prepend_handshake(response);
-                self.handshake = Handshake::Done;
+                self.handshake = None;
                 self.state = ReadyState::Open;
-                self.events.push_back(Event::Open);
+                self.queue_event(Event::Open);
                 true
             }
-            Handshake::Client(hs) if !hs.request.is_empty() => {
+            Some(Handshake::Client(hs)) if !hs.request.is_empty() => {
                 let request = std::mem::take(&mut hs.request);
                 self.prepend_handshake(request);
                 true
@@ -346,14 +354,31 @@ impl Driver {
         self.state = ReadyState::Closed;
         self.stage = Stage::Stopped;
         self.message = None;
-        self.control = Vec::new();
+        self.control = None;
+    }
+
+    fn queue_event(&mut self, event: Event<'static>) {
+        self.events
+            .get_or_insert_with(Box::default)
+            .push_back(event);
+    }
+
+    /// The next queued event; the queue is freed once empty, so an idle connection holds
+    /// no allocation for it.
+    fn next_queued(&mut self) -> Option<Event<'static>> {
+        let queue = self.events.as_deref_mut()?;
+        let event = queue.pop_front();
+        if queue.is_empty() {
+            self.events = None;
+        }
+        event
     }
 
     /// Queues the `Close` event, the first time only.
     fn queue_close(&mut self, code: u16, reason: String) {
         if !self.close_reported {
             self.close_reported = true;
-            self.events.push_back(Event::Close { code, reason });
+            self.queue_event(Event::Close { code, reason });
         }
     }
 }

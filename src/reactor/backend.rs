@@ -56,10 +56,10 @@ pub(crate) trait Backend: Sized + 'static {
     /// Sends our FIN (everything queued is written).
     fn finish_writes(&mut self, socket: &mut Self::Socket);
     /// Stops all IO on the socket; it is closed when the slab entry is freed.
-    fn detach(&mut self, socket: &mut Self::Socket);
+    fn detach(&mut self, key: usize, socket: &mut Self::Socket);
     /// Stops reading from the socket (its output is over the limit): data stays in the
     /// kernel and TCP flow control slows the peer.
-    fn pause_reading(&mut self, socket: &mut Self::Socket);
+    fn pause_reading(&mut self, key: usize, socket: &mut Self::Socket);
     /// Reads from `key`'s socket again after [`Backend::pause_reading`] (at the end of the
     /// turn in which the session asked for it).
     fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize);

@@ -55,6 +55,12 @@ enum Phase {
     Closing,
 }
 
+/// The size of one connection's entry in the loop's slab (for size checks).
+#[cfg(test)]
+pub(crate) const fn slab_entry_size<T, K>() -> usize {
+    std::mem::size_of::<Conn<T, K>>()
+}
+
 struct Conn<T, K> {
     socket: K,
     /// `None` once the session was handed to [`Service::closed`].
@@ -415,7 +421,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         match effects.reading {
             Some(false) if conn.reading => {
                 conn.reading = false;
-                backend.pause_reading(&mut conn.socket);
+                backend.pause_reading(key, &mut conn.socket);
             }
             Some(true) if !conn.reading => {
                 conn.reading = true;
@@ -612,7 +618,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         // with the socket's EOF).
         self.config.connections.fetch_sub(1, Ordering::AcqRel);
         self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
-        backend.detach(&mut conn.socket);
+        backend.detach(key, &mut conn.socket);
         let (generation, session) = (conn.generation, conn.session.take());
         if let Some(session) = session {
             let mut io = Io::new(Instant::now(), key, generation, &self.remote);

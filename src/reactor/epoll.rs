@@ -146,11 +146,11 @@ impl Backend for Epoll {
         let _ = stream.shutdown(Shutdown::Write);
     }
 
-    fn detach(&mut self, stream: &mut TcpStream) {
+    fn detach(&mut self, _key: usize, stream: &mut TcpStream) {
         let _ = self.poll.registry().deregister(stream);
     }
 
-    fn pause_reading(&mut self, _: &mut TcpStream) {
+    fn pause_reading(&mut self, _key: usize, _: &mut TcpStream) {
         // Nothing to do: readiness is only acted on for connections that read.
     }
 

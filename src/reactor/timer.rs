@@ -8,6 +8,7 @@
 //! entries whose `seq` no longer matches the connection's are dropped when they come up).
 //! So the wheel holds at most two entries per connection, however often deadlines move.
 
+use crate::instant::CompactInstant;
 use std::time::{Duration, Instant};
 
 /// Wheel resolution.
@@ -24,7 +25,7 @@ pub struct Entry {
 /// A connection's one deadline, and the sequence number and tick of its live wheel entry.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Deadline {
-    at: Option<Instant>,
+    at: Option<CompactInstant>,
     seq: u32,
     /// The live entry's tick + 1 (wrapping; 0: no live entry). Entries sit within the
     /// wheel's horizon of its cursor, so wrapping comparisons are exact.
@@ -85,7 +86,7 @@ impl Wheel {
 
     /// Replaces connection `key`'s deadline (`None` disarms it).
     pub fn reset(&mut self, key: usize, deadline: &mut Deadline, at: Option<Instant>) {
-        deadline.at = at;
+        deadline.at = at.map(CompactInstant::new);
         let Some(at) = at else {
             // The live entry, if any, finds nothing to fire and retires.
             return;
@@ -111,7 +112,7 @@ impl Wheel {
             return false;
         }
         deadline.armed = 0;
-        match deadline.at {
+        match deadline.at.map(CompactInstant::get) {
             None => false,
             Some(at) if at > now => {
                 deadline.armed = stamp(self.arm(at, entry));

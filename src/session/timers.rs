@@ -55,6 +55,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::instant::CompactInstant;
 use crate::protocol::driver::{Driver, ReadyState};
 use crate::protocol::error::code;
 
@@ -107,17 +108,17 @@ pub enum Expired {
 #[derive(Debug, Clone, Default)]
 pub struct Timers {
     /// When the opening handshake, or the close handshake if `closing`, must be over.
-    handshake_by: Option<Instant>,
+    handshake_by: Option<CompactInstant>,
     /// `handshake_by` is the close deadline (never extended once set).
     closing: bool,
     /// The peer has been silent since one idle period before this.
-    idle_at: Option<Instant>,
+    idle_at: Option<CompactInstant>,
     /// A keepalive ping went out and nothing arrived since.
     ping_outstanding: bool,
     /// The outgoing buffer is over the limit.
     over_limit: bool,
     /// When the outgoing buffer must be back under the limit.
-    grace_by: Option<Instant>,
+    grace_by: Option<CompactInstant>,
 }
 
 impl Timers {
@@ -128,7 +129,7 @@ impl Timers {
 
     /// The opening handshake began at `now`: it must be over by `now + config.handshake`.
     pub fn handshake_started(&mut self, now: Instant, config: &TimerConfig) {
-        self.handshake_by = Some(now + config.handshake);
+        self.handshake_by = Some(CompactInstant::new(now + config.handshake));
         self.closing = false;
     }
 
@@ -138,7 +139,7 @@ impl Timers {
         if !self.closing {
             self.handshake_by = None;
         }
-        self.idle_at = config.idle.map(|t| now + t);
+        self.idle_at = config.idle.map(|t| CompactInstant::new(now + t));
         self.ping_outstanding = false;
     }
 
@@ -146,7 +147,7 @@ impl Timers {
     /// keepalive ping counts as answered (any input proves the peer alive).
     pub fn received(&mut self, now: Instant, config: &TimerConfig) {
         if let Some(t) = config.idle {
-            self.idle_at = Some(now + t);
+            self.idle_at = Some(CompactInstant::new(now + t));
             self.ping_outstanding = false;
         }
     }
@@ -155,7 +156,7 @@ impl Timers {
     /// until `now + config.close`. Later calls keep the first deadline.
     pub fn close_started(&mut self, now: Instant, config: &TimerConfig) {
         if !self.closing {
-            self.handshake_by = Some(now + config.close);
+            self.handshake_by = Some(CompactInstant::new(now + config.close));
             self.closing = true;
         }
     }
@@ -172,7 +173,9 @@ impl Timers {
     pub fn buffered(&mut self, now: Instant, over_limit: bool, config: &TimerConfig) {
         if over_limit {
             if !self.over_limit {
-                self.grace_by = config.backpressure_grace.map(|g| now + g);
+                self.grace_by = config
+                    .backpressure_grace
+                    .map(|g| CompactInstant::new(now + g));
             }
         } else {
             self.grace_by = None;
@@ -197,6 +200,7 @@ impl Timers {
             .into_iter()
             .flatten()
             .min()
+            .map(CompactInstant::get)
     }
 
     /// Whether a deadline has passed at `now` (for the time before a driver exists: a
@@ -215,7 +219,7 @@ impl Timers {
         config: &TimerConfig,
         driver: &mut Driver,
     ) -> Expired {
-        if self.handshake_by.is_some_and(|t| now >= t) {
+        if self.handshake_by.is_some_and(|t| now >= t.get()) {
             let why = if driver.ready_state() == ReadyState::Connecting {
                 "opening handshake timed out"
             } else {
@@ -225,13 +229,13 @@ impl Timers {
             *self = Timers::default();
             return Expired::Drop(code::ABNORMAL);
         }
-        if self.grace_by.is_some_and(|t| now >= t) {
+        if self.grace_by.is_some_and(|t| now >= t.get()) {
             driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
             *self = Timers::default();
             return Expired::Drop(code::POLICY_VIOLATION);
         }
         if let (Some(t), Some(at)) = (config.idle, self.idle_at)
-            && now >= at
+            && now >= at.get()
         {
             if self.ping_outstanding {
                 // Two idle periods without a word: say why, then give the close frame
@@ -243,7 +247,7 @@ impl Timers {
             }
             let _ = driver.send_ping(b"");
             self.ping_outstanding = true;
-            self.idle_at = Some(now + t);
+            self.idle_at = Some(CompactInstant::new(now + t));
             return Expired::Ping;
         }
         Expired::Nothing

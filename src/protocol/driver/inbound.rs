@@ -3,7 +3,6 @@
 //! error.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 
 use super::outbound::cut_at_char_boundary;
 use super::{Driver, Event, Handshake, Message, ReadyState, Role};
@@ -46,15 +45,12 @@ impl Driver {
     /// Payloads are unmasked in place, so an unfragmented message that arrived in one read
     /// is handed out borrowed from `input` without a copy.
     pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
-        if let Some(event) = self.events.pop_front() {
-            if self.events.is_empty() {
-                // Events queue up only around open, errors and close: free the queue so an
-                // idle connection holds no allocation for it.
-                self.events = VecDeque::new();
-            }
+        if let Some(event) = self.next_queued() {
             return (0, Some(event));
         }
-        if matches!(self.handshake, Handshake::Client(_)) && self.state == ReadyState::Connecting {
+        if matches!(self.handshake.as_deref(), Some(Handshake::Client(_)))
+            && self.state == ReadyState::Connecting
+        {
             return self.read_response(input);
         }
         self.read_frames(input)
@@ -73,21 +69,19 @@ impl Driver {
                 Stage::Payload { .. } | Stage::Header { len: 1.., .. }
             );
         if self.state == ReadyState::Connecting && self.role == Role::Client {
-            self.events
-                .push_back(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
+            self.queue_event(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
         } else if cut_off {
-            self.events
-                .push_back(Event::Error(Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed in the middle of a frame",
-                ))));
+            self.queue_event(Event::Error(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a frame",
+            ))));
         }
         self.stop();
         self.queue_close(code::ABNORMAL, String::new());
     }
 
     fn read_response<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
-        let Handshake::Client(hs) = &mut self.handshake else {
+        let Some(Handshake::Client(hs)) = self.handshake.as_deref_mut() else {
             unreachable!("checked by the caller")
         };
         let outcome = match hs.parser.parse(input) {
@@ -115,13 +109,13 @@ impl Driver {
         };
         match outcome {
             Ok((protocol, used)) => {
-                self.protocol = protocol.map(String::into_boxed_str);
-                self.handshake = Handshake::Done;
+                self.protocol = protocol.map(Box::new);
+                self.handshake = None;
                 self.state = ReadyState::Open;
                 (used, Some(Event::Open))
             }
             Err(e) => {
-                self.handshake = Handshake::Failed(Box::new(e.clone()));
+                self.handshake = Some(Box::new(Handshake::Failed(e.clone())));
                 // Frames queued for a connection that never opened are dropped.
                 self.out.truncate(self.out_pos + self.handshake_left);
                 self.stop();
@@ -194,7 +188,7 @@ impl Driver {
                                 return self.fail(total, e);
                             }
                             if header.opcode.is_control() {
-                                self.control.clear();
+                                self.control = None;
                             }
                             self.stage = Stage::Payload { header, done: 0 };
                         }
@@ -248,7 +242,9 @@ impl Driver {
                     pos += take;
                     let done = done + take as u64;
                     if opcode.is_control() {
-                        self.control.extend_from_slice(chunk);
+                        self.control
+                            .get_or_insert_with(Box::default)
+                            .extend_from_slice(chunk);
                     } else {
                         let message = self.message.get_or_insert_with(|| {
                             Box::new(PartialMessage {
@@ -276,7 +272,7 @@ impl Driver {
                     }
                     self.stage = HEADER_START;
                     if opcode.is_control() {
-                        let payload = std::mem::take(&mut self.control);
+                        let payload = self.control.take().map_or_else(Vec::new, |p| *p);
                         return match self.control_frame(opcode, Cow::Owned(payload)) {
                             Ok(event) => (pos, event),
                             Err(e) => self.fail(total, e),
@@ -341,7 +337,7 @@ impl Driver {
                 self.stop();
                 self.queue_close(close_code, reason);
                 // Nothing else is queued while frames are parsed, so this is the Close.
-                Ok(self.events.pop_front())
+                Ok(self.next_queued())
             }
         }
     }

@@ -220,6 +220,6 @@ impl Driver {
     pub fn is_finished(&self) -> bool {
         self.state == ReadyState::Closed
             && self.pending_output().is_empty()
-            && self.events.is_empty()
+            && self.events.is_none()
     }
 }

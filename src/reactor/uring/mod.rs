@@ -39,8 +39,31 @@ const SPARE_SMALL_CAPACITY: usize = 4 * 1024;
 /// A connection's socket and the operations in flight on it.
 pub(crate) struct Socket {
     stream: TcpStream,
-    recv_op: Option<usize>,
-    send_op: Option<usize>,
+    /// Whether its multishot receive is armed (until its last completion).
+    receiving: bool,
+    /// The send op in flight, in 4 bytes (the table never holds 4 billion ops): an idle
+    /// connection's socket state is 12 bytes.
+    send_op: OpSlot,
+}
+
+/// An optional op id in 4 bytes (`u32::MAX`: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OpSlot(u32);
+
+impl OpSlot {
+    const NONE: OpSlot = OpSlot(u32::MAX);
+
+    fn some(id: usize) -> OpSlot {
+        OpSlot(u32::try_from(id).expect("fewer than 4 billion ops in flight"))
+    }
+
+    fn is_none(self) -> bool {
+        self == OpSlot::NONE
+    }
+
+    fn is_some(self) -> bool {
+        self != OpSlot::NONE
+    }
 }
 
 pub(crate) struct Uring {
@@ -117,20 +140,21 @@ impl Backend for Uring {
         result?;
         for key in std::mem::take(&mut self.rearm_recv) {
             if let Some(socket) = core.reading_socket(key)
-                && socket.recv_op.is_none()
+                && !socket.receiving
             {
-                socket.recv_op = Some(self.ring.recv(socket.stream.as_raw_fd(), key)?);
+                self.ring.recv(socket.stream.as_raw_fd(), key)?;
+                socket.receiving = true;
             }
         }
         Ok(())
     }
 
     fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Socket> {
-        let recv = self.ring.recv(stream.as_raw_fd(), key)?;
+        self.ring.recv(stream.as_raw_fd(), key)?;
         Ok(Socket {
             stream,
-            recv_op: Some(recv),
-            send_op: None,
+            receiving: true,
+            send_op: OpSlot::NONE,
         })
     }
 
@@ -153,7 +177,7 @@ impl Backend for Uring {
             self.spare.push(batch);
             return Ok(Written::All);
         }
-        socket.send_op = Some(self.ring.send(socket.stream.as_raw_fd(), key, batch)?);
+        socket.send_op = OpSlot::some(self.ring.send(socket.stream.as_raw_fd(), key, batch)?);
         Ok(Written::Submitted)
     }
 
@@ -161,20 +185,20 @@ impl Backend for Uring {
         let _ = socket.stream.shutdown(Shutdown::Write);
     }
 
-    fn detach(&mut self, socket: &mut Socket) {
+    fn detach(&mut self, key: usize, socket: &mut Socket) {
         // Makes an in-flight send fail fast and the receive end; the cancel makes sure.
         let _ = socket.stream.shutdown(Shutdown::Both);
-        if let Some(recv) = socket.recv_op {
+        if socket.receiving {
             // If the cancel cannot be queued, the shutdown above still ends the receive.
-            let _ = self.ring.cancel(recv);
+            let _ = self.ring.cancel_recv(key);
         }
     }
 
-    fn pause_reading(&mut self, socket: &mut Socket) {
+    fn pause_reading(&mut self, key: usize, socket: &mut Socket) {
         // Receives already completed still arrive (the session holds them back); the
         // cancel's completion ends the multishot receive.
-        if let Some(recv) = socket.recv_op {
-            let _ = self.ring.cancel(recv);
+        if socket.receiving {
+            let _ = self.ring.cancel_recv(key);
         }
     }
 
@@ -186,7 +210,7 @@ impl Backend for Uring {
     }
 
     fn is_idle(socket: &Socket) -> bool {
-        socket.recv_op.is_none() && socket.send_op.is_none()
+        !socket.receiving && socket.send_op.is_none()
     }
 
     fn resume_accepting<S: Service>(&mut self, _core: &mut Core<S, Self>) -> io::Result<()> {
@@ -220,11 +244,32 @@ impl Uring {
     ) -> io::Result<()> {
         let Completion {
             op,
+            recv,
             result,
             more,
             buffer,
             accepted,
         } = completion;
+        if let Some(key) = recv {
+            if !more {
+                if let Some(socket) = core.any_socket(key) {
+                    socket.receiving = false;
+                }
+                // Re-armed after this batch if the connection still reads (a multishot
+                // receive ends on ENOBUFS, a cancel, or a full CQ).
+                self.rearm_recv.push(key);
+            }
+            if result > 0 {
+                let bid = buffer.expect("multishot recv always selects a buffer");
+                core.on_data(self, key, bufs.buffer(bid, result as usize));
+                bufs.recycle(bid);
+            } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                // 0 = EOF; negative = error.
+                core.on_eof(self, key);
+            }
+            core.on_released(key);
+            return Ok(());
+        }
         match self.ring.op(op) {
             None => {}
             Some(Op::Cancel) => {
@@ -254,29 +299,10 @@ impl Uring {
                     core.on_accept_error();
                 }
             }
-            Some(&Op::Recv { key }) => {
-                if !more {
-                    self.ring.finish(op);
-                    if let Some(socket) = core.any_socket(key) {
-                        socket.recv_op = None;
-                    }
-                }
-                if !more {
-                    // Re-armed after this batch if the connection still reads (a
-                    // multishot receive ends on ENOBUFS, a cancel, or a full CQ).
-                    self.rearm_recv.push(key);
-                }
-                if result > 0 {
-                    let bid = buffer.expect("multishot recv always selects a buffer");
-                    core.on_data(self, key, bufs.buffer(bid, result as usize));
-                    bufs.recycle(bid);
-                } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
-                    // 0 = EOF; negative = error.
-                    core.on_eof(self, key);
-                }
-                core.on_released(key);
+            Some(Op::Send(batch)) => {
+                let key = batch.key;
+                self.sent(core, op, key, result)?
             }
-            Some(&Op::Send { key, .. }) => self.sent(core, op, key, result)?,
         }
         Ok(())
     }
@@ -288,12 +314,12 @@ impl Uring {
         key: usize,
         result: i32,
     ) -> io::Result<()> {
-        let Some(Op::Send { batch, offset, .. }) = self.ring.op_mut(op) else {
+        let Some(Op::Send(batch)) = self.ring.op_mut(op) else {
             unreachable!("a send op")
         };
         let sent = result.max(0) as usize;
-        *offset += sent;
-        let whole = *offset == batch.out.len();
+        batch.sent += sent;
+        let whole = batch.sent == batch.out.len();
         if sent > 0 {
             core.on_sent(self, key, sent);
         }
@@ -305,7 +331,7 @@ impl Uring {
             // Short send: the rest goes from the same buffer, same op.
             return self.ring.resend(op, fd);
         }
-        let Op::Send { mut batch, .. } = self.ring.finish(op) else {
+        let Op::Send(mut batch) = self.ring.finish(op) else {
             unreachable!("a send op")
         };
         // Drops the batch's references to shared frames now, not when it is reused.
@@ -320,7 +346,7 @@ impl Uring {
             self.spare.push(batch);
         }
         if let Some(socket) = core.any_socket(key) {
-            socket.send_op = None;
+            socket.send_op = OpSlot::NONE;
         }
         if live.is_some() && result <= 0 && result != -libc::ECANCELED {
             core.on_write_error(self, key);

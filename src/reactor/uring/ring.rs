@@ -84,14 +84,9 @@ pub(crate) enum Op {
     Accept,
     /// A read of the wake pipe into its own buffer.
     Wake(Box<[u8; 64]>),
-    /// Multishot receive for connection `key`, into the buffer ring.
-    Recv { key: usize },
-    /// A send of what `batch` holds after its first `offset` bytes, for connection `key`.
-    Send {
-        key: usize,
-        batch: Box<SendBatch>,
-        offset: usize,
-    },
+    /// A send of what the batch holds after its first `sent` bytes, for its connection
+    /// (boxed: the op table's entries stay small, one receive per connection lives there).
+    Send(Box<SendBatch>),
     /// Cancels another op.
     Cancel,
 }
@@ -100,6 +95,10 @@ pub(crate) enum Op {
 /// the header's address stays put while the kernel reads it, and pooled by the backend.
 pub(crate) struct SendBatch {
     pub out: Outgoing,
+    /// The connection it is for.
+    pub key: usize,
+    /// Bytes of `out` the kernel has taken.
+    pub sent: usize,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
@@ -108,6 +107,8 @@ impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
             out: Outgoing::default(),
+            key: 0,
+            sent: 0,
             iov: Vec::new(),
             // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
             // pointers, zero lengths).
@@ -121,15 +122,24 @@ impl SendBatch {
     pub fn clear(&mut self) {
         self.iov.clear();
         self.out.clear();
+        self.sent = 0;
     }
 }
 
 /// Most iovecs in one `sendmsg` (`IOV_MAX`); a longer batch is sent in parts.
 const MAX_IOVECS: usize = 1024;
 
+/// `user_data` of a connection's multishot receive: this bit and the connection's key. A
+/// receive owns no buffer of its own (it picks from the registered ring), so it needs no
+/// entry in the op table: an idle connection costs the table nothing.
+const RECV: u64 = 1 << 63;
+
 /// One reaped completion.
 pub(crate) struct Completion {
+    /// The op table entry (`usize::MAX` for a receive: see `recv`).
     pub op: usize,
+    /// The connection whose multishot receive completed.
+    pub recv: Option<usize>,
     pub result: i32,
     /// Whether the (multishot) op stays armed.
     pub more: bool,
@@ -143,6 +153,8 @@ pub(crate) struct Completion {
 pub(crate) struct Ring {
     ring: IoUring,
     ops: Slab<Op>,
+    /// Multishot receives armed and not yet finished (they are not in `ops`).
+    receives: usize,
 }
 
 impl Ring {
@@ -151,6 +163,7 @@ impl Ring {
         Ok(Ring {
             ring,
             ops: Slab::with_capacity(1024),
+            receives: 0,
         })
     }
 
@@ -199,22 +212,30 @@ impl Ring {
     }
 
     /// Arms a multishot receive for connection `key` into the buffer ring.
-    pub fn recv(&mut self, socket: RawFd, key: usize) -> io::Result<usize> {
-        self.start(Op::Recv { key }, |_| {
-            opcode::RecvMulti::new(Fd(socket), BUF_GROUP).build()
-        })
+    pub fn recv(&mut self, socket: RawFd, key: usize) -> io::Result<()> {
+        let entry = opcode::RecvMulti::new(Fd(socket), BUF_GROUP)
+            .build()
+            .user_data(RECV | key as u64);
+        self.push(entry)?;
+        self.receives += 1;
+        Ok(())
+    }
+
+    /// Cancels connection `key`'s receive (its last completion still comes).
+    pub fn cancel_recv(&mut self, key: usize) -> io::Result<()> {
+        self.cancel_user_data(RECV | key as u64)
     }
 
     /// Sends `batch` (owned by the op until its completion) for connection `key`.
-    pub fn send(&mut self, socket: RawFd, key: usize, batch: Box<SendBatch>) -> io::Result<usize> {
-        self.start(
-            Op::Send {
-                key,
-                batch,
-                offset: 0,
-            },
-            |op| send_entry(op, socket),
-        )
+    pub fn send(
+        &mut self,
+        socket: RawFd,
+        key: usize,
+        mut batch: Box<SendBatch>,
+    ) -> io::Result<usize> {
+        batch.key = key;
+        batch.sent = 0;
+        self.start(Op::Send(batch), |op| send_entry(op, socket))
     }
 
     /// Sends the rest of send op `op` after a short send (same op, same buffer).
@@ -225,10 +246,12 @@ impl Ring {
 
     /// Cancels op `target` (its completion still comes, with `-ECANCELED` or a result).
     pub fn cancel(&mut self, target: usize) -> io::Result<()> {
-        self.start(Op::Cancel, |_| {
-            opcode::AsyncCancel::new(target as u64).build()
-        })
-        .map(|_| ())
+        self.cancel_user_data(target as u64)
+    }
+
+    fn cancel_user_data(&mut self, target: u64) -> io::Result<()> {
+        self.start(Op::Cancel, |_| opcode::AsyncCancel::new(target).build())
+            .map(|_| ())
     }
 
     pub fn op(&self, id: usize) -> Option<&Op> {
@@ -271,7 +294,23 @@ impl Ring {
     /// Moves every available completion into `out`.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
-            let (op, result, flags) = (cqe.user_data() as usize, cqe.result(), cqe.flags());
+            let (data, result, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
+            if data & RECV != 0 {
+                let more = cqueue::more(flags);
+                if !more {
+                    self.receives -= 1;
+                }
+                out.push(Completion {
+                    op: usize::MAX,
+                    recv: Some((data & !RECV) as usize),
+                    result,
+                    more,
+                    buffer: cqueue::buffer_select(flags),
+                    accepted: None,
+                });
+                continue;
+            }
+            let op = data as usize;
             let accepted =
                 (result >= 0 && matches!(self.ops.get(op), Some(Op::Accept))).then(|| {
                     // SAFETY: an accept completion's result is a descriptor the kernel just
@@ -280,6 +319,7 @@ impl Ring {
                 });
             out.push(Completion {
                 op,
+                recv: None,
                 result,
                 more: cqueue::more(flags),
                 buffer: cqueue::buffer_select(flags),
@@ -310,13 +350,13 @@ impl Ring {
                     self.ops.remove(completion.op);
                 }
             }
-            if self.ops.is_empty() {
+            if self.ops.is_empty() && self.receives == 0 {
                 break;
             }
             let _ = self.enter(Some(Duration::from_millis(10)));
         }
         if let Some(bufs) = bufs {
-            if self.ops.is_empty() {
+            if self.ops.is_empty() && self.receives == 0 {
                 bufs.unregister(&self.ring);
             } else {
                 std::mem::forget(bufs);
@@ -328,18 +368,25 @@ impl Ring {
 /// The SQE for what is left of send op `op`: a plain send of the own bytes, or a
 /// `sendmsg` gathering own bytes and shared frames (each by reference).
 fn send_entry(op: &mut Op, socket: RawFd) -> squeue::Entry {
-    let Op::Send { batch, offset, .. } = op else {
+    let Op::Send(batch) = op else {
         unreachable!("a send op")
     };
+    let offset = &batch.sent;
     if !batch.out.has_frames() {
         let rest = &batch.out.own()[*offset..];
         return opcode::Send::new(Fd(socket), rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build();
     }
-    let SendBatch { out, iov, msg } = &mut **batch;
+    let SendBatch {
+        out,
+        iov,
+        msg,
+        sent,
+        ..
+    } = &mut **batch;
     iov.clear();
-    out.parts(*offset, |part| {
+    out.parts(*sent, |part| {
         if iov.len() < MAX_IOVECS {
             iov.push(libc::iovec {
                 iov_base: part.as_ptr() as *mut libc::c_void,
@@ -496,7 +543,7 @@ mod tests {
         let mut batch = Box::<SendBatch>::default();
         batch.out.set_bytes(b"hello");
         let send = ring.send(server.as_raw_fd(), 7, batch).unwrap();
-        let recv = ring.recv(server.as_raw_fd(), 7).unwrap();
+        ring.recv(server.as_raw_fd(), 7).unwrap();
         client.write_all(b"ping").unwrap();
         let (mut sent, mut got) = (false, None);
         while !sent || got.is_none() {
@@ -505,12 +552,12 @@ mod tests {
             for c in done.drain(..) {
                 if c.op == send {
                     assert_eq!(c.result, 5);
-                    let Op::Send { batch, .. } = ring.finish(send) else {
+                    let Op::Send(batch) = ring.finish(send) else {
                         panic!("not a send")
                     };
                     assert_eq!(batch.out.own(), b"hello");
                     sent = true;
-                } else if c.op == recv && c.result > 0 {
+                } else if c.recv == Some(7) && c.result > 0 {
                     let bid = c.buffer.expect("a provided buffer");
                     got = Some(bufs.buffer(bid, c.result as usize).to_vec());
                     bufs.recycle(bid);

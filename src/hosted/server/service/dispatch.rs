@@ -66,7 +66,7 @@ where
                     // A TLS failure ends the connection; the alert (if any) goes out first.
                     let outside = WsService::<F, H>::queued_outside(conn);
                     if let Phase::Open(driver, handler) = &mut conn.phase {
-                        let ctx = self.ctx(conn.peer, io, outside);
+                        let ctx = self.ctx(conn.peer.get(), io, outside);
                         handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
                         driver.abort(code::ABNORMAL, "TLS failure");
                     }

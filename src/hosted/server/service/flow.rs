@@ -31,7 +31,7 @@ where
         let Phase::Open(driver, _) = &mut conn.phase else {
             return;
         };
-        let ctx = self.ctx(conn.peer, io, outside);
+        let ctx = self.ctx(conn.peer.get(), io, outside);
         loop {
             let due = {
                 let mut callbacks = self.callbacks.borrow_mut();
