@@ -38,19 +38,41 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infa
     }))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
+    let mut threads = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
+            ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
+                threads = value.parse().unwrap()
+            }
             _ => {
-                eprintln!("usage: echo_hyper [--addr HOST:PORT]");
+                eprintln!("usage: echo_hyper [--addr HOST:PORT] [--threads N]");
                 std::process::exit(2);
             }
         }
     }
+    runtime(threads).block_on(serve_on(addr));
+}
+
+/// `--threads 1`: a current-thread runtime (the load tests' setting: one pinned core);
+/// more: that many workers; 0 (the default): one worker per core.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            builder.worker_threads(threads);
+        }
+        builder
+    };
+    builder.enable_all().build().expect("tokio runtime")
+}
+
+async fn serve_on(addr: String) {
     let listener = TcpListener::bind(&addr).await.unwrap_or_else(|e| {
         eprintln!("echo_hyper: cannot listen on {addr}: {e}");
         std::process::exit(1);

@@ -10,7 +10,8 @@
 # --slow-conns (10) echo clients of 1 KiB; records the server's RSS growth and whether the
 # flooder got disconnected. A server that dies there is recorded, not fatal.
 #
-# Servers: wsd-epoll, wsd-io-uring, tokio-tungstenite, fastwebsockets, and base-epoll /
+# Servers: wsd-epoll, wsd-io-uring, echo_tokio, echo_hyper (the tokio and hyper adapters,
+# current-thread runtime), tokio-tungstenite, fastwebsockets, and base-epoll /
 # base-io-uring: an earlier build of the echo example named by BASELINE_ECHO=path, to
 # measure a change before and after in one interleaved run.
 #
@@ -32,7 +33,7 @@ IDLE_CONNS=10000
 IDLE_SECS=3
 IDLE=1
 BUILD=1
-SERVERS="wsd-epoll,wsd-io-uring,tokio-tungstenite,fastwebsockets"
+SERVERS="wsd-epoll,wsd-io-uring,echo_tokio,echo_hyper,tokio-tungstenite,fastwebsockets"
 SCENARIOS="20b,1k,16k,1m,slow"
 SLOW_CONNS=10
 SLOW_SIZE=1024
@@ -82,6 +83,8 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
 WSLOAD=$TARGET/release/wsload
 ECHO=$TARGET/release/examples/echo
+ECHO_TOKIO=$TARGET/release/examples/echo_tokio
+ECHO_HYPER=$TARGET/release/examples/echo_hyper
 TUNGSTENITE=$PEERS_TARGET/release/tungstenite-echo
 FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
 
@@ -89,9 +92,11 @@ if ((BUILD)); then
     log "building in release: wsload, the echo example, the peers"
     cargo build --release -p wsload || die "cargo build -p wsload failed"
     cargo build --release -p websocket-driver --example echo || die "cargo build --example echo failed"
+    cargo build --release -p websocket-driver --features hyper --example echo_tokio --example echo_hyper ||
+        die "cargo build --example echo_tokio/echo_hyper failed"
     cargo build --release --manifest-path loadtest/peers/Cargo.toml || die "building loadtest/peers failed"
 fi
-for bin in "$WSLOAD" "$ECHO" "$TUNGSTENITE" "$FASTWS"; do
+for bin in "$WSLOAD" "$ECHO" "$ECHO_TOKIO" "$ECHO_HYPER" "$TUNGSTENITE" "$FASTWS"; do
     [[ -x $bin ]] || die "$bin missing (run without --no-build)"
 done
 
@@ -146,6 +151,8 @@ server_cmd() { # name port -> the command line, as an array in SERVER_ARGV
         # An earlier build of the echo example (BASELINE_ECHO=path), for before/after runs.
         base-epoll) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend epoll --threads 1) ;;
         base-io-uring) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend io-uring --threads 1) ;;
+        echo_tokio) SERVER_ARGV=("$ECHO_TOKIO" --addr "$addr" --threads 1) ;;
+        echo_hyper) SERVER_ARGV=("$ECHO_HYPER" --addr "$addr" --threads 1) ;;
         tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
         fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
         *) return 1 ;;

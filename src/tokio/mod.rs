@@ -69,6 +69,7 @@ mod proxy;
 mod receiver;
 mod sender;
 mod shared;
+mod stream;
 
 pub use config::Config;
 pub use connection::spawn;
@@ -77,3 +78,4 @@ pub use handshake::{accept, accept_with, client, client_with, connect, connect_w
 pub use proxy::{connect_via_proxy, tunnel};
 pub use receiver::WsReceiver;
 pub use sender::{Receipt, WsSender};
+pub use stream::WebSocketStream;
