@@ -494,7 +494,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Waits until the unwritten output is at or under the limit (writing meanwhile), or
     /// fails once the connection can no longer send.
-    fn poll_send_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    pub(crate) fn poll_send_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             self.note_state();
             if !self.can_send() {
@@ -618,7 +618,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         poll_fn(|cx| self.poll_flush_all(cx)).await
     }
 
-    fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    pub(crate) fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if !self.writing {
             return Poll::Ready(if self.driver.buffered_amount() == 0 {
                 Ok(())
@@ -634,6 +634,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 Poll::Ready(Err(err))
             }
         }
+    }
+
+    /// Queues one frame with `queue` without waiting (a `Sink::start_send`).
+    #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
+    pub(crate) fn start_send_with(
+        &mut self,
+        queue: impl FnOnce(&mut Driver) -> Result<SendToken, Error>,
+    ) -> Result<(), Error> {
+        if !self.can_send() {
+            return Err(not_open());
+        }
+        queue(&mut self.driver)?;
+        self.note_state();
+        Ok(())
     }
 
     /// Writes pending output and runs the deadlines without parsing input; `Ready` when
@@ -752,10 +766,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for 
 
     fn start_send(self: Pin<&mut Self>, item: Message<'a>) -> Result<(), Error> {
         let this = self.get_mut();
-        if !this.can_send() {
+        let spare = &mut this.spare;
+        if !(this.phase == Phase::Open && this.writing) {
             return Err(not_open());
         }
-        queue_message(&mut this.driver, item, &mut this.spare)?;
+        queue_message(&mut this.driver, item, spare)?;
         this.note_state();
         Ok(())
     }
