@@ -14,7 +14,7 @@ use ::hyper::header::HeaderValue;
 use ::hyper::http::request::Parts;
 use ::hyper::upgrade::OnUpgrade;
 use axum_core::body::Body;
-use axum_core::extract::FromRequestParts;
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 
 use super::{HyperStream, UpgradingStream, accept_head, error_response, head_to_request};
@@ -219,6 +219,28 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpg
         let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
         Self::checked(request, on_upgrade)
+    }
+}
+
+/// `Option<WebSocketUpgrade>`: `None` for a request that does not ask for a WebSocket at
+/// all (no `Upgrade: websocket`), so one route can serve plain HTTP and WebSockets; a
+/// request that asks but is invalid is still rejected.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpgrade> {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
+        let upgrade = request.headers.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("upgrade") && value.trim().eq_ignore_ascii_case("websocket")
+        });
+        if !upgrade {
+            return Ok(None);
+        }
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>();
+        Self::checked(request, on_upgrade).map(Some)
     }
 }
 

@@ -240,9 +240,11 @@ where
         let shared = self.shared.clone();
         let mut commands_open = true;
         loop {
-            self.try_deliver();
-            self.confirm_written();
+            // The state goes out before the events: a receiver that sees `Close` finds the
+            // senders refusing already.
             self.shared.publish(self.ws.driver());
+            self.confirm_written();
+            self.try_deliver();
             let state = self.ws.ready_state();
             if self.receiver_gone && !commands_open && state == ReadyState::Open {
                 // Nobody can use the connection any more: close it properly.

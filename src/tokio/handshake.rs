@@ -74,8 +74,9 @@ async fn tcp_connect(url: &ClientUrl, config: &Config) -> Result<TcpStream, Erro
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
-    /// Accepts a WebSocket connection on `io`: reads the upgrade request, answers it (an
-    /// HTTP error for a bad one) and returns the open stream (its first event is `Open`).
+    /// Accepts a WebSocket connection on `io`: reads the upgrade request, answers it (the
+    /// 101 is written before this returns; an HTTP error for a bad one) and returns the
+    /// open stream (its first event is `Open`).
     pub async fn accept(io: S, options: &Options) -> Result<Self, Error> {
         Self::accept_with(io, options, &Config::default(), |_| Ok(())).await
     }
@@ -106,7 +107,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 }
             };
         driver.start_connection();
-        Ok(Self::from_driver(io, driver, &read_ahead, config))
+        let mut ws = Self::from_driver(io, driver, &read_ahead, config);
+        // The 101 goes out now: the handshake is complete when this returns.
+        match timeout(config.handshake_timeout, ws.flush()).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("handshake timed out")),
+        }
+        Ok(ws)
     }
 
     /// Runs the client handshake for `url` over an already connected `io` (TCP, TLS, a

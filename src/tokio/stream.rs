@@ -45,7 +45,7 @@ enum Linger {
     Start,
     /// Writing the last output.
     Flush,
-    /// Server: shutting down the write side, then reading until EOF.
+    /// Server: shutting down the write side, then reading what has arrived.
     Shutdown,
     DrainEof,
     /// Client: reading until the server's EOF, then shutting down.
@@ -81,8 +81,10 @@ enum Linger {
 /// the stream is polled.
 ///
 /// After `Close`, poll [`WebSocketStream::next`] once more (to `None`): that writes the
-/// last bytes and ends the transport as RFC 6455 asks, within [`Config::close_timeout`].
-/// Dropping the stream instead closes the socket at once.
+/// last bytes and ends the transport as RFC 6455 asks, within [`Config::close_timeout`]: a
+/// server shuts down its side of TCP first (reading what has arrived, so the close is not
+/// a reset) and does not wait for the client's; a client waits for the server's. Dropping
+/// the stream instead closes the socket at once.
 ///
 /// Cancellation: every method is cancel-safe. All state lives in the stream, so a `next`
 /// dropped before it completes loses no input; a `send*` dropped before it completes
@@ -465,7 +467,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                     Linger::DrainEof
                 }
                 Linger::DrainEof => {
-                    ready!(self.poll_drain(cx));
+                    // What already arrived is read, so closing the socket does not turn into
+                    // a reset; the peer is not waited for (its FIN may never come).
+                    let _ = self.poll_drain(cx);
                     return Poll::Ready(());
                 }
                 Linger::ClientEof => {
