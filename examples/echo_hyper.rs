@@ -3,14 +3,15 @@
 //!
 //! `cargo run --release --features hyper --example echo_hyper -- --addr 127.0.0.1:9001`
 //!
-//! `--api stream` (the default): [`serve_stream`], the inline `WebSocketStream` polled by
-//! the connection's task. `--api upgrade`: [`WebSocketUpgrade::from_request`] and the
+//! `--api recv` (the default): [`serve_stream`], the inline `WebSocketStream` polled by
+//! the connection's task, echoing each message from the read buffer (`recv` + `Reply`).
+//! `--api next`: the same with owned events (`next` + `send_message`). `--api upgrade`: [`WebSocketUpgrade::from_request`] and the
 //! axum-shaped `WebSocket` (`recv`/`send` of `Message`s). `--api split`: [`serve`] with a
 //! seed-style [`Handler`] on the cloneable-sender API (a connection task and channels).
 //! `--threads 1` runs a current-thread runtime (the load tests' setting).
 //!
-//! `autobahn/run-adapter.sh --adapter hyper` (split) and `--adapter hyper-stream` run the
-//! Autobahn fuzzingclient against it.
+//! `autobahn/run-adapter.sh --adapter hyper` (`--api split`) and `--adapter hyper-stream`
+//! (`--api recv`) run the Autobahn fuzzingclient against it.
 
 use std::convert::Infallible;
 
@@ -29,7 +30,8 @@ use websocket_driver::{Event, Message, Options};
 
 #[derive(Clone, Copy)]
 enum Api {
-    Stream,
+    Recv,
+    Next,
     Upgrade,
     Split,
 }
@@ -53,7 +55,15 @@ async fn route(api: Api, mut req: Request<Incoming>) -> Result<Response<Body>, I
     }
     let options = Options::default();
     Ok(match api {
-        Api::Stream => serve_stream(&mut req, &options, |mut ws| async move {
+        Api::Recv => serve_stream(&mut req, &options, |mut ws| async move {
+            while let Some((event, mut reply)) = ws.recv().await {
+                if let Event::Message(message) = event {
+                    let _ = reply.send_message(&message);
+                }
+            }
+        })
+        .map(Left),
+        Api::Next => serve_stream(&mut req, &options, |mut ws| async move {
             while let Some(event) = ws.next().await {
                 if let Event::Message(message) = event {
                     let _ = ws.send_message(message).await;
@@ -85,7 +95,7 @@ async fn route(api: Api, mut req: Request<Incoming>) -> Result<Response<Body>, I
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut threads = 0;
-    let mut api = Api::Stream;
+    let mut api = Api::Recv;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
@@ -93,12 +103,13 @@ fn main() {
             ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
                 threads = value.parse().unwrap()
             }
-            ("--api", Some(value)) if value == "stream" => api = Api::Stream,
+            ("--api", Some(value)) if value == "recv" => api = Api::Recv,
+            ("--api", Some(value)) if value == "next" => api = Api::Next,
             ("--api", Some(value)) if value == "upgrade" => api = Api::Upgrade,
             ("--api", Some(value)) if value == "split" => api = Api::Split,
             _ => {
                 eprintln!(
-                    "usage: echo_hyper [--addr HOST:PORT] [--threads N] [--api stream|upgrade|split]"
+                    "usage: echo_hyper [--addr HOST:PORT] [--threads N] [--api recv|next|upgrade|split]"
                 );
                 std::process::exit(2);
             }

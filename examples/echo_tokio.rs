@@ -2,13 +2,16 @@
 //!
 //! `cargo run --release --features tokio --example echo_tokio -- --addr 127.0.0.1:9001`
 //!
-//! `--api stream` (the default) polls a [`WebSocketStream`] inline in the connection's
-//! task; `--api split` goes through the cloneable-sender API (`accept`: a connection task
-//! and channels between it and the app). `--threads 1` runs a current-thread runtime (the
+//! `--api recv` (the default) polls a [`WebSocketStream`] inline in the connection's task
+//! and echoes each message from the read buffer (`recv` lends the event, its `Reply`
+//! queues the answer); `--api next` takes owned events from `next` and answers with
+//! `send_message`; `--api split` goes through the cloneable-sender API (`accept`: a
+//! connection task and channels between it and the app). `--threads 1` runs a current-thread runtime (the
 //! load tests' setting), `--threads N` N workers, the default one per core.
 //!
-//! `autobahn/run-adapter.sh --adapter stream` (and `--adapter tokio` for the split API)
-//! runs the Autobahn fuzzingclient against it.
+//! `autobahn/run-adapter.sh --adapter stream` (`--api recv`), `--adapter stream-next`
+//! (`--api next`) and `--adapter tokio` (`--api split`) run the Autobahn fuzzingclient
+//! against it.
 
 use tokio::net::{TcpListener, TcpStream};
 use websocket_driver::tokio::{WebSocketStream, accept};
@@ -16,14 +19,15 @@ use websocket_driver::{Event, Options};
 
 #[derive(Clone, Copy)]
 enum Api {
-    Stream,
+    Recv,
+    Next,
     Split,
 }
 
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut threads = 0;
-    let mut api = Api::Stream;
+    let mut api = Api::Recv;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
@@ -31,11 +35,12 @@ fn main() {
             ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
                 threads = value.parse().unwrap()
             }
-            ("--api", Some(value)) if value == "stream" => api = Api::Stream,
+            ("--api", Some(value)) if value == "recv" => api = Api::Recv,
+            ("--api", Some(value)) if value == "next" => api = Api::Next,
             ("--api", Some(value)) if value == "split" => api = Api::Split,
             _ => {
                 eprintln!(
-                    "usage: echo_tokio [--addr HOST:PORT] [--threads N] [--api stream|split]"
+                    "usage: echo_tokio [--addr HOST:PORT] [--threads N] [--api recv|next|split]"
                 );
                 std::process::exit(2);
             }
@@ -59,8 +64,21 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
     builder.enable_all().build().expect("tokio runtime")
 }
 
-/// The inline stream: one task per connection, nothing in between.
-async fn echo_stream(tcp: TcpStream, options: Options) {
+/// The inline stream, borrowed receive: each message is echoed from the read buffer
+/// straight into the driver's output (no copy out, no allocation).
+async fn echo_recv(tcp: TcpStream, options: Options) {
+    let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
+        return;
+    };
+    while let Some((event, mut reply)) = ws.recv().await {
+        if let Event::Message(message) = event {
+            let _ = reply.send_message(&message);
+        }
+    }
+}
+
+/// The inline stream, owned events: one task per connection, nothing in between.
+async fn echo_next(tcp: TcpStream, options: Options) {
     let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
         return;
     };
@@ -101,7 +119,8 @@ async fn serve_on(addr: String, api: Api) {
         let _ = stream.set_nodelay(true);
         let options = options.clone();
         match api {
-            Api::Stream => tokio::spawn(echo_stream(stream, options)),
+            Api::Recv => tokio::spawn(echo_recv(stream, options)),
+            Api::Next => tokio::spawn(echo_next(stream, options)),
             Api::Split => tokio::spawn(echo_split(stream, options)),
         };
     }

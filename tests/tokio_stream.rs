@@ -432,6 +432,97 @@ async fn next_is_cancel_safe() {
     .await;
 }
 
+/// `recv` lends events out of the read buffer, under the same cancellation as `next`
+/// (dropped after every poll while the peer trickles its frames); its `Reply` queues
+/// answers that the next `recv` writes. Messages that arrived whole in one read are
+/// borrowed, not copied.
+#[tokio::test(flavor = "current_thread")]
+async fn recv_lends_events_and_is_cancel_safe() {
+    bounded(60, async {
+        let (mut ws, mut peer) = piped(1024, &Config::default()).await;
+        let sizes = [1, 7, 125, 126, 1000, 65_536, 200_000];
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            if i % 2 == 0 {
+                let text: String = (0..len).map(|k| ['x', 'ß', '€'][k % 3]).collect();
+                peer.driver.send_text(&text).unwrap();
+                expected.push(Message::Text(text.into()));
+            } else {
+                peer.driver.send_binary(&pattern(len, i)).unwrap();
+                expected.push(Message::Binary(pattern(len, i).into()));
+            }
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(5) {
+                peer.io.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            peer
+        });
+        let mut got = 0;
+        let mut cancelled = 0;
+        while got < expected.len() {
+            let received = ws.recv().now_or_never();
+            let Some(received) = received else {
+                cancelled += 1;
+                tokio::task::yield_now().await;
+                continue;
+            };
+            let (event, mut reply) = received.expect("the connection is open");
+            match event {
+                Event::Message(m) => {
+                    assert!(m == expected[got], "message {got} differs");
+                    reply.send_message(&m).unwrap();
+                    got += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(cancelled > 100, "only {cancelled} cancellations");
+        // The echoes come back whole and in order (the stream writes them as it is polled).
+        let mut peer = writer.await.unwrap();
+        for (i, want) in expected.iter().enumerate() {
+            let event = loop {
+                let _ = ws.recv().now_or_never();
+                if let Some(event) = peer.next_event().now_or_never() {
+                    break event;
+                }
+                tokio::task::yield_now().await;
+            };
+            assert!(matches!(&event, Event::Message(m) if m == want), "echo {i}");
+        }
+
+        // A message that arrives in one read is lent from the read buffer, not copied.
+        peer.driver.send_binary(&pattern(300, 9)).unwrap();
+        peer.driver.send_ping(b"lent").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        let (event, _) = ws.recv().await.unwrap();
+        assert!(
+            matches!(event, Event::Message(Message::Binary(std::borrow::Cow::Borrowed(b))) if b == &pattern(300, 9)[..]),
+            "{event:?}"
+        );
+        let (event, _) = ws.recv().await.unwrap();
+        assert!(
+            matches!(event, Event::Ping(std::borrow::Cow::Borrowed(b"lent"))),
+            "{event:?}"
+        );
+        // Closing: the reply refuses once the connection is closing.
+        ws.close_connection(1000, "").await.unwrap();
+        peer.driver.send_text("after our close").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        let (event, mut reply) = ws.recv().await.unwrap();
+        assert!(matches!(event, Event::Message(_)), "{event:?}");
+        assert!(matches!(
+            reply.send_text("no"),
+            Err(Error::Usage(UsageError::NotOpen))
+        ));
+    })
+    .await;
+}
+
 /// Against a peer that does not read: a send admitted under the limit queues its whole
 /// frame at once; the next one waits, and dropped while waiting it queues nothing. When
 /// the peer reads, it gets exactly the completed sends, whole and in order.

@@ -78,4 +78,4 @@ pub use handshake::{accept, accept_with, client, client_with, connect, connect_w
 pub use proxy::{connect_via_proxy, tunnel};
 pub use receiver::WsReceiver;
 pub use sender::{Receipt, WsSender};
-pub use stream::WebSocketStream;
+pub use stream::{Reply, WebSocketStream};

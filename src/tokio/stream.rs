@@ -140,6 +140,63 @@ pub struct WebSocketStream<S> {
     spare: Vec<u8>,
 }
 
+/// What the receive loop found: an owned event, or a payload left in the read buffer
+/// (kind, offset, length) for [`WebSocketStream::recv`] to lend out.
+enum Slot {
+    Owned(Event<'static>),
+    Borrowed(Payload, usize, usize),
+}
+
+#[derive(Clone, Copy)]
+enum Payload {
+    Text,
+    Binary,
+    Ping,
+    Pong,
+}
+
+/// Answers to an event from [`WebSocketStream::recv`], queued while the event still
+/// borrows the read buffer. Each `send*` queues one whole frame without waiting; the
+/// frames go out on the stream's next call (see [`WebSocketStream::recv`] for how
+/// backpressure applies). Fails with [`UsageError::NotOpen`] once closing.
+#[derive(Debug)]
+pub struct Reply<'a> {
+    driver: &'a mut Driver,
+    open: bool,
+}
+
+impl Reply<'_> {
+    fn queue(
+        &mut self,
+        queue: impl FnOnce(&mut Driver) -> Result<SendToken, Error>,
+    ) -> Result<(), Error> {
+        if !self.open {
+            return Err(not_open());
+        }
+        queue(self.driver).map(drop)
+    }
+
+    /// Queues a message as it came: text as text, binary as binary.
+    pub fn send_message(&mut self, message: &Message<'_>) -> Result<(), Error> {
+        self.queue(|d| d.send_message(message))
+    }
+
+    /// Queues a text message.
+    pub fn send_text(&mut self, text: &str) -> Result<(), Error> {
+        self.queue(|d| d.send_text(text))
+    }
+
+    /// Queues a binary message.
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.queue(|d| d.send_binary(data))
+    }
+
+    /// Queues `data` as `kind` (see [`WebSocketStream::send`]).
+    pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<(), Error> {
+        self.queue(|d| d.send(data, kind))
+    }
+}
+
 /// Copies borrowed payloads so an event outlives the read buffer; a data message's copy
 /// goes into `spare`'s allocation when there is one.
 fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
@@ -226,6 +283,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Polls for the next event (what `Stream::poll_next` does).
     pub fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event<'static>>> {
+        self.poll_next_slot(cx, false).map(|slot| {
+            slot.map(|slot| match slot {
+                Slot::Owned(event) => event,
+                // Only asked for with `borrow`.
+                Slot::Borrowed(..) => unreachable!("an owned parse hands out no ranges"),
+            })
+        })
+    }
+
+    /// The next event borrowed from the read buffer (no copy of its payload), with a
+    /// [`Reply`] to queue answers on; `None` once the connection is over. The fastest way
+    /// to receive: an echo answers from the read buffer straight into the driver's output.
+    /// Cancel-safe, like [`WebSocketStream::next`].
+    ///
+    /// Answers queued on the [`Reply`] go out on the next call of any method of the stream
+    /// (the next `recv` writes them before it reads). They do not wait for backpressure:
+    /// instead, `recv` parses no more input while the unwritten output is over
+    /// [`Config::max_backpressure`], so the peer is held back by TCP until it reads.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut ws: websocket_driver::tokio::WebSocketStream<tokio::net::TcpStream>)
+    /// # -> Result<(), websocket_driver::Error> {
+    /// use websocket_driver::Event;
+    /// while let Some((event, mut reply)) = ws.recv().await {
+    ///     if let Event::Message(message) = event {
+    ///         reply.send_message(&message)?; // echo, without copying the message out
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv(&mut self) -> Option<(Event<'_>, Reply<'_>)> {
+        let slot = poll_fn(|cx| self.poll_next_slot(cx, true)).await?;
+        let event = match slot {
+            Slot::Owned(event) => event,
+            Slot::Borrowed(kind, at, len) => {
+                let payload = &self.buf[at..at + len];
+                match kind {
+                    Payload::Binary => Event::Message(Message::Binary(Cow::Borrowed(payload))),
+                    Payload::Ping => Event::Ping(Cow::Borrowed(payload)),
+                    Payload::Pong => Event::Pong(Cow::Borrowed(payload)),
+                    Payload::Text => match simdutf8::basic::from_utf8(payload) {
+                        Ok(text) => Event::Message(Message::Text(Cow::Borrowed(text))),
+                        // The driver validated it: unreachable, but not worth a panic.
+                        Err(_) => Event::Message(Message::Text(Cow::Owned(
+                            String::from_utf8_lossy(payload).into_owned(),
+                        ))),
+                    },
+                }
+            }
+        };
+        let open = self.can_send();
+        Some((
+            event,
+            Reply {
+                driver: &mut self.driver,
+                open,
+            },
+        ))
+    }
+
+    /// The receive loop: write, run the deadlines, parse, read. With `borrow`, payloads
+    /// in the read buffer are handed out as ranges of it.
+    fn poll_next_slot(&mut self, cx: &mut Context<'_>, borrow: bool) -> Poll<Option<Slot>> {
         loop {
             match self.phase {
                 Phase::Done => return Poll::Ready(None),
@@ -238,21 +358,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
             if self.open_first {
                 self.open_first = false;
-                return Poll::Ready(Some(Event::Open));
+                return Poll::Ready(Some(Slot::Owned(Event::Open)));
             }
             self.poll_timers(cx);
             self.poll_write_best_effort(cx);
             self.note_state();
             if let Some(e) = self.io_error.take() {
-                return Poll::Ready(Some(Event::Error(Error::Io(e))));
+                return Poll::Ready(Some(Slot::Owned(Event::Error(Error::Io(e)))));
             }
             // Over the limit, queued events still come out but no new input is parsed
             // until the peer takes some output (the write above registered for it).
             let over = self.writing
                 && self.driver.ready_state() == ReadyState::Open
                 && self.driver.buffered_amount() > self.limit;
-            if let Some(event) = self.parse(over) {
-                return Poll::Ready(Some(self.delivered(event, cx)));
+            if let Some(slot) = self.parse(over, borrow) {
+                if let Slot::Owned(ref event) = slot {
+                    self.delivered(event, cx);
+                }
+                return Poll::Ready(Some(slot));
             }
             if over {
                 return Poll::Pending;
@@ -284,25 +407,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     /// Parses up to one event: queued ones first, then (unless `queued_only`) the unparsed
-    /// input.
-    fn parse(&mut self, queued_only: bool) -> Option<Event<'static>> {
+    /// input. With `borrow`, a payload still in the read buffer comes out as its range.
+    fn parse(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
         let input = if queued_only {
             &mut [][..]
         } else {
             &mut self.buf[self.start..self.end]
         };
+        // Where the input lies in memory, to find a borrowed payload's offset in `buf`.
+        let (lo, hi, start) = (
+            input.as_ptr() as usize,
+            input.as_ptr() as usize + input.len(),
+            self.start,
+        );
+        let lent = |p: &[u8]| {
+            let at = p.as_ptr() as usize;
+            (borrow && !p.is_empty() && at >= lo && at + p.len() <= hi)
+                .then(|| (at - lo + start, p.len()))
+        };
         let (used, event) = self.driver.poll_event(input);
-        let event = event.map(|e| owned(e, &mut self.spare));
+        let slot = event.map(|e| {
+            let kind = match &e {
+                Event::Message(Message::Binary(Cow::Borrowed(p))) => {
+                    lent(p).map(|r| (Payload::Binary, r))
+                }
+                Event::Message(Message::Text(Cow::Borrowed(t))) => {
+                    lent(t.as_bytes()).map(|r| (Payload::Text, r))
+                }
+                Event::Ping(Cow::Borrowed(p)) => lent(p).map(|r| (Payload::Ping, r)),
+                Event::Pong(Cow::Borrowed(p)) => lent(p).map(|r| (Payload::Pong, r)),
+                _ => None,
+            };
+            match kind {
+                Some((kind, (at, len))) => Slot::Borrowed(kind, at, len),
+                None => Slot::Owned(owned(e, &mut self.spare)),
+            }
+        });
         self.start += used;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
-        event
+        slot
     }
 
     /// Bookkeeping for an event on its way out.
-    fn delivered(&mut self, event: Event<'static>, cx: &mut Context<'_>) -> Event<'static> {
+    fn delivered(&mut self, event: &Event<'static>, cx: &mut Context<'_>) {
         match event {
             Event::Open => self.timers.opened(now(), &self.timer_config),
             Event::Close { .. } => {
@@ -318,7 +468,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
             _ => {}
         }
-        event
     }
 
     /// Arms the close deadline once the driver leaves `Open`.
