@@ -6,6 +6,7 @@
 //! dropping futures after a single poll (`now_or_never`): deterministic, no clocks.
 #![cfg(feature = "tokio")]
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -473,6 +474,13 @@ async fn recv_lends_events_and_is_cancel_safe() {
             match event {
                 Event::Message(m) => {
                     assert!(m == expected[got], "message {got} differs");
+                    // Read whole before parsing (each frame is under
+                    // `max_read_buffer_size`), every binary message is lent, however it
+                    // was cut (text is checked as it arrives, so cut text is reassembled).
+                    assert!(
+                        m.is_text() || matches!(m, Message::Binary(Cow::Borrowed(_))),
+                        "message {got} was copied"
+                    );
                     reply.send_message(&m).unwrap();
                     got += 1;
                 }
@@ -500,12 +508,12 @@ async fn recv_lends_events_and_is_cancel_safe() {
         peer.io.write_all(&out).await.unwrap();
         let (event, _) = ws.recv().await.unwrap();
         assert!(
-            matches!(event, Event::Message(Message::Binary(std::borrow::Cow::Borrowed(b))) if b == &pattern(300, 9)[..]),
+            matches!(event, Event::Message(Message::Binary(Cow::Borrowed(b))) if b == &pattern(300, 9)[..]),
             "{event:?}"
         );
         let (event, _) = ws.recv().await.unwrap();
         assert!(
-            matches!(event, Event::Ping(std::borrow::Cow::Borrowed(b"lent"))),
+            matches!(event, Event::Ping(Cow::Borrowed(b"lent"))),
             "{event:?}"
         );
         // Closing: the reply refuses once the connection is closing.
@@ -519,6 +527,44 @@ async fn recv_lends_events_and_is_cancel_safe() {
             reply.send_text("no"),
             Err(Error::Usage(UsageError::NotOpen))
         ));
+    })
+    .await;
+}
+
+/// Frames larger than the read buffer grow it up to `max_read_buffer_size` (then come out
+/// lent); larger ones are reassembled by the driver (and come out owned). Either way the
+/// bytes are right.
+#[tokio::test(flavor = "current_thread")]
+async fn large_frames_grow_the_read_buffer_up_to_its_limit() {
+    bounded(60, async {
+        let config = Config::default()
+            .read_buffer_size(1024)
+            .max_read_buffer_size(100_000);
+        let (mut ws, mut peer) = piped(4096, &config).await;
+        let sizes = [50_000, 150_000, 60_000];
+        for (i, &len) in sizes.iter().enumerate() {
+            peer.driver.send_binary(&pattern(len, i)).unwrap();
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            peer.io.write_all(&wire).await.unwrap();
+            peer
+        });
+        for (i, &len) in sizes.iter().enumerate() {
+            let (event, _) = ws.recv().await.unwrap();
+            match event {
+                Event::Message(Message::Binary(b)) => {
+                    assert!(b[..] == pattern(len, i)[..], "message {i}");
+                    assert_eq!(
+                        matches!(b, Cow::Borrowed(_)),
+                        len < 100_000,
+                        "message {i} of {len} bytes"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        writer.await.unwrap();
     })
     .await;
 }

@@ -13,6 +13,7 @@ use ::tokio::time::{Instant, Sleep, sleep_until};
 use super::config::Config;
 use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError};
+use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
 use crate::session::timers::{Expired, TimerConfig, Timers};
 
 /// Gathered writes take up to this many parts of the pending output at once.
@@ -114,6 +115,18 @@ pub struct WebSocketStream<S> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The read buffer's usual size, and the most it grows to for a whole frame.
+    buf_size: usize,
+    buf_max: usize,
+    /// Frames since the last one that needed the buffer grown (it shrinks back after a
+    /// while).
+    small_frames: u32,
+    /// `buf[start..]` begins a frame (the driver is between frames), so a frame can be
+    /// read whole before the driver sees it.
+    at_frame: bool,
+    /// The transport ended while a frame was being read whole; the driver learns it once
+    /// it has the bytes.
+    eof_seen: bool,
     limit: usize,
     timer_config: TimerConfig,
     timers: Timers,
@@ -244,12 +257,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             ReadyState::Connecting => timers.handshake_started(now(), &timer_config),
             _ => timers.opened(now(), &timer_config),
         }
+        let at_frame = driver.ready_state() != ReadyState::Connecting;
         WebSocketStream {
             io,
             driver,
             buf,
             start: 0,
             end: read_ahead.len(),
+            buf_size: config.read_buffer_size.max(1),
+            buf_max: config.max_read_buffer_size.max(config.read_buffer_size),
+            small_frames: 0,
+            at_frame,
+            eof_seen: false,
             limit: config.max_backpressure,
             timer_config,
             timers,
@@ -371,6 +390,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             let over = self.writing
                 && self.driver.ready_state() == ReadyState::Open
                 && self.driver.buffered_amount() > self.limit;
+            if !over && self.reading && !self.eof_seen {
+                if let Some(want) = self.frame_shortfall() {
+                    // Read the rest of the frame before the driver sees it: then it is lent
+                    // (or copied) once, not reassembled piece by piece.
+                    match self.poll_fill(cx, want) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0)) => {
+                            // The driver gets the cut-off frame first, then the EOF.
+                            self.eof_seen = true;
+                            self.at_frame = false;
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => self.transport_failed(e),
+                    }
+                    continue;
+                }
+            }
             if let Some(slot) = self.parse(over, borrow) {
                 if let Slot::Owned(ref event) = slot {
                     self.delivered(event, cx);
@@ -385,6 +421,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 self.phase = Phase::Done;
                 return Poll::Ready(None);
             }
+            if self.eof_seen {
+                self.reading = false;
+                self.driver.receive_eof();
+                continue;
+            }
+            self.shrink_buffer();
             let mut read = ReadBuf::new(&mut self.buf);
             match Pin::new(&mut self.io).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
@@ -396,12 +438,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                     } else {
                         self.start = 0;
                         self.end = n;
-                        if self.timer_config.idle.is_some() {
-                            self.timers.received(now(), &self.timer_config);
-                        }
+                        self.received();
                     }
                 }
                 Poll::Ready(Err(e)) => self.transport_failed(e),
+            }
+        }
+    }
+
+    fn received(&mut self) {
+        if self.timer_config.idle.is_some() {
+            self.timers.received(now(), &self.timer_config);
+        }
+    }
+
+    /// At a frame boundary with part of a binary frame read: how many bytes (from `start`)
+    /// the whole frame takes, if it fits the buffer's limit; `None` to let the driver parse
+    /// (the frame is whole, too large, not binary, or not a frame at all).
+    fn frame_shortfall(&self) -> Option<usize> {
+        if !self.at_frame || self.start == self.end {
+            return None;
+        }
+        let input = &self.buf[self.start..self.end];
+        // Binary frames only: a text frame's UTF-8 is checked as it arrives, so a bad one
+        // fails the connection before the rest of the frame comes (Autobahn 6.4.x).
+        if input[0] & 0x0f != OpCode::Binary as u8 {
+            return None;
+        }
+        match parse_header(input, 0b111) {
+            Ok(Status::Complete(header, len)) => {
+                let total = (len as u64).saturating_add(header.payload_len);
+                (total > input.len() as u64 && total <= self.buf_max as u64)
+                    .then_some(total as usize)
+            }
+            Ok(Status::Partial) => Some(MAX_HEADER_LEN.min(self.buf_max)),
+            Err(_) => None,
+        }
+    }
+
+    /// Reads more of a frame that begins at `start` into the buffer, moving it to the
+    /// front or growing the buffer (once, zeroed) so `want` bytes fit.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.start + want > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if want > self.buf.len() {
+                self.buf.resize(want, 0);
+                self.small_frames = 0;
+            }
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.end += n;
+        if n > 0 {
+            self.received();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// A buffer grown for a large frame goes back to its usual size once 64 frames in a
+    /// row did not need it.
+    fn shrink_buffer(&mut self) {
+        if self.buf.len() > self.buf_size && self.start == self.end {
+            self.small_frames += 1;
+            if self.small_frames > 64 {
+                self.buf.truncate(self.buf_size);
+                self.buf.shrink_to_fit();
+                self.small_frames = 0;
             }
         }
     }
@@ -426,6 +531,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
+        if used > 0 {
+            // A frame ended where an event came out of input (an error stops the driver).
+            self.at_frame = matches!(
+                event,
+                Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
+            );
+        }
         let slot = event.map(|e| {
             let kind = match &e {
                 Event::Message(Message::Binary(Cow::Borrowed(p))) => {
