@@ -390,22 +390,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             let over = self.writing
                 && self.driver.ready_state() == ReadyState::Open
                 && self.driver.buffered_amount() > self.limit;
-            if !over && self.reading && !self.eof_seen {
-                if let Some(want) = self.frame_shortfall() {
-                    // Read the rest of the frame before the driver sees it: then it is lent
-                    // (or copied) once, not reassembled piece by piece.
-                    match self.poll_fill(cx, want) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(0)) => {
-                            // The driver gets the cut-off frame first, then the EOF.
-                            self.eof_seen = true;
-                            self.at_frame = false;
-                        }
-                        Poll::Ready(Ok(_)) => {}
-                        Poll::Ready(Err(e)) => self.transport_failed(e),
+            if !over
+                && self.reading
+                && !self.eof_seen
+                && let Some(want) = self.frame_shortfall()
+            {
+                // Read the rest of the frame before the driver sees it: then it is lent
+                // (or copied) once, not reassembled piece by piece.
+                match self.poll_fill(cx, want) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        // The driver gets the cut-off frame first, then the EOF.
+                        self.eof_seen = true;
+                        self.at_frame = false;
                     }
-                    continue;
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => self.transport_failed(e),
                 }
+                continue;
             }
             if let Some(slot) = self.parse(over, borrow) {
                 if let Slot::Owned(ref event) = slot {
