@@ -569,6 +569,42 @@ async fn large_frames_grow_the_read_buffer_up_to_its_limit() {
     .await;
 }
 
+/// A large message with nothing queued before it is written straight from the caller's
+/// payload; what the transport does not take yet is kept and still goes out before
+/// anything queued after it (a pong, the next message).
+#[tokio::test(flavor = "current_thread")]
+async fn large_sends_written_around_the_driver_keep_frame_order() {
+    bounded(60, async {
+        let (mut ws, mut peer) = piped(16 * 1024, &Config::default()).await;
+        ws.send_binary(pattern(100_000, 1)).await.unwrap();
+        // The pipe took 16 KiB of the frame (header: 10 bytes).
+        assert_eq!(ws.buffered_amount(), 100_010 - 16 * 1024);
+        peer.driver.send_ping(b"p").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        assert!(matches!(ws.next().await.unwrap(), Event::Ping(p) if &p[..] == b"p"));
+        ws.send_text("after").await.unwrap();
+        let reader = async {
+            let events = [
+                peer.next_event().await,
+                peer.next_event().await,
+                peer.next_event().await,
+            ];
+            (events, peer)
+        };
+        let (flushed, (events, _peer)) = tokio::join!(ws.flush(), reader);
+        flushed.unwrap();
+        assert!(
+            matches!(&events[0], Event::Message(Message::Binary(b)) if b[..] == pattern(100_000, 1)[..]),
+            "the large message first, whole"
+        );
+        assert!(matches!(&events[1], Event::Pong(p) if &p[..] == b"p"), "then the pong");
+        assert_eq!(message(events.into_iter().nth(2).unwrap()), Message::Text("after".into()));
+        assert_eq!(ws.buffered_amount(), 0);
+    })
+    .await;
+}
+
 /// Against a peer that does not read: a send admitted under the limit queues its whole
 /// frame at once; the next one waits, and dropped while waiting it queues nothing. When
 /// the peer reads, it gets exactly the completed sends, whole and in order.

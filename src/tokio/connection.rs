@@ -62,7 +62,7 @@ where
         let driver = self.driver();
         let shared = Arc::new(Shared {
             queued: AtomicUsize::new(0),
-            buffered: AtomicUsize::new(driver.buffered_amount()),
+            buffered: AtomicUsize::new(self.buffered_amount()),
             state: AtomicU8::new(state_code(driver.ready_state())),
             finished: AtomicBool::new(false),
             changed: Notify::new(),

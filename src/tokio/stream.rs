@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{Instant, Sleep, sleep_until};
@@ -13,7 +13,9 @@ use ::tokio::time::{Instant, Sleep, sleep_until};
 use super::config::Config;
 use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError};
-use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
+use crate::protocol::frame::{
+    FrameHeader, MAX_HEADER_LEN, OpCode, Status, encode_header, parse_header,
+};
 use crate::session::timers::{Expired, TimerConfig, Timers};
 
 /// Gathered writes take up to this many parts of the pending output at once.
@@ -21,6 +23,10 @@ const WRITE_PARTS: usize = 8;
 /// A received message's buffer, given back through a send, is kept for the next message
 /// when it is at most this large.
 const SPARE_MAX: usize = 64 * 1024;
+/// Data messages from this size on are written straight from the caller's payload when
+/// nothing is queued before them (below it, the copy into the driver costs less than a
+/// gathered write).
+const DIRECT_MIN: usize = 4 * 1024;
 
 /// The clock the deadlines run on (tokio's, so a paused test clock applies).
 fn now() -> std::time::Instant {
@@ -118,8 +124,8 @@ pub struct WebSocketStream<S> {
     /// The read buffer's usual size, and the most it grows to for a whole frame.
     buf_size: usize,
     buf_max: usize,
-    /// Frames since the last one that needed the buffer grown (it shrinks back after a
-    /// while).
+    /// Events since the last frame that needed more than `buf_size` (a grown buffer shrinks
+    /// back after 64).
     small_frames: u32,
     /// `buf[start..]` begins a frame (the driver is between frames), so a frame can be
     /// read whole before the driver sees it.
@@ -151,6 +157,8 @@ pub struct WebSocketStream<S> {
     phase: Phase,
     /// A message buffer to reuse.
     spare: Vec<u8>,
+    /// A frame written around the driver, not all taken yet.
+    outbox: Outbox,
 }
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
@@ -171,42 +179,174 @@ enum Payload {
 /// Answers to an event from [`WebSocketStream::recv`], queued while the event still
 /// borrows the read buffer. Each `send*` queues one whole frame without waiting; the
 /// frames go out on the stream's next call (see [`WebSocketStream::recv`] for how
-/// backpressure applies). Fails with [`UsageError::NotOpen`] once closing.
+/// backpressure applies), except that a large data message with nothing queued before it
+/// is written at once, straight from the payload, as far as the transport takes it.
+/// Fails with [`UsageError::NotOpen`] once closing.
 #[derive(Debug)]
-pub struct Reply<'a> {
-    driver: &'a mut Driver,
+pub struct Reply<'a, S> {
+    sending: Sending<'a, S>,
     open: bool,
 }
 
-impl Reply<'_> {
-    fn queue(
-        &mut self,
-        queue: impl FnOnce(&mut Driver) -> Result<SendToken, Error>,
-    ) -> Result<(), Error> {
+impl<S: AsyncWrite + Unpin> Reply<'_, S> {
+    fn queue(&mut self, data: Data<'_>) -> Result<(), Error> {
         if !self.open {
             return Err(not_open());
         }
-        queue(self.driver).map(drop)
+        // No task waits on this write: a transport that would block leaves the frame to
+        // the driver, written on the stream's next poll (which registers the real waker).
+        let mut cx = Context::from_waker(Waker::noop());
+        self.sending.data(&mut cx, data)
     }
 
     /// Queues a message as it came: text as text, binary as binary.
     pub fn send_message(&mut self, message: &Message<'_>) -> Result<(), Error> {
-        self.queue(|d| d.send_message(message))
+        self.queue(Data::of(message))
     }
 
     /// Queues a text message.
     pub fn send_text(&mut self, text: &str) -> Result<(), Error> {
-        self.queue(|d| d.send_text(text))
+        self.queue(Data::Text(text))
     }
 
     /// Queues a binary message.
     pub fn send_binary(&mut self, data: &[u8]) -> Result<(), Error> {
-        self.queue(|d| d.send_binary(data))
+        self.queue(Data::Binary(data))
     }
 
     /// Queues `data` as `kind` (see [`WebSocketStream::send`]).
     pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<(), Error> {
-        self.queue(|d| d.send(data, kind))
+        match kind {
+            MessageType::Text | MessageType::Binary => self.queue(Data::typed(data, kind)?),
+            _ if !self.open => Err(not_open()),
+            _ => self.sending.driver.send(data, kind).map(drop),
+        }
+    }
+}
+
+/// A data message's payload.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+impl<'a> Data<'a> {
+    fn of(message: &'a Message<'_>) -> Data<'a> {
+        match message {
+            Message::Text(t) => Data::Text(t),
+            Message::Binary(b) => Data::Binary(b),
+        }
+    }
+
+    /// `data` as text (checked) or binary.
+    fn typed(data: &'a [u8], kind: MessageType) -> Result<Data<'a>, Error> {
+        Ok(match kind {
+            MessageType::Text => {
+                Data::Text(simdutf8::basic::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?)
+            }
+            _ => Data::Binary(data),
+        })
+    }
+
+    fn bytes(self) -> &'a [u8] {
+        match self {
+            Data::Text(t) => t.as_bytes(),
+            Data::Binary(b) => b,
+        }
+    }
+}
+
+/// A frame written around the driver that the transport has not taken all of yet: it
+/// goes out before anything the driver queued after it.
+#[derive(Debug, Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    pos: usize,
+    /// Bytes went out since the last flush.
+    unflushed: bool,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos == self.bytes.len() {
+            self.pos = 0;
+            self.bytes.clear();
+            if self.bytes.capacity() > SPARE_MAX {
+                self.bytes = Vec::new();
+            }
+        }
+    }
+}
+
+/// The write side as a send sees it.
+#[derive(Debug)]
+struct Sending<'a, S> {
+    io: &'a mut S,
+    driver: &'a mut Driver,
+    outbox: &'a mut Outbox,
+}
+
+impl<S: AsyncWrite + Unpin> Sending<'_, S> {
+    /// Sends a data message: written straight from the payload when that is safe and
+    /// worth it, otherwise queued on the driver (a copy into its output).
+    fn data(&mut self, cx: &mut Context<'_>, data: Data<'_>) -> Result<(), Error> {
+        if self.write_direct(cx, data) {
+            return Ok(());
+        }
+        match data {
+            Data::Text(t) => self.driver.send_text(t),
+            Data::Binary(b) => self.driver.send_binary(b),
+        }
+        .map(drop)
+    }
+
+    /// A server's large data frame with nothing queued before it: header and payload in
+    /// one gathered write, with no copy into the driver's output; the part the transport
+    /// does not take is kept in the outbox. False (nothing written) when not eligible or
+    /// the transport would block or failed (the driver then queues the frame, and the
+    /// stream meets the failure on its next write).
+    fn write_direct(&mut self, cx: &mut Context<'_>, data: Data<'_>) -> bool {
+        let payload = data.bytes();
+        if payload.len() < DIRECT_MIN
+            || self.driver.role() != Role::Server
+            || self.driver.ready_state() != ReadyState::Open
+            || self.driver.buffered_amount() != 0
+            || self.outbox.len() != 0
+            || !self.io.is_write_vectored()
+        {
+            return false;
+        }
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: match data {
+                Data::Text(_) => OpCode::Text,
+                Data::Binary(_) => OpCode::Binary,
+            },
+            mask: None,
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let h = encode_header(&mut head, &header);
+        let parts = [IoSlice::new(&head[..h]), IoSlice::new(payload)];
+        let n = match Pin::new(&mut *self.io).poll_write_vectored(cx, &parts) {
+            Poll::Ready(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        self.outbox.unflushed = true;
+        if n < h {
+            self.outbox.bytes.extend_from_slice(&head[n..h]);
+            self.outbox.bytes.extend_from_slice(payload);
+        } else if n < h + payload.len() {
+            self.outbox.bytes.extend_from_slice(&payload[n - h..]);
+        }
+        true
     }
 }
 
@@ -285,6 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             open_first: false,
             phase: Phase::Open,
             spare: Vec::new(),
+            outbox: Outbox::default(),
         }
     }
 
@@ -332,7 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn recv(&mut self) -> Option<(Event<'_>, Reply<'_>)> {
+    pub async fn recv(&mut self) -> Option<(Event<'_>, Reply<'_, S>)> {
         let slot = poll_fn(|cx| self.poll_next_slot(cx, true)).await?;
         let event = match slot {
             Slot::Owned(event) => event,
@@ -356,7 +497,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         Some((
             event,
             Reply {
-                driver: &mut self.driver,
+                sending: Sending {
+                    io: &mut self.io,
+                    driver: &mut self.driver,
+                    outbox: &mut self.outbox,
+                },
                 open,
             },
         ))
@@ -389,7 +534,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             // until the peer takes some output (the write above registered for it).
             let over = self.writing
                 && self.driver.ready_state() == ReadyState::Open
-                && self.driver.buffered_amount() > self.limit;
+                && self.unwritten() > self.limit;
             if !over
                 && self.reading
                 && !self.eof_seen
@@ -487,8 +632,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             self.start = 0;
             if want > self.buf.len() {
                 self.buf.resize(want, 0);
-                self.small_frames = 0;
             }
+        }
+        if want > self.buf_size {
+            self.small_frames = 0;
         }
         let mut read = ReadBuf::new(&mut self.buf[self.end..]);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
@@ -500,16 +647,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         Poll::Ready(Ok(n))
     }
 
-    /// A buffer grown for a large frame goes back to its usual size once 64 frames in a
-    /// row did not need it.
+    /// A buffer grown for a large frame goes back to its usual size once 64 events in a
+    /// row came without another large frame.
     fn shrink_buffer(&mut self) {
-        if self.buf.len() > self.buf_size && self.start == self.end {
-            self.small_frames += 1;
-            if self.small_frames > 64 {
-                self.buf.truncate(self.buf_size);
-                self.buf.shrink_to_fit();
-                self.small_frames = 0;
-            }
+        if self.small_frames > 64 && self.buf.len() > self.buf_size && self.start == self.end {
+            self.buf.truncate(self.buf_size);
+            self.buf.shrink_to_fit();
         }
     }
 
@@ -539,6 +682,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 event,
                 Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
             );
+            if event.is_some() {
+                self.small_frames = self.small_frames.saturating_add(1);
+            }
         }
         let slot = event.map(|e| {
             let kind = match &e {
@@ -612,9 +758,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Writes the pending output until the transport would block; then flushes.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if std::mem::take(&mut self.outbox.unflushed) {
+            self.flushed = false;
+        }
         loop {
             let mut parts = [IoSlice::new(&[]); WRITE_PARTS];
-            let k = self.driver.pending_output_vectored(&mut parts);
+            // A frame written around the driver goes first.
+            let direct = self.outbox.len();
+            let mut k = 0;
+            if direct > 0 {
+                parts[0] = IoSlice::new(&self.outbox.bytes[self.outbox.pos..]);
+                k = 1;
+            }
+            k += self.driver.pending_output_vectored(&mut parts[k..]);
             if k == 0 || parts[..k].iter().all(|p| p.is_empty()) {
                 break;
             }
@@ -627,7 +783,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             match ready!(written) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
-                    self.driver.consume_output(n);
+                    let from_outbox = n.min(direct);
+                    self.outbox.consume(from_outbox);
+                    self.driver.consume_output(n - from_outbox);
                     self.flushed = false;
                     self.progressed = true;
                 }
@@ -767,7 +925,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             if !self.can_send() {
                 return Poll::Ready(Err(not_open()));
             }
-            if self.driver.buffered_amount() <= self.limit {
+            if self.unwritten() <= self.limit {
                 return Poll::Ready(Ok(()));
             }
             self.poll_timers(cx);
@@ -797,9 +955,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         cx: &mut Context<'_>,
         waits: bool,
         queue: &mut Option<F>,
-    ) -> Poll<Result<SendToken, Error>>
+    ) -> Poll<Result<(), Error>>
     where
-        F: FnOnce(&mut Driver, &mut Vec<u8>) -> Result<SendToken, Error>,
+        F: FnOnce(&mut Sending<'_, S>, &mut Vec<u8>, &mut Context<'_>) -> Result<(), Error>,
     {
         if waits {
             ready!(self.poll_send_ready(cx))?;
@@ -810,15 +968,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
         }
         let queue = queue.take().expect("polled after completion");
-        let token = queue(&mut self.driver, &mut self.spare)?;
+        let mut sending = Sending {
+            io: &mut self.io,
+            driver: &mut self.driver,
+            outbox: &mut self.outbox,
+        };
+        queue(&mut sending, &mut self.spare, cx)?;
         self.note_state();
         self.poll_write_best_effort(cx);
-        Poll::Ready(Ok(token))
+        Poll::Ready(Ok(()))
     }
 
-    async fn submit<F>(&mut self, waits: bool, queue: F) -> Result<SendToken, Error>
+    async fn submit<F>(&mut self, waits: bool, queue: F) -> Result<(), Error>
     where
-        F: FnOnce(&mut Driver, &mut Vec<u8>) -> Result<SendToken, Error>,
+        F: FnOnce(&mut Sending<'_, S>, &mut Vec<u8>, &mut Context<'_>) -> Result<(), Error>,
     {
         let mut queue = Some(queue);
         poll_fn(|cx| self.poll_submit(cx, waits, &mut queue)).await
@@ -826,47 +989,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Sends a text message.
     pub async fn send_text(&mut self, text: impl AsRef<str>) -> Result<(), Error> {
-        self.submit(true, |d, _| d.send_text(text.as_ref()))
+        self.submit(true, |s, _, cx| s.data(cx, Data::Text(text.as_ref())))
             .await
-            .map(drop)
     }
 
     /// Sends a binary message.
     pub async fn send_binary(&mut self, data: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.submit(true, |d, _| d.send_binary(data.as_ref()))
+        self.submit(true, |s, _, cx| s.data(cx, Data::Binary(data.as_ref())))
             .await
-            .map(drop)
     }
 
     /// Sends a message as it came: text as text, binary as binary. A received message
     /// handed back here gives its buffer to the next received one.
     pub async fn send_message(&mut self, message: Message<'_>) -> Result<(), Error> {
-        self.submit(true, |d, spare| queue_message(d, message, spare))
-            .await
-            .map(drop)
+        self.submit(true, |s, spare, cx| {
+            s.data(cx, Data::of(&message))?;
+            recycle(message, spare);
+            Ok(())
+        })
+        .await
     }
 
     /// Sends `data` as `kind` (the seed's `send`): text must be UTF-8, pings and pongs at
     /// most 125 bytes, `Close(code)` takes the reason as `data`.
     pub async fn send(&mut self, data: impl AsRef<[u8]>, kind: MessageType) -> Result<(), Error> {
-        let waits = matches!(kind, MessageType::Text | MessageType::Binary);
-        self.submit(waits, |d, _| d.send(data.as_ref(), kind))
-            .await
-            .map(drop)
+        let data = data.as_ref();
+        match kind {
+            MessageType::Text | MessageType::Binary => {
+                let data = Data::typed(data, kind)?;
+                self.submit(true, |s, _, cx| s.data(cx, data)).await
+            }
+            _ => {
+                self.submit(false, |s, _, _| s.driver.send(data, kind).map(drop))
+                    .await
+            }
+        }
     }
 
     /// Sends a ping (at most 125 bytes); the pong arrives as [`Event::Pong`].
     pub async fn send_ping(&mut self, payload: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.submit(false, |d, _| d.send_ping(payload.as_ref()))
-            .await
-            .map(drop)
+        self.submit(false, |s, _, _| {
+            s.driver.send_ping(payload.as_ref()).map(drop)
+        })
+        .await
     }
 
     /// Sends an unsolicited pong (a heartbeat that needs no answer).
     pub async fn send_pong(&mut self, payload: impl AsRef<[u8]>) -> Result<(), Error> {
-        self.submit(false, |d, _| d.send_pong(payload.as_ref()))
-            .await
-            .map(drop)
+        self.submit(false, |s, _, _| {
+            s.driver.send_pong(payload.as_ref()).map(drop)
+        })
+        .await
     }
 
     /// Starts the close handshake (the seed's `close-connection`): the close frame goes out
@@ -874,9 +1047,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// [`WebSocketStream::next`] when the peer answers (or after
     /// [`Config::close_timeout`], with 1006).
     pub async fn close_connection(&mut self, code: u16, reason: &str) -> Result<(), Error> {
-        self.submit(false, |d, _| d.close_connection(code, reason))
-            .await
-            .map(drop)
+        self.submit(false, |s, _, _| {
+            s.driver.close_connection(code, reason).map(drop)
+        })
+        .await
     }
 
     /// Writes everything queued so far and flushes the transport. Fails if the transport
@@ -887,7 +1061,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     pub(crate) fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if !self.writing {
-            return Poll::Ready(if self.driver.buffered_amount() == 0 {
+            return Poll::Ready(if self.unwritten() == 0 {
                 Ok(())
             } else {
                 Err(not_open())
@@ -942,22 +1116,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 }
 
-/// Queues a message on the driver; an owned payload's buffer becomes the spare.
-fn queue_message(
-    driver: &mut Driver,
-    message: Message<'_>,
-    spare: &mut Vec<u8>,
-) -> Result<SendToken, Error> {
-    let token = driver.send_message(&message)?;
+/// An owned message's buffer becomes the spare, for the next received message.
+fn recycle(message: Message<'_>, spare: &mut Vec<u8>) {
     let buffer = match message {
         Message::Binary(Cow::Owned(v)) => v,
         Message::Text(Cow::Owned(s)) => s.into_bytes(),
-        _ => return Ok(token),
+        _ => return,
     };
     if buffer.capacity() <= SPARE_MAX && buffer.capacity() > spare.capacity() {
         *spare = buffer;
     }
-    Ok(token)
 }
 
 impl<S> WebSocketStream<S> {
@@ -973,7 +1141,11 @@ impl<S> WebSocketStream<S> {
 
     /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
-        self.driver.buffered_amount()
+        self.unwritten()
+    }
+
+    fn unwritten(&self) -> usize {
+        self.driver.buffered_amount() + self.outbox.len()
     }
 
     /// The agreed subprotocol, if any.
@@ -1037,7 +1209,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for 
         if !(this.phase == Phase::Open && this.writing) {
             return Err(not_open());
         }
-        queue_message(&mut this.driver, item, spare)?;
+        this.driver.send_message(&item)?;
+        recycle(item, spare);
         this.note_state();
         Ok(())
     }
