@@ -389,3 +389,89 @@ async fn extractor_on_plain_hyper() {
     })
     .await;
 }
+
+/// A chat room: each socket's task `select!`s between its `recv` and a broadcast feed, so
+/// `recv` is dropped whenever a line from the room arrives first (and `send` whenever the
+/// peer speaks first): nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_room_select_over_recv_and_a_feed() {
+    use axum::extract::State;
+    use tokio::sync::broadcast;
+
+    async fn chat(State(room): State<broadcast::Sender<String>>, ws: WebSocketUpgrade) -> Response {
+        ws.on_upgrade(move |mut socket| async move {
+            let mut feed = room.subscribe();
+            loop {
+                tokio::select! {
+                    msg = socket.recv() => match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            let _ = room.send(text.to_string());
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break,
+                    },
+                    line = feed.recv() => match line {
+                        Ok(line) => {
+                            if socket.send(Message::text(line)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        })
+    }
+
+    bounded(30, async {
+        let (room, _) = broadcast::channel(1024);
+        let app = Router::new()
+            .route("/chat", get(chat))
+            .with_state(room.clone());
+        let addr = serve(app).await;
+        let url = format!("ws://{addr}/chat");
+        let (mut a, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let (mut b, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        // Both are subscribed once a line from the room reaches each of them.
+        while room.receiver_count() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let lines = 200;
+        let writer = tokio::spawn(async move {
+            for i in 0..lines {
+                a.send(TMessage::Text(format!("a{i}").into()))
+                    .await
+                    .unwrap();
+            }
+            a
+        });
+        for i in 0..lines {
+            b.send(TMessage::Text(format!("b{i}").into()))
+                .await
+                .unwrap();
+        }
+        let mut a = writer.await.unwrap();
+        // Each client sees every line, each sender's lines in order.
+        for ws in [&mut a, &mut b] {
+            let (mut next_a, mut next_b) = (0, 0);
+            while next_a < lines || next_b < lines {
+                let TMessage::Text(t) = ws.next().await.unwrap().unwrap() else {
+                    continue;
+                };
+                let (who, n) = t.as_str().split_at(1);
+                let n: usize = n.parse().unwrap();
+                match who {
+                    "a" => {
+                        assert_eq!(n, next_a);
+                        next_a += 1;
+                    }
+                    _ => {
+                        assert_eq!(n, next_b);
+                        next_b += 1;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}
