@@ -2,11 +2,19 @@
 # Runs the Autobahn|Testsuite fuzzingclient against the tokio or hyper adapter and judges
 # the report with autobahn/check.py (sections 1-10 strict: no NON-STRICT, no FAILED).
 #
-#   autobahn/run-adapter.sh --adapter tokio|hyper [--cases '1.*,2.*']
+#   autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--cases '1.*,2.*']
 #
-# tokio: examples/echo_tokio.rs (websocket_driver::tokio::accept over TcpStream).
-# hyper: examples/echo_hyper.rs (a hyper 1.x http1 server upgrading with
-#        websocket_driver::hyper, the connection on the tokio adapter).
+# tokio:        examples/echo_tokio.rs --api split (websocket_driver::tokio::accept over
+#               TcpStream: the connection task and the cloneable-sender API).
+# stream:       examples/echo_tokio.rs --api recv (WebSocketStream::accept, polled inline;
+#               events lent from the read buffer, answers queued on the Reply).
+# stream-next:  examples/echo_tokio.rs --api next (the same with owned events and
+#               send_message).
+# hyper:        examples/echo_hyper.rs --api split (a hyper 1.x http1 server upgrading with
+#               websocket_driver::hyper::serve, the split API).
+# hyper-stream: examples/echo_hyper.rs --api recv (hyper::serve_stream, inline).
+# axum:         examples/echo_axum.rs (an axum Router, the WebSocketUpgrade extractor and
+#               the axum-shaped WebSocket).
 # Same fuzzingclient config as autobahn/run.sh (autobahn/fuzzingclient.json). Installs the
 # suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing.
 set -euo pipefail
@@ -18,13 +26,17 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --adapter) adapter=$2; shift 2 ;;
     --cases) cases=$2; shift 2 ;;
-    *) echo "usage: autobahn/run-adapter.sh --adapter tokio|hyper [--cases LIST]" >&2; exit 2 ;;
+    *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--cases LIST]" >&2; exit 2 ;;
   esac
 done
 case "$adapter" in
-  tokio) example=echo_tokio; features=tokio; default_port=9101 ;;
-  hyper) example=echo_hyper; features=hyper; default_port=9102 ;;
-  *) echo "usage: autobahn/run-adapter.sh --adapter tokio|hyper [--cases LIST]" >&2; exit 2 ;;
+  tokio) example=echo_tokio; features=tokio; default_port=9101; args=(--api split) ;;
+  hyper) example=echo_hyper; features=hyper; default_port=9102; args=(--api split) ;;
+  stream) example=echo_tokio; features=tokio; default_port=9103; args=(--api recv) ;;
+  stream-next) example=echo_tokio; features=tokio; default_port=9106; args=(--api next) ;;
+  hyper-stream) example=echo_hyper; features=hyper; default_port=9104; args=(--api recv) ;;
+  axum) example=echo_axum; features=hyper; default_port=9105; args=() ;;
+  *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--cases LIST]" >&2; exit 2 ;;
 esac
 
 AUTOBAHN_HOME=${AUTOBAHN_HOME:-/opt/autobahn}
@@ -35,7 +47,7 @@ fi
 
 port=${AUTOBAHN_PORT:-$default_port}
 cargo build --release --features "$features" --example "$example"
-"./target/release/examples/$example" --addr "127.0.0.1:$port" &
+"./target/release/examples/$example" --addr "127.0.0.1:$port" "${args[@]}" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do

@@ -1,59 +1,63 @@
-//! The driver inside an axum app: an echo route and a broadcast chat room.
+//! The driver inside an axum app: an echo route and a broadcast chat room, written with
+//! axum's WebSocket idiom (`WebSocketUpgrade`, `on_upgrade`, `recv`/`send`) over
+//! `websocket_driver::hyper`.
 //!
 //! `cargo run --features hyper --example axum -- --addr 127.0.0.1:3000`, then connect
 //! WebSocket clients to `ws://127.0.0.1:3000/echo` or `ws://127.0.0.1:3000/chat`
 //! (e.g. `websocat ws://127.0.0.1:3000/chat` in two terminals).
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::State;
+use axum::response::Response;
 use axum::routing::get;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
-use websocket_driver::hyper::serve;
-use websocket_driver::{Event, Message, Options};
+use websocket_driver::hyper::{Message, WebSocket, WebSocketUpgrade};
 
 /// Every message comes back as it came.
-async fn echo(mut req: Request) -> Response {
-    serve(&mut req, &Options::default(), |tx, mut rx| async move {
-        while let Some(event) = rx.next().await {
-            if let Event::Message(message) = event {
-                let _ = tx.send_message(message).await;
+async fn echo(ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if let Message::Text(_) | Message::Binary(_) = msg
+                && socket.send(msg).await.is_err()
+            {
+                return;
             }
         }
     })
-    .into_response()
 }
 
-/// Every text message goes to everyone in the room (the sender included).
-async fn chat(State(room): State<broadcast::Sender<String>>, mut req: Request) -> Response {
-    serve(&mut req, &Options::default(), |tx, mut rx| async move {
+/// Every text message goes to everyone in the room (the sender included). The socket is
+/// polled inline by this task; `recv` and `send` are cancel-safe, so `select!` may drop
+/// either at any point.
+async fn chat(State(room): State<broadcast::Sender<String>>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |mut socket: WebSocket| async move {
         let mut feed = room.subscribe();
         loop {
             tokio::select! {
-                event = rx.next() => match event {
-                    Some(Event::Message(Message::Text(text))) => {
-                        let _ = room.send(text.into_owned());
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        let _ = room.send(text.to_string());
                     }
-                    Some(_) => {}
-                    None => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
                 },
                 line = feed.recv() => match line {
                     Ok(line) => {
-                        if tx.send_text(line).await.is_err() {
+                        if socket.send(Message::text(line)).await.is_err() {
                             break;
                         }
                     }
                     // A client too slow for the room skips what it missed.
                     Err(RecvError::Lagged(n)) => {
-                        let _ = tx.send_text(format!("[{n} messages skipped]")).await;
+                        let notice = format!("[{n} messages skipped]");
+                        let _ = socket.send(Message::text(notice)).await;
                     }
                     Err(RecvError::Closed) => break,
                 },
             }
         }
     })
-    .into_response()
 }
 
 #[tokio::main]

@@ -2,25 +2,106 @@
 //!
 //! `cargo run --release --features tokio --example echo_tokio -- --addr 127.0.0.1:9001`
 //!
-//! `autobahn/run-adapter.sh --adapter tokio` runs the Autobahn fuzzingclient against it.
+//! `--api recv` (the default) polls a [`WebSocketStream`] inline in the connection's task
+//! and echoes each message from the read buffer (`recv` lends the event, its `Reply`
+//! queues the answer); `--api next` takes owned events from `next` and answers with
+//! `send_message`; `--api split` goes through the cloneable-sender API (`accept`: a
+//! connection task and channels between it and the app). `--threads 1` runs a current-thread runtime (the
+//! load tests' setting), `--threads N` N workers, the default one per core.
+//!
+//! `autobahn/run-adapter.sh --adapter stream` (`--api recv`), `--adapter stream-next`
+//! (`--api next`) and `--adapter tokio` (`--api split`) run the Autobahn fuzzingclient
+//! against it.
 
-use tokio::net::TcpListener;
-use websocket_driver::tokio::accept;
+use tokio::net::{TcpListener, TcpStream};
+use websocket_driver::tokio::{WebSocketStream, accept};
 use websocket_driver::{Event, Options};
 
-#[tokio::main]
-async fn main() {
+#[derive(Clone, Copy)]
+enum Api {
+    Recv,
+    Next,
+    Split,
+}
+
+fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
+    let mut threads = 0;
+    let mut api = Api::Recv;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
+            ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
+                threads = value.parse().unwrap()
+            }
+            ("--api", Some(value)) if value == "recv" => api = Api::Recv,
+            ("--api", Some(value)) if value == "next" => api = Api::Next,
+            ("--api", Some(value)) if value == "split" => api = Api::Split,
             _ => {
-                eprintln!("usage: echo_tokio [--addr HOST:PORT]");
+                eprintln!(
+                    "usage: echo_tokio [--addr HOST:PORT] [--threads N] [--api recv|next|split]"
+                );
                 std::process::exit(2);
             }
         }
     }
+    runtime(threads).block_on(serve_on(addr, api));
+}
+
+/// `--threads 1`: a current-thread runtime (the load tests' setting: one pinned core);
+/// more: that many workers; 0 (the default): one worker per core.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            builder.worker_threads(threads);
+        }
+        builder
+    };
+    builder.enable_all().build().expect("tokio runtime")
+}
+
+/// The inline stream, borrowed receive: each message is echoed from the read buffer
+/// straight into the driver's output (no copy out, no allocation).
+async fn echo_recv(tcp: TcpStream, options: Options) {
+    let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
+        return;
+    };
+    while let Some((event, mut reply)) = ws.recv().await {
+        if let Event::Message(message) = event {
+            let _ = reply.send_message(&message);
+        }
+    }
+}
+
+/// The inline stream, owned events: one task per connection, nothing in between.
+async fn echo_next(tcp: TcpStream, options: Options) {
+    let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
+        return;
+    };
+    while let Some(event) = ws.next().await {
+        if let Event::Message(message) = event {
+            let _ = ws.send_message(message).await;
+        }
+    }
+}
+
+/// The split API: the app's task talks to a connection task through channels.
+async fn echo_split(tcp: TcpStream, options: Options) {
+    let Ok((tx, mut rx)) = accept(tcp, &options).await else {
+        return;
+    };
+    while let Some(event) = rx.next().await {
+        if let Event::Message(message) = event {
+            let _ = tx.send_message(message).await;
+        }
+    }
+}
+
+async fn serve_on(addr: String, api: Api) {
     let listener = TcpListener::bind(&addr).await.unwrap_or_else(|e| {
         eprintln!("echo_tokio: cannot listen on {addr}: {e}");
         std::process::exit(1);
@@ -37,15 +118,10 @@ async fn main() {
         };
         let _ = stream.set_nodelay(true);
         let options = options.clone();
-        tokio::spawn(async move {
-            let Ok((tx, mut rx)) = accept(stream, &options).await else {
-                return;
-            };
-            while let Some(event) = rx.next().await {
-                if let Event::Message(message) = event {
-                    let _ = tx.send_message(message).await;
-                }
-            }
-        });
+        match api {
+            Api::Recv => tokio::spawn(echo_recv(stream, options)),
+            Api::Next => tokio::spawn(echo_next(stream, options)),
+            Api::Split => tokio::spawn(echo_split(stream, options)),
+        };
     }
 }

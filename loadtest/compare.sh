@@ -17,11 +17,12 @@
 # --fanout-subs (10000) subscribers, --fanout-rate (20) publishes/s of 16 B).
 #
 # Servers: wsd-epoll, wsd-io-uring (the echo example, or examples/pubsub in pub/sub
-# scenarios), tokio-tungstenite, fastwebsockets (echo), pubsub-tungstenite,
-# pubsub-fastwebsockets (pub/sub), and base-epoll / base-io-uring: an earlier build of the
-# echo example named by BASELINE_ECHO=path (BASELINE_PUBSUB=path in pub/sub scenarios), to
-# measure a change before and after in one interleaved run. Each scenario runs the listed
-# servers that fit it. PUBSUB_EXAMPLE=name runs another example as wsd's pub/sub server.
+# scenarios), echo_tokio, echo_hyper (the tokio and hyper adapters, current-thread runtime),
+# tokio-tungstenite, fastwebsockets (echo), pubsub-tungstenite, pubsub-fastwebsockets
+# (pub/sub), and base-epoll / base-io-uring: an earlier build of the echo example named by
+# BASELINE_ECHO=path (BASELINE_PUBSUB=path in pub/sub scenarios), to measure a change before
+# and after in one interleaved run. Each scenario runs the listed servers that fit it.
+# PUBSUB_EXAMPLE=name runs another example as wsd's pub/sub server.
 #
 # Each server runs alone pinned to CPU 0 (one thread / worker), wsload pinned to CPU 1; for
 # every scenario and round the servers run in the same interleaved order A B C D, A B C D, …
@@ -41,7 +42,7 @@ IDLE_CONNS=10000
 IDLE_SECS=3
 IDLE=1
 BUILD=1
-SERVERS="wsd-epoll,wsd-io-uring,tokio-tungstenite,fastwebsockets,pubsub-tungstenite,pubsub-fastwebsockets"
+SERVERS="wsd-epoll,wsd-io-uring,echo_tokio,echo_hyper,tokio-tungstenite,fastwebsockets,pubsub-tungstenite,pubsub-fastwebsockets"
 SCENARIOS="20b,1k,16k,1m,slow"
 FANOUT_SUBS=10000
 FANOUT_RATE=20
@@ -106,7 +107,7 @@ kind_of() { # scenario key -> echo | slow | broadcast | fanout (empty if unknown
 fits() { # server kind: whether the server takes part in that kind of scenario
     case "$1" in
         wsd-* | base-*) return 0 ;;
-        tokio-tungstenite | fastwebsockets) [[ $2 == echo || $2 == slow || $2 == idle ]] ;;
+        tokio-tungstenite | fastwebsockets | echo_tokio | echo_hyper) [[ $2 == echo || $2 == slow || $2 == idle ]] ;;
         pubsub-*) [[ $2 == broadcast || $2 == fanout ]] ;;
         *) return 1 ;;
     esac
@@ -125,6 +126,11 @@ done
 # Idle memory goes with the echo scenarios: a pub/sub-only run leaves it out unless asked.
 ((NEED_ECHO || IDLE_SET)) || IDLE=0
 ((IDLE)) && NEED_ECHO=1
+# The tokio/hyper adapter examples are built only when an echo scenario lists them.
+NEED_ADAPTERS=0
+if ((NEED_ECHO)) && [[ ,$SERVERS, == *,echo_tokio,* || ,$SERVERS, == *,echo_hyper,* ]]; then
+    NEED_ADAPTERS=1
+fi
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
@@ -132,6 +138,8 @@ WSLOAD=$TARGET/release/wsload
 ECHO=$TARGET/release/examples/echo
 PUBSUB_EXAMPLE=${PUBSUB_EXAMPLE:-pubsub}
 PUBSUB=$TARGET/release/examples/$PUBSUB_EXAMPLE
+ECHO_TOKIO=$TARGET/release/examples/echo_tokio
+ECHO_HYPER=$TARGET/release/examples/echo_hyper
 TUNGSTENITE=$PEERS_TARGET/release/tungstenite-echo
 FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
 PS_TUNGSTENITE=$PEERS_TARGET/release/pubsub-tungstenite
@@ -152,6 +160,8 @@ server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARG
         base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1) ;;
         tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
         fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
+        echo_tokio) SERVER_ARGV=("$ECHO_TOKIO" --addr "$addr" --threads 1) ;;
+        echo_hyper) SERVER_ARGV=("$ECHO_HYPER" --addr "$addr" --threads 1) ;;
         pubsub-tungstenite) SERVER_ARGV=("$PS_TUNGSTENITE" --addr "$addr" --threads 1) ;;
         pubsub-fastwebsockets) SERVER_ARGV=("$PS_FASTWS" --addr "$addr" --threads 1) ;;
         *) return 1 ;;
@@ -194,10 +204,15 @@ if ((BUILD)); then
     log "building in release: wsload, the examples (${examples[*]}), the peers"
     cargo build --release -p wsload || die "cargo build -p wsload failed"
     cargo build --release -p websocket-driver "${examples[@]}" || die "cargo build ${examples[*]} failed"
+    if ((NEED_ADAPTERS)); then
+        cargo build --release -p websocket-driver --features hyper --example echo_tokio --example echo_hyper ||
+            die "cargo build --example echo_tokio/echo_hyper failed"
+    fi
     cargo build --release --manifest-path loadtest/peers/Cargo.toml || die "building loadtest/peers failed"
 fi
 needed=("$WSLOAD")
 ((NEED_ECHO)) && needed+=("$ECHO" "$TUNGSTENITE" "$FASTWS")
+((NEED_ADAPTERS)) && needed+=("$ECHO_TOKIO" "$ECHO_HYPER")
 ((NEED_PUBSUB)) && needed+=("$PUBSUB" "$PS_TUNGSTENITE" "$PS_FASTWS")
 for bin in "${needed[@]}"; do
     [[ -x $bin ]] || die "$bin missing (run without --no-build)"

@@ -1,24 +1,27 @@
-//! The connection task: one per connection, it owns the [`Driver`] and the stream, reads,
-//! parses as the receiver asks, applies the senders' commands, writes the driver's output
-//! and runs the deadlines.
+//! The connection task behind [`WsSender`] / [`WsReceiver`]: one per connection, it owns a
+//! [`WebSocketStream`] and moves events to the receiver and the senders' commands to the
+//! driver. Everything else (reading, parsing, writing, the deadlines, the close) is the
+//! stream's.
+//!
+//! What the task and its channels cost over polling the stream directly is measured in
+//! `loadtest/results/tokio-adapters/` (the split rows).
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::io;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
-use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use ::tokio::io::{AsyncRead, AsyncWrite};
 use ::tokio::sync::{Notify, mpsc, oneshot};
-use ::tokio::time::{Instant, sleep_until, timeout};
 
 use super::config::Config;
 use super::receiver::WsReceiver;
 use super::sender::WsSender;
 use super::shared::{Ack, Command, Queued, Shared, state_code};
-use crate::protocol::driver::{Driver, Event, ReadyState, Role, SendToken};
-use crate::protocol::error::{Error, code};
-use crate::session::timers::{Expired, TimerConfig, Timers};
+use super::stream::WebSocketStream;
+use crate::protocol::driver::{Driver, Event, ReadyState, SendToken};
+use crate::protocol::error::code;
 
 /// Events the receiver may lag behind before the connection stops reading.
 const EVENT_QUEUE: usize = 32;
@@ -26,9 +29,11 @@ const EVENT_QUEUE: usize = 32;
 const COMMAND_QUEUE: usize = 64;
 
 /// Runs a started driver over `stream` on a new task, for transports whose handshake
-/// happened elsewhere (the hyper adapter uses this). `read_ahead` holds bytes already read
-/// from the stream past the handshake. Queued driver events (a server's `Open`) come out
-/// of the receiver first.
+/// happened elsewhere. `read_ahead` holds bytes already read from the stream past the
+/// handshake. Queued driver events (a server's `Open`) come out of the receiver first.
+///
+/// For an `Unpin` stream, [`WebSocketStream::from_driver`] and [`WebSocketStream::spawn`]
+/// do the same without boxing the stream.
 pub fn spawn<S>(
     stream: S,
     driver: Driver,
@@ -38,88 +43,66 @@ pub fn spawn<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    spawn_with(stream, driver, read_ahead, VecDeque::new(), config)
+    WebSocketStream::from_driver(Box::pin(stream), driver, &read_ahead, config).spawn()
 }
 
-pub(super) fn spawn_with<S>(
-    stream: S,
-    driver: Driver,
-    read_ahead: Vec<u8>,
-    inbox: VecDeque<Event<'static>>,
-    config: &Config,
-) -> (WsSender, WsReceiver)
+impl<S> WebSocketStream<S>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(Shared {
-        queued: AtomicUsize::new(0),
-        buffered: AtomicUsize::new(driver.buffered_amount()),
-        state: AtomicU8::new(state_code(driver.ready_state())),
-        finished: AtomicBool::new(false),
-        changed: Notify::new(),
-        demand: Notify::new(),
-        protocol: driver.protocol().map(str::to_string),
-        limit: config.max_backpressure,
-    });
-    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
-    let end = read_ahead.len();
-    let mut buf = read_ahead;
-    buf.resize(end.max(config.read_buffer_size.max(1)), 0);
-    let connection = Connection {
-        driver,
-        timers: Timers::new(),
-        timer_config: config.timer_config(),
-        inbox,
-        shared: shared.clone(),
-        commands: command_rx,
-        written: VecDeque::new(),
-        pongs: Vec::new(),
-        events: event_tx,
-        config: config.clone(),
-        close_seen: false,
-        buf,
-        start: 0,
-        end,
-        credit: false,
-        receiver_gone: false,
-    };
-    ::tokio::spawn(connection.run(stream));
-    (
-        WsSender {
-            commands: command_tx,
+    /// Moves the connection onto a task of its own and returns the split API: a cloneable
+    /// [`WsSender`] for any number of tasks and a [`WsReceiver`] of the events. Needs a
+    /// tokio runtime.
+    ///
+    /// Cost: the task and its channels put a task switch and two channel hops between the
+    /// socket and the app on every message (see `loadtest/results/tokio-adapters/`), and
+    /// every message is copied into an owned command. Poll the stream directly when one
+    /// task does all the sending.
+    pub fn spawn(self) -> (WsSender, WsReceiver) {
+        let driver = self.driver();
+        let shared = Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            buffered: AtomicUsize::new(self.buffered_amount()),
+            state: AtomicU8::new(state_code(driver.ready_state())),
+            finished: AtomicBool::new(false),
+            changed: Notify::new(),
+            demand: Notify::new(),
+            protocol: driver.protocol().map(str::to_string),
+            limit: self.limit(),
+        });
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+        let connection = Connection {
+            ws: self,
+            inbox: VecDeque::new(),
             shared: shared.clone(),
-        },
-        WsReceiver {
-            events: event_rx,
-            shared,
-            requested: false,
-            closed: false,
-        },
-    )
-}
-
-// ----- the connection task -----
-
-/// Writes some of `output` (`Some(n)`), or flushes when it is empty (`None`). Cancel-safe:
-/// a write dropped before completing wrote nothing.
-async fn write_or_flush<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    output: &[u8],
-) -> io::Result<Option<usize>> {
-    if output.is_empty() {
-        wr.flush().await.map(|()| None)
-    } else {
-        wr.write(output).await.map(Some)
+            commands: command_rx,
+            written: VecDeque::new(),
+            pongs: Vec::new(),
+            events: event_tx,
+            close_seen: false,
+            credit: false,
+            receiver_gone: false,
+        };
+        ::tokio::spawn(connection.run());
+        (
+            WsSender {
+                commands: command_tx,
+                shared: shared.clone(),
+            },
+            WsReceiver {
+                events: event_rx,
+                shared,
+                requested: false,
+                closed: false,
+            },
+        )
     }
 }
 
-struct Connection {
-    driver: Driver,
-    /// The close deadline and the idle keepalive.
-    timers: Timers,
-    timer_config: TimerConfig,
-    /// Events taken from the driver, not yet handed to the receiver.
+struct Connection<S> {
+    ws: WebSocketStream<S>,
+    /// Events taken from the stream, not yet handed to the receiver.
     inbox: VecDeque<Event<'static>>,
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Queued>,
@@ -128,37 +111,42 @@ struct Connection {
     /// Pings waiting for their pong: payload and receipt, oldest first.
     pongs: Vec<(Vec<u8>, oneshot::Sender<()>)>,
     events: mpsc::Sender<Event<'static>>,
-    config: Config,
     /// A `Close` went into the inbox: nothing may follow it.
     close_seen: bool,
-    /// The read buffer; `buf[start..end]` is read and not yet parsed.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
     /// The receiver asked for an event and has not been given one since.
     credit: bool,
     receiver_gone: bool,
 }
 
-/// The clock the deadlines run on (tokio's, so a paused test clock applies).
-fn now() -> std::time::Instant {
-    Instant::now().into_std()
+/// What one turn of the stream gave the task.
+enum Step {
+    /// An event, or `None`: the stream is over.
+    Event(Option<Event<'static>>),
+    /// Bytes were written or a deadline fired.
+    Progress,
 }
 
-/// Copies borrowed payloads so an event outlives the read buffer.
-fn owned(event: Event<'_>) -> Event<'static> {
-    match event {
-        Event::Open => Event::Open,
-        Event::Message(m) => Event::Message(m.into_owned()),
-        Event::Ping(p) => Event::Ping(Cow::Owned(p.into_owned())),
-        Event::Pong(p) => Event::Pong(Cow::Owned(p.into_owned())),
-        Event::Error(e) => Event::Error(e),
-        Event::Close { code, reason } => Event::Close { code, reason },
+/// Drives the stream: parses the next event if `parse`, otherwise only writes and runs
+/// the deadlines.
+fn drive<S>(ws: &mut WebSocketStream<S>, cx: &mut Context<'_>, parse: bool) -> Poll<Step>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if parse {
+        if let Poll::Ready(event) = ws.poll_next_event(cx) {
+            return Poll::Ready(Step::Event(event));
+        }
+        ws.take_progress().map(|()| Step::Progress)
+    } else {
+        ws.poll_background(cx).map(|()| Step::Progress)
     }
 }
 
-impl Connection {
-    fn push(&mut self, event: Event<'_>) {
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn push(&mut self, event: Event<'static>) {
         match event {
             Event::Close { .. } => {
                 self.close_seen = true;
@@ -170,18 +158,10 @@ impl Connection {
                     let _ = self.pongs.remove(at).1.send(());
                 }
             }
-            // A client driver handed over still connecting has just opened.
-            Event::Open => self.timers.opened(now(), &self.timer_config),
             _ => {}
         }
-        self.inbox.push_back(owned(event));
-    }
-
-    /// Moves the events the driver already queued (no input) into the inbox.
-    fn drain(&mut self) {
-        while let (_, Some(event)) = self.driver.poll_event(&mut []) {
-            self.push(event);
-        }
+        self.credit = false;
+        self.inbox.push_back(event);
     }
 
     /// Whether the next event may be parsed now.
@@ -191,68 +171,30 @@ impl Connection {
     /// message before asking for the next (an echo) sees its answer go out before whatever
     /// the following frames cause (a protocol error's close, a pong), as with a
     /// synchronous handler. Once closing, nothing can be sent any more, and input is parsed
-    /// as it comes (up to the receiver's queue).
+    /// as it comes (up to the receiver's queue). After the close, the stream only ends
+    /// the transport.
     fn may_parse(&self) -> bool {
-        self.inbox.is_empty()
-            && (self.credit || self.receiver_gone || self.driver.ready_state() != ReadyState::Open)
-    }
-
-    /// Parses up to one event from the unparsed input; true if one came.
-    fn parse_one(&mut self) -> bool {
-        if self.driver.ready_state() == ReadyState::Open {
-            // Commands queued before the receiver's request go first.
-            while let Ok((command, ack)) = self.commands.try_recv() {
-                self.apply(command, ack);
-            }
-        }
-        let mut buf = std::mem::take(&mut self.buf);
-        let (used, event) = self.driver.poll_event(&mut buf[self.start..self.end]);
-        self.start += used;
-        let got = match event {
-            Some(event) => {
-                self.push(event);
-                true
-            }
-            None => false,
-        };
-        self.buf = buf;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        if got {
-            self.credit = false;
-        }
-        got
-    }
-
-    /// The transport failed or ended: report the error (if the connection was not closed
-    /// already) and let the driver report its close.
-    fn transport_ended(&mut self, error: Option<io::Error>) {
-        if let Some(e) = error
-            && !self.close_seen
-        {
-            self.inbox.push_back(Event::Error(Error::Io(e)));
-        }
-        self.driver.receive_eof();
-        self.drain();
+        self.close_seen
+            || (self.inbox.is_empty()
+                && (self.credit || self.receiver_gone || self.ws.ready_state() != ReadyState::Open))
     }
 
     fn apply(&mut self, command: Command, ack: Option<Ack>) {
         let cost = command.cost();
         let mut ping = None;
+        let driver = self.ws.driver_mut();
         // Refused commands (the connection closed meanwhile) are dropped, and so are their
         // receipts' senders: the receipts fail.
         let sent = match command {
-            Command::Text(t) => self.driver.send_text(&t),
-            Command::Binary(b) => self.driver.send_binary(&b),
+            Command::Text(t) => driver.send_text(&t),
+            Command::Binary(b) => driver.send_binary(&b),
             Command::Ping(p) => {
-                let sent = self.driver.send_ping(&p);
+                let sent = driver.send_ping(&p);
                 ping = Some(p);
                 sent
             }
-            Command::Pong(p) => self.driver.send_pong(&p),
-            Command::Close(c, r) => self.driver.close_connection(c, &r),
+            Command::Pong(p) => driver.send_pong(&p),
+            Command::Close(c, r) => driver.close_connection(c, &r),
         };
         match (sent, ack, ping) {
             (Ok(token), Some(Ack::Written(done)), _) => self.written.push_back((token, done)),
@@ -261,14 +203,14 @@ impl Connection {
         }
         self.shared
             .buffered
-            .store(self.driver.buffered_amount(), Ordering::Release);
+            .store(self.ws.buffered_amount(), Ordering::Release);
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
     }
 
     /// Completes the receipts of the sends whose frames are now written.
     fn confirm_written(&mut self) {
         while let Some((token, _)) = self.written.front() {
-            if !self.driver.is_sent(*token) {
+            if !self.ws.driver().is_sent(*token) {
                 break;
             }
             let (_, done) = self.written.pop_front().expect("front exists");
@@ -294,45 +236,29 @@ impl Connection {
         }
     }
 
-    async fn run<S>(mut self, stream: S)
-    where
-        S: AsyncRead + AsyncWrite + Send + 'static,
-    {
-        let (mut rd, mut wr) = ::tokio::io::split(stream);
+    async fn run(mut self) {
         let shared = self.shared.clone();
-        let mut reading = true;
-        let mut writing = true;
-        let mut flushed = true;
         let mut commands_open = true;
-        match self.driver.ready_state() {
-            ReadyState::Connecting => self.timers.handshake_started(now(), &self.timer_config),
-            _ => self.timers.opened(now(), &self.timer_config),
-        }
         loop {
+            // The state goes out before the events: a receiver that sees `Close` finds the
+            // senders refusing already.
+            self.shared.publish(self.ws.driver());
+            self.confirm_written();
             self.try_deliver();
-            if self.may_parse() && self.parse_one() {
-                continue;
-            }
-            self.shared.publish(&self.driver);
-            if !writing || self.driver.is_finished() {
-                break;
-            }
-            let state = self.driver.ready_state();
+            let state = self.ws.ready_state();
             if self.receiver_gone && !commands_open && state == ReadyState::Open {
                 // Nobody can use the connection any more: close it properly.
-                let _ = self.driver.close_connection(code::NORMAL, "");
+                let _ = self.ws.driver_mut().close_connection(code::NORMAL, "");
                 continue;
             }
-            if matches!(state, ReadyState::Closing | ReadyState::Closed) {
-                // Once closing, the peer has the close timeout to answer and take the rest.
-                self.timers.close_started(now(), &self.timer_config);
+            let parse = self.may_parse();
+            if parse && state == ReadyState::Open {
+                // Commands queued before the receiver's request go first.
+                while let Ok((command, ack)) = self.commands.try_recv() {
+                    self.apply(command, ack);
+                }
             }
-            if state == ReadyState::Closed {
-                self.timers.closed();
-            }
-            let deadline = self.timers.poll_timeout().map(Instant::from_std);
-            let has_output = !self.driver.pending_output().is_empty();
-            let want_input = reading && self.may_parse() && self.start == self.end;
+            let ws = &mut self.ws;
             ::tokio::select! {
                 permit = self.events.clone().reserve_owned(), if !self.inbox.is_empty() => {
                     match permit {
@@ -349,107 +275,33 @@ impl Connection {
                     self.receiver_gone = true;
                 }
                 _ = shared.demand.notified(), if !self.credit => self.credit = true,
-                // Write while there is output, then flush (a TLS stream may buffer).
-                done = write_or_flush(&mut wr, self.driver.pending_output()),
-                    if has_output || !flushed => match done {
-                    Ok(Some(0)) => {
-                        writing = false;
-                        self.transport_ended(Some(io::ErrorKind::WriteZero.into()));
-                    }
-                    Ok(Some(n)) => {
-                        self.driver.consume_output(n);
-                        self.confirm_written();
-                        flushed = false;
-                    }
-                    Ok(None) => flushed = true,
-                    Err(e) => {
-                        writing = false;
-                        self.transport_ended(Some(e));
-                    }
-                },
                 command = self.commands.recv(), if commands_open => match command {
                     Some((command, ack)) => self.apply(command, ack),
                     None => commands_open = false,
                 },
-                read = rd.read(&mut self.buf), if want_input => match read {
-                    Ok(0) => {
-                        reading = false;
-                        self.transport_ended(None);
-                    }
-                    Ok(n) => {
-                        self.start = 0;
-                        self.end = n;
-                        self.timers.received(now(), &self.timer_config);
-                    }
-                    Err(e) => {
-                        reading = false;
-                        self.transport_ended(Some(e));
-                    }
+                step = poll_fn(|cx| drive(ws, cx, parse)) => match step {
+                    Step::Event(Some(event)) => self.push(event),
+                    Step::Event(None) => break,
+                    Step::Progress => {}
                 },
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    match self.timers.handle_timeout(now(), &self.timer_config, &mut self.driver) {
-                        // The opening or close handshake took too long: drop the peer.
-                        Expired::Drop(_) => {
-                            self.drain();
-                            writing = false;
-                        }
-                        // A silent peer: the close frame goes out, then the close timeout.
-                        Expired::IdleClose => self.drain(),
-                        // A keepalive ping is queued (or nothing was due yet).
-                        Expired::Ping | Expired::Nothing => {}
-                    }
-                }
-                else => break,
             }
         }
-        self.drain();
-        // Closed: stop taking commands, tell the senders, hand out the last events while
-        // the stream ends.
+        // Closed: stop taking commands, tell the senders, hand out the last events.
         self.commands.close();
         self.shared.finish();
         // What was not confirmed by now never will be: fail the receipts (unapplied
-        // commands included) now rather than after the linger.
+        // commands included).
         while self.commands.try_recv().is_ok() {}
         self.written.clear();
         self.pongs.clear();
         let Connection {
-            driver,
-            inbox,
-            events,
-            config,
-            mut buf,
-            ..
+            ws, inbox, events, ..
         } = self;
-        let linger = async {
-            if !writing {
-                return;
+        drop(ws);
+        for event in inbox {
+            if events.send(event).await.is_err() {
+                break;
             }
-            let wait_eof = async {
-                while reading {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => reading = false,
-                        Ok(_) => {}
-                    }
-                }
-            };
-            if driver.role() == Role::Server {
-                // The server closes TCP first (RFC 6455 §7.1.1) but reads on for a moment,
-                // so unread bytes do not turn the close into a reset.
-                let _ = timeout(config.close_timeout, wr.shutdown()).await;
-                let _ = timeout(config.close_timeout, wait_eof).await;
-            } else {
-                // The client waits for the server to close first.
-                let _ = timeout(config.close_timeout, wait_eof).await;
-                let _ = timeout(config.close_timeout, wr.shutdown()).await;
-            }
-        };
-        let flush_events = async {
-            for event in inbox {
-                if events.send(event).await.is_err() {
-                    break;
-                }
-            }
-        };
-        ::tokio::join!(linger, flush_events);
+        }
     }
 }

@@ -1,7 +1,7 @@
-//! The opening handshakes: [`accept`] on the server side, [`connect`] and [`client`] on
-//! the client side. Each ends by starting the connection task.
+//! The opening handshakes: [`WebSocketStream::accept`] on the server side,
+//! [`WebSocketStream::connect`] and [`WebSocketStream::client`] on the client side, and the
+//! split-API functions over them ([`accept`], [`connect`], [`client`]…).
 
-use std::collections::VecDeque;
 use std::io;
 
 use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -9,9 +9,9 @@ use ::tokio::net::TcpStream;
 use ::tokio::time::timeout;
 
 use super::config::Config;
-use super::connection::{spawn, spawn_with};
 use super::receiver::WsReceiver;
 use super::sender::WsSender;
+use super::stream::WebSocketStream;
 use crate::protocol::driver::{Driver, Event, ReadyState};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::frame::Status;
@@ -51,8 +51,148 @@ where
     }
 }
 
+fn tcp_url(url: &str, hint: &str) -> Result<ClientUrl, Error> {
+    let parsed = ClientUrl::parse(url)?;
+    if parsed.secure {
+        return Err(UsageError::InvalidUrl(format!("{url} ({hint})")).into());
+    }
+    Ok(parsed)
+}
+
+async fn tcp_connect(url: &ClientUrl, config: &Config) -> Result<TcpStream, Error> {
+    let stream = match timeout(
+        config.handshake_timeout,
+        TcpStream::connect((url.host.as_str(), url.port)),
+    )
+    .await
+    {
+        Ok(stream) => stream?,
+        Err(_) => return Err(timed_out("connect timed out")),
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
+    /// Accepts a WebSocket connection on `io`: reads the upgrade request, answers it (the
+    /// 101 is written before this returns; an HTTP error for a bad one) and returns the
+    /// open stream (its first event is `Open`).
+    pub async fn accept(io: S, options: &Options) -> Result<Self, Error> {
+        Self::accept_with(io, options, &Config::default(), |_| Ok(())).await
+    }
+
+    /// [`WebSocketStream::accept`] with settings and a check: `check` sees the parsed
+    /// request (path, headers) and may refuse it with an HTTP response, which is sent
+    /// before the stream closes.
+    pub async fn accept_with<F>(
+        mut io: S,
+        options: &Options,
+        config: &Config,
+        check: F,
+    ) -> Result<Self, Error>
+    where
+        F: FnOnce(&Request) -> Result<(), HttpResponse>,
+    {
+        let (request, read_ahead) =
+            match timeout(config.handshake_timeout, read_request(&mut io, options)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(timed_out("handshake timed out")),
+            };
+        let mut driver =
+            match upgrade::answer(&request, options, check(&request), NonUpgrade::BadRequest) {
+                Answer::Accept(driver, ()) => driver,
+                Answer::Reject(refusal) => {
+                    reject(&mut io, &refusal.response).await;
+                    return Err(refusal.error);
+                }
+            };
+        driver.start_connection();
+        let config = config.for_max_length(options.max_length);
+        let mut ws = Self::from_driver(io, driver, &read_ahead, &config);
+        // The 101 goes out now: the handshake is complete when this returns.
+        match timeout(config.handshake_timeout, ws.flush()).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("handshake timed out")),
+        }
+        Ok(ws)
+    }
+
+    /// Runs the client handshake for `url` over an already connected `io` (TCP, TLS, a
+    /// proxy tunnel) and returns the open stream (its first event is `Open`).
+    pub async fn client(io: S, url: &str, options: &Options) -> Result<Self, Error> {
+        Self::client_with(io, url, options, &Config::default()).await
+    }
+
+    /// [`WebSocketStream::client`] with settings.
+    pub async fn client_with(
+        mut io: S,
+        url: &str,
+        options: &Options,
+        config: &Config,
+    ) -> Result<Self, Error> {
+        let mut driver = Driver::make_client(url, options)?;
+        driver.start_connection();
+        let handshake = async {
+            io.write_all(driver.pending_output()).await?;
+            let n = driver.pending_output().len();
+            driver.consume_output(n);
+            io.flush().await?;
+            let mut buf = vec![0u8; 8 * 1024];
+            loop {
+                let n = io.read(&mut buf).await?;
+                if n == 0 {
+                    driver.receive_eof();
+                }
+                let mut at = 0;
+                loop {
+                    let (used, event) = driver.poll_event(&mut buf[at..n]);
+                    at += used;
+                    match event {
+                        None => break,
+                        Some(Event::Open) => return Ok::<_, Error>(buf[at..n].to_vec()),
+                        Some(Event::Error(e)) => return Err(e),
+                        Some(_) => {}
+                    }
+                }
+                if n == 0 || driver.ready_state() == ReadyState::Closed {
+                    return Err(HandshakeError::Incomplete.into());
+                }
+            }
+        };
+        let read_ahead = match timeout(config.handshake_timeout, handshake).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("handshake timed out")),
+        };
+        let config = config.for_max_length(options.max_length);
+        Ok(Self::from_driver(io, driver, &read_ahead, &config).with_open_first())
+    }
+}
+
+impl WebSocketStream<TcpStream> {
+    /// Connects to a `ws://` URL over TCP and completes the handshake. For `wss://`, open
+    /// the TLS stream yourself and use [`WebSocketStream::client`].
+    pub async fn connect(url: &str, options: &Options) -> Result<Self, Error> {
+        Self::connect_with(url, options, &Config::default()).await
+    }
+
+    /// [`WebSocketStream::connect`] with settings.
+    pub async fn connect_with(
+        url: &str,
+        options: &Options,
+        config: &Config,
+    ) -> Result<Self, Error> {
+        let parsed = tcp_url(
+            url,
+            "wss:// needs a TLS stream: connect one and call WebSocketStream::client",
+        )?;
+        let stream = tcp_connect(&parsed, config).await?;
+        Self::client_with(stream, url, options, config).await
+    }
+}
+
 /// Accepts a WebSocket connection on `stream`: reads the upgrade request, answers it (an
 /// HTTP error for a bad one) and starts the connection task. Needs a tokio runtime.
+/// [`WebSocketStream::accept`] does the same without the task.
 pub async fn accept<S>(stream: S, options: &Options) -> Result<(WsSender, WsReceiver), Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -63,7 +203,7 @@ where
 /// [`accept`] with settings and a check: `check` sees the parsed request (path, headers)
 /// and may refuse it with an HTTP response, which is sent before the stream closes.
 pub async fn accept_with<S, F>(
-    mut stream: S,
+    stream: S,
     options: &Options,
     config: &Config,
     check: F,
@@ -72,21 +212,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: FnOnce(&Request) -> Result<(), HttpResponse>,
 {
-    let (request, read_ahead) =
-        match timeout(config.handshake_timeout, read_request(&mut stream, options)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(timed_out("handshake timed out")),
-        };
-    let mut driver =
-        match upgrade::answer(&request, options, check(&request), NonUpgrade::BadRequest) {
-            Answer::Accept(driver, ()) => driver,
-            Answer::Reject(refusal) => {
-                reject(&mut stream, &refusal.response).await;
-                return Err(refusal.error);
-            }
-        };
-    driver.start_connection();
-    Ok(spawn(stream, driver, read_ahead, config))
+    WebSocketStream::accept_with(stream, options, config, check)
+        .await
+        .map(WebSocketStream::spawn)
 }
 
 /// Connects to a `ws://` URL over TCP and completes the handshake. For `wss://`, open the
@@ -101,23 +229,11 @@ pub async fn connect_with(
     options: &Options,
     config: &Config,
 ) -> Result<(WsSender, WsReceiver), Error> {
-    let parsed = ClientUrl::parse(url)?;
-    if parsed.secure {
-        return Err(UsageError::InvalidUrl(format!(
-            "{url} (wss:// needs a TLS stream: connect one and call websocket_driver::tokio::client)"
-        ))
-        .into());
-    }
-    let stream = match timeout(
-        config.handshake_timeout,
-        TcpStream::connect((parsed.host.as_str(), parsed.port)),
-    )
-    .await
-    {
-        Ok(stream) => stream?,
-        Err(_) => return Err(timed_out("connect timed out")),
-    };
-    stream.set_nodelay(true)?;
+    let parsed = tcp_url(
+        url,
+        "wss:// needs a TLS stream: connect one and call websocket_driver::tokio::client",
+    )?;
+    let stream = tcp_connect(&parsed, config).await?;
     client_with(stream, url, options, config).await
 }
 
@@ -136,7 +252,7 @@ where
 
 /// [`client`] with settings.
 pub async fn client_with<S>(
-    mut stream: S,
+    stream: S,
     url: &str,
     options: &Options,
     config: &Config,
@@ -144,40 +260,7 @@ pub async fn client_with<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut driver = Driver::make_client(url, options)?;
-    driver.start_connection();
-    let handshake = async {
-        stream.write_all(driver.pending_output()).await?;
-        let n = driver.pending_output().len();
-        driver.consume_output(n);
-        stream.flush().await?;
-        let mut buf = vec![0u8; 8 * 1024];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                driver.receive_eof();
-            }
-            let mut at = 0;
-            loop {
-                let (used, event) = driver.poll_event(&mut buf[at..n]);
-                at += used;
-                match event {
-                    None => break,
-                    Some(Event::Open) => return Ok::<_, Error>(buf[at..n].to_vec()),
-                    Some(Event::Error(e)) => return Err(e),
-                    Some(_) => {}
-                }
-            }
-            if n == 0 || driver.ready_state() == ReadyState::Closed {
-                return Err(HandshakeError::Incomplete.into());
-            }
-        }
-    };
-    let read_ahead = match timeout(config.handshake_timeout, handshake).await {
-        Ok(result) => result?,
-        Err(_) => return Err(timed_out("handshake timed out")),
-    };
-    let mut events = VecDeque::new();
-    events.push_back(Event::Open);
-    Ok(spawn_with(stream, driver, read_ahead, events, config))
+    WebSocketStream::client_with(stream, url, options, config)
+        .await
+        .map(WebSocketStream::spawn)
 }

@@ -2,6 +2,42 @@
 //! from the driver's own handshake, and the upgraded stream runs on the
 //! [tokio adapter](crate::tokio).
 //!
+//! Three ways in, fastest first:
+//!
+//! - [`WebSocketUpgrade`]: the axum extractor, with axum's own idiom and types
+//!   ([`WebSocket`], [`Message`], [`CloseFrame`], [`Utf8Bytes`]): an axum app switches by
+//!   changing `use axum::extract::ws::{…}` to `use websocket_driver::hyper::{…}`.
+//!   [`WebSocketUpgrade::from_request`] does the same for a plain hyper request. The
+//!   socket is a [`WebSocketStream`] driven inline by the handler's task.
+//! - [`serve_stream`] / [`upgrade_stream`]: the inline [`WebSocketStream`] with the
+//!   crate's [`Event`](crate::Event)s, for plain hyper.
+//! - [`serve`] / [`upgrade`]: the cloneable-sender API ([`WsSender`] + [`WsReceiver`],
+//!   a connection task in between), for apps that send from many tasks.
+//!
+//! axum's WebSocket example, with its `use axum::extract::ws::{Message, WebSocket,
+//! WebSocketUpgrade};` line changed and nothing else:
+//!
+//! ```no_run
+//! use websocket_driver::hyper::{Message, WebSocket, WebSocketUpgrade};
+//!
+//! async fn handler(ws: WebSocketUpgrade) -> axum::response::Response {
+//!     ws.on_upgrade(handle_socket)
+//! }
+//!
+//! async fn handle_socket(mut socket: WebSocket) {
+//!     while let Some(Ok(msg)) = socket.recv().await {
+//!         if let Message::Text(_) | Message::Binary(_) = msg {
+//!             if socket.send(msg).await.is_err() {
+//!                 return;
+//!             }
+//!         }
+//!     }
+//! }
+//! # let _ = axum::Router::<()>::new().route("/ws", axum::routing::get(handler));
+//! ```
+//!
+//! Plain hyper, inline:
+//!
 //! ```no_run
 //! use http_body_util::Full;
 //! use hyper::body::Bytes;
@@ -9,10 +45,10 @@
 //! use websocket_driver::{Event, Options};
 //!
 //! async fn route(mut req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-//!     websocket_driver::hyper::serve(&mut req, &Options::default(), |tx, mut rx| async move {
-//!         while let Some(event) = rx.next().await {
+//!     websocket_driver::hyper::serve_stream(&mut req, &Options::default(), |mut ws| async move {
+//!         while let Some(event) = ws.next().await {
 //!             if let Event::Message(message) = event {
-//!                 let _ = tx.send_message(message).await;
+//!                 let _ = ws.send_message(message).await;
 //!             }
 //!         }
 //!     })
@@ -20,8 +56,8 @@
 //! ```
 //!
 //! The hyper connection must allow upgrades: `http1::Builder::serve_connection(..)
-//! .with_upgrades()` (axum's `serve` does). See `examples/echo_hyper.rs` and
-//! `examples/axum.rs`.
+//! .with_upgrades()` (axum's `serve` does). See `examples/echo_hyper.rs`,
+//! `examples/echo_axum.rs` and `examples/axum.rs`.
 //!
 //! How the driver meets hyper: [`upgrade`] converts the hyper request into a
 //! [`protocol::handshake::Request`](crate::Request), creates a server [`Driver`] with
@@ -29,8 +65,8 @@
 //! transport. The driver's queued 101 head is then parsed into the hyper `Response` (so the
 //! accept key, subprotocol and `additional_headers` are the driver's) and marked written
 //! with [`Driver::consume_output`], since hyper writes the response. When hyper hands over
-//! the upgraded IO, the already open driver runs on it through [`crate::tokio::spawn`].
-//! Only public driver APIs are used.
+//! the upgraded IO, the already open driver runs on it through
+//! [`WebSocketStream::from_driver`]. Only public driver APIs are used.
 
 use std::future::Future;
 use std::io;
@@ -47,26 +83,44 @@ use crate::protocol::driver::Driver;
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake;
 use crate::protocol::options::Options;
-use crate::tokio::{Config, WsReceiver, WsSender};
+use crate::tokio::{Config, WebSocketStream, WsReceiver, WsSender};
+
+mod axum;
+
+pub use axum::{
+    CloseCode, CloseFrame, DefaultOnFailedUpgrade, Message, OnFailedUpgrade, Utf8Bytes, WebSocket,
+    WebSocketUpgrade, WebSocketUpgradeRejection,
+};
+
+/// The inline stream over a hyper upgrade.
+pub type HyperStream = WebSocketStream<TokioIo<::hyper::upgrade::Upgraded>>;
 
 /// The request head as the driver sees it. Header values that are not UTF-8 are kept
 /// lossily (the handshake headers are ASCII).
 pub fn to_request<B>(req: &Request<B>) -> handshake::Request {
-    let version = match req.version() {
+    head_to_request(req.method(), req.uri(), req.version(), req.headers())
+}
+
+/// [`to_request`] from the parts of a request head (what an axum extractor sees).
+pub(crate) fn head_to_request(
+    method: &::hyper::Method,
+    uri: &::hyper::Uri,
+    version: ::hyper::Version,
+    headers: &::hyper::HeaderMap,
+) -> handshake::Request {
+    let version = match version {
         ::hyper::Version::HTTP_10 => 0,
         ::hyper::Version::HTTP_11 => 1,
         // HTTP/2 and later carry WebSockets differently (RFC 8441): not a valid upgrade here.
         _ => 2,
     };
     handshake::Request {
-        method: req.method().as_str().to_string(),
-        path: req
-            .uri()
+        method: method.as_str().to_string(),
+        path: uri
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
         version,
-        headers: req
-            .headers()
+        headers: headers
             .iter()
             .map(|(name, value)| {
                 (
@@ -123,27 +177,84 @@ pub fn upgrade_with<B>(
     options: &Options,
     config: &Config,
 ) -> Result<(Response<Full<Bytes>>, Upgrading), Error> {
-    let mut driver = Driver::make_server(&to_request(req), options)?;
+    let (response, stream) = upgrade_stream_with(req, options, config)?;
+    let inner = Box::pin(async move { stream.await.map(WebSocketStream::spawn) });
+    Ok((response, Upgrading { inner }))
+}
+
+/// A started server driver for `request` and the 101 response hyper is to write (the
+/// driver's own head, marked written).
+pub(crate) fn accept_head(
+    request: &handshake::Request,
+    options: &Options,
+) -> Result<(Response<Full<Bytes>>, Driver), Error> {
+    let mut driver = Driver::make_server(request, options)?;
     driver.start_connection();
     let head = driver.pending_output();
     let response = response_from_head(head)?;
     // hyper writes the 101; the driver goes on from the first frame.
     let written = head.len();
     driver.consume_output(written);
-    let on_upgrade = ::hyper::upgrade::on(req);
-    let config = config.clone();
-    let inner = Box::pin(async move {
-        let upgraded = on_upgrade
-            .await
+    Ok((response, driver))
+}
+
+/// The upgraded connection as an inline [`WebSocketStream`], once hyper has sent the 101
+/// and handed the stream over.
+#[derive(Debug)]
+pub struct UpgradingStream {
+    on_upgrade: ::hyper::upgrade::OnUpgrade,
+    driver: Option<(Driver, Config)>,
+}
+
+impl UpgradingStream {
+    pub(crate) fn new(
+        on_upgrade: ::hyper::upgrade::OnUpgrade,
+        driver: Driver,
+        config: &Config,
+    ) -> Self {
+        UpgradingStream {
+            on_upgrade,
+            driver: Some((driver, config.clone())),
+        }
+    }
+}
+
+impl Future for UpgradingStream {
+    type Output = Result<HyperStream, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let upgraded = std::task::ready!(Pin::new(&mut self.on_upgrade).poll(cx))
             .map_err(|e| Error::Io(io::Error::other(e)))?;
-        Ok(crate::tokio::spawn(
+        let (driver, config) = self.driver.take().expect("polled after completion");
+        Poll::Ready(Ok(WebSocketStream::from_driver(
             TokioIo::new(upgraded),
             driver,
-            Vec::new(),
+            &[],
             &config,
-        ))
-    });
-    Ok((response, Upgrading { inner }))
+        )))
+    }
+}
+
+/// Like [`upgrade`], but the connection is an inline [`WebSocketStream`] (no task, no
+/// channels): await the [`UpgradingStream`] on a spawned task after the response has been
+/// returned to hyper, and poll the stream there.
+pub fn upgrade_stream<B>(
+    req: &mut Request<B>,
+    options: &Options,
+) -> Result<(Response<Full<Bytes>>, UpgradingStream), Error> {
+    upgrade_stream_with(req, options, &Config::default())
+}
+
+/// [`upgrade_stream`] with the tokio adapter's settings.
+pub fn upgrade_stream_with<B>(
+    req: &mut Request<B>,
+    options: &Options,
+    config: &Config,
+) -> Result<(Response<Full<Bytes>>, UpgradingStream), Error> {
+    let (response, driver) = accept_head(&to_request(req), options)?;
+    let on_upgrade = ::hyper::upgrade::on(req);
+    let config = config.for_max_length(options.max_length);
+    Ok((response, UpgradingStream::new(on_upgrade, driver, &config)))
 }
 
 /// Turns the driver's 101 head into a hyper response with the same headers.
@@ -195,7 +306,8 @@ pub fn error_response(error: &Error) -> Response<Full<Bytes>> {
 
 /// Upgrades `req` and runs `app` on the connection in a new task; returns the response
 /// for hyper (the 101, or the error response for a bad request). Needs a tokio runtime,
-/// as hyper and axum servers have.
+/// as hyper and axum servers have. `app` gets the split API; [`serve_stream`] hands it
+/// the inline stream instead.
 pub fn serve<B, F, Fut>(req: &mut Request<B>, options: &Options, app: F) -> Response<Full<Bytes>>
 where
     F: FnOnce(WsSender, WsReceiver) -> Fut + Send + 'static,
@@ -206,6 +318,31 @@ where
             ::tokio::spawn(async move {
                 if let Ok((tx, rx)) = upgrading.await {
                     app(tx, rx).await;
+                }
+            });
+            response
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Upgrades `req` and runs `app` on the inline [`WebSocketStream`] in a new task (no
+/// connection task, no channels); returns the response for hyper (the 101, or the error
+/// response for a bad request). Needs a tokio runtime.
+pub fn serve_stream<B, F, Fut>(
+    req: &mut Request<B>,
+    options: &Options,
+    app: F,
+) -> Response<Full<Bytes>>
+where
+    F: FnOnce(HyperStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match upgrade_stream(req, options) {
+        Ok((response, upgrading)) => {
+            ::tokio::spawn(async move {
+                if let Ok(ws) = upgrading.await {
+                    app(ws).await;
                 }
             });
             response

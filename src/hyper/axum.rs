@@ -1,0 +1,667 @@
+//! The axum idiom over the inline stream: the [`WebSocketUpgrade`] extractor and the
+//! [`WebSocket`], [`Message`], [`CloseFrame`] and [`Utf8Bytes`] types shaped like
+//! `axum::extract::ws`'s, so an axum app switches by changing its `use` line.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use ::hyper::Request;
+use ::hyper::body::Bytes;
+use ::hyper::header::HeaderValue;
+use ::hyper::http::request::Parts;
+use ::hyper::upgrade::OnUpgrade;
+use axum_core::body::Body;
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum_core::response::{IntoResponse, Response};
+
+use super::{HyperStream, UpgradingStream, accept_head, error_response, head_to_request};
+use crate::protocol::driver::{Driver, Event, Message as DriverMessage};
+use crate::protocol::error::{Error, HandshakeError, code};
+use crate::protocol::handshake;
+use crate::protocol::options::Options;
+use crate::tokio::Config;
+
+/// The axum extractor for a WebSocket upgrade (axum's `WebSocketUpgrade` idiom): take it
+/// as a handler argument and answer with [`WebSocketUpgrade::on_upgrade`]. The request is
+/// checked when extracted (a bad one is rejected with 400 or 426, as the crate's other
+/// servers answer it); the 101 is the driver's own handshake.
+///
+/// ```no_run
+/// use axum::response::Response;
+/// use websocket_driver::hyper::{Message, WebSocket, WebSocketUpgrade};
+///
+/// async fn handler(ws: WebSocketUpgrade) -> Response {
+///     ws.protocols(["chat"]).on_upgrade(handle_socket)
+/// }
+///
+/// async fn handle_socket(mut socket: WebSocket) {
+///     while let Some(Ok(msg)) = socket.recv().await {
+///         if let Message::Text(_) | Message::Binary(_) = msg {
+///             if socket.send(msg).await.is_err() {
+///                 return;
+///             }
+///         }
+///     }
+/// }
+/// ```
+///
+/// For a plain hyper server, [`WebSocketUpgrade::from_request`] makes one from the
+/// request.
+pub struct WebSocketUpgrade<F = DefaultOnFailedUpgrade> {
+    request: handshake::Request,
+    on_upgrade: OnUpgrade,
+    options: Options,
+    config: Config,
+    on_failed_upgrade: F,
+}
+
+impl<F> fmt::Debug for WebSocketUpgrade<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSocketUpgrade")
+            .field("path", &self.request.path)
+            .field("options", &self.options)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebSocketUpgrade {
+    fn checked(
+        request: handshake::Request,
+        on_upgrade: Option<OnUpgrade>,
+    ) -> Result<Self, WebSocketUpgradeRejection> {
+        Driver::make_server(&request, &Options::default())
+            .map_err(|error| WebSocketUpgradeRejection { error })?;
+        let on_upgrade = on_upgrade.ok_or_else(|| WebSocketUpgradeRejection {
+            error: HandshakeError::BadRequest(
+                "the connection cannot be upgraded (a hyper server without .with_upgrades()?)",
+            )
+            .into(),
+        })?;
+        Ok(WebSocketUpgrade {
+            request,
+            on_upgrade,
+            options: Options::default(),
+            config: Config::default(),
+            on_failed_upgrade: DefaultOnFailedUpgrade,
+        })
+    }
+
+    /// The extractor for a plain hyper request (what axum does in `FromRequestParts`).
+    pub fn from_request<B>(req: &mut Request<B>) -> Result<Self, WebSocketUpgradeRejection> {
+        let request = super::to_request(req);
+        Self::checked(request, Some(::hyper::upgrade::on(req)))
+    }
+}
+
+impl<F> WebSocketUpgrade<F> {
+    /// The subprotocols this server speaks, in order of preference among those the client
+    /// offers (the first the client offers that is in this list is agreed).
+    pub fn protocols<I>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<Cow<'static, str>>,
+    {
+        self.options.accept_protocols = protocols
+            .into_iter()
+            .map(|p| p.into().into_owned())
+            .collect();
+        self
+    }
+
+    /// The largest message accepted (a bigger one closes the connection with 1009).
+    /// Default 64 MiB.
+    pub fn max_message_size(mut self, max: usize) -> Self {
+        self.options.max_length = max;
+        self
+    }
+
+    /// The largest frame accepted: here the same limit as [`Self::max_message_size`]
+    /// (frames are never larger than the message they carry); the smaller of the two
+    /// applies.
+    pub fn max_frame_size(mut self, max: usize) -> Self {
+        self.options.max_length = self.options.max_length.min(max);
+        self
+    }
+
+    /// The size of the connection's read buffer ([`Config::read_buffer_size`]).
+    pub fn read_buffer_size(mut self, size: usize) -> Self {
+        self.config = self.config.read_buffer_size(size);
+        self
+    }
+
+    /// Accepted for axum compatibility and ignored: frames are written straight from the
+    /// driver's output buffer.
+    pub fn write_buffer_size(self, size: usize) -> Self {
+        let _ = size;
+        self
+    }
+
+    /// The unwritten output over which sends wait ([`Config::max_backpressure`]; axum's
+    /// sends fail there instead).
+    pub fn max_write_buffer_size(mut self, max: usize) -> Self {
+        self.config.max_backpressure = max;
+        self
+    }
+
+    /// All of the driver's options (subprotocols, extra response headers, limits).
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// All of the tokio adapter's settings (backpressure, timeouts, read buffer).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The request target (path and query) of the upgrade request.
+    pub fn path(&self) -> &str {
+        &self.request.path
+    }
+
+    /// Calls `callback` with the error if the upgrade fails after the 101 (hyper could not
+    /// hand the connection over).
+    pub fn on_failed_upgrade<C: OnFailedUpgrade>(self, callback: C) -> WebSocketUpgrade<C> {
+        WebSocketUpgrade {
+            request: self.request,
+            on_upgrade: self.on_upgrade,
+            options: self.options,
+            config: self.config,
+            on_failed_upgrade: callback,
+        }
+    }
+
+    /// Returns the 101 response and, once hyper has sent it and handed the connection over,
+    /// runs `callback` with the [`WebSocket`] on a new task. Options that make the handshake
+    /// fail (an invalid extra header) are answered with 500.
+    #[must_use = "to set up the WebSocket connection, this response must be returned"]
+    pub fn on_upgrade<C, Fut>(self, callback: C) -> Response
+    where
+        C: FnOnce(WebSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+        F: OnFailedUpgrade,
+    {
+        let (response, driver) = match accept_head(&self.request, &self.options) {
+            Ok(accepted) => accepted,
+            Err(e) => return error_response(&e).map(Body::new),
+        };
+        let protocol = driver
+            .protocol()
+            .and_then(|p| HeaderValue::from_str(p).ok());
+        let config = self.config.for_max_length(self.options.max_length);
+        let upgrading = UpgradingStream::new(self.on_upgrade, driver, &config);
+        let on_failed = self.on_failed_upgrade;
+        ::tokio::spawn(async move {
+            match upgrading.await {
+                Ok(inner) => {
+                    callback(WebSocket {
+                        inner,
+                        protocol,
+                        done: false,
+                    })
+                    .await
+                }
+                Err(e) => on_failed.call(e),
+            }
+        });
+        response.map(Body::new)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpgrade> {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>();
+        Self::checked(request, on_upgrade)
+    }
+}
+
+/// `Option<WebSocketUpgrade>`: `None` for a request that does not ask for a WebSocket at
+/// all (no `Upgrade: websocket`), so one route can serve plain HTTP and WebSockets; a
+/// request that asks but is invalid is still rejected.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpgrade> {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
+        let upgrade = request.headers.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case("upgrade") && value.trim().eq_ignore_ascii_case("websocket")
+        });
+        if !upgrade {
+            return Ok(None);
+        }
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>();
+        Self::checked(request, on_upgrade).map(Some)
+    }
+}
+
+/// What to do when the upgrade fails after the 101 (see
+/// [`WebSocketUpgrade::on_failed_upgrade`]).
+pub trait OnFailedUpgrade: Send + 'static {
+    /// Called with the error.
+    fn call(self, error: Error);
+}
+
+impl<F: FnOnce(Error) + Send + 'static> OnFailedUpgrade for F {
+    fn call(self, error: Error) {
+        self(error)
+    }
+}
+
+/// The default [`OnFailedUpgrade`]: logs the error at debug level.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct DefaultOnFailedUpgrade;
+
+impl OnFailedUpgrade for DefaultOnFailedUpgrade {
+    fn call(self, error: Error) {
+        log::debug!("websocket upgrade failed: {error}");
+    }
+}
+
+/// A request [`WebSocketUpgrade`] refused, answered as the crate's servers answer it
+/// (400 with the reason, 426 with `Sec-WebSocket-Version: 13`, 431).
+#[derive(Debug)]
+pub struct WebSocketUpgradeRejection {
+    error: Error,
+}
+
+impl WebSocketUpgradeRejection {
+    /// Why the request was refused.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        match &self.error {
+            Error::Handshake(e) => e.status(),
+            _ => 500,
+        }
+    }
+}
+
+impl fmt::Display for WebSocketUpgradeRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for WebSocketUpgradeRejection {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl IntoResponse for WebSocketUpgradeRejection {
+    fn into_response(self) -> Response {
+        error_response(&self.error).map(Body::new)
+    }
+}
+
+/// A WebSocket connection in axum's shape: [`WebSocket::recv`] / [`WebSocket::send`] of
+/// [`Message`]s, a `Stream` of `Result<Message, Error>` and a `Sink` of [`Message`]s. It
+/// is the inline [`WebSocketStream`](crate::tokio::WebSocketStream) underneath
+/// ([`WebSocket::into_inner`] gives it, with the crate's [`Event`]s), polled by the
+/// handler's task: no task or channel in between.
+///
+/// Pings are answered and a close echoed by the driver, as in axum; they still come out
+/// as [`Message::Ping`] and [`Message::Close`]. A protocol error comes out as `Err` (the
+/// close frame failing the connection is already written), then the `Close`, then `None`.
+/// Backpressure: a send waits while the unwritten output is over
+/// [`Config::max_backpressure`]. Cancel-safe like the stream.
+#[derive(Debug)]
+pub struct WebSocket {
+    inner: HyperStream,
+    protocol: Option<HeaderValue>,
+    done: bool,
+}
+
+fn bytes_of(payload: Cow<'static, [u8]>) -> Bytes {
+    match payload {
+        Cow::Owned(v) => Bytes::from(v),
+        Cow::Borrowed(b) => Bytes::from_static(b),
+    }
+}
+
+/// The axum-shaped item for a driver event (`None`: nothing to hand out).
+fn message_of(event: Event<'static>) -> Option<Result<Message, Error>> {
+    Some(Ok(match event {
+        Event::Open => return None,
+        Event::Message(DriverMessage::Text(t)) => Message::Text(Utf8Bytes(t)),
+        Event::Message(DriverMessage::Binary(b)) => Message::Binary(bytes_of(b)),
+        Event::Ping(p) => Message::Ping(bytes_of(p)),
+        Event::Pong(p) => Message::Pong(bytes_of(p)),
+        Event::Error(e) => return Some(Err(e)),
+        Event::Close { code, .. } if code == code::NO_STATUS => Message::Close(None),
+        Event::Close { code, reason } => Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })),
+    }))
+}
+
+impl WebSocket {
+    /// The next message, `Some(Err(_))` for a protocol or transport error, `None` once the
+    /// connection is over. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Result<Message, Error>> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+        loop {
+            match self.inner.poll_next_event(cx) {
+                Poll::Ready(Some(event)) => {
+                    if let Some(item) = message_of(event) {
+                        return Poll::Ready(Some(item));
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Sends a message: text, binary, ping, pong, or a close (`Close(None)` closes with
+    /// 1000). Waits while the unwritten output is over the limit, then queues the frame and
+    /// writes what the transport takes. Cancel-safe.
+    pub async fn send(&mut self, msg: Message) -> Result<(), Error> {
+        match msg {
+            Message::Text(t) => self.inner.send_text(t.as_str()).await,
+            Message::Binary(b) => self.inner.send_binary(b).await,
+            Message::Ping(p) => self.inner.send_ping(p).await,
+            Message::Pong(p) => self.inner.send_pong(p).await,
+            Message::Close(Some(frame)) => {
+                self.inner
+                    .close_connection(frame.code, frame.reason.as_str())
+                    .await
+            }
+            Message::Close(None) => self.inner.close_connection(code::NORMAL, "").await,
+        }
+    }
+
+    /// The agreed subprotocol, if any.
+    pub fn protocol(&self) -> Option<&HeaderValue> {
+        self.protocol.as_ref()
+    }
+
+    /// The inline stream underneath, with the crate's [`Event`]s.
+    pub fn into_inner(self) -> HyperStream {
+        self.inner
+    }
+
+    /// The inline stream underneath.
+    pub fn get_mut(&mut self) -> &mut HyperStream {
+        &mut self.inner
+    }
+
+    /// The inline stream underneath.
+    pub fn get_ref(&self) -> &HyperStream {
+        &self.inner
+    }
+}
+
+impl futures_core::Stream for WebSocket {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+impl futures_core::FusedStream for WebSocket {
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+impl futures_sink::Sink<Message> for WebSocket {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.get_mut().inner.poll_send_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), Error> {
+        let inner = &mut self.get_mut().inner;
+        match msg {
+            Message::Text(t) => inner.start_send_with(|d| d.send_text(t.as_str())),
+            Message::Binary(b) => inner.start_send_with(|d| d.send_binary(&b)),
+            Message::Ping(p) => inner.start_send_with(|d| d.send_ping(&p)),
+            Message::Pong(p) => inner.start_send_with(|d| d.send_pong(&p)),
+            Message::Close(Some(frame)) => {
+                inner.start_send_with(|d| d.close_connection(frame.code, frame.reason.as_str()))
+            }
+            Message::Close(None) => inner.start_send_with(|d| d.close_connection(code::NORMAL, "")),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.get_mut().inner.poll_flush_all(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        futures_sink::Sink::<DriverMessage<'static>>::poll_close(
+            Pin::new(&mut self.get_mut().inner),
+            cx,
+        )
+    }
+}
+
+/// A close code (`u16`, as in axum; see [`crate::code`]).
+pub type CloseCode = u16;
+
+/// The code and reason of a close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// The close code.
+    pub code: CloseCode,
+    /// The reason (at most 123 bytes to be sent).
+    pub reason: Utf8Bytes,
+}
+
+/// Text that is valid UTF-8 (axum's `Utf8Bytes`): borrowed from a `'static` str or owned.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Utf8Bytes(Cow<'static, str>);
+
+impl Utf8Bytes {
+    /// From a static str, without a copy.
+    pub const fn from_static(s: &'static str) -> Self {
+        Utf8Bytes(Cow::Borrowed(s))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Utf8Bytes {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Utf8Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Utf8Bytes {
+    fn from(s: String) -> Self {
+        Utf8Bytes(Cow::Owned(s))
+    }
+}
+
+impl From<&str> for Utf8Bytes {
+    fn from(s: &str) -> Self {
+        Utf8Bytes(Cow::Owned(s.to_string()))
+    }
+}
+
+impl From<&String> for Utf8Bytes {
+    fn from(s: &String) -> Self {
+        Utf8Bytes(Cow::Owned(s.clone()))
+    }
+}
+
+impl TryFrom<Bytes> for Utf8Bytes {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        Ok(std::str::from_utf8(&bytes)?.into())
+    }
+}
+
+impl TryFrom<Vec<u8>> for Utf8Bytes {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(v: Vec<u8>) -> Result<Self, Self::Error> {
+        String::from_utf8(v)
+            .map(Utf8Bytes::from)
+            .map_err(|e| e.utf8_error())
+    }
+}
+
+impl From<Utf8Bytes> for Bytes {
+    fn from(s: Utf8Bytes) -> Self {
+        match s.0 {
+            Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+            Cow::Owned(s) => Bytes::from(s),
+        }
+    }
+}
+
+impl From<Utf8Bytes> for String {
+    fn from(s: Utf8Bytes) -> Self {
+        s.0.into_owned()
+    }
+}
+
+impl PartialEq<str> for Utf8Bytes {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Utf8Bytes {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Utf8Bytes {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// A WebSocket message in axum's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message.
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A ping (at most 125 bytes). Received pings are answered by the driver.
+    Ping(Bytes),
+    /// A pong (at most 125 bytes).
+    Pong(Bytes),
+    /// A close: received, the connection is closing (the driver answers it); sent, starts
+    /// the close handshake (`None`: code 1000).
+    Close(Option<CloseFrame>),
+}
+
+impl Message {
+    /// The payload as bytes.
+    pub fn into_data(self) -> Bytes {
+        match self {
+            Message::Text(t) => t.into(),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b,
+            Message::Close(None) => Bytes::new(),
+            Message::Close(Some(frame)) => frame.reason.into(),
+        }
+    }
+
+    /// The payload as text; fails for a binary payload that is not UTF-8.
+    pub fn into_text(self) -> Result<Utf8Bytes, std::str::Utf8Error> {
+        match self {
+            Message::Text(t) => Ok(t),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => Utf8Bytes::try_from(b),
+            Message::Close(None) => Ok(Utf8Bytes::default()),
+            Message::Close(Some(frame)) => Ok(frame.reason),
+        }
+    }
+
+    /// The payload as `&str`; fails for a binary payload that is not UTF-8.
+    pub fn to_text(&self) -> Result<&str, std::str::Utf8Error> {
+        match self {
+            Message::Text(t) => Ok(t.as_str()),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => std::str::from_utf8(b),
+            Message::Close(None) => Ok(""),
+            Message::Close(Some(frame)) => Ok(frame.reason.as_str()),
+        }
+    }
+
+    /// A text message.
+    pub fn text<S: Into<Utf8Bytes>>(string: S) -> Message {
+        Message::Text(string.into())
+    }
+
+    /// A binary message.
+    pub fn binary<B: Into<Bytes>>(bin: B) -> Message {
+        Message::Binary(bin.into())
+    }
+}
+
+impl From<String> for Message {
+    fn from(s: String) -> Self {
+        Message::Text(s.into())
+    }
+}
+
+impl<'s> From<&'s str> for Message {
+    fn from(s: &'s str) -> Self {
+        Message::Text(s.into())
+    }
+}
+
+impl<'b> From<&'b [u8]> for Message {
+    fn from(b: &'b [u8]) -> Self {
+        Message::Binary(Bytes::copy_from_slice(b))
+    }
+}
+
+impl From<Bytes> for Message {
+    fn from(b: Bytes) -> Self {
+        Message::Binary(b)
+    }
+}
+
+impl From<Vec<u8>> for Message {
+    fn from(b: Vec<u8>) -> Self {
+        Message::Binary(b.into())
+    }
+}
+
+impl From<Message> for Vec<u8> {
+    fn from(msg: Message) -> Self {
+        msg.into_data().to_vec()
+    }
+}

@@ -1,0 +1,503 @@
+//! [`WebSocketStream`]: one connection driven inline by whoever polls it, with no task or
+//! channel in between. This file: the type, its life (deadlines, the close and the end of
+//! the transport) and the `Stream`/`Sink` impls; `read.rs` receives, `write.rs` sends.
+
+mod read;
+mod write;
+
+pub use write::Reply;
+use write::{Outbox, recycle};
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::time::{Instant, Sleep, sleep_until};
+
+use super::config::Config;
+use crate::protocol::driver::{Driver, Event, Message, ReadyState, Role};
+use crate::protocol::error::{Error, UsageError};
+use crate::session::timers::{Expired, TimerConfig, Timers};
+
+/// Gathered writes take up to this many parts of the pending output at once.
+const WRITE_PARTS: usize = 8;
+/// A received message's buffer, given back through a send, is kept for the next message
+/// when it is at most this large.
+const SPARE_MAX: usize = 64 * 1024;
+/// Data messages from this size on are written straight from the caller's payload when
+/// nothing is queued before them (below it, the copy into the driver costs less than a
+/// gathered write).
+const DIRECT_MIN: usize = 4 * 1024;
+
+/// The clock the deadlines run on (tokio's, so a paused test clock applies).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Where the stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Events flow; `Close` not handed out yet.
+    Open,
+    /// `Close` was handed out: the next poll writes what is left and ends the transport.
+    Ending(Linger),
+    /// The transport is done with: `None` from now on.
+    Done,
+}
+
+/// The steps of ending the transport after the close (RFC 6455 §7.1.1: the server closes
+/// TCP first; the client waits for the server to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    /// Not started: the deadline is not set yet.
+    Start,
+    /// Writing the last output.
+    Flush,
+    /// Server: shutting down the write side, then reading what has arrived.
+    Shutdown,
+    DrainEof,
+    /// Client: reading until the server's EOF, then shutting down.
+    ClientEof,
+    ClientShutdown,
+}
+
+/// A WebSocket connection over any tokio `AsyncRead + AsyncWrite` stream, driven inline:
+/// the task that polls it reads, parses, writes and runs the deadlines, with no task or
+/// channel in between. Created by [`WebSocketStream::accept`], [`WebSocketStream::connect`],
+/// [`WebSocketStream::client`], [`WebSocketStream::from_driver`] (any handshake done
+/// elsewhere) or the hyper adapter.
+///
+/// Receiving: [`WebSocketStream::next`] (or `futures_core::Stream`) yields the driver's
+/// [`Event`]s in order: `Open`, then messages, pings, pongs and errors, then exactly one
+/// `Close`, then `None`. Messages are owned (a copy out of the reused read buffer; a buffer
+/// given back through [`WebSocketStream::send_message`] is reused for the next one).
+///
+/// Sending: `send_text`, `send_binary`, `send_message`, `send`, `send_ping`, `send_pong`,
+/// `close_connection`, or the `futures_sink::Sink` of [`Message`]s. Each send waits while
+/// the unwritten output is over [`Config::max_backpressure`] (writing meanwhile), then
+/// queues the whole frame and writes as much as the transport takes without waiting.
+/// What is left goes out on the next poll of any method: keep polling
+/// [`WebSocketStream::next`] (an echo loop does), or call [`WebSocketStream::flush`].
+/// `Sink::feed` queues frames without writing, so a burst goes out in one write on the
+/// next `flush`.
+///
+/// Input is read as [`WebSocketStream::next`] asks (demand-driven): a task that does not
+/// poll it reads nothing and TCP pushes back on the peer. While the unwritten output is
+/// over the limit, `next` writes before it parses more (a peer that does not read cannot
+/// make this side buffer pongs without end). Pings are answered, and a close echoed, by
+/// the driver; deadlines ([`Config::idle_timeout`], [`Config::close_timeout`]) run while
+/// the stream is polled.
+///
+/// After `Close`, poll [`WebSocketStream::next`] once more (to `None`): that writes the
+/// last bytes and ends the transport as RFC 6455 asks, within [`Config::close_timeout`]: a
+/// server shuts down its side of TCP first (reading what has arrived, so the close is not
+/// a reset) and does not wait for the client's; a client waits for the server's. Dropping
+/// the stream instead closes the socket at once.
+///
+/// Cancellation: every method is cancel-safe. All state lives in the stream, so a `next`
+/// dropped before it completes loses no input; a `send*` dropped before it completes
+/// queued nothing, and once it completed the whole frame is queued (a frame is never
+/// written in part on a caller's behalf and then abandoned).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), websocket_driver::Error> {
+/// use websocket_driver::tokio::WebSocketStream;
+/// use websocket_driver::{Event, Options};
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9001").await?;
+/// let (tcp, _) = listener.accept().await?;
+/// let mut ws = WebSocketStream::accept(tcp, &Options::default()).await?;
+/// while let Some(event) = ws.next().await {
+///     if let Event::Message(message) = event {
+///         ws.send_message(message).await?; // echo
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct WebSocketStream<S> {
+    io: S,
+    driver: Driver,
+    /// The read buffer, reused; `buf[start..end]` is read and not yet parsed.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The read buffer's usual size, and the most it grows to for a whole frame.
+    buf_size: usize,
+    buf_max: usize,
+    /// Events since the last frame that needed more than `buf_size` (a grown buffer shrinks
+    /// back after 64).
+    small_frames: u32,
+    /// `buf[start..]` begins a frame (the driver is between frames), so a frame can be
+    /// read whole before the driver sees it.
+    at_frame: bool,
+    /// The transport ended while a frame was being read whole; the driver learns it once
+    /// it has the bytes.
+    eof_seen: bool,
+    limit: usize,
+    timer_config: TimerConfig,
+    timers: Timers,
+    /// The timer wheel entry, made on first use and re-armed lazily.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The deadline `sleep` is set to.
+    armed: Option<std::time::Instant>,
+    /// When ending the transport must be over.
+    linger_by: Option<std::time::Instant>,
+    /// The close deadline was armed (the driver left `Open`).
+    closing_noted: bool,
+    closed_noted: bool,
+    reading: bool,
+    writing: bool,
+    flushed: bool,
+    /// Bytes were written or a deadline fired since the last look (for the connection task).
+    progressed: bool,
+    /// A transport error to report before the driver's close.
+    io_error: Option<io::Error>,
+    /// Hand out `Open` first (a client whose handshake consumed the driver's `Open`).
+    open_first: bool,
+    phase: Phase,
+    /// A message buffer to reuse.
+    spare: Vec<u8>,
+    /// A frame written around the driver, not all taken yet.
+    outbox: Outbox,
+}
+
+fn not_open() -> Error {
+    UsageError::NotOpen.into()
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
+    /// Runs a started driver over `io`, for transports whose handshake happened elsewhere.
+    /// `read_ahead` holds bytes already read from `io` past the handshake. A server driver
+    /// must have had [`Driver::start_connection`] called and its 101 written (or marked
+    /// written with [`Driver::consume_output`]); its queued `Open` comes out first. A client
+    /// driver may be handed over still connecting: the stream then writes its request and
+    /// reads the response (within [`Config::handshake_timeout`]).
+    pub fn from_driver(io: S, driver: Driver, read_ahead: &[u8], config: &Config) -> Self {
+        let mut buf = vec![0u8; config.read_buffer_size.max(read_ahead.len()).max(1)];
+        buf[..read_ahead.len()].copy_from_slice(read_ahead);
+        let timer_config = config.timer_config();
+        let mut timers = Timers::new();
+        match driver.ready_state() {
+            ReadyState::Connecting => timers.handshake_started(now(), &timer_config),
+            _ => timers.opened(now(), &timer_config),
+        }
+        let at_frame = driver.ready_state() != ReadyState::Connecting;
+        WebSocketStream {
+            io,
+            driver,
+            buf,
+            start: 0,
+            end: read_ahead.len(),
+            buf_size: config.read_buffer_size.max(1),
+            buf_max: config.max_read_buffer_size.max(config.read_buffer_size),
+            small_frames: 0,
+            at_frame,
+            eof_seen: false,
+            limit: config.max_backpressure,
+            timer_config,
+            timers,
+            sleep: None,
+            armed: None,
+            linger_by: None,
+            closing_noted: false,
+            closed_noted: false,
+            reading: true,
+            writing: true,
+            flushed: true,
+            progressed: false,
+            io_error: None,
+            open_first: false,
+            phase: Phase::Open,
+            spare: Vec::new(),
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// A client whose handshake already consumed the driver's `Open`: hand it out first.
+    pub(super) fn with_open_first(mut self) -> Self {
+        self.open_first = true;
+        self
+    }
+
+    /// Bookkeeping for an event on its way out.
+    fn delivered(&mut self, event: &Event<'static>, cx: &mut Context<'_>) {
+        match event {
+            Event::Open => self.timers.opened(now(), &self.timer_config),
+            Event::Close { .. } => {
+                self.phase = Phase::Ending(Linger::Start);
+                // The close frame (an echo, or the one failing the connection) goes out now,
+                // even if the caller stops polling after this event.
+                self.note_state();
+                self.poll_write_best_effort(cx);
+            }
+            Event::Error(_) => {
+                self.note_state();
+                self.poll_write_best_effort(cx);
+            }
+            _ => {}
+        }
+    }
+
+    /// Arms the close deadline once the driver leaves `Open`.
+    fn note_state(&mut self) {
+        let state = self.driver.ready_state();
+        if !self.closing_noted && matches!(state, ReadyState::Closing | ReadyState::Closed) {
+            self.closing_noted = true;
+            self.timers.close_started(now(), &self.timer_config);
+        }
+        if !self.closed_noted && state == ReadyState::Closed {
+            self.closed_noted = true;
+            self.timers.closed();
+        }
+    }
+
+    /// The transport failed: report it (unless the close was already handed out), stop
+    /// reading and writing, and let the driver report its close.
+    fn transport_failed(&mut self, e: io::Error) {
+        if self.phase == Phase::Open && self.io_error.is_none() && self.reading {
+            self.io_error = Some(e);
+        }
+        self.reading = false;
+        self.writing = false;
+        self.start = 0;
+        self.end = 0;
+        self.driver.receive_eof();
+    }
+
+    /// Polls `deadline` on the one timer entry; true once it has passed. Re-arms lazily: a
+    /// later deadline waits for the armed one to fire first.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: std::time::Instant) -> bool {
+        let sleep = match (&mut self.sleep, self.armed) {
+            (Some(sleep), Some(armed)) if armed <= deadline => sleep,
+            (slot, _) => {
+                let at = Instant::from_std(deadline);
+                self.armed = Some(deadline);
+                match slot {
+                    Some(sleep) => {
+                        sleep.as_mut().reset(at);
+                        sleep
+                    }
+                    None => slot.insert(Box::pin(sleep_until(at))),
+                }
+            }
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.armed = None;
+        now() >= deadline
+    }
+
+    /// Runs the deadlines that passed (the idle keepalive, the close deadline).
+    fn poll_timers(&mut self, cx: &mut Context<'_>) {
+        while let Some(deadline) = self.timers.poll_timeout() {
+            if !self.poll_deadline(cx, deadline) && self.armed.is_some() {
+                return;
+            }
+            self.progressed = true;
+            match self
+                .timers
+                .handle_timeout(now(), &self.timer_config, &mut self.driver)
+            {
+                // The opening or close handshake took too long: drop the peer (the
+                // driver's `Close` is queued).
+                Expired::Drop(_) => {
+                    self.reading = false;
+                    self.writing = false;
+                    self.start = 0;
+                    self.end = 0;
+                    return;
+                }
+                // A ping or an idle close frame is queued; the loop re-arms.
+                Expired::IdleClose | Expired::Ping | Expired::Nothing => {}
+            }
+        }
+    }
+
+    /// Ends the transport after the close: the last output, then the TCP close in the
+    /// order RFC 6455 §7.1.1 asks, all within the close timeout.
+    fn poll_linger(&mut self, cx: &mut Context<'_>, mut step: Linger) -> Poll<()> {
+        if step == Linger::Start {
+            self.linger_by = Some(now() + self.timer_config.close);
+            step = Linger::Flush;
+        }
+        let deadline = self.linger_by.expect("set when ending starts");
+        loop {
+            self.phase = Phase::Ending(step);
+            if !self.writing || self.poll_deadline(cx, deadline) {
+                return Poll::Ready(());
+            }
+            step = match step {
+                Linger::Start | Linger::Flush => {
+                    if ready!(self.poll_write_out(cx)).is_err() {
+                        return Poll::Ready(());
+                    }
+                    match self.driver.role() {
+                        Role::Server => Linger::Shutdown,
+                        Role::Client => Linger::ClientEof,
+                    }
+                }
+                Linger::Shutdown => {
+                    if ready!(Pin::new(&mut self.io).poll_shutdown(cx)).is_err() {
+                        return Poll::Ready(());
+                    }
+                    Linger::DrainEof
+                }
+                Linger::DrainEof => {
+                    // What already arrived is read, so closing the socket does not turn into
+                    // a reset; the peer is not waited for (its FIN may never come).
+                    let _ = self.poll_drain(cx);
+                    return Poll::Ready(());
+                }
+                Linger::ClientEof => {
+                    ready!(self.poll_drain(cx));
+                    Linger::ClientShutdown
+                }
+                Linger::ClientShutdown => {
+                    let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                    return Poll::Ready(());
+                }
+            };
+        }
+    }
+
+    /// Reads and discards until EOF or an error.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.reading {
+            let mut read = ReadBuf::new(&mut self.buf);
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
+                Ok(()) if !read.filled().is_empty() => {}
+                _ => self.reading = false,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Writes pending output and runs the deadlines without parsing input; `Ready` when
+    /// something happened (bytes written, a deadline fired). For the connection task.
+    pub(super) fn poll_background(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.phase == Phase::Open {
+            self.poll_timers(cx);
+            self.poll_write_best_effort(cx);
+        }
+        self.take_progress()
+    }
+
+    /// Whether bytes were written or a deadline fired since the last call.
+    pub(super) fn take_progress(&mut self) -> Poll<()> {
+        if std::mem::take(&mut self.progressed) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// The backpressure limit.
+    pub(super) fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl<S> WebSocketStream<S> {
+    /// The connection state.
+    pub fn ready_state(&self) -> ReadyState {
+        self.driver.ready_state()
+    }
+
+    /// Whether messages can be sent.
+    pub fn is_open(&self) -> bool {
+        self.driver.ready_state() == ReadyState::Open
+    }
+
+    /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
+    pub fn buffered_amount(&self) -> usize {
+        self.unwritten()
+    }
+
+    fn unwritten(&self) -> usize {
+        self.driver.buffered_amount() + self.outbox.len()
+    }
+
+    /// The agreed subprotocol, if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.driver.protocol()
+    }
+
+    /// `"hybi-13"`.
+    pub fn version(&self) -> &'static str {
+        "hybi-13"
+    }
+
+    /// The driver (read-only: state, role, subprotocol).
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
+    pub(super) fn driver_mut(&mut self) -> &mut Driver {
+        &mut self.driver
+    }
+
+    /// The transport.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    /// The transport. Reading or writing it directly corrupts the connection.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> futures_core::Stream for WebSocketStream<S> {
+    type Item = Event<'static>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<'static>>> {
+        self.get_mut().poll_next_event(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> futures_core::FusedStream for WebSocketStream<S> {
+    fn is_terminated(&self) -> bool {
+        self.phase == Phase::Done
+    }
+}
+
+/// Messages go in whole: `poll_ready` waits while the output is over the limit,
+/// `start_send` queues the frame, `poll_flush` writes and flushes, `poll_close` starts the
+/// close handshake (1000) if it has not started and flushes. `SinkExt::send` therefore
+/// returns once the frame is written; `feed` queues only.
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for WebSocketStream<S> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.get_mut().poll_send_ready(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message<'a>) -> Result<(), Error> {
+        let this = self.get_mut();
+        let spare = &mut this.spare;
+        if !(this.phase == Phase::Open && this.writing) {
+            return Err(not_open());
+        }
+        this.driver.send_message(&item)?;
+        recycle(item, spare);
+        this.note_state();
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.get_mut().poll_flush_all(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        if this.driver.ready_state() == ReadyState::Open {
+            this.driver
+                .close_connection(crate::protocol::error::code::NORMAL, "")?;
+            this.note_state();
+        }
+        this.poll_flush_all(cx)
+    }
+}

@@ -1,0 +1,345 @@
+//! The read side of [`WebSocketStream`]: the receive loop (write first, run the deadlines,
+//! parse, read), events owned (`next`) or lent from the read buffer (`recv`), and binary
+//! frames read whole into a buffer that grows for them.
+
+use std::borrow::Cow;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::write::{Reply, Sending};
+use super::{Phase, WebSocketStream, now};
+use crate::protocol::driver::{Event, Message, ReadyState};
+use crate::protocol::error::Error;
+use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
+
+/// What the receive loop found: an owned event, or a payload left in the read buffer
+/// (kind, offset, length) for [`WebSocketStream::recv`] to lend out.
+pub(super) enum Slot {
+    Owned(Event<'static>),
+    Borrowed(Payload, usize, usize),
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Payload {
+    Text,
+    Binary,
+    Ping,
+    Pong,
+}
+
+/// Copies borrowed payloads so an event outlives the read buffer; a data message's copy
+/// goes into `spare`'s allocation when there is one.
+pub(super) fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
+    match event {
+        Event::Open => Event::Open,
+        Event::Message(Message::Binary(Cow::Borrowed(b))) => {
+            let mut v = std::mem::take(spare);
+            v.clear();
+            v.extend_from_slice(b);
+            Event::Message(Message::Binary(Cow::Owned(v)))
+        }
+        Event::Message(Message::Text(Cow::Borrowed(t))) => {
+            let mut v = std::mem::take(spare);
+            v.clear();
+            // An empty buffer is valid UTF-8: nothing is validated twice.
+            let mut s = String::from_utf8(v).unwrap_or_default();
+            s.push_str(t);
+            Event::Message(Message::Text(Cow::Owned(s)))
+        }
+        Event::Message(m) => Event::Message(m.into_owned()),
+        Event::Ping(p) => Event::Ping(Cow::Owned(p.into_owned())),
+        Event::Pong(p) => Event::Pong(Cow::Owned(p.into_owned())),
+        Event::Error(e) => Event::Error(e),
+        Event::Close { code, reason } => Event::Close { code, reason },
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
+    /// The next event, or `None` once the connection is over (after [`Event::Close`] and
+    /// the end of the transport). Cancel-safe.
+    pub async fn next(&mut self) -> Option<Event<'static>> {
+        poll_fn(|cx| self.poll_next_event(cx)).await
+    }
+
+    /// Polls for the next event (what `Stream::poll_next` does).
+    pub fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event<'static>>> {
+        self.poll_next_slot(cx, false).map(|slot| {
+            slot.map(|slot| match slot {
+                Slot::Owned(event) => event,
+                // Only asked for with `borrow`.
+                Slot::Borrowed(..) => unreachable!("an owned parse hands out no ranges"),
+            })
+        })
+    }
+
+    /// The next event borrowed from the read buffer (no copy of its payload), with a
+    /// [`Reply`] to queue answers on; `None` once the connection is over. The fastest way
+    /// to receive: an echo answers from the read buffer straight into the driver's output.
+    /// Cancel-safe, like [`WebSocketStream::next`].
+    ///
+    /// Answers queued on the [`Reply`] go out on the next call of any method of the stream
+    /// (the next `recv` writes them before it reads). They do not wait for backpressure:
+    /// instead, `recv` parses no more input while the unwritten output is over
+    /// [`Config::max_backpressure`](crate::tokio::Config::max_backpressure), so the peer is held back by TCP until it reads.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut ws: websocket_driver::tokio::WebSocketStream<tokio::net::TcpStream>)
+    /// # -> Result<(), websocket_driver::Error> {
+    /// use websocket_driver::Event;
+    /// while let Some((event, mut reply)) = ws.recv().await {
+    ///     if let Event::Message(message) = event {
+    ///         reply.send_message(&message)?; // echo, without copying the message out
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn recv(&mut self) -> Option<(Event<'_>, Reply<'_, S>)> {
+        let slot = poll_fn(|cx| self.poll_next_slot(cx, true)).await?;
+        let event = match slot {
+            Slot::Owned(event) => event,
+            Slot::Borrowed(kind, at, len) => {
+                let payload = &self.buf[at..at + len];
+                match kind {
+                    Payload::Binary => Event::Message(Message::Binary(Cow::Borrowed(payload))),
+                    Payload::Ping => Event::Ping(Cow::Borrowed(payload)),
+                    Payload::Pong => Event::Pong(Cow::Borrowed(payload)),
+                    Payload::Text => match simdutf8::basic::from_utf8(payload) {
+                        Ok(text) => Event::Message(Message::Text(Cow::Borrowed(text))),
+                        // The driver validated it: unreachable, but not worth a panic.
+                        Err(_) => Event::Message(Message::Text(Cow::Owned(
+                            String::from_utf8_lossy(payload).into_owned(),
+                        ))),
+                    },
+                }
+            }
+        };
+        let open = self.can_send();
+        Some((
+            event,
+            Reply {
+                sending: Sending {
+                    io: &mut self.io,
+                    driver: &mut self.driver,
+                    outbox: &mut self.outbox,
+                },
+                open,
+            },
+        ))
+    }
+
+    /// The receive loop: write, run the deadlines, parse, read. With `borrow`, payloads
+    /// in the read buffer are handed out as ranges of it.
+    pub(super) fn poll_next_slot(
+        &mut self,
+        cx: &mut Context<'_>,
+        borrow: bool,
+    ) -> Poll<Option<Slot>> {
+        loop {
+            match self.phase {
+                Phase::Done => return Poll::Ready(None),
+                Phase::Ending(step) => {
+                    ready!(self.poll_linger(cx, step));
+                    self.phase = Phase::Done;
+                    return Poll::Ready(None);
+                }
+                Phase::Open => {}
+            }
+            if self.open_first {
+                self.open_first = false;
+                return Poll::Ready(Some(Slot::Owned(Event::Open)));
+            }
+            self.poll_timers(cx);
+            self.poll_write_best_effort(cx);
+            self.note_state();
+            if let Some(e) = self.io_error.take() {
+                return Poll::Ready(Some(Slot::Owned(Event::Error(Error::Io(e)))));
+            }
+            // Over the limit, queued events still come out but no new input is parsed
+            // until the peer takes some output (the write above registered for it).
+            let over = self.writing
+                && self.driver.ready_state() == ReadyState::Open
+                && self.unwritten() > self.limit;
+            if !over
+                && self.reading
+                && !self.eof_seen
+                && let Some(want) = self.frame_shortfall()
+            {
+                // Read the rest of the frame before the driver sees it: then it is lent
+                // (or copied) once, not reassembled piece by piece.
+                match self.poll_fill(cx, want) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        // The driver gets the cut-off frame first, then the EOF.
+                        self.eof_seen = true;
+                        self.at_frame = false;
+                    }
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => self.transport_failed(e),
+                }
+                continue;
+            }
+            if let Some(slot) = self.parse(over, borrow) {
+                if let Slot::Owned(ref event) = slot {
+                    self.delivered(event, cx);
+                }
+                return Poll::Ready(Some(slot));
+            }
+            if over {
+                return Poll::Pending;
+            }
+            if !self.reading {
+                // The driver saw the end of the transport and has nothing left to say.
+                self.phase = Phase::Done;
+                return Poll::Ready(None);
+            }
+            if self.eof_seen {
+                self.reading = false;
+                self.driver.receive_eof();
+                continue;
+            }
+            self.shrink_buffer();
+            let mut read = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    if n == 0 {
+                        self.reading = false;
+                        self.driver.receive_eof();
+                    } else {
+                        self.start = 0;
+                        self.end = n;
+                        self.received();
+                    }
+                }
+                Poll::Ready(Err(e)) => self.transport_failed(e),
+            }
+        }
+    }
+
+    pub(super) fn received(&mut self) {
+        if self.timer_config.idle.is_some() {
+            self.timers.received(now(), &self.timer_config);
+        }
+    }
+
+    /// At a frame boundary with part of a binary frame read: how many bytes (from `start`)
+    /// the whole frame takes, if it fits the buffer's limit; `None` to let the driver parse
+    /// (the frame is whole, too large, not binary, or not a frame at all).
+    pub(super) fn frame_shortfall(&self) -> Option<usize> {
+        if !self.at_frame || self.start == self.end {
+            return None;
+        }
+        let input = &self.buf[self.start..self.end];
+        // Binary frames only: a text frame's UTF-8 is checked as it arrives, so a bad one
+        // fails the connection before the rest of the frame comes (Autobahn 6.4.x).
+        if input[0] & 0x0f != OpCode::Binary as u8 {
+            return None;
+        }
+        match parse_header(input, 0b111) {
+            Ok(Status::Complete(header, len)) => {
+                let total = (len as u64).saturating_add(header.payload_len);
+                (total > input.len() as u64 && total <= self.buf_max as u64)
+                    .then_some(total as usize)
+            }
+            Ok(Status::Partial) => Some(MAX_HEADER_LEN.min(self.buf_max)),
+            Err(_) => None,
+        }
+    }
+
+    /// Reads more of a frame that begins at `start` into the buffer, moving it to the
+    /// front or growing the buffer (once, zeroed) so `want` bytes fit.
+    pub(super) fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.start + want > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if want > self.buf.len() {
+                self.buf.resize(want, 0);
+            }
+        }
+        if want > self.buf_size {
+            self.small_frames = 0;
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.end += n;
+        if n > 0 {
+            self.received();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// A buffer grown for a large frame goes back to its usual size once 64 events in a
+    /// row came without another large frame.
+    pub(super) fn shrink_buffer(&mut self) {
+        if self.small_frames > 64 && self.buf.len() > self.buf_size && self.start == self.end {
+            self.buf.truncate(self.buf_size);
+            self.buf.shrink_to_fit();
+        }
+    }
+
+    /// Parses up to one event: queued ones first, then (unless `queued_only`) the unparsed
+    /// input. With `borrow`, a payload still in the read buffer comes out as its range.
+    pub(super) fn parse(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
+        let input = if queued_only {
+            &mut [][..]
+        } else {
+            &mut self.buf[self.start..self.end]
+        };
+        // Where the input lies in memory, to find a borrowed payload's offset in `buf`.
+        let (lo, hi, start) = (
+            input.as_ptr() as usize,
+            input.as_ptr() as usize + input.len(),
+            self.start,
+        );
+        let lent = |p: &[u8]| {
+            let at = p.as_ptr() as usize;
+            (borrow && !p.is_empty() && at >= lo && at + p.len() <= hi)
+                .then(|| (at - lo + start, p.len()))
+        };
+        let (used, event) = self.driver.poll_event(input);
+        if used > 0 {
+            // A frame ended where an event came out of input (an error stops the driver).
+            self.at_frame = matches!(
+                event,
+                Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
+            );
+            if event.is_some() {
+                self.small_frames = self.small_frames.saturating_add(1);
+            }
+        }
+        let slot = event.map(|e| {
+            let kind = match &e {
+                Event::Message(Message::Binary(Cow::Borrowed(p))) => {
+                    lent(p).map(|r| (Payload::Binary, r))
+                }
+                Event::Message(Message::Text(Cow::Borrowed(t))) => {
+                    lent(t.as_bytes()).map(|r| (Payload::Text, r))
+                }
+                Event::Ping(Cow::Borrowed(p)) => lent(p).map(|r| (Payload::Ping, r)),
+                Event::Pong(Cow::Borrowed(p)) => lent(p).map(|r| (Payload::Pong, r)),
+                _ => None,
+            };
+            match kind {
+                Some((kind, (at, len))) => Slot::Borrowed(kind, at, len),
+                None => Slot::Owned(owned(e, &mut self.spare)),
+            }
+        });
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        slot
+    }
+}

@@ -1,0 +1,477 @@
+//! The axum extractor (`--features hyper`): `websocket_driver::hyper::WebSocketUpgrade` as
+//! a handler argument in an axum `Router`, written as axum's own examples are (only the
+//! `use` line differs), against tokio-tungstenite clients; subprotocols, pings, closes in
+//! both directions, the `Stream`/`Sink` impls, rejections answered over HTTP, and the same
+//! extractor on a plain hyper server. Loopback only, ephemeral ports, every test bounded.
+#![cfg(feature = "hyper")]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use websocket_driver::hyper::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+
+async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .expect("test timed out");
+}
+
+/// Serves `app` with `axum::serve` on an ephemeral port.
+async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// What the echo handler saw, for the test to check.
+type Seen = mpsc::UnboundedSender<String>;
+
+/// axum's echo handler shape: `recv` until `None`, echo data, report the rest. `close`
+/// makes it close with 4000 "bye"; `ping` makes it ping with "srv".
+async fn echo(mut socket: WebSocket, seen: Seen) {
+    let _ = seen.send(format!(
+        "protocol {:?}",
+        socket.protocol().map(|p| p.to_str().unwrap().to_string())
+    ));
+    while let Some(msg) = socket.recv().await {
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => {
+                let _ = seen.send(format!("error {e}"));
+                continue;
+            }
+        };
+        match msg {
+            Message::Text(t) if t == "close" => {
+                let frame = CloseFrame {
+                    code: 4000,
+                    reason: "bye".into(),
+                };
+                socket.send(Message::Close(Some(frame))).await.unwrap();
+            }
+            Message::Text(t) if t == "ping" => {
+                socket
+                    .send(Message::Ping(Bytes::from_static(b"srv")))
+                    .await
+                    .unwrap();
+            }
+            Message::Text(_) | Message::Binary(_) => socket.send(msg).await.unwrap(),
+            Message::Ping(p) => {
+                let _ = seen.send(format!("ping {}", String::from_utf8_lossy(&p)));
+            }
+            Message::Pong(p) => {
+                let _ = seen.send(format!("pong {}", String::from_utf8_lossy(&p)));
+            }
+            Message::Close(frame) => {
+                let _ = seen.send(format!(
+                    "close {:?}",
+                    frame.map(|f| (f.code, f.reason.to_string()))
+                ));
+            }
+        }
+    }
+    let _ = seen.send("end".into());
+}
+
+fn echo_app() -> (Router, mpsc::UnboundedReceiver<String>) {
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let app = Router::new().route(
+        "/ws",
+        get(move |ws: WebSocketUpgrade| async move {
+            let seen = seen_tx.clone();
+            ws.protocols(["chat", "superchat"])
+                .on_upgrade(move |socket| echo(socket, seen))
+        }),
+    );
+    (app, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_echo_through_the_extractor() {
+    bounded(60, async {
+        let (app, mut seen) = echo_app();
+        let addr = serve(app).await;
+
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "superchat, chat".parse().unwrap());
+        let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        assert_eq!(response.status(), 101);
+        // The first the client offers that the server speaks.
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"]
+                .to_str()
+                .unwrap(),
+            "superchat"
+        );
+        assert_eq!(seen.recv().await.unwrap(), "protocol Some(\"superchat\")");
+
+        for data in [
+            vec![],
+            vec![1u8; 125],
+            vec![2u8; 70_000],
+            vec![3u8; 4 << 20],
+        ] {
+            ws.send(TMessage::Binary(data.clone().into()))
+                .await
+                .unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                TMessage::Binary(data.into())
+            );
+        }
+        ws.send(TMessage::Text("grüße".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("grüße".into())
+        );
+        // Pings are answered by the driver and still reported, as in axum.
+        ws.send(TMessage::Ping(b"hi".to_vec().into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Pong(b"hi".to_vec().into())
+        );
+        assert_eq!(seen.recv().await.unwrap(), "ping hi");
+        ws.send(TMessage::Text("ping".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Ping(b"srv".to_vec().into())
+        );
+        ws.send(TMessage::Pong(b"srv".to_vec().into()))
+            .await
+            .unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "pong srv");
+
+        // The client closes: the handler sees the close frame, then the end.
+        ws.close(Some(TCloseFrame {
+            code: CloseCode::from(4001),
+            reason: "client done".into(),
+        }))
+        .await
+        .unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4001),
+            other => panic!("expected the close echo, got {other:?}"),
+        }
+        assert!(ws.next().await.is_none());
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            "close Some((4001, \"client done\"))"
+        );
+        assert_eq!(seen.recv().await.unwrap(), "end");
+
+        // The handler closes.
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        assert_eq!(seen.recv().await.unwrap(), "protocol None");
+        ws.send(TMessage::Text("close".into())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), 4000);
+                assert_eq!(frame.reason.as_str(), "bye");
+            }
+            other => panic!("expected the close, got {other:?}"),
+        }
+        assert!(ws.next().await.is_none());
+        assert_eq!(seen.recv().await.unwrap(), "close Some((4000, \"bye\"))");
+        assert_eq!(seen.recv().await.unwrap(), "end");
+    })
+    .await;
+}
+
+/// A protocol error reaches the handler as `Err`, the peer gets the close frame (1002),
+/// and `recv` ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_is_an_err_then_the_end() {
+    bounded(30, async {
+        let (app, mut seen) = echo_app();
+        let addr = serve(app).await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(seen.recv().await.unwrap(), "protocol None");
+        // An unmasked frame from a client.
+        raw.write_all(b"\x81\x02hi").await.unwrap();
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).await.unwrap();
+        // The close frame: 0x88, length, 1002.
+        assert!(rest.len() >= 4, "{rest:?}");
+        assert_eq!(&rest[..1], b"\x88");
+        assert_eq!(u16::from_be_bytes([rest[2], rest[3]]), 1002);
+        assert!(
+            seen.recv()
+                .await
+                .unwrap()
+                .starts_with("error protocol error")
+        );
+        assert!(
+            seen.recv().await.unwrap().starts_with("close Some((1002,"),
+            "the close after the error"
+        );
+        assert_eq!(seen.recv().await.unwrap(), "end");
+    })
+    .await;
+}
+
+/// `WebSocket` is a `Stream` of `Result<Message, _>` and a `Sink` of `Message`s: split it
+/// and forward with the futures combinators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_as_stream_and_sink() {
+    bounded(30, async {
+        let app = Router::new().route(
+            "/fwd",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|socket| async move {
+                    let (mut sink, stream) = socket.split();
+                    let mut texts = std::pin::pin!(stream.filter_map(|m| async move {
+                        match m {
+                            Ok(Message::Text(t)) => Some(Ok(Message::text(format!("fwd {t}")))),
+                            _ => None,
+                        }
+                    }));
+                    let _ = sink.send_all(&mut texts).await;
+                })
+            }),
+        );
+        let addr = serve(app).await;
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/fwd"))
+            .await
+            .unwrap();
+        for i in 0..10 {
+            ws.send(TMessage::Text(format!("m{i}").into()))
+                .await
+                .unwrap();
+        }
+        for i in 0..10 {
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                TMessage::Text(format!("fwd m{i}").into())
+            );
+        }
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(request).await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = raw.read(&mut got).await.unwrap();
+    String::from_utf8_lossy(&got[..n]).into_owned()
+}
+
+/// Requests that are not valid upgrades are rejected when the extractor runs, with the
+/// crate's HTTP answers; `Option<WebSocketUpgrade>` lets one route serve both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upgrades_are_rejected_over_http() {
+    bounded(30, async {
+        let (app, _seen) = echo_app();
+        let app = app.route(
+            "/both",
+            get(|ws: Option<WebSocketUpgrade>| async move {
+                match ws {
+                    Some(ws) => ws.on_upgrade(|_| async {}),
+                    None => "plain http".into_response(),
+                }
+            }),
+        );
+        let addr = serve(app).await;
+        let plain = raw_exchange(addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+        let version = raw_exchange(
+            addr,
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+        )
+        .await;
+        assert!(version.starts_with("HTTP/1.1 426"), "{version}");
+        assert!(
+            version
+                .to_ascii_lowercase()
+                .contains("sec-websocket-version: 13"),
+            "{version}"
+        );
+        let both = raw_exchange(addr, b"GET /both HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(both.starts_with("HTTP/1.1 200"), "{both}");
+        assert!(both.ends_with("plain http"), "{both}");
+        let (_ws, response) = tokio_tungstenite::connect_async(format!("ws://{addr}/both"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 101);
+    })
+    .await;
+}
+
+/// The same extractor on a plain hyper server: `WebSocketUpgrade::from_request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extractor_on_plain_hyper() {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    async fn route(mut req: hyper::Request<hyper::body::Incoming>) -> Result<Response, Infallible> {
+        Ok(match WebSocketUpgrade::from_request(&mut req) {
+            Ok(ws) => ws.on_upgrade(|mut socket| async move {
+                while let Some(Ok(msg)) = socket.recv().await {
+                    if msg.to_text().is_ok_and(|t| !t.is_empty())
+                        && matches!(msg, Message::Text(_))
+                        && socket.send(msg).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }),
+            Err(rejection) => rejection.into_response(),
+        })
+    }
+
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service_fn(route))
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        ws.send(TMessage::Text("plain hyper".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("plain hyper".into())
+        );
+        let plain = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+    })
+    .await;
+}
+
+/// A chat room: each socket's task `select!`s between its `recv` and a broadcast feed, so
+/// `recv` is dropped whenever a line from the room arrives first (and `send` whenever the
+/// peer speaks first): nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_room_select_over_recv_and_a_feed() {
+    use axum::extract::State;
+    use tokio::sync::broadcast;
+
+    async fn chat(State(room): State<broadcast::Sender<String>>, ws: WebSocketUpgrade) -> Response {
+        ws.on_upgrade(move |mut socket| async move {
+            let mut feed = room.subscribe();
+            loop {
+                tokio::select! {
+                    msg = socket.recv() => match msg {
+                        Some(Ok(Message::Text(text))) => {
+                            let _ = room.send(text.to_string());
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break,
+                    },
+                    line = feed.recv() => match line {
+                        Ok(line) => {
+                            if socket.send(Message::text(line)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        })
+    }
+
+    bounded(30, async {
+        let (room, _) = broadcast::channel(1024);
+        let app = Router::new()
+            .route("/chat", get(chat))
+            .with_state(room.clone());
+        let addr = serve(app).await;
+        let url = format!("ws://{addr}/chat");
+        let (mut a, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let (mut b, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        // Both are subscribed once a line from the room reaches each of them.
+        while room.receiver_count() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let lines = 200;
+        let writer = tokio::spawn(async move {
+            for i in 0..lines {
+                a.send(TMessage::Text(format!("a{i}").into()))
+                    .await
+                    .unwrap();
+            }
+            a
+        });
+        for i in 0..lines {
+            b.send(TMessage::Text(format!("b{i}").into()))
+                .await
+                .unwrap();
+        }
+        let mut a = writer.await.unwrap();
+        // Each client sees every line, each sender's lines in order.
+        for ws in [&mut a, &mut b] {
+            let (mut next_a, mut next_b) = (0, 0);
+            while next_a < lines || next_b < lines {
+                let TMessage::Text(t) = ws.next().await.unwrap().unwrap() else {
+                    continue;
+                };
+                let (who, n) = t.as_str().split_at(1);
+                let n: usize = n.parse().unwrap();
+                match who {
+                    "a" => {
+                        assert_eq!(n, next_a);
+                        next_a += 1;
+                    }
+                    _ => {
+                        assert_eq!(n, next_b);
+                        next_b += 1;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,764 @@
+//! The inline `WebSocketStream` (`--features tokio`): interop with tokio-tungstenite in
+//! both directions, the `Stream`/`Sink` impls, protocol errors answered before the stream
+//! ends, backpressure (sends wait, and reading stops while a non-reading peer's pongs
+//! pile up), and cancellation safety of `next` and `send`. The cancellation and
+//! backpressure tests run over an in-memory duplex pipe on a current-thread runtime,
+//! dropping futures after a single poll (`now_or_never`): deterministic, no clocks.
+#![cfg(feature = "tokio")]
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use websocket_driver::tokio::{Config, WebSocketStream};
+use websocket_driver::{Driver, Error, Event, Message, Options, ReadyState, UsageError};
+
+/// The message an event carries (anything else fails the test).
+fn message(event: Event<'static>) -> Message<'static> {
+    match event {
+        Event::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Runs a test body with a hard limit (a hang fails instead of blocking CI).
+async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
+    tokio::time::timeout(Duration::from_secs(secs), body)
+        .await
+        .expect("test timed out");
+}
+
+/// A recognisable payload: byte `i` is `(i * 31 + seed) % 251`.
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+}
+
+/// Echo on the inline stream. `close:CODE` makes the server close with that code; `ping`
+/// makes it ping the client with payload "srv".
+async fn echo(mut ws: WebSocketStream<TcpStream>) -> Option<(u16, String)> {
+    let mut close = None;
+    while let Some(event) = ws.next().await {
+        match event {
+            Event::Message(Message::Text(t)) if t.starts_with("close:") => {
+                let code: u16 = t[6..].parse().unwrap();
+                ws.close_connection(code, "server says bye").await.unwrap();
+            }
+            Event::Message(Message::Text(t)) if t == "ping" => ws.send_ping("srv").await.unwrap(),
+            Event::Message(m) => ws.send_message(m).await.unwrap(),
+            Event::Close { code, reason } => close = Some((code, reason)),
+            _ => {}
+        }
+    }
+    close
+}
+
+/// A stream echo server on an ephemeral port; each connection's close code and reason
+/// come out of the channel.
+async fn stream_server() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closes_tx, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let closes = closes_tx.clone();
+            tokio::spawn(async move {
+                let ws = WebSocketStream::accept(tcp, &Options::default())
+                    .await
+                    .unwrap();
+                if let Some(close) = echo(ws).await {
+                    let _ = closes.send(close);
+                }
+            });
+        }
+    });
+    (addr, closes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tungstenite_client_against_stream_server() {
+    bounded(60, async {
+        let (addr, mut closes) = stream_server().await;
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        for (i, len) in [0, 1, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let data = pattern(len, i);
+            ws.send(TMessage::Binary(data.clone().into()))
+                .await
+                .unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                TMessage::Binary(data.into())
+            );
+        }
+        ws.send(TMessage::Text("héllo €".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("héllo €".into())
+        );
+        // The driver answers pings; the server pings on request.
+        ws.send(TMessage::Ping(b"p1".to_vec().into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Pong(b"p1".to_vec().into())
+        );
+        ws.send(TMessage::Text("ping".into())).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Ping(b"srv".to_vec().into())
+        );
+        // The client closes; the stream answers and reports the code.
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(4001),
+            reason: "client done".into(),
+        }))
+        .await
+        .unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+        assert_eq!(closes.recv().await.unwrap(), (4001, "client done".into()));
+
+        // Server-initiated close.
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        ws.send(TMessage::Text("close:4002".into())).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            TMessage::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), 4002);
+                assert_eq!(frame.reason.as_str(), "server says bye");
+            }
+            other => panic!("expected the close, got {other:?}"),
+        }
+        // tungstenite answers the close while it is polled; the server then ends TCP.
+        assert!(ws.next().await.is_none());
+        assert_eq!(closes.recv().await.unwrap().0, 4002);
+    })
+    .await;
+}
+
+/// A tokio-tungstenite echo server on an ephemeral port.
+async fn tungstenite_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The stream as a client, through the `Stream` and `Sink` impls: a burst queued with
+/// `feed` goes out on `flush`, the echoes come back in order, `close` starts the close
+/// handshake and the stream ends after the `Close` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_client_with_sink_and_stream() {
+    bounded(60, async {
+        let addr = tungstenite_server().await;
+        let mut ws = WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        assert!(matches!(ws.next().await.unwrap(), Event::Open));
+        for i in 0..100 {
+            let message = if i % 2 == 0 {
+                Message::Text(format!("m{i}").into())
+            } else {
+                Message::Binary(pattern(i * 100, i).into())
+            };
+            ws.feed(message).await.unwrap();
+        }
+        assert!(ws.buffered_amount() > 0, "feed queues without writing");
+        SinkExt::<Message<'_>>::flush(&mut ws).await.unwrap();
+        assert_eq!(ws.buffered_amount(), 0);
+        for i in 0..100 {
+            let expected = if i % 2 == 0 {
+                Message::Text(format!("m{i}").into())
+            } else {
+                Message::Binary(pattern(i * 100, i).into())
+            };
+            match StreamExt::next(&mut ws).await.unwrap() {
+                Event::Message(m) => assert_eq!(m, expected, "echo {i}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        SinkExt::<Message<'_>>::close(&mut ws).await.unwrap();
+        assert_eq!(ws.ready_state(), ReadyState::Closing);
+        assert!(matches!(
+            ws.send_text("late").await,
+            Err(Error::Usage(UsageError::NotOpen))
+        ));
+        match ws.next().await.unwrap() {
+            Event::Close { code, .. } => assert_eq!(code, 1000),
+            other => panic!("expected the close, got {other:?}"),
+        }
+        assert!(ws.next().await.is_none());
+        assert!(futures_util::stream::FusedStream::is_terminated(&ws));
+    })
+    .await;
+}
+
+/// A frame the server must refuse (unmasked): the stream reports the error, then the
+/// close, and the close frame with 1002 reaches the peer, followed by the end of TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_close_frame_reaches_the_peer() {
+    bounded(30, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = WebSocketStream::accept(tcp, &Options::default())
+                .await
+                .unwrap();
+            let mut events = Vec::new();
+            while let Some(event) = ws.next().await {
+                events.push(event);
+            }
+            events
+        });
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let mut client =
+            Driver::make_client(&format!("ws://{addr}/"), &Options::default()).unwrap();
+        client.start_connection();
+        raw.write_all(client.pending_output()).await.unwrap();
+        client.consume_output(client.pending_output().len());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let mut opened = false;
+        let mut close = None;
+        // An unmasked text frame from a client.
+        let mut sent_bad = false;
+        while close.is_none() {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0, "EOF before the close frame");
+            got.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            loop {
+                let (used, event) = client.poll_event(&mut got[at..]);
+                at += used;
+                match event {
+                    Some(Event::Open) => opened = true,
+                    Some(Event::Close { code, .. }) => close = Some(code),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            got.drain(..at);
+            if opened && !sent_bad {
+                raw.write_all(b"\x81\x02hi").await.unwrap();
+                sent_bad = true;
+            }
+        }
+        assert_eq!(close, Some(1002));
+        // The server closes TCP first.
+        while raw.read(&mut buf).await.unwrap() > 0 {}
+        drop(raw);
+        let events = server.await.unwrap();
+        assert!(matches!(events[0], Event::Open), "{events:?}");
+        assert!(
+            matches!(events[1], Event::Error(Error::Protocol(_))),
+            "{events:?}"
+        );
+        assert!(
+            matches!(events[2], Event::Close { code: 1002, .. }),
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 3);
+    })
+    .await;
+}
+
+// ----- over a duplex pipe, deterministic -----
+
+/// A server stream on one end of an in-memory pipe of `capacity` bytes each way (its
+/// `Open` taken), and a hand-driven client driver (already open) on the other.
+async fn piped(capacity: usize, config: &Config) -> (WebSocketStream<DuplexStream>, Peer) {
+    let (server_end, mut client_end) = duplex(capacity);
+    let mut client = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
+    client.start_connection();
+    client_end.write_all(client.pending_output()).await.unwrap();
+    client.consume_output(client.pending_output().len());
+    let ws = WebSocketStream::accept_with(server_end, &Options::default(), config, |_| Ok(()))
+        .await
+        .unwrap();
+    let mut ws = ws;
+    assert!(matches!(ws.next().await, Some(Event::Open)));
+    let mut peer = Peer {
+        io: client_end,
+        driver: client,
+        input: Vec::new(),
+    };
+    assert!(matches!(peer.next_event().await, Event::Open));
+    (ws, peer)
+}
+
+/// The client end of a pipe, driven by hand.
+struct Peer {
+    io: DuplexStream,
+    driver: Driver,
+    input: Vec<u8>,
+}
+
+impl Peer {
+    /// The next event from the server, reading as needed.
+    async fn next_event(&mut self) -> Event<'static> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let (used, event) = self.driver.poll_event(&mut self.input);
+            let event = event.map(|e| match e {
+                Event::Message(m) => Event::Message(m.into_owned()),
+                Event::Ping(p) => Event::Ping(p.into_owned().into()),
+                Event::Pong(p) => Event::Pong(p.into_owned().into()),
+                Event::Open => Event::Open,
+                Event::Error(e) => Event::Error(e),
+                Event::Close { code, reason } => Event::Close { code, reason },
+            });
+            self.input.drain(..used);
+            if let Some(event) = event {
+                return event;
+            }
+            let n = self.io.read(&mut buf).await.unwrap();
+            if n == 0 {
+                self.driver.receive_eof();
+            }
+            self.input.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The bytes the client driver has queued (frames to send), taken out.
+    fn take_output(&mut self) -> Vec<u8> {
+        let out = self.driver.pending_output().to_vec();
+        self.driver.consume_output(out.len());
+        out
+    }
+}
+
+/// Drops `next()` after every single poll while the peer writes its frames a few bytes at
+/// a time: each dropped future is a cancellation at a different point of a frame, and
+/// every message still comes out once, whole and in order.
+#[tokio::test(flavor = "current_thread")]
+async fn next_is_cancel_safe() {
+    bounded(60, async {
+        let (mut ws, mut peer) = piped(1024, &Config::default()).await;
+        let sizes = [0, 1, 7, 125, 126, 1000, 65_535, 65_536, 200_000];
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            if i % 3 == 0 {
+                let text: String = (0..len).map(|k| ['a', 'é', '€'][k % 3]).collect();
+                peer.driver.send_text(&text).unwrap();
+                expected.push(Message::Text(text.into()));
+            } else {
+                peer.driver.send_binary(&pattern(len, i)).unwrap();
+                expected.push(Message::Binary(pattern(len, i).into()));
+            }
+            peer.driver.send_ping(format!("p{i}").as_bytes()).unwrap();
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            // 7 bytes at a time: frame headers and payloads split everywhere.
+            for chunk in wire.chunks(7) {
+                peer.io.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            peer
+        });
+        let mut messages = Vec::new();
+        let mut pings = 0;
+        let mut cancelled = 0;
+        while messages.len() < expected.len() || pings < sizes.len() {
+            match ws.next().now_or_never() {
+                Some(Some(Event::Message(m))) => messages.push(m),
+                Some(Some(Event::Ping(p))) => {
+                    assert_eq!(&p[..], format!("p{pings}").as_bytes());
+                    pings += 1;
+                }
+                Some(Some(Event::Open)) => {}
+                Some(other) => panic!("unexpected {other:?}"),
+                None => {
+                    cancelled += 1;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        assert!(cancelled > 100, "only {cancelled} cancellations");
+        assert_eq!(messages.len(), expected.len());
+        for (i, (got, want)) in messages.iter().zip(&expected).enumerate() {
+            assert!(got == want, "message {i} differs");
+        }
+        // The pongs went out in order, and the connection still works both ways.
+        let mut peer = writer.await.unwrap();
+        for i in 0..sizes.len() {
+            loop {
+                // The stream writes its pongs when polled; the peer reads them.
+                let _ = ws.next().now_or_never();
+                if let Some(event) = peer.next_event().now_or_never() {
+                    assert!(
+                        matches!(&event, Event::Pong(p) if p[..] == *format!("p{i}").as_bytes()),
+                        "{event:?}"
+                    );
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        ws.send_text("still here").await.unwrap();
+        assert_eq!(
+            message(peer.next_event().await),
+            Message::Text("still here".into())
+        );
+    })
+    .await;
+}
+
+/// `recv` lends events out of the read buffer, under the same cancellation as `next`
+/// (dropped after every poll while the peer trickles its frames); its `Reply` queues
+/// answers that the next `recv` writes. Messages that arrived whole in one read are
+/// borrowed, not copied.
+#[tokio::test(flavor = "current_thread")]
+async fn recv_lends_events_and_is_cancel_safe() {
+    bounded(60, async {
+        let (mut ws, mut peer) = piped(1024, &Config::default()).await;
+        let sizes = [1, 7, 125, 126, 1000, 65_536, 200_000];
+        let mut expected = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            if i % 2 == 0 {
+                let text: String = (0..len).map(|k| ['x', 'ß', '€'][k % 3]).collect();
+                peer.driver.send_text(&text).unwrap();
+                expected.push(Message::Text(text.into()));
+            } else {
+                peer.driver.send_binary(&pattern(len, i)).unwrap();
+                expected.push(Message::Binary(pattern(len, i).into()));
+            }
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(5) {
+                peer.io.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            peer
+        });
+        let mut got = 0;
+        let mut cancelled = 0;
+        while got < expected.len() {
+            let received = ws.recv().now_or_never();
+            let Some(received) = received else {
+                cancelled += 1;
+                tokio::task::yield_now().await;
+                continue;
+            };
+            let (event, mut reply) = received.expect("the connection is open");
+            match event {
+                Event::Message(m) => {
+                    assert!(m == expected[got], "message {got} differs");
+                    // Read whole before parsing (each frame is under
+                    // `max_read_buffer_size`), every binary message is lent, however it
+                    // was cut (text is checked as it arrives, so cut text is reassembled).
+                    assert!(
+                        m.is_text() || matches!(m, Message::Binary(Cow::Borrowed(_))),
+                        "message {got} was copied"
+                    );
+                    reply.send_message(&m).unwrap();
+                    got += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(cancelled > 100, "only {cancelled} cancellations");
+        // The echoes come back whole and in order (the stream writes them as it is polled).
+        let mut peer = writer.await.unwrap();
+        for (i, want) in expected.iter().enumerate() {
+            let event = loop {
+                let _ = ws.recv().now_or_never();
+                if let Some(event) = peer.next_event().now_or_never() {
+                    break event;
+                }
+                tokio::task::yield_now().await;
+            };
+            assert!(matches!(&event, Event::Message(m) if m == want), "echo {i}");
+        }
+
+        // A message that arrives in one read is lent from the read buffer, not copied.
+        peer.driver.send_binary(&pattern(300, 9)).unwrap();
+        peer.driver.send_ping(b"lent").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        let (event, _) = ws.recv().await.unwrap();
+        assert!(
+            matches!(event, Event::Message(Message::Binary(Cow::Borrowed(b))) if b == &pattern(300, 9)[..]),
+            "{event:?}"
+        );
+        let (event, _) = ws.recv().await.unwrap();
+        assert!(
+            matches!(event, Event::Ping(Cow::Borrowed(b"lent"))),
+            "{event:?}"
+        );
+        // Closing: the reply refuses once the connection is closing.
+        ws.close_connection(1000, "").await.unwrap();
+        peer.driver.send_text("after our close").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        let (event, mut reply) = ws.recv().await.unwrap();
+        assert!(matches!(event, Event::Message(_)), "{event:?}");
+        assert!(matches!(
+            reply.send_text("no"),
+            Err(Error::Usage(UsageError::NotOpen))
+        ));
+    })
+    .await;
+}
+
+/// Frames larger than the read buffer grow it up to `max_read_buffer_size` (then come out
+/// lent); larger ones are reassembled by the driver (and come out owned). Either way the
+/// bytes are right.
+#[tokio::test(flavor = "current_thread")]
+async fn large_frames_grow_the_read_buffer_up_to_its_limit() {
+    bounded(60, async {
+        let config = Config::default()
+            .read_buffer_size(1024)
+            .max_read_buffer_size(100_000);
+        let (mut ws, mut peer) = piped(4096, &config).await;
+        let sizes = [50_000, 150_000, 60_000];
+        for (i, &len) in sizes.iter().enumerate() {
+            peer.driver.send_binary(&pattern(len, i)).unwrap();
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            peer.io.write_all(&wire).await.unwrap();
+            peer
+        });
+        for (i, &len) in sizes.iter().enumerate() {
+            let (event, _) = ws.recv().await.unwrap();
+            match event {
+                Event::Message(Message::Binary(b)) => {
+                    assert!(b[..] == pattern(len, i)[..], "message {i}");
+                    assert_eq!(
+                        matches!(b, Cow::Borrowed(_)),
+                        len < 100_000,
+                        "message {i} of {len} bytes"
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        writer.await.unwrap();
+    })
+    .await;
+}
+
+/// A large message with nothing queued before it is written straight from the caller's
+/// payload; what the transport does not take yet is kept and still goes out before
+/// anything queued after it (a pong, the next message).
+#[tokio::test(flavor = "current_thread")]
+async fn large_sends_written_around_the_driver_keep_frame_order() {
+    bounded(60, async {
+        let (mut ws, mut peer) = piped(16 * 1024, &Config::default()).await;
+        ws.send_binary(pattern(100_000, 1)).await.unwrap();
+        // The pipe took 16 KiB of the frame (header: 10 bytes).
+        assert_eq!(ws.buffered_amount(), 100_010 - 16 * 1024);
+        peer.driver.send_ping(b"p").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        assert!(matches!(ws.next().await.unwrap(), Event::Ping(p) if &p[..] == b"p"));
+        ws.send_text("after").await.unwrap();
+        let reader = async {
+            let events = [
+                peer.next_event().await,
+                peer.next_event().await,
+                peer.next_event().await,
+            ];
+            (events, peer)
+        };
+        let (flushed, (events, _peer)) = tokio::join!(ws.flush(), reader);
+        flushed.unwrap();
+        assert!(
+            matches!(&events[0], Event::Message(Message::Binary(b)) if b[..] == pattern(100_000, 1)[..]),
+            "the large message first, whole"
+        );
+        assert!(matches!(&events[1], Event::Pong(p) if &p[..] == b"p"), "then the pong");
+        assert_eq!(message(events.into_iter().nth(2).unwrap()), Message::Text("after".into()));
+        assert_eq!(ws.buffered_amount(), 0);
+    })
+    .await;
+}
+
+/// Against a peer that does not read: a send admitted under the limit queues its whole
+/// frame at once; the next one waits, and dropped while waiting it queues nothing. When
+/// the peer reads, it gets exactly the completed sends, whole and in order.
+#[tokio::test(flavor = "current_thread")]
+async fn send_is_cancel_safe() {
+    const SIZE: usize = 256 * 1024;
+    bounded(60, async {
+        let config = Config::default().max_backpressure(16 * 1024);
+        let (mut ws, mut peer) = piped(64 * 1024, &config).await;
+        // Under the limit: completes at once, with the frame queued whole (the pipe takes
+        // 64 KiB of it).
+        ws.send_binary(pattern(SIZE, 1))
+            .now_or_never()
+            .expect("a send under the limit completes at once")
+            .unwrap();
+        let buffered = ws.buffered_amount();
+        assert!(buffered > 16 * 1024, "{buffered}");
+        // Over the limit: pending; dropped after each poll, it queues nothing, however
+        // many times it is tried.
+        for _ in 0..10 {
+            assert!(ws.send_binary(pattern(SIZE, 2)).now_or_never().is_none());
+            assert!(ws.send_text("nor this").now_or_never().is_none());
+            assert_eq!(ws.buffered_amount(), buffered);
+            tokio::task::yield_now().await;
+        }
+        // A send waiting in a select! that another branch wins is cancelled the same way.
+        tokio::select! {
+            biased;
+            _ = std::future::ready(()) => {}
+            _ = ws.send_binary(pattern(SIZE, 3)) => panic!("sent over the limit"),
+        }
+        assert_eq!(ws.buffered_amount(), buffered);
+
+        // The peer reads; the stream writes while it is polled (a third send waits for
+        // room, then goes out after the first).
+        let third = async {
+            ws.send_binary(pattern(100, 4)).await.unwrap();
+            ws.flush().await.unwrap();
+            ws
+        };
+        let reader = async {
+            let first = peer.next_event().await;
+            let second = peer.next_event().await;
+            (first, second, peer)
+        };
+        let (mut ws, (first, second, mut peer)) = tokio::join!(third, reader);
+        assert_eq!(message(first), Message::Binary(pattern(SIZE, 1).into()));
+        assert_eq!(message(second), Message::Binary(pattern(100, 4).into()));
+        assert_eq!(ws.buffered_amount(), 0);
+
+        // Both ways still work.
+        peer.driver.send_text("from the peer").unwrap();
+        let out = peer.take_output();
+        peer.io.write_all(&out).await.unwrap();
+        assert_eq!(
+            message(ws.next().await.unwrap()),
+            Message::Text("from the peer".into())
+        );
+    })
+    .await;
+}
+
+/// A peer that floods pings and never reads: the stream answers while the pongs fit under
+/// the limit, then stops reading (the peer's writes block on the full pipe) instead of
+/// buffering pongs without end.
+#[tokio::test(flavor = "current_thread")]
+async fn reading_stops_while_unread_output_is_over_the_limit() {
+    const LIMIT: usize = 4 * 1024;
+    bounded(60, async {
+        let config = Config::default().max_backpressure(LIMIT);
+        let (mut ws, mut peer) = piped(8 * 1024, &config).await;
+        let pings = 10_000;
+        for i in 0..pings {
+            peer.driver.send_ping(&pattern(100, i)).unwrap();
+        }
+        let wire = peer.take_output();
+        let writer = tokio::spawn(async move {
+            peer.io.write_all(&wire).await.unwrap();
+            peer
+        });
+        let mut seen = 0;
+        let mut idle = 0;
+        // Poll until nothing moves any more (the writer blocked, the stream over the
+        // limit): 1000 rounds without an event.
+        while idle < 1000 {
+            match ws.next().now_or_never() {
+                Some(Some(Event::Ping(_))) => {
+                    seen += 1;
+                    idle = 0;
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+                None => idle += 1,
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished(), "the peer's writes are held back");
+        assert!(seen < pings, "every ping was read ({seen})");
+        // One parse past the limit at most: a pong is 102 bytes.
+        assert!(
+            ws.buffered_amount() <= LIMIT + 102,
+            "{} bytes of pongs buffered",
+            ws.buffered_amount()
+        );
+        writer.abort();
+    })
+    .await;
+}
+
+/// A stream handed a client driver that is still connecting runs the handshake itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_driver_runs_a_client_handshake() {
+    bounded(30, async {
+        let addr = tungstenite_server().await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut driver =
+            Driver::make_client(&format!("ws://{addr}/"), &Options::default()).unwrap();
+        driver.start_connection();
+        let mut ws = WebSocketStream::from_driver(tcp, driver, &[], &Config::default());
+        assert_eq!(ws.ready_state(), ReadyState::Connecting);
+        ws.send_text("queued while connecting").await.unwrap();
+        assert!(matches!(ws.next().await.unwrap(), Event::Open));
+        assert_eq!(
+            message(ws.next().await.unwrap()),
+            Message::Text("queued while connecting".into())
+        );
+        ws.close_connection(1000, "").await.unwrap();
+        assert!(matches!(
+            ws.next().await.unwrap(),
+            Event::Close { code: 1000, .. }
+        ));
+        assert!(ws.next().await.is_none());
+    })
+    .await;
+}
+
+/// The split API runs on the stream: `spawn` hands the connection to a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_moves_the_stream_onto_the_split_api() {
+    bounded(30, async {
+        let (addr, mut closes) = stream_server().await;
+        let ws = WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        let (tx, mut rx) = ws.spawn();
+        assert!(matches!(rx.next().await.unwrap(), Event::Open));
+        let sender = tx.clone();
+        tokio::spawn(async move { sender.send_text("from another task").await.unwrap() });
+        assert_eq!(
+            message(rx.next().await.unwrap()),
+            Message::Text("from another task".into())
+        );
+        tx.close_connection(1000, "bye").await.unwrap();
+        while rx.next().await.is_some() {}
+        assert_eq!(closes.recv().await.unwrap(), (1000, "bye".into()));
+    })
+    .await;
+}
