@@ -377,7 +377,7 @@ fn server_handshake(request: &[u8]) -> Vec<u8> {
         panic!("request did not parse");
     };
     let accept = validate_request(&request).unwrap();
-    server_response(&accept, None, &[])
+    server_response(&accept, None, None, &[])
 }
 
 fn bench_handshake(c: &mut Criterion) {
