@@ -2,7 +2,9 @@
 //! upgrades are accepted with `websocket_driver::hyper` and echoed by a seed-style
 //! [`Handler`] on the tokio adapter.
 //!
-//! `cargo run --release --features hyper --example echo_hyper -- --addr 127.0.0.1:9001`
+//! `cargo run --release --features hyper --example echo_hyper -- --addr 127.0.0.1:9001 [--deflate]`
+//!
+//! `--deflate` accepts permessage-deflate (`Options::deflate(true)`).
 //!
 //! `autobahn/run-adapter.sh --adapter hyper` runs the Autobahn fuzzingclient against it.
 
@@ -33,9 +35,16 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infa
         *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
         return Ok(response);
     }
-    Ok(serve(&mut req, &Options::default(), |tx, rx| async move {
+    Ok(serve(&mut req, &options(), |tx, rx| async move {
         run((tx, rx), Echo).await;
     }))
+}
+
+/// `--deflate`: accept permessage-deflate.
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn options() -> Options {
+    Options::default().deflate(DEFLATE.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 #[tokio::main]
@@ -43,10 +52,14 @@ async fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--deflate" {
+            DEFLATE.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
             _ => {
-                eprintln!("usage: echo_hyper [--addr HOST:PORT]");
+                eprintln!("usage: echo_hyper [--addr HOST:PORT] [--deflate]");
                 std::process::exit(2);
             }
         }
