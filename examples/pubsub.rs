@@ -5,11 +5,17 @@
 //!
 //! `cargo run --release --example pubsub -- --addr 127.0.0.1:9002 [--backend auto|epoll|io-uring] [--threads N]`
 //!
-//! On SIGINT/SIGTERM it shuts down (1001 to everyone) and prints its counters.
+//! With `--redis redis://HOST:PORT/` (build with `--features redis`) topics span every
+//! process started with the same Redis: run two on two ports and a message sent to one
+//! reaches the subscribers of both.
+//!
+//! `GET /stats` (plain HTTP) answers the server's counters as JSON. On SIGINT/SIGTERM it
+//! shuts down (1001 to everyone) and prints them.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, Server, Upgrade, Ws};
+use websocket_driver::server::{Handler, HttpResponse, Server, ServerHandle, Stats, Upgrade, Ws};
 use websocket_driver::{Backend, Message, MessageType};
 
 struct Member {
@@ -38,6 +44,7 @@ fn main() {
     let mut addr = "127.0.0.1:9002".to_string();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut backend = Backend::Auto;
+    let mut redis: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -56,6 +63,7 @@ fn main() {
                     .parse()
                     .unwrap_or_else(|e: String| usage(&e))
             }
+            "--redis" => redis = Some(value("--redis")),
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -65,18 +73,32 @@ fn main() {
     if let Err(e) = websocket_driver::raise_open_file_limit() {
         eprintln!("pubsub: cannot raise the open-file limit: {e}");
     }
-    let server = Server::bind(&addr)
+    let mut server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
         .threads(threads)
         .backend(backend);
+    if let Some(url) = redis {
+        server = with_redis(server, &url);
+    }
     let local = server.local_addr().unwrap();
+    let running: Arc<OnceLock<ServerHandle>> = Arc::default();
+    let stats_of = running.clone();
     let handle = server
-        .start(|request| {
+        .start(move |request| {
+            if !request.is_websocket() && request.path() == "/stats" {
+                let stats = stats_of.get().map(ServerHandle::stats).unwrap_or_default();
+                return Upgrade::Reject(HttpResponse {
+                    status: 200,
+                    headers: vec![("Content-Type".into(), "application/json".into())],
+                    body: stats_json(&stats),
+                });
+            }
             Upgrade::Accept(Member {
                 topic: request.path().to_string(),
             })
         })
         .unwrap_or_else(|e| usage(&format!("server failed: {e}")));
+    let _ = running.set(handle.clone());
     eprintln!(
         "pubsub: listening on ws://{local} ({}, {threads} threads)",
         handle.backend()
@@ -87,21 +109,49 @@ fn main() {
     ])
     .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
     if signals.forever().next().is_some() {
-        let stats = handle.stats();
-        eprintln!(
-            "pubsub: published {} delivered {} dropped {}",
-            stats.published, stats.delivered, stats.dropped
-        );
+        eprintln!("pubsub: {}", stats_json(&handle.stats()));
         handle
             .shutdown(Duration::from_secs(5))
             .unwrap_or_else(|e| usage(&format!("shutdown failed: {e}")));
     }
 }
 
+/// The counters a test or an operator reads from `GET /stats`.
+fn stats_json(stats: &Stats) -> String {
+    format!(
+        "{{\"connections_open\":{},\"published\":{},\"delivered\":{},\"dropped\":{},\
+         \"backplane_sent\":{},\"backplane_received\":{},\"backplane_dropped\":{},\
+         \"backplane_reconnects\":{}}}",
+        stats.connections_open,
+        stats.published,
+        stats.delivered,
+        stats.dropped,
+        stats.backplane.sent,
+        stats.backplane.received,
+        stats.backplane.dropped,
+        stats.backplane.reconnects
+    )
+}
+
+#[cfg(feature = "redis")]
+fn with_redis(server: Server, url: &str) -> Server {
+    let backplane = websocket_driver::server::RedisBackplane::connect(url)
+        .unwrap_or_else(|e| usage(&format!("cannot reach Redis at {url}: {e}")));
+    server.backplane(backplane)
+}
+
+#[cfg(not(feature = "redis"))]
+fn with_redis(_server: Server, _url: &str) -> Server {
+    usage("--redis needs the `redis` feature (cargo run --features redis --example pubsub …)")
+}
+
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("pubsub: {problem}");
     }
-    eprintln!("usage: pubsub [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring]");
+    eprintln!(
+        "usage: pubsub [--addr HOST:PORT] [--threads N] [--backend auto|epoll|io-uring] \
+         [--redis redis://HOST:PORT/]"
+    );
     std::process::exit(2)
 }

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Side-by-side comparison: websocket-driver's echo server (epoll and io_uring) against
-# tokio-tungstenite and fastwebsockets echo servers (loadtest/peers), driven by wsload.
+# tokio-tungstenite and fastwebsockets echo servers (loadtest/peers), and its pub/sub server
+# against pub/sub peers on the same two crates, driven by wsload.
 #
 #   loadtest/compare.sh [--rounds R] [--secs S] [--quick] [--idle-conns N] [--idle-secs S]
-#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow] [--no-idle] [--no-build]
-#                       [--slow-conns N] [--flood-size B] [--out DIR]
+#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow,bcast100,bcast500,fanout10k]
+#                       [--no-idle] [--no-build] [--slow-conns N] [--flood-size B]
+#                       [--fanout-subs N] [--fanout-rate R] [--out DIR]
 #
 # Scenario slow: wsload slow, one flooder that sends 64 KiB messages and never reads, next to
 # --slow-conns (10) echo clients of 1 KiB; records the server's RSS growth and whether the
 # flooder got disconnected. A server that dies there is recorded, not fatal.
+# Pub/sub scenarios (--scenarios pubsub = all three; not in the default list): bcast100 and
+# bcast500 (wsload broadcast: N clients on one topic, each sends one 20 B message a round, a
+# round ends when all N*N deliveries arrived), fanout10k (wsload fanout: one publisher,
+# --fanout-subs (10000) subscribers, --fanout-rate (20) publishes/s of 16 B).
 #
-# Servers: wsd-epoll, wsd-io-uring, tokio-tungstenite, fastwebsockets, and base-epoll /
-# base-io-uring: an earlier build of the echo example named by BASELINE_ECHO=path, to
-# measure a change before and after in one interleaved run.
+# Servers: wsd-epoll, wsd-io-uring (the echo example, or examples/pubsub in pub/sub
+# scenarios), tokio-tungstenite, fastwebsockets (echo), pubsub-tungstenite,
+# pubsub-fastwebsockets (pub/sub), and base-epoll / base-io-uring: an earlier build of the
+# echo example named by BASELINE_ECHO=path (BASELINE_PUBSUB=path in pub/sub scenarios), to
+# measure a change before and after in one interleaved run. Each scenario runs the listed
+# servers that fit it. PUBSUB_EXAMPLE=name runs another example as wsd's pub/sub server.
 #
 # Each server runs alone pinned to CPU 0 (one thread / worker), wsload pinned to CPU 1; for
 # every scenario and round the servers run in the same interleaved order A B C D, A B C D, …
@@ -32,8 +41,11 @@ IDLE_CONNS=10000
 IDLE_SECS=3
 IDLE=1
 BUILD=1
-SERVERS="wsd-epoll,wsd-io-uring,tokio-tungstenite,fastwebsockets"
+SERVERS="wsd-epoll,wsd-io-uring,tokio-tungstenite,fastwebsockets,pubsub-tungstenite,pubsub-fastwebsockets"
 SCENARIOS="20b,1k,16k,1m,slow"
+FANOUT_SUBS=10000
+FANOUT_RATE=20
+IDLE_SET=0
 SLOW_CONNS=10
 SLOW_SIZE=1024
 FLOOD_SIZE=65536
@@ -43,7 +55,7 @@ CLIENT_CPU=${CLIENT_CPU:-1}
 PORT_BASE=${PORT_BASE:-19300}
 
 usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 while (($#)); do
@@ -55,11 +67,13 @@ while (($#)); do
         --idle-secs) IDLE_SECS=${2:?}; shift ;;
         --servers) SERVERS=${2:?}; shift ;;
         --scenarios) SCENARIOS=${2:?}; shift ;;
-        --no-idle) IDLE=0 ;;
+        --no-idle) IDLE=0 IDLE_SET=1 ;;
         --no-build) BUILD=0 ;;
         --out) OUT=${2:?}; shift ;;
         --slow-conns) SLOW_CONNS=${2:?}; shift ;;
         --flood-size) FLOOD_SIZE=${2:?}; shift ;;
+        --fanout-subs) FANOUT_SUBS=${2:?}; shift ;;
+        --fanout-rate) FANOUT_RATE=${2:?}; shift ;;
         -h | --help) usage 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; usage 2 ;;
     esac
@@ -69,6 +83,9 @@ done
 [[ $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "compare.sh: --secs needs a number" >&2; exit 2; }
 [[ $SLOW_CONNS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --slow-conns needs a positive integer" >&2; exit 2; }
 [[ $FLOOD_SIZE =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --flood-size needs a positive integer" >&2; exit 2; }
+[[ $FANOUT_SUBS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --fanout-subs needs a positive integer" >&2; exit 2; }
+[[ $FANOUT_RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "compare.sh: --fanout-rate needs a number" >&2; exit 2; }
+SCENARIOS=${SCENARIOS//pubsub/bcast100,bcast500,fanout10k}
 
 log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -78,27 +95,122 @@ for tool in taskset timeout python3 cargo getconf; do
 done
 (($(nproc --all) >= 2)) || die "needs at least 2 CPUs (server on CPU $SERVER_CPU, load on CPU $CLIENT_CPU)"
 
+kind_of() { # scenario key -> echo | slow | broadcast | fanout (empty if unknown)
+    case "$1" in
+        20b | 1k | 16k | 1m) echo echo ;;
+        slow) echo slow ;;
+        bcast100 | bcast500) echo broadcast ;;
+        fanout10k) echo fanout ;;
+    esac
+}
+fits() { # server kind: whether the server takes part in that kind of scenario
+    case "$1" in
+        wsd-* | base-*) return 0 ;;
+        tokio-tungstenite | fastwebsockets) [[ $2 == echo || $2 == slow || $2 == idle ]] ;;
+        pubsub-*) [[ $2 == broadcast || $2 == fanout ]] ;;
+        *) return 1 ;;
+    esac
+}
+
+IFS=, read -ra server_list <<<"$SERVERS"
+IFS=, read -ra scenario_list <<<"$SCENARIOS"
+NEED_ECHO=0 NEED_PUBSUB=0
+for k in "${scenario_list[@]}"; do
+    case "$(kind_of "$k")" in
+        echo | slow) NEED_ECHO=1 ;;
+        broadcast | fanout) NEED_PUBSUB=1 ;;
+        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub)" ;;
+    esac
+done
+# Idle memory goes with the echo scenarios: a pub/sub-only run leaves it out unless asked.
+((NEED_ECHO || IDLE_SET)) || IDLE=0
+((IDLE)) && NEED_ECHO=1
+
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
 WSLOAD=$TARGET/release/wsload
 ECHO=$TARGET/release/examples/echo
+PUBSUB_EXAMPLE=${PUBSUB_EXAMPLE:-pubsub}
+PUBSUB=$TARGET/release/examples/$PUBSUB_EXAMPLE
 TUNGSTENITE=$PEERS_TARGET/release/tungstenite-echo
 FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
+PS_TUNGSTENITE=$PEERS_TARGET/release/pubsub-tungstenite
+PS_FASTWS=$PEERS_TARGET/release/pubsub-fastwebsockets
 
+# ----- servers and scenarios (checked before anything is built or written) -----
+server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARGV
+    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-}
+    if [[ ${3:-echo} == broadcast || ${3:-echo} == fanout ]]; then
+        wsd=$PUBSUB base=${BASELINE_PUBSUB:-}
+    fi
+    case "$1" in
+        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1) ;;
+        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1) ;;
+        # An earlier build of the echo example (BASELINE_ECHO=path) or of the pub/sub one
+        # (BASELINE_PUBSUB=path), for before/after runs.
+        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1) ;;
+        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1) ;;
+        tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
+        fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
+        pubsub-tungstenite) SERVER_ARGV=("$PS_TUNGSTENITE" --addr "$addr" --threads 1) ;;
+        pubsub-fastwebsockets) SERVER_ARGV=("$PS_FASTWS" --addr "$addr" --threads 1) ;;
+        *) return 1 ;;
+    esac
+}
+
+scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
+    SC_KIND=$(kind_of "$1") SC_RATE=""
+    case "$1" in
+        20b) SC_NAME="100×20 B" SC_CONNS=100 SC_SIZE=20 ;;
+        1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
+        16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
+        1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
+        slow) SC_NAME="slow reader" SC_CONNS=$SLOW_CONNS SC_SIZE=$SLOW_SIZE ;;
+        bcast100) SC_NAME="broadcast 100" SC_CONNS=100 SC_SIZE=20 ;;
+        bcast500) SC_NAME="broadcast 500" SC_CONNS=500 SC_SIZE=20 ;;
+        fanout10k) SC_NAME="fanout 1→$FANOUT_SUBS @ $FANOUT_RATE/s" SC_CONNS=$FANOUT_SUBS SC_SIZE=16 SC_RATE=$FANOUT_RATE ;;
+        *) die "unknown scenario $1" ;;
+    esac
+}
+
+for s in "${server_list[@]}"; do
+    fits "$s" echo || fits "$s" fanout || die "unknown server $s"
+done
+for k in "${scenario_list[@]}"; do
+    scenario "$k"
+    n=0
+    for s in "${server_list[@]}"; do
+        fits "$s" "$SC_KIND" || continue
+        server_cmd "$s" 0 "$SC_KIND"
+        n=$((n + 1))
+    done
+    ((n)) || die "no server in --servers $SERVERS runs scenario $k"
+done
+
+examples=()
+((NEED_ECHO)) && examples+=(--example echo)
+((NEED_PUBSUB)) && examples+=(--example "$PUBSUB_EXAMPLE")
 if ((BUILD)); then
-    log "building in release: wsload, the echo example, the peers"
+    log "building in release: wsload, the examples (${examples[*]}), the peers"
     cargo build --release -p wsload || die "cargo build -p wsload failed"
-    cargo build --release -p websocket-driver --example echo || die "cargo build --example echo failed"
+    cargo build --release -p websocket-driver "${examples[@]}" || die "cargo build ${examples[*]} failed"
     cargo build --release --manifest-path loadtest/peers/Cargo.toml || die "building loadtest/peers failed"
 fi
-for bin in "$WSLOAD" "$ECHO" "$TUNGSTENITE" "$FASTWS"; do
+needed=("$WSLOAD")
+((NEED_ECHO)) && needed+=("$ECHO" "$TUNGSTENITE" "$FASTWS")
+((NEED_PUBSUB)) && needed+=("$PUBSUB" "$PS_TUNGSTENITE" "$PS_FASTWS")
+for bin in "${needed[@]}"; do
     [[ -x $bin ]] || die "$bin missing (run without --no-build)"
 done
 
-# 10 000 idle connections need that many descriptors in the server (and in wsload).
+# 10 000 idle connections or fan-out subscribers need that many descriptors in the server
+# (and in wsload).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if ((IDLE && $(ulimit -n) < IDLE_CONNS + 100)); then
     log "open-files limit $(ulimit -n) < $IDLE_CONNS + 100: idle runs may not hold every connection"
+fi
+if [[ ,$SCENARIOS, == *,fanout10k,* ]] && (($(ulimit -n) < FANOUT_SUBS + 100)); then
+    log "open-files limit $(ulimit -n) < $FANOUT_SUBS + 100: fanout runs may not open every subscriber"
 fi
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -138,19 +250,6 @@ EOF
 
 # ----- servers -----
 PORT=$PORT_BASE
-server_cmd() { # name port -> the command line, as an array in SERVER_ARGV
-    local addr=127.0.0.1:$2
-    case "$1" in
-        wsd-epoll) SERVER_ARGV=("$ECHO" --addr "$addr" --backend epoll --threads 1) ;;
-        wsd-io-uring) SERVER_ARGV=("$ECHO" --addr "$addr" --backend io-uring --threads 1) ;;
-        # An earlier build of the echo example (BASELINE_ECHO=path), for before/after runs.
-        base-epoll) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend epoll --threads 1) ;;
-        base-io-uring) SERVER_ARGV=("${BASELINE_ECHO:?set BASELINE_ECHO}" --addr "$addr" --backend io-uring --threads 1) ;;
-        tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
-        fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
-        *) return 1 ;;
-    esac
-}
 
 listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), without connecting
     local hex
@@ -158,11 +257,11 @@ listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), withou
     grep -qE "^ *[0-9]+: (0100007F|00000000):$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null
 }
 
-start_server() { # name logfile -> SPID, PORT (a fresh port every time: no TIME_WAIT reuse)
+start_server() { # name logfile [kind] -> SPID, PORT (a fresh port every time: no TIME_WAIT reuse)
     local name=$1 logfile=$2 i
     PORT=$((PORT + 1))
     while listening "$PORT"; do PORT=$((PORT + 1)); done
-    server_cmd "$name" "$PORT" || die "unknown server $name"
+    server_cmd "$name" "$PORT" "${3:-echo}" || die "unknown server $name"
     taskset -c "$SERVER_CPU" "${SERVER_ARGV[@]}" >"$logfile" 2>&1 &
     SPID=$!
     for ((i = 0; i < 100; i++)); do # up to 10 s
@@ -220,42 +319,34 @@ sample_progress() { # pid samples-file log-file
     done
 }
 
-scenario() { # key -> SC_NAME SC_CONNS SC_SIZE
-    case "$1" in
-        20b) SC_NAME="100×20 B" SC_CONNS=100 SC_SIZE=20 ;;
-        1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
-        16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
-        1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
-        slow) SC_NAME="slow reader" SC_CONNS=$SLOW_CONNS SC_SIZE=$SLOW_SIZE ;;
-        *) die "unknown scenario $1 (20b, 1k, 16k, 1m, slow)" ;;
-    esac
-}
-
-IFS=, read -ra server_list <<<"$SERVERS"
-IFS=, read -ra scenario_list <<<"$SCENARIOS"
-for s in "${server_list[@]}"; do server_cmd "$s" 0 || die "unknown server $s"; done
-for k in "${scenario_list[@]}"; do scenario "$k"; done
-
-run_echo() { # server scenario-key round
-    local server=$1 key=$2 round=$3 tag out samples wlog before after c0 c1 t0 t1 rc exited=()
+run_load() { # server scenario-key round: echo, broadcast or fanout
+    local server=$1 key=$2 round=$3 tag out samples wlog before after c0 c1 t0 t1 rc limit exited=() load
     scenario "$key"
-    tag="echo-$key-r$round-$server"
+    tag="$SC_KIND-$key-r$round-$server"
     out=$TMP/$tag.json samples=$TMP/$tag.samples wlog=$OUT/logs/$tag.wsload.log
     : >"$samples"
     : >"$wlog"
     log "$SC_NAME round $round/$ROUNDS: $server"
-    if ! start_server "$server" "$OUT/logs/$tag.server.log"; then
+    if ! start_server "$server" "$OUT/logs/$tag.server.log" "$SC_KIND"; then
         echo '{}' >"$out"
-        python3 loadtest/report.py record --kind echo --server "$server" --scenario "$SC_NAME" \
+        python3 loadtest/report.py record --kind "$SC_KIND" --server "$server" --scenario "$SC_NAME" \
             --round "$round" --json "$out" --rc 125 --server-exited >>"$RUNS"
         return
     fi
+    case "$SC_KIND" in
+        echo) limit=$(python3 -c "print(int($SECS) + 90)")
+            load=(echo --url "ws://127.0.0.1:$PORT/" --conns "$SC_CONNS" --size "$SC_SIZE") ;;
+        # Every client on one topic (path).
+        broadcast) limit=$(python3 -c "print(int($SECS) + 90)")
+            load=(broadcast --url "ws://127.0.0.1:$PORT/bench" --conns "$SC_CONNS" --size "$SC_SIZE") ;;
+        # Opening 10 000 connections, the warm-up second, up to 10 s for stragglers, closing.
+        fanout) limit=$(python3 -c "print(int($SECS) + 200)")
+            load=(fanout --url "ws://127.0.0.1:$PORT/bench" --subs "$SC_CONNS" --rate "$SC_RATE") ;;
+    esac
     before=$(cpu_ticks "$SPID")
     times >"$TMP/times0"
     t0=$EPOCHREALTIME
-    timeout -k 5 "$(python3 -c "print(int($SECS) + 90)")" \
-        taskset -c "$CLIENT_CPU" "$WSLOAD" echo --url "ws://127.0.0.1:$PORT/" \
-        --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS" \
+    timeout -k 5 "$limit" taskset -c "$CLIENT_CPU" "$WSLOAD" "${load[@]}" --secs "$SECS" \
         2>&1 >"$out" | sample_progress "$SPID" "$samples" "$wlog"
     rc=${PIPESTATUS[0]}
     t1=$EPOCHREALTIME
@@ -265,7 +356,7 @@ run_echo() { # server scenario-key round
     c1=$(children_cpu_s "$TMP/times1")
     kill -0 "$SPID" 2>/dev/null || exited=(--server-exited)
     stop_server
-    python3 loadtest/report.py record --kind echo --server "$server" --scenario "$SC_NAME" \
+    python3 loadtest/report.py record --kind "$SC_KIND" --server "$server" --scenario "$SC_NAME" \
         --round "$round" --json "$out" --samples "$samples" --cpu-before "$before" \
         --cpu-after "$after" --clk-tck "$CLK_TCK" \
         --client-cpu-s "$(python3 -c "print(max(0.0, $c1 - $c0))")" \
@@ -274,10 +365,16 @@ run_echo() { # server scenario-key round
 import json, sys
 r = json.loads(sys.stdin.read()); w = r.get("wsload") or {}
 cpu = r.get("server_cpu_us_per_msg")
-print("    %s msgs/s, p99 %s us, server %s us/msg%s" % (
-    format(w.get("msgs_per_sec", 0), ",.0f"), w.get("p99_us", "-"),
-    "-" if cpu is None else format(cpu, ".2f"),
-    "" if r["ok"] else "  PROBLEM: " + "; ".join(r.get("problems", []))))' >&2
+cpu = "-" if cpu is None else format(cpu, ".2f")
+problem = "" if r["ok"] else "  PROBLEM: " + "; ".join(r.get("problems", []))
+if r["kind"] == "echo":
+    print("    %s msgs/s, p99 %s us, server %s us/msg%s" % (
+        format(w.get("msgs_per_sec", 0), ",.0f"), w.get("p99_us", "-"), cpu, problem))
+else:
+    print("    %s%s deliveries/s, p50 %s us, p99 %s us%s, server %s us/delivery, %s missing%s" % (
+        format(w.get("rounds_per_sec", 0), ",.1f") + " rounds/s, " if r["kind"] == "broadcast" else "",
+        format(w.get("deliveries_per_sec", 0), ",.0f"), w.get("p50_us", "-"), w.get("p99_us", "-"),
+        " (round time)" if r["kind"] == "broadcast" else "", cpu, w.get("missing", "-"), problem))' >&2
 }
 
 run_slow() { # server round: one flooder that never reads + SLOW_CONNS echo clients
@@ -343,10 +440,12 @@ start=$SECONDS
 for key in "${scenario_list[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do
         for server in "${server_list[@]}"; do
+            scenario "$key"
+            fits "$server" "$SC_KIND" || continue
             if [[ $key == slow ]]; then
                 run_slow "$server" "$round"
             else
-                run_echo "$server" "$key" "$round"
+                run_load "$server" "$key" "$round"
             fi
         done
     done
@@ -354,6 +453,7 @@ done
 if ((IDLE)); then
     for ((round = 1; round <= ROUNDS; round++)); do
         for server in "${server_list[@]}"; do
+            fits "$server" idle || continue
             run_idle "$server" "$round"
         done
     done

@@ -8,6 +8,12 @@
                             DIR/compare.md and DIR/compare.svg
     report.py selftest      summarize made-up runs into a temporary folder (checks this script)
 
+Pub/sub runs (`--kind broadcast` / `--kind fanout`, from `wsload broadcast` / `wsload fanout`
+against the pub/sub servers) get their own table: rounds/s and deliveries/s, p50/p99 (round
+time for broadcast, publish-to-delivery latency for fanout), server CPU per delivery, missing
+deliveries. Missing deliveries (a peer dropping them for a lagging subscriber, a round that
+never completed) are part of the result, shown in the table; mismatched messages are errors.
+
 Slow-reader runs (`--kind slow`, from `wsload slow`) get their own table: the normal echo
 clients' rate and p99 next to the server's largest RSS growth, the bytes the non-reading
 flooder got in and whether the server disconnected it. A server that died during such a run
@@ -29,13 +35,18 @@ import sys
 import tempfile
 
 # The interleaving order of compare.sh; peers are the ones "ratio to best peer" compares to.
-SERVERS = ["wsd-epoll", "wsd-io-uring", "tokio-tungstenite", "fastwebsockets"]
+SERVERS = ["wsd-epoll", "wsd-io-uring", "tokio-tungstenite", "fastwebsockets",
+           "pubsub-tungstenite", "pubsub-fastwebsockets"]
 PEERS = ["tokio-tungstenite", "fastwebsockets"]
+PUBSUB_PEERS = ["pubsub-tungstenite", "pubsub-fastwebsockets"]
+PUBSUB_KINDS = ("broadcast", "fanout")
 COLORS = {
     "wsd-epoll": "#1f77b4",
     "wsd-io-uring": "#17becf",
     "tokio-tungstenite": "#ff7f0e",
     "fastwebsockets": "#d62728",
+    "pubsub-tungstenite": "#ff7f0e",
+    "pubsub-fastwebsockets": "#d62728",
     "base-epoll": "#7f7f7f",
     "base-io-uring": "#bcbd22",
 }
@@ -108,12 +119,12 @@ def cmd_record(a):
         problems.append(f"wsload exit status {a.rc}")
     if result is None:
         problems.append("no JSON from wsload")
-    elif a.kind == "echo":
+    elif a.kind in ("echo",) + PUBSUB_KINDS:
         if result.get("errors", 0):
             problems.append(f"{result['errors']} errors")
         samples = parse_samples(a.samples)
         rec["progress_samples"] = len(samples)
-        messages = result.get("messages", 0)
+        messages = result.get("messages", result.get("deliveries", 0))
         if len(samples) >= 2:
             first, last = samples[0], samples[-1]
             window_msgs = sum(s[3] for s in samples[1:])
@@ -138,6 +149,13 @@ def cmd_record(a):
             rec["client_cpu_util"] = rec["client_cpu_s"] / a.wall_s
         if not messages:
             problems.append("no messages")
+        notes = []
+        if result.get("missing"):
+            notes.append(f"{result['missing']} deliveries missing")
+        if result.get("stalled"):
+            notes.append("a round never completed (stalled)")
+        if notes:
+            rec["notes"] = notes
     elif a.kind == "slow":
         notes = []
         if not result:
@@ -264,6 +282,64 @@ def summarize(runs, rounds=None, secs=None):
         out["idle"] = {"conns": median([r["wsload"].get("conns") for r in idle_runs if r["wsload"]]),
                        "best_peer": best, "servers": servers}
     out["slow"] = summarize_slow([r for r in runs if r["kind"] == "slow"])
+    out["pubsub"] = summarize_pubsub([r for r in runs if r["kind"] in PUBSUB_KINDS])
+    return out
+
+
+def summarize_pubsub(ps_runs):
+    """Broadcast and fanout runs -> per scenario and server, medians over rounds. × best peer
+    compares deliveries/s (broadcast: the faster pub/sub peer; fanout offers a fixed rate, so
+    it mostly shows who kept up) and CPU per delivery (the leaner peer)."""
+    scenarios = []
+    for r in ps_runs:
+        if r["scenario"] not in scenarios:
+            scenarios.append(r["scenario"])
+    out = []
+    for name in scenarios:
+        rs = [r for r in ps_runs if r["scenario"] == name]
+        servers = {}
+        for server in ordered({r["server"] for r in rs}):
+            mine = [r for r in rs if r["server"] == server]
+            good = [r for r in mine if r["ok"]]
+            w = [r["wsload"] for r in good]
+            servers[server] = {
+                "runs": len(mine),
+                "ok_runs": len(good),
+                "rounds_per_sec": median([x.get("rounds_per_sec") for x in w]),
+                "deliveries_per_sec": median([x.get("deliveries_per_sec") for x in w]),
+                "p50_us": median([x.get("p50_us") for x in w]),
+                "p99_us": median([x.get("p99_us") for x in w]),
+                "p999_us": median([x.get("p999_us") for x in w]),
+                "server_cpu_us_per_delivery": median([r.get("server_cpu_us_per_msg") for r in good]),
+                "server_cpu_util": median([r.get("server_cpu_util") for r in good]),
+                "client_cpu_util": median([r.get("client_cpu_util") for r in good]),
+                "missing": sum((r["wsload"] or {}).get("missing", 0) for r in mine),
+                "stalled_runs": sum(bool((r["wsload"] or {}).get("stalled")) for r in mine),
+                "errors": sum((r["wsload"] or {}).get("errors", 0) for r in mine),
+                "cpu_basis": sorted({r.get("cpu_basis") for r in good if r.get("cpu_basis")}),
+                "problems": [f"round {r['round']}: {'; '.join(r['problems'])}" for r in mine if not r["ok"]],
+                "notes": [f"round {r['round']}: {'; '.join(r['notes'])}" for r in mine if r.get("notes")],
+                "per_round_deliveries_per_sec": [(r["wsload"] or {}).get("deliveries_per_sec") if r["ok"] else None
+                                                 for r in mine],
+            }
+        w0 = next((r["wsload"] for r in rs if r["wsload"]), {})
+        kind = rs[0]["kind"]
+        rates = {p: servers[p]["deliveries_per_sec"] for p in PUBSUB_PEERS
+                 if p in servers and servers[p]["deliveries_per_sec"]}
+        best = max(rates, key=rates.get) if rates else None
+        cpus = {p: servers[p]["server_cpu_us_per_delivery"] for p in PUBSUB_PEERS
+                if p in servers and servers[p]["server_cpu_us_per_delivery"]}
+        best_cpu = min(cpus, key=cpus.get) if cpus else None
+        for s in servers.values():
+            s["ratio_to_best_peer"] = (s["deliveries_per_sec"] / rates[best]
+                                       if best and s["deliveries_per_sec"] is not None else None)
+            s["cpu_ratio_to_best_peer"] = (s["server_cpu_us_per_delivery"] / cpus[best_cpu]
+                                           if best_cpu and s["server_cpu_us_per_delivery"] is not None else None)
+        out.append({
+            "name": name, "kind": kind,
+            "conns": w0.get("conns", w0.get("subs")), "size": w0.get("size", 16 if kind == "fanout" else None),
+            "rate": w0.get("rate"), "best_peer": best, "best_cpu_peer": best_cpu, "servers": servers,
+        })
     return out
 
 
@@ -353,6 +429,34 @@ def pct(x):
     return "—" if x is None else f"{100 * x:.0f}%"
 
 
+def pubsub_table(pubsub):
+    """-> (header, rows) for the pub/sub table."""
+    header = ["scenario", "server", "rounds/s", "deliveries/s", "× best peer", "p50 µs", "p99 µs",
+              "server CPU µs/delivery", "CPU/delivery × best peer", "server CPU", "client CPU", "missing", "errors"]
+    rows = []
+    for sc in pubsub or []:
+        for name, s in sc["servers"].items():
+            flags = []
+            if s["ok_runs"] != s["runs"]:
+                flags.append(f"{s['runs'] - s['ok_runs']} of {s['runs']} runs failed")
+            if s["stalled_runs"]:
+                flags.append(f"stalled in {s['stalled_runs']} of {s['runs']}")
+            rows.append([sc["name"], name + (f" ({', '.join(flags)})" if flags else ""),
+                         fmt(s["rounds_per_sec"], 1) if sc["kind"] == "broadcast" else "—",
+                         fmt(s["deliveries_per_sec"]), fmt_ratio(s["ratio_to_best_peer"]),
+                         fmt(s["p50_us"]), fmt(s["p99_us"]),
+                         fmt(s["server_cpu_us_per_delivery"], 3), fmt_ratio(s["cpu_ratio_to_best_peer"]),
+                         pct(s["server_cpu_util"]), pct(s["client_cpu_util"]), fmt(s["missing"]), str(s["errors"])])
+    return header, rows
+
+
+PUBSUB_NOTE = ("broadcast N: N clients on one topic; each round every client sends one message and the round "
+               "ends when all N×N deliveries (the sender's own included) arrived; p50/p99 are round times. "
+               "fanout: one publisher, N subscribers, a fixed publish rate; p50/p99 are publish → delivery "
+               "latencies. × best peer divides by the faster of " + " / ".join(PUBSUB_PEERS)
+               + " (CPU: the leaner); missing counts deliveries that never arrived, summed over rounds.")
+
+
 def tables(summary):
     """-> (echo header, echo rows, idle header, idle rows), cells as strings."""
     eh = ["scenario", "server", "msgs/s", "× best peer", "MB/s", "p99 µs",
@@ -417,6 +521,13 @@ def problems_text(summary):
         for name, s in summary["slow"]["servers"].items():
             for p in s["problems"] + s["notes"]:
                 lines.append(f"slow reader / {name}: {p}")
+    for sc in summary.get("pubsub") or []:
+        for name, s in sc["servers"].items():
+            for p in s["problems"] + s["notes"]:
+                lines.append(f"{sc['name']} / {name}: {p}")
+            if "whole run" in s["cpu_basis"]:
+                lines.append(f"{sc['name']} / {name}: server CPU per delivery measured over the whole run "
+                             "(--secs < 2 leaves no progress window), so it includes handshakes and warm-up")
     return lines
 
 
@@ -442,6 +553,7 @@ def svg_chart(summary, title):
     """Three panels: throughput relative to the best peer, server CPU per message relative to
     the best peer, idle memory per connection. Hand-written SVG, no plotting library."""
     servers = ordered({n for sc in summary["scenarios"] for n in sc["servers"]}
+                      | {n for sc in summary.get("pubsub") or [] for n in sc["servers"]}
                       | set((summary["idle"] or {}).get("servers", {})))
     W, left, right = 960, 70, 20
     panel_h, gap_top = 230, 60
@@ -522,6 +634,18 @@ def svg_chart(summary, title):
                        lambda r: f'{fmt(r["server_cpu_us_per_msg"], 2)} µs/msg',
                        1.0, "× best peer")
         y += panel_h + gap_top
+    if summary.get("pubsub"):
+        groups = [(sc["name"], sc["servers"]) for sc in summary["pubsub"]]
+        parts += panel(y, "Pub/sub deliveries/s relative to the best pub/sub peer, dashed line (higher is better)",
+                       groups, lambda r: r.get("ratio_to_best_peer"),
+                       lambda r: f'{fmt(r["deliveries_per_sec"])} deliveries/s, p99 {fmt(r["p99_us"])} µs',
+                       1.0, "× best peer")
+        y += panel_h + gap_top
+        parts += panel(y, "Pub/sub server CPU time per delivery relative to the best pub/sub peer (lower is better)",
+                       groups, lambda r: r.get("cpu_ratio_to_best_peer"),
+                       lambda r: f'{fmt(r["server_cpu_us_per_delivery"], 3)} µs/delivery',
+                       1.0, "× best peer")
+        y += panel_h + gap_top
     if summary["idle"]:
         conns = summary["idle"]["conns"]
         parts += panel(y, f"Idle server memory per connection at {fmt(conns)} connections, bytes (lower is better)",
@@ -579,6 +703,9 @@ def cmd_summarize(a):
                  + " / ".join(PEERS) + ")", text_table(eh, er), ""]
     if ir:
         text += [f"Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", text_table(ih, ir, numeric_from=1), ""]
+    ph, pr = pubsub_table(summary.get("pubsub"))
+    if pr:
+        text += ["Pub/sub (medians over rounds)", text_table(ph, pr), PUBSUB_NOTE, ""]
     sh, sr = slow_table(summary.get("slow"))
     if sr:
         slow = summary["slow"]
@@ -593,12 +720,12 @@ def cmd_summarize(a):
     print("\n".join(text))
 
     os.makedirs(a.out, exist_ok=True)
-    doc = {"command": a.command, "machine": machine, "peers": PEERS, **summary}
+    doc = {"command": a.command, "machine": machine, "peers": PEERS, "pubsub_peers": PUBSUB_PEERS, **summary}
     with open(os.path.join(a.out, "compare.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, sort_keys=False)
         f.write("\n")
 
-    md = ["# websocket-driver vs peers: echo and idle-memory comparison", ""]
+    md = ["# websocket-driver vs peers: echo, pub/sub and idle-memory comparison", ""]
     md += [f"Command: `{a.command}`", ""]
     if machine:
         md += ["| machine | |", "|---|---|"]
@@ -613,6 +740,10 @@ def cmd_summarize(a):
            "set the pace).", ""]
     if er:
         md += ["## Echo", "", md_table(eh, er), ""]
+    if pr:
+        md += ["## Pub/sub", "", PUBSUB_NOTE + " Server CPU µs/delivery is the server's CPU time in the "
+               "measuring window ÷ deliveries in it (the pub/sub peers run their published defaults with a "
+               "`tokio::sync::broadcast` channel per topic; see loadtest/README.md).", "", md_table(ph, pr), ""]
     if ir:
         md += [f"## Idle memory per connection ({fmt(summary['idle']['conns'])} connections)", "",
                "Server RSS growth (VmRSS after opening and holding the connections − before) ÷ connections held.", "",
@@ -647,10 +778,11 @@ def cmd_selftest(_a):
     rng = random.Random(6)
     runs = []
     base = {"wsd-epoll": 1.3, "wsd-io-uring": 1.5, "tokio-tungstenite": 1.0, "fastwebsockets": 1.15}
+    echo_servers = list(base)
     for name, conns, size, rate in [("100×20 B", 100, 20, 40000), ("10×1 KiB", 10, 1024, 30000),
                                     ("500×16 KiB", 500, 16384, 9000), ("1×1 MiB", 1, 1 << 20, 300)]:
         for rnd in range(1, 4):
-            for s in SERVERS:
+            for s in echo_servers:
                 mps = rate * base[s] * rng.uniform(0.95, 1.05)
                 ok = not (s == "wsd-io-uring" and name == "1×1 MiB" and rnd == 2)
                 runs.append({"kind": "echo", "server": s, "scenario": name, "round": rnd, "rc": 0 if ok else 1,
@@ -662,13 +794,13 @@ def cmd_selftest(_a):
                                         "mb_per_sec": mps * size / 1e6, "p50_us": 900, "p99_us": 3000,
                                         "p999_us": 9000, "errors": 0}})
     for rnd in range(1, 4):
-        for s, b in zip(SERVERS, [600, 700, 9000, 12000]):
+        for s, b in zip(echo_servers, [600, 700, 9000, 12000]):
             runs.append({"kind": "idle", "server": s, "scenario": "idle", "round": rnd, "rc": 0, "ok": True,
                          "wsload": {"mode": "idle", "conns": 10000, "held": 10000, "all_opened": True,
                                     "rss_before_kib": 2000, "rss_after_kib": 2000 + b * 10000 // 1024,
                                     "bytes_per_conn": b * rng.uniform(0.98, 1.02), "errors": 0}})
     for rnd in range(1, 4):
-        for s in SERVERS:
+        for s in echo_servers:
             cap = s == "wsd-epoll" and rnd == 2
             died = s == "wsd-io-uring" and rnd == 3
             no_flooder = s == "tokio-tungstenite" and rnd == 1
@@ -691,6 +823,27 @@ def cmd_selftest(_a):
             if cap:
                 rec["notes"] = ["server RSS grew past wsload's cap (1030 MiB): flooder stopped early"]
             runs.append(rec)
+    ps_servers = ["wsd-epoll", "wsd-io-uring"] + PUBSUB_PEERS
+    ps_base = {"wsd-epoll": 2.0, "wsd-io-uring": 2.2, "pubsub-tungstenite": 1.0, "pubsub-fastwebsockets": 1.2}
+    for name, kind, n in [("broadcast 100", "broadcast", 100), ("fanout 1→10000 @ 20/s", "fanout", 10000)]:
+        for rnd in range(1, 4):
+            for s in ps_servers:
+                if kind == "broadcast":
+                    dps = 1e6 * ps_base[s] * rng.uniform(0.95, 1.05)
+                    w = {"mode": kind, "conns": n, "size": 20, "deliveries_per_sec": dps,
+                         "rounds_per_sec": dps / n / n, "deliveries": int(dps * 5)}
+                else:
+                    dps = 2e5 * rng.uniform(0.99, 1.0)
+                    w = {"mode": kind, "subs": n, "rate": 20, "deliveries_per_sec": dps, "deliveries": int(dps * 5)}
+                lagged = kind == "fanout" and s == "pubsub-tungstenite" and rnd == 2
+                w.update({"secs": 5, "msgs_per_sec": dps, "p50_us": 500, "p99_us": 2000, "p999_us": 3000,
+                          "missing": 1234 if lagged else 0, "stalled": False, "errors": 0})
+                rec = {"kind": kind, "server": s, "scenario": name, "round": rnd, "rc": 0, "ok": True,
+                       "cpu_basis": "window", "server_cpu_us_per_msg": 1e6 / dps * 0.8 / ps_base[s],
+                       "server_cpu_util": 0.8, "client_cpu_util": 0.5, "wsload": w}
+                if lagged:
+                    rec["notes"] = ["1234 deliveries missing"]
+                runs.append(rec)
     d = tempfile.mkdtemp(prefix="wsd-report-")
     path = os.path.join(d, "runs.jsonl")
     with open(path, "w") as f:
@@ -711,7 +864,15 @@ def cmd_selftest(_a):
     assert slow["wsd-io-uring"]["server_died_runs"] == 1 and slow["wsd-io-uring"]["ok_runs"] == 3
     assert slow["fastwebsockets"]["flooder_disconnected_runs"] == 3
     assert slow["tokio-tungstenite"]["ok_runs"] == 2 and slow["tokio-tungstenite"]["problems"]
+    ps = {sc["name"]: sc for sc in doc["pubsub"]}
+    assert ps["broadcast 100"]["best_peer"] == "pubsub-fastwebsockets", ps["broadcast 100"]["best_peer"]
+    r = ps["broadcast 100"]["servers"]["wsd-io-uring"]["ratio_to_best_peer"]
+    assert 1.6 < r < 2.1, r
+    assert ps["fanout 1→10000 @ 20/s"]["servers"]["pubsub-tungstenite"]["missing"] == 1234
+    assert ps["fanout 1→10000 @ 20/s"]["servers"]["pubsub-tungstenite"]["ok_runs"] == 3
+    assert ps["fanout 1→10000 @ 20/s"]["servers"]["wsd-epoll"]["rounds_per_sec"] is None
     md = open(os.path.join(d, "compare.md"), encoding="utf-8").read()
+    assert "## Pub/sub" in md and "| broadcast 100 | wsd-io-uring |" in md, md
     assert "## Slow reader (one non-reading flooder + 10 echo clients)" in md
     assert "| wsd-io-uring (died in 1 of 3) |" in md, md
     assert "| fastwebsockets | " in md and "| yes (1.5 s) |" in md
@@ -724,7 +885,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
-    r.add_argument("--kind", choices=["echo", "idle", "slow"], required=True)
+    r.add_argument("--kind", choices=["echo", "idle", "slow", "broadcast", "fanout"], required=True)
     r.add_argument("--server", required=True)
     r.add_argument("--scenario", required=True)
     r.add_argument("--round", type=int, required=True)

@@ -31,17 +31,9 @@ impl Drop for Server {
     }
 }
 
-/// Starts `examples/pubsub` (built by `cargo test` next to this test's binary) on a free
-/// port; returns it with its address.
+/// Starts `examples/pubsub` on a free port; returns it with its address.
 fn start_pubsub(backend: &str) -> (Server, SocketAddr) {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let example = profile_dir.join("examples").join("pubsub");
-    assert!(
-        example.exists(),
-        "{} is missing: `cargo build --examples` (cargo test builds it)",
-        example.display()
-    );
+    let example = support::example_binary("pubsub", &[]);
     let mut child = Command::new(&example)
         .args([
             "--addr",

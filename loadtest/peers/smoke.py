@@ -2,10 +2,15 @@
 """Stdlib-only WebSocket smoke client: checks that a server on 127.0.0.1 echoes.
 
     python3 loadtest/peers/smoke.py ws://127.0.0.1:PORT/
+    python3 loadtest/peers/smoke.py --pubsub ws://127.0.0.1:PORT/   then the echo checks
 
 Sends text, binary, a 1 MiB binary message, a fragmented message, and a ping; expects
 each echoed byte for byte (and a pong carrying the ping's payload), then closes with 1000
 and expects the close echoed. Exits non-zero with a message on the first mismatch.
+
+With --pubsub (for the pub/sub servers, where one client alone on a topic gets its own
+messages back, so the echo checks hold too) it first checks topics: what a client sends
+reaches every client on its path, itself included, and no client on another path.
 """
 import base64
 import os
@@ -83,8 +88,37 @@ class Conn:
                 return opcode, b"".join(parts)
 
 
+def pubsub(url):
+    """Topics: two clients on TOPIC/a, one on TOPIC/b; what one sends reaches both on /a (the
+    sender included) with its opcode, and not /b."""
+    base = url.rstrip("/")
+    a1, a2, b = Conn(base + "/a"), Conn(base + "/a"), Conn(base + "/b")
+    a1.sock.sendall(frame(1, b"to a"))
+    a2.sock.sendall(frame(2, b"\x00binary to a"))
+    b.sock.sendall(frame(1, b"to b"))
+    for name, c in (("a1", a1), ("a2", a2)):
+        got = sorted([c.recv_message(), c.recv_message()])
+        if got != [(1, b"to a"), (2, b"\x00binary to a")]:
+            sys.exit(f"pubsub: {name} got {got!r}")
+    if b.recv_message() != (1, b"to b"):
+        sys.exit("pubsub: b did not get its own message")
+    b.sock.settimeout(0.3)
+    try:
+        extra = b.recv_message()
+        sys.exit(f"pubsub: b got a message of another topic: {extra!r}")
+    except (socket.timeout, TimeoutError):
+        pass
+    for c in (a1, a2, b):
+        c.sock.close()
+    print(f"ok: {url} publishes per topic, to every subscriber and the sender, opcodes kept")
+
+
 def main():
-    url = sys.argv[1] if len(sys.argv) > 1 else "ws://127.0.0.1:9001/"
+    args = sys.argv[1:]
+    if args[:1] == ["--pubsub"]:
+        args = args[1:]
+        pubsub(args[0] if args else "ws://127.0.0.1:9002/")
+    url = args[0] if args else "ws://127.0.0.1:9001/"
     c = Conn(url)
     checks = [
         ("text", 1, "héllo wörld".encode()),

@@ -4,12 +4,17 @@
 //! ```text
 //! wsload echo   --url ws://127.0.0.1:9001/ --conns 100 --size 20 --secs 10 [--inflight 1] [--text]
 //! wsload idle   --url ws://127.0.0.1:9001/ --conns 10000 --pid PID [--secs 5] [--hosts 4]
-//! wsload fanout --url ws://127.0.0.1:9002/ --subs 1000 --secs 10 [--rate 100]
+//! wsload fanout --url ws://127.0.0.1:9002/topic --subs 1000 --secs 10 [--rate 100]
+//! wsload broadcast --url ws://127.0.0.1:9002/topic --conns 100 --secs 10 [--size 20]
 //! wsload slow   --url ws://127.0.0.1:9001/ --conns 10 --size 1024 --secs 5 --pid PID
 //!               [--flood-size 65536] [--max-rss-growth-mib 1024]
 //! ```
 //! Common options: `--threads N` (client event loops, default 1), `--backend auto|epoll|io-uring`.
 //! Every run is bounded in time and stops by itself.
+//!
+//! `fanout` and `broadcast` load a pub/sub server (`examples/pubsub.rs`: a client's path is
+//! its topic; every message is delivered to every client of the topic, the sender included):
+//! all their clients use the URL's path, so they share one topic.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -44,7 +49,7 @@ fn parse_args() -> Args {
     let mut argv = std::env::args().skip(1);
     let mode = argv
         .next()
-        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout, slow)"));
+        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout, broadcast, slow)"));
     let mut args = Args {
         mode,
         url: "ws://127.0.0.1:9001/".into(),
@@ -114,6 +119,7 @@ fn usage(problem: &str) -> ! {
         "usage:\n  wsload echo --url URL --conns N --size B --secs S [--inflight K] [--text]\n  \
          wsload idle --url URL --conns N --pid PID [--secs S] [--hosts K]\n  \
          wsload fanout --url URL --subs N --secs S [--rate R]\n  \
+         wsload broadcast --url URL --conns N --secs S [--size B]\n  \
          wsload slow --url URL --conns N --size B --secs S --pid PID [--flood-size F] \
          [--max-rss-growth-mib M]\n  \
          common: [--threads N] [--backend auto|epoll|io-uring]"
@@ -127,6 +133,8 @@ fn reactor<H: Handler>(args: &Args, idle_ping: Option<Duration>) -> ClientReacto
         backend: args.backend,
         options: Options::default(),
         idle_timeout: idle_ping,
+        // A server busy accepting thousands of connections answers late.
+        handshake_timeout: Duration::from_secs(30),
         // Load generation must not drop its own connections for being busy.
         max_backpressure: usize::MAX / 2,
         ..ServerConfig::default()
@@ -148,7 +156,25 @@ struct Shared {
     latencies: Mutex<Vec<u32>>,
 }
 
+/// Most connections `broadcast` and `fanout` leave handshaking at once: thousands of connects
+/// in one burst overflow a server's accept queue (tokio's listeners take 1024), and the
+/// dropped SYNs' retries can outlast the handshake timeout.
+const MAX_CONNECTING: usize = 512;
+
 impl Shared {
+    /// Waits (bounded) until fewer than `max` of the `issued` connections are still
+    /// connecting.
+    fn pace(&self, issued: usize, max: usize) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while issued.saturating_sub(
+            self.opened.load(Ordering::Relaxed) + self.closed.load(Ordering::Relaxed),
+        ) >= max
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits (with progress lines) until `conns` connections have opened or failed;
     /// returns whether they all did within `limit`.
     fn wait_open(&self, conns: usize, limit: Duration) -> bool {
@@ -188,6 +214,46 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     }
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Waits out `warmup`, then measures a window of `secs` with `shared.measuring` set: a
+/// progress line on stderr every second (`wsload:   1.0s   12345 msgs/s`, counted from
+/// `shared.received`, then whatever `extra` adds; compare.sh samples the server's CPU on
+/// these lines), and `tick` called every `tick_every` meanwhile. Returns the window's length
+/// in seconds.
+fn measure(
+    shared: &Shared,
+    warmup: Duration,
+    secs: f64,
+    tick_every: Duration,
+    mut tick: impl FnMut(),
+    extra: impl Fn() -> String,
+) -> f64 {
+    std::thread::sleep(warmup);
+    shared.measuring.store(true, Ordering::Relaxed);
+    let start = Instant::now();
+    let window = Duration::from_secs_f64(secs);
+    let mut last = 0;
+    let mut last_line = start;
+    while start.elapsed() < window {
+        let left = window.saturating_sub(start.elapsed());
+        let to_line = Duration::from_secs(1).saturating_sub(last_line.elapsed());
+        std::thread::sleep(tick_every.min(left).min(to_line));
+        tick();
+        if last_line.elapsed() >= Duration::from_secs(1) || start.elapsed() >= window {
+            let now = shared.received.load(Ordering::Relaxed);
+            eprintln!(
+                "wsload: {:>5.1}s {:>10} msgs/s{}",
+                start.elapsed().as_secs_f64(),
+                now - last,
+                extra()
+            );
+            last = now;
+            last_line = Instant::now();
+        }
+    }
+    shared.measuring.store(false, Ordering::Relaxed);
+    start.elapsed().as_secs_f64()
 }
 
 // ----- echo -----
@@ -359,41 +425,22 @@ impl EchoRun {
         }
     }
 
-    /// Warms up for a moment, then measures a window of `secs`: a progress line on stderr
-    /// every second (`wsload:   1.0s   12345 msgs/s`, then whatever `extra` adds), and
-    /// `tick` called every `tick_every` meanwhile. Returns the window's length in seconds.
+    /// Warms up for a moment, then measures a window of `secs` (see [`measure`]).
     fn measure(
         &self,
         secs: f64,
         tick_every: Duration,
-        mut tick: impl FnMut(),
+        tick: impl FnMut(),
         extra: impl Fn() -> String,
     ) -> f64 {
-        std::thread::sleep(Duration::from_millis(200));
-        self.shared.measuring.store(true, Ordering::Relaxed);
-        let start = Instant::now();
-        let window = Duration::from_secs_f64(secs);
-        let mut last = 0;
-        let mut last_line = start;
-        while start.elapsed() < window {
-            let left = window.saturating_sub(start.elapsed());
-            let to_line = Duration::from_secs(1).saturating_sub(last_line.elapsed());
-            std::thread::sleep(tick_every.min(left).min(to_line));
-            tick();
-            if last_line.elapsed() >= Duration::from_secs(1) || start.elapsed() >= window {
-                let now = self.shared.received.load(Ordering::Relaxed);
-                eprintln!(
-                    "wsload: {:>5.1}s {:>10} msgs/s{}",
-                    start.elapsed().as_secs_f64(),
-                    now - last,
-                    extra()
-                );
-                last = now;
-                last_line = Instant::now();
-            }
-        }
-        self.shared.measuring.store(false, Ordering::Relaxed);
-        start.elapsed().as_secs_f64()
+        measure(
+            &self.shared,
+            Duration::from_millis(200),
+            secs,
+            tick_every,
+            tick,
+            extra,
+        )
     }
 
     /// Stops sending, waits (bounded) for every connection to close, shuts the client
@@ -545,40 +592,345 @@ fn idle(args: &Args) {
     );
 }
 
-// ----- fanout -----
+// ----- broadcast -----
 
-/// Messages carry the send time (nanoseconds since the run's epoch) and a sequence number.
-struct Subscriber {
-    shared: Arc<Shared>,
+/// Bytes of a `broadcast` message's header: the sender's id (u32) and the round (u64),
+/// little-endian; the rest of the message is [`pattern`].
+const BROADCAST_HEADER: usize = 12;
+
+/// The round barrier every client of a `broadcast` run shares.
+struct Rounds {
+    conns: usize,
     epoch: Instant,
-    publisher: Option<Arc<Mutex<Option<Sender>>>>,
-    latencies: Vec<u32>,
+    /// The message body (`pattern`), its first [`BROADCAST_HEADER`] bytes overwritten.
+    pattern: Vec<u8>,
+    /// Every client's sender, by id: whichever loop completes a round starts the next one
+    /// through them. Its lock also orders `Shared::stop` against starting a round.
+    senders: Mutex<Vec<Option<Sender>>>,
+    /// Clients that have received every message of the current round.
+    done: AtomicUsize,
+    /// Rounds started and completed since the first.
+    started: AtomicU64,
+    completed: AtomicU64,
+    /// When the current round started (nanoseconds since `epoch`).
+    started_ns: AtomicU64,
+    /// Deliveries that passed the checks, over the whole run (warm-up included).
+    delivered: AtomicU64,
+    /// Round times (first send → last delivery), µs, of rounds completed while measuring.
+    round_us: Mutex<Vec<u32>>,
 }
 
-impl Handler for Subscriber {
-    fn on_open(&mut self, ws: &mut Ws<'_>) {
-        self.shared.opened.fetch_add(1, Ordering::Relaxed);
-        if let Some(slot) = &self.publisher {
-            *slot.lock().unwrap() = Some(ws.sender());
+impl Rounds {
+    fn message(&self, id: usize, round: u64) -> Vec<u8> {
+        let mut out = self.pattern.clone();
+        out[..4].copy_from_slice(&(id as u32).to_le_bytes());
+        out[4..BROADCAST_HEADER].copy_from_slice(&round.to_le_bytes());
+        out
+    }
+
+    /// Starts round `round`: every client sends its one message (unless the run is stopping).
+    fn start(&self, shared: &Shared, round: u64) {
+        let senders = self.senders.lock().unwrap();
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
         }
+        self.started.store(round + 1, Ordering::Release);
+        self.started_ns
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        for (id, sender) in senders.iter().enumerate() {
+            let sent = sender
+                .as_ref()
+                .is_some_and(|sender| sender.send_binary(self.message(id, round)).is_ok());
+            if !sent {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A client has received every message of the current round; the last one to get
+    /// there ends the round and starts the next.
+    fn client_done(&self, shared: &Shared) {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 < self.conns {
+            return;
+        }
+        // No client can finish the next round before it starts, below.
+        self.done.store(0, Ordering::Release);
+        let round = self.completed.fetch_add(1, Ordering::AcqRel);
+        if shared.measuring.load(Ordering::Relaxed) {
+            let took = (self.epoch.elapsed().as_nanos() as u64)
+                .saturating_sub(self.started_ns.load(Ordering::Relaxed));
+            self.round_us
+                .lock()
+                .unwrap()
+                .push((took / 1000).min(u32::MAX as u64) as u32);
+        }
+        self.start(shared, round + 1);
+    }
+}
+
+/// One `broadcast` client: checks every message of the round it is in (sender id, round
+/// number, body, opcode; each sender once) and reports when it has all of them.
+struct BroadcastClient {
+    id: usize,
+    shared: Arc<Shared>,
+    rounds: Arc<Rounds>,
+    round: u64,
+    got: usize,
+    /// Senders heard from in this round, one bit each.
+    seen: Vec<u64>,
+}
+
+impl Handler for BroadcastClient {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        self.rounds.senders.lock().unwrap()[self.id] = Some(ws.sender());
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
         let bytes = message.as_bytes();
-        if bytes.len() != 16 {
+        let ok = !message.is_text()
+            && bytes.len() == self.rounds.pattern.len()
+            && bytes[BROADCAST_HEADER..] == self.rounds.pattern[BROADCAST_HEADER..];
+        let (from, round) = if ok {
+            (
+                u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize,
+                u64::from_le_bytes(bytes[4..12].try_into().expect("8 bytes")),
+            )
+        } else {
+            (usize::MAX, u64::MAX)
+        };
+        if !ok
+            || round != self.round
+            || from >= self.rounds.conns
+            || self.seen[from / 64] & (1 << (from % 64)) != 0
+        {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.seen[from / 64] |= 1 << (from % 64);
+        self.rounds.delivered.fetch_add(1, Ordering::Relaxed);
+        if self.shared.measuring.load(Ordering::Relaxed) {
+            self.shared.received.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.got += 1;
+        if self.got == self.rounds.conns {
+            self.round += 1;
+            self.got = 0;
+            self.seen.fill(0);
+            self.rounds.client_done(&self.shared);
+        }
+    }
+
+    fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        if !self.shared.stop.load(Ordering::Relaxed) {
+            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `broadcast`: uWebSockets' `broadcast_test` against a pub/sub server. `--conns` clients on
+/// one topic (the URL's path); each round every client sends one `--size`-byte message, and
+/// the round ends when every client has received all `conns` messages of it (the server
+/// delivers each to every subscriber, its sender included), whereupon the next starts. Over
+/// `--secs` after a one-second warm-up: deliveries/s, rounds/s (deliveries/s ÷ conns²), and
+/// the round time's percentiles.
+fn broadcast(args: &Args) {
+    if args.size < BROADCAST_HEADER {
+        usage(&format!(
+            "broadcast needs --size {BROADCAST_HEADER} or more"
+        ));
+    }
+    let conns = args.conns.max(1);
+    let mut pattern = pattern(args.size, false);
+    pattern[..BROADCAST_HEADER].fill(0);
+    let shared = Arc::new(Shared::default());
+    let rounds = Arc::new(Rounds {
+        conns,
+        epoch: Instant::now(),
+        pattern,
+        senders: Mutex::new(vec![None; conns]),
+        done: AtomicUsize::new(0),
+        started: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        started_ns: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        round_us: Mutex::new(Vec::new()),
+    });
+    let clients: ClientReactor<BroadcastClient> = reactor(args, None);
+    for id in 0..conns {
+        shared.pace(id, MAX_CONNECTING);
+        let handler = BroadcastClient {
+            id,
+            shared: shared.clone(),
+            rounds: rounds.clone(),
+            round: 0,
+            got: 0,
+            seen: vec![0; conns.div_ceil(64)],
+        };
+        clients
+            .connect(&args.url, handler)
+            .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
+    }
+    let opened = shared.wait_open(conns, Duration::from_secs(60));
+    if !opened || shared.opened.load(Ordering::Relaxed) < conns {
+        usage(&format!(
+            "only {} of {conns} connections opened",
+            shared.opened.load(Ordering::Relaxed)
+        ));
+    }
+    rounds.start(&shared, 0);
+    let last_rounds = Cell::new(0);
+    let secs = measure(
+        &shared,
+        Duration::from_secs(1),
+        args.secs,
+        Duration::from_secs(1),
+        || {},
+        || {
+            let done = rounds.round_us.lock().unwrap().len();
+            format!(", {:>6} rounds", done - last_rounds.replace(done))
+        },
+    );
+    // No round starts after this; the one in flight gets 5 s to complete.
+    {
+        let _gate = rounds.senders.lock().unwrap();
+        shared.stop.store(true, Ordering::Relaxed);
+    }
+    let drained = wait_until(
+        "the last round",
+        Duration::from_secs(5),
+        || rounds.completed.load(Ordering::Acquire) >= rounds.started.load(Ordering::Acquire),
+        || {
+            format!(
+                "{} of {} deliveries",
+                rounds.delivered.load(Ordering::Relaxed) % (conns * conns) as u64,
+                conns * conns
+            )
+        },
+    );
+    let expected = rounds.started.load(Ordering::Acquire) * (conns * conns) as u64;
+    let missing = expected.saturating_sub(rounds.delivered.load(Ordering::Relaxed));
+    if !drained {
+        eprintln!(
+            "wsload: round {} never completed: {missing} deliveries missing (does the server \
+             deliver every message to every client of the topic, the sender included?)",
+            rounds.completed.load(Ordering::Relaxed)
+        );
+    }
+    let backend = clients.backend();
+    let _ = clients.shutdown(Duration::from_secs(2));
+    let mut round_us = std::mem::take(&mut *rounds.round_us.lock().unwrap());
+    round_us.sort_unstable();
+    let deliveries = shared.received.load(Ordering::Relaxed);
+    let per_sec = deliveries as f64 / secs;
+    println!(
+        "{{\"mode\":\"broadcast\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"secs\":{:.3},\
+         \"deliveries\":{},\"deliveries_per_sec\":{:.1},\"msgs_per_sec\":{:.1},\"rounds\":{},\
+         \"rounds_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"rounds_total\":{},\
+         \"missing\":{},\"stalled\":{},\"errors\":{},\"client_backend\":\"{}\"}}",
+        args.url,
+        conns,
+        args.size,
+        secs,
+        deliveries,
+        per_sec,
+        per_sec,
+        round_us.len(),
+        per_sec / (conns * conns) as f64,
+        percentile(&round_us, 50.0),
+        percentile(&round_us, 99.0),
+        percentile(&round_us, 99.9),
+        rounds.completed.load(Ordering::Relaxed),
+        missing,
+        !drained,
+        shared.errors.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) as u64,
+        backend,
+    );
+}
+
+// ----- fanout -----
+
+/// Bytes of a `fanout` message: the send time (nanoseconds since the run's epoch) and a
+/// sequence number, both u64 little-endian.
+const FANOUT_SIZE: usize = 16;
+
+/// What the publisher and the subscribers of a `fanout` run share.
+struct Fanout {
+    epoch: Instant,
+    /// Messages with a lower sequence number are the warm-up's: delivered and checked, but
+    /// not measured.
+    warmup_msgs: u64,
+    publisher: Mutex<Option<Sender>>,
+    /// Subscriber deliveries that passed the checks, warm-up included.
+    delivered: AtomicU64,
+    /// The publisher's own messages, delivered back to it (pub/sub servers include the sender).
+    self_delivered: AtomicU64,
+    /// The latest measured delivery (nanoseconds since `epoch`).
+    last_ns: AtomicU64,
+}
+
+/// One `fanout` client: a subscriber, or the publisher (which also receives its own
+/// messages; those are counted apart and left out of the latencies).
+struct FanoutClient {
+    shared: Arc<Shared>,
+    fanout: Arc<Fanout>,
+    publisher: bool,
+    next_seq: u64,
+    latencies: Vec<u32>,
+}
+
+impl Handler for FanoutClient {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        if self.publisher {
+            *self.fanout.publisher.lock().unwrap() = Some(ws.sender());
+        }
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+        let bytes = message.as_bytes();
+        if bytes.len() != FANOUT_SIZE || message.is_text() {
             self.shared.errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let sent = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        if self.shared.measuring.load(Ordering::Relaxed) && self.publisher.is_none() {
+        let seq = u64::from_le_bytes(bytes[8..].try_into().expect("8 bytes"));
+        if self.publisher {
+            self.fanout.self_delivered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if seq < self.next_seq {
+            // A duplicate or out of order; gaps show in the missing count.
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.next_seq = seq + 1;
+        self.fanout.delivered.fetch_add(1, Ordering::Relaxed);
+        if seq >= self.fanout.warmup_msgs {
+            let now = self.fanout.epoch.elapsed().as_nanos() as u64;
             self.shared.received.fetch_add(1, Ordering::Relaxed);
+            self.fanout.last_ns.fetch_max(now, Ordering::Relaxed);
             self.latencies
                 .push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
         }
     }
 
+    fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        if !self.shared.stop.load(Ordering::Relaxed) {
+            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared
             .latencies
             .lock()
@@ -588,75 +940,139 @@ impl Handler for Subscriber {
     }
 }
 
+/// `fanout`: one publisher and `--subs` subscribers, all on one topic (the URL's path). The
+/// publisher sends a 16-byte binary message (send time, sequence number) at `--rate` per
+/// second: one second's worth as warm-up, then for `--secs`; every subscriber should get
+/// each one, in order. Reports deliveries/s (the measured messages' deliveries over the
+/// time from their first publish to the later of the last publish and the last delivery),
+/// publish → delivery latency percentiles, and missing deliveries (after waiting up to 10 s
+/// for stragglers).
 fn fanout(args: &Args) {
+    let subs = args.conns;
+    let rate = args.rate.max(0.001);
+    let interval = Duration::from_secs_f64(1.0 / rate);
     let shared = Arc::new(Shared::default());
-    let epoch = Instant::now();
-    let clients: ClientReactor<Subscriber> = reactor(args, None);
-    let publisher = Arc::new(Mutex::new(None));
-    for i in 0..=args.conns {
-        let handler = Subscriber {
+    let fanout = Arc::new(Fanout {
+        epoch: Instant::now(),
+        warmup_msgs: rate.ceil() as u64,
+        publisher: Mutex::new(None),
+        delivered: AtomicU64::new(0),
+        self_delivered: AtomicU64::new(0),
+        last_ns: AtomicU64::new(0),
+    });
+    let clients: ClientReactor<FanoutClient> = reactor(args, None);
+    for i in 0..=subs {
+        shared.pace(i, MAX_CONNECTING);
+        let handler = FanoutClient {
             shared: shared.clone(),
-            epoch,
-            publisher: (i == args.conns).then(|| publisher.clone()),
+            fanout: fanout.clone(),
+            publisher: i == subs,
+            next_seq: 0,
             latencies: Vec::new(),
         };
         clients
             .connect(&args.url, handler)
             .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
     }
-    wait_until(
-        "subscribers",
-        Duration::from_secs(60),
-        || shared.opened.load(Ordering::Relaxed) > args.conns,
-        || {
-            format!(
-                "{} of {} open",
-                shared.opened.load(Ordering::Relaxed),
-                args.conns + 1
-            )
-        },
-    );
-    let Some(sender) = publisher.lock().unwrap().clone() else {
+    let opened = shared.wait_open(subs + 1, Duration::from_secs(120));
+    if !opened || shared.opened.load(Ordering::Relaxed) <= subs {
+        usage(&format!(
+            "only {} of {} connections opened",
+            shared.opened.load(Ordering::Relaxed),
+            subs + 1
+        ));
+    }
+    let Some(sender) = fanout.publisher.lock().unwrap().clone() else {
         usage("the publisher did not connect")
     };
-    std::thread::sleep(Duration::from_millis(200));
+    let publish = |seq: u64| {
+        let mut payload = (fanout.epoch.elapsed().as_nanos() as u64)
+            .to_le_bytes()
+            .to_vec();
+        payload.extend_from_slice(&seq.to_le_bytes());
+        sender.send_binary(payload).is_ok()
+    };
+    // Warm-up: one second's worth of messages, checked but not measured.
+    let mut seq = 0u64;
+    let mut next = Instant::now();
+    while seq < fanout.warmup_msgs && publish(seq) {
+        seq += 1;
+        next += interval;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
     shared.measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
-    let interval = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
-    let mut seq = 0u64;
-    let mut next = start;
-    while start.elapsed() < Duration::from_secs_f64(args.secs) {
-        let mut payload = (epoch.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
-        payload.extend_from_slice(&seq.to_le_bytes());
-        if sender.send_binary(payload).is_err() {
+    let start_ns = fanout.epoch.elapsed().as_nanos() as u64;
+    let window = Duration::from_secs_f64(args.secs);
+    next = start;
+    let (mut last_line, mut last_count) = (start, 0);
+    while start.elapsed() < window {
+        if !publish(seq) {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
             break;
         }
         seq += 1;
         next += interval;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        if last_line.elapsed() >= Duration::from_secs(1) {
+            let now = shared.received.load(Ordering::Relaxed);
+            eprintln!(
+                "wsload: {:>5.1}s {:>10} msgs/s",
+                start.elapsed().as_secs_f64(),
+                now - last_count
+            );
+            (last_line, last_count) = (Instant::now(), now);
+        }
     }
-    // Let the last messages arrive before counting.
-    std::thread::sleep(Duration::from_millis(500));
+    // The window's last (partial) second, counted like the others (compare.sh sums them).
+    eprintln!(
+        "wsload: {:>5.1}s {:>10} msgs/s",
+        start.elapsed().as_secs_f64(),
+        shared.received.load(Ordering::Relaxed) - last_count
+    );
+    let published_ns = fanout.epoch.elapsed().as_nanos() as u64;
+    let published = seq;
+    let expected = published * subs as u64;
+    wait_until(
+        "deliveries",
+        Duration::from_secs(10),
+        || fanout.delivered.load(Ordering::Relaxed) >= expected,
+        || format!("{} of {expected}", fanout.delivered.load(Ordering::Relaxed)),
+    );
     shared.measuring.store(false, Ordering::Relaxed);
-    let elapsed = start.elapsed().as_secs_f64();
-    let _ = clients.shutdown(Duration::from_secs(2));
+    shared.stop.store(true, Ordering::Relaxed);
+    let backend = clients.backend();
+    let _ = clients.shutdown(Duration::from_secs(5));
     let mut latencies = std::mem::take(&mut *shared.latencies.lock().unwrap());
     latencies.sort_unstable();
     let deliveries = shared.received.load(Ordering::Relaxed);
+    let end_ns = published_ns.max(fanout.last_ns.load(Ordering::Relaxed));
+    let secs = (end_ns - start_ns) as f64 / 1e9;
+    let measured = published - fanout.warmup_msgs.min(published);
     println!(
-        "{{\"mode\":\"fanout\",\"url\":\"{}\",\"subs\":{},\"published\":{},\"deliveries\":{},\"expected\":{},\
-         \"secs\":{:.3},\"deliveries_per_sec\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
+        "{{\"mode\":\"fanout\",\"url\":\"{}\",\"subs\":{},\"rate\":{},\"published\":{},\
+         \"measured_published\":{},\"deliveries\":{},\"expected\":{},\"secs\":{:.3},\
+         \"offered_per_sec\":{:.1},\"deliveries_per_sec\":{:.1},\"msgs_per_sec\":{:.1},\
+         \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"missing\":{},\"self_delivered\":{},\
+         \"errors\":{},\"client_backend\":\"{}\"}}",
         args.url,
-        args.conns,
-        seq,
+        subs,
+        args.rate,
+        published,
+        measured,
         deliveries,
-        seq * args.conns as u64,
-        elapsed,
-        deliveries as f64 / elapsed,
+        measured * subs as u64,
+        secs,
+        rate * subs as f64,
+        deliveries as f64 / secs,
+        deliveries as f64 / secs,
         percentile(&latencies, 50.0),
         percentile(&latencies, 99.0),
         percentile(&latencies, 99.9),
-        shared.errors.load(Ordering::Relaxed),
+        expected.saturating_sub(fanout.delivered.load(Ordering::Relaxed)),
+        fanout.self_delivered.load(Ordering::Relaxed),
+        shared.errors.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) as u64,
+        backend,
     );
 }
 
@@ -950,6 +1366,7 @@ fn main() {
         "echo" => echo(&args),
         "idle" => idle(&args),
         "fanout" => fanout(&args),
+        "broadcast" => broadcast(&args),
         "slow" => slow(&args),
         other => usage(&format!("unknown mode {other}")),
     }

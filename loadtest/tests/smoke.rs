@@ -1,16 +1,49 @@
 //! `wsload echo` for one second against an in-process echo server: a non-zero rate and
-//! zero errors, on each server backend; `wsload slow` likewise, with its flooder.
+//! zero errors, on each server backend; `wsload slow` likewise, with its flooder;
+//! `wsload broadcast` and `wsload fanout` against an in-process pub/sub server (the
+//! library's topics, as `examples/pubsub.rs`: every message to every client of the topic,
+//! the sender included).
 
 use std::process::Command;
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
-use websocket_driver::{Backend, Message};
+use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, UpgradeRequest, Ws};
+use websocket_driver::{Backend, Message, MessageType};
 
 struct Echo;
 impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let _ = ws.send_message(&message);
+    }
+}
+
+/// As `examples/pubsub.rs`: the request path is the topic, and what a member sends goes to
+/// every member of it, itself included, with its opcode.
+struct Member {
+    topic: String,
+}
+
+impl Handler for Member {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        ws.subscribe(&self.topic).unwrap();
+    }
+
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let kind = if message.is_text() {
+            MessageType::Text
+        } else {
+            MessageType::Binary
+        };
+        ws.publish_all(&self.topic, message.as_bytes(), kind)
+            .unwrap();
+    }
+}
+
+fn pubsub_app() -> impl Fn(&UpgradeRequest<'_>) -> Upgrade<Member> + Send + Sync + 'static {
+    |request| {
+        Upgrade::Accept(Member {
+            topic: request.path().to_string(),
+        })
     }
 }
 
@@ -28,6 +61,16 @@ fn field(json: &str, name: &str) -> f64 {
 
 /// Runs `wsload MODE --url URL ARGS…` against an in-process echo server; its JSON.
 fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
+    run_wsload_on(backend, |_| Upgrade::Accept(Echo), mode, args)
+}
+
+/// Runs `wsload MODE --url URL ARGS…` against an in-process server of `app`; its JSON.
+fn run_wsload_on<H: Handler>(
+    backend: Backend,
+    app: impl Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+    mode: &str,
+    args: &[&str],
+) -> String {
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
@@ -35,9 +78,9 @@ fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
             backend,
             ..ServerConfig::default()
         })
-        .start(|_| Upgrade::Accept(Echo))
+        .start(app)
         .unwrap();
-    let url = format!("ws://{}/", server.local_addr());
+    let url = format!("ws://{}/topic", server.local_addr());
     let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
         .args([mode, "--url", &url])
         .args(args)
@@ -105,4 +148,59 @@ fn slow_smoke_on_epoll() {
     assert!(field(&json, "server_rss_start_kib") > 0.0, "{json}");
     assert!(field(&json, "messages") > 0.0, "{json}");
     assert_eq!(field(&json, "errors"), 0.0, "{json}");
+}
+
+#[test]
+fn broadcast_smoke_on_epoll() {
+    let args = ["--conns", "20", "--secs", "1", "--backend", "epoll"];
+    let json = run_wsload_on(Backend::Epoll, pubsub_app(), "broadcast", &args);
+    assert!(json.contains("\"mode\":\"broadcast\""), "{json}");
+    assert!(field(&json, "rounds") > 0.0, "{json}");
+    assert!(field(&json, "deliveries_per_sec") > 0.0, "{json}");
+    let per_round = field(&json, "deliveries_per_sec") / field(&json, "rounds_per_sec");
+    assert!((per_round - 400.0).abs() < 1.0, "{json}");
+    assert_eq!(field(&json, "missing"), 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
+    assert!(json.contains("\"stalled\":false"), "{json}");
+}
+
+/// Against an echo server a client only hears itself: the first round never completes,
+/// which shows as missing deliveries and a stall, not as a hang.
+#[test]
+fn broadcast_against_echo_stalls() {
+    let args = ["--conns", "3", "--secs", "1"];
+    let json = run_wsload(Backend::Epoll, "broadcast", &args);
+    assert_eq!(field(&json, "missing"), 6.0, "{json}");
+    assert!(json.contains("\"stalled\":true"), "{json}");
+}
+
+#[test]
+fn fanout_smoke_on_io_uring() {
+    let args = [
+        "--subs",
+        "50",
+        "--rate",
+        "20",
+        "--secs",
+        "1",
+        "--backend",
+        "io-uring",
+    ];
+    let json = run_wsload_on(Backend::IoUring, pubsub_app(), "fanout", &args);
+    assert!(json.contains("\"mode\":\"fanout\""), "{json}");
+    assert_eq!(field(&json, "missing"), 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
+    assert!(field(&json, "published") >= 30.0, "{json}");
+    assert_eq!(
+        field(&json, "deliveries"),
+        field(&json, "measured_published") * 50.0,
+        "{json}"
+    );
+    // The publisher hears its own messages too, and they are left out of the deliveries.
+    assert_eq!(
+        field(&json, "self_delivered"),
+        field(&json, "published"),
+        "{json}"
+    );
+    assert!(field(&json, "p50_us") <= field(&json, "p99_us"), "{json}");
 }

@@ -55,7 +55,7 @@ impl<H: Handler> ClientReactor<H> {
         let tls = Mutex::new(config.client_tls.clone());
         let loops = (0..config.threads.max(1)).map(|_| None).collect();
         let refuse = |_: &UpgradeRequest<'_>| Upgrade::<H>::Reject(HttpResponse::new(404, ""));
-        let (handle, connectors) = spawn(config, loops, refuse, None)?;
+        let (handle, connectors) = spawn(config, loops, refuse, None, None)?;
         Ok(ClientReactor {
             handle,
             connectors,

@@ -363,6 +363,15 @@ pub fn server_response(
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
+        201 => "Created",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        401 => "Unauthorized",
+        429 => "Too Many Requests",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -371,15 +380,29 @@ fn reason_phrase(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
-        _ => "Error",
+        _ => match status / 100 {
+            1 => "Continue",
+            2 => "OK",
+            3 => "Redirect",
+            _ => "Error",
+        },
     }
 }
 
-/// A complete plain-text HTTP response that closes the connection.
+/// A complete HTTP response that closes the connection: plain text unless
+/// `extra_headers` names its own `Content-Type`.
 pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let typed = extra_headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\n{}Content-Length: {}\r\nConnection: close\r\n",
         reason_phrase(status),
+        if typed {
+            ""
+        } else {
+            "Content-Type: text/plain; charset=utf-8\r\n"
+        },
         body.len() + 1
     )
     .into_bytes();
@@ -407,6 +430,18 @@ pub fn error_response(error: &HandshakeError) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_response_status_line_and_one_content_type() {
+        let page = http_response(200, &[("Content-Type", "text/html")], "<p>hi</p>");
+        let text = String::from_utf8(page).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert_eq!(text.matches("Content-Type").count(), 1, "{text}");
+        assert!(text.contains("Content-Type: text/html\r\n"));
+        let plain = String::from_utf8(http_response(299, &[], "x")).unwrap();
+        assert!(plain.starts_with("HTTP/1.1 299 OK\r\n"));
+        assert!(plain.contains("Content-Type: text/plain; charset=utf-8\r\n"));
+    }
 
     const LIMITS: HeadLimits = HeadLimits {
         max_size: 16 * 1024,

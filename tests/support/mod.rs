@@ -202,3 +202,58 @@ impl Rng {
         (0..len).map(|_| self.next() as u8).collect()
     }
 }
+
+/// An example's binary, built by cargo with `features` (a no-op when an earlier build
+/// made it), so a test can run it as a process of its own.
+pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
+    use std::process::{Command, Stdio};
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    // Without what `cargo test` sets for this process: build scripts (ring's) rerun when
+    // these change, and the build would then differ from (and undo) a plain `cargo build`.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        if var.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&&*var)
+        {
+            command.env_remove(&*var);
+        }
+    }
+    command.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--example",
+        name,
+        "--message-format=json-render-diagnostics",
+    ]);
+    if !features.is_empty() {
+        command.args(["--features", &features.join(",")]);
+    }
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run cargo to build an example");
+    assert!(out.status.success(), "cargo build --example {name} failed");
+    // The artifact line: {"reason":"compiler-artifact",…,"target":{…"name":"NAME"…},…,"executable":"PATH",…}
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| {
+            line.contains(r#""reason":"compiler-artifact""#)
+                && line.contains(&format!(r#""name":"{name}""#))
+        })
+        .find_map(|line| {
+            let at = line.find(r#""executable":""#)? + r#""executable":""#.len();
+            let end = line[at..].find('"')?;
+            Some(std::path::PathBuf::from(&line[at..at + end]))
+        })
+        .unwrap_or_else(|| panic!("cargo build --example {name} named no executable"))
+}

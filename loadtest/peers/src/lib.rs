@@ -1,4 +1,5 @@
-//! Shared bits of the peer echo servers: argument parsing and the tokio runtime.
+//! Shared bits of the peer servers: argument parsing, the tokio runtime, and the topics of
+//! the pub/sub peers.
 
 use std::net::SocketAddr;
 
@@ -59,3 +60,74 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
 
 /// Largest message (and frame) either peer accepts, as the project's own default.
 pub const MAX_MESSAGE: usize = 64 << 20;
+
+// ----- pub/sub -----
+
+/// Messages a topic's `tokio::sync::broadcast` channel holds for its slowest subscriber; one
+/// that falls further behind gets `RecvError::Lagged` and loses the oldest (counted in
+/// [`DROPPED`]). Larger than a `broadcast` round of 500 clients, so only a subscriber that
+/// really cannot keep up lags.
+pub const TOPIC_CAPACITY: usize = 1024;
+
+/// Deliveries lost to lagging subscribers, over the whole process.
+pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The topics: one broadcast channel per request path, made by its first subscriber and
+/// removed with its last one.
+pub struct Topics<T> {
+    channels:
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::broadcast::Sender<T>>>,
+}
+
+impl<T: Clone> Default for Topics<T> {
+    fn default() -> Self {
+        Topics {
+            channels: Default::default(),
+        }
+    }
+}
+
+impl<T: Clone> Topics<T> {
+    /// Subscribes to `topic`: the sender to publish on and this subscriber's receiver.
+    pub fn subscribe(
+        &self,
+        topic: &str,
+    ) -> (
+        tokio::sync::broadcast::Sender<T>,
+        tokio::sync::broadcast::Receiver<T>,
+    ) {
+        let mut channels = self.channels.lock().unwrap();
+        let tx = channels
+            .entry(topic.to_string())
+            .or_insert_with(|| tokio::sync::broadcast::channel(TOPIC_CAPACITY).0);
+        (tx.clone(), tx.subscribe())
+    }
+
+    /// Drops `topic`'s channel if nobody is subscribed any more (call after dropping the
+    /// receiver).
+    pub fn leave(&self, topic: &str) {
+        let mut channels = self.channels.lock().unwrap();
+        if channels
+            .get(topic)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            channels.remove(topic);
+        }
+    }
+}
+
+/// Logs the count of dropped deliveries to stderr once a second whenever it has grown.
+pub fn spawn_drop_reporter(name: &'static str) {
+    tokio::spawn(async move {
+        let mut last = 0;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = DROPPED.load(std::sync::atomic::Ordering::Relaxed);
+            if now != last {
+                eprintln!("{name}: {now} deliveries dropped so far (lagging subscribers)");
+                last = now;
+            }
+        }
+    });
+}

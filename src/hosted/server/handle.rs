@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::backplane::BackplaneStats;
 use super::pubsub::{PubSub, Publisher};
 use crate::protocol::driver::MessageType;
 use crate::protocol::error::Error;
@@ -37,6 +38,9 @@ pub struct Stats {
     pub delivered: u64,
     /// Published messages a subscriber did not get because its output was over the cap.
     pub dropped: u64,
+    /// What the backplane (if any) did: messages sent to and received from the other
+    /// processes, dropped on the way out, reconnections.
+    pub backplane: BackplaneStats,
     /// Closed WebSocket connections by close code (as reported to `on_close`).
     pub closes: std::collections::BTreeMap<u16, u64>,
 }
@@ -113,6 +117,13 @@ impl ServerHandle {
     pub fn stats(&self) -> Stats {
         let mut s = Stats {
             published: self.inner.pubsub.published.load(Ordering::Relaxed),
+            backplane: self
+                .inner
+                .pubsub
+                .backplane
+                .as_ref()
+                .map(|b| b.stats())
+                .unwrap_or_default(),
             ..Stats::default()
         };
         for l in &self.inner.stats {
@@ -164,7 +175,11 @@ impl ServerHandle {
             // A loop that already stopped has nothing left to close.
             let _ = remote.send(Envelope::Shutdown { deadline });
         }
-        self.wait()
+        let result = self.wait();
+        if let Some(backplane) = &self.inner.pubsub.backplane {
+            backplane.stop();
+        }
+        result
     }
 
     /// Blocks until every loop has stopped (after a shutdown).

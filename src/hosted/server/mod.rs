@@ -4,6 +4,7 @@
 //! seed's `env`) and returns either a [`Handler`] (accept the upgrade) or an HTTP response
 //! (reject). The handler lives inline in the loop's slab entry next to its `Driver`.
 
+mod backplane;
 mod config;
 mod handle;
 mod handler;
@@ -13,6 +14,9 @@ mod tunnel;
 
 use service::WsService;
 
+#[cfg(feature = "redis")]
+pub use backplane::RedisBackplane;
+pub use backplane::{Backplane, BackplaneStats, Inbound};
 pub use config::{BackpressurePolicy, ServerConfig};
 pub use handle::{ServerHandle, Stats};
 pub(crate) use handler::{ClientInit, Command};
@@ -48,10 +52,20 @@ pub use crate::session::upgrade::HttpResponse;
 ///
 /// Server::bind("127.0.0.1:9001").unwrap().serve(|_req| Upgrade::Accept(Echo)).unwrap();
 /// ```
-#[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
     config: ServerConfig,
+    backplane: Option<Arc<dyn Backplane>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .field("config", &self.config)
+            .field("backplane", &self.backplane.is_some())
+            .finish()
+    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -103,6 +117,7 @@ impl Server {
         Ok(Server {
             listener: reuseport_listener(addr)?,
             config: ServerConfig::default(),
+            backplane: None,
         })
     }
 
@@ -157,6 +172,13 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// Carries publishes to and from other server processes through `backplane` (for
+    /// example [`RedisBackplane`], feature `redis`), so topics span every process.
+    pub fn backplane(mut self, backplane: impl Backplane) -> Server {
+        self.backplane = Some(Arc::new(backplane));
+        self
+    }
+
     /// Starts the loops and serves until [`ServerHandle::shutdown`]; returns the handle at once.
     pub fn start<F, H>(self, app: F) -> io::Result<ServerHandle>
     where
@@ -169,7 +191,14 @@ impl Server {
         for _ in 1..threads {
             listeners.push(Some(reuseport_listener(local_addr)?));
         }
-        spawn(self.config, listeners, app, Some(local_addr)).map(|(handle, _)| handle)
+        spawn(
+            self.config,
+            listeners,
+            app,
+            Some(local_addr),
+            self.backplane,
+        )
+        .map(|(handle, _)| handle)
     }
 
     /// Starts the loops and blocks until the server is shut down from a [`ServerHandle`]
@@ -193,6 +222,7 @@ pub(crate) fn spawn<F, H>(
     listeners: Vec<Option<TcpListener>>,
     app: F,
     local_addr: Option<SocketAddr>,
+    backplane: Option<Arc<dyn Backplane>>,
 ) -> io::Result<(ServerHandle, Vec<ClientConnector<H>>)>
 where
     F: Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
@@ -209,7 +239,7 @@ where
     let app = Arc::new(app);
     let shared = Arc::new(config);
     let connections = Arc::new(AtomicUsize::new(0));
-    let pubsub = Arc::new(pubsub::PubSub::new(listeners.len()));
+    let pubsub = Arc::new(pubsub::PubSub::new(listeners.len(), backplane.clone()));
     let mut remotes = Vec::new();
     let mut connectors = Vec::new();
     let mut stats = Vec::new();
@@ -241,6 +271,11 @@ where
         handles.push(spawned.thread);
     }
     pubsub.set_remotes(remotes.clone());
+    if let Some(backplane) = &backplane {
+        backplane.start(backplane::Inbound {
+            pubsub: pubsub.clone(),
+        });
+    }
     let handle = ServerHandle::new(remotes, stats, handles, local_addr, backend, &why, pubsub);
     Ok((handle, connectors))
 }

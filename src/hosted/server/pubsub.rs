@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use super::Command;
+use super::backplane::Backplane;
 use crate::protocol::driver::MessageType;
 use crate::protocol::error::{Error, UsageError};
 use crate::protocol::frame::SharedFrame;
@@ -102,6 +103,8 @@ pub(crate) struct PubSub {
     loops: usize,
     /// Publishes made outside the loops (server handle, publishers).
     pub published: AtomicU64,
+    /// Carries publishes to and from other server processes.
+    pub backplane: Option<Arc<dyn Backplane>>,
 }
 
 /// Where a publish made inside a handler comes from: its loop's local queue stands in for
@@ -114,12 +117,13 @@ pub(crate) struct Origin<'a> {
 }
 
 impl PubSub {
-    pub fn new(loops: usize) -> PubSub {
+    pub fn new(loops: usize, backplane: Option<Arc<dyn Backplane>>) -> PubSub {
         PubSub {
             remotes: OnceLock::new(),
             counts: RwLock::default(),
             loops,
             published: AtomicU64::new(0),
+            backplane,
         }
     }
 
@@ -140,20 +144,28 @@ impl PubSub {
     fn count(&self, topic: &Topic, loop_index: usize, delta: i32) {
         let mut counts = self.counts.write().expect("topic counts lock");
         if delta > 0 {
-            let per_loop = counts
-                .entry(topic.clone())
-                .or_insert_with(|| vec![0; self.loops]);
+            let per_loop = counts.entry(topic.clone()).or_insert_with(|| {
+                // The process's first subscriber of the topic.
+                if let Some(backplane) = &self.backplane {
+                    backplane.subscribe(topic);
+                }
+                vec![0; self.loops]
+            });
             per_loop[loop_index] += 1;
         } else if let Some(per_loop) = counts.get_mut(&**topic) {
             per_loop[loop_index] = per_loop[loop_index].saturating_sub(1);
             if per_loop.iter().all(|&n| n == 0) {
                 counts.remove(&**topic);
+                if let Some(backplane) = &self.backplane {
+                    backplane.unsubscribe(topic);
+                }
             }
         }
     }
 
-    /// Encodes `data` once and sends it to every loop with subscribers of `topic`.
-    /// Returns whether anyone was subscribed.
+    /// Encodes `data` once and sends it to every loop with subscribers of `topic`, and
+    /// to the backplane (if any) for the other processes. Returns whether anyone in this
+    /// process was subscribed.
     pub fn publish(
         &self,
         topic: &[u8],
@@ -163,6 +175,32 @@ impl PubSub {
     ) -> Result<bool, Error> {
         check_len(topic)?;
         let frame = SharedFrame::new(data, kind)?;
+        if let Some(backplane) = &self.backplane {
+            backplane.publish(topic, data, kind);
+        }
+        self.fan_out(topic, frame, origin)
+    }
+
+    /// A message from another process (through the backplane): to this process's
+    /// subscribers only.
+    pub fn publish_local(
+        &self,
+        topic: &[u8],
+        data: &[u8],
+        kind: MessageType,
+    ) -> Result<bool, Error> {
+        check_len(topic)?;
+        let frame = SharedFrame::new(data, kind)?;
+        self.fan_out(topic, frame, None)
+    }
+
+    /// Sends `frame` to every loop with subscribers of `topic`.
+    fn fan_out(
+        &self,
+        topic: &[u8],
+        frame: SharedFrame,
+        origin: Option<Origin<'_>>,
+    ) -> Result<bool, Error> {
         let counts = self.counts.read().expect("topic counts lock");
         let Some((topic, per_loop)) = counts.get_key_value(topic) else {
             return Ok(false);

@@ -16,11 +16,11 @@ async fn serve(stream: TcpStream) -> Result<(), tokio_tungstenite::tungstenite::
         .max_frame_size(Some(MAX_MESSAGE));
     let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await?;
     while let Some(message) = ws.next().await {
-        match message? {
-            message @ (Message::Text(_) | Message::Binary(_)) => ws.send(message).await?,
-            // tungstenite queues the close reply itself and sends it on the next poll, which
-            // then ends the stream; breaking here would drop it unsent.
-            _ => {}
+        // Anything else (a close included) is left alone: tungstenite queues the close reply
+        // itself and sends it on the next poll, which then ends the stream; breaking here
+        // would drop it unsent.
+        if let message @ (Message::Text(_) | Message::Binary(_)) = message? {
+            ws.send(message).await?;
         }
     }
     Ok(())
