@@ -17,7 +17,7 @@ retry() { local n; for n in 1 2 3; do "$@" && return 0; echo "retry $n: $*" >&2;
 mkdir -p "$tools"
 if ! "$tools/venv/bin/python" -c "import websockets" 2>/dev/null; then
   python3 -m venv "$tools/venv"
-  retry "$tools/venv/bin/pip" install -q websockets
+  retry "$tools/venv/bin/pip" install -q "websockets>=14,<18"
 fi
 if [ ! -f "$tools/node/node_modules/ws/package.json" ]; then
   mkdir -p "$tools/node"

@@ -10,7 +10,7 @@ use common::{
 };
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use websocket_driver::protocol::deflate::{
-    DEFAULT_DEFLATE_THRESHOLD, DeflateOptions, DeflateParams, accept_offer,
+    DEFAULT_DEFLATE_THRESHOLD, DeflateOptions, DeflateParams, accept_offer, compressed_limit,
 };
 use websocket_driver::protocol::frame::{OpCode, SharedFrame};
 use websocket_driver::{
@@ -649,6 +649,40 @@ fn max_length_bounds_the_inflated_size_at_limit_and_over() {
 }
 
 #[test]
+fn compressed_size_on_the_wire_at_limit_and_over() {
+    let max = 100_000;
+    let wire_limit = compressed_limit(max);
+    assert!(wire_limit > max && wire_limit < max + max / 100);
+    for (len, ok) in [(wire_limit, true), (wire_limit + 1, false)] {
+        let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+        // Only the header (RSV1, text, masked): judged before any payload is read.
+        let mut header = vec![0xc1, 0x80 | 127];
+        header.extend_from_slice(&(len as u64).to_be_bytes());
+        header.extend_from_slice(&MASK);
+        let events = feed(&mut server, &header);
+        if ok {
+            assert_eq!(events, vec![], "len {len}");
+        } else {
+            let error = ProtocolError::MessageTooLarge {
+                len: len as u64,
+                max,
+            };
+            assert_failed(&events, error, 1009);
+        }
+    }
+    // An uncompressed message keeps max_length itself.
+    let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(max as u64 + 1).to_be_bytes());
+    header.extend_from_slice(&MASK);
+    let error = ProtocolError::MessageTooLarge {
+        len: max as u64 + 1,
+        max,
+    };
+    assert_failed(&feed(&mut server, &header), error, 1009);
+}
+
+#[test]
 fn context_takeover_keeps_the_window_between_messages() {
     let keep = Options::default().deflate_options(DeflateOptions {
         server_no_context_takeover: false,
@@ -824,5 +858,4 @@ fn roles_of_the_codec_match_the_params() {
         client.send_text(&text).unwrap();
         assert_eq!(pump(&mut client, &mut server), vec![Ev::Text(text)]);
     }
-    let _ = MASK;
 }

@@ -815,7 +815,8 @@ pub(crate) fn compress_shared_frame(
 
 /// The most compressed bytes a message of at most `max_length` inflated bytes may arrive
 /// as: deflate's worst case (stored blocks) for that size, as zlib's `deflateBound` puts it.
-pub(crate) fn compressed_limit(max_length: usize) -> usize {
+/// A compressed message larger on the wire fails with 1009 before its payload is read.
+pub fn compressed_limit(max_length: usize) -> usize {
     max_length
         .saturating_add(max_length >> 12)
         .saturating_add(max_length >> 14)
