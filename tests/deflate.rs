@@ -859,3 +859,92 @@ fn roles_of_the_codec_match_the_params() {
         assert_eq!(pump(&mut client, &mut server), vec![Ev::Text(text)]);
     }
 }
+
+// ----- properties -----
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_options() -> impl Strategy<Value = DeflateOptions> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            8u8..=15,
+            8u8..=15,
+            0u32..=9,
+            0usize..300,
+        )
+            .prop_map(
+                |(snct, cnct, sbits, cbits, level, threshold)| DeflateOptions {
+                    server_no_context_takeover: snct,
+                    client_no_context_takeover: cnct,
+                    server_max_window_bits: sbits,
+                    client_max_window_bits: cbits,
+                    level,
+                    threshold,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever both sides' options, they agree, and messages of any content cross
+        /// both ways intact, several in a row (context takeover included).
+        #[test]
+        fn any_options_round_trip(
+            client in any_options(),
+            server in any_options(),
+            messages in prop::collection::vec(
+                (any::<bool>(), prop::collection::vec(any::<u8>(), 0..3000), 0u8..4), 1..6),
+        ) {
+            let (mut c, mut s) = open_pair(
+                &Options::default().deflate_options(client),
+                &Options::default().deflate_options(server),
+            );
+            prop_assert!(c.deflate_params().is_some());
+            prop_assert_eq!(c.deflate_params(), s.deflate_params());
+            for (text, bytes, repeat) in messages {
+                // Some repetition, so compression has something to find.
+                let mut data = bytes.repeat(repeat as usize + 1);
+                let expected = if text {
+                    data = String::from_utf8_lossy(&data).into_owned().into_bytes();
+                    Ev::Text(String::from_utf8(data.clone()).unwrap())
+                } else {
+                    Ev::Binary(data.clone())
+                };
+                let kind = if text { MessageType::Text } else { MessageType::Binary };
+                c.send(&data, kind).unwrap();
+                prop_assert_eq!(pump(&mut c, &mut s), vec![expected.clone()]);
+                s.send(&data, kind).unwrap();
+                prop_assert_eq!(pump(&mut s, &mut c), vec![expected]);
+            }
+        }
+
+        /// Arbitrary bytes as a compressed message: a message within max_length, or the
+        /// connection fails with 1007 or 1009; never a panic or anything else.
+        #[test]
+        fn arbitrary_compressed_payloads(
+            payload in prop::collection::vec(any::<u8>(), 0..2000),
+            text in any::<bool>(),
+            split in 0usize..2000,
+        ) {
+            const MAX: usize = 4096;
+            let (_, mut server) = deflate_pair(&on(), &on().max_length(MAX));
+            let b0 = if text { 0x41 } else { 0x42 };
+            let cut = split.min(payload.len());
+            let mut wire = client_frame(b0, &payload[..cut]);
+            wire.extend(client_frame(0x80, &payload[cut..]));
+            let events = feed(&mut server, &wire);
+            match events.as_slice() {
+                [Ev::Text(t)] => prop_assert!(text && t.len() <= MAX),
+                [Ev::Binary(b)] => prop_assert!(!text && b.len() <= MAX),
+                [Ev::Error(common::Err::Protocol(e)), Ev::Close(code, _)] => {
+                    prop_assert!(matches!(code, 1007 | 1009), "{e:?} {code}");
+                }
+                other => prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
+}
