@@ -179,7 +179,11 @@ fn limits() -> HeadLimits {
 /// A client and a server driver that completed a real handshake with each other, with
 /// both output buffers drained and no events pending.
 fn open_pair() -> (Driver, Driver) {
-    let options = Options::default();
+    open_pair_with(&Options::default())
+}
+
+fn open_pair_with(options: &Options) -> (Driver, Driver) {
+    let options = options.clone();
     let mut client = Driver::make_client("ws://localhost/", &options).unwrap();
     assert!(client.start_connection());
     let request_bytes = client.pending_output().to_vec();
@@ -377,7 +381,7 @@ fn server_handshake(request: &[u8]) -> Vec<u8> {
         panic!("request did not parse");
     };
     let accept = validate_request(&request).unwrap();
-    server_response(&accept, None, &[])
+    server_response(&accept, None, None, &[])
 }
 
 fn bench_handshake(c: &mut Criterion) {
@@ -395,12 +399,87 @@ fn bench_handshake(c: &mut Criterion) {
     group.finish();
 }
 
+// ----- permessage-deflate -----
+
+/// A JSON-like text of `len` bytes (what deflate is for).
+fn json_text(len: usize) -> String {
+    let mut s = String::new();
+    let mut i = 0;
+    while s.len() < len {
+        s.push_str(&format!(
+            "{{\"id\":{i},\"user\":\"user{}\",\"text\":\"hello, world\",\"ok\":true}},",
+            i % 13
+        ));
+        i += 1;
+    }
+    s.truncate(len);
+    s
+}
+
+/// Server CPU per 1 KiB JSON message: sending plain, compressed without context (the
+/// thread's shared compressor, reset per message) and with context takeover; receiving a
+/// client's compressed message (the shared decompressor).
+fn bench_deflate(c: &mut Criterion) {
+    use websocket_driver::protocol::deflate::DeflateOptions;
+    let mut group = c.benchmark_group("deflate");
+    let text = json_text(1024);
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    let takeover = DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    };
+    for (name, options) in [
+        ("plain", Options::default()),
+        ("no_context", Options::default().deflate(true)),
+        (
+            "context_takeover",
+            Options::default().deflate_options(takeover),
+        ),
+        (
+            "no_context_level1",
+            Options::default().deflate_options(DeflateOptions {
+                level: 1,
+                ..DeflateOptions::default()
+            }),
+        ),
+    ] {
+        let (mut client, mut server) = open_pair_with(&options);
+        server.send_text(&text).unwrap();
+        let wire = server.pending_output().len();
+        server.consume_output(wire);
+        println!("deflate/{name}: 1 KiB JSON goes out as {wire} bytes");
+        group.bench_function(BenchmarkId::new("send_1KiB_json", name), |b| {
+            b.iter(|| {
+                server.send_text(black_box(&text)).unwrap();
+                let n = server.pending_output().len();
+                server.consume_output(n);
+            })
+        });
+        client.send_text(&text).unwrap();
+        let frame = client.pending_output().to_vec();
+        client.consume_output(frame.len());
+        if name == "context_takeover" {
+            continue; // each message depends on the last: not replayable
+        }
+        group.bench_function(BenchmarkId::new("receive_1KiB_json", name), |b| {
+            b.iter_batched_ref(
+                || frame.clone(),
+                |input| assert_eq!(read_all(&mut server, input), 1),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_unmask,
     bench_utf8,
     bench_frame_parse,
     bench_frame_encode,
-    bench_handshake
+    bench_handshake,
+    bench_deflate
 );
 criterion_main!(benches);

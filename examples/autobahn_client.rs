@@ -1,10 +1,13 @@
 //! Drives the Autobahn fuzzingserver through every case, echoing every message.
 //!
-//! `autobahn_client --url ws://127.0.0.1:9001 --agent NAME [--hosted] [--backend B]`
+//! `autobahn_client --url ws://127.0.0.1:9001 --agent NAME [--hosted] [--backend B] [--deflate]`
+//!
+//! `--deflate` offers permessage-deflate (`Options::deflate(true)`).
 //!
 //! Blocking mode uses `BlockingClient` (reader thread); `--hosted` runs each case on a
 //! `ClientReactor` (event loops, `--backend epoll|io-uring|auto`).
 
+use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -14,9 +17,11 @@ use websocket_driver::{Backend, Message, Options};
 
 const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 
+static DEFLATE: OnceLock<bool> = OnceLock::new();
+
 fn options() -> Options {
-    // Autobahn's 9.x cases send messages up to 16 MiB.
-    Options::default()
+    // Autobahn's 9.x cases send messages up to 16 MiB: the default max_length allows them.
+    Options::default().deflate(DEFLATE.get().copied().unwrap_or(false))
 }
 
 /// Echoes every message and reports the close (and a text message, for getCaseCount).
@@ -110,6 +115,9 @@ fn main() {
             "--url" => url = value("--url"),
             "--agent" => agent = value("--agent"),
             "--hosted" => hosted = true,
+            "--deflate" => {
+                let _ = DEFLATE.set(true);
+            }
             "--backend" => {
                 backend = value("--backend")
                     .parse()
@@ -152,7 +160,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("autobahn_client: {problem}");
     }
     eprintln!(
-        "usage: autobahn_client --url ws://HOST:PORT --agent NAME [--hosted] [--backend auto|epoll|io-uring]"
+        "usage: autobahn_client --url ws://HOST:PORT --agent NAME [--hosted] [--backend auto|epoll|io-uring] [--deflate]"
     );
     std::process::exit(2)
 }

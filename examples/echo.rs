@@ -1,7 +1,11 @@
 //! Echo server: every message comes back as it came.
 //!
 //! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend epoll|blocking] [--threads N]
-//! [--max-length BYTES] [--max-backpressure BYTES]`
+//! [--max-length BYTES] [--max-backpressure BYTES] [--deflate] [--deflate-takeover]`
+//!
+//! `--deflate` accepts permessage-deflate (`Options::deflate(true)`: no context takeover
+//! either way); `--deflate-takeover` accepts it with context takeover both ways (each
+//! connection keeps its zlib streams).
 //!
 //! `--max-length` is the largest message accepted (`Options::max_length`, default 64 MiB);
 //! `--max-backpressure` the output a connection may queue (`ServerConfig::max_backpressure`
@@ -13,6 +17,7 @@
 use std::time::Duration;
 
 use websocket_driver::blocking::BlockingServer;
+use websocket_driver::protocol::deflate::DeflateOptions;
 use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
 use websocket_driver::{Backend, Message, Options};
 
@@ -30,6 +35,7 @@ fn main() {
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut max_length = None;
     let mut max_backpressure = None;
+    let mut deflate = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -58,6 +64,14 @@ fn main() {
                         .unwrap_or_else(|_| usage("--max-backpressure needs a number of bytes")),
                 )
             }
+            "--deflate" => deflate = Some(DeflateOptions::default()),
+            "--deflate-takeover" => {
+                deflate = Some(DeflateOptions {
+                    server_no_context_takeover: false,
+                    client_no_context_takeover: false,
+                    ..DeflateOptions::default()
+                })
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -71,6 +85,9 @@ fn main() {
     let mut options = Options::default();
     if let Some(bytes) = max_length {
         options = options.max_length(bytes);
+    }
+    if let Some(deflate) = deflate {
+        options = options.deflate_options(deflate);
     }
     if backend == "blocking" {
         let mut server = BlockingServer::bind(&addr)
@@ -134,7 +151,7 @@ fn usage(problem: &str) -> ! {
     }
     eprintln!(
         "usage: echo [--addr HOST:PORT] [--backend auto|epoll|io-uring|blocking] [--threads N] \
-         [--max-length BYTES] [--max-backpressure BYTES]"
+         [--max-length BYTES] [--max-backpressure BYTES] [--deflate] [--deflate-takeover]"
     );
     std::process::exit(2)
 }

@@ -2,8 +2,9 @@
 //! `use websocket_driver::hyper::{…}` instead of `use axum::extract::ws::{…}`: the
 //! [`WebSocketUpgrade`] extractor, `on_upgrade`, `recv`/`send` of [`Message`]s.
 //!
-//! `cargo run --release --features hyper --example echo_axum -- --addr 127.0.0.1:9001`
+//! `cargo run --release --features hyper --example echo_axum -- --addr 127.0.0.1:9001 [--deflate]`
 //!
+//! `--deflate` accepts permessage-deflate (`WebSocketUpgrade::deflate`, not in axum's own).
 //! `--threads 1` runs a current-thread runtime (the load tests' setting).
 //! `autobahn/run-adapter.sh --adapter axum` runs the Autobahn fuzzingclient against it.
 
@@ -15,8 +16,12 @@ use tokio::net::TcpListener;
 // The one line an axum app changes (was: `use axum::extract::ws::{…}`).
 use websocket_driver::hyper::{Message, WebSocket, WebSocketUpgrade};
 
+/// `--deflate`: accept permessage-deflate.
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 async fn handler(ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(handle_socket)
+    ws.deflate(DEFLATE.load(std::sync::atomic::Ordering::Relaxed))
+        .on_upgrade(handle_socket)
 }
 
 async fn handle_socket(mut socket: WebSocket) {
@@ -38,13 +43,17 @@ fn main() {
     let mut threads = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--deflate" {
+            DEFLATE.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
             ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
                 threads = value.parse().unwrap()
             }
             _ => {
-                eprintln!("usage: echo_axum [--addr HOST:PORT] [--threads N]");
+                eprintln!("usage: echo_axum [--addr HOST:PORT] [--threads N] [--deflate]");
                 std::process::exit(2);
             }
         }

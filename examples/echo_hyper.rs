@@ -1,7 +1,9 @@
 //! Echo server on hyper 1.x: plain HTTP requests get a short text answer, WebSocket
 //! upgrades are accepted with `websocket_driver::hyper` and echoed.
 //!
-//! `cargo run --release --features hyper --example echo_hyper -- --addr 127.0.0.1:9001`
+//! `cargo run --release --features hyper --example echo_hyper -- --addr 127.0.0.1:9001 [--deflate]`
+//!
+//! `--deflate` accepts permessage-deflate (`Options::deflate(true)`).
 //!
 //! `--api recv` (the default): [`serve_stream`], the inline `WebSocketStream` polled by
 //! the connection's task, echoing each message from the read buffer (`recv` + `Reply`).
@@ -53,7 +55,7 @@ async fn route(api: Api, mut req: Request<Incoming>) -> Result<Response<Body>, I
         *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
         return Ok(response.map(Left));
     }
-    let options = Options::default();
+    let options = options();
     Ok(match api {
         Api::Recv => serve_stream(&mut req, &options, |mut ws| async move {
             while let Some((event, mut reply)) = ws.recv().await {
@@ -92,12 +94,23 @@ async fn route(api: Api, mut req: Request<Incoming>) -> Result<Response<Body>, I
     })
 }
 
+/// `--deflate`: accept permessage-deflate.
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn options() -> Options {
+    Options::default().deflate(DEFLATE.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut threads = 0;
     let mut api = Api::Recv;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--deflate" {
+            DEFLATE.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
             ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
@@ -109,7 +122,7 @@ fn main() {
             ("--api", Some(value)) if value == "split" => api = Api::Split,
             _ => {
                 eprintln!(
-                    "usage: echo_hyper [--addr HOST:PORT] [--threads N] [--api recv|next|upgrade|split]"
+                    "usage: echo_hyper [--addr HOST:PORT] [--threads N] [--deflate] [--api recv|next|upgrade|split]"
                 );
                 std::process::exit(2);
             }

@@ -1,6 +1,8 @@
 //! Echo server on the tokio adapter: every message comes back as it came.
 //!
-//! `cargo run --release --features tokio --example echo_tokio -- --addr 127.0.0.1:9001`
+//! `cargo run --release --features tokio --example echo_tokio -- --addr 127.0.0.1:9001 [--deflate]`
+//!
+//! `--deflate` accepts permessage-deflate (`Options::deflate(true)`).
 //!
 //! `--api recv` (the default) polls a [`WebSocketStream`] inline in the connection's task
 //! and echoes each message from the read buffer (`recv` lends the event, its `Reply`
@@ -24,12 +26,23 @@ enum Api {
     Split,
 }
 
+/// `--deflate`: accept permessage-deflate.
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn options() -> Options {
+    Options::default().deflate(DEFLATE.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 fn main() {
     let mut addr = "127.0.0.1:9001".to_string();
     let mut threads = 0;
     let mut api = Api::Recv;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--deflate" {
+            DEFLATE.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--addr", Some(value)) => addr = value,
             ("--threads", Some(value)) if value.parse::<usize>().is_ok() => {
@@ -40,7 +53,7 @@ fn main() {
             ("--api", Some(value)) if value == "split" => api = Api::Split,
             _ => {
                 eprintln!(
-                    "usage: echo_tokio [--addr HOST:PORT] [--threads N] [--api recv|next|split]"
+                    "usage: echo_tokio [--addr HOST:PORT] [--threads N] [--deflate] [--api recv|next|split]"
                 );
                 std::process::exit(2);
             }
@@ -111,7 +124,7 @@ async fn serve_on(addr: String, api: Api) {
         listener.local_addr().unwrap()
     );
     // Autobahn's 9.x cases send 16 MiB messages; the default max_length (64 MiB) allows them.
-    let options = Options::default();
+    let options = options();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -4,7 +4,7 @@
 # against pub/sub peers on the same two crates, driven by wsload.
 #
 #   loadtest/compare.sh [--rounds R] [--secs S] [--quick] [--idle-conns N] [--idle-secs S]
-#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow,bcast100,bcast500,fanout10k]
+#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow,bcast100,bcast500,fanout10k,deflate]
 #                       [--no-idle] [--no-build] [--slow-conns N] [--flood-size B]
 #                       [--fanout-subs N] [--fanout-rate R] [--out DIR]
 #
@@ -16,13 +16,19 @@
 # round ends when all N*N deliveries arrived), fanout10k (wsload fanout: one publisher,
 # --fanout-subs (10000) subscribers, --fanout-rate (20) publishes/s of 16 B).
 #
+# Scenario deflate (not in the default list): 10 clients echoing 1 KiB JSON-like text with
+# permessage-deflate (wsload echo --json --deflate; the echo example with --deflate, Node's
+# ws with perMessageDeflate as the peer that supports it: server node-ws, installed by
+# interop/deflate.sh into target/interop); records the wire bytes per message each way. With
+# it, the idle runs also hold --idle-conns deflate connections (server "NAME+deflate").
+#
 # Servers: wsd-epoll, wsd-io-uring (the echo example, or examples/pubsub in pub/sub
 # scenarios), echo_tokio, echo_hyper (the tokio and hyper adapters, current-thread runtime),
-# tokio-tungstenite, fastwebsockets (echo), pubsub-tungstenite, pubsub-fastwebsockets
-# (pub/sub), and base-epoll / base-io-uring: an earlier build of the echo example named by
-# BASELINE_ECHO=path (BASELINE_PUBSUB=path in pub/sub scenarios), to measure a change before
-# and after in one interleaved run. Each scenario runs the listed servers that fit it.
-# PUBSUB_EXAMPLE=name runs another example as wsd's pub/sub server.
+# tokio-tungstenite, fastwebsockets (echo), node-ws (deflate), pubsub-tungstenite,
+# pubsub-fastwebsockets (pub/sub), and base-epoll / base-io-uring: an earlier build of the
+# echo example named by BASELINE_ECHO=path (BASELINE_PUBSUB=path in pub/sub scenarios), to
+# measure a change before and after in one interleaved run. Each scenario runs the listed
+# servers that fit it. PUBSUB_EXAMPLE=name runs another example as wsd's pub/sub server.
 #
 # Each server runs alone pinned to CPU 0 (one thread / worker), wsload pinned to CPU 1; for
 # every scenario and round the servers run in the same interleaved order A B C D, A B C D, …
@@ -56,7 +62,7 @@ CLIENT_CPU=${CLIENT_CPU:-1}
 PORT_BASE=${PORT_BASE:-19300}
 
 usage() {
-    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 while (($#)); do
@@ -102,12 +108,14 @@ kind_of() { # scenario key -> echo | slow | broadcast | fanout (empty if unknown
         slow) echo slow ;;
         bcast100 | bcast500) echo broadcast ;;
         fanout10k) echo fanout ;;
+        deflate) echo deflate ;;
     esac
 }
 fits() { # server kind: whether the server takes part in that kind of scenario
     case "$1" in
         wsd-* | base-*) return 0 ;;
         tokio-tungstenite | fastwebsockets | echo_tokio | echo_hyper) [[ $2 == echo || $2 == slow || $2 == idle ]] ;;
+        node-ws) [[ $2 == deflate ]] ;;
         pubsub-*) [[ $2 == broadcast || $2 == fanout ]] ;;
         *) return 1 ;;
     esac
@@ -115,12 +123,13 @@ fits() { # server kind: whether the server takes part in that kind of scenario
 
 IFS=, read -ra server_list <<<"$SERVERS"
 IFS=, read -ra scenario_list <<<"$SCENARIOS"
-NEED_ECHO=0 NEED_PUBSUB=0
+NEED_ECHO=0 NEED_PUBSUB=0 NEED_DEFLATE=0
 for k in "${scenario_list[@]}"; do
     case "$(kind_of "$k")" in
         echo | slow) NEED_ECHO=1 ;;
+        deflate) NEED_ECHO=1 NEED_DEFLATE=1 ;;
         broadcast | fanout) NEED_PUBSUB=1 ;;
-        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub)" ;;
+        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub, deflate)" ;;
     esac
 done
 # Idle memory goes with the echo scenarios: a pub/sub-only run leaves it out unless asked.
@@ -144,20 +153,27 @@ TUNGSTENITE=$PEERS_TARGET/release/tungstenite-echo
 FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
 PS_TUNGSTENITE=$PEERS_TARGET/release/pubsub-tungstenite
 PS_FASTWS=$PEERS_TARGET/release/pubsub-fastwebsockets
+# Node's ws for the deflate scenario, where interop/deflate.sh installs it.
+export WS_MODULE=${WS_MODULE:-$ROOT/target/interop/node/node_modules/ws}
 
 # ----- servers and scenarios (checked before anything is built or written) -----
 server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARGV
-    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-}
+    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-} name=$1 extra=()
     if [[ ${3:-echo} == broadcast || ${3:-echo} == fanout ]]; then
         wsd=$PUBSUB base=${BASELINE_PUBSUB:-}
     fi
-    case "$1" in
-        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1) ;;
-        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1) ;;
+    # permessage-deflate on: the deflate scenario, and the idle runs of "NAME+deflate".
+    if [[ ${3:-echo} == deflate || $name == *+deflate ]]; then
+        extra=(--deflate) name=${name%+deflate}
+    fi
+    case "$name" in
+        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1 "${extra[@]}") ;;
+        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1 "${extra[@]}") ;;
         # An earlier build of the echo example (BASELINE_ECHO=path) or of the pub/sub one
         # (BASELINE_PUBSUB=path), for before/after runs.
-        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1) ;;
-        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1) ;;
+        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1 "${extra[@]}") ;;
+        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1 "${extra[@]}") ;;
+        node-ws) SERVER_ARGV=(node "$ROOT/interop/node_peer.js" server "$2") ;;
         tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
         fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
         echo_tokio) SERVER_ARGV=("$ECHO_TOKIO" --addr "$addr" --threads 1) ;;
@@ -179,12 +195,13 @@ scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
         bcast100) SC_NAME="broadcast 100" SC_CONNS=100 SC_SIZE=20 ;;
         bcast500) SC_NAME="broadcast 500" SC_CONNS=500 SC_SIZE=20 ;;
         fanout10k) SC_NAME="fanout 1→$FANOUT_SUBS @ $FANOUT_RATE/s" SC_CONNS=$FANOUT_SUBS SC_SIZE=16 SC_RATE=$FANOUT_RATE ;;
+        deflate) SC_NAME="10×1 KiB JSON, deflate" SC_CONNS=10 SC_SIZE=1024 ;;
         *) die "unknown scenario $1" ;;
     esac
 }
 
 for s in "${server_list[@]}"; do
-    fits "$s" echo || fits "$s" fanout || die "unknown server $s"
+    fits "$s" echo || fits "$s" fanout || fits "$s" deflate || die "unknown server $s"
 done
 for k in "${scenario_list[@]}"; do
     scenario "$k"
@@ -211,12 +228,22 @@ if ((BUILD)); then
     cargo build --release --manifest-path loadtest/peers/Cargo.toml || die "building loadtest/peers failed"
 fi
 needed=("$WSLOAD")
-((NEED_ECHO)) && needed+=("$ECHO" "$TUNGSTENITE" "$FASTWS")
-((NEED_ADAPTERS)) && needed+=("$ECHO_TOKIO" "$ECHO_HYPER")
-((NEED_PUBSUB)) && needed+=("$PUBSUB" "$PS_TUNGSTENITE" "$PS_FASTWS")
+# Only the binaries of the servers taking part.
+in_servers() { [[ ,$SERVERS, == *,$1,* ]]; }
+((NEED_ECHO)) && needed+=("$ECHO")
+((NEED_ECHO)) && in_servers tokio-tungstenite && needed+=("$TUNGSTENITE")
+((NEED_ECHO)) && in_servers fastwebsockets && needed+=("$FASTWS")
+((NEED_ADAPTERS)) && in_servers echo_tokio && needed+=("$ECHO_TOKIO")
+((NEED_ADAPTERS)) && in_servers echo_hyper && needed+=("$ECHO_HYPER")
+((NEED_PUBSUB)) && needed+=("$PUBSUB")
+((NEED_PUBSUB)) && in_servers pubsub-tungstenite && needed+=("$PS_TUNGSTENITE")
+((NEED_PUBSUB)) && in_servers pubsub-fastwebsockets && needed+=("$PS_FASTWS")
 for bin in "${needed[@]}"; do
     [[ -x $bin ]] || die "$bin missing (run without --no-build)"
 done
+if ((NEED_DEFLATE)) && [[ ,$SERVERS, == *,node-ws,* ]] && [[ ! -f $WS_MODULE/package.json ]]; then
+    die "node-ws needs Node's ws in $WS_MODULE (interop/deflate.sh installs it)"
+fi
 
 # 10 000 idle connections or fan-out subscribers need that many descriptors in the server
 # (and in wsload).
@@ -344,7 +371,7 @@ run_load() { # server scenario-key round: echo, broadcast or fanout
     log "$SC_NAME round $round/$ROUNDS: $server"
     if ! start_server "$server" "$OUT/logs/$tag.server.log" "$SC_KIND"; then
         echo '{}' >"$out"
-        python3 loadtest/report.py record --kind "$SC_KIND" --server "$server" --scenario "$SC_NAME" \
+        python3 loadtest/report.py record --kind "${SC_KIND/deflate/echo}" --server "$server" --scenario "$SC_NAME" \
             --round "$round" --json "$out" --rc 125 --server-exited >>"$RUNS"
         return
     fi
@@ -357,6 +384,8 @@ run_load() { # server scenario-key round: echo, broadcast or fanout
         # Opening 10 000 connections, the warm-up second, up to 10 s for stragglers, closing.
         fanout) limit=$(python3 -c "print(int($SECS) + 200)")
             load=(fanout --url "ws://127.0.0.1:$PORT/bench" --subs "$SC_CONNS" --rate "$SC_RATE") ;;
+        deflate) limit=$(python3 -c "print(int($SECS) + 90)")
+            load=(echo --url "ws://127.0.0.1:$PORT/" --conns "$SC_CONNS" --size "$SC_SIZE" --json --deflate) ;;
     esac
     before=$(cpu_ticks "$SPID")
     times >"$TMP/times0"
@@ -371,7 +400,7 @@ run_load() { # server scenario-key round: echo, broadcast or fanout
     c1=$(children_cpu_s "$TMP/times1")
     kill -0 "$SPID" 2>/dev/null || exited=(--server-exited)
     stop_server
-    python3 loadtest/report.py record --kind "$SC_KIND" --server "$server" --scenario "$SC_NAME" \
+    python3 loadtest/report.py record --kind "${SC_KIND/deflate/echo}" --server "$server" --scenario "$SC_NAME" \
         --round "$round" --json "$out" --samples "$samples" --cpu-before "$before" \
         --cpu-after "$after" --clk-tck "$CLK_TCK" \
         --client-cpu-s "$(python3 -c "print(max(0.0, $c1 - $c0))")" \
@@ -383,8 +412,9 @@ cpu = r.get("server_cpu_us_per_msg")
 cpu = "-" if cpu is None else format(cpu, ".2f")
 problem = "" if r["ok"] else "  PROBLEM: " + "; ".join(r.get("problems", []))
 if r["kind"] == "echo":
-    print("    %s msgs/s, p99 %s us, server %s us/msg%s" % (
-        format(w.get("msgs_per_sec", 0), ",.0f"), w.get("p99_us", "-"), cpu, problem))
+    wire = " (wire %s B out, %s B in per msg)" % (w["wire_out_per_msg"], w["wire_in_per_msg"]) if w.get("deflate") else ""
+    print("    %s msgs/s, p99 %s us, server %s us/msg%s%s" % (
+        format(w.get("msgs_per_sec", 0), ",.0f"), w.get("p99_us", "-"), cpu, wire, problem))
 else:
     print("    %s%s deliveries/s, p50 %s us, p99 %s us%s, server %s us/delivery, %s missing%s" % (
         format(w.get("rounds_per_sec", 0), ",.1f") + " rounds/s, " if r["kind"] == "broadcast" else "",
@@ -436,9 +466,11 @@ run_idle() { # server round
             --round "$round" --json "$out" --rc 125 --server-exited >>"$RUNS"
         return
     fi
+    local deflate=()
+    [[ $server == *+deflate ]] && deflate=(--deflate)
     timeout -k 5 "$(python3 -c "print(int($IDLE_SECS) + 180)")" \
         taskset -c "$CLIENT_CPU" "$WSLOAD" idle --url "ws://127.0.0.1:$PORT/" \
-        --conns "$IDLE_CONNS" --pid "$SPID" --secs "$IDLE_SECS" >"$out" 2>"$wlog"
+        --conns "$IDLE_CONNS" --pid "$SPID" --secs "$IDLE_SECS" "${deflate[@]}" >"$out" 2>"$wlog"
     rc=$?
     kill -0 "$SPID" 2>/dev/null || exited=(--server-exited)
     stop_server
@@ -470,6 +502,10 @@ if ((IDLE)); then
         for server in "${server_list[@]}"; do
             fits "$server" idle || continue
             run_idle "$server" "$round"
+            # The same with permessage-deflate agreed on every connection.
+            if ((NEED_DEFLATE)) && [[ $server == wsd-* || $server == base-* ]]; then
+                run_idle "$server+deflate" "$round"
+            fi
         done
     done
 fi

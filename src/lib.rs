@@ -45,6 +45,7 @@ pub mod tls;
 pub mod tokio;
 mod websocket;
 
+pub use protocol::deflate::{DeflateOptions, DeflateParams};
 pub use protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role, SendToken};
 pub use protocol::error::{Error, HandshakeError, ProtocolError, TlsError, UsageError, code};
 pub use protocol::handshake::{Request, RequestParser, is_websocket};

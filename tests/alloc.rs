@@ -348,3 +348,172 @@ fn dripped_head_allocates_linearly() {
     );
     assert!(stats.allocs <= 200, "{} allocations", stats.allocs);
 }
+
+// ----- permessage-deflate -----
+
+/// A raw deflate stream (tail stripped) that inflates to `mib` MiB of zeros: one
+/// sync-flushed block of 1 MiB of zeros repeated, each copy a literal and distance-1
+/// matches, so its size grows by about a kilobyte per inflated mebibyte.
+fn zero_bomb(mib: usize) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let mut c = Compress::new_with_window_bits(Compression::best(), false, 15);
+    let mut block = Vec::with_capacity(64 * 1024);
+    c.compress_vec(&vec![0u8; 1 << 20], &mut block, FlushCompress::Sync)
+        .unwrap();
+    assert!(c.total_in() == 1 << 20 && block.ends_with(&[0, 0, 0xff, 0xff]));
+    let mut stream = block.repeat(mib);
+    stream.truncate(stream.len() - 4);
+    stream
+}
+
+/// A deflate server and the masked frames of `payload` (RSV1, text) cut in `parts`.
+fn deflate_bomb_setup(max_length: usize, payload: &[u8], parts: usize) -> (Driver, Vec<u8>) {
+    let options = Options::default().max_length(max_length).deflate(true);
+    let (_client, mut server) = common::open_pair(&Options::default().deflate(true), &options);
+    assert!(server.deflate_params().is_some());
+    // Warm this thread's shared decompressor up, so the measurement shows the message.
+    let mut warm = client_frame(0xc1, &[0x4b, 0x04, 0x00]); // "a"
+    let mut events = Vec::new();
+    feed_into(&mut server, &mut warm, &mut events);
+    assert_eq!(
+        events,
+        vec![Kind::Message {
+            text: true,
+            len: 1,
+            capacity: Some(4096)
+        }]
+    );
+    let step = payload.len().div_ceil(parts);
+    let mut wire = Vec::new();
+    for (i, chunk) in payload.chunks(step).enumerate() {
+        let first = if i == 0 { 0x41 } else { 0x00 };
+        let fin = if (i + 1) * step >= payload.len() {
+            0x80
+        } else {
+            0
+        };
+        wire.extend(client_frame(first | fin, chunk));
+    }
+    (server, wire)
+}
+
+#[test]
+fn deflate_bomb_closes_1009_with_memory_bounded_by_max_length() {
+    let _serial = serial();
+    const MAX: usize = 4 << 20;
+    // About 1 MiB on the wire, 1 GiB inflated.
+    let bomb = zero_bomb(1024);
+    println!("bomb: {} bytes inflating to 1 GiB", bomb.len());
+    assert!(bomb.len() < (1 << 20) + (64 << 10));
+    for parts in [1, 4] {
+        let (mut server, mut wire) = deflate_bomb_setup(MAX, &bomb, parts);
+        let mut events = Vec::with_capacity(8);
+        let ((), stats) = measure(|| feed_into(&mut server, &mut wire, &mut events));
+        println!("1 GiB bomb in {parts} frame(s), max_length 4 MiB: {stats:?}");
+        assert_eq!(
+            events,
+            vec![
+                Kind::Error(Some(ProtocolError::InflatedTooLarge { max: MAX })),
+                Kind::Close(1009)
+            ]
+        );
+        // Inflated output never past max_length + 1, plus (fragmented) the compressed
+        // bytes reassembled, plus the close frame.
+        let reassembled = if parts == 1 { 0 } else { bomb.len() * 2 };
+        let bound = MAX + 1 + reassembled + 4096;
+        assert!(
+            (stats.peak as usize) <= bound,
+            "peak {} over {bound}",
+            stats.peak
+        );
+        let frames = common::parse_frames(&common::take_output(&mut server));
+        assert_eq!(frames.last().unwrap().close_code(), Some(1009));
+    }
+}
+
+#[test]
+fn deflated_message_at_max_length_costs_its_size() {
+    let _serial = serial();
+    const MAX: usize = 1 << 20;
+    let exact = zero_bomb(1);
+    let (mut server, mut wire) = deflate_bomb_setup(MAX, &exact, 1);
+    let mut events = Vec::with_capacity(8);
+    let ((), stats) = measure(|| feed_into(&mut server, &mut wire, &mut events));
+    println!("1 MiB inflated at max_length 1 MiB: {stats:?}");
+    assert!(matches!(
+        events[..],
+        [Kind::Message { text: true, len: MAX, capacity: Some(c) }] if c <= MAX + 1
+    ));
+    assert!((stats.peak as usize) <= MAX + 1 + 4096);
+    // One byte over the limit: 1009, before the extra byte is kept.
+    let (mut server, mut wire) = deflate_bomb_setup(MAX - 1, &exact, 1);
+    events.clear();
+    feed_into(&mut server, &mut wire, &mut events);
+    assert_eq!(
+        events,
+        vec![
+            Kind::Error(Some(ProtocolError::InflatedTooLarge { max: MAX - 1 })),
+            Kind::Close(1009)
+        ]
+    );
+}
+
+/// What a connection keeps between messages: a deflate connection without context
+/// takeover holds what a plain one does, plus one small boxed record; with context
+/// takeover, its own zlib streams.
+#[test]
+fn idle_deflate_connection_cost() {
+    let _serial = serial();
+    let text = "{\"id\":1,\"user\":\"someone\",\"text\":\"hello, world\"}".repeat(40);
+    let keep = websocket_driver::protocol::deflate::DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..Default::default()
+    };
+    let small = websocket_driver::protocol::deflate::DeflateOptions {
+        server_max_window_bits: 9,
+        client_max_window_bits: 9,
+        ..keep.clone()
+    };
+    let mut retained = Vec::new();
+    for options in [
+        Options::default(),
+        Options::default().deflate(true),
+        Options::default().deflate_options(keep),
+        Options::default().deflate_options(small),
+    ] {
+        // Warm the thread's shared codecs (made once per thread, not per connection).
+        let (mut client, mut server) = common::open_pair(&options, &options);
+        client.send_text(&text).unwrap();
+        common::pump(&mut client, &mut server);
+        server.send_text(&text).unwrap();
+        common::pump(&mut server, &mut client);
+        // A connection made, used once both ways, and left idle with its output written.
+        let ((), stats) = measure(|| {
+            let (mut client, mut server) = common::open_pair(&options, &options);
+            client.send_text(&text).unwrap();
+            assert_eq!(common::pump(&mut client, &mut server).len(), 1);
+            server.send_text(&text).unwrap();
+            assert_eq!(common::pump(&mut server, &mut client).len(), 1);
+            drop(client);
+            // As a reactor does with an idle connection's buffer.
+            drop(server.take_output_buffer());
+            // Kept alive past the measurement: what it holds stays counted.
+            std::mem::forget(server);
+        });
+        retained.push(stats.live);
+    }
+    println!(
+        "an idle server driver after one message each way holds: plain {} B, deflate {} B, \
+         context takeover {} B (15-bit windows), {} B (9-bit windows)",
+        retained[0], retained[1], retained[2], retained[3]
+    );
+    // Without context takeover the difference to plain is the small agreed record.
+    assert!(retained[1] - retained[0] <= 128, "{retained:?}");
+    // With context takeover the streams stay, bounded by the window options.
+    assert!(
+        retained[2] > 64 * 1024 && retained[2] < 1024 * 1024,
+        "{retained:?}"
+    );
+    assert!(retained[3] < retained[2], "{retained:?}");
+}

@@ -3,13 +3,16 @@
 //!
 //! ```text
 //! wsload echo   --url ws://127.0.0.1:9001/ --conns 100 --size 20 --secs 10 [--inflight 1] [--text]
+//!               [--json] [--deflate]
 //! wsload idle   --url ws://127.0.0.1:9001/ --conns 10000 --pid PID [--secs 5] [--hosts 4]
 //! wsload fanout --url ws://127.0.0.1:9002/topic --subs 1000 --secs 10 [--rate 100]
 //! wsload broadcast --url ws://127.0.0.1:9002/topic --conns 100 --secs 10 [--size 20]
 //! wsload slow   --url ws://127.0.0.1:9001/ --conns 10 --size 1024 --secs 5 --pid PID
 //!               [--flood-size 65536] [--max-rss-growth-mib 1024]
 //! ```
-//! Common options: `--threads N` (client event loops, default 1), `--backend auto|epoll|io-uring`.
+//! Common options: `--threads N` (client event loops, default 1), `--backend auto|epoll|io-uring`,
+//! `--deflate` (offer permessage-deflate: `Options::deflate(true)`). `--json` makes echo
+//! payloads JSON-like text (compressible); `echo` reports the wire bytes per message each way.
 //! Every run is bounded in time and stops by itself.
 //!
 //! `fanout` and `broadcast` load a pub/sub server (`examples/pubsub.rs`: a client's path is
@@ -36,6 +39,8 @@ struct Args {
     secs: f64,
     inflight: usize,
     text: bool,
+    json: bool,
+    deflate: bool,
     pid: Option<u32>,
     hosts: usize,
     rate: f64,
@@ -58,6 +63,8 @@ fn parse_args() -> Args {
         secs: 5.0,
         inflight: 1,
         text: false,
+        json: false,
+        deflate: false,
         pid: None,
         hosts: 1,
         rate: 100.0,
@@ -82,6 +89,11 @@ fn parse_args() -> Args {
             "--secs" => args.secs = num("--secs", value("--secs")),
             "--inflight" => args.inflight = num::<usize>("--inflight", value("--inflight")).max(1),
             "--text" => args.text = true,
+            "--json" => {
+                args.json = true;
+                args.text = true;
+            }
+            "--deflate" => args.deflate = true,
             "--pid" => args.pid = Some(num("--pid", value("--pid"))),
             "--hosts" => args.hosts = num::<usize>("--hosts", value("--hosts")).clamp(1, 250),
             "--rate" => args.rate = num("--rate", value("--rate")),
@@ -116,13 +128,13 @@ fn usage(problem: &str) -> ! {
         eprintln!("wsload: {problem}");
     }
     eprintln!(
-        "usage:\n  wsload echo --url URL --conns N --size B --secs S [--inflight K] [--text]\n  \
+        "usage:\n  wsload echo --url URL --conns N --size B --secs S [--inflight K] [--text] [--json]\n  \
          wsload idle --url URL --conns N --pid PID [--secs S] [--hosts K]\n  \
          wsload fanout --url URL --subs N --secs S [--rate R]\n  \
          wsload broadcast --url URL --conns N --secs S [--size B]\n  \
          wsload slow --url URL --conns N --size B --secs S --pid PID [--flood-size F] \
          [--max-rss-growth-mib M]\n  \
-         common: [--threads N] [--backend auto|epoll|io-uring]"
+         common: [--threads N] [--backend auto|epoll|io-uring] [--deflate]"
     );
     std::process::exit(2)
 }
@@ -131,7 +143,7 @@ fn reactor<H: Handler>(args: &Args, idle_ping: Option<Duration>) -> ClientReacto
     let config = ServerConfig {
         threads: args.threads,
         backend: args.backend,
-        options: Options::default(),
+        options: Options::default().deflate(args.deflate),
         idle_timeout: idle_ping,
         // A server busy accepting thousands of connections answers late.
         handshake_timeout: Duration::from_secs(30),
@@ -284,6 +296,30 @@ fn stamp(buf: &mut [u8], seq: u64, text: bool) {
     }
 }
 
+/// A JSON-like text payload (what permessage-deflate is for) of `size` bytes.
+fn json_pattern(size: usize) -> Vec<u8> {
+    let mut s = String::with_capacity(size + 96);
+    let mut i = 0;
+    while s.len() < size {
+        s.push_str(&format!(
+            "{{\"id\":{i},\"user\":\"user{}\",\"price\":{}.25,\"text\":\"hello, world\"}},",
+            i % 13,
+            (i * 37) % 1000
+        ));
+        i += 1;
+    }
+    s.truncate(size);
+    s.into_bytes()
+}
+
+fn payload(args: &Args) -> Vec<u8> {
+    if args.json {
+        json_pattern(args.size)
+    } else {
+        pattern(args.size, args.text)
+    }
+}
+
 struct EchoLoad {
     shared: Arc<Shared>,
     size: usize,
@@ -402,8 +438,8 @@ impl EchoRun {
                 next_seq: 0,
                 expect_seq: 0,
                 sent_at: VecDeque::new(),
-                out: pattern(args.size, args.text),
-                expected: pattern(args.size, args.text),
+                out: payload(args),
+                expected: payload(args),
                 latencies: Vec::new(),
             };
             clients
@@ -498,15 +534,23 @@ fn echo(args: &Args) {
     let run = EchoRun::open(args);
     let secs = run.measure(args.secs, Duration::from_secs(1), || {}, String::new);
     let backend = run.clients.backend();
+    // Wire bytes (frames as sent and read, the handshake included) per message, each way.
+    let wire = run.clients.stats();
+    let per = |bytes: u64, messages: u64| bytes as f64 / messages.max(1) as f64;
     let stats = run.finish(secs);
     println!(
-        "{{\"mode\":\"echo\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},{},\
+        "{{\"mode\":\"echo\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},\
+         \"json\":{},\"deflate\":{},\"wire_out_per_msg\":{:.1},\"wire_in_per_msg\":{:.1},{},\
          \"client_backend\":\"{}\"}}",
         args.url,
         args.conns,
         args.size,
         args.inflight,
         args.text,
+        args.json,
+        args.deflate,
+        per(wire.bytes_out, wire.messages_out),
+        per(wire.bytes_in, wire.messages_in),
         stats.json_fields(),
         backend,
     );

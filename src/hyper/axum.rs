@@ -147,6 +147,13 @@ impl<F> WebSocketUpgrade<F> {
         self
     }
 
+    /// Accepts a client's permessage-deflate offer (RFC 7692, [`Options::deflate`]; axum's
+    /// own extractor has no compression). Off by default.
+    pub fn deflate(mut self, on: bool) -> Self {
+        self.options = self.options.deflate(on);
+        self
+    }
+
     /// All of the driver's options (subprotocols, extra response headers, limits).
     pub fn options(mut self, options: Options) -> Self {
         self.options = options;

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
+use super::deflate::{self, DeflateOptions, DeflateParams, DeflateState};
 use super::error::{Error, HandshakeError};
 use super::handshake::{
     self, ClientUrl, Request, ResponseParser, client_request, generate_key, select_protocol,
@@ -135,6 +136,7 @@ struct ClientHandshake {
     request: Vec<u8>,
     expected_accept: String,
     offered: Vec<String>,
+    deflate: Option<DeflateOptions>,
     parser: ResponseParser,
 }
 
@@ -186,9 +188,9 @@ pub struct Driver {
     role: Role,
     state: ReadyState,
     max_length: usize,
-    /// Boxed whole (one pointer): most connections negotiate none.
-    #[allow(clippy::box_collection)] // one pointer inline instead of two words
-    protocol: Option<Box<String>>,
+    /// The subprotocol and extensions agreed on, if any (one box for both: most
+    /// connections have neither).
+    agreed: Option<Box<Negotiated>>,
     /// Boxed, and `None` once done: open connections hold nothing of it.
     handshake: Option<Box<Handshake>>,
     stage: Stage,
@@ -211,13 +213,20 @@ pub struct Driver {
     close_reported: bool,
 }
 
+/// What the opening handshake agreed on beyond RFC 6455.
+#[derive(Debug)]
+struct Negotiated {
+    protocol: Option<Box<str>>,
+    deflate: Option<DeflateState>,
+}
+
 impl Driver {
     fn new(role: Role, max_length: usize, handshake: Handshake) -> Driver {
         Driver {
             role,
             state: ReadyState::Connecting,
             max_length,
-            protocol: None,
+            agreed: None,
             handshake: Some(Box::new(handshake)),
             stage: HEADER_START,
             message: None,
@@ -237,18 +246,29 @@ impl Driver {
     ///
     /// Fails with [`Error::Handshake`] for a request that is not a valid upgrade; answer it
     /// with [`handshake::error_response`]. The subprotocol is the first one the client
-    /// offers that `options.accept_protocols` holds.
+    /// offers that `options.accept_protocols` holds. With [`Options::deflate`], the first
+    /// permessage-deflate offer it can accept is agreed (RFC 7692).
     pub fn make_server(request: &Request, options: &Options) -> Result<Driver, Error> {
         options.validate()?;
         let accept = validate_request(request)?;
         let protocol = select_protocol(request, &options.accept_protocols);
-        let response = server_response(&accept, protocol.as_deref(), &options.additional_headers);
+        let agreed = options
+            .deflate
+            .as_ref()
+            .and_then(|d| deflate::negotiate(request, d).map(|(p, header)| (p, header, d)));
+        let response = server_response(
+            &accept,
+            protocol.as_deref(),
+            agreed.as_ref().map(|(_, header, _)| header.as_str()),
+            &options.additional_headers,
+        );
         let mut driver = Driver::new(
             Role::Server,
             options.max_length,
             Handshake::Server(response),
         );
-        driver.protocol = protocol.map(Box::new);
+        let deflate = agreed.map(|(params, _, d)| DeflateState::new(params, Role::Server, d));
+        driver.set_agreed(protocol, deflate);
         Ok(driver)
     }
 
@@ -258,10 +278,12 @@ impl Driver {
         options.validate()?;
         let url = ClientUrl::parse(url)?;
         let key = generate_key();
+        let offer = options.deflate.as_ref().map(DeflateOptions::offer);
         let request = client_request(
             &url,
             &key,
             &options.accept_protocols,
+            offer.as_deref(),
             &options.additional_headers,
         );
         let hs = ClientHandshake {
@@ -269,6 +291,7 @@ impl Driver {
             request,
             expected_accept: handshake::accept_key(&key),
             offered: options.accept_protocols.clone(),
+            deflate: options.deflate.clone(),
             parser: ResponseParser::new(options.head_limits()),
         };
         Ok(Driver::new(
@@ -290,7 +313,19 @@ impl Driver {
 
     /// The agreed subprotocol, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.protocol.as_deref().map(String::as_str)
+        self.agreed.as_deref().and_then(|a| a.protocol.as_deref())
+    }
+
+    /// The agreed permessage-deflate parameters, if the extension is in use.
+    pub fn deflate_params(&self) -> Option<DeflateParams> {
+        self.deflate().map(DeflateState::params)
+    }
+
+    /// Whether this connection holds zlib streams between messages (only with context
+    /// takeover, after its first compressed message): what an idle deflate connection
+    /// costs beyond a plain one.
+    pub fn holds_deflate_streams(&self) -> bool {
+        self.deflate().is_some_and(DeflateState::holds_streams)
     }
 
     /// The connection state.
@@ -342,6 +377,19 @@ impl Driver {
             }
             _ => false,
         }
+    }
+
+    fn set_agreed(&mut self, protocol: Option<String>, deflate: Option<DeflateState>) {
+        self.agreed = (protocol.is_some() || deflate.is_some()).then(|| {
+            Box::new(Negotiated {
+                protocol: protocol.map(String::into_boxed_str),
+                deflate,
+            })
+        });
+    }
+
+    fn deflate(&self) -> Option<&DeflateState> {
+        self.agreed.as_deref().and_then(|a| a.deflate.as_ref())
     }
 
     /// Handshake bytes go before frames queued while connecting.

@@ -69,14 +69,25 @@ pub enum ProtocolError {
     CloseFrameTooShort,
     /// A close frame with a code that may not be sent.
     InvalidCloseCode(u16),
+    /// A compressed message (RSV1, permessage-deflate) whose data does not inflate.
+    InvalidCompressedData,
+    /// A compressed message that inflates past `max_length` (inflation stops there).
+    InflatedTooLarge {
+        /// The configured limit.
+        max: usize,
+    },
 }
 
 impl ProtocolError {
     /// The close code sent to the peer for this error.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => code::INVALID_PAYLOAD,
-            ProtocolError::MessageTooLarge { .. } => code::TOO_BIG,
+            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCompressedData => {
+                code::INVALID_PAYLOAD
+            }
+            ProtocolError::MessageTooLarge { .. } | ProtocolError::InflatedTooLarge { .. } => {
+                code::TOO_BIG
+            }
             _ => code::PROTOCOL_ERROR,
         }
     }
@@ -108,6 +119,12 @@ impl fmt::Display for ProtocolError {
             }
             ProtocolError::CloseFrameTooShort => f.write_str("close frame with a 1-byte payload"),
             ProtocolError::InvalidCloseCode(c) => write!(f, "invalid close code {c}"),
+            ProtocolError::InvalidCompressedData => {
+                f.write_str("compressed message is not valid deflate data")
+            }
+            ProtocolError::InflatedTooLarge { max } => {
+                write!(f, "compressed message inflates past max_length {max}")
+            }
         }
     }
 }
@@ -232,6 +249,8 @@ pub enum UsageError {
     },
     /// A message kind that cannot be published (only text and binary can).
     NotPublishable,
+    /// An option out of its range (the message says which).
+    InvalidOption(String),
 }
 
 impl fmt::Display for UsageError {
@@ -252,6 +271,7 @@ impl fmt::Display for UsageError {
                     "topic of {len} bytes is longer than the maximum of {max}"
                 )
             }
+            UsageError::InvalidOption(why) => write!(f, "invalid option: {why}"),
             UsageError::NotPublishable => {
                 f.write_str("only text and binary messages can be published")
             }

@@ -214,9 +214,27 @@ pub fn write_frame(
 /// serves every subscriber; queueing it on a connection
 /// ([`Driver::send_shared`](super::driver::Driver::send_shared)) clones a reference, never
 /// the bytes.
+///
+/// # permessage-deflate
+/// A frame also carries its compressed variants, one per server window size (9–15 bits;
+/// 8 shares 9's), each made the first time a connection that negotiated
+/// `server_no_context_takeover` with that window needs it, then shared like the plain
+/// frame: a publish is compressed at most once per distinct window size, whatever the
+/// number of subscribers, and by whichever thread first needs it (at the level of that
+/// connection's options). A connection that keeps its context gets the payload compressed
+/// on its own stream instead. [`SharedFrame::prepare_deflate`] makes a variant ahead of
+/// time.
 #[derive(Clone)]
 pub struct SharedFrame {
-    bytes: std::sync::Arc<[u8]>,
+    inner: std::sync::Arc<SharedInner>,
+}
+
+struct SharedInner {
+    bytes: Box<[u8]>,
+    header_len: u8,
+    opcode: OpCode,
+    /// Compressed variants by window bits − 9; `None` inside: compressing does not pay.
+    deflated: [std::sync::OnceLock<Option<Box<[u8]>>>; 7],
 }
 
 impl SharedFrame {
@@ -247,30 +265,111 @@ impl SharedFrame {
         let n = encode_header(&mut head, &header);
         // One allocation of the exact size: a chain of slices has a trusted length.
         let bytes = head[..n].iter().chain(data).copied().collect();
-        Ok(SharedFrame { bytes })
+        Ok(SharedFrame {
+            inner: std::sync::Arc::new(SharedInner {
+                bytes,
+                header_len: n as u8,
+                opcode,
+                deflated: Default::default(),
+            }),
+        })
     }
 
-    /// The frame as it goes on the wire.
+    /// The frame as it goes on the wire (uncompressed).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.inner.bytes
     }
 
-    /// Header plus payload, in bytes.
+    /// The message itself, without the frame header.
+    pub fn payload(&self) -> &[u8] {
+        &self.inner.bytes[self.inner.header_len as usize..]
+    }
+
+    /// Header plus payload, in bytes (uncompressed).
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.inner.bytes.len()
     }
 
     /// Never true: a frame has at least a two-byte header.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.inner.bytes.is_empty()
+    }
+
+    pub(crate) fn opcode(&self) -> OpCode {
+        self.inner.opcode
+    }
+
+    /// The frame compressed without context for a server window of `window_bits` (8–15)
+    /// at `level` (0–9), made now unless it was already: the whole frame (RSV1 set) as it
+    /// goes to every connection that agreed on `server_no_context_takeover` with that
+    /// window. `None` when compressing does not make the message smaller (such
+    /// connections get the plain frame). The level of whoever makes a variant first wins.
+    pub fn prepare_deflate(&self, window_bits: u8, level: u32) -> Option<&[u8]> {
+        let bits = window_bits.clamp(9, 15);
+        self.inner.deflated[(bits - 9) as usize]
+            .get_or_init(|| {
+                super::deflate::compress_shared_frame(
+                    self.inner.opcode,
+                    self.payload(),
+                    bits,
+                    level.min(9),
+                )
+            })
+            .as_deref()
+    }
+
+    /// Whether the variant for `window_bits` exists (made by a delivery or by
+    /// [`SharedFrame::prepare_deflate`]): tells how often a publish was compressed.
+    pub fn has_deflated(&self, window_bits: u8) -> bool {
+        let bits = window_bits.clamp(9, 15);
+        self.inner.deflated[(bits - 9) as usize].get().is_some()
     }
 }
 
 impl std::fmt::Debug for SharedFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedFrame")
-            .field("len", &self.bytes.len())
+            .field("len", &self.inner.bytes.len())
             .finish()
+    }
+}
+
+/// A shared frame in one connection's output: the plain bytes, or a compressed variant.
+#[derive(Clone, Debug)]
+pub(crate) struct FrameRef {
+    frame: SharedFrame,
+    /// Window bits of the compressed variant; 0 for the plain frame.
+    variant: u8,
+}
+
+impl FrameRef {
+    pub(crate) fn plain(frame: &SharedFrame) -> FrameRef {
+        FrameRef {
+            frame: frame.clone(),
+            variant: 0,
+        }
+    }
+
+    /// The compressed variant for `bits` (already made).
+    pub(crate) fn deflated(frame: &SharedFrame, bits: u8) -> FrameRef {
+        FrameRef {
+            frame: frame.clone(),
+            variant: bits,
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        if self.variant == 0 {
+            return self.frame.as_bytes();
+        }
+        match self.frame.inner.deflated[(self.variant - 9) as usize].get() {
+            Some(Some(bytes)) => bytes,
+            _ => self.frame.as_bytes(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.as_bytes().len()
     }
 }
 

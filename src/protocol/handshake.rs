@@ -15,7 +15,7 @@ use super::frame::Status;
 // keeps its `handshake::` path.
 mod client;
 
-pub use client::{ClientUrl, client_request, generate_key, validate_response};
+pub use client::{Agreed, ClientUrl, client_request, generate_key, validate_response};
 
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -335,10 +335,12 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The 101 response. `additional_headers` must have passed [`validate_header`].
+/// The 101 response, with the agreed extensions (a `Sec-WebSocket-Extensions` value) if
+/// any. `additional_headers` must have passed [`validate_header`].
 pub fn server_response(
     accept: &str,
     protocol: Option<&str>,
+    extensions: Option<&str>,
     additional_headers: &[(String, String)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
@@ -348,6 +350,9 @@ pub fn server_response(
     push_header(&mut out, "Sec-WebSocket-Accept", accept);
     if let Some(p) = protocol {
         push_header(&mut out, "Sec-WebSocket-Protocol", p);
+    }
+    if let Some(e) = extensions {
+        push_header(&mut out, "Sec-WebSocket-Extensions", e);
     }
     for (name, value) in additional_headers {
         push_header(&mut out, name, value);

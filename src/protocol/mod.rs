@@ -1,6 +1,7 @@
 //! The sans-IO protocol layer: RFC 6455 framing, handshake and the connection state
 //! machine. No IO, no clock, no threads; `unsafe` nowhere (the unmask kernel is safe code).
 
+pub mod deflate;
 pub mod driver;
 pub mod error;
 pub mod frame;

@@ -1,5 +1,6 @@
 //! Options shared by servers and clients (the seed's `&key` arguments).
 
+use super::deflate::DeflateOptions;
 use super::error::UsageError;
 use super::handshake::{HeadLimits, validate_header};
 
@@ -33,6 +34,10 @@ pub struct Options {
     pub max_handshake_size: usize,
     /// Most header lines in a handshake head (431 beyond). Default [`DEFAULT_MAX_HEADERS`].
     pub max_headers: usize,
+    /// permessage-deflate (RFC 7692): `None` (the default) neither offers (client) nor
+    /// accepts (server) it; see [`Options::deflate`]. With it, [`Options::max_length`]
+    /// bounds the inflated size of a message.
+    pub deflate: Option<DeflateOptions>,
 }
 
 impl Default for Options {
@@ -43,6 +48,7 @@ impl Default for Options {
             additional_headers: Vec::new(),
             max_handshake_size: DEFAULT_MAX_HANDSHAKE_SIZE,
             max_headers: DEFAULT_MAX_HEADERS,
+            deflate: None,
         }
     }
 }
@@ -82,6 +88,19 @@ impl Options {
         self
     }
 
+    /// Turns permessage-deflate on (with [`DeflateOptions::default`]: no context takeover
+    /// either way, so idle connections keep no zlib state) or off.
+    pub fn deflate(mut self, on: bool) -> Self {
+        self.deflate = on.then(DeflateOptions::default);
+        self
+    }
+
+    /// Turns permessage-deflate on with these settings.
+    pub fn deflate_options(mut self, deflate: DeflateOptions) -> Self {
+        self.deflate = Some(deflate);
+        self
+    }
+
     /// The handshake head limits, for a [`RequestParser`](super::handshake::RequestParser).
     pub fn head_limits(&self) -> HeadLimits {
         HeadLimits {
@@ -102,6 +121,9 @@ impl Options {
                 )));
             }
             validate_header("Sec-WebSocket-Protocol", p)?;
+        }
+        if let Some(deflate) = &self.deflate {
+            deflate.validate()?;
         }
         Ok(())
     }

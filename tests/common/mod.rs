@@ -239,7 +239,7 @@ impl Frame {
 pub fn parse_frames(mut bytes: &[u8]) -> Vec<Frame> {
     let mut frames = Vec::new();
     while !bytes.is_empty() {
-        let (header, n) = match parse_header(bytes, 0) {
+        let (header, n) = match parse_header(bytes, 0b111) {
             Ok(Status::Complete(h, n)) => (h, n),
             other => panic!("bad frame in output: {other:?}"),
         };

@@ -35,6 +35,8 @@ pub fn own(event: Event<'_>) -> Owned {
 pub struct TestClient {
     pub stream: TcpStream,
     pub driver: Driver,
+    /// Bytes read from the socket so far.
+    pub bytes_read: usize,
     buf: Vec<u8>,
     pending: std::collections::VecDeque<Owned>,
 }
@@ -49,18 +51,35 @@ impl TestClient {
         }
     }
 
+    /// Connects with these options and completes the handshake.
+    pub fn connect_with(addr: SocketAddr, path: &str, options: &Options) -> io::Result<TestClient> {
+        let mut client = TestClient::connect_only_with(addr, path, options)?;
+        match client.next_event()? {
+            Owned::Open => Ok(client),
+            other => Err(io::Error::other(format!("expected Open, got {other:?}"))),
+        }
+    }
+
     /// Connects and sends the upgrade request without waiting for the response.
     pub fn connect_only(addr: SocketAddr, path: &str) -> io::Result<TestClient> {
+        TestClient::connect_only_with(addr, path, &Options::default())
+    }
+
+    fn connect_only_with(
+        addr: SocketAddr,
+        path: &str,
+        options: &Options,
+    ) -> io::Result<TestClient> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.set_nodelay(true)?;
         let url = format!("ws://{addr}{path}");
-        let mut driver =
-            Driver::make_client(&url, &Options::default()).map_err(io::Error::other)?;
+        let mut driver = Driver::make_client(&url, options).map_err(io::Error::other)?;
         driver.start_connection();
         let mut client = TestClient {
             stream,
             driver,
+            bytes_read: 0,
             buf: vec![0; 64 * 1024],
             pending: Default::default(),
         };
@@ -108,6 +127,7 @@ impl TestClient {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            self.bytes_read += n;
             let mut at = 0;
             while at < n {
                 let (used, event) = self.driver.poll_event(&mut self.buf[at..n]);

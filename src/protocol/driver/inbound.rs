@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use super::outbound::cut_at_char_boundary;
 use super::{Driver, Event, Handshake, Message, ReadyState, Role};
+use crate::protocol::deflate::{DeflateState, InflateError, compressed_limit};
 use crate::protocol::error::{Error, HandshakeError, ProtocolError, code, is_valid_close_code};
 use crate::protocol::frame::{
     FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header,
@@ -33,6 +34,8 @@ pub(super) const HEADER_START: Stage = Stage::Header {
 #[derive(Debug)]
 pub(super) struct PartialMessage {
     text: bool,
+    /// RSV1 on its first frame: `buf` holds deflate data, inflated at the last frame.
+    compressed: bool,
     buf: Vec<u8>,
     utf8: Utf8Validator,
 }
@@ -87,29 +90,40 @@ impl Driver {
         let outcome = match hs.parser.parse(input) {
             Ok(Status::Partial) => return (input.len(), None),
             Ok(Status::Complete(response, used)) => {
-                validate_response(&response, &hs.expected_accept, &hs.offered)
-                    .map(|p| (p, used))
-                    .map_err(|e| match e {
-                        HandshakeError::UnexpectedStatus { status, .. } => {
-                            // The body as far as it came with the head: Content-Length bytes,
-                            // else everything up to the close (RFC 9112 §6.3), at most 1 KiB.
-                            let rest = &input[used..];
-                            let declared = response
-                                .header("content-length")
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(rest.len());
-                            let take = rest.len().min(declared).min(1024);
-                            let body = String::from_utf8_lossy(&rest[..take]).into_owned();
-                            HandshakeError::UnexpectedStatus { status, body }
-                        }
-                        other => other,
-                    })
+                validate_response(
+                    &response,
+                    &hs.expected_accept,
+                    &hs.offered,
+                    hs.deflate.as_ref(),
+                )
+                .map(|agreed| {
+                    let deflate = agreed
+                        .deflate
+                        .zip(hs.deflate.as_ref())
+                        .map(|(p, d)| DeflateState::new(p, Role::Client, d));
+                    ((agreed.protocol, deflate), used)
+                })
+                .map_err(|e| match e {
+                    HandshakeError::UnexpectedStatus { status, .. } => {
+                        // The body as far as it came with the head: Content-Length bytes,
+                        // else everything up to the close (RFC 9112 §6.3), at most 1 KiB.
+                        let rest = &input[used..];
+                        let declared = response
+                            .header("content-length")
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(rest.len());
+                        let take = rest.len().min(declared).min(1024);
+                        let body = String::from_utf8_lossy(&rest[..take]).into_owned();
+                        HandshakeError::UnexpectedStatus { status, body }
+                    }
+                    other => other,
+                })
             }
             Err(e) => Err(e),
         };
         match outcome {
-            Ok((protocol, used)) => {
-                self.protocol = protocol.map(Box::new);
+            Ok(((protocol, deflate), used)) => {
+                self.set_agreed(protocol, deflate);
                 self.handshake = None;
                 self.state = ReadyState::Open;
                 (used, Some(Event::Open))
@@ -125,28 +139,80 @@ impl Driver {
         }
     }
 
+    /// RSV bits a frame may carry: RSV1 once permessage-deflate is agreed.
+    fn allowed_rsv(&self) -> u8 {
+        if self.deflate().is_some() { 0b100 } else { 0 }
+    }
+
     fn check_header(&self, h: &FrameHeader) -> Result<(), ProtocolError> {
         match (self.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
             (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
             _ => {}
         }
-        let buffered = match (h.opcode, &self.message) {
+        // RSV1 (allowed only with deflate) marks a message's first frame; never a control
+        // frame or a continuation (RFC 7692 §6).
+        if h.rsv != 0 && (h.opcode.is_control() || h.opcode == OpCode::Continuation) {
+            return Err(ProtocolError::ReservedBits(h.rsv));
+        }
+        let (buffered, compressed) = match (h.opcode, &self.message) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
-            (OpCode::Continuation, Some(m)) => m.buf.len() as u64,
+            (OpCode::Continuation, Some(m)) => (m.buf.len() as u64, m.compressed),
             (OpCode::Text | OpCode::Binary, Some(_)) => {
                 return Err(ProtocolError::UnfinishedMessage);
             }
-            _ => 0,
+            _ => (0, h.rsv != 0),
         };
         let len = buffered + h.payload_len;
-        if !h.opcode.is_control() && len > self.max_length as u64 {
+        // A compressed message is judged by its inflated size as it inflates; its wire
+        // size may exceed max_length only by deflate's worst-case overhead.
+        let max = if compressed {
+            compressed_limit(self.max_length)
+        } else {
+            self.max_length
+        };
+        if !h.opcode.is_control() && len > max as u64 {
             return Err(ProtocolError::MessageTooLarge {
                 len,
                 max: self.max_length,
             });
         }
         Ok(())
+    }
+
+    /// Inflates a whole compressed message into an event, or fails the connection: 1009
+    /// past `max_length`, 1007 for bad deflate data or text that is not UTF-8.
+    fn inflated<'i>(
+        &mut self,
+        total: usize,
+        pos: usize,
+        text: bool,
+        compressed: &[u8],
+    ) -> (usize, Option<Event<'i>>) {
+        let max = self.max_length;
+        let deflate = self
+            .agreed
+            .as_deref_mut()
+            .and_then(|a| a.deflate.as_mut())
+            .expect("RSV1 is accepted only with deflate");
+        let bytes = match deflate.inflate(compressed, max) {
+            Ok(bytes) => bytes,
+            Err(InflateError::TooBig) => {
+                return self.fail(total, ProtocolError::InflatedTooLarge { max });
+            }
+            Err(InflateError::Corrupt) => {
+                return self.fail(total, ProtocolError::InvalidCompressedData);
+            }
+        };
+        let message = if text {
+            match String::from_utf8(bytes) {
+                Ok(text) => Message::Text(Cow::Owned(text)),
+                Err(_) => return self.fail(total, ProtocolError::InvalidUtf8),
+            }
+        } else {
+            Message::Binary(Cow::Owned(bytes))
+        };
+        (pos, Some(Event::Message(message)))
     }
 
     fn read_frames<'i>(&mut self, mut input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
@@ -161,12 +227,13 @@ impl Driver {
                     }
                     let have = len as usize;
                     let avail = &input[pos..];
+                    let allowed = self.allowed_rsv();
                     let parsed = if have == 0 {
-                        parse_header(avail, 0)
+                        parse_header(avail, allowed)
                     } else {
                         let take = (MAX_HEADER_LEN - have).min(avail.len());
                         buf[have..have + take].copy_from_slice(&avail[..take]);
-                        parse_header(&buf[..have + take], 0)
+                        parse_header(&buf[..have + take], allowed)
                     };
                     match parsed {
                         Err(e) => return self.fail(total, e),
@@ -210,6 +277,9 @@ impl Driver {
                             apply_mask(payload, key, 0);
                         }
                         let payload: &'i [u8] = payload;
+                        if header.rsv != 0 {
+                            return self.inflated(total, pos, opcode == OpCode::Text, payload);
+                        }
                         return match opcode {
                             OpCode::Text => match simdutf8::basic::from_utf8(payload) {
                                 Ok(text) => (
@@ -249,19 +319,28 @@ impl Driver {
                         let message = self.message.get_or_insert_with(|| {
                             Box::new(PartialMessage {
                                 text: opcode == OpCode::Text,
+                                compressed: header.rsv != 0,
                                 buf: Vec::new(),
                                 utf8: Utf8Validator::new(),
                             })
                         });
-                        if message.text && message.utf8.feed(chunk).is_err() {
+                        // Compressed text is checked once inflated.
+                        if message.text && !message.compressed && message.utf8.feed(chunk).is_err()
+                        {
                             return self.fail(total, ProtocolError::InvalidUtf8);
                         }
                         let needed = message.buf.len() + chunk.len();
                         if needed > message.buf.capacity() {
                             // Grow by doubling, from what actually arrived (a declared length
-                            // is not trusted), and never past max_length: the header check
-                            // guarantees `needed <= max_length`.
-                            let target = needed.max(message.buf.len() * 2).min(self.max_length);
+                            // is not trusted), and never past the limit: the header check
+                            // guarantees `needed <= max` (max_length, or for deflate data
+                            // its worst-case size).
+                            let max = if message.compressed {
+                                compressed_limit(self.max_length)
+                            } else {
+                                self.max_length
+                            };
+                            let target = needed.max(message.buf.len() * 2).min(max);
                             message.buf.reserve_exact(target - message.buf.len());
                         }
                         message.buf.extend_from_slice(chunk);
@@ -280,6 +359,9 @@ impl Driver {
                     }
                     if header.fin {
                         let message = self.message.take().expect("a data frame has a message");
+                        if message.compressed {
+                            return self.inflated(total, pos, message.text, &message.buf);
+                        }
                         let event = if message.text {
                             if !message.utf8.is_complete() {
                                 return self.fail(total, ProtocolError::InvalidUtf8);

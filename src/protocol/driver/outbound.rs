@@ -32,6 +32,22 @@ impl Driver {
         SendToken(self.frames_appended)
     }
 
+    /// Queues a data message: compressed (RSV1) when permessage-deflate is agreed and the
+    /// message is worth it, plain otherwise.
+    pub(super) fn push_data(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
+        if let Some(deflate) = self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut()) {
+            let mask = match self.role {
+                Role::Client => Some(random_mask()),
+                Role::Server => None,
+            };
+            if let Some(n) = deflate.write_frame(&mut self.out, opcode, payload, mask) {
+                self.frames_appended += n as u64;
+                return SendToken(self.frames_appended);
+            }
+        }
+        self.push_frame(opcode, payload)
+    }
+
     fn writable(&self) -> Result<(), Error> {
         match self.state {
             ReadyState::Connecting | ReadyState::Open => Ok(()),
@@ -68,13 +84,13 @@ impl Driver {
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
         self.writable()?;
-        Ok(self.push_frame(OpCode::Text, text.as_bytes()))
+        Ok(self.push_data(OpCode::Text, text.as_bytes()))
     }
 
     /// Sends a binary message.
     pub fn send_binary(&mut self, data: &[u8]) -> Result<SendToken, Error> {
         self.writable()?;
-        Ok(self.push_frame(OpCode::Binary, data))
+        Ok(self.push_data(OpCode::Binary, data))
     }
 
     /// Sends a ping. Match the pong with [`Event::Pong`](super::Event::Pong)'s payload (the

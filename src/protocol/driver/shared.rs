@@ -13,7 +13,7 @@ use std::io::IoSlice;
 
 use super::{Driver, ReadyState, Role};
 use crate::protocol::error::{Error, UsageError};
-use crate::protocol::frame::SharedFrame;
+use crate::protocol::frame::{FrameRef, SharedFrame};
 
 /// Shared frames waiting in one driver's output. Boxed in the driver and kept once made,
 /// so a subscriber's deliveries allocate nothing after its first.
@@ -30,7 +30,7 @@ pub(super) struct SharedQueue {
 struct Queued {
     /// Own frame bytes appended before this frame (`Driver::frames_appended` then).
     after: u64,
-    frame: SharedFrame,
+    frame: FrameRef,
 }
 
 impl SharedQueue {
@@ -48,7 +48,7 @@ impl SharedQueue {
 pub struct Outgoing {
     own: Vec<u8>,
     /// `(offset in own, frame)`: the frame goes before `own[offset..]`.
-    frames: Vec<(usize, SharedFrame)>,
+    frames: Vec<(usize, FrameRef)>,
     /// Bytes of the first frame written before the hand-over (it is at offset 0 then).
     skip: usize,
     len: usize,
@@ -136,6 +136,12 @@ impl Driver {
     /// Only on an open server connection: a client must mask each frame itself
     /// ([`UsageError::NotPublishable`]), and a closing one takes no more messages
     /// ([`UsageError::NotOpen`]).
+    ///
+    /// With permessage-deflate agreed without server context takeover, the frame's
+    /// compressed variant for this connection's window goes out (made on first need and
+    /// then shared, see [`SharedFrame`]); with context takeover, the payload is compressed
+    /// on this connection's own stream into its own output. Messages under the deflate
+    /// threshold, or that do not shrink, go plain.
     pub fn send_shared(&mut self, frame: &SharedFrame) -> Result<(), Error> {
         if self.role != Role::Server {
             return Err(UsageError::NotPublishable.into());
@@ -143,12 +149,26 @@ impl Driver {
         if self.state != ReadyState::Open {
             return Err(UsageError::NotOpen.into());
         }
+        let queued = match self.deflate() {
+            Some(d) if frame.payload().len() >= d.threshold() => {
+                if !d.own_no_context_takeover() {
+                    self.push_data(frame.opcode(), frame.payload());
+                    return Ok(());
+                }
+                let bits = d.own_window_bits();
+                match frame.prepare_deflate(bits, d.level()) {
+                    Some(_) => FrameRef::deflated(frame, bits),
+                    None => FrameRef::plain(frame),
+                }
+            }
+            _ => FrameRef::plain(frame),
+        };
         let queue = self.shared.get_or_insert_with(Box::default);
+        queue.bytes += queued.len();
         queue.frames.push_back(Queued {
             after: self.frames_appended,
-            frame: frame.clone(),
+            frame: queued,
         });
-        queue.bytes += frame.len();
         Ok(())
     }
 

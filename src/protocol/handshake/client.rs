@@ -5,6 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::{Response, has_token, push_header};
+use crate::protocol::deflate::{DeflateOptions, DeflateParams, accept_response};
 use crate::protocol::error::{HandshakeError, UsageError};
 use crate::protocol::mask::random_bytes;
 
@@ -95,11 +96,13 @@ pub fn generate_key() -> String {
     BASE64.encode(raw)
 }
 
-/// The client's upgrade request.
+/// The client's upgrade request, offering `extensions` (a `Sec-WebSocket-Extensions`
+/// value) if given.
 pub fn client_request(
     url: &ClientUrl,
     key: &str,
     protocols: &[String],
+    extensions: Option<&str>,
     additional_headers: &[(String, String)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
@@ -112,6 +115,9 @@ pub fn client_request(
     out.extend_from_slice(b"Sec-WebSocket-Version: 13\r\n");
     if !protocols.is_empty() {
         push_header(&mut out, "Sec-WebSocket-Protocol", &protocols.join(", "));
+    }
+    if let Some(e) = extensions {
+        push_header(&mut out, "Sec-WebSocket-Extensions", e);
     }
     if let Some(userinfo) = &url.userinfo {
         push_header(
@@ -127,13 +133,23 @@ pub fn client_request(
     out
 }
 
-/// Checks the server's response (RFC 6455 §4.2.2 from the client's side) and returns the
-/// selected subprotocol.
+/// What the server's response agreed to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Agreed {
+    /// The selected subprotocol.
+    pub protocol: Option<String>,
+    /// The accepted permessage-deflate parameters.
+    pub deflate: Option<DeflateParams>,
+}
+
+/// Checks the server's response (RFC 6455 §4.2.2 from the client's side, RFC 7692 for a
+/// permessage-deflate offer, `deflate`) and returns what it agreed to.
 pub fn validate_response(
     response: &Response,
     expected_accept: &str,
     offered: &[String],
-) -> Result<Option<String>, HandshakeError> {
+    deflate: Option<&DeflateOptions>,
+) -> Result<Agreed, HandshakeError> {
     use HandshakeError::BadResponse;
     if response.status != 101 {
         return Err(HandshakeError::UnexpectedStatus {
@@ -154,21 +170,23 @@ pub fn validate_response(
     if response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept) {
         return Err(HandshakeError::AcceptMismatch);
     }
-    if response
-        .header("sec-websocket-extensions")
-        .is_some_and(|v| !v.trim().is_empty())
-    {
-        return Err(BadResponse(
-            "server selected an extension the client did not offer",
-        ));
-    }
-    match response.header("sec-websocket-protocol").map(str::trim) {
-        None => Ok(None),
-        Some(p) if offered.iter().any(|o| o == p) => Ok(Some(p.to_string())),
-        Some(_) => Err(BadResponse(
-            "server selected a subprotocol the client did not offer",
-        )),
-    }
+    let extensions: Vec<&str> = response
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let deflate = accept_response(&extensions, deflate)?;
+    let protocol = match response.header("sec-websocket-protocol").map(str::trim) {
+        None => None,
+        Some(p) if offered.iter().any(|o| o == p) => Some(p.to_string()),
+        Some(_) => {
+            return Err(BadResponse(
+                "server selected a subprotocol the client did not offer",
+            ));
+        }
+    };
+    Ok(Agreed { protocol, deflate })
 }
 
 #[cfg(test)]
@@ -211,6 +229,7 @@ mod tests {
             &ClientUrl::parse("ws://u:p@h:81/p").unwrap(),
             "k",
             &[],
+            None,
             &[],
         ))
         .unwrap();
@@ -230,15 +249,18 @@ mod tests {
                 ("Sec-WebSocket-Accept".into(), accept.clone()),
             ],
         };
-        assert_eq!(validate_response(&ok, &accept, &[]), Ok(None));
         assert_eq!(
-            validate_response(&ok, "other", &[]),
+            validate_response(&ok, &accept, &[], None),
+            Ok(Agreed::default())
+        );
+        assert_eq!(
+            validate_response(&ok, "other", &[], None),
             Err(HandshakeError::AcceptMismatch)
         );
         let mut r = ok.clone();
         r.status = 403;
         assert_eq!(
-            validate_response(&r, &accept, &[]),
+            validate_response(&r, &accept, &[], None),
             Err(HandshakeError::UnexpectedStatus {
                 status: 403,
                 body: String::new()
@@ -247,19 +269,33 @@ mod tests {
         let mut r = ok.clone();
         r.headers
             .push(("Sec-WebSocket-Protocol".into(), "chat".into()));
-        assert!(validate_response(&r, &accept, &[]).is_err());
+        assert!(validate_response(&r, &accept, &[], None).is_err());
         assert_eq!(
-            validate_response(&r, &accept, &["x".into(), "chat".into()]),
-            Ok(Some("chat".into()))
+            validate_response(&r, &accept, &["x".into(), "chat".into()], None)
+                .unwrap()
+                .protocol,
+            Some("chat".into())
         );
         let mut r = ok.clone();
         r.headers.push((
             "Sec-WebSocket-Extensions".into(),
             "permessage-deflate".into(),
         ));
-        assert!(validate_response(&r, &accept, &[]).is_err());
+        assert!(validate_response(&r, &accept, &[], None).is_err());
+        let offer = DeflateOptions::default();
+        assert!(
+            validate_response(&r, &accept, &[], Some(&offer)).is_err(),
+            "the offer's server_no_context_takeover was not accepted"
+        );
+        r.headers[3].1 = "permessage-deflate; server_no_context_takeover".into();
+        assert!(
+            validate_response(&r, &accept, &[], Some(&offer))
+                .unwrap()
+                .deflate
+                .is_some()
+        );
         let mut r = ok;
         r.headers.retain(|(n, _)| n != "Connection");
-        assert!(validate_response(&r, &accept, &[]).is_err());
+        assert!(validate_response(&r, &accept, &[], None).is_err());
     }
 }

@@ -1,0 +1,950 @@
+//! permessage-deflate (RFC 7692) at the driver: negotiation in both roles (every parameter,
+//! bad offers and bad responses), compressed frames both ways, RSV1 rules, the threshold,
+//! context takeover, limits on the inflated size, corrupt data, and shared frames.
+
+mod common;
+
+use common::{
+    Ev, MASK, assert_failed, client_frame, drain, feed, open_pair, parse_frames, parse_request,
+    pump, response_for, started_client, take_output,
+};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use websocket_driver::protocol::deflate::{
+    DEFAULT_DEFLATE_THRESHOLD, DeflateOptions, DeflateParams, accept_offer, compressed_limit,
+};
+use websocket_driver::protocol::frame::{OpCode, SharedFrame};
+use websocket_driver::{
+    Driver, Error, HandshakeError, MessageType, Options, ProtocolError, Role, UsageError,
+};
+
+const KEY_HEADERS: &str = "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n";
+
+/// A compressible text of `len` bytes (JSON-like).
+fn json(len: usize) -> String {
+    let mut s = String::new();
+    let mut i = 0;
+    while s.len() < len {
+        s.push_str(&format!(
+            "{{\"id\":{i},\"user\":\"user{}\",\"text\":\"hello, world\",\"tags\":[\"a\",\"b\"]}},",
+            i % 7
+        ));
+        i += 1;
+    }
+    s.truncate(len);
+    s
+}
+
+/// Raw deflate of one message as a peer would send it: sync flush, tail removed.
+fn deflate_with(c: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let start = c.total_in();
+    loop {
+        let used = (c.total_in() - start) as usize;
+        if out.capacity() - out.len() < 64 {
+            out.reserve(4096);
+        }
+        c.compress_vec(&data[used..], &mut out, FlushCompress::Sync)
+            .unwrap();
+        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    deflate_with(
+        &mut Compress::new_with_window_bits(Compression::default(), false, 15),
+        data,
+    )
+}
+
+/// Raw inflate of one message's payload (the tail restored), as a peer would.
+fn inflate_with(d: &mut Decompress, payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(1 << 20);
+    let start = d.total_in();
+    while ((d.total_in() - start) as usize) < input.len() {
+        let used = (d.total_in() - start) as usize;
+        out.reserve(1 << 16);
+        d.decompress_vec(&input[used..], &mut out, FlushDecompress::Sync)
+            .unwrap();
+    }
+    out
+}
+
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    inflate_with(&mut Decompress::new_with_window_bits(false, 15), payload)
+}
+
+/// The 101 response a server with `options` gives to an upgrade request with these extra
+/// header lines, and the server.
+fn answer(extra: &str, options: &Options) -> (String, Driver) {
+    let head = format!("{KEY_HEADERS}{extra}\r\n");
+    let mut server = Driver::make_server(&parse_request(head.as_bytes()), options).unwrap();
+    server.start_connection();
+    let response = String::from_utf8(take_output(&mut server)).unwrap();
+    (response, server)
+}
+
+/// The `Sec-WebSocket-Extensions` value of a response, if any.
+fn extensions(response: &str) -> Option<String> {
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Extensions: "))
+        .map(str::to_string)
+}
+
+fn on() -> Options {
+    Options::default().deflate(true)
+}
+
+fn params(snct: bool, cnct: bool, sbits: u8, cbits: u8) -> DeflateParams {
+    DeflateParams {
+        server_no_context_takeover: snct,
+        client_no_context_takeover: cnct,
+        server_max_window_bits: sbits,
+        client_max_window_bits: cbits,
+    }
+}
+
+// ----- server negotiation -----
+
+#[test]
+fn off_by_default_and_without_an_offer() {
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let (response, server) = answer(offer, &Options::default());
+    assert_eq!(extensions(&response), None);
+    assert_eq!(server.deflate_params(), None);
+    let (response, server) = answer("", &on());
+    assert_eq!(extensions(&response), None);
+    assert_eq!(server.deflate_params(), None);
+}
+
+#[test]
+fn a_plain_offer_gets_no_context_takeover_both_ways_by_default() {
+    let (response, server) = answer("Sec-WebSocket-Extensions: permessage-deflate\r\n", &on());
+    assert_eq!(
+        extensions(&response).as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    assert_eq!(server.deflate_params(), Some(params(true, true, 15, 15)));
+}
+
+#[test]
+fn every_parameter_of_an_offer() {
+    let keep = DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    };
+    let small = DeflateOptions {
+        server_max_window_bits: 10,
+        client_max_window_bits: 11,
+        ..keep.clone()
+    };
+    // (offer parameters, server options, response, agreed)
+    let cases: &[(&str, &DeflateOptions, &str, DeflateParams)] = &[
+        (
+            "",
+            &keep,
+            "permessage-deflate",
+            params(false, false, 15, 15),
+        ),
+        (
+            "; server_no_context_takeover",
+            &keep,
+            "permessage-deflate; server_no_context_takeover",
+            params(true, false, 15, 15),
+        ),
+        (
+            "; client_no_context_takeover",
+            &keep,
+            "permessage-deflate; client_no_context_takeover",
+            params(false, true, 15, 15),
+        ),
+        (
+            "; server_max_window_bits=10",
+            &keep,
+            "permessage-deflate; server_max_window_bits=10",
+            params(false, false, 10, 15),
+        ),
+        // 8 is agreed: a 9-bit zlib window never reaches back more than 250 bytes.
+        (
+            "; server_max_window_bits=8",
+            &keep,
+            "permessage-deflate; server_max_window_bits=8",
+            params(false, false, 8, 15),
+        ),
+        (
+            "; server_max_window_bits=\"12\"",
+            &keep,
+            "permessage-deflate; server_max_window_bits=12",
+            params(false, false, 12, 15),
+        ),
+        // Bare client_max_window_bits: supported, nothing to say at 15.
+        (
+            "; client_max_window_bits",
+            &keep,
+            "permessage-deflate",
+            params(false, false, 15, 15),
+        ),
+        (
+            "; client_max_window_bits=9",
+            &keep,
+            "permessage-deflate; client_max_window_bits=9",
+            params(false, false, 15, 9),
+        ),
+        // The server's own limits.
+        (
+            "; client_max_window_bits",
+            &small,
+            "permessage-deflate; server_max_window_bits=10; client_max_window_bits=11",
+            params(false, false, 10, 11),
+        ),
+        (
+            "; server_max_window_bits=12; client_max_window_bits=9",
+            &small,
+            "permessage-deflate; server_max_window_bits=10; client_max_window_bits=9",
+            params(false, false, 10, 9),
+        ),
+        (
+            "; server_max_window_bits=9; client_max_window_bits=13",
+            &small,
+            "permessage-deflate; server_max_window_bits=9; client_max_window_bits=11",
+            params(false, false, 9, 11),
+        ),
+        (
+            "; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15; client_max_window_bits=15",
+            &keep,
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15",
+            params(true, true, 15, 15),
+        ),
+    ];
+    for (offer, options, response, agreed) in cases {
+        let header = format!("Sec-WebSocket-Extensions: permessage-deflate{offer}\r\n");
+        let options = Options::default().deflate_options((*options).clone());
+        let (got, server) = answer(&header, &options);
+        assert_eq!(extensions(&got).as_deref(), Some(*response), "{offer}");
+        assert_eq!(server.deflate_params(), Some(*agreed), "{offer}");
+    }
+}
+
+#[test]
+fn a_client_that_cannot_be_limited_is_declined_only_when_it_keeps_context() {
+    let limited = DeflateOptions {
+        client_max_window_bits: 10,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    };
+    assert_eq!(accept_offer(&[], &limited), None);
+    // Its hint that it keeps no context makes the window irrelevant between messages.
+    let hint = vec![("client_no_context_takeover".to_string(), None)];
+    assert!(accept_offer(&hint, &limited).is_some());
+    // Or the server asks for no context takeover itself.
+    let forced = DeflateOptions {
+        client_no_context_takeover: true,
+        ..limited
+    };
+    let (agreed, response) = accept_offer(&[], &forced).unwrap();
+    assert_eq!(agreed.client_max_window_bits, 15);
+    assert!(!response.contains("client_max_window_bits"));
+}
+
+#[test]
+fn bad_offers_are_declined() {
+    for bad in [
+        "; server_max_window_bits",
+        "; server_max_window_bits=7",
+        "; server_max_window_bits=16",
+        "; server_max_window_bits=08",
+        "; server_max_window_bits=1.0",
+        "; server_max_window_bits=\"\"",
+        "; client_max_window_bits=0",
+        "; client_max_window_bits=abc",
+        "; server_no_context_takeover=1",
+        "; client_no_context_takeover=\"x\"",
+        "; server_no_context_takeover; server_no_context_takeover",
+        "; client_no_context_takeover; client_no_context_takeover",
+        "; server_max_window_bits=10; server_max_window_bits=10",
+        "; client_max_window_bits; client_max_window_bits=10",
+        "; mystery",
+        "; Server_No_Context_Takeover",
+    ] {
+        let header = format!("Sec-WebSocket-Extensions: permessage-deflate{bad}\r\n");
+        let (response, server) = answer(&header, &on());
+        assert_eq!(extensions(&response), None, "{bad}");
+        assert_eq!(server.deflate_params(), None, "{bad}");
+        assert!(response.starts_with("HTTP/1.1 101"), "{bad}");
+    }
+    // A malformed header declines everything, yet the upgrade goes on.
+    for malformed in [
+        "permessage-deflate; =1",
+        "permessage-deflate;",
+        "permessage-deflate x",
+        "permessage-deflate; a=\"open",
+    ] {
+        let header = format!("Sec-WebSocket-Extensions: {malformed}\r\n");
+        let (response, server) = answer(&header, &on());
+        assert_eq!(extensions(&response), None, "{malformed}");
+        assert!(server.deflate_params().is_none());
+        assert!(response.starts_with("HTTP/1.1 101"), "{malformed}");
+    }
+}
+
+#[test]
+fn the_first_acceptable_offer_wins() {
+    let header = "Sec-WebSocket-Extensions: x-webkit-deflate-frame, \
+        permessage-deflate; mystery, permessage-deflate; server_max_window_bits=11\r\n\
+        Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n";
+    let (response, server) = answer(header, &on());
+    assert_eq!(
+        extensions(&response).as_deref(),
+        Some(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             server_max_window_bits=11"
+        )
+    );
+    assert_eq!(server.deflate_params(), Some(params(true, true, 11, 15)));
+    // Only other extensions: none agreed.
+    let (response, _) = answer("Sec-WebSocket-Extensions: x-foo; bar=1\r\n", &on());
+    assert_eq!(extensions(&response), None);
+}
+
+#[test]
+fn options_are_validated() {
+    for bad in [
+        DeflateOptions {
+            server_max_window_bits: 7,
+            ..DeflateOptions::default()
+        },
+        DeflateOptions {
+            client_max_window_bits: 16,
+            ..DeflateOptions::default()
+        },
+        DeflateOptions {
+            level: 10,
+            ..DeflateOptions::default()
+        },
+    ] {
+        let options = Options::default().deflate_options(bad);
+        assert!(matches!(
+            Driver::make_client("ws://x/", &options),
+            Err(Error::Usage(UsageError::InvalidOption(_)))
+        ));
+    }
+    // The edges are fine.
+    let edges = DeflateOptions {
+        server_max_window_bits: 8,
+        client_max_window_bits: 15,
+        level: 9,
+        ..DeflateOptions::default()
+    };
+    assert!(Driver::make_client("ws://x/", &Options::default().deflate_options(edges)).is_ok());
+}
+
+// ----- client negotiation -----
+
+fn client_request_extensions(options: &Options) -> Option<String> {
+    let (_, request) = started_client(options);
+    extensions(&String::from_utf8(request).unwrap())
+}
+
+#[test]
+fn the_client_offers_what_its_options_say() {
+    assert_eq!(client_request_extensions(&Options::default()), None);
+    assert_eq!(
+        client_request_extensions(&on()).as_deref(),
+        Some(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             client_max_window_bits"
+        )
+    );
+    let tuned = DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 10,
+        client_max_window_bits: 9,
+        ..DeflateOptions::default()
+    };
+    assert_eq!(
+        client_request_extensions(&Options::default().deflate_options(tuned)).as_deref(),
+        Some("permessage-deflate; server_max_window_bits=10; client_max_window_bits=9")
+    );
+}
+
+/// A client with `options` reading a 101 response with these extension lines.
+fn client_reads(options: &Options, extension_lines: &str) -> (Driver, Vec<Ev>) {
+    let (mut client, request) = started_client(options);
+    let events = feed(&mut client, &response_for(&request, extension_lines));
+    (client, events)
+}
+
+#[test]
+fn the_client_accepts_a_response_within_its_offer() {
+    let tuned = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 12,
+        client_max_window_bits: 12,
+        ..DeflateOptions::default()
+    });
+    for (line, agreed) in [
+        ("", None),
+        (
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12\r\n",
+            Some(params(false, false, 12, 12)),
+        ),
+        (
+            "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=8; \
+             client_max_window_bits=9; server_no_context_takeover; client_no_context_takeover\r\n",
+            Some(params(true, true, 8, 9)),
+        ),
+    ] {
+        let (client, events) = client_reads(&tuned, line);
+        assert_eq!(events, vec![Ev::Open], "{line}");
+        assert_eq!(client.deflate_params(), agreed, "{line}");
+    }
+    // The default offer: no context takeover asked for and promised.
+    let (client, events) = client_reads(
+        &on(),
+        "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n",
+    );
+    assert_eq!(events, vec![Ev::Open]);
+    assert_eq!(client.deflate_params(), Some(params(true, true, 15, 15)));
+}
+
+#[test]
+fn the_client_fails_a_response_it_did_not_offer_or_that_breaks_the_rfc() {
+    let tuned = Options::default().deflate_options(DeflateOptions {
+        server_max_window_bits: 12,
+        client_max_window_bits: 12,
+        ..DeflateOptions::default()
+    });
+    let ok = "permessage-deflate; server_no_context_takeover; server_max_window_bits=12";
+    for (options, value) in [
+        (&Options::default(), "permessage-deflate"),
+        (&tuned, "x-foo"),
+        (&tuned, &format!("{ok}, {ok}")),
+        (&tuned, &format!("{ok}; mystery")),
+        (&tuned, &format!("{ok}; server_no_context_takeover")),
+        (&tuned, &format!("{ok}; server_max_window_bits=12")),
+        (&tuned, &format!("{ok}; client_max_window_bits")),
+        (&tuned, &format!("{ok}; client_max_window_bits=13")),
+        (&tuned, &format!("{ok}; client_max_window_bits=7")),
+        (&tuned, &format!("{ok}; client_no_context_takeover=1")),
+        (
+            &tuned,
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=13",
+        ),
+        // Not granted what was asked for.
+        (&tuned, "permessage-deflate; server_max_window_bits=12"),
+        (&tuned, "permessage-deflate; server_no_context_takeover"),
+        (&tuned, "permessage-deflate; ="),
+    ] {
+        let line = format!("Sec-WebSocket-Extensions: {value}\r\n");
+        let (client, events) = client_reads(options, &line);
+        assert!(
+            matches!(
+                events.first(),
+                Some(Ev::Error(common::Err::Handshake(
+                    HandshakeError::BadResponse(_)
+                )))
+            ),
+            "{value}: {events:?}"
+        );
+        assert!(matches!(events.last(), Some(Ev::Close(1006, _))), "{value}");
+        assert!(client.handshake_error().is_some());
+    }
+}
+
+// ----- frames -----
+
+/// A client and a server that agreed on deflate (each with these options).
+fn deflate_pair(client: &Options, server: &Options) -> (Driver, Driver) {
+    let (c, s) = open_pair(client, server);
+    assert!(c.deflate_params().is_some() && s.deflate_params().is_some());
+    (c, s)
+}
+
+#[test]
+fn messages_compress_both_ways_with_rsv1_on_the_frame() {
+    let (mut client, mut server) = deflate_pair(&on(), &on());
+    let text = json(4000);
+    client.send_text(&text).unwrap();
+    let wire = take_output(&mut client);
+    let frames = parse_frames(&wire);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].rsv, 0b100);
+    assert!(frames[0].mask.is_some(), "a client masks compressed frames");
+    assert!(frames[0].payload.len() < text.len() / 3);
+    assert_eq!(inflate(&frames[0].payload), text.as_bytes());
+    assert_eq!(feed(&mut server, &wire), vec![Ev::Text(text.clone())]);
+
+    let binary = json(70_000).into_bytes();
+    server.send_binary(&binary).unwrap();
+    let wire = take_output(&mut server);
+    let frames = parse_frames(&wire);
+    assert_eq!((frames[0].rsv, frames[0].opcode), (0b100, OpCode::Binary));
+    assert!(frames[0].mask.is_none());
+    assert_eq!(feed(&mut client, &wire), vec![Ev::Binary(binary)]);
+    assert!(!client.holds_deflate_streams() && !server.holds_deflate_streams());
+}
+
+#[test]
+fn control_frames_are_never_compressed() {
+    let (mut client, mut server) = deflate_pair(&on(), &on());
+    let payload = [b'a'; 125];
+    client.send_ping(&payload).unwrap();
+    client.send_pong(&payload).unwrap();
+    client.close_connection(1000, &"b".repeat(123)).unwrap();
+    let frames = parse_frames(&take_output(&mut client));
+    assert_eq!(frames.len(), 3);
+    assert!(frames.iter().all(|f| f.rsv == 0));
+    let _ = drain(&mut server);
+}
+
+#[test]
+fn the_threshold_at_limit_and_below() {
+    let threshold = DEFAULT_DEFLATE_THRESHOLD;
+    let (_, mut server) = deflate_pair(&on(), &on());
+    for (len, rsv) in [(threshold - 1, 0), (threshold, 0b100)] {
+        server.send_text(&json(len)).unwrap();
+        let frames = parse_frames(&take_output(&mut server));
+        assert_eq!(frames[0].rsv, rsv, "len {len}");
+    }
+    // A threshold of its own: 0 compresses whatever shrinks.
+    let zero = Options::default().deflate_options(DeflateOptions {
+        threshold: 0,
+        ..DeflateOptions::default()
+    });
+    let (mut client, mut server) = deflate_pair(&zero, &zero);
+    client.send_text("aaaaaaaaaaaaaaaaaaaa").unwrap();
+    let wire = take_output(&mut client);
+    assert_eq!(parse_frames(&wire)[0].rsv, 0b100);
+    assert_eq!(
+        feed(&mut server, &wire),
+        vec![Ev::Text("aaaaaaaaaaaaaaaaaaaa".into())]
+    );
+    // The empty message compresses to one byte (RFC 7692 §7.2.3.6): sent plain, read
+    // either way.
+    client.send_text("").unwrap();
+    assert_eq!(parse_frames(&take_output(&mut client))[0].rsv, 0);
+    assert_eq!(
+        feed(&mut server, &client_frame(0xc1, &[0x00])),
+        vec![Ev::Text(String::new())]
+    );
+    // Without context takeover, a message that does not shrink goes plain.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..300)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    server.send_binary(&noise).unwrap();
+    let wire = take_output(&mut server);
+    assert_eq!(parse_frames(&wire)[0].rsv, 0);
+    assert_eq!(feed(&mut client, &wire), vec![Ev::Binary(noise)]);
+}
+
+#[test]
+fn rsv1_without_the_extension_is_a_protocol_error() {
+    let (_, mut server) = open_pair(&Options::default(), &on());
+    assert!(server.deflate_params().is_none());
+    let events = feed(&mut server, &client_frame(0xc1, &deflate(b"hello")));
+    assert_failed(&events, ProtocolError::ReservedBits(0b100), 1002);
+}
+
+#[test]
+fn rsv1_belongs_on_the_first_data_frame_only() {
+    // On a continuation frame.
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let data = deflate(json(500).as_bytes());
+    let mut wire = client_frame(0x41, &data[..10]);
+    wire.extend(client_frame(0xc0, &data[10..]));
+    let events = feed(&mut server, &wire);
+    assert_failed(&events, ProtocolError::ReservedBits(0b100), 1002);
+    // On a control frame.
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let events = feed(&mut server, &client_frame(0xc9, b"ping"));
+    assert_failed(&events, ProtocolError::ReservedBits(0b100), 1002);
+    // RSV2 and RSV3 stay reserved.
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let events = feed(&mut server, &client_frame(0xa1, b"x"));
+    assert_failed(&events, ProtocolError::ReservedBits(0b010), 1002);
+}
+
+#[test]
+fn fragmented_compressed_messages_with_control_frames_between() {
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let text = json(10_000);
+    let data = deflate(text.as_bytes());
+    let third = data.len() / 3;
+    let mut wire = client_frame(0x41, &data[..third]);
+    wire.extend(client_frame(0x89, b"hi"));
+    wire.extend(client_frame(0x00, &data[third..2 * third]));
+    wire.extend(client_frame(0x80, &data[2 * third..]));
+    // In one read, and byte by byte.
+    assert_eq!(
+        feed(&mut server, &wire),
+        vec![Ev::Ping(b"hi".to_vec()), Ev::Text(text.clone())]
+    );
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let mut events = Vec::new();
+    for b in &wire {
+        events.extend(feed(&mut server, std::slice::from_ref(b)));
+    }
+    assert_eq!(events, vec![Ev::Ping(b"hi".to_vec()), Ev::Text(text)]);
+}
+
+#[test]
+fn corrupt_data_and_bad_utf8_are_1007() {
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let events = feed(&mut server, &client_frame(0xc2, &[0xff, 0xff, 0xff, 0xff]));
+    assert_failed(&events, ProtocolError::InvalidCompressedData, 1007);
+    let frames = parse_frames(&take_output(&mut server));
+    assert_eq!(frames.last().unwrap().close_code(), Some(1007));
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let events = feed(
+        &mut server,
+        &client_frame(0xc1, &deflate(&[b'a', 0xff, b'b'])),
+    );
+    assert_failed(&events, ProtocolError::InvalidUtf8, 1007);
+}
+
+#[test]
+fn max_length_bounds_the_inflated_size_at_limit_and_over() {
+    let limit = 50_000;
+    let options = on().max_length(limit);
+    for (len, ok) in [(limit, true), (limit + 1, false)] {
+        let (_, mut server) = deflate_pair(&on(), &options);
+        let text = json(len);
+        let data = deflate(text.as_bytes());
+        assert!(data.len() < limit / 4);
+        // Unfragmented, and in two fragments.
+        let events = feed(&mut server, &client_frame(0xc1, &data));
+        let mut split = client_frame(0x41, &data[..100]);
+        split.extend(client_frame(0x80, &data[100..]));
+        let (_, mut again) = deflate_pair(&on(), &options);
+        let events_split = feed(&mut again, &split);
+        if ok {
+            assert_eq!(events, vec![Ev::Text(text.clone())], "len {len}");
+            assert_eq!(events_split, vec![Ev::Text(text)]);
+        } else {
+            let error = ProtocolError::InflatedTooLarge { max: limit };
+            assert_failed(&events, error.clone(), 1009);
+            assert_failed(&events_split, error, 1009);
+            let frames = parse_frames(&take_output(&mut server));
+            assert_eq!(frames.last().unwrap().close_code(), Some(1009));
+        }
+    }
+}
+
+#[test]
+fn compressed_size_on_the_wire_at_limit_and_over() {
+    let max = 100_000;
+    let wire_limit = compressed_limit(max);
+    assert!(wire_limit > max && wire_limit < max + max / 100);
+    for (len, ok) in [(wire_limit, true), (wire_limit + 1, false)] {
+        let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+        // Only the header (RSV1, text, masked): judged before any payload is read.
+        let mut header = vec![0xc1, 0x80 | 127];
+        header.extend_from_slice(&(len as u64).to_be_bytes());
+        header.extend_from_slice(&MASK);
+        let events = feed(&mut server, &header);
+        if ok {
+            assert_eq!(events, vec![], "len {len}");
+        } else {
+            let error = ProtocolError::MessageTooLarge {
+                len: len as u64,
+                max,
+            };
+            assert_failed(&events, error, 1009);
+        }
+    }
+    // An uncompressed message keeps max_length itself.
+    let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(max as u64 + 1).to_be_bytes());
+    header.extend_from_slice(&MASK);
+    let error = ProtocolError::MessageTooLarge {
+        len: max as u64 + 1,
+        max,
+    };
+    assert_failed(&feed(&mut server, &header), error, 1009);
+}
+
+#[test]
+fn context_takeover_keeps_the_window_between_messages() {
+    let keep = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    });
+    let (mut client, mut server) = deflate_pair(&keep, &keep);
+    assert_eq!(client.deflate_params(), Some(params(false, false, 15, 15)));
+    let text = json(2000);
+    let mut sizes = Vec::new();
+    for _ in 0..3 {
+        client.send_text(&text).unwrap();
+        let wire = take_output(&mut client);
+        sizes.push(parse_frames(&wire)[0].payload.len());
+        assert_eq!(feed(&mut server, &wire), vec![Ev::Text(text.clone())]);
+        server.send_text(&text).unwrap();
+        assert_eq!(pump(&mut server, &mut client), vec![Ev::Text(text.clone())]);
+    }
+    // The second message refers back to the first.
+    assert!(sizes[1] < sizes[0] / 4, "{sizes:?}");
+    assert!(client.holds_deflate_streams() && server.holds_deflate_streams());
+    // A peer inflating with its own kept stream reads the server's messages too.
+    let (_, mut server) = deflate_pair(&keep, &keep);
+    let mut peer = Decompress::new_with_window_bits(false, 15);
+    for _ in 0..3 {
+        server.send_text(&text).unwrap();
+        let frames = parse_frames(&take_output(&mut server));
+        assert_eq!(inflate_with(&mut peer, &frames[0].payload), text.as_bytes());
+    }
+}
+
+#[test]
+fn small_windows_and_window_8() {
+    for bits in [8u8, 9, 12] {
+        let options = Options::default().deflate_options(DeflateOptions {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: bits,
+            client_max_window_bits: bits,
+            ..DeflateOptions::default()
+        });
+        let (mut client, mut server) = deflate_pair(&options, &options);
+        assert_eq!(
+            client.deflate_params(),
+            Some(params(false, false, bits, bits))
+        );
+        for _ in 0..3 {
+            let text = json(5000);
+            client.send_text(&text).unwrap();
+            assert_eq!(pump(&mut client, &mut server), vec![Ev::Text(text.clone())]);
+            server.send_text(&text).unwrap();
+            assert_eq!(pump(&mut server, &mut client), vec![Ev::Text(text)]);
+        }
+    }
+}
+
+#[test]
+fn a_final_block_from_the_peer_is_read() {
+    let keep = Options::default().deflate_options(DeflateOptions {
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    });
+    let (_, mut server) = deflate_pair(&keep, &keep);
+    for _ in 0..2 {
+        // A peer that finishes its stream (BFINAL) for every message.
+        let mut c = Compress::new_with_window_bits(Compression::default(), false, 15);
+        let mut data = Vec::with_capacity(4096);
+        c.compress_vec(b"finished", &mut data, FlushCompress::Finish)
+            .unwrap();
+        assert_eq!(
+            feed(&mut server, &client_frame(0xc1, &data)),
+            vec![Ev::Text("finished".into())]
+        );
+    }
+}
+
+// ----- shared frames -----
+
+#[test]
+fn shared_frames_are_compressed_once_per_window_size() {
+    let text = json(3000);
+    let frame = SharedFrame::new(text.as_bytes(), MessageType::Text).unwrap();
+    let mut servers = Vec::new();
+    for bits in [15u8, 15, 10, 15] {
+        let options = Options::default().deflate_options(DeflateOptions {
+            server_max_window_bits: bits,
+            ..DeflateOptions::default()
+        });
+        servers.push(deflate_pair(&on(), &options));
+    }
+    let (_, mut plain) = open_pair(&Options::default(), &on());
+    for (_, server) in &mut servers {
+        server.send_shared(&frame).unwrap();
+    }
+    plain.send_shared(&frame).unwrap();
+    assert!(frame.has_deflated(15) && frame.has_deflated(10) && !frame.has_deflated(12));
+    let compressed = frame.prepare_deflate(15, 6).unwrap().to_vec();
+    for (client, server) in &mut servers {
+        let wire = take_output(server);
+        assert_eq!(parse_frames(&wire)[0].rsv, 0b100);
+        assert_eq!(feed(client, &wire), vec![Ev::Text(text.clone())]);
+    }
+    // The same bytes went to every 15-bit connection.
+    let (_, s) = &mut servers[0];
+    s.send_shared(&frame).unwrap();
+    assert_eq!(take_output(s), compressed);
+    // A connection without deflate gets the plain frame.
+    assert_eq!(take_output(&mut plain), frame.as_bytes());
+}
+
+#[test]
+fn shared_frames_follow_the_connection_deflate_settings() {
+    // Under the threshold: plain.
+    let small = SharedFrame::new(b"tiny", MessageType::Text).unwrap();
+    let (_, mut server) = deflate_pair(&on(), &on());
+    server.send_shared(&small).unwrap();
+    assert_eq!(take_output(&mut server), small.as_bytes());
+    assert!(!small.has_deflated(15));
+    // With context takeover: compressed on the connection's own stream, in order with
+    // its own frames.
+    let keep = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        ..DeflateOptions::default()
+    });
+    let (mut client, mut server) = deflate_pair(&keep, &keep);
+    let text = json(3000);
+    let frame = SharedFrame::new(text.as_bytes(), MessageType::Text).unwrap();
+    server.send_text("first").unwrap();
+    server.send_shared(&frame).unwrap();
+    server.send_shared(&frame).unwrap();
+    assert!(
+        !frame.has_deflated(15),
+        "no shared variant for a kept context"
+    );
+    let wire = take_output(&mut server);
+    let frames = parse_frames(&wire);
+    assert_eq!(frames.len(), 3);
+    assert!(frames[2].payload.len() < frames[1].payload.len() / 4);
+    assert_eq!(
+        feed(&mut client, &wire),
+        vec![
+            Ev::Text("first".into()),
+            Ev::Text(text.clone()),
+            Ev::Text(text)
+        ]
+    );
+    // A client cannot send shared frames, deflate or not.
+    assert!(matches!(
+        client.send_shared(&frame),
+        Err(Error::Usage(UsageError::NotPublishable))
+    ));
+}
+
+#[test]
+fn roles_of_the_codec_match_the_params() {
+    // The client compresses with the client's window, the server with the server's.
+    let options = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 9,
+        client_max_window_bits: 15,
+        ..DeflateOptions::default()
+    });
+    let (mut client, mut server) = deflate_pair(&options, &options);
+    assert_eq!(client.role(), Role::Client);
+    // A 9-bit server stream is read by a 9-bit peer decompressor.
+    let mut peer = Decompress::new_with_window_bits(false, 9);
+    for _ in 0..3 {
+        let text = json(20_000);
+        server.send_text(&text).unwrap();
+        let frames = parse_frames(&take_output(&mut server));
+        assert_eq!(inflate_with(&mut peer, &frames[0].payload), text.as_bytes());
+        client.send_text(&text).unwrap();
+        assert_eq!(pump(&mut client, &mut server), vec![Ev::Text(text)]);
+    }
+}
+
+// ----- properties -----
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_options() -> impl Strategy<Value = DeflateOptions> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            8u8..=15,
+            8u8..=15,
+            0u32..=9,
+            0usize..300,
+        )
+            .prop_map(
+                |(snct, cnct, sbits, cbits, level, threshold)| DeflateOptions {
+                    server_no_context_takeover: snct,
+                    client_no_context_takeover: cnct,
+                    server_max_window_bits: sbits,
+                    client_max_window_bits: cbits,
+                    level,
+                    threshold,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever both sides' options, they agree, and messages of any content cross
+        /// both ways intact, several in a row (context takeover included).
+        #[test]
+        fn any_options_round_trip(
+            client in any_options(),
+            server in any_options(),
+            messages in prop::collection::vec(
+                (any::<bool>(), prop::collection::vec(any::<u8>(), 0..3000), 0u8..4), 1..6),
+        ) {
+            let (mut c, mut s) = open_pair(
+                &Options::default().deflate_options(client),
+                &Options::default().deflate_options(server),
+            );
+            prop_assert!(c.deflate_params().is_some());
+            prop_assert_eq!(c.deflate_params(), s.deflate_params());
+            for (text, bytes, repeat) in messages {
+                // Some repetition, so compression has something to find.
+                let mut data = bytes.repeat(repeat as usize + 1);
+                let expected = if text {
+                    data = String::from_utf8_lossy(&data).into_owned().into_bytes();
+                    Ev::Text(String::from_utf8(data.clone()).unwrap())
+                } else {
+                    Ev::Binary(data.clone())
+                };
+                let kind = if text { MessageType::Text } else { MessageType::Binary };
+                c.send(&data, kind).unwrap();
+                prop_assert_eq!(pump(&mut c, &mut s), vec![expected.clone()]);
+                s.send(&data, kind).unwrap();
+                prop_assert_eq!(pump(&mut s, &mut c), vec![expected]);
+            }
+        }
+
+        /// Arbitrary bytes as a compressed message: a message within max_length, or the
+        /// connection fails with 1007 or 1009; never a panic or anything else.
+        #[test]
+        fn arbitrary_compressed_payloads(
+            payload in prop::collection::vec(any::<u8>(), 0..2000),
+            text in any::<bool>(),
+            split in 0usize..2000,
+        ) {
+            const MAX: usize = 4096;
+            let (_, mut server) = deflate_pair(&on(), &on().max_length(MAX));
+            let b0 = if text { 0x41 } else { 0x42 };
+            let cut = split.min(payload.len());
+            let mut wire = client_frame(b0, &payload[..cut]);
+            wire.extend(client_frame(0x80, &payload[cut..]));
+            let events = feed(&mut server, &wire);
+            match events.as_slice() {
+                [Ev::Text(t)] => prop_assert!(text && t.len() <= MAX),
+                [Ev::Binary(b)] => prop_assert!(!text && b.len() <= MAX),
+                [Ev::Error(common::Err::Protocol(e)), Ev::Close(code, _)] => {
+                    prop_assert!(matches!(code, 1007 | 1009), "{e:?} {code}");
+                }
+                other => prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
+}
