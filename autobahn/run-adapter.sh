@@ -79,6 +79,11 @@ PY
 "$AUTOBAHN_HOME/bin/wstest" -m fuzzingclient -s "$work/config.json" > "$work/wstest.log" 2>&1 || {
   tail -20 "$work/wstest.log"; exit 1; }
 status=0
-python3 autobahn/check.py "$outdir" ${expect:+--expect "$expect"} || status=$?
+# The counts are kept per runtime and scope (full suite or --core) in autobahn/results/.
+scope=${expect:-cases}
+scope=${scope/517/full}; scope=${scope/301/core}
+record="autobahn/results/$(basename "$outdir").$scope.txt"
+python3 autobahn/check.py "$outdir" ${expect:+--expect "$expect"} --record "$record" || status=$?
 echo "autobahn: $outdir: $(( $(date +%s) - started )) s wall time"
+echo "wall time: $(( $(date +%s) - started )) s" >> "$record"
 exit $status

@@ -78,8 +78,13 @@ PY
 }
 judge() {
   local status=0
-  python3 autobahn/check.py "$1" ${expect:+--expect "$expect"} || status=$?
+  # The counts are kept per runtime and scope (full suite or --core) in autobahn/results/.
+  local scope=${expect:-cases}
+  scope=${scope/517/full}; scope=${scope/301/core}
+  python3 autobahn/check.py "$1" ${expect:+--expect "$expect"} \
+    --record "autobahn/results/$(basename "$1").$scope.txt" || status=$?
   echo "autobahn: $1: $(( $(date +%s) - started )) s wall time"
+  echo "wall time: $(( $(date +%s) - started )) s" >> "autobahn/results/$(basename "$1").$scope.txt"
   return $status
 }
 
