@@ -235,8 +235,11 @@ fn handler_sends_are_refused_past_the_cap(backend: Backend) {
     assert_eq!(queued, 16);
     assert_eq!(accepted.load(Ordering::Relaxed), queued);
     assert_eq!(refused.load(Ordering::Relaxed), 64 - queued);
-    for _ in 0..queued {
-        assert!(matches!(client.next_message().unwrap(), Owned::Binary(d) if d.len() == 65536));
+    for i in 0..queued {
+        let message = client
+            .next_message()
+            .unwrap_or_else(|e| panic!("reading message {i} of {queued}: {e}"));
+        assert!(matches!(message, Owned::Binary(d) if d.len() == 65536));
     }
     // Nothing more comes: the refused ones were never queued.
     client
@@ -307,8 +310,11 @@ fn sender_is_refused_past_the_cap(backend: Backend) {
     // The cap, plus the socket buffers on both sides (a few MiB on loopback at most).
     assert!(queued * 65536 < CAP + 16 * CAP, "queued {queued} messages");
     // Reading drains it; the sender is taken again.
-    for _ in 0..queued {
-        assert!(matches!(client.next_message().unwrap(), Owned::Binary(d) if d.len() == 65536));
+    for i in 0..queued {
+        let message = client
+            .next_message()
+            .unwrap_or_else(|e| panic!("reading message {i} of {queued}: {e}"));
+        assert!(matches!(message, Owned::Binary(d) if d.len() == 65536));
     }
     assert!(eventually(Duration::from_secs(5), || sender
         .send_text("again")
