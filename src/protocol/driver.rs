@@ -202,7 +202,9 @@ pub struct Driver {
     out: Vec<u8>,
     out_pos: usize,
     /// Handshake bytes at `out[out_pos..]` not yet written; only these go out while connecting.
-    handshake_left: usize,
+    /// (32 bits: the driver's own handshake is a few hundred bytes; this shares a word
+    /// with the small fields.)
+    handshake_left: u32,
     frames_appended: u64,
     frames_written: u64,
     /// Pub/sub frames queued by reference between the own frames in `out`.
@@ -394,7 +396,8 @@ impl Driver {
 
     /// Handshake bytes go before frames queued while connecting.
     fn prepend_handshake(&mut self, bytes: Vec<u8>) {
-        self.handshake_left = bytes.len();
+        // A head over 4 GiB (extra headers of that size) is refused by every peer anyway.
+        self.handshake_left = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
         self.out.splice(self.out_pos..self.out_pos, bytes);
     }
 

@@ -502,20 +502,22 @@ impl<S: Service, B: Backend> Core<S, B> {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(now, &mut due);
         for entry in due.drain(..) {
-            let Some(conn) = self.conns.get_mut(entry.key) else {
+            let key = entry.key();
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             if conn.phase == Phase::Closing || !self.wheel.fires(entry, &mut conn.deadline, now) {
                 continue;
             }
             if conn.phase == Phase::Lingering {
-                self.close_now(backend, entry.key);
+                self.close_now(backend, key);
                 continue;
             }
-            self.call(backend, entry.key, now, |service, session, io| {
+            self.call(backend, key, now, |service, session, io| {
                 service.timeout(session, io)
             });
         }
+        Wheel::recycle(&mut due);
         self.due = due;
     }
 

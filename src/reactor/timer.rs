@@ -15,11 +15,33 @@ use std::time::{Duration, Instant};
 pub const TICK: Duration = Duration::from_millis(50);
 const SLOTS: usize = 1024;
 
-/// A timer entry: connection slab key and the arming sequence number.
+/// A timer entry: connection slab key and the arming sequence number. 8 bytes: a burst of
+/// accepts leaves one handshake entry per connection in the wheel for the handshake
+/// timeout, so this is part of what each new connection costs (a slab key fits 32 bits: a
+/// loop never holds 2^32 connections).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
-    pub key: usize,
+    key: u32,
     pub seq: u32,
+}
+
+/// Slots and due lists that a burst grew past this many entries give their memory back
+/// once drained, so a burst of connections does not leave its timer memory behind.
+const KEEP_CAPACITY: usize = 256;
+
+impl Entry {
+    pub fn new(key: usize, seq: u32) -> Entry {
+        debug_assert!(u32::try_from(key).is_ok(), "slab key {key} over 32 bits");
+        Entry {
+            key: key as u32,
+            seq,
+        }
+    }
+
+    /// The connection's slab key.
+    pub fn key(&self) -> usize {
+        self.key as usize
+    }
 }
 
 /// A connection's one deadline, and the sequence number and tick of its live wheel entry.
@@ -97,10 +119,7 @@ impl Wheel {
             return;
         }
         deadline.seq = deadline.seq.wrapping_add(1);
-        let entry = Entry {
-            key,
-            seq: deadline.seq,
-        };
+        let entry = Entry::new(key, deadline.seq);
         deadline.armed = stamp(self.arm(at, entry));
     }
 
@@ -132,10 +151,21 @@ impl Wheel {
             let slot = &mut self.slots[(self.cursor % SLOTS as u64) as usize];
             self.armed -= slot.len();
             due.append(slot);
+            if slot.capacity() > KEEP_CAPACITY {
+                *slot = Vec::new();
+            }
             self.cursor += 1;
         }
         if self.armed == 0 {
             self.cursor = self.cursor.max(target);
+        }
+    }
+
+    /// Empties a due list after use, giving back what a burst grew it to.
+    pub fn recycle(due: &mut Vec<Entry>) {
+        due.clear();
+        if due.capacity() > KEEP_CAPACITY {
+            *due = Vec::new();
         }
     }
 
@@ -210,20 +240,49 @@ mod tests {
     fn fires_no_earlier_than_the_deadline() {
         let t0 = Instant::now();
         let mut wheel = Wheel::new(t0);
-        wheel.arm(t0 + Duration::from_millis(120), Entry { key: 1, seq: 0 });
-        wheel.arm(t0 + Duration::from_secs(600), Entry { key: 2, seq: 0 });
+        wheel.arm(t0 + Duration::from_millis(120), Entry::new(1, 0));
+        wheel.arm(t0 + Duration::from_secs(600), Entry::new(2, 0));
         let mut due = Vec::new();
         wheel.expire(t0 + Duration::from_millis(100), &mut due);
         assert!(due.is_empty());
         wheel.expire(t0 + Duration::from_millis(150), &mut due);
-        assert_eq!(due, vec![Entry { key: 1, seq: 0 }]);
+        assert_eq!(due, vec![Entry::new(1, 0)]);
         due.clear();
         // Beyond the horizon: comes up at the horizon, for the loop to re-arm.
         wheel.expire(
             t0 + TICK * SLOTS as u32 + Duration::from_millis(100),
             &mut due,
         );
-        assert_eq!(due, vec![Entry { key: 2, seq: 0 }]);
+        assert_eq!(due, vec![Entry::new(2, 0)]);
         assert_eq!(wheel.next_timeout(t0), None);
+    }
+
+    /// A burst of connections (here 20 000 handshake deadlines in one tick) costs 8 bytes
+    /// an entry while armed, and gives its memory back once the entries came up.
+    #[test]
+    fn a_burst_gives_its_timer_memory_back() {
+        assert_eq!(std::mem::size_of::<Entry>(), 8);
+        let t0 = Instant::now();
+        let mut wheel = Wheel::new(t0);
+        let at = t0 + Duration::from_secs(10);
+        for key in 0..20_000 {
+            wheel.arm(at, Entry::new(key, 0));
+        }
+        let slot = (wheel.slot_tick(at) % SLOTS as u64) as usize;
+        assert!(wheel.slots[slot].capacity() >= 20_000);
+        let mut due = Vec::new();
+        wheel.expire(at, &mut due);
+        assert_eq!(due.len(), 20_000);
+        assert_eq!(due[19_999].key(), 19_999);
+        assert!(wheel.slots.iter().all(|s| s.capacity() <= KEEP_CAPACITY));
+        Wheel::recycle(&mut due);
+        assert!(due.is_empty() && due.capacity() <= KEEP_CAPACITY);
+        // Small slots keep their memory: the steady state allocates nothing.
+        wheel.arm(at + TICK, Entry::new(1, 1));
+        let slot = (wheel.slot_tick(at + TICK) % SLOTS as u64) as usize;
+        let mut due = Vec::with_capacity(8);
+        wheel.expire(at + TICK, &mut due);
+        assert_eq!(due, vec![Entry::new(1, 1)]);
+        assert!(wheel.slots[slot].capacity() >= 1);
     }
 }

@@ -131,7 +131,8 @@ impl Driver {
             Err(e) => {
                 self.handshake = Some(Box::new(Handshake::Failed(e.clone())));
                 // Frames queued for a connection that never opened are dropped.
-                self.out.truncate(self.out_pos + self.handshake_left);
+                self.out
+                    .truncate(self.out_pos + self.handshake_left as usize);
                 self.stop();
                 self.queue_close(code::ABNORMAL, e.to_string());
                 (input.len(), Some(Event::Error(Error::Handshake(e))))

@@ -124,7 +124,8 @@ impl Driver {
         }
         match self.state {
             ReadyState::Connecting => {
-                self.out.truncate(self.out_pos + self.handshake_left);
+                self.out
+                    .truncate(self.out_pos + self.handshake_left as usize);
                 self.stop();
                 self.queue_close(close_code, reason.to_string());
                 Ok(SendToken(self.frames_appended))
@@ -157,7 +158,8 @@ impl Driver {
             self.push_frame(OpCode::Close, &payload);
         }
         if self.state == ReadyState::Connecting {
-            self.out.truncate(self.out_pos + self.handshake_left);
+            self.out
+                .truncate(self.out_pos + self.handshake_left as usize);
         }
         self.stop();
         self.queue_close(close_code, reason.to_string());
@@ -167,7 +169,7 @@ impl Driver {
 
     pub(super) fn releasable_end(&self) -> usize {
         if self.state == ReadyState::Connecting {
-            self.out_pos + self.handshake_left
+            self.out_pos + self.handshake_left as usize
         } else {
             self.out.len()
         }
@@ -180,8 +182,8 @@ impl Driver {
             "consumed more than was pending"
         );
         self.out_pos += n;
-        let handshake = n.min(self.handshake_left);
-        self.handshake_left -= handshake;
+        let handshake = n.min(self.handshake_left as usize);
+        self.handshake_left -= handshake as u32;
         self.frames_written += (n - handshake) as u64;
         if self.out_pos == self.out.len() {
             self.out.clear();

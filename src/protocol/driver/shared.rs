@@ -175,7 +175,7 @@ impl Driver {
     /// Own bytes between the write position and the point where a shared frame recorded
     /// at `after` goes.
     fn own_before(&self, after: u64) -> usize {
-        self.handshake_left + (after - self.frames_written) as usize
+        self.handshake_left as usize + (after - self.frames_written) as usize
     }
 
     /// The first shared frame and the own bytes before it, if any frame is queued.
@@ -278,7 +278,8 @@ impl Driver {
         }
         if let Some(queue) = self.shared.as_deref_mut() {
             for queued in queue.frames.drain(..) {
-                let offset = self.handshake_left + (queued.after - self.frames_written) as usize;
+                let offset =
+                    self.handshake_left as usize + (queued.after - self.frames_written) as usize;
                 into.frames.push((offset, queued.frame));
             }
             into.skip = queue.pos;
@@ -289,8 +290,8 @@ impl Driver {
         into.own.drain(..self.out_pos);
         into.len = own + shared;
         self.out_pos = 0;
-        let handshake = own.min(self.handshake_left);
-        self.handshake_left -= handshake;
+        let handshake = own.min(self.handshake_left as usize);
+        self.handshake_left -= handshake as u32;
         self.frames_written += (own - handshake) as u64;
         true
     }
