@@ -21,6 +21,8 @@
 # ws with perMessageDeflate as the peer that supports it: server node-ws, installed by
 # interop/deflate.sh into target/interop); records the wire bytes per message each way. With
 # it, the idle runs also hold --idle-conns deflate connections (server "NAME+deflate").
+# --scenarios idle runs only the idle-memory measurement (--scenarios idle,deflate-idle: the
+# deflate idle runs too).
 #
 # Servers: wsd-epoll, wsd-io-uring (the echo example, or examples/pubsub in pub/sub
 # scenarios), echo_tokio, echo_hyper (the tokio and hyper adapters, current-thread runtime),
@@ -123,13 +125,18 @@ fits() { # server kind: whether the server takes part in that kind of scenario
 
 IFS=, read -ra server_list <<<"$SERVERS"
 IFS=, read -ra scenario_list <<<"$SCENARIOS"
-NEED_ECHO=0 NEED_PUBSUB=0 NEED_DEFLATE=0
+# "idle" alone (or "idle,deflate-idle") runs only the idle-memory measurement.
+if [[ $SCENARIOS == idle || $SCENARIOS == idle,deflate-idle ]]; then
+    [[ $SCENARIOS == idle,deflate-idle ]] && IDLE_DEFLATE_ONLY=1
+    scenario_list=() IDLE=1 IDLE_SET=1
+fi
+NEED_ECHO=0 NEED_PUBSUB=0 NEED_DEFLATE=${IDLE_DEFLATE_ONLY:-0}
 for k in "${scenario_list[@]}"; do
     case "$(kind_of "$k")" in
         echo | slow) NEED_ECHO=1 ;;
         deflate) NEED_ECHO=1 NEED_DEFLATE=1 ;;
         broadcast | fanout) NEED_PUBSUB=1 ;;
-        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub, deflate)" ;;
+        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub, deflate; or idle / idle,deflate-idle alone)" ;;
     esac
 done
 # Idle memory goes with the echo scenarios: a pub/sub-only run leaves it out unless asked.
