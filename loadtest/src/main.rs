@@ -6,6 +6,7 @@
 //!               [--json] [--deflate]
 //! wsload idle   --url ws://127.0.0.1:9001/ --conns 10000 --pid PID [--secs 5] [--hosts 4]
 //! wsload fanout --url ws://127.0.0.1:9002/topic --subs 1000 --secs 10 [--rate 100]
+//!               [--sub-url ws://127.0.0.1:9003/topic …] [--drain-secs 10] [--settle-secs 0]
 //! wsload broadcast --url ws://127.0.0.1:9002/topic --conns 100 --secs 10 [--size 20]
 //! wsload slow   --url ws://127.0.0.1:9001/ --conns 10 --size 1024 --secs 5 --pid PID
 //!               [--flood-size 65536] [--max-rss-growth-mib 1024]
@@ -17,7 +18,10 @@
 //!
 //! `fanout` and `broadcast` load a pub/sub server (`examples/pubsub.rs`: a client's path is
 //! its topic; every message is delivered to every client of the topic, the sender included):
-//! all their clients use the URL's path, so they share one topic.
+//! all their clients use the URL's path, so they share one topic. `fanout --sub-url URL`
+//! (repeatable) puts the subscribers on those URLs instead, round-robin (the publisher stays
+//! on `--url`): with servers joined by a backplane, that measures cross-node delivery, with
+//! the numbers per subscriber URL under `per_url`.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -34,6 +38,12 @@ use websocket_driver::{Backend, Error, Event, Message, Options};
 struct Args {
     mode: String,
     url: String,
+    /// `fanout`: where the subscribers connect, round-robin (empty: `url`).
+    sub_urls: Vec<String>,
+    /// `fanout`: how long to wait for deliveries after the last publish.
+    drain_secs: f64,
+    /// `fanout`: how long to wait after every connection opened, before the first publish.
+    settle_secs: f64,
     conns: usize,
     size: usize,
     secs: f64,
@@ -58,6 +68,9 @@ fn parse_args() -> Args {
     let mut args = Args {
         mode,
         url: "ws://127.0.0.1:9001/".into(),
+        sub_urls: Vec::new(),
+        drain_secs: 10.0,
+        settle_secs: 0.0,
         conns: 100,
         size: 20,
         secs: 5.0,
@@ -84,6 +97,9 @@ fn parse_args() -> Args {
         }
         match flag.as_str() {
             "--url" => args.url = value("--url"),
+            "--sub-url" => args.sub_urls.push(value("--sub-url")),
+            "--drain-secs" => args.drain_secs = num("--drain-secs", value("--drain-secs")),
+            "--settle-secs" => args.settle_secs = num("--settle-secs", value("--settle-secs")),
             "--conns" | "--subs" => args.conns = num(&flag, value(&flag)),
             "--size" => args.size = num("--size", value("--size")),
             "--secs" => args.secs = num("--secs", value("--secs")),
@@ -114,11 +130,16 @@ fn parse_args() -> Args {
             other => usage(&format!("unknown option {other}")),
         }
     }
-    if !args.url.starts_with("ws://127.")
-        && !args.url.starts_with("ws://[::1]")
-        && !args.url.starts_with("ws://localhost")
-    {
+    let loopback = |url: &str| {
+        url.starts_with("ws://127.")
+            || url.starts_with("ws://[::1]")
+            || url.starts_with("ws://localhost")
+    };
+    if !loopback(&args.url) || !args.sub_urls.iter().all(|url| loopback(url)) {
         usage("load is only ever sent to loopback (127.0.0.0/8, [::1], localhost)");
+    }
+    if !args.sub_urls.is_empty() && args.mode != "fanout" {
+        usage("--sub-url is a fanout option");
     }
     args
 }
@@ -130,7 +151,7 @@ fn usage(problem: &str) -> ! {
     eprintln!(
         "usage:\n  wsload echo --url URL --conns N --size B --secs S [--inflight K] [--text] [--json]\n  \
          wsload idle --url URL --conns N --pid PID [--secs S] [--hosts K]\n  \
-         wsload fanout --url URL --subs N --secs S [--rate R]\n  \
+         wsload fanout --url URL --subs N --secs S [--rate R] [--sub-url URL]... [--drain-secs D] [--settle-secs T]\n  \
          wsload broadcast --url URL --conns N --secs S [--size B]\n  \
          wsload slow --url URL --conns N --size B --secs S --pid PID [--flood-size F] \
          [--max-rss-growth-mib M]\n  \
@@ -919,6 +940,22 @@ struct Fanout {
     self_delivered: AtomicU64,
     /// The latest measured delivery (nanoseconds since `epoch`).
     last_ns: AtomicU64,
+    /// The subscribers of each subscriber URL (`--sub-url`, or just `--url`).
+    groups: Vec<FanoutGroup>,
+}
+
+/// The subscribers of one URL in a `fanout` run, counted apart.
+struct FanoutGroup {
+    url: String,
+    subs: usize,
+    /// Deliveries that passed the checks, warm-up included.
+    delivered: AtomicU64,
+    /// Measured deliveries (the window's messages).
+    received: AtomicU64,
+    /// The latest measured delivery (nanoseconds since `epoch`).
+    last_ns: AtomicU64,
+    /// Publish → delivery of the measured deliveries, in µs (each subscriber's, on close).
+    latencies: Mutex<Vec<u32>>,
 }
 
 /// One `fanout` client: a subscriber, or the publisher (which also receives its own
@@ -927,6 +964,8 @@ struct FanoutClient {
     shared: Arc<Shared>,
     fanout: Arc<Fanout>,
     publisher: bool,
+    /// The subscriber's URL, an index into `Fanout::groups`.
+    group: usize,
     next_seq: u64,
     latencies: Vec<u32>,
 }
@@ -957,11 +996,15 @@ impl Handler for FanoutClient {
             return;
         }
         self.next_seq = seq + 1;
+        let group = &self.fanout.groups[self.group];
         self.fanout.delivered.fetch_add(1, Ordering::Relaxed);
+        group.delivered.fetch_add(1, Ordering::Relaxed);
         if seq >= self.fanout.warmup_msgs {
             let now = self.fanout.epoch.elapsed().as_nanos() as u64;
             self.shared.received.fetch_add(1, Ordering::Relaxed);
+            group.received.fetch_add(1, Ordering::Relaxed);
             self.fanout.last_ns.fetch_max(now, Ordering::Relaxed);
+            group.last_ns.fetch_max(now, Ordering::Relaxed);
             self.latencies
                 .push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
         }
@@ -975,11 +1018,13 @@ impl Handler for FanoutClient {
         if !self.shared.stop.load(Ordering::Relaxed) {
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.shared
-            .latencies
-            .lock()
-            .unwrap()
-            .append(&mut self.latencies);
+        if !self.publisher {
+            self.fanout.groups[self.group]
+                .latencies
+                .lock()
+                .unwrap()
+                .append(&mut self.latencies);
+        }
         self.shared.closed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -989,10 +1034,30 @@ impl Handler for FanoutClient {
 /// second: one second's worth as warm-up, then for `--secs`; every subscriber should get
 /// each one, in order. Reports deliveries/s (the measured messages' deliveries over the
 /// time from their first publish to the later of the last publish and the last delivery),
-/// publish → delivery latency percentiles, and missing deliveries (after waiting up to 10 s
-/// for stragglers).
+/// publish → delivery latency percentiles, and missing deliveries (after waiting up to
+/// `--drain-secs` (10 s) for stragglers). With `--sub-url`, subscriber `i` connects to the
+/// `i % n`-th of those URLs and the publisher to `--url`; `per_url` has the same numbers
+/// for each subscriber URL.
 fn fanout(args: &Args) {
     let subs = args.conns;
+    let sub_urls = if args.sub_urls.is_empty() {
+        std::slice::from_ref(&args.url)
+    } else {
+        &args.sub_urls[..]
+    };
+    let groups = sub_urls
+        .iter()
+        .enumerate()
+        .map(|(g, url)| FanoutGroup {
+            url: url.clone(),
+            // Round-robin: the first `subs % n` URLs get one more.
+            subs: subs / sub_urls.len() + usize::from(g < subs % sub_urls.len()),
+            delivered: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+            latencies: Mutex::new(Vec::new()),
+        })
+        .collect();
     let rate = args.rate.max(0.001);
     let interval = Duration::from_secs_f64(1.0 / rate);
     let shared = Arc::new(Shared::default());
@@ -1003,6 +1068,7 @@ fn fanout(args: &Args) {
         delivered: AtomicU64::new(0),
         self_delivered: AtomicU64::new(0),
         last_ns: AtomicU64::new(0),
+        groups,
     });
     let clients: ClientReactor<FanoutClient> = reactor(args, None);
     for i in 0..=subs {
@@ -1011,12 +1077,18 @@ fn fanout(args: &Args) {
             shared: shared.clone(),
             fanout: fanout.clone(),
             publisher: i == subs,
+            group: i % sub_urls.len(),
             next_seq: 0,
             latencies: Vec::new(),
         };
+        let url = if i == subs {
+            &args.url
+        } else {
+            &sub_urls[i % sub_urls.len()]
+        };
         clients
-            .connect(&args.url, handler)
-            .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
+            .connect(url, handler)
+            .unwrap_or_else(|e| usage(&format!("{url}: {e}")));
     }
     let opened = shared.wait_open(subs + 1, Duration::from_secs(120));
     if !opened || shared.opened.load(Ordering::Relaxed) <= subs {
@@ -1029,6 +1101,9 @@ fn fanout(args: &Args) {
     let Some(sender) = fanout.publisher.lock().unwrap().clone() else {
         usage("the publisher did not connect")
     };
+    // Servers joined by a backplane subscribe to it asynchronously: a first publish right
+    // after the last connection opened could beat the other server's subscription.
+    std::thread::sleep(Duration::from_secs_f64(args.settle_secs.max(0.0)));
     let publish = |seq: u64| {
         let mut payload = (fanout.epoch.elapsed().as_nanos() as u64)
             .to_le_bytes()
@@ -1079,7 +1154,7 @@ fn fanout(args: &Args) {
     let expected = published * subs as u64;
     wait_until(
         "deliveries",
-        Duration::from_secs(10),
+        Duration::from_secs_f64(args.drain_secs.max(0.0)),
         || fanout.delivered.load(Ordering::Relaxed) >= expected,
         || format!("{} of {expected}", fanout.delivered.load(Ordering::Relaxed)),
     );
@@ -1087,18 +1162,42 @@ fn fanout(args: &Args) {
     shared.stop.store(true, Ordering::Relaxed);
     let backend = clients.backend();
     let _ = clients.shutdown(Duration::from_secs(5));
-    let mut latencies = std::mem::take(&mut *shared.latencies.lock().unwrap());
+    let measured = published - fanout.warmup_msgs.min(published);
+    let mut latencies = Vec::new();
+    let mut per_url = Vec::new();
+    for group in &fanout.groups {
+        let mut mine = std::mem::take(&mut *group.latencies.lock().unwrap());
+        mine.sort_unstable();
+        let deliveries = group.received.load(Ordering::Relaxed);
+        let end_ns = published_ns.max(group.last_ns.load(Ordering::Relaxed));
+        let secs = (end_ns - start_ns) as f64 / 1e9;
+        per_url.push(format!(
+            "{{\"url\":{},\"subs\":{},\"deliveries\":{},\"expected\":{},\"secs\":{:.3},\
+             \"deliveries_per_sec\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\
+             \"missing\":{}}}",
+            json_str(Some(&group.url)),
+            group.subs,
+            deliveries,
+            measured * group.subs as u64,
+            secs,
+            deliveries as f64 / secs,
+            percentile(&mine, 50.0),
+            percentile(&mine, 99.0),
+            percentile(&mine, 99.9),
+            (published * group.subs as u64).saturating_sub(group.delivered.load(Ordering::Relaxed)),
+        ));
+        latencies.append(&mut mine);
+    }
     latencies.sort_unstable();
     let deliveries = shared.received.load(Ordering::Relaxed);
     let end_ns = published_ns.max(fanout.last_ns.load(Ordering::Relaxed));
     let secs = (end_ns - start_ns) as f64 / 1e9;
-    let measured = published - fanout.warmup_msgs.min(published);
     println!(
         "{{\"mode\":\"fanout\",\"url\":\"{}\",\"subs\":{},\"rate\":{},\"published\":{},\
          \"measured_published\":{},\"deliveries\":{},\"expected\":{},\"secs\":{:.3},\
          \"offered_per_sec\":{:.1},\"deliveries_per_sec\":{:.1},\"msgs_per_sec\":{:.1},\
          \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"missing\":{},\"self_delivered\":{},\
-         \"errors\":{},\"client_backend\":\"{}\"}}",
+         \"errors\":{},\"client_backend\":\"{}\",\"per_url\":[{}]}}",
         args.url,
         subs,
         args.rate,
@@ -1117,6 +1216,7 @@ fn fanout(args: &Args) {
         fanout.self_delivered.load(Ordering::Relaxed),
         shared.errors.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) as u64,
         backend,
+        per_url.join(","),
     );
 }
 

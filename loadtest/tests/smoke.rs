@@ -65,6 +65,7 @@ fn run_wsload(backend: Backend, mode: &str, args: &[&str]) -> String {
 }
 
 /// Runs `wsload MODE --url URL ARGS…` against an in-process server of `app`; its JSON.
+/// `{url}` in ARGS is replaced by the server's URL.
 fn run_wsload_on<H: Handler>(
     backend: Backend,
     app: impl Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
@@ -83,7 +84,8 @@ fn run_wsload_on<H: Handler>(
     let url = format!("ws://{}/topic", server.local_addr());
     let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
         .args([mode, "--url", &url])
-        .args(args)
+        // `{url}` in an argument stands for the server's URL.
+        .args(args.iter().map(|a| a.replace("{url}", &url)))
         .output()
         .unwrap();
     assert!(
@@ -203,4 +205,40 @@ fn fanout_smoke_on_io_uring() {
         "{json}"
     );
     assert!(field(&json, "p50_us") <= field(&json, "p99_us"), "{json}");
+}
+
+/// `--sub-url`: the subscribers go round-robin to the listed URLs (here the same server
+/// twice, the only pub/sub server in this process), the publisher to `--url`; `per_url`
+/// splits the counts.
+#[test]
+fn fanout_sub_urls_split_per_url() {
+    let args = [
+        "--subs",
+        "21",
+        "--rate",
+        "20",
+        "--secs",
+        "1",
+        "--backend",
+        "epoll",
+        "--sub-url",
+        "{url}",
+        "--sub-url",
+        "{url}",
+        "--drain-secs",
+        "5",
+    ];
+    let json = run_wsload_on(Backend::Epoll, pubsub_app(), "fanout", &args);
+    assert_eq!(field(&json, "missing"), 0.0, "{json}");
+    assert_eq!(field(&json, "errors"), 0.0, "{json}");
+    let per_url = &json[json.find("\"per_url\":[").expect("per_url")..];
+    let groups: Vec<&str> = per_url.split("{\"url\":").skip(1).collect();
+    assert_eq!(groups.len(), 2, "{json}");
+    let measured = field(&json, "measured_published");
+    for (group, subs) in groups.iter().zip([11.0, 10.0]) {
+        assert_eq!(field(group, "subs"), subs, "{json}");
+        assert_eq!(field(group, "deliveries"), measured * subs, "{json}");
+        assert_eq!(field(group, "missing"), 0.0, "{json}");
+        assert!(field(group, "p50_us") <= field(group, "p99_us"), "{json}");
+    }
 }
