@@ -85,5 +85,5 @@ scope=${scope/517/full}; scope=${scope/301/core}
 record="autobahn/results/$(basename "$outdir").$scope.txt"
 python3 autobahn/check.py "$outdir" ${expect:+--expect "$expect"} --record "$record" || status=$?
 echo "autobahn: $outdir: $(( $(date +%s) - started )) s wall time"
-echo "wall time: $(( $(date +%s) - started )) s" >> "$record"
+echo "wall time: $(( $(date +%s) - started )) s; $(date -u "+%F %H:%M") UTC; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >> "$record"
 exit $status

@@ -54,7 +54,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 wait_port() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -84,7 +84,7 @@ judge() {
   python3 autobahn/check.py "$1" ${expect:+--expect "$expect"} \
     --record "autobahn/results/$(basename "$1").$scope.txt" || status=$?
   echo "autobahn: $1: $(( $(date +%s) - started )) s wall time"
-  echo "wall time: $(( $(date +%s) - started )) s" >> "autobahn/results/$(basename "$1").$scope.txt"
+  echo "wall time: $(( $(date +%s) - started )) s; $(date -u "+%F %H:%M") UTC; commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >> "autobahn/results/$(basename "$1").$scope.txt"
   return $status
 }
 
