@@ -475,3 +475,49 @@ async fn chat_room_select_over_recv_and_a_feed() {
     })
     .await;
 }
+
+/// `WebSocketUpgrade::deflate(true)` (not in axum's extractor) accepts permessage-deflate:
+/// a deflate client gets it agreed and its compressible messages come back whole; without
+/// the switch the same offer is declined and the connection runs plain.
+#[tokio::test]
+async fn deflate_is_one_switch_on_the_extractor() {
+    use websocket_driver::tokio::WebSocketStream;
+    use websocket_driver::{Event, Options};
+    bounded(20, async {
+        let app = Router::new()
+            .route(
+                "/deflate",
+                get(|ws: WebSocketUpgrade| async move {
+                    ws.deflate(true)
+                        .on_upgrade(|socket| echo(socket, mpsc::unbounded_channel().0))
+                }),
+            )
+            .route(
+                "/plain",
+                get(|ws: WebSocketUpgrade| async move {
+                    ws.on_upgrade(|socket| echo(socket, mpsc::unbounded_channel().0))
+                }),
+            );
+        let addr = serve(app).await;
+        let offer = Options::default().deflate(true);
+        let text = r#"{"user":"alice","room":"lobby","text":"hello hello hello hello"}"#.repeat(20);
+        for (path, agreed) in [("/deflate", true), ("/plain", false)] {
+            let url = format!("ws://{addr}{path}");
+            let mut ws = WebSocketStream::connect(&url, &offer).await.unwrap();
+            assert_eq!(ws.driver().deflate_params().is_some(), agreed, "{path}");
+            ws.send_text(&text).await.unwrap();
+            loop {
+                match ws.next().await {
+                    Some(Event::Open) => continue,
+                    Some(Event::Message(m)) => {
+                        assert_eq!(m.as_bytes(), text.as_bytes(), "{path}");
+                        break;
+                    }
+                    other => panic!("{path}: {other:?}"),
+                }
+            }
+            ws.close_connection(1000, "").await.unwrap();
+        }
+    })
+    .await;
+}
