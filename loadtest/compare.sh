@@ -347,6 +347,14 @@ cpu_ticks() { # pid -> utime + stime of the whole process, in clock ticks (-1 if
     echo $((f[11] + f[12])) # utime (field 14) and stime (field 15)
 }
 
+cpu_ticks_split() { # pid -> "TOTAL:USER" clock ticks (utime + stime, and utime alone; -1 if gone)
+    local stat f
+    read -r stat <"/proc/$1/stat" 2>/dev/null || { echo -1; return; }
+    stat=${stat##*) }
+    read -ra f <<<"$stat"
+    echo "$((f[11] + f[12])):${f[11]}"
+}
+
 # `times` must run in this shell (not in a $(...) subshell, whose children are its own): its
 # second line is the user and system time of every child this shell has reaped, which is
 # how wsload's CPU time is taken (the pipeline's processes are reaped before the second call).
@@ -362,7 +370,7 @@ sample_progress() { # pid samples-file log-file
     local line
     while IFS= read -r line; do
         if [[ $line == wsload:*msgs/s* ]]; then
-            printf '%s %s %s\n' "$EPOCHREALTIME" "$(cpu_ticks "$1")" "$line" >>"$2"
+            printf '%s %s %s\n' "$EPOCHREALTIME" "$(cpu_ticks_split "$1")" "$line" >>"$2"
         fi
         printf '%s\n' "$line" >>"$3"
     done

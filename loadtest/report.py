@@ -67,7 +67,8 @@ def last_json_object(text):
 
 
 def parse_samples(path):
-    """Lines `EPOCHREALTIME TICKS <wsload progress line>` -> [(wall_s, ticks, window_s, msgs)]."""
+    """Lines `EPOCHREALTIME TICKS[:USER_TICKS] <wsload progress line>`
+    -> [(wall_s, ticks, window_s, msgs, user_ticks or None)]."""
     samples = []
     if not path or not os.path.exists(path):
         return samples
@@ -80,12 +81,14 @@ def parse_samples(path):
             if not m:
                 continue
             try:
-                wall, ticks = float(parts[0]), int(parts[1])
+                wall = float(parts[0])
+                total, _, user = parts[1].partition(":")
+                ticks, user = int(total), (int(user) if user else None)
             except ValueError:
                 continue
             if ticks < 0:
                 continue
-            samples.append((wall, ticks, float(m.group(1)), int(m.group(2))))
+            samples.append((wall, ticks, float(m.group(1)), int(m.group(2)), user))
     return samples
 
 
@@ -136,6 +139,11 @@ def cmd_record(a):
             rec["server_cpu_s"] = ticks / clk
             if window_msgs > 0:
                 rec["server_cpu_us_per_msg"] = ticks / clk * 1e6 / window_msgs
+                # The same split into user space and the kernel (utime / stime).
+                if first[4] is not None and last[4] is not None:
+                    user = last[4] - first[4]
+                    rec["server_user_us_per_msg"] = user / clk * 1e6 / window_msgs
+                    rec["server_sys_us_per_msg"] = (ticks - user) / clk * 1e6 / window_msgs
             if wall > 0:
                 rec["server_cpu_util"] = ticks / clk / wall
         elif whole_ticks is not None and messages > 0:
@@ -231,6 +239,8 @@ def summarize(runs, rounds=None, secs=None):
                 "p99_us": median([x.get("p99_us") for x in w]),
                 "p999_us": median([x.get("p999_us") for x in w]),
                 "server_cpu_us_per_msg": median([r.get("server_cpu_us_per_msg") for r in good]),
+                "server_user_us_per_msg": median([r.get("server_user_us_per_msg") for r in good]),
+                "server_sys_us_per_msg": median([r.get("server_sys_us_per_msg") for r in good]),
                 "server_cpu_util": median([r.get("server_cpu_util") for r in good]),
                 "client_cpu_util": median([r.get("client_cpu_util") for r in good]),
                 "errors": sum((r["wsload"] or {}).get("errors", 0) for r in mine),
@@ -457,17 +467,27 @@ PUBSUB_NOTE = ("broadcast N: N clients on one topic; each round every client sen
                + " (CPU: the leaner); missing counts deliveries that never arrived, summed over rounds.")
 
 
+def split(s):
+    """The user · kernel CPU per message, or "-" for runs recorded without the split."""
+    user, sys_ = s.get("server_user_us_per_msg"), s.get("server_sys_us_per_msg")
+    if user is None or sys_ is None:
+        return "-"
+    return f"{fmt(user, 2)} · {fmt(sys_, 2)}"
+
+
 def tables(summary):
     """-> (echo header, echo rows, idle header, idle rows), cells as strings."""
     eh = ["scenario", "server", "msgs/s", "× best peer", "MB/s", "p99 µs",
-          "server CPU µs/msg", "CPU/msg × best peer", "server CPU", "client CPU", "errors"]
+          "server CPU µs/msg", "user · kernel µs/msg", "CPU/msg × best peer", "server CPU", "client CPU",
+          "errors"]
     er = []
     for sc in summary["scenarios"]:
         for name, s in sc["servers"].items():
             flag = "" if s["ok_runs"] == s["runs"] else f" ({s['runs'] - s['ok_runs']} of {s['runs']} runs failed)"
             er.append([sc["name"], name + flag, fmt(s["msgs_per_sec"]), fmt_ratio(s["ratio_to_best_peer"]),
                        fmt(s["mb_per_sec"], 1), fmt(s["p99_us"]),
-                       fmt(s["server_cpu_us_per_msg"], 2), fmt_ratio(s["cpu_ratio_to_best_peer"]),
+                       fmt(s["server_cpu_us_per_msg"], 2), split(s),
+                       fmt_ratio(s["cpu_ratio_to_best_peer"]),
                        pct(s["server_cpu_util"]), pct(s["client_cpu_util"]), str(s["errors"])])
     ih = ["server", "connections held", "RSS before KiB", "RSS after KiB", "bytes/conn", "× best peer"]
     ir = []
@@ -735,7 +755,7 @@ def cmd_summarize(a):
            "to CPU 1. Servers are interleaved (" + ", ".join(SERVERS) + ", then again) for every round; "
            "each cell is the median over rounds. *× best peer* divides by the faster of "
            + " and ".join(PEERS) + " in the same scenario (for CPU/msg and memory: the leaner one). "
-           "Server CPU is utime+stime from /proc/PID/stat over the measuring window; client CPU is wsload's "
+           "Server CPU is utime+stime from /proc/PID/stat over the measuring window (user · kernel: utime and stime apart); client CPU is wsload's "
            "share of its one core over its whole run (near 100% means the load generator, not the server, "
            "set the pace).", ""]
     if er:
