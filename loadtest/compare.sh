@@ -4,10 +4,13 @@
 # against pub/sub peers on the same two crates, driven by wsload.
 #
 #   loadtest/compare.sh [--rounds R] [--secs S] [--quick] [--idle-conns N] [--idle-secs S]
-#                       [--servers a,b,...] [--scenarios 20b,1k,16k,1m,slow,bcast100,bcast500,fanout10k,deflate]
+#                       [--servers a,b,...] [--scenarios 20b,20b-p8,1k,16k,1m,slow,bcast100,bcast500,fanout10k,deflate]
 #                       [--no-idle] [--no-build] [--slow-conns N] [--flood-size B]
 #                       [--fanout-subs N] [--fanout-rate R] [--out DIR]
 #
+# Scenario 20b-p8 (not in the default list): 100×20 B with 8 messages in flight per
+# connection (wsload --inflight 8), reported as its own row group: in the plain 20b row one
+# wsload core sets the pace, here the server's core does.
 # Scenario slow: wsload slow, one flooder that sends 64 KiB messages and never reads, next to
 # --slow-conns (10) echo clients of 1 KiB; records the server's RSS growth and whether the
 # flooder got disconnected. A server that dies there is recorded, not fatal.
@@ -106,7 +109,7 @@ done
 
 kind_of() { # scenario key -> echo | slow | broadcast | fanout (empty if unknown)
     case "$1" in
-        20b | 1k | 16k | 1m) echo echo ;;
+        20b | 1k | 16k | 1m | 20b-p8) echo echo ;;
         slow) echo slow ;;
         bcast100 | bcast500) echo broadcast ;;
         fanout10k) echo fanout ;;
@@ -136,7 +139,7 @@ for k in "${scenario_list[@]}"; do
         echo | slow) NEED_ECHO=1 ;;
         deflate) NEED_ECHO=1 NEED_DEFLATE=1 ;;
         broadcast | fanout) NEED_PUBSUB=1 ;;
-        *) die "unknown scenario $k (20b, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub, deflate; or idle / idle,deflate-idle alone)" ;;
+        *) die "unknown scenario $k (20b, 20b-p8, 1k, 16k, 1m, slow, bcast100, bcast500, fanout10k, pubsub, deflate; or idle / idle,deflate-idle alone)" ;;
     esac
 done
 # Idle memory goes with the echo scenarios: a pub/sub-only run leaves it out unless asked.
@@ -192,9 +195,12 @@ server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARG
 }
 
 scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
-    SC_KIND=$(kind_of "$1") SC_RATE=""
+    SC_KIND=$(kind_of "$1") SC_RATE="" SC_INFLIGHT=1
     case "$1" in
         20b) SC_NAME="100×20 B" SC_CONNS=100 SC_SIZE=20 ;;
+        # Pipelined: 8 messages in flight per connection, so one wsload core offers more
+        # than one server loop can echo (the 20b row is bound by the client's core).
+        20b-p8) SC_NAME="100×20 B, 8 in flight" SC_CONNS=100 SC_SIZE=20 SC_INFLIGHT=8 ;;
         1k) SC_NAME="10×1 KiB" SC_CONNS=10 SC_SIZE=1024 ;;
         16k) SC_NAME="500×16 KiB" SC_CONNS=500 SC_SIZE=16384 ;;
         1m) SC_NAME="1×1 MiB" SC_CONNS=1 SC_SIZE=1048576 ;;
@@ -392,7 +398,7 @@ run_load() { # server scenario-key round: echo, broadcast or fanout
     fi
     case "$SC_KIND" in
         echo) limit=$(python3 -c "print(int($SECS) + 90)")
-            load=(echo --url "ws://127.0.0.1:$PORT/" --conns "$SC_CONNS" --size "$SC_SIZE") ;;
+            load=(echo --url "ws://127.0.0.1:$PORT/" --conns "$SC_CONNS" --size "$SC_SIZE" --inflight "${SC_INFLIGHT:-1}") ;;
         # Every client on one topic (path).
         broadcast) limit=$(python3 -c "print(int($SECS) + 90)")
             load=(broadcast --url "ws://127.0.0.1:$PORT/bench" --conns "$SC_CONNS" --size "$SC_SIZE") ;;
