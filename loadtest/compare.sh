@@ -100,6 +100,8 @@ done
 SCENARIOS=${SCENARIOS//pubsub/bcast100,bcast500,fanout10k}
 
 log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
 die() { log "error: $*"; exit 1; }
 
 for tool in taskset timeout python3 cargo getconf; do
@@ -306,12 +308,6 @@ EOF
 # ----- servers -----
 PORT=$PORT_BASE
 
-listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), without connecting
-    local hex
-    hex=$(printf '%04X' "$1")
-    grep -qE "^ *[0-9]+: (0100007F|00000000):$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null
-}
-
 start_server() { # name logfile [kind] -> SPID, PORT (a fresh port every time: no TIME_WAIT reuse)
     local name=$1 logfile=$2 i
     PORT=$((PORT + 1))
@@ -330,56 +326,8 @@ start_server() { # name logfile [kind] -> SPID, PORT (a fresh port every time: n
 }
 
 stop_server() { # SIGTERM, SIGKILL after 5 s
-    local i
-    [[ -n $SPID ]] || return 0
-    kill -TERM "$SPID" 2>/dev/null
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$SPID" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$SPID" 2>/dev/null; then
-        log "server $SPID ignored SIGTERM for 5 s: SIGKILL"
-        kill -KILL "$SPID" 2>/dev/null
-    fi
-    wait "$SPID" 2>/dev/null
+    stop_pid "$SPID"
     SPID=""
-}
-
-cpu_ticks() { # pid -> utime + stime of the whole process, in clock ticks (-1 if gone)
-    local stat f
-    read -r stat <"/proc/$1/stat" 2>/dev/null || { echo -1; return; }
-    stat=${stat##*) } # the command name may hold spaces; fields resume after ") "
-    read -ra f <<<"$stat"
-    echo $((f[11] + f[12])) # utime (field 14) and stime (field 15)
-}
-
-cpu_ticks_split() { # pid -> "TOTAL:USER" clock ticks (utime + stime, and utime alone; -1 if gone)
-    local stat f
-    read -r stat <"/proc/$1/stat" 2>/dev/null || { echo -1; return; }
-    stat=${stat##*) }
-    read -ra f <<<"$stat"
-    echo "$((f[11] + f[12])):${f[11]}"
-}
-
-# `times` must run in this shell (not in a $(...) subshell, whose children are its own): its
-# second line is the user and system time of every child this shell has reaped, which is
-# how wsload's CPU time is taken (the pipeline's processes are reaped before the second call).
-children_cpu_s() { # file from `times >file` -> user + system seconds of reaped children
-    python3 -c '
-import re, sys
-line = open(sys.argv[1]).read().splitlines()[-1]  # "0m1.234s 0m0.567s"
-print(sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", line)))' "$1"
-}
-
-# Stamps each wsload progress line with the wall clock and the server's CPU ticks.
-sample_progress() { # pid samples-file log-file
-    local line
-    while IFS= read -r line; do
-        if [[ $line == wsload:*msgs/s* ]]; then
-            printf '%s %s %s\n' "$EPOCHREALTIME" "$(cpu_ticks_split "$1")" "$line" >>"$2"
-        fi
-        printf '%s\n' "$line" >>"$3"
-    done
 }
 
 run_load() { # server scenario-key round: echo, broadcast or fanout

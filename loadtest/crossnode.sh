@@ -103,6 +103,8 @@ IFS=, read -ra sweep_list <<<"$SWEEP_RATES"
 IFS=, read -ra sweep_subs_list <<<"$SWEEP_SUBS"
 
 log() { printf '[crossnode %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
 die() { log "error: $*"; exit 1; }
 
 for tool in timeout python3 cargo getconf curl redis-server redis-cli; do
@@ -147,20 +149,6 @@ RUNS=$OUT/runs.jsonl
 
 # ----- processes (every one started here is killed on exit) -----
 REDIS_PID="" A_PID="" B_PID="" TMP=""
-stop_pid() { # pid: SIGTERM, SIGKILL after 5 s
-    local pid=$1 i
-    [[ -n $pid ]] || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "process $pid ignored SIGTERM for 5 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     stop_pid "$A_PID"
     stop_pid "$B_PID"
@@ -177,11 +165,6 @@ cp "$WSLOAD" "$TMP/wsload"
 cp "$PUBSUB" "$TMP/pubsub"
 WSLOAD=$TMP/wsload PUBSUB=$TMP/pubsub
 
-listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), without connecting
-    local hex
-    hex=$(printf '%04X' "$1")
-    grep -qE "^ *[0-9]+: (0100007F|00000000):$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null
-}
 PORT=$PORT_BASE
 free_port() { # -> PORT: the next port nobody listens on
     PORT=$((PORT + 1))
@@ -219,20 +202,12 @@ start_node() { # name cpu-prefix-var -> sets NODE_PID, NODE_PORT
     wait_listening "$NODE_PID" "$NODE_PORT" "node $name" "$logfile"
 }
 
-# ----- sampling -----
-cpu_ticks() { # /proc path of a process or thread -> utime + stime in clock ticks (-1 if gone)
-    local stat f
-    read -r stat <"$1/stat" 2>/dev/null || { echo -1; return; }
-    stat=${stat##*) } # the command name may hold spaces; fields resume after ") "
-    read -ra f <<<"$stat"
-    echo $((f[11] + f[12]))
-}
 thread_ticks() { # pid thread-name -> the ticks of that thread (-1 if none)
     local task comm
     for task in /proc/"$1"/task/*; do
         read -r comm <"$task/comm" 2>/dev/null || continue
         if [[ $comm == "$2" ]]; then
-            cpu_ticks "$task"
+            proc_ticks "$task"
             return
         fi
     done
@@ -253,9 +228,9 @@ redis_commands() {
 }
 snapshot() { # -> one line: time, ticks of A, B, their backplane threads, Redis, CPUs, Redis commands
     printf '%s %s %s %s %s %s %s %s %s %s %s\n' "$EPOCHREALTIME" \
-        "$(cpu_ticks "/proc/$A_PID")" "$(cpu_ticks "/proc/$B_PID")" \
+        "$(cpu_ticks "$A_PID")" "$(cpu_ticks "$B_PID")" \
         "$(thread_ticks "$A_PID" wsd-redis-pub)" "$(thread_ticks "$A_PID" wsd-redis-sub)" \
-        "$(thread_ticks "$B_PID" wsd-redis-sub)" "$(cpu_ticks "/proc/$REDIS_PID")" \
+        "$(thread_ticks "$B_PID" wsd-redis-sub)" "$(cpu_ticks "$REDIS_PID")" \
         "$(core_ticks "$SERVER_CPU")" "$(core_ticks "$CLIENT_CPU")" "$(redis_commands)"
 }
 # A snapshot at every progress line wsload prints (one a second in the measuring window).

@@ -51,6 +51,8 @@ OUT="$ROOT/loadtest/results/scaling"
 PORT_BASE=${PORT_BASE:-19500}
 
 log() { printf '[scaling %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source "$ROOT/loadtest/lib.sh"
 die() { log "error: $*"; exit 1; }
 usage() {
     sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -208,18 +210,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/wsd-scaling.XXXXXX")
 SPID="" LPID="" SAMPLER=""
 
 stop_server() { # SIGTERM, SIGKILL after 5 s
-    local i
-    [[ -n $SPID ]] || return 0
-    kill -TERM "$SPID" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$SPID" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$SPID" 2>/dev/null; then
-        log "server $SPID ignored SIGTERM for 5 s: SIGKILL"
-        kill -KILL "$SPID" 2>/dev/null || true
-    fi
-    wait "$SPID" 2>/dev/null || true
+    stop_pid "$SPID"
     SPID=""
 }
 cleanup() {
@@ -261,12 +252,6 @@ log "$NCPU CPUs; servers on the first L of them, wsload on $CLIENT_CPUS ($CLIENT
 
 # ----- runs -----
 PORT=$PORT_BASE
-listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), without connecting
-    local hex
-    hex=$(printf '%04X' "$1")
-    grep -qE "^ *[0-9]+: (0100007F|00000000):$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null
-}
-
 start_server() { # name loops logfile -> SPID, PORT (a fresh port every time: no TIME_WAIT reuse)
     local name=$1 loops=$2 logfile=$3 i
     PORT=$((PORT + 1))
@@ -282,35 +267,6 @@ start_server() { # name loops logfile -> SPID, PORT (a fresh port every time: no
     log "$name did not start listening on 127.0.0.1:$PORT (see $logfile)"
     stop_server
     return 1
-}
-
-cpu_ticks() { # pid -> utime + stime of the whole process, in clock ticks (-1 if gone)
-    local stat f
-    read -r stat <"/proc/$1/stat" 2>/dev/null || { echo -1; return; }
-    stat=${stat##*) } # the command name may hold spaces; fields resume after ") "
-    read -ra f <<<"$stat"
-    echo $((f[11] + f[12])) # utime (field 14) and stime (field 15)
-}
-
-# `times` runs in this shell: its second line is the user and system time of every child it
-# has reaped (timeout, which reaped wsload), which is how wsload's CPU time is taken.
-children_cpu_s() { # file from `times >file` -> user + system seconds of reaped children
-    python3 -c '
-import re, sys
-line = open(sys.argv[1]).read().splitlines()[-1]  # "0m1.234s 0m0.567s"
-print(sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", line)))' "$1"
-}
-
-# Stamps each wsload progress line with the wall clock and the server's CPU ticks (the
-# format loadtest/report.py record reads).
-sample_progress() { # pid samples-file log-file
-    local line
-    while IFS= read -r line; do
-        if [[ $line == wsload:*msgs/s* ]]; then
-            printf '%s %s %s\n' "$EPOCHREALTIME" "$(cpu_ticks "$1")" "$line" >>"$2"
-        fi
-        printf '%s\n' "$line" >>"$3"
-    done
 }
 
 run_one() { # server loops round
