@@ -288,22 +288,9 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
 # ----- machine info -----
-cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-python3 - "$OUT/logs/machine.json" <<EOF
-import json, sys
-json.dump({
-    "date": "$(date -u '+%Y-%m-%d %H:%M UTC')",
-    "nproc": $(nproc),
-    "cpu": """${cpu_model:-unknown}""",
-    "kernel": "$(uname -sr)",
-    "memory": "$(free -h 2>/dev/null | awk '/^Mem:/{print $2}')",
-    "loadavg at start": "$(cut -d' ' -f1-3 /proc/loadavg)",
-    "rustc": "$(rustc --version 2>/dev/null)",
-    "commit": "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')",
-    "pinning": "server: taskset -c $SERVER_CPU, wsload: taskset -c $CLIENT_CPU",
-    "rounds x secs": "$ROUNDS x $SECS s",
-}, open(sys.argv[1], "w"), indent=1)
-EOF
+machine_json "$OUT/logs/machine.json" \
+    pinning "server: taskset -c $SERVER_CPU, wsload: taskset -c $CLIENT_CPU" \
+    "rounds x secs" "$ROUNDS x $SECS s"
 
 # ----- servers -----
 PORT=$PORT_BASE
@@ -479,12 +466,7 @@ if ((IDLE)); then
     done
 fi
 log "all runs done in $((SECONDS - start)) s"
-python3 - "$OUT/logs/machine.json" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF'
-import json, sys
-m = json.load(open(sys.argv[1]))
-m["loadavg at end"] = sys.argv[2]
-json.dump(m, open(sys.argv[1], "w"), indent=1)
-EOF
+machine_json_end "$OUT/logs/machine.json"
 
 echo
 python3 loadtest/report.py summarize --runs "$RUNS" --out "$OUT" --command "$COMMAND" \

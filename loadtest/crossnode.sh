@@ -315,23 +315,12 @@ print("    redis %s cmds/s; CPU A %s (pub thread %s), B %s (sub thread %s), redi
 }
 
 # ----- machine info -----
-cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-python3 - "$OUT/logs/machine.json" <<EOF
-import json, sys
-json.dump({
-    "date": "$(date -u '+%Y-%m-%d %H:%M UTC')",
-    "nproc": $(nproc),
-    "cpu": """${cpu_model:-unknown}""",
-    "kernel": "$(uname -sr)",
-    "memory": "$(free -h 2>/dev/null | awk '/^Mem:/{print $2}')",
-    "loadavg at start": "$(cut -d' ' -f1-3 /proc/loadavg)",
-    "rustc": "$(rustc --version 2>/dev/null)",
-    "redis": "$(redis-server --version)",
-    "commit": "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')",
-    "pinning": "A: cpu $A_CPU, B: cpu $B_CPU, redis: cpu $REDIS_CPU, wsload: cpu $CLIENT_CPU" + ("" if "$(command -v taskset || true)" else " (no taskset: not pinned)"),
-    "backend": "$BACKEND",
-}, open(sys.argv[1], "w"), indent=1)
-EOF
+pinned=""
+command -v taskset >/dev/null || pinned=" (no taskset: not pinned)"
+machine_json "$OUT/logs/machine.json" \
+    redis "$(redis-server --version)" \
+    pinning "A: cpu $A_CPU, B: cpu $B_CPU, redis: cpu $REDIS_CPU, wsload: cpu $CLIENT_CPU$pinned" \
+    backend "$BACKEND"
 
 start=$SECONDS
 for rate in "${rate_list[@]}"; do

@@ -64,3 +64,41 @@ stop_pid() { # pid: SIGTERM, SIGKILL after 5 s
     fi
     wait "$pid" 2>/dev/null || true
 }
+
+# The machine facts every result carries (date, CPUs, kernel, memory, load, rustc, commit),
+# then the script's own as KEY VALUE pairs (a VALUE that parses as JSON, like 3 or true,
+# is stored as such). Written to FILE as JSON.
+machine_json() { # file [key value]...
+    local file=$1
+    shift
+    python3 - "$file" \
+        "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(nproc)" \
+        "$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)" \
+        "$(uname -sr)" "$(free -h 2>/dev/null | awk '/^Mem:/{print $2}')" \
+        "$(cut -d' ' -f1-3 /proc/loadavg)" "$(rustc --version 2>/dev/null || true)" \
+        "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')" \
+        "$@" <<'PY'
+import json, sys
+path, *args = sys.argv[1:]
+keys = ["date", "nproc", "cpu", "kernel", "memory", "loadavg at start", "rustc", "commit"]
+facts = dict(zip(keys, args[:len(keys)]))
+facts["nproc"] = int(facts["nproc"])
+facts["cpu"] = facts["cpu"] or "unknown"
+extra = args[len(keys):]
+for key, value in zip(extra[0::2], extra[1::2]):
+    try:
+        facts[key] = json.loads(value)
+    except ValueError:
+        facts[key] = value
+json.dump(facts, open(path, "w"), indent=1)
+PY
+}
+
+machine_json_end() { # file: adds the load average at the end of the runs
+    python3 - "$1" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["loadavg at end"] = sys.argv[2]
+json.dump(m, open(sys.argv[1], "w"), indent=1)
+PY
+}

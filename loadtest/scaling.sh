@@ -225,29 +225,15 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
 # ----- machine info -----
-cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')"
 server_pins=""
 for l in "${loop_list[@]}"; do server_pins+="${server_pins:+; }$(cpu_range 0 "$l") at $l loop(s)"; done
 MACHINE=$OUT/logs/machine.json
-python3 - "$MACHINE" <<EOF
-import json, sys
-json.dump({
-    "date": "$(date -u '+%Y-%m-%d %H:%M UTC')",
-    "nproc": $NCPU,
-    "cpus": "$cpus_list",
-    "cpu": """${cpu_model:-unknown}""",
-    "kernel": "$(uname -sr)",
-    "memory": "$(free -h 2>/dev/null | awk '/^Mem:/{print $2}')",
-    "loadavg at start": "$(cut -d' ' -f1-3 /proc/loadavg)",
-    "rustc": "$(rustc --version 2>/dev/null || true)",
-    "commit": "$commit",
-    "pinning": "server: taskset -c $server_pins; wsload: taskset -c $CLIENT_CPUS, $CLIENT_THREADS client threads",
-    "shared": bool($SHARED or ($ALLOW_SHARED and $NCPU < 2 * $MAX_LOOPS)),
-    "load": "wsload echo --conns $CONNS --size $SIZE --inflight $INFLIGHT --threads $CLIENT_THREADS",
-    "rounds x secs": "$ROUNDS x $SECS s",
-}, open(sys.argv[1], "w"), indent=1)
-EOF
+machine_json "$MACHINE" \
+    nproc "$NCPU" cpus "$cpus_list" \
+    pinning "server: taskset -c $server_pins; wsload: taskset -c $CLIENT_CPUS, $CLIENT_THREADS client threads" \
+    shared "$( ((SHARED || (ALLOW_SHARED && NCPU < 2 * MAX_LOOPS))) && echo true || echo false)" \
+    load "wsload echo --conns $CONNS --size $SIZE --inflight $INFLIGHT --threads $CLIENT_THREADS" \
+    "rounds x secs" "$ROUNDS x $SECS s"
 log "$NCPU CPUs; servers on the first L of them, wsload on $CLIENT_CPUS ($CLIENT_THREADS threads); loops $LOOPS; $ROUNDS round(s) × $SECS s"
 
 # ----- runs -----
@@ -328,12 +314,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 log "all runs done in $((SECONDS - start)) s"
-python3 - "$MACHINE" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF'
-import json, sys
-m = json.load(open(sys.argv[1]))
-m["loadavg at end"] = sys.argv[2]
-json.dump(m, open(sys.argv[1], "w"), indent=1)
-EOF
+machine_json_end "$MACHINE"
 
 echo
 python3 loadtest/scaling_report.py summarize --runs "$RUNS" --machine-json "$MACHINE" \
