@@ -47,6 +47,22 @@ pub fn parse_args(name: &str) -> Args {
 /// One worker per core: `threads == 1` gets a current-thread runtime (no work-stealing
 /// overhead, the peers' best case on one pinned core), more get a multi-thread runtime with
 /// that many workers.
+/// Binds the peer's listener (or exits with why it cannot) and says where it listens.
+pub async fn listen(name: &str, args: &Args) -> tokio::net::TcpListener {
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("{name}: cannot listen on {}: {e}", args.addr);
+            std::process::exit(1);
+        });
+    eprintln!(
+        "{name}: listening on ws://{} ({} threads)",
+        listener.local_addr().unwrap(),
+        args.threads
+    );
+    listener
+}
+
 pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -12,7 +12,6 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use tokio::net::TcpListener;
 use wsd_peers::{MAX_MESSAGE, parse_args, runtime};
 
 async fn handle_client(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
@@ -46,15 +45,7 @@ async fn server_upgrade(
 fn main() {
     let args = parse_args("fastwebsockets-echo");
     runtime(args.threads).block_on(async move {
-        let listener = TcpListener::bind(args.addr).await.unwrap_or_else(|e| {
-            eprintln!("fastwebsockets-echo: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        });
-        eprintln!(
-            "fastwebsockets-echo: listening on ws://{} ({} threads)",
-            listener.local_addr().unwrap(),
-            args.threads
-        );
+        let listener = wsd_peers::listen("fastwebsockets-echo", &args).await;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,

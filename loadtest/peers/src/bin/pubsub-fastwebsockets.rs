@@ -29,7 +29,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use tokio::io::{AsyncWrite, BufWriter};
-use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::{Receiver, Sender};
 use tokio::sync::mpsc;
@@ -161,15 +160,7 @@ async fn server_upgrade(
 fn main() {
     let args = parse_args("pubsub-fastwebsockets");
     runtime(args.threads).block_on(async move {
-        let listener = TcpListener::bind(args.addr).await.unwrap_or_else(|e| {
-            eprintln!("pubsub-fastwebsockets: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        });
-        eprintln!(
-            "pubsub-fastwebsockets: listening on ws://{} ({} threads)",
-            listener.local_addr().unwrap(),
-            args.threads
-        );
+        let listener = wsd_peers::listen("pubsub-fastwebsockets", &args).await;
         wsd_peers::spawn_drop_reporter("pubsub-fastwebsockets");
         let topics: Arc<Topics<Published>> = Arc::new(Topics::default());
         loop {

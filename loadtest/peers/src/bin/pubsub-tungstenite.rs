@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::{Receiver, Sender};
 use tokio_tungstenite::WebSocketStream;
@@ -93,15 +93,7 @@ async fn forward(
 fn main() {
     let args = parse_args("pubsub-tungstenite");
     runtime(args.threads).block_on(async move {
-        let listener = TcpListener::bind(args.addr).await.unwrap_or_else(|e| {
-            eprintln!("pubsub-tungstenite: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        });
-        eprintln!(
-            "pubsub-tungstenite: listening on ws://{} ({} threads)",
-            listener.local_addr().unwrap(),
-            args.threads
-        );
+        let listener = wsd_peers::listen("pubsub-tungstenite", &args).await;
         wsd_peers::spawn_drop_reporter("pubsub-tungstenite");
         let topics = Arc::new(Topics::default());
         loop {

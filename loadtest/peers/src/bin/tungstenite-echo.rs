@@ -5,7 +5,7 @@
 //! Pings and closes are answered by tungstenite itself; the stream ends after the close.
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use wsd_peers::{MAX_MESSAGE, parse_args, runtime};
@@ -29,15 +29,7 @@ async fn serve(stream: TcpStream) -> Result<(), tokio_tungstenite::tungstenite::
 fn main() {
     let args = parse_args("tungstenite-echo");
     runtime(args.threads).block_on(async move {
-        let listener = TcpListener::bind(args.addr).await.unwrap_or_else(|e| {
-            eprintln!("tungstenite-echo: cannot listen on {}: {e}", args.addr);
-            std::process::exit(1);
-        });
-        eprintln!(
-            "tungstenite-echo: listening on ws://{} ({} threads)",
-            listener.local_addr().unwrap(),
-            args.threads
-        );
+        let listener = wsd_peers::listen("tungstenite-echo", &args).await;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
