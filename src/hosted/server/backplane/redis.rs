@@ -98,6 +98,11 @@ impl RedisBackplane {
         let client = Client::open(url)?;
         let mut probe = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
         redis::cmd("PING").exec(&mut probe)?;
+        RedisBackplane::with_client(client)
+    }
+
+    /// The backplane for `client`, without touching Redis yet.
+    fn with_client(client: Client) -> RedisResult<RedisBackplane> {
         let mut node = [0u8; 8];
         getrandom::fill(&mut node).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!("no randomness: {e}")))
@@ -127,7 +132,8 @@ impl RedisBackplane {
         self
     }
 
-    /// Messages queued for Redis before new ones are dropped (default 65 536).
+    /// Messages queued for Redis before new ones are dropped and counted in
+    /// [`BackplaneStats::dropped`] (default 65 536; 0 counts as 1).
     pub fn queue_limit(mut self, limit: usize) -> RedisBackplane {
         self.queue_limit = limit.max(1);
         self
@@ -147,6 +153,13 @@ impl RedisBackplane {
         channel
     }
 
+    /// Opens the bounded queue the loops fill and the publisher thread drains.
+    fn open_queue(&self) -> Receiver<Out> {
+        let (tx, rx) = sync_channel(self.queue_limit);
+        *self.queue.lock().expect("backplane queue lock") = Some(tx);
+        rx
+    }
+
     fn enqueue(&self, out: Out) -> bool {
         let queue = self.queue.lock().expect("backplane queue lock");
         match queue.as_ref().map(|q| q.try_send(out)) {
@@ -164,8 +177,7 @@ impl RedisBackplane {
 
 impl Backplane for RedisBackplane {
     fn start(&self, inbound: Inbound) {
-        let (tx, rx) = sync_channel(self.queue_limit);
-        *self.queue.lock().expect("backplane queue lock") = Some(tx);
+        let rx = self.open_queue();
         let publisher = Publisher {
             client: self.client.clone(),
             shared: self.shared.clone(),
@@ -474,5 +486,81 @@ impl Subscriber {
         if let Err(e) = self.inbound.deliver(topic, &payload[HEADER..], kind) {
             log::warn!("websocket-driver: Redis backplane message refused: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backplane whose publisher thread never runs, so nothing drains its queue.
+    fn undrained(limit: Option<usize>) -> (RedisBackplane, Receiver<Out>) {
+        // Nothing listens on port 1: `Client::open` only parses the URL.
+        let client = Client::open("redis://127.0.0.1:1/").expect("a valid URL");
+        let mut backplane = RedisBackplane::with_client(client).expect("a backplane");
+        if let Some(limit) = limit {
+            backplane = backplane.queue_limit(limit);
+        }
+        let rx = backplane.open_queue();
+        (backplane, rx)
+    }
+
+    fn queued(rx: &Receiver<Out>) -> Vec<u8> {
+        rx.try_iter()
+            .map(|out| match out {
+                Out::Publish { payload, .. } => payload[HEADER],
+                Out::Wake => b'w',
+                Out::Stop => b's',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_queue_holds_the_default_limit_and_drops_the_next_publish() {
+        let (backplane, rx) = undrained(None);
+        assert_eq!(backplane.queue_limit, 65_536);
+        for _ in 0..DEFAULT_QUEUE_LIMIT {
+            backplane.publish(b"room", b"x", MessageType::Text);
+        }
+        assert_eq!(backplane.stats().dropped, 0);
+        backplane.publish(b"room", b"y", MessageType::Text);
+        assert_eq!(backplane.stats().dropped, 1);
+        let queued = queued(&rx);
+        assert_eq!(queued.len(), DEFAULT_QUEUE_LIMIT);
+        assert!(queued.iter().all(|&b| b == b'x'));
+    }
+
+    #[test]
+    fn the_queue_holds_the_set_limit_and_drops_the_next_publish() {
+        let (backplane, rx) = undrained(Some(3));
+        for data in [b"1", b"2", b"3"] {
+            backplane.publish(b"room", data, MessageType::Binary);
+        }
+        assert_eq!(backplane.stats().dropped, 0, "at the limit");
+        backplane.publish(b"room", b"4", MessageType::Binary);
+        assert_eq!(backplane.stats().dropped, 1, "at the limit + 1");
+        assert_eq!(queued(&rx), b"123", "the queued ones are kept, in order");
+        // Drained, the queue takes publishes again.
+        backplane.publish(b"room", b"5", MessageType::Binary);
+        assert_eq!(backplane.stats().dropped, 1);
+        assert_eq!(queued(&rx), b"5");
+    }
+
+    #[test]
+    fn a_limit_of_zero_means_one() {
+        let (backplane, rx) = undrained(Some(0));
+        backplane.publish(b"room", b"1", MessageType::Text);
+        backplane.publish(b"room", b"2", MessageType::Text);
+        assert_eq!(backplane.stats().dropped, 1);
+        assert_eq!(queued(&rx), b"1");
+    }
+
+    #[test]
+    fn after_stop_every_publish_is_dropped() {
+        let (backplane, rx) = undrained(Some(8));
+        backplane.stop();
+        assert_eq!(queued(&rx), b"s");
+        backplane.publish(b"room", b"1", MessageType::Text);
+        assert_eq!(backplane.stats().dropped, 1);
     }
 }
