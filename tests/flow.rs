@@ -323,6 +323,80 @@ fn sender_is_refused_past_the_cap(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// Subscribes to `hold-topic`, hands out its `Sender`, and on the text `hold` blocks its
+/// loop until the test releases it, so that commands pile up in the loop's inbox.
+struct Holder {
+    registry: Arc<Mutex<Option<Sender>>>,
+    held: std::sync::mpsc::Sender<()>,
+    release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+impl Handler for Holder {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        ws.subscribe("hold-topic").unwrap();
+        *self.registry.lock().unwrap() = Some(ws.sender());
+    }
+    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+        if matches!(&message, Message::Text(t) if t == "hold") {
+            self.held.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+    }
+}
+
+/// A `Sender` message accepted with Ok is delivered even when, by the time its loop takes
+/// it, the connection's output is over the cap (here: a 4 MiB publication the client has
+/// not read, queued in the same loop turn just before it). The `Sender` checks the cap when
+/// it accepts; the loop must not check again and drop what was accepted.
+fn accepted_sends_are_delivered_past_the_cap(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = Arc::new(Mutex::new(None));
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let registry = slot.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| {
+            Upgrade::Accept(Holder {
+                registry: registry.clone(),
+                held: held_tx.clone(),
+                release: release_rx.clone(),
+            })
+        })
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert!(eventually(Duration::from_secs(5), || slot
+        .lock()
+        .unwrap()
+        .is_some()));
+    let sender = slot.lock().unwrap().clone().unwrap();
+    // Block the loop, then queue a publication far over the cap and a small send behind it.
+    client.send_text("hold").unwrap();
+    held.recv_timeout(Duration::from_secs(5))
+        .expect("the loop is held");
+    let big = vec![7u8; 4 * CAP];
+    server
+        .publish("hold-topic", &big, websocket_driver::MessageType::Binary)
+        .unwrap();
+    sender
+        .send_text("behind")
+        .expect("accepted: nothing was queued when it was sent");
+    release.send(()).unwrap();
+    // Both arrive, in order.
+    let first = client.next_message().unwrap();
+    assert!(
+        matches!(&first, Owned::Binary(d) if d.len() == big.len()),
+        "{first:?}"
+    );
+    assert_eq!(client.next_message().unwrap(), Owned::Text("behind".into()));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -338,4 +412,5 @@ on_every_backend!(
     flooding_client_is_slowed_not_dropped,
     handler_sends_are_refused_past_the_cap,
     sender_is_refused_past_the_cap,
+    accepted_sends_are_delivered_past_the_cap,
 );
