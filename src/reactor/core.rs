@@ -27,6 +27,7 @@
 //! session got `closed`; the slab entry waits until the backend holds no operation on the
 //! socket, then is freed and the socket closed).
 
+use std::cell::Cell;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -123,13 +124,17 @@ pub(crate) struct Core<S: Service, B: Backend> {
     resumed: Vec<usize>,
     /// Scratch for the targets of a loop-wide command.
     targets: Vec<usize>,
+    /// The time of this turn, read on first use (see [`Core::now`]).
+    turn_now: Cell<Option<Instant>>,
 }
 
 /// Runs one loop until a shutdown completes.
 pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) -> io::Result<()> {
     let result = (|| {
         loop {
-            let timeout = core.next_timeout(Instant::now());
+            let timeout = core.next_timeout(core.now());
+            // The clock is read again, once, when the wait's first event needs it.
+            core.turn_now.set(None);
             backend.wait(&mut core, timeout)?;
             core.end_turn(&mut backend)?;
             if core.shutdown_deadline.is_some() && core.conns.is_empty() {
@@ -165,6 +170,21 @@ impl<S: Service, B: Backend> Core<S, B> {
             dirty: Vec::new(),
             resumed: Vec::new(),
             targets: Vec::new(),
+            turn_now: Cell::new(None),
+        }
+    }
+
+    /// The time of this turn. One reading of the clock serves every event of a turn
+    /// (a turn lasts microseconds; timers work in milliseconds); the end of the turn
+    /// reads it afresh for the timers and the next wait.
+    fn now(&self) -> Instant {
+        match self.turn_now.get() {
+            Some(now) => now,
+            None => {
+                let now = Instant::now();
+                self.turn_now.set(Some(now));
+                now
+            }
         }
     }
 
@@ -226,7 +246,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// accept() failed (EMFILE, ENFILE, ENOBUFS…): the pending connection stays in the
     /// backlog, so try again after a back-off instead of spinning.
     pub fn on_accept_error(&mut self) {
-        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+        self.accept_paused_until = Some(self.now() + ACCEPT_BACKOFF);
     }
 
     /// Another thread rang the waker: run the queued commands.
@@ -244,7 +264,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                         .get(key)
                         .is_some_and(|c| c.generation == generation && c.phase == Phase::Active)
                     {
-                        self.call(backend, key, Instant::now(), |service, session, io| {
+                        self.call(backend, key, self.now(), |service, session, io| {
                             service.command(session, io, command)
                         });
                     }
@@ -262,11 +282,9 @@ impl<S: Service, B: Backend> Core<S, B> {
     pub fn on_data(&mut self, backend: &mut B, key: usize, data: &mut [u8]) -> bool {
         LoopStats::add(&self.stats.bytes_in, data.len() as u64);
         match self.conns.get(key).map(|c| c.phase) {
-            Some(Phase::Active) => {
-                self.call(backend, key, Instant::now(), |service, session, io| {
-                    service.read(session, io, data)
-                })
-            }
+            Some(Phase::Active) => self.call(backend, key, self.now(), |service, session, io| {
+                service.read(session, io, data)
+            }),
             // Our side is done: discard until the peer's FIN.
             Some(Phase::Lingering) => true,
             Some(Phase::Closing) | None => false,
@@ -286,7 +304,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// `n` bytes of a buffer from [`Output::take`] were sent (completion backends).
     pub fn on_sent(&mut self, backend: &mut B, key: usize, n: usize) {
         LoopStats::add(&self.stats.bytes_out, n as u64);
-        self.call(backend, key, Instant::now(), |service, session, io| {
+        self.call(backend, key, self.now(), |service, session, io| {
             service.sent(session, io, n)
         });
     }
@@ -321,6 +339,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             self.flush_dirty(backend);
         }
         let now = Instant::now();
+        self.turn_now.set(Some(now));
         self.expire_timers(backend, now);
         self.flush_dirty(backend);
         if self.accept_paused_until.is_some_and(|t| now >= t) {
@@ -346,7 +365,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     fn fan_out(&mut self, backend: &mut B, command: S::Command) {
         let mut targets = std::mem::take(&mut self.targets);
         self.service.targets(&command, &mut targets);
-        let now = Instant::now();
+        let now = self.now();
         for key in targets.drain(..) {
             if self
                 .conns
@@ -450,6 +469,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// Writes a connection's queued output; once all is out, reports `drained` or starts
     /// a requested close.
     fn flush(&mut self, backend: &mut B, key: usize) {
+        let now = self.now();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -463,7 +483,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         let mut out = Output {
             service: &mut self.service,
             session,
-            io: Io::new(Instant::now(), key, conn.generation, &self.remote),
+            io: Io::new(now, key, conn.generation, &self.remote),
             stats: &self.stats,
         };
         let written = backend.write(key, &mut conn.socket, &mut out);
@@ -483,7 +503,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                 if conn.write_blocked {
                     conn.write_blocked = false;
                     // `drained` may queue more; the next flush of it starts the close.
-                    self.call(backend, key, Instant::now(), |service, session, io| {
+                    self.call(backend, key, self.now(), |service, session, io| {
                         service.drained(session, io)
                     });
                 } else if conn.close_requested {
@@ -492,7 +512,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                     backend.finish_writes(&mut conn.socket);
                     conn.phase = Phase::Lingering;
                     self.wheel
-                        .reset(key, &mut conn.deadline, Some(Instant::now() + LINGER));
+                        .reset(key, &mut conn.deadline, Some(now + LINGER));
                 }
             }
         }
@@ -539,7 +559,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         match started {
             Ok(stream) => self.register(backend, stream, addr, Some(init)),
             Err(e) => {
-                let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
                 self.service.connect_failed(&mut io, init, e);
             }
         }
@@ -567,6 +587,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             return;
         }
         let _ = stream.set_nodelay(true);
+        let now = self.now();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let socket = match backend.attach(key, stream) {
@@ -574,7 +595,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             Err(e) => {
                 connections.fetch_sub(1, Ordering::AcqRel);
                 if let Some(init) = init {
-                    let mut io = Io::new(Instant::now(), usize::MAX, 0, &self.remote);
+                    let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
                     self.service.connect_failed(&mut io, init, e);
                 }
                 return;
@@ -582,7 +603,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         };
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
-        let mut io = Io::new(Instant::now(), key, generation, &self.remote);
+        let mut io = Io::new(now, key, generation, &self.remote);
         let session = match init {
             None => self.service.open(&mut io, peer),
             Some(init) => self.service.connected(&mut io, peer, init),
@@ -623,7 +644,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         backend.detach(key, &mut conn.socket);
         let (generation, session) = (conn.generation, conn.session.take());
         if let Some(session) = session {
-            let mut io = Io::new(Instant::now(), key, generation, &self.remote);
+            let mut io = Io::new(self.now(), key, generation, &self.remote);
             self.service.closed(session, &mut io);
         }
         self.on_released(key);
@@ -646,7 +667,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
             if self.conns[key].phase == Phase::Active {
-                self.call(backend, key, Instant::now(), |service, session, io| {
+                self.call(backend, key, self.now(), |service, session, io| {
                     service.shutdown(session, io)
                 });
             }

@@ -20,6 +20,9 @@ const READS_PER_TURN: usize = 4;
 /// Slices per vectored write: enough to drain a queue of small published frames in one
 /// syscall, well under `IOV_MAX` (1024).
 const WRITE_PARTS: usize = 64;
+/// Slices asked for first: an echo's output is one or two, and filling 64 empty slices
+/// on every write cost more than the rest of the write's user-space work.
+const FEW_PARTS: usize = 4;
 
 pub(crate) struct Epoll {
     poll: Poll,
@@ -123,18 +126,9 @@ impl Backend for Epoll {
         out: &mut Output<'_, '_, S>,
     ) -> io::Result<Written> {
         loop {
-            // Own frames and shared (published) frames go out together: one writev.
-            let mut parts = [IoSlice::new(&[]); WRITE_PARTS];
-            let n = out.parts(&mut parts);
-            if n == 0 {
-                return Ok(Written::All);
-            }
-            let written = match n {
-                1 => stream.write(&parts[0]),
-                _ => stream.write_vectored(&parts[..n]),
-            };
-            match written {
-                Ok(n) => out.consume(n),
+            match write_parts(stream, out) {
+                Ok(None) => return Ok(Written::All),
+                Ok(Some(n)) => out.consume(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Written::Blocked),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -177,6 +171,27 @@ impl Backend for Epoll {
     }
 
     fn quiesce<S: Service>(&mut self, _core: &mut Core<S, Self>) {}
+}
+
+/// One write (vectored when the output is in several parts) of what `out` has queued.
+/// Returns the bytes written, `None` when nothing is queued.
+fn write_parts<S: Service>(
+    stream: &mut TcpStream,
+    out: &Output<'_, '_, S>,
+) -> io::Result<Option<usize>> {
+    let mut few = [IoSlice::new(&[]); FEW_PARTS];
+    let written = match out.parts(&mut few) {
+        0 => return Ok(None),
+        1 => stream.write(&few[0]),
+        n if n < FEW_PARTS => stream.write_vectored(&few[..n]),
+        _ => {
+            // Perhaps more than fit: ask again with room for many.
+            let mut many = [IoSlice::new(&[]); WRITE_PARTS];
+            let n = out.parts(&mut many);
+            stream.write_vectored(&many[..n])
+        }
+    };
+    written.map(Some)
 }
 
 impl Epoll {
