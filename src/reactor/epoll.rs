@@ -17,10 +17,12 @@ const WAKER: Token = Token(usize::MAX - 2);
 /// Reads per connection per turn: a peer that keeps its socket full gets this many, then
 /// the loop serves the others and comes back next turn.
 const READS_PER_TURN: usize = 4;
-/// Slices per vectored write: enough to drain a queue of small published frames in one
-/// syscall, well under `IOV_MAX` (1024).
-const WRITE_PARTS: usize = 64;
-/// Slices asked for first: an echo's output is one or two, and filling 64 empty slices
+/// Slices per vectored write: `IOV_MAX`, so a subscriber's queue of small published
+/// frames (a broadcast round of 500 frames of 22 bytes) leaves in one syscall. With 64,
+/// broadcast 500 took 8 writes a round per subscriber and 0.128 µs of server CPU per
+/// delivery; with 1024, 0.061 µs.
+const WRITE_PARTS: usize = 1024;
+/// Slices asked for first: an echo's output is one or two, and filling many empty slices
 /// on every write cost more than the rest of the write's user-space work.
 const FEW_PARTS: usize = 4;
 
