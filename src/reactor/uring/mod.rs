@@ -1,6 +1,7 @@
 //! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
 //! send in flight per connection, everything submitted with one `io_uring_enter` per loop
-//! turn.
+//! turn (plus a non-waiting one when more completed receives are pending than one wait
+//! runs: see `Ring::enter`).
 //!
 //! A connection that closes cancels its receive and stays in the core's slab, holding its
 //! socket, until its last operation completed; only then is the socket closed and the slab
