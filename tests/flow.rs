@@ -52,14 +52,19 @@ impl Handler for Echo {
     }
 }
 
+/// The default configuration on one loop of `backend`.
+fn one_loop(backend: Backend) -> ServerConfig {
+    ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    }
+}
+
 fn default_server(backend: Backend) -> websocket_driver::ServerHandle {
     Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
+        .config(one_loop(backend))
         .start(|_| Upgrade::Accept(Echo))
         .unwrap()
 }
@@ -213,11 +218,7 @@ fn handler_sends_are_refused_past_the_cap(backend: Backend) {
     let counters = (accepted.clone(), refused.clone());
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
+        .config(one_loop(backend))
         .start(move |_| {
             Upgrade::Accept(Flooder {
                 accepted: counters.0.clone(),
@@ -268,11 +269,7 @@ fn sender_is_refused_past_the_cap(backend: Backend) {
     let registry = slot.clone();
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
+        .config(one_loop(backend))
         .start(move |_| Upgrade::Accept(Register(registry.clone())))
         .unwrap();
     let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
@@ -356,11 +353,7 @@ fn accepted_sends_are_delivered_past_the_cap(backend: Backend) {
     let registry = slot.clone();
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
+        .config(one_loop(backend))
         .start(move |_| {
             Upgrade::Accept(Holder {
                 registry: registry.clone(),
