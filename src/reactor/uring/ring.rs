@@ -24,12 +24,27 @@ use crate::reactor::Outgoing;
 
 /// The buffer group multishot receives pick from.
 const BUF_GROUP: u16 = 0;
-/// Task-work items (mostly completed receives) one non-waiting `io_uring_enter` may run
-/// after a wait (see [`Ring::enter`]), and how many such calls a turn makes. Half the
-/// backend's 256 provided buffers: every receive takes at least one, and a turn that used
-/// them all up would end receives with `ENOBUFS` (and cost re-arms).
+/// Task-work items (mostly completed receives) the non-waiting `io_uring_enter` after a
+/// wait may run (see [`Ring::enter`]). Half the backend's 256 provided buffers: every
+/// receive takes at least one, and a turn that used them all up would end receives with
+/// `ENOBUFS` (and cost re-arms).
 const DRAIN_ITEMS: usize = 128;
-const DRAIN_CALLS: usize = 1;
+
+/// The result of a waiting `io_uring_enter`: timing out, being interrupted, or finding
+/// the completion queue busy all just end the wait.
+fn waited(entered: io::Result<usize>) -> io::Result<()> {
+    match entered {
+        Err(e)
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+            ) =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Builds a ring with the fastest setup the kernel accepts: SINGLE_ISSUER + DEFER_TASKRUN,
 /// else COOP_TASKRUN, else plain.
@@ -286,39 +301,19 @@ impl Ring {
             }
             None => self.ring.submit_and_wait(1),
         };
-        match entered {
-            Err(e)
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) =>
-            {
-                return Err(e);
-            }
-            _ => {}
-        }
+        waited(entered)?;
         // A wait runs at most max(20, wait_nr) deferred task-work items (completed
         // receives) before it returns (Linux 6.13+), so a turn would see only ~20 of the
         // sockets that have data, and a broadcast turn would write every subscriber once
         // per ~20 publishes (broadcast 500: 14 sends per subscriber a round, against
-        // epoll's 2). While the kernel says more is pending, run it without waiting.
-        let now = Timespec::new();
-        for _ in 0..DRAIN_CALLS {
-            if !self.ring.submission().taskrun() {
-                break;
-            }
-            let drained = self
-                .ring
-                .submitter()
-                .submit_with_args(DRAIN_ITEMS, &SubmitArgs::new().timespec(&now));
-            if let Err(e) = drained
-                && !matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                )
-            {
-                return Err(e);
-            }
+        // epoll's 2). If the kernel says more is pending, run it without waiting.
+        if self.ring.submission().taskrun() {
+            let now = Timespec::new();
+            waited(
+                self.ring
+                    .submitter()
+                    .submit_with_args(DRAIN_ITEMS, &SubmitArgs::new().timespec(&now)),
+            )?;
         }
         Ok(())
     }
