@@ -132,6 +132,12 @@ impl WebSocket {
         self.receive(&mut []);
     }
 
+    /// The transport failed with `error`: runs `on_error` with it and `on_close` 1006.
+    pub fn receive_error(&mut self, error: std::io::Error) {
+        self.driver().receive_error(error);
+        self.receive(&mut []);
+    }
+
     fn dispatch(&mut self, driver: &mut Driver, event: Event<'_>) {
         match event {
             Event::Open => {

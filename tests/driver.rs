@@ -1080,6 +1080,35 @@ fn client_eof_during_handshake_is_incomplete_then_1006() {
     assert_eq!(eof(&mut client), vec![]);
 }
 
+/// A transport error (a refused connect) is reported as itself, in place of the generic
+/// "incomplete handshake", then 1006; once the close is reported nothing more comes.
+#[test]
+fn transport_error_is_reported_as_itself_then_1006() {
+    let (mut client, _request) = started_client(&Options::default());
+    client.receive_error(std::io::ErrorKind::ConnectionRefused.into());
+    assert_eq!(
+        drain(&mut client),
+        vec![
+            Ev::Error(Err::Io(std::io::ErrorKind::ConnectionRefused)),
+            Ev::Close(1006, String::new())
+        ]
+    );
+    client.receive_error(std::io::ErrorKind::ConnectionReset.into());
+    assert_eq!(drain(&mut client), vec![]);
+    assert_eq!(eof(&mut client), vec![]);
+    // On an open connection a reset mid-message is reported the same way.
+    let (_client, mut server) = open_pair(&Options::default(), &Options::default());
+    assert_eq!(feed(&mut server, &[0x01, 0x85, 1, 2, 3, 4]), vec![]);
+    server.receive_error(std::io::ErrorKind::ConnectionReset.into());
+    assert_eq!(
+        drain(&mut server),
+        vec![
+            Ev::Error(Err::Io(std::io::ErrorKind::ConnectionReset)),
+            Ev::Close(1006, String::new())
+        ]
+    );
+}
+
 /// Builds a server response for a client's request.
 type ResponseFor = Box<dyn Fn(&[u8]) -> Vec<u8>>;
 

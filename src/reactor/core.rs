@@ -11,12 +11,14 @@
 //! One loop turn ([`run`]):
 //! 1. [`Core::next_timeout`] bounds the wait;
 //! 2. [`Backend::wait`] blocks, then reports IO: [`Core::on_accept`], [`Core::on_data`],
-//!    [`Core::on_eof`], [`Core::on_writable`], [`Core::on_sent`], [`Core::on_wake`]…;
-//! 3. [`Core::end_turn`] writes what the turn produced (one [`Backend::write`] per
-//!    connection that has output: writes are coalesced per turn; a readiness backend may
-//!    write a connection's reply right after reading it, [`Core::flush_now`]), resumes
-//!    reading for connections whose output drained, fires due timers, resumes accepting
-//!    after a back-off and enforces the shutdown deadline.
+//!    [`Core::on_eof`], [`Core::on_read_error`], [`Core::on_writable`], [`Core::on_sent`],
+//!    [`Core::on_wake`]…;
+//! 3. [`Core::end_turn`] starts queued outgoing connections (a bounded number per turn;
+//!    the next wait does not block while more wait), writes what the turn produced (one
+//!    [`Backend::write`] per connection that has output: writes are coalesced per turn; a
+//!    readiness backend may write a connection's reply right after reading it,
+//!    [`Core::flush_now`]), resumes reading for connections whose output drained, fires
+//!    due timers, resumes accepting after a back-off and enforces the shutdown deadline.
 //!
 //! Flow control: a session whose output is over its cap asks the loop to stop reading
 //! (`Io::set_reading(false)`); the backend pauses the socket ([`Backend::pause_reading`])
@@ -126,7 +128,16 @@ pub(crate) struct Core<S: Service, B: Backend> {
     targets: Vec<usize>,
     /// The time of this turn, read on first use (see [`Core::now`]).
     turn_now: Cell<Option<Instant>>,
+    /// Outgoing connections may wait in the inbox: the end of the turn starts at most
+    /// [`CONNECTS_PER_TURN`] of them, and the next wait does not block while more may wait.
+    connects_pending: bool,
 }
+
+/// How many queued outgoing connections one turn starts. A `connect` is a syscall that
+/// usually takes tens of microseconds, but milliseconds once most of the ephemeral ports
+/// to one destination are taken (Linux scans for a free one): thousands queued at once
+/// must not hold the loop away from the sockets it already has for seconds.
+const CONNECTS_PER_TURN: usize = 64;
 
 /// Runs one loop until a shutdown completes.
 pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) -> io::Result<()> {
@@ -171,6 +182,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             resumed: Vec::new(),
             targets: Vec::new(),
             turn_now: Cell::new(None),
+            connects_pending: false,
         }
     }
 
@@ -194,8 +206,11 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 
     /// How long the backend may wait: until the next timer, the end of an accept back-off
-    /// or the shutdown deadline.
+    /// or the shutdown deadline; not at all while queued connections wait to be started.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.connects_pending {
+            return Some(Duration::ZERO);
+        }
         let mut timeout = self.wheel.next_timeout(now);
         for extra in [self.accept_paused_until, self.shutdown_deadline]
             .into_iter()
@@ -273,9 +288,21 @@ impl<S: Service, B: Backend> Core<S, B> {
                 Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
             }
         }
-        while let Some((addr, init)) = self.inbox.next_connect() {
+        // Started at the end of the turn, a bounded number at a time.
+        self.connects_pending = true;
+    }
+
+    /// Starts up to [`CONNECTS_PER_TURN`] queued outgoing connections; the rest wait for
+    /// the next turns (see `connects_pending`).
+    fn start_connects(&mut self, backend: &mut B) {
+        self.connects_pending = false;
+        for _ in 0..CONNECTS_PER_TURN {
+            let Some((addr, init)) = self.inbox.next_connect() else {
+                return;
+            };
             self.connect(backend, addr, init);
         }
+        self.connects_pending = true;
     }
 
     /// Bytes arrived for `key`. Returns whether the connection still reads.
@@ -291,9 +318,14 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
     }
 
-    /// The peer closed its side, or reading failed.
+    /// The peer closed its side.
     pub fn on_eof(&mut self, backend: &mut B, key: usize) {
-        self.close_now(backend, key);
+        self.close_now(backend, key, None);
+    }
+
+    /// Reading failed (a refused connect, a reset): the connection is gone.
+    pub fn on_read_error(&mut self, backend: &mut B, key: usize, error: io::Error) {
+        self.close_now(backend, key, Some(error));
     }
 
     /// The socket can take more output (readiness backends).
@@ -310,8 +342,8 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 
     /// Writing failed: the connection is gone.
-    pub fn on_write_error(&mut self, backend: &mut B, key: usize) {
-        self.close_now(backend, key);
+    pub fn on_write_error(&mut self, backend: &mut B, key: usize, error: io::Error) {
+        self.close_now(backend, key, Some(error));
     }
 
     /// An operation on `key`'s socket ended: free a closing connection that has none left.
@@ -330,6 +362,9 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// Writes what the turn produced, fires due timers, resumes accepting after a
     /// back-off, and enforces the shutdown deadline.
     pub fn end_turn(&mut self, backend: &mut B) -> io::Result<()> {
+        if self.connects_pending {
+            self.start_connects(backend);
+        }
         self.run_local(backend);
         self.flush_dirty(backend);
         while let Some(key) = self.resumed.pop() {
@@ -450,7 +485,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
         match effects.close {
             CloseRequest::Now => {
-                self.close_now(backend, key);
+                self.close_now(backend, key, None);
                 false
             }
             CloseRequest::AfterFlush => {
@@ -495,7 +530,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             }
         }
         match written {
-            Err(_) => self.close_now(backend, key),
+            Err(error) => self.close_now(backend, key, Some(error)),
             Ok(Written::Submitted) => {}
             Ok(Written::Blocked) => self.conns[key].write_blocked = true,
             Ok(Written::All) => {
@@ -530,7 +565,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                 continue;
             }
             if conn.phase == Phase::Lingering {
-                self.close_now(backend, key);
+                self.close_now(backend, key, None);
                 continue;
             }
             self.call(backend, key, now, |service, session, io| {
@@ -587,7 +622,10 @@ impl<S: Service, B: Backend> Core<S, B> {
             return;
         }
         let _ = stream.set_nodelay(true);
-        let now = self.now();
+        // A fresh reading: a turn that accepts or connects many sockets can last long
+        // enough that its start would make this connection's first deadline early.
+        let now = Instant::now();
+        self.turn_now.set(Some(now));
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let socket = match backend.attach(key, stream) {
@@ -626,9 +664,9 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.apply(backend, key, effects);
     }
 
-    /// Ends the connection for the session now; the socket closes once the backend holds
-    /// no operation on it.
-    fn close_now(&mut self, backend: &mut B, key: usize) {
+    /// Ends the connection for the session now (`cause`: the transport's error, if that
+    /// is why); the socket closes once the backend holds no operation on it.
+    fn close_now(&mut self, backend: &mut B, key: usize, cause: Option<io::Error>) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -645,7 +683,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         let (generation, session) = (conn.generation, conn.session.take());
         if let Some(session) = session {
             let mut io = Io::new(self.now(), key, generation, &self.remote);
-            self.service.closed(session, &mut io);
+            self.service.closed(session, &mut io, cause);
         }
         self.on_released(key);
     }
@@ -653,7 +691,7 @@ impl<S: Service, B: Backend> Core<S, B> {
     fn close_all(&mut self, backend: &mut B) {
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            self.close_now(backend, key);
+            self.close_now(backend, key, None);
         }
     }
 

@@ -239,8 +239,8 @@ impl Epoll {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    core.on_eof(self, key);
+                Err(error) => {
+                    core.on_read_error(self, key, error);
                     break;
                 }
             }

@@ -264,8 +264,14 @@ pub(crate) trait Service: 'static {
     /// `n` bytes of a buffer from [`Service::take_output`] were sent (or dropped because the
     /// connection failed).
     fn sent(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
-    /// The socket is closed (by request, by the peer, by error or by shutdown).
-    fn closed(&mut self, session: Self::Session, io: &mut Io<'_, Self::Command>);
+    /// The socket is closed (by request, by the peer, by error or by shutdown); `cause` is
+    /// the transport's error when one ended it.
+    fn closed(
+        &mut self,
+        session: Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        cause: Option<std::io::Error>,
+    );
     /// The response for a connection refused because the server is full.
     fn over_capacity(&self) -> Vec<u8>;
 }

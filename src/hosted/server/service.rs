@@ -720,10 +720,18 @@ where
         }
     }
 
-    fn closed_plain(&mut self, mut conn: Conn<H>, io: &mut Io<'_, Command>) {
+    fn closed_plain(
+        &mut self,
+        mut conn: Conn<H>,
+        io: &mut Io<'_, Command>,
+        cause: Option<io::Error>,
+    ) {
         conn.untunnel();
         if let Phase::Open(driver, _) = &mut conn.phase {
-            driver.receive_eof();
+            match cause {
+                Some(error) => driver.receive_error(error),
+                None => driver.receive_eof(),
+            }
             self.pump(&mut conn, io, &mut []);
             if let Phase::Open(driver, _) = &mut conn.phase {
                 self.recycle(driver);

@@ -62,8 +62,25 @@ impl Driver {
     /// The transport ended (EOF or error). Queues `Error` if a frame or message was cut
     /// off, and `Close` 1006 unless the connection already reported its close.
     pub fn receive_eof(&mut self) {
+        self.transport_ended(None);
+    }
+
+    /// The transport failed with `error` (a refused connect, a reset): queues
+    /// `Error::Io(error)` in place of `receive_eof`'s generic error, then ends the
+    /// connection as `receive_eof` does. Nothing is reported once the close has been.
+    pub fn receive_error(&mut self, error: std::io::Error) {
+        self.transport_ended(Some(error));
+    }
+
+    fn transport_ended(&mut self, error: Option<std::io::Error>) {
         if self.close_reported {
             self.state = ReadyState::Closed;
+            return;
+        }
+        if let Some(error) = error {
+            self.queue_event(Event::Error(Error::Io(error)));
+            self.stop();
+            self.queue_close(code::ABNORMAL, String::new());
             return;
         }
         let cut_off = self.message.is_some()

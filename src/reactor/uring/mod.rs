@@ -264,9 +264,10 @@ impl Uring {
                 let bid = buffer.expect("multishot recv always selects a buffer");
                 core.on_data(self, key, bufs.buffer(bid, result as usize));
                 bufs.recycle(bid);
-            } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
-                // 0 = EOF; negative = error.
+            } else if result == 0 {
                 core.on_eof(self, key);
+            } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                core.on_read_error(self, key, io::Error::from_raw_os_error(-result));
             }
             core.on_released(key);
             return Ok(());
@@ -350,7 +351,12 @@ impl Uring {
             socket.send_op = OpSlot::NONE;
         }
         if live.is_some() && result <= 0 && result != -libc::ECANCELED {
-            core.on_write_error(self, key);
+            // A send of 0 bytes is as final as an error: the socket takes nothing more.
+            let error = match result {
+                0 => io::Error::from(io::ErrorKind::WriteZero),
+                _ => io::Error::from_raw_os_error(-result),
+            };
+            core.on_write_error(self, key, error);
         } else if live.is_some() {
             // Write on: the session may have queued more while this send was in flight.
             core.on_writable(key);

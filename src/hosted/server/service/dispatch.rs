@@ -172,8 +172,8 @@ where
         self.seal(conn, io);
     }
 
-    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>) {
-        self.closed_plain(conn, io)
+    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>, cause: Option<io::Error>) {
+        self.closed_plain(conn, io, cause)
     }
 
     fn over_capacity(&self) -> Vec<u8> {
