@@ -20,7 +20,7 @@ use websocket_driver::protocol::frame::{OpCode, write_frame};
 use websocket_driver::protocol::handshake::{
     HeadLimits, RequestParser, accept_key, server_response, validate_request,
 };
-use websocket_driver::protocol::mask::{apply_mask, apply_mask_scalar};
+use websocket_driver::protocol::mask::{apply_mask, apply_mask_scalar, apply_mask_words};
 use websocket_driver::protocol::utf8::Utf8Validator;
 use websocket_driver::{Driver, Event, Message, Options, ReadyState};
 
@@ -85,7 +85,7 @@ fn destination_offset(src: *const u8, dst_base: *const u8) -> usize {
 fn bench_unmask(c: &mut Criterion) {
     let mut group = c.benchmark_group("unmask");
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    for &len in &[64, 4 * KIB, MIB] {
+    for &len in &[64, 4 * KIB, 16 * KIB, MIB] {
         group.throughput(Throughput::Bytes(len as u64));
         // A u64 backing store makes byte 0 8-byte aligned for sure; byte 1 then is not.
         let mut words = vec![0u64; len / 8 + 2];
@@ -94,8 +94,11 @@ fn bench_unmask(c: &mut Criterion) {
         for (align, start) in [("aligned", 0usize), ("unaligned", 1)] {
             let buf = &mut bytes[start..start + len];
             let label = format!("{}/{align}", size_label(len));
-            group.bench_function(BenchmarkId::new("word", &label), |b| {
+            group.bench_function(BenchmarkId::new("dispatched", &label), |b| {
                 b.iter(|| apply_mask(black_box(&mut *buf), black_box(mask), 0))
+            });
+            group.bench_function(BenchmarkId::new("word", &label), |b| {
+                b.iter(|| apply_mask_words(black_box(&mut *buf), black_box(mask), 0))
             });
             group.bench_function(BenchmarkId::new("scalar", &label), |b| {
                 b.iter(|| apply_mask_scalar(black_box(&mut *buf), black_box(mask), 0))

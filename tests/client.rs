@@ -485,7 +485,9 @@ fn queued_connects_leave_room_for_open_connections(backend: Backend) {
     );
     // And every queued connect does start.
     assert!(
-        eventually(Duration::from_secs(30), || clients.stats().connections_total
+        eventually(Duration::from_secs(30), || clients
+            .stats()
+            .connections_total
             == 1 + QUEUED_CONNECTS),
         "{} of {} connections started",
         clients.stats().connections_total,
