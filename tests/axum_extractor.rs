@@ -5,38 +5,24 @@
 //! extractor on a plain hyper server. Loopback only, ephemeral ports, every test bounded.
 #![cfg(feature = "hyper")]
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::time::Duration;
+mod adapter_support;
 
+use std::convert::Infallible;
+
+use adapter_support::{
+    axum_server, bounded, close_frame, echoes, hyper_server, next_close, pings_on_request,
+    pong_answers, raw_exchange, raw_upgrade, refuses_version, tungstenite_client,
+};
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use websocket_driver::hyper::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-
-async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
-    tokio::time::timeout(Duration::from_secs(secs), body)
-        .await
-        .expect("test timed out");
-}
-
-/// Serves `app` with `axum::serve` on an ephemeral port.
-async fn serve(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 /// What the echo handler saw, for the test to check.
 type Seen = mpsc::UnboundedSender<String>;
@@ -105,7 +91,7 @@ fn echo_app() -> (Router, mpsc::UnboundedReceiver<String>) {
 async fn axum_echo_through_the_extractor() {
     bounded(60, async {
         let (app, mut seen) = echo_app();
-        let addr = serve(app).await;
+        let addr = axum_server(app).await;
 
         let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
         request
@@ -128,49 +114,21 @@ async fn axum_echo_through_the_extractor() {
             vec![2u8; 70_000],
             vec![3u8; 4 << 20],
         ] {
-            ws.send(TMessage::Binary(data.clone().into()))
-                .await
-                .unwrap();
-            assert_eq!(
-                ws.next().await.unwrap().unwrap(),
-                TMessage::Binary(data.into())
-            );
+            echoes(&mut ws, TMessage::Binary(data.into())).await;
         }
-        ws.send(TMessage::Text("grüße".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Text("grüße".into())
-        );
+        echoes(&mut ws, TMessage::Text("grüße".into())).await;
         // Pings are answered by the driver and still reported, as in axum.
-        ws.send(TMessage::Ping(b"hi".to_vec().into()))
-            .await
-            .unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Pong(b"hi".to_vec().into())
-        );
+        pong_answers(&mut ws, b"hi").await;
         assert_eq!(seen.recv().await.unwrap(), "ping hi");
-        ws.send(TMessage::Text("ping".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Ping(b"srv".to_vec().into())
-        );
+        pings_on_request(&mut ws).await;
         ws.send(TMessage::Pong(b"srv".to_vec().into()))
             .await
             .unwrap();
         assert_eq!(seen.recv().await.unwrap(), "pong srv");
 
         // The client closes: the handler sees the close frame, then the end.
-        ws.close(Some(TCloseFrame {
-            code: CloseCode::from(4001),
-            reason: "client done".into(),
-        }))
-        .await
-        .unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 4001),
-            other => panic!("expected the close echo, got {other:?}"),
-        }
+        ws.close(close_frame(4001, "client done")).await.unwrap();
+        assert_eq!(next_close(&mut ws).await.0, 4001, "the close echo");
         assert!(ws.next().await.is_none());
         assert_eq!(
             seen.recv().await.unwrap(),
@@ -179,18 +137,10 @@ async fn axum_echo_through_the_extractor() {
         assert_eq!(seen.recv().await.unwrap(), "end");
 
         // The handler closes.
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-            .await
-            .unwrap();
+        let mut ws = tungstenite_client(addr, "/ws").await;
         assert_eq!(seen.recv().await.unwrap(), "protocol None");
         ws.send(TMessage::Text("close".into())).await.unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Close(Some(frame)) => {
-                assert_eq!(u16::from(frame.code), 4000);
-                assert_eq!(frame.reason.as_str(), "bye");
-            }
-            other => panic!("expected the close, got {other:?}"),
-        }
+        assert_eq!(next_close(&mut ws).await, (4000, "bye".to_string()));
         assert!(ws.next().await.is_none());
         assert_eq!(seen.recv().await.unwrap(), "close Some((4000, \"bye\"))");
         assert_eq!(seen.recv().await.unwrap(), "end");
@@ -204,21 +154,8 @@ async fn axum_echo_through_the_extractor() {
 async fn protocol_error_is_an_err_then_the_end() {
     bounded(30, async {
         let (app, mut seen) = echo_app();
-        let addr = serve(app).await;
-        let mut raw = TcpStream::connect(addr).await.unwrap();
-        raw.write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = raw.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
+        let addr = axum_server(app).await;
+        let (mut raw, got) = raw_upgrade(addr, "/ws").await;
         assert!(
             got.starts_with(b"HTTP/1.1 101"),
             "{:?}",
@@ -268,10 +205,8 @@ async fn socket_as_stream_and_sink() {
                 })
             }),
         );
-        let addr = serve(app).await;
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/fwd"))
-            .await
-            .unwrap();
+        let addr = axum_server(app).await;
+        let mut ws = tungstenite_client(addr, "/fwd").await;
         for i in 0..10 {
             ws.send(TMessage::Text(format!("m{i}").into()))
                 .await
@@ -289,14 +224,6 @@ async fn socket_as_stream_and_sink() {
     .await;
 }
 
-async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut raw = TcpStream::connect(addr).await.unwrap();
-    raw.write_all(request).await.unwrap();
-    let mut got = vec![0u8; 4096];
-    let n = raw.read(&mut got).await.unwrap();
-    String::from_utf8_lossy(&got[..n]).into_owned()
-}
-
 /// Requests that are not valid upgrades are rejected when the extractor runs, with the
 /// crate's HTTP answers; `Option<WebSocketUpgrade>` lets one route serve both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,22 +239,10 @@ async fn bad_upgrades_are_rejected_over_http() {
                 }
             }),
         );
-        let addr = serve(app).await;
+        let addr = axum_server(app).await;
         let plain = raw_exchange(addr, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
-        let version = raw_exchange(
-            addr,
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
-        )
-        .await;
-        assert!(version.starts_with("HTTP/1.1 426"), "{version}");
-        assert!(
-            version
-                .to_ascii_lowercase()
-                .contains("sec-websocket-version: 13"),
-            "{version}"
-        );
+        refuses_version(addr, "/ws", 8).await;
         let both = raw_exchange(addr, b"GET /both HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(both.starts_with("HTTP/1.1 200"), "{both}");
         assert!(both.ends_with("plain http"), "{both}");
@@ -342,10 +257,6 @@ async fn bad_upgrades_are_rejected_over_http() {
 /// The same extractor on a plain hyper server: `WebSocketUpgrade::from_request`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extractor_on_plain_hyper() {
-    use hyper::server::conn::http1;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-
     async fn route(mut req: hyper::Request<hyper::body::Incoming>) -> Result<Response, Infallible> {
         Ok(match WebSocketUpgrade::from_request(&mut req) {
             Ok(ws) => ws.on_upgrade(|mut socket| async move {
@@ -363,27 +274,9 @@ async fn extractor_on_plain_hyper() {
     }
 
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service_fn(route))
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
-        ws.send(TMessage::Text("plain hyper".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Text("plain hyper".into())
-        );
+        let addr = hyper_server(route).await;
+        let mut ws = tungstenite_client(addr, "/").await;
+        echoes(&mut ws, TMessage::Text("plain hyper".into())).await;
         let plain = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
     })
@@ -428,7 +321,7 @@ async fn chat_room_select_over_recv_and_a_feed() {
         let app = Router::new()
             .route("/chat", get(chat))
             .with_state(room.clone());
-        let addr = serve(app).await;
+        let addr = axum_server(app).await;
         let url = format!("ws://{addr}/chat");
         let (mut a, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
         let (mut b, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
@@ -498,7 +391,7 @@ async fn deflate_is_one_switch_on_the_extractor() {
                     ws.on_upgrade(|socket| echo(socket, mpsc::unbounded_channel().0))
                 }),
             );
-        let addr = serve(app).await;
+        let addr = axum_server(app).await;
         let offer = Options::default().deflate(true);
         let text = r#"{"user":"alice","room":"lobby","text":"hello hello hello hello"}"#.repeat(20);
         for (path, agreed) in [("/deflate", true), ("/plain", false)] {

@@ -5,18 +5,23 @@
 //! HTTP `CONNECT` proxy. Loopback only, ephemeral ports, every test bounded.
 #![cfg(feature = "tokio")]
 
-use std::future::Future;
+mod adapter_support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use adapter_support::{
+    assert_protocol_error_then_close, bounded, close_frame, echoes, echoes_large, next_close,
+    pattern, pings_on_request, pong_answers, raw_upgrade, serve_each, serve_one,
+    tungstenite_client, tungstenite_sees_server_close, tungstenite_server, upgrade_request,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as TMessage;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use websocket_driver::server::HttpResponse;
 use websocket_driver::tokio::{
     Config, Handler, WsReceiver, WsSender, accept, accept_with, connect, connect_via_proxy, run,
@@ -26,18 +31,6 @@ use websocket_driver::{
 };
 
 const BIG: usize = 16 << 20;
-
-/// Runs a test body with a hard limit.
-async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
-    tokio::time::timeout(Duration::from_secs(secs), body)
-        .await
-        .expect("test timed out");
-}
-
-/// A recognisable payload: byte `i` is `(i * 31 + seed) % 251`.
-fn pattern(len: usize, seed: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + seed) % 251) as u8).collect()
-}
 
 /// Echo app on the adapter. `close:CODE` makes the server close with that code; `ping`
 /// makes it ping the client with payload "srv".
@@ -61,53 +54,12 @@ async fn echo_app(tx: WsSender, mut rx: WsReceiver) {
 
 /// The adapter's echo server on an ephemeral port.
 async fn adapter_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                if let Ok((tx, rx)) = accept(stream, &Options::default()).await {
-                    echo_app(tx, rx).await;
-                }
-            });
+    serve_each(|stream| async move {
+        if let Ok((tx, rx)) = accept(stream, &Options::default()).await {
+            echo_app(tx, rx).await;
         }
-    });
-    addr
-}
-
-/// A tokio-tungstenite echo server on an ephemeral port; `close:CODE` closes with it.
-async fn tungstenite_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                while let Some(Ok(message)) = ws.next().await {
-                    match message {
-                        TMessage::Text(t) if t.as_str().starts_with("close:") => {
-                            let code: u16 = t.as_str()[6..].parse().unwrap();
-                            let frame = CloseFrame {
-                                code: CloseCode::from(code),
-                                reason: "server says bye".into(),
-                            };
-                            let _ = ws.close(Some(frame)).await;
-                        }
-                        m @ (TMessage::Text(_) | TMessage::Binary(_)) => {
-                            let sent = ws.send(m).await;
-                            if sent.is_err() {
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-    addr
+    })
+    .await
 }
 
 /// The next message event, skipping Open, pings and pongs.
@@ -198,13 +150,19 @@ async fn client_sees_server_close(url: String, code: u16) {
     assert_eq!(reason, "server says bye");
 }
 
+/// `client_exchange` against the echo server at `addr`, then the server closes with each
+/// of `codes` in turn.
+async fn client_against(addr: SocketAddr, codes: [u16; 2]) {
+    client_exchange(format!("ws://{addr}/echo")).await;
+    for code in codes {
+        client_sees_server_close(format!("ws://{addr}/"), code).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_client_against_adapter_server() {
     bounded(60, async {
-        let addr = adapter_server().await;
-        client_exchange(format!("ws://{addr}/echo")).await;
-        client_sees_server_close(format!("ws://{addr}/"), 1001).await;
-        client_sees_server_close(format!("ws://{addr}/"), 3000).await;
+        client_against(adapter_server().await, [1001, 3000]).await
     })
     .await;
 }
@@ -212,10 +170,7 @@ async fn adapter_client_against_adapter_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_client_against_tungstenite_server() {
     bounded(60, async {
-        let addr = tungstenite_server().await;
-        client_exchange(format!("ws://{addr}/echo")).await;
-        client_sees_server_close(format!("ws://{addr}/"), 4999).await;
-        client_sees_server_close(format!("ws://{addr}/"), 1008).await;
+        client_against(tungstenite_server().await, [4999, 1008]).await
     })
     .await;
 }
@@ -241,10 +196,7 @@ async fn adapter_client_against_blocking_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_server_pings_tungstenite_client() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|stream| async move {
             let (tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
             assert!(matches!(rx.next().await, Some(Event::Open)));
             tx.send_ping(vec![1u8, 2, 3]).await.unwrap();
@@ -254,10 +206,9 @@ async fn adapter_server_pings_tungstenite_client() {
             }
             tx.close_connection(1000, "").await.unwrap();
             expect_close(&mut rx).await
-        });
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
+        })
+        .await;
+        let mut ws = tungstenite_client(addr, "/").await;
         let mut pinged = false;
         while let Some(message) = ws.next().await {
             match message.unwrap() {
@@ -288,43 +239,13 @@ async fn tungstenite_client_against_adapter_server() {
             .unwrap();
         assert_eq!(response.status(), 101);
 
-        ws.send(TMessage::Text("hello".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Text("hello".into())
-        );
-        ws.send(TMessage::Binary(vec![9u8; 1000].into()))
-            .await
-            .unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Binary(vec![9u8; 1000].into())
-        );
-        let big = pattern(BIG, 3);
-        ws.send(TMessage::Binary(big.clone().into())).await.unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Binary(b) => assert!(b[..] == big[..]),
-            other => panic!("unexpected {:?}", other.len()),
-        }
-        ws.send(TMessage::Ping(b"tick".to_vec().into()))
-            .await
-            .unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Pong(p) => assert_eq!(&p[..], b"tick"),
-            other => panic!("unexpected {other:?}"),
-        }
+        echoes(&mut ws, TMessage::Text("hello".into())).await;
+        echoes(&mut ws, TMessage::Binary(vec![9u8; 1000].into())).await;
+        echoes_large(&mut ws, pattern(BIG, 3)).await;
+        pong_answers(&mut ws, b"tick").await;
         // The server pings on request; tungstenite answers by itself.
-        ws.send(TMessage::Text("ping".into())).await.unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Ping(p) => assert_eq!(&p[..], b"srv"),
-            other => panic!("unexpected {other:?}"),
-        }
-        ws.close(Some(CloseFrame {
-            code: CloseCode::from(4123),
-            reason: "bye".into(),
-        }))
-        .await
-        .unwrap();
+        pings_on_request(&mut ws).await;
+        ws.close(close_frame(4123, "bye")).await.unwrap();
         loop {
             match ws.next().await {
                 Some(Ok(TMessage::Close(Some(frame)))) => {
@@ -337,20 +258,7 @@ async fn tungstenite_client_against_adapter_server() {
         }
 
         for code in [1000u16, 1001, 3001] {
-            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-                .await
-                .unwrap();
-            ws.send(TMessage::Text(format!("close:{code}").into()))
-                .await
-                .unwrap();
-            match ws.next().await.unwrap().unwrap() {
-                TMessage::Close(Some(frame)) => {
-                    assert_eq!(u16::from(frame.code), code);
-                    assert_eq!(frame.reason.as_str(), "server says bye");
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-            assert!(ws.next().await.is_none());
+            tungstenite_sees_server_close(addr, code).await;
         }
     })
     .await;
@@ -359,14 +267,16 @@ async fn tungstenite_client_against_adapter_server() {
 /// The adapter's server sees the client's close code and reason, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_server_reports_client_close_code() {
-    bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+    /// An adapter server for one connection that reports how it closed.
+    async fn close_reporter() -> (SocketAddr, tokio::task::JoinHandle<(u16, String)>) {
+        serve_one(|stream| async move {
             let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
             expect_close(&mut rx).await
-        });
+        })
+        .await
+    }
+    bounded(30, async {
+        let (addr, server) = close_reporter().await;
         let (tx, mut rx) = connect(&format!("ws://{addr}/"), &Options::default())
             .await
             .unwrap();
@@ -375,17 +285,8 @@ async fn adapter_server_reports_client_close_code() {
         assert_eq!(server.await.unwrap(), (3456, "going".to_string()));
 
         // A transport that just ends is 1006.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
-            expect_close(&mut rx).await
-        });
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
-        drop(ws);
+        let (addr, server) = close_reporter().await;
+        drop(tungstenite_client(addr, "/").await);
         assert_eq!(server.await.unwrap().0, 1006);
     })
     .await;
@@ -395,33 +296,22 @@ async fn adapter_server_reports_client_close_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_error_reports_error_then_close() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|stream| async move {
             let (_tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
             let mut events = Vec::new();
             while let Some(event) = rx.next().await {
                 events.push(event);
             }
             events
-        });
+        })
+        .await;
         let mut raw = TcpStream::connect(addr).await.unwrap();
-        raw.write_all(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
+        raw.write_all(&upgrade_request("/", 13)).await.unwrap();
         // An unmasked text frame from a client: 1002.
         raw.write_all(b"\x81\x02hi").await.unwrap();
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut got)).await;
-        let events = server.await.unwrap();
-        assert!(matches!(events[0], Event::Open));
-        assert!(matches!(events[1], Event::Error(Error::Protocol(_))));
-        assert!(matches!(events[2], Event::Close { code: 1002, .. }));
-        assert_eq!(events.len(), 3);
+        assert_protocol_error_then_close(&server.await.unwrap());
         assert!(got.starts_with(b"HTTP/1.1 101"));
         let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         let close = &got[head_end..];
@@ -435,11 +325,8 @@ async fn protocol_error_reports_error_then_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_upgrades_are_answered_with_http_errors() {
     bounded(30, async {
-        async fn answer(request: &'static [u8], check_404: bool) -> (String, bool) {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(async move {
-                let (stream, _) = listener.accept().await.unwrap();
+        async fn answer(request: &[u8], check_404: bool) -> (String, bool) {
+            let (addr, server) = serve_one(move |stream| async move {
                 let result = accept_with(stream, &Options::default(), &Config::default(), |req| {
                     if check_404 && req.path != "/chat" {
                         Err(HttpResponse::new(404, "no such room"))
@@ -449,7 +336,8 @@ async fn bad_upgrades_are_answered_with_http_errors() {
                 })
                 .await;
                 result.is_err()
-            });
+            })
+            .await;
             let mut raw = TcpStream::connect(addr).await.unwrap();
             raw.write_all(request).await.unwrap();
             let mut got = Vec::new();
@@ -462,37 +350,22 @@ async fn bad_upgrades_are_answered_with_http_errors() {
         let (text, failed) = answer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
         assert!(failed);
-        let (text, failed) = answer(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
-            false,
-        )
-        .await;
+        let (text, failed) = answer(&upgrade_request("/", 8), false).await;
         assert!(text.starts_with("HTTP/1.1 426"), "{text}");
         assert!(text.contains("Sec-WebSocket-Version: 13"));
         assert!(failed);
-        let (text, failed) = answer(
-            b"GET /lobby HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            true,
-        )
-        .await;
+        let (text, failed) = answer(&upgrade_request("/lobby", 13), true).await;
         assert!(text.starts_with("HTTP/1.1 404"), "{text}");
         assert!(failed);
 
         // The client side of a refused handshake.
-        let addr = {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (stream, _) = listener.accept().await.unwrap();
-                let _ = accept_with(stream, &Options::default(), &Config::default(), |_| {
-                    Err(HttpResponse::new(403, "go away"))
-                })
-                .await;
-            });
-            addr
-        };
+        let (addr, _) = serve_one(|stream| async move {
+            let _ = accept_with(stream, &Options::default(), &Config::default(), |_| {
+                Err(HttpResponse::new(403, "go away"))
+            })
+            .await;
+        })
+        .await;
         match connect(&format!("ws://{addr}/"), &Options::default()).await {
             Err(Error::Handshake(e)) => assert!(e.to_string().contains("403"), "{e}"),
             other => panic!("expected a handshake error, got {:?}", other.is_ok()),
@@ -505,15 +378,13 @@ async fn bad_upgrades_are_answered_with_http_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subprotocol_is_agreed() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, _) = serve_one(|stream| async move {
             let options = Options::default().accept_protocols(["chat.v2"]);
             let (tx, rx) = accept(stream, &options).await.unwrap();
             assert_eq!(tx.protocol(), Some("chat.v2"));
             echo_app(tx, rx).await;
-        });
+        })
+        .await;
         let options = Options::default().accept_protocols(["chat.v1", "chat.v2"]);
         let (tx, mut rx) = connect(&format!("ws://{addr}/"), &options).await.unwrap();
         assert_eq!(tx.protocol(), Some("chat.v2"));
@@ -546,35 +417,22 @@ async fn handler_callbacks_run() {
         }
     }
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|stream| async move {
             run(
                 accept(stream, &Options::default()).await.unwrap(),
                 Recorder::default(),
             )
             .await
             .log
-        });
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
+        })
+        .await;
+        let mut ws = tungstenite_client(addr, "/").await;
         assert_eq!(
             ws.next().await.unwrap().unwrap(),
             TMessage::Text("welcome".into())
         );
-        ws.send(TMessage::Text("one".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Text("one".into())
-        );
-        ws.close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "done".into(),
-        }))
-        .await
-        .unwrap();
+        echoes(&mut ws, TMessage::Text("one".into())).await;
+        ws.close(close_frame(1000, "done")).await.unwrap();
         while ws.next().await.is_some() {}
         assert_eq!(
             server.await.unwrap(),
@@ -617,6 +475,36 @@ async fn senders_from_many_tasks() {
         expect_close(&mut rx).await;
     })
     .await;
+}
+
+/// The adapter's client on `ws://{addr}/` with `config`.
+async fn client_with_config(addr: SocketAddr, config: &Config) -> (WsSender, WsReceiver) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    websocket_driver::tokio::client_with(
+        stream,
+        &format!("ws://{addr}/"),
+        &Options::default(),
+        config,
+    )
+    .await
+    .unwrap()
+}
+
+/// A tokio-tungstenite peer reads `count` binary messages of `size` bytes, message `i`
+/// being `pattern(size, i)`: whole, intact and in order.
+async fn receives_patterns<S>(peer: &mut S, count: usize, size: usize)
+where
+    S: futures_util::Stream<Item = Result<TMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    for i in 0..count {
+        match peer.next().await.unwrap().unwrap() {
+            TMessage::Binary(b) => {
+                assert_eq!(b.len(), size, "message {i} whole");
+                assert!(b[..] == pattern(size, i)[..], "message {i} intact");
+            }
+            other => panic!("message {i}: expected binary, got {other:?}"),
+        }
+    }
 }
 
 /// Backpressure and cancellation: against a peer that does not read, `send` waits once
@@ -662,15 +550,7 @@ where
     assert!(sent > 0);
 
     // Now the peer reads everything: exactly the completed messages, whole and in order.
-    for i in 0..sent {
-        match peer.next().await.unwrap().unwrap() {
-            TMessage::Binary(b) => {
-                assert_eq!(b.len(), SIZE, "message {i} whole");
-                assert!(b[..] == pattern(SIZE, i)[..], "message {i} intact");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    receives_patterns(&mut peer, sent, SIZE).await;
     // The connection still works after the cancellations.
     tx.send_text("after").await.unwrap();
     assert_eq!(
@@ -685,10 +565,7 @@ where
         Message::Text("still here".into())
     );
     tx.close_connection(1000, "done").await.unwrap();
-    match peer.next().await.unwrap().unwrap() {
-        TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(next_close(&mut peer).await.0, 1000);
     // Polling on lets tungstenite send its close reply.
     assert!(peer.next().await.is_none());
     assert_eq!(expect_close(&mut rx).await.0, 1000);
@@ -698,18 +575,14 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_mid_send_adapter_server() {
     bounded(60, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|stream| async move {
             let config = Config::default().max_backpressure(64 * 1024);
             websocket_driver::tokio::accept_with(stream, &Options::default(), &config, |_| Ok(()))
                 .await
                 .unwrap()
-        });
-        let (peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
+        })
+        .await;
+        let peer = tungstenite_client(addr, "/").await;
         let (tx, rx) = server.await.unwrap();
         cancellation_mid_send(tx, rx, peer).await;
     })
@@ -719,23 +592,10 @@ async fn cancellation_mid_send_adapter_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_mid_send_adapter_client() {
     bounded(60, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio_tungstenite::accept_async(stream).await.unwrap()
-        });
+        let (addr, server) = serve_one(tokio_tungstenite::accept_async).await;
         let config = Config::default().max_backpressure(64 * 1024);
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (tx, rx) = websocket_driver::tokio::client_with(
-            stream,
-            &format!("ws://{addr}/"),
-            &Options::default(),
-            &config,
-        )
-        .await
-        .unwrap();
-        let peer = server.await.unwrap();
+        let (tx, rx) = client_with_config(addr, &config).await;
+        let peer = server.await.unwrap().unwrap();
         cancellation_mid_send(tx, rx, peer).await;
     })
     .await;
@@ -745,17 +605,15 @@ async fn cancellation_mid_send_adapter_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_both_halves_closes_normally() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|stream| async move {
             let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
             let mut seen = Vec::new();
             while let Some(Ok(message)) = ws.next().await {
                 seen.push(message);
             }
             seen
-        });
+        })
+        .await;
         let (tx, rx) = connect(&format!("ws://{addr}/"), &Options::default())
             .await
             .unwrap();
@@ -776,10 +634,7 @@ async fn dropping_both_halves_closes_normally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_close_times_out() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
+        let (addr, _) = serve_one(|mut stream| async move {
             // Answer the upgrade by hand, then read and ignore everything.
             let mut buf = vec![0u8; 4096];
             let n = stream.read(&mut buf).await.unwrap();
@@ -802,17 +657,10 @@ async fn unanswered_close_times_out() {
                 .await
                 .unwrap();
             while stream.read(&mut buf).await.unwrap_or(0) > 0 {}
-        });
+        })
+        .await;
         let config = Config::default().close_timeout(Duration::from_millis(300));
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (tx, mut rx) = websocket_driver::tokio::client_with(
-            stream,
-            &format!("ws://{addr}/"),
-            &Options::default(),
-            &config,
-        )
-        .await
-        .unwrap();
+        let (tx, mut rx) = client_with_config(addr, &config).await;
         tx.close_connection(1000, "").await.unwrap();
         let started = std::time::Instant::now();
         assert_eq!(expect_close(&mut rx).await.0, 1006);
@@ -824,23 +672,18 @@ async fn unanswered_close_times_out() {
 /// An adapter server whose connections have an idle timeout (pings once silent, closes
 /// with 1001 after a second silent period).
 async fn idle_server(idle: Duration) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let config = Config::default().idle_timeout(idle);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let config = config.clone();
-            tokio::spawn(async move {
-                if let Ok((tx, rx)) =
-                    accept_with(stream, &Options::default(), &config, |_| Ok(())).await
-                {
-                    echo_app(tx, rx).await;
-                }
-            });
+    serve_each(move |stream| {
+        let config = config.clone();
+        async move {
+            if let Ok((tx, rx)) =
+                accept_with(stream, &Options::default(), &config, |_| Ok(())).await
+            {
+                echo_app(tx, rx).await;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// The idle keepalive: a peer that answers pings stays open over several idle periods;
@@ -878,20 +721,8 @@ async fn idle_timeout_pings_then_closes_a_silent_peer() {
         assert_eq!(expect_close(&mut rx).await.0, 1000);
 
         // A raw socket that upgrades, then reads and never writes.
-        let mut raw = TcpStream::connect(addr).await.unwrap();
-        raw.write_all(
-            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut seen = Vec::new();
+        let (mut raw, mut seen) = raw_upgrade(addr, "/").await;
         let mut buf = [0u8; 256];
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = raw.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed during the handshake");
-            seen.extend_from_slice(&buf[..n]);
-        }
         let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         assert!(seen.starts_with(b"HTTP/1.1 101 "));
         let mut frames = seen.split_off(head_end);
@@ -926,10 +757,7 @@ type Peer = tokio_tungstenite::WebSocketStream<TcpStream>;
 /// The adapter's client connected to a tokio-tungstenite peer that the test drives by
 /// hand (it reads, and so answers pings, only when the test polls it).
 async fn hand_driven_peer() -> (WsSender, WsReceiver, Peer) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let peer = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
+    let (addr, peer) = serve_one(|stream| async move {
         // Room for the unbuffered message in one frame.
         let config = WebSocketConfig::default()
             .max_frame_size(Some(2 * unbuffered()))
@@ -937,7 +765,8 @@ async fn hand_driven_peer() -> (WsSender, WsReceiver, Peer) {
         tokio_tungstenite::accept_async_with_config(stream, Some(config))
             .await
             .unwrap()
-    });
+    })
+    .await;
     let (tx, rx) = connect(&format!("ws://{addr}/"), &Options::default())
         .await
         .unwrap();
@@ -1102,51 +931,47 @@ async fn ping_fails_when_the_peer_closes_first() {
 async fn connect_proxy(
     authorization: &'static str,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (heads_tx, heads) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut client, _) = listener.accept().await.unwrap();
-            let heads_tx = heads_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 512];
-                while !head.ends_with(b"\r\n\r\n") {
-                    let n = client.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "the client closed mid-head");
-                    head.extend_from_slice(&buf[..n]);
-                }
-                let head = String::from_utf8(head).unwrap();
-                let _ = heads_tx.send(head.clone());
-                let target = head
-                    .strip_prefix("CONNECT ")
-                    .and_then(|rest| rest.split(' ').next())
-                    .expect("a CONNECT request")
-                    .to_string();
-                let authorized = head.lines().any(|line| {
-                    line.split_once(':').is_some_and(|(name, value)| {
-                        name.eq_ignore_ascii_case("proxy-authorization")
-                            && value.trim() == authorization
-                    })
-                });
-                if !authorized {
-                    let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\n\
-                                   Proxy-Authenticate: Basic realm=\"test\"\r\n\
-                                   Content-Length: 0\r\n\r\n";
-                    let _ = client.write_all(refusal.as_bytes()).await;
-                    let _ = client.shutdown().await;
-                    return;
-                }
-                let mut server = TcpStream::connect(&target).await.unwrap();
-                client
-                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    .await
-                    .unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let addr = serve_each(move |mut client| {
+        let heads_tx = heads_tx.clone();
+        async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed mid-head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let _ = heads_tx.send(head.clone());
+            let target = head
+                .strip_prefix("CONNECT ")
+                .and_then(|rest| rest.split(' ').next())
+                .expect("a CONNECT request")
+                .to_string();
+            let authorized = head.lines().any(|line| {
+                line.split_once(':').is_some_and(|(name, value)| {
+                    name.eq_ignore_ascii_case("proxy-authorization")
+                        && value.trim() == authorization
+                })
             });
+            if !authorized {
+                let refusal = "HTTP/1.1 407 Proxy Authentication Required\r\n\
+                               Proxy-Authenticate: Basic realm=\"test\"\r\n\
+                               Content-Length: 0\r\n\r\n";
+                let _ = client.write_all(refusal.as_bytes()).await;
+                let _ = client.shutdown().await;
+                return;
+            }
+            let mut server = TcpStream::connect(&target).await.unwrap();
+            client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         }
-    });
+    })
+    .await;
     (addr, heads)
 }
 
@@ -1239,15 +1064,12 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
     const MESSAGE: usize = 1 << 20;
     const MESSAGES: usize = 96;
     bounded(60, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let completed = Arc::new(AtomicUsize::new(0));
         let limit = Config::default().max_backpressure;
         let (sender_tx, sender_rx) = tokio::sync::oneshot::channel();
-        let server = {
+        let (addr, server) = {
             let completed = completed.clone();
-            tokio::spawn(async move {
-                let (stream, _) = listener.accept().await.unwrap();
+            serve_one(|stream| async move {
                 let (tx, _rx) = accept(stream, &Options::default()).await.unwrap();
                 let _ = sender_tx.send(tx.clone());
                 for i in 0..MESSAGES {
@@ -1257,10 +1079,9 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
                 tx.close_connection(1000, "done").await.unwrap();
                 let _ = tx.flush().await;
             })
-        };
-        let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
             .await
-            .unwrap();
+        };
+        let mut client = tungstenite_client(addr, "/").await;
         let tx = sender_rx.await.unwrap();
 
         // Do not read: wait until the sends stop completing.
@@ -1299,19 +1120,8 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
         );
 
         // Now read: everything arrives, in order, then the close.
-        for i in 0..MESSAGES {
-            match client.next().await.unwrap().unwrap() {
-                TMessage::Binary(data) => {
-                    assert_eq!(data.len(), MESSAGE, "message {i}");
-                    assert!(data[..] == pattern(MESSAGE, i)[..], "message {i} is intact");
-                }
-                other => panic!("message {i}: expected binary, got {other:?}"),
-            }
-        }
-        match client.next().await.unwrap().unwrap() {
-            TMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
-            other => panic!("expected the close, got {other:?}"),
-        }
+        receives_patterns(&mut client, MESSAGES, MESSAGE).await;
+        assert_eq!(next_close(&mut client).await.0, 1000);
         server.await.unwrap();
         assert_eq!(completed.load(Ordering::SeqCst), MESSAGES);
     })

@@ -6,17 +6,22 @@
 //! dropping futures after a single poll (`now_or_never`): deterministic, no clocks.
 #![cfg(feature = "tokio")]
 
-use std::borrow::Cow;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::time::Duration;
+mod adapter_support;
+mod common;
 
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use adapter_support::{
+    assert_protocol_error_then_close, bounded, close_frame, echoes, pattern, pings_on_request,
+    pong_answers, serve_each, serve_one, tungstenite_client, tungstenite_sees_server_close,
+    tungstenite_server,
+};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as TMessage;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Driver, Error, Event, Message, Options, ReadyState, UsageError};
 
@@ -28,16 +33,14 @@ fn message(event: Event<'static>) -> Message<'static> {
     }
 }
 
-/// Runs a test body with a hard limit (a hang fails instead of blocking CI).
-async fn bounded<F: Future<Output = ()>>(secs: u64, body: F) {
-    tokio::time::timeout(Duration::from_secs(secs), body)
+/// A client driver for `url`, started, its upgrade request written to `io`.
+async fn send_client_request<W: AsyncWrite + Unpin>(io: &mut W, url: &str) -> Driver {
+    let mut client = Driver::make_client(url, &Options::default()).unwrap();
+    client.start_connection();
+    io.write_all(&common::take_output(&mut client))
         .await
-        .expect("test timed out");
-}
-
-/// A recognisable payload: byte `i` is `(i * 31 + seed) % 251`.
-fn pattern(len: usize, seed: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+        .unwrap();
+    client
 }
 
 /// Echo on the inline stream. `close:CODE` makes the server close with that code; `ping`
@@ -65,23 +68,19 @@ async fn stream_server() -> (
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (closes_tx, closes) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let closes = closes_tx.clone();
-            tokio::spawn(async move {
-                let ws = WebSocketStream::accept(tcp, &Options::default())
-                    .await
-                    .unwrap();
-                if let Some(close) = echo(ws).await {
-                    let _ = closes.send(close);
-                }
-            });
+    let addr = serve_each(move |tcp| {
+        let closes = closes_tx.clone();
+        async move {
+            let ws = WebSocketStream::accept(tcp, &Options::default())
+                .await
+                .unwrap();
+            if let Some(close) = echo(ws).await {
+                let _ = closes.send(close);
+            }
         }
-    });
+    })
+    .await;
     (addr, closes)
 }
 
@@ -89,87 +88,27 @@ async fn stream_server() -> (
 async fn tungstenite_client_against_stream_server() {
     bounded(60, async {
         let (addr, mut closes) = stream_server().await;
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
+        let mut ws = tungstenite_client(addr, "/").await;
         for (i, len) in [0, 1, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20]
             .into_iter()
             .enumerate()
         {
-            let data = pattern(len, i);
-            ws.send(TMessage::Binary(data.clone().into()))
-                .await
-                .unwrap();
-            assert_eq!(
-                ws.next().await.unwrap().unwrap(),
-                TMessage::Binary(data.into())
-            );
+            echoes(&mut ws, TMessage::Binary(pattern(len, i).into())).await;
         }
-        ws.send(TMessage::Text("héllo €".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Text("héllo €".into())
-        );
+        echoes(&mut ws, TMessage::Text("héllo €".into())).await;
         // The driver answers pings; the server pings on request.
-        ws.send(TMessage::Ping(b"p1".to_vec().into()))
-            .await
-            .unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Pong(b"p1".to_vec().into())
-        );
-        ws.send(TMessage::Text("ping".into())).await.unwrap();
-        assert_eq!(
-            ws.next().await.unwrap().unwrap(),
-            TMessage::Ping(b"srv".to_vec().into())
-        );
+        pong_answers(&mut ws, b"p1").await;
+        pings_on_request(&mut ws).await;
         // The client closes; the stream answers and reports the code.
-        ws.close(Some(CloseFrame {
-            code: CloseCode::from(4001),
-            reason: "client done".into(),
-        }))
-        .await
-        .unwrap();
+        ws.close(close_frame(4001, "client done")).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
         assert_eq!(closes.recv().await.unwrap(), (4001, "client done".into()));
 
         // Server-initiated close.
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-            .await
-            .unwrap();
-        ws.send(TMessage::Text("close:4002".into())).await.unwrap();
-        match ws.next().await.unwrap().unwrap() {
-            TMessage::Close(Some(frame)) => {
-                assert_eq!(u16::from(frame.code), 4002);
-                assert_eq!(frame.reason.as_str(), "server says bye");
-            }
-            other => panic!("expected the close, got {other:?}"),
-        }
-        // tungstenite answers the close while it is polled; the server then ends TCP.
-        assert!(ws.next().await.is_none());
+        tungstenite_sees_server_close(addr, 4002).await;
         assert_eq!(closes.recv().await.unwrap().0, 4002);
     })
     .await;
-}
-
-/// A tokio-tungstenite echo server on an ephemeral port.
-async fn tungstenite_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                while let Some(Ok(m)) = ws.next().await {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// The stream as a client, through the `Stream` and `Sink` impls: a burst queued with
@@ -226,10 +165,7 @@ async fn stream_client_with_sink_and_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_error_close_frame_reaches_the_peer() {
     bounded(30, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
+        let (addr, server) = serve_one(|tcp| async move {
             let mut ws = WebSocketStream::accept(tcp, &Options::default())
                 .await
                 .unwrap();
@@ -238,13 +174,10 @@ async fn protocol_error_close_frame_reaches_the_peer() {
                 events.push(event);
             }
             events
-        });
+        })
+        .await;
         let mut raw = TcpStream::connect(addr).await.unwrap();
-        let mut client =
-            Driver::make_client(&format!("ws://{addr}/"), &Options::default()).unwrap();
-        client.start_connection();
-        raw.write_all(client.pending_output()).await.unwrap();
-        client.consume_output(client.pending_output().len());
+        let mut client = send_client_request(&mut raw, &format!("ws://{addr}/")).await;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 4096];
         let mut opened = false;
@@ -276,17 +209,7 @@ async fn protocol_error_close_frame_reaches_the_peer() {
         // The server closes TCP first.
         while raw.read(&mut buf).await.unwrap() > 0 {}
         drop(raw);
-        let events = server.await.unwrap();
-        assert!(matches!(events[0], Event::Open), "{events:?}");
-        assert!(
-            matches!(events[1], Event::Error(Error::Protocol(_))),
-            "{events:?}"
-        );
-        assert!(
-            matches!(events[2], Event::Close { code: 1002, .. }),
-            "{events:?}"
-        );
-        assert_eq!(events.len(), 3);
+        assert_protocol_error_then_close(&server.await.unwrap());
     })
     .await;
 }
@@ -297,10 +220,7 @@ async fn protocol_error_close_frame_reaches_the_peer() {
 /// `Open` taken), and a hand-driven client driver (already open) on the other.
 async fn piped(capacity: usize, config: &Config) -> (WebSocketStream<DuplexStream>, Peer) {
     let (server_end, mut client_end) = duplex(capacity);
-    let mut client = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
-    client.start_connection();
-    client_end.write_all(client.pending_output()).await.unwrap();
-    client.consume_output(client.pending_output().len());
+    let client = send_client_request(&mut client_end, "ws://pipe/").await;
     let ws = WebSocketStream::accept_with(server_end, &Options::default(), config, |_| Ok(()))
         .await
         .unwrap();
@@ -348,11 +268,46 @@ impl Peer {
         }
     }
 
-    /// The bytes the client driver has queued (frames to send), taken out.
-    fn take_output(&mut self) -> Vec<u8> {
-        let out = self.driver.pending_output().to_vec();
-        self.driver.consume_output(out.len());
-        out
+    /// Queues a message on the client driver: text of `len` characters cycling through
+    /// `text`, or where that is `None` the binary `pattern(len, seed)`. Returns the message
+    /// the server should get.
+    fn queue_message(
+        &mut self,
+        text: Option<[char; 3]>,
+        len: usize,
+        seed: usize,
+    ) -> Message<'static> {
+        match text {
+            Some(chars) => {
+                let text: String = (0..len).map(|k| chars[k % 3]).collect();
+                self.driver.send_text(&text).unwrap();
+                Message::Text(text.into())
+            }
+            None => {
+                self.driver.send_binary(&pattern(len, seed)).unwrap();
+                Message::Binary(pattern(len, seed).into())
+            }
+        }
+    }
+
+    /// Writes the frames the client driver has queued.
+    async fn send_queued(&mut self) {
+        let out = common::take_output(&mut self.driver);
+        self.io.write_all(&out).await.unwrap();
+    }
+
+    /// Writes the frames the client driver has queued on a task of its own, `chunk` bytes
+    /// at a time (`usize::MAX`: all at once), yielding after each, and hands the peer back
+    /// when done.
+    fn spawn_writer(mut self, chunk: usize) -> JoinHandle<Peer> {
+        let wire = common::take_output(&mut self.driver);
+        tokio::spawn(async move {
+            for piece in wire.chunks(chunk) {
+                self.io.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            self
+        })
     }
 }
 
@@ -366,25 +321,12 @@ async fn next_is_cancel_safe() {
         let sizes = [0, 1, 7, 125, 126, 1000, 65_535, 65_536, 200_000];
         let mut expected = Vec::new();
         for (i, &len) in sizes.iter().enumerate() {
-            if i % 3 == 0 {
-                let text: String = (0..len).map(|k| ['a', 'é', '€'][k % 3]).collect();
-                peer.driver.send_text(&text).unwrap();
-                expected.push(Message::Text(text.into()));
-            } else {
-                peer.driver.send_binary(&pattern(len, i)).unwrap();
-                expected.push(Message::Binary(pattern(len, i).into()));
-            }
+            let text = (i % 3 == 0).then_some(['a', 'é', '€']);
+            expected.push(peer.queue_message(text, len, i));
             peer.driver.send_ping(format!("p{i}").as_bytes()).unwrap();
         }
-        let wire = peer.take_output();
-        let writer = tokio::spawn(async move {
-            // 7 bytes at a time: frame headers and payloads split everywhere.
-            for chunk in wire.chunks(7) {
-                peer.io.write_all(chunk).await.unwrap();
-                tokio::task::yield_now().await;
-            }
-            peer
-        });
+        // 7 bytes at a time: frame headers and payloads split everywhere.
+        let writer = peer.spawn_writer(7);
         let mut messages = Vec::new();
         let mut pings = 0;
         let mut cancelled = 0;
@@ -444,23 +386,10 @@ async fn recv_lends_events_and_is_cancel_safe() {
         let sizes = [1, 7, 125, 126, 1000, 65_536, 200_000];
         let mut expected = Vec::new();
         for (i, &len) in sizes.iter().enumerate() {
-            if i % 2 == 0 {
-                let text: String = (0..len).map(|k| ['x', 'ß', '€'][k % 3]).collect();
-                peer.driver.send_text(&text).unwrap();
-                expected.push(Message::Text(text.into()));
-            } else {
-                peer.driver.send_binary(&pattern(len, i)).unwrap();
-                expected.push(Message::Binary(pattern(len, i).into()));
-            }
+            let text = (i % 2 == 0).then_some(['x', 'ß', '€']);
+            expected.push(peer.queue_message(text, len, i));
         }
-        let wire = peer.take_output();
-        let writer = tokio::spawn(async move {
-            for chunk in wire.chunks(5) {
-                peer.io.write_all(chunk).await.unwrap();
-                tokio::task::yield_now().await;
-            }
-            peer
-        });
+        let writer = peer.spawn_writer(5);
         let mut got = 0;
         let mut cancelled = 0;
         while got < expected.len() {
@@ -504,8 +433,7 @@ async fn recv_lends_events_and_is_cancel_safe() {
         // A message that arrives in one read is lent from the read buffer, not copied.
         peer.driver.send_binary(&pattern(300, 9)).unwrap();
         peer.driver.send_ping(b"lent").unwrap();
-        let out = peer.take_output();
-        peer.io.write_all(&out).await.unwrap();
+        peer.send_queued().await;
         let (event, _) = ws.recv().await.unwrap();
         assert!(
             matches!(event, Event::Message(Message::Binary(Cow::Borrowed(b))) if b == &pattern(300, 9)[..]),
@@ -519,8 +447,7 @@ async fn recv_lends_events_and_is_cancel_safe() {
         // Closing: the reply refuses once the connection is closing.
         ws.close_connection(1000, "").await.unwrap();
         peer.driver.send_text("after our close").unwrap();
-        let out = peer.take_output();
-        peer.io.write_all(&out).await.unwrap();
+        peer.send_queued().await;
         let (event, mut reply) = ws.recv().await.unwrap();
         assert!(matches!(event, Event::Message(_)), "{event:?}");
         assert!(matches!(
@@ -545,11 +472,7 @@ async fn large_frames_grow_the_read_buffer_up_to_its_limit() {
         for (i, &len) in sizes.iter().enumerate() {
             peer.driver.send_binary(&pattern(len, i)).unwrap();
         }
-        let wire = peer.take_output();
-        let writer = tokio::spawn(async move {
-            peer.io.write_all(&wire).await.unwrap();
-            peer
-        });
+        let writer = peer.spawn_writer(usize::MAX);
         for (i, &len) in sizes.iter().enumerate() {
             let (event, _) = ws.recv().await.unwrap();
             match event {
@@ -580,8 +503,7 @@ async fn large_sends_written_around_the_driver_keep_frame_order() {
         // The pipe took 16 KiB of the frame (header: 10 bytes).
         assert_eq!(ws.buffered_amount(), 100_010 - 16 * 1024);
         peer.driver.send_ping(b"p").unwrap();
-        let out = peer.take_output();
-        peer.io.write_all(&out).await.unwrap();
+        peer.send_queued().await;
         assert!(matches!(ws.next().await.unwrap(), Event::Ping(p) if &p[..] == b"p"));
         ws.send_text("after").await.unwrap();
         let reader = async {
@@ -657,8 +579,7 @@ async fn send_is_cancel_safe() {
 
         // Both ways still work.
         peer.driver.send_text("from the peer").unwrap();
-        let out = peer.take_output();
-        peer.io.write_all(&out).await.unwrap();
+        peer.send_queued().await;
         assert_eq!(
             message(ws.next().await.unwrap()),
             Message::Text("from the peer".into())
@@ -680,11 +601,7 @@ async fn reading_stops_while_unread_output_is_over_the_limit() {
         for i in 0..pings {
             peer.driver.send_ping(&pattern(100, i)).unwrap();
         }
-        let wire = peer.take_output();
-        let writer = tokio::spawn(async move {
-            peer.io.write_all(&wire).await.unwrap();
-            peer
-        });
+        let writer = peer.spawn_writer(usize::MAX);
         let mut seen = 0;
         let mut idle = 0;
         // Poll until nothing moves any more (the writer blocked, the stream over the
