@@ -1,7 +1,14 @@
 //! The epoll backend (through mio): readiness, edge-triggered sockets, reads into one
 //! per-loop buffer, writes straight from the session's output.
+//!
+//! Socket reads and writes go through rustix rather than std: on Linux rustix makes the
+//! syscall itself, where std goes through libc's `recv`/`send` wrappers, whose
+//! cancellation-point bookkeeping was about a quarter of this backend's user time per
+//! 20-byte echo. Writes pass `MSG_NOSIGNAL`, vectored ones too (`sendmsg`, where std's
+//! `write_vectored` is a `writev` that raises `SIGPIPE` on a reset connection in a process
+//! that does not ignore it).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener as StdListener, TcpStream as StdStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,16 +191,39 @@ fn write_parts<S: Service>(
     let mut few = [IoSlice::new(&[]); FEW_PARTS];
     let written = match out.parts(&mut few) {
         0 => return Ok(None),
-        1 => stream.write(&few[0]),
-        n if n < FEW_PARTS => stream.write_vectored(&few[..n]),
+        n if n < FEW_PARTS => send(stream, &few[..n]),
         _ => {
             // Perhaps more than fit: ask again with room for many.
             let mut many = [IoSlice::new(&[]); WRITE_PARTS];
             let n = out.parts(&mut many);
-            stream.write_vectored(&many[..n])
+            send(stream, &many[..n])
         }
     };
     written.map(Some)
+}
+
+/// `recv` into `buf`: the bytes read, 0 at EOF.
+fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use rustix::net::RecvFlags;
+    match rustix::net::recv(stream, buf, RecvFlags::empty()) {
+        Ok((n, _)) => Ok(n),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Sends `parts` (at least one) in one syscall, without `SIGPIPE`.
+fn send(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendFlags};
+    let sent = match parts {
+        [one] => rustix::net::send(stream, one, SendFlags::NOSIGNAL),
+        _ => rustix::net::sendmsg(
+            stream,
+            parts,
+            &mut SendAncillaryBuffer::default(),
+            SendFlags::NOSIGNAL,
+        ),
+    };
+    sent.map_err(io::Error::from)
 }
 
 impl Epoll {
@@ -227,7 +257,7 @@ impl Epoll {
                 break;
             }
             budget -= 1;
-            match stream.read(&mut buf) {
+            match recv(stream, &mut buf) {
                 Ok(0) => {
                     core.on_eof(self, key);
                     break;
