@@ -67,10 +67,15 @@ fn burst(server: &ServerHandle, payload: &[u8]) {
     for _ in 0..BURST {
         server.publish("t", payload, MessageType::Binary).unwrap();
     }
-    assert!(eventually(Duration::from_secs(30), || {
-        let stats = server.stats();
-        stats.delivered == expected && stats.bytes_out == expected_out
-    }));
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let stats = server.stats();
+            stats.delivered == expected && stats.bytes_out == expected_out
+        }),
+        "delivered {} of {expected}, bytes out {} of {expected_out}",
+        server.stats().delivered,
+        server.stats().bytes_out
+    );
 }
 
 fn drain(clients: &mut [TestClient]) {
@@ -97,6 +102,14 @@ fn no_allocation_per_delivered_message(backend: Backend) {
     assert!(eventually(Duration::from_secs(10), || server
         .subscribers("t")
         == SUBSCRIBERS));
+    // A loop counts a write's bytes just after the syscall, so a client can hold its 101
+    // before the server's `bytes_out` includes it: wait for the count to catch up, or a
+    // late one lands inside the first burst's expected total.
+    let handshakes: u64 = clients.iter().map(|c| c.bytes_read as u64).sum();
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .bytes_out
+        == handshakes));
     let payload = [7u8; 20];
     // Warm-up: subscriber queues, send batches and channel blocks reach their size.
     for _ in 0..3 {
