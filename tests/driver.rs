@@ -1109,6 +1109,32 @@ fn transport_error_is_reported_as_itself_then_1006() {
     );
 }
 
+/// The seed-style wrapper passes a transport error to `on_error` as itself, then 1006.
+#[test]
+fn websocket_receive_error_runs_on_error_then_on_close() {
+    let (client, _server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = log.clone();
+    ws.on_error(move |_, e| {
+        let kind = match e {
+            Error::Io(io) => format!("{:?}", io.kind()),
+            other => format!("not io: {other}"),
+        };
+        l.lock().unwrap().push(format!("error {kind}"));
+    });
+    let l = log.clone();
+    ws.on_close(move |_, code, _| l.lock().unwrap().push(format!("close {code}")));
+    ws.receive_error(std::io::ErrorKind::ConnectionReset.into());
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            "error ConnectionReset".to_string(),
+            "close 1006".to_string()
+        ]
+    );
+}
+
 /// Builds a server response for a client's request.
 type ResponseFor = Box<dyn Fn(&[u8]) -> Vec<u8>>;
 

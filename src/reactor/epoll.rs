@@ -204,11 +204,9 @@ fn write_parts<S: Service>(
 
 /// `recv` into `buf`: the bytes read, 0 at EOF.
 fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    use rustix::net::RecvFlags;
-    match rustix::net::recv(stream, buf, RecvFlags::empty()) {
-        Ok((n, _)) => Ok(n),
-        Err(errno) => Err(errno.into()),
-    }
+    rustix::net::recv(stream, buf, rustix::net::RecvFlags::empty())
+        .map(|(n, _)| n)
+        .map_err(io::Error::from)
 }
 
 /// Sends `parts` (at least one) in one syscall, without `SIGPIPE`.

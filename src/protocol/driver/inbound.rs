@@ -72,15 +72,11 @@ impl Driver {
         self.transport_ended(Some(error));
     }
 
+    /// Reports why the transport ended (`error`, else what a clean EOF cut short), then
+    /// 1006, unless the close was already reported.
     fn transport_ended(&mut self, error: Option<std::io::Error>) {
         if self.close_reported {
             self.state = ReadyState::Closed;
-            return;
-        }
-        if let Some(error) = error {
-            self.queue_event(Event::Error(Error::Io(error)));
-            self.stop();
-            self.queue_close(code::ABNORMAL, String::new());
             return;
         }
         let cut_off = self.message.is_some()
@@ -88,13 +84,19 @@ impl Driver {
                 self.stage,
                 Stage::Payload { .. } | Stage::Header { len: 1.., .. }
             );
-        if self.state == ReadyState::Connecting && self.role == Role::Client {
-            self.queue_event(Event::Error(Error::Handshake(HandshakeError::Incomplete)));
-        } else if cut_off {
-            self.queue_event(Event::Error(Error::Io(std::io::Error::new(
+        let why = match error {
+            Some(error) => Some(Error::Io(error)),
+            None if self.state == ReadyState::Connecting && self.role == Role::Client => {
+                Some(Error::Handshake(HandshakeError::Incomplete))
+            }
+            None if cut_off => Some(Error::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "connection closed in the middle of a frame",
-            ))));
+            ))),
+            None => None,
+        };
+        if let Some(why) = why {
+            self.queue_event(Event::Error(why));
         }
         self.stop();
         self.queue_close(code::ABNORMAL, String::new());
