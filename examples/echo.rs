@@ -25,7 +25,7 @@ struct Echo;
 
 impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
-        let _ = ws.send_message(&message);
+        let _ = ws.send_message_owned(message);
     }
 }
 
@@ -103,7 +103,7 @@ fn main() {
         server
             .serve(|_request, ws| {
                 ws.on_message(|ws, message| {
-                    let _ = ws.send_message(&message);
+                    let _ = ws.send_message_owned(message);
                 });
             })
             .unwrap_or_else(|e| usage(&format!("server failed: {e}")));

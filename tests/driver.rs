@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use proptest::prelude::*;
+use websocket_driver::protocol::driver::OWNED_MIN;
 use websocket_driver::protocol::frame::OpCode;
 use websocket_driver::{
     Driver, Error, Event, HandshakeError, Message, MessageType, Options, ProtocolError, ReadyState,
@@ -1676,4 +1677,150 @@ fn read_ending_right_after_a_header_leaves_no_partial_message() {
     assert!(events[0].starts_with("Open"));
     assert!(events[1].contains("[65]"), "{events:?}");
     assert!(events[2].contains("[66]"), "{events:?}");
+}
+
+// ----- sending by value -----
+
+/// Every part of a driver's pending output as a gathered write sees it: each part's
+/// address and bytes.
+fn output_parts(driver: &Driver) -> Vec<(usize, Vec<u8>)> {
+    let mut slices = [std::io::IoSlice::new(&[]); 8];
+    let n = driver.pending_output_vectored(&mut slices);
+    slices[..n]
+        .iter()
+        .map(|s| (s.as_ptr() as usize, s.to_vec()))
+        .collect()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[test]
+fn an_owned_message_is_written_from_its_own_allocation() {
+    let mut server = open_server(&Options::default());
+    let payload = pattern(70_000);
+    let (at, expected) = (payload.as_ptr() as usize, payload.clone());
+    let token = server
+        .send_message_owned(Message::Binary(Cow::Owned(payload)))
+        .unwrap();
+    let after = server.send_text("next").unwrap();
+    let parts = output_parts(&server);
+    // Header (8-byte length), the payload in place, then the next frame.
+    assert_eq!(parts.len(), 3);
+    assert_eq!(
+        parts[0].1,
+        [&[0x82, 127][..], &70_000u64.to_be_bytes()].concat()
+    );
+    assert_eq!(parts[1].0, at, "the payload is not copied");
+    assert_eq!(parts[1].1, expected);
+    assert_eq!(parts[2].1, [0x81, 4, b'n', b'e', b'x', b't']);
+    assert_eq!(server.buffered_amount(), 10 + 70_000 + 6);
+    // The token waits for the payload, not just the header before it.
+    server.consume_output(10);
+    assert!(!server.is_sent(token));
+    server.consume_output(69_999);
+    assert!(!server.is_sent(token));
+    server.consume_output(1);
+    assert!(server.is_sent(token));
+    assert!(!server.is_sent(after));
+    server.consume_output(6);
+    assert!(server.is_sent(after));
+    assert_eq!(server.buffered_amount(), 0);
+}
+
+#[test]
+fn an_owned_message_is_handed_to_a_completion_transport_without_a_copy() {
+    let mut server = open_server(&Options::default());
+    let text: String = pattern(OWNED_MIN)
+        .iter()
+        .map(|b| (b'a' + b % 26) as char)
+        .collect();
+    let at = text.as_ptr() as usize;
+    let token = server
+        .send_message_owned(Message::Text(Cow::Owned(text)))
+        .unwrap();
+    let mut out = websocket_driver::protocol::driver::Outgoing::default();
+    assert!(server.take_output(&mut out));
+    assert!(out.has_frames());
+    assert_eq!(out.len(), 4 + OWNED_MIN);
+    assert!(server.is_sent(token), "handed over counts as written");
+    let mut slices = Vec::new();
+    out.slices(0, &mut slices);
+    assert_eq!(slices.len(), 2);
+    assert_eq!(&slices[0][..], [0x81, 126, 0x40, 0x00]);
+    assert_eq!(slices[1].as_ptr() as usize, at, "the payload is not copied");
+    assert_eq!(slices[1].len(), OWNED_MIN);
+}
+
+#[test]
+fn a_client_masks_an_owned_message_in_place() {
+    let (mut client, mut server) = open_pair(&Options::default(), &Options::default());
+    let payload = pattern(100_000);
+    let at = payload.as_ptr() as usize;
+    client
+        .send_message_owned(Message::Binary(Cow::Owned(payload)))
+        .unwrap();
+    let parts = output_parts(&client);
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0].1.len(), 14, "64-bit length and a mask key");
+    assert_eq!(parts[1].0, at);
+    assert_ne!(parts[1].1, pattern(100_000), "masked on the wire");
+    assert_eq!(
+        pump(&mut client, &mut server),
+        vec![Ev::Binary(pattern(100_000))]
+    );
+}
+
+#[test]
+fn borrowed_short_and_compressed_messages_are_copied() {
+    // At the threshold an owned payload goes by reference; one byte under, it is copied.
+    let mut server = open_server(&Options::default());
+    server
+        .send_message_owned(Message::Binary(Cow::Owned(pattern(OWNED_MIN))))
+        .unwrap();
+    assert_eq!(output_parts(&server).len(), 2);
+    let mut server = open_server(&Options::default());
+    server
+        .send_message_owned(Message::Binary(Cow::Owned(pattern(OWNED_MIN - 1))))
+        .unwrap();
+    assert_eq!(output_parts(&server).len(), 1);
+    let borrowed = pattern(OWNED_MIN);
+    server
+        .send_message_owned(Message::Binary(Cow::Borrowed(&borrowed)))
+        .unwrap();
+    assert_eq!(output_parts(&server).len(), 1);
+    // With permessage-deflate the payload is compressed into the output instead.
+    let deflate = Options::default().deflate(true);
+    let (mut client, mut server) = open_pair(&deflate, &deflate);
+    let text = "abc".repeat(OWNED_MIN);
+    server
+        .send_message_owned(Message::Text(Cow::Owned(text.clone())))
+        .unwrap();
+    let parts = output_parts(&server);
+    assert_eq!(parts.len(), 1);
+    assert!(parts[0].1.len() < text.len() / 10, "compressed");
+    assert_eq!(pump(&mut server, &mut client), vec![Ev::Text(text)]);
+}
+
+#[test]
+fn owned_sends_follow_the_same_state_rules() {
+    // While connecting, a client's message waits behind the handshake (copied).
+    let (mut client, request) = started_client(&Options::default());
+    client
+        .send_message_owned(Message::Binary(Cow::Owned(pattern(OWNED_MIN))))
+        .unwrap();
+    assert!(client.pending_output().is_empty());
+    let mut server = Driver::make_server(&parse_request(&request), &Options::default()).unwrap();
+    assert!(server.start_connection());
+    assert_eq!(drain(&mut server), vec![Ev::Open]);
+    assert_eq!(pump(&mut server, &mut client), vec![Ev::Open]);
+    assert!(pump(&mut client, &mut server) == vec![Ev::Binary(pattern(OWNED_MIN))]);
+    // Once closing, nothing more is taken.
+    let mut server = open_server(&Options::default());
+    server.close_connection(1000, "").unwrap();
+    assert!(matches!(
+        server.send_message_owned(Message::Binary(Cow::Owned(pattern(OWNED_MIN)))),
+        Err(Error::Usage(UsageError::NotOpen))
+    ));
 }

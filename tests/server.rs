@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::{Owned, Rng, TestClient, eventually};
+use websocket_driver::protocol::driver::OWNED_MIN;
 use websocket_driver::server::{
     BackpressurePolicy, Handler, HttpResponse, Sender, Server, ServerConfig, ServerHandle, Upgrade,
     Ws,
@@ -748,6 +750,55 @@ fn lingering_close_reads_until_the_peers_fin(backend: Backend) {
 }
 
 /// Every test above runs once per backend.
+/// A handler that echoes by value (`send_message_owned`): messages reassembled from
+/// several reads go out from their own allocation, the rest are copied. Either way every
+/// echo arrives whole, in order, between the others.
+fn messages_echoed_by_value_arrive_whole_and_in_order(backend: Backend) {
+    struct EchoOwned(Arc<AtomicUsize>);
+    impl Handler for EchoOwned {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            let owned = match &message {
+                Message::Binary(b) => matches!(b, Cow::Owned(_)) && b.len() >= OWNED_MIN,
+                Message::Text(t) => matches!(t, Cow::Owned(_)) && t.len() >= OWNED_MIN,
+            };
+            if owned {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+            ws.send_message_owned(message).unwrap();
+        }
+    }
+    let by_value = Arc::new(AtomicUsize::new(0));
+    let counter = by_value.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config(backend))
+        .start(move |_| Upgrade::Accept(EchoOwned(counter.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let mut rng = Rng(0x5eed);
+    let mut sent = Vec::new();
+    for size in [1 << 20, 20, 300_000, 16 * 1024, 16 * 1024 - 1, 70_000, 5] {
+        let payload = rng.bytes(size);
+        if size % 2 == 0 {
+            client.send_binary(&payload).unwrap();
+            sent.push(Owned::Binary(payload));
+        } else {
+            let text: String = payload.iter().map(|b| (b'a' + b % 26) as char).collect();
+            client.send_text(&text).unwrap();
+            sent.push(Owned::Text(text));
+        }
+    }
+    for expected in sent {
+        let echo = client.next_message().unwrap();
+        assert!(echo == expected, "echo differs from what was sent");
+    }
+    // At least the 1 MiB message cannot arrive in one read: it went by value.
+    assert!(by_value.load(Ordering::Relaxed) >= 1);
+    let stats = server.stats();
+    assert_eq!((stats.messages_in, stats.messages_out), (7, 7));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -774,4 +825,5 @@ on_every_backend!(
     idle_timeout_pings_then_closes_a_silent_peer,
     write_and_pong_callbacks_run_and_are_dropped_on_close,
     lingering_close_reads_until_the_peers_fin,
+    messages_echoed_by_value_arrive_whole_and_in_order,
 );

@@ -17,6 +17,7 @@ mod inbound;
 mod outbound;
 mod shared;
 
+pub use outbound::OWNED_MIN;
 pub use shared::Outgoing;
 
 use inbound::{HEADER_START, PartialMessage, Stage};

@@ -334,17 +334,22 @@ impl std::fmt::Debug for SharedFrame {
     }
 }
 
-/// A shared frame in one connection's output: the plain bytes, or a compressed variant.
-#[derive(Clone, Debug)]
-pub(crate) struct FrameRef {
-    frame: SharedFrame,
-    /// Window bits of the compressed variant; 0 for the plain frame.
-    variant: u8,
+/// A part of one connection's output queued by reference instead of copied in: a shared
+/// frame (the plain bytes or a compressed variant), or the payload of a message sent by
+/// value (its header is in the connection's own bytes, just before it).
+#[derive(Debug)]
+pub(crate) enum FrameRef {
+    Shared {
+        frame: SharedFrame,
+        /// Window bits of the compressed variant; 0 for the plain frame.
+        variant: u8,
+    },
+    Owned(Vec<u8>),
 }
 
 impl FrameRef {
     pub(crate) fn plain(frame: &SharedFrame) -> FrameRef {
-        FrameRef {
+        FrameRef::Shared {
             frame: frame.clone(),
             variant: 0,
         }
@@ -352,19 +357,27 @@ impl FrameRef {
 
     /// The compressed variant for `bits` (already made).
     pub(crate) fn deflated(frame: &SharedFrame, bits: u8) -> FrameRef {
-        FrameRef {
+        FrameRef::Shared {
             frame: frame.clone(),
             variant: bits,
         }
     }
 
+    /// Whether this is a message's own payload (which its send token waits for).
+    pub(crate) fn is_owned(&self) -> bool {
+        matches!(self, FrameRef::Owned(_))
+    }
+
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        if self.variant == 0 {
-            return self.frame.as_bytes();
-        }
-        match self.frame.inner.deflated[(self.variant - 9) as usize].get() {
-            Some(Some(bytes)) => bytes,
-            _ => self.frame.as_bytes(),
+        match self {
+            FrameRef::Owned(payload) => payload,
+            FrameRef::Shared { frame, variant: 0 } => frame.as_bytes(),
+            FrameRef::Shared { frame, variant } => {
+                match frame.inner.deflated[(variant - 9) as usize].get() {
+                    Some(Some(bytes)) => bytes,
+                    _ => frame.as_bytes(),
+                }
+            }
         }
     }
 

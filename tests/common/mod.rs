@@ -104,11 +104,18 @@ pub fn eof(driver: &mut Driver) -> Vec<Ev> {
     drain(driver)
 }
 
-/// Takes all pending output, marking it written.
+/// Takes all pending output (every part of it), marking it written.
 pub fn take_output(driver: &mut Driver) -> Vec<u8> {
-    let out = driver.pending_output().to_vec();
-    driver.consume_output(out.len());
-    out
+    let mut out = Vec::new();
+    loop {
+        let part = driver.pending_output();
+        if part.is_empty() {
+            return out;
+        }
+        let n = part.len();
+        out.extend_from_slice(part);
+        driver.consume_output(n);
+    }
 }
 
 /// Moves `from`'s pending output into `to` as one read; returns `to`'s events.

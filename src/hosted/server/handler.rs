@@ -205,6 +205,17 @@ impl Ws<'_> {
         self.counted(result)
     }
 
+    /// Sends a message taken by value: a large owned payload (a message that arrived in
+    /// pieces and was reassembled, or a buffer built for sending) is written from its own
+    /// allocation instead of being copied into the output (see
+    /// [`Driver::send_message_owned`](crate::Driver::send_message_owned)); an echo of a
+    /// 1 MiB message copies it once (reassembly) instead of twice.
+    pub fn send_message_owned(&mut self, message: Message<'_>) -> Result<SendToken, Error> {
+        self.admit()?;
+        let result = self.driver.send_message_owned(message);
+        self.counted(result)
+    }
+
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
         self.admit()?;

@@ -1,10 +1,19 @@
 //! The outbound half of [`Driver`]: the commands that queue frames, and the output buffer
 //! the transport drains.
 
+use std::borrow::Cow;
+
 use super::{Driver, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError, is_valid_close_code};
-use crate::protocol::frame::{MAX_CONTROL_PAYLOAD, OpCode, write_frame};
-use crate::protocol::mask::random_mask;
+use crate::protocol::frame::{
+    FrameHeader, FrameRef, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, encode_header, write_frame,
+};
+use crate::protocol::mask::{apply_mask, random_mask};
+
+/// From this many payload bytes up, [`Driver::send_message_owned`] queues an owned payload
+/// as it is instead of copying it into the output: below it the copy costs less than a
+/// separate part of a gathered write.
+pub const OWNED_MIN: usize = 16 * 1024;
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary, so
 /// a close reason cut to fit its frame stays valid UTF-8.
@@ -79,6 +88,48 @@ impl Driver {
             Message::Text(t) => self.send_text(t),
             Message::Binary(b) => self.send_binary(b),
         }
+    }
+
+    /// Sends a message taken by value. An owned payload of [`OWNED_MIN`] bytes or more (a
+    /// reassembled message, a buffer the application built) is not copied: its header goes
+    /// into the output and the payload is queued behind it by ownership, written from its
+    /// own allocation in the same gathered write and freed once written. A client masks it
+    /// in place. Borrowed or shorter payloads, sends while connecting, and connections with
+    /// permessage-deflate take [`Driver::send_message`]'s copying path. The token is due
+    /// once the whole message, payload included, is written.
+    pub fn send_message_owned(&mut self, message: Message<'_>) -> Result<SendToken, Error> {
+        let (opcode, mut payload) = match message {
+            Message::Text(Cow::Owned(text)) => (OpCode::Text, text.into_bytes()),
+            Message::Binary(Cow::Owned(data)) => (OpCode::Binary, data),
+            borrowed => return self.send_message(&borrowed),
+        };
+        self.writable()?;
+        if payload.len() < OWNED_MIN
+            || self.state != ReadyState::Open
+            || self.agreed.as_deref().is_some_and(|a| a.deflate.is_some())
+        {
+            return Ok(self.push_data(opcode, &payload));
+        }
+        let mask = match self.role {
+            Role::Client => Some(random_mask()),
+            Role::Server => None,
+        };
+        if let Some(mask) = mask {
+            apply_mask(&mut payload, mask, 0);
+        }
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(&mut head, &header);
+        self.out.extend_from_slice(&head[..n]);
+        self.frames_appended += n as u64;
+        self.queue_part(FrameRef::Owned(payload));
+        Ok(SendToken(self.frames_appended))
     }
 
     /// Sends a text message.
@@ -231,7 +282,8 @@ impl Driver {
 
     /// Whether the send identified by `token` has been handed to the transport.
     pub fn is_sent(&self, token: SendToken) -> bool {
-        self.frames_written >= token.0
+        self.frames_written > token.0
+            || (self.frames_written == token.0 && !self.owned_part_at(token.0))
     }
 
     /// Closed, with every queued byte written: the transport may close now.

@@ -1,10 +1,13 @@
-//! Shared frames in a driver's output: pub/sub frames queued by reference between the
-//! driver's own bytes, the gathered view a readiness transport writes with one `writev`,
-//! and the owned batch ([`Outgoing`]) a completion transport hands to the kernel.
+//! Parts queued by reference in a driver's output: pub/sub frames shared between
+//! connections and the payloads of messages sent by value
+//! ([`Driver::send_message_owned`]), between the driver's own bytes; the gathered view a
+//! readiness transport writes with one `writev`, and the owned batch ([`Outgoing`]) a
+//! completion transport hands to the kernel.
 //!
-//! The driver's own frames live in its output buffer; a shared frame is recorded with the
+//! The driver's own frames live in its output buffer; a queued part is recorded with the
 //! number of own frame bytes appended before it (`after`), so the output is, in order:
-//! own bytes up to the first shared frame, that frame, own bytes up to the next one, …
+//! own bytes up to the first part, that part, own bytes up to the next one, …
+//! (a payload sent by value follows its header, the last own bytes before it).
 //! Positions are counted in the own byte stream (`frames_appended` / `frames_written`),
 //! which survives the buffer being compacted or handed over.
 
@@ -41,8 +44,8 @@ impl SharedQueue {
 }
 
 /// Output handed over whole, for completion transports (io_uring) that give the kernel
-/// buffers it holds until the send completes: the driver's own bytes and the shared frames
-/// that go between them, each frame by reference. Reuse one (after [`Outgoing::clear`]) to
+/// buffers it holds until the send completes: the driver's own bytes and the parts that go
+/// between them (shared frames by reference, payloads sent by value by ownership). Reuse one (after [`Outgoing::clear`]) to
 /// keep its buffers.
 #[derive(Debug, Default)]
 pub struct Outgoing {
@@ -163,13 +166,27 @@ impl Driver {
             }
             _ => FrameRef::plain(frame),
         };
+        self.queue_part(queued);
+        Ok(())
+    }
+
+    /// Queues `part` by reference behind everything queued so far.
+    pub(super) fn queue_part(&mut self, part: FrameRef) {
         let queue = self.shared.get_or_insert_with(Box::default);
-        queue.bytes += queued.len();
+        queue.bytes += part.len();
         queue.frames.push_back(Queued {
             after: self.frames_appended,
-            frame: queued,
+            frame: part,
         });
-        Ok(())
+    }
+
+    /// Whether the next part to write is a message's owned payload queued at own-byte
+    /// position `at` (its header ends there, so the message is not yet written).
+    pub(super) fn owned_part_at(&self, at: u64) -> bool {
+        self.shared
+            .as_deref()
+            .and_then(|q| q.frames.front())
+            .is_some_and(|f| f.after == at && f.frame.is_owned())
     }
 
     /// Own bytes between the write position and the point where a shared frame recorded
