@@ -1743,12 +1743,13 @@ fn an_owned_message_is_handed_to_a_completion_transport_without_a_copy() {
     let mut out = websocket_driver::protocol::driver::Outgoing::default();
     assert!(server.take_output(&mut out));
     assert!(out.has_frames());
-    assert_eq!(out.len(), 4 + OWNED_MIN);
+    assert_eq!(out.len(), 10 + OWNED_MIN);
     assert!(server.is_sent(token), "handed over counts as written");
     let mut slices = Vec::new();
     out.slices(0, &mut slices);
     assert_eq!(slices.len(), 2);
-    assert_eq!(&slices[0][..], [0x81, 126, 0x40, 0x00]);
+    let header = [&[0x81, 127][..], &(OWNED_MIN as u64).to_be_bytes()].concat();
+    assert_eq!(&slices[0][..], header);
     assert_eq!(slices[1].as_ptr() as usize, at, "the payload is not copied");
     assert_eq!(slices[1].len(), OWNED_MIN);
 }

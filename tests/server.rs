@@ -777,7 +777,7 @@ fn messages_echoed_by_value_arrive_whole_and_in_order(backend: Backend) {
     let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
     let mut rng = Rng(0x5eed);
     let mut sent = Vec::new();
-    for size in [1 << 20, 20, 300_000, 16 * 1024, 16 * 1024 - 1, 70_000, 5] {
+    for size in [1 << 20, 20, 300_000, OWNED_MIN, OWNED_MIN - 1, 70_001, 5] {
         let payload = rng.bytes(size);
         if size % 2 == 0 {
             client.send_binary(&payload).unwrap();
