@@ -476,8 +476,62 @@ fn bench_deflate(c: &mut Criterion) {
     group.finish();
 }
 
+// ----- echoing a large message -----
+
+/// A 1 MiB message arrives in 64 KiB reads (each copied into a reused read buffer, as a
+/// reactor's receive would leave it), is reassembled by the server driver and echoed, and
+/// the reply is taken as a gathered write would take it. `copy` echoes with
+/// `send_message(&message)` (the payload is copied into the output), `by_value` with
+/// `send_message_owned(message)` (the reassembled buffer itself is written).
+fn bench_echo_large(c: &mut Criterion) {
+    const READ: usize = 64 * 1024;
+    let mut group = c.benchmark_group("echo_large");
+    for len in [256 * 1024, 1 << 20] {
+        let frame = client_frames(OpCode::Binary, 1, len);
+        group.throughput(Throughput::Bytes(len as u64));
+        for by_value in [false, true] {
+            let (_client, mut server) = open_pair();
+            let mut read_buf = vec![0u8; READ];
+            let name = if by_value { "by_value" } else { "copy" };
+            group.bench_function(BenchmarkId::new(name, size_label(len)), |b| {
+                b.iter(|| {
+                    let mut echoed = 0;
+                    for chunk in frame.chunks(READ) {
+                        let input = &mut read_buf[..chunk.len()];
+                        input.copy_from_slice(chunk);
+                        let mut pos = 0;
+                        loop {
+                            let (used, event) = server.poll_event(&mut input[pos..]);
+                            pos += used;
+                            match event {
+                                Some(Event::Message(m)) => {
+                                    if by_value {
+                                        server.send_message_owned(m).unwrap();
+                                    } else {
+                                        server.send_message(&m).unwrap();
+                                    }
+                                    echoed += 1;
+                                }
+                                None => break,
+                                Some(other) => panic!("unexpected event {other:?}"),
+                            }
+                        }
+                    }
+                    let mut parts = [std::io::IoSlice::new(&[]); 4];
+                    let n = server.pending_output_vectored(&mut parts);
+                    let total: usize = parts[..n].iter().map(|p| black_box(p.len())).sum();
+                    server.consume_output(total);
+                    assert_eq!((echoed, server.buffered_amount()), (1, 0));
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    bench_echo_large,
     bench_unmask,
     bench_utf8,
     bench_frame_parse,
