@@ -318,9 +318,9 @@ impl Ring {
         Ok(())
     }
 
-    /// Moves every available completion into `out`.
-    pub fn reap(&mut self, out: &mut Vec<Completion>) {
-        for cqe in self.ring.completion() {
+    /// Moves up to `max` available completions into `out` (the rest stay in the queue).
+    pub fn reap(&mut self, out: &mut Vec<Completion>, max: usize) {
+        for cqe in self.ring.completion().take(max) {
             let (data, result, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
             if data & RECV != 0 {
                 let more = cqueue::more(flags);
@@ -371,7 +371,7 @@ impl Ring {
         );
         let mut reaped = Vec::new();
         for _ in 0..100 {
-            self.reap(&mut reaped);
+            self.reap(&mut reaped, usize::MAX);
             for completion in reaped.drain(..) {
                 if !completion.more && self.ops.contains(completion.op) {
                     self.ops.remove(completion.op);
@@ -563,7 +563,7 @@ mod tests {
         let mut server = None;
         while server.is_none() {
             ring.enter(Some(Duration::from_secs(5))).unwrap();
-            ring.reap(&mut done);
+            ring.reap(&mut done, usize::MAX);
             server = done.drain(..).find_map(|c| c.accepted);
         }
         let server = server.unwrap();
@@ -575,7 +575,7 @@ mod tests {
         let (mut sent, mut got) = (false, None);
         while !sent || got.is_none() {
             ring.enter(Some(Duration::from_secs(5))).unwrap();
-            ring.reap(&mut done);
+            ring.reap(&mut done, usize::MAX);
             for c in done.drain(..) {
                 if c.op == send {
                     assert_eq!(c.result, 5);
@@ -628,7 +628,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         ring.enter(Some(Duration::from_secs(5))).unwrap();
         let mut done = Vec::new();
-        ring.reap(&mut done);
+        ring.reap(&mut done, usize::MAX);
         let mut received: Vec<usize> = done
             .iter()
             .filter(|c| c.result == 1)
