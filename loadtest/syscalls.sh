@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Syscalls per echoed message, by kind, for each echo server: a perf tracepoint count
+# (`perf stat -e syscalls:sys_enter_*` on the server's process) over a whole wsload echo
+# run, divided by the messages wsload echoed in it. Counts, not timings, so a busy machine
+# changes them little.
+#
+#   loadtest/syscalls.sh [--servers a,b,...] [--scenarios 20b,1k,16k,1m] [--secs S]
+#                        [--no-build] [--out DIR]
+#
+# Servers: wsd-epoll, wsd-io-uring (examples/echo), echo_tokio, echo_hyper (the adapters,
+# current-thread runtime), fastwebsockets, tokio-tungstenite (loadtest/peers). Scenarios as
+# in compare.sh: 20b = 100 connections × 20 B, 1k = 10 × 1 KiB, 16k = 500 × 16 KiB,
+# 1m = 1 × 1 MiB, one message in flight per connection. Each server runs alone pinned to
+# CPU 0, wsload pinned to CPU 1; traffic only to 127.0.0.1; every step is bounded in time.
+# The window includes the handshakes (a few syscalls per connection, against 10^5 and more
+# messages). Needs `perf` with tracepoint access (root, or perf_event_paranoid ≤ -1).
+#
+# Output in --out (default loadtest/results/syscalls): runs.jsonl (per run: server,
+# scenario, messages, syscalls per message by kind) and syscalls.md (the table).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { echo "[syscalls $(date +%H:%M:%S)] $*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
+
+SERVERS=wsd-epoll,wsd-io-uring,echo_tokio,echo_hyper,fastwebsockets,tokio-tungstenite
+SCENARIOS=20b,1k,16k,1m
+SECS=4
+BUILD=1
+OUT=loadtest/results/syscalls
+while (($#)); do
+    case "$1" in
+        --servers) SERVERS=${2:?}; shift ;;
+        --scenarios) SCENARIOS=${2:?}; shift ;;
+        --secs) SECS=${2:?}; shift ;;
+        --no-build) BUILD=0 ;;
+        --out) OUT=${2:?}; shift ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+command -v perf >/dev/null || { echo "perf is needed (linux-perf)" >&2; exit 1; }
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
+WSLOAD=$TARGET/release/wsload
+
+server_argv() { # name port -> SERVER_ARGV
+    local addr=127.0.0.1:$2
+    case "$1" in
+        wsd-epoll) SERVER_ARGV=("$TARGET/release/examples/echo" --addr "$addr" --backend epoll --threads 1) ;;
+        wsd-io-uring) SERVER_ARGV=("$TARGET/release/examples/echo" --addr "$addr" --backend io-uring --threads 1) ;;
+        echo_tokio) SERVER_ARGV=("$TARGET/release/examples/echo_tokio" --addr "$addr" --threads 1) ;;
+        echo_hyper) SERVER_ARGV=("$TARGET/release/examples/echo_hyper" --addr "$addr" --threads 1) ;;
+        fastwebsockets) SERVER_ARGV=("$PEERS_TARGET/release/fastwebsockets-echo" --addr "$addr" --threads 1) ;;
+        tokio-tungstenite) SERVER_ARGV=("$PEERS_TARGET/release/tungstenite-echo" --addr "$addr" --threads 1) ;;
+        *) echo "unknown server: $1" >&2; return 1 ;;
+    esac
+}
+
+scenario_args() { # key -> SC_CONNS SC_SIZE
+    case "$1" in
+        20b) SC_CONNS=100 SC_SIZE=20 ;;
+        1k) SC_CONNS=10 SC_SIZE=1024 ;;
+        16k) SC_CONNS=500 SC_SIZE=16384 ;;
+        1m) SC_CONNS=1 SC_SIZE=1048576 ;;
+        *) echo "unknown scenario: $1" >&2; return 1 ;;
+    esac
+}
+
+IFS=, read -ra server_list <<<"$SERVERS"
+IFS=, read -ra scenario_list <<<"$SCENARIOS"
+for s in "${server_list[@]}"; do server_argv "$s" 1 >/dev/null; done
+for s in "${scenario_list[@]}"; do scenario_args "$s"; done
+
+if ((BUILD)); then
+    log "building in release: wsload, the echo examples, the peers"
+    cargo build --release -p wsload >&2
+    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
+    (cd loadtest/peers && cargo build --release) >&2
+fi
+
+EVENTS=(recvfrom sendto recvmsg sendmsg read write readv writev epoll_wait epoll_pwait
+    epoll_pwait2 epoll_ctl io_uring_enter futex accept4)
+event_list=$(printf 'syscalls:sys_enter_%s,' "${EVENTS[@]}")
+event_list="raw_syscalls:sys_enter,${event_list%,}"
+
+mkdir -p "$OUT"
+RUNS=$OUT/runs.jsonl
+: >"$RUNS"
+TMP=$(mktemp -d)
+SPID="" PERF=""
+cleanup() {
+    [[ -n $PERF ]] && kill -INT "$PERF" 2>/dev/null || true
+    stop_pid "$SPID"
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+port=$((20000 + RANDOM % 20000))
+for sc in "${scenario_list[@]}"; do
+    scenario_args "$sc"
+    for server in "${server_list[@]}"; do
+        port=$((port + 1))
+        server_argv "$server" "$port"
+        log "$sc ($SC_CONNS × $SC_SIZE B): $server"
+        taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
+        SPID=$!
+        for ((i = 0; i < 100; i++)); do listening "$port" && break; sleep 0.05; done
+        listening "$port" || { log "$server did not listen"; stop_pid "$SPID"; SPID=""; continue; }
+        perf stat -x, -e "$event_list" -p "$SPID" -o "$TMP/perf.csv" &
+        PERF=$!
+        sleep 0.3
+        if ! timeout -k 5 $((SECS + 60)) taskset -c 1 "$WSLOAD" echo --url "ws://127.0.0.1:$port/" \
+            --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS" >"$TMP/wsload.json" 2>"$TMP/wsload.log"; then
+            log "wsload failed: $(tail -n 2 "$TMP/wsload.log")"
+        fi
+        kill -INT "$PERF" 2>/dev/null || true
+        wait "$PERF" 2>/dev/null || true
+        PERF=""
+        stop_pid "$SPID"
+        SPID=""
+        python3 - "$server" "$sc" "$TMP/wsload.json" "$TMP/perf.csv" >>"$RUNS" <<'PY'
+import json, sys
+server, scenario, wsload_path, perf_path = sys.argv[1:5]
+try:
+    wsload = json.load(open(wsload_path))
+except ValueError:
+    wsload = {}
+counts = {}
+for line in open(perf_path):
+    parts = line.strip().split(",")
+    if len(parts) < 3 or line.startswith("#") or not parts[0].replace(".", "").isdigit():
+        continue
+    name = parts[2].split(":")[-1].replace("sys_enter_", "")
+    counts[name] = int(float(parts[0]))
+messages = wsload.get("messages", 0)
+per_msg = {k: v / messages for k, v in counts.items() if v and messages}
+print(json.dumps({"server": server, "scenario": scenario, "messages": messages,
+                  "errors": wsload.get("errors"), "counts": counts,
+                  "per_message": per_msg}, sort_keys=True))
+PY
+        python3 -c '
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+p = r["per_message"]
+print("    %s messages, %.3f syscalls/msg: %s" % (r["messages"], p.get("raw_syscalls", 0),
+      ", ".join("%s %.3f" % (k, v) for k, v in sorted(p.items(), key=lambda kv: -kv[1])
+                if k != "raw_syscalls" and v >= 0.001)))' "$RUNS" >&2
+    done
+done
+
+machine_json "$TMP/machine.json" secs "$SECS"
+python3 - "$RUNS" "$TMP/machine.json" "$OUT/syscalls.md" "$*" <<'PY'
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+machine = json.load(open(sys.argv[2]))
+names = {"20b": "100 × 20 B", "1k": "10 × 1 KiB", "16k": "500 × 16 KiB", "1m": "1 × 1 MiB"}
+out = ["# Syscalls per echoed message", "",
+       "Command: `loadtest/syscalls.sh" + (" " + sys.argv[4] if sys.argv[4] else "") + "`", "",
+       "Machine: " + ", ".join("%s %s" % (k, machine[k]) for k in
+                               ("date", "nproc", "kernel", "commit") if k in machine), "",
+       "perf tracepoint counts on the server's process over a whole wsload echo run, "
+       "divided by the messages echoed; *other* is every syscall not listed.", "",
+       "| scenario | server | messages | syscalls/msg | by kind |", "|---|---|---:|---:|---|"]
+for r in runs:
+    p = dict(r["per_message"])
+    total = p.pop("raw_syscalls", 0.0)
+    listed = sum(p.values())
+    if total - listed >= 0.001:
+        p["other"] = total - listed
+    kinds = ", ".join("%s %.3f" % (k, v) for k, v in sorted(p.items(), key=lambda kv: -kv[1])
+                      if v >= 0.001)
+    out.append("| %s | %s | %s | %.3f | %s |" % (names.get(r["scenario"], r["scenario"]),
+               r["server"], "{:,}".format(r["messages"]), total, kinds))
+open(sys.argv[3], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
+log "wrote $RUNS and $OUT/syscalls.md"
