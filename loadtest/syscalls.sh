@@ -134,7 +134,8 @@ for line in open(perf_path):
     parts = line.strip().split(",")
     if len(parts) < 3 or line.startswith("#") or not parts[0].replace(".", "").isdigit():
         continue
-    name = parts[2].split(":")[-1].replace("sys_enter_", "")
+    event = parts[2]
+    name = "total" if event == "raw_syscalls:sys_enter" else event.split(":")[-1].replace("sys_enter_", "")
     counts[name] = int(float(parts[0]))
 messages = wsload.get("messages", 0)
 per_msg = {k: v / messages for k, v in counts.items() if v and messages}
@@ -146,9 +147,9 @@ PY
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 p = r["per_message"]
-print("    %s messages, %.3f syscalls/msg: %s" % (r["messages"], p.get("raw_syscalls", 0),
+print("    %s messages, %.3f syscalls/msg: %s" % (r["messages"], p.get("total", 0),
       ", ".join("%s %.3f" % (k, v) for k, v in sorted(p.items(), key=lambda kv: -kv[1])
-                if k != "raw_syscalls" and v >= 0.001)))' "$RUNS" >&2
+                if k != "total" and v >= 0.001)))' "$RUNS" >&2
     done
 done
 
@@ -167,7 +168,7 @@ out = ["# Syscalls per echoed message", "",
        "| scenario | server | messages | syscalls/msg | by kind |", "|---|---|---:|---:|---|"]
 for r in runs:
     p = dict(r["per_message"])
-    total = p.pop("raw_syscalls", 0.0)
+    total = p.pop("total", 0.0)
     listed = sum(p.values())
     if total - listed >= 0.001:
         p["other"] = total - listed
