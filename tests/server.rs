@@ -799,6 +799,89 @@ fn messages_echoed_by_value_arrive_whole_and_in_order(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A burst of connections waiting in the backlog does not hold the loop away from the
+/// connections it already has: a turn accepts a bounded number of them (epoll: 64; io_uring
+/// takes what one wait completes), so an open connection's next message is handled long
+/// before the 3 000th connection is accepted, and every one of them is accepted in the end.
+fn a_backlog_burst_leaves_room_for_open_connections(backend: Backend) {
+    const BURST: usize = 3000;
+    let _turn = heavy();
+    struct Probe {
+        handle: Arc<std::sync::OnceLock<ServerHandle>>,
+        release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+        held: std::sync::mpsc::Sender<()>,
+        accepted_at_ping: Arc<Mutex<Option<u64>>>,
+    }
+    impl Handler for Probe {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            match message.as_text() {
+                Some("hold") => {
+                    // Blocks the loop while the burst fills the backlog.
+                    self.held.send(()).unwrap();
+                    let _ = self
+                        .release
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(30));
+                }
+                Some("ping") => {
+                    let total = self.handle.get().unwrap().stats().connections_total;
+                    *self.accepted_at_ping.lock().unwrap() = Some(total);
+                    ws.send_text("pong").unwrap();
+                }
+                _ => {}
+            }
+        }
+    }
+    let handle = Arc::new(std::sync::OnceLock::new());
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let release = Arc::new(Mutex::new(release_rx));
+    let accepted_at_ping = Arc::new(Mutex::new(None));
+    let (h, r, a) = (handle.clone(), release.clone(), accepted_at_ping.clone());
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            ..config(backend)
+        })
+        .start(move |_| {
+            Upgrade::Accept(Probe {
+                handle: h.clone(),
+                release: r.clone(),
+                held: held_tx.clone(),
+                accepted_at_ping: a.clone(),
+            })
+        })
+        .unwrap();
+    handle.set(server.clone()).ok().unwrap();
+    let addr = server.local_addr();
+    let mut client = TestClient::connect(addr, "/").unwrap();
+    client.send_text("hold").unwrap();
+    held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // The loop is blocked: the kernel completes these handshakes into the backlog.
+    let burst: Vec<TcpStream> = (0..BURST)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    client.send_text("ping").unwrap();
+    release_tx.send(()).unwrap();
+    assert_eq!(client.next_message().unwrap(), Owned::Text("pong".into()));
+    let at_ping = accepted_at_ping.lock().unwrap().unwrap();
+    assert!(
+        at_ping < 1 + BURST as u64,
+        "all {BURST} waiting connections were accepted before the open one's message"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || server.stats().connections_total
+            == 1 + BURST as u64),
+        "{} of {} connections accepted",
+        server.stats().connections_total,
+        1 + BURST
+    );
+    drop(burst);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -826,4 +909,5 @@ on_every_backend!(
     write_and_pong_callbacks_run_and_are_dropped_on_close,
     lingering_close_reads_until_the_peers_fin,
     messages_echoed_by_value_arrive_whole_and_in_order,
+    a_backlog_burst_leaves_room_for_open_connections,
 );

@@ -10,6 +10,7 @@
 #[allow(unsafe_code)]
 mod ring;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -23,6 +24,8 @@ use super::core::{Backend, Core, Output, Written};
 use super::{Service, Waker};
 
 const RING_ENTRIES: u32 = 4096;
+/// Accepted connections registered per turn (see `Uring::accepted`).
+const ACCEPTS_PER_TURN: usize = 64;
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
 const BUF_COUNT: u16 = 256;
@@ -93,6 +96,12 @@ pub(crate) struct Uring {
     bufs: Option<BufRing>,
     listener: Option<TcpListener>,
     accept_op: Option<usize>,
+    /// Accepted connections not registered yet: one run of the multishot accept can bring
+    /// a whole backlog (thousands), and a turn registers at most `ACCEPTS_PER_TURN`, so
+    /// the connections already open are served in between.
+    accepted: VecDeque<TcpStream>,
+    /// Registrations left in this turn.
+    accept_budget: usize,
     wake_reader: std::io::PipeReader,
     completions: Vec<Completion>,
     rearm_recv: Vec<usize>,
@@ -127,6 +136,8 @@ impl Backend for Uring {
             bufs: Some(bufs),
             listener,
             accept_op,
+            accepted: VecDeque::new(),
+            accept_budget: ACCEPTS_PER_TURN,
             wake_reader,
             completions: Vec::new(),
             rearm_recv: Vec::new(),
@@ -139,7 +150,14 @@ impl Backend for Uring {
         core: &mut Core<S, Self>,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
+        // Accepted connections still to register are due now: do not sleep.
+        let timeout = match self.accepted.is_empty() {
+            true => timeout,
+            false => Some(Duration::ZERO),
+        };
         self.ring.enter(timeout)?;
+        self.accept_budget = ACCEPTS_PER_TURN;
+        self.register_accepted(core);
         let mut completions = std::mem::take(&mut self.completions);
         let mut bufs = self
             .bufs
@@ -253,6 +271,8 @@ impl Backend for Uring {
 
     fn stop_accepting(&mut self) -> io::Result<()> {
         self.listener = None;
+        // Accepted but never served: closed now.
+        self.accepted.clear();
         match self.accept_op.take() {
             Some(op) => self.ring.cancel(op),
             None => Ok(()),
@@ -265,6 +285,19 @@ impl Backend for Uring {
 }
 
 impl Uring {
+    /// Registers accepted connections, oldest first, while this turn's budget lasts.
+    fn register_accepted<S: Service>(&mut self, core: &mut Core<S, Self>) {
+        while self.accept_budget > 0 {
+            let Some(stream) = self.accepted.pop_front() else {
+                return;
+            };
+            self.accept_budget -= 1;
+            if let Ok(peer) = stream.peer_addr() {
+                core.on_accept(self, stream, peer);
+            }
+        }
+    }
+
     fn complete<S: Service>(
         &mut self,
         core: &mut Core<S, Self>,
@@ -318,9 +351,8 @@ impl Uring {
                     self.accept_op = None;
                 }
                 if let Some(stream) = accepted {
-                    if let Ok(peer) = stream.peer_addr() {
-                        core.on_accept(self, stream, peer);
-                    }
+                    self.accepted.push_back(stream);
+                    self.register_accepted(core);
                     if !more {
                         self.resume_accepting(core)?;
                     }
