@@ -679,3 +679,71 @@ async fn spawn_moves_the_stream_onto_the_split_api() {
     })
     .await;
 }
+
+/// A transport that hands over `input`, then fails every read with a reset, and takes
+/// every write.
+struct ResetAfter {
+    input: Vec<u8>,
+}
+
+impl tokio::io::AsyncRead for ResetAfter {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.input.is_empty() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let n = self.input.len().min(buf.remaining());
+        buf.put_slice(&self.input[..n]);
+        self.input.drain(..n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ResetAfter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// A transport error reaches the application as itself (`Error::Io` with its kind), after
+/// the messages that arrived before it, then the close 1006 and the end of the stream.
+#[tokio::test(flavor = "current_thread")]
+async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    client.send_text("before the reset").unwrap();
+    let input = common::take_output(&mut client);
+    let mut ws =
+        WebSocketStream::from_driver(ResetAfter { input }, server, &[], &Config::default());
+    assert_eq!(
+        message(ws.next().await.unwrap()),
+        Message::Text(Cow::Borrowed("before the reset"))
+    );
+    match ws.next().await.unwrap() {
+        Event::Error(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        other => panic!("expected the reset, got {other:?}"),
+    }
+    assert!(matches!(
+        ws.next().await.unwrap(),
+        Event::Close { code: 1006, .. }
+    ));
+    assert!(ws.next().await.is_none());
+}

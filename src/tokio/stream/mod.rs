@@ -152,8 +152,6 @@ pub struct WebSocketStream<S> {
     flushed: bool,
     /// Bytes were written or a deadline fired since the last look (for the connection task).
     progressed: bool,
-    /// A transport error to report before the driver's close.
-    io_error: Option<io::Error>,
     /// Hand out `Open` first (a client whose handshake consumed the driver's `Open`).
     open_first: bool,
     phase: Phase,
@@ -207,7 +205,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             writing: true,
             flushed: true,
             progressed: false,
-            io_error: None,
             open_first: false,
             phase: Phase::Open,
             spare: Vec::new(),
@@ -253,17 +250,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         }
     }
 
-    /// The transport failed: report it (unless the close was already handed out), stop
-    /// reading and writing, and let the driver report its close.
+    /// The transport failed: stop reading and writing; the driver reports the error (as
+    /// `Error::Io`, after the events it already queued) and then 1006, unless its close was
+    /// already reported.
     fn transport_failed(&mut self, e: io::Error) {
-        if self.phase == Phase::Open && self.io_error.is_none() && self.reading {
-            self.io_error = Some(e);
-        }
         self.reading = false;
         self.writing = false;
         self.start = 0;
         self.end = 0;
-        self.driver.receive_eof();
+        if self.phase == Phase::Open {
+            self.driver.receive_error(e);
+        } else {
+            self.driver.receive_eof();
+        }
     }
 
     /// Polls `deadline` on the one timer entry; true once it has passed. Re-arms lazily: a

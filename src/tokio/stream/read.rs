@@ -13,7 +13,6 @@ use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::write::{Reply, Sending};
 use super::{Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
-use crate::protocol::error::Error;
 use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
@@ -155,9 +154,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             self.poll_timers(cx);
             self.poll_write_best_effort(cx);
             self.note_state();
-            if let Some(e) = self.io_error.take() {
-                return Poll::Ready(Some(Slot::Owned(Event::Error(Error::Io(e)))));
-            }
             // Over the limit, queued events still come out but no new input is parsed
             // until the peer takes some output (the write above registered for it).
             let over = self.writing
