@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::sync::Mutex;
 
 use common::{MASK, client_frame, open_server};
+use websocket_driver::protocol::driver::EAGER_RESERVE;
 use websocket_driver::protocol::frame::Status;
 use websocket_driver::protocol::handshake::HeadLimits;
 use websocket_driver::{Driver, Error, Event, Message, Options, ProtocolError, RequestParser};
@@ -194,6 +195,72 @@ fn declared_length_is_not_preallocated() {
         stats.peak < 1 << 20,
         "one payload byte made the driver hold {} bytes",
         stats.peak
+    );
+}
+
+/// A frame that ends within `EAGER_RESERVE` bytes gets its whole buffer when its first
+/// bytes arrive (a 1 MiB message is assembled without a copy as it grows); one byte more
+/// and the buffer grows from what arrived, so a peer that declares and sends little makes
+/// a connection reserve at most `EAGER_RESERVE`.
+#[test]
+fn a_frame_within_the_eager_reserve_is_reserved_at_once_and_one_byte_more_is_not() {
+    let _serial = serial();
+    let peak_after_one_byte = |declared: u64| {
+        let mut server = open_server(&Options::default());
+        let mut input = vec![0x82, 0xff];
+        input.extend_from_slice(&declared.to_be_bytes());
+        input.extend_from_slice(&MASK);
+        input.push(0);
+        let mut events = Vec::with_capacity(8);
+        let ((), stats) = measure(|| feed_into(&mut server, &mut input, &mut events));
+        assert_eq!(events, vec![]);
+        stats.peak
+    };
+    let at = peak_after_one_byte(EAGER_RESERVE as u64);
+    assert!(
+        at >= EAGER_RESERVE as isize,
+        "declared {EAGER_RESERVE}: held {at}"
+    );
+    assert!(
+        at < EAGER_RESERVE as isize + 4096,
+        "declared {EAGER_RESERVE}: held {at}"
+    );
+    let over = peak_after_one_byte(EAGER_RESERVE as u64 + 1);
+    assert!(
+        over < 4096,
+        "declared {} bytes: held {over}",
+        EAGER_RESERVE + 1
+    );
+}
+
+/// A message of exactly `EAGER_RESERVE` bytes arriving in 64 KiB reads is assembled in
+/// one allocation, never reallocated.
+#[test]
+fn a_message_within_the_eager_reserve_is_assembled_without_reallocation() {
+    let _serial = serial();
+    let mut server = open_server(&Options::default());
+    let payload = vec![7u8; EAGER_RESERVE];
+    let mut frame = common::masked(websocket_driver::protocol::frame::OpCode::Binary, &payload);
+    let mut events = Vec::with_capacity(8);
+    let ((), stats) = measure(|| {
+        for chunk in frame.chunks_mut(64 * 1024) {
+            feed_into(&mut server, chunk, &mut events);
+        }
+    });
+    assert_eq!(
+        events,
+        vec![Kind::Message {
+            text: false,
+            len: EAGER_RESERVE,
+            capacity: Some(EAGER_RESERVE)
+        }]
+    );
+    // One buffer of the message's size (plus the small reassembly state), not a chain of
+    // doublings (64 KiB + 128 KiB + … + 1 MiB: about twice the message).
+    assert!(
+        stats.allocated < EAGER_RESERVE + 4096,
+        "allocated {} bytes: {stats:?}",
+        stats.allocated
     );
 }
 

@@ -17,6 +17,7 @@ mod inbound;
 mod outbound;
 mod shared;
 
+pub use inbound::EAGER_RESERVE;
 pub use outbound::OWNED_MIN;
 pub use shared::Outgoing;
 

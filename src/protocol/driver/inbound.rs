@@ -30,6 +30,12 @@ pub(super) const HEADER_START: Stage = Stage::Header {
     len: 0,
 };
 
+/// A message being reassembled reserves the rest of its current frame at once when the
+/// frame ends within this many bytes of the message's start; beyond, its buffer grows by
+/// doubling from what arrived. So a peer that declares a frame and sends little makes a
+/// connection reserve (not fill) at most this much.
+pub const EAGER_RESERVE: usize = 1 << 20;
+
 /// A data message being reassembled (fragmented, or one frame split across reads).
 #[derive(Debug)]
 pub(super) struct PartialMessage {
@@ -351,8 +357,10 @@ impl Driver {
                         }
                         let needed = message.buf.len() + chunk.len();
                         if needed > message.buf.capacity() {
-                            // Grow by doubling, from what actually arrived (a declared length
-                            // is not trusted), and never past the limit: the header check
+                            // The rest of this frame at once when it ends within
+                            // `EAGER_RESERVE` (no copies as it grows); past that, grow by
+                            // doubling from what actually arrived: a declared length is not
+                            // trusted further. Never past the limit: the header check
                             // guarantees `needed <= max` (max_length, or for deflate data
                             // its worst-case size).
                             let max = if message.compressed {
@@ -360,7 +368,13 @@ impl Driver {
                             } else {
                                 self.max_length
                             };
-                            let target = needed.max(message.buf.len() * 2).min(max);
+                            let frame_end = message.buf.len() as u64 + remaining;
+                            let target = if frame_end <= EAGER_RESERVE as u64 {
+                                frame_end as usize
+                            } else {
+                                needed.max(message.buf.len() * 2)
+                            };
+                            let target = target.max(needed).min(max);
                             message.buf.reserve_exact(target - message.buf.len());
                         }
                         message.buf.extend_from_slice(chunk);
