@@ -183,11 +183,12 @@ pub fn encode_header(out: &mut [u8], header: &FrameHeader) -> usize {
     at
 }
 
-/// Appends a whole frame (header, then the payload masked with `mask` if given) to `out`.
-pub fn write_frame(
+/// Appends the header of a whole (FIN) frame of `payload_len` bytes to `out`; returns its
+/// length.
+pub fn write_header(
     out: &mut Vec<u8>,
     opcode: OpCode,
-    payload: &[u8],
+    payload_len: usize,
     mask: Option<[u8; 4]>,
 ) -> usize {
     let header = FrameHeader {
@@ -195,12 +196,23 @@ pub fn write_frame(
         rsv: 0,
         opcode,
         mask,
-        payload_len: payload.len() as u64,
+        payload_len: payload_len as u64,
     };
     let mut head = [0u8; MAX_HEADER_LEN];
     let n = encode_header(&mut head, &header);
-    out.reserve(n + payload.len());
     out.extend_from_slice(&head[..n]);
+    n
+}
+
+/// Appends a whole frame (header, then the payload masked with `mask` if given) to `out`.
+pub fn write_frame(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) -> usize {
+    out.reserve(MAX_HEADER_LEN + payload.len());
+    let n = write_header(out, opcode, payload.len(), mask);
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(key) = mask {

@@ -5,9 +5,7 @@ use std::borrow::Cow;
 
 use super::{Driver, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError, is_valid_close_code};
-use crate::protocol::frame::{
-    FrameHeader, FrameRef, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, encode_header, write_frame,
-};
+use crate::protocol::frame::{FrameRef, MAX_CONTROL_PAYLOAD, OpCode, write_frame, write_header};
 use crate::protocol::mask::{apply_mask, random_mask};
 
 /// From this many payload bytes up, [`Driver::send_message_owned`] queues an owned payload
@@ -117,16 +115,7 @@ impl Driver {
         if let Some(mask) = mask {
             apply_mask(&mut payload, mask, 0);
         }
-        let header = FrameHeader {
-            fin: true,
-            rsv: 0,
-            opcode,
-            mask,
-            payload_len: payload.len() as u64,
-        };
-        let mut head = [0u8; MAX_HEADER_LEN];
-        let n = encode_header(&mut head, &header);
-        self.out.extend_from_slice(&head[..n]);
+        let n = write_header(&mut self.out, opcode, payload.len(), mask);
         self.frames_appended += n as u64;
         self.queue_part(FrameRef::Owned(payload));
         Ok(SendToken(self.frames_appended))
