@@ -87,8 +87,8 @@ impl Backend for Epoll {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         // Unfinished reads and accepts are due now: look for events without sleeping.
-        let continue_accepting = std::mem::take(&mut self.accept_pending);
-        let timeout = match self.unfinished.is_empty() && !continue_accepting {
+        let mut accept = std::mem::take(&mut self.accept_pending);
+        let timeout = match self.unfinished.is_empty() && !accept {
             true => timeout,
             false => Some(Duration::ZERO),
         };
@@ -100,13 +100,10 @@ impl Backend for Epoll {
         }
         // Lent out while the core is called with `self`.
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
-        let mut accepted = false;
         for event in events.iter() {
             match event.token() {
-                LISTENER => {
-                    self.accept(core);
-                    accepted = true;
-                }
+                // Accepted after this turn's reads: the open connections go first.
+                LISTENER => accept = true,
                 WAKER => core.on_wake(self),
                 Token(key) => {
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -127,7 +124,7 @@ impl Backend for Epoll {
         for key in std::mem::take(&mut self.unfinished) {
             self.read(core, key, false);
         }
-        if continue_accepting && !accepted {
+        if accept {
             self.accept(core);
         }
         Ok(())

@@ -369,12 +369,13 @@ impl Driver {
                                 self.max_length
                             };
                             let frame_end = message.buf.len() as u64 + remaining;
+                            // `frame_end >= needed`: this chunk is part of the frame.
                             let target = if frame_end <= EAGER_RESERVE as u64 {
                                 frame_end as usize
                             } else {
                                 needed.max(message.buf.len() * 2)
-                            };
-                            let target = target.max(needed).min(max);
+                            }
+                            .min(max);
                             message.buf.reserve_exact(target - message.buf.len());
                         }
                         message.buf.extend_from_slice(chunk);

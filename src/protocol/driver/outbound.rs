@@ -26,14 +26,19 @@ pub(super) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A fresh mask key for a client's frame; none for a server's.
+fn frame_mask(role: Role) -> Option<[u8; 4]> {
+    match role {
+        Role::Client => Some(random_mask()),
+        Role::Server => None,
+    }
+}
+
 impl Driver {
     // ----- commands -----
 
     pub(super) fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
-        let mask = match self.role {
-            Role::Client => Some(random_mask()),
-            Role::Server => None,
-        };
+        let mask = frame_mask(self.role);
         let n = write_frame(&mut self.out, opcode, payload, mask);
         self.frames_appended += n as u64;
         SendToken(self.frames_appended)
@@ -43,10 +48,7 @@ impl Driver {
     /// message is worth it, plain otherwise.
     pub(super) fn push_data(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
         if let Some(deflate) = self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut()) {
-            let mask = match self.role {
-                Role::Client => Some(random_mask()),
-                Role::Server => None,
-            };
+            let mask = frame_mask(self.role);
             if let Some(n) = deflate.write_frame(&mut self.out, opcode, payload, mask) {
                 self.frames_appended += n as u64;
                 return SendToken(self.frames_appended);
@@ -102,16 +104,10 @@ impl Driver {
             borrowed => return self.send_message(&borrowed),
         };
         self.writable()?;
-        if payload.len() < OWNED_MIN
-            || self.state != ReadyState::Open
-            || self.agreed.as_deref().is_some_and(|a| a.deflate.is_some())
-        {
+        if payload.len() < OWNED_MIN || self.state != ReadyState::Open || self.deflate().is_some() {
             return Ok(self.push_data(opcode, &payload));
         }
-        let mask = match self.role {
-            Role::Client => Some(random_mask()),
-            Role::Server => None,
-        };
+        let mask = frame_mask(self.role);
         if let Some(mask) = mask {
             apply_mask(&mut payload, mask, 0);
         }
