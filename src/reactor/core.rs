@@ -691,15 +691,19 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
         conn.phase = Phase::Closing;
         conn.deadline.clear();
-        // Count the connection out before the peer can see the close (stats readers race
-        // with the socket's EOF).
-        self.config.connections.fetch_sub(1, Ordering::AcqRel);
-        self.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
-        backend.detach(key, &mut conn.socket);
         let (generation, session) = (conn.generation, conn.session.take());
+        // The session records how it ended (its close code) first, then the connection
+        // is counted out, then the peer can see the close: a stats reader that sees the
+        // connection gone sees its close too, and one that saw the socket's EOF sees the
+        // connection gone.
         if let Some(session) = session {
             let mut io = Io::new(self.now(), key, generation, &self.remote);
             self.service.closed(session, &mut io, cause);
+        }
+        self.config.connections.fetch_sub(1, Ordering::AcqRel);
+        self.stats.connections_open.fetch_sub(1, Ordering::Release);
+        if let Some(conn) = self.conns.get_mut(key) {
+            backend.detach(key, &mut conn.socket);
         }
         self.on_released(key);
     }

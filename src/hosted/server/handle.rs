@@ -127,7 +127,8 @@ impl ServerHandle {
             ..Stats::default()
         };
         for l in &self.inner.stats {
-            s.connections_open += l.connections_open.load(Ordering::Relaxed);
+            // Acquire: the closes of the connections counted out are visible below.
+            s.connections_open += l.connections_open.load(Ordering::Acquire);
             s.connections_total += l.connections_total.load(Ordering::Relaxed);
             s.connections_refused += l.connections_refused.load(Ordering::Relaxed);
             s.messages_in += l.messages_in.load(Ordering::Relaxed);
