@@ -153,49 +153,11 @@ if ((NEED_ECHO)) && [[ ,$SERVERS, == *,echo_tokio,* || ,$SERVERS, == *,echo_hype
     NEED_ADAPTERS=1
 fi
 
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
-WSLOAD=$TARGET/release/wsload
-ECHO=$TARGET/release/examples/echo
-PUBSUB_EXAMPLE=${PUBSUB_EXAMPLE:-pubsub}
-PUBSUB=$TARGET/release/examples/$PUBSUB_EXAMPLE
-ECHO_TOKIO=$TARGET/release/examples/echo_tokio
-ECHO_HYPER=$TARGET/release/examples/echo_hyper
-TUNGSTENITE=$PEERS_TARGET/release/tungstenite-echo
-FASTWS=$PEERS_TARGET/release/fastwebsockets-echo
-PS_TUNGSTENITE=$PEERS_TARGET/release/pubsub-tungstenite
-PS_FASTWS=$PEERS_TARGET/release/pubsub-fastwebsockets
+binaries
 # Node's ws for the deflate scenario, where interop/deflate.sh installs it.
 export WS_MODULE=${WS_MODULE:-$ROOT/target/interop/node/node_modules/ws}
 
 # ----- servers and scenarios (checked before anything is built or written) -----
-server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARGV
-    local addr=127.0.0.1:$2 wsd=$ECHO base=${BASELINE_ECHO:-} name=$1 extra=()
-    if [[ ${3:-echo} == broadcast || ${3:-echo} == fanout ]]; then
-        wsd=$PUBSUB base=${BASELINE_PUBSUB:-}
-    fi
-    # permessage-deflate on: the deflate scenario, and the idle runs of "NAME+deflate".
-    if [[ ${3:-echo} == deflate || $name == *+deflate ]]; then
-        extra=(--deflate) name=${name%+deflate}
-    fi
-    case "$name" in
-        wsd-epoll) SERVER_ARGV=("$wsd" --addr "$addr" --backend epoll --threads 1 "${extra[@]}") ;;
-        wsd-io-uring) SERVER_ARGV=("$wsd" --addr "$addr" --backend io-uring --threads 1 "${extra[@]}") ;;
-        # An earlier build of the echo example (BASELINE_ECHO=path) or of the pub/sub one
-        # (BASELINE_PUBSUB=path), for before/after runs.
-        base-epoll) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend epoll --threads 1 "${extra[@]}") ;;
-        base-io-uring) SERVER_ARGV=("${base:?set BASELINE_ECHO / BASELINE_PUBSUB}" --addr "$addr" --backend io-uring --threads 1 "${extra[@]}") ;;
-        node-ws) SERVER_ARGV=(node "$ROOT/interop/node_peer.js" server "$2") ;;
-        tokio-tungstenite) SERVER_ARGV=("$TUNGSTENITE" --addr "$addr" --threads 1) ;;
-        fastwebsockets) SERVER_ARGV=("$FASTWS" --addr "$addr" --threads 1) ;;
-        echo_tokio) SERVER_ARGV=("$ECHO_TOKIO" --addr "$addr" --threads 1) ;;
-        echo_hyper) SERVER_ARGV=("$ECHO_HYPER" --addr "$addr" --threads 1) ;;
-        pubsub-tungstenite) SERVER_ARGV=("$PS_TUNGSTENITE" --addr "$addr" --threads 1) ;;
-        pubsub-fastwebsockets) SERVER_ARGV=("$PS_FASTWS" --addr "$addr" --threads 1) ;;
-        *) return 1 ;;
-    esac
-}
-
 scenario() { # key -> SC_NAME SC_CONNS SC_SIZE SC_KIND (SC_RATE for fanout)
     SC_KIND=$(kind_of "$1") SC_RATE="" SC_INFLIGHT=1
     case "$1" in

@@ -184,7 +184,7 @@ for bin in "${needed[@]}"; do
     [[ -x $bin ]] || die "$bin missing (run without --no-build)"
 done
 
-server_cmd() { # name port loops -> SERVER_ARGV
+scaled_server_cmd() { # name port loops -> SERVER_ARGV
     local addr=127.0.0.1:$2
     case "$1" in
         wsd-epoll) SERVER_ARGV=("$ECHO" --addr "$addr" --backend epoll --threads "$3") ;;
@@ -242,7 +242,7 @@ start_server() { # name loops logfile -> SPID, PORT (a fresh port every time: no
     local name=$1 loops=$2 logfile=$3 i
     PORT=$((PORT + 1))
     while listening "$PORT"; do PORT=$((PORT + 1)); done
-    server_cmd "$name" "$PORT" "$loops"
+    scaled_server_cmd "$name" "$PORT" "$loops"
     taskset -c "$(cpu_range 0 "$loops")" "${SERVER_ARGV[@]}" >"$logfile" 2>&1 &
     SPID=$!
     for ((i = 0; i < 100; i++)); do # up to 10 s

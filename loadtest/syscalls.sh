@@ -43,22 +43,7 @@ while (($#)); do
 done
 
 command -v perf >/dev/null || { echo "perf is needed (linux-perf)" >&2; exit 1; }
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-PEERS_TARGET=${CARGO_TARGET_DIR:-$ROOT/loadtest/peers/target}
-WSLOAD=$TARGET/release/wsload
-
-server_argv() { # name port -> SERVER_ARGV
-    local addr=127.0.0.1:$2
-    case "$1" in
-        wsd-epoll) SERVER_ARGV=("$TARGET/release/examples/echo" --addr "$addr" --backend epoll --threads 1) ;;
-        wsd-io-uring) SERVER_ARGV=("$TARGET/release/examples/echo" --addr "$addr" --backend io-uring --threads 1) ;;
-        echo_tokio) SERVER_ARGV=("$TARGET/release/examples/echo_tokio" --addr "$addr" --threads 1) ;;
-        echo_hyper) SERVER_ARGV=("$TARGET/release/examples/echo_hyper" --addr "$addr" --threads 1) ;;
-        fastwebsockets) SERVER_ARGV=("$PEERS_TARGET/release/fastwebsockets-echo" --addr "$addr" --threads 1) ;;
-        tokio-tungstenite) SERVER_ARGV=("$PEERS_TARGET/release/tungstenite-echo" --addr "$addr" --threads 1) ;;
-        *) echo "unknown server: $1" >&2; return 1 ;;
-    esac
-}
+binaries
 
 scenario_args() { # key -> SC_CONNS SC_SIZE
     case "$1" in
@@ -72,7 +57,9 @@ scenario_args() { # key -> SC_CONNS SC_SIZE
 
 IFS=, read -ra server_list <<<"$SERVERS"
 IFS=, read -ra scenario_list <<<"$SCENARIOS"
-for s in "${server_list[@]}"; do server_argv "$s" 1 >/dev/null; done
+for s in "${server_list[@]}"; do
+    server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
+done
 for s in "${scenario_list[@]}"; do scenario_args "$s"; done
 
 if ((BUILD)); then
@@ -104,7 +91,7 @@ for sc in "${scenario_list[@]}"; do
     scenario_args "$sc"
     for server in "${server_list[@]}"; do
         port=$((port + 1))
-        server_argv "$server" "$port"
+        server_cmd "$server" "$port"
         log "$sc ($SC_CONNS × $SC_SIZE B): $server"
         taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
         SPID=$!
