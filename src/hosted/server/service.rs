@@ -282,6 +282,13 @@ where
         else {
             return;
         };
+        // A reply is written into a pooled buffer rather than a fresh allocation; the
+        // buffer goes back below (nothing written) or once its bytes are sent.
+        if !driver.has_output_buffer()
+            && let Some(buf) = self.pool.pop()
+        {
+            driver.provide_output_buffer(buf);
+        }
         let timer_config = self.timer_config();
         let ctx = self.ctx(conn.peer.get(), io, outside);
         let cap = self.config.max_backpressure;
@@ -346,6 +353,8 @@ where
                 .extend_from_slice(&data[at..]);
             io.set_reading(false);
         }
+        // Nothing to write: the buffer lent above goes back.
+        self.recycle(driver);
         self.settle(conn, io);
     }
 

@@ -255,6 +255,12 @@ impl Driver {
         Some(std::mem::take(&mut self.out))
     }
 
+    /// Whether the driver holds a buffer to write into (one it grew, or one from
+    /// [`Driver::provide_output_buffer`]); [`Driver::take_output_buffer`] gives it up.
+    pub fn has_output_buffer(&self) -> bool {
+        self.out.capacity() != 0
+    }
+
     /// Gives the driver an empty buffer (from a pool) to write into; ignored if the driver
     /// already has one.
     pub fn provide_output_buffer(&mut self, mut buf: Vec<u8>) {
