@@ -1,7 +1,7 @@
 //! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
 //! send in flight per connection, everything submitted with one `io_uring_enter` per loop
 //! turn (plus a non-waiting one when more completed receives are pending than one wait
-//! runs: see `Ring::enter`).
+//! runs and the wait's own were small: see `Ring::drain` and `DRAIN_BYTES`).
 //!
 //! A connection that closes cancels its receive and stays in the core's slab, holding its
 //! socket, until its last operation completed; only then is the socket closed and the slab
@@ -29,7 +29,7 @@ const ACCEPTS_PER_TURN: usize = 64;
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
 const BUF_COUNT: u16 = 256;
-/// Bytes received in a turn past which the receives the wait left pending wait for the
+/// Bytes received by a turn's wait past which the receives it left pending wait for the
 /// next turn (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
 const DRAIN_BYTES: usize = 256 * 1024;
 /// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
