@@ -18,7 +18,10 @@ use crate::reactor::{Backend, Envelope, LoopStats, Remote};
 /// Server-wide counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Connections open now (including those still in the handshake).
+    /// Connections open now (including those still in the handshake). A connection is
+    /// counted out after its close is recorded in `closes` (and after `on_close` ran), and
+    /// before its peer can see the TCP connection end: stats that show it gone show its
+    /// close code too.
     pub connections_open: usize,
     /// Connections accepted since start.
     pub connections_total: u64,
