@@ -173,7 +173,11 @@ impl Server {
     }
 
     /// Carries publishes to and from other server processes through `backplane` (for
-    /// example [`RedisBackplane`], feature `redis`), so topics span every process.
+    /// example `RedisBackplane`, feature `redis`), so topics span every process.
+    #[cfg_attr(
+        feature = "redis",
+        doc = "\nSee [`RedisBackplane`] for the one that ships with this crate."
+    )]
     pub fn backplane(mut self, backplane: impl Backplane) -> Server {
         self.backplane = Some(Arc::new(backplane));
         self
