@@ -6,12 +6,15 @@
 
 #[path = "support/counting.rs"]
 mod counting;
+#[path = "support/raw_echo.rs"]
+mod raw_echo;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 use counting::Counting;
+use raw_echo::ROUNDS;
 use websocket_driver::tokio::WebSocketStream;
 use websocket_driver::{Event, Options};
 
@@ -19,46 +22,6 @@ use websocket_driver::{Event, Options};
 static GLOBAL: Counting = Counting;
 
 const CONNECTIONS: usize = 10;
-const ROUNDS: usize = 200;
-
-/// A masked binary frame of `size` bytes, as a client sends it.
-fn masked_frame(size: usize) -> Vec<u8> {
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut frame = vec![0x82];
-    match size {
-        0..=125 => frame.push(0x80 | size as u8),
-        126..=0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(size as u16).to_be_bytes());
-        }
-        _ => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(size as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&mask);
-    frame.extend((0..size).map(|i| (i as u8) ^ mask[i % 4]));
-    frame
-}
-
-/// One message from each connection, then each one's echo, read whole and checked.
-fn round(streams: &mut [TcpStream], frame: &[u8], reply: &mut [u8], size: usize) {
-    for stream in streams.iter_mut() {
-        stream.write_all(frame).unwrap();
-    }
-    let header = reply.len() - size;
-    for stream in streams.iter_mut() {
-        stream.read_exact(reply).unwrap();
-        assert_eq!(reply[0], 0x82, "a binary frame comes back");
-        assert_eq!(reply[1] & 0x80, 0, "server frames are not masked");
-        assert!(
-            reply[header..]
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| b == i as u8)
-        );
-    }
-}
 
 /// A current-thread tokio runtime on its own thread, echoing each connection inline.
 fn start_server() -> std::net::SocketAddr {
@@ -119,21 +82,7 @@ fn a_stream_echo_allocates_nothing_once_warm() {
     let addr = start_server();
     for size in [20, 1024, 16 * 1024] {
         let mut streams: Vec<TcpStream> = (0..CONNECTIONS).map(|_| connect(addr)).collect();
-        let frame = masked_frame(size);
-        let header = match size {
-            0..=125 => 2,
-            126..=0xffff => 4,
-            _ => 10,
-        };
-        let mut reply = vec![0; header + size];
-        for _ in 0..ROUNDS {
-            round(&mut streams, &frame, &mut reply, size);
-        }
-        let before = counting::allocations();
-        for _ in 0..ROUNDS {
-            round(&mut streams, &frame, &mut reply, size);
-        }
-        let allocations = counting::allocations() - before;
+        let allocations = raw_echo::allocations_per_rounds(&mut streams, size);
         let echoes = (CONNECTIONS * ROUNDS) as u64;
         // One allocation per echo would be 2 000.
         assert!(
