@@ -25,8 +25,11 @@ use crate::protocol::frame::Status;
 use crate::protocol::handshake::{RequestParser, error_response};
 use crate::reactor::{CloseRequest, Io, LoopStats, Outgoing, Service};
 
-/// Buffers kept per loop for drivers' output; larger ones are freed, not pooled.
-const POOL_MAX_BUFFERS: usize = 256;
+/// Bytes of output buffers a loop keeps for reuse: enough for 500 connections' 16 KiB
+/// replies in flight at once (on io_uring each reply's buffer is with the kernel until its
+/// send completes, so a loop needs one per connection written to in a turn).
+const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Buffers larger than this are freed, not pooled.
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
 use crate::session::timers::{Expired, TimerConfig, Timers};
@@ -36,7 +39,7 @@ pub(crate) struct WsService<F, H> {
     app: Arc<F>,
     config: Arc<ServerConfig>,
     stats: Arc<LoopStats>,
-    pool: Vec<Vec<u8>>,
+    pool: BufferPool,
     /// Write-completion and pong callbacks of this loop's connections.
     callbacks: RefCell<Callbacks>,
     /// Input read but not yet delivered, by key, for connections whose output is over the
@@ -67,7 +70,7 @@ impl<F, H> WsService<F, H> {
             app,
             config,
             stats,
-            pool: Vec::new(),
+            pool: BufferPool::default(),
             callbacks: RefCell::default(),
             held: HashMap::new(),
             gauges: RefCell::default(),
@@ -774,11 +777,36 @@ fn timer_config(config: &ServerConfig) -> TimerConfig {
 impl<F, H> WsService<F, H> {
     /// Returns an emptied output buffer to the pool, so idle connections hold none.
     fn recycle(&mut self, driver: &mut Driver) {
-        if let Some(buf) = driver.take_output_buffer()
-            && self.pool.len() < POOL_MAX_BUFFERS
-            && buf.capacity() <= POOL_MAX_CAPACITY
-        {
+        if let Some(buf) = driver.take_output_buffer() {
             self.pool.push(buf);
+        }
+    }
+}
+
+/// A loop's spare output buffers, bounded by their total capacity (`POOL_MAX_BYTES`) rather
+/// than by count, so that many small buffers or enough mid-sized ones for every busy
+/// connection are kept, and never more than a fixed amount of memory.
+#[derive(Default)]
+struct BufferPool {
+    buffers: Vec<Vec<u8>>,
+    /// Sum of the capacities of `buffers`.
+    bytes: usize,
+}
+
+impl BufferPool {
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        let buf = self.buffers.pop()?;
+        self.bytes -= buf.capacity();
+        Some(buf)
+    }
+
+    /// Keeps `buf` if it fits the bounds; frees it otherwise.
+    fn push(&mut self, buf: Vec<u8>) {
+        let capacity = buf.capacity();
+        if capacity != 0 && capacity <= POOL_MAX_CAPACITY && self.bytes + capacity <= POOL_MAX_BYTES
+        {
+            self.bytes += capacity;
+            self.buffers.push(buf);
         }
     }
 }
@@ -810,5 +838,37 @@ mod tests {
             let uring = slab_entry_size::<super::Conn<Quiet>, crate::reactor::uring::Socket>();
             assert!(uring <= 232, "{uring}");
         }
+    }
+
+    /// The pool keeps buffers up to its byte bound and one buffer's cap, and frees the
+    /// rest; an empty (never grown) buffer is not worth keeping.
+    #[test]
+    fn the_buffer_pool_keeps_buffers_up_to_its_bounds() {
+        use super::{BufferPool, POOL_MAX_BYTES, POOL_MAX_CAPACITY};
+        let mut pool = BufferPool::default();
+        pool.push(Vec::new());
+        assert!(pool.pop().is_none(), "no zero-capacity buffers");
+        pool.push(Vec::with_capacity(POOL_MAX_CAPACITY + 1));
+        assert!(pool.pop().is_none(), "one byte over the per-buffer cap");
+        // Exactly at the byte bound: every buffer kept; one byte more: the last one freed.
+        let each = POOL_MAX_CAPACITY;
+        for _ in 0..POOL_MAX_BYTES / each {
+            let buf = Vec::with_capacity(each);
+            assert_eq!(buf.capacity(), each);
+            pool.push(buf);
+        }
+        assert_eq!(pool.bytes, POOL_MAX_BYTES);
+        pool.push(Vec::with_capacity(1));
+        assert_eq!(pool.bytes, POOL_MAX_BYTES, "over the bound: freed");
+        let mut kept = 0;
+        while let Some(buf) = pool.pop() {
+            assert!(buf.capacity() >= each);
+            kept += 1;
+        }
+        assert_eq!(kept, POOL_MAX_BYTES / each);
+        assert_eq!(pool.bytes, 0);
+        // Popping makes room again.
+        pool.push(Vec::with_capacity(64));
+        assert_eq!(pool.pop().map(|b| b.capacity() >= 64), Some(true));
     }
 }

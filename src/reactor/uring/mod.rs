@@ -42,11 +42,11 @@ const BUF_SIZE: usize = 32 * 1024;
 /// Send batches kept for reuse: enough for a loop's fan-out to many subscribers at once
 /// (each has its own send in flight) without allocating a batch per send.
 const SPARE_MAX: usize = 1024;
-/// The first `SPARE_BUFFERS` spares keep byte buffers up to `SPARE_MAX_CAPACITY`, the
-/// rest only small ones: at most 64 × 256 KiB + 960 × 4 KiB (20 MiB) stays pooled.
-const SPARE_BUFFERS: usize = 64;
+/// Spares keep their byte buffers (the connection's next output buffer, see
+/// `Service::take_output`) while these hold at most `SPARE_BYTES` in all, each at most
+/// `SPARE_MAX_CAPACITY`: 500 connections' 16 KiB replies in flight at once allocate nothing.
+const SPARE_BYTES: usize = 16 * 1024 * 1024;
 const SPARE_MAX_CAPACITY: usize = 256 * 1024;
-const SPARE_SMALL_CAPACITY: usize = 4 * 1024;
 
 /// A connection's socket and the operations in flight on it: 8 bytes, the same slab entry
 /// size as epoll's socket once aligned.
@@ -115,6 +115,8 @@ pub(crate) struct Uring {
     /// reusing the boxes saves an allocation per send.
     #[allow(clippy::vec_box)]
     spare: Vec<Box<SendBatch>>,
+    /// The byte buffers' capacity in `spare`, at most `SPARE_BYTES`.
+    spare_bytes: usize,
 }
 
 impl Backend for Uring {
@@ -148,6 +150,7 @@ impl Backend for Uring {
             completions: Vec::new(),
             rearm_recv: Vec::new(),
             spare: Vec::new(),
+            spare_bytes: 0,
         })
     }
 
@@ -239,9 +242,15 @@ impl Backend for Uring {
                 _ => Written::Blocked,
             });
         }
-        let mut batch = self.spare.pop().unwrap_or_default();
+        let mut batch = match self.spare.pop() {
+            Some(batch) => {
+                self.spare_bytes -= batch.out.own_capacity();
+                batch
+            }
+            None => Box::default(),
+        };
         if !out.take(&mut batch.out) {
-            self.spare.push(batch);
+            self.keep_spare(batch);
             return Ok(Written::All);
         }
         let op = self.ring.send(socket.stream.as_raw_fd(), key, batch)?;
@@ -306,6 +315,21 @@ impl Backend for Uring {
 }
 
 impl Uring {
+    /// Keeps a finished (cleared) send batch for reuse, with its byte buffer while the
+    /// spares' buffers stay within `SPARE_BYTES`.
+    fn keep_spare(&mut self, mut batch: Box<SendBatch>) {
+        if self.spare.len() >= SPARE_MAX {
+            return;
+        }
+        let own = batch.out.own_capacity();
+        if own > SPARE_MAX_CAPACITY || self.spare_bytes + own > SPARE_BYTES {
+            batch.out.set_own(Vec::new());
+        } else {
+            self.spare_bytes += own;
+        }
+        self.spare.push(batch);
+    }
+
     /// Registers accepted connections, oldest first, while this turn's budget lasts.
     fn register_accepted<S: Service>(&mut self, core: &mut Core<S, Self>) {
         while self.accept_budget > 0 {
@@ -419,15 +443,7 @@ impl Uring {
         };
         // Drops the batch's references to shared frames now, not when it is reused.
         batch.clear();
-        let own = batch.out.own_capacity();
-        if own > SPARE_MAX_CAPACITY
-            || (own > SPARE_SMALL_CAPACITY && self.spare.len() >= SPARE_BUFFERS)
-        {
-            batch.out.set_own(Vec::new());
-        }
-        if self.spare.len() < SPARE_MAX {
-            self.spare.push(batch);
-        }
+        self.keep_spare(batch);
         if let Some(socket) = core.any_socket(key) {
             socket.ops.clear_send();
         }
