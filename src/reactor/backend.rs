@@ -55,7 +55,8 @@ pub(crate) trait Backend: Sized + 'static {
     ) -> io::Result<Written>;
     /// Sends our FIN (everything queued is written).
     fn finish_writes(&mut self, socket: &mut Self::Socket);
-    /// Stops all IO on the socket; it is closed when the slab entry is freed.
+    /// Stops all IO on the socket and drops the kernel's registration of it, if any; it is
+    /// closed when the slab entry is freed.
     fn detach(&mut self, key: usize, socket: &mut Self::Socket);
     /// Stops reading from the socket (its output is over the limit): data stays in the
     /// kernel and TCP flow control slows the peer.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use ring::probe;
-use ring::{BufRing, Completion, Op, Ring, SendBatch};
+use ring::{BufRing, Completion, Op, Ring, SendBatch, SocketRef};
 
 use super::core::{Backend, Core, Output, Written};
 use super::{Service, Waker};
@@ -55,18 +55,39 @@ pub(crate) struct Socket {
     ops: SocketOps,
 }
 
-/// Whether a socket's multishot receive is armed (until its last completion; the top bit)
-/// and the id of its send op in flight (the low 31 bits; all ones: none), in 4 bytes.
+impl Socket {
+    /// How operations name this socket (connection `key`'s).
+    fn target(&self, key: usize) -> SocketRef {
+        match self.ops.in_slot() {
+            true => SocketRef::Slot(key as u32),
+            false => SocketRef::Fd(self.stream.as_raw_fd()),
+        }
+    }
+}
+
+/// Whether a socket's multishot receive is armed (until its last completion; the top bit),
+/// whether the socket sits in the ring's registered-socket table at its connection's key
+/// (the next bit), and the id of its send op in flight (the low 30 bits; all ones: none),
+/// in 4 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SocketOps(u32);
 
 impl SocketOps {
     const RECEIVING: u32 = 1 << 31;
-    const NO_SEND: u32 = Self::RECEIVING - 1;
+    const IN_SLOT: u32 = 1 << 30;
+    const NO_SEND: u32 = Self::IN_SLOT - 1;
 
     /// Receiving, nothing sent yet: a new connection.
     fn receiving() -> SocketOps {
         SocketOps(Self::RECEIVING | Self::NO_SEND)
+    }
+
+    fn in_slot(self) -> bool {
+        self.0 & Self::IN_SLOT != 0
+    }
+
+    fn set_in_slot(&mut self, on: bool) {
+        self.0 = (self.0 & !Self::IN_SLOT) | if on { Self::IN_SLOT } else { 0 };
     }
 
     fn is_receiving(self) -> bool {
@@ -85,8 +106,8 @@ impl SocketOps {
         let id = u32::try_from(op)
             .ok()
             .filter(|&id| id < Self::NO_SEND)
-            .expect("fewer than 2 billion ops in flight");
-        self.0 = (self.0 & Self::RECEIVING) | id;
+            .expect("fewer than a billion ops in flight");
+        self.0 = (self.0 & !Self::NO_SEND) | id;
     }
 
     fn clear_send(&mut self) {
@@ -213,7 +234,7 @@ impl Backend for Uring {
             if let Some(socket) = core.reading_socket(key)
                 && !socket.ops.is_receiving()
             {
-                self.ring.recv(socket.stream.as_raw_fd(), key)?;
+                self.ring.recv(socket.target(key), key)?;
                 socket.ops.set_receiving(true);
             }
         }
@@ -221,11 +242,14 @@ impl Backend for Uring {
     }
 
     fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Socket> {
-        self.ring.recv(stream.as_raw_fd(), key)?;
-        Ok(Socket {
-            stream,
-            ops: SocketOps::receiving(),
-        })
+        let target = self.ring.register_socket(key, stream.as_raw_fd());
+        if let Err(e) = self.ring.recv(target, key) {
+            self.ring.release_socket(target);
+            return Err(e);
+        }
+        let mut ops = SocketOps::receiving();
+        ops.set_in_slot(matches!(target, SocketRef::Slot(_)));
+        Ok(Socket { stream, ops })
     }
 
     fn write<S: Service>(
@@ -253,7 +277,7 @@ impl Backend for Uring {
             self.keep_spare(batch);
             return Ok(Written::All);
         }
-        let op = self.ring.send(socket.stream.as_raw_fd(), key, batch)?;
+        let op = self.ring.send(socket.target(key), key, batch)?;
         socket.ops.set_send(op);
         Ok(Written::Submitted)
     }
@@ -268,6 +292,13 @@ impl Backend for Uring {
         if socket.ops.is_receiving() {
             // If the cancel cannot be queued, the shutdown above still ends the receive.
             let _ = self.ring.cancel_recv(key);
+        }
+        // The table lets go of the socket (operations under way keep theirs), so it closes
+        // with its descriptor; and the key's slot is free for the next connection. Later
+        // operations (a short send's rest) name the socket by its descriptor.
+        if socket.ops.in_slot() {
+            self.ring.release_socket(socket.target(key));
+            socket.ops.set_in_slot(false);
         }
     }
 
@@ -430,13 +461,13 @@ impl Uring {
         if sent > 0 {
             core.on_sent(self, key, sent);
         }
-        let live = core.socket(key).map(|s| s.stream.as_raw_fd());
-        if let Some(fd) = live
+        let live = core.socket(key).map(|s| s.target(key));
+        if let Some(target) = live
             && sent > 0
             && !whole
         {
             // Short send: the rest goes from the same buffer, same op.
-            return self.ring.resend(op, fd);
+            return self.ring.resend(op, target);
         }
         let Op::Send(mut batch) = self.ring.finish(op) else {
             unreachable!("a send op")
@@ -468,26 +499,29 @@ mod tests {
     use super::SocketOps;
 
     #[test]
-    fn socket_ops_keep_receiving_and_the_send_apart() {
+    fn socket_ops_keep_receiving_the_slot_and_the_send_apart() {
         let mut ops = SocketOps::receiving();
-        assert!(ops.is_receiving() && !ops.is_sending());
+        assert!(ops.is_receiving() && !ops.is_sending() && !ops.in_slot());
+        ops.set_in_slot(true);
         ops.set_send(0);
-        assert!(ops.is_receiving() && ops.is_sending());
+        assert!(ops.is_receiving() && ops.is_sending() && ops.in_slot());
         ops.set_receiving(false);
-        assert!(!ops.is_receiving() && ops.is_sending());
+        assert!(!ops.is_receiving() && ops.is_sending() && ops.in_slot());
         ops.clear_send();
-        assert!(!ops.is_receiving() && !ops.is_sending());
-        // The largest id there is room for, and the receive bit left alone by it.
+        assert!(!ops.is_receiving() && !ops.is_sending() && ops.in_slot());
+        // The largest id there is room for, and the other bits left alone by it.
         ops.set_receiving(true);
-        ops.set_send((1 << 31) - 2);
-        assert!(ops.is_receiving() && ops.is_sending());
+        ops.set_send((1 << 30) - 2);
+        assert!(ops.is_receiving() && ops.is_sending() && ops.in_slot());
+        ops.set_in_slot(false);
+        assert!(ops.is_receiving() && ops.is_sending() && !ops.in_slot());
         ops.clear_send();
         assert_eq!(ops, SocketOps::receiving());
     }
 
     #[test]
-    #[should_panic(expected = "fewer than 2 billion ops")]
+    #[should_panic(expected = "fewer than a billion ops")]
     fn a_send_id_that_does_not_fit_is_refused() {
-        SocketOps::receiving().set_send((1 << 31) - 1);
+        SocketOps::receiving().set_send((1 << 30) - 1);
     }
 }
