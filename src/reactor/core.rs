@@ -114,7 +114,7 @@ impl<S: Service> Output<'_, '_, S> {
         self.service.output(self.session, parts)
     }
 
-    /// `n` bytes of [`Output::bytes`] were written.
+    /// The first `n` bytes of what [`Output::parts`] offered were written.
     pub fn consume(&mut self, n: usize) {
         LoopStats::add(&self.stats.bytes_out, n as u64);
         self.service.consume(self.session, &mut self.io, n);

@@ -3,9 +3,14 @@
 //! turn (plus a non-waiting one when more completed receives are pending than one wait
 //! runs and the wait's own were small: see `Ring::drain` and `DRAIN_BYTES`).
 //!
-//! A connection that closes cancels its receive and stays in the core's slab, holding its
-//! socket, until its last operation completed; only then is the socket closed and the slab
-//! key reused. All `unsafe` lives in [`ring`]; this module is safe code over its API.
+//! Operations name a connection's socket by its slot in the ring's table of registered
+//! files (slot = slab key, for the first `SOCKET_SLOTS` keys), so the kernel skips the
+//! descriptor lookup; past the table they use the descriptor.
+//!
+//! A connection that closes cancels its receive, empties its slot, and stays in the core's
+//! slab, holding its socket, until its last operation completed; only then is the socket
+//! closed and the slab key (and slot) reused. All `unsafe` lives in [`ring`]; this module is
+//! safe code over its API.
 
 #[allow(unsafe_code)]
 mod ring;
