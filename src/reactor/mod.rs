@@ -445,6 +445,51 @@ impl LoopStats {
     }
 }
 
+/// How much buffer memory a loop keeps for reuse: at most `total` bytes of capacity in
+/// all, no buffer over `each`, and no empty ones. Bounded by bytes rather than by count, so
+/// a loop keeps one buffer per busy connection when replies are small or mid-sized (on
+/// io_uring each is with the kernel until its send completes) and never more than a fixed
+/// amount of memory. The loop's output-buffer pool and io_uring's spare send batches each
+/// keep one.
+#[derive(Debug)]
+pub(crate) struct KeepBudget {
+    total: usize,
+    each: usize,
+    /// Capacity kept now.
+    kept: usize,
+}
+
+impl KeepBudget {
+    pub const fn new(total: usize, each: usize) -> KeepBudget {
+        KeepBudget {
+            total,
+            each,
+            kept: 0,
+        }
+    }
+
+    /// Whether a buffer of `capacity` may be kept; if so, it is counted until
+    /// [`KeepBudget::release`].
+    pub fn admit(&mut self, capacity: usize) -> bool {
+        let fits = capacity != 0 && capacity <= self.each && self.kept + capacity <= self.total;
+        if fits {
+            self.kept += capacity;
+        }
+        fits
+    }
+
+    /// A kept buffer of `capacity` was taken back into use.
+    pub fn release(&mut self, capacity: usize) {
+        self.kept -= capacity;
+    }
+
+    /// Capacity kept now.
+    #[cfg(test)]
+    pub fn kept(&self) -> usize {
+        self.kept
+    }
+}
+
 /// Loop settings the reactor itself uses.
 #[derive(Debug, Clone)]
 pub(crate) struct LoopConfig {
@@ -461,4 +506,25 @@ pub(crate) struct LoopConfig {
 pub fn default_max_connections() -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     (soft as usize).saturating_sub(64).max(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeepBudget;
+
+    /// Limits at the limit and one over: the total, each buffer's cap, and empty buffers.
+    #[test]
+    fn a_keep_budget_admits_up_to_its_bounds() {
+        let mut budget = KeepBudget::new(100, 40);
+        assert!(!budget.admit(0), "an empty buffer is not worth keeping");
+        assert!(!budget.admit(41), "one byte over the per-buffer cap");
+        assert!(budget.admit(40));
+        assert!(budget.admit(40));
+        assert!(!budget.admit(21), "one byte over the total");
+        assert!(budget.admit(20), "exactly the total");
+        assert_eq!(budget.kept(), 100);
+        budget.release(40);
+        assert_eq!(budget.kept(), 60);
+        assert!(budget.admit(40), "released capacity can be kept again");
+    }
 }

@@ -23,7 +23,7 @@ use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::Status;
 use crate::protocol::handshake::{RequestParser, error_response};
-use crate::reactor::{CloseRequest, Io, LoopStats, Outgoing, Service};
+use crate::reactor::{CloseRequest, Io, KeepBudget, LoopStats, Outgoing, Service};
 
 /// Bytes of output buffers a loop keeps for reuse: enough for 500 connections' 16 KiB
 /// replies in flight at once (on io_uring each reply's buffer is with the kernel until its
@@ -783,29 +783,31 @@ impl<F, H> WsService<F, H> {
     }
 }
 
-/// A loop's spare output buffers, bounded by their total capacity (`POOL_MAX_BYTES`) rather
-/// than by count, so that many small buffers or enough mid-sized ones for every busy
-/// connection are kept, and never more than a fixed amount of memory.
-#[derive(Default)]
+/// A loop's spare output buffers, within a [`KeepBudget`] of `POOL_MAX_BYTES`.
 struct BufferPool {
     buffers: Vec<Vec<u8>>,
-    /// Sum of the capacities of `buffers`.
-    bytes: usize,
+    budget: KeepBudget,
+}
+
+impl Default for BufferPool {
+    fn default() -> Self {
+        BufferPool {
+            buffers: Vec::new(),
+            budget: KeepBudget::new(POOL_MAX_BYTES, POOL_MAX_CAPACITY),
+        }
+    }
 }
 
 impl BufferPool {
     fn pop(&mut self) -> Option<Vec<u8>> {
         let buf = self.buffers.pop()?;
-        self.bytes -= buf.capacity();
+        self.budget.release(buf.capacity());
         Some(buf)
     }
 
-    /// Keeps `buf` if it fits the bounds; frees it otherwise.
+    /// Keeps `buf` if it fits the budget; frees it otherwise.
     fn push(&mut self, buf: Vec<u8>) {
-        let capacity = buf.capacity();
-        if capacity != 0 && capacity <= POOL_MAX_CAPACITY && self.bytes + capacity <= POOL_MAX_BYTES
-        {
-            self.bytes += capacity;
+        if self.budget.admit(buf.capacity()) {
             self.buffers.push(buf);
         }
     }
@@ -857,16 +859,16 @@ mod tests {
             assert_eq!(buf.capacity(), each);
             pool.push(buf);
         }
-        assert_eq!(pool.bytes, POOL_MAX_BYTES);
+        assert_eq!(pool.budget.kept(), POOL_MAX_BYTES);
         pool.push(Vec::with_capacity(1));
-        assert_eq!(pool.bytes, POOL_MAX_BYTES, "over the bound: freed");
+        assert_eq!(pool.budget.kept(), POOL_MAX_BYTES, "over the bound: freed");
         let mut kept = 0;
         while let Some(buf) = pool.pop() {
             assert!(buf.capacity() >= each);
             kept += 1;
         }
         assert_eq!(kept, POOL_MAX_BYTES / each);
-        assert_eq!(pool.bytes, 0);
+        assert_eq!(pool.budget.kept(), 0);
         // Popping makes room again.
         pool.push(Vec::with_capacity(64));
         assert_eq!(pool.pop().map(|b| b.capacity() >= 64), Some(true));

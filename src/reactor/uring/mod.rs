@@ -26,7 +26,7 @@ pub(crate) use ring::probe;
 use ring::{BufRing, Completion, Op, Ring, SendBatch, SocketRef};
 
 use super::core::{Backend, Core, Output, Written};
-use super::{Service, Waker};
+use super::{KeepBudget, Service, Waker};
 
 const RING_ENTRIES: u32 = 4096;
 /// Accepted connections registered per turn (see `Uring::accepted`).
@@ -48,7 +48,7 @@ const BUF_SIZE: usize = 32 * 1024;
 /// (each has its own send in flight) without allocating a batch per send.
 const SPARE_MAX: usize = 1024;
 /// Spares keep their byte buffers (the connection's next output buffer, see
-/// `Service::take_output`) while these hold at most `SPARE_BYTES` in all, each at most
+/// `Service::take_output`) within a [`KeepBudget`] of `SPARE_BYTES`, each at most
 /// `SPARE_MAX_CAPACITY`: 500 connections' 16 KiB replies in flight at once allocate nothing.
 const SPARE_BYTES: usize = 16 * 1024 * 1024;
 const SPARE_MAX_CAPACITY: usize = 256 * 1024;
@@ -141,8 +141,8 @@ pub(crate) struct Uring {
     /// reusing the boxes saves an allocation per send.
     #[allow(clippy::vec_box)]
     spare: Vec<Box<SendBatch>>,
-    /// The byte buffers' capacity in `spare`, at most `SPARE_BYTES`.
-    spare_bytes: usize,
+    /// What the byte buffers in `spare` may hold.
+    spare_budget: KeepBudget,
 }
 
 impl Backend for Uring {
@@ -176,7 +176,7 @@ impl Backend for Uring {
             completions: Vec::new(),
             rearm_recv: Vec::new(),
             spare: Vec::new(),
-            spare_bytes: 0,
+            spare_budget: KeepBudget::new(SPARE_BYTES, SPARE_MAX_CAPACITY),
         })
     }
 
@@ -273,7 +273,7 @@ impl Backend for Uring {
         }
         let mut batch = match self.spare.pop() {
             Some(batch) => {
-                self.spare_bytes -= batch.out.own_capacity();
+                self.spare_budget.release(batch.out.own_capacity());
                 batch
             }
             None => Box::default(),
@@ -351,17 +351,14 @@ impl Backend for Uring {
 }
 
 impl Uring {
-    /// Keeps a finished (cleared) send batch for reuse, with its byte buffer while the
-    /// spares' buffers stay within `SPARE_BYTES`.
+    /// Keeps a finished (cleared) send batch for reuse, with its byte buffer if the
+    /// spares' budget admits it.
     fn keep_spare(&mut self, mut batch: Box<SendBatch>) {
         if self.spare.len() >= SPARE_MAX {
             return;
         }
-        let own = batch.out.own_capacity();
-        if own > SPARE_MAX_CAPACITY || self.spare_bytes + own > SPARE_BYTES {
+        if !self.spare_budget.admit(batch.out.own_capacity()) {
             batch.out.set_own(Vec::new());
-        } else {
-            self.spare_bytes += own;
         }
         self.spare.push(batch);
     }
