@@ -244,7 +244,12 @@ impl Ring {
             Ok(slot) if slot < self.slots => {
                 match self.ring.submitter().register_files_update(slot, &[fd]) {
                     Ok(1) => SocketRef::Slot(slot),
-                    _ => SocketRef::Fd(fd),
+                    outcome => {
+                        log::debug!(
+                            "io_uring: socket slot {slot} not filled ({outcome:?}); using its descriptor"
+                        );
+                        SocketRef::Fd(fd)
+                    }
                 }
             }
             _ => SocketRef::Fd(fd),
@@ -707,6 +712,10 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         let socket = ring.register_socket(0, server.as_raw_fd());
         assert_eq!(socket, SocketRef::Slot(0));
+        // The table's last slot, then one past it: the descriptor.
+        let last = ring.register_socket(SOCKET_SLOTS as usize - 1, server.as_raw_fd());
+        assert_eq!(last, SocketRef::Slot(SOCKET_SLOTS - 1));
+        ring.release_socket(last);
         assert_eq!(
             ring.register_socket(SOCKET_SLOTS as usize, server.as_raw_fd()),
             SocketRef::Fd(server.as_raw_fd()),
