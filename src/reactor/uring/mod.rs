@@ -1,7 +1,7 @@
 //! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
 //! send in flight per connection, everything submitted with one `io_uring_enter` per loop
-//! turn (plus a non-waiting one when more completed receives are pending than one wait
-//! runs and the wait's own were small: see `Ring::drain` and `DRAIN_BYTES`).
+//! turn (plus up to five non-waiting ones when more completed receives are pending than one
+//! wait runs and the wait's own were small: see `Ring::drain` and `DRAIN_BYTES`).
 //!
 //! Operations name a connection's socket by its slot in the ring's table of registered
 //! files (slot = slab key, for the first `SOCKET_SLOTS` keys), so the kernel skips the
