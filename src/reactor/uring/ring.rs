@@ -777,6 +777,21 @@ mod tests {
         ring.quiesce(None);
     }
 
+    /// `count` connected (client, server) pairs over loopback, each server side with a
+    /// multishot receive queued (key = its index).
+    fn receiving_pairs(ring: &mut Ring, count: usize) -> Vec<(TcpStream, TcpStream)> {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut pairs = Vec::new();
+        for key in 0..count {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            ring.recv(SocketRef::Fd(server.as_raw_fd()), key).unwrap();
+            pairs.push((client, server));
+        }
+        pairs
+    }
+
     /// Voluntary context switches of the calling thread so far.
     fn voluntary_switches() -> i64 {
         // SAFETY: `rusage` is plain old data (integers and `timeval`s), for which all zeroes
@@ -799,19 +814,11 @@ mod tests {
             return; // No io_uring here: the epoll backend is tested instead.
         }
         use std::io::Write;
-        use std::os::fd::AsRawFd;
         const SOCKETS: usize = 30;
         const ROUNDS: usize = 20;
         let mut ring = Ring::new(256).unwrap();
         let mut bufs = ring.buffers(128, 4096).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut pairs = Vec::new();
-        for key in 0..SOCKETS {
-            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            ring.recv(SocketRef::Fd(server.as_raw_fd()), key).unwrap();
-            pairs.push((client, server));
-        }
+        let mut pairs = receiving_pairs(&mut ring, SOCKETS);
         ring.enter(Some(Duration::ZERO)).unwrap();
         let mut switches = 0;
         let mut received = 0;
@@ -853,18 +860,10 @@ mod tests {
             return; // No io_uring here: the epoll backend is tested instead.
         }
         use std::io::Write;
-        use std::os::fd::AsRawFd;
         const SOCKETS: usize = 100;
         let mut ring = Ring::new(1024).unwrap();
         let bufs = ring.buffers(256, 4096).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut pairs = Vec::new();
-        for key in 0..SOCKETS {
-            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            ring.recv(SocketRef::Fd(server.as_raw_fd()), key).unwrap();
-            pairs.push((client, server));
-        }
+        let mut pairs = receiving_pairs(&mut ring, SOCKETS);
         // Arm the receives, then give every socket data while the ring is not waiting.
         ring.enter(Some(Duration::ZERO)).unwrap();
         for (client, _) in &mut pairs {
