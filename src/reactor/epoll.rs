@@ -45,6 +45,8 @@ pub(crate) struct Epoll {
     /// Connections that used their read budget with data left: read on next turn (their
     /// edge has been consumed, so no event would come).
     unfinished: Vec<usize>,
+    /// Last turn's `unfinished`, being read this turn (kept for its capacity).
+    unfinished_due: Vec<usize>,
     /// The accept budget ran out with connections left in the backlog: accept on next turn
     /// (edge-triggered, so no new event comes for them).
     accept_pending: bool,
@@ -77,6 +79,7 @@ impl Backend for Epoll {
             listener,
             read_buf: Vec::new(),
             unfinished: Vec::new(),
+            unfinished_due: Vec::new(),
             accept_pending: false,
         })
     }
@@ -121,9 +124,14 @@ impl Backend for Epoll {
             }
         }
         self.events = events;
-        for key in std::mem::take(&mut self.unfinished) {
+        // A read may leave its connection unfinished again; those go in the emptied list
+        // while this turn's are read from the spare one. Swapped, never reallocated.
+        let mut due = std::mem::take(&mut self.unfinished_due);
+        std::mem::swap(&mut self.unfinished, &mut due);
+        for key in due.drain(..) {
             self.read(core, key, false);
         }
+        self.unfinished_due = due;
         if accept {
             self.accept(core);
         }

@@ -235,7 +235,9 @@ impl Backend for Uring {
         self.bufs = Some(bufs);
         self.completions = completions;
         result?;
-        for key in std::mem::take(&mut self.rearm_recv) {
+        // Drained, not taken: the list keeps its capacity, so a busy loop whose receives
+        // end on ENOBUFS every turn does not grow it again each turn.
+        for key in self.rearm_recv.drain(..) {
             if let Some(socket) = core.reading_socket(key)
                 && !socket.ops.is_receiving()
             {
