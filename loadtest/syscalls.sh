@@ -2,9 +2,10 @@
 # Syscalls per echoed message, by kind, for each echo server: a perf tracepoint count
 # (`perf stat -e syscalls:sys_enter_*` on the server's process) over a whole wsload echo
 # run, divided by the messages wsload echoed in it. Counts, not timings, so a busy machine
-# changes them little.
+# changes them little. Scenario `conns` counts per connection instead: 2 000 WebSocket
+# connections opened (`wsload idle`), held a second, and dropped by the client.
 #
-#   loadtest/syscalls.sh [--servers a,b,...] [--scenarios 20b,1k,16k,1m] [--secs S]
+#   loadtest/syscalls.sh [--servers a,b,...] [--scenarios 20b,1k,16k,1m,conns] [--secs S]
 #                        [--no-build] [--out DIR]
 #
 # Servers: wsd-epoll, wsd-io-uring (examples/echo), echo_tokio, echo_hyper (the adapters,
@@ -24,6 +25,7 @@ log() { echo "[syscalls $(date +%H:%M:%S)] $*" >&2; }
 # shellcheck source=loadtest/lib.sh
 source loadtest/lib.sh
 
+ARGS="$*"
 SERVERS=wsd-epoll,wsd-io-uring,echo_tokio,echo_hyper,fastwebsockets,tokio-tungstenite
 SCENARIOS=20b,1k,16k,1m
 SECS=4
@@ -45,12 +47,13 @@ done
 command -v perf >/dev/null || { echo "perf is needed (linux-perf)" >&2; exit 1; }
 binaries
 
-scenario_args() { # key -> SC_CONNS SC_SIZE
+scenario_args() { # key -> SC_CONNS SC_SIZE (SC_SIZE 0: open and close connections only)
     case "$1" in
         20b) SC_CONNS=100 SC_SIZE=20 ;;
         1k) SC_CONNS=10 SC_SIZE=1024 ;;
         16k) SC_CONNS=500 SC_SIZE=16384 ;;
         1m) SC_CONNS=1 SC_SIZE=1048576 ;;
+        conns) SC_CONNS=2000 SC_SIZE=0 ;;
         *) echo "unknown scenario: $1" >&2; return 1 ;;
     esac
 }
@@ -70,7 +73,8 @@ if ((BUILD)); then
 fi
 
 EVENTS=(recvfrom sendto recvmsg sendmsg read write readv writev epoll_wait epoll_pwait
-    epoll_pwait2 epoll_ctl io_uring_enter futex accept4)
+    epoll_pwait2 epoll_ctl io_uring_enter io_uring_register futex accept4 getpeername
+    setsockopt shutdown close)
 event_list=$(printf 'syscalls:sys_enter_%s,' "${EVENTS[@]}")
 event_list="raw_syscalls:sys_enter,${event_list%,}"
 
@@ -100,10 +104,17 @@ for sc in "${scenario_list[@]}"; do
         perf stat -x, -e "$event_list" -p "$SPID" -o "$TMP/perf.csv" &
         PERF=$!
         sleep 0.3
-        if ! timeout -k 5 $((SECS + 60)) taskset -c 1 "$WSLOAD" echo --url "ws://127.0.0.1:$port/" \
-            --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS" >"$TMP/wsload.json" 2>"$TMP/wsload.log"; then
+        if ((SC_SIZE)); then
+            load=(echo --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS")
+        else
+            load=(idle --conns "$SC_CONNS" --pid "$SPID" --secs 1)
+        fi
+        if ! timeout -k 5 $((SECS + 60)) taskset -c 1 "$WSLOAD" "${load[@]}" --url "ws://127.0.0.1:$port/" \
+            >"$TMP/wsload.json" 2>"$TMP/wsload.log"; then
             log "wsload failed: $(tail -n 2 "$TMP/wsload.log")"
         fi
+        # The client's closes reach the server after wsload exits.
+        ((SC_SIZE)) || sleep 1
         kill -INT "$PERF" 2>/dev/null || true
         wait "$PERF" 2>/dev/null || true
         PERF=""
@@ -124,7 +135,8 @@ for line in open(perf_path):
     event = parts[2]
     name = "total" if event == "raw_syscalls:sys_enter" else event.split(":")[-1].replace("sys_enter_", "")
     counts[name] = int(float(parts[0]))
-messages = wsload.get("messages", 0)
+# Per echoed message, or per connection (opened and closed) for `conns`.
+messages = wsload.get("messages", wsload.get("opened", 0))
 per_msg = {k: v / messages for k, v in counts.items() if v and messages}
 print(json.dumps({"server": server, "scenario": scenario, "messages": messages,
                   "errors": wsload.get("errors"), "counts": counts,
@@ -141,17 +153,20 @@ print("    %s messages, %.3f syscalls/msg: %s" % (r["messages"], p.get("total", 
 done
 
 machine_json "$TMP/machine.json" secs "$SECS"
-python3 - "$RUNS" "$TMP/machine.json" "$OUT/syscalls.md" "$*" <<'PY'
+python3 - "$RUNS" "$TMP/machine.json" "$OUT/syscalls.md" "$ARGS" <<'PY'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 machine = json.load(open(sys.argv[2]))
-names = {"20b": "100 × 20 B", "1k": "10 × 1 KiB", "16k": "500 × 16 KiB", "1m": "1 × 1 MiB"}
+names = {"20b": "100 × 20 B", "1k": "10 × 1 KiB", "16k": "500 × 16 KiB", "1m": "1 × 1 MiB",
+         "conns": "2 000 connections (per connection)"}
 out = ["# Syscalls per echoed message", "",
        "Command: `loadtest/syscalls.sh" + (" " + sys.argv[4] if sys.argv[4] else "") + "`", "",
        "Machine: " + ", ".join("%s %s" % (k, machine[k]) for k in
                                ("date", "nproc", "kernel", "commit") if k in machine), "",
        "perf tracepoint counts on the server's process over a whole wsload echo run, "
-       "divided by the messages echoed; *other* is every syscall not listed.", "",
+       "divided by the messages echoed (for *connections*: over a `wsload idle` run, "
+       "divided by the connections opened and closed); *other* is every syscall not "
+       "listed.", "",
        "| scenario | server | messages | syscalls/msg | by kind |", "|---|---|---:|---:|---|"]
 for r in runs:
     p = dict(r["per_message"])

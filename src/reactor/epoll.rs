@@ -169,8 +169,12 @@ impl Backend for Epoll {
         let _ = stream.shutdown(Shutdown::Write);
     }
 
-    fn detach(&mut self, _key: usize, stream: &mut TcpStream) {
-        let _ = self.poll.registry().deregister(stream);
+    fn detach(&mut self, _key: usize, _stream: &mut TcpStream) {
+        // Nothing: an epoll socket is never busy (`is_idle`), so the core drops it right
+        // after this, and closing the only descriptor of a socket takes it out of the
+        // epoll set (kqueue: its filters) with no `epoll_ctl` of its own. Events already
+        // harvested this turn for the key are dropped by the core (the connection is
+        // gone), and the key is not reused before the turn's accepts and connects.
     }
 
     fn pause_reading(&mut self, _key: usize, _: &mut TcpStream) {

@@ -5,7 +5,9 @@
 //!
 //! Operations name a connection's socket by its slot in the ring's table of registered
 //! files (slot = slab key, for the first `SOCKET_SLOTS` keys), so the kernel skips the
-//! descriptor lookup; past the table they use the descriptor.
+//! descriptor lookup; past the table they use the descriptor. A slot is filled and emptied
+//! by updates queued in the ring ahead of the operations that use it, not by syscalls of
+//! their own.
 //!
 //! A connection that closes cancels its receive, empties its slot, and stays in the core's
 //! slab, holding its socket, until its last operation completed; only then is the socket
@@ -295,7 +297,11 @@ impl Backend for Uring {
 
     fn detach(&mut self, key: usize, socket: &mut Socket) {
         // Makes an in-flight send fail fast and the receive end; the cancel makes sure.
-        let _ = socket.stream.shutdown(Shutdown::Both);
+        // With neither in flight (the peer's EOF ended the receive: most closes) there is
+        // nothing to stop, and closing the socket does the rest: no syscall for it.
+        if !Self::is_idle(socket) {
+            let _ = socket.stream.shutdown(Shutdown::Both);
+        }
         if socket.ops.is_receiving() {
             // If the cancel cannot be queued, the shutdown above still ends the receive.
             let _ = self.ring.cancel_recv(key);

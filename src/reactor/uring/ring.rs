@@ -194,6 +194,10 @@ const MAX_IOVECS: usize = 1024;
 /// entry in the op table: an idle connection costs the table nothing.
 const RECV: u64 = 1 << 63;
 
+/// `user_data` of an update of the registered-socket table: this bit and the slot. Only a
+/// failed one completes (see [`Ring::update_slot`]).
+const SLOT_UPDATE: u64 = 1 << 62;
+
 /// One reaped completion.
 pub(crate) struct Completion {
     /// The op table entry (`usize::MAX` for a receive: see `recv`).
@@ -217,6 +221,8 @@ pub(crate) struct Ring {
     receives: usize,
     /// Slots in the registered-socket table (0: the kernel refused one).
     slots: u32,
+    /// The descriptor each slot's last queued fill reads (see [`Ring::update_slot`]).
+    slot_fds: Box<[RawFd]>,
 }
 
 impl Ring {
@@ -236,40 +242,70 @@ impl Ring {
             ops: Slab::with_capacity(1024),
             receives: 0,
             slots,
+            slot_fds: vec![-1; slots as usize].into_boxed_slice(),
         })
     }
 
     /// Puts connection `key`'s socket in slot `key` of the registered-socket table, and
     /// returns how operations name it from now on: by its slot, or (past the table, or if
-    /// the kernel refuses) by its descriptor. A socket in a slot must be released with
+    /// the update cannot be queued) by its descriptor. The update goes in the submission
+    /// queue, ahead of the operations that will name the slot, and the kernel runs queued
+    /// entries in order (an update runs inline, at submission): so no syscall of its own.
+    /// The descriptor must stay open until the next submission (a connection's does: its
+    /// receive is queued behind the update). A socket in a slot must be released with
     /// [`Ring::release_socket`] when its connection ends: the table holds a reference.
     pub fn register_socket(&mut self, key: usize, fd: RawFd) -> SocketRef {
         match u32::try_from(key) {
-            Ok(slot) if slot < self.slots => {
-                match self.ring.submitter().register_files_update(slot, &[fd]) {
-                    Ok(1) => SocketRef::Slot(slot),
-                    outcome => {
-                        log::debug!(
-                            "io_uring: socket slot {slot} not filled ({outcome:?}); using its descriptor"
-                        );
-                        SocketRef::Fd(fd)
-                    }
+            Ok(slot) if slot < self.slots => match self.update_slot(slot, Some(fd)) {
+                Ok(()) => SocketRef::Slot(slot),
+                Err(e) => {
+                    log::debug!(
+                        "io_uring: socket slot {slot} not filled ({e}); using its descriptor"
+                    );
+                    SocketRef::Fd(fd)
                 }
-            }
+            },
             _ => SocketRef::Fd(fd),
         }
     }
 
-    /// Empties `socket`'s slot (nothing for a descriptor), so the table no longer keeps the
-    /// socket open; operations already under way keep their own reference until they end.
+    /// Empties `socket`'s slot (nothing for a descriptor) at the next submission, so the
+    /// table no longer keeps the socket open; operations already under way keep their own
+    /// reference until they end. A later [`Ring::register_socket`] of the same slot is
+    /// queued behind it.
     pub fn release_socket(&mut self, socket: SocketRef) {
-        if let SocketRef::Slot(slot) = socket {
-            // -1 empties a slot. It cannot fail for a slot inside the table; if it did,
-            // the socket would stay open until the slot is reused or the ring is dropped.
-            if let Err(e) = self.ring.submitter().register_files_update(slot, &[-1]) {
-                log::warn!("io_uring: releasing socket slot {slot} failed: {e}");
-            }
+        if let SocketRef::Slot(slot) = socket
+            && let Err(e) = self.update_slot(slot, None)
+        {
+            // Only when the queue cannot be submitted: the socket then stays open until
+            // the slot is reused or the ring is dropped.
+            log::warn!("io_uring: releasing socket slot {slot} failed: {e}");
         }
+    }
+
+    /// Queues an update of one slot of the registered-socket table: `fd`, or empty. It
+    /// posts a completion only if it fails (`CQE_SKIP_SUCCESS`): a completion would end the
+    /// loop's next wait at once, one extra turn per connection opened and closed. So it
+    /// has no entry in the op table; the descriptor the kernel reads sits in the slot's
+    /// cell of `slot_fds`, which only the next registration of the same slot rewrites, and
+    /// that one is queued behind this update and wins in any case.
+    fn update_slot(&mut self, slot: u32, fd: Option<RawFd>) -> io::Result<()> {
+        /// What an emptied slot is set to.
+        static EMPTY: RawFd = -1;
+        let fds: *const RawFd = match fd {
+            Some(fd) => {
+                let cell = &mut self.slot_fds[slot as usize];
+                *cell = fd;
+                cell
+            }
+            None => &EMPTY,
+        };
+        let entry = opcode::FilesUpdate::new(fds, 1)
+            .offset(slot as i32) // slot < SOCKET_SLOTS
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(SLOT_UPDATE | u64::from(slot));
+        self.push(entry)
     }
 
     /// Queues an SQE for op `op`; when the submission queue is full, hands it to the
@@ -280,7 +316,8 @@ impl Ring {
             // batches: their own bytes, the shared frames they hold references to, and the
             // boxed `msghdr` and iovecs of a `sendmsg`, rebuilt only by `resend` between a
             // completion and the next submission; wake buffers) or by a registered
-            // `BufRing`, and outlives the operation: ops are only removed by `finish`,
+            // `BufRing`, and outlives the operation (a slot update reads a cell of the
+            // ring's own `slot_fds`, or a static, when it is submitted): ops are only removed by `finish`,
             // after their final completion was reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
@@ -436,6 +473,17 @@ impl Ring {
                     buffer: cqueue::buffer_select(flags),
                     accepted: None,
                 });
+                continue;
+            }
+            if data & SLOT_UPDATE != 0 {
+                // Never seen (the slot is inside the table, the descriptor open): the
+                // slot stays as it was, and a filled one's connection sees its receive
+                // fail (EBADF) and closes like any connection whose read fails.
+                let slot = data & !SLOT_UPDATE;
+                log::warn!(
+                    "io_uring: updating socket slot {slot} failed: {}",
+                    io::Error::from_raw_os_error(-result)
+                );
                 continue;
             }
             let op = data as usize;
@@ -768,12 +816,68 @@ mod tests {
             matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
             "{err:?}"
         );
-        // Released: the socket closes.
+        // Released (at the next submission, which needs no wait): the socket closes.
         ring.release_socket(socket);
+        ring.enter(Some(Duration::ZERO)).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         assert_eq!(read(&mut client).unwrap(), 0, "end of stream");
+        ring.quiesce(None);
+    }
+
+    /// Slot updates run in submission order with the operations around them: a slot
+    /// emptied and filled with another socket in the same submission, then named by a
+    /// send, sends on the new socket (the backend relies on this when a key is reused).
+    #[test]
+    fn slot_updates_take_effect_in_submission_order() {
+        if probe().is_err() {
+            return; // No io_uring here: the epoll backend is tested instead.
+        }
+        use std::io::{ErrorKind, Read};
+        use std::os::fd::AsRawFd;
+        let mut ring = Ring::new(64).unwrap();
+        if ring.slots == 0 {
+            return; // Before Linux 5.19: sockets are always named by descriptor.
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut first = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (first_server, _) = listener.accept().unwrap();
+        let mut second = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (second_server, _) = listener.accept().unwrap();
+        let old = ring.register_socket(3, first_server.as_raw_fd());
+        ring.release_socket(old);
+        let new = ring.register_socket(3, second_server.as_raw_fd());
+        assert_eq!(new, SocketRef::Slot(3));
+        let mut batch = Box::<SendBatch>::default();
+        batch.out.set_bytes(b"to the second");
+        let send = ring.send(new, 3, batch).unwrap();
+        let mut done = Vec::new();
+        while !done.iter().any(|c: &Completion| c.op == send) {
+            ring.enter(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut done, usize::MAX);
+        }
+        // Successful updates post no completion: the send's is the only one.
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].result, 13);
+        let mut got = [0; 13];
+        second.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to the second");
+        first
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // io_uring's task-work notifications may interrupt a blocking read.
+        let err = loop {
+            match first.read(&mut [0; 1]) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => break other.unwrap_err(),
+            }
+        };
+        assert!(
+            matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{err:?}"
+        );
+        ring.release_socket(new);
         ring.quiesce(None);
     }
 
