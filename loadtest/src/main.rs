@@ -10,11 +10,18 @@
 //! wsload broadcast --url ws://127.0.0.1:9002/topic --conns 100 --secs 10 [--size 20]
 //! wsload slow   --url ws://127.0.0.1:9001/ --conns 10 --size 1024 --secs 5 --pid PID
 //!               [--flood-size 65536] [--max-rss-growth-mib 1024]
+//! wsload churn  --url ws://127.0.0.1:9001/ --conns 50 --secs 10 [--size 20] [--hosts 4]
 //! ```
 //! Common options: `--threads N` (client event loops, default 1), `--backend auto|epoll|io-uring`,
 //! `--deflate` (offer permessage-deflate: `Options::deflate(true)`). `--json` makes echo
 //! payloads JSON-like text (compressible); `echo` reports the wire bytes per message each way.
 //! Every run is bounded in time and stops by itself.
+//!
+//! `churn` measures the connection lifecycle against an echo server: `--conns` connections
+//! at a time, each opened, upgraded, sent one `--size` message, answered, and closed with a
+//! close handshake (1000), then replaced by a new one. It reports cycles per second and
+//! their latency (connect to close), and counts a cycle whose echo or close code is wrong
+//! as an error.
 //!
 //! `fanout` and `broadcast` load a pub/sub server (`examples/pubsub.rs`: a client's path is
 //! its topic; every message is delivered to every client of the topic, the sender included):
@@ -155,6 +162,7 @@ fn usage(problem: &str) -> ! {
          wsload broadcast --url URL --conns N --secs S [--size B]\n  \
          wsload slow --url URL --conns N --size B --secs S --pid PID [--flood-size F] \
          [--max-rss-growth-mib M]\n  \
+         wsload churn --url URL --conns N --secs S [--size B] [--hosts K]\n  \
          common: [--threads N] [--backend auto|epoll|io-uring] [--deflate]"
     );
     std::process::exit(2)
@@ -654,6 +662,125 @@ fn idle(args: &Args) {
         after,
         per_conn,
         args.conns - still_open,
+    );
+}
+
+// ----- churn -----
+
+/// One connection of a `churn` run: sends its message when open, closes (1000) when the
+/// echo is back, and counts the cycle when the close handshake completes.
+struct Churn {
+    shared: Arc<Shared>,
+    started: Instant,
+    payload: Arc<[u8]>,
+    /// Whether the echo came back (`Some`), and right (`Some(true)`).
+    echoed: Option<bool>,
+}
+
+impl Handler for Churn {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+        if ws.send_binary(&self.payload).is_err() {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let right =
+            self.echoed.is_none() && !message.is_text() && message.as_bytes() == &self.payload[..];
+        if !right {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.echoed = Some(right);
+        let _ = ws.close_connection(1000, "");
+    }
+
+    fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
+        if code != 1000 || self.echoed.is_none() {
+            self.shared.failed.fetch_add(1, Ordering::Relaxed);
+        } else if self.echoed == Some(true) && self.shared.measuring.load(Ordering::Relaxed) {
+            self.shared.received.fetch_add(1, Ordering::Relaxed);
+            let micros = self.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            self.shared.latencies.lock().unwrap().push(micros);
+        }
+        self.shared.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn churn(args: &Args) {
+    let shared = Arc::new(Shared::default());
+    let clients: ClientReactor<Churn> = reactor(args, None);
+    let payload: Arc<[u8]> = pattern(args.size, false).into();
+    let issued = Cell::new(0usize);
+    // Keeps `--conns` cycles under way: a new connection for each one that closed.
+    let top_up = || {
+        while issued.get() - shared.closed.load(Ordering::Relaxed) < args.conns {
+            let handler = Churn {
+                shared: shared.clone(),
+                started: Instant::now(),
+                payload: payload.clone(),
+                echoed: None,
+            };
+            let url = spread(&args.url, issued.get(), args.hosts);
+            clients
+                .connect(&url, handler)
+                .unwrap_or_else(|e| usage(&format!("{url}: {e}")));
+            issued.set(issued.get() + 1);
+        }
+    };
+    // Warm-up: half a second of cycles before the window.
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(500) {
+        top_up();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = measure(
+        &shared,
+        Duration::ZERO,
+        args.secs,
+        Duration::from_millis(1),
+        top_up,
+        String::new,
+    );
+    let cycles = shared.received.load(Ordering::Relaxed);
+    let all_closed = wait_until(
+        "connections to close",
+        Duration::from_secs(15),
+        || shared.closed.load(Ordering::Relaxed) >= issued.get(),
+        || {
+            format!(
+                "{} of {} closed",
+                shared.closed.load(Ordering::Relaxed),
+                issued.get()
+            )
+        },
+    );
+    let _ = clients.shutdown(Duration::from_secs(2));
+    let mut latencies = std::mem::take(&mut *shared.latencies.lock().unwrap());
+    latencies.sort_unstable();
+    let errors = shared.errors.load(Ordering::Relaxed)
+        + shared.failed.load(Ordering::Relaxed) as u64
+        + (issued.get() - shared.closed.load(Ordering::Relaxed).min(issued.get())) as u64;
+    println!(
+        "{{\"mode\":\"churn\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"secs\":{:.3},\
+         \"cycles\":{},\"cycles_per_sec\":{:.1},\"connections\":{},\"all_closed\":{},\
+         \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
+        args.url,
+        args.conns,
+        args.size,
+        secs,
+        cycles,
+        cycles as f64 / secs,
+        issued.get(),
+        all_closed,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        percentile(&latencies, 99.9),
+        errors,
     );
 }
 
@@ -1512,6 +1639,7 @@ fn main() {
         "fanout" => fanout(&args),
         "broadcast" => broadcast(&args),
         "slow" => slow(&args),
+        "churn" => churn(&args),
         other => usage(&format!("unknown mode {other}")),
     }
 }

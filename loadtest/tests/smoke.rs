@@ -2,7 +2,8 @@
 //! zero errors, on each server backend; `wsload slow` likewise, with its flooder;
 //! `wsload broadcast` and `wsload fanout` against an in-process pub/sub server (the
 //! library's topics, as `examples/pubsub.rs`: every message to every client of the topic,
-//! the sender included).
+//! the sender included); `wsload churn`, whose connections the server must see open and
+//! close cleanly, one for one.
 
 use std::process::Command;
 use std::time::Duration;
@@ -241,4 +242,82 @@ fn fanout_sub_urls_split_per_url() {
         assert_eq!(field(group, "missing"), 0.0, "{json}");
         assert!(field(group, "p50_us") <= field(group, "p99_us"), "{json}");
     }
+}
+
+/// Answers every message with the wrong payload: what `churn` must count as errors.
+struct WrongEcho;
+impl Handler for WrongEcho {
+    fn on_message(&mut self, ws: &mut Ws<'_>, _message: Message<'_>) {
+        let _ = ws.send_binary(b"not the payload");
+    }
+}
+
+/// `wsload churn` for one second; its JSON and the server's stats once it has seen every
+/// connection go.
+fn churn<H: Handler>(
+    backend: Backend,
+    handler: fn() -> H,
+) -> (String, websocket_driver::server::Stats) {
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(handler()))
+        .unwrap();
+    let url = format!("ws://{}/", server.local_addr());
+    let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
+        .args(["churn", "--url", &url, "--conns", "8", "--secs", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = String::from_utf8(output.stdout).unwrap();
+    let connections = field(&json, "connections") as u64;
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().connections_open > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = server.stats();
+    assert_eq!(stats.connections_total, connections, "{json} {stats:?}");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    (json, stats)
+}
+
+/// Every cycle wsload counts is a connection the server opened, echoed on and closed with
+/// 1000, on both backends.
+#[test]
+fn churn_cycles_are_whole_connections() {
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (json, stats) = churn(backend, || Echo);
+        assert_eq!(field(&json, "errors"), 0.0, "{json}");
+        assert!(field(&json, "cycles") > 0.0, "{json}");
+        assert!(
+            field(&json, "cycles") <= field(&json, "connections"),
+            "{json}"
+        );
+        assert_eq!(stats.connections_open, 0, "{stats:?}");
+        assert_eq!(
+            stats.closes.get(&1000).copied(),
+            Some(stats.connections_total),
+            "{stats:?}"
+        );
+        assert_eq!(stats.messages_in, stats.connections_total, "{stats:?}");
+    }
+}
+
+/// A wrong echo is an error for every cycle, not a cycle.
+#[test]
+fn churn_counts_a_wrong_echo_as_an_error() {
+    let (json, _) = churn(Backend::Epoll, || WrongEcho);
+    assert_eq!(field(&json, "cycles"), 0.0, "{json}");
+    assert!(
+        field(&json, "errors") >= field(&json, "connections"),
+        "{json}"
+    );
 }

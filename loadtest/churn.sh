@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Connection churn: what a connection's whole life costs each echo server. `wsload churn`
+# keeps --conns connections under way; each is opened, upgraded, sent one 20 B message,
+# answered, and closed with a close handshake, then replaced. Per server and round: cycles
+# per second, and the server's CPU per cycle (user and kernel, from /proc/PID/stat over the
+# wsload run, the warm-up included). Rounds are interleaved; the table gives medians.
+#
+#   loadtest/churn.sh [--servers a,b,...] [--conns N] [--secs S] [--rounds R] [--no-build]
+#                     [--out DIR]
+#
+# Servers as in compare.sh (wsd-epoll, wsd-io-uring, base-epoll, base-io-uring with
+# BASELINE_ECHO=path, echo_tokio, echo_hyper, fastwebsockets, tokio-tungstenite). Each
+# server runs alone, pinned to CPU 0, wsload to CPU 1; traffic only to 127.0.0.1; every step
+# is bounded in time. The server closes first (it ends the close handshake), so the
+# TIME_WAIT sockets are its own and the client's ports are free again at once.
+# wsload's core is usually the busier one here: cycles/s is partly the client's, CPU per
+# cycle is the server's own figure.
+#
+# Output in --out (default loadtest/results/churn): runs.jsonl (one line per run) and
+# churn.md (the table).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { echo "[churn $(date +%H:%M:%S)] $*" >&2; }
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
+
+ARGS="$*"
+SERVERS=wsd-epoll,wsd-io-uring,fastwebsockets,tokio-tungstenite
+CONNS=50
+SECS=5
+ROUNDS=3
+BUILD=1
+OUT=loadtest/results/churn
+while (($#)); do
+    case "$1" in
+        --servers) SERVERS=${2:?}; shift ;;
+        --conns) CONNS=${2:?}; shift ;;
+        --secs) SECS=${2:?}; shift ;;
+        --rounds) ROUNDS=${2:?}; shift ;;
+        --no-build) BUILD=0 ;;
+        --out) OUT=${2:?}; shift ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ $CONNS =~ ^[1-9][0-9]*$ && $ROUNDS =~ ^[1-9][0-9]*$ && $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
+    { echo "--conns and --rounds need positive integers, --secs a number" >&2; exit 2; }
+
+binaries
+IFS=, read -ra server_list <<<"$SERVERS"
+for s in "${server_list[@]}"; do
+    server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
+done
+
+if ((BUILD)); then
+    log "building in release: wsload, the echo examples, the peers"
+    cargo build --release -p wsload >&2
+    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
+    (cd loadtest/peers && cargo build --release) >&2
+fi
+
+mkdir -p "$OUT"
+RUNS=$OUT/runs.jsonl
+: >"$RUNS"
+TMP=$(mktemp -d)
+SPID=""
+cleanup() {
+    stop_pid "$SPID"
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+CLK_TCK=$(getconf CLK_TCK)
+machine_json "$TMP/machine.json" conns "$CONNS" secs "$SECS" rounds "$ROUNDS"
+
+port=$((20000 + RANDOM % 20000))
+for ((round = 1; round <= ROUNDS; round++)); do
+    for server in "${server_list[@]}"; do
+        port=$((port + 1))
+        server_cmd "$server" "$port"
+        log "round $round/$ROUNDS: $server"
+        taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
+        SPID=$!
+        for ((i = 0; i < 100; i++)); do listening "$port" && break; sleep 0.05; done
+        listening "$port" || { log "$server did not listen"; stop_pid "$SPID"; SPID=""; continue; }
+        before=$(cpu_ticks_split "$SPID")
+        rc=0
+        timeout -k 5 "$(python3 -c "print(int($SECS) + 60)")" taskset -c 1 "$WSLOAD" churn \
+            --url "ws://127.0.0.1:$port/" --conns "$CONNS" --secs "$SECS" \
+            >"$TMP/wsload.json" 2>"$TMP/wsload.log" || rc=$?
+        after=$(cpu_ticks_split "$SPID")
+        stop_pid "$SPID"
+        SPID=""
+        python3 - "$server" "$round" "$rc" "$before" "$after" "$CLK_TCK" "$TMP/wsload.json" >>"$RUNS" <<'PY'
+import json, sys
+server, rnd, rc, before, after, tck, path = sys.argv[1:8]
+try:
+    w = json.load(open(path))
+except ValueError:
+    w = {}
+(t0, u0), (t1, u1) = (map(int, before.split(":")), map(int, after.split(":")))
+tck = int(tck)
+conns = w.get("connections", 0)
+per = lambda ticks: ticks / tck * 1e6 / conns if conns else None
+print(json.dumps({"server": server, "round": int(rnd), "rc": int(rc), "wsload": w,
+                  "server_cpu_us_per_conn": per(t1 - t0),
+                  "server_user_us_per_conn": per(u1 - u0),
+                  "server_kernel_us_per_conn": per((t1 - t0) - (u1 - u0))}))
+PY
+        tail -n 1 "$RUNS" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read()); w = r["wsload"]
+cpu = r["server_cpu_us_per_conn"]
+print("    %s cycles/s, p99 %s us, server %s us/connection, %s errors%s" % (
+    format(w.get("cycles_per_sec", 0), ",.0f"), w.get("p99_us", "-"),
+    "-" if cpu is None else format(cpu, ".1f"), w.get("errors", "-"),
+    "" if r["rc"] == 0 else "  (wsload exit %d)" % r["rc"]))' >&2
+    done
+done
+
+machine_json_end "$TMP/machine.json"
+python3 - "$RUNS" "$TMP/machine.json" "$OUT/churn.md" "$ARGS" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+machine = json.load(open(sys.argv[2]))
+servers = list(dict.fromkeys(r["server"] for r in runs))
+med = lambda xs: statistics.median(xs) if xs else None
+f = lambda x, d: "-" if x is None else format(x, ",.%df" % d)
+out = ["# Connection churn", "",
+       "Command: `loadtest/churn.sh" + (" " + sys.argv[4] if sys.argv[4] else "") + "`", "",
+       "Machine: " + ", ".join("%s %s" % (k, machine[k]) for k in
+                               ("date", "nproc", "cpu", "kernel", "commit", "loadavg at start",
+                                "loadavg at end") if k in machine), "",
+       "%s connections under way, each: connect, upgrade, one 20 B echo, close handshake "
+       "(1000). Medians of %s rounds; server CPU per connection is over the whole wsload run "
+       "(warm-up included) divided by the connections it made." % (machine["conns"], machine["rounds"]), "",
+       "| server | cycles/s | p99 µs | server CPU µs/connection | user · kernel | errors | rounds ok |",
+       "|---|---:|---:|---:|---|---:|---:|"]
+for s in servers:
+    rs = [r for r in runs if r["server"] == s]
+    ok = [r for r in rs if r["rc"] == 0 and r["wsload"].get("errors") == 0]
+    pick = lambda k: med([r[k] for r in ok if r.get(k) is not None])
+    out.append("| %s | %s | %s | %s | %s · %s | %d | %d/%d |" % (
+        s, f(med([r["wsload"]["cycles_per_sec"] for r in ok]), 0),
+        f(med([r["wsload"]["p99_us"] for r in ok]), 0),
+        f(pick("server_cpu_us_per_conn"), 1), f(pick("server_user_us_per_conn"), 1),
+        f(pick("server_kernel_us_per_conn"), 1),
+        sum(r["wsload"].get("errors", 0) for r in rs), len(ok), len(rs)))
+open(sys.argv[3], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
+log "wrote $RUNS and $OUT/churn.md"
