@@ -284,7 +284,8 @@ impl Ring {
     }
 
     /// Queues an update of one slot of the registered-socket table: `fd`, or empty. It
-    /// posts a completion only if it fails (`CQE_SKIP_SUCCESS`): a completion would end the
+    /// posts a completion only if it fails (`CQE_SKIP_SUCCESS`, Linux 5.17; the sparse table
+    /// itself needs 5.19, so no kernel with slots lacks it): a completion would end the
     /// loop's next wait at once, one extra turn per connection opened and closed. So it
     /// has no entry in the op table; the descriptor the kernel reads sits in the slot's
     /// cell of `slot_fds`, which only the next registration of the same slot rewrites, and
