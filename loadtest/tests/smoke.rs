@@ -8,7 +8,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, UpgradeRequest, Ws};
+use websocket_driver::server::{
+    Handler, Server, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, Ws,
+};
 use websocket_driver::{Backend, Message, MessageType};
 
 struct Echo;
@@ -73,7 +75,18 @@ fn run_wsload_on<H: Handler>(
     mode: &str,
     args: &[&str],
 ) -> String {
-    let server = Server::bind("127.0.0.1:0")
+    let server = start(backend, app);
+    let json = wsload(&format!("ws://{}/topic", server.local_addr()), mode, args);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    json
+}
+
+/// A one-loop server of `app` on a free loopback port.
+fn start<H: Handler>(
+    backend: Backend,
+    app: impl Fn(&UpgradeRequest<'_>) -> Upgrade<H> + Send + Sync + 'static,
+) -> ServerHandle {
+    Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
             threads: 1,
@@ -81,12 +94,14 @@ fn run_wsload_on<H: Handler>(
             ..ServerConfig::default()
         })
         .start(app)
-        .unwrap();
-    let url = format!("ws://{}/topic", server.local_addr());
+        .unwrap()
+}
+
+/// Runs `wsload MODE --url URL ARGS…` (`{url}` in ARGS stands for URL); its JSON.
+fn wsload(url: &str, mode: &str, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
-        .args([mode, "--url", &url])
-        // `{url}` in an argument stands for the server's URL.
-        .args(args.iter().map(|a| a.replace("{url}", &url)))
+        .args([mode, "--url", url])
+        .args(args.iter().map(|a| a.replace("{url}", url)))
         .output()
         .unwrap();
     assert!(
@@ -94,7 +109,6 @@ fn run_wsload_on<H: Handler>(
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    server.shutdown(Duration::from_secs(1)).unwrap();
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -254,30 +268,10 @@ impl Handler for WrongEcho {
 
 /// `wsload churn` for one second; its JSON and the server's stats once it has seen every
 /// connection go.
-fn churn<H: Handler>(
-    backend: Backend,
-    handler: fn() -> H,
-) -> (String, websocket_driver::server::Stats) {
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
-        .start(move |_| Upgrade::Accept(handler()))
-        .unwrap();
+fn churn<H: Handler>(backend: Backend, handler: fn() -> H) -> (String, Stats) {
+    let server = start(backend, move |_| Upgrade::Accept(handler()));
     let url = format!("ws://{}/", server.local_addr());
-    let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
-        .args(["churn", "--url", &url, "--conns", "8", "--secs", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json = String::from_utf8(output.stdout).unwrap();
+    let json = wsload(&url, "churn", &["--conns", "8", "--secs", "1"]);
     let connections = field(&json, "connections") as u64;
     let end = std::time::Instant::now() + Duration::from_secs(10);
     while server.stats().connections_open > 0 && std::time::Instant::now() < end {

@@ -764,18 +764,12 @@ mod tests {
     /// is released when it ends.
     #[test]
     fn a_released_slot_lets_its_socket_close() {
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
-        }
         use std::io::{ErrorKind, Read};
         use std::os::fd::AsRawFd;
-        let mut ring = Ring::new(64).unwrap();
-        if ring.slots == 0 {
-            return; // Before Linux 5.19: sockets are always named by descriptor.
-        }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
+        let Some((mut ring, listener)) = ring_with_slots() else {
+            return;
+        };
+        let (mut client, server) = connected(&listener);
         let socket = ring.register_socket(0, server.as_raw_fd());
         assert_eq!(socket, SocketRef::Slot(0));
         // The table's last slot, then one past it: the descriptor.
@@ -832,20 +826,13 @@ mod tests {
     /// send, sends on the new socket (the backend relies on this when a key is reused).
     #[test]
     fn slot_updates_take_effect_in_submission_order() {
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
-        }
         use std::io::{ErrorKind, Read};
         use std::os::fd::AsRawFd;
-        let mut ring = Ring::new(64).unwrap();
-        if ring.slots == 0 {
-            return; // Before Linux 5.19: sockets are always named by descriptor.
-        }
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut first = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (first_server, _) = listener.accept().unwrap();
-        let mut second = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (second_server, _) = listener.accept().unwrap();
+        let Some((mut ring, listener)) = ring_with_slots() else {
+            return;
+        };
+        let (mut first, first_server) = connected(&listener);
+        let (mut second, second_server) = connected(&listener);
         let old = ring.register_socket(3, first_server.as_raw_fd());
         ring.release_socket(old);
         let new = ring.register_socket(3, second_server.as_raw_fd());
@@ -880,6 +867,21 @@ mod tests {
         );
         ring.release_socket(new);
         ring.quiesce(None);
+    }
+
+    /// A ring with a registered-socket table and a loopback listener; `None` (the test
+    /// passes vacuously) without io_uring, where the epoll backend is tested instead, or
+    /// before Linux 5.19, where sockets are always named by descriptor.
+    fn ring_with_slots() -> Option<(Ring, std::net::TcpListener)> {
+        probe().ok()?;
+        let ring = Ring::new(64).unwrap();
+        (ring.slots > 0).then(|| (ring, std::net::TcpListener::bind("127.0.0.1:0").unwrap()))
+    }
+
+    /// A connected (client, server) pair through `listener`.
+    fn connected(listener: &std::net::TcpListener) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (client, listener.accept().unwrap().0)
     }
 
     /// `count` connected (client, server) pairs over loopback, each server side with a
