@@ -257,3 +257,72 @@ pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
         })
         .unwrap_or_else(|| panic!("cargo build --example {name} named no executable"))
 }
+
+/// Echoes, on `backend` with one loop, pipelined messages of sizes that straddle any
+/// receive-buffer layout (1 B to 128 KiB + 3, around 125/126 and 64 Ki), from 8
+/// connections at once, and checks every reply byte for byte and in order.
+pub fn mixed_size_echoes(backend: websocket_driver::Backend) {
+    use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
+
+    struct Echo;
+    impl Handler for Echo {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            let _ = ws.send_message(&message);
+        }
+    }
+
+    const FIXED: [usize; 14] = [
+        1, 125, 126, 127, 16_384, 16_391, 20_000, 32_768, 65_535, 65_536, 65_537, 100_000, 131_075,
+        3,
+    ];
+    let config = ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap();
+    assert_eq!(server.backend(), backend);
+    let addr = server.local_addr();
+    let clients: Vec<_> = (0..8u64)
+        .map(|seed| {
+            std::thread::spawn(move || {
+                let mut client = TestClient::connect(addr, "/").unwrap();
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (seed + 1));
+                let mut echoed = 0;
+                for batch in 0..6 {
+                    // Under the server's 1 MiB output cap, so the batch never waits on
+                    // replies this side has not read yet.
+                    let sizes: Vec<usize> = match batch % 2 {
+                        0 => FIXED.to_vec(),
+                        _ => (0..8).map(|_| rng.size()).collect(),
+                    };
+                    let messages: Vec<Vec<u8>> = sizes.iter().map(|&n| rng.bytes(n)).collect();
+                    for message in &messages {
+                        client.send_binary(message).unwrap();
+                    }
+                    for (i, message) in messages.iter().enumerate() {
+                        match client.next_message().unwrap() {
+                            Owned::Binary(reply) => assert!(
+                                reply == *message,
+                                "client {seed} batch {batch} message {i}: {} bytes came back for {}",
+                                reply.len(),
+                                message.len()
+                            ),
+                            other => panic!("client {seed}: {other:?}"),
+                        }
+                        echoed += 1;
+                    }
+                }
+                echoed
+            })
+        })
+        .collect();
+    let echoed: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(echoed, 8 * (3 * FIXED.len() + 3 * 8));
+    assert_eq!(server.stats().messages_in, echoed as u64);
+    server.shutdown(Duration::from_secs(2)).unwrap();
+}

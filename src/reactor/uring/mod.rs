@@ -1,7 +1,12 @@
 //! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
 //! send in flight per connection, everything submitted with one `io_uring_enter` per loop
 //! turn (plus up to five non-waiting ones when more completed receives are pending than one
-//! wait runs and the wait's own were small: see `Ring::drain` and `DRAIN_BYTES`).
+//! wait runs and the turn's input is still small: see `Ring::run_pending` and
+//! `DRAIN_BYTES`).
+//!
+//! A turn's completions are handled in batches of one enter's worth (~20 receives), each
+//! handing its receive buffers back before the next enter, so a small ring (`BUF_COUNT`)
+//! serves every turn and the kernel keeps receiving into memory the cache still holds.
 //!
 //! Operations name a connection's socket by its slot in the ring's table of registered
 //! files (slot = slab key, for the first `SOCKET_SLOTS` keys), so the kernel skips the
@@ -35,16 +40,26 @@ const RING_ENTRIES: u32 = 4096;
 const ACCEPTS_PER_TURN: usize = 64;
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
-/// Provided buffers per loop. The kernel hands them out in ring order, so a loop's receives
-/// cycle through all of them: 128 × 32 KiB = 4 MiB touched in turn. Against 256 (8 MiB), 500 ×
-/// 16 KiB echoes ran at more msgs/s in 8 of 9 paired rounds (a smaller footprint to copy
-/// into and unmask from), and each loop holds 4 MiB less.
-const BUF_COUNT: u16 = 128;
-/// Bytes received by a turn's wait past which the receives it left pending wait for the
-/// next turn (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
+/// Provided buffers per loop: 32 × 32 KiB, 1 MiB. The kernel hands them out in ring order,
+/// so a receive lands where one last landed 32 receives earlier: at 16 KiB messages 512 KiB
+/// of data, still in the core's L2 cache when the kernel copies into it and the session
+/// unmasks and answers it. With 128 (4 MiB), each receive landed where one last landed
+/// 2 MiB earlier; the receive copy (`_copy_to_iter`) took 12 % of the samples against
+/// epoll's 7 % (epoll reads into one 64 KiB buffer), and 500 × 16 KiB echoes cost ~1 µs
+/// more server CPU per message. Fewer than 32 runs out at times: one enter runs ~20
+/// receives, and a multishot receive may take more than one buffer.
+const BUF_COUNT: u16 = 32;
+/// Bytes received in a turn past which the receives still pending wait for the next turn
+/// (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
 const DRAIN_BYTES: usize = 256 * 1024;
+/// Non-waiting enters a turn makes for receives its wait left pending (see
+/// `Ring::run_pending`): with the wait's own, up to ~120 sockets' input in one turn.
+const DRAIN_ENTERS: usize = 5;
 /// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
-/// instead of being reassembled from two receives.
+/// instead of being reassembled from two receives. (Buffers the kernel fills a receive at
+/// a time, `IOU_PBUF_RING_INC`, were tried: 8 × 64 KiB gave the same CPU per message, but
+/// a quarter of 16 KiB frames then straddle two buffers, and each such frame costs the
+/// session a reassembly copy and two allocations.)
 const BUF_SIZE: usize = 32 * 1024;
 /// Send batches kept for reuse: enough for a loop's fan-out to many subscribers at once
 /// (each has its own send in flight) without allocating a batch per send.
@@ -138,6 +153,8 @@ pub(crate) struct Uring {
     accept_budget: usize,
     wake_reader: std::io::PipeReader,
     completions: Vec<Completion>,
+    /// Connections whose receive is to be armed again before the next enter, if they still
+    /// read then (their multishot receive ended, or reading resumed).
     rearm_recv: Vec<usize>,
     /// Boxed on purpose: a batch's `msghdr` must not move while the kernel reads it, and
     /// reusing the boxes saves an allocation per send.
@@ -192,6 +209,11 @@ impl Backend for Uring {
             true => timeout,
             false => Some(Duration::ZERO),
         };
+        // Queued by the last turn's completions and by the connections it resumed, so
+        // they go in with this enter: one resumed after the last completion would
+        // otherwise wait for the next completion, which may never come (a paused
+        // connection with nothing in flight).
+        self.rearm_receives(core)?;
         self.ring.enter(timeout)?;
         self.accept_budget = ACCEPTS_PER_TURN;
         self.register_accepted(core);
@@ -201,53 +223,51 @@ impl Backend for Uring {
             .take()
             .expect("the buffer ring is only lent out here");
         let mut result = Ok(());
-        // The wait ran at most ~20 completed receives (see `Ring::drain`). What it left
+        // The wait ran at most ~20 completed receives (see `Ring::run_pending`). What it left
         // pending joins this turn, run right away, while the turn's input is small (many
         // small messages: one write per connection for all of them); after large ones it
         // waits for the next turn, so that what is received is parsed and answered while
         // the CPU's cache still holds it.
-        self.ring.reap(&mut completions, REAP_BATCH);
-        let received: usize = completions
-            .iter()
-            .filter(|c| c.recv.is_some() && c.result > 0)
-            .map(|c| c.result as usize)
-            .sum();
-        if received < DRAIN_BYTES
-            && let Err(e) = self.ring.drain()
-        {
-            result = Err(e);
-        }
-        // In batches: a burst (thousands of accepts, a fan-out's send completions) would
-        // otherwise grow the batch vector to the CQ's size and keep it that big.
-        while result.is_ok() {
-            if completions.is_empty() {
+        let mut received = 0;
+        let mut drains = 0;
+        'turn: loop {
+            // In batches: a burst (thousands of accepts, a fan-out's send completions) would
+            // otherwise grow the batch vector to the CQ's size and keep it that big.
+            loop {
                 self.ring.reap(&mut completions, REAP_BATCH);
                 if completions.is_empty() {
                     break;
                 }
+                for completion in completions.drain(..) {
+                    if completion.recv.is_some() && completion.result > 0 {
+                        received += completion.result as usize;
+                    }
+                    if let Err(e) = self.complete(core, &mut bufs, completion) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                // Before the next enter: the kernel receives into these again.
+                bufs.publish();
+                if result.is_err() {
+                    break 'turn;
+                }
             }
-            for completion in completions.drain(..) {
-                if let Err(e) = self.complete(core, &mut bufs, completion) {
+            if received >= DRAIN_BYTES || drains == DRAIN_ENTERS {
+                break;
+            }
+            match self.ring.run_pending() {
+                Ok(true) => drains += 1,
+                Ok(false) => break,
+                Err(e) => {
                     result = Err(e);
                     break;
                 }
             }
-            bufs.publish();
         }
         self.bufs = Some(bufs);
         self.completions = completions;
-        result?;
-        // Drained, not taken: the list keeps its capacity, so a busy loop whose receives
-        // end on ENOBUFS every turn does not grow it again each turn.
-        for key in self.rearm_recv.drain(..) {
-            if let Some(socket) = core.reading_socket(key)
-                && !socket.ops.is_receiving()
-            {
-                self.ring.recv(socket.target(key), key)?;
-                socket.ops.set_receiving(true);
-            }
-        }
-        Ok(())
+        result
     }
 
     fn attach(&mut self, key: usize, stream: TcpStream) -> io::Result<Socket> {
@@ -324,8 +344,8 @@ impl Backend for Uring {
     }
 
     fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
-        // Armed at the end of the next completion batch (or when the cancelled receive
-        // has completed).
+        // Armed before the next enter (or, if the cancelled receive has not completed yet,
+        // before the one after its completion).
         let _ = core;
         self.rearm_recv.push(key);
     }
@@ -359,6 +379,23 @@ impl Backend for Uring {
 }
 
 impl Uring {
+    /// Re-arms the receives of connections that read again (see `rearm_recv`).
+    fn rearm_receives<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<()> {
+        // Drained, not taken: the list keeps its capacity, so a busy loop whose receives
+        // end on ENOBUFS every turn does not grow it again each turn.
+        for key in self.rearm_recv.drain(..) {
+            if let Some(socket) = core.reading_socket(key)
+                && !socket.ops.is_receiving()
+            {
+                // The socket most likely holds data (the receive ran out of buffers, or
+                // reading was paused): polled first, so it waits its turn for buffers.
+                self.ring.recv_polled(socket.target(key), key)?;
+                socket.ops.set_receiving(true);
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps a finished (cleared) send batch for reuse, with its byte buffer if the
     /// spares' budget admits it.
     fn keep_spare(&mut self, mut batch: Box<SendBatch>) {
@@ -403,8 +440,8 @@ impl Uring {
                 if let Some(socket) = core.any_socket(key) {
                     socket.ops.set_receiving(false);
                 }
-                // Re-armed after this batch if the connection still reads (a multishot
-                // receive ends on ENOBUFS, a cancel, or a full CQ).
+                // Re-armed before the next enter if the connection still reads (a
+                // multishot receive ends on ENOBUFS, a cancel, or a full CQ).
                 self.rearm_recv.push(key);
             }
             if result > 0 {

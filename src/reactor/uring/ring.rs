@@ -24,15 +24,8 @@ use crate::reactor::Outgoing;
 
 /// The buffer group multishot receives pick from.
 const BUF_GROUP: u16 = 0;
-/// Task-work items (mostly completed receives) the non-waiting `io_uring_enter`s after a
-/// wait may run (see [`Ring::drain`]). Every receive takes a provided buffer until the turn
-/// hands it back, and a turn that used them all up would end receives with `ENOBUFS` (and
-/// cost re-arms): with the ~20 a wait runs, 100 more stay under the backend's 128 buffers.
-const DRAIN_ITEMS: usize = 100;
-
-/// Deferred task-work items one `io_uring_enter` runs before it returns (the kernel's
-/// `IO_LOCAL_TW_DEFAULT_MAX`, Linux 6.13+; earlier kernels run them all).
-const TASK_WORK_PER_ENTER: usize = 20;
+/// `IORING_RECVSEND_POLL_FIRST` (Linux 5.19), in a receive's `ioprio`.
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// Slots in the ring's table of registered sockets (see [`Ring::register_socket`]): a
 /// connection whose key is below it is named by its slot in receives and sends, which
@@ -356,10 +349,21 @@ impl Ring {
 
     /// Arms a multishot receive for connection `key` into the buffer ring.
     pub fn recv(&mut self, socket: SocketRef, key: usize) -> io::Result<()> {
-        let entry = on_socket!(socket, |target| opcode::RecvMulti::new(target, BUF_GROUP)
-            .build())
-        .user_data(RECV | key as u64);
-        self.push(entry)?;
+        self.push(recv_entry(socket, key, false))?;
+        self.receives += 1;
+        Ok(())
+    }
+
+    /// Like [`Ring::recv`], but the receive starts with a poll instead of an attempt at
+    /// submission (`IORING_RECVSEND_POLL_FIRST`): for a socket that already holds data, as
+    /// one whose receive ran out of buffers does. A readable socket's receive then runs as
+    /// deferred task work, at most ~20 per `io_uring_enter`, like any other. Attempted at
+    /// submission, a turn's worth of such re-armed receives could take every buffer before
+    /// the receives they were meant to follow ran, and end with `ENOBUFS` again, turn after
+    /// turn: with 512 KiB of buffers and 500 sockets holding 16 KiB each, 9 submissions
+    /// per echoed message where 1 (the send) is enough.
+    pub fn recv_polled(&mut self, socket: SocketRef, key: usize) -> io::Result<()> {
+        self.push(recv_entry(socket, key, true))?;
         self.receives += 1;
         Ok(())
     }
@@ -411,7 +415,7 @@ impl Ring {
     }
 
     /// Submits everything queued and waits up to `timeout` for one completion. A zero
-    /// timeout does not wait at all (see [`Ring::drain`] for why that is not a wait with a
+    /// timeout does not wait at all (see [`Ring::run_pending`] for why that is not a wait with a
     /// zero timeout).
     pub fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let entered = match timeout {
@@ -428,32 +432,29 @@ impl Ring {
     }
 
     /// Runs deferred task work (completed receives) the last enter left pending, without
-    /// waiting; false when the kernel says there is none.
+    /// waiting; false when the kernel flags none (then nothing was entered).
     ///
     /// A wait runs at most max(20, wait_nr) deferred task-work items before it returns
     /// (Linux 6.13+), so a turn would see only ~20 of the sockets that have data, and a
     /// broadcast turn would write every subscriber once per ~20 publishes (broadcast 500:
-    /// 14 sends per subscriber a round, against epoll's 2).
+    /// 14 sends per subscriber a round, against epoll's 2). The backend calls this between
+    /// completion batches of one turn, a few times: each call runs at most as many items
+    /// as a wait, and the batch before it has handed its receive buffers back, so a turn
+    /// needs buffers for ~20 receives at a time, not for all of them.
     ///
-    /// A non-waiting enter runs at most as many, so this enters up to
-    /// `DRAIN_ITEMS / TASK_WORK_PER_ENTER` times, while the kernel says more are pending.
-    /// It used to ask for `DRAIN_ITEMS` completions with a zero timeout instead, in one enter:
-    /// with fewer pending than that, such a call goes on into the kernel's wait loop (and
-    /// arms a timer for the timeout) before it gives up. At 10 × 1 KiB against an io_uring
-    /// client that tripled the waits per echoed message (`io_uring:io_uring_cqring_wait`,
-    /// 0.035 against 0.011) and cost up to 30 % of the msgs/s.
-    pub fn drain(&mut self) -> io::Result<bool> {
+    /// It enters with GETEVENTS and `min_complete` 0. A drain used to ask for 96
+    /// completions with a zero timeout instead: with fewer pending than that, such a call
+    /// goes on into the kernel's wait loop (and arms a timer for the timeout) before it
+    /// gives up. At 10 × 1 KiB against an io_uring client that tripled the waits per echoed
+    /// message (`io_uring:io_uring_cqring_wait`, 0.035 against 0.011) and cost up to 30 % of
+    /// the msgs/s.
+    pub fn run_pending(&mut self) -> io::Result<bool> {
         if !self.ring.submission().taskrun() {
             return Ok(false);
         }
-        for _ in 0..DRAIN_ITEMS.div_ceil(TASK_WORK_PER_ENTER) {
-            // `submit` enters with GETEVENTS (so runs task work) while the kernel flags
-            // some pending, and never waits.
-            waited(self.ring.submit())?;
-            if !self.ring.submission().taskrun() {
-                break;
-            }
-        }
+        // `submit` enters with GETEVENTS (so runs task work) while the kernel flags some
+        // pending, and never waits.
+        waited(self.ring.submit())?;
         Ok(true)
     }
 
@@ -544,6 +545,33 @@ impl Ring {
 
 /// The SQE for what is left of send op `op`: a plain send of the own bytes, or a
 /// `sendmsg` gathering own bytes and shared frames (each by reference).
+/// A multishot receive into the provided-buffer ring, optionally polling first.
+fn recv_entry(socket: SocketRef, key: usize, poll_first: bool) -> squeue::Entry {
+    let entry = on_socket!(socket, |target| opcode::RecvMulti::new(target, BUF_GROUP)
+        .build())
+    .user_data(RECV | key as u64);
+    if !poll_first {
+        return entry;
+    }
+    // The crate's builder sets `ioprio` to IORING_RECV_MULTISHOT and has no setter for
+    // the other flags of that field, so it is set in the entry's bytes: `ioprio` is the
+    // `u16` at offset 2 of the kernel's `io_uring_sqe` (a fixed ABI).
+    let mut bytes = sqe_bytes(entry);
+    let ioprio = u16::from_ne_bytes([bytes[2], bytes[3]]) | IORING_RECVSEND_POLL_FIRST;
+    bytes[2..4].copy_from_slice(&ioprio.to_ne_bytes());
+    // SAFETY: `squeue::Entry` is a `#[repr(C)]` wrapper of exactly one `io_uring_sqe`
+    // (64 bytes), and every bit pattern is a valid `io_uring_sqe` (integers and unions of
+    // integers).
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
+}
+
+/// A submission entry's bytes, as the kernel reads them.
+fn sqe_bytes(entry: squeue::Entry) -> [u8; 64] {
+    // SAFETY: `squeue::Entry` is a `#[repr(C)]` wrapper of exactly one `io_uring_sqe`
+    // (64 bytes, no padding), and every bit pattern is a valid `[u8; 64]`.
+    unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(entry) }
+}
+
 fn send_entry(op: &mut Op, socket: SocketRef) -> squeue::Entry {
     let Op::Send(batch) = op else {
         unreachable!("a send op")
@@ -911,10 +939,11 @@ mod tests {
         usage.ru_nvcsw
     }
 
-    /// `drain` runs every pending receive (30: more than one enter runs) and returns
-    /// without sleeping (no voluntary context switch). The drain it replaced (a wait for 96 completions with a zero timeout)
-    /// passes this too when run alone: its extra waits only showed under load
-    /// (`io_uring:io_uring_cqring_wait`, see `drain`).
+    /// Repeated `run_pending` calls run every pending receive (30: more than one enter
+    /// runs) and return without sleeping (no voluntary context switch). The drain it
+    /// replaced (a wait for 96 completions with a zero timeout) passes this too when run
+    /// alone: its extra waits only showed under load (`io_uring:io_uring_cqring_wait`, see
+    /// `run_pending`).
     #[test]
     fn a_drain_runs_pending_receives_without_sleeping() {
         if probe().is_err() {
@@ -935,9 +964,16 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
             let before = voluntary_switches();
-            let drained = ring.drain().unwrap();
+            let mut entered = 0;
+            while ring.run_pending().unwrap() {
+                entered += 1;
+                assert!(
+                    entered <= SOCKETS,
+                    "task work still pending after {entered} enters"
+                );
+            }
             switches += voluntary_switches() - before;
-            assert!(drained, "the kernel says receives are pending");
+            assert!(entered > 0, "the kernel says receives are pending");
             let mut done = Vec::new();
             ring.reap(&mut done, usize::MAX);
             for completion in &done {
@@ -958,9 +994,9 @@ mod tests {
         ring.quiesce(Some(bufs));
     }
 
-    /// One turn can see every socket that has data (up to 20 + `DRAIN_ITEMS`): the kernel
-    /// runs only ~20 deferred receives per wait (Linux 6.13+), and `drain` runs the rest
-    /// without waiting. Without it, this sees 20 of the 100.
+    /// One turn can see every socket that has data: the kernel runs only ~20 deferred
+    /// receives per wait (Linux 6.13+), and `run_pending` runs the rest without waiting.
+    /// Without it, this sees 20 of the 100.
     #[test]
     fn a_wait_and_a_drain_complete_every_pending_receive() {
         if probe().is_err() {
@@ -983,12 +1019,15 @@ mod tests {
         // Before Linux 6.13 the wait itself may have run them all.
         if done.len() < SOCKETS {
             assert!(
-                ring.drain().unwrap(),
+                ring.run_pending().unwrap(),
                 "the kernel says receives are pending"
             );
             ring.reap(&mut done, usize::MAX);
+            while ring.run_pending().unwrap() {
+                ring.reap(&mut done, usize::MAX);
+            }
         }
-        assert!(!ring.drain().unwrap(), "nothing is left pending");
+        assert!(!ring.run_pending().unwrap(), "nothing is left pending");
         let mut received: Vec<usize> = done
             .iter()
             .filter(|c| c.result == 1)
@@ -998,6 +1037,47 @@ mod tests {
         received.dedup();
         assert_eq!(received.len(), SOCKETS, "receives completed in one enter");
         drop(pairs);
+        ring.quiesce(Some(bufs));
+    }
+
+    /// A polled-first receive is the plain multishot receive with one more `ioprio` bit,
+    /// and it receives what the socket already held when it was armed.
+    #[test]
+    fn a_polled_first_receive_differs_only_in_its_flag_and_receives() {
+        let plain = recv_entry(SocketRef::Slot(3), 3, false);
+        let polled = recv_entry(SocketRef::Slot(3), 3, true);
+        let (plain, polled) = (sqe_bytes(plain), sqe_bytes(polled));
+        let ioprio = |e: &[u8; 64]| u16::from_ne_bytes([e[2], e[3]]);
+        assert_eq!(ioprio(&plain), 2, "IORING_RECV_MULTISHOT");
+        assert_eq!(ioprio(&polled), 2 | IORING_RECVSEND_POLL_FIRST);
+        assert_eq!(plain[..2], polled[..2]);
+        assert_eq!(plain[4..], polled[4..]);
+
+        if probe().is_err() {
+            return; // No io_uring here: the epoll backend is tested instead.
+        }
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let mut ring = Ring::new(64).unwrap();
+        let mut bufs = ring.buffers(4, 4096).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"already here").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        ring.recv_polled(SocketRef::Fd(server.as_raw_fd()), 5)
+            .unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            ring.enter(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut done, usize::MAX);
+        }
+        let c = &done[0];
+        assert_eq!((c.recv, c.result, c.more), (Some(5), 12, true));
+        let bid = c.buffer.unwrap();
+        assert_eq!(bufs.buffer(bid, 12), b"already here");
+        bufs.recycle(bid);
+        drop(server);
         ring.quiesce(Some(bufs));
     }
 }
