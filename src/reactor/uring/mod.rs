@@ -44,10 +44,10 @@ const REAP_BATCH: usize = 256;
 /// so a receive lands where one last landed 32 receives earlier: at 16 KiB messages 512 KiB
 /// of data, still in the core's L2 cache when the kernel copies into it and the session
 /// unmasks and answers it. With 128 (4 MiB), each receive landed where one last landed
-/// 2 MiB earlier; the receive copy (`_copy_to_iter`) took 12 % of the samples against
-/// epoll's 7 % (epoll reads into one 64 KiB buffer), and 500 × 16 KiB echoes cost ~1 µs
-/// more server CPU per message. Fewer than 32 runs out at times: one enter runs ~20
-/// receives, and a multishot receive may take more than one buffer.
+/// 2 MiB earlier, and the kernel's copy into the buffer (`_copy_to_iter`) took 11–12 % of
+/// a 500 × 16 KiB echo's samples, against 8–9 % now and epoll's 7 % (epoll reads into one
+/// 64 KiB buffer). Fewer than 32 run out at times: one enter runs ~20 receives, and a
+/// multishot receive may take more than one buffer.
 const BUF_COUNT: u16 = 32;
 /// Bytes received in a turn past which the receives still pending wait for the next turn
 /// (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
