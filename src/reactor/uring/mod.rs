@@ -256,7 +256,17 @@ impl Backend for Uring {
             if received >= DRAIN_BYTES || drains == DRAIN_ENTERS {
                 break;
             }
-            match self.ring.run_pending() {
+            // Receives that ran out of buffers in this turn go again now that the batch
+            // handed its buffers back: their input then joins this turn instead of the
+            // next (a broadcast round split over two turns writes every subscriber twice).
+            let rearmed = match self.rearm_receives(core) {
+                Ok(rearmed) => rearmed,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            match self.ring.run_pending(rearmed > 0) {
                 Ok(true) => drains += 1,
                 Ok(false) => break,
                 Err(e) => {
@@ -380,7 +390,9 @@ impl Backend for Uring {
 
 impl Uring {
     /// Re-arms the receives of connections that read again (see `rearm_recv`).
-    fn rearm_receives<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<()> {
+    /// Returns how many were queued.
+    fn rearm_receives<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<usize> {
+        let mut rearmed = 0;
         // Drained, not taken: the list keeps its capacity, so a busy loop whose receives
         // end on ENOBUFS every turn does not grow it again each turn.
         for key in self.rearm_recv.drain(..) {
@@ -391,9 +403,10 @@ impl Uring {
                 // reading was paused): polled first, so it waits its turn for buffers.
                 self.ring.recv_polled(socket.target(key), key)?;
                 socket.ops.set_receiving(true);
+                rearmed += 1;
             }
         }
-        Ok(())
+        Ok(rearmed)
     }
 
     /// Keeps a finished (cleared) send batch for reuse, with its byte buffer if the
