@@ -46,8 +46,10 @@ const REAP_BATCH: usize = 256;
 /// unmasks and answers it. With 128 (4 MiB), each receive landed where one last landed
 /// 2 MiB earlier, and the kernel's copy into the buffer (`_copy_to_iter`) took 11–12 % of
 /// a 500 × 16 KiB echo's samples, against 8–9 % now and epoll's 7 % (epoll reads into one
-/// 64 KiB buffer). Fewer than 32 run out at times: one enter runs ~20 receives, and a
-/// multishot receive may take more than one buffer.
+/// 64 KiB buffer). An enter usually runs ~20 receives, but can run more than 32 (broadcast
+/// 100: about 2 receives a turn end on `ENOBUFS`); those are re-armed within the turn (see
+/// `Uring::wait`), so they cost a re-arm, not a turn. 16 buffers ran out 0.3 times per
+/// echoed message; 64 never did, and did no better.
 const BUF_COUNT: u16 = 32;
 /// Bytes received in a turn past which the receives still pending wait for the next turn
 /// (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
