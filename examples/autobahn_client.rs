@@ -80,7 +80,15 @@ impl Runner {
                 reactor
                     .connect(url, Echo { echo, done })
                     .expect("valid URL");
-                collect(&events)
+                let first = collect(&events);
+                // Like `wait_closed` above: the next case starts once this connection is
+                // gone, so the server has its close before the next request (else
+                // updateReports can run before the last case is recorded).
+                let deadline = std::time::Instant::now() + CASE_TIMEOUT;
+                while reactor.stats().connections_open > 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                first
             }
         }
     }
