@@ -224,59 +224,7 @@ impl Backend for Uring {
             .bufs
             .take()
             .expect("the buffer ring is only lent out here");
-        let mut result = Ok(());
-        // The wait ran at most ~20 completed receives (see `Ring::run_pending`). What it left
-        // pending joins this turn, run right away, while the turn's input is small (many
-        // small messages: one write per connection for all of them); after large ones it
-        // waits for the next turn, so that what is received is parsed and answered while
-        // the CPU's cache still holds it.
-        let mut received = 0;
-        let mut drains = 0;
-        'turn: loop {
-            // In batches: a burst (thousands of accepts, a fan-out's send completions) would
-            // otherwise grow the batch vector to the CQ's size and keep it that big.
-            loop {
-                self.ring.reap(&mut completions, REAP_BATCH);
-                if completions.is_empty() {
-                    break;
-                }
-                for completion in completions.drain(..) {
-                    if completion.recv.is_some() && completion.result > 0 {
-                        received += completion.result as usize;
-                    }
-                    if let Err(e) = self.complete(core, &mut bufs, completion) {
-                        result = Err(e);
-                        break;
-                    }
-                }
-                // Before the next enter: the kernel receives into these again.
-                bufs.publish();
-                if result.is_err() {
-                    break 'turn;
-                }
-            }
-            if received >= DRAIN_BYTES || drains == DRAIN_ENTERS {
-                break;
-            }
-            // Receives that ran out of buffers in this turn go again now that the batch
-            // handed its buffers back: their input then joins this turn instead of the
-            // next (a broadcast round split over two turns writes every subscriber twice).
-            let rearmed = match self.rearm_receives(core) {
-                Ok(rearmed) => rearmed,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
-            match self.ring.run_pending(rearmed > 0) {
-                Ok(true) => drains += 1,
-                Ok(false) => break,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
+        let result = self.complete_turn(core, &mut bufs, &mut completions);
         self.bufs = Some(bufs);
         self.completions = completions;
         result
@@ -391,6 +339,51 @@ impl Backend for Uring {
 }
 
 impl Uring {
+    /// Handles the turn's completions in batches, and runs what the wait left pending.
+    ///
+    /// The wait ran at most ~20 completed receives (see `Ring::run_pending`). What it left
+    /// pending joins this turn, run right away, while the turn's input is small (many
+    /// small messages: one write per connection for all of them); after large ones it
+    /// waits for the next turn, so that what is received is parsed and answered while
+    /// the CPU's cache still holds it.
+    fn complete_turn<S: Service>(
+        &mut self,
+        core: &mut Core<S, Self>,
+        bufs: &mut BufRing,
+        completions: &mut Vec<Completion>,
+    ) -> io::Result<()> {
+        let mut received = 0;
+        for enters in 0..=DRAIN_ENTERS {
+            // In batches: a burst (thousands of accepts, a fan-out's send completions) would
+            // otherwise grow the batch vector to the CQ's size and keep it that big.
+            loop {
+                self.ring.reap(completions, REAP_BATCH);
+                if completions.is_empty() {
+                    break;
+                }
+                for completion in completions.drain(..) {
+                    if completion.recv.is_some() && completion.result > 0 {
+                        received += completion.result as usize;
+                    }
+                    self.complete(core, bufs, completion)?;
+                }
+                // Before the next enter: the kernel receives into these again.
+                bufs.publish();
+            }
+            if received >= DRAIN_BYTES || enters == DRAIN_ENTERS {
+                break;
+            }
+            // Receives that ran out of buffers in this turn go again now that the batch
+            // handed its buffers back: their input then joins this turn instead of the
+            // next (a broadcast round split over two turns writes every subscriber twice).
+            let rearmed = self.rearm_receives(core)?;
+            if !self.ring.run_pending(rearmed > 0)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Re-arms the receives of connections that read again (see `rearm_recv`).
     /// Returns how many were queued.
     fn rearm_receives<S: Service>(&mut self, core: &mut Core<S, Self>) -> io::Result<usize> {
