@@ -25,6 +25,9 @@ const WRITE_PARTS: usize = 8;
 /// A received message's buffer, given back through a send, is kept for the next message
 /// when it is at most this large.
 const SPARE_MAX: usize = 64 * 1024;
+/// Answers queued while events are lent from input already read wait for the input to
+/// run out (one gathered write for all of them) until this many bytes are unwritten.
+const COALESCE_MAX: usize = 64 * 1024;
 /// Data messages from this size on are written straight from the caller's payload when
 /// nothing is queued before them (below it, the copy into the driver costs less than a
 /// gathered write).
@@ -77,8 +80,10 @@ enum Linger {
 /// `close_connection`, or the `futures_sink::Sink` of [`Message`]s. Each send waits while
 /// the unwritten output is over [`Config::max_backpressure`] (writing meanwhile), then
 /// queues the whole frame and writes as much as the transport takes without waiting.
-/// What is left goes out on the next poll of any method: keep polling
-/// [`WebSocketStream::next`] (an echo loop does), or call [`WebSocketStream::flush`].
+/// What is left goes out when a poll of the stream needs input from the transport (events
+/// already read are handed out first, up to 64 KiB of output waiting) or on any send:
+/// keep polling [`WebSocketStream::next`] (an echo loop does), or call
+/// [`WebSocketStream::flush`].
 /// `Sink::feed` queues frames without writing, so a burst goes out in one write on the
 /// next `flush`.
 ///

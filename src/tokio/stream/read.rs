@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::write::{Reply, Sending};
-use super::{Phase, WebSocketStream, now};
+use super::{COALESCE_MAX, Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
 use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
 
@@ -80,8 +80,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// to receive: an echo answers from the read buffer straight into the driver's output.
     /// Cancel-safe, like [`WebSocketStream::next`].
     ///
-    /// Answers queued on the [`Reply`] go out on the next call of any method of the stream
-    /// (the next `recv` writes them before it reads). They do not wait for backpressure:
+    /// Answers queued on the [`Reply`] go out once the events already read are handed out:
+    /// the `recv` that finds no more of them in the read buffer writes everything queued,
+    /// in one gathered write, before it reads (sooner once 64 KiB wait), so a peer that
+    /// sends a burst gets one write back, not one per message. A task that awaits
+    /// something slow between two `recv`s can call [`WebSocketStream::flush`] to send
+    /// its answers first. They do not wait for backpressure:
     /// instead, `recv` parses no more input while the unwritten output is over
     /// [`Config::max_backpressure`](crate::tokio::Config::max_backpressure), so the peer is held back by TCP until it reads.
     ///
@@ -152,6 +156,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 return Poll::Ready(Some(Slot::Owned(Event::Open)));
             }
             self.poll_timers(cx);
+            // Answers wait while the input already read holds more events: a whole read's
+            // answers then go out in one gathered write, not one write each (a pipelining
+            // peer's burst of small messages). Past `COALESCE_MAX`, or the limit, they go
+            // first; and once the input runs out they go before the next read.
+            if self.unwritten() <= self.limit.min(COALESCE_MAX)
+                && self.frame_shortfall().is_none()
+                && let Some(slot) = self.parse(false, borrow)
+            {
+                if let Slot::Owned(ref event) = slot {
+                    self.delivered(event, cx);
+                }
+                return Poll::Ready(Some(slot));
+            }
             self.poll_write_best_effort(cx);
             self.note_state();
             // Over the limit, queued events still come out but no new input is parsed
