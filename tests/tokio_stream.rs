@@ -912,3 +912,33 @@ async fn replies_wait_for_the_read_buffer_only_up_to_64_kib() {
     assert_eq!(answers.len(), 100);
     assert!(answers.iter().all(|m| m.as_text() == Some(answer.as_str())));
 }
+
+/// The same with owned events: answers fed to the `Sink` (queued, not written) go out in
+/// one write when `next` finds no more events read.
+#[tokio::test(flavor = "current_thread")]
+async fn answers_fed_between_nexts_go_out_in_one_write() {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    for i in 0..8 {
+        client.send_binary(&pattern(20, i)).unwrap();
+    }
+    let input = common::take_output(&mut client);
+    let mut ws =
+        WebSocketStream::from_driver(Recording::new(input), server, &[], &Config::default());
+    for i in 0..8 {
+        let m = message(ws.next().await.unwrap());
+        assert_eq!(m, Message::Binary(pattern(20, i).into()));
+        ws.feed(m).await.unwrap();
+        assert!(
+            ws.get_ref().writes.is_empty(),
+            "written before the burst was handed out"
+        );
+    }
+    assert!(ws.next().now_or_never().is_none());
+    let mut wire = ws.get_ref().written.clone();
+    assert_eq!(ws.get_ref().writes, [wire.len()]);
+    let echoed = client_messages(&mut client, &mut wire);
+    let want: Vec<Message<'static>> = (0..8)
+        .map(|i| Message::Binary(pattern(20, i).into()))
+        .collect();
+    assert_eq!(echoed, want);
+}

@@ -85,7 +85,9 @@ enum Linger {
 /// keep polling [`WebSocketStream::next`] (an echo loop does), or call
 /// [`WebSocketStream::flush`].
 /// `Sink::feed` queues frames without writing, so a burst goes out in one write on the
-/// next `flush`.
+/// next `flush`, or on the `next` that finds no more events read (an echo loop that
+/// answers with `feed` writes a pipelining peer's burst of answers at once; `send`
+/// writes each answer as it goes).
 ///
 /// Input is read as [`WebSocketStream::next`] asks (demand-driven): a task that does not
 /// poll it reads nothing and TCP pushes back on the peer. While the unwritten output is
