@@ -680,50 +680,6 @@ async fn spawn_moves_the_stream_onto_the_split_api() {
     .await;
 }
 
-/// A transport that hands over `input`, then fails every read with a reset, and takes
-/// every write.
-struct ResetAfter {
-    input: Vec<u8>,
-}
-
-impl tokio::io::AsyncRead for ResetAfter {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.input.is_empty() {
-            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
-        }
-        let n = self.input.len().min(buf.remaining());
-        buf.put_slice(&self.input[..n]);
-        self.input.drain(..n);
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for ResetAfter {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 /// A transport error reaches the application as itself (`Error::Io` with its kind), after
 /// the messages that arrived before it, then the close 1006 and the end of the stream.
 #[tokio::test(flavor = "current_thread")]
@@ -732,7 +688,7 @@ async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
     client.send_text("before the reset").unwrap();
     let input = common::take_output(&mut client);
     let mut ws =
-        WebSocketStream::from_driver(ResetAfter { input }, server, &[], &Config::default());
+        WebSocketStream::from_driver(Recording::resetting(input), server, &[], &Config::default());
     assert_eq!(
         message(ws.next().await.unwrap()),
         Message::Text(Cow::Borrowed("before the reset"))
@@ -749,9 +705,11 @@ async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
 }
 
 /// A transport that hands over `input` as fast as it is read, then has nothing more (reads
-/// stay pending), and takes every write whole, recording each write's size and bytes.
+/// stay pending) or, `resetting`, fails every read with a reset; it takes every write
+/// whole, recording each write's size and bytes.
 struct Recording {
     input: Vec<u8>,
+    reset_at_end: bool,
     writes: Vec<usize>,
     written: Vec<u8>,
 }
@@ -760,8 +718,16 @@ impl Recording {
     fn new(input: Vec<u8>) -> Self {
         Recording {
             input,
+            reset_at_end: false,
             writes: Vec::new(),
             written: Vec::new(),
+        }
+    }
+
+    fn resetting(input: Vec<u8>) -> Self {
+        Recording {
+            reset_at_end: true,
+            ..Recording::new(input)
         }
     }
 }
@@ -772,6 +738,9 @@ impl tokio::io::AsyncRead for Recording {
         _: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.input.is_empty() && self.reset_at_end {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
         if self.input.is_empty() {
             return std::task::Poll::Pending;
         }
