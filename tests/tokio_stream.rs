@@ -836,9 +836,9 @@ async fn a_burst_read_at_once_is_answered_in_one_write() {
     }
     // The read buffer is empty: this `recv` writes the eight echoes, then waits for input.
     assert!(ws.recv().now_or_never().is_none());
-    let wire = ws.get_ref().written.clone();
+    let mut wire = ws.get_ref().written.clone();
     assert_eq!(ws.get_ref().writes, [wire.len()]);
-    let echoed = client_messages(&mut client, &mut wire.clone());
+    let echoed = client_messages(&mut client, &mut wire);
     let echoed: Vec<_> = echoed
         .iter()
         .map(|m| m.as_text().unwrap().to_string())
@@ -846,12 +846,12 @@ async fn a_burst_read_at_once_is_answered_in_one_write() {
     assert_eq!(echoed, sent);
 }
 
-/// Replies wait for the read buffer to run out only up to 64 KiB: a handler that answers
-/// each 20 B message with 1 000 B has 66 answers (66 264 B, over 64 KiB) written before
-/// the 67th event comes out, and none after 65 (65 260 B) or 66.
-#[tokio::test(flavor = "current_thread")]
-async fn replies_wait_for_the_read_buffer_only_up_to_64_kib() {
-    const ANSWER: usize = 1000; // under the size written straight from the payload
+/// Answers a server stream to 100 questions of 20 B, read at once: each with 1 000 B of
+/// text (under the size written straight from the payload, so it is queued), except the
+/// 66th, which gets `last` bytes. Returns the index of the first event that came out
+/// after a write, with that write's size, once every answer reached the client whole and
+/// in order.
+async fn first_write_with_answers(last: usize) -> (usize, usize) {
     let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
     for i in 0..100 {
         client
@@ -861,25 +861,38 @@ async fn replies_wait_for_the_read_buffer_only_up_to_64_kib() {
     let input = common::take_output(&mut client);
     let mut ws =
         WebSocketStream::from_driver(Recording::new(input), server, &[], &Config::default());
-    let answer = "a".repeat(ANSWER);
-    for i in 0..100 {
+    let answers: Vec<String> = (0..100)
+        .map(|i| "a".repeat(if i == 65 { last } else { 1000 }))
+        .collect();
+    let mut first_write = None;
+    for (i, answer) in answers.iter().enumerate() {
         let (event, mut reply) = ws.recv().await.unwrap();
         assert!(matches!(event, Event::Message(_)), "{event:?}");
-        // (A 1 000 B answer is queued on the driver, not written: checked below.)
-        reply.send_text(&answer).unwrap();
-        let writes = &ws.get_ref().writes;
-        match i {
-            // Events 1..=66 come out with everything before them still queued.
-            0..=65 => assert!(writes.is_empty(), "event {i}: written early: {writes:?}"),
-            // The 67th: the 66 answers before it (66 × 1 004 B) went out first, in one write.
-            _ => assert_eq!(writes[0], 66 * (ANSWER + 4), "event {i}"),
+        reply.send_text(answer).unwrap();
+        if first_write.is_none()
+            && let Some(&n) = ws.get_ref().writes.first()
+        {
+            first_write = Some((i, n));
         }
     }
     assert!(ws.recv().now_or_never().is_none());
     let mut wire = ws.get_ref().written.clone();
-    let answers = client_messages(&mut client, &mut wire);
-    assert_eq!(answers.len(), 100);
-    assert!(answers.iter().all(|m| m.as_text() == Some(answer.as_str())));
+    let got = client_messages(&mut client, &mut wire);
+    let got: Vec<_> = got.iter().map(|m| m.as_text().unwrap()).collect();
+    assert_eq!(got, answers);
+    first_write.expect("the answers were written")
+}
+
+/// Answers wait for the read buffer to run out only up to 64 KiB unwritten. 65 answers of
+/// 1 004 B on the wire and one of 276 B make exactly 65 536 B: held, so the 67th event
+/// still comes out unwritten, and the 68th after one write of all 67 answers. One byte
+/// more (a 66th answer of 277 B on the wire) and the 67th event comes out after one write
+/// of the 65 537 B before it.
+#[tokio::test(flavor = "current_thread")]
+async fn answers_wait_for_the_read_buffer_up_to_64_kib() {
+    // A 272 B text frame from a server: 4 B of header (2 + 2 for a length over 125).
+    assert_eq!(first_write_with_answers(272).await, (67, 65_536 + 1004));
+    assert_eq!(first_write_with_answers(273).await, (66, 65_537));
 }
 
 /// The same with owned events: answers fed to the `Sink` (queued, not written) go out in

@@ -19,9 +19,9 @@ use crate::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, encode_header}
 /// Answers to an event from [`WebSocketStream::recv`], queued while the event still
 /// borrows the read buffer. Each `send*` queues one whole frame without waiting; the
 /// frames go out once the stream needs input again (see [`WebSocketStream::recv`] for
-/// when, and for how backpressure applies), except that a large data message with nothing queued before it
-/// is written at once, straight from the payload, as far as the transport takes it.
-/// Fails with [`UsageError::NotOpen`] once closing.
+/// when, and for how backpressure applies), except that a large data message with
+/// nothing queued before it is written at once, straight from the payload, as far as the
+/// transport takes it. Fails with [`UsageError::NotOpen`] once closing.
 #[derive(Debug)]
 pub struct Reply<'a, S> {
     pub(super) sending: Sending<'a, S>,
