@@ -314,8 +314,11 @@ fn pattern(size: usize, text: bool) -> Vec<u8> {
         .collect()
 }
 
+/// How many leading bytes of a payload carry its sequence number.
+const STAMP_LEN: usize = 8;
+
 fn stamp(buf: &mut [u8], seq: u64, text: bool) {
-    let n = buf.len().min(8);
+    let n = buf.len().min(STAMP_LEN);
     if text {
         // Hex digits keep text payloads ASCII.
         let hex = format!("{:08x}", seq as u32);
@@ -357,26 +360,55 @@ struct EchoLoad {
     next_seq: u64,
     expect_seq: u64,
     sent_at: VecDeque<Instant>,
-    /// The pattern, stamped with the next sequence number before each send.
-    out: Vec<u8>,
-    /// The pattern, stamped with the expected sequence number for each echo.
-    expected: Vec<u8>,
+    /// The unstamped payload, one copy shared by every connection (see [`SCRATCH`]).
+    pattern: Arc<[u8]>,
     latencies: Vec<u32>,
+}
+
+thread_local! {
+    /// The outgoing payload of this loop thread's connections: the pattern, stamped just
+    /// before each send. One copy per thread instead of one per connection keeps it in
+    /// cache, so at 16 KiB × 500 connections the load generator does not spend its core on
+    /// cache misses (the server never sees the difference: the bytes on the wire are the same).
+    /// Holds the address of the pattern it was copied from, to notice a new one.
+    static SCRATCH: std::cell::RefCell<(usize, Vec<u8>)> =
+        const { std::cell::RefCell::new((0, Vec::new())) };
 }
 
 impl EchoLoad {
     fn send_next(&mut self, ws: &mut Ws<'_>) {
-        stamp(&mut self.out, self.next_seq, self.text);
+        let seq = self.next_seq;
         self.next_seq += 1;
         self.sent_at.push_back(Instant::now());
-        let sent = if self.text {
-            ws.send_text(std::str::from_utf8(&self.out).expect("ASCII payload"))
-        } else {
-            ws.send_binary(&self.out)
-        };
+        let sent = SCRATCH.with_borrow_mut(|(source, out)| {
+            let pattern = self.pattern.as_ptr() as usize;
+            if *source != pattern {
+                *source = pattern;
+                out.clear();
+                out.extend_from_slice(&self.pattern);
+            }
+            stamp(out, seq, self.text);
+            if self.text {
+                ws.send_text(std::str::from_utf8(out).expect("ASCII payload"))
+            } else {
+                ws.send_binary(out)
+            }
+        });
         if sent.is_err() {
             self.shared.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether `echo` is message `seq` byte for byte: its stamp, then the rest of the
+    /// pattern.
+    fn is_echo_of(&self, echo: &[u8], seq: u64) -> bool {
+        let mut expected = [0u8; STAMP_LEN];
+        let n = self.pattern.len().min(STAMP_LEN);
+        expected[..n].copy_from_slice(&self.pattern[..n]);
+        stamp(&mut expected[..n], seq, self.text);
+        echo.len() == self.pattern.len()
+            && echo[..n] == expected[..n]
+            && echo[n..] == self.pattern[n..]
     }
 }
 
@@ -391,9 +423,9 @@ impl Handler for EchoLoad {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let now = Instant::now();
         let sent = self.sent_at.pop_front();
-        stamp(&mut self.expected, self.expect_seq, self.text);
+        let seq = self.expect_seq;
         self.expect_seq += 1;
-        if message.as_bytes() != self.expected.as_slice()
+        if !self.is_echo_of(message.as_bytes(), seq)
             || message.is_text() != self.text
             || sent.is_none()
         {
@@ -458,6 +490,7 @@ impl EchoRun {
     fn open(args: &Args) -> EchoRun {
         let shared = Arc::new(Shared::default());
         let clients: ClientReactor<EchoLoad> = reactor(args, None);
+        let pattern: Arc<[u8]> = payload(args).into();
         for _ in 0..args.conns {
             let handler = EchoLoad {
                 shared: shared.clone(),
@@ -467,8 +500,7 @@ impl EchoRun {
                 next_seq: 0,
                 expect_seq: 0,
                 sent_at: VecDeque::new(),
-                out: payload(args),
-                expected: payload(args),
+                pattern: pattern.clone(),
                 latencies: Vec::new(),
             };
             clients

@@ -315,3 +315,39 @@ fn churn_counts_a_wrong_echo_as_an_error() {
         "{json}"
     );
 }
+
+/// Echoes every message with one byte changed at `at` (from the end when negative).
+struct AlteredEcho {
+    at: isize,
+}
+impl Handler for AlteredEcho {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let mut payload = message.as_bytes().to_vec();
+        let at = if self.at < 0 {
+            payload.len() - self.at.unsigned_abs()
+        } else {
+            self.at as usize
+        };
+        payload[at] ^= 1;
+        let _ = ws.send_binary(&payload);
+    }
+}
+
+/// `wsload echo` checks every echo byte for byte: a byte changed in the sequence stamp
+/// or at the end of the payload is an error for every message it answered.
+#[test]
+fn echo_counts_an_altered_byte_as_an_error() {
+    for at in [0, 7, 8, -1] {
+        let json = run_wsload_on(
+            Backend::Epoll,
+            move |_| Upgrade::Accept(AlteredEcho { at }),
+            "echo",
+            &["--conns", "2", "--size", "16384", "--secs", "1"],
+        );
+        assert!(field(&json, "errors") > 0.0, "byte {at}: {json}");
+        assert!(
+            field(&json, "errors") >= field(&json, "messages"),
+            "byte {at}: {json}"
+        );
+    }
+}
