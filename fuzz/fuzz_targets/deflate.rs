@@ -35,8 +35,9 @@
 use std::collections::VecDeque;
 
 use libfuzzer_sys::fuzz_target;
-use websocket_driver::protocol::frame::Status;
-use websocket_driver::protocol::handshake::{HeadLimits, RequestParser};
+
+mod common;
+use common::{Input, handshake};
 use websocket_driver::{DeflateOptions, Driver, Error, Event, Message, Options, code};
 
 const MAX_LENGTH: usize = 4096;
@@ -64,40 +65,14 @@ impl Sent {
     }
 }
 
-struct Input<'a> {
-    data: &'a [u8],
-}
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.data.split_first()?;
-        self.data = rest;
-        Some(b)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_be_bytes([self.byte()?, self.byte()?]))
-    }
-
-    /// `len` bytes, padded with a short repeating pattern when the input runs out (so
-    /// long, compressible payloads need no long inputs).
-    fn payload(&mut self, len: usize) -> Vec<u8> {
-        let n = len.min(self.data.len());
-        let (head, rest) = self.data.split_at(n);
-        self.data = rest;
-        let mut v = head.to_vec();
-        v.extend((n..len).map(|i| b"abcabd"[i % 6]));
-        v
-    }
-
-    /// A message to send: binary, or text made of the bytes' low seven bits.
-    fn message(&mut self, text: bool, len: usize) -> Sent {
-        let bytes = self.payload(len);
-        if text {
-            Sent::Text(bytes.iter().map(|&b| (b & 0x7f) as char).collect())
-        } else {
-            Sent::Binary(bytes)
-        }
+/// A message to send: `len` bytes, binary, or text made of the bytes' low seven bits.
+/// Short inputs are padded with a repeating pattern (compressible, as real data is).
+fn message(input: &mut Input<'_>, text: bool, len: usize) -> Sent {
+    let bytes = input.padded(len, |i| b"abcabd"[i % 6]);
+    if text {
+        Sent::Text(bytes.iter().map(|&b| (b & 0x7f) as char).collect())
+    } else {
+        Sent::Binary(bytes)
     }
 }
 
@@ -114,54 +89,70 @@ struct Server {
     closing: bool,
 }
 
+/// Feeds one read to `driver` and hands every event to `on_event`, checking
+/// `poll_event`'s contract: all input consumed when no event comes, and an end.
+fn feed(driver: &mut Driver, input: &mut [u8], who: &str, mut on_event: impl FnMut(Event<'_>)) {
+    let len = input.len();
+    let mut at = 0;
+    for _ in 0..100_000 {
+        let (used, event) = driver.poll_event(&mut input[at..]);
+        at += used;
+        assert!(at <= len, "{who}: consumed more than it was given");
+        let Some(event) = event else {
+            assert_eq!(at, len, "{who}: no event, yet input left");
+            return;
+        };
+        on_event(event);
+    }
+    panic!("{who}: poll_event does not converge");
+}
+
 impl Server {
     fn feed(&mut self, input: &mut [u8]) {
-        let len = input.len();
-        let mut at = 0;
-        for _ in 0..100_000 {
-            let (used, event) = self.driver.poll_event(&mut input[at..]);
-            at += used;
-            assert!(at <= len, "server consumed more than it was given");
-            let Some(event) = event else {
-                assert_eq!(at, len, "server: no event, yet input left");
-                return;
-            };
-            assert!(!self.closed, "server: an event after Close");
+        let Server {
+            driver,
+            expect,
+            tainted,
+            closed,
+            failed_with,
+            ..
+        } = self;
+        feed(driver, input, "server", |event| {
+            assert!(!*closed, "server: an event after Close");
             match event {
                 Event::Message(m) => {
                     let got = Sent::of(m);
                     assert!(got.len() <= MAX_LENGTH, "server: a message over max_length");
-                    if !self.tainted {
+                    if !*tainted {
                         assert_eq!(
                             Some(&got),
-                            self.expect.front(),
+                            expect.front(),
                             "server: not the message the client sent"
                         );
                     }
-                    self.expect.pop_front();
+                    expect.pop_front();
                 }
                 Event::Error(Error::Protocol(e)) => {
-                    assert!(self.tainted, "server: {e} from the client's own frames");
+                    assert!(*tainted, "server: {e} from the client's own frames");
                     let sent = e.close_code();
                     assert!(
                         [code::PROTOCOL_ERROR, code::INVALID_PAYLOAD, code::TOO_BIG]
                             .contains(&sent),
                         "server: {e} closes with {sent}"
                     );
-                    self.failed_with = Some(sent);
+                    *failed_with = Some(sent);
                 }
                 Event::Error(Error::Io(_)) => {}
                 Event::Error(e) => panic!("server: unexpected error {e}"),
                 Event::Close { code: got, .. } => {
-                    if let Some(sent) = self.failed_with {
+                    if let Some(sent) = *failed_with {
                         assert_eq!(got, sent, "server: Close differs from the error's code");
                     }
-                    self.closed = true;
+                    *closed = true;
                 }
                 Event::Open | Event::Ping(_) | Event::Pong(_) => {}
             }
-        }
-        panic!("server: poll_event does not converge");
+        });
     }
 }
 
@@ -174,34 +165,28 @@ struct Client {
 
 impl Client {
     fn feed(&mut self, input: &mut [u8]) {
-        let len = input.len();
-        let mut at = 0;
-        for _ in 0..100_000 {
-            let (used, event) = self.driver.poll_event(&mut input[at..]);
-            at += used;
-            let Some(event) = event else {
-                assert_eq!(at, len, "client: no event, yet input left");
-                return;
-            };
-            match event {
-                Event::Message(m) => {
-                    assert!(!self.closed, "client: a message after Close");
-                    assert_eq!(
-                        Some(Sent::of(m)),
-                        self.expect.pop_front(),
-                        "client: not the message the server sent"
-                    );
-                }
-                Event::Error(Error::Io(_)) => {}
-                Event::Error(e) => panic!("client: {e} on the server's output"),
-                Event::Close { .. } => {
-                    assert!(!self.closed, "client: two Close events");
-                    self.closed = true;
-                }
-                Event::Open | Event::Ping(_) | Event::Pong(_) => {}
+        let Client {
+            driver,
+            expect,
+            closed,
+        } = self;
+        feed(driver, input, "client", |event| match event {
+            Event::Message(m) => {
+                assert!(!*closed, "client: a message after Close");
+                assert_eq!(
+                    Some(Sent::of(m)),
+                    expect.pop_front(),
+                    "client: not the message the server sent"
+                );
             }
-        }
-        panic!("client: poll_event does not converge");
+            Event::Error(Error::Io(_)) => {}
+            Event::Error(e) => panic!("client: {e} on the server's output"),
+            Event::Close { .. } => {
+                assert!(!*closed, "client: two Close events");
+                *closed = true;
+            }
+            Event::Open | Event::Ping(_) | Event::Pong(_) => {}
+        });
     }
 }
 
@@ -217,7 +202,11 @@ fn flush(from: &mut Driver, chunk: u8, mut to: impl FnMut(&mut [u8])) {
         bytes.extend_from_slice(part);
         from.consume_output(n);
     }
-    let chunk = if chunk == 0 { bytes.len().max(1) } else { chunk as usize };
+    let chunk = if chunk == 0 {
+        bytes.len().max(1)
+    } else {
+        chunk as usize
+    };
     for read in bytes.chunks_mut(chunk) {
         to(read);
     }
@@ -251,26 +240,15 @@ fn run(mut input: Input<'_>) {
     };
     let options = options(params, level, threshold);
 
-    let mut client_driver = Driver::make_client("ws://localhost/", &options).expect("client");
-    assert!(client_driver.start_connection());
-    let request_bytes = client_driver.pending_output().to_vec();
-    client_driver.consume_output(request_bytes.len());
-    let mut parser = RequestParser::new(HeadLimits {
-        max_size: 4096,
-        max_headers: 32,
-    });
-    let Ok(Status::Complete(request, _)) = parser.parse(&request_bytes) else {
-        panic!("the client's request does not parse");
-    };
+    let (client_driver, server_driver) = handshake(&options);
     let mut server = Server {
-        driver: Driver::make_server(&request, &options).expect("server"),
+        driver: server_driver,
         expect: VecDeque::new(),
         tainted: false,
         closed: false,
         failed_with: None,
         closing: false,
     };
-    assert!(server.driver.start_connection());
     server.feed(&mut []);
     let mut client = Client {
         driver: client_driver,
@@ -286,7 +264,7 @@ fn run(mut input: Input<'_>) {
             0 | 6 => {
                 let message = if op % 8 == 0 {
                     let Some(len) = input.u16() else { break };
-                    input.message(text, usize::from(len) % (MAX_LENGTH + 1))
+                    message(&mut input, text, usize::from(len) % (MAX_LENGTH + 1))
                 } else {
                     let Some(n) = input.byte() else { break };
                     let len = usize::from(n) * 64;
@@ -315,7 +293,7 @@ fn run(mut input: Input<'_>) {
                 let mut frame = vec![b0, 0x80 | len as u8];
                 frame.extend_from_slice(&MASK);
                 let start = frame.len();
-                frame.extend_from_slice(&input.payload(len));
+                frame.extend_from_slice(&input.payload(len, 0));
                 for (i, b) in frame[start..].iter_mut().enumerate() {
                     *b ^= MASK[i % 4];
                 }
@@ -326,7 +304,7 @@ fn run(mut input: Input<'_>) {
             }
             3 => {
                 let Some(len) = input.u16() else { break };
-                let message = input.message(text, usize::from(len) % (MAX_LENGTH + 1));
+                let message = message(&mut input, text, usize::from(len) % (MAX_LENGTH + 1));
                 if send(&mut server.driver, &message) {
                     client.expect.push_back(message);
                 }
@@ -344,16 +322,25 @@ fn run(mut input: Input<'_>) {
     flush(&mut client.driver, 0, |read| server.feed(read));
     flush(&mut server.driver, 0, |read| client.feed(read));
     if !server.tainted && !server.closing {
-        assert!(server.expect.is_empty(), "server: client messages never delivered");
+        assert!(
+            server.expect.is_empty(),
+            "server: client messages never delivered"
+        );
     }
     if !client.closed {
-        assert!(client.expect.is_empty(), "client: server messages never delivered");
+        assert!(
+            client.expect.is_empty(),
+            "client: server messages never delivered"
+        );
     }
     server.driver.receive_eof();
     server.feed(&mut []);
     client.driver.receive_eof();
     client.feed(&mut []);
-    assert!(server.closed && client.closed, "EOF must end both sides with Close");
+    assert!(
+        server.closed && client.closed,
+        "EOF must end both sides with Close"
+    );
 }
 
 fuzz_target!(|data: &[u8]| run(Input { data }));

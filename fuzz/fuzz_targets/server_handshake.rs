@@ -13,7 +13,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use websocket_driver::protocol::frame::Status;
-use websocket_driver::protocol::handshake::{self, HeadLimits, RequestParser, select_protocol, validate_request};
+use websocket_driver::protocol::handshake::{
+    self, HeadLimits, RequestParser, select_protocol, validate_request,
+};
 use websocket_driver::{Driver, Error, Event, Options, is_websocket};
 
 const LIMITS: HeadLimits = HeadLimits {
@@ -78,7 +80,9 @@ fn check_request(request: &websocket_driver::Request, rest: &[u8]) {
     if valid.is_ok() {
         assert!(websocket, "a valid upgrade that is_websocket rejects");
     }
-    let options = Options::default().accept_protocols(accept.clone()).max_length(4096);
+    let options = Options::default()
+        .accept_protocols(accept.clone())
+        .max_length(4096);
     match Driver::make_server(request, &options) {
         Ok(mut driver) => {
             let accept_key = valid.expect("make_server accepted what validate_request rejects");
@@ -88,7 +92,11 @@ fn check_request(request: &websocket_driver::Request, rest: &[u8]) {
             assert!(response.starts_with(b"HTTP/1.1 101 "));
             assert!(response.ends_with(b"\r\n\r\n"));
             let needle = format!("Sec-WebSocket-Accept: {accept_key}\r\n");
-            assert!(response.windows(needle.len()).any(|w| w == needle.as_bytes()));
+            assert!(
+                response
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_bytes())
+            );
             driver.consume_output(response.len());
             let mut rest = rest.to_vec();
             drain(&mut driver, &mut rest);
@@ -97,7 +105,11 @@ fn check_request(request: &websocket_driver::Request, rest: &[u8]) {
             assert!(driver.is_finished() || !driver.pending_output().is_empty());
         }
         Err(Error::Handshake(e)) => {
-            assert_eq!(valid.as_ref().err(), Some(&e), "make_server and validate_request disagree");
+            assert_eq!(
+                valid.as_ref().err(),
+                Some(&e),
+                "make_server and validate_request disagree"
+            );
             let response = handshake::error_response(&e);
             assert!(response.starts_with(b"HTTP/1.1 4"));
         }
@@ -136,7 +148,10 @@ fuzz_target!(|data: &[u8]| {
             Err(e) => break Err(e),
         }
     };
-    assert_eq!(whole, chunked, "chunked parse differs from the one-read parse");
+    assert_eq!(
+        whole, chunked,
+        "chunked parse differs from the one-read parse"
+    );
 
     match chunked {
         Ok(Status::Complete(request, end)) => check_request(&request, &stream[end..]),

@@ -37,9 +37,13 @@
 use std::collections::VecDeque;
 
 use libfuzzer_sys::fuzz_target;
+
+mod common;
+use common::{Input, handshake};
 use websocket_driver::protocol::frame::{Status, parse_header};
-use websocket_driver::protocol::handshake::{HeadLimits, RequestParser};
-use websocket_driver::{Driver, Error, Event, Message, MessageType, Options, ReadyState, SendToken, UsageError, code};
+use websocket_driver::{
+    Driver, Error, Event, Message, MessageType, Options, ReadyState, SendToken, UsageError, code,
+};
 
 const MAX_LENGTH: usize = 4096;
 
@@ -52,38 +56,6 @@ enum Expect {
     Ping(Vec<u8>),
     Pong(Vec<u8>),
     Close(u16, String),
-}
-
-struct Input<'a> {
-    data: &'a [u8],
-}
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.data.split_first()?;
-        self.data = rest;
-        Some(b)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_be_bytes([self.byte()?, self.byte()?]))
-    }
-
-    /// Up to `n` bytes (fewer at the end of the input).
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let n = n.min(self.data.len());
-        let (head, rest) = self.data.split_at(n);
-        self.data = rest;
-        head
-    }
-
-    /// `len` bytes: taken from the input, padded with `fill` when it runs short, so long
-    /// payloads need no long inputs.
-    fn payload(&mut self, len: usize, fill: u8) -> Vec<u8> {
-        let mut v = self.bytes(len).to_vec();
-        v.resize(len, fill);
-        v
-    }
 }
 
 /// Follows the server's output stream (101 response, then frames) as the client reads it.
@@ -177,11 +149,15 @@ impl Server {
                         // The failing close frame: the error's code and (up to 123 bytes of) its text.
                         let mut reason = e.to_string();
                         reason.truncate(123);
-                        client.expect.push_back(Expect::Close(e.close_code(), reason));
+                        client
+                            .expect
+                            .push_back(Expect::Close(e.close_code(), reason));
                     }
                     assert_eq!(self.driver.ready_state(), ReadyState::Closed);
                 }
-                Event::Error(Error::Io(_)) => assert_eq!(before, ReadyState::Closed, "I/O error outside EOF"),
+                Event::Error(Error::Io(_)) => {
+                    assert_eq!(before, ReadyState::Closed, "I/O error outside EOF")
+                }
                 Event::Error(e) => panic!("server reported an unexpected error: {e:?}"),
                 Event::Close { code: c, .. } => {
                     self.closed = true;
@@ -195,10 +171,20 @@ impl Server {
         }
     }
 
-    fn sent(&mut self, before: ReadyState, result: Result<SendToken, Error>, expect: Expect, client: &mut Client) {
+    fn sent(
+        &mut self,
+        before: ReadyState,
+        result: Result<SendToken, Error>,
+        expect: Expect,
+        client: &mut Client,
+    ) {
         match result {
             Ok(token) => {
-                assert_eq!(before, ReadyState::Open, "a send succeeded while {before:?}");
+                assert_eq!(
+                    before,
+                    ReadyState::Open,
+                    "a send succeeded while {before:?}"
+                );
                 if let Some(last) = self.last_token {
                     assert!(token >= last, "send tokens out of order");
                 }
@@ -262,7 +248,9 @@ impl Client {
     fn check(&mut self, event: Event<'_>) {
         if let Event::Error(e) = &event {
             match e {
-                Error::Protocol(p) => panic!("client got a protocol error from the server's output: {p:?}"),
+                Error::Protocol(p) => {
+                    panic!("client got a protocol error from the server's output: {p:?}")
+                }
                 other => panic!("client reported an error: {other:?}"),
             }
         }
@@ -273,7 +261,10 @@ impl Client {
             assert!(!self.closed, "client reported Close twice");
             self.closed = true;
         }
-        assert!(!self.closed || matches!(event, Event::Close { .. }), "client event after Close: {event:?}");
+        assert!(
+            !self.closed || matches!(event, Event::Close { .. }),
+            "client event after Close: {event:?}"
+        );
         let got = match event {
             Event::Open => Expect::Open,
             Event::Message(Message::Text(t)) => Expect::Text(t.into_owned()),
@@ -284,7 +275,11 @@ impl Client {
             Event::Error(_) => unreachable!(),
         };
         let want = self.expect.pop_front();
-        assert_eq!(Some(&got), want.as_ref(), "client event differs from what the server sent");
+        assert_eq!(
+            Some(&got),
+            want.as_ref(),
+            "client event differs from what the server sent"
+        );
     }
 }
 
@@ -292,20 +287,7 @@ fn run(mut input: Input<'_>) {
     let options = Options::default().max_length(MAX_LENGTH);
 
     // The handshake, for real: the client's request through the server's parser.
-    let mut client_driver = Driver::make_client("ws://localhost/", &options).expect("client");
-    assert!(client_driver.start_connection());
-    let request_bytes = client_driver.pending_output().to_vec();
-    client_driver.consume_output(request_bytes.len());
-    let mut parser = RequestParser::new(HeadLimits {
-        max_size: 4096,
-        max_headers: 32,
-    });
-    let Ok(Status::Complete(request, used)) = parser.parse(&request_bytes) else {
-        panic!("the client's request does not parse");
-    };
-    assert_eq!(used, request_bytes.len());
-    let mut server_driver = Driver::make_server(&request, &options).expect("server");
-    assert!(server_driver.start_connection());
+    let (client_driver, server_driver) = handshake(&options);
 
     let mut client = Client {
         driver: client_driver,
@@ -340,7 +322,9 @@ fn run(mut input: Input<'_>) {
             }
             // A masked frame with a fuzzed first byte, length, key and payload, in reads.
             4..=6 => {
-                let (Some(b0), Some(l)) = (input.byte(), input.byte()) else { break };
+                let (Some(b0), Some(l)) = (input.byte(), input.byte()) else {
+                    break;
+                };
                 let mut frame = vec![b0];
                 let len: u64 = match l {
                     0..=125 => l as u64,
@@ -408,7 +392,10 @@ fn run(mut input: Input<'_>) {
                     (server.driver.send_pong(&data), Expect::Pong(data.clone()))
                 };
                 if len > 125 {
-                    assert!(matches!(result, Err(Error::Usage(UsageError::ControlPayloadTooLong))), "{result:?}");
+                    assert!(
+                        matches!(result, Err(Error::Usage(UsageError::ControlPayloadTooLong))),
+                        "{result:?}"
+                    );
                 } else {
                     server.sent(before, result, expect, &mut client);
                 }
@@ -416,7 +403,13 @@ fn run(mut input: Input<'_>) {
             11 => {
                 let Some(c) = input.u16() else { break };
                 // Mostly codes that may be sent, sometimes the raw value.
-                let c = if op & 0x10 != 0 { c } else { [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999][c as usize % 11] };
+                let c = if op & 0x10 != 0 {
+                    c
+                } else {
+                    [
+                        1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+                    ][c as usize % 11]
+                };
                 let len = input.byte().unwrap_or(0) as usize % 130;
                 let reason = input.payload(len, b'r');
                 let valid_code = matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999);
@@ -424,11 +417,22 @@ fn run(mut input: Input<'_>) {
                     Ok(text) => {
                         let result = server.driver.close_connection(c, text);
                         if !valid_code {
-                            assert!(matches!(result, Err(Error::Usage(UsageError::InvalidCloseCode(x))) if x == c), "{result:?}");
+                            assert!(
+                                matches!(result, Err(Error::Usage(UsageError::InvalidCloseCode(x))) if x == c),
+                                "{result:?}"
+                            );
                         } else if text.len() > 123 {
-                            assert!(matches!(result, Err(Error::Usage(UsageError::CloseReasonTooLong))), "{result:?}");
+                            assert!(
+                                matches!(result, Err(Error::Usage(UsageError::CloseReasonTooLong))),
+                                "{result:?}"
+                            );
                         } else {
-                            server.sent(before, result, Expect::Close(c, text.to_string()), &mut client);
+                            server.sent(
+                                before,
+                                result,
+                                Expect::Close(c, text.to_string()),
+                                &mut client,
+                            );
                             if before == ReadyState::Open {
                                 assert_eq!(server.driver.ready_state(), ReadyState::Closing);
                             }
@@ -463,24 +467,40 @@ fn run(mut input: Input<'_>) {
     server.flush(&mut client, usize::MAX, usize::MAX, false);
     assert!(server.driver.pending_output().is_empty());
     if let Some(token) = server.last_token {
-        assert!(server.driver.is_sent(token), "all output written, but a send is not marked sent");
+        assert!(
+            server.driver.is_sent(token),
+            "all output written, but a send is not marked sent"
+        );
     }
-    assert!(client.expect.is_empty(), "the client never saw {:?}", client.expect);
+    assert!(
+        client.expect.is_empty(),
+        "the client never saw {:?}",
+        client.expect
+    );
 
     // Then the transport ends on both sides.
     server.driver.receive_eof();
     server.feed(&mut [], &mut client);
     assert!(server.closed, "server: no Close after receive_eof");
-    assert!(server.driver.pending_output().is_empty(), "server output after EOF");
+    assert!(
+        server.driver.pending_output().is_empty(),
+        "server output after EOF"
+    );
     assert!(server.driver.is_finished(), "server not finished after EOF");
 
     if !client.closed {
-        client.expect.push_back(Expect::Close(code::ABNORMAL, String::new()));
+        client
+            .expect
+            .push_back(Expect::Close(code::ABNORMAL, String::new()));
     }
     client.driver.receive_eof();
     client.feed(&mut []);
     assert!(client.closed, "client: no Close after receive_eof");
-    assert!(client.expect.is_empty(), "the client never saw {:?}", client.expect);
+    assert!(
+        client.expect.is_empty(),
+        "the client never saw {:?}",
+        client.expect
+    );
     assert!(client.driver.is_finished(), "client not finished after EOF");
 }
 
