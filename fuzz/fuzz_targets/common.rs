@@ -11,7 +11,8 @@ use websocket_driver::{Driver, Options};
 /// server's parser and `make_server`, and both started. The server's 101 response is its
 /// pending output, not yet read by the client.
 pub fn handshake(options: &Options) -> (Driver, Driver) {
-    let mut client = Driver::make_client("ws://localhost/", options).expect("client");
+    let mut client = Driver::make_client("ws://localhost/", options)
+        .expect("make_client refused the target's options");
     assert!(client.start_connection());
     let request_bytes = client.pending_output().to_vec();
     client.consume_output(request_bytes.len());
@@ -23,7 +24,8 @@ pub fn handshake(options: &Options) -> (Driver, Driver) {
         panic!("the client's request does not parse");
     };
     assert_eq!(used, request_bytes.len());
-    let mut server = Driver::make_server(&request, options).expect("server");
+    let mut server = Driver::make_server(&request, options)
+        .expect("make_server refused the client's own request");
     assert!(server.start_connection());
     (client, server)
 }
