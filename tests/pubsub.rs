@@ -161,6 +161,70 @@ fn burst_reaches_every_subscriber_once_and_in_order(backend: Backend) {
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
+/// One thread's direct sends (`Sender`) and publishes reach each subscriber in the order
+/// the thread made them: a loop merges publications that wait in its inbox back to back,
+/// but never across a send queued between them.
+fn sends_and_publishes_from_one_thread_keep_their_order(backend: Backend) {
+    let _turn = turn();
+    const CLIENTS: usize = 6;
+    const MESSAGES: usize = 6_000;
+    struct Registered(Arc<Mutex<Vec<websocket_driver::server::Sender>>>);
+    impl Handler for Registered {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            ws.subscribe("mix").unwrap();
+            self.0.lock().unwrap().push(ws.sender());
+        }
+    }
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: LOOPS,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Registered(registry.clone())))
+        .unwrap();
+    let clients: Vec<TestClient> = (0..CLIENTS)
+        .map(|_| TestClient::connect(server.local_addr(), "/").unwrap())
+        .collect();
+    subscribers(&server, "mix", CLIENTS);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            std::thread::spawn(move || {
+                for n in 0..MESSAGES {
+                    assert_eq!(text(&mut client), n.to_string(), "client {i}");
+                }
+            })
+        })
+        .collect();
+    let senders = senders.lock().unwrap().clone();
+    assert_eq!(senders.len(), CLIENTS);
+    // Runs of publishes of varying length between the direct sends.
+    for n in 0..MESSAGES {
+        if n % 7 == 0 || n % 11 == 0 {
+            for sender in &senders {
+                while let Err(e) = sender.send_text(n.to_string()) {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        } else {
+            server
+                .publish("mix", n.to_string().as_bytes(), MessageType::Text)
+                .unwrap();
+        }
+    }
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    assert_eq!(server.stats().dropped, 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
 /// `publish` leaves the sender out; `unsubscribe` and closing stop delivery and the
 /// counts follow.
 fn unsubscribe_and_close_stop_delivery(backend: Backend) {
@@ -483,6 +547,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     burst_reaches_every_subscriber_once_and_in_order,
+    sends_and_publishes_from_one_thread_keep_their_order,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,
     ten_thousand_topics_with_two_subscribers_each,

@@ -346,6 +346,92 @@ impl std::fmt::Debug for SharedFrame {
     }
 }
 
+/// Consecutive published frames laid end to end once, for the subscribers that take them
+/// all plain: a run of small publications costs each subscriber one queued part (and one
+/// slice of a gathered write) instead of one per message, and the kernel copies one slice
+/// instead of many. A loop makes one per run of publications to one topic
+/// ([`RunPool::make`]); the frames themselves stay reachable for subscribers that must get
+/// them one by one (permessage-deflate, or an output near its cap).
+#[derive(Clone)]
+pub(crate) struct FrameRun(std::sync::Arc<RunInner>);
+
+#[derive(Default)]
+struct RunInner {
+    bytes: Vec<u8>,
+    frames: Vec<SharedFrame>,
+    max_payload: usize,
+}
+
+impl FrameRun {
+    /// Every frame, end to end, as they go on the wire (uncompressed).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0.bytes
+    }
+
+    /// The frames it was made of, in order.
+    pub(crate) fn frames(&self) -> &[SharedFrame] {
+        &self.0.frames
+    }
+
+    /// The longest payload among its frames (what decides whether deflate applies).
+    pub(crate) fn max_payload(&self) -> usize {
+        self.0.max_payload
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.bytes.len()
+    }
+}
+
+impl std::fmt::Debug for FrameRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameRun")
+            .field("frames", &self.0.frames.len())
+            .field("len", &self.0.bytes.len())
+            .finish()
+    }
+}
+
+/// A loop's runs, reused once every connection has written them (no other reference is
+/// left), so that merging publications allocates nothing once warm. Keeps at most
+/// [`RunPool::KEEP`]; a run still queued on a slow connection is not waited for (a new one
+/// is made).
+#[derive(Default)]
+pub(crate) struct RunPool {
+    runs: Vec<std::sync::Arc<RunInner>>,
+}
+
+impl RunPool {
+    /// Runs kept for reuse. Each holds up to one run's bytes (the caller bounds a run's
+    /// length) and its frames until it is reused.
+    pub(crate) const KEEP: usize = 4;
+
+    /// Lays `frames` end to end in a free run (or a new one).
+    pub(crate) fn make(&mut self, frames: impl IntoIterator<Item = SharedFrame>) -> FrameRun {
+        let free = self
+            .runs
+            .iter_mut()
+            .position(|run| std::sync::Arc::get_mut(run).is_some());
+        let mut run = match free {
+            Some(at) => self.runs.swap_remove(at),
+            None => std::sync::Arc::default(),
+        };
+        let inner = std::sync::Arc::get_mut(&mut run).expect("a free or new run");
+        inner.bytes.clear();
+        inner.frames.clear();
+        inner.max_payload = 0;
+        for frame in frames {
+            inner.bytes.extend_from_slice(frame.as_bytes());
+            inner.max_payload = inner.max_payload.max(frame.payload().len());
+            inner.frames.push(frame);
+        }
+        if self.runs.len() < Self::KEEP {
+            self.runs.push(run.clone());
+        }
+        FrameRun(run)
+    }
+}
+
 /// A part of one connection's output queued by reference instead of copied in: a shared
 /// frame (the plain bytes or a compressed variant), or the payload of a message sent by
 /// value (its header is in the connection's own bytes, just before it).
@@ -357,6 +443,8 @@ pub(crate) enum FrameRef {
         variant: u8,
     },
     Owned(Vec<u8>),
+    /// Several shared frames, laid end to end once per loop.
+    Run(FrameRun),
 }
 
 impl FrameRef {
@@ -383,6 +471,7 @@ impl FrameRef {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             FrameRef::Owned(payload) => payload,
+            FrameRef::Run(run) => run.as_bytes(),
             FrameRef::Shared { frame, variant: 0 } => frame.as_bytes(),
             FrameRef::Shared { frame, variant } => {
                 match frame.inner.deflated[(variant - 9) as usize].get() {
@@ -402,6 +491,57 @@ impl FrameRef {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn shared(text: &str) -> SharedFrame {
+        SharedFrame::new(text.as_bytes(), crate::protocol::driver::MessageType::Text).unwrap()
+    }
+
+    #[test]
+    fn a_run_lays_its_frames_end_to_end() {
+        let frames = [shared("a"), shared("bcd"), shared("")];
+        let run = RunPool::default().make(frames.clone());
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.as_bytes().to_vec()).collect();
+        assert_eq!(run.as_bytes(), expected);
+        assert_eq!(run.len(), expected.len());
+        assert_eq!(run.max_payload(), 3);
+        assert_eq!(run.frames().len(), 3);
+        assert!(
+            run.frames()
+                .iter()
+                .zip(&frames)
+                .all(|(a, b)| std::ptr::eq(a.as_bytes(), b.as_bytes())),
+            "the frames themselves, by reference"
+        );
+    }
+
+    #[test]
+    fn a_run_is_reused_once_nothing_else_holds_it() {
+        let mut pool = RunPool::default();
+        let first = pool.make([shared("one"), shared("two")]);
+        let at = first.as_bytes().as_ptr();
+        // Still held (queued on a connection): a new run.
+        let second = pool.make([shared("three"), shared("four")]);
+        assert!(!std::ptr::eq(second.as_bytes().as_ptr(), at));
+        drop(first);
+        // Written everywhere: its buffer is reused, with the old frames replaced.
+        let third = pool.make([shared("five"), shared("six")]);
+        assert!(std::ptr::eq(third.as_bytes().as_ptr(), at));
+        assert_eq!(third.frames().len(), 2);
+        assert_eq!(&third.frames()[0].payload(), b"five");
+        assert_eq!(third.max_payload(), 4);
+        // The pool keeps at most KEEP runs, however many are out.
+        let held: Vec<FrameRun> = (0..RunPool::KEEP + 3)
+            .map(|_| pool.make([shared("x"), shared("y")]))
+            .collect();
+        assert_eq!(pool.runs.len(), RunPool::KEEP);
+        drop((held, second, third));
+        let reused = pool.make([shared("z"), shared("w")]);
+        assert!(
+            pool.runs
+                .iter()
+                .any(|r| std::ptr::eq(r.bytes.as_ptr(), reused.as_bytes().as_ptr()))
+        );
+    }
 
     #[test]
     fn fast_websocket_vectors() {

@@ -293,6 +293,7 @@ impl<S: Service, B: Backend> Core<S, B> {
                     generation,
                     command,
                 } => {
+                    self.run_local(backend);
                     if self
                         .conns
                         .get(key)
@@ -303,10 +304,19 @@ impl<S: Service, B: Backend> Core<S, B> {
                         });
                     }
                 }
-                Envelope::Loop(command) => self.fan_out(backend, command),
-                Envelope::Shutdown { deadline } => self.begin_shutdown(backend, deadline),
+                Envelope::Loop(command) => {
+                    if let Some(command) = self.service.queue_local(command) {
+                        self.run_local(backend);
+                        self.fan_out(backend, command);
+                    }
+                }
+                Envelope::Shutdown { deadline } => {
+                    self.run_local(backend);
+                    self.begin_shutdown(backend, deadline)
+                }
             }
         }
+        self.run_local(backend);
         // Started at the end of the turn, a bounded number at a time.
         self.connects_pending = true;
     }

@@ -241,8 +241,14 @@ pub(crate) trait Service: 'static {
         command: &Self::Command,
     );
     /// The next loop-wide command raised on the loop itself (by a session, for other
-    /// sessions of the same loop), run at the end of the turn without a wake-up.
+    /// sessions of the same loop, run at the end of the turn without a wake-up) or queued
+    /// by [`Service::queue_local`]. The service may merge neighbours into one command.
     fn next_local(&mut self) -> Option<Self::Command>;
+    /// A loop-wide command from the inbox: queue it behind the loop's own (returning
+    /// `None`) so that neighbours can merge, or hand it back to run now. The core runs the
+    /// queue before the inbox's next per-connection command and when the inbox is empty,
+    /// so the inbox's order holds.
+    fn queue_local(&mut self, command: Self::Command) -> Option<Self::Command>;
     /// Output that had blocked is fully written.
     fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// The server is shutting down.

@@ -15,7 +15,7 @@ use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::handshake::{Request, is_websocket};
 use crate::reactor::{Envelope, LoopStats, Remote};
 
-use super::pubsub::{LoopTopics, Origin, PubSub, Publication, Publisher, Topic};
+use super::pubsub::{LoopTopics, Origin, PubSub, Publication, PublicationRun, Publisher, Topic};
 
 /// The app's answer to a request.
 #[derive(Debug)]
@@ -100,6 +100,8 @@ pub(crate) enum Command {
     Close(u16, String),
     /// A published message for this loop's subscribers of its topic.
     Publish(Arc<Publication>),
+    /// Consecutive publications to one topic, merged on the loop that delivers them.
+    PublishRun(PublicationRun),
 }
 
 /// The connection handle a [`Handler`] gets: send, close, inspect.

@@ -7,9 +7,17 @@
 //! to the frame on each subscriber's output, which the backend writes gathered with the
 //! connection's other frames: no per-subscriber copy and no per-subscriber allocation.
 //!
-//! Ordering: a loop's inbox and its local queue are FIFO, so messages published from one
-//! thread to one topic reach every subscriber in publish order; frames are queued whole,
-//! so they are never interleaved or cut.
+//! Publications that reach a loop back to back for the same topic (its handlers' in one
+//! turn, or several waiting in its inbox) are laid end to end once on that loop
+//! ([`FrameRun`], up to [`RUN_MAX`] bytes) and each subscriber queues the run as one part:
+//! one reference and one slice of its next write instead of one per message. A subscriber
+//! that must get them one by one (permessage-deflate applies, or its output would pass the
+//! cap inside the run) gets the frames themselves, as if they had come separately.
+//!
+//! Ordering: a loop's inbox and its local queue are FIFO, and a run only merges
+//! neighbours in them, so messages published from one thread to one topic reach every
+//! subscriber in publish order; frames are queued whole, so they are never interleaved or
+//! cut.
 //!
 //! Memory per subscription: one key in the topic's set on the connection's loop and one
 //! topic reference in the connection's list (about 40 bytes, plus the topic's bytes once
@@ -25,7 +33,7 @@ use super::Command;
 use super::backplane::Backplane;
 use crate::protocol::driver::MessageType;
 use crate::protocol::error::{Error, UsageError};
-use crate::protocol::frame::SharedFrame;
+use crate::protocol::frame::{FrameRun, RunPool, SharedFrame};
 use crate::reactor::{Envelope, Remote};
 
 /// The longest topic, in bytes.
@@ -91,6 +99,18 @@ pub(crate) struct Publication {
     /// `(loop, key)` of the publishing connection, if it is left out.
     pub exclude: Option<(usize, usize)>,
 }
+
+/// Publications merged into one run on a loop (see the module docs): consecutive ones to
+/// the same topic with the same left-out sender.
+pub(crate) struct PublicationRun {
+    pub topic: Topic,
+    pub exclude: Option<(usize, usize)>,
+    pub run: FrameRun,
+}
+
+/// The most bytes (frames with their headers) one run of merged publications holds: small
+/// messages merge by the hundred, a large one is queued alone.
+pub(crate) const RUN_MAX: usize = 16 * 1024;
 
 /// Server-wide pub/sub state, shared by every loop, the server handle and every
 /// [`Publisher`].
@@ -240,8 +260,10 @@ impl PubSub {
 pub(crate) struct LoopTopics {
     subscribers: HashMap<Topic, HashSet<usize>>,
     by_conn: HashMap<usize, Vec<Topic>>,
-    /// Publications from this loop's own handlers, delivered at the end of the turn.
+    /// Publications from this loop's own handlers (delivered at the end of the turn) and
+    /// from its inbox (delivered when the inbox is drained).
     pub local: VecDeque<Arc<Publication>>,
+    runs: RunPool,
 }
 
 impl LoopTopics {
@@ -322,12 +344,47 @@ impl LoopTopics {
         self.by_conn.get(&key).cloned().unwrap_or_default()
     }
 
-    /// The loop's subscribers of `publication`'s topic, but the excluded one.
-    pub fn targets(&self, loop_index: usize, publication: &Publication, out: &mut Vec<usize>) {
-        let Some(keys) = self.subscribers.get(&*publication.topic) else {
+    /// The next queued publication, merged with those right behind it for the same topic
+    /// and the same left-out sender into one run of up to [`RUN_MAX`] bytes.
+    pub fn next_local(&mut self) -> Option<Command> {
+        let first = self.local.pop_front()?;
+        let mut len = first.frame.len();
+        let mut more = 0;
+        for next in &self.local {
+            if next.topic != first.topic
+                || next.exclude != first.exclude
+                || len + next.frame.len() > RUN_MAX
+            {
+                break;
+            }
+            len += next.frame.len();
+            more += 1;
+        }
+        if more == 0 {
+            return Some(Command::Publish(first));
+        }
+        let frames = std::iter::once(first.frame.clone())
+            .chain(self.local.drain(..more).map(|p| p.frame.clone()));
+        let run = self.runs.make(frames);
+        Some(Command::PublishRun(PublicationRun {
+            topic: first.topic.clone(),
+            exclude: first.exclude,
+            run,
+        }))
+    }
+
+    /// The loop's subscribers of `topic`, but the excluded one.
+    pub fn targets(
+        &self,
+        loop_index: usize,
+        topic: &[u8],
+        exclude: Option<(usize, usize)>,
+        out: &mut Vec<usize>,
+    ) {
+        let Some(keys) = self.subscribers.get(topic) else {
             return;
         };
-        let excluded = match publication.exclude {
+        let excluded = match exclude {
             Some((l, key)) if l == loop_index => Some(key),
             _ => None,
         };
@@ -369,5 +426,95 @@ impl Publisher {
     /// Subscribers of `topic` over the whole server, now.
     pub fn subscribers(&self, topic: impl AsRef<[u8]>) -> usize {
         self.pubsub.subscribers(topic.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(topic: &str, len: usize, exclude: Option<(usize, usize)>) -> Arc<Publication> {
+        // A frame of `len` bytes in all: its header (2 bytes, or 4 past 125 bytes of
+        // payload) and the payload.
+        let header = if len - 2 <= 125 { 2 } else { 4 };
+        let payload = vec![b'x'; len - header];
+        Arc::new(Publication {
+            topic: Topic::new(topic.as_bytes()).unwrap(),
+            frame: SharedFrame::new(&payload, MessageType::Binary).unwrap(),
+            exclude,
+        })
+    }
+
+    /// What `next_local` hands out: `1` for a single publication, `n` for a run of `n`.
+    fn drain(topics: &mut LoopTopics) -> Vec<usize> {
+        std::iter::from_fn(|| topics.next_local())
+            .map(|command| match command {
+                Command::Publish(_) => 1,
+                Command::PublishRun(run) => {
+                    assert!(run.run.frames().len() >= 2);
+                    run.run.frames().len()
+                }
+                _ => panic!("not a publication"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn neighbours_with_the_same_topic_and_exclusion_merge() {
+        let mut topics = LoopTopics::default();
+        let me = Some((0, 7));
+        for p in [
+            publication("a", 10, None),
+            publication("a", 10, None),
+            publication("a", 10, None),
+            publication("b", 10, None), // another topic
+            publication("a", 10, None),
+            publication("a", 10, me), // another left-out sender
+            publication("a", 10, me),
+            publication("a", 10, None),
+        ] {
+            topics.local.push_back(p);
+        }
+        assert_eq!(drain(&mut topics), [3, 1, 1, 2, 1]);
+        assert!(topics.local.is_empty());
+    }
+
+    #[test]
+    fn a_run_holds_at_most_run_max_bytes() {
+        let mut topics = LoopTopics::default();
+        // Exactly RUN_MAX in two frames: one run; one byte more: two publications.
+        let (big, small) = (
+            publication("a", RUN_MAX - 100, None),
+            publication("a", 100, None),
+        );
+        assert_eq!(big.frame.len() + small.frame.len(), RUN_MAX);
+        topics.local.push_back(big);
+        topics.local.push_back(small);
+        assert_eq!(drain(&mut topics), [2]);
+        topics
+            .local
+            .push_back(publication("a", RUN_MAX - 100, None));
+        topics.local.push_back(publication("a", 101, None));
+        assert_eq!(drain(&mut topics), [1, 1]);
+    }
+
+    #[test]
+    fn a_run_keeps_publish_order() {
+        let mut topics = LoopTopics::default();
+        for n in 0..5u8 {
+            topics.local.push_back(Arc::new(Publication {
+                topic: Topic::new(b"t").unwrap(),
+                frame: SharedFrame::new(&[n], MessageType::Binary).unwrap(),
+                exclude: None,
+            }));
+        }
+        let Some(Command::PublishRun(run)) = topics.next_local() else {
+            panic!("one run")
+        };
+        assert_eq!(
+            run.run.as_bytes(),
+            [0x82, 1, 0, 0x82, 1, 1, 0x82, 1, 2, 0x82, 1, 3, 0x82, 1, 4]
+        );
+        assert!(topics.next_local().is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
 use super::handler::{Callbacks, Ctx, Gauges};
-use super::pubsub::{LoopTopics, PubSub, Publication};
+use super::pubsub::{LoopTopics, PubSub};
 use super::tunnel::{Progress, Tunnel};
 
 mod dispatch;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
 use crate::protocol::error::{Error, code};
-use crate::protocol::frame::Status;
+use crate::protocol::frame::{FrameRun, SharedFrame, Status};
 use crate::protocol::handshake::{RequestParser, error_response};
 use crate::reactor::{CloseRequest, Io, KeepBudget, LoopStats, Outgoing, Service};
 
@@ -422,7 +422,11 @@ where
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
             Command::Publish(publication) => {
-                self.deliver_plain(conn, io, &publication);
+                self.deliver_plain(conn, io, &publication.frame);
+                return;
+            }
+            Command::PublishRun(publication) => {
+                self.deliver_run(conn, io, &publication.run);
                 return;
             }
         };
@@ -445,7 +449,7 @@ where
         &mut self,
         conn: &mut Conn<H>,
         io: &mut Io<'_, Command>,
-        publication: &Publication,
+        frame: &SharedFrame,
     ) {
         let outside = Self::queued_outside(conn);
         let Phase::Open(driver, _) = &mut conn.phase else {
@@ -460,13 +464,44 @@ where
             }
             return;
         }
-        if driver.send_shared(&publication.frame).is_ok() {
+        if driver.send_shared(frame).is_ok() {
             LoopStats::add(&self.stats.delivered, 1);
             LoopStats::add(&self.stats.messages_out, 1);
         }
         // Over the cap now: the grace timer (if any) starts and senders learn it.
         if driver.buffered_amount() + outside > cap {
             self.settle(conn, io);
+        }
+    }
+
+    /// Queues a run of published frames for one subscriber as one part when it would have
+    /// taken every one of them alone: it takes them plain, and its output is under the cap
+    /// before the last one. Otherwise each frame goes through [`Self::deliver_plain`], so
+    /// drops, closes and counts are exactly those of separate publications.
+    pub(super) fn deliver_run(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        run: &FrameRun,
+    ) {
+        let outside = Self::queued_outside(conn);
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        let cap = self.config.max_backpressure;
+        if takes_run_whole(driver.buffered_amount() + outside, run, cap)
+            && matches!(driver.send_shared_run(run), Ok(true))
+        {
+            let messages = run.frames().len() as u64;
+            LoopStats::add(&self.stats.delivered, messages);
+            LoopStats::add(&self.stats.messages_out, messages);
+            if driver.buffered_amount() + outside > cap {
+                self.settle(conn, io);
+            }
+            return;
+        }
+        for frame in run.frames() {
+            self.deliver_plain(conn, io, frame);
         }
     }
 
@@ -813,8 +848,52 @@ impl BufferPool {
     }
 }
 
+/// Whether a subscriber with `queued` bytes of output would take every frame of `run` as
+/// separate publications: each is taken while the output is not over `cap` before it, so
+/// the whole run is when the output before its last frame is within the cap.
+fn takes_run_whole(queued: usize, run: &FrameRun, cap: usize) -> bool {
+    let last = run.frames().last().map_or(0, SharedFrame::len);
+    queued + run.len() - last <= cap
+}
+
 #[cfg(test)]
 mod tests {
+    /// A run goes whole exactly where every one of its frames would have gone alone:
+    /// with the output at the cap before its last frame, and not one byte over.
+    #[test]
+    fn a_run_goes_whole_only_where_each_frame_would() {
+        use crate::protocol::driver::MessageType;
+        use crate::protocol::frame::{RunPool, SharedFrame};
+        let frames: Vec<SharedFrame> = [10, 20, 30]
+            .iter()
+            .map(|&n| SharedFrame::new(&vec![b'x'; n], MessageType::Binary).unwrap())
+            .collect();
+        let run = RunPool::default().make(frames.clone());
+        // Frame lengths 12, 22 and 32: the output before the last frame is queued + 34.
+        let cap = 1000;
+        // One by one, the last frame is taken iff queued + 34 <= cap.
+        let alone = |queued: usize| {
+            let mut out = queued;
+            frames.iter().all(|f| {
+                let taken = out <= cap;
+                out += f.len();
+                taken
+            })
+        };
+        for queued in [0, cap - 35, cap - 34, cap - 33, cap, cap + 1] {
+            assert_eq!(
+                super::takes_run_whole(queued, &run, cap),
+                alone(queued),
+                "queued {queued}"
+            );
+        }
+        assert!(super::takes_run_whole(cap - 34, &run, cap), "at the limit");
+        assert!(
+            !super::takes_run_whole(cap - 33, &run, cap),
+            "one byte over"
+        );
+    }
+
     /// Idle memory per connection is mostly this slab entry; keep it from creeping up.
     #[test]
     fn connection_state_stays_small() {

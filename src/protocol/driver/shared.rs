@@ -16,7 +16,7 @@ use std::io::IoSlice;
 
 use super::{Driver, ReadyState, Role};
 use crate::protocol::error::{Error, UsageError};
-use crate::protocol::frame::{FrameRef, SharedFrame};
+use crate::protocol::frame::{FrameRef, FrameRun, SharedFrame};
 
 /// Shared frames waiting in one driver's output. Boxed in the driver and kept once made,
 /// so a subscriber's deliveries allocate nothing after its first.
@@ -168,6 +168,27 @@ impl Driver {
         };
         self.queue_part(queued);
         Ok(())
+    }
+
+    /// Queues a run of shared frames as one part, by reference, when this connection
+    /// takes every frame in it plain; returns `Ok(false)`, queueing nothing, when
+    /// permessage-deflate applies to one of them (the caller sends them one by one with
+    /// [`Driver::send_shared`]). Refused as [`Driver::send_shared`] refuses.
+    pub(crate) fn send_shared_run(&mut self, run: &FrameRun) -> Result<bool, Error> {
+        if self.role != Role::Server {
+            return Err(UsageError::NotPublishable.into());
+        }
+        if self.state != ReadyState::Open {
+            return Err(UsageError::NotOpen.into());
+        }
+        if self
+            .deflate()
+            .is_some_and(|d| run.max_payload() >= d.threshold())
+        {
+            return Ok(false);
+        }
+        self.queue_part(FrameRef::Run(run.clone()));
+        Ok(true)
     }
 
     /// Queues `part` by reference behind everything queued so far.
@@ -463,6 +484,113 @@ mod tests {
             client.send_shared(&frame("masked?")),
             Err(Error::Usage(UsageError::NotPublishable))
         ));
+    }
+
+    /// An open server driver that agreed on permessage-deflate (messages of at least
+    /// `threshold` bytes are compressed).
+    fn open_deflate_server(threshold: usize) -> Driver {
+        use crate::protocol::deflate::DeflateOptions;
+        let request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+            Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+        let options = Options::default().deflate_options(DeflateOptions {
+            threshold,
+            ..DeflateOptions::default()
+        });
+        let mut parser = RequestParser::new(options.head_limits());
+        let crate::protocol::frame::Status::Complete(request, _) =
+            parser.parse(request.as_bytes()).unwrap()
+        else {
+            panic!("a complete request")
+        };
+        let mut driver = Driver::make_server(&request, &options).unwrap();
+        driver.start_connection();
+        let n = driver.pending_output().len();
+        assert!(
+            std::str::from_utf8(&driver.pending_output()[..n])
+                .unwrap()
+                .contains("permessage-deflate"),
+            "deflate agreed"
+        );
+        driver.consume_output(n);
+        assert!(matches!(driver.poll_event(&mut []).1, Some(Event::Open)));
+        driver
+    }
+
+    #[test]
+    fn a_run_is_queued_as_one_part_between_own_frames() {
+        let mut pool = crate::protocol::frame::RunPool::default();
+        let run = pool.make([frame("S1"), frame("S22"), frame("S333")]);
+        let mut driver = open_server();
+        driver.send_text("a").unwrap();
+        assert!(driver.send_shared_run(&run).unwrap());
+        driver.send_text("b").unwrap();
+        let mut parts = [IoSlice::new(&[]); 16];
+        let n = driver.pending_output_vectored(&mut parts);
+        assert_eq!(n, 3, "own bytes, the run, own bytes");
+        assert_eq!(&*parts[1], run.as_bytes());
+        let expected = [
+            &[0x81, 1, b'a'][..],
+            &[0x81, 2, b'S', b'1'],
+            &[0x81, 3, b'S', b'2', b'2'],
+            &[0x81, 4, b'S', b'3', b'3', b'3'],
+            &[0x81, 1, b'b'],
+        ]
+        .concat();
+        assert_eq!(gathered(&driver), expected);
+        assert_eq!(driver.buffered_amount(), expected.len());
+        // Written across the run's frame boundaries, a byte at a time: the same stream.
+        let mut written = Vec::new();
+        while !driver.pending_output().is_empty() {
+            written.push(driver.pending_output()[0]);
+            driver.consume_output(1);
+        }
+        assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn a_run_is_refused_where_deflate_applies_to_one_of_its_frames() {
+        let mut pool = crate::protocol::frame::RunPool::default();
+        // Payloads of 2, 3 and 4 bytes: the longest decides.
+        let run = pool.make([frame("S1"), frame("S22"), frame("S333")]);
+        // At the threshold, deflate applies to the last frame: one by one, nothing queued.
+        let mut driver = open_deflate_server(4);
+        assert!(!driver.send_shared_run(&run).unwrap());
+        assert_eq!(driver.buffered_amount(), 0);
+        // One byte over every payload: the run goes plain, as one part.
+        let mut driver = open_deflate_server(5);
+        assert!(driver.send_shared_run(&run).unwrap());
+        assert_eq!(gathered(&driver), run.as_bytes());
+        // Refused like a single shared frame on a closing or client connection.
+        let mut driver = open_server();
+        driver.close_connection(1000, "").unwrap();
+        assert!(matches!(
+            driver.send_shared_run(&run),
+            Err(Error::Usage(UsageError::NotOpen))
+        ));
+        let mut client = Driver::make_client("ws://example.com/", &Options::default()).unwrap();
+        assert!(matches!(
+            client.send_shared_run(&run),
+            Err(Error::Usage(UsageError::NotPublishable))
+        ));
+    }
+
+    #[test]
+    fn take_output_hands_over_a_run_by_reference() {
+        let mut pool = crate::protocol::frame::RunPool::default();
+        let run = pool.make([frame("x"), frame("yz")]);
+        let mut driver = open_server();
+        driver.send_shared_run(&run).unwrap();
+        driver.send_text("b").unwrap();
+        let expected = gathered(&driver);
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        let mut slices = Vec::new();
+        out.slices(0, &mut slices);
+        assert_eq!(slices.len(), 2);
+        assert!(std::ptr::eq(slices[0].as_ptr(), run.as_bytes().as_ptr()));
+        let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes, expected);
     }
 
     #[test]

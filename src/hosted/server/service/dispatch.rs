@@ -92,26 +92,37 @@ where
     }
 
     fn targets(&mut self, command: &Command, targets: &mut Vec<usize>) {
-        if let Command::Publish(publication) = command {
-            self.topics
-                .get_mut()
-                .targets(self.loop_index, publication, targets);
-        }
+        let (topic, exclude) = match command {
+            Command::Publish(p) => (&p.topic, p.exclude),
+            Command::PublishRun(p) => (&p.topic, p.exclude),
+            _ => return,
+        };
+        self.topics
+            .get_mut()
+            .targets(self.loop_index, topic, exclude, targets);
     }
 
     fn deliver(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: &Command) {
-        if let Command::Publish(publication) = command {
-            self.deliver_plain(conn, io, publication);
-            self.seal(conn, io);
+        match command {
+            Command::Publish(publication) => self.deliver_plain(conn, io, &publication.frame),
+            Command::PublishRun(publication) => self.deliver_run(conn, io, &publication.run),
+            _ => return,
+        }
+        self.seal(conn, io);
+    }
+
+    fn queue_local(&mut self, command: Command) -> Option<Command> {
+        match command {
+            Command::Publish(publication) => {
+                self.topics.get_mut().local.push_back(publication);
+                None
+            }
+            other => Some(other),
         }
     }
 
     fn next_local(&mut self) -> Option<Command> {
-        self.topics
-            .get_mut()
-            .local
-            .pop_front()
-            .map(Command::Publish)
+        self.topics.get_mut().next_local()
     }
 
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
