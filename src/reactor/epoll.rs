@@ -75,7 +75,7 @@ impl Backend for Epoll {
         };
         Ok(Epoll {
             poll,
-            events: Events::with_capacity(1024),
+            events: Events::with_capacity(super::INPUTS_PER_TURN),
             listener,
             read_buf: Vec::new(),
             unfinished: Vec::new(),

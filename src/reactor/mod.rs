@@ -21,6 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
+/// Sockets' input a loop takes in per turn at most: epoll's events per wait, and the
+/// receives an io_uring turn runs before the rest wait for the next one.
+pub(crate) const INPUTS_PER_TURN: usize = 1024;
+
 pub(crate) use crate::protocol::driver::Outgoing;
 
 /// Which IO backend runs the event loops.

@@ -1,8 +1,8 @@
 //! The io_uring backend: multishot accept, multishot recv into a provided-buffer ring, one
 //! send in flight per connection, everything submitted with one `io_uring_enter` per loop
-//! turn (plus up to five non-waiting ones when more completed receives are pending than one
-//! wait runs and the turn's input is still small: see `Ring::run_pending` and
-//! `DRAIN_BYTES`).
+//! turn (plus non-waiting ones when more completed receives are pending than one wait runs
+//! and the turn's input is still small: see `Ring::run_pending`, `DRAIN_BYTES` and
+//! `DRAIN_RECEIVES`).
 //!
 //! A turn's completions are handled in batches of one enter's worth (~20 receives), each
 //! handing its receive buffers back before the next enter, so a small ring (`BUF_COUNT`)
@@ -54,9 +54,20 @@ const BUF_COUNT: u16 = 32;
 /// Bytes received in a turn past which the receives still pending wait for the next turn
 /// (see `Uring::wait`): a quarter of a typical 1 MiB L2 cache.
 const DRAIN_BYTES: usize = 256 * 1024;
-/// Non-waiting enters a turn makes for receives its wait left pending (see
-/// `Ring::run_pending`): with the wait's own, up to ~120 sockets' input in one turn.
-const DRAIN_ENTERS: usize = 5;
+/// Receives a turn takes in before the rest wait for the next turn: as many sockets'
+/// input as epoll takes per wait. A broadcast round of 500 messages took four turns when
+/// the bound was five enters (~120 receives), so each subscriber got about four sends a
+/// round against epoll's two.
+const DRAIN_RECEIVES: usize = super::INPUTS_PER_TURN;
+/// Non-waiting enters a turn makes at most for receives its wait left pending (see
+/// `Ring::run_pending`); each runs about 20.
+const DRAIN_ENTERS: usize = 64;
+/// Whether a turn that has taken in `bytes` over `receives` receives and made `enters`
+/// non-waiting enters runs the receives still pending (else they wait for the next turn).
+fn drains_more(bytes: usize, receives: usize, enters: usize) -> bool {
+    bytes < DRAIN_BYTES && receives < DRAIN_RECEIVES && enters < DRAIN_ENTERS
+}
+
 /// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
 /// instead of being reassembled from two receives. (Buffers the kernel fills a receive at
 /// a time, `IOU_PBUF_RING_INC`, were tried: 8 × 64 KiB gave the same CPU per message, but
@@ -352,7 +363,7 @@ impl Uring {
         bufs: &mut BufRing,
         completions: &mut Vec<Completion>,
     ) -> io::Result<()> {
-        let mut received = 0;
+        let (mut received, mut receives) = (0, 0);
         for enters in 0..=DRAIN_ENTERS {
             // In batches: a burst (thousands of accepts, a fan-out's send completions) would
             // otherwise grow the batch vector to the CQ's size and keep it that big.
@@ -364,13 +375,14 @@ impl Uring {
                 for completion in completions.drain(..) {
                     if completion.recv.is_some() && completion.result > 0 {
                         received += completion.result as usize;
+                        receives += 1;
                     }
                     self.complete(core, bufs, completion)?;
                 }
                 // Before the next enter: the kernel receives into these again.
                 bufs.publish();
             }
-            if received >= DRAIN_BYTES || enters == DRAIN_ENTERS {
+            if !drains_more(received, receives, enters) {
                 break;
             }
             // Receives that ran out of buffers in this turn go again now that the batch
@@ -552,6 +564,21 @@ impl Uring {
 #[cfg(test)]
 mod tests {
     use super::SocketOps;
+
+    /// A turn drains until any one bound is reached: bytes, receives or enters.
+    #[test]
+    fn a_turn_drains_up_to_each_bound() {
+        use super::{DRAIN_BYTES, DRAIN_ENTERS, DRAIN_RECEIVES, drains_more};
+        assert!(drains_more(0, 0, 0));
+        assert!(drains_more(
+            DRAIN_BYTES - 1,
+            DRAIN_RECEIVES - 1,
+            DRAIN_ENTERS - 1
+        ));
+        assert!(!drains_more(DRAIN_BYTES, 0, 0), "at the byte bound");
+        assert!(!drains_more(0, DRAIN_RECEIVES, 0), "at the receive bound");
+        assert!(!drains_more(0, 0, DRAIN_ENTERS), "at the enter bound");
+    }
 
     #[test]
     fn socket_ops_keep_receiving_the_slot_and_the_send_apart() {
