@@ -372,6 +372,20 @@ mod tests {
         parts[..n].iter().flat_map(|p| p.iter().copied()).collect()
     }
 
+    /// The pending output is `expected`, gathered and counted, and written one byte at a
+    /// time through the contiguous view it is the same stream.
+    fn assert_pending(driver: &mut Driver, expected: &[u8]) {
+        assert_eq!(gathered(driver), expected);
+        assert_eq!(driver.buffered_amount(), expected.len());
+        let mut written = Vec::new();
+        while !driver.pending_output().is_empty() {
+            written.push(driver.pending_output()[0]);
+            driver.consume_output(1);
+        }
+        assert_eq!(written, expected);
+        assert_eq!(driver.buffered_amount(), 0);
+    }
+
     #[test]
     fn shared_frames_go_between_own_frames_in_queue_order() {
         let mut driver = open_server();
@@ -386,16 +400,7 @@ mod tests {
             &[0x81, 1, b'b'],
         ]
         .concat();
-        assert_eq!(gathered(&driver), expected);
-        assert_eq!(driver.buffered_amount(), expected.len());
-        // One byte at a time through the contiguous view gives the same stream.
-        let mut written = Vec::new();
-        while !driver.pending_output().is_empty() {
-            written.push(driver.pending_output()[0]);
-            driver.consume_output(1);
-        }
-        assert_eq!(written, expected);
-        assert_eq!(driver.buffered_amount(), 0);
+        assert_pending(&mut driver, &expected);
     }
 
     #[test]
@@ -537,15 +542,8 @@ mod tests {
             &[0x81, 1, b'b'],
         ]
         .concat();
-        assert_eq!(gathered(&driver), expected);
-        assert_eq!(driver.buffered_amount(), expected.len());
-        // Written across the run's frame boundaries, a byte at a time: the same stream.
-        let mut written = Vec::new();
-        while !driver.pending_output().is_empty() {
-            written.push(driver.pending_output()[0]);
-            driver.consume_output(1);
-        }
-        assert_eq!(written, expected);
+        // Also written across the run's frame boundaries.
+        assert_pending(&mut driver, &expected);
     }
 
     #[test]
