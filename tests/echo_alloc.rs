@@ -9,6 +9,7 @@ mod counting;
 mod raw_echo;
 mod support;
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -28,10 +29,47 @@ const CONNECTIONS: usize = 10;
 /// connection (500 × 16 KiB, 8 MiB) or allocate per echo.
 const MANY_CONNECTIONS: usize = 500;
 
+/// How long the loop stalls on a [`STALL`] message: every client's message of the round
+/// arrives meanwhile.
+const STALL_FOR: Duration = Duration::from_millis(50);
+const STALL: &str = "stall";
+
 struct Echo;
 impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        if message.as_text() == Some(STALL) {
+            // Holds the loop (and only this test's loop) so that its next turn takes in
+            // every connection's message at once.
+            std::thread::sleep(STALL_FOR);
+        }
         ws.send_message_owned(message).unwrap();
+    }
+}
+
+/// One round whose messages all reach the loop in one turn, so that a reply is in flight
+/// on every connection at once: the loop's pools reach their peak here, not at random
+/// inside the measured window. (Without it, io_uring with 500 connections, whose turn
+/// takes up to 1 024 receives, met a new peak in some measured windows: 250–1 100
+/// allocations, each a send batch or an output buffer.)
+fn stalled_round(streams: &mut [TcpStream], size: usize) {
+    let stall = [
+        &[0x81, 0x80 | STALL.len() as u8, 0, 0, 0, 0][..],
+        STALL.as_bytes(),
+    ]
+    .concat();
+    streams[0].write_all(&stall).unwrap();
+    // The loop is asleep in the handler before the others write.
+    std::thread::sleep(STALL_FOR / 5);
+    let frame = raw_echo::masked_frame(size);
+    for stream in streams.iter_mut() {
+        stream.write_all(&frame).unwrap();
+    }
+    let mut stall_reply = [0u8; 2 + STALL.len()];
+    streams[0].read_exact(&mut stall_reply).unwrap();
+    assert_eq!(&stall_reply[2..], STALL.as_bytes());
+    let mut reply = vec![0; raw_echo::reply_len(size)];
+    for stream in streams.iter_mut() {
+        stream.read_exact(&mut reply).unwrap();
     }
 }
 
@@ -58,6 +96,9 @@ fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
             .unwrap();
     }
     // Warm-up first: the loop's read buffer, buffer pool and event queues reach their size.
+    for _ in 0..2 {
+        stalled_round(&mut streams, size);
+    }
     let allocations = raw_echo::allocations_per_rounds(&mut streams, size);
     drop(streams);
     server.shutdown(Duration::from_secs(5)).unwrap();

@@ -30,7 +30,7 @@ pub fn masked_frame(size: usize) -> Vec<u8> {
 }
 
 /// The length of a server's unmasked binary frame of `size` bytes.
-fn reply_len(size: usize) -> usize {
+pub fn reply_len(size: usize) -> usize {
     size + match size {
         0..=125 => 2,
         126..=0xffff => 4,
