@@ -464,12 +464,23 @@ where
             }
             return;
         }
-        if driver.send_shared(frame).is_ok() {
-            LoopStats::add(&self.stats.delivered, 1);
-            LoopStats::add(&self.stats.messages_out, 1);
-        }
-        // Over the cap now: the grace timer (if any) starts and senders learn it.
-        if driver.buffered_amount() + outside > cap {
+        let sent = u64::from(driver.send_shared(frame).is_ok());
+        let over = driver.buffered_amount() + outside > cap;
+        self.delivered(conn, io, sent, over);
+    }
+
+    /// Counts `messages` delivered to a subscriber. Over the cap now (`over`): the grace
+    /// timer (if any) starts and senders learn it.
+    fn delivered(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        messages: u64,
+        over: bool,
+    ) {
+        LoopStats::add(&self.stats.delivered, messages);
+        LoopStats::add(&self.stats.messages_out, messages);
+        if over {
             self.settle(conn, io);
         }
     }
@@ -492,12 +503,8 @@ where
         if takes_run_whole(driver.buffered_amount() + outside, run, cap)
             && matches!(driver.send_shared_run(run), Ok(true))
         {
-            let messages = run.frames().len() as u64;
-            LoopStats::add(&self.stats.delivered, messages);
-            LoopStats::add(&self.stats.messages_out, messages);
-            if driver.buffered_amount() + outside > cap {
-                self.settle(conn, io);
-            }
+            let over = driver.buffered_amount() + outside > cap;
+            self.delivered(conn, io, run.frames().len() as u64, over);
             return;
         }
         for frame in run.frames() {
