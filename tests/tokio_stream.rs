@@ -924,3 +924,121 @@ async fn answers_fed_between_nexts_go_out_in_one_write() {
         .collect();
     assert_eq!(echoed, want);
 }
+
+/// A transport for a stream handed to a task: reads stay pending, every write is taken
+/// whole and recorded where the test can see it.
+#[derive(Clone, Default)]
+struct SharedWrites(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl SharedWrites {
+    fn writes(&self) -> Vec<Vec<u8>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl tokio::io::AsyncRead for SharedWrites {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Pending
+    }
+}
+
+impl AsyncWrite for SharedWrites {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().unwrap().push(buf.to_vec());
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.0.lock().unwrap().push(bytes);
+        std::task::Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Queues `sent` through a split sender before its connection task runs (a current-thread
+/// runtime: the task runs only when this one yields), then lets the task write them.
+/// Returns the sizes of its writes, once every message reached the client whole and in
+/// order.
+async fn split_sender_writes(sent: &[String]) -> Vec<usize> {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    let transport = SharedWrites::default();
+    let ws = WebSocketStream::from_driver(transport.clone(), server, &[], &Config::default());
+    let (tx, _rx) = ws.spawn();
+    for text in sent {
+        tx.send_text(text.as_str()).await.unwrap();
+    }
+    let wire_len: usize = sent
+        .iter()
+        .map(|s| {
+            s.len()
+                + match s.len() {
+                    0..126 => 2,
+                    126..65_536 => 4,
+                    _ => 10,
+                }
+        })
+        .sum();
+    let mut writes = transport.writes();
+    for _ in 0..1000 {
+        if writes.concat().len() >= wire_len {
+            break;
+        }
+        tokio::task::yield_now().await;
+        writes = transport.writes();
+    }
+    let mut wire = writes.concat();
+    let got: Vec<String> = client_messages(&mut client, &mut wire)
+        .iter()
+        .map(|m| m.as_text().unwrap().to_string())
+        .collect();
+    assert_eq!(got, sent);
+    writes.iter().map(Vec::len).collect()
+}
+
+/// Messages queued through the split sender while the connection task waits are written
+/// together: the task takes the commands already queued before it writes, so 50 sends
+/// made at once cost one write, not 50.
+#[tokio::test(flavor = "current_thread")]
+async fn sends_queued_at_once_through_the_split_sender_share_one_write() {
+    let sent: Vec<String> = (0..50).map(|i| format!("queued message {i:02}")).collect();
+    let writes = split_sender_writes(&sent).await;
+    assert_eq!(writes.len(), 1, "write sizes: {writes:?}");
+}
+
+/// ... up to 256 KiB of output: of five queued messages of 100 000 B, the first write
+/// takes three (the task stops taking commands once the output reaches 256 KiB, and
+/// writes), the next the other two.
+#[tokio::test(flavor = "current_thread")]
+async fn the_split_sender_gathers_up_to_256_kib_per_write() {
+    let sent: Vec<String> = (0..5u8)
+        .map(|i| char::from(b'a' + i).to_string().repeat(100_000))
+        .collect();
+    let writes = split_sender_writes(&sent).await;
+    assert_eq!(writes, [3 * 100_010, 2 * 100_010]);
+}

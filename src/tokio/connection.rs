@@ -27,6 +27,9 @@ use crate::protocol::error::code;
 const EVENT_QUEUE: usize = 32;
 /// Commands senders may queue ahead of the connection task (on top of the byte budget).
 const COMMAND_QUEUE: usize = 64;
+/// Commands queued behind the one the task wakes for are applied before it writes, while
+/// the unwritten output is under this many bytes.
+const GATHER_MAX: usize = 256 * 1024;
 
 /// Runs a started driver over `stream` on a new task, for transports whose handshake
 /// happened elsewhere. `read_ahead` holds bytes already read from the stream past the
@@ -276,7 +279,27 @@ where
                 }
                 _ = shared.demand.notified(), if !self.credit => self.credit = true,
                 command = self.commands.recv(), if commands_open => match command {
-                    Some((command, ack)) => self.apply(command, ack),
+                    Some((command, ack)) => {
+                        self.apply(command, ack);
+                        // The commands already queued behind it go into the same write,
+                        // up to `GATHER_MAX` bytes of output (past that, a bigger buffer
+                        // written later costs more than the writes it saves) or a
+                        // channel's worth (control frames do not wait on the limit).
+                        for _ in 1..COMMAND_QUEUE {
+                            if self.ws.buffered_amount() >= GATHER_MAX {
+                                // Write now: this arm may win the next turn's `select!`
+                                // again, before the one that writes.
+                                poll_fn(|cx| {
+                                    let _ = self.ws.poll_background(cx);
+                                    Poll::Ready(())
+                                })
+                                .await;
+                                break;
+                            }
+                            let Ok((command, ack)) = self.commands.try_recv() else { break };
+                            self.apply(command, ack);
+                        }
+                    }
                     None => commands_open = false,
                 },
                 step = poll_fn(|cx| drive(ws, cx, parse)) => match step {
