@@ -224,7 +224,6 @@ fn options(params: u8, level: u8, threshold: u8) -> Options {
             client_max_window_bits: 8 + (params >> 5),
             level: u32::from(level % 10),
             threshold: usize::from(threshold % 64),
-            ..DeflateOptions::default()
         })
 }
 

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(Status::Complete(h, n)) => {
             assert!(
-                n >= 2 && n <= MAX_HEADER_LEN && n <= data.len(),
+                (2..=MAX_HEADER_LEN).contains(&n) && n <= data.len(),
                 "bad header length {n}"
             );
             assert!(h.payload_len >> 63 == 0, "top bit of the length set");
