@@ -1,7 +1,8 @@
 //! Pub/sub on the reactor, both backends, several loops: every subscriber on every loop
 //! gets every message of a burst once and in order; unsubscribe and close stop delivery;
 //! a subscriber that never reads is held to the output cap (dropped or closed, per
-//! policy) while the others get everything; many topics; the limits of topic names.
+//! policy) while the others get everything; many topics; the limits of topic names;
+//! subscribers joining and leaving while three publishers run.
 //!
 //! The test server is driven by its clients' messages: `sub:T`, `unsub:T`, `pub:T:DATA`
 //! (to every subscriber of T but the sender), `all:T:DATA` (to every subscriber),
@@ -531,6 +532,127 @@ fn never_reading_subscriber_is_held_to_the_cap(backend: Backend, policy: Backpre
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
+/// Subscribers join and leave all the time (half of them with the close handshake, half
+/// by dropping TCP) while two threads publish through the server handle and a client
+/// publishes from inside its handler: every subscriber sees each publisher's messages
+/// with no gap, repeat or reordering from the first it gets to the last; nothing is
+/// dropped; once all have left the topic has no subscribers, and a newcomer still gets
+/// the next publish.
+fn subscribers_come_and_go_during_publishes(backend: Backend) {
+    let _turn = turn();
+    const CHURNERS: usize = 12;
+    const CYCLES: usize = 40;
+    const READ: usize = 300;
+    let server = start(
+        backend,
+        ServerConfig {
+            max_backpressure: 16 << 20,
+            ..ServerConfig::default()
+        },
+    );
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicUsize::new(0));
+    // Publishers: "hN" from a handler (its client is subscribed to nothing), "aN" and
+    // "bN" from two threads through the handle; 5 messages a millisecond each.
+    let mut publishers = Vec::new();
+    for name in ["a", "b"] {
+        let (server, stop, published) = (server.clone(), stop.clone(), published.clone());
+        publishers.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..5 {
+                    let data = format!("{name} {n}");
+                    server
+                        .publish("churn", data.as_bytes(), MessageType::Text)
+                        .unwrap();
+                    n += 1;
+                }
+                published.fetch_add(5, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }));
+    }
+    {
+        let (stop, published) = (stop.clone(), published.clone());
+        publishers.push(std::thread::spawn(move || {
+            let mut client = TestClient::connect(addr, "/").unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..5 {
+                    client.send_text(&format!("all:churn:h {n}")).unwrap();
+                    n += 1;
+                }
+                published.fetch_add(5, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Everything sent before is published once this answer comes back.
+            client.send_text("count:churn").unwrap();
+            assert!(text(&mut client).starts_with("count "));
+        }));
+    }
+    let churners: Vec<_> = (0..CHURNERS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut received = 0u64;
+                for cycle in 0..CYCLES {
+                    let mut client = TestClient::connect(addr, "/churn").unwrap();
+                    let mut last: [Option<u64>; 3] = [None; 3];
+                    for _ in 0..READ {
+                        let message = text(&mut client);
+                        let (name, n) = message.split_once(' ').expect("NAME N");
+                        let n: u64 = n.parse().unwrap();
+                        let slot = &mut last[match name {
+                            "a" => 0,
+                            "b" => 1,
+                            _ => 2,
+                        }];
+                        if let Some(before) = *slot {
+                            assert_eq!(
+                                n,
+                                before + 1,
+                                "client {i}, cycle {cycle}: {name} {n} after {before}"
+                            );
+                        }
+                        *slot = Some(n);
+                        received += 1;
+                    }
+                    if (i + cycle) % 2 == 0 {
+                        // The close handshake: publications may still come before the
+                        // server's close.
+                        client.driver.close_connection(1000, "").unwrap();
+                        client.flush().unwrap();
+                        while !matches!(client.next_message().unwrap(), Owned::Close(..)) {}
+                        assert!(client.wait_eof());
+                    }
+                    // Otherwise TCP just goes away with the client.
+                }
+                received
+            })
+        })
+        .collect();
+    let received: u64 = churners.into_iter().map(|c| c.join().unwrap()).sum();
+    stop.store(true, Ordering::Relaxed);
+    for publisher in publishers {
+        publisher.join().unwrap();
+    }
+    subscribers(&server, "churn", 0);
+    let mut newcomer = TestClient::connect(addr, "/churn").unwrap();
+    subscribers(&server, "churn", 1);
+    server.publish("churn", b"last", MessageType::Text).unwrap();
+    assert_eq!(text(&mut newcomer), "last");
+    let stats = server.stats();
+    assert_eq!(
+        stats.published,
+        published.load(Ordering::Relaxed) as u64 + 1
+    );
+    assert_eq!(stats.dropped, 0);
+    assert_eq!(received, (CHURNERS * CYCLES * READ) as u64);
+    assert!(stats.delivered >= received, "{stats:?}, {received} read");
+    drop(newcomer);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -553,6 +675,7 @@ on_both_backends!(
     ten_thousand_topics_with_two_subscribers_each,
     slow_subscriber_dropped,
     slow_subscriber_closed,
+    subscribers_come_and_go_during_publishes,
 );
 
 fn slow_subscriber_dropped(backend: Backend) {
