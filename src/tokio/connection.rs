@@ -5,6 +5,10 @@
 //!
 //! What the task and its channels cost over polling the stream directly is measured in
 //! `loadtest/results/tokio-adapters/` (the split rows).
+//!
+//! Writes: woken by a command, the task applies the commands already queued behind it
+//! before it writes, up to `GATHER_MAX` of output, so sends made faster than the socket
+//! takes them share writes (`loadtest/results/split-push-2026-12-04/`).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -60,7 +64,8 @@ where
     /// Cost: the task and its channels put a task switch and two channel hops between the
     /// socket and the app on every message (see `loadtest/results/tokio-adapters/`), and
     /// every message is copied into an owned command. Poll the stream directly when one
-    /// task does all the sending.
+    /// task does all the sending. Sends queued while the task is busy go out together
+    /// (one write for up to 256 KiB of them).
     pub fn spawn(self) -> (WsSender, WsReceiver) {
         let driver = self.driver();
         let shared = Arc::new(Shared {
