@@ -706,12 +706,18 @@ async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
 
 /// A transport that hands over `input` as fast as it is read, then has nothing more (reads
 /// stay pending) or, `resetting`, fails every read with a reset; it takes every write
-/// whole, recording each write's size and bytes.
+/// whole, recording each write's size and bytes in a log that outlives it (a stream handed
+/// to a task keeps its transport).
 struct Recording {
     input: Vec<u8>,
     reset_at_end: bool,
-    writes: Vec<usize>,
-    written: Vec<u8>,
+    log: std::sync::Arc<std::sync::Mutex<Writes>>,
+}
+
+#[derive(Default)]
+struct Writes {
+    sizes: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
 impl Recording {
@@ -719,8 +725,7 @@ impl Recording {
         Recording {
             input,
             reset_at_end: false,
-            writes: Vec::new(),
-            written: Vec::new(),
+            log: Default::default(),
         }
     }
 
@@ -729,6 +734,16 @@ impl Recording {
             reset_at_end: true,
             ..Recording::new(input)
         }
+    }
+
+    /// The size of each write so far.
+    fn writes(&self) -> Vec<usize> {
+        self.log.lock().unwrap().sizes.clone()
+    }
+
+    /// Every byte written so far.
+    fn written(&self) -> Vec<u8> {
+        self.log.lock().unwrap().bytes.clone()
     }
 }
 
@@ -753,23 +768,25 @@ impl tokio::io::AsyncRead for Recording {
 
 impl AsyncWrite for Recording {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.writes.push(buf.len());
-        self.written.extend_from_slice(buf);
+        let mut log = self.log.lock().unwrap();
+        log.sizes.push(buf.len());
+        log.bytes.extend_from_slice(buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let n = bufs.iter().map(|b| b.len()).sum();
-        self.writes.push(n);
+        let mut log = self.log.lock().unwrap();
+        log.sizes.push(n);
         for b in bufs {
-            self.written.extend_from_slice(b);
+            log.bytes.extend_from_slice(b);
         }
         std::task::Poll::Ready(Ok(n))
     }
@@ -830,14 +847,14 @@ async fn a_burst_read_at_once_is_answered_in_one_write() {
             other => panic!("unexpected {other:?}"),
         }
         assert!(
-            ws.get_ref().writes.is_empty(),
+            ws.get_ref().writes().is_empty(),
             "written before the burst was handed out"
         );
     }
     // The read buffer is empty: this `recv` writes the eight echoes, then waits for input.
     assert!(ws.recv().now_or_never().is_none());
-    let mut wire = ws.get_ref().written.clone();
-    assert_eq!(ws.get_ref().writes, [wire.len()]);
+    let mut wire = ws.get_ref().written();
+    assert_eq!(ws.get_ref().writes(), [wire.len()]);
     let echoed = client_messages(&mut client, &mut wire);
     let echoed: Vec<_> = echoed
         .iter()
@@ -870,13 +887,13 @@ async fn first_write_with_answers(last: usize) -> (usize, usize) {
         assert!(matches!(event, Event::Message(_)), "{event:?}");
         reply.send_text(answer).unwrap();
         if first_write.is_none()
-            && let Some(&n) = ws.get_ref().writes.first()
+            && let Some(&n) = ws.get_ref().writes().first()
         {
             first_write = Some((i, n));
         }
     }
     assert!(ws.recv().now_or_never().is_none());
-    let mut wire = ws.get_ref().written.clone();
+    let mut wire = ws.get_ref().written();
     let got = client_messages(&mut client, &mut wire);
     let got: Vec<_> = got.iter().map(|m| m.as_text().unwrap()).collect();
     assert_eq!(got, answers);
@@ -911,74 +928,18 @@ async fn answers_fed_between_nexts_go_out_in_one_write() {
         assert_eq!(m, Message::Binary(pattern(20, i).into()));
         ws.feed(m).await.unwrap();
         assert!(
-            ws.get_ref().writes.is_empty(),
+            ws.get_ref().writes().is_empty(),
             "written before the burst was handed out"
         );
     }
     assert!(ws.next().now_or_never().is_none());
-    let mut wire = ws.get_ref().written.clone();
-    assert_eq!(ws.get_ref().writes, [wire.len()]);
+    let mut wire = ws.get_ref().written();
+    assert_eq!(ws.get_ref().writes(), [wire.len()]);
     let echoed = client_messages(&mut client, &mut wire);
     let want: Vec<Message<'static>> = (0..8)
         .map(|i| Message::Binary(pattern(20, i).into()))
         .collect();
     assert_eq!(echoed, want);
-}
-
-/// A transport for a stream handed to a task: reads stay pending, every write is taken
-/// whole and recorded where the test can see it.
-#[derive(Clone, Default)]
-struct SharedWrites(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-impl SharedWrites {
-    fn writes(&self) -> Vec<Vec<u8>> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-impl tokio::io::AsyncRead for SharedWrites {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        _: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Pending
-    }
-}
-
-impl AsyncWrite for SharedWrites {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.lock().unwrap().push(buf.to_vec());
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let bytes: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-        self.0.lock().unwrap().push(bytes);
-        std::task::Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()))
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
 }
 
 /// Queues `sent` through a split sender before its connection task runs (a current-thread
@@ -987,8 +948,9 @@ impl AsyncWrite for SharedWrites {
 /// order.
 async fn split_sender_writes(sent: &[String]) -> Vec<usize> {
     let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
-    let transport = SharedWrites::default();
-    let ws = WebSocketStream::from_driver(transport.clone(), server, &[], &Config::default());
+    let transport = Recording::new(Vec::new());
+    let log = transport.log.clone();
+    let ws = WebSocketStream::from_driver(transport, server, &[], &Config::default());
     let (tx, _rx) = ws.spawn();
     for text in sent {
         tx.send_text(text.as_str()).await.unwrap();
@@ -1004,21 +966,19 @@ async fn split_sender_writes(sent: &[String]) -> Vec<usize> {
                 }
         })
         .sum();
-    let mut writes = transport.writes();
     for _ in 0..1000 {
-        if writes.concat().len() >= wire_len {
+        if log.lock().unwrap().bytes.len() >= wire_len {
             break;
         }
         tokio::task::yield_now().await;
-        writes = transport.writes();
     }
-    let mut wire = writes.concat();
-    let got: Vec<String> = client_messages(&mut client, &mut wire)
+    let Writes { sizes, mut bytes } = std::mem::take(&mut *log.lock().unwrap());
+    let got: Vec<String> = client_messages(&mut client, &mut bytes)
         .iter()
         .map(|m| m.as_text().unwrap().to_string())
         .collect();
     assert_eq!(got, sent);
-    writes.iter().map(Vec::len).collect()
+    sizes
 }
 
 /// Messages queued through the split sender while the connection task waits are written
