@@ -1002,3 +1002,46 @@ async fn the_split_sender_gathers_up_to_256_kib_per_write() {
     let writes = split_sender_writes(&sent).await;
     assert_eq!(writes, [3 * 100_010, 2 * 100_010]);
 }
+
+/// A pipelining peer's burst, read at once, is echoed through the split API in one or two
+/// writes, not one per message: an app that answers each message before asking for the
+/// next has its answers applied before the next event is parsed, and the events still in
+/// the read buffer are handed out before the answers are written.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_echoed_through_the_split_api_is_answered_in_one_or_two_writes() {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    let sent: Vec<String> = (0..8).map(|i| format!("pipelined message {i}")).collect();
+    for text in &sent {
+        client.send_text(text).unwrap();
+    }
+    let transport = Recording::new(common::take_output(&mut client));
+    let log = transport.log.clone();
+    let ws = WebSocketStream::from_driver(transport, server, &[], &Config::default());
+    let (tx, mut rx) = ws.spawn();
+    // The app on a task of its own, as a server's per-connection handler would be.
+    let count = sent.len();
+    let app = tokio::spawn(async move {
+        for _ in 0..count {
+            let message = message(rx.next().await.unwrap());
+            tx.send_message(message).await.unwrap();
+        }
+        (tx, rx)
+    });
+    let _halves = app.await.unwrap();
+    // The read buffer is empty now: the task writes the answers, then waits for input.
+    let wire_len: usize = sent.iter().map(|s| s.len() + 2).sum();
+    for _ in 0..1000 {
+        if log.lock().unwrap().bytes.len() >= wire_len {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let Writes { sizes, mut bytes } = std::mem::take(&mut *log.lock().unwrap());
+    let echoed: Vec<String> = client_messages(&mut client, &mut bytes)
+        .iter()
+        .map(|m| m.as_text().unwrap().to_string())
+        .collect();
+    assert_eq!(echoed, sent);
+    // The last answer may go alone: its event left with no more input waiting.
+    assert!(sizes.len() <= 2, "write sizes: {sizes:?}");
+}

@@ -8,7 +8,10 @@
 //!
 //! Writes: woken by a command, the task applies the commands already queued behind it
 //! before it writes, up to `GATHER_MAX` of output, so sends made faster than the socket
-//! takes them share writes (`loadtest/results/split-push-2026-12-04/`).
+//! takes them share writes (`loadtest/results/split-push-2026-12-04/`). Its `select!`
+//! takes commands first and writes last, and after handing out an event while more input
+//! waits it lets the app answer before writing, so a pipelining peer's burst is answered
+//! in one or two writes (`loadtest/results/split-pipelined-2026-12-04/`).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -90,6 +93,7 @@ where
             events: event_tx,
             close_seen: false,
             credit: false,
+            answer_pending: false,
             receiver_gone: false,
         };
         ::tokio::spawn(connection.run());
@@ -123,6 +127,12 @@ struct Connection<S> {
     close_seen: bool,
     /// The receiver asked for an event and has not been given one since.
     credit: bool,
+    /// An event was just handed out while more input waits in the read buffer (a peer
+    /// that pipelines): the next write waits one turn of the scheduler, so that the app's
+    /// answer and next request come first, and the answers to a burst read at once share
+    /// a write, as on the stream's `recv`. Not when the input ran out: a self-wake per
+    /// message costs a one-in-flight echo more than it saves.
+    answer_pending: bool,
     receiver_gone: bool,
 }
 
@@ -169,6 +179,7 @@ where
             _ => {}
         }
         self.credit = false;
+        self.answer_pending = self.ws.has_unparsed_input();
         self.inbox.push_back(event);
     }
 
@@ -267,22 +278,13 @@ where
                 }
             }
             let ws = &mut self.ws;
+            let answer_pending = &mut self.answer_pending;
+            // In this order: the senders' commands before the receiver's next request
+            // (an answer is queued before the next event is parsed), and the writing
+            // last, so the answers to events already read wait until the read buffer
+            // holds no more of them, as on the stream itself (one write per burst).
             ::tokio::select! {
-                permit = self.events.clone().reserve_owned(), if !self.inbox.is_empty() => {
-                    match permit {
-                        Ok(permit) => {
-                            permit.send(self.inbox.pop_front().expect("the inbox has an event"));
-                        }
-                        Err(_) => {
-                            self.receiver_gone = true;
-                            self.inbox.clear();
-                        }
-                    }
-                }
-                _ = self.events.closed(), if !self.receiver_gone && self.inbox.is_empty() => {
-                    self.receiver_gone = true;
-                }
-                _ = shared.demand.notified(), if !self.credit => self.credit = true,
+                biased;
                 command = self.commands.recv(), if commands_open => match command {
                     Some((command, ack)) => {
                         self.apply(command, ack);
@@ -307,7 +309,29 @@ where
                     }
                     None => commands_open = false,
                 },
-                step = poll_fn(|cx| drive(ws, cx, parse)) => match step {
+                _ = shared.demand.notified(), if !self.credit => self.credit = true,
+                permit = self.events.clone().reserve_owned(), if !self.inbox.is_empty() => {
+                    match permit {
+                        Ok(permit) => {
+                            permit.send(self.inbox.pop_front().expect("the inbox has an event"));
+                        }
+                        Err(_) => {
+                            self.receiver_gone = true;
+                            self.inbox.clear();
+                        }
+                    }
+                }
+                _ = self.events.closed(), if !self.receiver_gone && self.inbox.is_empty() => {
+                    self.receiver_gone = true;
+                }
+                step = poll_fn(|cx| {
+                    if !parse && std::mem::take(answer_pending) {
+                        // Once, then write whatever came or did not.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    drive(ws, cx, parse)
+                }) => match step {
                     Step::Event(Some(event)) => self.push(event),
                     Step::Event(None) => break,
                     Step::Progress => {}

@@ -391,6 +391,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         self.take_progress()
     }
 
+    /// Whether input already read waits to be parsed (more events may come without a read).
+    pub(super) fn has_unparsed_input(&self) -> bool {
+        self.start < self.end
+    }
+
     /// Whether bytes were written or a deadline fired since the last call.
     pub(super) fn take_progress(&mut self) -> Poll<()> {
         if std::mem::take(&mut self.progressed) {
