@@ -292,19 +292,21 @@ where
                         // up to `GATHER_MAX` bytes of output (past that, a bigger buffer
                         // written later costs more than the writes it saves) or a
                         // channel's worth (control frames do not wait on the limit).
-                        for _ in 1..COMMAND_QUEUE {
-                            if self.ws.buffered_amount() >= GATHER_MAX {
-                                // Write now: this arm may win the next turn's `select!`
-                                // again, before the one that writes.
-                                poll_fn(|cx| {
-                                    let _ = self.ws.poll_background(cx);
-                                    Poll::Ready(())
-                                })
-                                .await;
-                                break;
-                            }
+                        let mut taken = 1;
+                        while taken < COMMAND_QUEUE && self.ws.buffered_amount() < GATHER_MAX {
                             let Ok((command, ack)) = self.commands.try_recv() else { break };
                             self.apply(command, ack);
+                            taken += 1;
+                        }
+                        if taken == COMMAND_QUEUE || self.ws.buffered_amount() >= GATHER_MAX {
+                            // More may be queued already, and this arm comes first in the
+                            // next `select!` too: write now, or senders that keep the
+                            // channel full would hold the writing off.
+                            poll_fn(|cx| {
+                                let _ = self.ws.poll_background(cx);
+                                Poll::Ready(())
+                            })
+                            .await;
                         }
                     }
                     None => commands_open = false,
