@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as TMessage;
+use websocket_driver::protocol::frame::header_len;
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Driver, Error, Event, Message, Options, ReadyState, UsageError};
 
@@ -955,16 +956,20 @@ async fn split_sender_writes(sent: &[String]) -> Vec<usize> {
     for text in sent {
         tx.send_text(text.as_str()).await.unwrap();
     }
+    texts_written(&log, &mut client, sent).await
+}
+
+/// Lets the connection task behind `log` run until it has written a server frame for each
+/// of `sent`; checks that `client` reads exactly those texts, whole and in order, and
+/// returns the sizes of the writes.
+async fn texts_written(
+    log: &std::sync::Mutex<Writes>,
+    client: &mut Driver,
+    sent: &[String],
+) -> Vec<usize> {
     let wire_len: usize = sent
         .iter()
-        .map(|s| {
-            s.len()
-                + match s.len() {
-                    0..126 => 2,
-                    126..65_536 => 4,
-                    _ => 10,
-                }
-        })
+        .map(|s| header_len(s.len() as u64, false) + s.len())
         .sum();
     for _ in 0..1000 {
         if log.lock().unwrap().bytes.len() >= wire_len {
@@ -973,7 +978,7 @@ async fn split_sender_writes(sent: &[String]) -> Vec<usize> {
         tokio::task::yield_now().await;
     }
     let Writes { sizes, mut bytes } = std::mem::take(&mut *log.lock().unwrap());
-    let got: Vec<String> = client_messages(&mut client, &mut bytes)
+    let got: Vec<String> = client_messages(client, &mut bytes)
         .iter()
         .map(|m| m.as_text().unwrap().to_string())
         .collect();
@@ -1029,19 +1034,7 @@ async fn a_burst_echoed_through_the_split_api_is_answered_in_one_or_two_writes()
     });
     let _halves = app.await.unwrap();
     // The read buffer is empty now: the task writes the answers, then waits for input.
-    let wire_len: usize = sent.iter().map(|s| s.len() + 2).sum();
-    for _ in 0..1000 {
-        if log.lock().unwrap().bytes.len() >= wire_len {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    let Writes { sizes, mut bytes } = std::mem::take(&mut *log.lock().unwrap());
-    let echoed: Vec<String> = client_messages(&mut client, &mut bytes)
-        .iter()
-        .map(|m| m.as_text().unwrap().to_string())
-        .collect();
-    assert_eq!(echoed, sent);
+    let sizes = texts_written(&log, &mut client, &sent).await;
     // The last answer may go alone: its event left with no more input waiting.
     assert!(sizes.len() <= 2, "write sizes: {sizes:?}");
 }
