@@ -226,6 +226,24 @@ where
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
     }
 
+    /// Applies `command` and the commands already queued behind it, so they share a write:
+    /// up to a channel's worth (control frames do not wait on the byte limit) or
+    /// `GATHER_MAX` bytes of output (past that, a bigger buffer written later costs more
+    /// than the writes it saves). Returns whether it stopped at either bound.
+    fn apply_queued(&mut self, command: Command, ack: Option<Ack>) -> bool {
+        self.apply(command, ack);
+        for _ in 1..COMMAND_QUEUE {
+            if self.ws.buffered_amount() >= GATHER_MAX {
+                return true;
+            }
+            let Ok((command, ack)) = self.commands.try_recv() else {
+                return false;
+            };
+            self.apply(command, ack);
+        }
+        true
+    }
+
     /// Completes the receipts of the sends whose frames are now written.
     fn confirm_written(&mut self) {
         while let Some((token, _)) = self.written.front() {
@@ -271,34 +289,18 @@ where
                 continue;
             }
             let parse = self.may_parse();
-            if parse && state == ReadyState::Open {
-                // Commands queued before the receiver's request go first.
-                while let Ok((command, ack)) = self.commands.try_recv() {
-                    self.apply(command, ack);
-                }
-            }
             let ws = &mut self.ws;
             let answer_pending = &mut self.answer_pending;
             // In this order: the senders' commands before the receiver's next request
-            // (an answer is queued before the next event is parsed), and the writing
-            // last, so the answers to events already read wait until the read buffer
-            // holds no more of them, as on the stream itself (one write per burst).
+            // (commands queued before a request go first: an answer is queued before the
+            // next event is parsed), and the writing last, so the answers to events
+            // already read wait until the read buffer holds no more of them, as on the
+            // stream itself (one write per burst).
             ::tokio::select! {
                 biased;
                 command = self.commands.recv(), if commands_open => match command {
                     Some((command, ack)) => {
-                        self.apply(command, ack);
-                        // The commands already queued behind it go into the same write,
-                        // up to `GATHER_MAX` bytes of output (past that, a bigger buffer
-                        // written later costs more than the writes it saves) or a
-                        // channel's worth (control frames do not wait on the limit).
-                        let mut taken = 1;
-                        while taken < COMMAND_QUEUE && self.ws.buffered_amount() < GATHER_MAX {
-                            let Ok((command, ack)) = self.commands.try_recv() else { break };
-                            self.apply(command, ack);
-                            taken += 1;
-                        }
-                        if taken == COMMAND_QUEUE || self.ws.buffered_amount() >= GATHER_MAX {
+                        if self.apply_queued(command, ack) {
                             // More may be queued already, and this arm comes first in the
                             // next `select!` too: write now, or senders that keep the
                             // channel full would hold the writing off.
