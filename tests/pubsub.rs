@@ -605,7 +605,8 @@ fn subscribers_come_and_go_during_publishes(backend: Backend) {
                         let slot = &mut last[match name {
                             "a" => 0,
                             "b" => 1,
-                            _ => 2,
+                            "h" => 2,
+                            other => panic!("client {i}: from an unknown publisher {other:?}"),
                         }];
                         if let Some(before) = *slot {
                             assert_eq!(
