@@ -739,6 +739,87 @@ fn small_windows_and_window_8() {
     }
 }
 
+/// Bytes of `len` whose first 16 of every 32 are text (matches close by) and the other
+/// 16 pseudo-random (splitmix64) bytes that recur `period` (a multiple of 32) bytes later
+/// and nowhere closer.
+/// Returns the bytes and how many of them are random.
+fn far_repeats(period: usize, len: usize) -> (Vec<u8>, usize) {
+    let random = |k: u64| {
+        let mut z = k.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u8
+    };
+    let bytes: Vec<u8> = (0..len)
+        .map(|i| match (i / 16) % 2 {
+            0 => b"abcdefgh"[i % 8],
+            _ => random((i % period) as u64),
+        })
+        .collect();
+    let random_bytes = (0..len).filter(|i| (i / 16) % 2 == 1).count();
+    (bytes, random_bytes)
+}
+
+#[test]
+fn every_sender_keeps_to_its_agreed_window() {
+    // RFC 7692 section 7.1.2: a sender must not use a larger LZ77 window than agreed, since
+    // the peer may inflate with exactly that window. The drivers' own decoders use 15 bits
+    // and take any stream, so what is checked here is the compressed size: the random half
+    // of each message repeats only from further back than the agreed window, where a
+    // compressor that keeps to it cannot reach, so that half cannot shrink.
+    for bits in 8u8..=15 {
+        // An agreed 8 is compressed with zlib's smallest raw window, 9 bits, whose matches
+        // reach back at most 250 bytes (zlib keeps 262 bytes of lookahead): within 256.
+        let window = 1usize << bits;
+        // A whole number of 32-byte blocks, so that the random half recurs in step.
+        let period = window + 128;
+        let (data, random_bytes) = far_repeats(period, 3 * period);
+        for takeover in [false, true] {
+            let options = Options::default()
+                .max_length(1 << 20)
+                .deflate_options(DeflateOptions {
+                    server_no_context_takeover: !takeover,
+                    client_no_context_takeover: !takeover,
+                    server_max_window_bits: bits,
+                    client_max_window_bits: bits,
+                    ..DeflateOptions::default()
+                });
+            let (mut client, mut server) = deflate_pair(&options, &options);
+            let frame = SharedFrame::new(&data, MessageType::Binary).unwrap();
+            // Two rounds: with context takeover the second message could also reach back
+            // into the first, which lies a whole message (past the window) back.
+            for round in 0..2 {
+                let what = format!("{bits}-bit window, takeover {takeover}, round {round}");
+                server.send_binary(&data).unwrap();
+                server.send_shared(&frame).unwrap();
+                client.send_binary(&data).unwrap();
+                let (to_client, to_server) = (take_output(&mut server), take_output(&mut client));
+                let mut frames = parse_frames(&to_client);
+                frames.extend(parse_frames(&to_server));
+                assert_eq!(frames.len(), 3, "{what}");
+                for (i, f) in frames.iter().enumerate() {
+                    assert_eq!(f.rsv, 0b100, "{what}: frame {i} not compressed");
+                    assert!(
+                        f.payload.len() >= random_bytes,
+                        "{what}: frame {i} is {} bytes, under the {random_bytes} random bytes \
+                         it carries: it reached past the window",
+                        f.payload.len()
+                    );
+                }
+                // And each side reads them.
+                let both = vec![Ev::Binary(data.clone()), Ev::Binary(data.clone())];
+                assert!(feed(&mut client, &to_client) == both, "{what}: the client");
+                let one = vec![Ev::Binary(data.clone())];
+                assert!(feed(&mut server, &to_server) == one, "{what}: the server");
+            }
+        }
+    }
+    // The check can fail: a 15-bit window finds the far repeats and goes under the bound.
+    let (data, random_bytes) = far_repeats(640, 3 * 640);
+    let wide = deflate(&data).len();
+    assert!(wide < random_bytes * 2 / 3, "{wide} bytes");
+}
+
 #[test]
 fn a_final_block_from_the_peer_is_read() {
     let keep = Options::default().deflate_options(DeflateOptions {
