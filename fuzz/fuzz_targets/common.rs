@@ -10,8 +10,14 @@ use websocket_driver::{Driver, Options};
 /// A client and a server driver with `options`: the client's request went through the
 /// server's parser and `make_server`, and both started. The server's 101 response is its
 /// pending output, not yet read by the client.
+#[allow(dead_code)] // `stream` uses `handshake_with`.
 pub fn handshake(options: &Options) -> (Driver, Driver) {
-    let mut client = Driver::make_client("ws://localhost/", options)
+    handshake_with(options, options)
+}
+
+/// [`handshake`] with the client's and the server's own options.
+pub fn handshake_with(client_options: &Options, options: &Options) -> (Driver, Driver) {
+    let mut client = Driver::make_client("ws://localhost/", client_options)
         .expect("make_client refused the target's options");
     assert!(client.start_connection());
     let request_bytes = client.pending_output().to_vec();

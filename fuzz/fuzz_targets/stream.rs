@@ -10,15 +10,17 @@
 //! |---|---|---|
 //! | 0–3 | `len`, bytes | one read of `len` raw bytes (0: the rest of the input) to the server |
 //! | 4–6 | `b0`, `l`, [ext len], key(4), payload, `chunk` | a masked frame: first byte `b0`; length `l` (≤ 125), `126 + (l - 126) * 32` (126..=253), a u16 in the 126 form (254), a u64 in the 127 form (255); fed in reads of `chunk` bytes (0: one read) |
-//! | 7 | u16 `len`, bytes | server `send_text` (`send(Text)` when not UTF-8), `len % 4097` |
-//! | 8 | u16 `len`, bytes | server `send_binary` (`send(Binary)` if `op & 0x10`) |
+//! | 7 | u16 `len`, bytes | server `send_text` (`send(Text)` when not UTF-8), `len % 4097`; `op & 0x20`: `send_shared` of a `SharedFrame`; else `op & 0x40`: `send_message_owned` |
+//! | 8 | u16 `len`, bytes | server `send_binary` (`send(Binary)` if `op & 0x10`); `op & 0x20`: `send_shared`; else `op & 0x40`: `send_message_owned`, `OWNED_MIN` bytes longer if `op & 0x80` (queued by value, written from its own allocation) |
 //! | 9, 10 | `len`, bytes | server `send_ping` / `send_pong` (over 125 must fail) |
 //! | 11 | u16 `code`, `len`, reason | server `close_connection` (`code` indexes a list of valid codes unless `op & 0x10`) |
-//! | 12, 13 | `chunk` | all server output to the client, `chunk` bytes a read (0: one read) |
-//! | 14 | `n` | up to `8 * n` bytes of server output to the client, one read |
+//! | 12, 13 | `chunk` | all server output to the client, `chunk` bytes a read (0: one read); `op & 0x20`: gathered from `pending_output_vectored` with `1 + op >> 6` slices a write |
+//! | 14 | `n` | up to `8 * n` bytes of server output to the client, one read; `op & 0x20`: through `take_output` (as io_uring sends: the batch stays in flight, `n` bytes of it written now, and must be written whole before anything else) |
 //! | 15 | | server `receive_eof` |
 //!
-//! Flushes use `pending_output` + `consume_output`, or `poll_output` if `op & 0x10`.
+//! Flushes use `pending_output` + `consume_output`, or `poll_output` if `op & 0x10`. A batch
+//! taken with `take_output` and not yet written whole goes first; once written, its buffer
+//! goes back to the driver (`provide_output_buffer`), as the reactor's pool would.
 //!
 //! Checked, server side: nothing panics; `poll_event` consumes all input when it reports no
 //! event and converges; `Open` first; at most one `Close`; no event after `Close`; errors are
@@ -39,8 +41,9 @@ use std::collections::VecDeque;
 use libfuzzer_sys::fuzz_target;
 
 mod common;
-use common::{Input, handshake};
-use websocket_driver::protocol::frame::{Status, parse_header};
+use common::{Input, handshake_with};
+use websocket_driver::protocol::driver::{OWNED_MIN, Outgoing};
+use websocket_driver::protocol::frame::{SharedFrame, Status, parse_header};
 use websocket_driver::{
     Driver, Error, Event, Message, MessageType, Options, ReadyState, SendToken, UsageError, code,
 };
@@ -101,6 +104,9 @@ struct Server {
     opened: bool,
     closed: bool,
     last_token: Option<SendToken>,
+    /// A batch from `take_output` the "kernel" still holds, and how much of it is written.
+    in_flight: Outgoing,
+    in_flight_sent: usize,
 }
 
 struct Client {
@@ -171,10 +177,11 @@ impl Server {
         }
     }
 
+    /// Checks a send's result (`None`: a send without a token, `send_shared`).
     fn sent(
         &mut self,
         before: ReadyState,
-        result: Result<SendToken, Error>,
+        result: Result<Option<SendToken>, Error>,
         expect: Expect,
         client: &mut Client,
     ) {
@@ -185,10 +192,12 @@ impl Server {
                     ReadyState::Open,
                     "a send succeeded while {before:?}"
                 );
-                if let Some(last) = self.last_token {
-                    assert!(token >= last, "send tokens out of order");
+                if let Some(token) = token {
+                    if let Some(last) = self.last_token {
+                        assert!(token >= last, "send tokens out of order");
+                    }
+                    self.last_token = Some(token);
                 }
-                self.last_token = Some(token);
                 client.expect.push_back(expect);
             }
             Err(Error::Usage(UsageError::NotOpen)) => {
@@ -198,9 +207,81 @@ impl Server {
         }
     }
 
+    /// Writes up to `limit` more bytes of the batch in flight; when it is written whole,
+    /// its buffer goes back to the driver. Returns how many bytes it wrote.
+    fn write_in_flight(&mut self, client: &mut Client, limit: usize) -> usize {
+        let left = self.in_flight.len() - self.in_flight_sent;
+        let want = left.min(limit);
+        let mut read = Vec::with_capacity(want);
+        self.in_flight.parts(self.in_flight_sent, |part| {
+            let take = part.len().min(want - read.len());
+            read.extend_from_slice(&part[..take]);
+        });
+        assert_eq!(
+            read.len(),
+            want,
+            "the batch's parts are shorter than its length"
+        );
+        self.in_flight_sent += want;
+        if !self.in_flight.is_empty() && self.in_flight_sent == self.in_flight.len() {
+            let buf = self.in_flight.set_own(Vec::new());
+            self.in_flight.clear();
+            self.in_flight_sent = 0;
+            self.driver.provide_output_buffer(buf);
+        }
+        if !read.is_empty() {
+            self.wire.advance(&read);
+            client.feed(&mut read);
+        }
+        want
+    }
+
+    /// Up to `limit` bytes through `take_output`: the batch in flight first, then a new one.
+    fn flush_taken(&mut self, client: &mut Client, limit: usize) {
+        let moved = self.write_in_flight(client, limit);
+        if moved < limit
+            && self.in_flight.is_empty()
+            && self.driver.take_output(&mut self.in_flight)
+        {
+            let left = self.driver.buffered_amount();
+            assert_eq!(left, 0, "take_output left {left} bytes behind");
+            self.write_in_flight(client, limit - moved);
+        }
+    }
+
+    /// All pending output, gathered from up to `slices` parts per write of at most `chunk`
+    /// bytes (a short `writev`), after the batch in flight.
+    fn flush_vectored(&mut self, client: &mut Client, chunk: usize, slices: usize) {
+        self.write_in_flight(client, usize::MAX);
+        loop {
+            let mut parts = [std::io::IoSlice::new(&[]); 4];
+            let n = self.driver.pending_output_vectored(&mut parts[..slices]);
+            let mut read = Vec::new();
+            for part in &parts[..n] {
+                let take = part.len().min(chunk - read.len());
+                read.extend_from_slice(&part[..take]);
+                if read.len() == chunk {
+                    break;
+                }
+            }
+            if read.is_empty() {
+                assert_eq!(n, 0, "empty slices in the pending output");
+                break;
+            }
+            assert!(
+                read.starts_with(self.driver.pending_output())
+                    || self.driver.pending_output().starts_with(&read),
+                "pending_output and pending_output_vectored disagree"
+            );
+            self.driver.consume_output(read.len());
+            self.wire.advance(&read);
+            client.feed(&mut read);
+        }
+    }
+
     /// Moves up to `limit` bytes of server output to the client, `chunk` bytes a read.
     fn flush(&mut self, client: &mut Client, chunk: usize, limit: usize, copy: bool) {
-        let mut moved = 0;
+        let mut moved = self.write_in_flight(client, limit);
         while moved < limit {
             let pending = self.driver.pending_output();
             if pending.is_empty() {
@@ -285,9 +366,11 @@ impl Client {
 
 fn run(mut input: Input<'_>) {
     let options = Options::default().max_length(MAX_LENGTH);
+    // The client takes the server's messages sent by value past `OWNED_MIN`.
+    let client_options = Options::default().max_length(OWNED_MIN + MAX_LENGTH);
 
     // The handshake, for real: the client's request through the server's parser.
-    let (client_driver, server_driver) = handshake(&options);
+    let (client_driver, server_driver) = handshake_with(&client_options, &options);
 
     let mut client = Client {
         driver: client_driver,
@@ -305,6 +388,8 @@ fn run(mut input: Input<'_>) {
         opened: false,
         closed: false,
         last_token: None,
+        in_flight: Outgoing::default(),
+        in_flight_sent: 0,
     };
     // Drains the queued Open.
     server.feed(&mut [], &mut client);
@@ -364,9 +449,23 @@ fn run(mut input: Input<'_>) {
                 let data = input.payload(len, b'x');
                 match std::str::from_utf8(&data) {
                     Ok(text) => {
-                        let result = server.driver.send_text(text);
+                        let result = if op & 0x20 != 0 {
+                            let frame = SharedFrame::new(&data, MessageType::Text)
+                                .expect("a shared frame of valid text");
+                            server.driver.send_shared(&frame).map(|()| None)
+                        } else if op & 0x40 != 0 {
+                            let owned = Message::Text(text.to_string().into());
+                            server.driver.send_message_owned(owned).map(Some)
+                        } else {
+                            server.driver.send_text(text).map(Some)
+                        };
                         server.sent(before, result, Expect::Text(text.to_string()), &mut client);
                     }
+                    Err(_) if op & 0x20 != 0 => match SharedFrame::new(&data, MessageType::Text) {
+                        Err(Error::Usage(UsageError::InvalidUtf8)) => {}
+                        Err(e) => panic!("a shared frame of invalid text: {e:?}"),
+                        Ok(_) => panic!("a shared frame of invalid text was made"),
+                    },
                     Err(_) => match server.driver.send(&data, MessageType::Text) {
                         Err(Error::Usage(UsageError::InvalidUtf8)) => {}
                         other => panic!("send of invalid text: {other:?}"),
@@ -374,12 +473,22 @@ fn run(mut input: Input<'_>) {
                 }
             }
             8 => {
-                let len = input.u16().unwrap_or(0) as usize % (MAX_LENGTH + 1);
+                let mut len = input.u16().unwrap_or(0) as usize % (MAX_LENGTH + 1);
+                if op & 0x60 == 0x40 && op & 0x80 != 0 {
+                    len += OWNED_MIN;
+                }
                 let data = input.payload(len, 0xfe);
-                let result = if op & 0x10 != 0 {
-                    server.driver.send(&data, MessageType::Binary)
+                let result = if op & 0x20 != 0 {
+                    let frame = SharedFrame::new(&data, MessageType::Binary)
+                        .expect("a shared binary frame");
+                    server.driver.send_shared(&frame).map(|()| None)
+                } else if op & 0x40 != 0 {
+                    let owned = Message::Binary(data.clone().into());
+                    server.driver.send_message_owned(owned).map(Some)
+                } else if op & 0x10 != 0 {
+                    server.driver.send(&data, MessageType::Binary).map(Some)
                 } else {
-                    server.driver.send_binary(&data)
+                    server.driver.send_binary(&data).map(Some)
                 };
                 server.sent(before, result, Expect::Binary(data), &mut client);
             }
@@ -387,9 +496,15 @@ fn run(mut input: Input<'_>) {
                 let len = input.byte().unwrap_or(0) as usize;
                 let data = input.payload(len, b'p');
                 let (result, expect) = if op % 16 == 9 {
-                    (server.driver.send_ping(&data), Expect::Ping(data.clone()))
+                    (
+                        server.driver.send_ping(&data).map(Some),
+                        Expect::Ping(data.clone()),
+                    )
                 } else {
-                    (server.driver.send_pong(&data), Expect::Pong(data.clone()))
+                    (
+                        server.driver.send_pong(&data).map(Some),
+                        Expect::Pong(data.clone()),
+                    )
                 };
                 if len > 125 {
                     assert!(
@@ -415,7 +530,7 @@ fn run(mut input: Input<'_>) {
                 let valid_code = matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999);
                 match std::str::from_utf8(&reason) {
                     Ok(text) => {
-                        let result = server.driver.close_connection(c, text);
+                        let result = server.driver.close_connection(c, text).map(Some);
                         if !valid_code {
                             assert!(
                                 matches!(result, Err(Error::Usage(UsageError::InvalidCloseCode(x))) if x == c),
@@ -449,11 +564,19 @@ fn run(mut input: Input<'_>) {
                     None | Some(0) => usize::MAX,
                     Some(c) => c as usize,
                 };
-                server.flush(&mut client, chunk, usize::MAX, op & 0x10 != 0);
+                if op & 0x20 != 0 {
+                    server.flush_vectored(&mut client, chunk, 1 + (op >> 6) as usize);
+                } else {
+                    server.flush(&mut client, chunk, usize::MAX, op & 0x10 != 0);
+                }
             }
             14 => {
                 let limit = input.byte().unwrap_or(0) as usize * 8;
-                server.flush(&mut client, usize::MAX, limit, op & 0x10 != 0);
+                if op & 0x20 != 0 {
+                    server.flush_taken(&mut client, limit);
+                } else {
+                    server.flush(&mut client, usize::MAX, limit, op & 0x10 != 0);
+                }
             }
             _ => {
                 server.driver.receive_eof();
