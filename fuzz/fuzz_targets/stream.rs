@@ -177,6 +177,28 @@ impl Server {
         }
     }
 
+    /// Sends a data message the way `op` picks: as a `SharedFrame` (`op & 0x20`), by value
+    /// (`op & 0x40`), or with `plain`.
+    fn send_by(
+        &mut self,
+        op: u8,
+        message: Message<'static>,
+        plain: impl FnOnce(&mut Driver) -> Result<SendToken, Error>,
+    ) -> Result<Option<SendToken>, Error> {
+        if op & 0x20 != 0 {
+            let kind = match message {
+                Message::Text(_) => MessageType::Text,
+                Message::Binary(_) => MessageType::Binary,
+            };
+            let frame = SharedFrame::new(message.as_bytes(), kind).expect("a shared frame");
+            self.driver.send_shared(&frame).map(|()| None)
+        } else if op & 0x40 != 0 {
+            self.driver.send_message_owned(message).map(Some)
+        } else {
+            plain(&mut self.driver).map(Some)
+        }
+    }
+
     /// Checks a send's result (`None`: a send without a token, `send_shared`).
     fn sent(
         &mut self,
@@ -449,16 +471,8 @@ fn run(mut input: Input<'_>) {
                 let data = input.payload(len, b'x');
                 match std::str::from_utf8(&data) {
                     Ok(text) => {
-                        let result = if op & 0x20 != 0 {
-                            let frame = SharedFrame::new(&data, MessageType::Text)
-                                .expect("a shared frame of valid text");
-                            server.driver.send_shared(&frame).map(|()| None)
-                        } else if op & 0x40 != 0 {
-                            let owned = Message::Text(text.to_string().into());
-                            server.driver.send_message_owned(owned).map(Some)
-                        } else {
-                            server.driver.send_text(text).map(Some)
-                        };
+                        let owned = Message::Text(text.to_string().into());
+                        let result = server.send_by(op, owned, |d| d.send_text(text));
                         server.sent(before, result, Expect::Text(text.to_string()), &mut client);
                     }
                     Err(_) if op & 0x20 != 0 => match SharedFrame::new(&data, MessageType::Text) {
@@ -478,18 +492,11 @@ fn run(mut input: Input<'_>) {
                     len += OWNED_MIN;
                 }
                 let data = input.payload(len, 0xfe);
-                let result = if op & 0x20 != 0 {
-                    let frame = SharedFrame::new(&data, MessageType::Binary)
-                        .expect("a shared binary frame");
-                    server.driver.send_shared(&frame).map(|()| None)
-                } else if op & 0x40 != 0 {
-                    let owned = Message::Binary(data.clone().into());
-                    server.driver.send_message_owned(owned).map(Some)
-                } else if op & 0x10 != 0 {
-                    server.driver.send(&data, MessageType::Binary).map(Some)
-                } else {
-                    server.driver.send_binary(&data).map(Some)
-                };
+                let owned = Message::Binary(data.clone().into());
+                let result = server.send_by(op, owned, |d| match op & 0x10 {
+                    0 => d.send_binary(&data),
+                    _ => d.send(&data, MessageType::Binary),
+                });
                 server.sent(before, result, Expect::Binary(data), &mut client);
             }
             9 | 10 => {
