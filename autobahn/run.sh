@@ -4,9 +4,11 @@
 #   autobahn/run.sh [--backend auto|epoll|io-uring|blocking] [--threads N] [--core|--cases LIST]
 #                   [--deflate-takeover]
 #       server mode: wstest's fuzzingclient against examples/echo.rs --deflate
-#   autobahn/run.sh client [--hosted] [--backend auto|epoll|io-uring] [--core|--cases LIST]
+#   autobahn/run.sh client [--hosted] [--backend auto|epoll|io-uring] [--tokio recv|next|split]
+#                          [--core|--cases LIST]
 #       client mode: wstest's fuzzingserver driven by examples/autobahn_client.rs --deflate
-#       (BlockingClient, or ClientReactor with --hosted)
+#       (BlockingClient; ClientReactor with --hosted; the tokio adapter's client with
+#       --tokio: WebSocketStream with recv or next, or the split API)
 #
 # By default the full suite runs: all 517 cases, sections 12-13 (permessage-deflate)
 # included, with deflate on in the testee. --core runs sections 1-10 only (301 cases);
@@ -27,6 +29,7 @@ threads=2
 cases=""
 expect=517
 hosted=""
+tokio_api=""
 deflate=--deflate
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,7 +40,8 @@ while [ $# -gt 0 ]; do
     --full) cases=""; expect=517; shift ;;
     --deflate-takeover) deflate=--deflate-takeover; shift ;;
     --hosted) hosted=--hosted; shift ;;
-    *) echo "usage: autobahn/run.sh [client] [--backend B] [--threads N] [--full|--core|--cases LIST] [--hosted] [--deflate-takeover]" >&2; exit 2 ;;
+    --tokio) tokio_api=$2; shift 2 ;;
+    *) echo "usage: autobahn/run.sh [client] [--backend B] [--threads N] [--full|--core|--cases LIST] [--hosted] [--tokio recv|next|split] [--deflate-takeover]" >&2; exit 2 ;;
   esac
 done
 started=$(date +%s)
@@ -100,8 +104,9 @@ if [ "$mode" = server ]; then
     tail -20 "$work/wstest.log"; exit 1; }
   judge "$outdir"
 else
-  cargo build --release --example autobahn_client
-  flavour=${hosted:+hosted-$backend}
+  cargo build --release --example autobahn_client ${tokio_api:+--features tokio}
+  flavour=${tokio_api:+tokio-$tokio_api}
+  flavour=${flavour:-${hosted:+hosted-$backend}}
   flavour=${flavour:-blocking}
   agent="websocket-driver-client-$flavour"
   outdir="autobahn/reports/client-$flavour"
@@ -110,6 +115,7 @@ else
   (cd "$work" && exec "$AUTOBAHN_HOME/bin/wstest" -m fuzzingserver -s "$work/config.json" > "$work/wstest.log" 2>&1) &
   pids+=($!)
   wait_port "$port"
-  ./target/release/examples/autobahn_client --url "ws://127.0.0.1:$port" --agent "$agent" $hosted --backend "$backend" --deflate
+  ./target/release/examples/autobahn_client --url "ws://127.0.0.1:$port" --agent "$agent" $hosted \
+    --backend "$backend" ${tokio_api:+--tokio "$tokio_api"} --deflate
   judge "$outdir"
 fi

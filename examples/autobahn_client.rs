@@ -1,11 +1,15 @@
 //! Drives the Autobahn fuzzingserver through every case, echoing every message.
 //!
-//! `autobahn_client --url ws://127.0.0.1:9001 --agent NAME [--hosted] [--backend B] [--deflate]`
+//! `autobahn_client --url ws://127.0.0.1:9001 --agent NAME [--hosted] [--backend B] [--tokio recv|next|split] [--deflate]`
 //!
 //! `--deflate` offers permessage-deflate (`Options::deflate(true)`).
 //!
 //! Blocking mode uses `BlockingClient` (reader thread); `--hosted` runs each case on a
-//! `ClientReactor` (event loops, `--backend epoll|io-uring|auto`).
+//! `ClientReactor` (event loops, `--backend epoll|io-uring|auto`); `--tokio` (feature
+//! `tokio`) on the tokio adapter's client, one case after another on a current-thread
+//! runtime: `recv` is `WebSocketStream::connect` + `recv` (each message echoed from the read
+//! buffer through its `Reply`), `next` the same stream with `next` + `send_message`, and
+//! `split` the split API's `connect` (`WsSender` + `WsReceiver`).
 
 use std::sync::OnceLock;
 use std::sync::mpsc;
@@ -47,6 +51,8 @@ impl Handler for Echo {
 enum Runner {
     Blocking,
     Hosted(ClientReactor<Echo>),
+    #[cfg(feature = "tokio")]
+    Tokio(tokio_client::Api, tokio::runtime::Runtime),
 }
 
 impl Runner {
@@ -90,7 +96,102 @@ impl Runner {
                 }
                 first
             }
+            #[cfg(feature = "tokio")]
+            Runner::Tokio(api, runtime) => {
+                let case = tokio_client::run(*api, url, echo);
+                // The timer needs the runtime: made inside `block_on`.
+                match runtime.block_on(async { tokio::time::timeout(CASE_TIMEOUT, case).await }) {
+                    Ok(first) => first,
+                    Err(_) => {
+                        eprintln!("autobahn_client: {url}: no close within {CASE_TIMEOUT:?}");
+                        None
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The tokio adapter's client: one connection to its close, in the shape `Api` names.
+#[cfg(feature = "tokio")]
+mod tokio_client {
+    use websocket_driver::Event;
+    use websocket_driver::tokio::{WebSocketStream, connect};
+
+    #[derive(Clone, Copy)]
+    pub enum Api {
+        Recv,
+        Next,
+        Split,
+    }
+
+    impl std::str::FromStr for Api {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Api, String> {
+            match s {
+                "recv" => Ok(Api::Recv),
+                "next" => Ok(Api::Next),
+                "split" => Ok(Api::Split),
+                other => Err(format!("--tokio takes recv, next or split, not {other}")),
+            }
+        }
+    }
+
+    /// Echoes every message (or keeps the first text, when not echoing) until the close;
+    /// returns that text.
+    pub async fn run(api: Api, url: &str, echo: bool) -> Option<String> {
+        let options = super::options();
+        let mut first = None;
+        let mut keep = |event: &Event<'_>| {
+            if let Event::Message(message) = event
+                && let Some(text) = message.as_text()
+            {
+                first.get_or_insert_with(|| text.to_string());
+            }
+        };
+        let failed = |e| eprintln!("autobahn_client: {url}: {e}");
+        match api {
+            Api::Recv => {
+                let mut ws = WebSocketStream::connect(url, &options)
+                    .await
+                    .map_err(failed)
+                    .ok()?;
+                while let Some((event, mut reply)) = ws.recv().await {
+                    match &event {
+                        Event::Message(message) if echo => {
+                            let _ = reply.send_message(message);
+                        }
+                        other => keep(other),
+                    }
+                }
+            }
+            Api::Next => {
+                let mut ws = WebSocketStream::connect(url, &options)
+                    .await
+                    .map_err(failed)
+                    .ok()?;
+                while let Some(event) = ws.next().await {
+                    match event {
+                        Event::Message(message) if echo => {
+                            let _ = ws.send_message(message).await;
+                        }
+                        other => keep(&other),
+                    }
+                }
+            }
+            Api::Split => {
+                let (tx, mut rx) = connect(url, &options).await.map_err(failed).ok()?;
+                while let Some(event) = rx.next().await {
+                    match event {
+                        Event::Message(message) if echo => {
+                            let _ = tx.send_message(message).await;
+                        }
+                        other => keep(&other),
+                    }
+                }
+            }
+        }
+        first
     }
 }
 
@@ -113,6 +214,7 @@ fn main() {
     let mut agent = "websocket-driver-client".to_string();
     let mut hosted = false;
     let mut backend = Backend::Auto;
+    let mut tokio_api: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -123,6 +225,7 @@ fn main() {
             "--url" => url = value("--url"),
             "--agent" => agent = value("--agent"),
             "--hosted" => hosted = true,
+            "--tokio" => tokio_api = Some(value("--tokio")),
             "--deflate" => {
                 let _ = DEFLATE.set(true);
             }
@@ -135,7 +238,9 @@ fn main() {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    let runner = if hosted {
+    let runner = if let Some(api) = tokio_api {
+        tokio_runner(&api)
+    } else if hosted {
         let config = ServerConfig {
             threads: 1,
             backend,
@@ -163,12 +268,27 @@ fn main() {
     eprintln!("autobahn_client: done");
 }
 
+#[cfg(feature = "tokio")]
+fn tokio_runner(api: &str) -> Runner {
+    let api = api.parse().unwrap_or_else(|e: String| usage(&e));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| usage(&format!("tokio runtime: {e}")));
+    Runner::Tokio(api, runtime)
+}
+
+#[cfg(not(feature = "tokio"))]
+fn tokio_runner(_: &str) -> Runner {
+    usage("--tokio needs the example built with --features tokio")
+}
+
 fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("autobahn_client: {problem}");
     }
     eprintln!(
-        "usage: autobahn_client --url ws://HOST:PORT --agent NAME [--hosted] [--backend auto|epoll|io-uring] [--deflate]"
+        "usage: autobahn_client --url ws://HOST:PORT --agent NAME [--hosted] [--backend auto|epoll|io-uring] [--tokio recv|next|split] [--deflate]"
     );
     std::process::exit(2)
 }
