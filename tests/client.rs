@@ -122,6 +122,48 @@ fn accept_upgrade(stream: &mut std::net::TcpStream, extra: &str) {
     .unwrap();
 }
 
+/// A server that refuses the upgrade with `head`, then writes `body` in two TCP writes
+/// 50 ms apart, then closes after `linger`.
+fn refusing_server(head: &'static str, body: &'static str, linger: Duration) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        read_head(&mut s);
+        s.set_nodelay(true).unwrap();
+        let (first, second) = body.split_at(body.len() / 2);
+        for part in [head, first, second] {
+            s.write_all(part.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(linger);
+    });
+    format!("ws://{addr}/")
+}
+
+/// The error carries the whole (short) body of a refusal whose parts arrive apart: up to
+/// its `Content-Length` while the server keeps the connection, else up to the close.
+#[test]
+fn blocking_client_reports_a_refusals_body_that_came_after_its_head() {
+    for (head, linger) in [
+        (
+            "HTTP/1.1 401 Unauthorized\r\nContent-Length: 20\r\n\r\n",
+            Duration::from_secs(5),
+        ),
+        ("HTTP/1.1 401 Unauthorized\r\n\r\n", Duration::ZERO),
+    ] {
+        let url = refusing_server(head, "token expired, renew", linger);
+        let client = BlockingClient::new(&url, Options::default()).unwrap();
+        let err = client.start_connection().unwrap_err();
+        assert!(
+            matches!(&err, Error::Handshake(HandshakeError::UnexpectedStatus { status: 401, body })
+                if body == "token expired, renew"),
+            "{head:?}: {err:?}"
+        );
+    }
+}
+
 #[test]
 fn blocking_client_text_binary_16_mib_ping_and_close() {
     let server = echo_server();
@@ -397,6 +439,28 @@ fn hosted_clients(backend: Backend) {
         "{log:?}"
     );
     assert!(matches!(&log[1], Seen::Close(1006, _)));
+    // A refusal whose body came after its head and ran to the close: the whole body.
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let url = refusing_server(
+        "HTTP/1.1 401 Unauthorized\r\n\r\n",
+        "token expired, renew",
+        Duration::ZERO,
+    );
+    let recorder = Recorder {
+        log: log.clone(),
+        closes: closes.clone(),
+        greeting: None,
+    };
+    reactor.connect(&url, recorder).unwrap();
+    while closes.load(Ordering::Relaxed) < 202 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = log.lock().unwrap().clone();
+    assert!(
+        matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)]
+            if e.contains("401") && e.ends_with("token expired, renew")),
+        "{log:?}"
+    );
     reactor.shutdown(Duration::from_secs(1)).unwrap();
     server.shutdown(Duration::from_secs(1)).unwrap();
 }

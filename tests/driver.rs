@@ -1030,6 +1030,129 @@ fn client_rejects_status_403() {
     );
 }
 
+/// A refusing response's body, fed to a started client in `reads`: the events of each.
+fn refused_in_reads(reads: &[&[u8]]) -> (Driver, Vec<Vec<Ev>>) {
+    let (mut client, _) = started_client(&Options::default());
+    client.send_text("queued").unwrap();
+    let events = reads.iter().map(|r| feed(&mut client, r)).collect();
+    (client, events)
+}
+
+fn refused_with(status: u16, body: &str) -> HandshakeError {
+    HandshakeError::UnexpectedStatus {
+        status,
+        body: body.into(),
+    }
+}
+
+#[test]
+fn a_refusal_waits_for_its_declared_body_however_the_reads_fall() {
+    let head: &[u8] = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 12\r\n\r\n";
+    // The head alone, then the body in two reads, then bytes past it.
+    let (mut client, events) =
+        refused_in_reads(&[head, b"not ", b"allowed\n", b"!more after the body"]);
+    assert_eq!(
+        events[..2],
+        [vec![], vec![]],
+        "reported before the body came"
+    );
+    assert_handshake_failed(&mut client, &events[2], refused_with(403, "not allowed\n"));
+    assert_eq!(events[3], vec![]);
+    // Byte by byte gives the same error.
+    let mut whole = head.to_vec();
+    whole.extend_from_slice(b"not allowed\n");
+    let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+    let (mut client, events) = refused_in_reads(&bytes);
+    assert!(events[..bytes.len() - 1].iter().all(Vec::is_empty));
+    assert_handshake_failed(
+        &mut client,
+        &events[bytes.len() - 1],
+        refused_with(403, "not allowed\n"),
+    );
+}
+
+#[test]
+fn a_refusal_without_content_length_reads_its_body_to_the_close() {
+    let (mut client, events) = refused_in_reads(&[
+        b"HTTP/1.1 503 Service Unavailable\r\n\r\ntry ",
+        b"again later",
+    ]);
+    assert_eq!(events, [vec![], vec![]]);
+    let at_eof = eof(&mut client);
+    assert_handshake_failed(&mut client, &at_eof, refused_with(503, "try again later"));
+    // A transport error ends it the same way: the refusal is what failed.
+    let (mut client, _) = refused_in_reads(&[b"HTTP/1.1 503 Busy\r\n\r\nbusy"]);
+    client.receive_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    let events = drain(&mut client);
+    assert_handshake_failed(&mut client, &events, refused_with(503, "busy"));
+}
+
+#[test]
+fn a_refusal_keeps_at_most_1_kib_of_its_body() {
+    for (declared, sent) in [(1024, 1024), (1025, 1025), (4096, 1100)] {
+        let head = format!("HTTP/1.1 400 Bad Request\r\nContent-Length: {declared}\r\n\r\n");
+        let body = "b".repeat(sent);
+        let (mut client, events) = refused_in_reads(&[head.as_bytes(), body.as_bytes()]);
+        assert_eq!(events[0], vec![]);
+        assert_handshake_failed(&mut client, &events[1], refused_with(400, &body[..1024]));
+    }
+    // Without Content-Length, 1 KiB ends the wait: no close needed.
+    let (mut client, events) =
+        refused_in_reads(&[b"HTTP/1.1 400 Bad Request\r\n\r\n", &[b'x'; 1023], b"yz"]);
+    assert_eq!(events[..2], [vec![], vec![]]);
+    let expected = format!("{}y", "x".repeat(1023));
+    assert_handshake_failed(&mut client, &events[2], refused_with(400, &expected));
+}
+
+#[test]
+fn a_refusal_without_a_body_or_with_an_unreadable_length_is_reported_at_once() {
+    for (response, status) in [
+        (&b"HTTP/1.1 204 No Content\r\n\r\nnot a body"[..], 204),
+        (b"HTTP/1.1 304 Not Modified\r\n\r\n", 304),
+        (b"HTTP/1.1 400 Bad\r\nContent-Length: ] 5\r\n\r\nabcde", 400),
+    ] {
+        let (mut client, events) = refused_in_reads(&[response]);
+        assert_handshake_failed(&mut client, &events[0], refused_with(status, ""));
+    }
+}
+
+#[test]
+fn a_chunked_refusal_is_decoded_however_the_reads_fall() {
+    let response: &[u8] = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5;ext=1\r\nsorry\r\n7\r\n, later\r\n0\r\n\r\nafter the body";
+    // The last chunk's size line ends it (trailers are not waited for).
+    let end = response.len() - b"\r\nafter the body".len();
+    for step in [response.len(), 1, 3, 17] {
+        let reads: Vec<&[u8]> = response.chunks(step).collect();
+        let (mut client, events) = refused_in_reads(&reads);
+        // Reported on the read that brought the last chunk, and not before.
+        let last = (end - 1) / step;
+        assert!(events[..last].iter().all(Vec::is_empty), "step {step}");
+        assert_handshake_failed(
+            &mut client,
+            &events[last],
+            refused_with(500, "sorry, later"),
+        );
+    }
+    // Bytes that are not the chunked coding end the body where they start.
+    let (mut client, events) =
+        refused_in_reads(&[b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY"]);
+    assert_handshake_failed(&mut client, &events[0], refused_with(500, "abc"));
+    // A long chunked body keeps its first 1 KiB, reported once that came.
+    let mut long = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        long.extend_from_slice(b"200\r\n");
+        long.extend_from_slice(&[b'z'; 512]);
+        long.extend_from_slice(b"\r\n");
+    }
+    let (mut client, events) = refused_in_reads(&[&long]);
+    assert_handshake_failed(
+        &mut client,
+        &events[0],
+        refused_with(500, &"z".repeat(1024)),
+    );
+}
+
 #[test]
 fn client_rejects_unexpected_subprotocol() {
     let bad_response = |e: &HandshakeError| matches!(e, HandshakeError::BadResponse(_));

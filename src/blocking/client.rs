@@ -267,8 +267,13 @@ impl BlockingClient {
             };
             let mut ws = self.shared.lock();
             if n == 0 {
+                // A refusal whose body ran to the close is reported as that refusal.
                 ws.receive_eof();
-                return Err(HandshakeError::Incomplete.into());
+                let why = ws
+                    .handshake_error()
+                    .cloned()
+                    .unwrap_or(HandshakeError::Incomplete);
+                return Err(why.into());
             }
             let received = ws.receive(&mut buf[..n]);
             if ws.is_handshake_complete() && received.is_ok() {

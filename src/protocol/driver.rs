@@ -142,6 +142,25 @@ struct ClientHandshake {
     parser: ResponseParser,
 }
 
+/// The body of a non-101 response, read so that the error reports the same body however
+/// the reads fell: `want` bytes (its `Content-Length`, else up to the close), or a chunked
+/// body decoded, at most [`REFUSED_BODY_MAX`].
+#[derive(Debug)]
+struct RefusedBody {
+    status: u16,
+    want: usize,
+    body: Vec<u8>,
+    /// With `Transfer-Encoding: chunked`: the bytes as they came, decoded into `body` as
+    /// they arrive (at most [`REFUSED_CHUNKED_MAX`] of them).
+    chunked: Option<Vec<u8>>,
+}
+
+/// How much of a refusing response's body the error keeps.
+const REFUSED_BODY_MAX: usize = 1024;
+/// How much of a chunked refusal the client reads for it (chunk sizes and extensions
+/// included) before it reports what it decoded.
+const REFUSED_CHUNKED_MAX: usize = 4 * REFUSED_BODY_MAX;
+
 /// The opening handshake while it lasts (the driver holds `None` once it succeeded, so an
 /// open connection keeps nothing of it).
 #[derive(Debug)]
@@ -150,6 +169,8 @@ enum Handshake {
     Server(Vec<u8>),
     /// Client: the request (until `start_connection`) and the response check.
     Client(ClientHandshake),
+    /// Client: a non-101 response whose body is still arriving.
+    Refused(RefusedBody),
     /// Client: the server's response was refused.
     Failed(HandshakeError),
 }

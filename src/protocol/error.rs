@@ -149,8 +149,10 @@ pub enum HandshakeError {
     BadRequest(&'static str),
     /// `Sec-WebSocket-Version` is not 13 (426).
     UnsupportedVersion(String),
-    /// The server answered with something other than 101 (the body: what arrived of it
-    /// with the head, at most 1 KiB, lossily decoded).
+    /// The server answered with something other than 101. `body` is the start of the
+    /// response's body, at most 1 KiB, lossily decoded. The client waits for it, so it does
+    /// not depend on how the reads fell: its `Content-Length`, a chunked body's last chunk,
+    /// else the close; none for 1xx, 204, 304 or an unreadable `Content-Length`.
     UnexpectedStatus {
         /// The HTTP status.
         status: u16,

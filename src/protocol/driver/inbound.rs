@@ -5,13 +5,16 @@
 use std::borrow::Cow;
 
 use super::outbound::cut_at_char_boundary;
-use super::{Driver, Event, Handshake, Message, ReadyState, Role};
+use super::{
+    Driver, Event, Handshake, Message, REFUSED_BODY_MAX, REFUSED_CHUNKED_MAX, ReadyState,
+    RefusedBody, Role,
+};
 use crate::protocol::deflate::{DeflateState, InflateError, compressed_limit};
 use crate::protocol::error::{Error, HandshakeError, ProtocolError, code, is_valid_close_code};
 use crate::protocol::frame::{
     FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header,
 };
-use crate::protocol::handshake::validate_response;
+use crate::protocol::handshake::{Response, validate_response};
 use crate::protocol::mask::apply_mask;
 use crate::protocol::utf8::Utf8Validator;
 
@@ -57,8 +60,10 @@ impl Driver {
         if let Some(event) = self.next_queued() {
             return (0, Some(event));
         }
-        if matches!(self.handshake.as_deref(), Some(Handshake::Client(_)))
-            && self.state == ReadyState::Connecting
+        if matches!(
+            self.handshake.as_deref(),
+            Some(Handshake::Client(_) | Handshake::Refused(_))
+        ) && self.state == ReadyState::Connecting
         {
             return self.read_response(input);
         }
@@ -85,6 +90,14 @@ impl Driver {
             self.state = ReadyState::Closed;
             return;
         }
+        // A refusing response whose body ran to the close: the refusal is what failed.
+        if let Some(Handshake::Refused(refused)) = self.handshake.as_deref() {
+            let error = refused.to_error();
+            self.fail_handshake(&error);
+            self.queue_event(Event::Error(Error::Handshake(error.clone())));
+            self.queue_close(code::ABNORMAL, error.to_string());
+            return;
+        }
         let cut_off = self.message.is_some()
             || matches!(
                 self.stage,
@@ -109,60 +122,71 @@ impl Driver {
     }
 
     fn read_response<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
-        let Some(Handshake::Client(hs)) = self.handshake.as_deref_mut() else {
-            unreachable!("checked by the caller")
-        };
-        let outcome = match hs.parser.parse(input) {
-            Ok(Status::Partial) => return (input.len(), None),
-            Ok(Status::Complete(response, used)) => {
-                validate_response(
-                    &response,
-                    &hs.expected_accept,
-                    &hs.offered,
-                    hs.deflate.as_ref(),
-                )
-                .map(|agreed| {
-                    let deflate = agreed
-                        .deflate
-                        .zip(hs.deflate.as_ref())
-                        .map(|(p, d)| DeflateState::new(p, Role::Client, d));
-                    ((agreed.protocol, deflate), used)
-                })
-                .map_err(|e| match e {
-                    HandshakeError::UnexpectedStatus { status, .. } => {
-                        // The body as far as it came with the head: Content-Length bytes,
-                        // else everything up to the close (RFC 9112 §6.3), at most 1 KiB.
-                        let rest = &input[used..];
-                        let declared = response
-                            .header("content-length")
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(rest.len());
-                        let take = rest.len().min(declared).min(1024);
-                        let body = String::from_utf8_lossy(&rest[..take]).into_owned();
-                        HandshakeError::UnexpectedStatus { status, body }
-                    }
-                    other => other,
-                })
+        let hs = match self.handshake.as_deref_mut() {
+            Some(Handshake::Client(hs)) => hs,
+            Some(Handshake::Refused(refused)) => {
+                if !refused.take(input) {
+                    return (input.len(), None);
+                }
+                let error = refused.to_error();
+                return self.handshake_failed(error, input.len());
             }
-            Err(e) => Err(e),
+            _ => unreachable!("checked by the caller"),
         };
-        match outcome {
-            Ok(((protocol, deflate), used)) => {
-                self.set_agreed(protocol, deflate);
+        let (response, used) = match hs.parser.parse(input) {
+            Ok(Status::Partial) => return (input.len(), None),
+            Ok(Status::Complete(response, used)) => (response, used),
+            Err(e) => return self.handshake_failed(e, input.len()),
+        };
+        match validate_response(
+            &response,
+            &hs.expected_accept,
+            &hs.offered,
+            hs.deflate.as_ref(),
+        ) {
+            Ok(agreed) => {
+                let deflate = agreed
+                    .deflate
+                    .zip(hs.deflate.as_ref())
+                    .map(|(p, d)| DeflateState::new(p, Role::Client, d));
+                self.set_agreed(agreed.protocol, deflate);
                 self.handshake = None;
                 self.state = ReadyState::Open;
                 (used, Some(Event::Open))
             }
-            Err(e) => {
-                self.handshake = Some(Box::new(Handshake::Failed(e.clone())));
-                // Frames queued for a connection that never opened are dropped.
-                self.out
-                    .truncate(self.out_pos + self.handshake_left as usize);
-                self.stop();
-                self.queue_close(code::ABNORMAL, e.to_string());
-                (input.len(), Some(Event::Error(Error::Handshake(e))))
+            Err(HandshakeError::UnexpectedStatus { status, .. }) => {
+                // The error carries the start of the body, the same however the reads
+                // fall: wait for what the response declares, else for the close.
+                let rest = &input[used..];
+                let mut refused = RefusedBody::new(status, &response);
+                if !refused.take(rest) {
+                    self.handshake = Some(Box::new(Handshake::Refused(refused)));
+                    return (input.len(), None);
+                }
+                self.handshake_failed(refused.to_error(), input.len())
             }
+            Err(e) => self.handshake_failed(e, input.len()),
         }
+    }
+
+    /// The client's handshake failed with `error`: returns the `Error` event (`Close` 1006
+    /// queued after it) with `consumed` bytes: the rest of the stream is not read.
+    fn handshake_failed<'i>(
+        &mut self,
+        error: HandshakeError,
+        consumed: usize,
+    ) -> (usize, Option<Event<'i>>) {
+        self.fail_handshake(&error);
+        self.queue_close(code::ABNORMAL, error.to_string());
+        (consumed, Some(Event::Error(Error::Handshake(error))))
+    }
+
+    /// The connection never opens: frames queued for it are dropped.
+    fn fail_handshake(&mut self, error: &HandshakeError) {
+        self.handshake = Some(Box::new(Handshake::Failed(error.clone())));
+        self.out
+            .truncate(self.out_pos + self.handshake_left as usize);
+        self.stop();
     }
 
     /// RSV bits a frame may carry: RSV1 once permessage-deflate is agreed.
@@ -474,5 +498,92 @@ impl Driver {
         self.stop();
         self.queue_close(close_code, reason);
         (consumed, Some(Event::Error(Error::Protocol(error))))
+    }
+}
+
+impl RefusedBody {
+    /// What the body of `response` (RFC 9112 §6.3) makes the error wait for: nothing for
+    /// 1xx, 204 and 304 or an unreadable `Content-Length`; a chunked body decoded; else
+    /// `Content-Length` bytes, and without it everything up to the close.
+    fn new(status: u16, response: &Response) -> RefusedBody {
+        let coding = response.header("transfer-encoding");
+        let chunked = coding.is_some_and(|c| {
+            c.rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
+        let want = if matches!(status, 100..=199 | 204 | 304) {
+            0
+        } else if coding.is_some() {
+            usize::MAX
+        } else {
+            match response.header("content-length") {
+                Some(v) => v.trim().parse::<usize>().unwrap_or(0),
+                None => usize::MAX,
+            }
+        };
+        RefusedBody {
+            status,
+            want: want.min(REFUSED_BODY_MAX),
+            body: Vec::new(),
+            chunked: (chunked && want > 0).then(Vec::new),
+        }
+    }
+
+    /// Takes what it still wants of `input`; true once it has it all.
+    fn take(&mut self, input: &[u8]) -> bool {
+        let Some(raw) = self.chunked.as_mut() else {
+            let n = (self.want - self.body.len()).min(input.len());
+            self.body.extend_from_slice(&input[..n]);
+            return self.body.len() == self.want;
+        };
+        let n = (REFUSED_CHUNKED_MAX - raw.len()).min(input.len());
+        raw.extend_from_slice(&input[..n]);
+        let ended = decode_chunked(raw, &mut self.body);
+        self.body.truncate(self.want);
+        ended || self.body.len() == self.want || raw.len() == REFUSED_CHUNKED_MAX
+    }
+
+    fn to_error(&self) -> HandshakeError {
+        HandshakeError::UnexpectedStatus {
+            status: self.status,
+            body: String::from_utf8_lossy(&self.body).into_owned(),
+        }
+    }
+}
+
+/// Decodes the chunked body in `raw` into `body` (from scratch: `raw` is small). True when
+/// it ended: the last chunk, or bytes that are not the chunked coding (then `body` holds
+/// what came before them).
+fn decode_chunked(raw: &[u8], body: &mut Vec<u8>) -> bool {
+    body.clear();
+    let mut at = 0;
+    loop {
+        let Some(eol) = memchr::memmem::find(&raw[at..], b"\r\n") else {
+            return false;
+        };
+        // The size in hex, before any `;extension`.
+        let line = &raw[at..at + eol];
+        let hex = line.split(|&b| b == b';').next().unwrap_or(line);
+        let size = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
+        let Some(size) = size else { return true };
+        if size == 0 {
+            return true;
+        }
+        at += eol + 2;
+        let data = &raw[at..];
+        if data.len() < size {
+            body.extend_from_slice(data);
+            return false;
+        }
+        body.extend_from_slice(&data[..size]);
+        at += size;
+        match raw.get(at..at + 2) {
+            Some(b"\r\n") => at += 2,
+            Some(_) => return true,
+            None => return false,
+        }
     }
 }
