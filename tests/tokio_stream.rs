@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use websocket_driver::protocol::frame::header_len;
 use websocket_driver::tokio::{Config, WebSocketStream};
-use websocket_driver::{Driver, Error, Event, Message, Options, ReadyState, UsageError};
+use websocket_driver::{
+    Driver, Error, Event, HandshakeError, Message, Options, ReadyState, UsageError,
+};
 
 /// The message an event carries (anything else fails the test).
 fn message(event: Event<'static>) -> Message<'static> {
@@ -115,6 +117,45 @@ async fn tungstenite_client_against_stream_server() {
 /// The stream as a client, through the `Stream` and `Sink` impls: a burst queued with
 /// `feed` goes out on `flush`, the echoes come back in order, `close` starts the close
 /// handshake and the stream ends after the `Close` event.
+/// A server that refuses the upgrade with a body in two parts after its head, then
+/// closes: the client's error carries the whole body, not what came with the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_client_reports_a_refusals_body_that_came_after_its_head() {
+    bounded(60, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before its request ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.set_nodelay(true).unwrap();
+            for part in [
+                "HTTP/1.1 401 Unauthorized\r\n\r\n",
+                "token expired, ",
+                "renew",
+            ] {
+                s.write_all(part.as_bytes()).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        });
+        let err = WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .err()
+            .expect("a refused upgrade connected");
+        assert!(
+            matches!(&err, Error::Handshake(HandshakeError::UnexpectedStatus { status: 401, body })
+                if body == "token expired, renew"),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_client_with_sink_and_stream() {
     bounded(60, async {
