@@ -143,10 +143,11 @@ async fn stream_client_reports_a_refusals_body_that_came_after_its_head() {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         });
-        let err = WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default())
-            .await
-            .err()
-            .expect("a refused upgrade connected");
+        let Err(err) =
+            WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default()).await
+        else {
+            panic!("a refused upgrade connected");
+        };
         assert!(
             matches!(&err, Error::Handshake(HandshakeError::UnexpectedStatus { status: 401, body })
                 if body == "token expired, renew"),
