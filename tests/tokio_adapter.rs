@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use adapter_support::{
     assert_protocol_error_then_close, bounded, close_frame, echoes, echoes_large, next_close,
-    pattern, pings_on_request, pong_answers, raw_upgrade, serve_each, serve_one,
+    pattern, pings_on_request, pong_answers, raw_upgrade, read_head, serve_each, serve_one,
     tungstenite_client, tungstenite_sees_server_close, tungstenite_server, upgrade_request,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -935,14 +935,7 @@ async fn connect_proxy(
     let addr = serve_each(move |mut client| {
         let heads_tx = heads_tx.clone();
         async move {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 512];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = client.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the client closed mid-head");
-                head.extend_from_slice(&buf[..n]);
-            }
-            let head = String::from_utf8(head).unwrap();
+            let head = read_head(&mut client).await;
             let _ = heads_tx.send(head.clone());
             let target = head
                 .strip_prefix("CONNECT ")

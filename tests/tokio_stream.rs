@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 
 use adapter_support::{
     assert_protocol_error_then_close, bounded, close_frame, echoes, pattern, pings_on_request,
-    pong_answers, serve_each, serve_one, tungstenite_client, tungstenite_sees_server_close,
-    tungstenite_server,
+    pong_answers, read_head, serve_each, serve_one, tungstenite_client,
+    tungstenite_sees_server_close, tungstenite_server,
 };
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, duplex};
@@ -122,17 +122,8 @@ async fn tungstenite_client_against_stream_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_client_reports_a_refusals_body_that_came_after_its_head() {
     bounded(60, async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the client closed before its request ended");
-                head.extend_from_slice(&buf[..n]);
-            }
+        let (addr, _server) = serve_one(|mut s| async move {
+            read_head(&mut s).await;
             s.set_nodelay(true).unwrap();
             for part in [
                 "HTTP/1.1 401 Unauthorized\r\n\r\n",
@@ -142,7 +133,8 @@ async fn stream_client_reports_a_refusals_body_that_came_after_its_head() {
                 s.write_all(part.as_bytes()).await.unwrap();
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-        });
+        })
+        .await;
         let Err(err) =
             WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default()).await
         else {

@@ -74,6 +74,18 @@ where
     (addr, task)
 }
 
+/// Reads an HTTP request head (up to its blank line) from `stream`.
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the client closed mid-head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
 /// Serves `app` with `axum::serve` on an ephemeral port.
 pub async fn axum_server(app: axum::Router) -> SocketAddr {
     let (listener, addr) = listen().await;
