@@ -24,6 +24,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
+mod common;
+use common::Chunks;
 use websocket_driver::protocol::frame::Status;
 use websocket_driver::protocol::handshake::{HeadLimits, RequestParser, validate_request};
 use websocket_driver::{
@@ -33,26 +36,6 @@ use websocket_driver::{
 const OFFERED: [&str; 2] = ["chat", "superchat"];
 /// What the client queues before the response comes.
 const EARLY: &str = "sent while connecting";
-
-/// Chunk sizes from a tiny LCG: 1..=mode bytes (so small modes drip the head byte by byte).
-struct Chunks {
-    mode: u8,
-    state: u32,
-}
-
-impl Chunks {
-    fn next(&mut self, left: usize) -> usize {
-        if self.mode == 0 {
-            return left;
-        }
-        self.state = self.state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let max = match self.mode {
-            1..=127 => self.mode as usize,
-            _ => (self.mode as usize - 127) * 64,
-        };
-        (1 + (self.state >> 16) as usize % max).min(left)
-    }
-}
 
 /// An event as compared between runs (the opening's agreement included).
 #[derive(Debug, PartialEq)]

@@ -1,7 +1,10 @@
-//! What the `stream` and `deflate` targets share: the fuzz input read as a list of
-//! operation arguments (bytes taken from the front, payloads padded when the input runs
-//! short, so long payloads need no long inputs), and a real opening handshake between a
-//! client and a server driver.
+//! What the targets share: the handshake targets' read chunking (`Chunks`); for `stream`
+//! and `deflate`, the fuzz input read as a list of operation arguments (bytes taken from
+//! the front, payloads padded when the input runs short, so long payloads need no long
+//! inputs), and a real opening handshake between a client and a server driver.
+
+// Each target uses part of this.
+#![allow(dead_code)]
 
 use websocket_driver::protocol::frame::Status;
 use websocket_driver::protocol::handshake::{HeadLimits, RequestParser};
@@ -10,7 +13,6 @@ use websocket_driver::{Driver, Options};
 /// A client and a server driver with `options`: the client's request went through the
 /// server's parser and `make_server`, and both started. The server's 101 response is its
 /// pending output, not yet read by the client.
-#[allow(dead_code)] // `stream` uses `handshake_with`.
 pub fn handshake(options: &Options) -> (Driver, Driver) {
     handshake_with(options, options)
 }
@@ -70,5 +72,25 @@ impl<'a> Input<'a> {
     /// `len` bytes, padded with `fill`.
     pub fn payload(&mut self, len: usize, fill: u8) -> Vec<u8> {
         self.padded(len, |_| fill)
+    }
+}
+
+/// Chunk sizes from a tiny LCG: 1..=mode bytes (so small modes drip the head byte by byte).
+pub struct Chunks {
+    pub mode: u8,
+    pub state: u32,
+}
+
+impl Chunks {
+    pub fn next(&mut self, left: usize) -> usize {
+        if self.mode == 0 {
+            return left;
+        }
+        self.state = self.state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let max = match self.mode {
+            1..=127 => self.mode as usize,
+            _ => (self.mode as usize - 127) * 64,
+        };
+        (1 + (self.state >> 16) as usize % max).min(left)
     }
 }

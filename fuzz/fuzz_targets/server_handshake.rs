@@ -12,6 +12,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
+mod common;
+use common::Chunks;
 use websocket_driver::protocol::frame::Status;
 use websocket_driver::protocol::handshake::{
     self, HeadLimits, RequestParser, select_protocol, validate_request,
@@ -22,26 +25,6 @@ const LIMITS: HeadLimits = HeadLimits {
     max_size: 4096,
     max_headers: 32,
 };
-
-/// Chunk sizes from a tiny LCG: 1..=mode bytes (so small modes drip the head byte by byte).
-struct Chunks {
-    mode: u8,
-    state: u32,
-}
-
-impl Chunks {
-    fn next(&mut self, left: usize) -> usize {
-        if self.mode == 0 {
-            return left;
-        }
-        self.state = self.state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-        let max = match self.mode {
-            1..=127 => self.mode as usize,
-            _ => (self.mode as usize - 127) * 64,
-        };
-        (1 + (self.state >> 16) as usize % max).min(left)
-    }
-}
 
 fn drain(driver: &mut Driver, input: &mut [u8]) {
     let total = input.len();
