@@ -85,7 +85,7 @@ fn destination_offset(src: *const u8, dst_base: *const u8) -> usize {
 fn bench_unmask(c: &mut Criterion) {
     let mut group = c.benchmark_group("unmask");
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    for &len in &[64, 4 * KIB, 16 * KIB, MIB] {
+    for &len in &[64, 512, 4 * KIB, 16 * KIB, MIB] {
         group.throughput(Throughput::Bytes(len as u64));
         // A u64 backing store makes byte 0 8-byte aligned for sure; byte 1 then is not.
         let mut words = vec![0u64; len / 8 + 2];

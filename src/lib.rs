@@ -21,8 +21,8 @@
 //! client.send_text("Hi").unwrap(); // queued until the handshake completes
 //! ```
 
-// `unsafe` is allowed only in `reactor::uring` (kernel-shared memory) and in one call of
-// the unmask kernel (`protocol::mask::apply_mask`, entering its AVX2 build after the CPU
+// `unsafe` is allowed only in `reactor::uring` (kernel-shared memory) and in the unmask
+// kernel's dispatch (`protocol::mask`, entering its AVX-512 or AVX2 build after the CPU
 // check), each block with a `// SAFETY:` comment; the rest of the protocol layer is safe.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
