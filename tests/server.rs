@@ -710,31 +710,23 @@ fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-/// After the close handshake the server closes TCP first and keeps reading until the
-/// peer's FIN (RFC 6455 §7.1.1): bytes the peer sends after our FIN are read and dropped,
-/// and the peer's FIN ends the connection at once rather than the linger timer.
+/// A server that ends a connection the peer has not closed (here a protocol error) closes
+/// TCP first and keeps reading until the peer's FIN (RFC 6455 §7.1.1): bytes the peer
+/// sends after our FIN are read and dropped, and the peer's FIN ends the connection at
+/// once rather than the linger timer.
 fn lingering_close_reads_until_the_peers_fin(backend: Backend) {
-    let senders = Arc::new(Mutex::new(Vec::new()));
-    let registry = senders.clone();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(config(backend))
-        .start(move |_| Upgrade::Accept(Register(registry.clone())))
-        .unwrap();
+    let server = start_echo(config(backend));
     let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-    assert!(eventually(Duration::from_secs(5), || senders
-        .lock()
-        .unwrap()
-        .len()
-        == 1));
-    senders.lock().unwrap()[0]
-        .close_connection(1000, "bye")
+    // A masked frame with the reserved opcode 3: the server fails the connection (1002)
+    // without a Close from us.
+    client
+        .stream
+        .write_all(&[0x83, 0x81, 1, 2, 3, 4, b'x' ^ 1])
         .unwrap();
-    // The close frame; the client's driver answers it at once.
-    assert_eq!(
+    assert!(matches!(
         client.next_event().unwrap(),
-        Owned::Close(1000, "bye".into())
-    );
+        Owned::Close(1002, _)
+    ));
     assert!(client.wait_eof(), "the server's FIN");
     // Half-closed: the server's side is done, ours still sends; then our FIN.
     client.stream.write_all(&[0u8; 64 * 1024]).unwrap();
@@ -746,6 +738,51 @@ fn lingering_close_reads_until_the_peers_fin(backend: Backend) {
         .stats()
         .connections_open
         == 0));
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// Once the peer's Close has arrived (it sends nothing after it) and ours is written,
+/// the server closes the socket at once, whichever side started the close: it does not
+/// linger for the peer's FIN, which here never comes (the 2 s linger would otherwise hold
+/// the connection).
+fn a_peers_close_ends_the_connection_without_lingering(backend: Backend) {
+    struct CloseOnRequest;
+    impl Handler for CloseOnRequest {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            if message.as_text() == Some("close me") {
+                ws.close_connection(1000, "bye").unwrap();
+            }
+        }
+    }
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config(backend))
+        .start(|_| Upgrade::Accept(CloseOnRequest))
+        .unwrap();
+    // The client starts the close.
+    let mut first = TestClient::connect(server.local_addr(), "/").unwrap();
+    first.driver.close_connection(1000, "done").unwrap();
+    first.flush().unwrap();
+    assert_eq!(
+        first.next_event().unwrap(),
+        Owned::Close(1000, String::new())
+    );
+    assert!(first.wait_eof(), "the server's FIN");
+    // The server starts it; our driver answers its Close at once.
+    let mut second = TestClient::connect(server.local_addr(), "/").unwrap();
+    second.send_text("close me").unwrap();
+    assert_eq!(
+        second.next_event().unwrap(),
+        Owned::Close(1000, "bye".into())
+    );
+    assert!(second.wait_eof(), "the server's FIN");
+    // Neither client closes its side, yet both connections are gone well before the
+    // linger timer.
+    assert!(eventually(Duration::from_secs(1), || server
+        .stats()
+        .connections_open
+        == 0));
+    drop((first, second));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -908,6 +945,7 @@ on_every_backend!(
     idle_timeout_pings_then_closes_a_silent_peer,
     write_and_pong_callbacks_run_and_are_dropped_on_close,
     lingering_close_reads_until_the_peers_fin,
+    a_peers_close_ends_the_connection_without_lingering,
     messages_echoed_by_value_arrive_whole_and_in_order,
     a_backlog_burst_leaves_room_for_open_connections,
 );

@@ -236,6 +236,8 @@ pub struct Driver {
     #[allow(clippy::box_collection)] // one pointer inline instead of four words
     events: Option<Box<VecDeque<Event<'static>>>>,
     close_reported: bool,
+    /// The peer's Close frame arrived: it sends nothing more (RFC 6455 §5.5.1).
+    close_received: bool,
 }
 
 /// What the opening handshake agreed on beyond RFC 6455.
@@ -264,6 +266,7 @@ impl Driver {
             shared: None,
             events: None,
             close_reported: false,
+            close_received: false,
         }
     }
 
@@ -446,6 +449,13 @@ impl Driver {
             self.events = None;
         }
         event
+    }
+
+    /// Whether the peer's Close frame arrived. A peer sends nothing after it, so a
+    /// transport may close at once once its own output is written, without waiting for
+    /// the peer's FIN first.
+    pub(crate) fn close_received(&self) -> bool {
+        self.close_received
     }
 
     /// Queues the `Close` event, the first time only.

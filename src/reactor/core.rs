@@ -27,7 +27,9 @@
 //! Connection phases: `Active` (the session sees everything) → `Lingering` (all output
 //! written, our FIN sent, waiting for the peer's FIN or [`LINGER`]) → `Closing` (the
 //! session got `closed`; the slab entry waits until the backend holds no operation on the
-//! socket, then is freed and the socket closed).
+//! socket, then is freed and the socket closed). A session that knows the peer sends
+//! nothing more (`CloseRequest::AfterFlushPeerDone`: a server that got the peer's Close)
+//! goes from `Active` to `Closing` once its output is written, with no lingering.
 
 use std::cell::Cell;
 use std::io;
@@ -71,7 +73,7 @@ struct Conn<T, K> {
     generation: u32,
     deadline: Deadline,
     phase: Phase,
-    /// `CLOSE_REQUESTED`, `WRITE_BLOCKED`, `DIRTY`, `READING`: one byte, so that io_uring's
+    /// `CLOSE_REQUESTED`, `NO_LINGER`, `WRITE_BLOCKED`, `DIRTY`, `READING`: one byte, so that io_uring's
     /// 8-byte socket state fits the same slab entry size as epoll's 4-byte one.
     flags: u8,
 }
@@ -84,6 +86,8 @@ const WRITE_BLOCKED: u8 = 2;
 const DIRTY: u8 = 4;
 /// The loop reads from the socket (not while the output is over the limit).
 const READING: u8 = 8;
+/// With `CLOSE_REQUESTED`: the peer sends nothing more, so close without lingering.
+const NO_LINGER: u8 = 16;
 
 impl<T, K> Conn<T, K> {
     fn is(&self, flag: u8) -> bool {
@@ -517,7 +521,11 @@ impl<S: Service, B: Backend> Core<S, B> {
                 self.close_now(backend, key, None);
                 false
             }
-            CloseRequest::AfterFlush => {
+            CloseRequest::AfterFlush | CloseRequest::AfterFlushPeerDone => {
+                // A close already requested with lingering keeps it.
+                let lingers = conn.is(CLOSE_REQUESTED) && !conn.is(NO_LINGER);
+                let peer_done = effects.close == CloseRequest::AfterFlushPeerDone;
+                conn.set(NO_LINGER, peer_done && !lingers);
                 conn.set(CLOSE_REQUESTED, true);
                 self.mark_dirty(key);
                 true
@@ -570,6 +578,11 @@ impl<S: Service, B: Backend> Core<S, B> {
                     self.call(backend, key, self.now(), |service, session, io| {
                         service.drained(session, io)
                     });
+                } else if conn.is(NO_LINGER) {
+                    // The peer's Close arrived and ours is written: nothing is left to
+                    // read, so closing the socket sends a FIN, not a reset, and the
+                    // server still closes TCP first (RFC 6455 §7.1.1).
+                    self.close_now(backend, key, None);
                 } else if conn.is(CLOSE_REQUESTED) {
                     // The server closes TCP first (RFC 6455 §7.1.1), then reads until the
                     // peer's FIN, so unread bytes do not turn the close into a reset.

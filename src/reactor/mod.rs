@@ -127,6 +127,10 @@ pub(crate) enum CloseRequest {
     Keep,
     /// Close once everything queued is written (the loop lingers for the peer's FIN).
     AfterFlush,
+    /// Close once everything queued is written, without lingering: the peer has said it
+    /// sends nothing more (its Close frame arrived), so no unread byte can turn the close
+    /// into a reset.
+    AfterFlushPeerDone,
     /// Close the socket now.
     Now,
 }
@@ -176,6 +180,7 @@ impl<'a, C> Io<'a, C> {
     }
 
     /// Asks the loop to close after flushing (or at once with [`CloseRequest::Now`]).
+    /// The first request stands, except that `Now` overrides any other.
     pub fn close(&mut self, how: CloseRequest) {
         if how == CloseRequest::Now || self.effects.close == CloseRequest::Keep {
             self.effects.close = how;

@@ -380,7 +380,20 @@ where
         }
         conn.timers.buffered(io.now, over, &timer_config);
         if state == ReadyState::Closed {
-            io.close(CloseRequest::AfterFlush);
+            // A server whose peer sent its Close needs no lingering for the peer's FIN. A
+            // client waits for the server to close TCP (RFC 6455 §7.1.1), and over TLS
+            // the peer's close_notify may still come.
+            #[cfg(feature = "tls")]
+            let plain = conn.tls.is_none();
+            #[cfg(not(feature = "tls"))]
+            let plain = true;
+            let peer_done = plain
+                && driver.close_received()
+                && driver.role() == crate::protocol::driver::Role::Server;
+            io.close(match peer_done {
+                true => CloseRequest::AfterFlushPeerDone,
+                false => CloseRequest::AfterFlush,
+            });
             conn.timers.closed();
         }
         io.set_deadline(conn.timers.poll_timeout());

@@ -475,6 +475,7 @@ impl Driver {
                     };
                     self.push_frame(OpCode::Close, echo);
                 }
+                self.close_received = true;
                 self.stop();
                 self.queue_close(close_code, reason);
                 // Nothing else is queued while frames are parsed, so this is the Close.
