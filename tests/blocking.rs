@@ -177,6 +177,34 @@ fn client_close_gets_reply_then_tcp_close() {
     assert_eq!(client.read_to_eof(), Vec::<u8>::new());
 }
 
+/// Once the client's Close has arrived and the server's is written, the connection ends
+/// at once: `serve_connection` returns without waiting for the client's FIN (the 2 s
+/// linger it keeps for peers that did not close).
+#[test]
+fn serve_connection_returns_after_the_close_handshake_without_the_peers_fin() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let result = websocket_driver::blocking::serve_connection(
+            stream,
+            &Options::default(),
+            websocket_driver::blocking::Timeouts::default(),
+            &|_, _| {},
+        );
+        done_tx.send(result.is_ok()).unwrap();
+    });
+    let mut client = Client::connect(addr);
+    client.driver.close_connection(1000, "bye").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
+    assert_eq!(client.read_to_eof(), Vec::<u8>::new());
+    // Our socket stays open (no FIN from us), yet the server is done well before 2 s.
+    assert_eq!(done_rx.recv_timeout(Duration::from_secs(1)), Ok(true));
+    drop(client);
+}
+
 #[test]
 fn server_close_from_handler_is_completed() {
     let addr = start_server(Options::default(), |_, ws| {

@@ -401,6 +401,11 @@ fn run_connection(
     }
     drop(poll);
     drop(conn);
+    if ws.driver().close_received() {
+        // The peer sends nothing after its Close: closing now sends a FIN, not a reset,
+        // and frees this thread without waiting for the peer's FIN.
+        return Ok(());
+    }
     linger.set_nonblocking(false)?;
     linger_close(linger)
 }
