@@ -663,7 +663,9 @@ impl<S: Service, B: Backend> Core<S, B> {
             let _ = stream.shutdown(std::net::Shutdown::Both);
             return;
         }
-        let _ = stream.set_nodelay(true);
+        if init.is_some() || !NODELAY_INHERITED {
+            let _ = stream.set_nodelay(true);
+        }
         // A fresh reading: a turn that accepts or connects many sockets can last long
         // enough that its start would make this connection's first deadline early.
         let now = Instant::now();
@@ -756,6 +758,18 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 }
 
+/// Whether accepted sockets inherit `TCP_NODELAY` from their listener, so that setting
+/// it once on the listener ([`set_listener_nodelay`]) saves a `setsockopt` per
+/// connection. Linux copies it with the rest of the listener's TCP state
+/// (`loop_listeners_pass_nodelay_to_accepted_sockets` checks it on the running kernel);
+/// elsewhere each accepted socket gets its own call.
+const NODELAY_INHERITED: bool = cfg!(target_os = "linux");
+
+/// Sets `TCP_NODELAY` on a loop's listener, for the sockets it accepts.
+fn set_listener_nodelay(listener: &TcpListener) -> io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 /// A loop's thread; it ends with the loop's result.
 pub(crate) type LoopThread = std::thread::JoinHandle<io::Result<()>>;
 
@@ -779,6 +793,9 @@ where
     S: Service + Send,
     B: Backend,
 {
+    if let Some(listener) = &listener {
+        set_listener_nodelay(listener)?;
+    }
     let (prepared, waker) = B::prepare()?;
     let (remote, connector, inbox) = super::channel(waker);
     let loop_remote = remote.clone();
@@ -795,4 +812,33 @@ where
         connector,
         thread,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `NODELAY_INHERITED` relies on, checked on the kernel the tests run on: a
+    /// socket accepted from a listener that went through `set_listener_nodelay` has
+    /// `TCP_NODELAY` already, and one from a plain listener does not (so the check can
+    /// fail: Nagle is on by default).
+    #[test]
+    fn loop_listeners_pass_nodelay_to_accepted_sockets() {
+        let accepted_nodelay = |prepare: bool| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            if prepare {
+                set_listener_nodelay(&listener).unwrap();
+            }
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            accepted.nodelay().unwrap()
+        };
+        assert!(
+            !accepted_nodelay(false),
+            "a plain listener's sockets use Nagle"
+        );
+        if NODELAY_INHERITED {
+            assert!(accepted_nodelay(true), "inherited from the listener");
+        }
+    }
 }
