@@ -287,15 +287,18 @@ impl Backend for Uring {
     }
 
     fn detach(&mut self, key: usize, socket: &mut Socket) {
-        // Makes an in-flight send fail fast and the receive end; the cancel makes sure.
-        // With neither in flight (the peer's EOF ended the receive: most closes) there is
-        // nothing to stop, and closing the socket does the rest: no syscall for it.
-        if !Self::is_idle(socket) {
-            let _ = socket.stream.shutdown(Shutdown::Both);
+        // An armed receive ends with its cancel, queued in the ring (a server that closes
+        // after the peer's Close, without waiting for its FIN, has one). A send in flight
+        // may wait on a full socket buffer: the shutdown makes it fail fast, and it also
+        // ends the receive if its cancel cannot be queued. With neither in flight (the
+        // peer's EOF ended the receive) there is nothing to stop, and closing the socket
+        // does the rest: no syscall for it.
+        let mut stop = socket.ops.is_sending();
+        if socket.ops.is_receiving() && self.ring.cancel_recv(key).is_err() {
+            stop = true;
         }
-        if socket.ops.is_receiving() {
-            // If the cancel cannot be queued, the shutdown above still ends the receive.
-            let _ = self.ring.cancel_recv(key);
+        if stop {
+            let _ = socket.stream.shutdown(Shutdown::Both);
         }
         // The table lets go of the socket (operations under way keep theirs), so it closes
         // with its descriptor; and the key's slot is free for the next connection. Later
