@@ -7,7 +7,7 @@
 //!   SSE2 code on x86_64 by itself; the unaligned head and tail go through the scalar one;
 //! - on x86_64 CPUs with AVX-512F or AVX2 (detected at run time, once), the same word loop
 //!   compiled for 512- or 256-bit registers, started on a cache line from 1 KiB up. This
-//!   is the crate's one `unsafe` outside the reactor: calling a `#[target_feature]`
+//!   is the crate's only `unsafe` outside the reactor: calling a `#[target_feature]`
 //!   function, after the check. `benches/protocol.rs` (`unmask`) gives the figures: at
 //!   16 KiB the word loop moves about 25 bytes per nanosecond, the AVX2 build about 55 and
 //!   the AVX-512 build 75–110, which matters because a server unmasks every byte it

@@ -73,8 +73,9 @@ struct Conn<T, K> {
     generation: u32,
     deadline: Deadline,
     phase: Phase,
-    /// `CLOSE_REQUESTED`, `NO_LINGER`, `WRITE_BLOCKED`, `DIRTY`, `READING`: one byte, so that io_uring's
-    /// 8-byte socket state fits the same slab entry size as epoll's 4-byte one.
+    /// `CLOSE_REQUESTED`, `NO_LINGER`, `WRITE_BLOCKED`, `DIRTY`, `READING`: one byte, so
+    /// that io_uring's 8-byte socket state fits the same slab entry size as epoll's 4-byte
+    /// one.
     flags: u8,
 }
 
