@@ -25,10 +25,18 @@ declare -A RES
 for r in $(seq 1 "$R"); do
   for spec in "$@"; do
     label=${spec%%=*}; cmd=${spec#*=}
-    PORT=$((20000 + RANDOM % 20000))
-    # shellcheck disable=SC2086 # COMMAND is a command line
-    taskset -c 0 $cmd --addr 127.0.0.1:$PORT --threads 1 >"$SERVER_LOG" 2>&1 &
-    SP=$!; sleep 0.4
+    # A random port may be taken (a client's socket in TIME_WAIT holds it): the server
+    # then exits at once, and another port is tried.
+    for try in 1 2 3 4 5; do
+      PORT=$((20000 + RANDOM % 20000))
+      # shellcheck disable=SC2086 # COMMAND is a command line
+      taskset -c 0 $cmd --addr 127.0.0.1:$PORT --threads 1 >"$SERVER_LOG" 2>&1 &
+      SP=$!; sleep 0.4
+      kill -0 "$SP" 2>/dev/null && break
+      wait "$SP" 2>/dev/null || true
+      echo "ab.sh: $label did not start on port $PORT (try $try): $(head -c 200 "$SERVER_LOG")" >&2
+      [ "$try" = 5 ] && exit 1
+    done
     read -r u0 s0 < <(awk '{print $14, $15}' /proc/$SP/stat)
     # shellcheck disable=SC2086 # WSLOAD_EXTRA is a list of arguments
     out=$(taskset -c 1 "$WSLOAD" echo --url ws://127.0.0.1:$PORT/ --conns "$CONNS" \
