@@ -1,5 +1,6 @@
 //! The sans-IO protocol layer: RFC 6455 framing, handshake and the connection state
-//! machine. No IO, no clock, no threads; `unsafe` nowhere (the unmask kernel is safe code).
+//! machine. No IO, no clock, no threads; `unsafe` only where the unmask kernel enters its
+//! AVX-512 or AVX2 build after the CPU check (`mask`).
 
 pub mod deflate;
 pub mod driver;
