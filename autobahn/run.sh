@@ -57,8 +57,11 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+# wait_port PORT PID: waits until PORT accepts, failing if process PID (the one that should
+# listen there) has exited: another process on the port must not be tested in its place.
 wait_port() {
   for _ in $(seq 1 600); do
+    kill -0 "$2" 2>/dev/null || { echo "autobahn: the process for port $1 exited (port taken?)" >&2; return 1; }
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -96,7 +99,7 @@ if [ "$mode" = server ]; then
   cargo build --release --example echo
   ./target/release/examples/echo --addr "127.0.0.1:$port" --backend "$backend" --threads "$threads" $deflate &
   pids+=($!)
-  wait_port "$port"
+  wait_port "$port" "$!"
   outdir="autobahn/reports/server-$backend${deflate#--deflate}"
   rm -rf "$outdir"
   configure autobahn/fuzzingclient.json "$outdir" "websocket-driver-$backend"
@@ -114,7 +117,7 @@ else
   configure autobahn/fuzzingserver.json "$outdir" "$agent"
   (cd "$work" && exec "$AUTOBAHN_HOME/bin/wstest" -m fuzzingserver -s "$work/config.json" > "$work/wstest.log" 2>&1) &
   pids+=($!)
-  wait_port "$port"
+  wait_port "$port" "$!"
   ./target/release/examples/autobahn_client --url "ws://127.0.0.1:$port" --agent "$agent" $hosted \
     --backend "$backend" ${tokio_api:+--tokio "$tokio_api"} --deflate
   judge "$outdir"
