@@ -114,9 +114,6 @@ async fn tungstenite_client_against_stream_server() {
     .await;
 }
 
-/// The stream as a client, through the `Stream` and `Sink` impls: a burst queued with
-/// `feed` goes out on `flush`, the echoes come back in order, `close` starts the close
-/// handshake and the stream ends after the `Close` event.
 /// A server that refuses the upgrade with a body in two parts after its head, then
 /// closes: the client's error carries the whole body, not what came with the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,6 +146,9 @@ async fn stream_client_reports_a_refusals_body_that_came_after_its_head() {
     .await;
 }
 
+/// The stream as a client, through the `Stream` and `Sink` impls: a burst queued with
+/// `feed` goes out on `flush`, the echoes come back in order, `close` starts the close
+/// handshake and the stream ends after the `Close` event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_client_with_sink_and_stream() {
     bounded(60, async {

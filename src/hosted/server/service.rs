@@ -19,7 +19,7 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::protocol::driver::{Driver, Event, MessageType, ReadyState};
+use crate::protocol::driver::{Driver, Event, MessageType, ReadyState, Role};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::{FrameRun, SharedFrame, Status};
 use crate::protocol::handshake::{RequestParser, error_response};
@@ -387,9 +387,7 @@ where
             let plain = conn.tls.is_none();
             #[cfg(not(feature = "tls"))]
             let plain = true;
-            let peer_done = plain
-                && driver.close_received()
-                && driver.role() == crate::protocol::driver::Role::Server;
+            let peer_done = plain && driver.close_received() && driver.role() == Role::Server;
             io.close(match peer_done {
                 true => CloseRequest::AfterFlushPeerDone,
                 false => CloseRequest::AfterFlush,
