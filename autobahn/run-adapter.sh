@@ -3,10 +3,11 @@
 # the report with autobahn/check.py (every case OK/INFORMATIONAL: no NON-STRICT, no
 # FAILED, no UNIMPLEMENTED).
 #
-#   autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--core|--cases '1.*,2.*']
+#   autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--full|--sample|--core|--cases '1.*,2.*']
 #
 # The full suite (517 cases, permessage-deflate on in the testee) by default; --core runs
-# sections 1-10 (301 cases). Prints the run's wall time.
+# sections 1-10 (301 cases), --sample those and 86 of the deflate cases (387; the lists are
+# in autobahn/scopes.sh). Prints the run's wall time.
 #
 # tokio:        examples/echo_tokio.rs --api split (websocket_driver::tokio::accept over
 #               TcpStream: the connection task and the cloneable-sender API).
@@ -25,15 +26,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 adapter=""
-cases=""
-expect=517
+. autobahn/scopes.sh
+scope_cases full
 while [ $# -gt 0 ]; do
   case "$1" in
     --adapter) adapter=$2; shift 2 ;;
-    --cases) cases=$2; expect=""; shift 2 ;;
-    --core) cases="1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*"; expect=301; shift ;;
-    --full) cases=""; expect=517; shift ;;
-    *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--full|--core|--cases LIST]" >&2; exit 2 ;;
+    --cases) cases=$2; expect=""; scope=cases; shift 2 ;;
+    --core|--sample|--full) scope_cases "${1#--}"; shift ;;
+    *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--full|--sample|--core|--cases LIST]" >&2; exit 2 ;;
   esac
 done
 started=$(date +%s)
@@ -44,7 +44,7 @@ case "$adapter" in
   stream-next) example=echo_tokio; features=tokio; default_port=9106; args=(--api next) ;;
   hyper-stream) example=echo_hyper; features=hyper; default_port=9104; args=(--api recv) ;;
   axum) example=echo_axum; features=hyper; default_port=9105; args=() ;;
-  *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--full|--core|--cases LIST]" >&2; exit 2 ;;
+  *) echo "usage: autobahn/run-adapter.sh --adapter tokio|stream|stream-next|hyper|hyper-stream|axum [--full|--sample|--core|--cases LIST]" >&2; exit 2 ;;
 esac
 
 AUTOBAHN_HOME=${AUTOBAHN_HOME:-/opt/autobahn}
@@ -79,9 +79,7 @@ PY
 "$AUTOBAHN_HOME/bin/wstest" -m fuzzingclient -s "$work/config.json" > "$work/wstest.log" 2>&1 || {
   tail -20 "$work/wstest.log"; exit 1; }
 status=0
-# The counts are kept per runtime and scope (full suite or --core) in autobahn/results/.
-scope=${expect:-cases}
-scope=${scope/517/full}; scope=${scope/301/core}
+# The counts are kept per runtime and scope (full, sample, core, cases) in autobahn/results/.
 record="autobahn/results/$(basename "$outdir").$scope.txt"
 python3 autobahn/check.py "$outdir" ${expect:+--expect "$expect"} --record "$record" || status=$?
 echo "autobahn: $outdir: $(( $(date +%s) - started )) s wall time"

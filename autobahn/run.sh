@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Runs the Autobahn|Testsuite against this project and judges the report.
 #
-#   autobahn/run.sh [--backend auto|epoll|io-uring|blocking] [--threads N] [--core|--cases LIST]
+#   autobahn/run.sh [--backend auto|epoll|io-uring|blocking] [--threads N]
+#                   [--full|--sample|--core|--cases LIST]
 #                   [--deflate-takeover]
 #       server mode: wstest's fuzzingclient against examples/echo.rs --deflate
 #   autobahn/run.sh client [--hosted] [--backend auto|epoll|io-uring] [--tokio recv|next|split]
-#                          [--core|--cases LIST]
+#                          [--full|--sample|--core|--cases LIST]
 #       client mode: wstest's fuzzingserver driven by examples/autobahn_client.rs --deflate
 #       (BlockingClient; ClientReactor with --hosted; the tokio adapter's client with
 #       --tokio: WebSocketStream with recv or next, or the split API)
 #
 # By default the full suite runs: all 517 cases, sections 12-13 (permessage-deflate)
 # included, with deflate on in the testee. --core runs sections 1-10 only (301 cases);
-# --cases a list of its own. --deflate-takeover serves with context takeover both ways
+# --sample sections 1-10 and 86 of the deflate cases (387, what .ci/run runs; the lists are
+# in autobahn/scopes.sh); --cases a list of its own. --deflate-takeover serves with context takeover both ways
 # instead of the default (none). Prints the run's wall time.
 #
 # Installs the suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing, the way
@@ -26,8 +28,8 @@ mode=server
 if [ "${1:-}" = client ]; then mode=client; shift; fi
 backend=auto
 threads=2
-cases=""
-expect=517
+. autobahn/scopes.sh
+scope_cases full
 hosted=""
 tokio_api=""
 deflate=--deflate
@@ -35,13 +37,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --backend) backend=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
-    --cases) cases=$2; expect=""; shift 2 ;;
-    --core) cases="1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*"; expect=301; shift ;;
-    --full) cases=""; expect=517; shift ;;
+    --cases) cases=$2; expect=""; scope=cases; shift 2 ;;
+    --core|--sample|--full) scope_cases "${1#--}"; shift ;;
     --deflate-takeover) deflate=--deflate-takeover; shift ;;
     --hosted) hosted=--hosted; shift ;;
     --tokio) tokio_api=$2; shift 2 ;;
-    *) echo "usage: autobahn/run.sh [client] [--backend B] [--threads N] [--full|--core|--cases LIST] [--hosted] [--tokio recv|next|split] [--deflate-takeover]" >&2; exit 2 ;;
+    *) echo "usage: autobahn/run.sh [client] [--backend B] [--threads N] [--full|--sample|--core|--cases LIST] [--hosted] [--tokio recv|next|split] [--deflate-takeover]" >&2; exit 2 ;;
   esac
 done
 started=$(date +%s)
@@ -85,9 +86,7 @@ PY
 }
 judge() {
   local status=0
-  # The counts are kept per runtime and scope (full suite or --core) in autobahn/results/.
-  local scope=${expect:-cases}
-  scope=${scope/517/full}; scope=${scope/301/core}
+  # The counts are kept per runtime and scope (full, sample, core, cases) in autobahn/results/.
   python3 autobahn/check.py "$1" ${expect:+--expect "$expect"} \
     --record "autobahn/results/$(basename "$1").$scope.txt" || status=$?
   echo "autobahn: $1: $(( $(date +%s) - started )) s wall time"
