@@ -598,7 +598,8 @@ fn connect_proxy(
         {
             client
                 .write_all(
-                    b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                      Proxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n",
                 )
                 .unwrap();
             return head;
@@ -644,7 +645,7 @@ fn blocking_client_through_a_connect_proxy() {
         "{head}"
     );
 
-    // Wrong credentials: the proxy's 407 is a clear handshake error.
+    // Wrong credentials: the proxy's 407 is a clear handshake error, with its challenge.
     let (proxy, _) = connect_proxy(Some("bm90LXRoaXM="));
     let err = BlockingClient::new(&url, Options::default())
         .unwrap()
@@ -653,15 +654,21 @@ fn blocking_client_through_a_connect_proxy() {
         .start_connection()
         .unwrap_err();
     assert!(
-        matches!(err, Error::Handshake(HandshakeError::ProxyRefused(407))),
+        matches!(&err, Error::Handshake(HandshakeError::ProxyRefused { status: 407, authenticate })
+            if authenticate == "Basic realm=\"test\""),
         "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "handshake failed: the proxy refused the tunnel with status 407 \
+         (Proxy-Authenticate: Basic realm=\"test\")"
     );
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
 /// The hosted client through the same kind of proxy, on both backends: the tunnel opens,
 /// the handshake and messages run through it; a 407 reaches the handler as
-/// `ProxyRefused(407)` and a 1006 close.
+/// `ProxyRefused` (status 407, the proxy's challenge) and a 1006 close.
 fn hosted_client_through_a_connect_proxy(backend: Backend) {
     let server = echo_server();
     let url = format!("ws://{}/", server.local_addr());
@@ -718,7 +725,8 @@ fn hosted_client_through_a_connect_proxy(backend: Backend) {
     let seen = log.lock().unwrap().clone();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(
-        matches!(&seen[0], Seen::Error(e) if e.contains("407")),
+        matches!(&seen[0], Seen::Error(e)
+            if e.contains("status 407 (Proxy-Authenticate: Basic realm=\"test\")")),
         "{seen:?}"
     );
     assert!(matches!(&seen[1], Seen::Close(1006, _)), "{seen:?}");

@@ -1019,8 +1019,9 @@ async fn proxy_refusal_is_reported() {
                 connect_via_proxy(&url, &proxy_url, &Options::default(), &Config::default()).await;
             assert!(
                 matches!(
-                    refused,
-                    Err(Error::Handshake(HandshakeError::ProxyRefused(407)))
+                    &refused,
+                    Err(Error::Handshake(HandshakeError::ProxyRefused { status: 407, authenticate }))
+                        if authenticate == "Basic realm=\"test\""
                 ),
                 "{proxy_url}: {:?}",
                 refused.map(|_| ())

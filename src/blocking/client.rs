@@ -167,7 +167,8 @@ impl BlockingClient {
     /// Connects through an HTTP proxy with `CONNECT` (`http://[user:password@]host:port`,
     /// credentials sent as `Proxy-Authorization: Basic`; see [`Proxy::parse`]). The
     /// WebSocket handshake (and TLS for wss) then runs through the tunnel; a proxy answer
-    /// other than 2xx is `HandshakeError::ProxyRefused(status)`.
+    /// other than 2xx is `HandshakeError::ProxyRefused`, with its status and the proxy's
+    /// `Proxy-Authenticate`.
     pub fn proxy(mut self, proxy_url: &str) -> Result<BlockingClient, Error> {
         self.proxy = Some(Proxy::parse(proxy_url)?);
         Ok(self)

@@ -72,8 +72,8 @@ impl<H: Handler> ClientReactor<H> {
     /// (`http://[user:password@]host:port`, credentials sent as `Proxy-Authorization:
     /// Basic`; see [`Proxy::parse`]). The WebSocket handshake (and TLS for wss) runs through
     /// the tunnel; a proxy answer other than 2xx reaches the handler as
-    /// `HandshakeError::ProxyRefused(status)` and a 1006 close. [`Ws::peer_addr`] is the
-    /// proxy's address.
+    /// `HandshakeError::ProxyRefused` (status and challenges) and a 1006 close.
+    /// [`Ws::peer_addr`] is the proxy's address.
     ///
     /// [`Ws::peer_addr`]: crate::server::Ws::peer_addr
     pub fn proxy(mut self, proxy_url: &str) -> Result<ClientReactor<H>, Error> {

@@ -165,8 +165,14 @@ pub enum HandshakeError {
     AcceptMismatch,
     /// The connection ended before the handshake completed.
     Incomplete,
-    /// The HTTP proxy refused the `CONNECT` tunnel with this status.
-    ProxyRefused(u16),
+    /// The HTTP proxy refused the `CONNECT` tunnel.
+    ProxyRefused {
+        /// The proxy's HTTP status (407: credentials missing or wrong).
+        status: u16,
+        /// The proxy's `Proxy-Authenticate` challenges (the schemes and realms it accepts),
+        /// joined by ", " when it sent several; empty when it sent none.
+        authenticate: String,
+    },
 }
 
 impl HandshakeError {
@@ -210,9 +216,19 @@ impl fmt::Display for HandshakeError {
                 f.write_str("Sec-WebSocket-Accept does not match the key")
             }
             HandshakeError::Incomplete => f.write_str("connection closed during the handshake"),
-            HandshakeError::ProxyRefused(s) => {
-                write!(f, "the proxy refused the tunnel with status {s}")
+            HandshakeError::ProxyRefused {
+                status,
+                authenticate,
+            } if authenticate.is_empty() => {
+                write!(f, "the proxy refused the tunnel with status {status}")
             }
+            HandshakeError::ProxyRefused {
+                status,
+                authenticate,
+            } => write!(
+                f,
+                "the proxy refused the tunnel with status {status} (Proxy-Authenticate: {authenticate})"
+            ),
         }
     }
 }

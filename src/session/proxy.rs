@@ -142,8 +142,9 @@ impl Proxy {
 /// - `Ok(Status::Partial)`: incomplete; nothing consumed. Read more, append, call again.
 /// - `Ok(Status::Complete(status, used))`: a 2xx; the tunnel is open and `input[used..]`
 ///   already belongs to it.
-/// - `Err(HandshakeError::ProxyRefused(status))`: any other status (407 when the
-///   credentials are missing or wrong).
+/// - `Err(HandshakeError::ProxyRefused { status, authenticate })`: any other status (407
+///   when the credentials are missing or wrong), with the proxy's `Proxy-Authenticate`
+///   challenges (at most [`MAX_AUTHENTICATE`] bytes of them, cut at a character).
 /// - `Err(MalformedHttp | TooManyHeaders | HeadTooLarge)`: not an HTTP response, or a head
 ///   over [`MAX_RESPONSE_HEAD`] bytes.
 pub fn parse_response(input: &[u8]) -> Result<Status<u16>, HandshakeError> {
@@ -156,7 +157,10 @@ pub fn parse_response(input: &[u8]) -> Result<Status<u16>, HandshakeError> {
             if (200..300).contains(&status) {
                 Ok(Status::Complete(status, used))
             } else {
-                Err(HandshakeError::ProxyRefused(status))
+                Err(HandshakeError::ProxyRefused {
+                    status,
+                    authenticate: challenges(response.headers),
+                })
             }
         }
         Ok(httparse::Status::Partial) if input.len() >= MAX_RESPONSE_HEAD => {
@@ -172,6 +176,33 @@ pub fn parse_response(input: &[u8]) -> Result<Status<u16>, HandshakeError> {
             "proxy response: {e}"
         ))),
     }
+}
+
+/// The most bytes of `Proxy-Authenticate` a refusal keeps: challenges are a scheme and a
+/// few parameters, and the error must stay small whatever the proxy sends.
+pub const MAX_AUTHENTICATE: usize = 1024;
+
+/// A refusal's `Proxy-Authenticate` values, joined by ", " (RFC 9110 allows either form
+/// of a list), lossily decoded and cut to [`MAX_AUTHENTICATE`] bytes.
+fn challenges(headers: &[httparse::Header<'_>]) -> String {
+    let mut joined = String::new();
+    for header in headers {
+        if !header.name.eq_ignore_ascii_case("proxy-authenticate") {
+            continue;
+        }
+        if !joined.is_empty() {
+            joined.push_str(", ");
+        }
+        joined.push_str(String::from_utf8_lossy(header.value).trim());
+    }
+    if joined.len() > MAX_AUTHENTICATE {
+        let mut cut = MAX_AUTHENTICATE;
+        while !joined.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        joined.truncate(cut);
+    }
+    joined
 }
 
 #[cfg(test)]
@@ -276,19 +307,49 @@ mod tests {
         );
     }
 
+    fn refused(status: u16, authenticate: &str) -> Result<Status<u16>, HandshakeError> {
+        Err(HandshakeError::ProxyRefused {
+            status,
+            authenticate: authenticate.to_owned(),
+        })
+    }
+
     #[test]
-    fn refusals_carry_the_status() {
+    fn refusals_carry_the_status_and_the_challenges() {
         let head = b"HTTP/1.1 407 Proxy Authentication Required\r\n\
                      Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(parse_response(head), Err(HandshakeError::ProxyRefused(407)));
+        assert_eq!(parse_response(head), refused(407, "Basic realm=\"x\""));
+        // Several headers, in order, any case; other headers are not challenges.
+        let head = b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                     proxy-authenticate: Negotiate\r\nWWW-Authenticate: Bearer\r\n\
+                     PROXY-AUTHENTICATE:  Basic realm=\"corp\" \r\n\r\n";
+        assert_eq!(
+            parse_response(head),
+            refused(407, "Negotiate, Basic realm=\"corp\"")
+        );
         assert_eq!(
             parse_response(b"HTTP/1.1 502 Bad Gateway\r\n\r\n"),
-            Err(HandshakeError::ProxyRefused(502))
+            refused(502, "")
         );
         assert_eq!(
             parse_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
-            Err(HandshakeError::ProxyRefused(101))
+            refused(101, "")
         );
+    }
+
+    #[test]
+    fn challenges_are_cut_at_the_limit_on_a_character() {
+        let head = |value: &str| {
+            format!("HTTP/1.1 407 No\r\nProxy-Authenticate: {value}\r\n\r\n").into_bytes()
+        };
+        let at_limit = "a".repeat(MAX_AUTHENTICATE);
+        assert_eq!(parse_response(&head(&at_limit)), refused(407, &at_limit));
+        let over = "a".repeat(MAX_AUTHENTICATE + 1);
+        assert_eq!(parse_response(&head(&over)), refused(407, &at_limit));
+        // A two-byte character across the limit goes whole.
+        let straddling = format!("{}é", "a".repeat(MAX_AUTHENTICATE - 1));
+        let kept = "a".repeat(MAX_AUTHENTICATE - 1);
+        assert_eq!(parse_response(&head(&straddling)), refused(407, &kept));
     }
 
     #[test]

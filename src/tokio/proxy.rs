@@ -23,10 +23,10 @@ use crate::session::proxy::{MAX_RESPONSE_HEAD, Proxy, parse_response};
 /// `proxy` is `http://[user:password@]host[:port]` (as for
 /// [`BlockingClient::proxy`](crate::client::BlockingClient::proxy)); credentials go out as
 /// `Proxy-Authorization: Basic`. A proxy that refuses (407 for missing or wrong
-/// credentials) fails with [`HandshakeError::ProxyRefused`] and its status. Connecting to
-/// the proxy, the tunnel and the WebSocket handshake each have
-/// [`Config::handshake_timeout`]. For `wss://`, connect and [`tunnel`] yourself, then run
-/// TLS and [`client`](super::client) over the stream.
+/// credentials) fails with [`HandshakeError::ProxyRefused`]: its status and its
+/// `Proxy-Authenticate` challenges. Connecting to the proxy, the tunnel and the WebSocket
+/// handshake each have [`Config::handshake_timeout`]. For `wss://`, connect and
+/// [`tunnel`] yourself, then run TLS and [`client`](super::client) over the stream.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), websocket_driver::Error> {
