@@ -24,10 +24,9 @@ pub(crate) enum Written {
 
 /// An IO backend: the part of an event loop that differs between epoll and io_uring.
 ///
-/// The core calls `attach` / `write` / `finish_writes` / `detach` / `release` for one
-/// connection and `resume_accepting` / `stop_accepting` for the listener; the backend
-/// calls the core's `on_*` methods from `wait` (and from `resume_accepting`), passing
-/// itself along.
+/// The core calls `attach` / `write` / `finish_writes` / `detach` for one connection and
+/// `resume_accepting` / `stop_accepting` for the listener; the backend calls the core's
+/// `on_*` methods from `wait` (and from `resume_accepting`), passing itself along.
 pub(crate) trait Backend: Sized + 'static {
     /// Per-connection IO state, stored in the core's slab entry.
     type Socket;
@@ -57,11 +56,8 @@ pub(crate) trait Backend: Sized + 'static {
     /// Sends our FIN (everything queued is written).
     fn finish_writes(&mut self, socket: &mut Self::Socket);
     /// Stops all IO on the socket and drops the kernel's registration of it, if any; it is
-    /// closed when the slab entry is freed ([`Backend::release`]).
+    /// closed when the slab entry is freed.
     fn detach(&mut self, key: usize, socket: &mut Self::Socket);
-    /// Closes the socket of a freed connection: detached, and no kernel operation refers
-    /// to it any more ([`Backend::is_idle`]).
-    fn release(&mut self, socket: Self::Socket);
     /// Stops reading from the socket (its output is over the limit): data stays in the
     /// kernel and TCP flow control slows the peer.
     fn pause_reading(&mut self, key: usize, socket: &mut Self::Socket);

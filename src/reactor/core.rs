@@ -381,13 +381,13 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 
     /// An operation on `key`'s socket ended: free a closing connection that has none left.
-    pub fn on_released(&mut self, backend: &mut B, key: usize) {
+    pub fn on_released(&mut self, key: usize) {
         if self
             .conns
             .get(key)
             .is_some_and(|c| c.phase == Phase::Closing && B::is_idle(&c.socket))
         {
-            backend.release(self.conns.remove(key).socket);
+            self.conns.remove(key);
         }
     }
 
@@ -731,7 +731,7 @@ impl<S: Service, B: Backend> Core<S, B> {
         if let Some(conn) = self.conns.get_mut(key) {
             backend.detach(key, &mut conn.socket);
         }
-        self.on_released(backend, key);
+        self.on_released(key);
     }
 
     fn close_all(&mut self, backend: &mut B) {

@@ -170,16 +170,11 @@ impl Backend for Epoll {
     }
 
     fn detach(&mut self, _key: usize, _stream: &mut TcpStream) {
-        // Nothing: an epoll socket is never busy (`is_idle`), so the core releases it right
+        // Nothing: an epoll socket is never busy (`is_idle`), so the core drops it right
         // after this, and closing the only descriptor of a socket takes it out of the
         // epoll set (kqueue: its filters) with no `epoll_ctl` of its own. Events already
         // harvested this turn for the key are dropped by the core (the connection is
         // gone), and the key is not reused before the turn's accepts and connects.
-    }
-
-    fn release(&mut self, stream: TcpStream) {
-        // A `close` (see `detach`).
-        drop(stream);
     }
 
     fn pause_reading(&mut self, _key: usize, _: &mut TcpStream) {

@@ -309,10 +309,6 @@ impl Backend for Uring {
         }
     }
 
-    fn release(&mut self, socket: Socket) {
-        self.ring.close_socket(socket.stream);
-    }
-
     fn pause_reading(&mut self, key: usize, socket: &mut Socket) {
         // Receives already completed still arrive (the session holds them back); the
         // cancel's completion ends the multishot receive.
@@ -480,7 +476,7 @@ impl Uring {
             } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
                 core.on_read_error(self, key, io::Error::from_raw_os_error(-result));
             }
-            core.on_released(self, key);
+            core.on_released(key);
             return Ok(());
         }
         match self.ring.op(op) {
@@ -563,7 +559,7 @@ impl Uring {
             // Write on: the session may have queued more while this send was in flight.
             core.on_writable(key);
         }
-        core.on_released(self, key);
+        core.on_released(key);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -191,10 +191,6 @@ const RECV: u64 = 1 << 63;
 /// failed one completes (see [`Ring::update_slot`]).
 const SLOT_UPDATE: u64 = 1 << 62;
 
-/// `user_data` of a socket's close: this bit and the descriptor. Only a failed one
-/// completes (see [`Ring::close_socket`]).
-const CLOSE: u64 = 1 << 61;
-
 /// One reaped completion.
 pub(crate) struct Completion {
     /// The op table entry (`usize::MAX` for a receive: see `recv`).
@@ -306,26 +302,6 @@ impl Ring {
         self.push(entry)
     }
 
-    /// Closes a freed connection's socket with the next submission, instead of a `close`
-    /// syscall of its own: one syscall less per connection. No operation may refer to the
-    /// socket any more. Like a slot update it completes only if it fails (so only where
-    /// the kernel has the registered-socket table, and with it `CQE_SKIP_SUCCESS`); on
-    /// older kernels, or if the submission queue cannot take it, the socket closes now.
-    pub fn close_socket(&mut self, stream: TcpStream) {
-        if self.slots == 0 {
-            return;
-        }
-        let fd = stream.as_raw_fd();
-        let entry = opcode::Close::new(Fd(fd))
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(CLOSE | fd as u64);
-        if self.push(entry).is_ok() {
-            // The kernel closes the descriptor: it is not ours to close any more.
-            let _ = stream.into_raw_fd();
-        }
-    }
-
     /// Queues an SQE for op `op`; when the submission queue is full, hands it to the
     /// kernel first.
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
@@ -335,9 +311,8 @@ impl Ring {
             // boxed `msghdr` and iovecs of a `sendmsg`, rebuilt only by `resend` between a
             // completion and the next submission; wake buffers) or by a registered
             // `BufRing`, and outlives the operation (a slot update reads a cell of the
-            // ring's own `slot_fds`, or a static, when it is submitted; a close reads no
-            // memory): ops are only removed by `finish`, after their final completion was
-            // reaped.
+            // ring's own `slot_fds`, or a static, when it is submitted): ops are only removed by `finish`,
+            // after their final completion was reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -512,16 +487,6 @@ impl Ring {
                 let slot = data & !SLOT_UPDATE;
                 log::warn!(
                     "io_uring: updating socket slot {slot} failed: {}",
-                    io::Error::from_raw_os_error(-result)
-                );
-                continue;
-            }
-            if data & CLOSE != 0 {
-                // Never seen (the descriptor was ours and open). Whatever the error, the
-                // loop has let go of it: at worst one descriptor stays open.
-                log::warn!(
-                    "io_uring: closing socket descriptor {} failed: {}",
-                    data & !CLOSE,
                     io::Error::from_raw_os_error(-result)
                 );
                 continue;
