@@ -14,8 +14,8 @@
 # By default the full suite runs: all 517 cases, sections 12-13 (permessage-deflate)
 # included, with deflate on in the testee. --core runs sections 1-10 only (301 cases);
 # --sample sections 1-10 and 86 of the deflate cases (387, what .ci/run runs; the lists are
-# in autobahn/scopes.sh); --cases a list of its own. --deflate-takeover serves with context takeover both ways
-# instead of the default (none). Prints the run's wall time.
+# in autobahn/scopes.sh); --cases a list of its own. --deflate-takeover serves with context
+# takeover both ways instead of the default (none). Prints the run's wall time.
 #
 # Installs the suite into $AUTOBAHN_HOME (default /opt/autobahn) when it is missing, the way
 # ../shared/autobahn/install.sh does (autobahn/install.sh is a copy of it). Exits non-zero

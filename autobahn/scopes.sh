@@ -3,12 +3,13 @@
 # full:   every case (517), sections 12-13 (permessage-deflate) included.
 # core:   sections 1-10 (301 cases), the framing, UTF-8 and closing cases.
 # sample: core plus 86 of the 216 permessage-deflate cases (387 in all), for .ci/run. Each
-#         of the 12 deflate groups (12.1-12.5: the testee's own offer; 13.1-13.7: the
-#         client offers window bits and context takeover in every combination) runs its
+#         of the 12 deflate groups (12.1-12.5: the default offer; 13.1-13.7: offers of
+#         window bits and context takeover in every combination) runs its
 #         cases 1-6 (1000 messages of 16 B to 8 KiB) and 11 (8 KiB, fragmented every
 #         256 B); 12.1.10 and 13.7.18 add 128 KiB messages, whole and in 32 KiB frames.
 #         The cases left out repeat these with larger messages, which costs wstest (a
-#         single-threaded Python compressor) most of the full suite's 5-10 minutes.
+#         single-threaded Python compressor) most of the full suite's 8-15 minutes on a
+#         2-core VM.
 # scope_cases NAME sets `cases` (empty: all) and `expect` (the case count) for a scope.
 scope_cases() {
   local core="1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*"
