@@ -19,6 +19,7 @@ mod shared;
 
 pub use inbound::EAGER_RESERVE;
 pub use outbound::OWNED_MIN;
+pub(crate) use outbound::cut_at_char_boundary;
 pub use shared::Outgoing;
 
 use inbound::{HEADER_START, PartialMessage, Stage};

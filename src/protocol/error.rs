@@ -219,16 +219,13 @@ impl fmt::Display for HandshakeError {
             HandshakeError::ProxyRefused {
                 status,
                 authenticate,
-            } if authenticate.is_empty() => {
-                write!(f, "the proxy refused the tunnel with status {status}")
+            } => {
+                write!(f, "the proxy refused the tunnel with status {status}")?;
+                if !authenticate.is_empty() {
+                    write!(f, " (Proxy-Authenticate: {authenticate})")?;
+                }
+                Ok(())
             }
-            HandshakeError::ProxyRefused {
-                status,
-                authenticate,
-            } => write!(
-                f,
-                "the proxy refused the tunnel with status {status} (Proxy-Authenticate: {authenticate})"
-            ),
         }
     }
 }

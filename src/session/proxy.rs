@@ -34,6 +34,7 @@
 
 use std::fmt;
 
+use crate::protocol::driver::cut_at_char_boundary;
 use crate::protocol::error::{HandshakeError, UsageError};
 use crate::protocol::frame::Status;
 use crate::protocol::handshake::ClientUrl;
@@ -195,13 +196,8 @@ fn challenges(headers: &[httparse::Header<'_>]) -> String {
         }
         joined.push_str(String::from_utf8_lossy(header.value).trim());
     }
-    if joined.len() > MAX_AUTHENTICATE {
-        let mut cut = MAX_AUTHENTICATE;
-        while !joined.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        joined.truncate(cut);
-    }
+    let kept = cut_at_char_boundary(&joined, MAX_AUTHENTICATE).len();
+    joined.truncate(kept);
     joined
 }
 
@@ -334,6 +330,16 @@ mod tests {
         assert_eq!(
             parse_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
             refused(101, "")
+        );
+        // The message names the challenges only when there are some.
+        let message = |status, authenticate| refused(status, authenticate).unwrap_err().to_string();
+        assert_eq!(
+            message(502, ""),
+            "the proxy refused the tunnel with status 502"
+        );
+        assert_eq!(
+            message(407, "Basic realm=\"x\""),
+            "the proxy refused the tunnel with status 407 (Proxy-Authenticate: Basic realm=\"x\")"
         );
     }
 

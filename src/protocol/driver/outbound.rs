@@ -14,8 +14,9 @@ use crate::protocol::mask::{apply_mask, random_mask};
 pub const OWNED_MIN: usize = 64 * 1024;
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary, so
-/// a close reason cut to fit its frame stays valid UTF-8.
-pub(super) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
+/// a text cut to fit (a close reason in its frame, a proxy's challenges in an error) stays
+/// valid UTF-8.
+pub(crate) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
