@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::{Owned, TestClient, eventually};
 use websocket_driver::Backend;
 use websocket_driver::Message;
-use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
+use websocket_driver::server::{Handler, Server, Upgrade, Ws};
 
 struct Echo;
 impl Handler for Echo {
@@ -20,14 +20,9 @@ impl Handler for Echo {
     }
 }
 
-/// This process's open descriptors (the directory's own, while it is read, included:
-/// the same one each time).
-fn open_descriptors() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// What each open descriptor is, for a failure's message.
-fn descriptors() -> Vec<String> {
+/// This process's open descriptors, each as `fd -> target` (the directory's own, while it
+/// is read, included: the same one each time), sorted for a failure's message.
+fn open_descriptors() -> Vec<String> {
     let mut all: Vec<String> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|entry| {
@@ -43,20 +38,17 @@ fn descriptors() -> Vec<String> {
 const EACH: usize = 20;
 
 fn every_ending_gives_its_descriptor_back(backend: Backend) {
-    let before_server = open_descriptors();
+    let before_server = open_descriptors().len();
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(ServerConfig {
-            threads: 2,
-            backend,
-            ..ServerConfig::default()
-        })
+        .threads(2)
+        .backend(backend)
         .start(|_| Upgrade::Accept(Echo))
         .unwrap();
     let addr = server.local_addr();
     // The loops open their own descriptors as they start.
     std::thread::sleep(Duration::from_millis(200));
-    let with_server = open_descriptors();
+    let with_server = open_descriptors().len();
     assert!(with_server > before_server, "{backend}: no listener?");
 
     for _ in 0..EACH {
@@ -143,11 +135,10 @@ fn every_ending_gives_its_descriptor_back(backend: Backend) {
         "{backend}: {total} connections"
     );
     assert!(
-        eventually(Duration::from_secs(15), || open_descriptors()
+        eventually(Duration::from_secs(15), || open_descriptors().len()
             == with_server),
-        "{backend}: {} descriptors open, {with_server} with the server idle: {:#?}",
-        open_descriptors(),
-        descriptors()
+        "{backend}: {with_server} descriptors with the server idle, now {:#?}",
+        open_descriptors()
     );
 
     // The loops' wakers live as long as something can still send to them: the handle
@@ -155,12 +146,11 @@ fn every_ending_gives_its_descriptor_back(backend: Backend) {
     server.shutdown(Duration::from_secs(2)).unwrap();
     drop(server);
     assert!(
-        eventually(Duration::from_secs(5), || open_descriptors()
+        eventually(Duration::from_secs(5), || open_descriptors().len()
             == before_server),
-        "{backend}: {} descriptors open after the shutdown, {before_server} before the \
-         server: {:#?}",
-        open_descriptors(),
-        descriptors()
+        "{backend}: {before_server} descriptors before the server, after its shutdown \
+         {:#?}",
+        open_descriptors()
     );
 }
 
