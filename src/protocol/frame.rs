@@ -433,8 +433,9 @@ impl RunPool {
 }
 
 /// A part of one connection's output queued by reference instead of copied in: a shared
-/// frame (the plain bytes or a compressed variant), or the payload of a message sent by
-/// value (its header is in the connection's own bytes, just before it).
+/// frame (the plain bytes or a compressed variant), the payload of a message sent by
+/// value, or a received message's payload sent back from the buffer it arrived in (for
+/// the last two, the header is in the connection's own bytes, just before it).
 #[derive(Debug)]
 pub(crate) enum FrameRef {
     Shared {
@@ -445,6 +446,14 @@ pub(crate) enum FrameRef {
     Owned(Vec<u8>),
     /// Several shared frames, laid end to end once per loop.
     Run(FrameRun),
+    /// `buf[start..start + len]`: a payload still in the receive buffer it arrived in,
+    /// which the transport gave away (see `Driver::send_received`). `buf` is empty until
+    /// the buffer is handed over, right after the read that queued it.
+    Received {
+        buf: Vec<u8>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl FrameRef {
@@ -465,12 +474,13 @@ impl FrameRef {
 
     /// Whether this is a message's own payload (which its send token waits for).
     pub(crate) fn is_owned(&self) -> bool {
-        matches!(self, FrameRef::Owned(_))
+        matches!(self, FrameRef::Owned(_) | FrameRef::Received { .. })
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             FrameRef::Owned(payload) => payload,
+            FrameRef::Received { buf, start, len } => &buf[*start..*start + *len],
             FrameRef::Run(run) => run.as_bytes(),
             FrameRef::Shared { frame, variant: 0 } => frame.as_bytes(),
             FrameRef::Shared { frame, variant } => {
@@ -483,7 +493,11 @@ impl FrameRef {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.as_bytes().len()
+        match self {
+            // Counted before its buffer is handed over.
+            FrameRef::Received { len, .. } => *len,
+            _ => self.as_bytes().len(),
+        }
     }
 }
 

@@ -341,11 +341,37 @@ impl<S: Service, B: Backend> Core<S, B> {
 
     /// Bytes arrived for `key`. Returns whether the connection still reads.
     pub fn on_data(&mut self, backend: &mut B, key: usize, data: &mut [u8]) -> bool {
-        LoopStats::add(&self.stats.bytes_in, data.len() as u64);
+        self.input(backend, key, data.len(), |service, session, io| {
+            service.read(session, io, data)
+        })
+    }
+
+    /// `len` bytes arrived for `key` in `input`, a buffer the service may keep (see
+    /// [`Service::read_lendable`]); the backend receives into another if it did. Returns
+    /// whether the connection still reads.
+    pub fn on_received(
+        &mut self,
+        backend: &mut B,
+        key: usize,
+        input: &mut Vec<u8>,
+        len: usize,
+    ) -> bool {
+        self.input(backend, key, len, |service, session, io| {
+            service.read_lendable(session, io, input, len)
+        })
+    }
+
+    /// Hands `len` bytes of input to the session through `read`.
+    fn input(
+        &mut self,
+        backend: &mut B,
+        key: usize,
+        len: usize,
+        read: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>),
+    ) -> bool {
+        LoopStats::add(&self.stats.bytes_in, len as u64);
         match self.conns.get(key).map(|c| c.phase) {
-            Some(Phase::Active) => self.call(backend, key, self.now(), |service, session, io| {
-                service.read(session, io, data)
-            }),
+            Some(Phase::Active) => self.call(backend, key, self.now(), read),
             // Our side is done: discard until the peer's FIN.
             Some(Phase::Lingering) => true,
             Some(Phase::Closing) | None => false,

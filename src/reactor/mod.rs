@@ -230,6 +230,19 @@ pub(crate) trait Service: 'static {
         io: &mut Io<'_, Self::Command>,
         data: &mut [u8],
     );
+    /// Bytes arrived in `input[..len]`, a buffer the backend can give away (io_uring's
+    /// receive buffers): the service may take it (leaving an empty `Vec`) to send a reply
+    /// from it in place; the backend then receives into another. The default reads the
+    /// bytes and leaves the buffer.
+    fn read_lendable(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        input: &mut Vec<u8>,
+        len: usize,
+    ) {
+        self.read(session, io, &mut input[..len]);
+    }
     /// The deadline set through [`Io::set_deadline`] passed.
     fn timeout(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// A command from a [`Sender`](Remote) arrived.
@@ -449,6 +462,8 @@ pub(crate) struct LoopStats {
     pub delivered: AtomicU64,
     /// Published messages a subscriber did not get: its output was over the cap.
     pub dropped: AtomicU64,
+    /// Messages sent back from the receive buffer they arrived in (io_uring).
+    pub replies_in_place: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 

@@ -41,6 +41,11 @@ pub struct Stats {
     pub delivered: u64,
     /// Published messages a subscriber did not get because its output was over the cap.
     pub dropped: u64,
+    /// Messages sent from the buffer they were received in, without a copy: on io_uring,
+    /// a message of at least half a receive buffer (16 KiB) that arrived whole and that
+    /// a handler sends back (`send_message` / `send_message_owned`) during its delivery,
+    /// on a connection without TLS or permessage-deflate. One such reply per receive.
+    pub replies_in_place: u64,
     /// What the backplane (if any) did: messages sent to and received from the other
     /// processes, dropped on the way out, reconnections.
     pub backplane: BackplaneStats,
@@ -141,6 +146,7 @@ impl ServerHandle {
             s.published += l.published.load(Ordering::Relaxed);
             s.delivered += l.delivered.load(Ordering::Relaxed);
             s.dropped += l.dropped.load(Ordering::Relaxed);
+            s.replies_in_place += l.replies_in_place.load(Ordering::Relaxed);
             for (code, n) in l.closes.lock().expect("stats lock").iter() {
                 *s.closes.entry(*code).or_default() += n;
             }

@@ -3,7 +3,7 @@
 
 use super::HttpResponse;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, UsageError, code};
+use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::{Request, is_websocket};
 use crate::reactor::{Envelope, LoopStats, Remote};
 
@@ -129,6 +130,48 @@ pub(super) struct Ctx<'a> {
     pub topics: &'a RefCell<LoopTopics>,
     pub loop_index: usize,
     pub pubsub: &'a Arc<PubSub>,
+    /// The receive buffer of the read being delivered, when it can be lent.
+    pub input: &'a Lendable,
+}
+
+/// The receive buffer a read came in, while its input is delivered, when the transport
+/// can give the buffer away (io_uring, without TLS): the first message sent back from it
+/// that fills at least half of it goes out from there, in place, instead of being copied
+/// into the output (see `Driver::send_received`). At most one per read, so a reply holds
+/// at most twice its size.
+#[derive(Debug, Default)]
+pub(super) struct Lendable {
+    /// Address and length of the buffer; `None` when there is none to lend.
+    at: Cell<Option<(usize, usize)>>,
+    claimed: Cell<bool>,
+}
+
+impl Lendable {
+    /// `buffer` may be lent until [`Lendable::withdraw`].
+    pub fn offer(&self, buffer: &[u8]) {
+        self.at.set(Some((buffer.as_ptr() as usize, buffer.len())));
+        self.claimed.set(false);
+    }
+
+    /// Ends the offer; returns whether a reply claimed the buffer.
+    pub fn withdraw(&self) -> bool {
+        self.at.set(None);
+        self.claimed.replace(false)
+    }
+
+    /// Claims the buffer for a reply of `payload` if the payload lies in it and fills at
+    /// least half of it; returns where the payload starts in it.
+    fn claim(&self, payload: &[u8]) -> Option<usize> {
+        let (base, len) = self.at.get()?;
+        // Addresses only compared, never dereferenced.
+        let addr = payload.as_ptr() as usize;
+        if addr < base || addr + payload.len() > base + len || payload.len() * 2 < len {
+            return None;
+        }
+        self.at.set(None);
+        self.claimed.set(true);
+        Some(addr - base)
+    }
 }
 
 /// A write-completion or pong callback of a hosted connection.
@@ -200,11 +243,29 @@ impl Ws<'_> {
         self.counted(result)
     }
 
-    /// Sends a message back as it came (text as text, binary as binary).
+    /// Sends a message back as it came (text as text, binary as binary). A large message
+    /// sent back while it is delivered may go out from the buffer it arrived in, without
+    /// a copy (see [`Stats::replies_in_place`](super::Stats::replies_in_place)).
     pub fn send_message(&mut self, message: &Message<'_>) -> Result<SendToken, Error> {
         self.admit()?;
+        if let Some(token) = self.send_in_place(message) {
+            return self.counted(Ok(token));
+        }
         let result = self.driver.send_message(message);
         self.counted(result)
+    }
+
+    /// Queues `message` to go out from the receive buffer it arrived in, if that buffer
+    /// can be lent (see [`Lendable`]).
+    fn send_in_place(&mut self, message: &Message<'_>) -> Option<SendToken> {
+        let (opcode, payload) = match message {
+            Message::Text(text) => (OpCode::Text, text.as_bytes()),
+            Message::Binary(data) => (OpCode::Binary, &data[..]),
+        };
+        // A claim the driver then refuses (a client, a connection with deflate) only
+        // means the buffer goes back to the ring unused: `Driver::hand_received` returns it.
+        let start = self.ctx.input.claim(payload)?;
+        self.driver.send_received(opcode, start, payload.len())
     }
 
     /// Sends a message taken by value: a large owned payload (a message that arrived in
@@ -214,6 +275,9 @@ impl Ws<'_> {
     /// 1 MiB message copies it once (reassembly) instead of twice.
     pub fn send_message_owned(&mut self, message: Message<'_>) -> Result<SendToken, Error> {
         self.admit()?;
+        if let Some(token) = self.send_in_place(&message) {
+            return self.counted(Ok(token));
+        }
         let result = self.driver.send_message_owned(message);
         self.counted(result)
     }

@@ -1,7 +1,7 @@
 //! The per-connection service the loops drive: the upgrade, the session's deadlines,
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
-use super::handler::{Callbacks, Ctx, Gauges};
+use super::handler::{Callbacks, Ctx, Gauges, Lendable};
 use super::pubsub::{LoopTopics, PubSub};
 use super::tunnel::{Progress, Tunnel};
 
@@ -53,6 +53,8 @@ pub(crate) struct WsService<F, H> {
     /// This loop's place among the server's loops.
     loop_index: usize,
     pubsub: Arc<PubSub>,
+    /// The receive buffer of the read being delivered, while a reply may claim it.
+    input: Lendable,
     /// Scratch for decrypted input (TLS connections), shared by the loop.
     #[cfg(feature = "tls")]
     plain: Vec<u8>,
@@ -77,6 +79,7 @@ impl<F, H> WsService<F, H> {
             topics: RefCell::default(),
             loop_index,
             pubsub,
+            input: Lendable::default(),
             #[cfg(feature = "tls")]
             plain: Vec::new(),
             _handler: PhantomData,
@@ -181,6 +184,7 @@ where
             topics: &self.topics,
             loop_index: self.loop_index,
             pubsub: &self.pubsub,
+            input: &self.input,
         }
     }
 
@@ -605,6 +609,31 @@ where
                 }
             }
             Phase::Rejecting(..) | Phase::Done => {}
+        }
+    }
+
+    /// [`WsService::read_plain`] of `input[..len]`, a receive buffer the backend can give
+    /// away: a large message sent back while it is delivered claims it (see [`Lendable`])
+    /// and the driver's output keeps it until the reply is written.
+    fn read_plain_lendable(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        input: &mut Vec<u8>,
+        len: usize,
+    ) {
+        self.input.offer(input);
+        self.read_plain(conn, io, &mut input[..len]);
+        if !self.input.withdraw() {
+            return;
+        }
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        match driver.hand_received(std::mem::take(input)) {
+            // The driver refused the reply, or dropped it with the rest of its output.
+            Some(unused) => *input = unused,
+            None => LoopStats::add(&self.stats.replies_in_place, 1),
         }
     }
 

@@ -118,6 +118,32 @@ impl Driver {
         Ok(SendToken(self.frames_appended))
     }
 
+    /// Queues a received message's payload to be sent back from the receive buffer it
+    /// arrived in, at `start`, instead of copied into the output: its header goes into the
+    /// output now, the payload once the transport hands the buffer over with
+    /// [`Driver::hand_received`], which must happen before any output is taken (the
+    /// reactor does both within one read). Only an open server connection without
+    /// permessage-deflate sends this way (the frame goes out unmasked and uncompressed);
+    /// returns `None` otherwise, queueing nothing.
+    pub(crate) fn send_received(
+        &mut self,
+        opcode: OpCode,
+        start: usize,
+        len: usize,
+    ) -> Option<SendToken> {
+        if self.role != Role::Server || self.state != ReadyState::Open || self.deflate().is_some() {
+            return None;
+        }
+        let n = write_header(&mut self.out, opcode, len, None);
+        self.frames_appended += n as u64;
+        self.queue_part(FrameRef::Received {
+            buf: Vec::new(),
+            start,
+            len,
+        });
+        Some(SendToken(self.frames_appended))
+    }
+
     /// Sends a text message.
     pub fn send_text(&mut self, text: &str) -> Result<SendToken, Error> {
         self.writable()?;

@@ -120,6 +120,19 @@ impl Outgoing {
         self.parts(sent, |part| out.push(IoSlice::new(part)));
     }
 
+    /// Takes out the receive buffers of the payloads sent from them in place (see
+    /// `Driver::send_received`), for the transport to receive into again: call once the
+    /// send ended, before [`Outgoing::clear`].
+    pub(crate) fn take_received(&mut self, mut f: impl FnMut(Vec<u8>)) {
+        for (_, frame) in &mut self.frames {
+            if let FrameRef::Received { buf, .. } = frame
+                && !buf.is_empty()
+            {
+                f(std::mem::take(buf));
+            }
+        }
+    }
+
     /// Empties it, dropping its frame references and keeping its buffers.
     pub fn clear(&mut self) {
         self.own.clear();
@@ -199,6 +212,34 @@ impl Driver {
             after: self.frames_appended,
             frame: part,
         });
+    }
+
+    /// Hands over the receive buffer a [`Driver::send_received`] of the same read refers
+    /// to. Returns it when no queued part waits for it (the driver refused the reply).
+    pub(crate) fn hand_received(&mut self, buffer: Vec<u8>) -> Option<Vec<u8>> {
+        let waiting = self.shared.as_deref_mut().and_then(|queue| {
+            queue
+                .frames
+                .iter_mut()
+                .rev()
+                .find_map(|queued| match &mut queued.frame {
+                    FrameRef::Received { buf, start, len } if buf.is_empty() => {
+                        assert!(
+                            *start + *len <= buffer.len(),
+                            "the payload is in the buffer"
+                        );
+                        Some(buf)
+                    }
+                    _ => None,
+                })
+        });
+        match waiting {
+            Some(buf) => {
+                *buf = buffer;
+                None
+            }
+            None => Some(buffer),
+        }
     }
 
     /// Whether the next part to write is a message's owned payload queued at own-byte
@@ -461,6 +502,93 @@ mod tests {
         );
         out.clear();
         assert!(!driver.take_output(&mut out));
+    }
+
+    /// A received payload queued with `send_received` goes out from the very buffer it
+    /// was received in, between the frames sent before and after it, and its token is due
+    /// only once it is written; the buffer comes back out of the batch for the transport.
+    #[test]
+    fn a_received_payload_is_sent_from_its_buffer_in_place() {
+        let mut driver = open_server();
+        let mut buffer = vec![0u8; 64];
+        buffer[10..15].copy_from_slice(b"hello");
+        let address = buffer.as_ptr() as usize;
+        driver.send_text("a").unwrap();
+        let token = driver
+            .send_received(crate::protocol::frame::OpCode::Text, 10, 5)
+            .expect("an open server sends in place");
+        driver.send_text("b").unwrap();
+        assert_eq!(
+            driver.buffered_amount(),
+            3 + 7 + 3,
+            "counted before the hand-over"
+        );
+        assert!(
+            driver.hand_received(buffer).is_none(),
+            "taken by the queued reply"
+        );
+        let expected = [&[0x81, 1, b'a'][..], &[0x81, 5], b"hello", &[0x81, 1, b'b']].concat();
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        assert!(driver.is_sent(token), "handed over whole");
+        let mut slices = Vec::new();
+        out.slices(0, &mut slices);
+        let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes, expected);
+        assert!(
+            slices.iter().any(|s| s.as_ptr() as usize == address + 10),
+            "the payload is not copied"
+        );
+        let mut back = Vec::new();
+        out.take_received(|buffer| back.push(buffer));
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            back[0].as_ptr() as usize,
+            address,
+            "the same allocation returns"
+        );
+        assert_eq!(back[0].len(), 64);
+    }
+
+    /// Through the readiness view too, and written a byte at a time: the token waits for
+    /// the payload, not only its header.
+    #[test]
+    fn a_received_payload_token_waits_for_the_payload() {
+        let mut driver = open_server();
+        let token = driver
+            .send_received(crate::protocol::frame::OpCode::Binary, 0, 3)
+            .unwrap();
+        assert!(driver.hand_received(vec![7, 8, 9, 0]).is_none());
+        driver.consume_output(2);
+        assert!(!driver.is_sent(token), "only the header is out");
+        assert_eq!(gathered(&driver), [7, 8, 9]);
+        driver.consume_output(3);
+        assert!(driver.is_sent(token));
+    }
+
+    /// Only an open server connection without permessage-deflate sends in place (a
+    /// client masks, deflate compresses); a buffer no queued reply waits for comes back.
+    #[test]
+    fn only_open_servers_send_in_place() {
+        use crate::protocol::frame::OpCode;
+        let mut closing = open_server();
+        closing.close_connection(1000, "").unwrap();
+        assert!(closing.send_received(OpCode::Binary, 0, 1).is_none());
+        assert_eq!(closing.hand_received(vec![1]), Some(vec![1]));
+
+        let mut client = Driver::make_client("ws://example.com/", &Options::default()).unwrap();
+        assert!(client.send_received(OpCode::Binary, 0, 1).is_none());
+
+        let mut deflating = open_deflate_server(0);
+        assert!(deflating.send_received(OpCode::Binary, 0, 1).is_none());
+        assert_eq!(deflating.hand_received(vec![2]), Some(vec![2]));
+
+        // Queued before an abort, the reply still goes, ahead of the abort's close.
+        let mut aborted = open_server();
+        aborted.send_received(OpCode::Binary, 0, 1).unwrap();
+        aborted.abort(1011, "gone");
+        assert_eq!(aborted.hand_received(vec![5]), None);
+        assert_eq!(gathered(&aborted)[..3], [0x82, 1, 5]);
     }
 
     #[test]

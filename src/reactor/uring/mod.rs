@@ -469,7 +469,9 @@ impl Uring {
             }
             if result > 0 {
                 let bid = buffer.expect("multishot recv always selects a buffer");
-                core.on_data(self, key, bufs.buffer(bid, result as usize));
+                // The session may keep the buffer (a reply sent from it in place); the
+                // slot then takes another.
+                core.on_received(self, key, bufs.received(bid), result as usize);
                 bufs.recycle(bid);
             } else if result == 0 {
                 core.on_eof(self, key);
@@ -509,7 +511,7 @@ impl Uring {
             }
             Some(Op::Send(batch)) => {
                 let key = batch.key;
-                self.sent(core, op, key, result)?
+                self.sent(core, bufs, op, key, result)?
             }
         }
         Ok(())
@@ -518,6 +520,7 @@ impl Uring {
     fn sent<S: Service>(
         &mut self,
         core: &mut Core<S, Self>,
+        bufs: &mut BufRing,
         op: usize,
         key: usize,
         result: i32,
@@ -542,7 +545,9 @@ impl Uring {
         let Op::Send(mut batch) = self.ring.finish(op) else {
             unreachable!("a send op")
         };
-        // Drops the batch's references to shared frames now, not when it is reused.
+        // Receive buffers replies were sent from go back to the ring's spares; the
+        // batch's references to shared frames are dropped now, not when it is reused.
+        batch.out.take_received(|buffer| bufs.give_back(buffer));
         batch.clear();
         self.keep_spare(batch);
         if let Some(socket) = core.any_socket(key) {

@@ -616,13 +616,27 @@ fn send_entry(op: &mut Op, socket: SocketRef) -> squeue::Entry {
     .build())
 }
 
+/// Bytes of buffers back from replies sent in place that a ring keeps for its slots: 512
+/// of 32 KiB, so that 500 connections' 16 KiB replies in flight at once (each holding the
+/// buffer it arrived in until its send completes) allocate nothing once warm. Past it,
+/// given-back buffers are freed.
+pub(crate) const KEPT_SPARE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A provided-buffer ring: `count` buffers of `size` bytes the kernel picks from for
 /// multishot recv, handed back (recycled) as soon as the session consumed them.
+///
+/// Each buffer is its own allocation, so that a session may keep one it was handed (to
+/// send a reply from it in place, see [`BufRing::received`]); its slot then takes a spare
+/// (one that came back from a finished send, see [`BufRing::give_back`]) or a new one.
 pub(crate) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
-    memory: NonNull<u8>,
-    memory_layout: Layout,
+    /// By buffer id; empty while a session keeps the buffer that was there.
+    buffers: Vec<Vec<u8>>,
+    /// Whether the kernel may write into buffer `bid` (it is queued in the ring).
+    queued: Vec<bool>,
+    /// Buffers of `size` bytes back from sessions, for slots whose buffer was kept.
+    spares: Vec<Vec<u8>>,
     count: u16,
     size: usize,
     tail: u16,
@@ -635,22 +649,17 @@ impl BufRing {
         let entries_layout =
             Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
                 .map_err(io::Error::other)?;
-        let memory_layout =
-            Layout::from_size_align(count as usize * size, 64).map_err(io::Error::other)?;
-        // SAFETY: both layouts have a non-zero size (count >= 1, size >= 1, asserted).
-        let (entries, memory) =
-            unsafe { (alloc_zeroed(entries_layout), alloc_zeroed(memory_layout)) };
-        let (Some(entries), Some(memory)) = (
-            NonNull::new(entries.cast::<BufRingEntry>()),
-            NonNull::new(memory),
-        ) else {
+        // SAFETY: the layout has a non-zero size (count >= 1, asserted).
+        let entries = unsafe { alloc_zeroed(entries_layout) };
+        let Some(entries) = NonNull::new(entries.cast::<BufRingEntry>()) else {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         };
         let mut bufs = BufRing {
             entries,
             entries_layout,
-            memory,
-            memory_layout,
+            buffers: (0..count).map(|_| vec![0; size]).collect(),
+            queued: vec![false; count as usize],
+            spares: Vec::new(),
             count,
             size,
             tail: 0,
@@ -674,17 +683,24 @@ impl BufRing {
         Ok(bufs)
     }
 
-    /// Queues buffer `bid` for the kernel again (visible after `publish`).
+    /// Queues buffer `bid` for the kernel again (visible after `publish`); a slot whose
+    /// buffer a session kept gets a spare, or a new buffer.
     pub fn recycle(&mut self, bid: u16) {
-        assert!(bid < self.count);
+        assert!(bid < self.count && !self.queued[bid as usize]);
+        let buffer = &mut self.buffers[bid as usize];
+        if buffer.is_empty() {
+            *buffer = self.spares.pop().unwrap_or_else(|| vec![0; self.size]);
+        }
         let slot = (self.tail & (self.count - 1)) as usize;
         // SAFETY: `slot < count`, inside the entries allocation; the kernel only reads
         // entries between its head and our published tail, and this slot is past it.
         let entry = unsafe { &mut *self.entries.as_ptr().add(slot) };
-        // SAFETY: `bid < count` (asserted), so the offset is inside the memory allocation.
-        entry.set_addr(unsafe { self.memory.as_ptr().add(bid as usize * self.size) } as u64);
+        // The kernel writes through this address until it hands the buffer back: nothing
+        // here touches the buffer's bytes, or frees it, while `queued` says so.
+        entry.set_addr(buffer.as_mut_ptr() as u64);
         entry.set_len(self.size as u32);
         entry.set_bid(bid);
+        self.queued[bid as usize] = true;
         self.tail = self.tail.wrapping_add(1);
     }
 
@@ -697,13 +713,21 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// The first `len` bytes of buffer `bid`, which the kernel filled and handed over.
-    pub fn buffer(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        assert!(bid < self.count && len <= self.size);
-        // SAFETY: in bounds (asserted); the kernel wrote these bytes and will not touch
-        // this buffer again until it is recycled, which needs `&mut self` again.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.memory.as_ptr().add(bid as usize * self.size), len)
+    /// Buffer `bid`, which a completion says the kernel filled and handed over. Its bytes
+    /// are the session's until [`BufRing::recycle`]; it may also take the buffer itself
+    /// (`std::mem::take`), leaving the slot empty for `recycle` to fill.
+    pub fn received(&mut self, bid: u16) -> &mut Vec<u8> {
+        assert!(bid < self.count);
+        self.queued[bid as usize] = false;
+        &mut self.buffers[bid as usize]
+    }
+
+    /// Takes back a buffer a session kept, once the send that held it finished: it fills
+    /// the next slot left empty. Other buffers (not of this ring's size) are dropped, as
+    /// are those past [`KEPT_SPARE_BYTES`].
+    pub fn give_back(&mut self, buffer: Vec<u8>) {
+        if buffer.len() == self.size && (self.spares.len() + 1) * self.size <= KEPT_SPARE_BYTES {
+            self.spares.push(buffer);
         }
     }
 
@@ -719,11 +743,11 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with these layouts; only reached once the kernel no
-        // longer references them (never registered, unregistered, or after ring teardown).
+        // SAFETY: allocated in `new` with this layout; only reached once the kernel no
+        // longer references it (never registered, unregistered, or after ring teardown).
+        // The buffers drop with the struct, under the same condition.
         unsafe {
             dealloc(self.entries.as_ptr().cast(), self.entries_layout);
-            dealloc(self.memory.as_ptr(), self.memory_layout);
         }
     }
 }
@@ -776,7 +800,7 @@ mod tests {
                     sent = true;
                 } else if c.recv == Some(7) && c.result > 0 {
                     let bid = c.buffer.expect("a provided buffer");
-                    got = Some(bufs.buffer(bid, c.result as usize).to_vec());
+                    got = Some(bufs.received(bid)[..c.result as usize].to_vec());
                     bufs.recycle(bid);
                 }
             }
@@ -787,6 +811,82 @@ mod tests {
         assert_eq!(&echo, b"hello");
         ring.release_socket(socket);
         drop(server);
+        ring.quiesce(Some(bufs));
+    }
+
+    /// A buffer the session keeps is its own: its slot takes another, the kernel never
+    /// writes into the kept one again, and once given back it is the next slot's buffer.
+    #[test]
+    fn a_kept_buffer_is_replaced_and_reused_once_given_back() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let Some((mut ring, listener)) = ring_with_slots() else {
+            return;
+        };
+        let (mut client, server) = connected(&listener);
+        // One buffer: every receive lands in slot 0.
+        let mut bufs = ring.buffers(1, 4096).unwrap();
+        let socket = SocketRef::Fd(server.as_raw_fd());
+        ring.recv(socket, 3).unwrap();
+        let mut receive = |ring: &mut Ring, bufs: &mut BufRing, bytes: &[u8]| -> u16 {
+            client.write_all(bytes).unwrap();
+            let mut done = Vec::new();
+            loop {
+                ring.enter(Some(Duration::from_secs(5))).unwrap();
+                ring.reap(&mut done, usize::MAX);
+                for c in done.drain(..) {
+                    if !c.more {
+                        ring.recv(socket, 3).unwrap();
+                    }
+                    if c.result > 0 {
+                        let bid = c.buffer.unwrap();
+                        assert_eq!(&bufs.received(bid)[..bytes.len()], bytes);
+                        return bid;
+                    }
+                }
+            }
+        };
+        let bid = receive(&mut ring, &mut bufs, b"one");
+        let kept = std::mem::take(bufs.received(bid));
+        bufs.recycle(bid);
+        bufs.publish();
+        let bid = receive(&mut ring, &mut bufs, b"two");
+        assert_eq!(&kept[..3], b"one", "not written once kept");
+        assert_ne!(bufs.received(bid).as_ptr(), kept.as_ptr(), "a new buffer");
+        let kept_at = kept.as_ptr();
+        bufs.give_back(kept);
+        let second = std::mem::take(bufs.received(bid));
+        bufs.recycle(bid);
+        bufs.publish();
+        let bid = receive(&mut ring, &mut bufs, b"three");
+        assert_eq!(
+            bufs.received(bid).as_ptr(),
+            kept_at,
+            "the given-back buffer"
+        );
+        assert_eq!(&second[..3], b"two");
+        // Not this ring's size: dropped, not kept for a slot.
+        bufs.give_back(vec![0; 16]);
+        assert!(bufs.spares.is_empty());
+        bufs.recycle(bid);
+        drop(server);
+        ring.quiesce(Some(bufs));
+    }
+
+    /// Given-back buffers are kept up to `KEPT_SPARE_BYTES`, not one more.
+    #[test]
+    fn given_back_buffers_are_kept_up_to_their_bound() {
+        let Some((mut ring, _listener)) = ring_with_slots() else {
+            return;
+        };
+        let mut bufs = ring.buffers(1, 4096).unwrap();
+        let bound = KEPT_SPARE_BYTES / 4096;
+        for _ in 0..bound {
+            bufs.give_back(vec![0; 4096]);
+        }
+        assert_eq!(bufs.spares.len(), bound, "at the bound");
+        bufs.give_back(vec![0; 4096]);
+        assert_eq!(bufs.spares.len(), bound, "one past it: freed");
         ring.quiesce(Some(bufs));
     }
 
@@ -1078,7 +1178,7 @@ mod tests {
         let c = &done[0];
         assert_eq!((c.recv, c.result, c.more), (Some(5), 12, true));
         let bid = c.buffer.unwrap();
-        assert_eq!(bufs.buffer(bid, 12), b"already here");
+        assert_eq!(&bufs.received(bid)[..12], b"already here");
         bufs.recycle(bid);
         drop(server);
         ring.quiesce(Some(bufs));

@@ -81,6 +81,21 @@ where
         self.read_plain(conn, io, data)
     }
 
+    fn read_lendable(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        input: &mut Vec<u8>,
+        len: usize,
+    ) {
+        // Over TLS the messages are in the decrypted copy, not in the receive buffer.
+        #[cfg(feature = "tls")]
+        if conn.tls.is_some() {
+            return self.read(conn, io, &mut input[..len]);
+        }
+        self.read_plain_lendable(conn, io, input, len)
+    }
+
     fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.timeout_plain(conn, io);
         self.seal(conn, io);
