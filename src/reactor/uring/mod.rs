@@ -14,6 +14,13 @@
 //! by updates queued in the ring ahead of the operations that use it, not by syscalls of
 //! their own.
 //!
+//! A receive's buffer goes to the session by `&mut Vec`: a message of at least half a
+//! buffer that a handler sends back while it is delivered takes the buffer with it (the
+//! driver queues the payload by ownership, see `Service::read_lendable`), so the reply is
+//! sent from where the kernel received it instead of being copied into the output; the
+//! slot takes a buffer back from an earlier such send, and the send's completion gives
+//! this one back (`BufRing::give_back`).
+//!
 //! A connection that closes cancels its receive, empties its slot, and stays in the core's
 //! slab, holding its socket, until its last operation completed; only then is the socket
 //! closed and the slab key (and slot) reused. All `unsafe` lives in [`ring`]; this module is

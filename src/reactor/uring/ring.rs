@@ -1082,7 +1082,9 @@ mod tests {
             for completion in &done {
                 assert_eq!(completion.result, 1, "a one-byte receive");
                 assert!(completion.more, "the multishot receive goes on");
-                bufs.recycle(completion.buffer.unwrap());
+                let bid = completion.buffer.unwrap();
+                bufs.received(bid);
+                bufs.recycle(bid);
             }
             bufs.publish();
             received += done.len();
