@@ -16,7 +16,7 @@ use std::io::IoSlice;
 
 use super::{Driver, ReadyState, Role};
 use crate::protocol::error::{Error, UsageError};
-use crate::protocol::frame::{FrameRef, FrameRun, SharedFrame};
+use crate::protocol::frame::{FrameRef, FrameRun, SharedFrame, header_len};
 
 /// Shared frames waiting in one driver's output. Boxed in the driver and kept once made,
 /// so a subscriber's deliveries allocate nothing after its first.
@@ -118,6 +118,42 @@ impl Outgoing {
     pub fn slices<'a>(&'a self, sent: usize, out: &mut Vec<IoSlice<'a>>) {
         out.clear();
         self.parts(sent, |part| out.push(IoSlice::new(part)));
+    }
+
+    /// Moves the header of each payload sent in place from the own bytes into its receive
+    /// buffer, just before the payload, where the received frame's header was (a client's
+    /// is never shorter: it carries a mask), so that header and payload leave as one part:
+    /// an echo's batch is then a single buffer, sent without an iovec.
+    fn join_received_headers(&mut self) {
+        let mut moved = 0;
+        for (i, (offset, frame)) in self.frames.iter_mut().enumerate() {
+            *offset -= moved;
+            let FrameRef::Received { buf, start, len } = frame else {
+                continue;
+            };
+            let h = header_len(*len as u64, false);
+            // The header's bytes are the own bytes just before the payload, all of them
+            // unwritten when there are `h` (a part started is never the first frame here).
+            if buf.is_empty() || *start < h || *offset < h || (i == 0 && self.skip > 0) {
+                continue;
+            }
+            buf[*start - h..*start].copy_from_slice(&self.own[*offset - h..*offset]);
+            self.own.drain(*offset - h..*offset);
+            *offset -= h;
+            *start -= h;
+            *len += h;
+            moved += h;
+        }
+    }
+
+    /// The whole batch when it is one contiguous part (own bytes alone, or one part with
+    /// no own bytes), after the first `sent` bytes; `None` when it takes a gathered write.
+    pub fn single_part(&self, sent: usize) -> Option<&[u8]> {
+        match &self.frames[..] {
+            [] => Some(&self.own[sent..]),
+            [(0, frame)] if self.own.is_empty() => Some(&frame.as_bytes()[self.skip + sent..]),
+            _ => None,
+        }
     }
 
     /// Takes out the receive buffers of the payloads sent from them in place (see
@@ -368,6 +404,7 @@ impl Driver {
         std::mem::swap(&mut self.out, &mut into.own);
         into.own.drain(..self.out_pos);
         into.len = own + shared;
+        into.join_received_headers();
         self.out_pos = 0;
         let handshake = own.min(self.handshake_left as usize);
         self.handshake_left -= handshake as u32;
@@ -536,9 +573,12 @@ mod tests {
         let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
         assert_eq!(bytes, expected);
         assert!(
-            slices.iter().any(|s| s.as_ptr() as usize == address + 10),
-            "the payload is not copied"
+            slices
+                .iter()
+                .any(|s| s.as_ptr() as usize == address + 8 && s.len() == 7),
+            "the payload is not copied; its header moved in front of it"
         );
+        assert!(out.single_part(0).is_none(), "three parts");
         let mut back = Vec::new();
         out.take_received(|buffer| back.push(buffer));
         assert_eq!(back.len(), 1);
@@ -548,6 +588,35 @@ mod tests {
             "the same allocation returns"
         );
         assert_eq!(back[0].len(), 64);
+    }
+
+    /// An echo's batch is its header and payload in the receive buffer, one part; where
+    /// the receive buffer has no room before the payload the header stays in the own
+    /// bytes and the batch is gathered.
+    #[test]
+    fn an_echo_in_place_is_one_part() {
+        use crate::protocol::frame::OpCode;
+        let mut driver = open_server();
+        let mut buffer = vec![0u8; 300];
+        buffer[8..208].fill(b'x');
+        driver.send_received(OpCode::Binary, 8, 200).unwrap();
+        assert!(driver.hand_received(buffer).is_none());
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        let expected = [&[0x82, 126, 0, 200][..], &[b'x'; 200]].concat();
+        assert_eq!(out.single_part(0), Some(&expected[..]));
+        assert_eq!(out.single_part(5), Some(&expected[5..]));
+        assert_eq!(out.len(), 204);
+
+        let mut driver = open_server();
+        driver.send_received(OpCode::Binary, 1, 200).unwrap();
+        assert!(driver.hand_received(vec![b'y'; 201]).is_none());
+        assert!(driver.take_output(&mut out));
+        assert!(out.single_part(0).is_none(), "header and payload apart");
+        let mut slices = Vec::new();
+        out.slices(0, &mut slices);
+        let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(bytes, [&[0x82, 126, 0, 200][..], &[b'y'; 200]].concat());
     }
 
     /// Through the readiness view too, and written a byte at a time: the token waits for

@@ -546,8 +546,9 @@ impl Ring {
     }
 }
 
-/// The SQE for what is left of send op `op`: a plain send of the own bytes, or a
-/// `sendmsg` gathering own bytes and shared frames (each by reference).
+/// The SQE for what is left of send op `op`: a plain send when the batch is one part
+/// (own bytes alone, or an echo sent from its receive buffer), else a `sendmsg` gathering
+/// own bytes and the parts between them (each by reference).
 /// A multishot receive into the provided-buffer ring, optionally polling first.
 fn recv_entry(socket: SocketRef, key: usize, poll_first: bool) -> squeue::Entry {
     let entry = on_socket!(socket, |target| opcode::RecvMulti::new(target, BUF_GROUP)
@@ -579,9 +580,7 @@ fn send_entry(op: &mut Op, socket: SocketRef) -> squeue::Entry {
     let Op::Send(batch) = op else {
         unreachable!("a send op")
     };
-    let offset = &batch.sent;
-    if !batch.out.has_frames() {
-        let rest = &batch.out.own()[*offset..];
+    if let Some(rest) = batch.out.single_part(batch.sent) {
         return on_socket!(socket, |target| opcode::Send::new(
             target,
             rest.as_ptr(),
