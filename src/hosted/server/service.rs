@@ -631,7 +631,8 @@ where
             return;
         };
         match driver.hand_received(std::mem::take(input)) {
-            // The driver refused the reply, or dropped it with the rest of its output.
+            // The driver refused the reply (a client masks, deflate compresses): the
+            // buffer stays with the ring.
             Some(unused) => *input = unused,
             None => LoopStats::add(&self.stats.replies_in_place, 1),
         }
