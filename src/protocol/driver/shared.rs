@@ -132,8 +132,10 @@ impl Outgoing {
                 continue;
             };
             let h = header_len(*len as u64, false);
-            // The header's bytes are the own bytes just before the payload, all of them
-            // unwritten when there are `h` (a part started is never the first frame here).
+            // The header is the `h` own bytes just before the payload (`send_received`
+            // writes it and queues the part at once); fewer than `h` are left when some
+            // were written already, and then it stays where it is, as does the header of
+            // a part partly written (`skip`).
             if buf.is_empty() || *start < h || *offset < h || (i == 0 && self.skip > 0) {
                 continue;
             }
