@@ -546,9 +546,6 @@ impl Ring {
     }
 }
 
-/// The SQE for what is left of send op `op`: a plain send when the batch is one part
-/// (own bytes alone, or an echo sent from its receive buffer), else a `sendmsg` gathering
-/// own bytes and the parts between them (each by reference).
 /// A multishot receive into the provided-buffer ring, optionally polling first.
 fn recv_entry(socket: SocketRef, key: usize, poll_first: bool) -> squeue::Entry {
     let entry = on_socket!(socket, |target| opcode::RecvMulti::new(target, BUF_GROUP)
@@ -576,6 +573,9 @@ fn sqe_bytes(entry: squeue::Entry) -> [u8; 64] {
     unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(entry) }
 }
 
+/// The SQE for what is left of send op `op`: a plain send when the batch is one part
+/// (own bytes alone, or an echo sent from its receive buffer), else a `sendmsg` gathering
+/// own bytes and the parts between them (each by reference).
 fn send_entry(op: &mut Op, socket: SocketRef) -> squeue::Entry {
     let Op::Send(batch) = op else {
         unreachable!("a send op")
