@@ -393,10 +393,12 @@ impl Driver {
             self.consume_own(own);
             return true;
         }
+        let mut received = false;
         if let Some(queue) = self.shared.as_deref_mut() {
             for queued in queue.frames.drain(..) {
                 let offset =
                     self.handshake_left as usize + (queued.after - self.frames_written) as usize;
+                received |= matches!(queued.frame, FrameRef::Received { .. });
                 into.frames.push((offset, queued.frame));
             }
             into.skip = queue.pos;
@@ -406,7 +408,11 @@ impl Driver {
         std::mem::swap(&mut self.out, &mut into.own);
         into.own.drain(..self.out_pos);
         into.len = own + shared;
-        into.join_received_headers();
+        // A second pass over the parts only for a batch with an in-place reply in it
+        // (a fan-out's batches, which can hold many parts, have none).
+        if received {
+            into.join_received_headers();
+        }
         self.out_pos = 0;
         let handshake = own.min(self.handshake_left as usize);
         self.handshake_left -= handshake as u32;
