@@ -140,36 +140,46 @@ pub(super) struct Ctx<'a> {
 /// into the output (see `Driver::send_received`). At most one per read, so a reply holds
 /// at most twice its size.
 #[derive(Debug, Default)]
-pub(super) struct Lendable {
-    /// Address and length of the buffer; `None` when there is none to lend.
-    at: Cell<Option<(usize, usize)>>,
-    claimed: Cell<bool>,
+pub(super) struct Lendable(Cell<Loan>);
+
+/// Where a read's receive buffer stands while its input is delivered.
+#[derive(Debug, Default, Clone, Copy)]
+enum Loan {
+    /// No buffer to lend (not a lendable read, or not delivering one).
+    #[default]
+    None,
+    /// The buffer's address and length: a reply may claim it.
+    Offered { base: usize, len: usize },
+    /// A reply claimed it; the driver gets it when the read's delivery ends.
+    Claimed,
 }
 
 impl Lendable {
     /// `buffer` may be lent until [`Lendable::withdraw`].
     pub fn offer(&self, buffer: &[u8]) {
-        self.at.set(Some((buffer.as_ptr() as usize, buffer.len())));
-        self.claimed.set(false);
+        self.0.set(Loan::Offered {
+            base: buffer.as_ptr() as usize,
+            len: buffer.len(),
+        });
     }
 
     /// Ends the offer; returns whether a reply claimed the buffer.
     pub fn withdraw(&self) -> bool {
-        self.at.set(None);
-        self.claimed.replace(false)
+        matches!(self.0.replace(Loan::None), Loan::Claimed)
     }
 
     /// Claims the buffer for a reply of `payload` if the payload lies in it and fills at
     /// least half of it; returns where the payload starts in it.
     fn claim(&self, payload: &[u8]) -> Option<usize> {
-        let (base, len) = self.at.get()?;
+        let Loan::Offered { base, len } = self.0.get() else {
+            return None;
+        };
         // Addresses only compared, never dereferenced.
         let addr = payload.as_ptr() as usize;
         if addr < base || addr + payload.len() > base + len || payload.len() * 2 < len {
             return None;
         }
-        self.at.set(None);
-        self.claimed.set(true);
+        self.0.set(Loan::Claimed);
         Some(addr - base)
     }
 }
