@@ -16,6 +16,8 @@ use super::options::Options;
 mod inbound;
 mod outbound;
 mod shared;
+#[cfg(test)]
+mod testing;
 
 pub use inbound::EAGER_RESERVE;
 pub use outbound::OWNED_MIN;

@@ -361,6 +361,45 @@ impl<S: Service, B: Backend> Core<S, B> {
         })
     }
 
+    /// Lends the buffer of the large frame `key` is receiving, when at least `min` bytes
+    /// of it are still to come (see [`Service::lend_payload_buffer`]): the backend receives
+    /// into its spare capacity, at most the returned room, and gives it back with
+    /// [`Core::on_payload`] whatever the receive did.
+    pub fn lend_payload(&mut self, key: usize, min: usize) -> Option<super::PayloadLoan> {
+        let now = self.now();
+        let conn = self.conns.get_mut(key)?;
+        if conn.phase != Phase::Active {
+            return None;
+        }
+        let session = conn.session.as_mut()?;
+        let mut io = Io::new(now, key, conn.generation, &self.remote);
+        let lent = self.service.lend_payload_buffer(session, &mut io, min);
+        if lent.is_some() {
+            LoopStats::add(&self.stats.payload_receives, 1);
+        }
+        lent
+    }
+
+    /// Bytes still to come of the large frame `key` is receiving (see
+    /// [`Service::payload_to_come`]).
+    pub fn payload_to_come(&self, key: usize) -> u64 {
+        match self.conns.get(key) {
+            Some(conn) if conn.phase == Phase::Active => conn
+                .session
+                .as_ref()
+                .map_or(0, |session| self.service.payload_to_come(session)),
+            _ => 0,
+        }
+    }
+
+    /// The buffer from [`Core::lend_payload`] is back with `n` bytes received into it.
+    /// Returns whether the connection still reads.
+    pub fn on_payload(&mut self, backend: &mut B, key: usize, buffer: Vec<u8>, n: usize) -> bool {
+        self.input(backend, key, n, |service, session, io| {
+            service.payload_received(session, io, buffer, n)
+        })
+    }
+
     /// Hands `len` bytes of input to the session through `read`.
     fn input(
         &mut self,

@@ -233,6 +233,21 @@ fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         .map_err(io::Error::from)
 }
 
+/// `recv` appended to `buf`: at most `room` bytes into its spare capacity (which must
+/// have that many); the bytes read, 0 at EOF.
+fn recv_appending(stream: &TcpStream, buf: &mut Vec<u8>, room: usize) -> io::Result<usize> {
+    let spare = &mut buf.spare_capacity_mut()[..room];
+    let ((filled, _), _) = rustix::net::recv(stream, spare, rustix::net::RecvFlags::empty())?;
+    let n = filled.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the spare capacity (`filled`), so
+    // the vector's first `len + n` elements are initialized; `n <= room <= capacity - len`.
+    #[allow(unsafe_code)]
+    unsafe {
+        buf.set_len(buf.len() + n)
+    };
+    Ok(n)
+}
+
 /// Sends `parts` (at least one) in one syscall, without `SIGPIPE`.
 fn send(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
     use rustix::net::{SendAncillaryBuffer, SendFlags};
@@ -277,12 +292,42 @@ impl Epoll {
             buf = vec![0; core.read_buffer_size()];
         }
         let mut budget = READS_PER_TURN;
-        while let Some(stream) = core.reading_socket(key) {
+        while core.reading_socket(key).is_some() {
             if budget == 0 {
                 self.unfinished.push(key);
                 break;
             }
             budget -= 1;
+            // The rest of a large frame goes straight into its message's buffer, when at
+            // least a read buffer's worth of it is still to come.
+            if let Some(loan) = core.lend_payload(key, buf.len()) {
+                let (mut payload, room) = (loan.buffer, loan.room);
+                let Some(stream) = core.reading_socket(key) else {
+                    core.on_payload(self, key, payload, 0);
+                    break;
+                };
+                let result = recv_appending(stream, &mut payload, room);
+                let n = *result.as_ref().unwrap_or(&0);
+                let reading = core.on_payload(self, key, payload, n);
+                match result {
+                    Ok(0) => {
+                        core.on_eof(self, key);
+                        break;
+                    }
+                    Ok(n) if !reading || (n < room && !drain) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => {
+                        core.on_read_error(self, key, error);
+                        break;
+                    }
+                }
+                continue;
+            }
+            let Some(stream) = core.reading_socket(key) else {
+                break;
+            };
             match recv(stream, &mut buf) {
                 Ok(0) => {
                     core.on_eof(self, key);

@@ -243,6 +243,37 @@ pub(crate) trait Service: 'static {
     ) {
         self.read(session, io, &mut input[..len]);
     }
+    /// A large frame's payload is being received, with at least `min` bytes of it to come:
+    /// lends the buffer the rest goes in, so the backend receives straight into it instead
+    /// of into its own buffer and the session copying from there. The default lends
+    /// nothing.
+    fn lend_payload_buffer(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        min: usize,
+    ) -> Option<PayloadLoan> {
+        let _ = (session, io, min);
+        None
+    }
+    /// Bytes still to come of the large frame being received (0 when none, or none that
+    /// could be lent): lets a backend that must first stop another receive (io_uring's
+    /// multishot one) decide to.
+    fn payload_to_come(&self, session: &Self::Session) -> u64 {
+        let _ = session;
+        0
+    }
+    /// The buffer from [`Service::lend_payload_buffer`], back with `n` bytes appended (it
+    /// comes back whatever the receive did, with `n` = 0 when it failed).
+    fn payload_received(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        buffer: Vec<u8>,
+        n: usize,
+    ) {
+        let _ = (session, io, buffer, n);
+    }
     /// The deadline set through [`Io::set_deadline`] passed.
     fn timeout(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// A command from a [`Sender`](Remote) arrived.
@@ -446,6 +477,19 @@ impl<K, C> Connector<K, C> {
     }
 }
 
+/// A message's buffer lent to a backend for the rest of a large frame
+/// ([`Service::lend_payload_buffer`]).
+#[derive(Debug)]
+pub(crate) struct PayloadLoan {
+    /// The buffer; its length: the bytes so far.
+    pub buffer: Vec<u8>,
+    /// How many bytes may be appended (never past the frame).
+    pub room: usize,
+    /// Whether a receive may wait until the whole room has arrived before it reports:
+    /// nothing (an idle keepalive) needs to hear of each piece as it comes.
+    pub whole: bool,
+}
+
 /// Counters of one loop; summed over loops by the server's `stats()`.
 #[derive(Debug, Default)]
 pub(crate) struct LoopStats {
@@ -464,6 +508,8 @@ pub(crate) struct LoopStats {
     pub dropped: AtomicU64,
     /// Messages sent back from the receive buffer they arrived in (io_uring).
     pub replies_in_place: AtomicU64,
+    /// Receives made straight into a large message's buffer.
+    pub payload_receives: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 

@@ -46,6 +46,11 @@ pub struct Stats {
     /// a handler sends back (`send_message` / `send_message_owned`) during its delivery,
     /// on a connection without TLS or permessage-deflate. One such reply per receive.
     pub replies_in_place: u64,
+    /// Receives made straight into the buffer of a message being reassembled, without a
+    /// copy (a `recv` on epoll, a receive operation on io_uring, counted when made): for
+    /// the rest of a frame with at least a read buffer's worth (epoll, 64 KiB by default)
+    /// or 128 KiB (io_uring) still to come, on a connection without TLS.
+    pub payload_receives: u64,
     /// What the backplane (if any) did: messages sent to and received from the other
     /// processes, dropped on the way out, reconnections.
     pub backplane: BackplaneStats,
@@ -147,6 +152,7 @@ impl ServerHandle {
             s.delivered += l.delivered.load(Ordering::Relaxed);
             s.dropped += l.dropped.load(Ordering::Relaxed);
             s.replies_in_place += l.replies_in_place.load(Ordering::Relaxed);
+            s.payload_receives += l.payload_receives.load(Ordering::Relaxed);
             for (code, n) in l.closes.lock().expect("stats lock").iter() {
                 *s.closes.entry(*code).or_default() += n;
             }

@@ -23,7 +23,7 @@ use crate::protocol::driver::{Driver, Event, MessageType, ReadyState, Role};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::{FrameRun, SharedFrame, Status};
 use crate::protocol::handshake::{RequestParser, error_response};
-use crate::reactor::{CloseRequest, Io, KeepBudget, LoopStats, Outgoing, Service};
+use crate::reactor::{CloseRequest, Io, KeepBudget, LoopStats, Outgoing, PayloadLoan, Service};
 
 /// Bytes of output buffers a loop keeps for reuse: enough for 500 connections' 16 KiB
 /// replies in flight at once (on io_uring each reply's buffer is with the kernel until its
@@ -636,6 +636,49 @@ where
             Some(unused) => *input = unused,
             None => LoopStats::add(&self.stats.replies_in_place, 1),
         }
+    }
+
+    /// The buffer of the large frame an open connection is receiving, to receive the rest
+    /// into (see [`Driver::lend_payload_buffer`]); not while input held back for a paused
+    /// connection waits, which must reach the driver first.
+    fn lend_payload_plain(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        min: usize,
+    ) -> Option<PayloadLoan> {
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return None;
+        };
+        if self.held.contains_key(&io.key) {
+            return None;
+        }
+        let (buffer, room) = driver.lend_payload_buffer(min)?;
+        Some(PayloadLoan {
+            buffer,
+            room,
+            // An idle keepalive hears of input as it arrives.
+            whole: self.config.idle_timeout.is_none(),
+        })
+    }
+
+    /// The lent buffer is back with `n` bytes received into it: the driver takes it, and
+    /// what that completed is delivered.
+    fn payload_received_plain(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        buffer: Vec<u8>,
+        n: usize,
+    ) {
+        let Phase::Open(driver, _) = &mut conn.phase else {
+            return;
+        };
+        driver.payload_received(buffer, n);
+        if n > 0 {
+            conn.timers.received(io.now, &self.timer_config());
+        }
+        self.pump(conn, io, &mut []);
     }
 
     /// Bytes from the proxy of a client connection that is opening its tunnel.

@@ -47,6 +47,50 @@ pub(super) struct PartialMessage {
     compressed: bool,
     buf: Vec<u8>,
     utf8: Utf8Validator,
+    /// `buf` is with the transport ([`Driver::lend_payload_buffer`]).
+    lent: bool,
+}
+
+impl PartialMessage {
+    fn new(header: &FrameHeader) -> Box<PartialMessage> {
+        Box::new(PartialMessage {
+            text: header.opcode == OpCode::Text,
+            compressed: header.rsv != 0,
+            buf: Vec::new(),
+            utf8: Utf8Validator::new(),
+            lent: false,
+        })
+    }
+
+    /// The most bytes `buf` may hold: `max_length`, or for deflate data its worst-case
+    /// size.
+    fn limit(&self, max_length: usize) -> usize {
+        if self.compressed {
+            compressed_limit(max_length)
+        } else {
+            max_length
+        }
+    }
+
+    /// Makes room for `more` bytes of a frame that has `remaining` (at least `more`) left,
+    /// never past `max` (the message limit, which the header check guarantees the frame
+    /// fits): the rest of the frame at once when it ends within [`EAGER_RESERVE`] (no
+    /// copies as it grows); past that, doubling from what actually arrived, so a declared
+    /// length is not trusted further.
+    fn reserve(&mut self, more: usize, remaining: u64, max: usize) {
+        let needed = self.buf.len() + more;
+        if needed <= self.buf.capacity() {
+            return;
+        }
+        let frame_end = self.buf.len() as u64 + remaining;
+        let target = if frame_end <= EAGER_RESERVE as u64 {
+            frame_end as usize
+        } else {
+            needed.max(self.buf.len() * 2)
+        }
+        .min(max);
+        self.buf.reserve_exact(target - self.buf.len());
+    }
 }
 
 impl Driver {
@@ -366,42 +410,18 @@ impl Driver {
                             .get_or_insert_with(Box::default)
                             .extend_from_slice(chunk);
                     } else {
-                        let message = self.message.get_or_insert_with(|| {
-                            Box::new(PartialMessage {
-                                text: opcode == OpCode::Text,
-                                compressed: header.rsv != 0,
-                                buf: Vec::new(),
-                                utf8: Utf8Validator::new(),
-                            })
-                        });
+                        let max_length = self.max_length;
+                        let message = self
+                            .message
+                            .get_or_insert_with(|| PartialMessage::new(&header));
+                        assert!(!message.lent, "input while the payload buffer is lent");
+                        let max = message.limit(max_length);
                         // Compressed text is checked once inflated.
                         if message.text && !message.compressed && message.utf8.feed(chunk).is_err()
                         {
                             return self.fail(total, ProtocolError::InvalidUtf8);
                         }
-                        let needed = message.buf.len() + chunk.len();
-                        if needed > message.buf.capacity() {
-                            // The rest of this frame at once when it ends within
-                            // `EAGER_RESERVE` (no copies as it grows); past that, grow by
-                            // doubling from what actually arrived: a declared length is not
-                            // trusted further. Never past the limit: the header check
-                            // guarantees `needed <= max` (max_length, or for deflate data
-                            // its worst-case size).
-                            let max = if message.compressed {
-                                compressed_limit(self.max_length)
-                            } else {
-                                self.max_length
-                            };
-                            let frame_end = message.buf.len() as u64 + remaining;
-                            // `frame_end >= needed`: this chunk is part of the frame.
-                            let target = if frame_end <= EAGER_RESERVE as u64 {
-                                frame_end as usize
-                            } else {
-                                needed.max(message.buf.len() * 2)
-                            }
-                            .min(max);
-                            message.buf.reserve_exact(target - message.buf.len());
-                        }
+                        message.reserve(chunk.len(), remaining, max);
                         message.buf.extend_from_slice(chunk);
                     }
                     if done < header.payload_len {
@@ -486,6 +506,90 @@ impl Driver {
 
     /// Fails the connection: send the error's close code (if no close was sent yet),
     /// stop parsing, report `Error` now and `Close` next.
+    /// Bytes of the data frame being received still to come (0 between frames and in a
+    /// control frame): what [`Driver::lend_payload_buffer`] could lend room for.
+    pub(crate) fn payload_to_come(&self) -> u64 {
+        match self.stage {
+            Stage::Payload { header, done } if !header.opcode.is_control() => {
+                header.payload_len - done
+            }
+            _ => 0,
+        }
+    }
+
+    /// Lends the buffer a data message is being reassembled in, so that the transport
+    /// receives the rest of the current frame straight into it instead of into a receive
+    /// buffer the driver then copies from: only while a data frame's payload is being
+    /// received with at least `min` bytes of it still to come. Returns the buffer (its
+    /// length: the bytes so far) and how many bytes may be appended to it, never past the
+    /// frame (room for all of it when the message ends within [`EAGER_RESERVE`], else grown
+    /// by doubling, as for input fed to [`Driver::poll_event`]).
+    ///
+    /// Give the buffer back with [`Driver::payload_received`] before any other input.
+    pub(crate) fn lend_payload_buffer(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
+        let Stage::Payload { header, done } = self.stage else {
+            return None;
+        };
+        let remaining = header.payload_len - done;
+        if header.opcode.is_control() || remaining < min.max(1) as u64 {
+            return None;
+        }
+        let max_length = self.max_length;
+        let message = self
+            .message
+            .get_or_insert_with(|| PartialMessage::new(&header));
+        if message.lent {
+            return None;
+        }
+        let max = message.limit(max_length);
+        message.reserve(min.max(1), remaining, max);
+        let room = (message.buf.capacity() - message.buf.len()).min(remaining as usize);
+        message.lent = true;
+        Some((std::mem::take(&mut message.buf), room))
+    }
+
+    /// Takes back the buffer from [`Driver::lend_payload_buffer`] with `n` bytes of the
+    /// frame appended (at most the room it was lent with): unmasks them and checks text
+    /// as it arrives. Then [`Driver::poll_event`] (with no input, or the next read) goes
+    /// on, with the message once its last frame is whole, or with the failure of text
+    /// that is not UTF-8. A buffer that comes back after the connection stopped is
+    /// dropped.
+    pub(crate) fn payload_received(&mut self, mut buf: Vec<u8>, n: usize) {
+        let Stage::Payload { header, done } = self.stage else {
+            return;
+        };
+        let Some(message) = self.message.as_deref_mut().filter(|m| m.lent) else {
+            return;
+        };
+        assert!(
+            n <= buf.len() && n as u64 <= header.payload_len - done,
+            "no more than the frame's payload is received into its buffer"
+        );
+        let piece = buf.len() - n..;
+        if let Some(key) = header.mask {
+            apply_mask(&mut buf[piece.clone()], key, done as usize);
+        }
+        message.lent = false;
+        let bad_text =
+            message.text && !message.compressed && message.utf8.feed(&buf[piece]).is_err();
+        message.buf = buf;
+        if bad_text {
+            // The error comes before the close `fail` queues, as it does from `poll_event`.
+            let (_, error): (usize, Option<Event<'static>>) =
+                self.fail(0, ProtocolError::InvalidUtf8);
+            if let Some(error) = error {
+                self.events
+                    .get_or_insert_with(Box::default)
+                    .push_front(error);
+            }
+            return;
+        }
+        self.stage = Stage::Payload {
+            header,
+            done: done + n as u64,
+        };
+    }
+
     fn fail<'i>(&mut self, consumed: usize, error: ProtocolError) -> (usize, Option<Event<'i>>) {
         let close_code = error.close_code();
         let reason = error.to_string();
@@ -586,5 +690,236 @@ fn decode_chunked(raw: &[u8], body: &mut Vec<u8>) -> bool {
             Some(_) => return true,
             None => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::driver::testing::open_server_with;
+    use crate::protocol::frame::encode_header;
+    use crate::protocol::options::Options;
+
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn open_server() -> Driver {
+        open_server_with(&Options::default(), "").0
+    }
+
+    /// A client frame: header, then `payload` masked with [`KEY`].
+    fn client_frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let header = FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask: Some(KEY),
+            payload_len: payload.len() as u64,
+        };
+        let mut head = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(&mut head, &header);
+        let mut frame = head[..n].to_vec();
+        frame.extend_from_slice(payload);
+        apply_mask(&mut frame[n..], KEY, 0);
+        frame
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Feeds `input` whole; returns the events it gave.
+    fn feed(driver: &mut Driver, mut input: Vec<u8>) -> Vec<Event<'static>> {
+        let mut events = Vec::new();
+        let (mut at, len) = (0, input.len());
+        loop {
+            let (used, event) = driver.poll_event(&mut input[at..]);
+            at += used;
+            match event {
+                Some(event) => events.push(owned(event)),
+                None if at == len => return events,
+                None => {}
+            }
+        }
+    }
+
+    fn owned(event: Event<'_>) -> Event<'static> {
+        match event {
+            Event::Message(m) => Event::Message(m.into_owned()),
+            Event::Open => Event::Open,
+            Event::Close { code, reason } => Event::Close { code, reason },
+            Event::Error(e) => Event::Error(e),
+            Event::Ping(p) => Event::Ping(Cow::Owned(p.into_owned())),
+            Event::Pong(p) => Event::Pong(Cow::Owned(p.into_owned())),
+        }
+    }
+
+    /// Receives `wire` (the masked rest of the current frame) through lent buffers, at
+    /// most `piece` bytes per receive; returns how many receives went through one.
+    fn receive_lent(driver: &mut Driver, wire: &[u8], min: usize, piece: usize) -> usize {
+        let mut at = 0;
+        let mut lent = 0;
+        while let Some((mut buf, room)) = driver.lend_payload_buffer(min) {
+            assert!(room > 0 && room <= wire.len() - at, "room within the frame");
+            let n = room.min(piece);
+            buf.extend_from_slice(&wire[at..at + n]);
+            driver.payload_received(buf, n);
+            at += n;
+            lent += 1;
+        }
+        assert_eq!(at, wire.len(), "the lent buffers took the whole rest");
+        lent
+    }
+
+    #[test]
+    fn the_rest_of_a_large_frame_is_received_into_the_message_buffer() {
+        let mut driver = open_server();
+        let payload = pattern(300_000);
+        let frame = client_frame(true, OpCode::Binary, &payload);
+        let header = frame.len() - payload.len();
+        // The header and the first 10 000 bytes arrive as input.
+        assert!(feed(&mut driver, frame[..header + 10_000].to_vec()).is_empty());
+        let (buf, room) = driver.lend_payload_buffer(64 * 1024).expect("lent");
+        assert_eq!(buf.len(), 10_000, "the bytes so far are in it");
+        assert_eq!(room, payload.len() - 10_000, "room for exactly the rest");
+        assert!(
+            driver.lend_payload_buffer(1).is_none(),
+            "lent once at a time"
+        );
+        driver.payload_received(buf, 0);
+        // The rest arrives into the lent buffer, 50 000 bytes a receive.
+        let lent = receive_lent(&mut driver, &frame[header + 10_000..], 1, 50_000);
+        assert_eq!(lent, 6);
+        let events = feed(&mut driver, Vec::new());
+        assert!(
+            matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == payload[..]),
+            "the message, unmasked"
+        );
+        // The next frame goes on as usual.
+        let events = feed(&mut driver, client_frame(true, OpCode::Text, b"next"));
+        assert!(matches!(&events[..], [Event::Message(Message::Text(t))] if t == "next"));
+    }
+
+    #[test]
+    fn lent_only_while_at_least_min_bytes_of_a_data_frame_are_to_come() {
+        let min = 64 * 1024;
+        let mut driver = open_server();
+        assert!(driver.lend_payload_buffer(1).is_none(), "not at a header");
+        // A ping's payload is never lent, however little of it arrived.
+        let ping = client_frame(true, OpCode::Ping, &[9; 100]);
+        assert!(feed(&mut driver, ping[..10].to_vec()).is_empty());
+        assert!(driver.lend_payload_buffer(1).is_none(), "a control frame");
+        assert_eq!(feed(&mut driver, ping[10..].to_vec()).len(), 1);
+        // At the limit: exactly `min` bytes to come.
+        let payload = pattern(min + 100);
+        let frame = client_frame(true, OpCode::Binary, &payload);
+        let header = frame.len() - payload.len();
+        assert!(feed(&mut driver, frame[..header + 99].to_vec()).is_empty());
+        assert!(
+            driver.lend_payload_buffer(min + 2).is_none(),
+            "min + 1 bytes wanted"
+        );
+        let (buf, room) = driver
+            .lend_payload_buffer(min + 1)
+            .expect("min + 1 to come");
+        assert_eq!(room, min + 1);
+        driver.payload_received(buf, 0);
+        let events = feed(&mut driver, frame[header + 99..].to_vec());
+        assert!(
+            matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == payload[..])
+        );
+    }
+
+    #[test]
+    fn a_fragmented_message_goes_on_in_the_lent_buffer() {
+        let mut driver = open_server();
+        let first = pattern(70_000);
+        let second: Vec<u8> = pattern(200_000).into_iter().rev().collect();
+        assert!(feed(&mut driver, client_frame(false, OpCode::Binary, &first)).is_empty());
+        let frame = client_frame(true, OpCode::Continuation, &second);
+        let header = frame.len() - second.len();
+        assert!(feed(&mut driver, frame[..header + 5].to_vec()).is_empty());
+        let (buf, _) = driver.lend_payload_buffer(1).expect("lent");
+        assert_eq!(
+            buf.len(),
+            70_005,
+            "the first fragment and what arrived of the second"
+        );
+        driver.payload_received(buf, 0);
+        receive_lent(&mut driver, &frame[header + 5..], 1, 65_536);
+        let events = feed(&mut driver, Vec::new());
+        let whole = [first, second].concat();
+        assert!(matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == whole[..]));
+    }
+
+    #[test]
+    fn past_the_eager_reserve_a_lent_buffer_grows_by_doubling() {
+        let mut driver = open_server();
+        let payload = pattern(3 * EAGER_RESERVE);
+        let frame = client_frame(true, OpCode::Binary, &payload);
+        let header = frame.len() - payload.len();
+        assert!(feed(&mut driver, frame[..header + 1000].to_vec()).is_empty());
+        let mut at = header + 1000;
+        while let Some((mut buf, room)) = driver.lend_payload_buffer(4096) {
+            // Room for what arrived again (or `min`), never the declared 3 MiB at once.
+            assert!(
+                room <= buf.len().max(4096),
+                "{room} bytes lent after {}",
+                buf.len()
+            );
+            buf.extend_from_slice(&frame[at..at + room]);
+            at += room;
+            driver.payload_received(buf, room);
+        }
+        let events = feed(&mut driver, frame[at..].to_vec());
+        assert!(
+            matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == payload[..])
+        );
+    }
+
+    #[test]
+    fn lent_text_that_is_not_utf8_fails_the_connection_with_1007() {
+        let mut driver = open_server();
+        let mut payload = vec![b'a'; 100_000];
+        payload[80_000] = 0xff;
+        let frame = client_frame(true, OpCode::Text, &payload);
+        let header = frame.len() - payload.len();
+        assert!(feed(&mut driver, frame[..header + 100].to_vec()).is_empty());
+        receive_lent(&mut driver, &frame[header + 100..], 1, 60_000);
+        let events = feed(&mut driver, Vec::new());
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    Event::Error(Error::Protocol(ProtocolError::InvalidUtf8)),
+                    Event::Close { code: 1007, .. }
+                ]
+            ),
+            "{events:?}"
+        );
+        // The close frame went out with 1007.
+        let out = driver.pending_output();
+        assert_eq!(out[0] & 0x0f, OpCode::Close as u8);
+        assert_eq!(u16::from_be_bytes([out[2], out[3]]), 1007);
+    }
+
+    #[test]
+    fn a_buffer_back_after_the_connection_failed_is_dropped() {
+        let mut driver = open_server();
+        let payload = pattern(100_000);
+        let frame = client_frame(true, OpCode::Binary, &payload);
+        assert!(feed(&mut driver, frame[..20].to_vec()).is_empty());
+        let (mut buf, _) = driver.lend_payload_buffer(1).expect("lent");
+        driver.receive_eof();
+        buf.extend_from_slice(&frame[20..120]);
+        driver.payload_received(buf, 100);
+        let events = feed(&mut driver, Vec::new());
+        assert!(
+            matches!(
+                &events[..],
+                [Event::Error(Error::Io(_)), Event::Close { code: 1006, .. }]
+            ),
+            "{events:?}"
+        );
+        assert!(driver.lend_payload_buffer(1).is_none());
     }
 }

@@ -424,27 +424,13 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::driver::{Event, MessageType};
-    use crate::protocol::handshake::{RequestParser, client_request};
+    use crate::protocol::driver::MessageType;
+    use crate::protocol::driver::testing::open_server_with;
     use crate::protocol::options::Options;
 
     /// An open server driver whose 101 response is already written.
     fn open_server() -> Driver {
-        let request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-        let _ = client_request;
-        let mut parser = RequestParser::new(Options::default().head_limits());
-        let crate::protocol::frame::Status::Complete(request, _) =
-            parser.parse(request.as_bytes()).unwrap()
-        else {
-            panic!("a complete request")
-        };
-        let mut driver = Driver::make_server(&request, &Options::default()).unwrap();
-        driver.start_connection();
-        let n = driver.pending_output().len();
-        driver.consume_output(n);
-        assert!(matches!(driver.poll_event(&mut []).1, Some(Event::Open)));
-        driver
+        open_server_with(&Options::default(), "").0
     }
 
     fn frame(text: &str) -> SharedFrame {
@@ -700,30 +686,13 @@ mod tests {
     /// `threshold` bytes are compressed).
     fn open_deflate_server(threshold: usize) -> Driver {
         use crate::protocol::deflate::DeflateOptions;
-        let request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-            Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
         let options = Options::default().deflate_options(DeflateOptions {
             threshold,
             ..DeflateOptions::default()
         });
-        let mut parser = RequestParser::new(options.head_limits());
-        let crate::protocol::frame::Status::Complete(request, _) =
-            parser.parse(request.as_bytes()).unwrap()
-        else {
-            panic!("a complete request")
-        };
-        let mut driver = Driver::make_server(&request, &options).unwrap();
-        driver.start_connection();
-        let n = driver.pending_output().len();
-        assert!(
-            std::str::from_utf8(&driver.pending_output()[..n])
-                .unwrap()
-                .contains("permessage-deflate"),
-            "deflate agreed"
-        );
-        driver.consume_output(n);
-        assert!(matches!(driver.poll_event(&mut []).1, Some(Event::Open)));
+        let (driver, response) =
+            open_server_with(&options, "Sec-WebSocket-Extensions: permessage-deflate\r\n");
+        assert!(response.contains("permessage-deflate"), "deflate agreed");
         driver
     }
 

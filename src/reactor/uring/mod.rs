@@ -75,6 +75,12 @@ fn drains_more(bytes: usize, receives: usize, enters: usize) -> bool {
     bytes < DRAIN_BYTES && receives < DRAIN_RECEIVES && enters < DRAIN_ENTERS
 }
 
+/// Bytes of a frame still to come from which they are received straight into the
+/// message's buffer (`Ring::recv_payload`, one completion for all of them) instead of into
+/// provided buffers and copied from there: 4 of them. Switching costs a cancel and its
+/// completion, then the payload receive and the multishot receive's re-arm.
+const PAYLOAD_MIN: usize = 128 * 1024;
+
 /// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
 /// instead of being reassembled from two receives. (Buffers the kernel fills a receive at
 /// a time, `IOU_PBUF_RING_INC`, were tried: 8 × 64 KiB gave the same CPU per message, but
@@ -107,17 +113,22 @@ impl Socket {
     }
 }
 
-/// Whether a socket's multishot receive is armed (until its last completion; the top bit),
-/// whether the socket sits in the ring's registered-socket table at its connection's key
-/// (the next bit), and the id of its send op in flight (the low 30 bits; all ones: none),
-/// in 4 bytes.
+/// Whether a socket's receive is armed (until its last completion; the top bit), whether
+/// the socket sits in the ring's registered-socket table at its connection's key (the next
+/// bit), whether the armed receive is a payload receive (`Ring::recv_payload`) rather than
+/// the multishot one, whether the multishot one is being cancelled to make way for one,
+/// whether the last receive was a payload receive, and the id of its send op in flight (the
+/// low 27 bits; all ones: none), in 4 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SocketOps(u32);
 
 impl SocketOps {
     const RECEIVING: u32 = 1 << 31;
     const IN_SLOT: u32 = 1 << 30;
-    const NO_SEND: u32 = Self::IN_SLOT - 1;
+    const PAYLOAD: u32 = 1 << 29;
+    const SWITCHING: u32 = 1 << 28;
+    const AFTER_PAYLOAD: u32 = 1 << 27;
+    const NO_SEND: u32 = Self::AFTER_PAYLOAD - 1;
 
     /// Receiving, nothing sent yet: a new connection.
     fn receiving() -> SocketOps {
@@ -136,8 +147,35 @@ impl SocketOps {
         self.0 & Self::RECEIVING != 0
     }
 
-    fn set_receiving(&mut self, on: bool) {
-        self.0 = (self.0 & !Self::RECEIVING) | if on { Self::RECEIVING } else { 0 };
+    /// Armed (`Some`: a payload receive or not), or not.
+    fn set_receiving(&mut self, payload: Option<bool>) {
+        let after_payload = payload.is_none() && self.is_payload();
+        self.0 &= !(Self::RECEIVING | Self::PAYLOAD | Self::SWITCHING | Self::AFTER_PAYLOAD);
+        if after_payload {
+            self.0 |= Self::AFTER_PAYLOAD;
+        }
+        match payload {
+            Some(true) => self.0 |= Self::RECEIVING | Self::PAYLOAD,
+            Some(false) => self.0 |= Self::RECEIVING,
+            None => {}
+        }
+    }
+
+    fn is_payload(self) -> bool {
+        self.0 & Self::PAYLOAD != 0
+    }
+
+    /// The last receive, now ended, was a payload receive.
+    fn is_after_payload(self) -> bool {
+        self.0 & Self::AFTER_PAYLOAD != 0
+    }
+
+    fn is_switching(self) -> bool {
+        self.0 & Self::SWITCHING != 0
+    }
+
+    fn set_switching(&mut self) {
+        self.0 |= Self::SWITCHING;
     }
 
     fn is_sending(self) -> bool {
@@ -148,7 +186,7 @@ impl SocketOps {
         let id = u32::try_from(op)
             .ok()
             .filter(|&id| id < Self::NO_SEND)
-            .expect("fewer than a billion ops in flight");
+            .expect("fewer than 134 million ops in flight");
         self.0 = (self.0 & !Self::NO_SEND) | id;
     }
 
@@ -301,7 +339,8 @@ impl Backend for Uring {
         // peer's EOF ended the receive) there is nothing to stop, and closing the socket
         // does the rest: no syscall for it.
         let mut stop = socket.ops.is_sending();
-        if socket.ops.is_receiving() && self.ring.cancel_recv(key).is_err() {
+        if socket.ops.is_receiving() && self.ring.cancel_recv(key, socket.ops.is_payload()).is_err()
+        {
             stop = true;
         }
         if stop {
@@ -320,7 +359,7 @@ impl Backend for Uring {
         // Receives already completed still arrive (the session holds them back); the
         // cancel's completion ends the multishot receive.
         if socket.ops.is_receiving() {
-            let _ = self.ring.cancel_recv(key);
+            let _ = self.ring.cancel_recv(key, socket.ops.is_payload());
         }
     }
 
@@ -413,17 +452,52 @@ impl Uring {
         // Drained, not taken: the list keeps its capacity, so a busy loop whose receives
         // end on ENOBUFS every turn does not grow it again each turn.
         for key in self.rearm_recv.drain(..) {
-            if let Some(socket) = core.reading_socket(key)
-                && !socket.ops.is_receiving()
-            {
+            let Some((target, after_payload)) = core
+                .reading_socket(key)
+                .filter(|socket| !socket.ops.is_receiving())
+                .map(|socket| (socket.target(key), socket.ops.is_after_payload()))
+            else {
+                continue;
+            };
+            // The rest of a large frame goes straight into its message's buffer.
+            let payload = core.lend_payload(key, PAYLOAD_MIN);
+            let is_payload = payload.is_some();
+            match payload {
+                Some(loan) => {
+                    self.ring
+                        .recv_payload(target, key, loan.buffer, loan.room, loan.whole)?
+                }
+                // A connection that sends large frames most likely sends another: one
+                // receive shows its header before the multishot receive would have taken
+                // all of it into provided buffers.
+                None if after_payload => self.ring.recv_once(target, key)?,
                 // The socket most likely holds data (the receive ran out of buffers, or
                 // reading was paused): polled first, so it waits its turn for buffers.
-                self.ring.recv_polled(socket.target(key), key)?;
-                socket.ops.set_receiving(true);
-                rearmed += 1;
+                None => self.ring.recv_polled(target, key)?,
             }
+            if let Some(socket) = core.any_socket(key) {
+                socket.ops.set_receiving(Some(is_payload));
+            }
+            rearmed += 1;
         }
         Ok(rearmed)
+    }
+
+    /// After a receive left connection `key` in a frame with at least [`PAYLOAD_MIN`]
+    /// bytes still to come: cancels its multishot receive, so that once it has ended,
+    /// `rearm_receives` arms a payload receive into the message's buffer instead.
+    fn make_way_for_payload<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
+        if core.payload_to_come(key) < PAYLOAD_MIN as u64 {
+            return;
+        }
+        if let Some(socket) = core.reading_socket(key)
+            && socket.ops.is_receiving()
+            && !socket.ops.is_payload()
+            && !socket.ops.is_switching()
+            && self.ring.cancel_recv(key, false).is_ok()
+        {
+            socket.ops.set_switching();
+        }
     }
 
     /// Keeps a finished (cleared) send batch for reuse, with its byte buffer if the
@@ -464,25 +538,34 @@ impl Uring {
             more,
             buffer,
             accepted,
+            payload,
         } = completion;
         if let Some(key) = recv {
             if !more {
                 if let Some(socket) = core.any_socket(key) {
-                    socket.ops.set_receiving(false);
+                    socket.ops.set_receiving(None);
                 }
                 // Re-armed before the next enter if the connection still reads (a
-                // multishot receive ends on ENOBUFS, a cancel, or a full CQ).
+                // multishot receive ends on ENOBUFS, a cancel, or a full CQ; a payload
+                // receive once its room is filled).
                 self.rearm_recv.push(key);
             }
-            if result > 0 {
+            if let Some(payload) = payload {
+                // Back to the session whatever the receive did.
+                core.on_payload(self, key, payload, result.max(0) as usize);
+            } else if result > 0 {
                 let bid = buffer.expect("multishot recv always selects a buffer");
                 // The session may keep the buffer (a reply sent from it in place); the
                 // slot then takes another.
                 core.on_received(self, key, bufs.received(bid), result as usize);
                 bufs.recycle(bid);
-            } else if result == 0 {
+                if more {
+                    self.make_way_for_payload(core, key);
+                }
+            }
+            if result == 0 {
                 core.on_eof(self, key);
-            } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
+            } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
                 core.on_read_error(self, key, io::Error::from_raw_os_error(-result));
             }
             core.on_released(key);
@@ -602,13 +685,13 @@ mod tests {
         ops.set_in_slot(true);
         ops.set_send(0);
         assert!(ops.is_receiving() && ops.is_sending() && ops.in_slot());
-        ops.set_receiving(false);
+        ops.set_receiving(None);
         assert!(!ops.is_receiving() && ops.is_sending() && ops.in_slot());
         ops.clear_send();
         assert!(!ops.is_receiving() && !ops.is_sending() && ops.in_slot());
         // The largest id there is room for, and the other bits left alone by it.
-        ops.set_receiving(true);
-        ops.set_send((1 << 30) - 2);
+        ops.set_receiving(Some(false));
+        ops.set_send((1 << 27) - 2);
         assert!(ops.is_receiving() && ops.is_sending() && ops.in_slot());
         ops.set_in_slot(false);
         assert!(ops.is_receiving() && ops.is_sending() && !ops.in_slot());
@@ -616,9 +699,31 @@ mod tests {
         assert_eq!(ops, SocketOps::receiving());
     }
 
+    /// A payload receive: armed as one, then ended, it leaves the mark that makes the next
+    /// receive a single one; a cancel under way to switch ends with the receive.
     #[test]
-    #[should_panic(expected = "fewer than a billion ops")]
+    fn socket_ops_remember_a_payload_receive_until_the_next_one_is_armed() {
+        let mut ops = SocketOps::receiving();
+        ops.set_send(5);
+        ops.set_switching();
+        assert!(ops.is_switching() && !ops.is_payload());
+        ops.set_receiving(None);
+        assert!(
+            !ops.is_switching() && !ops.is_after_payload(),
+            "a multishot receive ended"
+        );
+        ops.set_receiving(Some(true));
+        assert!(ops.is_receiving() && ops.is_payload() && !ops.is_after_payload());
+        ops.set_receiving(None);
+        assert!(!ops.is_receiving() && !ops.is_payload() && ops.is_after_payload());
+        ops.set_receiving(Some(false));
+        assert!(ops.is_receiving() && !ops.is_payload() && !ops.is_after_payload());
+        assert!(ops.is_sending(), "the send left alone throughout");
+    }
+
+    #[test]
+    #[should_panic(expected = "fewer than 134 million ops")]
     fn a_send_id_that_does_not_fit_is_refused() {
-        SocketOps::receiving().set_send((1 << 30) - 1);
+        SocketOps::receiving().set_send((1 << 27) - 1);
     }
 }

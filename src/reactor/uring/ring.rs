@@ -187,6 +187,10 @@ const MAX_IOVECS: usize = 1024;
 /// entry in the op table: an idle connection costs the table nothing.
 const RECV: u64 = 1 << 63;
 
+/// With [`RECV`] and the key: a receive into a message's own buffer (see
+/// [`Ring::recv_payload`]), single-shot.
+const PAYLOAD: u64 = 1 << 61;
+
 /// `user_data` of an update of the registered-socket table: this bit and the slot. Only a
 /// failed one completes (see [`Ring::update_slot`]).
 const SLOT_UPDATE: u64 = 1 << 62;
@@ -204,6 +208,9 @@ pub(crate) struct Completion {
     pub buffer: Option<u16>,
     /// The connection a successful `Accept` produced.
     pub accepted: Option<TcpStream>,
+    /// The message buffer a payload receive (see [`Ring::recv_payload`]) filled, back
+    /// with the bytes received appended.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// The ring and its op table.
@@ -216,6 +223,9 @@ pub(crate) struct Ring {
     slots: u32,
     /// The descriptor each slot's last queued fill reads (see [`Ring::update_slot`]).
     slot_fds: Box<[RawFd]>,
+    /// The message buffers payload receives fill, by connection: each is the kernel's
+    /// from the submission until its completion is reaped.
+    payloads: std::collections::HashMap<usize, Vec<u8>>,
 }
 
 impl Ring {
@@ -236,6 +246,7 @@ impl Ring {
             receives: 0,
             slots,
             slot_fds: vec![-1; slots as usize].into_boxed_slice(),
+            payloads: std::collections::HashMap::new(),
         })
     }
 
@@ -309,10 +320,12 @@ impl Ring {
             // SAFETY: every buffer an entry points to is owned by its `ops` entry (send
             // batches: their own bytes, the shared frames they hold references to, and the
             // boxed `msghdr` and iovecs of a `sendmsg`, rebuilt only by `resend` between a
-            // completion and the next submission; wake buffers) or by a registered
-            // `BufRing`, and outlives the operation (a slot update reads a cell of the
-            // ring's own `slot_fds`, or a static, when it is submitted): ops are only removed by `finish`,
-            // after their final completion was reaped.
+            // completion and the next submission; wake buffers), by a registered
+            // `BufRing`, or by `payloads` (a payload receive's message buffer, removed
+            // only when its completion is reaped, and leaked by `quiesce` if it is not),
+            // and outlives the operation (a slot update reads a cell of the ring's own
+            // `slot_fds`, or a static, when it is submitted): ops are only removed by
+            // `finish`, after their final completion was reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -368,9 +381,65 @@ impl Ring {
         Ok(())
     }
 
-    /// Cancels connection `key`'s receive (its last completion still comes).
-    pub fn cancel_recv(&mut self, key: usize) -> io::Result<()> {
-        self.cancel_user_data(RECV | key as u64)
+    /// One receive into the buffer ring, polled first (a single completion, with the
+    /// multishot receive's `user_data`): what follows a payload receive, so that the next
+    /// frame's header is seen, and a large frame's rest goes into its message's buffer,
+    /// before a multishot receive would have taken the whole frame into provided buffers.
+    pub fn recv_once(&mut self, socket: SocketRef, key: usize) -> io::Result<()> {
+        let entry = on_socket!(socket, |target| opcode::Recv::new(
+            target,
+            std::ptr::null_mut(),
+            0
+        )
+        .buf_group(BUF_GROUP)
+        .ioprio(IORING_RECVSEND_POLL_FIRST)
+        .build())
+        .flags(squeue::Flags::BUFFER_SELECT)
+        .user_data(RECV | key as u64);
+        self.push(entry)?;
+        self.receives += 1;
+        Ok(())
+    }
+
+    /// Receives up to `room` bytes of connection `key` into the spare capacity of
+    /// `buffer` (a message's buffer, the rest of a large frame going straight into it).
+    /// With `whole`, one completion once all have arrived (`MSG_WAITALL`), or with what did
+    /// at EOF, an error or a cancel; without, a completion with whatever the socket held.
+    /// The buffer is the operation's until then; the completion hands it back
+    /// ([`Completion::payload`]) with the bytes received appended.
+    pub fn recv_payload(
+        &mut self,
+        socket: SocketRef,
+        key: usize,
+        mut buffer: Vec<u8>,
+        room: usize,
+        whole: bool,
+    ) -> io::Result<()> {
+        let room = room
+            .min(buffer.capacity() - buffer.len())
+            .min(u32::MAX as usize) as u32;
+        let at = buffer.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+        let flags = if whole { libc::MSG_WAITALL } else { 0 };
+        let entry = on_socket!(socket, |target| opcode::Recv::new(target, at, room)
+            .flags(flags)
+            .build())
+        .user_data(RECV | PAYLOAD | key as u64);
+        // Moving the `Vec` into the map does not move its heap memory, where `at` points.
+        let earlier = self.payloads.insert(key, buffer);
+        assert!(earlier.is_none(), "one payload receive per connection");
+        if let Err(e) = self.push(entry) {
+            self.payloads.remove(&key);
+            return Err(e);
+        }
+        self.receives += 1;
+        Ok(())
+    }
+
+    /// Cancels connection `key`'s receive: its multishot receive, or with `payload` its
+    /// payload receive (the last completion still comes).
+    pub fn cancel_recv(&mut self, key: usize, payload: bool) -> io::Result<()> {
+        let kind = if payload { RECV | PAYLOAD } else { RECV };
+        self.cancel_user_data(kind | key as u64)
     }
 
     /// Sends `batch` (owned by the op until its completion) for connection `key`.
@@ -470,13 +539,28 @@ impl Ring {
                 if !more {
                     self.receives -= 1;
                 }
+                let key = (data & !(RECV | PAYLOAD)) as usize;
+                let payload = (data & PAYLOAD != 0).then(|| {
+                    let mut buffer = self
+                        .payloads
+                        .remove(&key)
+                        .expect("a payload receive owns a buffer");
+                    if result > 0 {
+                        // SAFETY: the kernel wrote `result` bytes (at most the room it was
+                        // given, which fits the spare capacity) from the buffer's end on,
+                        // so they are initialized; and it is done with the buffer.
+                        unsafe { buffer.set_len(buffer.len() + result as usize) };
+                    }
+                    buffer
+                });
                 out.push(Completion {
                     op: usize::MAX,
-                    recv: Some((data & !RECV) as usize),
+                    recv: Some(key),
                     result,
                     more,
                     buffer: cqueue::buffer_select(flags),
                     accepted: None,
+                    payload,
                 });
                 continue;
             }
@@ -505,6 +589,7 @@ impl Ring {
                 more: cqueue::more(flags),
                 buffer: cqueue::buffer_select(flags),
                 accepted,
+                payload: None,
             });
         }
     }
@@ -536,8 +621,13 @@ impl Ring {
             }
             let _ = self.enter(Some(Duration::from_millis(10)));
         }
+        let done = self.ops.is_empty() && self.receives == 0;
+        if !done {
+            // The kernel may still write into them.
+            std::mem::forget(std::mem::take(&mut self.payloads));
+        }
         if let Some(bufs) = bufs {
-            if self.ops.is_empty() && self.receives == 0 {
+            if done {
                 bufs.unregister(&self.ring);
             } else {
                 std::mem::forget(bufs);
@@ -867,6 +957,92 @@ mod tests {
         // Not this ring's size: dropped, not kept for a slot.
         bufs.give_back(vec![0; 16]);
         assert!(bufs.spares.is_empty());
+        bufs.recycle(bid);
+        drop(server);
+        ring.quiesce(Some(bufs));
+    }
+
+    /// A payload receive appends to its buffer's spare capacity and completes once, when
+    /// its whole room has arrived (`MSG_WAITALL`), handing the buffer back; a cancelled one
+    /// hands it back with what did arrive; a single receive completes once, from the ring.
+    #[test]
+    fn payload_receives_own_their_buffer_until_their_completion() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let Some((mut ring, listener)) = ring_with_slots() else {
+            return;
+        };
+        let (mut client, server) = connected(&listener);
+        let mut bufs = ring.buffers(2, 4096).unwrap();
+        let socket = SocketRef::Fd(server.as_raw_fd());
+        let mut done = Vec::new();
+        // The receive's completion, if one came within `wait` (a cancel's own is finished).
+        let mut next = |ring: &mut Ring, wait: Duration| -> Option<Completion> {
+            ring.enter(Some(wait)).unwrap();
+            ring.reap(&mut done, usize::MAX);
+            let mut receive = None;
+            for c in done.drain(..) {
+                if c.recv.is_some() {
+                    assert!(receive.is_none(), "one receive, one completion");
+                    receive = Some(c);
+                } else {
+                    ring.finish(c.op);
+                }
+            }
+            receive
+        };
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut buffer = Vec::with_capacity(100_010);
+        buffer.extend_from_slice(b"0123456789");
+        ring.recv_payload(socket, 3, buffer, 100_000, true).unwrap();
+        client.write_all(&data[..60_000]).unwrap();
+        assert!(
+            next(&mut ring, Duration::from_millis(200)).is_none(),
+            "not complete with 60 000 of 100 000 bytes"
+        );
+        client.write_all(&data[60_000..]).unwrap();
+        let c = loop {
+            if let Some(c) = next(&mut ring, Duration::from_secs(5)) {
+                break c;
+            }
+        };
+        assert_eq!((c.recv, c.result, c.more), (Some(3), 100_000, false));
+        let payload = c.payload.expect("the buffer back");
+        assert_eq!(&payload[..10], b"0123456789");
+        assert!(payload[10..] == data[..], "appended after what it held");
+        // Cancelled with 3 bytes in: the buffer comes back holding what arrived (the
+        // kernel reports the bytes, or the cancel and none).
+        ring.recv_payload(socket, 3, Vec::with_capacity(1000), 1000, true)
+            .unwrap();
+        client.write_all(b"abc").unwrap();
+        assert!(next(&mut ring, Duration::from_millis(100)).is_none());
+        ring.cancel_recv(3, true).unwrap();
+        let c = loop {
+            if let Some(c) = next(&mut ring, Duration::from_secs(5)) {
+                break c;
+            }
+        };
+        let payload = c.payload.expect("the buffer back");
+        let taken = match c.result {
+            3 => b"abc".len(),
+            r => {
+                assert_eq!(r, -libc::ECANCELED);
+                0
+            }
+        };
+        assert_eq!(payload, &b"abc"[..taken]);
+        // One receive from the ring: one completion, not armed after it.
+        ring.recv_once(socket, 3).unwrap();
+        client.write_all(b"xyz").unwrap();
+        let c = loop {
+            if let Some(c) = next(&mut ring, Duration::from_secs(5)) {
+                break c;
+            }
+        };
+        assert!(!c.more && c.payload.is_none());
+        let bid = c.buffer.expect("a provided buffer");
+        let expected = [&b"abc"[taken..], b"xyz"].concat();
+        assert_eq!(&bufs.received(bid)[..c.result as usize], &expected[..]);
         bufs.recycle(bid);
         drop(server);
         ring.quiesce(Some(bufs));

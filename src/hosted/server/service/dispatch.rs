@@ -5,9 +5,7 @@
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 
-#[cfg(feature = "tls")]
-use super::Phase;
-use super::{Conn, WsService};
+use super::{Conn, Phase, WsService};
 #[cfg(feature = "tls")]
 use crate::hosted::server::Ws;
 use crate::hosted::server::{ClientInit, Command, Handler, Upgrade, UpgradeRequest};
@@ -16,7 +14,7 @@ use crate::protocol::error::code;
 use crate::protocol::handshake::http_response;
 #[cfg(feature = "tls")]
 use crate::reactor::CloseRequest;
-use crate::reactor::{Io, Outgoing, Service};
+use crate::reactor::{Io, Outgoing, PayloadLoan, Service};
 
 impl<F, H> Service for WsService<F, H>
 where
@@ -94,6 +92,41 @@ where
             return self.read(conn, io, &mut input[..len]);
         }
         self.read_plain_lendable(conn, io, input, len)
+    }
+
+    fn lend_payload_buffer(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        min: usize,
+    ) -> Option<PayloadLoan> {
+        // Over TLS the payload is in the decrypted copy, not on the socket.
+        #[cfg(feature = "tls")]
+        if conn.tls.is_some() {
+            return None;
+        }
+        self.lend_payload_plain(conn, io, min)
+    }
+
+    fn payload_to_come(&self, conn: &Conn<H>) -> u64 {
+        #[cfg(feature = "tls")]
+        if conn.tls.is_some() {
+            return 0;
+        }
+        match &conn.phase {
+            Phase::Open(driver, _) => driver.payload_to_come(),
+            _ => 0,
+        }
+    }
+
+    fn payload_received(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        buffer: Vec<u8>,
+        n: usize,
+    ) {
+        self.payload_received_plain(conn, io, buffer, n);
     }
 
     fn timeout(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
