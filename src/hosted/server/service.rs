@@ -650,7 +650,8 @@ where
         let Phase::Open(driver, _) = &mut conn.phase else {
             return None;
         };
-        if self.held.contains_key(&io.key) {
+        // Most reads are not in such a frame: the driver's answer first, the map after.
+        if driver.payload_to_come() < min as u64 || self.held.contains_key(&io.key) {
             return None;
         }
         let (buffer, room) = driver.lend_payload_buffer(min)?;
