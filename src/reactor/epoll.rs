@@ -1,5 +1,8 @@
 //! The epoll backend (through mio): readiness, edge-triggered sockets, reads into one
-//! per-loop buffer, writes straight from the session's output.
+//! per-loop buffer, writes straight from the session's output. The rest of a large frame
+//! (at least a read buffer's worth still to come) is read straight into its message's
+//! buffer instead, lent by the session (`Service::lend_payload_buffer`): the one `unsafe`
+//! here sets that buffer's length after `recv` filled its spare capacity.
 //!
 //! Socket reads and writes go through rustix rather than std: on Linux rustix makes the
 //! syscall itself, where std goes through libc's `recv`/`send` wrappers, whose

@@ -21,6 +21,13 @@
 //! slot takes a buffer back from an earlier such send, and the send's completion gives
 //! this one back (`BufRing::give_back`).
 //!
+//! A large frame's rest (`PAYLOAD_MIN` or more still to come) goes straight into its
+//! message's buffer: the multishot receive that would take it into provided buffers is
+//! cancelled (`make_way_for_payload`), and once it has ended `rearm_receives` arms one
+//! receive into the buffer the session lends (`Ring::recv_payload`, which owns it until its
+//! completion), then one single receive into the ring (`Ring::recv_once`) to see the next
+//! frame's header, then the multishot receive again.
+//!
 //! A connection that closes cancels its receive, empties its slot, and stays in the core's
 //! slab, holding its socket, until its last operation completed; only then is the socket
 //! closed and the slab key (and slot) reused. All `unsafe` lives in [`ring`]; this module is
