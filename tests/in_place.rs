@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Owned, Rng, TestClient};
+use support::{Owned, Rng, TestClient, backends};
 use websocket_driver::server::{Handler, Server, ServerHandle, Upgrade, Ws};
 use websocket_driver::{Backend, Message, Options};
 
@@ -37,14 +37,6 @@ fn server(backend: Backend, options: Options) -> ServerHandle {
         .options(options)
         .start(|_| Upgrade::Accept(Bracketing))
         .unwrap()
-}
-
-fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Epoll];
-    if websocket_driver::reactor::io_uring_support().is_ok() {
-        backends.push(Backend::IoUring);
-    }
-    backends
 }
 
 /// Sends `message` and checks the three replies.

@@ -10,7 +10,7 @@ mod support;
 use std::io::Write;
 use std::time::Duration;
 
-use support::{Owned, Rng, TestClient};
+use support::{Owned, Rng, TestClient, backends};
 use websocket_driver::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, encode_header};
 use websocket_driver::protocol::mask::apply_mask;
 use websocket_driver::server::{Handler, Server, ServerConfig, ServerHandle, Upgrade, Ws};
@@ -43,14 +43,6 @@ fn server(backend: Backend, config: ServerConfig) -> ServerHandle {
         .backend(backend)
         .start(|_| Upgrade::Accept(Echo))
         .unwrap()
-}
-
-fn backends() -> Vec<Backend> {
-    let mut backends = vec![Backend::Epoll];
-    if websocket_driver::reactor::io_uring_support().is_ok() {
-        backends.push(Backend::IoUring);
-    }
-    backends
 }
 
 /// A client frame: header, then `payload` masked.

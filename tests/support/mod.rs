@@ -258,6 +258,15 @@ pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("cargo build --example {name} named no executable"))
 }
 
+/// The reactor's backends this machine runs: epoll, and io_uring where the kernel allows it.
+pub fn backends() -> Vec<websocket_driver::Backend> {
+    let mut backends = vec![websocket_driver::Backend::Epoll];
+    if websocket_driver::reactor::io_uring_support().is_ok() {
+        backends.push(websocket_driver::Backend::IoUring);
+    }
+    backends
+}
+
 /// Echoes, on `backend` with one loop, pipelined messages of sizes that straddle any
 /// receive-buffer layout (1 B to 128 KiB + 3, around 125/126 and 64 Ki), from 8
 /// connections at once, and checks every reply byte for byte and in order.
