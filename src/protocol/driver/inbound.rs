@@ -876,6 +876,46 @@ mod tests {
         );
     }
 
+    /// A compressed (RSV1) message's deflate data is received into the lent buffer the
+    /// same way, and inflated once whole.
+    #[test]
+    fn a_compressed_frame_is_received_into_the_lent_buffer_and_inflated() {
+        use crate::protocol::deflate::{DeflateOptions, DeflateParams, DeflateState};
+        let (mut driver, response) = open_server_with(
+            &Options::default().deflate(true),
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        );
+        assert!(response.contains("permessage-deflate"), "deflate agreed");
+        let params = DeflateParams {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+        };
+        let mut client = DeflateState::new(params, Role::Client, &DeflateOptions::default());
+        // Four bits of entropy a byte: about half its size once compressed.
+        let mut x = 7u32;
+        let payload: Vec<u8> = (0..600_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                b'a' + (x % 16) as u8
+            })
+            .collect();
+        let mut frame = Vec::new();
+        client
+            .write_frame(&mut frame, OpCode::Binary, &payload, Some(KEY))
+            .expect("compressed");
+        assert!(frame.len() > 200_000, "{} bytes on the wire", frame.len());
+        assert!(feed(&mut driver, frame[..1000].to_vec()).is_empty());
+        assert!(receive_lent(&mut driver, &frame[1000..], 1, 40_000) > 1);
+        let events = feed(&mut driver, Vec::new());
+        assert!(
+            matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == payload[..])
+        );
+    }
+
     #[test]
     fn lent_text_that_is_not_utf8_fails_the_connection_with_1007() {
         let mut driver = open_server();
