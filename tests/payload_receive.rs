@@ -5,14 +5,15 @@
 //! connection paused by backpressure in the middle of such frames still gets every message
 //! in order.
 
+mod common;
 mod support;
 
 use std::io::Write;
 use std::time::Duration;
 
+use common::client_frame;
 use support::{Owned, Rng, TestClient, backends};
-use websocket_driver::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, encode_header};
-use websocket_driver::protocol::mask::apply_mask;
+use websocket_driver::protocol::frame::OpCode;
 use websocket_driver::server::{Handler, Server, ServerConfig, ServerHandle, Upgrade, Ws};
 use websocket_driver::{Backend, Message};
 
@@ -43,24 +44,6 @@ fn server(backend: Backend, config: ServerConfig) -> ServerHandle {
         .backend(backend)
         .start(|_| Upgrade::Accept(Echo))
         .unwrap()
-}
-
-/// A client frame: header, then `payload` masked.
-fn client_frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x5a, 0x01, 0xc3, 0x7e];
-    let header = FrameHeader {
-        fin,
-        rsv: 0,
-        opcode,
-        mask: Some(mask),
-        payload_len: payload.len() as u64,
-    };
-    let mut head = [0u8; MAX_HEADER_LEN];
-    let n = encode_header(&mut head, &header);
-    let mut frame = head[..n].to_vec();
-    frame.extend_from_slice(payload);
-    apply_mask(&mut frame[n..], mask, 0);
-    frame
 }
 
 /// Writes `bytes` in pieces of `piece` bytes, each its own write.
@@ -98,13 +81,13 @@ fn large_frames_come_back_whole_whatever_their_pieces() {
         let message = rng.bytes(200_000);
         write_in_pieces(
             &mut client,
-            &client_frame(true, OpCode::Binary, &message),
+            &client_frame(0x80 | OpCode::Binary as u8, &message),
             1000,
         );
         expect_binary(&mut client, &message);
         let (first, second) = (rng.bytes(5000), rng.bytes(500_000));
-        let mut wire = client_frame(false, OpCode::Binary, &first);
-        wire.extend(client_frame(true, OpCode::Continuation, &second));
+        let mut wire = client_frame(OpCode::Binary as u8, &first);
+        wire.extend(client_frame(0x80 | OpCode::Continuation as u8, &second));
         write_in_pieces(&mut client, &wire, 70_000);
         expect_binary(&mut client, &[first, second].concat());
         let receives = server.stats().payload_receives;
@@ -129,7 +112,7 @@ fn only_frames_with_the_limit_still_to_come_are_received_into_the_message() {
         for (rest, lent) in [(min - 1, false), (min, true)] {
             // The header and 10 bytes, then (once the server has surely read them) the rest.
             let message = rng.bytes(10 + rest);
-            let frame = client_frame(true, OpCode::Binary, &message);
+            let frame = client_frame(0x80 | OpCode::Binary as u8, &message);
             let split = frame.len() - rest;
             let before = server.stats().payload_receives;
             client.stream.write_all(&frame[..split]).unwrap();
@@ -157,7 +140,7 @@ fn text_that_is_not_utf8_late_in_a_large_frame_closes_with_1007() {
         payload[450_000] = 0xff;
         client
             .stream
-            .write_all(&client_frame(true, OpCode::Text, &payload))
+            .write_all(&client_frame(0x80 | OpCode::Text as u8, &payload))
             .unwrap();
         loop {
             match client.next_event().unwrap() {
@@ -189,7 +172,7 @@ fn a_paused_connection_gets_every_large_message_in_order() {
         let messages: Vec<Vec<u8>> = (0..10).map(|_| rng.bytes(1 << 20)).collect();
         let wire: Vec<u8> = messages
             .iter()
-            .flat_map(|m| client_frame(true, OpCode::Binary, m))
+            .flat_map(|m| client_frame(0x80 | OpCode::Binary as u8, m))
             .collect();
         let mut writer = client.stream.try_clone().unwrap();
         let sending = std::thread::spawn(move || writer.write_all(&wire));
@@ -212,7 +195,7 @@ fn connections_that_end_during_a_payload_receive_are_released() {
     for backend in backends() {
         let server = server(backend, ServerConfig::default());
         let mut rng = Rng(31);
-        let frame = client_frame(true, OpCode::Binary, &rng.bytes(1 << 20));
+        let frame = client_frame(0x80 | OpCode::Binary as u8, &rng.bytes(1 << 20));
         for _ in 0..3 {
             let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
             let before = server.stats().payload_receives;
@@ -257,7 +240,7 @@ fn a_slow_large_frame_keeps_an_idle_connection_alive() {
         let server = server(backend, config);
         let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
         let message = Rng(37).bytes(400_000);
-        let frame = client_frame(true, OpCode::Binary, &message);
+        let frame = client_frame(0x80 | OpCode::Binary as u8, &message);
         let before = server.stats().payload_receives;
         for piece in frame.chunks(frame.len() / 20 + 1) {
             client.stream.write_all(piece).unwrap();

@@ -301,43 +301,42 @@ impl Epoll {
                 break;
             }
             budget -= 1;
-            // The rest of a large frame goes straight into its message's buffer, when at
-            // least a read buffer's worth of it is still to come.
-            if let Some(loan) = core.lend_payload(key, buf.len()) {
-                let (mut payload, room) = (loan.buffer, loan.room);
-                let Some(stream) = core.reading_socket(key) else {
-                    core.on_payload(self, key, payload, 0);
-                    break;
-                };
-                let result = recv_appending(stream, &mut payload, room);
-                let n = *result.as_ref().unwrap_or(&0);
-                let reading = core.on_payload(self, key, payload, n);
-                match result {
-                    Ok(0) => {
-                        core.on_eof(self, key);
+            // One receive: the rest of a large frame straight into its message's buffer
+            // when at least a read buffer's worth of it is still to come, else into the
+            // read buffer. `Ok((n, reading, room))`: `n` bytes, whether the connection still
+            // reads, and how many would have fit (fewer means the socket is drained).
+            let received = match core.lend_payload(key, buf.len()) {
+                Some(loan) => {
+                    let (mut payload, room) = (loan.buffer, loan.room);
+                    let Some(stream) = core.reading_socket(key) else {
+                        core.on_payload(self, key, payload, 0);
                         break;
-                    }
-                    Ok(n) if !reading || (n < room && !drain) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(error) => {
-                        core.on_read_error(self, key, error);
+                    };
+                    let result = recv_appending(stream, &mut payload, room);
+                    // The buffer goes back whatever the receive did.
+                    let n = *result.as_ref().unwrap_or(&0);
+                    let reading = core.on_payload(self, key, payload, n);
+                    result.map(|n| (n, reading, room))
+                }
+                None => {
+                    let Some(stream) = core.reading_socket(key) else {
                         break;
+                    };
+                    match recv(stream, &mut buf) {
+                        Ok(n) if n > 0 => {
+                            Ok((n, core.on_data(self, key, &mut buf[..n]), buf.len()))
+                        }
+                        other => other.map(|n| (n, true, buf.len())),
                     }
                 }
-                continue;
-            }
-            let Some(stream) = core.reading_socket(key) else {
-                break;
             };
-            match recv(stream, &mut buf) {
-                Ok(0) => {
+            match received {
+                Ok((0, _, _)) => {
                     core.on_eof(self, key);
                     break;
                 }
-                Ok(n) => {
-                    if !core.on_data(self, key, &mut buf[..n]) || (n < buf.len() && !drain) {
+                Ok((n, reading, room)) => {
+                    if !reading || (n < room && !drain) {
                         break;
                     }
                 }

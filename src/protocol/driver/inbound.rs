@@ -504,8 +504,6 @@ impl Driver {
         }
     }
 
-    /// Fails the connection: send the error's close code (if no close was sent yet),
-    /// stop parsing, report `Error` now and `Close` next.
     /// Bytes of the data frame being received still to come (0 between frames and in a
     /// control frame): what [`Driver::lend_payload_buffer`] could lend room for.
     pub(crate) fn payload_to_come(&self) -> u64 {
@@ -527,11 +525,11 @@ impl Driver {
     ///
     /// Give the buffer back with [`Driver::payload_received`] before any other input.
     pub(crate) fn lend_payload_buffer(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
-        let Stage::Payload { header, done } = self.stage else {
+        let remaining = self.payload_to_come();
+        let Stage::Payload { header, .. } = self.stage else {
             return None;
         };
-        let remaining = header.payload_len - done;
-        if header.opcode.is_control() || remaining < min.max(1) as u64 {
+        if remaining < min.max(1) as u64 {
             return None;
         }
         let max_length = self.max_length;
@@ -590,6 +588,8 @@ impl Driver {
         };
     }
 
+    /// Fails the connection: send the error's close code (if no close was sent yet),
+    /// stop parsing, report `Error` now and `Close` next.
     fn fail<'i>(&mut self, consumed: usize, error: ProtocolError) -> (usize, Option<Event<'i>>) {
         let close_code = error.close_code();
         let reason = error.to_string();
