@@ -15,8 +15,10 @@ use futures_util::StreamExt;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as TMessage;
-use websocket_driver::hyper::{is_websocket, serve};
+use websocket_driver::hyper::{HyperIo, is_websocket, serve, serve_stream};
 use websocket_driver::tokio::{WsReceiver, WsSender, connect};
 use websocket_driver::{Event, Message, Options};
 
@@ -167,6 +169,108 @@ async fn axum_route() {
 
         let mut ws = tungstenite_client(addr, "/echo").await;
         echoes(&mut ws, TMessage::Binary(vec![7u8; 70_000].into())).await;
+    })
+    .await;
+}
+
+/// The inline stream's answer to a peer that sent its first frame in the same write as
+/// the upgrade request: the transport it runs on ("tcp" or "upgraded"), then the frame
+/// echoed.
+async fn transport_then_echo(
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(serve_stream(
+        &mut req,
+        &Options::default(),
+        |mut ws| async move {
+            let transport = match ws.get_ref() {
+                HyperIo::Tcp(_) => "tcp",
+                HyperIo::Upgraded(_) => "upgraded",
+            };
+            if ws.send_text(transport).await.is_err() {
+                return;
+            }
+            while let Some(event) = ws.next().await {
+                if let Event::Message(message) = event {
+                    let _ = ws.send_message(message).await;
+                }
+            }
+        },
+    ))
+}
+
+/// Writes an upgrade request and a masked text frame in one write (so hyper reads the
+/// frame along with the request head), then reads the 101 and two unmasked text frames.
+async fn upgrade_with_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    text: &str,
+) -> [String; 2] {
+    let mut request = upgrade_request("/", 13);
+    // FIN + text, masked with a zero key (the payload reads as itself).
+    request.extend_from_slice(&[0x81, 0x80 | text.len() as u8, 0, 0, 0, 0]);
+    request.extend_from_slice(text.as_bytes());
+    io.write_all(&request).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]);
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            let mut frames = &got[end + 4..];
+            let mut texts = Vec::new();
+            while frames.len() >= 2 && frames.len() >= 2 + frames[1] as usize {
+                assert_eq!(frames[0], 0x81, "an unmasked, whole text frame");
+                let len = frames[1] as usize;
+                texts.push(String::from_utf8(frames[2..2 + len].to_vec()).unwrap());
+                frames = &frames[2 + len..];
+            }
+            if texts.len() == 2 {
+                return [texts[0].clone(), texts[1].clone()];
+            }
+        }
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before two frames came: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Served on hyper-util's `TokioIo<TcpStream>`, the stream runs on the TCP socket itself,
+/// and the frame hyper read along with the request is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_stream_runs_on_the_tcp_socket() {
+    bounded(30, async {
+        let addr = hyper_server(transport_then_echo).await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let answers = upgrade_with_frame(&mut raw, "sent with the request").await;
+        assert_eq!(
+            answers,
+            ["tcp".to_string(), "sent with the request".to_string()]
+        );
+    })
+    .await;
+}
+
+/// Any other transport (an in-memory pipe here) stays in hyper's upgraded IO, with the
+/// same behaviour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_stream_on_another_transport_stays_upgraded() {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    bounded(30, async {
+        let (mut client, server) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service_fn(transport_then_echo))
+                .with_upgrades()
+                .await;
+        });
+        let answers = upgrade_with_frame(&mut client, "through a pipe").await;
+        assert_eq!(
+            answers,
+            ["upgraded".to_string(), "through a pipe".to_string()]
+        );
     })
     .await;
 }

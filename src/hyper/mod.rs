@@ -76,6 +76,8 @@ use std::task::{Context, Poll};
 use ::hyper::body::Bytes;
 use ::hyper::header::{HeaderName, HeaderValue};
 use ::hyper::{Request, Response, StatusCode};
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::net::TcpStream;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 
@@ -93,7 +95,91 @@ pub use axum::{
 };
 
 /// The inline stream over a hyper upgrade.
-pub type HyperStream = WebSocketStream<TokioIo<::hyper::upgrade::Upgraded>>;
+pub type HyperStream = WebSocketStream<HyperIo>;
+
+/// The transport under a [`HyperStream`].
+///
+/// hyper hands an upgraded connection over as a boxed [`Upgraded`](::hyper::upgrade::Upgraded),
+/// which puts a dynamic call and hyper's read-ahead check in front of every read and
+/// write. When the server ran on hyper-util's `TokioIo<TcpStream>` (as `axum::serve` and
+/// `examples/echo_hyper.rs` do), the socket is taken back out of it: [`HyperIo::Tcp`], and
+/// the bytes hyper had read past the request go to the stream first. Any other transport
+/// (TLS, a Unix socket, a test's duplex) stays wrapped: [`HyperIo::Upgraded`].
+#[derive(Debug)]
+pub enum HyperIo {
+    /// The TCP socket hyper served.
+    Tcp(TcpStream),
+    /// hyper's upgraded IO, for transports other than `TokioIo<TcpStream>`.
+    Upgraded(TokioIo<::hyper::upgrade::Upgraded>),
+}
+
+impl HyperIo {
+    /// The transport, and the bytes hyper read past the request head that belong to it.
+    fn from_upgraded(upgraded: ::hyper::upgrade::Upgraded) -> (Self, Bytes) {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (HyperIo::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => (HyperIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+        }
+    }
+}
+
+impl AsyncRead for HyperIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HyperIo::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            HyperIo::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HyperIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HyperIo::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            HyperIo::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HyperIo::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            HyperIo::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            HyperIo::Tcp(io) => io.is_write_vectored(),
+            HyperIo::Upgraded(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HyperIo::Tcp(io) => Pin::new(io).poll_flush(cx),
+            HyperIo::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HyperIo::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            HyperIo::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
 
 /// The request head as the driver sees it. Header values that are not UTF-8 are kept
 /// lossily (the handshake headers are ASCII).
@@ -226,10 +312,11 @@ impl Future for UpgradingStream {
         let upgraded = std::task::ready!(Pin::new(&mut self.on_upgrade).poll(cx))
             .map_err(|e| Error::Io(io::Error::other(e)))?;
         let (driver, config) = self.driver.take().expect("polled after completion");
+        let (io, read_ahead) = HyperIo::from_upgraded(upgraded);
         Poll::Ready(Ok(WebSocketStream::from_driver(
-            TokioIo::new(upgraded),
+            io,
             driver,
-            &[],
+            &read_ahead,
             &config,
         )))
     }
