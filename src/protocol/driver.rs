@@ -454,6 +454,12 @@ impl Driver {
         event
     }
 
+    /// Whether events wait in the queue: without them and without input, `poll_event`
+    /// has nothing to return, so a transport may skip the call.
+    pub(crate) fn has_queued_events(&self) -> bool {
+        self.events.is_some()
+    }
+
     /// Whether the peer's Close frame arrived. A peer sends nothing after it, so a
     /// transport may close at once once its own output is written, without waiting for
     /// the peer's FIN first.

@@ -304,6 +304,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// Parses up to one event: queued ones first, then (unless `queued_only`) the unparsed
     /// input. With `borrow`, a payload still in the read buffer comes out as its range.
     pub(super) fn parse(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
+        // The receive loop asks after every write and read; most asks find nothing.
+        if (queued_only || self.start == self.end) && !self.driver.has_queued_events() {
+            return None;
+        }
         let input = if queued_only {
             &mut [][..]
         } else {
