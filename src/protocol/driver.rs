@@ -333,6 +333,7 @@ impl Driver {
     }
 
     /// Server or client.
+    #[inline]
     pub fn role(&self) -> Role {
         self.role
     }
@@ -360,6 +361,7 @@ impl Driver {
     }
 
     /// The connection state.
+    #[inline]
     pub fn ready_state(&self) -> ReadyState {
         self.state
     }
@@ -456,6 +458,7 @@ impl Driver {
 
     /// Whether events wait in the queue: without them and without input, `poll_event`
     /// has nothing to return, so a transport may skip the call.
+    #[inline]
     pub(crate) fn has_queued_events(&self) -> bool {
         self.events.is_some()
     }

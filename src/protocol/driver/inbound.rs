@@ -100,6 +100,7 @@ impl Driver {
     /// `&mut input[consumed..]` (and finally with an empty slice) until no event comes.
     /// Payloads are unmasked in place, so an unfragmented message that arrived in one read
     /// is handed out borrowed from `input` without a copy.
+    #[inline]
     pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
         if let Some(event) = self.next_queued() {
             return (0, Some(event));

@@ -267,6 +267,7 @@ impl Driver {
     }
 
     /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
+    #[inline]
     pub fn buffered_amount(&self) -> usize {
         self.out.len() - self.out_pos + self.shared.as_deref().map_or(0, |q| q.bytes())
     }

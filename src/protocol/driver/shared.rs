@@ -38,6 +38,7 @@ struct Queued {
 
 impl SharedQueue {
     /// Unwritten bytes of all queued frames.
+    #[inline]
     pub(super) fn bytes(&self) -> usize {
         self.bytes
     }

@@ -10,8 +10,9 @@
 //! that has no more input does: so each message pays one task reschedule, as on a real
 //! connection with one message in flight (without the I/O driver or the system calls).
 //!
-//! `stream-cost [--size BYTES] [--messages N] [--rounds R]` prints ns per message for
-//! each, round by round (the two alternate), then the medians.
+//! `stream-cost [--size BYTES] [--messages N] [--rounds R] [--next]` prints ns per message
+//! for each, round by round (the two alternate), then the medians. `--next` echoes
+//! through websocket-driver's owned API instead (`next` + `send_message(..).await`).
 
 use std::io;
 use std::pin::Pin;
@@ -139,7 +140,7 @@ fn open_driver() -> Driver {
     driver
 }
 
-async fn wsd(size: usize, messages: u64) -> u64 {
+async fn wsd(size: usize, messages: u64, owned: bool) -> u64 {
     let mut ws = WebSocketStream::from_driver(
         Feed::new(size, messages),
         open_driver(),
@@ -147,10 +148,20 @@ async fn wsd(size: usize, messages: u64) -> u64 {
         &Config::default(),
     );
     let mut echoed = 0;
-    while let Some((event, mut reply)) = ws.recv().await {
-        if let Event::Message(message) = event {
-            let _ = reply.send_message(&message);
-            echoed += 1;
+    if owned {
+        // `next` + `send_message(..).await`: owned events, each send awaited.
+        while let Some(event) = ws.next().await {
+            if let Event::Message(message) = event {
+                let _ = ws.send_message(message).await;
+                echoed += 1;
+            }
+        }
+    } else {
+        while let Some((event, mut reply)) = ws.recv().await {
+            if let Event::Message(message) = event {
+                let _ = reply.send_message(&message);
+                echoed += 1;
+            }
         }
     }
     assert!(ws.get_ref().written > 0);
@@ -191,6 +202,7 @@ fn main() {
     let size = arg("--size", 20) as usize;
     let messages = arg("--messages", 2_000_000);
     let rounds = arg("--rounds", 5);
+    let owned = std::env::args().any(|a| a == "--next");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -201,7 +213,7 @@ fn main() {
             let started = Instant::now();
             let echoed = rt.block_on(async move {
                 let task = match name {
-                    "websocket-driver" => tokio::spawn(wsd(size, messages)),
+                    "websocket-driver" => tokio::spawn(wsd(size, messages, owned)),
                     _ => tokio::spawn(fws(size, messages)),
                 };
                 task.await.unwrap()
