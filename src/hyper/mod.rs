@@ -66,7 +66,9 @@
 //! accept key, subprotocol and `additional_headers` are the driver's) and marked written
 //! with [`Driver::consume_output`], since hyper writes the response. When hyper hands over
 //! the upgraded IO, the already open driver runs on it through
-//! [`WebSocketStream::from_driver`]. Only public driver APIs are used.
+//! [`WebSocketStream::from_driver`]: on the TCP socket itself when hyper served hyper-util's
+//! `TokioIo<TcpStream>`, else inside hyper's upgraded IO (see [`HyperIo`]). Only public
+//! driver APIs are used.
 
 use std::future::Future;
 use std::io;
