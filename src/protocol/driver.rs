@@ -458,6 +458,7 @@ impl Driver {
 
     /// Whether events wait in the queue: without them and without input, `poll_event`
     /// has nothing to return, so a transport may skip the call.
+    #[cfg(feature = "tokio")]
     #[inline]
     pub(crate) fn has_queued_events(&self) -> bool {
         self.events.is_some()

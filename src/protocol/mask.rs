@@ -4,7 +4,9 @@
 //! - [`apply_mask_scalar`], the reference, a byte at a time;
 //! - [`apply_mask_words`], portable: a `u64` at a time over the 8-byte-aligned middle of
 //!   the buffer (`bytemuck` gives the aligned view without `unsafe`), which LLVM turns into
-//!   SSE2 code on x86_64 by itself; the unaligned head and tail go through the scalar one;
+//!   SSE2 code on x86_64 by itself; the unaligned head and tail go through the scalar one.
+//!   Under 32 bytes (most chat and echo messages) aligning costs more than it saves: those
+//!   go eight bytes at a time through unaligned words, then the last few one by one;
 //! - on x86_64 CPUs with AVX-512F or AVX2 (detected at run time, once), the same word loop
 //!   compiled for 512- or 256-bit registers, started on a cache line from 1 KiB up. This
 //!   is the crate's only `unsafe` outside the reactor: calling a `#[target_feature]`
@@ -122,14 +124,7 @@ pub fn apply_mask_words(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     let (head, middle, tail) = bytemuck::pod_align_to_mut::<u8, u64>(buf);
     apply_mask_scalar(head, mask, offset);
     // The key as seen from the first aligned byte, repeated over a whole word.
-    let start = offset + head.len();
-    let k = [
-        mask[start & 3],
-        mask[(start + 1) & 3],
-        mask[(start + 2) & 3],
-        mask[(start + 3) & 3],
-    ];
-    let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    let (k, word) = key_word(mask, offset + head.len());
     for w in middle.iter_mut() {
         *w ^= word;
     }
@@ -137,9 +132,8 @@ pub fn apply_mask_words(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     apply_mask_scalar(tail, k, 0);
 }
 
-/// Short payloads (most chat and echo messages): eight bytes at a time through unaligned
-/// words, which costs less than aligning first; then the last few bytes one by one.
-fn apply_mask_short(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+/// The key as seen from payload byte `offset`, and the same repeated over a 64-bit word.
+fn key_word(mask: [u8; 4], offset: usize) -> ([u8; 4], u64) {
     let k = [
         mask[offset & 3],
         mask[(offset + 1) & 3],
@@ -147,6 +141,13 @@ fn apply_mask_short(buf: &mut [u8], mask: [u8; 4], offset: usize) {
         mask[(offset + 3) & 3],
     ];
     let word = u64::from_ne_bytes([k[0], k[1], k[2], k[3], k[0], k[1], k[2], k[3]]);
+    (k, word)
+}
+
+/// Short payloads (most chat and echo messages): eight bytes at a time through unaligned
+/// words, which costs less than aligning first; then the last few bytes one by one.
+fn apply_mask_short(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    let (k, word) = key_word(mask, offset);
     let mut words = buf.chunks_exact_mut(8);
     for chunk in &mut words {
         let bytes: &mut [u8; 8] = chunk.try_into().expect("chunks of eight");
