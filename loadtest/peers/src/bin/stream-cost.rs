@@ -10,9 +10,10 @@
 //! that has no more input does: so each message pays one task reschedule, as on a real
 //! connection with one message in flight (without the I/O driver or the system calls).
 //!
-//! `stream-cost [--size BYTES] [--messages N] [--rounds R] [--next]` prints ns per message
-//! for each, round by round (the two alternate), then the medians. `--next` echoes
-//! through websocket-driver's owned API instead (`next` + `send_message(..).await`).
+//! `stream-cost [--size BYTES] [--messages N] [--rounds R] [--next] [--text]` prints ns per
+//! message for each, round by round (the two alternate), then the medians. `--next` echoes
+//! through websocket-driver's owned API instead (`next` + `send_message(..).await`);
+//! `--text` sends text frames (ASCII) instead of binary ones.
 
 use std::io;
 use std::pin::Pin;
@@ -24,10 +25,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Driver, Event, Options, Request};
 
-/// One masked frame per read, a `Pending` (after a wake) between two, EOF after `left`.
+/// One masked frame per read (in pieces if the reader's buffer is smaller), a `Pending`
+/// (after a wake) between two frames, EOF after `left`.
 struct Feed {
     frame: Vec<u8>,
     left: u64,
+    /// How much of the current frame has been handed out.
+    at: usize,
     fresh: bool,
     written: u64,
 }
@@ -35,7 +39,9 @@ struct Feed {
 impl Feed {
     fn new(size: usize, messages: u64) -> Feed {
         let key = [0x12, 0x34, 0x56, 0x78];
-        let mut frame = vec![0x82];
+        // Text (ASCII) with `--text`, else binary.
+        let text = std::env::args().any(|a| a == "--text");
+        let mut frame = vec![if text { 0x81 } else { 0x82 }];
         match size {
             0..=125 => frame.push(0x80 | size as u8),
             126..=0xffff => {
@@ -48,10 +54,11 @@ impl Feed {
             }
         }
         frame.extend_from_slice(&key);
-        frame.extend((0..size).map(|i| (i as u8) ^ key[i % 4]));
+        frame.extend((0..size).map(|i| (b'a' + (i % 26) as u8) ^ key[i % 4]));
         Feed {
             frame,
             left: messages,
+            at: 0,
             fresh: true,
             written: 0,
         }
@@ -72,13 +79,16 @@ impl AsyncRead for Feed {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        assert!(
-            buf.remaining() >= self.frame.len(),
-            "a read buffer too small"
-        );
-        buf.put_slice(&self.frame);
-        self.left -= 1;
-        self.fresh = false;
+        // A frame larger than the reader's buffer goes in pieces, back to back.
+        let at = self.at;
+        let n = buf.remaining().min(self.frame.len() - at);
+        buf.put_slice(&self.frame[at..at + n]);
+        self.at += n;
+        if self.at == self.frame.len() {
+            self.at = 0;
+            self.left -= 1;
+            self.fresh = false;
+        }
         Poll::Ready(Ok(()))
     }
 }
