@@ -208,6 +208,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         if std::mem::take(&mut self.outbox.unflushed) {
             self.flushed = false;
         }
+        // The receive loop asks after every event; most asks find everything written.
+        if self.flushed && self.unwritten() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             let mut parts = [IoSlice::new(&[]); WRITE_PARTS];
             // A frame written around the driver goes first.
