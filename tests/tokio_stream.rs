@@ -898,6 +898,39 @@ async fn a_burst_read_at_once_is_answered_in_one_write() {
     assert_eq!(echoed, sent);
 }
 
+/// Text read through `recv` is lent as the driver checked it (borrowed, not copied), and a
+/// whole text frame with bad UTF-8 gives the error with the close frame (1007) already
+/// written when it comes out: a caller that stops at the error has still closed properly.
+/// Then the close, then the end.
+#[tokio::test(flavor = "current_thread")]
+async fn recv_lends_checked_text_and_writes_the_close_for_bad_utf8_at_once() {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    client.send_text("héllo, ok").unwrap();
+    let mut input = common::take_output(&mut client);
+    input.extend_from_slice(&common::client_frame(0x81, &[b'a', 0xff, b'b']));
+    input.extend_from_slice(&common::client_frame(0x81, b"never read"));
+    let mut ws =
+        WebSocketStream::from_driver(Recording::new(input), server, &[], &Config::default());
+    match ws.recv().await.unwrap().0 {
+        Event::Message(Message::Text(Cow::Borrowed(text))) => assert_eq!(text, "héllo, ok"),
+        other => panic!("expected borrowed text, got {other:?}"),
+    }
+    match ws.recv().await.unwrap().0 {
+        Event::Error(Error::Protocol(e)) => {
+            assert_eq!(e, websocket_driver::ProtocolError::InvalidUtf8)
+        }
+        other => panic!("expected the UTF-8 error, got {other:?}"),
+    }
+    let frames = common::parse_frames(&ws.get_ref().written());
+    assert_eq!(frames.len(), 1, "only the close frame: {frames:?}");
+    assert_eq!(frames[0].close_code(), Some(1007));
+    match ws.recv().await.unwrap().0 {
+        Event::Close { code, .. } => assert_eq!(code, 1007),
+        other => panic!("expected the close, got {other:?}"),
+    }
+    assert!(ws.recv().await.is_none());
+}
+
 /// Answers a server stream to 100 questions of 20 B, read at once: each with 1 000 B of
 /// text (under the size written straight from the payload, so it is queued), except the
 /// 66th, which gets `last` bytes. Returns the index of the first event that came out

@@ -754,6 +754,67 @@ mod tests {
         }
     }
 
+    /// A whole final text frame at a frame boundary of an open connection, with no event
+    /// queued, gets its event from one `poll_event`, whatever is wrong with it: the tokio
+    /// stream's `recv` parses such a frame outside its poll and counts on an event.
+    #[test]
+    fn a_whole_text_frame_at_a_boundary_gives_an_event_at_once() {
+        let text = |payload: &[u8]| client_frame(true, OpCode::Text, payload);
+        let mut unmasked = vec![0x81, 5];
+        unmasked.extend_from_slice(b"hello");
+        let cases: [(&str, Options, Vec<u8>, Vec<u8>); 7] = [
+            (
+                "valid",
+                Options::default(),
+                vec![],
+                text("héllo".as_bytes()),
+            ),
+            ("empty", Options::default(), vec![], text(b"")),
+            ("bad UTF-8", Options::default(), vec![], text(&[b'a', 0xff])),
+            ("unmasked", Options::default(), vec![], unmasked),
+            (
+                "over max_length",
+                Options::default().max_length(4),
+                vec![],
+                text(b"hello"),
+            ),
+            (
+                "inside a fragmented message, after a ping",
+                Options::default(),
+                [
+                    client_frame(false, OpCode::Text, b"a"),
+                    client_frame(true, OpCode::Ping, b""),
+                ]
+                .concat(),
+                text(b"b"),
+            ),
+            (
+                "after a message",
+                Options::default(),
+                text(b"first"),
+                text(b"second"),
+            ),
+        ];
+        for (name, options, before, mut frame) in cases {
+            let mut driver = open_server_with(&options, "").0;
+            for event in feed(&mut driver, before) {
+                assert!(
+                    matches!(event, Event::Message(_) | Event::Ping(_)),
+                    "{name}: {event:?}"
+                );
+            }
+            assert!(
+                driver.events.is_none(),
+                "{name}: events queued before the frame"
+            );
+            assert_eq!(driver.state, ReadyState::Open, "{name}");
+            let len = frame.len();
+            let (used, event) = driver.poll_event(&mut frame);
+            assert_eq!(used, len, "{name}: the whole frame is taken");
+            assert!(event.is_some(), "{name}: no event");
+        }
+    }
+
     /// Receives `wire` (the masked rest of the current frame) through lent buffers, at
     /// most `piece` bytes per receive; returns how many receives went through one.
     fn receive_lent(driver: &mut Driver, wire: &[u8], min: usize, piece: usize) -> usize {

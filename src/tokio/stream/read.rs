@@ -20,6 +20,10 @@ use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
 pub(super) enum Slot {
     Owned(Event<'static>),
     Borrowed(Payload, usize, usize),
+    /// A whole text frame waits at `start`, not parsed yet: [`WebSocketStream::recv`]
+    /// parses it itself, so the driver's checked `&str` is lent as it is (a range would
+    /// have to be checked again to become text).
+    WholeText,
 }
 
 #[derive(Clone, Copy)]
@@ -70,7 +74,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             slot.map(|slot| match slot {
                 Slot::Owned(event) => event,
                 // Only asked for with `borrow`.
-                Slot::Borrowed(..) => unreachable!("an owned parse hands out no ranges"),
+                Slot::Borrowed(..) | Slot::WholeText => {
+                    unreachable!("an owned parse hands out no ranges")
+                }
             })
         })
     }
@@ -103,6 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     pub async fn recv(&mut self) -> Option<(Event<'_>, Reply<'_, S>)> {
         let slot = poll_fn(|cx| self.poll_next_slot(cx, true)).await?;
         let event = match slot {
+            Slot::WholeText => return Some(self.take_whole_text()),
             Slot::Owned(event) => event,
             Slot::Borrowed(kind, at, len) => {
                 let payload = &self.buf[at..at + len];
@@ -234,6 +241,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         }
     }
 
+    /// A whole, final, uncompressed text frame begins the unparsed input, at a frame
+    /// boundary of an open connection with no event queued. The driver then answers it with
+    /// one event from one `poll_event` (the text, or the error that fails the connection),
+    /// which is what lets [`WebSocketStream::take_whole_text`] run that parse outside the poll.
+    #[inline]
+    fn whole_text_waits(&self) -> bool {
+        const FIN_TEXT: u8 = 0x80 | OpCode::Text as u8;
+        let input = &self.buf[self.start..self.end];
+        if input.first() != Some(&FIN_TEXT)
+            || !self.at_frame
+            || self.driver.ready_state() != ReadyState::Open
+            || self.driver.has_queued_events()
+        {
+            return false;
+        }
+        matches!(
+            parse_header(input, 0),
+            Ok(Status::Complete(header, len))
+                if (len as u64).saturating_add(header.payload_len) <= input.len() as u64
+        )
+    }
+
+    /// Parses the text frame [`Slot::WholeText`] found and lends its text with a [`Reply`].
+    /// Only fields other than `buf` are touched once the text borrows it.
+    #[inline(never)]
+    fn take_whole_text(&mut self) -> (Event<'_>, Reply<'_, S>) {
+        let (used, event) = self.driver.poll_event(&mut self.buf[self.start..self.end]);
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        self.small_frames = self.small_frames.saturating_add(1);
+        let text = matches!(event, Some(Event::Message(_)));
+        self.at_frame = text;
+        if !text && self.writing && self.outbox.len() == 0 {
+            // The frame failed the connection: its close frame goes out now, as after an
+            // error from any other parse (`buf` is lent, so not through `poll_write_out`:
+            // one write, no waiting; the rest, or a failing write, is met on the next poll).
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let out = self.driver.pending_output();
+            if let Poll::Ready(Ok(n)) = Pin::new(&mut self.io).poll_write(&mut cx, out) {
+                self.driver.consume_output(n);
+                self.flushed = false;
+                self.progressed = true;
+            }
+        }
+        let sending = Sending {
+            io: &mut self.io,
+            driver: &mut self.driver,
+            outbox: &mut self.outbox,
+        };
+        let open = self.phase == Phase::Open
+            && self.writing
+            && sending.driver.ready_state() == ReadyState::Open;
+        // `whole_text_waits` holds only where the driver answers at once (its unit test
+        // `a_whole_text_frame_at_a_boundary_gives_an_event_at_once`).
+        let event = event.expect("a whole frame at a frame boundary gives an event");
+        (event, Reply { sending, open })
+    }
+
     pub(super) fn received(&mut self) {
         if self.timer_config.idle.is_some() {
             self.timers.received(now(), &self.timer_config);
@@ -307,6 +375,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         // The receive loop asks after every write and read; most asks find nothing.
         if (queued_only || self.start == self.end) && !self.driver.has_queued_events() {
             return None;
+        }
+        if borrow && !queued_only && self.whole_text_waits() {
+            return Some(Slot::WholeText);
         }
         let input = if queued_only {
             &mut [][..]
