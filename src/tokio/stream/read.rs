@@ -264,7 +264,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     /// Parses the text frame [`Slot::WholeText`] found and lends its text with a [`Reply`].
-    /// Only fields other than `buf` are touched once the text borrows it.
+    /// Only fields other than `buf` are touched once the text borrows it. Kept out of
+    /// `recv`'s future, which every binary message goes through too.
     #[inline(never)]
     fn take_whole_text(&mut self) -> (Event<'_>, Reply<'_, S>) {
         let (used, event) = self.driver.poll_event(&mut self.buf[self.start..self.end]);
