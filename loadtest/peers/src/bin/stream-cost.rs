@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use fastwebsockets::{FragmentCollector, OpCode, Role, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use websocket_driver::protocol::frame::{OpCode as WsOpCode, write_frame};
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Driver, Event, Options, Request};
 
@@ -37,24 +38,16 @@ struct Feed {
 }
 
 impl Feed {
-    fn new(size: usize, messages: u64) -> Feed {
-        let key = [0x12, 0x34, 0x56, 0x78];
-        // Text (ASCII) with `--text`, else binary.
-        let text = std::env::args().any(|a| a == "--text");
-        let mut frame = vec![if text { 0x81 } else { 0x82 }];
-        match size {
-            0..=125 => frame.push(0x80 | size as u8),
-            126..=0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(size as u16).to_be_bytes());
-            }
-            _ => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(size as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&key);
-        frame.extend((0..size).map(|i| (b'a' + (i % 26) as u8) ^ key[i % 4]));
+    fn new(size: usize, messages: u64, text: bool) -> Feed {
+        // ASCII, so the same payload serves as text.
+        let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        let opcode = if text {
+            WsOpCode::Text
+        } else {
+            WsOpCode::Binary
+        };
+        let mut frame = Vec::new();
+        write_frame(&mut frame, opcode, &payload, Some([0x12, 0x34, 0x56, 0x78]));
         Feed {
             frame,
             left: messages,
@@ -150,9 +143,9 @@ fn open_driver() -> Driver {
     driver
 }
 
-async fn wsd(size: usize, messages: u64, owned: bool) -> u64 {
+async fn wsd(size: usize, messages: u64, text: bool, owned: bool) -> u64 {
     let mut ws = WebSocketStream::from_driver(
-        Feed::new(size, messages),
+        Feed::new(size, messages, text),
         open_driver(),
         &[],
         &Config::default(),
@@ -178,8 +171,8 @@ async fn wsd(size: usize, messages: u64, owned: bool) -> u64 {
     echoed
 }
 
-async fn fws(size: usize, messages: u64) -> u64 {
-    let mut ws = WebSocket::after_handshake(Feed::new(size, messages), Role::Server);
+async fn fws(size: usize, messages: u64, text: bool) -> u64 {
+    let mut ws = WebSocket::after_handshake(Feed::new(size, messages, text), Role::Server);
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
     ws.set_max_message_size(64 << 20);
@@ -213,6 +206,7 @@ fn main() {
     let messages = arg("--messages", 2_000_000);
     let rounds = arg("--rounds", 5);
     let owned = std::env::args().any(|a| a == "--next");
+    let text = std::env::args().any(|a| a == "--text");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -223,8 +217,8 @@ fn main() {
             let started = Instant::now();
             let echoed = rt.block_on(async move {
                 let task = match name {
-                    "websocket-driver" => tokio::spawn(wsd(size, messages, owned)),
-                    _ => tokio::spawn(fws(size, messages)),
+                    "websocket-driver" => tokio::spawn(wsd(size, messages, text, owned)),
+                    _ => tokio::spawn(fws(size, messages, text)),
                 };
                 task.await.unwrap()
             });
