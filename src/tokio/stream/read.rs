@@ -61,6 +61,32 @@ pub(super) fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
     }
 }
 
+/// After a `poll_event` on `buf[start..end]` that parsed `used` bytes: moves `start` past
+/// them (both back to 0 once everything read is parsed) and notes whether they ended at a
+/// frame boundary (an event other than an error came out of input; an error stops the
+/// driver). Fields, not `&mut self`: the event may still borrow the read buffer.
+fn parsed(
+    (start, end): (&mut usize, &mut usize),
+    (at_frame, small_frames): (&mut bool, &mut u32),
+    used: usize,
+    event: Option<&Event<'_>>,
+) {
+    if used > 0 {
+        *at_frame = matches!(
+            event,
+            Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
+        );
+        if event.is_some() {
+            *small_frames = small_frames.saturating_add(1);
+        }
+    }
+    *start += used;
+    if *start == *end {
+        *start = 0;
+        *end = 0;
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// The next event, or `None` once the connection is over (after [`Event::Close`] and
     /// the end of the transport). Cancel-safe.
@@ -269,14 +295,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     #[inline(never)]
     fn take_whole_text(&mut self) -> (Event<'_>, Reply<'_, S>) {
         let (used, event) = self.driver.poll_event(&mut self.buf[self.start..self.end]);
-        self.start += used;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        self.small_frames = self.small_frames.saturating_add(1);
+        parsed(
+            (&mut self.start, &mut self.end),
+            (&mut self.at_frame, &mut self.small_frames),
+            used,
+            event.as_ref(),
+        );
         let text = matches!(event, Some(Event::Message(_)));
-        self.at_frame = text;
         if !text && self.writing && self.outbox.len() == 0 {
             // The frame failed the connection: its close frame goes out now, as after an
             // error from any other parse (`buf` is lent, so not through `poll_write_out`:
@@ -397,17 +422,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
-        if used > 0 {
-            // A frame ended where an event came out of input (an error stops the driver).
-            self.at_frame = matches!(
-                event,
-                Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
-            );
-            if event.is_some() {
-                self.small_frames = self.small_frames.saturating_add(1);
-            }
-        }
-        let slot = event.map(|e| {
+        parsed(
+            (&mut self.start, &mut self.end),
+            (&mut self.at_frame, &mut self.small_frames),
+            used,
+            event.as_ref(),
+        );
+        event.map(|e| {
             let kind = match &e {
                 Event::Message(Message::Binary(Cow::Borrowed(p))) => {
                     lent(p).map(|r| (Payload::Binary, r))
@@ -423,12 +444,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 Some((kind, (at, len))) => Slot::Borrowed(kind, at, len),
                 None => Slot::Owned(owned(e, &mut self.spare)),
             }
-        });
-        self.start += used;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        slot
+        })
     }
 }
