@@ -27,6 +27,11 @@ pub fn apply_mask_scalar(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 /// XORs `buf` with `mask` in place; byte `i` of `buf` is payload byte `offset + i`, so a
 /// payload can be unmasked in pieces as it arrives.
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    // A zero key changes nothing (a peer may send one; the tokio stream zeroes the key of
+    // a frame it unmasked while reading it).
+    if mask == [0; 4] {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if buf.len() >= WIDE_MIN
         && (Wide::Avx512.apply(buf, mask, offset) || Wide::Avx2.apply(buf, mask, offset))

@@ -142,6 +142,8 @@ pub struct WebSocketStream<S> {
     /// The transport ended while a frame was being read whole; the driver learns it once
     /// it has the bytes.
     eof_seen: bool,
+    /// The masked frame being read whole, unmasked as it arrives.
+    unmasking: Option<read::Unmasking>,
     limit: usize,
     timer_config: TimerConfig,
     timers: Timers,
@@ -200,6 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             small_frames: 0,
             at_frame,
             eof_seen: false,
+            unmasking: None,
             limit: config.max_backpressure,
             timer_config,
             timers,

@@ -1,6 +1,6 @@
 //! The read side of [`WebSocketStream`]: the receive loop (write first, run the deadlines,
 //! parse, read), events owned (`next`) or lent from the read buffer (`recv`), and binary
-//! frames read whole into a buffer that grows for them.
+//! frames read whole into a buffer that grows for them, unmasked as their pieces arrive.
 
 use std::borrow::Cow;
 use std::future::poll_fn;
@@ -14,6 +14,7 @@ use super::write::{Reply, Sending};
 use super::{COALESCE_MAX, Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
 use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
+use crate::protocol::mask::apply_mask;
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
 /// (kind, offset, length) for [`WebSocketStream::recv`] to lend out.
@@ -24,6 +25,19 @@ pub(super) enum Slot {
     /// parses it itself, so the driver's checked `&str` is lent as it is (a range would
     /// have to be checked again to become text).
     WholeText,
+}
+
+/// How far the masked frame being read whole (at `start`) is unmasked; offsets from
+/// `start`. Its header's key is zeroed once this exists.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Unmasking {
+    key: [u8; 4],
+    /// Where the payload begins.
+    payload_at: usize,
+    /// Unmasked up to here.
+    done: usize,
+    /// Where the frame ends.
+    end: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -382,8 +396,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         self.end += n;
         if n > 0 {
             self.received();
+            self.unmask_arrived();
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// Unmasks what has arrived of the masked frame being read whole, piece by piece while
+    /// a read's bytes are still in cache, and zeroes the key in its header: the driver's
+    /// unmask of the whole frame then has nothing to do (a zero key), so the read that
+    /// completes a large frame is not followed by a pass over all of it.
+    fn unmask_arrived(&mut self) {
+        let state = match self.unmasking {
+            Some(state) => state,
+            None => {
+                let input = &mut self.buf[self.start..self.end];
+                let Ok(Status::Complete(header, h)) = parse_header(input, 0b111) else {
+                    return;
+                };
+                let Some(key) = header.mask.filter(|key| *key != [0; 4]) else {
+                    return;
+                };
+                input[h - 4..h].fill(0);
+                Unmasking {
+                    key,
+                    payload_at: h,
+                    done: h,
+                    end: (h as u64).saturating_add(header.payload_len),
+                }
+            }
+        };
+        let upto = ((self.end - self.start) as u64).min(state.end) as usize;
+        apply_mask(
+            &mut self.buf[self.start + state.done..self.start + upto],
+            state.key,
+            state.done - state.payload_at,
+        );
+        self.unmasking = Some(Unmasking {
+            done: upto,
+            ..state
+        });
     }
 
     /// A buffer grown for a large frame goes back to its usual size once 64 events in a
@@ -422,6 +473,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
+        if used > 0 {
+            // The frame unmasked ahead, if any, is the driver's now.
+            self.unmasking = None;
+        }
         parsed(
             (&mut self.start, &mut self.end),
             (&mut self.at_frame, &mut self.small_frames),
