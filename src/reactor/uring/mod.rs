@@ -23,9 +23,10 @@
 //!
 //! A large frame's rest (`PAYLOAD_MIN` or more still to come) goes straight into its
 //! message's buffer: the multishot receive that would take it into provided buffers is
-//! cancelled (`make_way_for_payload`), and once it has ended `rearm_receives` arms one
+//! cancelled (`make_way_for_payload`), and once it has ended `rearm_receives` arms a
 //! receive into the buffer the session lends (`Ring::recv_payload`, which owns it until its
-//! completion), then one single receive into the ring (`Ring::recv_once`) to see the next
+//! completion; one such receive per 256 KiB piece, so each piece is unmasked while it is in
+//! cache), then one single receive into the ring (`Ring::recv_once`) to see the next
 //! frame's header, then the multishot receive again.
 //!
 //! A connection that closes cancels its receive, empties its slot, and stays in the core's
@@ -83,10 +84,25 @@ fn drains_more(bytes: usize, receives: usize, enters: usize) -> bool {
 }
 
 /// Bytes of a frame still to come from which they are received straight into the
-/// message's buffer (`Ring::recv_payload`, one completion for all of them) instead of into
-/// provided buffers and copied from there: 4 of them. Switching costs a cancel and its
-/// completion, then the payload receive and the multishot receive's re-arm.
+/// message's buffer (`Ring::recv_payload`) instead of into provided buffers and copied
+/// from there: 4 of them. Switching costs a cancel and its completion, then the payload
+/// receive and the multishot receive's re-arm.
 const PAYLOAD_MIN: usize = 128 * 1024;
+/// A payload receive completes once this much has arrived (or the rest of the frame, when
+/// less than `PAYLOAD_MIN` would be left after it): the session unmasks each piece as it
+/// completes, while it is in cache, and only the last piece's unmask follows the frame's
+/// last byte. One completion for the whole rest of a 1 MiB frame left all of its unmask
+/// there, on cold bytes (io_uring 9 % fewer msgs/s than with these pieces at 1 × 1 MiB).
+const PAYLOAD_PIECE: usize = 256 * 1024;
+
+/// How much of a lent payload buffer's `room` one payload receive takes.
+fn payload_piece(room: usize) -> usize {
+    if room < PAYLOAD_PIECE + PAYLOAD_MIN {
+        room
+    } else {
+        PAYLOAD_PIECE
+    }
+}
 
 /// 32 KiB: a 16 KiB message with its header fits one buffer, so it is parsed in place
 /// instead of being reassembled from two receives. (Buffers the kernel fills a receive at
@@ -470,10 +486,13 @@ impl Uring {
             let payload = core.lend_payload(key, PAYLOAD_MIN);
             let is_payload = payload.is_some();
             match payload {
-                Some(loan) => {
-                    self.ring
-                        .recv_payload(target, key, loan.buffer, loan.room, loan.whole)?
-                }
+                Some(loan) => self.ring.recv_payload(
+                    target,
+                    key,
+                    loan.buffer,
+                    payload_piece(loan.room),
+                    loan.whole,
+                )?,
                 // A connection that sends large frames most likely sends another: one
                 // receive shows its header before the multishot receive would have taken
                 // all of it into provided buffers.
@@ -683,6 +702,19 @@ mod tests {
         assert!(!drains_more(DRAIN_BYTES, 0, 0), "at the byte bound");
         assert!(!drains_more(0, DRAIN_RECEIVES, 0), "at the receive bound");
         assert!(!drains_more(0, 0, DRAIN_ENTERS), "at the enter bound");
+    }
+
+    /// A payload receive takes a piece of `PAYLOAD_PIECE`, or all of its room where a
+    /// piece would leave less than `PAYLOAD_MIN` (which would then go through provided
+    /// buffers and a copy).
+    #[test]
+    fn payload_receives_take_pieces_but_leave_no_small_rest() {
+        use super::{PAYLOAD_MIN, PAYLOAD_PIECE, payload_piece};
+        assert_eq!(payload_piece(PAYLOAD_MIN), PAYLOAD_MIN);
+        let last_whole = PAYLOAD_PIECE + PAYLOAD_MIN - 1;
+        assert_eq!(payload_piece(last_whole), last_whole);
+        assert_eq!(payload_piece(last_whole + 1), PAYLOAD_PIECE);
+        assert_eq!(payload_piece(1 << 20), PAYLOAD_PIECE);
     }
 
     #[test]
