@@ -13,7 +13,7 @@ use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::write::{Reply, Sending};
 use super::{COALESCE_MAX, Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
-use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
+use crate::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, Status, parse_header};
 use crate::protocol::mask::apply_mask;
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
@@ -362,14 +362,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             return None;
         }
         match parse_header(input, 0b111) {
-            Ok(Status::Complete(header, len)) => {
-                let total = (len as u64).saturating_add(header.payload_len);
-                (total > input.len() as u64 && total <= self.buf_max as u64)
-                    .then_some(total as usize)
-            }
+            Ok(Status::Complete(header, len)) => self
+                .read_whole(&header, len)
+                .filter(|&total| total > input.len() as u64)
+                .map(|total| total as usize),
             Ok(Status::Partial) => Some(MAX_HEADER_LEN.min(self.buf_max)),
             Err(_) => None,
         }
+    }
+
+    /// The length of a frame with this header (of `len` bytes) if it is one the stream
+    /// reads whole before the driver sees it: binary, and fitting the buffer's limit.
+    fn read_whole(&self, header: &FrameHeader, len: usize) -> Option<u64> {
+        let total = (len as u64).saturating_add(header.payload_len);
+        (header.opcode == OpCode::Binary && total <= self.buf_max as u64).then_some(total)
     }
 
     /// Reads more of a frame that begins at `start` into the buffer, moving it to the
@@ -409,19 +415,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         let state = match self.unmasking {
             Some(state) => state,
             None => {
-                let input = &mut self.buf[self.start..self.end];
+                let input = &self.buf[self.start..self.end];
                 let Ok(Status::Complete(header, h)) = parse_header(input, 0b111) else {
+                    return;
+                };
+                // Only a frame read whole: the driver unmasks one it parses in pieces.
+                let Some(end) = self.read_whole(&header, h) else {
                     return;
                 };
                 let Some(key) = header.mask.filter(|key| *key != [0; 4]) else {
                     return;
                 };
+                let input = &mut self.buf[self.start..self.end];
                 input[h - 4..h].fill(0);
                 Unmasking {
                     key,
                     payload_at: h,
                     done: h,
-                    end: (h as u64).saturating_add(header.payload_len),
+                    end,
                 }
             }
         };
