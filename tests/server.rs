@@ -919,6 +919,28 @@ fn a_backlog_burst_leaves_room_for_open_connections(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// With `busy_poll` off, and with one longer than the gaps between messages (so the
+/// loop's poll before sleeping finds the next one), a client that waits between messages
+/// gets every echo, in order; the server's idle turns in between (sleeping, or polling and
+/// backing off) lose nothing. epoll ignores the setting.
+fn echoes_arrive_with_and_without_busy_polling(backend: Backend) {
+    for busy_poll in [Duration::ZERO, Duration::from_millis(5)] {
+        let server = start_echo(ServerConfig {
+            busy_poll,
+            ..config(backend)
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        for i in 0..40 {
+            let text = format!("message {i} with busy_poll {busy_poll:?}");
+            client.send_text(&text).unwrap();
+            assert_eq!(client.next_message().unwrap(), Owned::Text(text));
+            // Gaps from nothing to past the poll, so polls both find work and miss.
+            std::thread::sleep(Duration::from_micros(250 * (i % 30)));
+        }
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -948,4 +970,5 @@ on_every_backend!(
     a_peers_close_ends_the_connection_without_lingering,
     messages_echoed_by_value_arrive_whole_and_in_order,
     a_backlog_burst_leaves_room_for_open_connections,
+    echoes_arrive_with_and_without_busy_polling,
 );

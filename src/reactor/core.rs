@@ -229,6 +229,11 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.config.read_buffer_size
     }
 
+    /// How long the backend looks for more work before it sleeps (io_uring).
+    pub fn busy_poll(&self) -> Duration {
+        self.config.busy_poll
+    }
+
     /// How long the backend may wait: until the next timer, the end of an accept back-off
     /// or the shutdown deadline; not at all while queued connections wait to be started.
     pub fn next_timeout(&self, now: Instant) -> Option<Duration> {

@@ -571,6 +571,8 @@ impl KeepBudget {
 pub(crate) struct LoopConfig {
     pub max_connections: usize,
     pub read_buffer_size: usize,
+    /// How long an io_uring loop out of completions looks for more before it sleeps.
+    pub busy_poll: std::time::Duration,
     /// Shared by every loop of one server, for `max_connections`.
     pub connections: Arc<AtomicUsize>,
 }

@@ -260,6 +260,7 @@ where
         let loop_config = LoopConfig {
             max_connections: shared.max_connections,
             read_buffer_size: shared.read_buffer_size,
+            busy_poll: shared.busy_poll,
             connections: connections.clone(),
         };
         let name = format!("wsd-loop-{i}");

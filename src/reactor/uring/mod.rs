@@ -95,6 +95,37 @@ const PAYLOAD_MIN: usize = 128 * 1024;
 /// there, on cold bytes (io_uring 9 % fewer msgs/s than with these pieces at 1 × 1 MiB).
 const PAYLOAD_PIECE: usize = 256 * 1024;
 
+/// When a loop busy-polls before it sleeps: every time while polls find work; after a
+/// poll that found none, it skips the next 1, 3, 7, … 63 waits, so a loop whose work comes
+/// further apart than the poll lasts (a lightly loaded server) rarely spins.
+#[derive(Debug, Default)]
+struct SpinBackoff {
+    skip: u32,
+    misses: u32,
+}
+
+impl SpinBackoff {
+    /// Whether this wait polls first.
+    fn due(&mut self) -> bool {
+        if self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    /// Notes a poll's outcome; returns it.
+    fn found(&mut self, found: bool) -> bool {
+        if found {
+            self.misses = 0;
+        } else {
+            self.misses = (self.misses + 1).min(6);
+            self.skip = (1 << self.misses) - 1;
+        }
+        found
+    }
+}
+
 /// How much of a lent payload buffer's `room` one payload receive takes.
 fn payload_piece(room: usize) -> usize {
     if room < PAYLOAD_PIECE + PAYLOAD_MIN {
@@ -230,6 +261,9 @@ pub(crate) struct Uring {
     /// a whole backlog (thousands), and a turn registers at most `ACCEPTS_PER_TURN`, so
     /// the connections already open are served in between.
     accepted: VecDeque<TcpStream>,
+    /// Busy polls before a sleep (`ServerConfig::busy_poll`) back off while they find
+    /// nothing: waits to go without one, and misses in a row.
+    spin: SpinBackoff,
     /// Registrations left in this turn.
     accept_budget: usize,
     wake_reader: std::io::PipeReader,
@@ -271,6 +305,7 @@ impl Backend for Uring {
             listener,
             accept_op,
             accepted: VecDeque::new(),
+            spin: SpinBackoff::default(),
             accept_budget: ACCEPTS_PER_TURN,
             wake_reader,
             completions: Vec::new(),
@@ -295,7 +330,17 @@ impl Backend for Uring {
         // otherwise wait for the next completion, which may never come (a paused
         // connection with nothing in flight).
         self.rearm_receives(core)?;
-        self.ring.enter(timeout)?;
+        // Before sleeping, look for work a little while: the kernel's wake-up of a
+        // sleeping loop can cost more than the wait (see `ServerConfig::busy_poll`).
+        let spin = core.busy_poll();
+        let found = timeout != Some(Duration::ZERO)
+            && !spin.is_zero()
+            && self.spin.due()
+            && self
+                .spin
+                .found(self.ring.poll_for(spin.min(timeout.unwrap_or(spin)))?);
+        self.ring
+            .enter(if found { Some(Duration::ZERO) } else { timeout })?;
         self.accept_budget = ACCEPTS_PER_TURN;
         self.register_accepted(core);
         let mut completions = std::mem::take(&mut self.completions);
@@ -702,6 +747,30 @@ mod tests {
         assert!(!drains_more(DRAIN_BYTES, 0, 0), "at the byte bound");
         assert!(!drains_more(0, DRAIN_RECEIVES, 0), "at the receive bound");
         assert!(!drains_more(0, 0, DRAIN_ENTERS), "at the enter bound");
+    }
+
+    /// Busy polls back off while they find nothing (1, 3, 7 … 63 waits skipped) and
+    /// resume at once when one finds work.
+    #[test]
+    fn busy_polls_back_off_while_they_find_nothing() {
+        let mut spin = super::SpinBackoff::default();
+        assert!(
+            spin.due() && spin.found(true) && spin.due(),
+            "work found: poll again"
+        );
+        for skipped in [1, 3, 7, 15, 31, 63, 63] {
+            assert!(spin.due());
+            assert!(!spin.found(false));
+            for _ in 0..skipped {
+                assert!(!spin.due());
+            }
+        }
+        assert!(spin.due());
+        spin.found(true);
+        assert!(
+            spin.due() && spin.due(),
+            "no skipping after a poll that found work"
+        );
     }
 
     /// A payload receive takes a piece of `PAYLOAD_PIECE`, or all of its room where a

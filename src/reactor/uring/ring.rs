@@ -530,6 +530,24 @@ impl Ring {
         Ok(true)
     }
 
+    /// Submits what is queued, then looks for completions without sleeping for up to
+    /// `spin` (running the task work the kernel flags, which is how completed receives
+    /// arrive with deferred task work). Returns whether any arrived.
+    pub fn poll_for(&mut self, spin: Duration) -> io::Result<bool> {
+        waited(self.ring.submit())?;
+        let start = std::time::Instant::now();
+        loop {
+            if !self.ring.completion().is_empty() {
+                return Ok(true);
+            }
+            if start.elapsed() >= spin {
+                return Ok(false);
+            }
+            self.run_pending(false)?;
+            std::hint::spin_loop();
+        }
+    }
+
     /// Moves up to `max` available completions into `out` (the rest stay in the queue).
     pub fn reap(&mut self, out: &mut Vec<Completion>, max: usize) {
         for cqe in self.ring.completion().take(max) {
