@@ -78,14 +78,16 @@ pub(super) fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
 /// After a `poll_event` on `buf[start..end]` that parsed `used` bytes: moves `start` past
 /// them (both back to 0 once everything read is parsed) and notes whether they ended at a
 /// frame boundary (an event other than an error came out of input; an error stops the
-/// driver). Fields, not `&mut self`: the event may still borrow the read buffer.
+/// driver), and ends any unmasking ahead (the frame is the driver's now). Fields, not
+/// `&mut self`: the event may still borrow the read buffer.
 fn parsed(
     (start, end): (&mut usize, &mut usize),
-    (at_frame, small_frames): (&mut bool, &mut u32),
+    (at_frame, small_frames, unmasking): (&mut bool, &mut u32, &mut Option<Unmasking>),
     used: usize,
     event: Option<&Event<'_>>,
 ) {
     if used > 0 {
+        *unmasking = None;
         *at_frame = matches!(
             event,
             Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
@@ -311,7 +313,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         let (used, event) = self.driver.poll_event(&mut self.buf[self.start..self.end]);
         parsed(
             (&mut self.start, &mut self.end),
-            (&mut self.at_frame, &mut self.small_frames),
+            (
+                &mut self.at_frame,
+                &mut self.small_frames,
+                &mut self.unmasking,
+            ),
             used,
             event.as_ref(),
         );
@@ -484,13 +490,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
-        if used > 0 {
-            // The frame unmasked ahead, if any, is the driver's now.
-            self.unmasking = None;
-        }
         parsed(
             (&mut self.start, &mut self.end),
-            (&mut self.at_frame, &mut self.small_frames),
+            (
+                &mut self.at_frame,
+                &mut self.small_frames,
+                &mut self.unmasking,
+            ),
             used,
             event.as_ref(),
         );
