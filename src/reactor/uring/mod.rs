@@ -114,15 +114,14 @@ impl SpinBackoff {
         false
     }
 
-    /// Notes a poll's outcome; returns it.
-    fn found(&mut self, found: bool) -> bool {
+    /// Notes whether a poll found work.
+    fn note(&mut self, found: bool) {
         if found {
             self.misses = 0;
         } else {
             self.misses = (self.misses + 1).min(6);
             self.skip = (1 << self.misses) - 1;
         }
-        found
     }
 }
 
@@ -333,14 +332,17 @@ impl Backend for Uring {
         // Before sleeping, look for work a little while: the kernel's wake-up of a
         // sleeping loop can cost more than the wait (see `ServerConfig::busy_poll`).
         let spin = core.busy_poll();
-        let found = timeout != Some(Duration::ZERO)
-            && !spin.is_zero()
-            && self.spin.due()
-            && self
-                .spin
-                .found(self.ring.poll_for(spin.min(timeout.unwrap_or(spin)))?);
-        self.ring
-            .enter(if found { Some(Duration::ZERO) } else { timeout })?;
+        let found = if timeout != Some(Duration::ZERO) && !spin.is_zero() && self.spin.due() {
+            let found = self.ring.poll_for(spin.min(timeout.unwrap_or(spin)))?;
+            self.spin.note(found);
+            found
+        } else {
+            false
+        };
+        // The poll submitted what was queued: with completions found, no enter is needed.
+        if !found {
+            self.ring.enter(timeout)?;
+        }
         self.accept_budget = ACCEPTS_PER_TURN;
         self.register_accepted(core);
         let mut completions = std::mem::take(&mut self.completions);
@@ -754,19 +756,18 @@ mod tests {
     #[test]
     fn busy_polls_back_off_while_they_find_nothing() {
         let mut spin = super::SpinBackoff::default();
-        assert!(
-            spin.due() && spin.found(true) && spin.due(),
-            "work found: poll again"
-        );
+        assert!(spin.due());
+        spin.note(true);
+        assert!(spin.due(), "work found: poll again");
         for skipped in [1, 3, 7, 15, 31, 63, 63] {
             assert!(spin.due());
-            assert!(!spin.found(false));
+            spin.note(false);
             for _ in 0..skipped {
                 assert!(!spin.due());
             }
         }
         assert!(spin.due());
-        spin.found(true);
+        spin.note(true);
         assert!(
             spin.due() && spin.due(),
             "no skipping after a poll that found work"
