@@ -254,9 +254,17 @@ async fn protocol_error_close_frame_reaches_the_peer() {
 /// A server stream on one end of an in-memory pipe of `capacity` bytes each way (its
 /// `Open` taken), and a hand-driven client driver (already open) on the other.
 async fn piped(capacity: usize, config: &Config) -> (WebSocketStream<DuplexStream>, Peer) {
+    piped_with(capacity, &Options::default(), config).await
+}
+
+async fn piped_with(
+    capacity: usize,
+    options: &Options,
+    config: &Config,
+) -> (WebSocketStream<DuplexStream>, Peer) {
     let (server_end, mut client_end) = duplex(capacity);
     let client = send_client_request(&mut client_end, "ws://pipe/").await;
-    let ws = WebSocketStream::accept_with(server_end, &Options::default(), config, |_| Ok(()))
+    let ws = WebSocketStream::accept_with(server_end, options, config, |_| Ok(()))
         .await
         .unwrap();
     let mut ws = ws;
@@ -412,8 +420,8 @@ async fn next_is_cancel_safe() {
 
 /// `recv` lends events out of the read buffer, under the same cancellation as `next`
 /// (dropped after every poll while the peer trickles its frames); its `Reply` queues
-/// answers that the next `recv` writes. Messages that arrived whole in one read are
-/// borrowed, not copied.
+/// answers that the next `recv` writes. Binary messages whose frame fits the read buffer
+/// are borrowed, not copied, however they were cut.
 #[tokio::test(flavor = "current_thread")]
 async fn recv_lends_events_and_is_cancel_safe() {
     bounded(60, async {
@@ -438,11 +446,13 @@ async fn recv_lends_events_and_is_cancel_safe() {
             match event {
                 Event::Message(m) => {
                     assert!(m == expected[got], "message {got} differs");
-                    // Read whole before parsing (each frame is under
-                    // `max_read_buffer_size`), every binary message is lent, however it
-                    // was cut (text is checked as it arrives, so cut text is reassembled).
+                    // A binary frame up to twice the read buffer's size is read whole
+                    // before it is parsed, so it is lent however it was cut (text is
+                    // checked as it arrives; a larger frame arrives in its message's own
+                    // buffer).
+                    let fits = sizes[got] + 14 <= 2 * 64 * 1024;
                     assert!(
-                        m.is_text() || matches!(m, Message::Binary(Cow::Borrowed(_))),
+                        m.is_text() || !fits || matches!(m, Message::Binary(Cow::Borrowed(_))),
                         "message {got} was copied"
                     );
                     reply.send_message(&m).unwrap();
@@ -493,36 +503,79 @@ async fn recv_lends_events_and_is_cancel_safe() {
     .await;
 }
 
-/// Frames larger than the read buffer grow it up to `max_read_buffer_size` (then come out
-/// lent); larger ones are reassembled by the driver (and come out owned). Either way the
-/// bytes are right.
+/// A frame over twice the read buffer's size (`recv`) or over its size (`next`) is not
+/// read into it whole: the rest of its payload is received straight into the message's own
+/// buffer, which is handed out as it is (owned, not a copy). `recv` lends a frame up to
+/// twice the buffer's size from the buffer grown for it. Text too, checked as it arrives.
+/// Either way the bytes are right.
 #[tokio::test(flavor = "current_thread")]
-async fn large_frames_grow_the_read_buffer_up_to_its_limit() {
+async fn frames_larger_than_the_read_buffer_arrive_in_their_own_buffer() {
     bounded(60, async {
-        let config = Config::default()
-            .read_buffer_size(1024)
-            .max_read_buffer_size(100_000);
-        let (mut ws, mut peer) = piped(4096, &config).await;
-        let sizes = [50_000, 150_000, 60_000];
-        for (i, &len) in sizes.iter().enumerate() {
-            peer.driver.send_binary(&pattern(len, i)).unwrap();
+        let config = Config::default().read_buffer_size(1024);
+        for borrow in [true, false] {
+            let (mut ws, mut peer) = piped(4096, &config).await;
+            let sizes = [50_000, 1000, 150_000, 2040, 2041, 70_000];
+            let mut expected = Vec::new();
+            for (i, &len) in sizes.iter().enumerate() {
+                let text = (i == 5).then_some(['x', 'ß', '€']);
+                expected.push(peer.queue_message(text, len, i));
+            }
+            let writer = peer.spawn_writer(3000);
+            for (i, &len) in sizes.iter().enumerate() {
+                let m = if borrow {
+                    let (event, _) = ws.recv().await.unwrap();
+                    match event {
+                        Event::Message(m) => {
+                            // 2040 bytes and an 8-byte header fill twice the 1024-byte
+                            // buffer exactly; one byte more does not fit.
+                            assert_eq!(
+                                matches!(m, Message::Binary(Cow::Borrowed(_))),
+                                len + 8 <= 2048,
+                                "message {i} of {len} bytes"
+                            );
+                            m.into_owned()
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                } else {
+                    message(ws.next().await.unwrap())
+                };
+                assert!(m == expected[i], "message {i} of {len} bytes ({borrow})");
+            }
+            writer.await.unwrap();
         }
-        let writer = peer.spawn_writer(usize::MAX);
-        for (i, &len) in sizes.iter().enumerate() {
-            let (event, _) = ws.recv().await.unwrap();
-            match event {
-                Event::Message(Message::Binary(b)) => {
-                    assert!(b[..] == pattern(len, i)[..], "message {i}");
-                    assert_eq!(
-                        matches!(b, Cow::Borrowed(_)),
-                        len < 100_000,
-                        "message {i} of {len} bytes"
-                    );
-                }
-                other => panic!("unexpected {other:?}"),
+    })
+    .await;
+}
+
+/// The stream reads a frame whole before parsing it only up to what the driver accepts:
+/// one over `max_length` fails the connection (1009) as soon as its header is in, without
+/// waiting for a payload that fits the read buffer; one at the limit comes out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_over_max_length_fails_at_its_header() {
+    bounded(60, async {
+        let options = Options::default().max_length(100);
+        for (len, fails) in [(100, false), (101, true)] {
+            let (mut ws, mut peer) = piped_with(4096, &options, &Config::default()).await;
+            peer.driver.send_binary(&pattern(len, 3)).unwrap();
+            let wire = common::take_output(&mut peer.driver);
+            // Only the header of the frame over the limit: one read whole would wait for
+            // the payload.
+            let cut = if fails { 2 + 4 } else { wire.len() };
+            peer.io.write_all(&wire[..cut]).await.unwrap();
+            let event = ws.next().await.unwrap();
+            if fails {
+                assert!(
+                    matches!(&event, Event::Error(Error::Protocol(e)) if e.close_code() == 1009),
+                    "{event:?}"
+                );
+            } else {
+                assert!(
+                    matches!(&event, Event::Message(Message::Binary(b)) if b[..] == pattern(len, 3)[..]),
+                    "{event:?}"
+                );
             }
         }
-        writer.await.unwrap();
     })
     .await;
 }

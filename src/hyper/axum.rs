@@ -200,8 +200,7 @@ impl<F> WebSocketUpgrade<F> {
         let protocol = driver
             .protocol()
             .and_then(|p| HeaderValue::from_str(p).ok());
-        let config = self.config.for_max_length(self.options.max_length);
-        let upgrading = UpgradingStream::new(self.on_upgrade, driver, &config);
+        let upgrading = UpgradingStream::new(self.on_upgrade, driver, &self.config);
         let on_failed = self.on_failed_upgrade;
         ::tokio::spawn(async move {
             match upgrading.await {

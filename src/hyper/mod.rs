@@ -342,8 +342,7 @@ pub fn upgrade_stream_with<B>(
 ) -> Result<(Response<Full<Bytes>>, UpgradingStream), Error> {
     let (response, driver) = accept_head(&to_request(req), options)?;
     let on_upgrade = ::hyper::upgrade::on(req);
-    let config = config.for_max_length(options.max_length);
-    Ok((response, UpgradingStream::new(on_upgrade, driver, &config)))
+    Ok((response, UpgradingStream::new(on_upgrade, driver, config)))
 }
 
 /// Turns the driver's 101 head into a hyper response with the same headers.

@@ -360,6 +360,11 @@ impl Driver {
         self.deflate().is_some_and(DeflateState::holds_streams)
     }
 
+    /// The largest message accepted ([`Options::max_length`](crate::Options::max_length)).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
     /// The connection state.
     #[inline]
     pub fn ready_state(&self) -> ReadyState {

@@ -16,18 +16,17 @@ pub struct Config {
     /// Time the peer has to answer our close frame (and, once closed, to take the last
     /// bytes and end the stream) before it is dropped. Default 5 s.
     pub close_timeout: Duration,
-    /// Size of the connection's read buffer. Default 64 KiB.
-    pub read_buffer_size: usize,
-    /// A binary frame up to this size (header included) is read whole before the driver
-    /// parses it, the read buffer growing to fit (and shrinking back after 64 frames that did not
-    /// need it): its payload is then lent by [`WebSocketStream::recv`] or copied once,
-    /// instead of being reassembled from pieces. Larger frames, and text frames (whose
-    /// UTF-8 is checked as it arrives, to fail fast), are reassembled by the driver. Default 2 MiB; the handshakes lower it to the driver's
-    /// `max_length` (plus a header), so a frame the driver would refuse is not buffered.
-    /// [`Config::read_buffer_size`] or less: never grow.
+    /// Size of the connection's read buffer. Default 64 KiB. A binary frame that fits it
+    /// (and `max_length`) is read whole before the driver parses it, so
+    /// [`WebSocketStream::recv`] lends its payload instead of reassembling it; for `recv`,
+    /// a frame up to twice this size too, the buffer growing for it (and shrinking back
+    /// after 64 events without another). Of a larger frame (or a text frame, whose UTF-8 is
+    /// checked as it arrives, to fail fast), what remains once at least this much is still
+    /// to come is received straight into the message's own buffer, never copied out of
+    /// the read buffer.
     ///
     /// [`WebSocketStream::recv`]: super::WebSocketStream::recv
-    pub max_read_buffer_size: usize,
+    pub read_buffer_size: usize,
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
     /// without input, close with 1001 "idle timeout" (the close frame then has
     /// [`Config::close_timeout`] to get out). Default `None` (off).
@@ -48,7 +47,6 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             read_buffer_size: 64 * 1024,
-            max_read_buffer_size: 2 << 20,
             idle_timeout: None,
         }
     }
@@ -77,21 +75,6 @@ impl Config {
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.read_buffer_size = bytes.max(1);
         self
-    }
-
-    /// Sets [`Config::max_read_buffer_size`].
-    pub fn max_read_buffer_size(mut self, bytes: usize) -> Self {
-        self.max_read_buffer_size = bytes;
-        self
-    }
-
-    /// This config with [`Config::max_read_buffer_size`] at most a frame of `max_length`.
-    pub(crate) fn for_max_length(&self, max_length: usize) -> Config {
-        let mut config = self.clone();
-        config.max_read_buffer_size = config
-            .max_read_buffer_size
-            .min(max_length.saturating_add(crate::protocol::frame::MAX_HEADER_LEN));
-        config
     }
 
     /// Sets [`Config::idle_timeout`] (`None`: off).

@@ -107,8 +107,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 }
             };
         driver.start_connection();
-        let config = config.for_max_length(options.max_length);
-        let mut ws = Self::from_driver(io, driver, &read_ahead, &config);
+        let mut ws = Self::from_driver(io, driver, &read_ahead, config);
         // The 101 goes out now: the handshake is complete when this returns.
         match timeout(config.handshake_timeout, ws.flush()).await {
             Ok(result) => result?,
@@ -163,8 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             Ok(result) => result?,
             Err(_) => return Err(timed_out("handshake timed out")),
         };
-        let config = config.for_max_length(options.max_length);
-        Ok(Self::from_driver(io, driver, &read_ahead, &config).with_open_first())
+        Ok(Self::from_driver(io, driver, &read_ahead, config).with_open_first())
     }
 }
 

@@ -130,9 +130,10 @@ pub struct WebSocketStream<S> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// The read buffer's usual size, and the most it grows to for a whole frame.
+    /// The read buffer's usual size (it grows for a frame `recv` reads whole), and the
+    /// least of a frame's payload still to come that is received straight into its
+    /// message's buffer.
     buf_size: usize,
-    buf_max: usize,
     /// Events since the last frame that needed more than `buf_size` (a grown buffer shrinks
     /// back after 64).
     small_frames: u32,
@@ -142,8 +143,9 @@ pub struct WebSocketStream<S> {
     /// The transport ended while a frame was being read whole; the driver learns it once
     /// it has the bytes.
     eof_seen: bool,
-    /// The masked frame being read whole, unmasked as it arrives.
-    unmasking: Option<read::Unmasking>,
+    /// A payload receive (`poll_payload`) put bytes in the driver's message: it may have
+    /// an event for no input.
+    payload_in: bool,
     limit: usize,
     timer_config: TimerConfig,
     timers: Timers,
@@ -198,11 +200,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             start: 0,
             end: read_ahead.len(),
             buf_size: config.read_buffer_size.max(1),
-            buf_max: config.max_read_buffer_size.max(config.read_buffer_size),
             small_frames: 0,
             at_frame,
             eof_seen: false,
-            unmasking: None,
+            payload_in: false,
             limit: config.max_backpressure,
             timer_config,
             timers,

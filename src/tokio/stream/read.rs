@@ -1,20 +1,22 @@
 //! The read side of [`WebSocketStream`]: the receive loop (write first, run the deadlines,
-//! parse, read), events owned (`next`) or lent from the read buffer (`recv`), and binary
-//! frames read whole into a buffer that grows for them, unmasked as their pieces arrive.
+//! parse, read), events owned (`next`) or lent from the read buffer (`recv`), binary frames
+//! that fit the read buffer read whole before the driver parses them (so they are lent, not
+//! reassembled), and the rest of a larger frame received straight into its message's
+//! buffer (so it is not copied out of the read buffer).
 
 use std::borrow::Cow;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::BufMut;
 
 use super::write::{Reply, Sending};
 use super::{COALESCE_MAX, Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
-use crate::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, Status, parse_header};
-use crate::protocol::mask::apply_mask;
+use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
 /// (kind, offset, length) for [`WebSocketStream::recv`] to lend out.
@@ -25,19 +27,6 @@ pub(super) enum Slot {
     /// parses it itself, so the driver's checked `&str` is lent as it is (a range would
     /// have to be checked again to become text).
     WholeText,
-}
-
-/// How far the masked frame being read whole (at `start`) is unmasked; offsets from
-/// `start`. Its header's key is zeroed once this exists.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Unmasking {
-    key: [u8; 4],
-    /// Where the payload begins.
-    payload_at: usize,
-    /// Unmasked up to here.
-    done: usize,
-    /// Where the frame ends.
-    end: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -78,16 +67,14 @@ pub(super) fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
 /// After a `poll_event` on `buf[start..end]` that parsed `used` bytes: moves `start` past
 /// them (both back to 0 once everything read is parsed) and notes whether they ended at a
 /// frame boundary (an event other than an error came out of input; an error stops the
-/// driver), and ends any unmasking ahead (the frame is the driver's now). Fields, not
-/// `&mut self`: the event may still borrow the read buffer.
+/// driver). Fields, not `&mut self`: the event may still borrow the read buffer.
 fn parsed(
     (start, end): (&mut usize, &mut usize),
-    (at_frame, small_frames, unmasking): (&mut bool, &mut u32, &mut Option<Unmasking>),
+    (at_frame, small_frames): (&mut bool, &mut u32),
     used: usize,
     event: Option<&Event<'_>>,
 ) {
     if used > 0 {
-        *unmasking = None;
         *at_frame = matches!(
             event,
             Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
@@ -210,7 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             // peer's burst of small messages). Past `COALESCE_MAX`, or the limit, they go
             // first; and once the input runs out they go before the next read.
             if self.unwritten() <= self.limit.min(COALESCE_MAX)
-                && self.frame_shortfall().is_none()
+                && self.frame_shortfall(borrow).is_none()
                 && let Some(slot) = self.parse(false, borrow)
             {
                 if let Slot::Owned(ref event) = slot {
@@ -228,7 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             if !over
                 && self.reading
                 && !self.eof_seen
-                && let Some(want) = self.frame_shortfall()
+                && let Some(want) = self.frame_shortfall(borrow)
             {
                 // Read the rest of the frame before the driver sees it: then it is lent
                 // (or copied) once, not reassembled piece by piece.
@@ -261,6 +248,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             if self.eof_seen {
                 self.reading = false;
                 self.driver.receive_eof();
+                continue;
+            }
+            if self.start == self.end
+                && let Some((payload, room)) = self.driver.lend_payload_buffer(self.buf_size)
+            {
+                // The rest of a large frame goes straight into its message's buffer.
+                match self.poll_payload(cx, payload, room) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        self.reading = false;
+                        self.driver.receive_eof();
+                    }
+                    Poll::Ready(Ok(_)) => self.received(),
+                    Poll::Ready(Err(e)) => self.transport_failed(e),
+                }
                 continue;
             }
             self.shrink_buffer();
@@ -313,11 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         let (used, event) = self.driver.poll_event(&mut self.buf[self.start..self.end]);
         parsed(
             (&mut self.start, &mut self.end),
-            (
-                &mut self.at_frame,
-                &mut self.small_frames,
-                &mut self.unmasking,
-            ),
+            (&mut self.at_frame, &mut self.small_frames),
             used,
             event.as_ref(),
         );
@@ -355,9 +353,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     /// At a frame boundary with part of a binary frame read: how many bytes (from `start`)
-    /// the whole frame takes, if it fits the buffer's limit; `None` to let the driver parse
-    /// (the frame is whole, too large, not binary, or not a frame at all).
-    pub(super) fn frame_shortfall(&self) -> Option<usize> {
+    /// the whole frame takes, if it is read whole into the read buffer (see
+    /// [`WebSocketStream::whole_frame_max`]); `None` to let the driver parse (the frame is
+    /// whole, too large, not binary, or not a frame at all). A larger frame is the driver's
+    /// from its header on, and the rest of its payload is received straight into its
+    /// message's buffer ([`WebSocketStream::poll_payload`]).
+    pub(super) fn frame_shortfall(&self, borrow: bool) -> Option<usize> {
         if !self.at_frame || self.start == self.end {
             return None;
         }
@@ -367,25 +368,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         if input[0] & 0x0f != OpCode::Binary as u8 {
             return None;
         }
+        let fits = self.whole_frame_max(borrow) as u64;
         match parse_header(input, 0b111) {
-            Ok(Status::Complete(header, len)) => self
-                .read_whole(&header, len)
-                .filter(|&total| total > input.len() as u64)
-                .map(|total| total as usize),
-            Ok(Status::Partial) => Some(MAX_HEADER_LEN.min(self.buf_max)),
+            Ok(Status::Complete(header, len)) => {
+                let total = (len as u64).saturating_add(header.payload_len);
+                // Not a frame the driver refuses: that fails the connection at its header,
+                // without waiting for the rest.
+                let accepted = header.payload_len <= self.driver.max_length() as u64;
+                (accepted && total > input.len() as u64 && total <= fits).then_some(total as usize)
+            }
+            // The header's longest form must fit too, or the read could not complete it.
+            Ok(Status::Partial) => (MAX_HEADER_LEN as u64 <= fits).then_some(MAX_HEADER_LEN),
             Err(_) => None,
         }
     }
 
-    /// The length of a frame with this header (of `len` bytes) if it is one the stream
-    /// reads whole before the driver sees it: binary, and fitting the buffer's limit.
-    fn read_whole(&self, header: &FrameHeader, len: usize) -> Option<u64> {
-        let total = (len as u64).saturating_add(header.payload_len);
-        (header.opcode == OpCode::Binary && total <= self.buf_max as u64).then_some(total)
+    /// The largest frame (header included) read whole into the read buffer. For `recv`,
+    /// which lends it from there, twice the buffer's size, the buffer growing for it (and
+    /// shrinking back once 64 events in a row came without such a frame): a frame a little
+    /// over the buffer's size would otherwise be copied almost whole, what its first read
+    /// brought, into the message's buffer. For an owned message (`next`), which is copied
+    /// out of the read buffer, only the buffer's size. Never past the driver's
+    /// `max_length`: a frame it refuses fails the connection at its header.
+    fn whole_frame_max(&self, borrow: bool) -> usize {
+        match borrow {
+            true => self.buf_size.saturating_mul(2),
+            false => self.buf_size,
+        }
     }
 
-    /// Reads more of a frame that begins at `start` into the buffer, moving it to the
-    /// front or growing the buffer (once, zeroed) so `want` bytes fit.
+    /// Reads more of a frame that begins at `start` into the read buffer, first moving it
+    /// to the front if `want` bytes do not fit after `start`, and growing the buffer
+    /// (once, zeroed) if they do not fit at all.
     pub(super) fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
@@ -408,66 +422,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         self.end += n;
         if n > 0 {
             self.received();
-            self.unmask_arrived();
         }
         Poll::Ready(Ok(n))
     }
 
-    /// Unmasks what has arrived of the masked frame being read whole, piece by piece while
-    /// a read's bytes are still in cache, and zeroes the key in its header: the driver's
-    /// unmask of the whole frame then has nothing to do (a zero key), so the read that
-    /// completes a large frame is not followed by a pass over all of it.
-    fn unmask_arrived(&mut self) {
-        let state = match self.unmasking {
-            Some(state) => state,
-            None => {
-                let input = &self.buf[self.start..self.end];
-                let Ok(Status::Complete(header, h)) = parse_header(input, 0b111) else {
-                    return;
-                };
-                // Only a frame read whole: the driver unmasks one it parses in pieces.
-                let Some(end) = self.read_whole(&header, h) else {
-                    return;
-                };
-                let Some(key) = header.mask.filter(|key| *key != [0; 4]) else {
-                    return;
-                };
-                let input = &mut self.buf[self.start..self.end];
-                input[h - 4..h].fill(0);
-                Unmasking {
-                    key,
-                    payload_at: h,
-                    done: h,
-                    end,
-                }
-            }
-        };
-        let upto = ((self.end - self.start) as u64).min(state.end) as usize;
-        apply_mask(
-            &mut self.buf[self.start + state.done..self.start + upto],
-            state.key,
-            state.done - state.payload_at,
-        );
-        self.unmasking = Some(Unmasking {
-            done: upto,
-            ..state
-        });
-    }
-
     /// A buffer grown for a large frame goes back to its usual size once 64 events in a
     /// row came without another large frame.
-    pub(super) fn shrink_buffer(&mut self) {
+    fn shrink_buffer(&mut self) {
         if self.small_frames > 64 && self.buf.len() > self.buf_size && self.start == self.end {
             self.buf.truncate(self.buf_size);
             self.buf.shrink_to_fit();
         }
     }
 
+    /// Receives more of the data frame the driver is in into `payload`, its message's
+    /// buffer lent by the driver (at most `room` bytes), and gives the buffer back whatever
+    /// the read did: a large message arrives where it will be handed out, unmasked (and text
+    /// checked) piece by piece by the driver while each read's bytes are in cache, and is
+    /// not copied out of the read buffer. The bytes read, 0 at the end of the transport.
+    fn poll_payload(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut payload: Vec<u8>,
+        room: usize,
+    ) -> Poll<io::Result<usize>> {
+        // `read_buf` appends to the spare capacity, which the loan guarantees, never past
+        // the frame (`limit`). Its future holds no state between polls, so one made per
+        // poll and dropped when pending loses nothing.
+        let mut spare = BufMut::limit(&mut payload, room);
+        let result = std::pin::pin!(self.io.read_buf(&mut spare)).poll(cx);
+        let n = match &result {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.driver.payload_received(payload, n);
+        self.payload_in |= n > 0;
+        result
+    }
+
     /// Parses up to one event: queued ones first, then (unless `queued_only`) the unparsed
     /// input. With `borrow`, a payload still in the read buffer comes out as its range.
     pub(super) fn parse(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
-        // The receive loop asks after every write and read; most asks find nothing.
-        if (queued_only || self.start == self.end) && !self.driver.has_queued_events() {
+        // The receive loop asks after every write and read; most asks find nothing. A
+        // payload received into its message's buffer may have completed a message, which
+        // the driver gives out for no input.
+        let payload_in = std::mem::take(&mut self.payload_in);
+        if (queued_only || self.start == self.end)
+            && !payload_in
+            && !self.driver.has_queued_events()
+        {
             return None;
         }
         if borrow && !queued_only && self.whole_text_waits() {
@@ -490,13 +493,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
+        if payload_in && used == 0 && matches!(event, Some(Event::Message(_))) {
+            // The message ended with its frame, so the next input begins a frame.
+            self.at_frame = true;
+        }
         parsed(
             (&mut self.start, &mut self.end),
-            (
-                &mut self.at_frame,
-                &mut self.small_frames,
-                &mut self.unmasking,
-            ),
+            (&mut self.at_frame, &mut self.small_frames),
             used,
             event.as_ref(),
         );
