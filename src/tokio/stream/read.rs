@@ -355,9 +355,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// At a frame boundary with part of a binary frame read: how many bytes (from `start`)
     /// the whole frame takes, if it is read whole into the read buffer (see
     /// [`WebSocketStream::whole_frame_max`]); `None` to let the driver parse (the frame is
-    /// whole, too large, not binary, or not a frame at all). A larger frame is the driver's
-    /// from its header on, and the rest of its payload is received straight into its
-    /// message's buffer ([`WebSocketStream::poll_payload`]).
+    /// whole, too large, over the driver's `max_length`, not binary, or not a frame at all).
+    /// A larger frame is the driver's from its header on, and the rest of its payload is
+    /// received straight into its message's buffer ([`WebSocketStream::poll_payload`]).
     pub(super) fn frame_shortfall(&self, borrow: bool) -> Option<usize> {
         if !self.at_frame || self.start == self.end {
             return None;
@@ -388,8 +388,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// shrinking back once 64 events in a row came without such a frame): a frame a little
     /// over the buffer's size would otherwise be copied almost whole, what its first read
     /// brought, into the message's buffer. For an owned message (`next`), which is copied
-    /// out of the read buffer, only the buffer's size. Never past the driver's
-    /// `max_length`: a frame it refuses fails the connection at its header.
+    /// out of the read buffer, only the buffer's size.
     fn whole_frame_max(&self, borrow: bool) -> usize {
         match borrow {
             true => self.buf_size.saturating_mul(2),
