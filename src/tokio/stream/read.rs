@@ -110,7 +110,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         })
     }
 
-    /// The next event borrowed from the read buffer (no copy of its payload), with a
+    /// The next event borrowed from the read buffer (no copy of its payload; a message
+    /// whose frame was too large to read whole there is lent from its own buffer), with a
     /// [`Reply`] to queue answers on; `None` once the connection is over. The fastest way
     /// to receive: an echo answers from the read buffer straight into the driver's output.
     /// Cancel-safe, like [`WebSocketStream::next`].
