@@ -22,8 +22,8 @@ pub struct Config {
     /// a frame up to twice this size too, the buffer growing for it (and shrinking back
     /// after 64 events without another). Of a larger frame (or a text frame, whose UTF-8 is
     /// checked as it arrives, to fail fast), what remains once at least this much is still
-    /// to come is received straight into the message's own buffer, never copied out of
-    /// the read buffer.
+    /// to come is received straight into the message's own buffer: only what arrived with
+    /// the header is copied there from the read buffer.
     ///
     /// [`WebSocketStream::recv`]: super::WebSocketStream::recv
     pub read_buffer_size: usize,

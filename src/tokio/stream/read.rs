@@ -65,16 +65,18 @@ pub(super) fn owned(event: Event<'_>, spare: &mut Vec<u8>) -> Event<'static> {
 }
 
 /// After a `poll_event` on `buf[start..end]` that parsed `used` bytes: moves `start` past
-/// them (both back to 0 once everything read is parsed) and notes whether they ended at a
-/// frame boundary (an event other than an error came out of input; an error stops the
-/// driver). Fields, not `&mut self`: the event may still borrow the read buffer.
+/// them (both back to 0 once everything read is parsed) and notes whether the input ended
+/// at a frame boundary (an event other than an error came out of it; an error stops the
+/// driver). The input is those bytes, or with `payload_in` also what a payload receive put
+/// in the message's buffer (a message it completes ends with its frame). Fields, not
+/// `&mut self`: the event may still borrow the read buffer.
 fn parsed(
     (start, end): (&mut usize, &mut usize),
     (at_frame, small_frames): (&mut bool, &mut u32),
-    used: usize,
+    (used, payload_in): (usize, bool),
     event: Option<&Event<'_>>,
 ) {
-    if used > 0 {
+    if used > 0 || payload_in {
         *at_frame = matches!(
             event,
             Some(Event::Open | Event::Message(_) | Event::Ping(_) | Event::Pong(_))
@@ -317,7 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         parsed(
             (&mut self.start, &mut self.end),
             (&mut self.at_frame, &mut self.small_frames),
-            used,
+            (used, false),
             event.as_ref(),
         );
         let text = matches!(event, Some(Event::Message(_)));
@@ -493,14 +495,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 .then(|| (at - lo + start, p.len()))
         };
         let (used, event) = self.driver.poll_event(input);
-        if payload_in && used == 0 && matches!(event, Some(Event::Message(_))) {
-            // The message ended with its frame, so the next input begins a frame.
-            self.at_frame = true;
-        }
         parsed(
             (&mut self.start, &mut self.end),
             (&mut self.at_frame, &mut self.small_frames),
-            used,
+            (used, payload_in),
             event.as_ref(),
         );
         event.map(|e| {
