@@ -4,6 +4,10 @@
 //! buffer instead, lent by the session (`Service::lend_payload_buffer`): the one `unsafe`
 //! here sets that buffer's length after `recv` filled its spare capacity.
 //!
+//! While it receives such a rest without an idle keepalive, a connection's receive
+//! low-water mark is raised (see [`super::low_water`]), so it is woken once per 128 KiB
+//! instead of once per loopback segment.
+//!
 //! Socket reads and writes go through rustix rather than std: on Linux rustix makes the
 //! syscall itself, where std goes through libc's `recv`/`send` wrappers, whose
 //! cancellation-point bookkeeping was about a quarter of this backend's user time per
@@ -11,6 +15,7 @@
 //! `write_vectored` is a `writev` that raises `SIGPIPE` on a reset connection in a process
 //! that does not ignore it).
 
+use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::net::{Shutdown, TcpListener as StdListener, TcpStream as StdStream};
 use std::sync::Arc;
@@ -20,6 +25,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::core::{Backend, Core, Output, Written};
+use super::low_water::{low_water_for, set_low_water};
 use super::{Service, Waker};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -53,6 +59,8 @@ pub(crate) struct Epoll {
     /// The accept budget ran out with connections left in the backlog: accept on next turn
     /// (edge-triggered, so no new event comes for them).
     accept_pending: bool,
+    /// Connections whose receive low-water mark is raised (see [`super::low_water`]).
+    raised: HashSet<usize>,
 }
 
 impl Backend for Epoll {
@@ -84,6 +92,7 @@ impl Backend for Epoll {
             unfinished: Vec::new(),
             unfinished_due: Vec::new(),
             accept_pending: false,
+            raised: HashSet::new(),
         })
     }
 
@@ -172,7 +181,8 @@ impl Backend for Epoll {
         let _ = stream.shutdown(Shutdown::Write);
     }
 
-    fn detach(&mut self, _key: usize, _stream: &mut TcpStream) {
+    fn detach(&mut self, key: usize, _stream: &mut TcpStream) {
+        self.raised.remove(&key);
         // Nothing: an epoll socket is never busy (`is_idle`), so the core drops it right
         // after this, and closing the only descriptor of a socket takes it out of the
         // epoll set (kqueue: its filters) with no `epoll_ctl` of its own. Events already
@@ -267,6 +277,25 @@ fn send(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
 }
 
 impl Epoll {
+    /// Raises or lowers `key`'s receive low-water mark to what its frame still owes
+    /// ([`low_water_for`]), with a syscall only when that changes it.
+    fn mark_low_water<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
+        let mark = low_water_for(core.payload_to_come(key));
+        if (mark > 1) == self.raised.contains(&key) {
+            return;
+        }
+        let Some(stream) = core.any_socket(key) else {
+            return;
+        };
+        match set_low_water(stream, mark) {
+            Ok(()) if mark > 1 => self.raised.insert(key),
+            Ok(()) => self.raised.remove(&key),
+            // Not raised: the wake-ups stay as they were. Not lowered: tried again at the
+            // next receive.
+            Err(_) => false,
+        };
+    }
+
     /// Accepts up to `ACCEPTS_PER_TURN` connections; with more waiting, the next turn
     /// goes on (`accept_pending`).
     fn accept<S: Service>(&mut self, core: &mut Core<S, Self>) {
@@ -316,9 +345,17 @@ impl Epoll {
                     // The buffer goes back whatever the receive did.
                     let n = *result.as_ref().unwrap_or(&0);
                     let reading = core.on_payload(self, key, payload, n);
+                    if loan.whole {
+                        self.mark_low_water(core, key);
+                    }
                     result.map(|n| (n, reading, room))
                 }
                 None => {
+                    if !self.raised.is_empty() && self.raised.contains(&key) {
+                        // The frame is complete (or the connection ended it): any byte
+                        // counts again.
+                        self.mark_low_water(core, key);
+                    }
                     let Some(stream) = core.reading_socket(key) else {
                         break;
                     };

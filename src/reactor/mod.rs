@@ -11,6 +11,7 @@
 pub(crate) mod backend;
 pub(crate) mod core;
 pub(crate) mod epoll;
+pub(crate) mod low_water;
 pub(crate) mod timer;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
