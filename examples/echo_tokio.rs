@@ -80,9 +80,11 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
 /// The inline stream, borrowed receive: each message is echoed from the read buffer
 /// straight into the driver's output (no copy out, no allocation).
 async fn echo_recv(tcp: TcpStream, options: Options) {
-    let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
+    let Ok(ws) = WebSocketStream::accept(tcp, &options).await else {
         return;
     };
+    // Woken once per 128 KiB of a large frame, not once per TCP segment.
+    let mut ws = ws.with_recv_low_water();
     while let Some((event, mut reply)) = ws.recv().await {
         if let Event::Message(message) = event {
             let _ = reply.send_message(&message);
@@ -92,9 +94,10 @@ async fn echo_recv(tcp: TcpStream, options: Options) {
 
 /// The inline stream, owned events: one task per connection, nothing in between.
 async fn echo_next(tcp: TcpStream, options: Options) {
-    let Ok(mut ws) = WebSocketStream::accept(tcp, &options).await else {
+    let Ok(ws) = WebSocketStream::accept(tcp, &options).await else {
         return;
     };
+    let mut ws = ws.with_recv_low_water();
     while let Some(event) = ws.next().await {
         if let Event::Message(message) = event {
             let _ = ws.send_message(message).await;

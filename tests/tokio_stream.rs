@@ -65,8 +65,9 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Option<(u16, String)> {
     close
 }
 
-/// A stream echo server on an ephemeral port; each connection's close code and reason
-/// come out of the channel.
+/// A stream echo server on an ephemeral port, with the receive low-water mark
+/// (`with_recv_low_water`: a mark left raised would hold back the message after a large
+/// one); each connection's close code and reason come out of the channel.
 async fn stream_server() -> (
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u16, String)>,
@@ -77,7 +78,8 @@ async fn stream_server() -> (
         async move {
             let ws = WebSocketStream::accept(tcp, &Options::default())
                 .await
-                .unwrap();
+                .unwrap()
+                .with_recv_low_water();
             if let Some(close) = echo(ws).await {
                 let _ = closes.send(close);
             }
@@ -92,10 +94,10 @@ async fn tungstenite_client_against_stream_server() {
     bounded(60, async {
         let (addr, mut closes) = stream_server().await;
         let mut ws = tungstenite_client(addr, "/").await;
-        for (i, len) in [0, 1, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20]
-            .into_iter()
-            .enumerate()
-        {
+        let sizes = [0, 1, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20];
+        // Around the low-water mark (128 KiB still to come), each followed by a small one.
+        let around_the_mark = [200_000, 1, 131_072 + 65_536, 1, 131_071 + 65_536, 1];
+        for (i, len) in sizes.into_iter().chain(around_the_mark).enumerate() {
             echoes(&mut ws, TMessage::Binary(pattern(len, i).into())).await;
         }
         echoes(&mut ws, TMessage::Text("héllo €".into())).await;

@@ -125,6 +125,17 @@ impl HyperIo {
     }
 }
 
+impl HyperIo {
+    /// The TCP socket's receive low-water mark (see
+    /// [`WebSocketStream::with_recv_low_water`]); hyper's upgraded IO has none to set.
+    fn set_low_water(&self, mark: usize) -> io::Result<()> {
+        match self {
+            HyperIo::Tcp(tcp) => crate::reactor::low_water::set_low_water(tcp, mark),
+            HyperIo::Upgraded(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
 impl AsyncRead for HyperIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -320,7 +331,8 @@ impl Future for UpgradingStream {
             driver,
             &read_ahead,
             &config,
-        )))
+        )
+        .with_low_water_setter(HyperIo::set_low_water)))
     }
 }
 

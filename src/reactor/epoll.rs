@@ -277,10 +277,9 @@ fn send(stream: &TcpStream, parts: &[IoSlice<'_>]) -> io::Result<usize> {
 }
 
 impl Epoll {
-    /// Raises or lowers `key`'s receive low-water mark to what its frame still owes
-    /// ([`low_water_for`]), with a syscall only when that changes it.
-    fn mark_low_water<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
-        let mark = low_water_for(core.payload_to_come(key));
+    /// Raises or lowers `key`'s receive low-water mark to `mark`, with a syscall only when
+    /// that changes it.
+    fn mark_low_water<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize, mark: usize) {
         if (mark > 1) == self.raised.contains(&key) {
             return;
         }
@@ -345,16 +344,20 @@ impl Epoll {
                     // The buffer goes back whatever the receive did.
                     let n = *result.as_ref().unwrap_or(&0);
                     let reading = core.on_payload(self, key, payload, n);
+                    // Right after the driver took every byte read, so what it says the
+                    // frame still owes is what the socket still owes.
                     if loan.whole {
-                        self.mark_low_water(core, key);
+                        let mark = low_water_for(core.payload_to_come(key));
+                        self.mark_low_water(core, key, mark);
                     }
                     result.map(|n| (n, reading, room))
                 }
                 None => {
                     if !self.raised.is_empty() && self.raised.contains(&key) {
-                        // The frame is complete (or the connection ended it): any byte
-                        // counts again.
-                        self.mark_low_water(core, key);
+                        // Not receiving into the message's buffer (the frame is complete,
+                        // or input held for a paused connection is not in the driver
+                        // yet): any byte counts again.
+                        self.mark_low_water(core, key, 1);
                     }
                     let Some(stream) = core.reading_socket(key) else {
                         break;

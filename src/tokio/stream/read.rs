@@ -17,6 +17,7 @@ use super::write::{Reply, Sending};
 use super::{COALESCE_MAX, Phase, WebSocketStream, now};
 use crate::protocol::driver::{Event, Message, ReadyState};
 use crate::protocol::frame::{MAX_HEADER_LEN, OpCode, Status, parse_header};
+use crate::reactor::low_water::low_water_for;
 
 /// What the receive loop found: an owned event, or a payload left in the read buffer
 /// (kind, offset, length) for [`WebSocketStream::recv`] to lend out.
@@ -253,6 +254,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 self.driver.receive_eof();
                 continue;
             }
+            if self.start == self.end && self.low_water.is_some() {
+                self.mark_low_water();
+            }
             if self.start == self.end
                 && let Some((payload, room)) = self.driver.lend_payload_buffer(self.buf_size)
             {
@@ -347,6 +351,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         // `a_whole_text_frame_at_a_boundary_gives_an_event_at_once`).
         let event = event.expect("a whole frame at a frame boundary gives an event");
         (event, Reply { sending, open })
+    }
+
+    /// Raises or lowers the transport's receive low-water mark (see
+    /// [`WebSocketStream::with_recv_low_water`]) to what the frame being received still
+    /// owes. Only with every byte read parsed: the driver's count is then the socket's.
+    fn mark_low_water(&mut self) {
+        let Some(set) = self.low_water else {
+            return;
+        };
+        let mark = match self.timer_config.idle {
+            None => low_water_for(self.driver.payload_to_come()),
+            Some(_) => 1,
+        };
+        if (mark > 1) == self.low_water_raised {
+            return;
+        }
+        // Not raised: the wake-ups stay as they were. Not lowered: tried again at the next
+        // read.
+        if set(&self.io, mark).is_ok() {
+            self.low_water_raised = mark > 1;
+        }
     }
 
     pub(super) fn received(&mut self) {
