@@ -106,7 +106,9 @@ pub type HyperStream = WebSocketStream<HyperIo>;
 /// write. When the server ran on hyper-util's `TokioIo<TcpStream>` (as `axum::serve` and
 /// `examples/echo_hyper.rs` do), the socket is taken back out of it: [`HyperIo::Tcp`], and
 /// the bytes hyper had read past the request go to the stream first. Any other transport
-/// (TLS, a Unix socket, a test's duplex) stays wrapped: [`HyperIo::Upgraded`].
+/// (TLS, a Unix socket, a test's duplex) stays wrapped: [`HyperIo::Upgraded`]. On the TCP
+/// socket the stream also raises its receive low-water mark while large frames arrive
+/// (see [`WebSocketStream::with_recv_low_water`]).
 #[derive(Debug)]
 pub enum HyperIo {
     /// The TCP socket hyper served.
