@@ -254,7 +254,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         self
     }
 
-    /// Sets the low-water mark with `set` (for transports that hold a socket inside).
+    /// Sets the low-water mark with `set` (for transports that hold a socket inside:
+    /// hyper's, and the unit tests' recording one).
+    #[cfg(any(feature = "hyper", test))]
     pub(crate) fn with_low_water_setter(mut self, set: fn(&S, usize) -> io::Result<()>) -> Self {
         self.low_water = Some(set);
         self
