@@ -125,9 +125,7 @@ impl HyperIo {
             Err(upgraded) => (HyperIo::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
         }
     }
-}
 
-impl HyperIo {
     /// The TCP socket's receive low-water mark (see
     /// [`WebSocketStream::with_recv_low_water`]); hyper's upgraded IO has none to set.
     fn set_low_water(&self, mark: usize) -> io::Result<()> {
