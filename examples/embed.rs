@@ -1,6 +1,8 @@
 //! The template for any other transport or runtime: the sans-IO driver pumped over a
 //! blocking `std::os::unix::net::UnixStream` pair, a server on one end and a client on the
-//! other. `pump` is the whole integration.
+//! other. `pump` is the whole integration; its one optional part is the payload loan
+//! (`Driver::lend_payload_buffer`), which receives the rest of a large frame, here the
+//! client's 1 MiB message and its echo, straight into the message's buffer.
 //!
 //! `cargo run --example embed`
 
@@ -32,6 +34,21 @@ fn pump<S: Read + Write>(
         driver.consume_output(driver.pending_output().len());
         if driver.is_finished() {
             return Ok(());
+        }
+        // Optional: once a read buffer's worth or more of a data frame is still to come,
+        // the rest is read straight into its message's buffer, not copied out of `input`.
+        if let Some((mut buf, room)) = driver.lend_payload_buffer(input.len()) {
+            let start = buf.len();
+            buf.resize(start + room, 0);
+            let read = stream.read(&mut buf[start..]);
+            let got = *read.as_ref().unwrap_or(&0);
+            buf.truncate(start + got);
+            driver.payload_received(buf, got);
+            if read? == 0 {
+                driver.receive_eof();
+            }
+            n = 0;
+            continue;
         }
         n = stream.read(&mut input)?;
         if n == 0 {
@@ -78,13 +95,17 @@ fn main() -> Result<()> {
     let mut ws = make_client("ws://localhost/echo", &Options::default())?;
     ws.start_connection();
     ws.send_text("Hello over a Unix socket")?; // queued until open
+    ws.send_binary(&vec![7u8; 1 << 20])?; // the server receives most of it through a loan
     pump(
         &mut client_end,
         &mut ws,
         Vec::new(),
         |ws, event| match event {
-            Event::Message(message) => {
+            Event::Message(message) if message.is_text() => {
                 println!("client: echoed {:?}", message.as_text().unwrap_or_default());
+            }
+            Event::Message(message) => {
+                println!("client: echoed {} bytes", message.as_bytes().len());
                 let _ = ws.close_connection(1000, "done");
             }
             Event::Close { code, reason } => println!("client: closed {code} {reason:?}"),

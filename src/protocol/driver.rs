@@ -186,7 +186,12 @@ enum Handshake {
 /// # Inputs
 /// - [`Driver::poll_event`] with bytes read from the transport (and with an empty slice to
 ///   drain queued events);
-/// - [`Driver::receive_eof`] when the transport ends (EOF or error).
+/// - [`Driver::receive_eof`] when the transport ends (EOF or error);
+/// - optionally, for large frames: [`Driver::lend_payload_buffer`] lends the buffer a data
+///   message is reassembled in, the transport receives the rest of the frame straight into
+///   it and gives it back with [`Driver::payload_received`] (no copy out of a read buffer;
+///   [`Driver::payload_to_come`] says how much of the frame is still owed). The events are
+///   the same as if those bytes had gone through [`Driver::poll_event`].
 ///
 /// # Commands
 /// [`Driver::start_connection`], [`Driver::send`], [`Driver::send_text`],

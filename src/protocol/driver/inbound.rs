@@ -506,8 +506,10 @@ impl Driver {
     }
 
     /// Bytes of the data frame being received still to come (0 between frames and in a
-    /// control frame): what [`Driver::lend_payload_buffer`] could lend room for.
-    pub(crate) fn payload_to_come(&self) -> u64 {
+    /// control frame): what [`Driver::lend_payload_buffer`] could lend room for. A
+    /// transport may size its next receive by it (the reactor sets the socket's receive
+    /// low-water mark from it).
+    pub fn payload_to_come(&self) -> u64 {
         match self.stage {
             Stage::Payload { header, done } if !header.opcode.is_control() => {
                 header.payload_len - done
@@ -524,8 +526,41 @@ impl Driver {
     /// frame (room for all of it when the message ends within [`EAGER_RESERVE`], else grown
     /// by doubling, as for input fed to [`Driver::poll_event`]).
     ///
-    /// Give the buffer back with [`Driver::payload_received`] before any other input.
-    pub(crate) fn lend_payload_buffer(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
+    /// `None` while a buffer is lent, between frames, in a control frame and once fewer
+    /// than `min` bytes of the frame are to come: the transport then reads into its own
+    /// buffer and feeds [`Driver::poll_event`] as usual. What is lent is the driver's own
+    /// buffer, moved out: no copy, and nothing is allocated beyond what reassembling the
+    /// message would have allocated anyway.
+    ///
+    /// Give the buffer back with [`Driver::payload_received`] before any other input
+    /// ([`Driver::poll_event`] with bytes, [`Driver::receive_eof`]); commands (sends, a
+    /// close) may come in between.
+    ///
+    /// ```no_run
+    /// use std::io::Read;
+    /// # fn receive(driver: &mut websocket_driver::Driver, socket: &mut std::net::TcpStream)
+    /// # -> std::io::Result<()> {
+    /// // Once 64 KiB or more of a data frame are still to come, read them straight into
+    /// // the message (safe Rust zeroes the room first; an `unsafe` transport need not).
+    /// while let Some((mut buf, room)) = driver.lend_payload_buffer(64 * 1024) {
+    ///     let start = buf.len();
+    ///     buf.resize(start + room.min(256 * 1024), 0);
+    ///     let n = socket.read(&mut buf[start..]).unwrap_or(0); // an error ends it too
+    ///     buf.truncate(start + n);
+    ///     driver.payload_received(buf, n);
+    ///     if n == 0 {
+    ///         driver.receive_eof();
+    ///         break;
+    ///     }
+    /// }
+    /// // Then the events, as after any read.
+    /// while let (_, Some(event)) = driver.poll_event(&mut []) {
+    ///     println!("{event:?}");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lend_payload_buffer(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
         let remaining = self.payload_to_come();
         let Stage::Payload { header, .. } = self.stage else {
             return None;
@@ -553,7 +588,13 @@ impl Driver {
     /// on, with the message once its last frame is whole, or with the failure of text
     /// that is not UTF-8. A buffer that comes back after the connection stopped is
     /// dropped.
-    pub(crate) fn payload_received(&mut self, mut buf: Vec<u8>, n: usize) {
+    ///
+    /// # Panics
+    ///
+    /// If `n` is more than the buffer holds or more than the frame still owes (a transport
+    /// that appended more than the room it was lent). [`Driver::poll_event`] with input
+    /// panics while a buffer is lent and not given back.
+    pub fn payload_received(&mut self, mut buf: Vec<u8>, n: usize) {
         let Stage::Payload { header, done } = self.stage else {
             return;
         };

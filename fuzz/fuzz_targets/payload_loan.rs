@@ -1,0 +1,366 @@
+//! The payload loan against plain reads: two server drivers get the same bytes from the
+//! client, one only through `poll_event` in fuzz-sized reads (as the blocking runtime
+//! reads), the other receiving the rest of each data frame straight into the message's
+//! buffer whenever the driver lends it (`lend_payload_buffer` / `payload_received`, as the
+//! reactor and the tokio stream do), in fuzz-sized pieces. Both must report the same events
+//! (messages byte for byte, pings, pongs, errors, the close) and write the same bytes.
+//!
+//! Byte 0 picks the connection: bit 0 offers permessage-deflate (the client compresses its
+//! own messages, op 1), bit 1 a `max_length` of 2 MiB (else 64 KiB), so frames past
+//! `EAGER_RESERVE` (1 MiB), whose lent buffer grows by doubling, are reached. Then
+//! operations, each an opcode byte `op` and its arguments:
+//!
+//! | `op % 8` | arguments | operation |
+//! |---|---|---|
+//! | 0 | `kind`, `size`, key(4), [`at`] | a masked frame the target builds: FIN from `op & 0x10`, RSV1 from `op & 0x20`; `kind % 8` picks text, binary, continuation (of the message under way, text or binary), ping, pong, close, or an opcode from `kind >> 3` (reserved ones included); `size` a length class (below); text is valid UTF-8 with 2-, 3- and 4-byte characters, continued across fragments so characters straddle frames and pieces, and with `op & 0x40` one byte at `at` made invalid; binary is up to 16 input bytes, then a pattern |
+//! | 1 | u16 `len`, bytes | the client driver's `send_binary` (`send_text` of the bytes as ASCII if `op & 0x10`) of `len % 8192 * 16` bytes (up to 16 from the input, then a repeating pattern): compressed when deflate is agreed |
+//! | 2 | `len`, bytes | `len` raw bytes |
+//! | 3 | `chunk`, `min`, u16 `piece` | deliver what was built: plain reads of `chunk * 37 + 1` bytes; the loan side lends with `min` (`min * min` + 1 bytes to come at least) and receives at most `piece * 8 + 1` bytes a time, polling events after every piece if `op & 0x10`, else only when it next reads; its own reads are `chunk * 53 + 1` bytes |
+//! | 4 | `code` | both servers: `close_connection` (a valid code) if `op & 0x10`, else `send_text("x")` |
+//! | 5 | | both servers: everything built is delivered, then `receive_eof`; the run ends |
+//! | 6, 7 | | nothing (room for the fuzzer to shift) |
+//!
+//! Size classes (`size`): below 100, that many bytes; below 200, `(size - 100) * 97`;
+//! below 250, `(size - 200) * 1 531`; else `(size - 250) * 450 001` (past both limits).
+//!
+//! Checked: nothing panics; the two event lists are equal; the two outputs are equal after
+//! every delivery; a lent buffer's room is at least 1 and never past what the frame still
+//! owes; no message is longer than `max_length`; at most one `Close`, nothing after it.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+use common::{Input, handshake};
+use websocket_driver::protocol::mask::apply_mask;
+use websocket_driver::{Driver, Event, Message, Options, code};
+
+/// Valid UTF-8 with characters of every width, repeated: a cut anywhere but at a
+/// character boundary leaves an incomplete sequence for the next piece.
+const TEXT: &[u8] = "aé€😀".as_bytes();
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Open,
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Error(String),
+    Close(u16, String),
+}
+
+fn seen(event: Event<'_>) -> Seen {
+    match event {
+        Event::Open => Seen::Open,
+        Event::Message(Message::Text(t)) => Seen::Text(t.into_owned()),
+        Event::Message(Message::Binary(b)) => Seen::Binary(b.into_owned()),
+        Event::Ping(p) => Seen::Ping(p.into_owned()),
+        Event::Pong(p) => Seen::Pong(p.into_owned()),
+        Event::Error(e) => Seen::Error(format!("{e:?}")),
+        Event::Close { code, reason } => Seen::Close(code, reason),
+    }
+}
+
+/// One server and what it reported and wrote.
+struct Side {
+    server: Driver,
+    events: Vec<Seen>,
+    output: Vec<u8>,
+    max_length: usize,
+}
+
+impl Side {
+    fn record(&mut self, event: Event<'_>) {
+        let event = seen(event);
+        if let Seen::Text(t) = &event {
+            assert!(t.len() <= self.max_length, "a message past max_length");
+        }
+        if let Seen::Binary(b) = &event {
+            assert!(b.len() <= self.max_length, "a message past max_length");
+        }
+        assert!(
+            !self.events.iter().any(|e| matches!(e, Seen::Close(..))),
+            "{event:?} after Close"
+        );
+        self.events.push(event);
+    }
+
+    /// Feeds one read until the driver took all of it and has nothing more to say.
+    fn feed(&mut self, mut bytes: Vec<u8>) {
+        let mut at = 0;
+        for _ in 0..100_000 {
+            let (used, event) = self.server.poll_event(&mut bytes[at..]);
+            at += used;
+            match event {
+                Some(event) => self.record(event),
+                None => {
+                    assert_eq!(at, bytes.len(), "no event, input left");
+                    return;
+                }
+            }
+        }
+        panic!("poll_event does not converge");
+    }
+
+    fn take_output(&mut self) {
+        let out = self.server.pending_output().to_vec();
+        self.server.consume_output(out.len());
+        self.output.extend_from_slice(&out);
+    }
+
+    /// Plain reads of `chunk` bytes.
+    fn deliver_plain(&mut self, wire: &[u8], chunk: usize) {
+        for read in wire.chunks(chunk) {
+            self.feed(read.to_vec());
+        }
+        self.feed(Vec::new());
+        self.take_output();
+    }
+
+    /// Through the loan whenever the driver lends, else reads of `chunk` bytes.
+    fn deliver_lent(&mut self, wire: &[u8], chunk: usize, min: usize, piece: usize, poll: bool) {
+        let mut at = 0;
+        loop {
+            let owed = self.server.payload_to_come();
+            if let Some((mut buf, room)) = self.server.lend_payload_buffer(min) {
+                assert!(room >= 1, "a loan with no room");
+                assert!(
+                    room as u64 <= owed && owed >= min.max(1) as u64,
+                    "room {room} for {owed} bytes owed, min {min}"
+                );
+                assert!(
+                    self.server.lend_payload_buffer(1).is_none(),
+                    "lent twice at once"
+                );
+                let n = room.min(piece).min(wire.len() - at);
+                buf.extend_from_slice(&wire[at..at + n]);
+                self.server.payload_received(buf, n);
+                at += n;
+                if poll {
+                    self.feed(Vec::new());
+                }
+                if n == 0 {
+                    break;
+                }
+                continue;
+            }
+            if at == wire.len() {
+                break;
+            }
+            let n = chunk.min(wire.len() - at);
+            self.feed(wire[at..at + n].to_vec());
+            at += n;
+        }
+        self.feed(Vec::new());
+        self.take_output();
+    }
+}
+
+/// How many of a payload's bytes come from the input (the rest is a pattern), so that a
+/// large frame leaves the input to the operations after it.
+const INPUT_BYTES: usize = 16;
+
+/// `len` bytes: up to [`INPUT_BYTES`] from the input, then a pattern that rarely repeats.
+fn padded(input: &mut Input<'_>, len: usize) -> Vec<u8> {
+    let mut bytes = input.bytes(len.min(INPUT_BYTES)).to_vec();
+    bytes.extend(
+        (bytes.len()..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]),
+    );
+    bytes
+}
+
+fn size_class(size: u8) -> usize {
+    match size {
+        0..100 => size as usize,
+        100..200 => (size as usize - 100) * 97,
+        200..250 => (size as usize - 200) * 1_531,
+        _ => (size as usize - 250) * 450_001,
+    }
+}
+
+/// A client frame: first byte `b0`, masked with `key`.
+fn frame(b0: u8, payload: &mut [u8], key: [u8; 4]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![b0];
+    if len < 126 {
+        f.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&key);
+    apply_mask(payload, key, 0);
+    f.extend_from_slice(payload);
+    f
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input { data };
+    let mode = input.byte().unwrap_or(0);
+    let max_length = if mode & 2 != 0 { 2 << 20 } else { 64 << 10 };
+    let options = Options::default()
+        .max_length(max_length)
+        .deflate(mode & 1 != 0);
+    let (mut client, server_plain) = handshake(&options);
+    let (_, server_lent) = handshake(&options);
+    // The client reads its 101 (both servers wrote the same one).
+    let response = server_plain.pending_output().to_vec();
+    let mut plain = Side {
+        server: server_plain,
+        events: Vec::new(),
+        output: Vec::new(),
+        max_length,
+    };
+    let mut lent = Side {
+        server: server_lent,
+        events: Vec::new(),
+        output: Vec::new(),
+        max_length,
+    };
+    // The 101s differ only in `Sec-WebSocket-Accept` (each client sent its own key).
+    for side in [&mut plain, &mut lent] {
+        side.take_output();
+        side.output.clear();
+    }
+    let mut response = response;
+    let len = response.len();
+    let (used, event) = client.poll_event(&mut response);
+    assert!(
+        matches!(event, Some(Event::Open)),
+        "the client did not open"
+    );
+    assert_eq!(used, len);
+    plain.feed(Vec::new());
+    lent.feed(Vec::new());
+
+    let mut wire: Vec<u8> = Vec::new();
+    // Text continued across fragments: where the pattern goes on; the message under way.
+    let mut text_at = 0usize;
+    let mut text_message = true;
+    while let Some(op) = input.byte() {
+        match op % 8 {
+            0 => {
+                let (Some(kind), Some(size)) = (input.byte(), input.byte()) else {
+                    break;
+                };
+                let len = size_class(size);
+                let key: [u8; 4] = input.padded(4, |i| i as u8).try_into().unwrap();
+                let mut b0 = (op & 0x10) << 3 | (op & 0x20) << 1;
+                let text = match kind % 8 {
+                    0 => {
+                        b0 |= 0x1;
+                        text_message = true;
+                        text_at = 0;
+                        true
+                    }
+                    1 => {
+                        b0 |= 0x2;
+                        text_message = false;
+                        false
+                    }
+                    2 => text_message,
+                    3 => {
+                        b0 |= 0x9;
+                        false
+                    }
+                    4 => {
+                        b0 |= 0xA;
+                        false
+                    }
+                    5 => {
+                        b0 |= 0x8;
+                        false
+                    }
+                    _ => {
+                        b0 |= kind >> 3 & 0x0f;
+                        false
+                    }
+                };
+                let mut payload = if text {
+                    let p: Vec<u8> = (0..len).map(|i| TEXT[(text_at + i) % TEXT.len()]).collect();
+                    text_at += len;
+                    p
+                } else if b0 & 0x0f == 0x8 && len >= 2 {
+                    // A close frame: a valid code (most of the time) and a text reason.
+                    let mut p = input.padded(2, |_| 0);
+                    if op & 0x80 == 0 {
+                        p = code::NORMAL.to_be_bytes().to_vec();
+                    }
+                    p.extend((2..len).map(|i| TEXT[(i - 2) % TEXT.len()]));
+                    p
+                } else {
+                    padded(&mut input, len)
+                };
+                if op & 0x40 != 0 && !payload.is_empty() {
+                    let at = input.u16().unwrap_or(0) as usize * 41 % payload.len();
+                    payload[at] = 0xff;
+                }
+                wire.extend_from_slice(&frame(b0, &mut payload, key));
+            }
+            1 => {
+                let len = input.u16().unwrap_or(0) as usize % 8192 * 16;
+                let mut bytes = input.bytes(len.min(INPUT_BYTES)).to_vec();
+                bytes.extend((bytes.len()..len).map(|i| b"abcabd"[i % 6]));
+                let sent = if op & 0x10 != 0 {
+                    let text: String = bytes.iter().map(|&b| (b & 0x7f) as char).collect();
+                    client.send_text(&text)
+                } else {
+                    client.send_binary(&bytes)
+                };
+                if sent.is_ok() {
+                    let out = client.pending_output().to_vec();
+                    client.consume_output(out.len());
+                    wire.extend_from_slice(&out);
+                }
+            }
+            2 => {
+                let len = input.byte().unwrap_or(0) as usize;
+                wire.extend_from_slice(input.bytes(len));
+            }
+            3 => {
+                let chunk = input.byte().unwrap_or(0) as usize;
+                let min = input.byte().unwrap_or(0) as usize;
+                let piece = input.u16().unwrap_or(0) as usize * 8 + 1;
+                plain.deliver_plain(&wire, chunk * 37 + 1);
+                lent.deliver_lent(&wire, chunk * 53 + 1, min * min + 1, piece, op & 0x10 != 0);
+                wire.clear();
+                assert_eq!(plain.events, lent.events, "the events differ");
+                assert_eq!(plain.output, lent.output, "the output differs");
+            }
+            4 => {
+                let which = input.byte().unwrap_or(0);
+                for side in [&mut plain, &mut lent] {
+                    if op & 0x10 != 0 {
+                        let codes = [code::NORMAL, code::GOING_AWAY, 1008, 3000, 4999];
+                        let _ = side
+                            .server
+                            .close_connection(codes[which as usize % 5], "bye");
+                    } else {
+                        let _ = side.server.send_text("x");
+                    }
+                    side.take_output();
+                }
+            }
+            5 => break,
+            _ => {}
+        }
+    }
+    plain.deliver_plain(&wire, 4096);
+    lent.deliver_lent(&wire, 4096, 1, 1 << 20, false);
+    for side in [&mut plain, &mut lent] {
+        side.server.receive_eof();
+        side.feed(Vec::new());
+        side.take_output();
+        assert!(
+            side.events.iter().any(|e| matches!(e, Seen::Close(..))),
+            "no Close after receive_eof"
+        );
+    }
+    assert_eq!(plain.events, lent.events, "the events differ");
+    assert_eq!(plain.output, lent.output, "the output differs");
+});
