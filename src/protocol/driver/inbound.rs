@@ -532,9 +532,9 @@ impl Driver {
     /// buffer, moved out: no copy, and nothing is allocated beyond what reassembling the
     /// message would have allocated anyway.
     ///
-    /// Give the buffer back with [`Driver::payload_received`] before any other input
-    /// ([`Driver::poll_event`] with bytes, [`Driver::receive_eof`]); commands (sends, a
-    /// close) may come in between.
+    /// Give the buffer back with [`Driver::payload_received`] before feeding
+    /// [`Driver::poll_event`] more bytes. Commands (sends, a close) may come in between,
+    /// and so may [`Driver::receive_eof`] (a buffer given back after it is dropped).
     ///
     /// ```no_run
     /// use std::io::Read;
@@ -1064,5 +1064,38 @@ mod tests {
             "{events:?}"
         );
         assert!(driver.lend_payload_buffer(1).is_none());
+    }
+
+    /// Commands may come while a buffer is lent: a send and a close started by this side
+    /// leave the frame's reception as it would be without the loan.
+    #[test]
+    fn a_send_and_a_close_while_lent_change_nothing_the_loan_receives() {
+        let payload = pattern(200_000);
+        let frame = client_frame(true, OpCode::Binary, &payload);
+        let ping = client_frame(true, OpCode::Ping, b"after");
+        let mut plain = open_server();
+        let mut lent = open_server();
+        for driver in [&mut plain, &mut lent] {
+            assert!(feed(driver, frame[..1000].to_vec()).is_empty());
+        }
+        let (mut buf, room) = lent.lend_payload_buffer(1).expect("lent");
+        for driver in [&mut plain, &mut lent] {
+            driver.send_text("x").expect("open");
+            driver.close_connection(code::NORMAL, "bye").expect("open");
+        }
+        buf.extend_from_slice(&frame[1000..1000 + room]);
+        lent.payload_received(buf, room);
+        let mut rest = frame[1000..].to_vec();
+        rest.extend_from_slice(&ping);
+        let from_plain = feed(&mut plain, rest);
+        let from_lent = feed(&mut lent, ping.clone());
+        let describe = |events: &[Event<'_>]| format!("{events:?}");
+        assert_eq!(describe(&from_plain), describe(&from_lent));
+        assert!(
+            matches!(&from_lent[..], [Event::Message(Message::Binary(b)), Event::Ping(p)]
+                if b[..] == payload[..] && p[..] == b"after"[..]),
+            "{from_lent:?}"
+        );
+        assert_eq!(plain.pending_output(), lent.pending_output());
     }
 }
