@@ -181,6 +181,32 @@ async fn stream_client_with_sink_and_stream() {
                 other => panic!("unexpected {other:?}"),
             }
         }
+        // `connect` sets the receive low-water mark: large messages (1 MiB is more than
+        // the socket has queued when its first part is read) and messages around the mark
+        // (128 KiB still to come), each followed by a small one that a mark left raised
+        // would hold back.
+        for (i, len) in [
+            1 << 20,
+            1,
+            4 << 20,
+            7,
+            200_000,
+            1,
+            131_072 + 65_536,
+            1,
+            131_071 + 65_536,
+            1,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let sent = pattern(len, i);
+            ws.send_binary(&sent).await.unwrap();
+            match StreamExt::next(&mut ws).await.unwrap() {
+                Event::Message(Message::Binary(echo)) => assert!(echo == sent, "echo of {len}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         SinkExt::<Message<'_>>::close(&mut ws).await.unwrap();
         assert_eq!(ws.ready_state(), ReadyState::Closing);
         assert!(matches!(

@@ -168,7 +168,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
 impl WebSocketStream<TcpStream> {
     /// Connects to a `ws://` URL over TCP and completes the handshake. For `wss://`, open
-    /// the TLS stream yourself and use [`WebSocketStream::client`].
+    /// the TLS stream yourself and use [`WebSocketStream::client`]. The socket is this
+    /// crate's own, so the stream sets its receive low-water mark while large frames arrive
+    /// ([`WebSocketStream::with_recv_low_water`]).
     pub async fn connect(url: &str, options: &Options) -> Result<Self, Error> {
         Self::connect_with(url, options, &Config::default()).await
     }
@@ -179,12 +181,27 @@ impl WebSocketStream<TcpStream> {
         options: &Options,
         config: &Config,
     ) -> Result<Self, Error> {
-        let parsed = tcp_url(
+        Self::connect_tcp(
             url,
+            options,
+            config,
             "wss:// needs a TLS stream: connect one and call WebSocketStream::client",
-        )?;
+        )
+        .await
+    }
+
+    /// Both `connect`s: `hint` says what to do instead for `wss://`.
+    async fn connect_tcp(
+        url: &str,
+        options: &Options,
+        config: &Config,
+        hint: &str,
+    ) -> Result<Self, Error> {
+        let parsed = tcp_url(url, hint)?;
         let stream = tcp_connect(&parsed, config).await?;
-        Self::client_with(stream, url, options, config).await
+        Self::client_with(stream, url, options, config)
+            .await
+            .map(Self::with_recv_low_water)
     }
 }
 
@@ -227,12 +244,14 @@ pub async fn connect_with(
     options: &Options,
     config: &Config,
 ) -> Result<(WsSender, WsReceiver), Error> {
-    let parsed = tcp_url(
+    WebSocketStream::connect_tcp(
         url,
+        options,
+        config,
         "wss:// needs a TLS stream: connect one and call websocket_driver::tokio::client",
-    )?;
-    let stream = tcp_connect(&parsed, config).await?;
-    client_with(stream, url, options, config).await
+    )
+    .await
+    .map(WebSocketStream::spawn)
 }
 
 /// Runs the client handshake for `url` over an already connected `stream` (TCP, TLS, a

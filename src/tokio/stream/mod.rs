@@ -238,7 +238,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// hear of input as it arrives. Over loopback, an echo of 1 MiB messages made 9 % more
     /// echoes a second with it (`examples/echo_tokio.rs`; the hyper adapter 11 %); where
     /// no frame is that large it changes nothing. The hyper and axum adapters set it
-    /// themselves when they run on the TCP socket.
+    /// themselves when they run on the TCP socket, and so do [`WebSocketStream::connect`]
+    /// and the split API's `connect`, whose socket is their own.
     ///
     /// ```no_run
     /// # async fn demo(tcp: tokio::net::TcpStream) -> Result<(), websocket_driver::Error> {
@@ -624,5 +625,27 @@ mod tests {
         let keepalive = Config::default().idle_timeout(Duration::from_secs(30));
         let marks = marks_for_a_large_then_a_small_message(&keepalive).await;
         assert!(marks.is_empty(), "{marks:?}");
+    }
+
+    /// `connect` opens the socket itself, so it sets the mark; `accept` over a socket the
+    /// caller opened leaves that to the caller.
+    #[::tokio::test]
+    async fn connect_sets_the_low_water_mark_and_accept_leaves_it_to_the_caller() {
+        let listener = ::tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = ::tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let ws = WebSocketStream::accept(tcp, &Options::default())
+                .await
+                .unwrap();
+            ws.low_water.is_some()
+        });
+        let ws = WebSocketStream::connect(&format!("ws://{addr}/"), &Options::default())
+            .await
+            .unwrap();
+        assert!(ws.low_water.is_some(), "connect sets the mark");
+        assert!(!server.await.unwrap(), "accept leaves it to the caller");
     }
 }
