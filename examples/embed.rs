@@ -38,8 +38,10 @@ fn pump<S: Read + Write>(
         // Optional: once a read buffer's worth or more of a data frame is still to come,
         // the rest is read straight into its message's buffer, not copied out of `input`.
         if let Some((mut buf, room)) = driver.lend_payload_buffer(input.len()) {
+            // Safe Rust zeroes what it reads into: a read buffer's worth at a time, not
+            // the whole room (up to 1 MiB) for every read.
             let start = buf.len();
-            buf.resize(start + room, 0);
+            buf.resize(start + room.min(input.len()), 0);
             let read = stream.read(&mut buf[start..]);
             let got = *read.as_ref().unwrap_or(&0);
             buf.truncate(start + got);

@@ -65,6 +65,10 @@ async fn echo(mut ws: WebSocketStream<TcpStream>) -> Option<(u16, String)> {
     close
 }
 
+/// Message sizes around the receive low-water mark (128 KiB still to come), each followed
+/// by a small one that a mark left raised would hold back.
+const AROUND_THE_MARK: [usize; 6] = [200_000, 1, 131_072 + 65_536, 1, 131_071 + 65_536, 1];
+
 /// A stream echo server on an ephemeral port, with the receive low-water mark
 /// (`with_recv_low_water`: a mark left raised would hold back the message after a large
 /// one); each connection's close code and reason come out of the channel.
@@ -95,9 +99,7 @@ async fn tungstenite_client_against_stream_server() {
         let (addr, mut closes) = stream_server().await;
         let mut ws = tungstenite_client(addr, "/").await;
         let sizes = [0, 1, 125, 126, 65_535, 65_536, 1 << 20, 16 << 20];
-        // Around the low-water mark (128 KiB still to come), each followed by a small one.
-        let around_the_mark = [200_000, 1, 131_072 + 65_536, 1, 131_071 + 65_536, 1];
-        for (i, len) in sizes.into_iter().chain(around_the_mark).enumerate() {
+        for (i, len) in sizes.into_iter().chain(AROUND_THE_MARK).enumerate() {
             echoes(&mut ws, TMessage::Binary(pattern(len, i).into())).await;
         }
         echoes(&mut ws, TMessage::Text("héllo €".into())).await;
@@ -182,24 +184,10 @@ async fn stream_client_with_sink_and_stream() {
             }
         }
         // `connect` sets the receive low-water mark: large messages (1 MiB is more than
-        // the socket has queued when its first part is read) and messages around the mark
-        // (128 KiB still to come), each followed by a small one that a mark left raised
-        // would hold back.
-        for (i, len) in [
-            1 << 20,
-            1,
-            4 << 20,
-            7,
-            200_000,
-            1,
-            131_072 + 65_536,
-            1,
-            131_071 + 65_536,
-            1,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        // the socket has queued when its first part is read), then those around the mark,
+        // each followed by a small one.
+        let large = [1 << 20, 1, 4 << 20, 7];
+        for (i, len) in large.into_iter().chain(AROUND_THE_MARK).enumerate() {
             let sent = pattern(len, i);
             ws.send_binary(&sent).await.unwrap();
             match StreamExt::next(&mut ws).await.unwrap() {

@@ -541,10 +541,12 @@ impl Driver {
     /// # fn receive(driver: &mut websocket_driver::Driver, socket: &mut std::net::TcpStream)
     /// # -> std::io::Result<()> {
     /// // Once 64 KiB or more of a data frame are still to come, read them straight into
-    /// // the message (safe Rust zeroes the room first; an `unsafe` transport need not).
-    /// while let Some((mut buf, room)) = driver.lend_payload_buffer(64 * 1024) {
+    /// // the message, 64 KiB a read at most (safe Rust zeroes what it reads into; an
+    /// // `unsafe` transport need not).
+    /// const READ: usize = 64 * 1024;
+    /// while let Some((mut buf, room)) = driver.lend_payload_buffer(READ) {
     ///     let start = buf.len();
-    ///     buf.resize(start + room.min(256 * 1024), 0);
+    ///     buf.resize(start + room.min(READ), 0);
     ///     let n = socket.read(&mut buf[start..]).unwrap_or(0); // an error ends it too
     ///     buf.truncate(start + n);
     ///     driver.payload_received(buf, n);
