@@ -80,14 +80,15 @@ struct Side {
 impl Side {
     fn record(&mut self, event: Event<'_>) {
         let event = seen(event);
-        if let Seen::Text(t) = &event {
-            assert!(t.len() <= self.max_length, "a message past max_length");
-        }
-        if let Seen::Binary(b) = &event {
-            assert!(b.len() <= self.max_length, "a message past max_length");
-        }
+        let len = match &event {
+            Seen::Text(t) => t.len(),
+            Seen::Binary(b) => b.len(),
+            _ => 0,
+        };
+        assert!(len <= self.max_length, "a message past max_length");
+        // Checked at every event, so a `Close` can only be the last one.
         assert!(
-            !self.events.iter().any(|e| matches!(e, Seen::Close(..))),
+            !matches!(self.events.last(), Some(Seen::Close(..))),
             "{event:?} after Close"
         );
         self.events.push(event);
@@ -168,13 +169,16 @@ impl Side {
 /// large frame leaves the input to the operations after it.
 const INPUT_BYTES: usize = 16;
 
-/// `len` bytes: up to [`INPUT_BYTES`] from the input, then a pattern that rarely repeats.
-fn padded(input: &mut Input<'_>, len: usize) -> Vec<u8> {
+/// `len` bytes: up to [`INPUT_BYTES`] from the input, then `pad(i)` for each byte `i` after.
+fn padded(input: &mut Input<'_>, len: usize, pad: impl Fn(usize) -> u8) -> Vec<u8> {
     let mut bytes = input.bytes(len.min(INPUT_BYTES)).to_vec();
-    bytes.extend(
-        (bytes.len()..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]),
-    );
+    bytes.extend((bytes.len()..len).map(pad));
     bytes
+}
+
+/// A pattern that rarely repeats.
+fn scattered(i: usize) -> u8 {
+    (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0]
 }
 
 fn size_class(size: u8) -> usize {
@@ -345,7 +349,7 @@ fuzz_target!(|data: &[u8]| {
                     p.extend((2..len).map(|i| TEXT[(i - 2) % TEXT.len()]));
                     p
                 } else {
-                    padded(&mut input, len)
+                    padded(&mut input, len, scattered)
                 };
                 if op & 0x40 != 0 && !payload.is_empty() {
                     let at = input.u16().unwrap_or(0) as usize * 41 % payload.len();
@@ -356,8 +360,7 @@ fuzz_target!(|data: &[u8]| {
             }
             1 => {
                 let len = input.u16().unwrap_or(0) as usize % 8192 * 16;
-                let mut bytes = input.bytes(len.min(INPUT_BYTES)).to_vec();
-                bytes.extend((bytes.len()..len).map(|i| b"abcabd"[i % 6]));
+                let bytes = padded(&mut input, len, |i| b"abcabd"[i % 6]);
                 let sent = if op & 0x10 != 0 {
                     let text: String = bytes.iter().map(|&b| (b & 0x7f) as char).collect();
                     peer.send_text(&text)
