@@ -1068,6 +1068,21 @@ mod tests {
         assert!(driver.lend_payload_buffer(1).is_none());
     }
 
+    /// The documented panic of `payload_received`: one byte more than the frame owes (its
+    /// limit, every byte it owes, is what the other loan tests receive).
+    #[test]
+    #[should_panic(expected = "no more than the frame's payload")]
+    fn receiving_past_the_frame_into_the_lent_buffer_panics() {
+        let mut driver = open_server();
+        let frame = client_frame(true, OpCode::Binary, &pattern(100_000));
+        assert!(feed(&mut driver, frame[..1000].to_vec()).is_empty());
+        let (mut buf, room) = driver.lend_payload_buffer(1).expect("lent");
+        assert_eq!(room, frame.len() - 1000, "room for exactly the rest");
+        buf.extend_from_slice(&frame[1000..]);
+        buf.push(0);
+        driver.payload_received(buf, room + 1);
+    }
+
     /// Commands may come while a buffer is lent: a send and a close started by this side
     /// leave the frame's reception as it would be without the loan.
     #[test]
