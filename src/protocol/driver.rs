@@ -227,28 +227,44 @@ pub struct Driver {
     stage: Stage,
     /// Boxed: most connections have no message in progress most of the time.
     message: Option<Box<PartialMessage>>,
-    /// A control frame's payload split across reads (rare: boxed, dropped after use).
-    #[allow(clippy::box_collection)] // one pointer inline instead of three words
-    control: Option<Box<Vec<u8>>>,
     out: Vec<u8>,
     out_pos: usize,
     /// Handshake bytes at `out[out_pos..]` not yet written; only these go out while connecting.
     /// (32 bits: the driver's own handshake is a few hundred bytes; this shares a word
     /// with the small fields.)
     handshake_left: u32,
-    frames_appended: u64,
+    /// The driver's own frame bytes written (handed to the transport) so far: a position
+    /// in its own byte stream that survives the buffer being compacted or handed over.
+    /// The position after the last own byte queued is derived from it
+    /// ([`Driver::frames_appended`]), not stored.
     frames_written: u64,
     /// Pub/sub frames queued by reference between the own frames in `out`.
     shared: Option<Box<shared::SharedQueue>>,
-    /// Events queued around open, errors and close; `None` (no allocation) otherwise.
-    #[allow(clippy::box_collection)] // one pointer inline instead of four words
-    events: Option<Box<VecDeque<Event<'static>>>>,
+    /// Events queued around open, errors and close, and a control frame's payload split
+    /// across reads; `None` (no allocation) when there are neither.
+    occasional: Option<Box<Occasional>>,
     close_reported: bool,
     /// The peer's Close frame arrived: it sends nothing more (RFC 6455 §5.5.1).
     close_received: bool,
 }
 
 /// What the opening handshake agreed on beyond RFC 6455.
+/// What a driver holds only now and then, in one box (freed once both parts are empty),
+/// so that an idle connection pays one pointer for them.
+#[derive(Debug, Default)]
+struct Occasional {
+    /// Events queued around open, errors and close.
+    events: VecDeque<Event<'static>>,
+    /// A control frame's payload split across reads.
+    control: Vec<u8>,
+}
+
+impl Occasional {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.control.is_empty()
+    }
+}
+
 #[derive(Debug)]
 struct Negotiated {
     protocol: Option<Box<str>>,
@@ -265,14 +281,12 @@ impl Driver {
             handshake: Some(Box::new(handshake)),
             stage: HEADER_START,
             message: None,
-            control: None,
             out: Vec::new(),
             out_pos: 0,
             handshake_left: 0,
-            frames_appended: 0,
             frames_written: 0,
             shared: None,
-            events: None,
+            occasional: None,
             close_reported: false,
             close_received: false,
         }
@@ -446,24 +460,57 @@ impl Driver {
         self.state = ReadyState::Closed;
         self.stage = Stage::Stopped;
         self.message = None;
-        self.control = None;
+        self.take_control();
+    }
+
+    fn occasional(&mut self) -> &mut Occasional {
+        self.occasional.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the occasional box once it holds nothing.
+    fn release_occasional(&mut self) {
+        if self.occasional.as_deref().is_some_and(Occasional::is_empty) {
+            self.occasional = None;
+        }
     }
 
     fn queue_event(&mut self, event: Event<'static>) {
-        self.events
-            .get_or_insert_with(Box::default)
-            .push_back(event);
+        self.occasional().events.push_back(event);
+    }
+
+    /// Queues `event` before every queued one.
+    fn queue_event_first(&mut self, event: Event<'static>) {
+        self.occasional().events.push_front(event);
     }
 
     /// The next queued event; the queue is freed once empty, so an idle connection holds
     /// no allocation for it.
     fn next_queued(&mut self) -> Option<Event<'static>> {
-        let queue = self.events.as_deref_mut()?;
-        let event = queue.pop_front();
-        if queue.is_empty() {
-            self.events = None;
-        }
+        let event = self.occasional.as_deref_mut()?.events.pop_front();
+        self.release_occasional();
         event
+    }
+
+    /// Keeps a piece of a control frame's payload until the rest arrives.
+    fn keep_control(&mut self, piece: &[u8]) {
+        self.occasional().control.extend_from_slice(piece);
+    }
+
+    /// The control frame's payload kept so far (empty if none), given up.
+    fn take_control(&mut self) -> Vec<u8> {
+        let Some(occasional) = self.occasional.as_deref_mut() else {
+            return Vec::new();
+        };
+        let payload = std::mem::take(&mut occasional.control);
+        self.release_occasional();
+        payload
+    }
+
+    /// Whether events wait in the queue.
+    fn has_queued(&self) -> bool {
+        self.occasional
+            .as_deref()
+            .is_some_and(|o| !o.events.is_empty())
     }
 
     /// Whether events wait in the queue: without them and without input, `poll_event`
@@ -471,7 +518,7 @@ impl Driver {
     #[cfg(feature = "tokio")]
     #[inline]
     pub(crate) fn has_queued_events(&self) -> bool {
-        self.events.is_some()
+        self.has_queued()
     }
 
     /// Whether the peer's Close frame arrived. A peer sends nothing after it, so a

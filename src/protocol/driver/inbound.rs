@@ -350,7 +350,7 @@ impl Driver {
                                 return self.fail(total, e);
                             }
                             if header.opcode.is_control() {
-                                self.control = None;
+                                self.take_control();
                             }
                             self.stage = Stage::Payload { header, done: 0 };
                         }
@@ -407,9 +407,7 @@ impl Driver {
                     pos += take;
                     let done = done + take as u64;
                     if opcode.is_control() {
-                        self.control
-                            .get_or_insert_with(Box::default)
-                            .extend_from_slice(chunk);
+                        self.keep_control(chunk);
                     } else {
                         let max_length = self.max_length;
                         let message = self
@@ -431,7 +429,7 @@ impl Driver {
                     }
                     self.stage = HEADER_START;
                     if opcode.is_control() {
-                        let payload = self.control.take().map_or_else(Vec::new, |p| *p);
+                        let payload = self.take_control();
                         return match self.control_frame(opcode, Cow::Owned(payload)) {
                             Ok(event) => (pos, event),
                             Err(e) => self.fail(total, e),
@@ -620,9 +618,7 @@ impl Driver {
             let (_, error): (usize, Option<Event<'static>>) =
                 self.fail(0, ProtocolError::InvalidUtf8);
             if let Some(error) = error {
-                self.events
-                    .get_or_insert_with(Box::default)
-                    .push_front(error);
+                self.queue_event_first(error);
             }
             return;
         }
@@ -847,7 +843,7 @@ mod tests {
                 );
             }
             assert!(
-                driver.events.is_none(),
+                driver.occasional.is_none(),
                 "{name}: events queued before the frame"
             );
             assert_eq!(driver.state, ReadyState::Open, "{name}");

@@ -40,9 +40,8 @@ impl Driver {
 
     pub(super) fn push_frame(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
         let mask = frame_mask(self.role);
-        let n = write_frame(&mut self.out, opcode, payload, mask);
-        self.frames_appended += n as u64;
-        SendToken(self.frames_appended)
+        write_frame(&mut self.out, opcode, payload, mask);
+        SendToken(self.frames_appended())
     }
 
     /// Queues a data message: compressed (RSV1) when permessage-deflate is agreed and the
@@ -50,9 +49,11 @@ impl Driver {
     pub(super) fn push_data(&mut self, opcode: OpCode, payload: &[u8]) -> SendToken {
         if let Some(deflate) = self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut()) {
             let mask = frame_mask(self.role);
-            if let Some(n) = deflate.write_frame(&mut self.out, opcode, payload, mask) {
-                self.frames_appended += n as u64;
-                return SendToken(self.frames_appended);
+            if deflate
+                .write_frame(&mut self.out, opcode, payload, mask)
+                .is_some()
+            {
+                return SendToken(self.frames_appended());
             }
         }
         self.push_frame(opcode, payload)
@@ -112,10 +113,9 @@ impl Driver {
         if let Some(mask) = mask {
             apply_mask(&mut payload, mask, 0);
         }
-        let n = write_header(&mut self.out, opcode, payload.len(), mask);
-        self.frames_appended += n as u64;
+        write_header(&mut self.out, opcode, payload.len(), mask);
         self.queue_part(FrameRef::Owned(payload));
-        Ok(SendToken(self.frames_appended))
+        Ok(SendToken(self.frames_appended()))
     }
 
     /// Queues a received message's payload to be sent back from the receive buffer it
@@ -134,14 +134,13 @@ impl Driver {
         if self.role != Role::Server || self.state != ReadyState::Open || self.deflate().is_some() {
             return None;
         }
-        let n = write_header(&mut self.out, opcode, len, None);
-        self.frames_appended += n as u64;
+        write_header(&mut self.out, opcode, len, None);
         self.queue_part(FrameRef::Received {
             buf: Vec::new(),
             start,
             len,
         });
-        Some(SendToken(self.frames_appended))
+        Some(SendToken(self.frames_appended()))
     }
 
     /// Sends a text message.
@@ -191,7 +190,7 @@ impl Driver {
                     .truncate(self.out_pos + self.handshake_left as usize);
                 self.stop();
                 self.queue_close(close_code, reason.to_string());
-                Ok(SendToken(self.frames_appended))
+                Ok(SendToken(self.frames_appended()))
             }
             ReadyState::Open => {
                 let mut payload = Vec::with_capacity(2 + reason.len());
@@ -229,6 +228,15 @@ impl Driver {
     }
 
     // ----- output -----
+
+    /// The position in the own byte stream after the last own byte queued: what is
+    /// written plus what waits in the buffer behind the handshake (the buffer holds the
+    /// handshake, then own frames; shared parts are not own bytes).
+    #[inline]
+    pub(super) fn frames_appended(&self) -> u64 {
+        let pending = self.out.len() - self.out_pos - self.handshake_left as usize;
+        self.frames_written + pending as u64
+    }
 
     pub(super) fn releasable_end(&self) -> usize {
         if self.state == ReadyState::Connecting {
@@ -307,8 +315,6 @@ impl Driver {
 
     /// Closed, with every queued byte written: the transport may close now.
     pub fn is_finished(&self) -> bool {
-        self.state == ReadyState::Closed
-            && self.pending_output().is_empty()
-            && self.events.is_none()
+        self.state == ReadyState::Closed && self.pending_output().is_empty() && !self.has_queued()
     }
 }

@@ -8,7 +8,7 @@
 //! number of own frame bytes appended before it (`after`), so the output is, in order:
 //! own bytes up to the first part, that part, own bytes up to the next one, …
 //! (a payload sent by value follows its header, the last own bytes before it).
-//! Positions are counted in the own byte stream (`frames_appended` / `frames_written`),
+//! Positions are counted in the own byte stream (`Driver::frames_appended` / `frames_written`),
 //! which survives the buffer being compacted or handed over.
 
 use std::collections::VecDeque;
@@ -245,12 +245,10 @@ impl Driver {
 
     /// Queues `part` by reference behind everything queued so far.
     pub(super) fn queue_part(&mut self, part: FrameRef) {
+        let after = self.frames_appended();
         let queue = self.shared.get_or_insert_with(Box::default);
         queue.bytes += part.len();
-        queue.frames.push_back(Queued {
-            after: self.frames_appended,
-            frame: part,
-        });
+        queue.frames.push_back(Queued { after, frame: part });
     }
 
     /// Hands over the receive buffer a [`Driver::send_received`] of the same read refers
