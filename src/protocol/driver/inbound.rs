@@ -793,6 +793,36 @@ mod tests {
         }
     }
 
+    /// A control frame's payload split across reads is kept until its last byte (in the
+    /// box it shares with the event queue), and the box is freed once the frame is whole,
+    /// also when a message's fragments surround the control frame.
+    #[test]
+    fn a_control_frame_in_pieces_is_kept_until_whole_then_freed() {
+        let mut driver = open_server_with(&Options::default(), "").0;
+        let wire = [
+            client_frame(false, OpCode::Text, b"be"),
+            client_frame(true, OpCode::Ping, b"split ping"),
+            client_frame(true, OpCode::Continuation, b"fore"),
+        ]
+        .concat();
+        let mut events = Vec::new();
+        for byte in wire {
+            let mut piece = [byte];
+            let (used, event) = driver.poll_event(&mut piece);
+            assert_eq!(used, 1);
+            events.extend(event.map(owned));
+            while let (_, Some(event)) = driver.poll_event(&mut []) {
+                events.push(owned(event));
+            }
+        }
+        assert!(
+            matches!(&events[..], [Event::Ping(p), Event::Message(Message::Text(t))]
+                if &p[..] == b"split ping" && t == "before"),
+            "{events:?}"
+        );
+        assert!(driver.occasional.is_none(), "nothing kept once whole");
+    }
+
     /// A whole final text frame at a frame boundary of an open connection, with no event
     /// queued, gets its event from one `poll_event`, whatever is wrong with it: the tokio
     /// stream's `recv` parses such a frame outside its poll and counts on an event.

@@ -505,6 +505,53 @@ mod tests {
         assert!(driver.is_sent(token));
     }
 
+    /// A token falls due with the last byte of its frame however the output goes out:
+    /// behind the handshake response that was put before it, in pieces, across the
+    /// compaction of a large buffer, and handed over whole. (The position a token names
+    /// is derived from what is written and what waits, so each of these must keep it.)
+    #[test]
+    fn tokens_fall_due_with_the_last_byte_of_their_frame() {
+        use crate::protocol::driver::testing::server_before_start;
+        let mut driver = server_before_start(&Options::default(), "");
+        let early = driver.send_text("early").unwrap();
+        driver.start_connection();
+        let response = driver.handshake_left as usize;
+        let next = driver.send_text("next").unwrap();
+        assert_eq!(driver.pending_output().len(), response + 7 + 6);
+        driver.consume_output(response);
+        assert!(!driver.is_sent(early), "the response is out, not the frame");
+        driver.consume_output(6);
+        assert!(!driver.is_sent(early), "one byte short");
+        driver.consume_output(1);
+        assert!(driver.is_sent(early));
+        assert!(!driver.is_sent(next));
+        driver.consume_output(6);
+        assert!(driver.is_sent(next));
+
+        let big = driver.send_binary(&vec![1; 100_000]).unwrap();
+        let small = driver.send_binary(b"x").unwrap();
+        let total = driver.pending_output().len();
+        assert_eq!(total, 10 + 100_000 + 3);
+        driver.consume_output(80_000);
+        assert_eq!(driver.out_pos, 0, "compacted: the written part is dropped");
+        assert!(!driver.is_sent(big));
+        driver.consume_output(total - 80_000 - 4);
+        assert!(!driver.is_sent(big), "one byte short");
+        driver.consume_output(1);
+        assert!(driver.is_sent(big));
+        assert!(!driver.is_sent(small));
+
+        let last = driver.send_text("last").unwrap();
+        let mut out = Outgoing::default();
+        assert!(driver.take_output(&mut out));
+        assert_eq!(out.len(), 3 + 6);
+        assert!(driver.is_sent(small) && driver.is_sent(last));
+        let after = driver.send_text("after").unwrap();
+        assert!(!driver.is_sent(after));
+        driver.consume_output(7);
+        assert!(driver.is_sent(after));
+    }
+
     #[test]
     fn take_output_hands_over_frames_by_reference() {
         let mut driver = open_server();
