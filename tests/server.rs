@@ -840,6 +840,9 @@ fn messages_echoed_by_value_arrive_whole_and_in_order(backend: Backend) {
 /// connections it already has: a turn accepts a bounded number of them (epoll: 64; io_uring
 /// takes what one wait completes), so an open connection's next message is handled long
 /// before the 3 000th connection is accepted, and every one of them is accepted in the end.
+/// io_uring's multishot accept takes the whole backlog at once, so its loop stops accepting
+/// with 1 024 accepted connections still to set up (`Stats::accept_pauses`) and accepts again
+/// once it has room: a connection made after the burst is served.
 fn a_backlog_burst_leaves_room_for_open_connections(backend: Backend) {
     const BURST: usize = 3000;
     let _turn = heavy();
@@ -915,7 +918,15 @@ fn a_backlog_burst_leaves_room_for_open_connections(backend: Backend) {
         server.stats().connections_total,
         1 + BURST
     );
+    let pauses = server.stats().accept_pauses;
+    match backend {
+        Backend::IoUring => assert!(pauses >= 1, "io_uring took {BURST} at once"),
+        _ => assert_eq!(pauses, 0, "{backend} accepts only what a turn sets up"),
+    }
     drop(burst);
+    let mut later = TestClient::connect(addr, "/").unwrap();
+    later.send_text("ping").unwrap();
+    assert_eq!(later.next_message().unwrap(), Owned::Text("pong".into()));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 

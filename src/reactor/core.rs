@@ -293,6 +293,13 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.accept_paused_until = Some(self.now() + ACCEPT_BACKOFF);
     }
 
+    /// The backend stopped taking connections from the backlog because it holds as many
+    /// accepted and not yet registered as it may (counted in the stats); it takes them
+    /// again itself once it has room.
+    pub fn on_accept_queue_full(&mut self) {
+        LoopStats::add(&self.stats.accept_pauses, 1);
+    }
+
     /// Another thread rang the waker: run the queued commands.
     pub fn on_wake(&mut self, backend: &mut B) {
         self.inbox.rearm();

@@ -511,6 +511,8 @@ pub(crate) struct LoopStats {
     pub replies_in_place: AtomicU64,
     /// Receives made straight into a large message's buffer.
     pub payload_receives: AtomicU64,
+    /// Times the loop stopped accepting with its queue of accepted connections full.
+    pub accept_pauses: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 

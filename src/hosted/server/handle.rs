@@ -51,6 +51,12 @@ pub struct Stats {
     /// the rest of a frame with at least a read buffer's worth (epoll, 64 KiB by default)
     /// or 128 KiB (io_uring) still to come, on a connection without TLS.
     pub payload_receives: u64,
+    /// Times a loop stopped taking connections from the listen backlog because it held
+    /// 1 024 accepted connections it had not yet set up (io_uring, whose accept takes the
+    /// whole backlog at once; a turn sets up 64): connections arrived faster than the
+    /// loop could take them, and the rest waited in the kernel's backlog until it could.
+    /// Always 0 on epoll, which accepts only what a turn sets up.
+    pub accept_pauses: u64,
     /// What the backplane (if any) did: messages sent to and received from the other
     /// processes, dropped on the way out, reconnections.
     pub backplane: BackplaneStats,
@@ -153,6 +159,7 @@ impl ServerHandle {
             s.dropped += l.dropped.load(Ordering::Relaxed);
             s.replies_in_place += l.replies_in_place.load(Ordering::Relaxed);
             s.payload_receives += l.payload_receives.load(Ordering::Relaxed);
+            s.accept_pauses += l.accept_pauses.load(Ordering::Relaxed);
             for (code, n) in l.closes.lock().expect("stats lock").iter() {
                 *s.closes.entry(*code).or_default() += n;
             }

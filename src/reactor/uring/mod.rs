@@ -53,6 +53,13 @@ use super::{KeepBudget, Service, Waker};
 const RING_ENTRIES: u32 = 4096;
 /// Accepted connections registered per turn (see `Uring::accepted`).
 const ACCEPTS_PER_TURN: usize = 64;
+/// Accepted connections held unregistered before the loop stops accepting (it cancels the
+/// multishot accept): further connections wait in the kernel's listen backlog, as they do
+/// on epoll, which accepts only what a turn registers. So a flood of connects to a busy
+/// loop takes neither descriptors nor memory past this. One run of the multishot accept
+/// drains the whole backlog before the cancel lands, so the queue can pass this by up to
+/// one backlog. The loop accepts again once the queue is down to half.
+const ACCEPT_QUEUE_MAX: usize = 1024;
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
 /// Provided buffers per loop: 32 × 32 KiB, 1 MiB. The kernel hands them out in ring order,
@@ -258,7 +265,8 @@ pub(crate) struct Uring {
     accept_op: Option<usize>,
     /// Accepted connections not registered yet: one run of the multishot accept can bring
     /// a whole backlog (thousands), and a turn registers at most `ACCEPTS_PER_TURN`, so
-    /// the connections already open are served in between.
+    /// the connections already open are served in between. Past `ACCEPT_QUEUE_MAX` the
+    /// accept is cancelled, and armed again once the queue is down to half.
     accepted: VecDeque<TcpStream>,
     /// Busy polls before a sleep (`ServerConfig::busy_poll`) back off while they find
     /// nothing: waits to go without one, and misses in a row.
@@ -345,6 +353,10 @@ impl Backend for Uring {
         }
         self.accept_budget = ACCEPTS_PER_TURN;
         self.register_accepted(core);
+        if !core.accept_paused() {
+            // Stopped with a full queue (`ACCEPT_QUEUE_MAX`): go on once it has room.
+            self.resume_accepting(core)?;
+        }
         let mut completions = std::mem::take(&mut self.completions);
         let mut bufs = self
             .bufs
@@ -447,6 +459,7 @@ impl Backend for Uring {
     fn resume_accepting<S: Service>(&mut self, _core: &mut Core<S, Self>) -> io::Result<()> {
         if let Some(listener) = &self.listener
             && self.accept_op.is_none()
+            && self.accepted.len() <= ACCEPT_QUEUE_MAX / 2
         {
             self.accept_op = Some(self.ring.accept(listener.as_raw_fd())?);
         }
@@ -659,12 +672,21 @@ impl Uring {
             Some(Op::Accept) => {
                 if !more {
                     self.ring.finish(op);
-                    self.accept_op = None;
+                    // (Not a newer accept armed after this one was cancelled.)
+                    if self.accept_op == Some(op) {
+                        self.accept_op = None;
+                    }
                 }
                 if let Some(stream) = accepted {
                     self.accepted.push_back(stream);
                     self.register_accepted(core);
-                    if !more {
+                    if self.accepted.len() >= ACCEPT_QUEUE_MAX
+                        && let Some(accept) = self.accept_op.take()
+                    {
+                        // Leave the rest in the listen backlog until the queue has room.
+                        self.ring.cancel(accept)?;
+                        core.on_accept_queue_full();
+                    } else if !more {
                         self.resume_accepting(core)?;
                     }
                 } else if !more && self.listener.is_some() && result != -libc::ECANCELED {
