@@ -60,6 +60,16 @@ const ACCEPTS_PER_TURN: usize = 64;
 /// drains the whole backlog before the cancel lands, so the queue can pass this by up to
 /// one backlog. The loop accepts again once the queue is down to half.
 const ACCEPT_QUEUE_MAX: usize = 1024;
+
+/// With `queued` accepted connections waiting to be set up, stop accepting.
+fn accept_queue_full(queued: usize) -> bool {
+    queued >= ACCEPT_QUEUE_MAX
+}
+
+/// With `queued` accepted connections waiting to be set up, accept (again).
+fn accept_queue_has_room(queued: usize) -> bool {
+    queued <= ACCEPT_QUEUE_MAX / 2
+}
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
 /// Provided buffers per loop: 32 × 32 KiB, 1 MiB. The kernel hands them out in ring order,
@@ -459,7 +469,7 @@ impl Backend for Uring {
     fn resume_accepting<S: Service>(&mut self, _core: &mut Core<S, Self>) -> io::Result<()> {
         if let Some(listener) = &self.listener
             && self.accept_op.is_none()
-            && self.accepted.len() <= ACCEPT_QUEUE_MAX / 2
+            && accept_queue_has_room(self.accepted.len())
         {
             self.accept_op = Some(self.ring.accept(listener.as_raw_fd())?);
         }
@@ -680,7 +690,7 @@ impl Uring {
                 if let Some(stream) = accepted {
                     self.accepted.push_back(stream);
                     self.register_accepted(core);
-                    if self.accepted.len() >= ACCEPT_QUEUE_MAX
+                    if accept_queue_full(self.accepted.len())
                         && let Some(accept) = self.accept_op.take()
                     {
                         // Leave the rest in the listen backlog until the queue has room.
@@ -794,6 +804,21 @@ mod tests {
             spin.due() && spin.due(),
             "no skipping after a poll that found work"
         );
+    }
+
+    /// The loop stops accepting once 1 024 accepted connections wait to be set up, not
+    /// before, and accepts again once at most half of that wait.
+    #[test]
+    fn accepting_stops_at_a_full_queue_and_resumes_at_half() {
+        use super::{ACCEPT_QUEUE_MAX, accept_queue_full, accept_queue_has_room};
+        assert_eq!(
+            ACCEPT_QUEUE_MAX, 1024,
+            "the README's limits table says 1 024"
+        );
+        assert!(!accept_queue_full(ACCEPT_QUEUE_MAX - 1));
+        assert!(accept_queue_full(ACCEPT_QUEUE_MAX), "at the limit");
+        assert!(accept_queue_has_room(ACCEPT_QUEUE_MAX / 2));
+        assert!(!accept_queue_has_room(ACCEPT_QUEUE_MAX / 2 + 1));
     }
 
     /// A payload receive takes a piece of `PAYLOAD_PIECE`, or all of its room where a
