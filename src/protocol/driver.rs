@@ -248,7 +248,6 @@ pub struct Driver {
     close_received: bool,
 }
 
-/// What the opening handshake agreed on beyond RFC 6455.
 /// What a driver holds only now and then, in one box (freed once both parts are empty),
 /// so that an idle connection pays one pointer for them.
 #[derive(Debug, Default)]
@@ -265,6 +264,7 @@ impl Occasional {
     }
 }
 
+/// What the opening handshake agreed on beyond RFC 6455.
 #[derive(Debug)]
 struct Negotiated {
     protocol: Option<Box<str>>,
