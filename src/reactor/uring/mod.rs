@@ -70,6 +70,7 @@ fn accept_queue_full(queued: usize) -> bool {
 fn accept_queue_has_room(queued: usize) -> bool {
     queued <= ACCEPT_QUEUE_MAX / 2
 }
+
 /// Completions handled per batch within a turn (48 bytes each).
 const REAP_BATCH: usize = 256;
 /// Provided buffers per loop: 32 × 32 KiB, 1 MiB. The kernel hands them out in ring order,
