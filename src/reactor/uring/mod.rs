@@ -29,6 +29,11 @@
 //! cache), then one single receive into the ring (`Ring::recv_once`) to see the next
 //! frame's header, then the multishot receive again.
 //!
+//! The multishot accept takes the whole listen backlog at once; a turn sets up at most
+//! `ACCEPTS_PER_TURN` of what it brought, and past `ACCEPT_QUEUE_MAX` waiting the accept
+//! is cancelled and armed again at half, so a flood of connects waits in the kernel's
+//! backlog (as on epoll) instead of in descriptors the loop holds.
+//!
 //! A connection that closes cancels its receive, empties its slot, and stays in the core's
 //! slab, holding its socket, until its last operation completed; only then is the socket
 //! closed and the slab key (and slot) reused. All `unsafe` lives in [`ring`]; this module is
