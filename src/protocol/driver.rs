@@ -506,19 +506,13 @@ impl Driver {
         payload
     }
 
-    /// Whether events wait in the queue.
-    fn has_queued(&self) -> bool {
+    /// Whether events wait in the queue: without them and without input, `poll_event`
+    /// has nothing to return, so a transport may skip the call.
+    #[inline]
+    pub(crate) fn has_queued_events(&self) -> bool {
         self.occasional
             .as_deref()
             .is_some_and(|o| !o.events.is_empty())
-    }
-
-    /// Whether events wait in the queue: without them and without input, `poll_event`
-    /// has nothing to return, so a transport may skip the call.
-    #[cfg(feature = "tokio")]
-    #[inline]
-    pub(crate) fn has_queued_events(&self) -> bool {
-        self.has_queued()
     }
 
     /// Whether the peer's Close frame arrived. A peer sends nothing after it, so a

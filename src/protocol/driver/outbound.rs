@@ -315,6 +315,8 @@ impl Driver {
 
     /// Closed, with every queued byte written: the transport may close now.
     pub fn is_finished(&self) -> bool {
-        self.state == ReadyState::Closed && self.pending_output().is_empty() && !self.has_queued()
+        self.state == ReadyState::Closed
+            && self.pending_output().is_empty()
+            && !self.has_queued_events()
     }
 }
