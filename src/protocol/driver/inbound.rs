@@ -349,9 +349,14 @@ impl Driver {
                             if let Err(e) = self.check_header(&header) {
                                 return self.fail(total, e);
                             }
-                            if header.opcode.is_control() {
-                                self.take_control();
-                            }
+                            // A control frame's payload is kept only while its own frame
+                            // is read (taken at its end, dropped by `stop`): none is left.
+                            debug_assert!(
+                                self.occasional
+                                    .as_deref()
+                                    .is_none_or(|o| o.control.is_empty()),
+                                "a control payload left from an earlier frame"
+                            );
                             self.stage = Stage::Payload { header, done: 0 };
                         }
                     }
