@@ -6,7 +6,8 @@
 //!
 //! The test server is driven by its clients' messages: `sub:T`, `unsub:T`, `pub:T:DATA`
 //! (to every subscriber of T but the sender), `all:T:DATA` (to every subscriber),
-//! `topics` and `count:T` (answered to the sender).
+//! `topics` and `count:T` (answered to the sender), and `rejoin:T` (publishes around
+//! leaving and joining T again, all in one turn).
 
 mod support;
 
@@ -55,6 +56,25 @@ impl Handler for Member {
             },
             Some(("unsub", topic)) => Some(format!("unsubscribed {}", ws.unsubscribe(topic))),
             Some(("count", topic)) => Some(format!("count {}", ws.subscribers(topic))),
+            Some(("rejoin", topic)) => {
+                // Publications still on their way when this connection leaves and joins
+                // again: through the loop's inbox (the publisher) and its local queue
+                // (`publish_all`), before, between and after.
+                let publisher = ws.publisher();
+                let publish = |ws: &mut Ws<'_>, data: &str| {
+                    publisher
+                        .publish(topic, format!("inbox {data}").as_bytes(), MessageType::Text)
+                        .unwrap();
+                    ws.publish_all(topic, format!("local {data}").as_bytes(), MessageType::Text)
+                        .unwrap();
+                };
+                publish(ws, "before");
+                ws.unsubscribe(topic);
+                publish(ws, "between");
+                ws.subscribe(topic).unwrap();
+                publish(ws, "after");
+                Some("rejoined".to_string())
+            }
             Some(("is", topic)) => Some(format!("is {}", ws.is_subscribed(topic))),
             Some((verb @ ("pub" | "all"), rest)) => {
                 let (topic, data) = rest.split_once(':').expect("pub:T:DATA");
@@ -159,6 +179,63 @@ fn burst_reaches_every_subscriber_once_and_in_order(backend: Backend) {
     assert_eq!(stats.published, 2 * BURST as u64);
     assert_eq!(stats.delivered, (2 * BURST * SUBSCRIBERS) as u64);
     assert_eq!(stats.dropped, 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// A subscription gets what is published after it and nothing from before, even what was
+/// still on its way to the loop when it was made: a connection that leaves and joins again
+/// in one turn gets only the publications made after it joined again, while one that stayed
+/// gets them all. Once with the rejoining connection the only subscriber (so publishes made
+/// while it was out skip its loop), once with company (one loop, so they share it).
+fn a_subscription_gets_what_is_published_after_it(backend: Backend) {
+    let _turn = turn();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(|request| {
+            Upgrade::Accept(Member {
+                topic: request.path().trim_start_matches('/').to_string(),
+            })
+        })
+        .unwrap();
+    let addr = server.local_addr();
+    for company in [false, true] {
+        let topic = format!("rejoin-{company}");
+        let mut rejoiner = TestClient::connect(addr, &format!("/{topic}")).unwrap();
+        let mut stayer = company.then(|| TestClient::connect(addr, &format!("/{topic}")).unwrap());
+        subscribers(&server, &topic, 1 + company as usize);
+        rejoiner.send_text(&format!("rejoin:{topic}")).unwrap();
+        let mut got: Vec<String> = (0..3).map(|_| text(&mut rejoiner)).collect();
+        // The two "after" ones (they come by two ways, in either order) and the answer;
+        // nothing published before the second subscribe.
+        got.sort();
+        assert_eq!(
+            got,
+            ["inbox after", "local after", "rejoined"],
+            "company: {company}"
+        );
+        rejoiner.send_text("count:nothing").unwrap();
+        assert_eq!(text(&mut rejoiner), "count 0", "company: {company}");
+        if let Some(stayer) = &mut stayer {
+            let mut got: Vec<String> = (0..6).map(|_| text(stayer)).collect();
+            got.sort();
+            assert_eq!(
+                got,
+                [
+                    "inbox after",
+                    "inbox before",
+                    "inbox between",
+                    "local after",
+                    "local before",
+                    "local between"
+                ]
+            );
+        }
+    }
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -671,6 +748,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     burst_reaches_every_subscriber_once_and_in_order,
     sends_and_publishes_from_one_thread_keep_their_order,
+    a_subscription_gets_what_is_published_after_it,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,
     ten_thousand_topics_with_two_subscribers_each,

@@ -19,13 +19,22 @@
 //! subscriber in publish order; frames are queued whole, so they are never interleaved or
 //! cut.
 //!
-//! Memory per subscription: one key in the topic's set on the connection's loop and one
-//! topic reference in the connection's list (about 40 bytes, plus the topic's bytes once
-//! per loop); the server-wide count is one entry per topic.
+//! A subscription gets exactly what is published after it. Every publication takes a
+//! number from one server-wide sequence while it holds the topic counts' read lock (which
+//! it decides its loops under), and a subscribe notes the sequence under the write lock:
+//! a publication numbered below a subscription's mark was decided before it (and may have
+//! skipped its loop, if no one else there was subscribed), so the loop leaves it out for
+//! that subscriber even if it is still on its way; one numbered at or above it reaches it.
+//! Without the mark, a subscriber could get a publication from before it joined and miss
+//! the next one, a gap in what one publisher sent.
+//!
+//! Memory per subscription: one key and its mark in the topic's map on the connection's
+//! loop and one topic reference in the connection's list (about 48 bytes, plus the topic's
+//! bytes once per loop); the server-wide count is one entry per topic.
 
 use std::borrow::Borrow;
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -98,6 +107,8 @@ pub(crate) struct Publication {
     pub frame: SharedFrame,
     /// `(loop, key)` of the publishing connection, if it is left out.
     pub exclude: Option<(usize, usize)>,
+    /// Its place in the server's sequence of publications (see the module docs).
+    pub number: u64,
 }
 
 /// Publications merged into one run on a loop (see the module docs): consecutive ones to
@@ -105,6 +116,9 @@ pub(crate) struct Publication {
 pub(crate) struct PublicationRun {
     pub topic: Topic,
     pub exclude: Option<(usize, usize)>,
+    /// The lowest number among the run's publications: every subscriber of the topic on
+    /// the loop joined at or before it (runs are only made of such publications).
+    pub number: u64,
     pub run: FrameRun,
 }
 
@@ -120,6 +134,8 @@ pub(crate) struct PubSub {
     remotes: OnceLock<Vec<Remote<Command>>>,
     /// Subscribers of each topic, per loop: a publish goes only to loops that have some.
     counts: RwLock<HashMap<Topic, Vec<u32>>>,
+    /// The number the next publication takes (see the module docs).
+    sequence: AtomicU64,
     loops: usize,
     /// Publishes made outside the loops (server handle, publishers).
     pub published: AtomicU64,
@@ -141,6 +157,7 @@ impl PubSub {
         PubSub {
             remotes: OnceLock::new(),
             counts: RwLock::default(),
+            sequence: AtomicU64::new(0),
             loops,
             published: AtomicU64::new(0),
             backplane,
@@ -160,9 +177,13 @@ impl PubSub {
             .map_or(0, |per_loop| per_loop.iter().map(|&n| n as usize).sum())
     }
 
-    /// Adds `delta` (±1) to the subscribers of `topic` on loop `loop_index`.
-    fn count(&self, topic: &Topic, loop_index: usize, delta: i32) {
+    /// Adds `delta` (±1) to the subscribers of `topic` on loop `loop_index`. Returns the
+    /// number of the first publication a new subscriber gets.
+    fn count(&self, topic: &Topic, loop_index: usize, delta: i32) -> u64 {
         let mut counts = self.counts.write().expect("topic counts lock");
+        // Publications number themselves under the read lock: under the write lock the
+        // sequence stands still, between those decided before and those decided after.
+        let mark = self.sequence.load(Ordering::Relaxed);
         if delta > 0 {
             let per_loop = counts.entry(topic.clone()).or_insert_with(|| {
                 // The process's first subscriber of the topic.
@@ -181,6 +202,7 @@ impl PubSub {
                 }
             }
         }
+        mark
     }
 
     /// Encodes `data` once and sends it to every loop with subscribers of `topic`, and
@@ -232,6 +254,8 @@ impl PubSub {
             exclude: origin
                 .as_ref()
                 .and_then(|o| o.exclude.map(|key| (o.loop_index, key))),
+            // Under the read lock (see `count`).
+            number: self.sequence.fetch_add(1, Ordering::Relaxed),
         });
         for (i, &subscribers) in per_loop.iter().enumerate() {
             if subscribers == 0 {
@@ -258,12 +282,21 @@ impl PubSub {
 /// the topic).
 #[derive(Default)]
 pub(crate) struct LoopTopics {
-    subscribers: HashMap<Topic, HashSet<usize>>,
+    subscribers: HashMap<Topic, Subscribers>,
     by_conn: HashMap<usize, Vec<Topic>>,
     /// Publications from this loop's own handlers (delivered at the end of the turn) and
     /// from its inbox (delivered when the inbox is drained).
     pub local: VecDeque<Arc<Publication>>,
     runs: RunPool,
+}
+
+/// A topic's subscribers on one loop, each with the number of the first publication it
+/// gets (see the module docs).
+#[derive(Default)]
+struct Subscribers {
+    marks: HashMap<usize, u64>,
+    /// The highest mark: publications numbered at or above it reach every subscriber here.
+    newest: u64,
 }
 
 impl LoopTopics {
@@ -276,15 +309,14 @@ impl LoopTopics {
         name: &[u8],
     ) -> Result<bool, Error> {
         let topic = match self.subscribers.get_key_value(name) {
-            Some((_, keys)) if keys.contains(&key) => return Ok(false),
+            Some((_, here)) if here.marks.contains_key(&key) => return Ok(false),
             Some((topic, _)) => topic.clone(),
             None => Topic::new(name)?,
         };
-        self.subscribers
-            .entry(topic.clone())
-            .or_default()
-            .insert(key);
-        pubsub.count(&topic, loop_index, 1);
+        let mark = pubsub.count(&topic, loop_index, 1);
+        let here = self.subscribers.entry(topic.clone()).or_default();
+        here.marks.insert(key, mark);
+        here.newest = here.newest.max(mark);
         self.by_conn.entry(key).or_default().push(topic);
         Ok(true)
     }
@@ -297,13 +329,13 @@ impl LoopTopics {
         key: usize,
         name: &[u8],
     ) -> bool {
-        let Some(keys) = self.subscribers.get_mut(name) else {
+        let Some(here) = self.subscribers.get_mut(name) else {
             return false;
         };
-        if !keys.remove(&key) {
+        if here.marks.remove(&key).is_none() {
             return false;
         }
-        if keys.is_empty() {
+        if here.marks.is_empty() {
             self.subscribers.remove(name);
         }
         if let Some(topics) = self.by_conn.get_mut(&key) {
@@ -324,9 +356,9 @@ impl LoopTopics {
             return;
         };
         for topic in topics {
-            if let Some(keys) = self.subscribers.get_mut(&*topic) {
-                keys.remove(&key);
-                if keys.is_empty() {
+            if let Some(here) = self.subscribers.get_mut(&*topic) {
+                here.marks.remove(&key);
+                if here.marks.is_empty() {
                     self.subscribers.remove(&*topic);
                 }
             }
@@ -337,7 +369,7 @@ impl LoopTopics {
     pub fn is_subscribed(&self, key: usize, name: &[u8]) -> bool {
         self.subscribers
             .get(name)
-            .is_some_and(|keys| keys.contains(&key))
+            .is_some_and(|here| here.marks.contains_key(&key))
     }
 
     pub fn topics(&self, key: usize) -> Vec<Topic> {
@@ -345,20 +377,31 @@ impl LoopTopics {
     }
 
     /// The next queued publication, merged with those right behind it for the same topic
-    /// and the same left-out sender into one run of up to [`RUN_MAX`] bytes.
+    /// and the same left-out sender into one run of up to [`RUN_MAX`] bytes. Only
+    /// publications that every subscriber of the topic here gets merge: one made before
+    /// someone here joined goes alone, so that subscriber can be left out of it.
     pub fn next_local(&mut self) -> Option<Command> {
         let first = self.local.pop_front()?;
+        let newest = self
+            .subscribers
+            .get(&first.topic)
+            .map_or(0, |here| here.newest);
         let mut len = first.frame.len();
+        let mut number = first.number;
         let mut more = 0;
-        for next in &self.local {
-            if next.topic != first.topic
-                || next.exclude != first.exclude
-                || len + next.frame.len() > RUN_MAX
-            {
-                break;
+        if first.number >= newest {
+            for next in &self.local {
+                if next.topic != first.topic
+                    || next.exclude != first.exclude
+                    || next.number < newest
+                    || len + next.frame.len() > RUN_MAX
+                {
+                    break;
+                }
+                len += next.frame.len();
+                number = number.min(next.number);
+                more += 1;
             }
-            len += next.frame.len();
-            more += 1;
         }
         if more == 0 {
             return Some(Command::Publish(first));
@@ -369,26 +412,34 @@ impl LoopTopics {
         Some(Command::PublishRun(PublicationRun {
             topic: first.topic.clone(),
             exclude: first.exclude,
+            number,
             run,
         }))
     }
 
-    /// The loop's subscribers of `topic`, but the excluded one.
+    /// The loop's subscribers of `topic` that get publication `number`, but the excluded
+    /// one.
     pub fn targets(
         &self,
         loop_index: usize,
         topic: &[u8],
         exclude: Option<(usize, usize)>,
+        number: u64,
         out: &mut Vec<usize>,
     ) {
-        let Some(keys) = self.subscribers.get(topic) else {
+        let Some(here) = self.subscribers.get(topic) else {
             return;
         };
         let excluded = match exclude {
             Some((l, key)) if l == loop_index => Some(key),
             _ => None,
         };
-        out.extend(keys.iter().copied().filter(|&k| Some(k) != excluded));
+        out.extend(
+            here.marks
+                .iter()
+                .filter(|&(&key, &mark)| mark <= number && Some(key) != excluded)
+                .map(|(&key, _)| key),
+        );
     }
 }
 
@@ -442,6 +493,7 @@ mod tests {
             topic: Topic::new(topic.as_bytes()).unwrap(),
             frame: SharedFrame::new(&payload, MessageType::Binary).unwrap(),
             exclude,
+            number: 0,
         })
     }
 
@@ -506,6 +558,7 @@ mod tests {
                 topic: Topic::new(b"t").unwrap(),
                 frame: SharedFrame::new(&[n], MessageType::Binary).unwrap(),
                 exclude: None,
+                number: n.into(),
             }));
         }
         let Some(Command::PublishRun(run)) = topics.next_local() else {
@@ -516,5 +569,41 @@ mod tests {
             [0x82, 1, 0, 0x82, 1, 1, 0x82, 1, 2, 0x82, 1, 3, 0x82, 1, 4]
         );
         assert!(topics.next_local().is_none());
+    }
+
+    /// Publications numbered below a subscriber's mark go alone (that subscriber is left
+    /// out of them); those at or above it merge and reach everyone. Marks count the
+    /// publications made before the subscribe.
+    #[test]
+    fn a_subscriber_gets_publications_from_its_mark_on() {
+        let pubsub = PubSub::new(1, None);
+        let mut topics = LoopTopics::default();
+        let numbered = |n: u64| {
+            let mut p = Arc::into_inner(publication("t", 10, None)).unwrap();
+            p.number = n;
+            Arc::new(p)
+        };
+        assert!(topics.subscribe(&pubsub, 0, 1, b"t").unwrap());
+        pubsub.sequence.store(3, Ordering::Relaxed);
+        assert!(topics.subscribe(&pubsub, 0, 2, b"t").unwrap());
+        // Subscribing again keeps the first mark.
+        pubsub.sequence.store(5, Ordering::Relaxed);
+        assert!(!topics.subscribe(&pubsub, 0, 2, b"t").unwrap());
+        for n in [1, 2, 3, 4, 5] {
+            topics.local.push_back(numbered(n));
+        }
+        let mut got = Vec::new();
+        while let Some(command) = topics.next_local() {
+            let (number, frames) = match &command {
+                Command::Publish(p) => (p.number, 1),
+                Command::PublishRun(r) => (r.number, r.run.frames().len()),
+                _ => panic!("not a publication"),
+            };
+            let mut targets = Vec::new();
+            topics.targets(0, b"t", None, number, &mut targets);
+            targets.sort();
+            got.push((number, frames, targets));
+        }
+        assert_eq!(got, [(1, 1, vec![1]), (2, 1, vec![1]), (3, 3, vec![1, 2])]);
     }
 }

@@ -140,14 +140,14 @@ where
     }
 
     fn targets(&mut self, command: &Command, targets: &mut Vec<usize>) {
-        let (topic, exclude) = match command {
-            Command::Publish(p) => (&p.topic, p.exclude),
-            Command::PublishRun(p) => (&p.topic, p.exclude),
+        let (topic, exclude, number) = match command {
+            Command::Publish(p) => (&p.topic, p.exclude, p.number),
+            Command::PublishRun(p) => (&p.topic, p.exclude, p.number),
             _ => return,
         };
         self.topics
             .get_mut()
-            .targets(self.loop_index, topic, exclude, targets);
+            .targets(self.loop_index, topic, exclude, number, targets);
     }
 
     fn deliver(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: &Command) {
