@@ -101,10 +101,14 @@ impl Handler for Member {
 }
 
 fn start(backend: Backend, config: ServerConfig) -> ServerHandle {
+    start_with_loops(backend, LOOPS, config)
+}
+
+fn start_with_loops(backend: Backend, loops: usize, config: ServerConfig) -> ServerHandle {
     Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
-            threads: LOOPS,
+            threads: loops,
             backend,
             ..config
         })
@@ -189,19 +193,7 @@ fn burst_reaches_every_subscriber_once_and_in_order(backend: Backend) {
 /// while it was out skip its loop), once with company (one loop, so they share it).
 fn a_subscription_gets_what_is_published_after_it(backend: Backend) {
     let _turn = turn();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
-        .start(|request| {
-            Upgrade::Accept(Member {
-                topic: request.path().trim_start_matches('/').to_string(),
-            })
-        })
-        .unwrap();
+    let server = start_with_loops(backend, 1, ServerConfig::default());
     let addr = server.local_addr();
     for company in [false, true] {
         let topic = format!("rejoin-{company}");
