@@ -6,12 +6,14 @@
 //!
 //! The test server is driven by its clients' messages: `sub:T`, `unsub:T`, `pub:T:DATA`
 //! (to every subscriber of T but the sender), `all:T:DATA` (to every subscriber),
-//! `topics` and `count:T` (answered to the sender), and `rejoin:T` (publishes around
-//! leaving and joining T again, all in one turn).
+//! `topics` and `count:T` (answered to the sender), `rejoin:T` (publishes around
+//! leaving and joining T again, all in one turn), `farewell:T` (publish "bye" to T when
+//! closed) and `close` (the server starts the close handshake).
 
 mod support;
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +38,7 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
 /// obeys its client's commands.
 struct Member {
     topic: String,
+    farewell: Option<String>,
 }
 
 impl Handler for Member {
@@ -56,6 +59,10 @@ impl Handler for Member {
             },
             Some(("unsub", topic)) => Some(format!("unsubscribed {}", ws.unsubscribe(topic))),
             Some(("count", topic)) => Some(format!("count {}", ws.subscribers(topic))),
+            Some(("farewell", topic)) => {
+                self.farewell = Some(topic.to_string());
+                Some("farewell set".to_string())
+            }
             Some(("rejoin", topic)) => {
                 // Publications still on their way when this connection leaves and joins
                 // again: through the loop's inbox (the publisher) and its local queue
@@ -84,6 +91,10 @@ impl Handler for Member {
                 };
                 result.err().map(|e| format!("error {e}"))
             }
+            None if text == "close" => {
+                ws.close_connection(1000, "").unwrap();
+                None
+            }
             None if text == "topics" => {
                 let topics: BTreeSet<String> = ws
                     .topics()
@@ -96,6 +107,12 @@ impl Handler for Member {
         };
         if let Some(reply) = reply {
             let _ = ws.send_text(&reply);
+        }
+    }
+
+    fn on_close(&mut self, ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        if let Some(topic) = &self.farewell {
+            ws.publish_all(topic, b"bye", MessageType::Text).unwrap();
         }
     }
 }
@@ -115,6 +132,7 @@ fn start_with_loops(backend: Backend, loops: usize, config: ServerConfig) -> Ser
         .start(|request| {
             Upgrade::Accept(Member {
                 topic: request.path().trim_start_matches('/').to_string(),
+                farewell: None,
             })
         })
         .unwrap()
@@ -228,6 +246,38 @@ fn a_subscription_gets_what_is_published_after_it(backend: Backend) {
             );
         }
     }
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// A publication made by a handler that runs late in a turn (here `on_close`, when the
+/// close handshake's deadline drops a peer that never answered) reaches the subscribers on
+/// its own loop in that turn, not whenever something else wakes the loop.
+fn publications_from_late_handlers_leave_in_their_turn(backend: Backend) {
+    let _turn = turn();
+    let server = start_with_loops(
+        backend,
+        1,
+        ServerConfig {
+            close_timeout: Duration::from_millis(200),
+            ..ServerConfig::default()
+        },
+    );
+    let addr = server.local_addr();
+    let mut listener = TestClient::connect(addr, "/farewells").unwrap();
+    let mut leaver = TestClient::connect(addr, "/").unwrap();
+    leaver.send_text("farewell:farewells").unwrap();
+    assert_eq!(text(&mut leaver), "farewell set");
+    // The leaver never answers the server's Close: 200 ms later the loop drops it (its
+    // `on_close` publishes), and nothing else happens on the server. Once the drop shows
+    // here as the end of the stream, the listener asks something: its answer must come
+    // after "bye", which left in the turn of the drop, not with the next turn's output.
+    leaver.send_text("close").unwrap();
+    let mut buf = [0u8; 4096];
+    while matches!(leaver.stream.read(&mut buf), Ok(n) if n > 0) {}
+    listener.send_text("count:farewells").unwrap();
+    assert_eq!(text(&mut listener), "bye");
+    assert_eq!(text(&mut listener), "count 1");
+    drop(leaver);
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -741,6 +791,7 @@ on_both_backends!(
     burst_reaches_every_subscriber_once_and_in_order,
     sends_and_publishes_from_one_thread_keep_their_order,
     a_subscription_gets_what_is_published_after_it,
+    publications_from_late_handlers_leave_in_their_turn,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,
     ten_thousand_topics_with_two_subscribers_each,

@@ -476,27 +476,41 @@ impl<S: Service, B: Backend> Core<S, B> {
         if self.connects_pending {
             self.start_connects(backend);
         }
-        self.run_local(backend);
-        self.flush_dirty(backend);
+        self.settle(backend);
         while let Some(key) = self.resumed.pop() {
             if self.reading_socket(key).is_some() {
                 backend.resume_reading(self, key);
             }
-            self.flush_dirty(backend);
+            self.settle(backend);
         }
         let now = Instant::now();
         self.turn_now.set(Some(now));
         self.expire_timers(backend, now);
-        self.flush_dirty(backend);
+        self.settle(backend);
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             backend.resume_accepting(self)?;
-            self.flush_dirty(backend);
+            self.settle(backend);
         }
         if self.shutdown_deadline.is_some_and(|t| now >= t) {
             self.close_all(backend);
+            self.settle(backend);
         }
         Ok(())
+    }
+
+    /// Runs the loop's own commands and writes what the connections have, until neither
+    /// is left: delivering makes output, and writing runs sessions again (a `drained`, a
+    /// close on a write error) that may raise more commands. Every step of the turn that
+    /// can call a session ends here, so nothing raised in a turn waits for the next wake.
+    fn settle(&mut self, backend: &mut B) {
+        loop {
+            self.run_local(backend);
+            self.flush_dirty(backend);
+            if !self.service.has_local() {
+                break;
+            }
+        }
     }
 
     /// Runs the loop-wide commands the turn's sessions raised for this loop.

@@ -298,6 +298,9 @@ pub(crate) trait Service: 'static {
     /// sessions of the same loop, run at the end of the turn without a wake-up) or queued
     /// by [`Service::queue_local`]. The service may merge neighbours into one command.
     fn next_local(&mut self) -> Option<Self::Command>;
+    /// Whether [`Service::next_local`] has a command: the core asks after writing, which
+    /// can run sessions that raise more.
+    fn has_local(&self) -> bool;
     /// A loop-wide command from the inbox: queue it behind the loop's own (returning
     /// `None`) so that neighbours can merge, or hand it back to run now. The core runs the
     /// queue before the inbox's next per-connection command and when the inbox is empty,
