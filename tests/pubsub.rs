@@ -281,6 +281,47 @@ fn publications_from_late_handlers_leave_in_their_turn(backend: Backend) {
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
+/// A never-reading subscriber under `Close { grace: ZERO }` that passes the cap inside a run
+/// of merged publications is refused once and closed, as with separate publications: the
+/// rest of the run is not counted as dropped for a connection that has left.
+fn a_subscriber_closed_inside_a_run_is_refused_once(backend: Backend) {
+    let _turn = turn();
+    let server = start_with_loops(
+        backend,
+        1,
+        ServerConfig {
+            max_backpressure: 64 * 1024,
+            close_timeout: Duration::from_millis(300),
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::ZERO,
+            },
+            ..ServerConfig::default()
+        },
+    );
+    let addr = server.local_addr();
+    let _slow = TestClient::connect(addr, "/flood").unwrap();
+    let mut publisher = TestClient::connect(addr, "/").unwrap();
+    subscribers(&server, "flood", 1);
+    // 1 000-byte publications, many per turn: they merge into runs of about 16. The slow
+    // subscriber's socket buffers fill first, then its output passes the cap.
+    let command = format!("all:flood:{}", "x".repeat(1000));
+    let mut sent = 0;
+    while !server.stats().closes.contains_key(&1008) {
+        assert!(sent < 100_000, "the slow subscriber was never closed");
+        for _ in 0..200 {
+            publisher.send_text(&command).unwrap();
+        }
+        sent += 200;
+        publisher.send_text("count:flood").unwrap();
+        // Everything sent so far is published once the answer is here.
+        assert!(text(&mut publisher).starts_with("count "));
+    }
+    let stats = server.stats();
+    assert!(stats.dropped <= 1, "{stats:?}");
+    subscribers(&server, "flood", 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
 /// One thread's direct sends (`Sender`) and publishes reach each subscriber in the order
 /// the thread made them: a loop merges publications that wait in its inbox back to back,
 /// but never across a send queued between them.
@@ -792,6 +833,7 @@ on_both_backends!(
     sends_and_publishes_from_one_thread_keep_their_order,
     a_subscription_gets_what_is_published_after_it,
     publications_from_late_handlers_leave_in_their_turn,
+    a_subscriber_closed_inside_a_run_is_refused_once,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,
     ten_thousand_topics_with_two_subscribers_each,

@@ -470,6 +470,11 @@ where
         let Phase::Open(driver, _) = &mut conn.phase else {
             return;
         };
+        if driver.ready_state() != ReadyState::Open {
+            // Closed while a run was delivered frame by frame: it has left its topics, and
+            // the rest of the run is not for it (neither delivered nor dropped).
+            return;
+        }
         let cap = self.config.max_backpressure;
         if driver.buffered_amount() + outside > cap {
             LoopStats::add(&self.stats.dropped, 1);
