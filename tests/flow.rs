@@ -390,6 +390,85 @@ fn accepted_sends_are_delivered_past_the_cap(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// Streams `stream N` numbered 64 KiB messages and then "done" the way the cap asks:
+/// sends until one is refused, then goes on from `on_drain`.
+#[derive(Default)]
+struct Streamer {
+    next: u64,
+    total: u64,
+    drains: Arc<AtomicUsize>,
+}
+
+impl Streamer {
+    /// Messages `next..total`, then "done" (number `total`).
+    fn send_more(&mut self, ws: &mut Ws<'_>) {
+        while self.next <= self.total {
+            let sent = match self.next == self.total {
+                true => ws.send_text("done"),
+                false => ws.send_binary(&numbered(self.next)),
+            };
+            match sent {
+                Ok(_) => self.next += 1,
+                Err(Error::Usage(UsageError::BufferFull { .. })) => return,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+impl Handler for Streamer {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let n = message.as_text().and_then(|t| t.strip_prefix("stream "));
+        (self.next, self.total) = (0, n.expect("stream N").parse().unwrap());
+        self.send_more(ws);
+    }
+
+    fn on_drain(&mut self, ws: &mut Ws<'_>) {
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        self.send_more(ws);
+    }
+}
+
+/// A handler refused by the cap is told when its output is written (`on_drain`) and goes
+/// on: 64 messages of 64 KiB (4 MiB through a 1 MiB cap) reach a client that reads at once
+/// and one that starts reading only after 300 ms, all in order, then "done". Whether the
+/// socket took the queue in one write or in many, whether one send or several were in the
+/// kernel's hands: every refusal is followed by a drain.
+fn a_refused_handler_is_told_when_its_output_drains(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let drains = Arc::new(AtomicUsize::new(0));
+    let counter = drains.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(one_loop(backend))
+        .start(move |_| {
+            Upgrade::Accept(Streamer {
+                drains: counter.clone(),
+                ..Streamer::default()
+            })
+        })
+        .unwrap();
+    for wait in [Duration::ZERO, Duration::from_millis(300)] {
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        client
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let drains_before = drains.load(Ordering::Relaxed);
+        client.send_text("stream 64").unwrap();
+        std::thread::sleep(wait);
+        for i in 0..64 {
+            let message = client
+                .next_message()
+                .unwrap_or_else(|e| panic!("message {i} (waited {wait:?}): {e}"));
+            assert_eq!(message, Owned::Binary(numbered(i)), "waited {wait:?}");
+        }
+        assert_eq!(client.next_message().unwrap(), Owned::Text("done".into()));
+        assert!(drains.load(Ordering::Relaxed) > drains_before);
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -406,4 +485,5 @@ on_every_backend!(
     handler_sends_are_refused_past_the_cap,
     sender_is_refused_past_the_cap,
     accepted_sends_are_delivered_past_the_cap,
+    a_refused_handler_is_told_when_its_output_drains,
 );

@@ -81,7 +81,9 @@ struct Conn<T, K> {
 
 /// The session asked to close once its output is written.
 const CLOSE_REQUESTED: u8 = 1;
-/// A write was left unfinished: tell the session `drained` when all is out.
+/// Tell the session `drained` when all its output is out: a write was left unfinished,
+/// or the session asked ([`Io::notify_drained`](super::Io::notify_drained): it refused a
+/// send at its cap, and the socket may take the queue without ever blocking).
 const WRITE_BLOCKED: u8 = 2;
 /// Listed in `dirty` (output to write at the end of the turn).
 const DIRTY: u8 = 4;
@@ -596,6 +598,9 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
         if let Some(deadline) = effects.deadline {
             self.wheel.reset(key, &mut conn.deadline, deadline);
+        }
+        if effects.notify_drained {
+            conn.set(WRITE_BLOCKED, true);
         }
         match effects.reading {
             Some(false) if conn.is(READING) => {

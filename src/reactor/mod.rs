@@ -154,6 +154,8 @@ pub(crate) struct Effects {
     pub close: CloseRequest,
     /// Stop (`Some(false)`) or resume (`Some(true)`) reading from the socket.
     pub reading: Option<bool>,
+    /// Call [`Service::drained`] once all of the connection's output is written.
+    pub notify_drained: bool,
 }
 
 impl Effects {
@@ -161,6 +163,7 @@ impl Effects {
         deadline: None,
         close: CloseRequest::Keep,
         reading: None,
+        notify_drained: false,
     };
 }
 
@@ -192,6 +195,13 @@ impl<'a, C> Io<'a, C> {
     /// limit) or to read again (`true`).
     pub fn set_reading(&mut self, reading: bool) {
         self.effects.reading = Some(reading);
+    }
+
+    /// Asks the loop to call [`Service::drained`] once all of the connection's output is
+    /// written, whether or not a write blocks on the way (one that takes it all at once
+    /// calls it right after).
+    pub fn notify_drained(&mut self) {
+        self.effects.notify_drained = true;
     }
 }
 

@@ -79,7 +79,9 @@ pub trait Handler: Send + 'static {
     fn on_pong(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
         let _ = (ws, payload);
     }
-    /// Output that had backed up is fully written.
+    /// The output went over the cap (sends were refused with
+    /// [`UsageError::BufferFull`](crate::UsageError::BufferFull), or would have been) and
+    /// is now fully written: send the rest from here.
     fn on_drain(&mut self, ws: &mut Ws<'_>) {
         let _ = ws;
     }

@@ -383,6 +383,11 @@ where
             conn.timers.close_started(io.now, &timer_config);
         }
         conn.timers.buffered(io.now, over, &timer_config);
+        if over {
+            // Sends are refused now: the handler hears `on_drain` once all is written,
+            // even if the socket then takes it without a write ever blocking.
+            io.notify_drained();
+        }
         if state == ReadyState::Closed {
             // A server whose peer sent its Close needs no lingering for the peer's FIN. A
             // client waits for the server to close TCP (RFC 6455 §7.1.1), and over TLS
