@@ -309,6 +309,36 @@ fn redis_outage_keeps_local_delivery_and_recovers() {
     assert!(stat(b, "backplane_reconnects") >= 1);
 }
 
+/// A node whose connection for publishing was cut (Redis killed it; its subscriber
+/// connection stays) still joins the Redis channel of a topic that gets its first local
+/// subscriber then, with nothing published on that node: the failed wake-up of its
+/// subscriber thread is tried again after the backoff.
+#[test]
+fn a_topic_joined_while_publishing_is_cut_is_still_subscribed() {
+    let redis_port = free_port();
+    let _redis = start_redis(redis_port);
+    let (_b, b) = start_node(redis_port);
+    let _first = TestClient::connect(b, "/first").unwrap();
+    assert!(eventually(Duration::from_secs(10), || numsub(
+        redis_port,
+        "wsd:/first"
+    )
+    .is_some_and(|n| n == ":1")));
+    // Every client but pub/sub ones: the node's publishing connection.
+    let killed = redis_command(redis_port, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+    assert_eq!(killed, ":1", "the node's one publishing connection");
+    let _second = TestClient::connect(b, "/second").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || numsub(
+            redis_port,
+            "wsd:/second"
+        )
+        .is_some_and(|n| n == ":1")),
+        "the node never subscribed to the new topic's channel"
+    );
+    assert!(stat(b, "backplane_reconnects") >= 1);
+}
+
 /// Two chat servers on two ports share rooms: a line sent on one reaches the same room on
 /// the other, and not another room.
 #[test]

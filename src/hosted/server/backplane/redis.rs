@@ -290,6 +290,15 @@ impl Publisher {
                     if self.shared.stop.load(Ordering::Acquire) {
                         return;
                     }
+                    // A wake-up for the subscriber thread that failed (Redis cut this
+                    // connection) goes again once the backoff allows, not only with the
+                    // next publish: a node that only listens would otherwise never join
+                    // a new topic's channel.
+                    if self.shared.changed.load(Ordering::Acquire)
+                        && self.retry_at.is_none_or(|t| Instant::now() >= t)
+                    {
+                        self.send(&mut batch);
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
