@@ -963,7 +963,52 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Echoes, and panics on the text "panic".
+struct Fragile;
+impl Handler for Fragile {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        if message.as_text() == Some("panic") {
+            panic!("a handler panics (on purpose)");
+        }
+        let _ = ws.send_message(&message);
+    }
+}
+
+/// A handler that panics ends its loop, and the loop lets go of what it held: its other
+/// connections end (here one in the middle of 1 MiB echoes, with receives and sends in
+/// the kernel's hands on io_uring, which the backend cancels and waits for before its
+/// memory goes), and the server's handle reports the panic.
+fn a_panicking_handler_ends_its_loop_and_its_connections(backend: Backend) {
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            ..config(backend)
+        })
+        .start(|_| Upgrade::Accept(Fragile))
+        .unwrap();
+    let addr = server.local_addr();
+    let mut streaming = TestClient::connect(addr, "/").unwrap();
+    let mut idle = TestClient::connect(addr, "/").unwrap();
+    let big = vec![0x42; 1 << 20];
+    for _ in 0..3 {
+        streaming.send_binary(&big).unwrap();
+    }
+    assert_eq!(
+        streaming.next_message().unwrap(),
+        Owned::Binary(big.clone())
+    );
+    let mut culprit = TestClient::connect(addr, "/").unwrap();
+    culprit.send_text("panic").unwrap();
+    for client in [&mut culprit, &mut idle, &mut streaming] {
+        assert!(client.wait_eof(), "a connection of the loop stayed open");
+    }
+    let error = server.shutdown(Duration::from_secs(1)).unwrap_err();
+    assert_eq!(error.to_string(), "an event loop panicked");
+}
+
 on_every_backend!(
+    a_panicking_handler_ends_its_loop_and_its_connections,
     close_timeout_drops_a_peer_that_never_answers,
     thousand_clients_echo_random_sizes_without_loss,
     random_disconnects_leak_no_connection,

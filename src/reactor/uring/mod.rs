@@ -272,11 +272,14 @@ impl SocketOps {
 }
 
 pub(crate) struct Uring {
-    // Declared first so it is dropped first: the ring's teardown ends the kernel's use of
-    // everything below.
+    // Declared first so it is dropped first. Closing the ring does not end the kernel's
+    // use of loop memory at once (its teardown runs later, in a kernel worker), so `Drop`
+    // quiesces first when the loop did not (a panic in a handler unwinds past it).
     ring: Ring,
     /// Lent out while completions are handled (`None` only then, and after quiesce).
     bufs: Option<BufRing>,
+    /// The loop ended its kernel operations ([`Backend::quiesce`]); else `Drop` does.
+    quiesced: bool,
     listener: Option<TcpListener>,
     accept_op: Option<usize>,
     /// Accepted connections not registered yet: one run of the multishot accept can bring
@@ -325,6 +328,7 @@ impl Backend for Uring {
         Ok(Uring {
             ring,
             bufs: Some(bufs),
+            quiesced: false,
             listener,
             accept_op,
             accepted: VecDeque::new(),
@@ -374,12 +378,14 @@ impl Backend for Uring {
             self.resume_accepting(core)?;
         }
         let mut completions = std::mem::take(&mut self.completions);
-        let mut bufs = self
-            .bufs
-            .take()
-            .expect("the buffer ring is only lent out here");
+        // Not dropped if a handler panics meanwhile: the kernel still references it.
+        let mut bufs = std::mem::ManuallyDrop::new(
+            self.bufs
+                .take()
+                .expect("the buffer ring is only lent out here"),
+        );
         let result = self.complete_turn(core, &mut bufs, &mut completions);
-        self.bufs = Some(bufs);
+        self.bufs = Some(std::mem::ManuallyDrop::into_inner(bufs));
         self.completions = completions;
         result
     }
@@ -493,7 +499,16 @@ impl Backend for Uring {
     }
 
     fn quiesce<S: Service>(&mut self, _core: &mut Core<S, Self>) {
+        self.quiesced = true;
         self.ring.quiesce(self.bufs.take());
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        if !self.quiesced {
+            self.ring.quiesce(self.bufs.take());
+        }
     }
 }
 
@@ -693,6 +708,11 @@ impl Uring {
                         self.accept_op = None;
                     }
                 }
+                // Accepted in the kernel before a shutdown's cancel landed: not served (it
+                // would miss the 1001 every open connection got and hold the loop until
+                // the deadline); dropped, so closed, as epoll leaves such connections in
+                // the backlog of the listener it closes.
+                let accepted = accepted.filter(|_| self.listener.is_some());
                 if let Some(stream) = accepted {
                     self.accepted.push_back(stream);
                     self.register_accepted(core);

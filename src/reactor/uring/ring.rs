@@ -641,8 +641,10 @@ impl Ring {
         }
         let done = self.ops.is_empty() && self.receives == 0;
         if !done {
-            // The kernel may still write into them.
+            // The kernel may still write into them (payload buffers, the wake read's
+            // buffer) or read from them (a send batch's parts): leaked, not freed.
             std::mem::forget(std::mem::take(&mut self.payloads));
+            std::mem::forget(std::mem::take(&mut self.ops));
         }
         if let Some(bufs) = bufs {
             if done {
