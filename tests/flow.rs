@@ -332,12 +332,59 @@ impl Handler for Holder {
         ws.subscribe("hold-topic").unwrap();
         *self.registry.lock().unwrap() = Some(ws.sender());
     }
-    fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         if matches!(&message, Message::Text(t) if t == "hold") {
             self.held.send(()).unwrap();
             self.release.lock().unwrap().recv().unwrap();
+        } else if matches!(&message, Message::Binary(_)) {
+            ws.send_message(&message)
+                .expect("an echo is never refused: delivery pauses before the cap is passed");
         }
     }
+}
+
+/// A large message whose last bytes arrive while the connection's output is over the cap
+/// (a 48 MiB publication, more than the socket's buffers take, came after its first
+/// bytes) waits, like any input, until the output drains, instead of reaching a handler
+/// whose reply would be refused: its payload is received straight into its buffer (on
+/// io_uring by a receive in the kernel's hands), and finishing it does not deliver it
+/// while the output is over the cap.
+fn a_large_message_finished_over_the_cap_waits_for_the_drain(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (held, _) = std::sync::mpsc::channel();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(one_loop(backend))
+        .start(move |_| {
+            Upgrade::Accept(Holder {
+                registry: Arc::default(),
+                held: held.clone(),
+                release: Arc::new(Mutex::new(std::sync::mpsc::channel().1)),
+            })
+        })
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let message: Vec<u8> = (0..4 * CAP).map(|i| (i % 251) as u8).collect();
+    let frame = encode(&message);
+    // The header and 1 MiB: the loop starts receiving the rest into the message's buffer.
+    let split = 14 + CAP;
+    client.stream.write_all(&frame[..split]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let big = vec![7u8; 48 * CAP];
+    server
+        .publish("hold-topic", &big, websocket_driver::MessageType::Binary)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    client.stream.write_all(&frame[split..]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The publication first (queued first), then the echo, once the output drained.
+    let first = client.next_message().unwrap();
+    assert!(
+        matches!(&first, Owned::Binary(d) if *d == big),
+        "expected the publication"
+    );
+    assert_eq!(client.next_message().unwrap(), Owned::Binary(message));
+    server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
 /// A `Sender` message accepted with Ok is delivered even when, by the time its loop takes
@@ -486,4 +533,5 @@ on_every_backend!(
     sender_is_refused_past_the_cap,
     accepted_sends_are_delivered_past_the_cap,
     a_refused_handler_is_told_when_its_output_drains,
+    a_large_message_finished_over_the_cap_waits_for_the_drain,
 );

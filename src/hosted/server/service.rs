@@ -689,6 +689,14 @@ where
         if n > 0 {
             conn.timers.received(io.now, &self.timer_config());
         }
+        if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure {
+            // Over the cap (a receive the kernel finished as the loop paused): what this
+            // completed waits in the driver, like held input, until the output drains.
+            self.held.entry(io.key).or_default();
+            io.set_reading(false);
+            self.settle(conn, io);
+            return;
+        }
         self.pump(conn, io, &mut []);
     }
 
