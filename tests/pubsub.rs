@@ -8,7 +8,8 @@
 //! (to every subscriber of T but the sender), `all:T:DATA` (to every subscriber),
 //! `topics` and `count:T` (answered to the sender), `rejoin:T` (publishes around
 //! leaving and joining T again, all in one turn), `farewell:T` (publish "bye" to T when
-//! closed) and `close` (the server starts the close handshake).
+//! closed), `close` (the server starts the close handshake) and `mixed:T` (sends and
+//! publishes to T, interleaved, by every way a handler has).
 
 mod support;
 
@@ -59,6 +60,20 @@ impl Handler for Member {
             },
             Some(("unsub", topic)) => Some(format!("unsubscribed {}", ws.unsubscribe(topic))),
             Some(("count", topic)) => Some(format!("count {}", ws.subscribers(topic))),
+            Some(("mixed", topic)) => {
+                // Its own `Sender`, `publish_all` and a `Publisher`, in one turn, in this
+                // order: the connection (subscribed to T) gets them in this order.
+                let sender = ws.sender();
+                let publisher = ws.publisher();
+                let text = MessageType::Text;
+                sender.send_text("sender 1").unwrap();
+                ws.publish_all(topic, b"publish_all 1", text).unwrap();
+                publisher.publish(topic, b"publisher 1", text).unwrap();
+                sender.send_text("sender 2").unwrap();
+                ws.publish_all(topic, b"publish_all 2", text).unwrap();
+                publisher.publish(topic, b"publisher 2", text).unwrap();
+                None
+            }
             Some(("farewell", topic)) => {
                 self.farewell = Some(topic.to_string());
                 Some("farewell set".to_string())
@@ -319,6 +334,47 @@ fn a_subscriber_closed_inside_a_run_is_refused_once(backend: Backend) {
     let stats = server.stats();
     assert!(stats.dropped <= 1, "{stats:?}");
     subscribers(&server, "flood", 0);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// A handler's sends through its own loop's `Sender`, its `publish_all`s and its
+/// `Publisher`'s publishes, interleaved in one turn, reach a connection of that loop in the
+/// order it made them (they all wait in the loop's inbox, which the turn drains before it
+/// ends), and another loop's subscriber gets the publications in that order too.
+fn a_handlers_sends_and_publishes_keep_their_order_on_its_loop(backend: Backend) {
+    let _turn = turn();
+    let server = start_with_loops(backend, 2, ServerConfig::default());
+    let addr = server.local_addr();
+    // Subscribers until both loops have one (the kernel spreads connections by hash).
+    let mut clients = Vec::new();
+    while clients.len() < 16 {
+        clients.push(TestClient::connect(addr, "/mixed").unwrap());
+    }
+    subscribers(&server, "mixed", clients.len());
+    let mut mixer = clients.remove(0);
+    mixer.send_text("mixed:mixed").unwrap();
+    let expected = [
+        "sender 1",
+        "publish_all 1",
+        "publisher 1",
+        "sender 2",
+        "publish_all 2",
+        "publisher 2",
+    ];
+    let got: Vec<String> = (0..6).map(|_| text(&mut mixer)).collect();
+    assert_eq!(got, expected);
+    for client in &mut clients {
+        let got: Vec<String> = (0..4).map(|_| text(client)).collect();
+        assert_eq!(
+            got,
+            [
+                "publish_all 1",
+                "publisher 1",
+                "publish_all 2",
+                "publisher 2"
+            ]
+        );
+    }
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -832,6 +888,7 @@ on_both_backends!(
     burst_reaches_every_subscriber_once_and_in_order,
     sends_and_publishes_from_one_thread_keep_their_order,
     a_subscription_gets_what_is_published_after_it,
+    a_handlers_sends_and_publishes_keep_their_order_on_its_loop,
     publications_from_late_handlers_leave_in_their_turn,
     a_subscriber_closed_inside_a_run_is_refused_once,
     unsubscribe_and_close_stop_delivery,

@@ -167,6 +167,7 @@ const CONNECTS_PER_TURN: usize = 64;
 
 /// Runs one loop until a shutdown completes.
 pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) -> io::Result<()> {
+    core.inbox.claim_thread();
     let result = (|| {
         loop {
             let timeout = core.next_timeout(core.now());
@@ -305,7 +306,17 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// Another thread rang the waker: run the queued commands.
     pub fn on_wake(&mut self, backend: &mut B) {
         self.inbox.rearm();
+        self.drain_inbox(backend);
+        // Started at the end of the turn, a bounded number at a time.
+        self.connects_pending = true;
+    }
+
+    /// Runs what waits in the inbox, then the loop's own queue; returns whether the inbox
+    /// had anything.
+    fn drain_inbox(&mut self, backend: &mut B) -> bool {
+        let mut any = false;
         while let Some(envelope) = self.inbox.next() {
+            any = true;
             match envelope {
                 Envelope::Conn {
                     key,
@@ -336,8 +347,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             }
         }
         self.run_local(backend);
-        // Started at the end of the turn, a bounded number at a time.
-        self.connects_pending = true;
+        any
     }
 
     /// Starts up to [`CONNECTS_PER_TURN`] queued outgoing connections; the rest wait for
@@ -501,15 +511,16 @@ impl<S: Service, B: Backend> Core<S, B> {
         Ok(())
     }
 
-    /// Runs the loop's own commands and writes what the connections have, until neither
+    /// Runs the loop's own commands and its inbox (where its sessions' sends to it wait,
+    /// unwoken: see [`Remote::send`]) and writes what the connections have, until nothing
     /// is left: delivering makes output, and writing runs sessions again (a `drained`, a
-    /// close on a write error) that may raise more commands. Every step of the turn that
-    /// can call a session ends here, so nothing raised in a turn waits for the next wake.
+    /// close on a write error) that may raise more. Every step of the turn that can call a
+    /// session ends here, so nothing raised in a turn waits for the next wake.
     fn settle(&mut self, backend: &mut B) {
         loop {
-            self.run_local(backend);
+            let inbox = self.drain_inbox(backend);
             self.flush_dirty(backend);
-            if !self.service.has_local() {
+            if !inbox && !self.service.has_local() {
                 break;
             }
         }

@@ -415,6 +415,11 @@ pub(crate) struct Inbox<C, K> {
 }
 
 impl<C, K> Inbox<C, K> {
+    /// Marks this thread as the one running this inbox's loop (see [`Remote::send`]).
+    pub fn claim_thread(&self) {
+        OWN_INBOX.with(|own| own.set(Arc::as_ptr(&self.notified) as usize));
+    }
+
     /// Call before draining: a send racing with the drain then wakes the loop again.
     pub fn rearm(&self) {
         self.notified.store(false, Ordering::Release);
@@ -456,11 +461,29 @@ pub(crate) fn channel<C, K>(waker: Waker) -> (Remote<C>, Connector<K, C>, Inbox<
     )
 }
 
+thread_local! {
+    /// The inbox of the loop running on this thread (its wake flag's address; 0 on other
+    /// threads).
+    static OWN_INBOX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl<C> Remote<C> {
     /// Queues `envelope` and wakes the loop. Fails if the loop has stopped.
+    ///
+    /// From the loop's own thread (a session's handler) nothing is woken: the loop drains
+    /// its inbox before its turn ends ([`Core`](core::Core)'s settle), so what a handler
+    /// sends to its own loop, by any handle, runs in the order it was sent.
     pub fn send(&self, envelope: Envelope<C>) -> io::Result<()> {
         self.tx.send(envelope).map_err(|_| stopped())?;
+        if self.is_own_loop() {
+            return Ok(());
+        }
         self.wake()
+    }
+
+    /// Whether this thread runs the loop this handle reaches.
+    fn is_own_loop(&self) -> bool {
+        OWN_INBOX.with(|own| own.get()) == Arc::as_ptr(&self.notified) as usize
     }
 
     /// Makes the loop look at its queues, unless it is already due to.

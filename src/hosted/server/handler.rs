@@ -451,7 +451,6 @@ impl Ws<'_> {
             kind,
             Some(Origin {
                 loop_index: self.ctx.loop_index,
-                local: self.ctx.topics,
                 exclude,
             }),
         )?;

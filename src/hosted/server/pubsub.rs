@@ -2,7 +2,8 @@
 //!
 //! A publish encodes its frame once ([`SharedFrame`]: server frames are unmasked, so one
 //! encoding serves every subscriber) and sends one command per loop that has subscribers
-//! of the topic (the publisher's own loop queues it locally instead of waking itself).
+//! of the topic, into its inbox (a handler's publish reaches its own loop's inbox without
+//! waking it: the loop drains its inbox before its turn ends).
 //! Each loop looks the topic up in its own index ([`LoopTopics`]) and queues a reference
 //! to the frame on each subscriber's output, which the backend writes gathered with the
 //! connection's other frames: no per-subscriber copy and no per-subscriber allocation.
@@ -14,9 +15,11 @@
 //! that must get them one by one (permessage-deflate applies, or its output would pass the
 //! cap inside the run) gets the frames themselves, as if they had come separately.
 //!
-//! Ordering: a loop's inbox and its local queue are FIFO, and a run only merges
+//! Ordering: a loop's inbox and its queue of publications are FIFO, and a run only merges
 //! neighbours in them, so messages published from one thread to one topic reach every
-//! subscriber in publish order; frames are queued whole, so they are never interleaved or
+//! subscriber in publish order; a handler's sends to its own loop (through a `Sender`),
+//! its `publish`es and its `Publisher`'s all go through that loop's inbox, so they keep
+//! the order it made them in. Frames are queued whole, so they are never interleaved or
 //! cut.
 //!
 //! A subscription gets exactly what is published after it. Every publication takes a
@@ -33,7 +36,6 @@
 //! bytes once per loop); the server-wide count is one entry per topic.
 
 use std::borrow::Borrow;
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -143,11 +145,9 @@ pub(crate) struct PubSub {
     pub backplane: Option<Arc<dyn Backplane>>,
 }
 
-/// Where a publish made inside a handler comes from: its loop's local queue stands in for
-/// that loop's inbox.
-pub(crate) struct Origin<'a> {
+/// Where a publish made inside a handler comes from.
+pub(crate) struct Origin {
     pub loop_index: usize,
-    pub local: &'a RefCell<LoopTopics>,
     /// The publishing connection's key, when it is left out.
     pub exclude: Option<usize>,
 }
@@ -213,7 +213,7 @@ impl PubSub {
         topic: &[u8],
         data: &[u8],
         kind: MessageType,
-        origin: Option<Origin<'_>>,
+        origin: Option<Origin>,
     ) -> Result<bool, Error> {
         check_len(topic)?;
         let frame = SharedFrame::new(data, kind)?;
@@ -241,7 +241,7 @@ impl PubSub {
         &self,
         topic: &[u8],
         frame: SharedFrame,
-        origin: Option<Origin<'_>>,
+        origin: Option<Origin>,
     ) -> Result<bool, Error> {
         let counts = self.counts.read().expect("topic counts lock");
         let Some((topic, per_loop)) = counts.get_key_value(topic) else {
@@ -261,17 +261,10 @@ impl PubSub {
             if subscribers == 0 {
                 continue;
             }
-            match &origin {
-                Some(origin) if origin.loop_index == i => origin
-                    .local
-                    .borrow_mut()
-                    .local
-                    .push_back(publication.clone()),
-                // A loop that has stopped has no subscribers left to reach.
-                _ => {
-                    let _ = remotes[i].send(Envelope::Loop(Command::Publish(publication.clone())));
-                }
-            }
+            // The publisher's own loop too, through its inbox: behind whatever the same
+            // handler sent there before (its loop drains the inbox before the turn ends).
+            // A loop that has stopped has no subscribers left to reach.
+            let _ = remotes[i].send(Envelope::Loop(Command::Publish(publication.clone())));
         }
         Ok(true)
     }
@@ -284,8 +277,9 @@ impl PubSub {
 pub(crate) struct LoopTopics {
     subscribers: HashMap<Topic, Subscribers>,
     by_conn: HashMap<usize, Vec<Topic>>,
-    /// Publications from this loop's own handlers (delivered at the end of the turn) and
-    /// from its inbox (delivered when the inbox is drained).
+    /// Publications taken from the inbox, waiting to be merged with their neighbours
+    /// (delivered before the inbox's next command for one connection, or once it is
+    /// empty).
     pub local: VecDeque<Arc<Publication>>,
     runs: RunPool,
 }
