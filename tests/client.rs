@@ -11,7 +11,7 @@ use websocket_driver::client::{BlockingClient, ClientReactor, ClientTimeouts};
 use websocket_driver::server::{
     Handler, HttpResponse, Server, ServerConfig, ServerHandle, Upgrade, Ws,
 };
-use websocket_driver::{Backend, Error, HandshakeError, Message, Options};
+use websocket_driver::{Backend, Error, HandshakeError, Message, Options, UsageError};
 
 /// Polls `check` until it holds or `limit` passes (a bound on waiting, not on speed).
 fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -350,6 +350,11 @@ struct Recorder {
 impl Handler for Recorder {
     fn on_open(&mut self, ws: &mut Ws<'_>) {
         self.log.lock().unwrap().push(Seen::Open);
+        // Publications are server frames: a client connection cannot take them.
+        assert!(matches!(
+            ws.subscribe("news"),
+            Err(Error::Usage(UsageError::ClientCannotSubscribe))
+        ));
         if let Some(text) = &self.greeting {
             ws.send_text(text).unwrap();
         }

@@ -264,6 +264,9 @@ pub enum UsageError {
     },
     /// A message kind that cannot be published (only text and binary can).
     NotPublishable,
+    /// A client connection cannot subscribe to topics: a published frame is a server's
+    /// (unmasked), which a client may not send.
+    ClientCannotSubscribe,
     /// An option out of its range (the message says which).
     InvalidOption(String),
 }
@@ -289,6 +292,9 @@ impl fmt::Display for UsageError {
             UsageError::InvalidOption(why) => write!(f, "invalid option: {why}"),
             UsageError::NotPublishable => {
                 f.write_str("only text and binary messages can be published")
+            }
+            UsageError::ClientCannotSubscribe => {
+                f.write_str("a client connection cannot subscribe to topics")
             }
             UsageError::BufferFull { buffered, limit } => {
                 write!(

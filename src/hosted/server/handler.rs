@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
+use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::{Request, is_websocket};
@@ -382,6 +382,9 @@ impl Ws<'_> {
     /// now on. Returns false if it already was subscribed. A closing connection leaves
     /// all its topics.
     pub fn subscribe(&mut self, topic: impl AsRef<[u8]>) -> Result<bool, Error> {
+        if self.driver.role() != Role::Server {
+            return Err(UsageError::ClientCannotSubscribe.into());
+        }
         if self.driver.ready_state() != ReadyState::Open {
             return Err(UsageError::NotOpen.into());
         }

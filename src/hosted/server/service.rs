@@ -604,6 +604,10 @@ where
             driver.abort(code::ABNORMAL, "connect failed");
         }
         self.pump(&mut conn, io, &mut []);
+        // No connection holds the key this ran under: nothing its handler registered
+        // there (a `Sender`'s gauge, write callbacks) may outlive it.
+        self.callbacks.get_mut().remove(&io.key);
+        self.gauges.get_mut().remove(&io.key);
     }
 
     fn read_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
