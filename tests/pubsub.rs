@@ -264,6 +264,28 @@ fn a_subscription_gets_what_is_published_after_it(backend: Backend) {
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
+/// A connection the server starts closing leaves its topics at once (it takes no more
+/// messages), not when the peer answers: here the peer never answers, and the close
+/// handshake would wait for a minute.
+fn a_connection_closed_by_the_server_leaves_its_topics_at_once(backend: Backend) {
+    let _turn = turn();
+    let server = start(
+        backend,
+        ServerConfig {
+            close_timeout: Duration::from_secs(60),
+            ..ServerConfig::default()
+        },
+    );
+    let addr = server.local_addr();
+    let mut leaving = TestClient::connect(addr, "/closing").unwrap();
+    let staying = TestClient::connect(addr, "/closing").unwrap();
+    subscribers(&server, "closing", 2);
+    leaving.send_text("close").unwrap();
+    subscribers(&server, "closing", 1);
+    drop((leaving, staying));
+    server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
 /// A publication made by a handler that runs late in a turn (here `on_close`, when the
 /// close handshake's deadline drops a peer that never answered) reaches the subscribers on
 /// its own loop in that turn, not whenever something else wakes the loop.
@@ -890,6 +912,7 @@ on_both_backends!(
     a_subscription_gets_what_is_published_after_it,
     a_handlers_sends_and_publishes_keep_their_order_on_its_loop,
     publications_from_late_handlers_leave_in_their_turn,
+    a_connection_closed_by_the_server_leaves_its_topics_at_once,
     a_subscriber_closed_inside_a_run_is_refused_once,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,

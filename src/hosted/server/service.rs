@@ -381,6 +381,11 @@ where
         }
         if state == ReadyState::Closing {
             conn.timers.close_started(io.now, &timer_config);
+            // Closing from this side: it takes no more messages, so it leaves its topics
+            // now, not when the peer's Close comes back.
+            self.topics
+                .get_mut()
+                .leave_all(&self.pubsub, self.loop_index, io.key);
         }
         conn.timers.buffered(io.now, over, &timer_config);
         if over {
