@@ -101,9 +101,11 @@ fn no_allocation_per_delivered_message(backend: Backend) {
         allocations as f64 / deliveries as f64
     );
     // Per publish: the frame, the publication, and a share of the channels' blocks and
-    // of the stats polling; a single allocation per delivery would add 50 000.
+    // of the stats polling; on a loaded machine (CI) io_uring's pools of send batches and
+    // run buffers sometimes grow past their warm-up size (up to ~150 more seen). A single
+    // allocation per delivery would add 50 000.
     assert!(
-        allocations <= 3 * BURST as u64 + 100,
+        allocations <= 3 * BURST as u64 + BURST as u64 / 2,
         "{allocations} allocations for {BURST} publishes to {SUBSCRIBERS} subscribers"
     );
     server.shutdown(Duration::from_secs(5)).unwrap();

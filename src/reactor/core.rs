@@ -19,6 +19,10 @@
 //!    readiness backend may write a connection's reply right after reading it,
 //!    [`Core::flush_now`]), resumes reading for connections whose output drained, fires
 //!    due timers, resumes accepting after a back-off and enforces the shutdown deadline.
+//!    After each of these steps, which can all call sessions, it settles: it runs the
+//!    inbox if the loop's own sessions put something there (their sends and publishes
+//!    wait there, unwoken) and writes again, until nothing is left, so nothing a turn
+//!    raised waits for a later wake.
 //!
 //! Flow control: a session whose output is over its cap asks the loop to stop reading
 //! (`Io::set_reading(false)`); the backend pauses the socket ([`Backend::pause_reading`])
@@ -511,18 +515,19 @@ impl<S: Service, B: Backend> Core<S, B> {
         Ok(())
     }
 
-    /// Runs the loop's own commands and its inbox (where its sessions' sends to it wait,
-    /// unwoken: see [`Remote::send`]) and writes what the connections have, until nothing
-    /// is left: delivering makes output, and writing runs sessions again (a `drained`, a
-    /// close on a write error) that may raise more. Every step of the turn that can call a
-    /// session ends here, so nothing raised in a turn waits for the next wake.
+    /// Runs the inbox when the loop's own sessions put something there (their sends to
+    /// it wait unwoken: see [`Remote::send`]) and writes what the connections have, until
+    /// nothing is left: delivering makes output, and writing runs sessions again (a
+    /// `drained`, a close on a write error) that may send more. Every step of the turn
+    /// that can call a session ends here, so nothing raised in a turn waits for the next
+    /// wake. What other threads sent waits for their wake, as before.
     fn settle(&mut self, backend: &mut B) {
         loop {
-            let inbox = self.drain_inbox(backend);
-            self.flush_dirty(backend);
-            if !inbox && !self.service.has_local() {
+            let ran = self.inbox.own_posts() && self.drain_inbox(backend);
+            if !ran && self.dirty.is_empty() {
                 break;
             }
+            self.flush_dirty(backend);
         }
     }
 

@@ -304,19 +304,17 @@ pub(crate) trait Service: 'static {
         io: &mut Io<'_, Self::Command>,
         command: &Self::Command,
     );
-    /// The next loop-wide command raised on the loop itself (by a session, for other
-    /// sessions of the same loop, run at the end of the turn without a wake-up) or queued
-    /// by [`Service::queue_local`]. The service may merge neighbours into one command.
+    /// The next loop-wide command queued by [`Service::queue_local`] (from the inbox, where
+    /// the loop's own sessions' commands wait too). The service may merge neighbours into
+    /// one command.
     fn next_local(&mut self) -> Option<Self::Command>;
-    /// Whether [`Service::next_local`] has a command: the core asks after writing, which
-    /// can run sessions that raise more.
-    fn has_local(&self) -> bool;
     /// A loop-wide command from the inbox: queue it behind the loop's own (returning
     /// `None`) so that neighbours can merge, or hand it back to run now. The core runs the
     /// queue before the inbox's next per-connection command and when the inbox is empty,
     /// so the inbox's order holds.
     fn queue_local(&mut self, command: Self::Command) -> Option<Self::Command>;
-    /// Output that had blocked is fully written.
+    /// Output that had blocked, or that the session asked about
+    /// ([`Io::notify_drained`]), is fully written.
     fn drained(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
     /// The server is shutting down.
     fn shutdown(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>);
@@ -412,12 +410,22 @@ pub(crate) struct Inbox<C, K> {
     rx: mpsc::Receiver<Envelope<C>>,
     connects: mpsc::Receiver<(SocketAddr, K)>,
     notified: Arc<AtomicBool>,
+    /// `OWN_POSTS` when last looked at (see [`Inbox::own_posts`]).
+    own_posts_seen: std::cell::Cell<u64>,
 }
 
 impl<C, K> Inbox<C, K> {
     /// Marks this thread as the one running this inbox's loop (see [`Remote::send`]).
     pub fn claim_thread(&self) {
         OWN_INBOX.with(|own| own.set(Arc::as_ptr(&self.notified) as usize));
+    }
+
+    /// Whether the loop's own thread put something in the inbox since the last call: the
+    /// turn then drains it (without this, what other threads sent waits for their wake,
+    /// and arrives in larger batches).
+    pub fn own_posts(&self) -> bool {
+        let posts = OWN_POSTS.with(|posts| posts.get());
+        posts != self.own_posts_seen.replace(posts)
     }
 
     /// Call before draining: a send racing with the drain then wakes the loop again.
@@ -457,6 +465,7 @@ pub(crate) fn channel<C, K>(waker: Waker) -> (Remote<C>, Connector<K, C>, Inbox<
             rx,
             connects,
             notified,
+            own_posts_seen: std::cell::Cell::new(0),
         },
     )
 }
@@ -465,6 +474,8 @@ thread_local! {
     /// The inbox of the loop running on this thread (its wake flag's address; 0 on other
     /// threads).
     static OWN_INBOX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Envelopes this loop's thread has put in its own inbox so far.
+    static OWN_POSTS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 impl<C> Remote<C> {
@@ -476,6 +487,7 @@ impl<C> Remote<C> {
     pub fn send(&self, envelope: Envelope<C>) -> io::Result<()> {
         self.tx.send(envelope).map_err(|_| stopped())?;
         if self.is_own_loop() {
+            OWN_POSTS.with(|posts| posts.set(posts.get() + 1));
             return Ok(());
         }
         self.wake()

@@ -173,10 +173,6 @@ where
         self.topics.get_mut().next_local()
     }
 
-    fn has_local(&self) -> bool {
-        !self.topics.borrow().local.is_empty()
-    }
-
     fn drained(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         self.drained_plain(conn, io);
         self.seal(conn, io);
