@@ -531,7 +531,8 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
     }
 
-    /// Runs the loop-wide commands the turn's sessions raised for this loop.
+    /// Runs the loop-wide commands the service queued from the inbox (merged where it
+    /// can, see [`Service::queue_local`]).
     fn run_local(&mut self, backend: &mut B) {
         while let Some(command) = self.service.next_local() {
             self.fan_out(backend, command);
