@@ -1174,3 +1174,31 @@ async fn a_burst_echoed_through_the_split_api_is_answered_in_one_or_two_writes()
     // The last answer may go alone: its event left with no more input waiting.
     assert!(sizes.len() <= 2, "write sizes: {sizes:?}");
 }
+
+/// A close this side started, answered a second later by a peer that then never closes
+/// TCP: the stream still ends within `Config::close_timeout` of the answer. (The close
+/// handshake's own deadline, a second earlier, fires first; the timer must then be armed
+/// again for the later one, or nothing wakes the task.) Paused time: no real waiting.
+#[tokio::test(start_paused = true)]
+async fn a_close_answered_late_still_ends_within_the_close_timeout() {
+    let (client, mut server) = common::open_pair(&Options::default(), &Options::default());
+    let (near, mut far) = duplex(64 * 1024);
+    let mut ws = WebSocketStream::from_driver(near, client, &[], &Config::default());
+    ws.close_connection(1000, "bye").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut buf = vec![0; 4096];
+    let n = far.read(&mut buf).await.unwrap();
+    let events = common::feed(&mut server, &buf[..n]);
+    assert!(events.iter().any(|e| e.is_close()), "{events:?}");
+    far.write_all(&common::take_output(&mut server))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream never ended");
+    assert!(started.elapsed() <= Config::default().close_timeout);
+    drop(far);
+}

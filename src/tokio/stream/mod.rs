@@ -317,27 +317,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     /// Polls `deadline` on the one timer entry; true once it has passed. Re-arms lazily: a
-    /// later deadline waits for the armed one to fire first.
+    /// later deadline waits for the armed one to fire first, and is armed when it does
+    /// (false then means the timer is armed for `deadline` and will wake the task).
     fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: std::time::Instant) -> bool {
-        let sleep = match (&mut self.sleep, self.armed) {
-            (Some(sleep), Some(armed)) if armed <= deadline => sleep,
-            (slot, _) => {
-                let at = Instant::from_std(deadline);
-                self.armed = Some(deadline);
-                match slot {
-                    Some(sleep) => {
-                        sleep.as_mut().reset(at);
-                        sleep
+        loop {
+            let sleep = match (&mut self.sleep, self.armed) {
+                (Some(sleep), Some(armed)) if armed <= deadline => sleep,
+                (slot, _) => {
+                    let at = Instant::from_std(deadline);
+                    self.armed = Some(deadline);
+                    match slot {
+                        Some(sleep) => {
+                            sleep.as_mut().reset(at);
+                            sleep
+                        }
+                        None => slot.insert(Box::pin(sleep_until(at))),
                     }
-                    None => slot.insert(Box::pin(sleep_until(at))),
                 }
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
             }
-        };
-        if sleep.as_mut().poll(cx).is_pending() {
-            return false;
+            self.armed = None;
+            if now() >= deadline {
+                return true;
+            }
+            // An earlier deadline fired: arm this one before reporting it pending.
         }
-        self.armed = None;
-        now() >= deadline
     }
 
     /// Runs the deadlines that passed (the idle keepalive, the close deadline).
