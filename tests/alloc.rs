@@ -584,3 +584,42 @@ fn idle_deflate_connection_cost() {
     );
     assert!(retained[3] < retained[2], "{retained:?}");
 }
+
+/// A message built from many small fragments grows its buffer geometrically, not by one
+/// fragment at a time: 10 000 fragments of 10 bytes cost a few dozen (re)allocations, not
+/// one per fragment, so a peer cannot make the receiver copy the message over and over
+/// (RFC 6455 §10.4: a long stream of small frames of one fragmented message).
+#[test]
+fn many_small_fragments_grow_the_message_geometrically() {
+    const FRAGMENTS: usize = 10_000;
+    let _serial = serial();
+    let mut driver = open_server(&Options::default());
+    let mut input = Vec::new();
+    for i in 0..FRAGMENTS {
+        let opcode = if i == 0 { 0x2 } else { 0x0 };
+        let fin = if i == FRAGMENTS - 1 { 0x80 } else { 0 };
+        input.extend_from_slice(&client_frame(fin | opcode, &[i as u8; 10]));
+    }
+    let mut out = Vec::with_capacity(4);
+    let ((), stats) = measure(|| {
+        // One fragment per read, as a peer trickling them would make it.
+        let mut at = 0;
+        let frame = input.len() / FRAGMENTS;
+        while at < input.len() {
+            feed_into(&mut driver, &mut input[at..at + frame], &mut out);
+            at += frame;
+        }
+    });
+    assert_eq!(
+        out,
+        [Kind::Message {
+            text: false,
+            len: FRAGMENTS * 10,
+            capacity: out.first().and_then(|k| match k {
+                Kind::Message { capacity, .. } => *capacity,
+                _ => None,
+            }),
+        }]
+    );
+    assert!(stats.allocs <= 40, "{} allocations", stats.allocs);
+}

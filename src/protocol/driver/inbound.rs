@@ -76,7 +76,9 @@ impl PartialMessage {
     /// never past `max` (the message limit, which the header check guarantees the frame
     /// fits): the rest of the frame at once when it ends within [`EAGER_RESERVE`] (no
     /// copies as it grows); past that, doubling from what actually arrived, so a declared
-    /// length is not trusted further.
+    /// length is not trusted further. A message that already holds earlier fragments at
+    /// least doubles too, so many small fragments cost amortized O(1) copying each, not a
+    /// copy of the whole message per fragment (RFC 6455 §10.4).
     fn reserve(&mut self, more: usize, remaining: u64, max: usize) {
         let needed = self.buf.len() + more;
         if needed <= self.buf.capacity() {
@@ -84,7 +86,7 @@ impl PartialMessage {
         }
         let frame_end = self.buf.len() as u64 + remaining;
         let target = if frame_end <= EAGER_RESERVE as u64 {
-            frame_end as usize
+            (frame_end as usize).max(self.buf.len() * 2)
         } else {
             needed.max(self.buf.len() * 2)
         }
