@@ -429,8 +429,10 @@ fn ping_is_answered_with_same_payload() {
     assert!(server.pending_output().is_empty());
 }
 
+/// RFC 6455 §5.5.2: a ping is answered "unless [the endpoint] already received a Close
+/// frame": after our own Close (a Pong is not a data frame, §5.5.1), not after the peer's.
 #[test]
-fn ping_while_closing_gets_no_pong() {
+fn ping_after_our_close_gets_a_pong_and_after_the_peers_none() {
     let mut server = open_server(&Options::default());
     server.close_connection(1000, "").unwrap();
     take_output(&mut server);
@@ -438,7 +440,19 @@ fn ping_while_closing_gets_no_pong() {
         feed(&mut server, &masked(OpCode::Ping, b"x")),
         vec![Ev::Ping(b"x".to_vec())]
     );
-    assert!(server.pending_output().is_empty());
+    let frames = parse_frames(&take_output(&mut server));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].opcode, OpCode::Pong);
+    assert_eq!(frames[0].payload, b"x");
+    // The peer's Close, then a ping: no pong.
+    let mut input = masked(OpCode::Close, &close_payload(1000, b""));
+    input.extend_from_slice(&masked(OpCode::Ping, b"y"));
+    feed(&mut server, &input);
+    assert!(
+        parse_frames(&take_output(&mut server))
+            .iter()
+            .all(|f| f.opcode != OpCode::Pong)
+    );
 }
 
 #[test]

@@ -472,7 +472,9 @@ impl Driver {
     ) -> Result<Option<Event<'i>>, ProtocolError> {
         match opcode {
             OpCode::Ping => {
-                if self.state == ReadyState::Open {
+                // Answered until the peer's Close is in (RFC 6455 §5.5.2), after ours too: a
+                // Pong is not a data frame (§5.5.1).
+                if matches!(self.state, ReadyState::Open | ReadyState::Closing) {
                     self.push_frame(OpCode::Pong, &payload);
                 }
                 Ok(Some(Event::Ping(payload)))
