@@ -136,7 +136,7 @@ impl HeadBuffer {
         let old = self.buf.len();
         let start = old.saturating_sub(END.len() - 1);
         // Never hold more than the limit plus the terminator, whatever the read size.
-        let room = (max_size + END.len()).saturating_sub(old);
+        let room = max_size.saturating_add(END.len()).saturating_sub(old);
         let take = input.len().min(room);
         self.buf.extend_from_slice(&input[..take]);
         match memchr::memmem::find(&self.buf[start..], END) {
@@ -270,8 +270,11 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
     if request.version != 1 {
         return Err(BadRequest("WebSocket upgrade requires HTTP/1.1"));
     }
-    if request.header("host").is_none() {
-        return Err(BadRequest("missing Host header"));
+    match count_header(&request.headers, "host") {
+        0 => return Err(BadRequest("missing Host header")),
+        1 => {}
+        // RFC 7230 §5.4: a server MUST answer 400 to more than one Host.
+        _ => return Err(BadRequest("duplicate Host header")),
     }
     if !has_token(&request.headers, "upgrade", "websocket") {
         return Err(BadRequest("missing 'Upgrade: websocket' header"));
@@ -479,6 +482,22 @@ mod tests {
         );
     }
 
+    /// A limit of `usize::MAX` is "no limit": a head in two reads completes (the room
+    /// left for it does not overflow).
+    #[test]
+    fn an_unlimited_head_in_pieces_completes() {
+        let mut parser = RequestParser::new(HeadLimits {
+            max_size: usize::MAX,
+            max_headers: 64,
+        });
+        let (first, rest) = GOOD.as_bytes().split_at(40);
+        assert!(matches!(parser.parse(first), Ok(Status::Partial)));
+        match parser.parse(rest) {
+            Ok(Status::Complete(request, _)) => assert_eq!(request.path, "/chat"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rfc_request_validates() {
         let req = parse(GOOD);
@@ -504,6 +523,11 @@ mod tests {
             ("GET /chat HTTP/1.1", "POST /chat HTTP/1.1", 400),
             ("HTTP/1.1\r\nHost", "HTTP/1.0\r\nHost", 400),
             ("Host: server.example.com\r\n", "", 400),
+            (
+                "Host: server.example.com\r\n",
+                "Host: server.example.com\r\nHost: other.example.com\r\n",
+                400,
+            ),
             ("Upgrade: websocket", "Upgrade: h2c", 400),
             ("Connection: Upgrade", "Connection: keep-alive", 400),
             ("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8", 426),
