@@ -1962,3 +1962,26 @@ fn owned_sends_follow_the_same_state_rules() {
         Err(Error::Usage(UsageError::NotOpen))
     ));
 }
+
+/// A lent payload buffer handed back with nothing received (the read would block) leaves
+/// no message under way: the frame then arriving whole is delivered as usual, a
+/// continuation after it has nothing to continue (1002), and the next message is fine.
+#[test]
+fn a_payload_buffer_returned_empty_leaves_no_message_under_way() {
+    let mut server = open_server(&Options::default());
+    let payload = vec![0x33; 100_000];
+    let frame = masked(OpCode::Binary, &payload);
+    let header = 2 + 8 + 4;
+    assert!(feed(&mut server, &frame[..header]).is_empty());
+    let (buffer, room) = server
+        .lend_payload_buffer(1)
+        .expect("a frame's payload to come");
+    assert!(room >= 1);
+    server.payload_received(buffer, 0);
+    assert_eq!(
+        feed(&mut server, &frame[header..]),
+        vec![Ev::Binary(payload)]
+    );
+    let events = feed(&mut server, &client_frame(0x80, b"more"));
+    assert_failed(&events, ProtocolError::UnexpectedContinuation, 1002);
+}

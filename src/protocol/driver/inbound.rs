@@ -631,6 +631,13 @@ impl Driver {
             }
             return;
         }
+        if n == 0 && done == 0 && header.opcode != OpCode::Continuation {
+            // Nothing of a message's first frame came: as if the buffer had never been
+            // lent, so the frame can still arrive whole through `poll_event` (which hands
+            // such a frame out borrowed and expects no message under way).
+            self.message = None;
+            return;
+        }
         self.stage = Stage::Payload {
             header,
             done: done + n as u64,
