@@ -1202,3 +1202,38 @@ async fn a_close_answered_late_still_ends_within_the_close_timeout() {
     assert!(started.elapsed() <= Config::default().close_timeout);
     drop(far);
 }
+
+/// The idle close's events come out when it happens, even with part of a binary frame
+/// waiting in the read buffer (the stream reads a binary frame whole before the
+/// driver sees it): not only once the close deadline drops the connection.
+#[tokio::test(start_paused = true)]
+async fn an_idle_close_is_reported_with_a_frame_half_read() {
+    let (near, mut far) = duplex(64 * 1024);
+    let idle = std::time::Duration::from_secs(1);
+    let config = Config {
+        idle_timeout: Some(idle),
+        ..Config::default()
+    };
+    let server = common::open_server(&Options::default());
+    let mut ws = WebSocketStream::from_driver(near, server, &[], &config);
+    // The client starts a 30 000-byte binary frame and stops after 1 000 bytes.
+    let mut frame = common::client_frame(0x82, &vec![7; 30_000]);
+    frame.truncate(1_000);
+    far.write_all(&frame).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut events = Vec::new();
+    while let Some(event) = ws.next().await {
+        let close = matches!(event, Event::Close { .. });
+        events.push(format!("{event:?}"));
+        if close {
+            break;
+        }
+    }
+    assert!(
+        events.last().is_some_and(|e| e.contains("1001")),
+        "{events:?}"
+    );
+    // Two idle periods (a ping, then the close), not the close timeout on top.
+    assert!(started.elapsed() < 2 * idle + std::time::Duration::from_millis(500));
+    drop(far);
+}

@@ -200,8 +200,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             // answers then go out in one gathered write, not one write each (a pipelining
             // peer's burst of small messages). Past `COALESCE_MAX`, or the limit, they go
             // first; and once the input runs out they go before the next read.
+            // Events the driver queued itself (an idle close's, say) come out now, not after
+            // the rest of a frame the read waits for.
             if self.unwritten() <= self.limit.min(COALESCE_MAX)
-                && self.frame_shortfall(borrow).is_none()
+                && (self.frame_shortfall(borrow).is_none() || self.driver.has_queued_events())
                 && let Some(slot) = self.parse(false, borrow)
             {
                 if let Slot::Owned(ref event) = slot {
