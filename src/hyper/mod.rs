@@ -103,10 +103,12 @@ pub type HyperStream = WebSocketStream<HyperIo>;
 ///
 /// hyper hands an upgraded connection over as a boxed [`Upgraded`](::hyper::upgrade::Upgraded),
 /// which puts a dynamic call and hyper's read-ahead check in front of every read and
-/// write. When the server ran on hyper-util's `TokioIo<TcpStream>` (as `axum::serve` and
-/// `examples/echo_hyper.rs` do), the socket is taken back out of it: [`HyperIo::Tcp`], and
-/// the bytes hyper had read past the request go to the stream first. Any other transport
-/// (TLS, a Unix socket, a test's duplex) stays wrapped: [`HyperIo::Upgraded`]. On the TCP
+/// write. When the server ran on hyper-util's `TokioIo<TcpStream>` (as
+/// `examples/echo_hyper.rs` does with `http1::Builder`), the socket is taken back out of
+/// it: [`HyperIo::Tcp`], and the bytes hyper had read past the request go to the stream
+/// first. Any other transport (TLS, a Unix socket, a test's duplex, and `axum::serve`,
+/// whose auto builder hands hyper its own private wrapper of the socket) stays wrapped:
+/// [`HyperIo::Upgraded`]. On the TCP
 /// socket the stream also raises its receive low-water mark while large frames arrive
 /// (see [`WebSocketStream::with_recv_low_water`]).
 #[derive(Debug)]
