@@ -13,6 +13,7 @@ use super::backplane::BackplaneStats;
 use super::pubsub::{PubSub, Publisher};
 use crate::protocol::driver::MessageType;
 use crate::protocol::error::Error;
+use crate::reactor::core::LoopThread;
 use crate::reactor::{Backend, Envelope, LoopStats, Remote};
 
 /// Server-wide counters at one moment.
@@ -193,11 +194,7 @@ impl ServerHandle {
     /// Stops accepting, sends 1001 to every connection, waits up to `grace` for them to
     /// close, drops the rest, and returns when every loop has stopped.
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
-        let deadline = Instant::now() + grace;
-        for remote in &self.inner.remotes {
-            // A loop that already stopped has nothing left to close.
-            let _ = remote.send(Envelope::Shutdown { deadline });
-        }
+        stop_loops(&self.inner.remotes, Instant::now() + grace);
         let result = self.wait();
         if let Some(backplane) = &self.inner.pubsub.backplane {
             backplane.stop();
@@ -207,15 +204,29 @@ impl ServerHandle {
 
     /// Blocks until every loop has stopped (after a shutdown).
     pub fn wait(&self) -> io::Result<()> {
-        let threads = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
-        let mut result = Ok(());
-        for t in threads {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(io::Error::other("an event loop panicked")),
-            }
-        }
-        result
+        join_loops(std::mem::take(
+            &mut *self.inner.threads.lock().expect("threads lock"),
+        ))
     }
+}
+
+/// Asks every loop to shut down by `deadline`.
+pub(crate) fn stop_loops(remotes: &[Remote<Command>], deadline: Instant) {
+    for remote in remotes {
+        // A loop that already stopped has nothing left to close.
+        let _ = remote.send(Envelope::Shutdown { deadline });
+    }
+}
+
+/// Waits for the loops' threads to end: the last error, or that one panicked.
+pub(crate) fn join_loops(threads: Vec<LoopThread>) -> io::Result<()> {
+    let mut result = Ok(());
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(io::Error::other("an event loop panicked")),
+        }
+    }
+    result
 }

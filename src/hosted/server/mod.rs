@@ -33,7 +33,7 @@ use crate::reactor::core;
 use crate::reactor::epoll::Epoll;
 #[cfg(target_os = "linux")]
 use crate::reactor::uring::Uring;
-use crate::reactor::{Backend, Connector, Envelope, LoopConfig, LoopStats};
+use crate::reactor::{Backend, Connector, LoopConfig, LoopStats};
 
 pub use crate::session::upgrade::HttpResponse;
 
@@ -247,7 +247,7 @@ where
     let mut remotes = Vec::new();
     let mut connectors = Vec::new();
     let mut stats = Vec::new();
-    let mut handles: Vec<core::LoopThread> = Vec::new();
+    let mut handles = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let loop_stats = Arc::new(LoopStats::default());
         stats.push(loop_stats.clone());
@@ -277,14 +277,8 @@ where
                 // The loops already started stop (nothing else could reach them), and a
                 // publish made on one meanwhile finds the loops it can reach.
                 pubsub.set_remotes(remotes.clone());
-                for remote in &remotes {
-                    let _ = remote.send(Envelope::Shutdown {
-                        deadline: std::time::Instant::now(),
-                    });
-                }
-                for thread in handles {
-                    let _ = thread.join();
-                }
+                handle::stop_loops(&remotes, std::time::Instant::now());
+                let _ = handle::join_loops(handles);
                 return Err(error);
             }
         };
