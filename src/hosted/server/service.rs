@@ -354,15 +354,19 @@ where
         }
         // ... and the loop stops reading from it (TCP then slows the peer).
         if driver.buffered_amount() + outside > cap {
-            self.held
-                .entry(io.key)
-                .or_default()
-                .extend_from_slice(&data[at..]);
-            io.set_reading(false);
+            self.hold(io, &data[at..]);
         }
         // Nothing to write: the buffer lent above goes back.
         self.recycle(driver);
         self.settle(conn, io);
+    }
+
+    /// Over the cap: `rest` of the input being delivered waits (behind whatever the driver
+    /// already holds) and the loop stops reading, until the output drains to half
+    /// ([`Self::resume_if_drained`]).
+    fn hold(&mut self, io: &mut Io<'_, Command>, rest: &[u8]) {
+        self.held.entry(io.key).or_default().extend_from_slice(rest);
+        io.set_reading(false);
     }
 
     /// Recomputes the deadline and asks for a close once the driver is finished.
@@ -701,8 +705,7 @@ where
         if driver.buffered_amount() + Self::queued_outside(conn) > self.config.max_backpressure {
             // Over the cap (a receive the kernel finished as the loop paused): what this
             // completed waits in the driver, like held input, until the output drains.
-            self.held.entry(io.key).or_default();
-            io.set_reading(false);
+            self.hold(io, &[]);
             self.settle(conn, io);
             return;
         }
