@@ -315,8 +315,8 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.connects_pending = true;
     }
 
-    /// Runs what waits in the inbox, then the loop's own queue; returns whether the inbox
-    /// had anything.
+    /// Runs what waits in the inbox, then the loop-wide commands the service queued from
+    /// it; returns whether the inbox had anything.
     fn drain_inbox(&mut self, backend: &mut B) -> bool {
         let mut any = false;
         while let Some(envelope) = self.inbox.next() {
