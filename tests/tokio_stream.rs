@@ -761,6 +761,47 @@ async fn from_driver_runs_a_client_handshake() {
     .await;
 }
 
+/// Sends over the limit while a handed-over client driver is still connecting wait for
+/// the handshake, which the waiting send reads itself (nothing else can while it holds
+/// the stream): they complete once the server's 101 arrives, and `Open` still comes out
+/// of `next` first. Run on a thread of its own, so a send that spins instead of waiting
+/// fails the test rather than hanging it.
+#[test]
+fn sends_over_the_limit_while_connecting_wait_for_the_handshake() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let addr = tungstenite_server().await;
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut driver =
+                Driver::make_client(&format!("ws://{addr}/"), &Options::default()).unwrap();
+            driver.start_connection();
+            let config = Config::default().max_backpressure(1024);
+            let mut ws = WebSocketStream::from_driver(tcp, driver, &[], &config);
+            for i in 0..3u8 {
+                ws.send_binary(vec![i; 1000]).await.unwrap();
+            }
+            assert!(matches!(ws.next().await.unwrap(), Event::Open));
+            for i in 0..3u8 {
+                assert_eq!(
+                    message(ws.next().await.unwrap()),
+                    Message::Binary(vec![i; 1000].into())
+                );
+            }
+            ws.close_connection(1000, "").await.unwrap();
+            while ws.next().await.is_some() {}
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the sends neither completed nor failed within 20 s");
+}
+
 /// The split API runs on the stream: `spawn` hands the connection to a task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawn_moves_the_stream_onto_the_split_api() {
@@ -1077,6 +1118,48 @@ async fn answers_fed_between_nexts_go_out_in_one_write() {
         .map(|i| Message::Binary(pattern(20, i).into()))
         .collect();
     assert_eq!(echoed, want);
+}
+
+/// The split sender's byte limit holds against many senders at once: senders that passed
+/// the limit's check while the command channel was full (64 small sends queued before the
+/// connection task ran) still count against it when they get a slot, so a peer that reads
+/// nothing holds at most one message over the limit, not one per sender.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_split_senders_stay_within_one_message_of_the_limit() {
+    const LIMIT: usize = 100_000;
+    const BIG: usize = 60_000;
+    let (_client, server) = common::open_pair(&Options::default(), &Options::default());
+    // The far end is kept and never read: nothing written drains.
+    let (near, _far) = duplex(1024);
+    let config = Config::default().max_backpressure(LIMIT);
+    let ws = WebSocketStream::from_driver(near, server, &[], &config);
+    let (tx, _rx) = ws.spawn();
+    for _ in 0..64 {
+        tx.send_binary(vec![0u8; 1]).await.unwrap();
+    }
+    // Each is polled once here, before the connection task runs: it finds the output
+    // under the limit and waits for a slot in the full channel.
+    let mut senders: futures_util::stream::FuturesUnordered<_> = (0..10u8)
+        .map(|i| {
+            let tx = tx.clone();
+            async move { tx.send_binary(vec![i; BIG]).await }
+        })
+        .collect();
+    assert!(senders.next().now_or_never().is_none());
+    let mut sent = 0;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+        while let Some(result) = senders.next().await {
+            result.unwrap();
+            sent += 1;
+        }
+    })
+    .await;
+    let held = tx.buffered_amount();
+    assert!(
+        held <= LIMIT + BIG,
+        "{held} bytes held for a peer that reads nothing (limit {LIMIT}, {sent} sent)"
+    );
+    assert!(sent >= 1, "no big message was accepted");
 }
 
 /// Queues `sent` through a split sender before its connection task runs (a current-thread

@@ -48,6 +48,16 @@ impl Shared {
         self.queued.load(Ordering::Acquire) + self.buffered.load(Ordering::Acquire)
     }
 
+    /// Counts `cost` more queued bytes if the output is at or under the limit now.
+    pub(super) fn try_count(&self, cost: usize) -> bool {
+        let buffered = self.buffered.load(Ordering::Acquire);
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + buffered <= self.limit).then_some(queued + cost)
+            })
+            .is_ok()
+    }
+
     pub(super) fn state(&self) -> ReadyState {
         state_from(self.state.load(Ordering::Acquire))
     }

@@ -163,8 +163,9 @@ pub struct WebSocketStream<S> {
     flushed: bool,
     /// Bytes were written or a deadline fired since the last look (for the connection task).
     progressed: bool,
-    /// Hand out `Open` first (a client whose handshake consumed the driver's `Open`).
-    open_first: bool,
+    /// An event to hand out first: the `Open` of a client whose handshake consumed the
+    /// driver's, or what a send that had to read the handshake's answer parsed.
+    held: Option<Event<'static>>,
     phase: Phase,
     /// A message buffer to reuse.
     spare: Vec<u8>,
@@ -221,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             writing: true,
             flushed: true,
             progressed: false,
-            open_first: false,
+            held: None,
             phase: Phase::Open,
             spare: Vec::new(),
             outbox: Outbox::default(),
@@ -265,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// A client whose handshake already consumed the driver's `Open`: hand it out first.
     pub(super) fn with_open_first(mut self) -> Self {
-        self.open_first = true;
+        self.held = Some(Event::Open);
         self
     }
 

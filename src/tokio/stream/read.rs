@@ -191,9 +191,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 }
                 Phase::Open => {}
             }
-            if self.open_first {
-                self.open_first = false;
-                return Poll::Ready(Some(Slot::Owned(Event::Open)));
+            if let Some(event) = self.held.take() {
+                return Poll::Ready(Some(Slot::Owned(event)));
             }
             self.poll_timers(cx);
             // Answers wait while the input already read holds more events: a whole read's

@@ -11,6 +11,7 @@ use std::task::{Context, Poll, Waker, ready};
 
 use ::tokio::io::{AsyncRead, AsyncWrite};
 
+use super::read::Slot;
 use super::{DIRECT_MIN, Phase, SPARE_MAX, WRITE_PARTS, WebSocketStream, not_open};
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError};
@@ -277,6 +278,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             match ready!(self.poll_write_out(cx)) {
                 Ok(()) => {}
                 Err(e) => self.transport_failed(e),
+            }
+            if self.driver.ready_state() == ReadyState::Connecting && self.held.is_none() {
+                // A client handed over still connecting: what it queued waits for the
+                // server's answer, which only a read brings, and the caller holds the
+                // stream. Read it here; its event (`Open`, or the handshake's failure)
+                // comes out of the next `next`/`recv` first.
+                match ready!(self.poll_next_slot(cx, false)) {
+                    Some(Slot::Owned(event)) => self.held = Some(event),
+                    Some(Slot::Borrowed(..) | Slot::WholeText) => {
+                        unreachable!("an owned parse hands out no ranges")
+                    }
+                    None => return Poll::Ready(Err(not_open())),
+                }
             }
         }
     }
