@@ -1184,6 +1184,37 @@ fn client_rejects_unexpected_subprotocol() {
     assert_handshake_failed_with(&mut client, &events, bad_response);
 }
 
+/// RFC 6455 §4.1: the client fails the connection unless the response holds exactly one
+/// `Sec-WebSocket-Accept` and at most one subprotocol, one it offered: a second header
+/// line is not overlooked because the first one is right.
+#[test]
+fn client_rejects_a_second_accept_or_subprotocol_line() {
+    let opts = Options::default().accept_protocols(["chat"]);
+    let (mut client, events) = client_with_response(&opts, |req| {
+        response_for(
+            req,
+            "Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: other\r\n",
+        )
+    });
+    assert_handshake_failed(
+        &mut client,
+        &events,
+        HandshakeError::BadResponse("server selected more than one subprotocol"),
+    );
+    let (mut client, events) = client_with_response(&opts, |req| {
+        let r = response_for(req, "");
+        let text = String::from_utf8(r).unwrap();
+        let accept = text
+            .lines()
+            .find(|l| l.starts_with("Sec-WebSocket-Accept"))
+            .unwrap()
+            .to_string();
+        text.replacen(&accept, &format!("{accept}\r\nSec-WebSocket-Accept: x"), 1)
+            .into_bytes()
+    });
+    assert_handshake_failed(&mut client, &events, HandshakeError::AcceptMismatch);
+}
+
 #[test]
 fn client_rejects_extension_not_offered() {
     let (mut client, events) = client_with_response(&Options::default(), |req| {

@@ -56,7 +56,7 @@ fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a st
         .map(|(_, v)| v.as_str())
 }
 
-fn count_header(headers: &[(String, String)], name: &str) -> usize {
+pub(super) fn count_header(headers: &[(String, String)], name: &str) -> usize {
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(name))

@@ -4,7 +4,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::{Response, has_token, push_header};
+use super::{Response, count_header, has_token, push_header};
 use crate::protocol::deflate::{DeflateOptions, DeflateParams, accept_response};
 use crate::protocol::error::{HandshakeError, UsageError};
 use crate::protocol::mask::random_bytes;
@@ -50,7 +50,10 @@ impl ClientUrl {
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(bad)?;
-            (h, after.strip_prefix(':'))
+            match after {
+                "" => (h, None),
+                _ => (h, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+            }
         } else {
             match hostport.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -167,7 +170,10 @@ pub fn validate_response(
             "'Connection' header is missing or not 'Upgrade'",
         ));
     }
-    if response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept) {
+    // One line, and the right one: a second (even a repeat) is not the key's answer.
+    if count_header(&response.headers, "sec-websocket-accept") != 1
+        || response.header("sec-websocket-accept").map(str::trim) != Some(expected_accept)
+    {
         return Err(HandshakeError::AcceptMismatch);
     }
     let extensions: Vec<&str> = response
@@ -177,6 +183,9 @@ pub fn validate_response(
         .map(|(_, v)| v.as_str())
         .collect();
     let deflate = accept_response(&extensions, deflate)?;
+    if count_header(&response.headers, "sec-websocket-protocol") > 1 {
+        return Err(BadResponse("server selected more than one subprotocol"));
+    }
     let protocol = match response.header("sec-websocket-protocol").map(str::trim) {
         None => None,
         Some(p) if offered.iter().any(|o| o == p) => Some(p.to_string()),
@@ -221,6 +230,8 @@ mod tests {
             "ws://:80/",
             "ws://h:99999/",
             "ws://h/a b",
+            "ws://[::1]junk/",
+            "ws://[::1]80/",
             "x",
         ] {
             assert!(ClientUrl::parse(bad).is_err(), "{bad}");
