@@ -861,6 +861,59 @@ fn hosted_client_stays_open_past_the_handshake_timeout() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A hosted client whose server accepts and never answers hears why when the opening
+/// handshake's deadline passes: `on_error` with a timed-out I/O error, then `on_close`
+/// 1006 (the same order as a refused connect), on both backends.
+fn hosted_client_handshake_timeout_is_reported_as_an_error(backend: Backend) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = read_head(&mut s);
+        // Holds the connection until the client drops it.
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    });
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let closes = Arc::new(AtomicUsize::new(0));
+    reactor
+        .connect(
+            &format!("ws://{addr}/"),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    let log = log.lock().unwrap().clone();
+    assert!(
+        matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)] if e.contains("timed out")),
+        "{log:?}"
+    );
+    silent.join().unwrap();
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn hosted_client_handshake_timeout_is_reported_as_an_error_on_epoll() {
+    hosted_client_handshake_timeout_is_reported_as_an_error(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_handshake_timeout_is_reported_as_an_error_on_io_uring() {
+    hosted_client_handshake_timeout_is_reported_as_an_error(Backend::IoUring);
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -220,12 +220,16 @@ impl Timers {
         driver: &mut Driver,
     ) -> Expired {
         if self.handshake_by.is_some_and(|t| now >= t.get()) {
-            let why = if driver.ready_state() == ReadyState::Connecting {
-                "opening handshake timed out"
+            if driver.ready_state() == ReadyState::Connecting {
+                // A connect that never completed is a failure the handler hears of, as
+                // a refused one is: `Error` (timed out), then `Close` 1006.
+                driver.receive_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "opening handshake timed out",
+                ));
             } else {
-                "close handshake timed out"
-            };
-            driver.abort(code::ABNORMAL, why);
+                driver.abort(code::ABNORMAL, "close handshake timed out");
+            }
             *self = Timers::default();
             return Expired::Drop(code::ABNORMAL);
         }

@@ -85,9 +85,13 @@ fn opening_handshake_times_out_at_the_deadline_not_a_tick_before() {
         timers.handle_timeout(deadline, &cfg, &mut client),
         Expired::Drop(1006)
     );
+    // Why, as an error (as for a refused connect), then the close.
     assert_eq!(
         drain(&mut client),
-        ["close 1006 opening handshake timed out"]
+        [
+            r#"Error(Io(Custom { kind: TimedOut, error: "opening handshake timed out" }))"#,
+            "close 1006 "
+        ]
     );
     assert_eq!(timers.poll_timeout(), None);
 }
