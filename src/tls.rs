@@ -204,10 +204,10 @@ impl TlsStream {
     }
 
     /// Decrypts `ciphertext`, appending the plaintext to `plain`. Handshake replies are
-    /// queued as output.
+    /// queued as output. Input after the peer's close_notify is dropped.
     pub fn decrypt(&mut self, mut ciphertext: &[u8], plain: &mut Vec<u8>) -> Result<(), Error> {
         while !ciphertext.is_empty() {
-            self.conn.read_tls(&mut ciphertext)?;
+            let taken = self.conn.read_tls(&mut ciphertext)?;
             let state = self.conn.process_new_packets();
             // Alerts for the peer go out even when processing failed.
             self.pump_out();
@@ -217,6 +217,11 @@ impl TlsStream {
                 plain.resize(start + state.plaintext_bytes_to_read(), 0);
                 let n = self.conn.reader().read(&mut plain[start..]).unwrap_or(0);
                 plain.truncate(start + n);
+            }
+            if taken == 0 || state.peer_has_closed() {
+                // After the peer's close_notify rustls takes nothing more: what follows
+                // it is ignored (RFC 8446 §6.1), not waited on.
+                break;
             }
         }
         Ok(())

@@ -230,6 +230,43 @@ fn wss_handler_sends_are_capped() {
     }
 }
 
+/// Bytes after a peer's close_notify are ignored (RFC 8446 §6.1), and ignoring them ends:
+/// a client that sends close_notify and 16 KiB more in one write leaves its event loop
+/// serving (the loop's other connection still gets its echo). rustls takes no more input
+/// once the alert came, which a decrypt loop that waited for its input to run out took
+/// forever over. Both backends.
+#[test]
+fn bytes_after_close_notify_leave_the_loop_serving() {
+    use std::io::Write;
+    let (cert, key) = certificate("after-close-notify");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let server = tls_server(backend, &cert, &key);
+        let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
+        let raw = RawWss::connect(server.local_addr(), &cert);
+        let mut wire = Vec::new();
+        {
+            let mut tls = raw.tls.lock().unwrap();
+            tls.send_close_notify();
+            while tls.wants_write() {
+                tls.write_tls(&mut wire).unwrap();
+            }
+        }
+        wire.extend(std::iter::repeat_n(0x17u8, 16 * 1024));
+        (&raw.socket).write_all(&wire).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let ca = cert.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(blocking_echo(&url, &Verify::CaFile(ca)));
+        });
+        let echoed = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{backend:?}: the loop stopped serving"));
+        assert_eq!(echoed.unwrap(), "over tls");
+        drop(raw);
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    }
+}
+
 /// A raw wss client whose TLS state is shared by a writer and a reader thread without
 /// ever holding the lock across a blocking socket call: encrypt under the lock, write the
 /// ciphertext outside it; read outside it, decrypt under the lock.
