@@ -591,3 +591,30 @@ fn write_timeout_fails_a_connection_whose_peer_reads_nothing() {
     assert!(seen.recv_timeout(Duration::from_millis(200)).is_err());
     drop(client);
 }
+
+/// After a refusal, the server reads what the client still sends for at most 2 s in all
+/// (so a reset does not destroy the response), not 2 s per read: a client that keeps
+/// trickling bytes does not hold the connection's thread.
+#[test]
+fn a_refused_client_that_keeps_sending_is_closed_within_the_linger() {
+    let addr = echo_server();
+    let mut stream = connect_tcp(addr);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 4"), "{head:?}");
+    let started = std::time::Instant::now();
+    // The first write after the server's close draws a reset; the next one fails. The
+    // linger is 2 s; 20 trickles take 8 s.
+    let closed = (0..20).any(|_| {
+        std::thread::sleep(Duration::from_millis(400));
+        stream.write_all(b"x").is_err()
+    });
+    assert!(
+        closed,
+        "still open after {:?} of trickled bytes",
+        started.elapsed()
+    );
+}

@@ -410,13 +410,13 @@ fn run_connection(
     linger_close(linger)
 }
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
-/// for a moment, so unread data does not turn the close into a reset that could destroy
-/// the close frame in flight.
+/// for a moment (2 s in all, however it trickles in), so unread data does not turn the
+/// close into a reset that could destroy the close frame in flight.
 fn linger_close(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + Duration::from_secs(2);
     let mut sink = [0u8; 4096];
-    while let Ok(n) = stream.read(&mut sink) {
+    while let Ok(Some(n)) = read_by(&mut stream, &mut sink, Some(deadline)) {
         if n == 0 {
             break;
         }
