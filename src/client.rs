@@ -11,35 +11,31 @@ use crate::protocol::handshake::ClientUrl;
 pub use crate::blocking::client::{BlockingClient, ClientTimeouts};
 pub use crate::hosted::client::ClientReactor;
 
-/// Resolves a `ws://` or `wss://` URL to the address to dial.
-pub(crate) fn resolve(url: &str) -> Result<(ClientUrl, SocketAddr), Error> {
+/// Parses a `ws://` or `wss://` URL for a client (`wss://` needs the `tls` feature).
+/// Nothing is resolved: through a proxy, the target's name is the proxy's to resolve.
+pub(crate) fn parse_url(url: &str) -> Result<ClientUrl, Error> {
     let parsed = ClientUrl::parse(url)?;
     if parsed.secure && cfg!(not(feature = "tls")) {
         return Err(
             UsageError::InvalidUrl(format!("{url}: wss:// needs the `tls` feature")).into(),
         );
     }
-    let addr = (parsed.host.as_str(), parsed.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} resolves to no address", parsed.host),
-            )
-        })?;
-    Ok((parsed, addr))
+    Ok(parsed)
+}
+
+/// Every address `host` resolves to, in the resolver's order (never empty).
+pub(crate) fn addresses(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        ));
+    }
+    Ok(addrs)
 }
 
 /// Resolves an HTTP proxy's address.
 pub(crate) fn resolve_proxy(proxy: &crate::session::proxy::Proxy) -> io::Result<SocketAddr> {
-    (proxy.host.as_str(), proxy.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("proxy {} resolves to no address", proxy.host),
-            )
-        })
+    Ok(addresses(&proxy.host, proxy.port)?[0])
 }

@@ -586,8 +586,12 @@ fn hosted_clients_on_io_uring() {
     hosted_clients(Backend::IoUring);
 }
 
+/// A name only the test proxy resolves (to 127.0.0.1): `.invalid` never resolves
+/// anywhere else (RFC 6761), so a client that looked the target up itself would fail.
+const PROXY_ONLY_HOST: &str = "ws-target.invalid";
+
 /// A one-connection HTTP CONNECT proxy: checks the request and the credentials, answers
-/// 200 (or 407), then pipes bytes both ways.
+/// 200 (or 407), then pipes bytes both ways. It resolves [`PROXY_ONLY_HOST`].
 fn connect_proxy(
     expect_auth: Option<&'static str>,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
@@ -609,7 +613,8 @@ fn connect_proxy(
                 .unwrap();
             return head;
         }
-        let upstream = std::net::TcpStream::connect(&target).unwrap();
+        let upstream =
+            std::net::TcpStream::connect(target.replace(PROXY_ONLY_HOST, "127.0.0.1")).unwrap();
         client
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .unwrap();
@@ -630,7 +635,9 @@ fn connect_proxy(
 #[test]
 fn blocking_client_through_a_connect_proxy() {
     let server = echo_server();
-    let url = format!("ws://{}/", server.local_addr());
+    // The target's name is the proxy's to resolve.
+    let target = format!("{PROXY_ONLY_HOST}:{}", server.local_addr().port());
+    let url = format!("ws://{target}/");
     // "user:secret" in base64.
     let (proxy, seen) = connect_proxy(Some("dXNlcjpzZWNyZXQ="));
     let client = BlockingClient::new(&url, Options::default())
@@ -646,7 +653,7 @@ fn blocking_client_through_a_connect_proxy() {
     drop(client);
     let head = seen.join().unwrap();
     assert!(
-        head.starts_with(&format!("CONNECT {} HTTP/1.1\r\n", server.local_addr())),
+        head.starts_with(&format!("CONNECT {target} HTTP/1.1\r\n")),
         "{head}"
     );
 
@@ -671,12 +678,15 @@ fn blocking_client_through_a_connect_proxy() {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
-/// The hosted client through the same kind of proxy, on both backends: the tunnel opens,
+/// The hosted client through the same kind of proxy, on both backends (the target's name
+/// resolved by the proxy alone): the tunnel opens,
 /// the handshake and messages run through it; a 407 reaches the handler as
 /// `ProxyRefused` (status 407, the proxy's challenge) and a 1006 close.
 fn hosted_client_through_a_connect_proxy(backend: Backend) {
     let server = echo_server();
-    let url = format!("ws://{}/", server.local_addr());
+    // The target's name is the proxy's to resolve.
+    let target = format!("{PROXY_ONLY_HOST}:{}", server.local_addr().port());
+    let url = format!("ws://{target}/");
     let (proxy, seen) = connect_proxy(Some("dXNlcjpzZWNyZXQ="));
     let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
         threads: 1,
@@ -707,7 +717,7 @@ fn hosted_client_through_a_connect_proxy(backend: Backend) {
     );
     let head = seen.join().unwrap();
     assert!(
-        head.starts_with(&format!("CONNECT {} HTTP/1.1\r\n", server.local_addr())),
+        head.starts_with(&format!("CONNECT {target} HTTP/1.1\r\n")),
         "{head}"
     );
     reactor.shutdown(Duration::from_secs(1)).unwrap();

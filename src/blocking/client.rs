@@ -16,7 +16,7 @@ use crate::protocol::options::Options;
 use crate::session::timers::{Expired, Timers};
 use crate::websocket::WebSocket;
 
-use crate::client::{resolve, resolve_proxy};
+use crate::client::{addresses, parse_url};
 use crate::protocol::frame::Status;
 use crate::session::proxy::{self, Proxy};
 
@@ -70,9 +70,7 @@ const WAKE: mio::Token = mio::Token(1);
 /// ```
 pub struct BlockingClient {
     shared: Arc<Shared>,
-    addr: SocketAddr,
     proxy: Option<Proxy>,
-    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     url: ClientUrl,
     timeouts: ClientTimeouts,
     #[cfg(feature = "tls")]
@@ -83,7 +81,8 @@ pub struct BlockingClient {
 impl std::fmt::Debug for BlockingClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockingClient")
-            .field("addr", &self.addr)
+            .field("host", &self.url.host)
+            .field("port", &self.url.port)
             .finish_non_exhaustive()
     }
 }
@@ -116,10 +115,32 @@ fn write_handshake(shared: &Shared, stream: &mut TcpStream) -> io::Result<()> {
     }
 }
 
+/// Connects to the first address `host` resolves to that accepts, each given `timeout`
+/// (a name with an IPv6 and an IPv4 address, such as `localhost`, reaches a server
+/// listening on either); the last failure otherwise.
+fn connect_any(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    connect_first(&addresses(host, port)?, timeout)
+}
+
+/// Connects to the first of `addrs` that accepts, in order; the last failure otherwise.
+fn connect_first(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
+    let mut failure = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => failure = e,
+        }
+    }
+    Err(failure)
+}
+
 impl BlockingClient {
-    /// A client for `url` (the seed's `make-client`); nothing is connected yet.
+    /// A client for `url` (the seed's `make-client`); nothing is connected, or resolved,
+    /// yet: [`BlockingClient::start_connection`] resolves the host and tries its addresses
+    /// in turn (through a proxy, only the proxy's name is resolved here; the target's is
+    /// the proxy's to resolve).
     pub fn new(url: &str, options: Options) -> Result<BlockingClient, Error> {
-        let (parsed, addr) = resolve(url)?;
+        let parsed = parse_url(url)?;
         let driver = Driver::make_client(url, &options)?;
         Ok(BlockingClient {
             shared: Arc::new(Shared {
@@ -140,7 +161,6 @@ impl BlockingClient {
                 }),
                 changed: Condvar::new(),
             }),
-            addr,
             proxy: None,
             url: parsed,
             timeouts: ClientTimeouts::default(),
@@ -217,10 +237,10 @@ impl BlockingClient {
     /// the I/O thread. A failed handshake fires `error` and `close` and is returned.
     pub fn start_connection(&self) -> Result<(), Error> {
         let mut stream = match &self.proxy {
-            None => TcpStream::connect_timeout(&self.addr, self.timeouts.connect)?,
+            None => connect_any(&self.url.host, self.url.port, self.timeouts.connect)?,
             Some(proxy) => {
-                let addr = resolve_proxy(proxy)?;
-                let mut stream = TcpStream::connect_timeout(&addr, self.timeouts.connect)?;
+                // The target's name is the proxy's to resolve.
+                let mut stream = connect_any(&proxy.host, proxy.port, self.timeouts.connect)?;
                 stream.set_read_timeout(Some(self.timeouts.handshake))?;
                 stream.set_write_timeout(Some(self.timeouts.write))?;
                 tunnel(proxy, &mut stream, &self.url)?;
@@ -574,5 +594,27 @@ fn tunnel(proxy: &Proxy, stream: &mut TcpStream, target: &ClientUrl) -> Result<(
         if let Status::Complete(..) = proxy::parse_response(&head)? {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused address is skipped for the next one (`localhost` as `::1`, then
+    /// `127.0.0.1`, against a server on IPv4 only); with none accepting, the last failure.
+    #[test]
+    fn connect_first_tries_each_address_in_turn() {
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good = listening.local_addr().unwrap();
+        let timeout = Duration::from_secs(5);
+        let stream = connect_first(&[refused, good], timeout).unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good);
+        let err = connect_first(&[refused], timeout).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     }
 }

@@ -20,7 +20,7 @@ use crate::session::upgrade::HttpResponse;
 
 #[cfg(feature = "tls")]
 use crate::blocking::client::lock;
-use crate::client::{resolve, resolve_proxy};
+use crate::client::{addresses, parse_url, resolve_proxy};
 use crate::session::proxy::Proxy;
 
 /// Client connections on event loops of their own: tens of thousands per process, each
@@ -90,15 +90,13 @@ impl<H: Handler> ClientReactor<H> {
 
     /// Like [`ClientReactor::connect`], with per-connection options.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
-        let (parsed, mut addr) = resolve(url)?;
+        let parsed = parse_url(url)?;
         let mut driver = Driver::make_client(url, options)?;
         driver.start_connection();
-        let proxy = match &self.proxy {
-            Some(proxy) => {
-                addr = resolve_proxy(proxy)?;
-                Some(proxy.connect_request(&parsed))
-            }
-            None => None,
+        // Through a proxy, the target's name is the proxy's to resolve.
+        let (addr, proxy) = match &self.proxy {
+            Some(proxy) => (resolve_proxy(proxy)?, Some(proxy.connect_request(&parsed))),
+            None => (addresses(&parsed.host, parsed.port)?[0], None),
         };
         let init = ClientInit {
             driver,
