@@ -952,6 +952,25 @@ fn echoes_arrive_with_and_without_busy_polling(backend: Backend) {
     }
 }
 
+/// The read buffer's size, at its smallest: 0 is taken as 1 byte (an empty buffer read
+/// as an EOF and dropped every peer), and echoes of every size still arrive whole with
+/// 1- and 2-byte reads.
+fn tiny_read_buffers_still_echo(backend: Backend) {
+    for read_buffer_size in [0, 1, 2] {
+        let server = start_echo(ServerConfig {
+            read_buffer_size,
+            ..config(backend)
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        for len in [0, 1, 125, 126, 70_000] {
+            let text = "r".repeat(len);
+            client.send_text(&text).unwrap();
+            assert_eq!(client.next_message().unwrap(), Owned::Text(text));
+        }
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1027,4 +1046,5 @@ on_every_backend!(
     messages_echoed_by_value_arrive_whole_and_in_order,
     a_backlog_burst_leaves_room_for_open_connections,
     echoes_arrive_with_and_without_busy_polling,
+    tiny_read_buffers_still_echo,
 );

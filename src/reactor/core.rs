@@ -232,8 +232,9 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 
     /// The loop's read buffer size (readiness backends read into one buffer of this size).
+    /// At least one byte: an empty buffer would read nothing, which reads as the peer's EOF.
     pub fn read_buffer_size(&self) -> usize {
-        self.config.read_buffer_size
+        self.config.read_buffer_size.max(1)
     }
 
     /// How long the backend looks for more work before it sleeps (io_uring).

@@ -56,7 +56,8 @@ pub struct ServerConfig {
     pub max_backpressure: usize,
     /// Default [`BackpressurePolicy::DropNew`]: the cap only.
     pub backpressure_policy: BackpressurePolicy,
-    /// Size of each loop's read buffer. Default 64 KiB.
+    /// Size of each loop's read buffer on epoll (at least 1 byte; 0 counts as 1). Default
+    /// 64 KiB. io_uring receives into its own ring of 32 KiB buffers instead.
     pub read_buffer_size: usize,
     /// How long an io_uring loop that has run out of completions keeps looking for new
     /// ones before it sleeps in the kernel. Default 20 µs; `Duration::ZERO` sleeps at once.
