@@ -7,9 +7,14 @@
 //! `cargo run --features redis --example chat -- --addr 127.0.0.1:9003 --redis redis://127.0.0.1:6379/`
 //! and the same with `--addr 127.0.0.1:9004`; a line sent on one shows on both.
 //!
-//! One port serves both: `GET /` is the chat page (HTML, inline script and style, below
-//! as [`PAGE`]); `/ws?room=ROOM&nick=NICK` upgrades to the chat itself. Anything else is
-//! 404.
+//! One port serves both: `GET /` (or `/index.html`) is the chat page (HTML, inline
+//! script and style, below as [`PAGE`]; another method there gets 405 with `Allow: GET`);
+//! `/ws?room=ROOM&nick=NICK` upgrades to the chat itself (a request there that is no
+//! upgrade gets 426). Anything else is 404.
+//!
+//! A member whose connection goes silent (a laptop that sleeps, a network that drops
+//! without a FIN) is pinged after 30 s and closed, with its leave notice, after 60 s:
+//! browsers answer pings themselves, so a quiet but present member stays.
 //!
 //! # Protocol
 //!
@@ -24,7 +29,7 @@
 //! - `{"type":"error","text":WHY}` to one client: a message it sent was refused.
 //!
 //! The server trusts nothing the client sends: a nickname is 1 to 24 characters with no
-//! control characters, a room name 1 to 32 of `A-Z a-z 0-9 - _`, a nickname is unique in
+//! control or invisible characters, a room name 1 to 32 of `A-Z a-z 0-9 - _`, a nickname is unique in
 //! its room, a line is 1 to 500 characters with no control characters, and a frame over
 //! 16 KiB closes the connection (1009). A bad join gets an `error` and close 1008; a bad
 //! line only the `error`. A `/ws` request whose `Origin` is another site is refused (403).
@@ -40,7 +45,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use websocket_driver::server::{Handler, HttpResponse, Server, Upgrade, UpgradeRequest, Ws};
+use websocket_driver::server::{
+    Handler, HttpResponse, Server, ServerConfig, Upgrade, UpgradeRequest, Ws,
+};
 use websocket_driver::{Backend, Message, MessageType, Options, code};
 
 /// Longest nickname, in characters.
@@ -51,6 +58,8 @@ const MAX_ROOM: usize = 32;
 const MAX_TEXT: usize = 500;
 /// Largest message the server reads (a line of 500 four-byte characters fits).
 const MAX_FRAME: usize = 16 * 1024;
+/// Silence after which a member is pinged (and closed after twice as long).
+const IDLE: Duration = Duration::from_secs(30);
 
 /// Who is in which room: nicknames are unique per room.
 type Rooms = Arc<Mutex<HashMap<String, BTreeSet<String>>>>;
@@ -94,20 +103,23 @@ impl Handler for Member {
             Ok(join) => join,
             Err(why) => return Self::refuse(ws, why),
         };
+        // Subscribed before the member list is read: whoever joins after that list was
+        // taken publishes a join notice this subscription gets.
+        if let Err(e) = ws.subscribe(&join.topic) {
+            return Self::refuse(ws, &format!("cannot join: {e}"));
+        }
         let members: Vec<String> = {
             let mut rooms = self.rooms.lock().unwrap();
             let members = rooms.entry(join.room.clone()).or_default();
             if !members.insert(join.nick.clone()) {
                 drop(rooms);
                 let why = format!("the nickname {:?} is taken in #{}", join.nick, join.room);
+                // Closing leaves the topic.
                 return Self::refuse(ws, &why);
             }
             members.iter().cloned().collect()
         };
         self.joined = true;
-        if let Err(e) = ws.subscribe(&join.topic) {
-            return Self::refuse(ws, &format!("cannot join: {e}"));
-        }
         let welcome =
             json!({"type": "welcome", "room": join.room, "nick": join.nick, "members": members});
         let _ = ws.send_text(&welcome.to_string());
@@ -130,11 +142,9 @@ impl Handler for Member {
             return Self::error(ws, "send chat lines as text messages");
         };
         let text = text.trim();
-        if text.is_empty() {
-            return;
-        }
-        if text.chars().count() > MAX_TEXT {
-            return Self::error(ws, &format!("a line is at most {MAX_TEXT} characters"));
+        let len = text.chars().count();
+        if len == 0 || len > MAX_TEXT {
+            return Self::error(ws, &format!("a line is 1 to {MAX_TEXT} characters"));
         }
         if text.chars().any(char::is_control) {
             return Self::error(ws, "a line may not contain control characters");
@@ -205,6 +215,15 @@ fn query_param(query: &str, name: &str) -> Result<Option<String>, String> {
     Ok(None)
 }
 
+/// Format characters that print as nothing (zero-width spaces and joiners, direction
+/// overrides, the soft hyphen, the byte-order mark): in a nickname they would let
+/// "alice" and "alice\u{200b}" look like one person.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
 /// Checks the join request in the `/ws` query string.
 fn parse_join(query: &str) -> Result<Join, String> {
     let nick = query_param(query, "nick")?.unwrap_or_default();
@@ -213,8 +232,8 @@ fn parse_join(query: &str) -> Result<Join, String> {
     if nick_len == 0 || nick_len > MAX_NICK {
         return Err(format!("a nickname is 1 to {MAX_NICK} characters"));
     }
-    if nick.chars().any(char::is_control) {
-        return Err("a nickname may not contain control characters".into());
+    if nick.chars().any(|c| c.is_control() || is_invisible(c)) {
+        return Err("a nickname may not contain control or invisible characters".into());
     }
     let room = query_param(query, "room")?.unwrap_or_default();
     let room = room.trim();
@@ -274,7 +293,9 @@ fn route(req: &UpgradeRequest<'_>, rooms: &Rooms) -> Upgrade<Member> {
             if req.request.method == "GET" {
                 Upgrade::Reject(page())
             } else {
-                Upgrade::Reject(HttpResponse::new(405, "method not allowed"))
+                let mut refusal = HttpResponse::new(405, "method not allowed");
+                refusal.headers.push(("Allow".into(), "GET".into()));
+                Upgrade::Reject(refusal)
             }
         }
         "/ws" if !same_origin(req) => {
@@ -324,6 +345,10 @@ fn main() {
     let rooms: Rooms = Arc::default();
     let mut server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
+        .config(ServerConfig {
+            idle_timeout: Some(IDLE),
+            ..ServerConfig::default()
+        })
         .threads(threads)
         .backend(backend)
         .options(Options::default().max_length(MAX_FRAME));

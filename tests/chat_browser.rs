@@ -399,11 +399,17 @@ impl Page {
 
 /// A plain HTTP GET: status and body.
 fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(addr, "GET", path);
+    (status, body)
+}
+
+/// A plain HTTP request without a body: status, head and body.
+fn http_request(addr: &str, method: &str, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -413,8 +419,8 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("GET {path}: no status in {response:?}"));
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 /// Where artifacts go: `target/test-artifacts` next to this test's binary.
@@ -440,6 +446,9 @@ fn three_pages_two_rooms_in_headless_chromium() {
     assert_eq!(status, 200);
     assert!(body.contains(r#"<ul id="log""#), "{body}");
     assert_eq!(http_get(&addr, "/nope").0, 404);
+    let (status, head, _) = http_request(&addr, "POST", "/");
+    assert_eq!(status, 405);
+    assert!(head.contains("\r\nAllow: GET"), "{head}");
 
     let (mut browser, devtools) = start_chromium();
     let mut cdp = Cdp::connect(&devtools);
@@ -548,6 +557,14 @@ fn three_pages_two_rooms_in_headless_chromium() {
         &mut cdp,
         "closed with 1008",
         "document.getElementById('status').textContent.startsWith('disconnected (1008')",
+    );
+
+    // A nickname that would pass for another with a character that prints as nothing.
+    carol.join(&mut cdp, "alice\u{200b}", "alpha");
+    carol.wait(
+        &mut cdp,
+        "refused an invisible character",
+        &Page::has_notice("error", "control or invisible characters"),
     );
 
     let dir = artifacts_dir();
