@@ -15,7 +15,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use websocket_driver::server::{Handler, HttpResponse, Server, ServerHandle, Stats, Upgrade, Ws};
+use websocket_driver::server::{
+    Handler, HttpResponse, MAX_TOPIC_LEN, Server, ServerHandle, Stats, Upgrade, Ws,
+};
 use websocket_driver::{Backend, Message, MessageType};
 
 struct Member {
@@ -24,7 +26,7 @@ struct Member {
 
 impl Handler for Member {
     fn on_open(&mut self, ws: &mut Ws<'_>) {
-        // The path fits: the request head limits it well under the topic maximum.
+        // The path was checked against the topic maximum before the upgrade.
         if let Err(e) = ws.subscribe(&self.topic) {
             let _ = ws.close_connection(1008, &e.to_string());
         }
@@ -35,7 +37,7 @@ impl Handler for Member {
             Message::Text(_) => MessageType::Text,
             Message::Binary(_) => MessageType::Binary,
         };
-        // Cannot fail: the topic was accepted on open and the text is already validated.
+        // Cannot fail: the topic's length was checked and the text is already validated.
         let _ = ws.publish_all(&self.topic, message.as_bytes(), kind);
     }
 }
@@ -92,6 +94,11 @@ fn main() {
                     headers: vec![("Content-Type".into(), "application/json".into())],
                     body: stats_json(&stats),
                 });
+            }
+            // A topic is at most MAX_TOPIC_LEN bytes; the head limit (16 KiB) allows
+            // longer paths, so they are refused here, before the upgrade.
+            if request.path().len() > MAX_TOPIC_LEN {
+                return Upgrade::Reject(HttpResponse::new(414, "the path (topic) is too long"));
             }
             Upgrade::Accept(Member {
                 topic: request.path().to_string(),

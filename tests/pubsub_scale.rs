@@ -235,3 +235,25 @@ fn nineteen_thousand_subscribers_epoll() {
 fn nineteen_thousand_subscribers_io_uring() {
     nineteen_thousand_subscribers_to_one_topic("io-uring");
 }
+
+/// The example's topic is its path: a path of the topic maximum (1024 bytes) subscribes
+/// and gets what it publishes; one byte more is refused before the upgrade (414), not
+/// upgraded and then closed.
+#[test]
+fn the_pubsub_example_refuses_a_path_over_the_topic_maximum() {
+    let (_server, addr) = start_pubsub("epoll");
+    let longest = format!(
+        "/{}",
+        "t".repeat(websocket_driver::server::MAX_TOPIC_LEN - 1)
+    );
+    let mut client = TestClient::connect(addr, &longest).unwrap();
+    client.send_text("to the longest topic").unwrap();
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Text("to the longest topic".into())
+    );
+    let err = TestClient::connect(addr, &format!("{longest}t"))
+        .err()
+        .expect("a path over the maximum is refused");
+    assert!(err.to_string().contains("414"), "{err}");
+}
