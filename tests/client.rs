@@ -924,6 +924,59 @@ fn hosted_client_handshake_timeout_is_reported_as_an_error_on_io_uring() {
     hosted_client_handshake_timeout_is_reported_as_an_error(Backend::IoUring);
 }
 
+/// A shutdown closes a client still waiting for its 101 at once (there is no one to send
+/// 1001 to): its handler hears a 1006 that says so, rather than the connection holding
+/// the shutdown for its whole grace and then ending as a cut-off handshake.
+fn shutdown_ends_a_client_still_connecting(backend: Backend) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (requested, request_seen) = mpsc::channel();
+    let silent = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = read_head(&mut s);
+        requested.send(()).unwrap();
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    });
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let closes = Arc::new(AtomicUsize::new(0));
+    reactor
+        .connect(
+            &format!("ws://{addr}/"),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    request_seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    reactor.shutdown(Duration::from_secs(3)).unwrap();
+    assert_eq!(
+        *log.lock().unwrap(),
+        [Seen::Close(
+            1006,
+            "shut down before the connection opened".into()
+        )]
+    );
+    silent.join().unwrap();
+}
+
+#[test]
+fn shutdown_ends_a_client_still_connecting_on_epoll() {
+    shutdown_ends_a_client_still_connecting(Backend::Epoll);
+}
+
+#[test]
+fn shutdown_ends_a_client_still_connecting_on_io_uring() {
+    shutdown_ends_a_client_still_connecting(Backend::IoUring);
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

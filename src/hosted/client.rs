@@ -138,7 +138,10 @@ impl<H: Handler> ClientReactor<H> {
         self.handle.backend()
     }
 
-    /// Sends 1001 to every connection, waits up to `grace`, closes the rest, stops the loops.
+    /// Sends 1001 to every open connection, waits up to `grace`, closes the rest, stops
+    /// the loops. A connection still waiting for its 101 ends at once (its handler hears
+    /// 1006, "shut down before the connection opened"); a connect not started yet fails
+    /// (`on_error`, then 1006).
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         self.handle.shutdown(grace)
     }

@@ -739,6 +739,13 @@ impl<S: Service, B: Backend> Core<S, B> {
     fn connect(&mut self, backend: &mut B, addr: SocketAddr, init: S::Connect) {
         use socket2::{Domain, Protocol, Socket, Type};
         let started = (|| {
+            if self.shutdown_deadline.is_some() {
+                // Queued before the shutdown, started after it: fails as a connect.
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the client reactor is shutting down",
+                ));
+            }
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_nonblocking(true)?;
             match socket.connect(&addr.into()) {

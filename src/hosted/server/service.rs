@@ -788,12 +788,20 @@ where
 
     fn shutdown_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         match &mut conn.phase {
-            Phase::Open(driver, _) => {
-                if driver.ready_state() == ReadyState::Open {
+            Phase::Open(driver, _) => match driver.ready_state() {
+                ReadyState::Open => {
                     let _ = driver.close_connection(code::GOING_AWAY, "server shutting down");
+                    self.pump(conn, io, &mut []);
                 }
-                self.pump(conn, io, &mut []);
-            }
+                // A client still waiting for its 101: nothing to say goodbye to, and no
+                // reason to hold the shutdown for it.
+                ReadyState::Connecting => {
+                    driver.abort(code::ABNORMAL, "shut down before the connection opened");
+                    self.pump(conn, io, &mut []);
+                    io.close(CloseRequest::Now);
+                }
+                ReadyState::Closing | ReadyState::Closed => self.pump(conn, io, &mut []),
+            },
             Phase::Handshake(_) | Phase::Tunnel(_) => io.close(CloseRequest::Now),
             Phase::Rejecting(..) | Phase::Done => {}
         }
