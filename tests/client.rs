@@ -977,6 +977,35 @@ fn shutdown_ends_a_client_still_connecting_on_io_uring() {
     shutdown_ends_a_client_still_connecting(Backend::IoUring);
 }
 
+/// Every way `start_connection` can fail fires `error` and then `close` 1006 once, as
+/// the docs say, not only a failed handshake: here a refused connect and a proxy that
+/// refuses the tunnel. Calling it again on a client that failed changes nothing.
+#[test]
+fn blocking_client_start_failures_fire_error_and_close() {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = BlockingClient::new(&format!("ws://{nowhere}/"), Options::default()).unwrap();
+    let events = recorded(&client);
+    let err = client.start_connection().unwrap_err();
+    assert!(matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused));
+    assert!(matches!(next(&events), Seen::Error(e) if e.to_lowercase().contains("refused")));
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    assert!(client.start_connection().is_err());
+    assert!(events.recv_timeout(Duration::from_millis(200)).is_err());
+
+    let (proxy, _) = connect_proxy(Some("bm90LXRoaXM="));
+    let client = BlockingClient::new("ws://127.0.0.1:9/", Options::default())
+        .unwrap()
+        .proxy(&format!("http://user:secret@{proxy}"))
+        .unwrap();
+    let events = recorded(&client);
+    assert!(client.start_connection().is_err());
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("407")));
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -134,6 +134,16 @@ fn connect_first(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStrea
     Err(failure)
 }
 
+/// A copy of `e` for the `error` callback (the original is returned to the caller).
+fn reported(e: &Error) -> Error {
+    match e {
+        Error::Handshake(h) => Error::Handshake(h.clone()),
+        Error::Protocol(p) => Error::Protocol(p.clone()),
+        Error::Io(io) => Error::Io(io::Error::new(io.kind(), io.to_string())),
+        other => Error::Io(io::Error::other(other.to_string())),
+    }
+}
+
 impl BlockingClient {
     /// A client for `url` (the seed's `make-client`); nothing is connected, or resolved,
     /// yet: [`BlockingClient::start_connection`] resolves the host and tries its addresses
@@ -234,8 +244,25 @@ impl BlockingClient {
     }
 
     /// Connects, sends the upgrade request, waits for the 101, fires `open`, and starts
-    /// the I/O thread. A failed handshake fires `error` and `close` and is returned.
+    /// the I/O thread. Any failure (the connect, the proxy, TLS, the handshake, setting
+    /// up the I/O thread) fires `error` and `close` 1006, once, and is returned.
     pub fn start_connection(&self) -> Result<(), Error> {
+        let started = self.connect_and_open();
+        if let Err(e) = &started
+            && !matches!(e, Error::Usage(_))
+        {
+            // Failures the handshake already reported leave the driver closed, and
+            // `fail` then does nothing.
+            let mut ws = self.shared.lock();
+            ws.fail(reported(e), crate::code::ABNORMAL, "");
+            if let Some(stream) = ws.stream.take() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        started
+    }
+
+    fn connect_and_open(&self) -> Result<(), Error> {
         let mut stream = match &self.proxy {
             None => connect_any(&self.url.host, self.url.port, self.timeouts.connect)?,
             Some(proxy) => {
