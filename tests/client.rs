@@ -1006,6 +1006,37 @@ fn blocking_client_start_failures_fire_error_and_close() {
     assert!(matches!(next(&events), Seen::Close(1006, _)));
 }
 
+/// A connection the server resets after opening reaches `on_error` as the reset itself
+/// (then 1006), not as a plain end of stream.
+#[test]
+fn blocking_client_reports_a_reset_as_its_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go, reset) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        accept_upgrade(&mut s, "");
+        reset.recv().unwrap();
+        // Linger 0: close sends a reset.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    go.send(()).unwrap();
+    let error = next(&events);
+    assert!(
+        matches!(&error, Seen::Error(e) if e.to_lowercase().contains("reset")),
+        "{error:?}"
+    );
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    server.join().unwrap();
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

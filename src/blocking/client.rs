@@ -540,13 +540,13 @@ fn io_loop(
         match read {
             Ok(n) if n > 0 => {
                 let received = session.receive(&mut buf[..n]);
-                if received.is_ok() {
-                    session.write_ready();
-                }
+                // On wss, a failed decrypt leaves an alert for the server: it goes too.
+                session.write_ready();
                 session.track();
-                if received.is_err() {
-                    // Undecryptable input: the connection is over.
-                    session.receive_eof();
+                if let Err(e) = received {
+                    // Undecryptable input: the connection is over, and the handler hears
+                    // why.
+                    session.ws.fail(e, crate::code::ABNORMAL, "");
                     return end(&shared, guard, &stream);
                 }
                 shared.changed.notify_all();
@@ -554,9 +554,13 @@ fn io_loop(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // End of stream, or the socket failed.
-            _ => {
+            Ok(_) => {
                 session.receive_eof();
+                return end(&shared, guard, &stream);
+            }
+            // The socket failed (a reset): reported as itself.
+            Err(e) => {
+                session.ws.receive_error(e);
                 return end(&shared, guard, &stream);
             }
         }
