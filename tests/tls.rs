@@ -267,6 +267,86 @@ fn bytes_after_close_notify_leave_the_loop_serving() {
     }
 }
 
+/// A blocking wss client that gets a record it cannot decrypt after opening hears why:
+/// `on_error` with the TLS error, then 1006 (it was a bare 1006), and the server gets
+/// the client's alert.
+#[test]
+fn blocking_wss_client_reports_an_undecryptable_record() {
+    use std::io::{Read, Write};
+    let (cert, key) = certificate("bad-record");
+    let config = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut tls = rustls::ServerConnection::new(config).unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.complete_io(&mut socket).unwrap();
+            let mut chunk = [0u8; 4096];
+            match tls.reader().read(&mut chunk) {
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let accept = websocket_driver::protocol::handshake::accept_key(key);
+        write!(
+            tls.writer(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .unwrap();
+        while tls.wants_write() {
+            tls.write_tls(&mut socket).unwrap();
+        }
+        // Once the client is open (its I/O thread reading), an application-data record
+        // no key made.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+        record.extend([0x5a; 0x40]);
+        socket.write_all(&record).unwrap();
+        // The client's alert (encrypted, under TLS 1.3), then its close.
+        let mut rest = Vec::new();
+        let _ = socket.read_to_end(&mut rest);
+        let _ = tls.read_tls(&mut &rest[..]);
+        format!("{:?}", tls.process_new_packets())
+    });
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&Verify::CaFile(cert.clone()))
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (errors, closes) = (tx.clone(), tx);
+    client.on_error(move |_, e| {
+        let _ = errors.send(format!("error {e}"));
+    });
+    client.on_close(move |_, code, _| {
+        let _ = closes.send(format!("close {code}"));
+    });
+    client.start_connection().unwrap();
+    let first = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(first.starts_with("error TLS"), "{first}");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "close 1006"
+    );
+    drop(client);
+    let seen = server.join().unwrap();
+    assert!(seen.contains("AlertReceived"), "{seen}");
+}
+
 /// A raw wss client whose TLS state is shared by a writer and a reader thread without
 /// ever holding the lock across a blocking socket call: encrypt under the lock, write the
 /// ciphertext outside it; read outside it, decrypt under the lock.
