@@ -1037,6 +1037,42 @@ fn blocking_client_reports_a_reset_as_its_error() {
     server.join().unwrap();
 }
 
+/// `close_connection` waits for the server to close TCP after the close handshake (RFC
+/// 6455 §7.1.1: the server closes first, and holds the TIME_WAIT) rather than closing
+/// as soon as the server's Close arrives; it returns once the server has.
+#[test]
+fn blocking_client_close_waits_for_the_servers_tcp_close() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        accept_upgrade(&mut s, "");
+        // The client's masked Close (2 + 4 + 2 bytes for code 1000).
+        let mut close = [0u8; 8];
+        s.read_exact(&mut close).unwrap();
+        assert_eq!(close[0], 0x88);
+        s.write_all(&[0x88, 0x02, 0x03, 0xe8]).unwrap();
+        // The client must not close TCP before the server: nothing arrives for a while.
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let early = match s.read(&mut [0u8; 16]) {
+            Ok(0) => "the client closed TCP first",
+            Ok(_) => "the client sent more",
+            Err(_) => "",
+        };
+        drop(s);
+        early
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    client.close_connection(1000, "").unwrap();
+    assert_eq!(next(&events), Seen::Close(1000, String::new()));
+    assert_eq!(server.join().unwrap(), "");
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -466,10 +466,30 @@ impl BlockingClient {
             return sent.map(|_| ());
         }
         if sent.is_ok() {
-            self.wait_closed(self.timeouts.close);
+            self.wait_ended(self.timeouts.close);
         }
         self.shutdown();
         sent.map(|_| ())
+    }
+
+    /// Blocks until the I/O thread is done (the server closed TCP after the close
+    /// handshake, or the connection failed or timed out) or `timeout` passes: the server
+    /// closes TCP first (RFC 6455 §7.1.1), so the client does not hold its TIME_WAIT.
+    fn wait_ended(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut ws = self.shared.lock();
+        while !ws.ended && ws.stream.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            ws = self
+                .shared
+                .changed
+                .wait_timeout(ws, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Blocks until the connection is closed or `timeout` passes; returns whether closed.
