@@ -267,14 +267,15 @@ fn bytes_after_close_notify_leave_the_loop_serving() {
     }
 }
 
-/// A blocking wss client that gets a record it cannot decrypt after opening hears why:
-/// `on_error` with the TLS error, then 1006 (it was a bare 1006), and the server gets
-/// the client's alert.
-#[test]
-fn blocking_wss_client_reports_an_undecryptable_record() {
+/// A one-connection wss server made of rustls and a socket: completes the TLS and
+/// WebSocket handshakes, then runs `then` on the open connection and returns its result.
+fn raw_wss_server<T: Send + 'static>(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    then: impl FnOnce(&mut rustls::ServerConnection, &mut std::net::TcpStream) -> T + Send + 'static,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<T>) {
     use std::io::{Read, Write};
-    let (cert, key) = certificate("bad-record");
-    let config = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
+    let config = websocket_driver::tls::server_config_from_pem(cert, key).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
@@ -308,6 +309,19 @@ fn blocking_wss_client_reports_an_undecryptable_record() {
         while tls.wants_write() {
             tls.write_tls(&mut socket).unwrap();
         }
+        then(&mut tls, &mut socket)
+    });
+    (addr, server)
+}
+
+/// A blocking wss client that gets a record it cannot decrypt after opening hears why:
+/// `on_error` with the TLS error, then 1006 (it was a bare 1006), and the server gets
+/// the client's alert.
+#[test]
+fn blocking_wss_client_reports_an_undecryptable_record() {
+    use std::io::{Read, Write};
+    let (cert, key) = certificate("bad-record");
+    let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
         // Once the client is open (its I/O thread reading), an application-data record
         // no key made.
         std::thread::sleep(Duration::from_millis(300));
@@ -345,6 +359,56 @@ fn blocking_wss_client_reports_an_undecryptable_record() {
     drop(client);
     let seen = server.join().unwrap();
     assert!(seen.contains("AlertReceived"), "{seen}");
+}
+
+/// A blocking wss client ends TLS properly when it closes: a close_notify (RFC 8446
+/// §6.1) once the WebSocket close handshake is done, and the server closes TCP after it.
+#[test]
+fn blocking_wss_client_sends_close_notify() {
+    use std::io::{Read, Write};
+    let (cert, key) = certificate("close-notify");
+    let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
+        let mut plain = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The client's masked Close, answered; then the server closes TCP.
+        while plain.len() < 8 {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0, "EOF before the client's Close");
+            tls.read_tls(&mut &buf[..n]).unwrap();
+            tls.process_new_packets().unwrap();
+            let _ = tls.reader().read_to_end(&mut plain);
+        }
+        assert_eq!(plain[0], 0x88, "{plain:?}");
+        tls.writer().write_all(&[0x88, 0x02, 0x03, 0xe8]).unwrap();
+        while tls.wants_write() {
+            tls.write_tls(socket).unwrap();
+        }
+        // The client's close_notify; then the server closes TCP (first, as a server does).
+        loop {
+            let n = socket.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                return false;
+            }
+            tls.read_tls(&mut &buf[..n]).unwrap();
+            if tls.process_new_packets().unwrap().peer_has_closed() {
+                return true;
+            }
+        }
+    });
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&Verify::CaFile(cert.clone()))
+    .unwrap();
+    client.start_connection().unwrap();
+    client.close_connection(1000, "").unwrap();
+    drop(client);
+    assert!(
+        server.join().unwrap(),
+        "no close_notify before the TCP close"
+    );
 }
 
 /// A raw wss client whose TLS state is shared by a writer and a reader thread without

@@ -466,7 +466,11 @@ impl BlockingClient {
             return sent.map(|_| ());
         }
         if sent.is_ok() {
-            self.wait_ended(self.timeouts.close);
+            let deadline = Instant::now() + self.timeouts.close;
+            if self.wait_closed(self.timeouts.close) {
+                self.shared.lock().close_tls();
+            }
+            self.wait_ended(deadline.saturating_duration_since(Instant::now()));
         }
         self.shutdown();
         sent.map(|_| ())
@@ -517,8 +521,9 @@ impl BlockingClient {
         let stream = {
             let mut session = self.shared.lock();
             // What the I/O thread's handlers queued last (a close reply) may not be written
-            // yet: hand it to the socket before shutting it.
+            // yet: hand it to the socket before shutting it (on wss, then close_notify).
             session.write_ready();
+            session.close_tls();
             session.stream.clone()
         };
         if let Some(stream) = stream {
