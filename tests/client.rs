@@ -1073,6 +1073,48 @@ fn blocking_client_close_waits_for_the_servers_tcp_close() {
     assert_eq!(server.join().unwrap(), "");
 }
 
+/// A proxy that trickles its answer (a byte every 200 ms, never finishing the head) is cut
+/// off by the handshake timeout as a whole, not per byte: a timed-out error (then 1006).
+#[test]
+fn blocking_client_bounds_a_trickling_proxy_by_the_handshake_timeout() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let _ = read_head(&mut client);
+        // 20 s of "HTTP/1.1 200 ..." one byte at a time, or until the client goes.
+        for byte in b"HTTP/1.1 200 Connection established but slowly"
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            if client.write_all(&[*byte]).is_err() {
+                break;
+            }
+        }
+    });
+    let client = BlockingClient::new("ws://127.0.0.1:9/", Options::default())
+        .unwrap()
+        .proxy(&format!("http://{proxy}"))
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            handshake: Duration::from_secs(1),
+            ..ClientTimeouts::default()
+        });
+    let events = recorded(&client);
+    let err = client.start_connection().unwrap_err();
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert!(matches!(next(&events), Seen::Error(e) if e.contains("timed out")));
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    drop(client);
+    trickler.join().unwrap();
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -268,9 +268,10 @@ impl BlockingClient {
             Some(proxy) => {
                 // The target's name is the proxy's to resolve.
                 let mut stream = connect_any(&proxy.host, proxy.port, self.timeouts.connect)?;
-                stream.set_read_timeout(Some(self.timeouts.handshake))?;
                 stream.set_write_timeout(Some(self.timeouts.write))?;
-                tunnel(proxy, &mut stream, &self.url)?;
+                // The proxy's answer, however it trickles in, within the handshake timeout.
+                let deadline = Instant::now() + self.timeouts.handshake;
+                tunnel(proxy, &mut stream, &self.url, deadline)?;
                 stream
             }
         };
@@ -635,16 +636,27 @@ fn end(shared: &Shared, mut session: MutexGuard<'_, Session>, stream: &mio::net:
     shared.changed.notify_all();
 }
 
-/// Opens a `CONNECT` tunnel through `proxy` to `target` on `stream`.
-fn tunnel(proxy: &Proxy, stream: &mut TcpStream, target: &ClientUrl) -> Result<(), Error> {
+/// Opens a `CONNECT` tunnel through `proxy` to `target` on `stream`, by `deadline`.
+fn tunnel(
+    proxy: &Proxy,
+    stream: &mut TcpStream,
+    target: &ClientUrl,
+    deadline: Instant,
+) -> Result<(), Error> {
     stream.write_all(&proxy.connect_request(target))?;
     // Read byte by byte: nothing past the proxy's head may be consumed, it belongs to the
     // tunnel (a few hundred bytes, once per connection).
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        if stream.read(&mut byte)? == 0 {
-            return Err(HandshakeError::Incomplete.into());
+        match read_by(stream, &mut byte, Some(deadline))? {
+            None => {
+                return Err(
+                    io::Error::new(io::ErrorKind::TimedOut, "proxy tunnel timed out").into(),
+                );
+            }
+            Some(0) => return Err(HandshakeError::Incomplete.into()),
+            Some(_) => {}
         }
         head.push(byte[0]);
         if let Status::Complete(..) = proxy::parse_response(&head)? {
