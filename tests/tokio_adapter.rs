@@ -750,6 +750,51 @@ async fn idle_timeout_pings_then_closes_a_silent_peer() {
     .await;
 }
 
+/// The idle keepalive pauses while the application holds input back: a server app busy
+/// for six idle periods without polling its receiver (so the peer's pongs stay unread)
+/// does not close a live peer with 1001; once it asks again, the connection is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_not_polled_does_not_close_a_live_peer_as_idle() {
+    bounded(30, async {
+        let idle = Duration::from_millis(150);
+        let (addr, app) = serve_one(move |stream| async move {
+            let config = Config::default().idle_timeout(idle);
+            let (tx, mut rx) = accept_with(stream, &Options::default(), &config, |_| Ok(()))
+                .await
+                .unwrap();
+            assert!(matches!(rx.next().await, Some(Event::Open)));
+            // Busy elsewhere: the receiver is not polled.
+            tokio::time::sleep(idle * 6).await;
+            assert!(tx.is_open(), "closed while the app was busy");
+            tx.send_text("still here").await.unwrap();
+            tx.close_connection(1000, "").await.unwrap();
+            let mut events = Vec::new();
+            while let Some(event) = rx.next().await {
+                events.push(event);
+            }
+            events
+        })
+        .await;
+        // A peer that reads all the time (and so answers every ping at once).
+        let (mut peer, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        let mut texts = Vec::new();
+        while let Some(Ok(message)) = peer.next().await {
+            if let TMessage::Text(t) = message {
+                texts.push(t.to_string());
+            }
+        }
+        assert_eq!(texts, ["still here"]);
+        let events = app.await.unwrap();
+        assert!(
+            matches!(events.last(), Some(Event::Close { code: 1000, .. })),
+            "{events:?}"
+        );
+    })
+    .await;
+}
+
 // ----- receipts and pong futures -----
 
 type Peer = tokio_tungstenite::WebSocketStream<TcpStream>;

@@ -1162,6 +1162,55 @@ async fn concurrent_split_senders_stay_within_one_message_of_the_limit() {
     assert!(sent >= 1, "no big message was accepted");
 }
 
+/// Senders waiting on backpressure are released (with `NotOpen`) when the connection
+/// task is dropped without ending itself: here its runtime shuts down under it.
+#[tokio::test(flavor = "current_thread")]
+async fn senders_waiting_on_a_dropped_connection_task_are_released() {
+    let (give, take) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let owner = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_client, server) = common::open_pair(&Options::default(), &Options::default());
+        // The far end is never read: the output stays over the limit.
+        let (near, far) = duplex(1024);
+        let config = Config::default().max_backpressure(1000);
+        let halves = runtime
+            .block_on(async { WebSocketStream::from_driver(near, server, &[], &config).spawn() });
+        give.send(halves).unwrap();
+        // The task runs only while this runtime is driven.
+        runtime.block_on(async {
+            tokio::task::yield_now().await;
+        });
+        stopped.recv().unwrap();
+        drop(runtime);
+        drop(far);
+    });
+    let (tx, _rx) = take.recv().unwrap();
+    tx.send_binary(vec![1u8; 2000]).await.unwrap();
+    let waiting = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.send_binary(vec![2u8; 2000]).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        !waiting.is_finished(),
+        "the second send waits over the limit"
+    );
+    stop.send(()).unwrap();
+    owner.join().unwrap();
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting send was released")
+        .unwrap();
+    assert!(
+        matches!(sent, Err(Error::Usage(UsageError::NotOpen))),
+        "{sent:?}"
+    );
+}
+
 /// Queues `sent` through a split sender before its connection task runs (a current-thread
 /// runtime: the task runs only when this one yields), then lets the task write them.
 /// Returns the sizes of its writes, once every message reached the client whole and in

@@ -31,12 +31,12 @@ pub struct Config {
     /// without input, close with 1001 "idle timeout" (the close frame then has
     /// [`Config::close_timeout`] to get out). Default `None` (off).
     ///
-    /// Input counts when the connection task reads it, and while open it reads only as
-    /// the [`WsReceiver`] asks for events: keep polling [`WsReceiver::next`], or a busy
-    /// receiver looks like a silent peer.
+    /// With the split API, the connection task reads only as the [`WsReceiver`] asks
+    /// for events; while it holds input back (the receiver not polled, or its queue
+    /// full) the peer's pongs go unheard, so the clock stops: a busy application is not
+    /// taken for a silent peer, and a silent peer is found once it asks again.
     ///
     /// [`WsReceiver`]: super::WsReceiver
-    /// [`WsReceiver::next`]: super::WsReceiver::next
     pub idle_timeout: Option<Duration>,
 }
 

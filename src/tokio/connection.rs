@@ -144,6 +144,15 @@ enum Step {
     Progress,
 }
 
+/// Marks the connection finished when dropped: the end of the task, however it came.
+struct Finished(Arc<Shared>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 /// Drives the stream: parses the next event if `parse`, otherwise only writes and runs
 /// the deadlines.
 fn drive<S>(ws: &mut WebSocketStream<S>, cx: &mut Context<'_>, parse: bool) -> Poll<Step>
@@ -156,6 +165,7 @@ where
         }
         ws.take_progress().map(|()| Step::Progress)
     } else {
+        ws.input_held();
         ws.poll_background(cx).map(|()| Step::Progress)
     }
 }
@@ -275,6 +285,9 @@ where
 
     async fn run(mut self) {
         let shared = self.shared.clone();
+        // However the task ends (a panic in the transport, a runtime shutting down and
+        // dropping it), the senders stop waiting on it.
+        let _finish = Finished(shared.clone());
         let mut commands_open = true;
         loop {
             // The state goes out before the events: a receiver that sees `Close` finds the
@@ -342,7 +355,10 @@ where
                 },
             }
         }
-        // Closed: stop taking commands, tell the senders, hand out the last events.
+        // Closed: what the last writes took is confirmed; then stop taking commands, tell
+        // the senders, hand out the last events.
+        self.confirm_written();
+        self.shared.publish(self.ws.driver());
         self.commands.close();
         self.shared.finish();
         // What was not confirmed by now never will be: fail the receipts (unapplied

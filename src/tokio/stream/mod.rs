@@ -436,10 +436,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// something happened (bytes written, a deadline fired). For the connection task.
     pub(super) fn poll_background(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.phase == Phase::Open {
+            // A sender's close changed the driver's state: its deadline counts from now.
+            self.note_state();
             self.poll_timers(cx);
             self.poll_write_best_effort(cx);
         }
         self.take_progress()
+    }
+
+    /// The application holds input back (the connection task parses nothing for now):
+    /// the peer's pongs go unheard meanwhile, so the idle keepalive waits with it rather
+    /// than take a busy application for a silent peer.
+    pub(super) fn input_held(&mut self) {
+        self.received();
     }
 
     /// Whether input already read waits to be parsed (more events may come without a read).
