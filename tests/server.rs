@@ -971,6 +971,99 @@ fn tiny_read_buffers_still_echo(backend: Backend) {
     }
 }
 
+/// A peer that sends a burst of many small messages, more than a turn's reads take, and
+/// then its FIN (no Close frame) is closed: the FIN that came with the burst raises no
+/// new readiness edge, so the reads carried over to later turns must still read on to
+/// the end of the stream. Small read buffers make every turn's reads run out.
+fn a_burst_then_fin_is_read_to_the_end(backend: Backend) {
+    struct Silent;
+    impl Handler for Silent {}
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            read_buffer_size: 1024,
+            ..config(backend)
+        })
+        .start(|_| Upgrade::Accept(Silent))
+        .unwrap();
+    for _ in 0..5 {
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        // A masked text frame of 100 bytes (key 0: the payload as it is).
+        let mut frame = vec![0x81, 0x80 | 100, 0, 0, 0, 0];
+        frame.extend_from_slice(&[b'm'; 100]);
+        let burst: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 600)
+            .collect();
+        client.stream.write_all(&burst).unwrap();
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || server.stats().connections_open
+                == 0),
+            "the connection outlived its peer's FIN"
+        );
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// The same with reading paused: a peer that sends far more than the output cap while
+/// not reading its echoes, then its FIN, and only then reads. The server pauses reading
+/// over the cap (the FIN comes meanwhile: io_uring's receive meets it, epoll gets its
+/// edge); every message that came before the FIN still reaches the handler, as reading
+/// resumes, and the FIN ends the connection after them.
+fn a_fin_that_came_while_reading_was_paused_is_read(backend: Backend) {
+    struct CountingEcho(Arc<AtomicUsize>);
+    impl Handler for CountingEcho {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            let _ = ws.send_message(&message);
+        }
+    }
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            max_backpressure: 64 * 1024,
+            ..config(backend)
+        })
+        .start(move |_| Upgrade::Accept(CountingEcho(counter.clone())))
+        .unwrap();
+    let client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let mut frame = vec![0x82, 0x80 | 126, 0x10, 0x00, 0, 0, 0, 0];
+    frame.extend_from_slice(&[7u8; 4096]);
+    let burst: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 256)
+        .collect();
+    let mut writer = client.stream.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        writer.write_all(&burst).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // Let the server fill its cap and pause before anything is read.
+    std::thread::sleep(Duration::from_millis(300));
+    // Everything until the server's FIN. (A FIN without a Close is an abnormal end:
+    // echoes still queued when the server reads it are not waited for.)
+    let mut reader = client.stream;
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    sending.join().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || server.stats().connections_open
+            == 0),
+        "the connection outlived its peer's FIN"
+    );
+    assert_eq!(received.load(Ordering::Relaxed), 256);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1047,4 +1140,6 @@ on_every_backend!(
     a_backlog_burst_leaves_room_for_open_connections,
     echoes_arrive_with_and_without_busy_polling,
     tiny_read_buffers_still_echo,
+    a_burst_then_fin_is_read_to_the_end,
+    a_fin_that_came_while_reading_was_paused_is_read,
 );

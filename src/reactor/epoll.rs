@@ -52,10 +52,11 @@ pub(crate) struct Epoll {
     /// Where every connection of this loop reads into; parsed in place.
     read_buf: Vec<u8>,
     /// Connections that used their read budget with data left: read on next turn (their
-    /// edge has been consumed, so no event would come).
-    unfinished: Vec<usize>,
+    /// edge has been consumed, so no event would come), with whether to read on to the
+    /// end of the stream (a FIN or error was pending: it raises no new edge either).
+    unfinished: Vec<(usize, bool)>,
     /// Last turn's `unfinished`, being read this turn (kept for its capacity).
-    unfinished_due: Vec<usize>,
+    unfinished_due: Vec<(usize, bool)>,
     /// The accept budget ran out with connections left in the backlog: accept on next turn
     /// (edge-triggered, so no new event comes for them).
     accept_pending: bool,
@@ -140,8 +141,8 @@ impl Backend for Epoll {
         // while this turn's are read from the spare one. Swapped, never reallocated.
         let mut due = std::mem::take(&mut self.unfinished_due);
         std::mem::swap(&mut self.unfinished, &mut due);
-        for key in due.drain(..) {
-            self.read(core, key, false);
+        for (key, drain) in due.drain(..) {
+            self.read(core, key, drain);
         }
         self.unfinished_due = due;
         if accept {
@@ -195,8 +196,10 @@ impl Backend for Epoll {
     }
 
     fn resume_reading<S: Service>(&mut self, core: &mut Core<S, Self>, key: usize) {
-        // Edge-triggered: what arrived while paused raised its edge already.
-        self.read(core, key, false);
+        // Edge-triggered: what arrived while paused raised its edge already, and so did a
+        // FIN, which no later edge repeats: read on to the end (one receive more, that
+        // finds nothing, per resume).
+        self.read(core, key, true);
     }
 
     fn is_idle(_: &TcpStream) -> bool {
@@ -325,7 +328,7 @@ impl Epoll {
         let mut budget = READS_PER_TURN;
         while core.reading_socket(key).is_some() {
             if budget == 0 {
-                self.unfinished.push(key);
+                self.unfinished.push((key, drain));
                 break;
             }
             budget -= 1;
