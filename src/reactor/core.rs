@@ -446,8 +446,17 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
     }
 
-    /// The peer closed its side.
+    /// The peer closed its side. While reading is paused (output over the cap), the
+    /// input the session holds came before the FIN and is still to be handled: the EOF
+    /// waits for the resumed read, which meets it again (a FIN stays readable).
     pub fn on_eof(&mut self, backend: &mut B, key: usize) {
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.phase == Phase::Active && !c.is(READING))
+        {
+            return;
+        }
         self.close_now(backend, key, None);
     }
 
