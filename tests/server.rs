@@ -1064,6 +1064,34 @@ fn a_fin_that_came_while_reading_was_paused_is_read(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A peer that stops reading and then sends its Close leaves the server closed with
+/// output it will never take (its echo of 32 MiB, under the cap but over what the
+/// sockets buffer, and the Close's answer behind it): the close timeout still bounds
+/// that, and the connection ends (it was held forever: nothing timed the last writes).
+fn a_peer_that_closes_without_reading_is_dropped_after_the_close_timeout(backend: Backend) {
+    let server = start_echo(ServerConfig {
+        threads: 1,
+        max_backpressure: 128 << 20,
+        close_timeout: Duration::from_millis(300),
+        ..config(backend)
+    });
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let len: u64 = 32 << 20;
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + len as usize, 9);
+    // Close 1000, masked with key 0.
+    frame.extend_from_slice(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
+    client.stream.write_all(&frame).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || server.stats().connections_open
+            == 0),
+        "a closed connection whose output never drains is held"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1142,4 +1170,5 @@ on_every_backend!(
     tiny_read_buffers_still_echo,
     a_burst_then_fin_is_read_to_the_end,
     a_fin_that_came_while_reading_was_paused_is_read,
+    a_peer_that_closes_without_reading_is_dropped_after_the_close_timeout,
 );

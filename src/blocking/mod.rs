@@ -346,7 +346,11 @@ fn run_connection(
         }
         match ws.ready_state() {
             ReadyState::Closing => timers.close_started(now, &config),
-            ReadyState::Closed => timers.closed(),
+            // The last writes have the close timeout too (a peer's Close skips closing).
+            ReadyState::Closed => {
+                timers.close_started(now, &config);
+                timers.closed();
+            }
             _ => {}
         }
         // Read unless the peer has not taken what we owe it: what we read may add to it.

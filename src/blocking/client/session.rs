@@ -62,7 +62,12 @@ impl Session {
             ReadyState::Closing => self
                 .timers
                 .close_started(Instant::now(), &self.timer_config),
-            ReadyState::Closed => self.timers.closed(),
+            // The last writes have the close timeout too (a peer's Close skips closing).
+            ReadyState::Closed => {
+                self.timers
+                    .close_started(Instant::now(), &self.timer_config);
+                self.timers.closed();
+            }
             _ => {}
         }
     }
