@@ -144,9 +144,12 @@ impl Wheel {
         }
     }
 
-    /// Moves every entry due by `now` into `due`.
+    /// Moves every entry due by `now` into `due`: the slots whose tick has passed (a
+    /// slot's entries are due by its tick, so one not reached yet may hold deadlines still
+    /// to come, which would fire late once re-armed behind the cursor).
     pub fn expire(&mut self, now: Instant, due: &mut Vec<Entry>) {
-        let target = self.tick_of(now);
+        let since = now.saturating_duration_since(self.start);
+        let target = (since.as_nanos() / TICK.as_nanos()) as u64;
         while self.cursor <= target && self.armed > 0 {
             let slot = &mut self.slots[(self.cursor % SLOTS as u64) as usize];
             self.armed -= slot.len();
@@ -183,6 +186,36 @@ impl Wheel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loop that wakes a little after a tick (as it does) expires only the slots whose
+    /// tick has passed: a deadline in the next slot is not taken early, re-armed behind
+    /// the cursor and then slept past; the loop's next wake comes by its slot's tick.
+    #[test]
+    fn a_wake_just_after_a_tick_leaves_the_next_slot_due_on_time() {
+        let t0 = Instant::now();
+        let mut wheel = Wheel::new(t0);
+        let mut deadline = Deadline::default();
+        let at = t0 + 21 * TICK + TICK * 4 / 5;
+        wheel.reset(1, &mut deadline, Some(at));
+        let now = t0 + 21 * TICK + Duration::from_micros(1);
+        let mut due = Vec::new();
+        wheel.expire(now, &mut due);
+        for entry in due.drain(..) {
+            assert!(!wheel.fires(entry, &mut deadline, now));
+        }
+        let wake = now + wheel.next_timeout(now).unwrap();
+        assert!(
+            wake <= t0 + 22 * TICK,
+            "{:?} after the slot's tick",
+            wake - (t0 + 22 * TICK)
+        );
+        wheel.expire(wake, &mut due);
+        let fired: Vec<bool> = due
+            .drain(..)
+            .map(|entry| wheel.fires(entry, &mut deadline, wake))
+            .collect();
+        assert_eq!(fired, [true]);
+    }
 
     /// Pushing a deadline later again and again (an idle timeout reset by every read)
     /// keeps one entry; it fires once, at the last deadline, not before.
