@@ -99,14 +99,14 @@ async fn axum_echo_through_the_extractor() {
             .insert("Sec-WebSocket-Protocol", "superchat, chat".parse().unwrap());
         let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
         assert_eq!(response.status(), 101);
-        // The first the client offers that the server speaks.
+        // As axum agrees: the first of the server's list that the client offered.
         assert_eq!(
             response.headers()["sec-websocket-protocol"]
                 .to_str()
                 .unwrap(),
-            "superchat"
+            "chat"
         );
-        assert_eq!(seen.recv().await.unwrap(), "protocol Some(\"superchat\")");
+        assert_eq!(seen.recv().await.unwrap(), "protocol Some(\"chat\")");
 
         for data in [
             vec![],
@@ -144,6 +144,113 @@ async fn axum_echo_through_the_extractor() {
         assert!(ws.next().await.is_none());
         assert_eq!(seen.recv().await.unwrap(), "close Some((4000, \"bye\"))");
         assert_eq!(seen.recv().await.unwrap(), "end");
+    })
+    .await;
+}
+
+/// Subprotocols as axum's extractor chooses them: `protocols` takes the server's order,
+/// `requested_protocols` lists the client's offer, `set_selected_protocol` overrides
+/// (one the client did not offer agrees none), `selected_protocol` tells the choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocols_are_chosen_as_axum_chooses_them() {
+    bounded(30, async {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
+        let app = Router::new().route(
+            "/ws",
+            get(move |ws: WebSocketUpgrade| {
+                let seen = seen_tx.clone();
+                async move {
+                    let requested: Vec<String> = ws
+                        .requested_protocols()
+                        .map(|p| p.to_str().unwrap().to_string())
+                        .collect();
+                    let mut ws = ws.protocols(["b", "a"]);
+                    let chosen = format!("{:?}", ws.selected_protocol());
+                    ws.set_selected_protocol("z".parse().unwrap());
+                    let unoffered = format!("{:?}", ws.selected_protocol());
+                    ws.set_selected_protocol("c".parse().unwrap());
+                    let _ = seen.send(format!("{requested:?} {chosen} {unoffered}"));
+                    ws.on_upgrade(|_socket| async {})
+                }
+            }),
+        );
+        let addr = axum_server(app).await;
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "a, b, c".parse().unwrap());
+        let (_ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            r#"["a", "b", "c"] Some("b") None"#
+        );
+        assert_eq!(response.headers()["sec-websocket-protocol"], "c");
+    })
+    .await;
+}
+
+/// `max_frame_size` caps messages whichever way round it is set with `max_message_size`:
+/// a message of the cap is echoed, one byte more closes the connection with 1009.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_frame_size_applies_in_either_order() {
+    bounded(30, async {
+        let (seen_tx, _seen) = mpsc::unbounded_channel();
+        let app = Router::new()
+            .route(
+                "/frame-first",
+                get({
+                    let seen = seen_tx.clone();
+                    move |ws: WebSocketUpgrade| async move {
+                        ws.max_frame_size(1000)
+                            .max_message_size(1 << 20)
+                            .on_upgrade(move |socket| echo(socket, seen))
+                    }
+                }),
+            )
+            .route(
+                "/message-first",
+                get(move |ws: WebSocketUpgrade| async move {
+                    ws.max_message_size(1 << 20)
+                        .max_frame_size(1000)
+                        .on_upgrade(move |socket| echo(socket, seen_tx))
+                }),
+            );
+        let addr = axum_server(app).await;
+        for path in ["/frame-first", "/message-first"] {
+            let mut ws = tungstenite_client(addr, path).await;
+            echoes(&mut ws, TMessage::Binary(vec![1u8; 1000].into())).await;
+            ws.send(TMessage::Binary(vec![2u8; 1001].into()))
+                .await
+                .unwrap();
+            assert_eq!(next_close(&mut ws).await.0, 1009, "{path}");
+        }
+    })
+    .await;
+}
+
+/// `send` returns once the frame is written, as axum's does: a handler that sends a large
+/// message and returns at once still gets all of it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_returns_right_after_send_gets_its_message_out() {
+    bounded(30, async {
+        let app = Router::new().route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|mut socket| async move {
+                    let big = Bytes::from(vec![5u8; 8 << 20]);
+                    socket.send(Message::Binary(big)).await.unwrap();
+                })
+            }),
+        );
+        let addr = axum_server(app).await;
+        let mut ws = tungstenite_client(addr, "/ws").await;
+        match ws.next().await {
+            Some(Ok(TMessage::Binary(b))) => {
+                assert_eq!(b.len(), 8 << 20);
+                assert!(b.iter().all(|&x| x == 5));
+            }
+            other => panic!("expected the whole message, got {other:?}"),
+        }
     })
     .await;
 }

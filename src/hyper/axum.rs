@@ -56,6 +56,12 @@ pub struct WebSocketUpgrade<F = DefaultOnFailedUpgrade> {
     options: Options,
     config: Config,
     on_failed_upgrade: F,
+    /// The subprotocols the client offered, in its order.
+    requested: Vec<HeaderValue>,
+    /// The subprotocol the 101 will agree, as axum's extractor reports it.
+    selected: Option<HeaderValue>,
+    /// [`WebSocketUpgrade::max_frame_size`], applied over the options at the upgrade.
+    max_frame: Option<usize>,
 }
 
 impl<F> fmt::Debug for WebSocketUpgrade<F> {
@@ -81,12 +87,24 @@ impl WebSocketUpgrade {
             )
             .into(),
         })?;
+        let requested = request
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-protocol"))
+            .flat_map(|(_, value)| value.split(','))
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .filter_map(|token| HeaderValue::from_str(token).ok())
+            .collect();
         Ok(WebSocketUpgrade {
             request,
             on_upgrade,
             options: Options::default(),
             config: Config::default(),
             on_failed_upgrade: DefaultOnFailedUpgrade,
+            requested,
+            selected: None,
+            max_frame: None,
         })
     }
 
@@ -98,18 +116,45 @@ impl WebSocketUpgrade {
 }
 
 impl<F> WebSocketUpgrade<F> {
-    /// The subprotocols this server speaks, in order of preference among those the client
-    /// offers (the first the client offers that is in this list is agreed).
+    /// The subprotocols this server speaks, in its order of preference: the first of them
+    /// the client offered is agreed (as axum's extractor does; the crate's own servers
+    /// take the client's order, as the seed does).
     pub fn protocols<I>(mut self, protocols: I) -> Self
     where
         I: IntoIterator,
         I::Item: Into<Cow<'static, str>>,
     {
-        self.options.accept_protocols = protocols
-            .into_iter()
-            .map(|p| p.into().into_owned())
-            .collect();
+        let chosen = protocols.into_iter().map(Into::into).find(|p| {
+            self.requested
+                .iter()
+                .any(|offered| offered.as_bytes() == p.as_bytes())
+        });
+        self.select(chosen.as_deref());
         self
+    }
+
+    /// The subprotocols the client offered, in its order.
+    pub fn requested_protocols(&self) -> impl Iterator<Item = &HeaderValue> {
+        self.requested.iter()
+    }
+
+    /// Chooses the subprotocol to agree (the latest of this and
+    /// [`WebSocketUpgrade::protocols`] counts). Unlike axum's, only one the client offered
+    /// is agreed (RFC 6455 §4.2.2: a client fails a handshake that names another): any
+    /// other agrees none.
+    pub fn set_selected_protocol(&mut self, protocol: HeaderValue) {
+        let offered = self.requested.contains(&protocol);
+        self.select(protocol.to_str().ok().filter(|_| offered));
+    }
+
+    /// The subprotocol chosen so far, if any.
+    pub fn selected_protocol(&self) -> Option<&HeaderValue> {
+        self.selected.as_ref()
+    }
+
+    fn select(&mut self, protocol: Option<&str>) {
+        self.options.accept_protocols = protocol.map(str::to_string).into_iter().collect();
+        self.selected = protocol.and_then(|p| HeaderValue::from_str(p).ok());
     }
 
     /// The largest message accepted (a bigger one closes the connection with 1009).
@@ -119,11 +164,12 @@ impl<F> WebSocketUpgrade<F> {
         self
     }
 
-    /// The largest frame accepted: here the same limit as [`Self::max_message_size`]
-    /// (frames are never larger than the message they carry); the smaller of the two
-    /// applies.
+    /// The largest frame accepted. The driver has one limit, on messages (frames are
+    /// never larger than the message they carry), so this one caps whole messages too:
+    /// the smaller of the two applies, whichever is set first (unlike axum's, a message
+    /// fragmented into frames under this size is refused past it).
     pub fn max_frame_size(mut self, max: usize) -> Self {
-        self.options.max_length = self.options.max_length.min(max);
+        self.max_frame = Some(max);
         self
     }
 
@@ -154,8 +200,20 @@ impl<F> WebSocketUpgrade<F> {
         self
     }
 
-    /// All of the driver's options (subprotocols, extra response headers, limits).
+    /// All of the driver's options (subprotocols, extra response headers, limits). Their
+    /// `accept_protocols` are matched as the driver does: the first the client offered
+    /// that is in the list.
     pub fn options(mut self, options: Options) -> Self {
+        self.selected = self
+            .requested
+            .iter()
+            .find(|offered| {
+                options
+                    .accept_protocols
+                    .iter()
+                    .any(|p| p.as_bytes() == offered.as_bytes())
+            })
+            .cloned();
         self.options = options;
         self
     }
@@ -180,6 +238,9 @@ impl<F> WebSocketUpgrade<F> {
             options: self.options,
             config: self.config,
             on_failed_upgrade: callback,
+            requested: self.requested,
+            selected: self.selected,
+            max_frame: self.max_frame,
         }
     }
 
@@ -187,12 +248,15 @@ impl<F> WebSocketUpgrade<F> {
     /// runs `callback` with the [`WebSocket`] on a new task. Options that make the handshake
     /// fail (an invalid extra header) are answered with 500.
     #[must_use = "to set up the WebSocket connection, this response must be returned"]
-    pub fn on_upgrade<C, Fut>(self, callback: C) -> Response
+    pub fn on_upgrade<C, Fut>(mut self, callback: C) -> Response
     where
         C: FnOnce(WebSocket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
         F: OnFailedUpgrade,
     {
+        if let Some(max) = self.max_frame {
+            self.options.max_length = self.options.max_length.min(max);
+        }
         let (response, driver) = match accept_head(&self.request, &self.options) {
             Ok(accepted) => accepted,
             Err(e) => return error_response(&e).map(Body::new),
@@ -382,9 +446,16 @@ impl WebSocket {
     }
 
     /// Sends a message: text, binary, ping, pong, or a close (`Close(None)` closes with
-    /// 1000). Waits while the unwritten output is over the limit, then queues the frame and
-    /// writes what the transport takes. Cancel-safe.
+    /// 1000). Waits while the unwritten output is over the limit, queues the frame, and
+    /// returns once it is written and flushed (as axum's `send` does: a handler may return
+    /// right after it). Cancel-safe: cancelled after the frame was queued, the frame still
+    /// goes out with the next write.
     pub async fn send(&mut self, msg: Message) -> Result<(), Error> {
+        self.queue(msg).await?;
+        self.inner.flush().await
+    }
+
+    async fn queue(&mut self, msg: Message) -> Result<(), Error> {
         match msg {
             Message::Text(t) => self.inner.send_text(t.as_str()).await,
             Message::Binary(b) => self.inner.send_binary(b).await,
