@@ -722,7 +722,7 @@ fn invalid_utf8_text_is_rejected_with_1007() {
 
 #[test]
 fn invalid_close_codes_are_rejected_with_1002() {
-    for code in [0u16, 999, 1004, 1005, 1006, 1012, 1015, 2999, 5000] {
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
         server_rejects(
             &masked(OpCode::Close, &close_payload(code, b"")),
             ProtocolError::InvalidCloseCode(code),
@@ -733,8 +733,10 @@ fn invalid_close_codes_are_rejected_with_1002() {
 
 #[test]
 fn valid_close_codes_are_accepted() {
+    // 1012–1014: registered with IANA after RFC 6455 (service restart, try again later,
+    // bad gateway); servers behind load balancers send them.
     for code in [
-        1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+        1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999,
     ] {
         let mut server = open_server(&Options::default());
         assert_eq!(

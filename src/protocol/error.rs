@@ -26,12 +26,21 @@ pub mod code {
     pub const EXTENSION_REQUIRED: u16 = 1010;
     /// The server hit an unexpected condition.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// The server is restarting (IANA registry; a client may reconnect).
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The server is overloaded: try again later (IANA registry).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// A gateway or proxy got an invalid response upstream (IANA registry).
+    pub const BAD_GATEWAY: u16 = 1014;
 }
 
 /// Whether `code` may appear in a close frame on the wire, in either direction:
-/// 1000–1003, 1007–1011 and the application ranges 3000–4999.
+/// 1000–1003, 1007–1014 (RFC 6455's own and the three the IANA registry added: service
+/// restart, try again later, bad gateway) and the application ranges 3000–4999. Never
+/// 1004, the reserved 1005, 1006 and 1015 (those three are for reporting, not sending),
+/// nor an unregistered code under 3000.
 pub fn is_valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// The peer broke RFC 6455 after the handshake. Each maps to the close code sent back.
@@ -436,14 +445,15 @@ mod tests {
     #[test]
     fn close_code_table() {
         let valid: Vec<u16> = (0..=u16::MAX).filter(|&c| is_valid_close_code(c)).collect();
-        assert_eq!(valid.len(), 4 + 5 + 2000);
+        assert_eq!(valid.len(), 4 + 8 + 2000);
         for c in [
-            0, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
         ] {
             assert!(!is_valid_close_code(c), "{c}");
         }
         for c in [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
+            4000, 4999,
         ] {
             assert!(is_valid_close_code(c), "{c}");
         }
