@@ -1092,6 +1092,57 @@ fn a_peer_that_closes_without_reading_is_dropped_after_the_close_timeout(backend
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A peer that resets the connection in the middle of a large frame's payload is reported
+/// as the reset (`on_error` with `ConnectionReset`, then 1006), not as a plain end of
+/// stream: on io_uring the payload receive returns what it got and the next receive
+/// finds the socket done, so the reset is read from the socket's error.
+fn a_reset_in_the_middle_of_a_payload_is_reported_as_a_reset(backend: Backend) {
+    struct Recording(Arc<Mutex<Vec<String>>>);
+    impl Handler for Recording {
+        fn on_error(&mut self, _ws: &mut Ws<'_>, error: &Error) {
+            let kind = match error {
+                Error::Io(e) => format!("{:?}", e.kind()),
+                other => other.to_string(),
+            };
+            self.0.lock().unwrap().push(format!("error {kind}"));
+        }
+        fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
+            self.0.lock().unwrap().push(format!("close {code}"));
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config(backend))
+        .start(move |_| Upgrade::Accept(Recording(log.clone())))
+        .unwrap();
+    let client = TestClient::connect(server.local_addr(), "/").unwrap();
+    let len: u64 = 4 << 20;
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + (1 << 20), 3);
+    let mut stream = client.stream;
+    stream.write_all(&frame).unwrap();
+    // The server is receiving the rest of the payload now.
+    std::thread::sleep(Duration::from_millis(200));
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+    assert!(eventually(Duration::from_secs(10), || seen
+        .lock()
+        .unwrap()
+        .len()
+        == 2));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["error ConnectionReset", "close 1006"]
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1171,4 +1222,5 @@ on_every_backend!(
     a_burst_then_fin_is_read_to_the_end,
     a_fin_that_came_while_reading_was_paused_is_read,
     a_peer_that_closes_without_reading_is_dropped_after_the_close_timeout,
+    a_reset_in_the_middle_of_a_payload_is_reported_as_a_reset,
 );

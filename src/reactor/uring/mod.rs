@@ -681,7 +681,24 @@ impl Uring {
                 }
             }
             if result == 0 {
-                core.on_eof(self, key);
+                // A reset in the middle of a payload receive (`MSG_WAITALL`) completes it
+                // with what had arrived (io_uring drops the error for the partial count),
+                // and the next receive finds the socket done: 0, as for a FIN. A FIN
+                // leaves the socket connected (the peer may still read), a reset does
+                // not: that tells them apart. (A lingering socket that saw the FIN after
+                // ours is not connected either; its close was reported already.)
+                let reset = core.any_socket(key).is_some_and(|socket| {
+                    matches!(socket.stream.peer_addr(),
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected)
+                });
+                match reset {
+                    true => core.on_read_error(
+                        self,
+                        key,
+                        io::Error::from_raw_os_error(libc::ECONNRESET),
+                    ),
+                    false => core.on_eof(self, key),
+                }
             } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
                 core.on_read_error(self, key, io::Error::from_raw_os_error(-result));
             }
