@@ -736,6 +736,13 @@ impl DeflateState {
             deflate_message(c, payload, out)
         };
         let len = out.len() - start - MAX_HEADER_LEN;
+        if !ok {
+            // The message goes plain, but a kept compressor has part of it in its window
+            // now, which the peer's never gets: later messages could refer to it. A fresh
+            // one refers to nothing the peer has not seen (the peer's larger window does
+            // no harm).
+            self.compressor = None;
+        }
         if !ok || (self.own_no_context_takeover() && len >= payload.len()) {
             out.truncate(start);
             return None;
