@@ -1211,6 +1211,44 @@ async fn senders_waiting_on_a_dropped_connection_task_are_released() {
     );
 }
 
+/// `Config::handshake_timeout` bounds the opening handshake on both sides, with paused
+/// time: a server whose client sends half a request and then nothing gives up when the
+/// timeout passes (not a tick before), and so does a client whose server never answers.
+#[tokio::test(start_paused = true)]
+async fn the_handshake_timeout_bounds_both_sides() {
+    let timeout = std::time::Duration::from_secs(3);
+    let config = Config::default().handshake_timeout(timeout);
+    // Server side: half a request.
+    let (near, mut far) = duplex(4096);
+    far.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let options = Options::default();
+    let err = WebSocketStream::accept_with(near, &options, &config, |_| Ok(()))
+        .await
+        .err()
+        .expect("the handshake times out");
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), timeout);
+    // Client side: a server that reads the request and never answers.
+    let (near, _far) = duplex(4096);
+    let started = tokio::time::Instant::now();
+    let err = WebSocketStream::client_with(near, "ws://example.com/", &options, &config)
+        .await
+        .err()
+        .expect("the handshake times out");
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert_eq!(started.elapsed(), timeout);
+    drop(far);
+}
+
 /// Queues `sent` through a split sender before its connection task runs (a current-thread
 /// runtime: the task runs only when this one yields), then lets the task write them.
 /// Returns the sizes of its writes, once every message reached the client whole and in
