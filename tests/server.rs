@@ -319,6 +319,26 @@ fn drop_new_policy_refuses_sends_over_the_limit(backend: Backend) {
     // All 64 sends happen in one handler call, before any write: four 16 KiB frames
     // (65 552 bytes with headers) pass the 64 KiB limit, so the other 60 are refused.
     assert_eq!((received, dropped), (4, 60));
+
+    // At the limit exactly: sixteen frames of 4 096 bytes (4 092 of payload) make 65 536
+    // queued bytes, which is not over it, so the seventeenth is taken; then the output is
+    // over by 4 096 and the rest are refused.
+    let before = refused.load(Ordering::Relaxed);
+    client.send_text("flood 20 4092").unwrap();
+    let mut received = 0;
+    while received + refused.load(Ordering::Relaxed) - before < 20 {
+        match client.next_message().unwrap() {
+            Owned::Binary(b) => {
+                assert_eq!(b.len(), 4092);
+                received += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        (received, refused.load(Ordering::Relaxed) - before),
+        (17, 3)
+    );
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
