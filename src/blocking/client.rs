@@ -36,6 +36,8 @@ const WAKE: mio::Token = mio::Token(1);
 /// performs the handshake on the caller's thread, then an I/O thread fires the events.
 /// Sends and `close_connection` work from any thread; handlers run on the I/O thread
 /// with the connection locked, so automatic pongs never interleave with user frames.
+/// A handler answers through the `&mut Driver` it is given: calling the client itself
+/// from a handler (or dropping its last handle there) would wait for that lock forever.
 ///
 /// # Flow control
 ///
@@ -45,8 +47,9 @@ const WAKE: mio::Token = mio::Token(1);
 /// I/O thread, which sleeps in a [`mio::Poll`] until the socket is readable or writable.
 /// So the I/O thread always keeps reading, and two ends that both send large messages
 /// while the other is not reading cannot deadlock. A send returns once its bytes are
-/// handed to the socket, waiting on a condition variable rather than in a write, so each
-/// sending thread has at most one message in flight. Queued output that makes no
+/// handed to the socket (on wss: encrypted, which runs up to 256 KiB ahead of the socket),
+/// waiting on a condition variable rather than in a write, so each sending thread has at
+/// most one message in flight. Queued output that makes no
 /// progress for [`Timeouts::write`] fails the connection: `on_error` with a `TimedOut`
 /// I/O error, `on_close` 1006, and the waiting sends return that error.
 ///
