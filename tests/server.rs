@@ -1163,6 +1163,44 @@ fn a_reset_in_the_middle_of_a_payload_is_reported_as_a_reset(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A close started from a write callback (`send_with`) is a close like any other: the
+/// connection leaves its topics at once and the close timeout bounds the wait for the
+/// peer's answer (here a peer that reads and never answers: dropped after 300 ms).
+fn a_close_from_a_write_callback_is_timed_and_leaves_its_topics(backend: Backend) {
+    struct ByeThenClose;
+    impl Handler for ByeThenClose {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            ws.subscribe("room").unwrap();
+            ws.send_with(b"bye", websocket_driver::MessageType::Text, |ws| {
+                ws.close_connection(1000, "done").unwrap();
+            })
+            .unwrap();
+        }
+    }
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            close_timeout: Duration::from_millis(300),
+            ..config(backend)
+        })
+        .start(|_| Upgrade::Accept(ByeThenClose))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert_eq!(client.next_message().unwrap(), Owned::Text("bye".into()));
+    // The server's Close follows; it is never answered (this client writes nothing).
+    assert!(
+        eventually(Duration::from_secs(10), || server.subscribers("room") == 0),
+        "still subscribed while closing"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || server.stats().connections_open
+            == 0),
+        "a close nobody answers is not timed"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -1211,8 +1249,9 @@ fn a_panicking_handler_ends_its_loop_and_its_connections(backend: Backend) {
     );
     let mut culprit = TestClient::connect(addr, "/").unwrap();
     culprit.send_text("panic").unwrap();
+    // Ended, with a FIN or, where the server had not read everything, a reset.
     for client in [&mut culprit, &mut idle, &mut streaming] {
-        assert!(client.wait_eof(), "a connection of the loop stayed open");
+        assert!(client.wait_ended(), "a connection of the loop stayed open");
     }
     let error = server.shutdown(Duration::from_secs(1)).unwrap_err();
     assert_eq!(error.to_string(), "an event loop panicked");
@@ -1243,4 +1282,5 @@ on_every_backend!(
     a_fin_that_came_while_reading_was_paused_is_read,
     a_peer_that_closes_without_reading_is_dropped_after_the_close_timeout,
     a_reset_in_the_middle_of_a_payload_is_reported_as_a_reset,
+    a_close_from_a_write_callback_is_timed_and_leaves_its_topics,
 );

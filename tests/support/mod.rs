@@ -164,6 +164,20 @@ impl TestClient {
             }
         }
     }
+
+    /// Reads until the server ends the connection, by a FIN or a reset (a socket closed
+    /// with unread input resets); false if the read times out first.
+    pub fn wait_ended(&mut self) -> bool {
+        let mut sink = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return e.kind() == io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
 }
 
 /// Polls `check` until it holds or `limit` passes (a bound on waiting, not an assertion

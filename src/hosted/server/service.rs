@@ -192,7 +192,7 @@ where
     /// writes ciphertext, and runs the write callbacks of what was sealed. A no-op for
     /// plain connections.
     #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
-    fn seal(&mut self, conn: &mut Conn<H>, io: &Io<'_, Command>) {
+    fn seal(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         #[cfg(feature = "tls")]
         loop {
             let Some(tls) = conn.tls.as_mut() else {
@@ -786,7 +786,8 @@ where
         }
         let ctx = self.ctx(conn.peer.get(), io, outside);
         handler.on_drain(&mut Ws { driver, ctx: &ctx });
-        self.settle(conn, io);
+        // What it queued: a close's events and deadline, as after any handler call.
+        self.pump(conn, io, &mut []);
     }
 
     fn shutdown_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {

@@ -22,8 +22,9 @@ where
             })
     }
 
-    /// Runs the write callbacks whose bytes the driver has handed on.
-    pub(super) fn run_written(&self, conn: &mut Conn<H>, io: &Io<'_, Command>) {
+    /// Runs the write callbacks whose bytes the driver has handed on, then, if any ran,
+    /// what their calls queued (a close: its events, its deadline, leaving the topics).
+    pub(super) fn run_written(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         if self.callbacks.borrow().is_empty() {
             return;
         }
@@ -32,11 +33,12 @@ where
             return;
         };
         let ctx = self.ctx(conn.peer.get(), io, outside);
+        let mut ran = false;
         loop {
             let due = {
                 let mut callbacks = self.callbacks.borrow_mut();
                 let Some(pending) = callbacks.get_mut(&io.key) else {
-                    return;
+                    break;
                 };
                 let due = pending.next_written(driver);
                 if pending.is_empty() {
@@ -44,8 +46,12 @@ where
                 }
                 due
             };
-            let Some(callback) = due else { return };
+            let Some(callback) = due else { break };
             callback(&mut Ws { driver, ctx: &ctx });
+            ran = true;
+        }
+        if ran {
+            self.pump(conn, io, &mut []);
         }
     }
 
