@@ -411,6 +411,36 @@ fn blocking_wss_client_sends_close_notify() {
     );
 }
 
+/// A TLS server at its connection limit closes a new connection without a plaintext
+/// 503 (which a TLS client would read as a broken record): the client's TLS handshake
+/// fails on a closed connection, with no byte received.
+#[test]
+fn a_tls_server_at_its_limit_closes_without_a_plaintext_answer() {
+    use std::io::Read;
+    let (cert, key) = certificate("at-limit");
+    let tls = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(websocket_driver::server::ServerConfig {
+            threads: 1,
+            max_connections: 1,
+            ..Default::default()
+        })
+        .tls(tls)
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap();
+    let _held = RawWss::connect(server.local_addr(), &cert);
+    let mut refused = std::net::TcpStream::connect(server.local_addr()).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = refused.read_to_end(&mut got);
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert_eq!(server.stats().connections_refused, 1);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 /// A raw wss client whose TLS state is shared by a writer and a reader thread without
 /// ever holding the lock across a blocking socket call: encrypt under the lock, write the
 /// ciphertext outside it; read outside it, decrypt under the lock.

@@ -38,7 +38,8 @@ pub struct ServerConfig {
     pub backend: Backend,
     /// Driver options (`max_length`, `accept_protocols`, `additional_headers`, head limits).
     pub options: Options,
-    /// Most open connections over all loops; beyond, new ones get 503 and are closed.
+    /// Most open connections over all loops; beyond, new ones get 503 and are closed (on
+    /// wss closed without an answer: a plaintext 503 would be a broken TLS record).
     /// Default: what the current soft open-file limit allows, minus a reserve
     /// ([`reactor::default_max_connections`]); the limit is not changed, see
     /// [`raise_open_file_limit`](crate::raise_open_file_limit).

@@ -10,6 +10,8 @@ use super::{Conn, Phase, WsService};
 use crate::hosted::server::Ws;
 use crate::hosted::server::{ClientInit, Command, Handler, Upgrade, UpgradeRequest};
 #[cfg(feature = "tls")]
+use crate::protocol::driver::ReadyState;
+#[cfg(feature = "tls")]
 use crate::protocol::error::code;
 use crate::protocol::handshake::http_response;
 #[cfg(feature = "tls")]
@@ -63,7 +65,10 @@ where
                 Err(e) => {
                     // A TLS failure ends the connection; the alert (if any) goes out first.
                     let outside = WsService::<F, H>::queued_outside(conn);
-                    if let Phase::Open(driver, handler) = &mut conn.phase {
+                    // Not once the close was reported: `on_error` never follows `on_close`.
+                    if let Phase::Open(driver, handler) = &mut conn.phase
+                        && driver.ready_state() != ReadyState::Closed
+                    {
                         let ctx = self.ctx(conn.peer.get(), io, outside);
                         handler.on_error(&mut Ws { driver, ctx: &ctx }, &e);
                         driver.abort(code::ABNORMAL, "TLS failure");
@@ -236,6 +241,12 @@ where
     }
 
     fn over_capacity(&self) -> Vec<u8> {
+        // A TLS client would read a plaintext 503 as a broken record: it is closed
+        // without an answer.
+        #[cfg(feature = "tls")]
+        if self.config.tls.is_some() {
+            return Vec::new();
+        }
         http_response(
             503,
             &[("Retry-After", "1")],
