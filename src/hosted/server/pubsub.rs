@@ -32,8 +32,9 @@
 //! the next one, a gap in what one publisher sent.
 //!
 //! Memory per subscription: one key and its mark in the topic's map on the connection's
-//! loop and one topic reference in the connection's list (about 48 bytes, plus the topic's
-//! bytes once per loop); the server-wide count is one entry per topic.
+//! loop and one topic reference in the connection's list (16 bytes each; about 48 with the
+//! map's control byte and the room maps and vectors keep spare, plus the topic's bytes
+//! once per loop); the server-wide count is one entry per topic.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
@@ -477,6 +478,16 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What one subscription stores on its loop, as the module docs count it: a key and
+    /// its mark in the topic's map, and a topic reference in the connection's list (16
+    /// bytes each; about 48 with the map's control byte and the spare room maps and
+    /// vectors keep).
+    #[test]
+    fn a_subscription_stores_two_entries_of_16_bytes() {
+        assert_eq!(std::mem::size_of::<(usize, u64)>(), 16);
+        assert_eq!(std::mem::size_of::<Topic>(), 16);
+    }
 
     fn publication(topic: &str, len: usize, exclude: Option<(usize, usize)>) -> Arc<Publication> {
         // A frame of `len` bytes in all: its header (2 bytes, or 4 past 125 bytes of
