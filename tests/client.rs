@@ -1115,6 +1115,84 @@ fn blocking_client_bounds_a_trickling_proxy_by_the_handshake_timeout() {
     trickler.join().unwrap();
 }
 
+/// A hosted client tries a name's addresses in turn: here `connect_at` with an address
+/// that refuses the connect, then the echo server's. The handler hears nothing of the
+/// refused one (no error, no close): it opens, echoes and closes at the second. With
+/// only the refusing address, the refusal is reported once, as before.
+fn hosted_client_tries_the_next_address_when_one_refuses(backend: Backend) {
+    let server = echo_server();
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let url = format!("ws://{}/", server.local_addr());
+    reactor
+        .connect_at(
+            &url,
+            &[refusing, server.local_addr()],
+            &Options::default(),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: Some("second address".into()),
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            Seen::Open,
+            Seen::Text("second address".into()),
+            Seen::Close(1000, String::new())
+        ]
+    );
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    reactor
+        .connect_at(
+            &url,
+            &[refusing],
+            &Options::default(),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 2));
+    let log = log.lock().unwrap().clone();
+    assert!(
+        matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)]
+            if e.to_lowercase().contains("refused")),
+        "{log:?}"
+    );
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn hosted_client_tries_the_next_address_when_one_refuses_on_epoll() {
+    hosted_client_tries_the_next_address_when_one_refuses(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_tries_the_next_address_when_one_refuses_on_io_uring() {
+    hosted_client_tries_the_next_address_when_one_refuses(Backend::IoUring);
+}
+
 /// An order-sensitive checksum of a message.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -1227,8 +1227,7 @@ async fn the_handshake_timeout_bounds_both_sides() {
     let options = Options::default();
     let err = WebSocketStream::accept_with(near, &options, &config, |_| Ok(()))
         .await
-        .err()
-        .expect("the handshake times out");
+        .expect_err("the handshake times out");
     assert!(
         matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
         "{err}"
@@ -1239,8 +1238,7 @@ async fn the_handshake_timeout_bounds_both_sides() {
     let started = tokio::time::Instant::now();
     let err = WebSocketStream::client_with(near, "ws://example.com/", &options, &config)
         .await
-        .err()
-        .expect("the handshake times out");
+        .expect_err("the handshake times out");
     assert!(
         matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
         "{err}"

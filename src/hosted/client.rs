@@ -13,7 +13,7 @@ use crate::protocol::error::Error;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
-    ClientConnector, ClientInit, Handler, ServerConfig, ServerHandle, Stats, Upgrade,
+    ClientConnector, ClientInit, Handler, Redial, ServerConfig, ServerHandle, Stats, Upgrade,
     UpgradeRequest, spawn,
 };
 use crate::session::upgrade::HttpResponse;
@@ -88,41 +88,101 @@ impl<H: Handler> ClientReactor<H> {
         self.connect_with(url, &options, handler)
     }
 
-    /// Like [`ClientReactor::connect`], with per-connection options.
+    /// Like [`ClientReactor::connect`], with per-connection options. The host is resolved
+    /// here, on the calling thread; its addresses are tried in turn, the next one when a
+    /// connect is refused or finds no route (`localhost` as `::1`, then `127.0.0.1`).
+    /// Through a proxy, only the proxy's name is resolved: the target's is the proxy's.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
+        let parsed = parse_url(url)?;
+        match &self.proxy {
+            Some(proxy) => self.queue(url, options, vec![resolve_proxy(proxy)?], handler, true),
+            None => self.queue(
+                url,
+                options,
+                addresses(&parsed.host, parsed.port)?,
+                handler,
+                false,
+            ),
+        }
+    }
+
+    /// Opens a connection to `url` at the first of `addrs` that accepts, in order (for
+    /// names resolved elsewhere: the URL's host is still the `Host` header and, for wss,
+    /// the name the certificate is checked against). Not through the proxy.
+    pub fn connect_at(
+        &self,
+        url: &str,
+        addrs: &[std::net::SocketAddr],
+        options: &Options,
+        handler: H,
+    ) -> Result<(), Error> {
+        parse_url(url)?;
+        if addrs.is_empty() {
+            return Err(
+                io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to").into(),
+            );
+        }
+        self.queue(url, options, addrs.to_vec(), handler, false)
+    }
+
+    /// Queues the connection on a loop: at `addrs[0]` (the rest tried in turn), through
+    /// the proxy when `proxied` (then `addrs` is the proxy's address).
+    fn queue(
+        &self,
+        url: &str,
+        options: &Options,
+        addrs: Vec<std::net::SocketAddr>,
+        handler: H,
+        proxied: bool,
+    ) -> Result<(), Error> {
         let parsed = parse_url(url)?;
         let mut driver = Driver::make_client(url, options)?;
         driver.start_connection();
-        // Through a proxy, the target's name is the proxy's to resolve.
-        let (addr, proxy) = match &self.proxy {
-            Some(proxy) => (resolve_proxy(proxy)?, Some(proxy.connect_request(&parsed))),
-            None => (addresses(&parsed.host, parsed.port)?[0], None),
+        let proxy = match &self.proxy {
+            Some(proxy) if proxied => Some(proxy.connect_request(&parsed)),
+            _ => None,
         };
+        #[cfg(feature = "tls")]
+        let tls_config = if parsed.secure {
+            let mut slot = lock(&self.tls);
+            Some(match &*slot {
+                Some(config) => config.clone(),
+                None => slot
+                    .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
+                    .clone(),
+            })
+        } else {
+            None
+        };
+        #[cfg(feature = "tls")]
+        let tls = match &tls_config {
+            Some(config) => Some(Box::new(crate::tls::TlsStream::client(
+                config.clone(),
+                &parsed.host,
+            )?)),
+            None => None,
+        };
+        let mut addrs: std::collections::VecDeque<_> = addrs.into();
+        let addr = addrs
+            .pop_front()
+            .expect("callers pass at least one address");
+        let redial = (!addrs.is_empty()).then(|| {
+            Box::new(Redial {
+                addrs,
+                url: url.to_string(),
+                options: options.clone(),
+                #[cfg(feature = "tls")]
+                tls: tls_config,
+            })
+        });
         let init = ClientInit {
             driver,
             proxy,
             handler,
             #[cfg(feature = "tls")]
-            tls: if parsed.secure {
-                let config = {
-                    let mut slot = lock(&self.tls);
-                    match &*slot {
-                        Some(config) => config.clone(),
-                        None => slot
-                            .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
-                            .clone(),
-                    }
-                };
-                Some(Box::new(crate::tls::TlsStream::client(
-                    config,
-                    &parsed.host,
-                )?))
-            } else {
-                None
-            },
+            tls,
+            redial,
         };
-        #[cfg(not(feature = "tls"))]
-        let _ = parsed;
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.connectors[i % self.connectors.len()].connect(addr, init)?;
         Ok(())

@@ -766,10 +766,16 @@ impl<S: Service, B: Backend> Core<S, B> {
         })();
         match started {
             Ok(stream) => self.register(backend, stream, addr, Some(init)),
-            Err(e) => {
-                let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
-                self.service.connect_failed(&mut io, init, e);
-            }
+            Err(e) => self.connect_failed(backend, init, e),
+        }
+    }
+
+    /// An outgoing connection failed before it had a key: the session's next address, if
+    /// it has one, is dialled; otherwise it has reported the failure.
+    fn connect_failed(&mut self, backend: &mut B, init: S::Connect, error: io::Error) {
+        let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
+        if let Some((addr, init)) = self.service.connect_failed(&mut io, init, error) {
+            self.connect(backend, addr, init);
         }
     }
 
@@ -808,8 +814,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             Err(e) => {
                 connections.fetch_sub(1, Ordering::AcqRel);
                 if let Some(init) = init {
-                    let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
-                    self.service.connect_failed(&mut io, init, e);
+                    self.connect_failed(backend, init, e);
                 }
                 return;
             }
@@ -852,16 +857,20 @@ impl<S: Service, B: Backend> Core<S, B> {
         // is counted out, then the peer can see the close: a stats reader that sees the
         // connection gone sees its close too, and one that saw the socket's EOF sees the
         // connection gone.
-        if let Some(session) = session {
+        let retry = session.and_then(|session| {
             let mut io = Io::new(self.now(), key, generation, &self.remote);
-            self.service.closed(session, &mut io, cause);
-        }
+            self.service.closed(session, &mut io, cause)
+        });
         self.config.connections.fetch_sub(1, Ordering::AcqRel);
         self.stats.connections_open.fetch_sub(1, Ordering::Release);
         if let Some(conn) = self.conns.get_mut(key) {
             backend.detach(key, &mut conn.socket);
         }
         self.on_released(key);
+        // A connect refused at this address: the session's next one.
+        if let Some((addr, init)) = retry {
+            self.connect(backend, addr, init);
+        }
     }
 
     fn close_all(&mut self, backend: &mut B) {

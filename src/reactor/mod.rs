@@ -227,13 +227,15 @@ pub(crate) trait Service: 'static {
         peer: SocketAddr,
         init: Self::Connect,
     ) -> Self::Session;
-    /// An outgoing connection could not even be started (no socket, no route).
+    /// An outgoing connection could not even be started (no socket, no route). Returns
+    /// the next address to try with what the connection is made of, if the session has
+    /// one (the loop then dials it); `None` once the failure is reported.
     fn connect_failed(
         &mut self,
         io: &mut Io<'_, Self::Command>,
         init: Self::Connect,
         error: io::Error,
-    );
+    ) -> Option<(SocketAddr, Self::Connect)>;
     /// Bytes arrived (the slice is the loop's read buffer, free to modify in place).
     fn read(
         &mut self,
@@ -336,13 +338,14 @@ pub(crate) trait Service: 'static {
     /// connection failed).
     fn sent(&mut self, session: &mut Self::Session, io: &mut Io<'_, Self::Command>, n: usize);
     /// The socket is closed (by request, by the peer, by error or by shutdown); `cause` is
-    /// the transport's error when one ended it.
+    /// the transport's error when one ended it. For an outgoing connection whose connect
+    /// failed, returns the next address to try, as [`Service::connect_failed`] does.
     fn closed(
         &mut self,
         session: Self::Session,
         io: &mut Io<'_, Self::Command>,
         cause: Option<std::io::Error>,
-    );
+    ) -> Option<(SocketAddr, Self::Connect)>;
     /// The response for a connection refused because the server is full.
     fn over_capacity(&self) -> Vec<u8>;
 }

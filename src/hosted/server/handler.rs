@@ -96,6 +96,69 @@ pub(crate) struct ClientInit<H> {
     pub proxy: Option<Vec<u8>>,
     #[cfg(feature = "tls")]
     pub tls: Option<Box<crate::tls::TlsStream>>,
+    /// The addresses to try next if this one refuses the connect (the rest of what the
+    /// host resolved to), with what a fresh attempt is made of.
+    pub redial: Option<Box<Redial>>,
+}
+
+/// A client connection's other addresses, and how to make a fresh attempt at the next one
+/// (the first attempt's driver and TLS state may have handed their bytes to a send that
+/// failed, so they are made again).
+pub(crate) struct Redial {
+    pub addrs: VecDeque<SocketAddr>,
+    pub url: String,
+    pub options: crate::protocol::options::Options,
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Redial {
+    /// Whether a connect that failed with `error` may be tried at the next address: it
+    /// was refused or had no route (not a shutdown, not a timeout of the whole attempt).
+    pub fn retries(&self, error: &io::Error) -> bool {
+        !self.addrs.is_empty()
+            && matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::AddrNotAvailable
+            )
+    }
+
+    /// A fresh attempt at the next address, made of `handler`; `Err(handler)` if one
+    /// cannot be made (then the failure is reported).
+    pub fn next<H>(mut self: Box<Self>, handler: H) -> Result<(SocketAddr, ClientInit<H>), H> {
+        let Some(addr) = self.addrs.pop_front() else {
+            return Err(handler);
+        };
+        let Ok(mut driver) = Driver::make_client(&self.url, &self.options) else {
+            return Err(handler);
+        };
+        driver.start_connection();
+        #[cfg(feature = "tls")]
+        let tls = match (&self.tls, driver.url()) {
+            (Some(config), Some(url)) => {
+                match crate::tls::TlsStream::client(config.clone(), &url.host) {
+                    Ok(tls) => Some(Box::new(tls)),
+                    Err(_) => return Err(handler),
+                }
+            }
+            _ => None,
+        };
+        let redial = (!self.addrs.is_empty()).then_some(self);
+        Ok((
+            addr,
+            ClientInit {
+                driver,
+                handler,
+                proxy: None,
+                #[cfg(feature = "tls")]
+                tls,
+                redial,
+            },
+        ))
+    }
 }
 
 pub(crate) enum Command {

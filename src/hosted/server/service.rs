@@ -1,7 +1,7 @@
 //! The per-connection service the loops drive: the upgrade, the session's deadlines,
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
-use super::handler::{Callbacks, Ctx, Gauges, Lendable};
+use super::handler::{Callbacks, Ctx, Gauges, Lendable, Redial};
 use super::pubsub::{LoopTopics, PubSub};
 use super::tunnel::{Progress, Tunnel};
 
@@ -48,6 +48,8 @@ pub(crate) struct WsService<F, H> {
     held: HashMap<usize, Vec<u8>>,
     /// What the `Sender`s of connections that have any share with the loop.
     gauges: RefCell<Gauges>,
+    /// Client connections still connecting that have other addresses to try.
+    redials: HashMap<usize, Box<Redial>>,
     /// The loop's topic index (and publications for its own subscribers).
     topics: RefCell<LoopTopics>,
     /// This loop's place among the server's loops.
@@ -75,6 +77,7 @@ impl<F, H> WsService<F, H> {
             pool: BufferPool::default(),
             callbacks: RefCell::default(),
             held: HashMap::new(),
+            redials: HashMap::new(),
             gauges: RefCell::default(),
             topics: RefCell::default(),
             loop_index,
@@ -572,7 +575,11 @@ where
             proxy,
             #[cfg(feature = "tls")]
             tls,
+            redial,
         } = init;
+        if let Some(redial) = redial {
+            self.redials.insert(io.key, redial);
+        }
         if let Some(buf) = self.pool.pop() {
             driver.provide_output_buffer(buf);
         }
@@ -602,9 +609,15 @@ where
     fn connect_failed_plain(
         &mut self,
         io: &mut Io<'_, Command>,
-        init: ClientInit<H>,
+        mut init: ClientInit<H>,
         error: io::Error,
-    ) {
+    ) -> Option<(SocketAddr, ClientInit<H>)> {
+        if let Some(mut redial) = init.redial.take_if(|r| r.retries(&error)) {
+            // Nothing was sent: the same parts go to the next address.
+            let addr = redial.addrs.pop_front().expect("retries has one");
+            init.redial = (!redial.addrs.is_empty()).then_some(redial);
+            return Some((addr, init));
+        }
         let (driver, handler) = (init.driver, init.handler);
         let mut conn = Conn::new(
             Phase::Open(driver, handler),
@@ -620,6 +633,7 @@ where
         // there (a `Sender`'s gauge, write callbacks) may outlive it.
         self.callbacks.get_mut().remove(&io.key);
         self.gauges.get_mut().remove(&io.key);
+        None
     }
 
     fn read_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
@@ -906,9 +920,12 @@ where
         mut conn: Conn<H>,
         io: &mut Io<'_, Command>,
         cause: Option<io::Error>,
-    ) {
+    ) -> Option<(SocketAddr, ClientInit<H>)> {
         conn.untunnel();
-        if let Phase::Open(driver, _) = &mut conn.phase {
+        let retry = self.redial(&mut conn, io.key, cause.as_ref());
+        if retry.is_some() {
+            // The handler goes on at the next address: nothing is reported.
+        } else if let Phase::Open(driver, _) = &mut conn.phase {
             match cause {
                 Some(error) => driver.receive_error(error),
                 None => driver.receive_eof(),
@@ -927,6 +944,37 @@ where
         self.held.remove(&io.key);
         self.gauges.get_mut().remove(&io.key);
         conn.phase = Phase::Done;
+        retry
+    }
+
+    /// A client connection that failed to connect with addresses left: a fresh attempt
+    /// at the next one, made of its handler.
+    fn redial(
+        &mut self,
+        conn: &mut Conn<H>,
+        key: usize,
+        cause: Option<&io::Error>,
+    ) -> Option<(SocketAddr, ClientInit<H>)> {
+        let redial = self.redials.remove(&key)?;
+        let connecting = matches!(&conn.phase,
+            Phase::Open(driver, _) if driver.ready_state() == ReadyState::Connecting);
+        if !connecting || !cause.is_some_and(|e| redial.retries(e)) {
+            return None;
+        }
+        let Phase::Open(mut driver, handler) = std::mem::replace(&mut conn.phase, Phase::Done)
+        else {
+            unreachable!("checked above");
+        };
+        match redial.next(handler) {
+            Ok(retry) => {
+                self.recycle(&mut driver);
+                Some(retry)
+            }
+            Err(handler) => {
+                conn.phase = Phase::Open(driver, handler);
+                None
+            }
+        }
     }
 }
 

@@ -51,11 +51,20 @@ where
         conn
     }
 
-    fn connect_failed(&mut self, io: &mut Io<'_, Command>, init: ClientInit<H>, error: io::Error) {
+    fn connect_failed(
+        &mut self,
+        io: &mut Io<'_, Command>,
+        init: ClientInit<H>,
+        error: io::Error,
+    ) -> Option<(SocketAddr, ClientInit<H>)> {
         self.connect_failed_plain(io, init, error)
     }
 
     fn read(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, data: &mut [u8]) {
+        if !self.redials.is_empty() {
+            // Connected: no other address will be needed.
+            self.redials.remove(&io.key);
+        }
         #[cfg(feature = "tls")]
         if let Some(tls) = conn.tls.as_mut() {
             let mut plain = std::mem::take(&mut self.plain);
@@ -236,7 +245,12 @@ where
         self.seal(conn, io);
     }
 
-    fn closed(&mut self, conn: Conn<H>, io: &mut Io<'_, Command>, cause: Option<io::Error>) {
+    fn closed(
+        &mut self,
+        conn: Conn<H>,
+        io: &mut Io<'_, Command>,
+        cause: Option<io::Error>,
+    ) -> Option<(SocketAddr, ClientInit<H>)> {
         self.closed_plain(conn, io, cause)
     }
 
