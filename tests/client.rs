@@ -875,14 +875,7 @@ fn hosted_client_stays_open_past_the_handshake_timeout() {
 /// handshake's deadline passes: `on_error` with a timed-out I/O error, then `on_close`
 /// 1006 (the same order as a refused connect), on both backends.
 fn hosted_client_handshake_timeout_is_reported_as_an_error(backend: Backend) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let silent = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let _ = read_head(&mut s);
-        // Holds the connection until the client drops it.
-        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
-    });
+    let (addr, _request_seen, silent) = silent_upgrade_server();
     let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
         threads: 1,
         backend,
@@ -890,18 +883,7 @@ fn hosted_client_handshake_timeout_is_reported_as_an_error(backend: Backend) {
         ..ServerConfig::default()
     })
     .unwrap();
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let closes = Arc::new(AtomicUsize::new(0));
-    reactor
-        .connect(
-            &format!("ws://{addr}/"),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: None,
-            },
-        )
-        .unwrap();
+    let (log, closes) = connect_recorded(&reactor, &format!("ws://{addr}/"));
     assert!(eventually(Duration::from_secs(20), || closes
         .load(Ordering::Relaxed)
         == 1));
@@ -912,6 +894,47 @@ fn hosted_client_handshake_timeout_is_reported_as_an_error(backend: Backend) {
     );
     silent.join().unwrap();
     reactor.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A server that accepts one connection, reads its upgrade request (then says so on the
+/// returned channel) and never answers; it ends when the client goes.
+fn silent_upgrade_server() -> (
+    std::net::SocketAddr,
+    mpsc::Receiver<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (requested, request_seen) = mpsc::channel();
+    let silent = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = read_head(&mut s);
+        let _ = requested.send(());
+        // Holds the connection until the client drops it.
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    });
+    (addr, request_seen, silent)
+}
+
+/// Connects `reactor` to `url` with a `Recorder` that sends nothing; returns its log and
+/// its close count.
+fn connect_recorded(
+    reactor: &ClientReactor<Recorder>,
+    url: &str,
+) -> (Arc<Mutex<Vec<Seen>>>, Arc<AtomicUsize>) {
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let closes = Arc::new(AtomicUsize::new(0));
+    reactor
+        .connect(
+            url,
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    (log, closes)
 }
 
 #[test]
@@ -928,33 +951,14 @@ fn hosted_client_handshake_timeout_is_reported_as_an_error_on_io_uring() {
 /// 1001 to): its handler hears a 1006 that says so, rather than the connection holding
 /// the shutdown for its whole grace and then ending as a cut-off handshake.
 fn shutdown_ends_a_client_still_connecting(backend: Backend) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (requested, request_seen) = mpsc::channel();
-    let silent = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let _ = read_head(&mut s);
-        requested.send(()).unwrap();
-        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
-    });
+    let (addr, request_seen, silent) = silent_upgrade_server();
     let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
         threads: 1,
         backend,
         ..ServerConfig::default()
     })
     .unwrap();
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let closes = Arc::new(AtomicUsize::new(0));
-    reactor
-        .connect(
-            &format!("ws://{addr}/"),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: None,
-            },
-        )
-        .unwrap();
+    let (log, _closes) = connect_recorded(&reactor, &format!("ws://{addr}/"));
     request_seen.recv_timeout(Duration::from_secs(10)).unwrap();
     reactor.shutdown(Duration::from_secs(3)).unwrap();
     assert_eq!(

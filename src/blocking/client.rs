@@ -484,27 +484,20 @@ impl BlockingClient {
     /// handshake, or the connection failed or timed out) or `timeout` passes: the server
     /// closes TCP first (RFC 6455 §7.1.1), so the client does not hold its TIME_WAIT.
     fn wait_ended(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut ws = self.shared.lock();
-        while !ws.ended && ws.stream.is_some() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            ws = self
-                .shared
-                .changed
-                .wait_timeout(ws, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_for(timeout, |ws| ws.ended || ws.stream.is_none());
     }
 
     /// Blocks until the connection is closed or `timeout` passes; returns whether closed.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |ws| ws.ready_state() == ReadyState::Closed)
+    }
+
+    /// Blocks until `done` holds for the session or `timeout` passes; returns whether it
+    /// held.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Session) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut ws = self.shared.lock();
-        while ws.ready_state() != ReadyState::Closed {
+        while !done(&ws) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;

@@ -154,27 +154,27 @@ impl TestClient {
 
     /// Reads until the server closes TCP; true if it did (within the read timeout).
     pub fn wait_eof(&mut self) -> bool {
-        let mut sink = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut sink) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        }
+        self.read_to_the_end().is_ok()
     }
 
     /// Reads until the server ends the connection, by a FIN or a reset (a socket closed
     /// with unread input resets); false if the read times out first.
     pub fn wait_ended(&mut self) -> bool {
+        match self.read_to_the_end() {
+            Ok(()) => true,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        }
+    }
+
+    /// Reads and drops everything until the end of the stream, or the read's error.
+    fn read_to_the_end(&mut self) -> io::Result<()> {
         let mut sink = [0u8; 4096];
         loop {
             match self.stream.read(&mut sink) {
-                Ok(0) => return true,
+                Ok(0) => return Ok(()),
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return e.kind() == io::ErrorKind::ConnectionReset,
+                Err(e) => return Err(e),
             }
         }
     }
