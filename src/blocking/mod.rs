@@ -346,11 +346,7 @@ fn run_connection(
         }
         match ws.ready_state() {
             ReadyState::Closing => timers.close_started(now, &config),
-            // The last writes have the close timeout too (a peer's Close skips closing).
-            ReadyState::Closed => {
-                timers.close_started(now, &config);
-                timers.closed();
-            }
+            ReadyState::Closed => timers.closed(now, &config),
             _ => {}
         }
         // Read unless the peer has not taken what we owe it: what we read may add to it.

@@ -161,9 +161,11 @@ impl Timers {
         }
     }
 
-    /// The driver is closed: no more keepalive. A close deadline stays armed, bounding
-    /// the last writes.
-    pub fn closed(&mut self) {
+    /// The driver is closed at `now`: no more keepalive, and the close deadline bounds the
+    /// last writes — the one already running, or one from `now` (a peer's Close takes the
+    /// driver from open to closed without a closing state that would have started it).
+    pub fn closed(&mut self, now: Instant, config: &TimerConfig) {
+        self.close_started(now, config);
         self.idle_at = None;
         self.ping_outstanding = false;
     }
@@ -245,8 +247,7 @@ impl Timers {
                 // Two idle periods without a word: say why, then give the close frame
                 // until the close timeout to get out.
                 driver.abort(code::GOING_AWAY, "idle timeout");
-                self.closed();
-                self.close_started(now, config);
+                self.closed(now, config);
                 return Expired::IdleClose;
             }
             let _ = driver.send_ping(b"");

@@ -62,12 +62,7 @@ impl Session {
             ReadyState::Closing => self
                 .timers
                 .close_started(Instant::now(), &self.timer_config),
-            // The last writes have the close timeout too (a peer's Close skips closing).
-            ReadyState::Closed => {
-                self.timers
-                    .close_started(Instant::now(), &self.timer_config);
-                self.timers.closed();
-            }
+            ReadyState::Closed => self.timers.closed(Instant::now(), &self.timer_config),
             _ => {}
         }
     }

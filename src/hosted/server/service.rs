@@ -413,10 +413,7 @@ where
                 true => CloseRequest::AfterFlushPeerDone,
                 false => CloseRequest::AfterFlush,
             });
-            // The last writes have the close timeout (a peer's Close goes from open to
-            // closed without a closing state, which would have started it).
-            conn.timers.close_started(io.now, &timer_config);
-            conn.timers.closed();
+            conn.timers.closed(io.now, &timer_config);
         }
         io.set_deadline(conn.timers.poll_timeout());
     }

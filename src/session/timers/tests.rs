@@ -178,10 +178,11 @@ fn close_timeout_after_an_idle_abort_drops_with_1006() {
         Expired::IdleClose
     );
     drain(&mut server);
-    timers.closed();
-    // Input after the abort does not revive the keepalive once `closed` is reported.
+    timers.closed(closed_at, &cfg);
+    // Input after the abort does not revive the keepalive once `closed` is reported, and
+    // reporting it again keeps the close deadline where it was.
     timers.received(closed_at + MS, &cfg);
-    timers.closed();
+    timers.closed(closed_at + MS, &cfg);
     let drop_at = closed_at + cfg.close;
     assert_eq!(timers.poll_timeout(), Some(drop_at));
     assert_eq!(
@@ -444,7 +445,11 @@ fn poll_timeout_is_always_the_earliest_deadline() {
                 }
             }
             4 => {
-                timers.closed();
+                timers.closed(now, &cfg);
+                if !closing {
+                    handshake = Some(now + cfg.close);
+                    closing = true;
+                }
                 idle = None;
             }
             _ => {

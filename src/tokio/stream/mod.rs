@@ -298,7 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         }
         if !self.closed_noted && state == ReadyState::Closed {
             self.closed_noted = true;
-            self.timers.closed();
+            self.timers.closed(now(), &self.timer_config);
         }
     }
 
