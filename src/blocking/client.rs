@@ -519,7 +519,6 @@ impl BlockingClient {
             let mut session = self.shared.lock();
             // What the I/O thread's handlers queued last (a close reply) may not be written
             // yet: hand it to the socket before shutting it (on wss, then close_notify).
-            session.write_ready();
             session.close_tls();
             session.stream.clone()
         };

@@ -76,21 +76,17 @@ impl WsSender {
     }
 
     async fn submit(&self, command: Command, ack: Option<Ack>) -> Result<(), Error> {
+        // Control frames (cost 0) do not wait on the byte limit.
         let cost = command.cost();
-        if cost == 0 {
-            self.wait_until(|_| true).await?;
-            let permit = self.commands.reserve().await.map_err(|_| not_open())?;
-            permit.send((command, ack));
-            return Ok(());
-        }
         loop {
-            self.wait_until(|s| s.total() <= s.limit).await?;
+            self.wait_until(|s| cost == 0 || s.total() <= s.limit)
+                .await?;
             let permit = self.commands.reserve().await.map_err(|_| not_open())?;
             // Checked again and counted in one step, now that nothing awaits any more:
             // of the senders that found room together (or while waiting for a slot), one
             // takes it and the others wait again, so the output goes over the limit by at
             // most one message. The message is queued whole or not at all.
-            if self.shared.try_count(cost) {
+            if cost == 0 || self.shared.try_count(cost) {
                 permit.send((command, ack));
                 return Ok(());
             }

@@ -109,16 +109,17 @@ impl Session {
         self.ws.consume_output(n);
     }
 
-    /// On wss, ends TLS with a close_notify (RFC 8446 §6.1) once everything the driver
-    /// queued is encrypted ahead of it, and writes what the socket takes. Idempotent.
+    /// Writes what the socket takes, and on wss then ends TLS with a close_notify (RFC
+    /// 8446 §6.1) once everything the driver queued is encrypted ahead of it. Idempotent.
     pub(super) fn close_tls(&mut self) {
+        self.write_ready();
         #[cfg(feature = "tls")]
         if let Some(tls) = self.tls.as_mut()
             && self.ws.pending_output().is_empty()
         {
             tls.close();
+            self.write_ready();
         }
-        self.write_ready();
     }
 
     pub(super) fn has_output(&self) -> bool {

@@ -691,13 +691,11 @@ impl Uring {
                     matches!(socket.stream.peer_addr(),
                         Err(e) if e.kind() == io::ErrorKind::NotConnected)
                 });
-                match reset {
-                    true => core.on_read_error(
-                        self,
-                        key,
-                        io::Error::from_raw_os_error(libc::ECONNRESET),
-                    ),
-                    false => core.on_eof(self, key),
+                if reset {
+                    let error = io::Error::from_raw_os_error(libc::ECONNRESET);
+                    core.on_read_error(self, key, error);
+                } else {
+                    core.on_eof(self, key);
                 }
             } else if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
                 core.on_read_error(self, key, io::Error::from_raw_os_error(-result));
