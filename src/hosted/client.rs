@@ -1,15 +1,17 @@
 //! Client connections hosted on the reactor's event loops, with the same [`Handler`]s as
 //! server connections.
 
+use std::collections::VecDeque;
 use std::io;
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(feature = "tls")]
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::protocol::driver::Driver;
 use crate::protocol::error::Error;
+use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
@@ -94,16 +96,14 @@ impl<H: Handler> ClientReactor<H> {
     /// Through a proxy, only the proxy's name is resolved: the target's is the proxy's.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
         let parsed = parse_url(url)?;
-        match &self.proxy {
-            Some(proxy) => self.queue(url, options, vec![resolve_proxy(proxy)?], handler, true),
-            None => self.queue(
-                url,
-                options,
-                addresses(&parsed.host, parsed.port)?,
-                handler,
-                false,
+        let (addrs, proxy) = match &self.proxy {
+            Some(proxy) => (
+                vec![resolve_proxy(proxy)?],
+                Some(proxy.connect_request(&parsed)),
             ),
-        }
+            None => (addresses(&parsed.host, parsed.port)?, None),
+        };
+        self.queue(url, &parsed, options, addrs, proxy, handler)
     }
 
     /// Opens a connection to `url` at the first of `addrs` that accepts, in order (for
@@ -112,77 +112,60 @@ impl<H: Handler> ClientReactor<H> {
     pub fn connect_at(
         &self,
         url: &str,
-        addrs: &[std::net::SocketAddr],
+        addrs: &[SocketAddr],
         options: &Options,
         handler: H,
     ) -> Result<(), Error> {
-        parse_url(url)?;
         if addrs.is_empty() {
             return Err(
                 io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to").into(),
             );
         }
-        self.queue(url, options, addrs.to_vec(), handler, false)
+        self.queue(
+            url,
+            &parse_url(url)?,
+            options,
+            addrs.to_vec(),
+            None,
+            handler,
+        )
     }
 
-    /// Queues the connection on a loop: at `addrs[0]` (the rest tried in turn), through
-    /// the proxy when `proxied` (then `addrs` is the proxy's address).
+    /// Queues the connection on a loop: at `addrs[0]`, the rest tried in turn (through
+    /// the proxy, `addrs` is the proxy's address and `proxy` the `CONNECT` request).
     fn queue(
         &self,
         url: &str,
+        parsed: &ClientUrl,
         options: &Options,
-        addrs: Vec<std::net::SocketAddr>,
+        addrs: Vec<SocketAddr>,
+        proxy: Option<Vec<u8>>,
         handler: H,
-        proxied: bool,
     ) -> Result<(), Error> {
-        let parsed = parse_url(url)?;
-        let mut driver = Driver::make_client(url, options)?;
-        driver.start_connection();
-        let proxy = match &self.proxy {
-            Some(proxy) if proxied => Some(proxy.connect_request(&parsed)),
-            _ => None,
-        };
-        #[cfg(feature = "tls")]
-        let tls_config = if parsed.secure {
-            let mut slot = lock(&self.tls);
-            Some(match &*slot {
-                Some(config) => config.clone(),
-                None => slot
-                    .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
-                    .clone(),
-            })
-        } else {
-            None
-        };
-        #[cfg(feature = "tls")]
-        let tls = match &tls_config {
-            Some(config) => Some(Box::new(crate::tls::TlsStream::client(
-                config.clone(),
-                &parsed.host,
-            )?)),
-            None => None,
-        };
-        let mut addrs: std::collections::VecDeque<_> = addrs.into();
+        let mut addrs: VecDeque<SocketAddr> = addrs.into();
         let addr = addrs
             .pop_front()
             .expect("callers pass at least one address");
-        let redial = (!addrs.is_empty()).then(|| {
-            Box::new(Redial {
-                addrs,
-                url: url.to_string(),
-                options: options.clone(),
-                #[cfg(feature = "tls")]
-                tls: tls_config,
-            })
-        });
-        let init = ClientInit {
-            driver,
-            proxy,
-            handler,
+        let redial = Box::new(Redial {
+            addrs,
+            url: url.to_string(),
+            options: options.clone(),
             #[cfg(feature = "tls")]
-            tls,
-            redial,
-        };
+            tls: if parsed.secure {
+                let mut slot = lock(&self.tls);
+                Some(match &*slot {
+                    Some(config) => config.clone(),
+                    None => slot
+                        .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
+                        .clone(),
+                })
+            } else {
+                None
+            },
+        });
+        #[cfg(not(feature = "tls"))]
+        let _ = parsed;
+        let init = ClientInit::new(redial.attempt()?, handler, proxy, redial);
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.connectors[i % self.connectors.len()].connect(addr, init)?;
         Ok(())

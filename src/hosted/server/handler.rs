@@ -101,9 +101,9 @@ pub(crate) struct ClientInit<H> {
     pub redial: Option<Box<Redial>>,
 }
 
-/// A client connection's other addresses, and how to make a fresh attempt at the next one
-/// (the first attempt's driver and TLS state may have handed their bytes to a send that
-/// failed, so they are made again).
+/// What a client connection's attempts are made of (its URL, options and TLS settings),
+/// and the addresses still to try. Each attempt is made afresh: an earlier one may have
+/// handed its bytes to a send that failed.
 pub(crate) struct Redial {
     pub addrs: VecDeque<SocketAddr>,
     pub url: String,
@@ -112,7 +112,33 @@ pub(crate) struct Redial {
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// One attempt's state: a driver with its upgrade request queued, and TLS for wss.
+pub(crate) struct Attempt {
+    pub driver: Driver,
+    #[cfg(feature = "tls")]
+    pub tls: Option<Box<crate::tls::TlsStream>>,
+}
+
 impl Redial {
+    /// A fresh attempt's driver and TLS state.
+    pub fn attempt(&self) -> Result<Attempt, Error> {
+        let mut driver = Driver::make_client(&self.url, &self.options)?;
+        driver.start_connection();
+        #[cfg(feature = "tls")]
+        let tls = match (&self.tls, driver.url()) {
+            (Some(config), Some(url)) => Some(Box::new(crate::tls::TlsStream::client(
+                config.clone(),
+                &url.host,
+            )?)),
+            _ => None,
+        };
+        Ok(Attempt {
+            driver,
+            #[cfg(feature = "tls")]
+            tls,
+        })
+    }
+
     /// Whether a connect that failed with `error` may be tried at the next address: it
     /// was refused or had no route (not a shutdown, not a timeout of the whole attempt).
     pub fn retries(&self, error: &io::Error) -> bool {
@@ -132,32 +158,30 @@ impl Redial {
         let Some(addr) = self.addrs.pop_front() else {
             return Err(handler);
         };
-        let Ok(mut driver) = Driver::make_client(&self.url, &self.options) else {
+        let Ok(attempt) = self.attempt() else {
             return Err(handler);
         };
-        driver.start_connection();
-        #[cfg(feature = "tls")]
-        let tls = match (&self.tls, driver.url()) {
-            (Some(config), Some(url)) => {
-                match crate::tls::TlsStream::client(config.clone(), &url.host) {
-                    Ok(tls) => Some(Box::new(tls)),
-                    Err(_) => return Err(handler),
-                }
-            }
-            _ => None,
-        };
-        let redial = (!self.addrs.is_empty()).then_some(self);
-        Ok((
-            addr,
-            ClientInit {
-                driver,
-                handler,
-                proxy: None,
-                #[cfg(feature = "tls")]
-                tls,
-                redial,
-            },
-        ))
+        Ok((addr, ClientInit::new(attempt, handler, None, self)))
+    }
+}
+
+impl<H> ClientInit<H> {
+    /// A connection made of `attempt` and `handler`, through the proxy with `proxy` (the
+    /// `CONNECT` request), keeping `redial` while it has addresses left.
+    pub fn new(
+        attempt: Attempt,
+        handler: H,
+        proxy: Option<Vec<u8>>,
+        redial: Box<Redial>,
+    ) -> ClientInit<H> {
+        ClientInit {
+            driver: attempt.driver,
+            handler,
+            proxy,
+            #[cfg(feature = "tls")]
+            tls: attempt.tls,
+            redial: (!redial.addrs.is_empty()).then_some(redial),
+        }
     }
 }
 

@@ -609,13 +609,14 @@ where
         mut init: ClientInit<H>,
         error: io::Error,
     ) -> Option<(SocketAddr, ClientInit<H>)> {
-        if let Some(mut redial) = init.redial.take_if(|r| r.retries(&error)) {
-            // Nothing was sent: the same parts go to the next address.
-            let addr = redial.addrs.pop_front().expect("retries has one");
-            init.redial = (!redial.addrs.is_empty()).then_some(redial);
-            return Some((addr, init));
+        let mut handler = init.handler;
+        if let Some(redial) = init.redial.take_if(|r| r.retries(&error)) {
+            match redial.next(handler) {
+                Ok(retry) => return Some(retry),
+                Err(back) => handler = back,
+            }
         }
-        let (driver, handler) = (init.driver, init.handler);
+        let driver = init.driver;
         let mut conn = Conn::new(
             Phase::Open(driver, handler),
             SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -919,10 +920,12 @@ where
         cause: Option<io::Error>,
     ) -> Option<(SocketAddr, ClientInit<H>)> {
         conn.untunnel();
+        // A connect refused with addresses left: the handler goes on at the next one, and
+        // nothing is reported.
         let retry = self.redial(&mut conn, io.key, cause.as_ref());
-        if retry.is_some() {
-            // The handler goes on at the next address: nothing is reported.
-        } else if let Phase::Open(driver, _) = &mut conn.phase {
+        if retry.is_none()
+            && let Phase::Open(driver, _) = &mut conn.phase
+        {
             match cause {
                 Some(error) => driver.receive_error(error),
                 None => driver.receive_eof(),
@@ -953,22 +956,24 @@ where
         cause: Option<&io::Error>,
     ) -> Option<(SocketAddr, ClientInit<H>)> {
         let redial = self.redials.remove(&key)?;
-        let connecting = matches!(&conn.phase,
-            Phase::Open(driver, _) if driver.ready_state() == ReadyState::Connecting);
-        if !connecting || !cause.is_some_and(|e| redial.retries(e)) {
+        if !cause.is_some_and(|e| redial.retries(e)) {
             return None;
         }
-        let Phase::Open(mut driver, handler) = std::mem::replace(&mut conn.phase, Phase::Done)
-        else {
-            unreachable!("checked above");
-        };
-        match redial.next(handler) {
-            Ok(retry) => {
-                self.recycle(&mut driver);
-                Some(retry)
+        match std::mem::replace(&mut conn.phase, Phase::Done) {
+            Phase::Open(mut driver, handler) if driver.ready_state() == ReadyState::Connecting => {
+                match redial.next(handler) {
+                    Ok(retry) => {
+                        self.recycle(&mut driver);
+                        Some(retry)
+                    }
+                    Err(handler) => {
+                        conn.phase = Phase::Open(driver, handler);
+                        None
+                    }
+                }
             }
-            Err(handler) => {
-                conn.phase = Phase::Open(driver, handler);
+            phase => {
+                conn.phase = phase;
                 None
             }
         }
