@@ -58,8 +58,6 @@ pub struct WebSocketUpgrade<F = DefaultOnFailedUpgrade> {
     on_failed_upgrade: F,
     /// The subprotocols the client offered, in its order.
     requested: Vec<HeaderValue>,
-    /// The subprotocol the 101 will agree, as axum's extractor reports it.
-    selected: Option<HeaderValue>,
     /// [`WebSocketUpgrade::max_frame_size`], applied over the options at the upgrade.
     max_frame: Option<usize>,
 }
@@ -103,7 +101,6 @@ impl WebSocketUpgrade {
             config: Config::default(),
             on_failed_upgrade: DefaultOnFailedUpgrade,
             requested,
-            selected: None,
             max_frame: None,
         })
     }
@@ -147,14 +144,20 @@ impl<F> WebSocketUpgrade<F> {
         self.select(protocol.to_str().ok().filter(|_| offered));
     }
 
-    /// The subprotocol chosen so far, if any.
+    /// The subprotocol chosen so far, if any: what the driver will agree, the first the
+    /// client offered that the options accept.
     pub fn selected_protocol(&self) -> Option<&HeaderValue> {
-        self.selected.as_ref()
+        self.requested.iter().find(|offered| {
+            self.options
+                .accept_protocols
+                .iter()
+                .any(|p| p.as_bytes() == offered.as_bytes())
+        })
     }
 
+    /// Accepts `protocol` alone (none with `None`).
     fn select(&mut self, protocol: Option<&str>) {
         self.options.accept_protocols = protocol.map(str::to_string).into_iter().collect();
-        self.selected = protocol.and_then(|p| HeaderValue::from_str(p).ok());
     }
 
     /// The largest message accepted (a bigger one closes the connection with 1009).
@@ -204,16 +207,6 @@ impl<F> WebSocketUpgrade<F> {
     /// `accept_protocols` are matched as the driver does: the first the client offered
     /// that is in the list.
     pub fn options(mut self, options: Options) -> Self {
-        self.selected = self
-            .requested
-            .iter()
-            .find(|offered| {
-                options
-                    .accept_protocols
-                    .iter()
-                    .any(|p| p.as_bytes() == offered.as_bytes())
-            })
-            .cloned();
         self.options = options;
         self
     }
@@ -239,7 +232,6 @@ impl<F> WebSocketUpgrade<F> {
             config: self.config,
             on_failed_upgrade: callback,
             requested: self.requested,
-            selected: self.selected,
             max_frame: self.max_frame,
         }
     }
