@@ -2,6 +2,8 @@
 //! time, the blocking client and the hosted client, verification on and failing.
 #![cfg(feature = "tls")]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -294,18 +296,9 @@ fn raw_wss_server<T: Send + 'static>(
                 Err(e) => panic!("{e}"),
             }
         }
-        let head = String::from_utf8(head).unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        tls.writer()
+            .write_all(&common::response_for(&head, ""))
             .unwrap();
-        let accept = websocket_driver::protocol::handshake::accept_key(key);
-        write!(
-            tls.writer(),
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-        )
-        .unwrap();
         while tls.wants_write() {
             tls.write_tls(&mut socket).unwrap();
         }

@@ -1218,32 +1218,33 @@ async fn senders_waiting_on_a_dropped_connection_task_are_released() {
 async fn the_handshake_timeout_bounds_both_sides() {
     let timeout = std::time::Duration::from_secs(3);
     let config = Config::default().handshake_timeout(timeout);
+    let options = Options::default();
+    // A handshake that fails with a timeout exactly `timeout` after `started`.
+    let timed_out = |result: Result<WebSocketStream<DuplexStream>, Error>, started| {
+        let err = result.expect_err("the handshake times out");
+        assert!(
+            matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert_eq!(tokio::time::Instant::elapsed(&started), timeout);
+    };
     // Server side: half a request.
     let (near, mut far) = duplex(4096);
     far.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
     let started = tokio::time::Instant::now();
-    let options = Options::default();
-    let err = WebSocketStream::accept_with(near, &options, &config, |_| Ok(()))
-        .await
-        .expect_err("the handshake times out");
-    assert!(
-        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
-        "{err}"
+    timed_out(
+        WebSocketStream::accept_with(near, &options, &config, |_| Ok(())).await,
+        started,
     );
-    assert_eq!(started.elapsed(), timeout);
     // Client side: a server that reads the request and never answers.
     let (near, _far) = duplex(4096);
     let started = tokio::time::Instant::now();
-    let err = WebSocketStream::client_with(near, "ws://example.com/", &options, &config)
-        .await
-        .expect_err("the handshake times out");
-    assert!(
-        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
-        "{err}"
+    timed_out(
+        WebSocketStream::client_with(near, "ws://example.com/", &options, &config).await,
+        started,
     );
-    assert_eq!(started.elapsed(), timeout);
     drop(far);
 }
 

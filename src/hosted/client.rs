@@ -15,8 +15,8 @@ use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
 use crate::reactor::Backend;
 use crate::server::{
-    ClientConnector, ClientInit, Handler, Redial, ServerConfig, ServerHandle, Stats, Upgrade,
-    UpgradeRequest, spawn,
+    Attempt, ClientConnector, ClientInit, Handler, Redial, ServerConfig, ServerHandle, Stats,
+    Upgrade, UpgradeRequest, spawn,
 };
 use crate::session::upgrade::HttpResponse;
 
@@ -146,26 +146,37 @@ impl<H: Handler> ClientReactor<H> {
         let addr = addrs
             .pop_front()
             .expect("callers pass at least one address");
-        let redial = Box::new(Redial {
-            addrs,
-            url: url.to_string(),
-            options: options.clone(),
-            #[cfg(feature = "tls")]
-            tls: if parsed.secure {
-                let mut slot = lock(&self.tls);
-                Some(match &*slot {
-                    Some(config) => config.clone(),
-                    None => slot
-                        .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
-                        .clone(),
-                })
-            } else {
-                None
-            },
-        });
+        #[cfg(feature = "tls")]
+        let tls = if parsed.secure {
+            let mut slot = lock(&self.tls);
+            Some(match &*slot {
+                Some(config) => config.clone(),
+                None => slot
+                    .insert(crate::tls::client_config(&crate::tls::Verify::SystemRoots)?)
+                    .clone(),
+            })
+        } else {
+            None
+        };
         #[cfg(not(feature = "tls"))]
         let _ = parsed;
-        let init = ClientInit::new(redial.attempt()?, handler, proxy, redial);
+        let attempt = Attempt::new(
+            url,
+            options,
+            #[cfg(feature = "tls")]
+            tls.as_ref(),
+        )?;
+        // What later attempts are made of, only when there are other addresses.
+        let redial = (!addrs.is_empty()).then(|| {
+            Box::new(Redial {
+                addrs,
+                url: url.to_string(),
+                options: options.clone(),
+                #[cfg(feature = "tls")]
+                tls,
+            })
+        });
+        let init = ClientInit::new(attempt, handler, proxy, redial);
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.connectors[i % self.connectors.len()].connect(addr, init)?;
         Ok(())

@@ -119,13 +119,17 @@ pub(crate) struct Attempt {
     pub tls: Option<Box<crate::tls::TlsStream>>,
 }
 
-impl Redial {
-    /// A fresh attempt's driver and TLS state.
-    pub fn attempt(&self) -> Result<Attempt, Error> {
-        let mut driver = Driver::make_client(&self.url, &self.options)?;
+impl Attempt {
+    /// A fresh attempt at `url`: its driver, and TLS state with `tls` (wss).
+    pub fn new(
+        url: &str,
+        options: &crate::protocol::options::Options,
+        #[cfg(feature = "tls")] tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Attempt, Error> {
+        let mut driver = Driver::make_client(url, options)?;
         driver.start_connection();
         #[cfg(feature = "tls")]
-        let tls = match (&self.tls, driver.url()) {
+        let tls = match (tls, driver.url()) {
             (Some(config), Some(url)) => Some(Box::new(crate::tls::TlsStream::client(
                 config.clone(),
                 &url.host,
@@ -137,6 +141,18 @@ impl Redial {
             #[cfg(feature = "tls")]
             tls,
         })
+    }
+}
+
+impl Redial {
+    /// A fresh attempt's driver and TLS state.
+    fn attempt(&self) -> Result<Attempt, Error> {
+        Attempt::new(
+            &self.url,
+            &self.options,
+            #[cfg(feature = "tls")]
+            self.tls.as_ref(),
+        )
     }
 
     /// Whether a connect that failed with `error` may be tried at the next address: it
@@ -161,18 +177,19 @@ impl Redial {
         let Ok(attempt) = self.attempt() else {
             return Err(handler);
         };
-        Ok((addr, ClientInit::new(attempt, handler, None, self)))
+        let redial = (!self.addrs.is_empty()).then_some(self);
+        Ok((addr, ClientInit::new(attempt, handler, None, redial)))
     }
 }
 
 impl<H> ClientInit<H> {
     /// A connection made of `attempt` and `handler`, through the proxy with `proxy` (the
-    /// `CONNECT` request), keeping `redial` while it has addresses left.
+    /// `CONNECT` request), with the addresses left to try in `redial`.
     pub fn new(
         attempt: Attempt,
         handler: H,
         proxy: Option<Vec<u8>>,
-        redial: Box<Redial>,
+        redial: Option<Box<Redial>>,
     ) -> ClientInit<H> {
         ClientInit {
             driver: attempt.driver,
@@ -180,7 +197,7 @@ impl<H> ClientInit<H> {
             proxy,
             #[cfg(feature = "tls")]
             tls: attempt.tls,
-            redial: (!redial.addrs.is_empty()).then_some(redial),
+            redial,
         }
     }
 }

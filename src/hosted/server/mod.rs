@@ -19,7 +19,7 @@ pub use backplane::RedisBackplane;
 pub use backplane::{Backplane, BackplaneStats, Inbound};
 pub use config::{BackpressurePolicy, ServerConfig};
 pub use handle::{ServerHandle, Stats};
-pub(crate) use handler::{ClientInit, Command, Redial};
+pub(crate) use handler::{Attempt, ClientInit, Command, Redial};
 pub use handler::{Handler, Sender, Upgrade, UpgradeRequest, Ws};
 pub use pubsub::{MAX_TOPIC_LEN, Publisher, Topic};
 
