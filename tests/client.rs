@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -1195,6 +1196,105 @@ fn hosted_client_tries_the_next_address_when_one_refuses_on_epoll() {
 #[test]
 fn hosted_client_tries_the_next_address_when_one_refuses_on_io_uring() {
     hosted_client_tries_the_next_address_when_one_refuses(Backend::IoUring);
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to
+/// it neither completes nor fails (an address that black-holes connects, on loopback).
+/// The returned streams hold the queue full.
+fn black_hole() -> (socket2::Socket, SocketAddr, Vec<std::net::TcpStream>) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // A backlog of 0 queues one connection; connects past it wait for an accept that
+    // never comes.
+    let fillers = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    (listener, addr, fillers)
+}
+
+/// A hosted client whose connect to the first address never completes (the SYN is
+/// dropped) gives that address up at the handshake timeout and goes on at the next, as
+/// the blocking client does: the handler opens there and hears nothing of the first.
+/// A server that took the connection and never answers is not retried: its timeout is
+/// reported (the whole attempt's).
+fn hosted_client_gives_up_a_black_holed_address(backend: Backend) {
+    let server = echo_server();
+    let (_hole, hole, _fillers) = black_hole();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let url = format!("ws://{}/", server.local_addr());
+    reactor
+        .connect_at(
+            &url,
+            &[hole, server.local_addr()],
+            &Options::default(),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: Some("past the hole".into()),
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            Seen::Open,
+            Seen::Text("past the hole".into()),
+            Seen::Close(1000, String::new())
+        ]
+    );
+    // Connected to a server that never answers, with an address left: not retried.
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    reactor
+        .connect_at(
+            &url,
+            &[silent.local_addr().unwrap(), server.local_addr()],
+            &Options::default(),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 2));
+    let log = log.lock().unwrap().clone();
+    assert!(
+        matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)] if e.contains("timed out")),
+        "{log:?}"
+    );
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn hosted_client_gives_up_a_black_holed_address_on_epoll() {
+    hosted_client_gives_up_a_black_holed_address(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_gives_up_a_black_holed_address_on_io_uring() {
+    hosted_client_gives_up_a_black_holed_address(Backend::IoUring);
 }
 
 /// An order-sensitive checksum of a message.

@@ -170,6 +170,7 @@ impl<H: Handler> ClientReactor<H> {
         let redial = (!addrs.is_empty()).then(|| {
             Box::new(Redial {
                 addrs,
+                connect_timed_out: false,
                 url: url.to_string(),
                 options: options.clone(),
                 #[cfg(feature = "tls")]

@@ -106,6 +106,9 @@ pub(crate) struct ClientInit<H> {
 /// handed its bytes to a send that failed.
 pub(crate) struct Redial {
     pub addrs: VecDeque<SocketAddr>,
+    /// The handshake deadline passed before the connect completed (nothing was
+    /// written): this address is given up for the next one, as a refused one is.
+    pub connect_timed_out: bool,
     pub url: String,
     pub options: crate::protocol::options::Options,
     #[cfg(feature = "tls")]
@@ -156,7 +159,9 @@ impl Redial {
     }
 
     /// Whether a connect that failed with `error` may be tried at the next address: it
-    /// was refused or had no route (not a shutdown, not a timeout of the whole attempt).
+    /// was refused, had no route or timed out (not a shutdown). A redial is kept only
+    /// until the connection's first bytes are written, so a later timeout (a server that
+    /// took the connection and never answered) is not retried.
     pub fn retries(&self, error: &io::Error) -> bool {
         !self.addrs.is_empty()
             && matches!(
@@ -165,6 +170,7 @@ impl Redial {
                     | io::ErrorKind::HostUnreachable
                     | io::ErrorKind::NetworkUnreachable
                     | io::ErrorKind::AddrNotAvailable
+                    | io::ErrorKind::TimedOut
             )
     }
 
@@ -177,6 +183,7 @@ impl Redial {
         let Ok(attempt) = self.attempt() else {
             return Err(handler);
         };
+        self.connect_timed_out = false;
         let redial = (!self.addrs.is_empty()).then_some(self);
         Ok((addr, ClientInit::new(attempt, handler, None, redial)))
     }

@@ -773,6 +773,15 @@ where
             io.close(CloseRequest::Now);
             return;
         };
+        // A client whose connect never completed (nothing written: an address that drops
+        // the SYN) with addresses left: the next one is dialled when this socket closes.
+        if driver.ready_state() == ReadyState::Connecting
+            && let Some(redial) = self.redials.get_mut(&io.key)
+        {
+            redial.connect_timed_out = true;
+            io.close(CloseRequest::Now);
+            return;
+        }
         match conn.timers.handle_timeout(io.now, &timer_config, driver) {
             Expired::Drop(_) => {
                 self.pump(conn, io, &mut []);
@@ -920,8 +929,14 @@ where
         cause: Option<io::Error>,
     ) -> Option<(SocketAddr, ClientInit<H>)> {
         conn.untunnel();
-        // A connect refused with addresses left: the handler goes on at the next one, and
-        // nothing is reported.
+        let cause = cause.or_else(|| {
+            self.redials
+                .get(&io.key)
+                .is_some_and(|redial| redial.connect_timed_out)
+                .then(|| io::Error::new(io::ErrorKind::TimedOut, "the connect timed out"))
+        });
+        // A connect refused or timed out with addresses left: the handler goes on at the
+        // next one, and nothing is reported.
         let retry = self.redial(&mut conn, io.key, cause.as_ref());
         if retry.is_none()
             && let Phase::Open(driver, _) = &mut conn.phase
@@ -945,6 +960,14 @@ where
         self.gauges.get_mut().remove(&io.key);
         conn.phase = Phase::Done;
         retry
+    }
+
+    /// `n` bytes of connection `key` went out (plain or TLS). Once any have, its connect
+    /// completed, and no other address is tried: a timeout from here on is the server's.
+    fn wrote(&mut self, key: usize, n: usize) {
+        if n > 0 && !self.redials.is_empty() {
+            self.redials.remove(&key);
+        }
     }
 
     /// A client connection that failed to connect with addresses left: a fresh attempt

@@ -206,6 +206,7 @@ where
     }
 
     fn consume(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        self.wrote(io.key, n);
         #[cfg(feature = "tls")]
         if let Some(tls) = conn.tls.as_mut() {
             tls.consume(n);
@@ -240,6 +241,7 @@ where
     }
 
     fn sent(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, n: usize) {
+        self.wrote(io.key, n);
         self.sent_plain(conn, io, n);
         // Held-back input delivered as the output drained may have queued replies.
         self.seal(conn, io);
