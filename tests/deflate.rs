@@ -10,7 +10,8 @@ use common::{
 };
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use websocket_driver::protocol::deflate::{
-    DEFAULT_DEFLATE_THRESHOLD, DeflateOptions, DeflateParams, accept_offer, compressed_limit,
+    DEFAULT_DEFLATE_THRESHOLD, DeflateOptions, DeflateParams, FRAGMENT_FLUSH_OVERHEAD,
+    accept_offer, compressed_limit, compressed_limit_fragmented,
 };
 use websocket_driver::protocol::frame::{OpCode, SharedFrame};
 use websocket_driver::{
@@ -680,6 +681,87 @@ fn compressed_size_on_the_wire_at_limit_and_over() {
         max,
     };
     assert_failed(&feed(&mut server, &header), error, 1009);
+}
+
+/// Bytes that do not compress (an LCG's high bytes).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u32 = 12345;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A peer may flush each fragment of a compressed message (Python's websockets and Node's
+/// ws do): each adds an empty stored block, so a message just under `max_length` that
+/// does not compress arrives larger than one frame's worst case. It is taken whole; the
+/// inflated size is what `max_length` limits.
+#[test]
+fn a_message_flushed_per_fragment_is_taken_up_to_max_length() {
+    let max = 4000;
+    let data = noise(3900);
+    let mut compress = Compress::new_with_window_bits(Compression::default(), false, 15);
+    let chunks: Vec<&[u8]> = data.chunks(100).collect();
+    let mut wire = Vec::new();
+    let mut compressed = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut payload = deflate_with(&mut compress, chunk);
+        let last = i + 1 == chunks.len();
+        if !last {
+            payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        }
+        compressed += payload.len();
+        let first_byte = match (i, last) {
+            (0, _) => 0x42,
+            (_, false) => 0x00,
+            (_, true) => 0x80,
+        };
+        wire.extend(client_frame(first_byte, &payload));
+    }
+    assert!(compressed > compressed_limit(max), "{compressed} bytes");
+    let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+    assert_eq!(feed(&mut server, &wire), vec![Ev::Binary(data)]);
+}
+
+/// The wire limit of a fragmented compressed message: one frame's worst case plus
+/// `FRAGMENT_FLUSH_OVERHEAD` per later frame, at most `max_length` more in all. At the
+/// limit the next frame's header is taken; one byte over fails with 1009 before its
+/// payload is read.
+#[test]
+fn fragmented_compressed_size_on_the_wire_at_limit_and_over() {
+    let max = 1000;
+    // (continuations before the last, extra bytes allowed in all)
+    for (empty, allowance) in [(2, 3 * FRAGMENT_FLUSH_OVERHEAD), (200, max)] {
+        assert_eq!(
+            compressed_limit_fragmented(max, empty + 1),
+            compressed_limit(max) + allowance
+        );
+        for (over, ok) in [(0, true), (1, false)] {
+            let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
+            // A first fragment of 10 bytes (never inflated: the message does not end),
+            // empty continuations, then one declaring the rest of the limit.
+            let mut wire = client_frame(0x42, &[0; 10]);
+            for _ in 0..empty {
+                wire.extend(client_frame(0x00, &[]));
+            }
+            let len = compressed_limit_fragmented(max, empty + 1) - 10 + over;
+            wire.extend_from_slice(&[0x00, 0x80 | 126]);
+            wire.extend_from_slice(&(len as u16).to_be_bytes());
+            wire.extend_from_slice(&MASK);
+            let events = feed(&mut server, &wire);
+            if ok {
+                assert_eq!(events, vec![], "{empty} empty, {len}");
+            } else {
+                let error = ProtocolError::MessageTooLarge {
+                    len: len as u64 + 10,
+                    max,
+                };
+                assert_failed(&events, error, 1009);
+            }
+        }
+    }
 }
 
 #[test]

@@ -820,14 +820,33 @@ pub(crate) fn compress_shared_frame(
     Some(out.into_boxed_slice())
 }
 
+/// What a flush may add to each fragment after a message's first: a peer that compresses
+/// each fragment with a sync flush ends it with an empty stored block and may start a
+/// new block (RFC 7692 §7.2.1 allows it; Python's websockets and Node's ws do it).
+pub const FRAGMENT_FLUSH_OVERHEAD: usize = 16;
+
 /// The most compressed bytes a message of at most `max_length` inflated bytes may arrive
-/// as: deflate's worst case (stored blocks) for that size, as zlib's `deflateBound` puts it.
-/// A compressed message larger on the wire fails with 1009 before its payload is read.
+/// as in one frame: deflate's worst case (stored blocks) for that size, as zlib's
+/// `deflateBound` puts it. A compressed message larger on the wire fails with 1009 before
+/// its payload is read; one in several frames may be larger by
+/// [`compressed_limit_fragmented`].
 pub fn compressed_limit(max_length: usize) -> usize {
+    compressed_limit_fragmented(max_length, 0)
+}
+
+/// [`compressed_limit`] for a message in `continuations` + 1 frames: plus
+/// [`FRAGMENT_FLUSH_OVERHEAD`] per frame after the first, at most `max_length` more in all
+/// (so a peer's empty flushes cannot make it buffer without bound).
+pub fn compressed_limit_fragmented(max_length: usize, continuations: usize) -> usize {
     max_length
         .saturating_add(max_length >> 12)
         .saturating_add(max_length >> 14)
         .saturating_add(64)
+        .saturating_add(
+            continuations
+                .saturating_mul(FRAGMENT_FLUSH_OVERHEAD)
+                .min(max_length),
+        )
 }
 
 #[cfg(test)]

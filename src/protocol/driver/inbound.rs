@@ -9,7 +9,7 @@ use super::{
     Driver, Event, Handshake, Message, REFUSED_BODY_MAX, REFUSED_CHUNKED_MAX, ReadyState,
     RefusedBody, Role,
 };
-use crate::protocol::deflate::{DeflateState, InflateError, compressed_limit};
+use crate::protocol::deflate::{DeflateState, InflateError, compressed_limit_fragmented};
 use crate::protocol::error::{Error, HandshakeError, ProtocolError, code, is_valid_close_code};
 use crate::protocol::frame::{
     FrameHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN, OpCode, Status, parse_header,
@@ -45,6 +45,8 @@ pub(super) struct PartialMessage {
     text: bool,
     /// RSV1 on its first frame: `buf` holds deflate data, inflated at the last frame.
     compressed: bool,
+    /// Frames after the first so far (each may carry a flush's overhead when compressed).
+    continuations: u32,
     buf: Vec<u8>,
     utf8: Utf8Validator,
     /// `buf` is with the transport ([`Driver::lend_payload_buffer`]).
@@ -56,6 +58,7 @@ impl PartialMessage {
         Box::new(PartialMessage {
             text: header.opcode == OpCode::Text,
             compressed: header.rsv != 0,
+            continuations: 0,
             buf: Vec::new(),
             utf8: Utf8Validator::new(),
             lent: false,
@@ -66,7 +69,7 @@ impl PartialMessage {
     /// size.
     fn limit(&self, max_length: usize) -> usize {
         if self.compressed {
-            compressed_limit(max_length)
+            compressed_limit_fragmented(max_length, self.continuations as usize)
         } else {
             max_length
         }
@@ -252,19 +255,24 @@ impl Driver {
         if h.rsv != 0 && (h.opcode.is_control() || h.opcode == OpCode::Continuation) {
             return Err(ProtocolError::ReservedBits(h.rsv));
         }
-        let (buffered, compressed) = match (h.opcode, &self.message) {
+        let (buffered, compressed, continuations) = match (h.opcode, &self.message) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
-            (OpCode::Continuation, Some(m)) => (m.buf.len() as u64, m.compressed),
+            (OpCode::Continuation, Some(m)) => (
+                m.buf.len() as u64,
+                m.compressed,
+                m.continuations as usize + 1,
+            ),
             (OpCode::Text | OpCode::Binary, Some(_)) => {
                 return Err(ProtocolError::UnfinishedMessage);
             }
-            _ => (0, h.rsv != 0),
+            _ => (0, h.rsv != 0, 0),
         };
         let len = buffered + h.payload_len;
         // A compressed message is judged by its inflated size as it inflates; its wire
-        // size may exceed max_length only by deflate's worst-case overhead.
+        // size may exceed max_length only by deflate's worst-case overhead (a flush's
+        // worth more for each fragment).
         let max = if compressed {
-            compressed_limit(self.max_length)
+            compressed_limit_fragmented(self.max_length, continuations)
         } else {
             self.max_length
         };
@@ -350,6 +358,11 @@ impl Driver {
                             pos += n - have;
                             if let Err(e) = self.check_header(&header) {
                                 return self.fail(total, e);
+                            }
+                            if header.opcode == OpCode::Continuation
+                                && let Some(m) = self.message.as_deref_mut()
+                            {
+                                m.continuations = m.continuations.saturating_add(1);
                             }
                             // A control frame's payload is kept only while its own frame
                             // is read (taken at its end, dropped by `stop`): none is left.
