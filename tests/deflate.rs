@@ -621,6 +621,48 @@ fn corrupt_data_and_bad_utf8_are_1007() {
     assert_failed(&events, ProtocolError::InvalidUtf8, 1007);
 }
 
+/// A compressed message that stops inside a deflate block (cut short: not a sender's
+/// flush) fails with 1007, where it was delivered as the part that inflated: stored
+/// blocks (data that does not compress) and Huffman blocks (text) alike.
+#[test]
+fn a_message_cut_inside_a_block_is_1007() {
+    for data in [noise(1000), json(1490).into_bytes()] {
+        let whole = deflate(&data);
+        let cut = &whole[..whole.len() / 2];
+        let (_, mut server) = deflate_pair(&on(), &on());
+        let events = feed(&mut server, &client_frame(0xc2, cut));
+        assert_failed(&events, ProtocolError::InvalidCompressedData, 1007);
+        // Whole, it is taken.
+        let (_, mut server) = deflate_pair(&on(), &on());
+        assert_eq!(
+            feed(&mut server, &client_frame(0xc2, &whole)),
+            vec![Ev::Binary(data)]
+        );
+    }
+}
+
+/// An empty compressed payload (no sender's flush makes one) is an empty message, and a
+/// kept context is left as it was: the peer's next message inflates.
+#[test]
+fn an_empty_compressed_payload_is_an_empty_message_and_keeps_the_context() {
+    let keep = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    });
+    let (mut client, mut server) = deflate_pair(&keep, &keep);
+    for text in [json(300), json(400)] {
+        client.send_text(&text).unwrap();
+        let wire = take_output(&mut client);
+        assert_eq!(parse_frames(&wire)[0].rsv, 0b100, "sent compressed");
+        assert_eq!(feed(&mut server, &wire), vec![Ev::Text(text)]);
+        assert_eq!(
+            feed(&mut server, &client_frame(0xc1, &[])),
+            vec![Ev::Text(String::new())]
+        );
+    }
+}
+
 #[test]
 fn max_length_bounds_the_inflated_size_at_limit_and_over() {
     let limit = 50_000;

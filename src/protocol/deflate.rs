@@ -579,6 +579,11 @@ fn deflate_message(c: &mut Compress, input: &[u8], out: &mut Vec<u8>) -> bool {
 /// Inflates one message (`input` without its tail), never holding more than
 /// `max_length + 1` bytes of output. Returns whether the stream ended with a final block
 /// (a kept context must then start over).
+///
+/// The tail completes the empty stored block of the sender's flush, so it inflates to
+/// nothing; output from it means the message stopped inside a block (cut short, or not
+/// flushed), and it fails as corrupt rather than deliver a part of a message or leave a
+/// kept context in the middle of a block for the next one.
 fn inflate_message(
     d: &mut Decompress,
     input: &[u8],
@@ -586,7 +591,9 @@ fn inflate_message(
 ) -> Result<(Vec<u8>, bool), InflateError> {
     let limit = max_length.saturating_add(1);
     let mut out: Vec<u8> = Vec::new();
+    let mut before_tail = 0;
     for part in [input, &SYNC_TAIL[..]] {
+        before_tail = out.len();
         let start = d.total_in();
         loop {
             if out.len() == out.capacity() {
@@ -619,6 +626,9 @@ fn inflate_message(
                 break;
             }
         }
+    }
+    if out.len() != before_tail {
+        return Err(InflateError::Corrupt);
     }
     Ok((out, false))
 }
@@ -750,12 +760,17 @@ impl DeflateState {
         Some(finish_frame(out, start, opcode, len, mask))
     }
 
-    /// Inflates one whole compressed message.
+    /// Inflates one whole compressed message. An empty payload (a sender's flush always
+    /// makes at least one byte, RFC 7692 §7.2.1) is taken as an empty message and leaves
+    /// the peer's stream as it was.
     pub(crate) fn inflate(
         &mut self,
         compressed: &[u8],
         max_length: usize,
     ) -> Result<Vec<u8>, InflateError> {
+        if compressed.is_empty() {
+            return Ok(Vec::new());
+        }
         if self.peer_no_context_takeover() {
             return with_shared_decompressor(|d| inflate_message(d, compressed, max_length))
                 .map(|(out, _)| out);
