@@ -2018,3 +2018,36 @@ fn a_payload_buffer_returned_empty_leaves_no_message_under_way() {
     let events = feed(&mut server, &client_frame(0x80, b"more"));
     assert_failed(&events, ProtocolError::UnexpectedContinuation, 1002);
 }
+
+/// Nothing is read before `start_connection`: a server that has not answered the upgrade
+/// does not take (or answer) a frame, a client that has not sent its request does not
+/// take a response. The input stays with the caller, and is read once started: a Close
+/// sent right behind the request is answered after the 101, never before it.
+#[test]
+fn nothing_is_read_before_start_connection() {
+    let (_, request) = started_client(&Options::default());
+    let mut server = Driver::make_server(&parse_request(&request), &Options::default()).unwrap();
+    let close = client_frame(0x88, &close_payload(1000, b""));
+    let mut input = close.clone();
+    assert_eq!(server.poll_event(&mut input).0, 0);
+    assert!(matches!(server.poll_event(&mut input), (0, None)));
+    assert!(server.pending_output().is_empty());
+    assert_eq!(server.ready_state(), ReadyState::Connecting);
+    assert!(server.start_connection());
+    assert_eq!(
+        feed(&mut server, &close),
+        vec![Ev::Open, Ev::Close(1000, String::new())]
+    );
+    let output = take_output(&mut server);
+    assert!(output.starts_with(b"HTTP/1.1 101 "), "{output:?}");
+    let head_end = output.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        parse_frames(&output[head_end..])[0].close_code(),
+        Some(1000)
+    );
+
+    let mut client = Driver::make_client("ws://localhost/chat", &Options::default()).unwrap();
+    let mut response = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+    assert!(matches!(client.poll_event(&mut response), (0, None)));
+    assert_eq!(client.ready_state(), ReadyState::Connecting);
+}

@@ -105,17 +105,24 @@ impl Driver {
     /// `&mut input[consumed..]` (and finally with an empty slice) until no event comes.
     /// Payloads are unmasked in place, so an unfragmented message that arrived in one read
     /// is handed out borrowed from `input` without a copy.
+    ///
+    /// Before [`Driver::start_connection`] nothing is read: `(0, None)`, the input left
+    /// for later (a server has not answered the upgrade yet, a client has not sent its
+    /// request, so no frame can be theirs to answer).
     #[inline]
     pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
         if let Some(event) = self.next_queued() {
             return (0, Some(event));
         }
-        if matches!(
-            self.handshake.as_deref(),
-            Some(Handshake::Client(_) | Handshake::Refused(_))
-        ) && self.state == ReadyState::Connecting
-        {
-            return self.read_response(input);
+        if self.state == ReadyState::Connecting {
+            match self.handshake.as_deref() {
+                Some(Handshake::Server(_)) => return (0, None),
+                Some(Handshake::Client(hs)) if !hs.request.is_empty() => return (0, None),
+                Some(Handshake::Client(_) | Handshake::Refused(_)) => {
+                    return self.read_response(input);
+                }
+                _ => {}
+            }
         }
         self.read_frames(input)
     }
