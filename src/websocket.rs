@@ -30,6 +30,8 @@ pub struct WebSocket {
     on_pong: Option<OnPayload>,
     ping_callbacks: Vec<(Vec<u8>, Callback)>,
     write_callbacks: VecDeque<(SendToken, Callback)>,
+    /// Input received before `start_connection`, read once it is called.
+    unread: Vec<u8>,
 }
 
 impl std::fmt::Debug for WebSocket {
@@ -98,14 +100,17 @@ impl WebSocket {
         self
     }
 
-    /// Sends the handshake (see [`Driver::start_connection`]) and runs `on_open` for a server.
+    /// Sends the handshake (see [`Driver::start_connection`]) and runs `on_open` for a server,
+    /// then reads what [`WebSocket::receive`] was given before.
     pub fn start_connection(&mut self) -> bool {
         let started = self.driver().start_connection();
-        self.receive(&mut []);
+        let mut unread = std::mem::take(&mut self.unread);
+        self.receive(&mut unread);
         started
     }
 
-    /// Feeds bytes read from the transport and runs the handlers for every event.
+    /// Feeds bytes read from the transport and runs the handlers for every event. Before
+    /// [`WebSocket::start_connection`] the bytes are kept, and read once it is called.
     pub fn receive(&mut self, input: &mut [u8]) {
         let mut driver = self
             .driver
@@ -117,7 +122,8 @@ impl WebSocket {
             at += used;
             match event {
                 None => {
-                    debug_assert_eq!(at, input.len(), "no event means all input was consumed");
+                    // Only a driver not started yet leaves input unread.
+                    self.unread.extend_from_slice(&input[at..]);
                     break;
                 }
                 Some(event) => self.dispatch(&mut driver, event),
@@ -222,14 +228,23 @@ impl WebSocket {
         if let Some(f) = &mut self.on_error {
             f(&mut driver, &error)
         }
+        if driver.ready_state() == ReadyState::Connecting {
+            // Sends queued while connecting are dropped, never written.
+            self.write_callbacks.clear();
+        }
         driver.abort(code, reason);
         self.driver = Some(driver);
         self.receive(&mut []);
     }
 
-    /// Closes (see [`Driver::close_connection`]); runs `on_close` at once if still connecting.
+    /// Closes (see [`Driver::close_connection`]); runs `on_close` at once if still connecting
+    /// (the sends queued until then are dropped, and their write callbacks with them).
     pub fn close_connection(&mut self, code: u16, reason: &str) -> Result<SendToken, Error> {
+        let connecting = self.ready_state() == ReadyState::Connecting;
         let token = self.driver().close_connection(code, reason)?;
+        if connecting {
+            self.write_callbacks.clear();
+        }
         self.receive(&mut []);
         Ok(token)
     }

@@ -2051,3 +2051,45 @@ fn nothing_is_read_before_start_connection() {
     assert!(matches!(client.poll_event(&mut response), (0, None)));
     assert_eq!(client.ready_state(), ReadyState::Connecting);
 }
+
+/// The seed-style wrapper keeps what it receives before `start_connection` and reads it
+/// once started (a frame behind the request head, say); a close while connecting drops
+/// the sends queued until then, and their write callbacks with them.
+#[test]
+fn websocket_reads_early_input_once_started_and_drops_unsent_callbacks() {
+    let (_, request) = started_client(&Options::default());
+    let server = Driver::make_server(&parse_request(&request), &Options::default()).unwrap();
+    let mut ws = WebSocket::new(server);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = log.clone();
+    ws.on_open(move |_| l.lock().unwrap().push("open".into()));
+    let l = log.clone();
+    ws.on_message(move |_, m| {
+        l.lock()
+            .unwrap()
+            .push(format!("message {}", m.as_text().unwrap()))
+    });
+    ws.receive(&mut client_frame(0x81, b"early"));
+    assert!(log.lock().unwrap().is_empty());
+    assert!(ws.start_connection());
+    assert_eq!(*log.lock().unwrap(), ["open", "message early"]);
+
+    let client = Driver::make_client("ws://localhost/chat", &Options::default()).unwrap();
+    let mut ws = WebSocket::new(client);
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    ws.send_with(b"queued", MessageType::Text, move |_| {
+        w.fetch_add(1, Ordering::Relaxed);
+    })
+    .unwrap();
+    assert!(ws.start_connection());
+    ws.close_connection(1000, "").unwrap();
+    let output = ws.pending_output().len();
+    ws.consume_output(output);
+    assert_eq!(
+        written.load(Ordering::Relaxed),
+        0,
+        "nothing of it was written"
+    );
+    assert_eq!(Arc::strong_count(&written), 1, "its callback is dropped");
+}
