@@ -253,6 +253,19 @@ fn main() {
     } else {
         Runner::Blocking
     };
+    // The agent goes into query strings: anything but unreserved characters is escaped.
+    let agent: String = agent
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    if let Err(e) = websocket_driver::protocol::handshake::ClientUrl::parse(&url) {
+        usage(&format!("--url {url}: {e}"));
+    }
     let count: usize = runner
         .run(&format!("{url}/getCaseCount"), false)
         .and_then(|t| t.trim().parse().ok())

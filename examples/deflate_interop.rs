@@ -134,7 +134,14 @@ fn main() {
     let mut driver = Driver::make_client(&url, &options).unwrap_or_else(|e| fail(&e.to_string()));
     let target = driver
         .url()
-        .map(|u| format!("{}:{}", u.host, u.port))
+        .map(|u| {
+            // An IPv6 literal needs its brackets back to be a socket address.
+            if u.host.contains(':') {
+                format!("[{}]:{}", u.host, u.port)
+            } else {
+                format!("{}:{}", u.host, u.port)
+            }
+        })
         .unwrap();
     let stream = TcpStream::connect(&target).unwrap_or_else(|e| fail(&format!("{target}: {e}")));
     stream.set_read_timeout(Some(Duration::from_secs(20))).ok();

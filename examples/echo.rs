@@ -1,7 +1,10 @@
 //! Echo server: every message comes back as it came.
 //!
-//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend epoll|blocking] [--threads N]
-//! [--max-length BYTES] [--max-backpressure BYTES] [--deflate] [--deflate-takeover]`
+//! `cargo run --release --example echo -- --addr 127.0.0.1:9001 [--backend auto|epoll|io-uring|blocking]
+//! [--threads N] [--max-length BYTES] [--max-backpressure BYTES] [--deflate] [--deflate-takeover]`
+//!
+//! `--threads` is the reactor's number of event loops (default: one per CPU); the blocking
+//! backend runs a thread per connection and does not use it.
 //!
 //! `--deflate` accepts permessage-deflate (`Options::deflate(true)`: no context takeover
 //! either way); `--deflate-takeover` accepts it with context takeover both ways (each
@@ -48,7 +51,9 @@ fn main() {
             "--threads" => {
                 threads = value("--threads")
                     .parse()
-                    .unwrap_or_else(|_| usage("--threads needs a number"))
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| usage("--threads needs a number of at least 1"))
             }
             "--max-length" => {
                 max_length = Some(
@@ -137,11 +142,10 @@ fn main() {
     .unwrap_or_else(|e| usage(&format!("cannot install signal handlers: {e}")));
     if let Some(signal) = signals.forever().next() {
         eprintln!("echo: signal {signal}, shutting down");
-        let stats = handle.stats();
         handle
             .shutdown(Duration::from_secs(5))
             .unwrap_or_else(|e| usage(&format!("shutdown failed: {e}")));
-        eprintln!("echo: stopped; {stats:?}");
+        eprintln!("echo: stopped; {:?}", handle.stats());
     }
 }
 
