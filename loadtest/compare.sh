@@ -92,11 +92,15 @@ while (($#)); do
     shift
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --rounds needs a positive integer" >&2; exit 2; }
-[[ $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "compare.sh: --secs needs a number" >&2; exit 2; }
+[[ $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v s="$SECS" 'BEGIN{exit !(s > 0)}' ||
+    { echo "compare.sh: --secs needs a number above 0" >&2; exit 2; }
 [[ $SLOW_CONNS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --slow-conns needs a positive integer" >&2; exit 2; }
 [[ $FLOOD_SIZE =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --flood-size needs a positive integer" >&2; exit 2; }
 [[ $FANOUT_SUBS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --fanout-subs needs a positive integer" >&2; exit 2; }
-[[ $FANOUT_RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "compare.sh: --fanout-rate needs a number" >&2; exit 2; }
+# wsload fanout refuses a rate of 0 (it would never publish) or under one per window.
+[[ $FANOUT_RATE =~ ^[0-9]+(\.[0-9]+)?$ ]] &&
+    awk -v r="$FANOUT_RATE" -v s="$SECS" 'BEGIN{exit !(r > 0 && r * s >= 1)}' ||
+    { echo "compare.sh: --fanout-rate needs a number above 0, at least one per --secs" >&2; exit 2; }
 SCENARIOS=${SCENARIOS//pubsub/bcast100,bcast500,fanout10k}
 
 log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }

@@ -4,7 +4,8 @@
 
 proc_ticks() { # /proc path of a process or thread -> utime + stime in clock ticks (-1 if gone)
     local stat f
-    read -r stat <"$1/stat" 2>/dev/null || { echo -1; return; }
+    # 2>/dev/null first: redirections apply in order, and a gone process fails the `<`.
+    read -r stat 2>/dev/null <"$1/stat" || { echo -1; return; }
     stat=${stat##*) } # the command name may hold spaces; fields resume after ") "
     read -ra f <<<"$stat"
     echo $((f[11] + f[12])) # utime (field 14) and stime (field 15)
@@ -16,7 +17,7 @@ cpu_ticks() { # pid -> utime + stime of the whole process, in clock ticks (-1 if
 
 cpu_ticks_split() { # pid -> "TOTAL:USER" clock ticks (utime + stime, and utime alone; -1 if gone)
     local stat f
-    read -r stat <"/proc/$1/stat" 2>/dev/null || { echo -1; return; }
+    read -r stat 2>/dev/null <"/proc/$1/stat" || { echo -1; return; }
     stat=${stat##*) }
     read -ra f <<<"$stat"
     echo "$((f[11] + f[12])):${f[11]}"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Syscalls per echoed message, by kind, for each echo server: a perf tracepoint count
 # (`perf stat -e syscalls:sys_enter_*` on the server's process) over a whole wsload echo
-# run, divided by the messages wsload echoed in it. Counts, not timings, so a busy machine
-# changes them little. Scenario `conns` counts per connection instead: 2 000 WebSocket
-# connections opened (`wsload idle`), held a second, and dropped by the client.
+# run, divided by every echo of that run (wsload's messages_total: warm-up and closing
+# included, the same span as the count; not `messages`, the measuring window's only).
+# Counts, not timings, so a busy machine changes them little. Scenario `conns` counts per
+# connection instead: 2 000 WebSocket connections opened (`wsload idle`), held a second,
+# and dropped by the client. A run whose server does not start or dies, or whose wsload
+# fails or counts errors, is recorded and tabulated as FAILED, not as a number.
 #
 #   loadtest/syscalls.sh [--servers a,b,...] [--scenarios 20b,1k,16k,1m,conns] [--secs S]
 #                        [--no-build] [--out DIR]
@@ -17,7 +20,8 @@
 # messages). Needs `perf` with tracepoint access (root, or perf_event_paranoid ≤ -1).
 #
 # Output in --out (default loadtest/results/syscalls): runs.jsonl (per run: server,
-# scenario, messages, syscalls per message by kind) and syscalls.md (the table).
+# scenario, messages (the window's), messages_total (the divisor), syscalls per message by
+# kind, ok and problems) and syscalls.md (the table).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -38,12 +42,14 @@ while (($#)); do
         --secs) SECS=${2:?}; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT=${2:?}; shift ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
 done
 
+[[ $SECS =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v s="$SECS" 'BEGIN{exit !(s > 0)}' ||
+    { echo "--secs needs a number above 0" >&2; exit 2; }
 command -v perf >/dev/null || { echo "perf is needed (linux-perf)" >&2; exit 1; }
 binaries
 
@@ -94,35 +100,50 @@ port=$((20000 + RANDOM % 20000))
 for sc in "${scenario_list[@]}"; do
     scenario_args "$sc"
     for server in "${server_list[@]}"; do
+        # A fresh port every time, one nothing listens on (as compare.sh picks them).
         port=$((port + 1))
+        while listening "$port"; do port=$((port + 1)); done
         server_cmd "$server" "$port"
         log "$sc ($SC_CONNS × $SC_SIZE B): $server"
         taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
         SPID=$!
-        for ((i = 0; i < 100; i++)); do listening "$port" && break; sleep 0.05; done
-        listening "$port" || { log "$server did not listen"; stop_pid "$SPID"; SPID=""; continue; }
-        perf stat -x, -e "$event_list" -p "$SPID" -o "$TMP/perf.csv" &
-        PERF=$!
-        sleep 0.3
-        if ((SC_SIZE)); then
-            load=(echo --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS")
+        for ((i = 0; i < 100; i++)); do
+            listening "$port" && break
+            kill -0 "$SPID" 2>/dev/null || break
+            sleep 0.05
+        done
+        rc=0 exited=0
+        : >"$TMP/wsload.json"
+        : >"$TMP/perf.csv"
+        if ! listening "$port"; then
+            # Recorded as a failed run (rc 125, as compare.sh does), not skipped.
+            log "$server did not listen on 127.0.0.1:$port: $(tail -n 2 "$TMP/server.log")"
+            rc=125 exited=1
         else
-            load=(idle --conns "$SC_CONNS" --pid "$SPID" --secs 1)
+            perf stat -x, -e "$event_list" -p "$SPID" -o "$TMP/perf.csv" &
+            PERF=$!
+            sleep 0.3
+            if ((SC_SIZE)); then
+                load=(echo --conns "$SC_CONNS" --size "$SC_SIZE" --secs "$SECS")
+            else
+                load=(idle --conns "$SC_CONNS" --pid "$SPID" --secs 1)
+            fi
+            timeout -k 5 $((${SECS%.*} + 60)) taskset -c 1 "$WSLOAD" "${load[@]}" \
+                --url "ws://127.0.0.1:$port/" >"$TMP/wsload.json" 2>"$TMP/wsload.log" || rc=$?
+            ((rc == 0)) || log "wsload failed (exit $rc): $(grep '^wsload: ' "$TMP/wsload.log" | tail -n 1)"
+            # The client's closes reach the server after wsload exits.
+            ((SC_SIZE)) || sleep 1
+            kill -0 "$SPID" 2>/dev/null || exited=1
+            kill -INT "$PERF" 2>/dev/null || true
+            wait "$PERF" 2>/dev/null || true
+            PERF=""
         fi
-        if ! timeout -k 5 $((SECS + 60)) taskset -c 1 "$WSLOAD" "${load[@]}" --url "ws://127.0.0.1:$port/" \
-            >"$TMP/wsload.json" 2>"$TMP/wsload.log"; then
-            log "wsload failed: $(tail -n 2 "$TMP/wsload.log")"
-        fi
-        # The client's closes reach the server after wsload exits.
-        ((SC_SIZE)) || sleep 1
-        kill -INT "$PERF" 2>/dev/null || true
-        wait "$PERF" 2>/dev/null || true
-        PERF=""
         stop_pid "$SPID"
         SPID=""
-        python3 - "$server" "$sc" "$TMP/wsload.json" "$TMP/perf.csv" >>"$RUNS" <<'PY'
+        python3 - "$server" "$sc" "$TMP/wsload.json" "$TMP/perf.csv" "$rc" "$exited" >>"$RUNS" <<'PY'
 import json, sys
-server, scenario, wsload_path, perf_path = sys.argv[1:5]
+server, scenario, wsload_path, perf_path, rc, exited = sys.argv[1:7]
+rc = int(rc)
 try:
     wsload = json.load(open(wsload_path))
 except ValueError:
@@ -135,20 +156,45 @@ for line in open(perf_path):
     event = parts[2]
     name = "total" if event == "raw_syscalls:sys_enter" else event.split(":")[-1].replace("sys_enter_", "")
     counts[name] = int(float(parts[0]))
-# Per echoed message, or per connection (opened and closed) for `conns`.
-messages = wsload.get("messages", wsload.get("opened", 0))
-per_msg = {k: v / messages for k, v in counts.items() if v and messages}
+# The count spans the whole wsload run, so it is divided by the whole run's echoes
+# (messages_total), or by the connections opened (and closed) for `conns`.
+if scenario == "conns":
+    messages = total = wsload.get("opened", 0)
+else:
+    messages, total = wsload.get("messages", 0), wsload.get("messages_total", 0)
+problems = []
+if rc == 125:
+    problems.append("the server did not start")
+else:
+    if rc:
+        problems.append("wsload exit %d" % rc)
+    if not wsload:
+        problems.append("no JSON from wsload")
+    if exited == "1":
+        problems.append("the server exited")
+    if wsload.get("errors"):
+        problems.append("%s wsload errors" % wsload["errors"])
+    if wsload and not total:
+        problems.append("no messages")
+    if "total" not in counts:
+        problems.append("no perf counts")
+per_msg = {k: v / total for k, v in counts.items() if v and total} if not problems else {}
 print(json.dumps({"server": server, "scenario": scenario, "messages": messages,
-                  "errors": wsload.get("errors"), "counts": counts,
+                  "messages_total": total, "errors": wsload.get("errors"), "rc": rc,
+                  "ok": not problems, "problems": problems, "counts": counts,
                   "per_message": per_msg}, sort_keys=True))
 PY
         python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 p = r["per_message"]
-print("    %s messages, %.3f syscalls/msg: %s" % (r["messages"], p.get("total", 0),
-      ", ".join("%s %.3f" % (k, v) for k, v in sorted(p.items(), key=lambda kv: -kv[1])
-                if k != "total" and v >= 0.001)))' "$RUNS" >&2
+if not r["ok"]:
+    print("    FAILED: " + "; ".join(r["problems"]))
+else:
+    print("    %s messages over the run, %.3f syscalls/msg: %s" % (r["messages_total"],
+          p.get("total", 0), ", ".join("%s %.3f" % (k, v) for k, v in
+                                       sorted(p.items(), key=lambda kv: -kv[1])
+                                       if k != "total" and v >= 0.001)))' "$RUNS" >&2
     done
 done
 
@@ -164,11 +210,17 @@ out = ["# Syscalls per echoed message", "",
        "Machine: " + ", ".join("%s %s" % (k, machine[k]) for k in
                                ("date", "nproc", "kernel", "commit") if k in machine), "",
        "perf tracepoint counts on the server's process over a whole wsload echo run, "
-       "divided by the messages echoed (for *connections*: over a `wsload idle` run, "
-       "divided by the connections opened and closed); *other* is every syscall not "
-       "listed.", "",
-       "| scenario | server | messages | syscalls/msg | by kind |", "|---|---|---:|---:|---|"]
+       "divided by every message echoed in that run (wsload's messages_total, warm-up "
+       "and closing included; for *connections*: over a `wsload idle` run, divided by "
+       "the connections opened and closed); *other* is every syscall not listed. A "
+       "failed run shows FAILED and why.", "",
+       "| scenario | server | messages (whole run) | syscalls/msg | by kind |",
+       "|---|---|---:|---:|---|"]
 for r in runs:
+    name = names.get(r["scenario"], r["scenario"])
+    if not r.get("ok", True):
+        out.append("| %s | %s | - | FAILED | %s |" % (name, r["server"], "; ".join(r["problems"])))
+        continue
     p = dict(r["per_message"])
     total = p.pop("total", 0.0)
     listed = sum(p.values())
@@ -176,8 +228,8 @@ for r in runs:
         p["other"] = total - listed
     kinds = ", ".join("%s %.3f" % (k, v) for k, v in sorted(p.items(), key=lambda kv: -kv[1])
                       if v >= 0.001)
-    out.append("| %s | %s | %s | %.3f | %s |" % (names.get(r["scenario"], r["scenario"]),
-               r["server"], "{:,}".format(r["messages"]), total, kinds))
+    out.append("| %s | %s | %s | %.3f | %s |" % (name, r["server"],
+               "{:,}".format(r.get("messages_total", r["messages"])), total, kinds))
 open(sys.argv[3], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 PY

@@ -33,12 +33,13 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use websocket_driver::client::ClientReactor;
+use websocket_driver::protocol::handshake::ClientUrl;
 use websocket_driver::server::{Handler, Sender, ServerConfig, Ws};
 use websocket_driver::{Backend, Error, Event, Message, Options};
 
@@ -71,7 +72,7 @@ fn parse_args() -> Args {
     let mut argv = std::env::args().skip(1);
     let mode = argv
         .next()
-        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout, broadcast, slow)"));
+        .unwrap_or_else(|| usage("missing mode (echo, idle, fanout, broadcast, slow, churn)"));
     let mut args = Args {
         mode,
         url: "ws://127.0.0.1:9001/".into(),
@@ -137,18 +138,57 @@ fn parse_args() -> Args {
             other => usage(&format!("unknown option {other}")),
         }
     }
-    let loopback = |url: &str| {
-        url.starts_with("ws://127.")
-            || url.starts_with("ws://[::1]")
-            || url.starts_with("ws://localhost")
-    };
-    if !loopback(&args.url) || !args.sub_urls.iter().all(|url| loopback(url)) {
-        usage("load is only ever sent to loopback (127.0.0.0/8, [::1], localhost)");
+    for url in std::iter::once(&args.url).chain(&args.sub_urls) {
+        if let Err(why) = loopback_only(url) {
+            usage(&format!(
+                "load is only ever sent to loopback (127.0.0.0/8, [::1], localhost): {why}"
+            ));
+        }
+    }
+    // Every wait below is built from these: an unbounded or unrepresentable one would run
+    // forever or panic in `Duration::from_secs_f64`.
+    if !(args.secs > 0.0 && Duration::try_from_secs_f64(args.secs).is_ok()) {
+        usage("--secs must be a finite number of seconds above 0");
+    }
+    for (name, secs) in [
+        ("--drain-secs", args.drain_secs),
+        ("--settle-secs", args.settle_secs),
+    ] {
+        if Duration::try_from_secs_f64(secs).is_err() {
+            usage(&format!(
+                "{name} must be a finite number of seconds, 0 or more"
+            ));
+        }
+    }
+    // At least one publish per window: the sleep between publishes (1/rate) then never
+    // outlasts the window, and the measured messages are not none.
+    if args.mode == "fanout"
+        && !(args.rate.is_finite() && args.rate > 0.0 && args.rate * args.secs >= 1.0)
+    {
+        usage(
+            "--rate must be a finite number of publishes per second above 0, and at least one per --secs",
+        );
     }
     if !args.sub_urls.is_empty() && args.mode != "fanout" {
         usage("--sub-url is a fanout option");
     }
     args
+}
+
+/// Whether connecting to `url` can only reach this machine: the host that the library's
+/// own URL parser finds (userinfo, brackets and port taken off, as the client does before
+/// it connects) resolves to loopback addresses only. Why not, if not.
+fn loopback_only(url: &str) -> Result<(), String> {
+    let parsed = ClientUrl::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let addrs: Vec<SocketAddr> = (parsed.host.as_str(), parsed.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{url}: {}: {e}", parsed.host))?
+        .collect();
+    match addrs.iter().find(|addr| !addr.ip().is_loopback()) {
+        _ if addrs.is_empty() => Err(format!("{url}: {} resolves to no address", parsed.host)),
+        Some(addr) => Err(format!("{url}: {} resolves to {}", parsed.host, addr.ip())),
+        None => Ok(()),
+    }
 }
 
 fn usage(problem: &str) -> ! {
@@ -187,11 +227,16 @@ fn reactor<H: Handler>(args: &Args, idle_ping: Option<Duration>) -> ClientReacto
 #[derive(Default)]
 struct Shared {
     opened: AtomicUsize,
+    /// Every close, of opened connections and of connects that failed (1006) alike.
     closed: AtomicUsize,
+    /// Closes of connections that had opened (`idle`'s held ones are `opened` less these).
+    dropped: AtomicUsize,
     failed: AtomicUsize,
     measuring: AtomicBool,
     stop: AtomicBool,
     received: AtomicU64,
+    /// `echo`: echoes over the whole run, warm-up and closing included (added on close).
+    received_total: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
     latencies: Mutex<Vec<u32>>,
@@ -317,12 +362,15 @@ fn pattern(size: usize, text: bool) -> Vec<u8> {
 /// How many leading bytes of a payload carry its sequence number.
 const STAMP_LEN: usize = 8;
 
+/// Writes the low `min(len, 8)` bytes (binary) or hex digits (text) of `seq`: a payload
+/// shorter than the stamp still carries the sequence modulo 256^len or 16^len. An empty
+/// one carries nothing; only its length is checked.
 fn stamp(buf: &mut [u8], seq: u64, text: bool) {
     let n = buf.len().min(STAMP_LEN);
     if text {
-        // Hex digits keep text payloads ASCII.
+        // Hex digits keep text payloads ASCII; the low ones change with every message.
         let hex = format!("{:08x}", seq as u32);
-        buf[..n].copy_from_slice(&hex.as_bytes()[..n]);
+        buf[..n].copy_from_slice(&hex.as_bytes()[STAMP_LEN - n..]);
     } else {
         buf[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
     }
@@ -363,6 +411,11 @@ struct EchoLoad {
     /// The unstamped payload, one copy shared by every connection (see [`SCRATCH`]).
     pattern: Arc<[u8]>,
     latencies: Vec<u32>,
+    /// Echoes received over the whole run, added to `Shared::received_total` on close
+    /// (one shared add per connection, not per message).
+    echoed: u64,
+    /// `on_error` was called: the close that follows counts the failure, once.
+    errored: bool,
 }
 
 thread_local! {
@@ -425,6 +478,7 @@ impl Handler for EchoLoad {
         let sent = self.sent_at.pop_front();
         let seq = self.expect_seq;
         self.expect_seq += 1;
+        self.echoed += 1;
         if !self.is_echo_of(message.as_bytes(), seq)
             || message.is_text() != self.text
             || sent.is_none()
@@ -449,13 +503,20 @@ impl Handler for EchoLoad {
     }
 
     fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        // A close follows every error, and counts it (a failed connect is one error).
+        self.errored = true;
     }
 
     fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
-        if !self.shared.stop.load(Ordering::Relaxed) || (code != 1000 && code != 1005) {
+        if self.errored
+            || !self.shared.stop.load(Ordering::Relaxed)
+            || (code != 1000 && code != 1005)
+        {
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
         }
+        self.shared
+            .received_total
+            .fetch_add(self.echoed, Ordering::Relaxed);
         self.shared
             .latencies
             .lock()
@@ -478,6 +539,8 @@ struct EchoRun {
 struct EchoStats {
     secs: f64,
     messages: u64,
+    /// Echoes over the whole run (`messages` is the window's).
+    messages_total: u64,
     bytes: u64,
     errors: u64,
     p50_us: u32,
@@ -502,6 +565,8 @@ impl EchoRun {
                 sent_at: VecDeque::new(),
                 pattern: pattern.clone(),
                 latencies: Vec::new(),
+                echoed: 0,
+                errored: false,
             };
             clients
                 .connect(&args.url, handler)
@@ -563,6 +628,7 @@ impl EchoRun {
         EchoStats {
             secs,
             messages: shared.received.load(Ordering::Relaxed),
+            messages_total: shared.received_total.load(Ordering::Relaxed),
             bytes: shared.bytes.load(Ordering::Relaxed),
             errors: shared.errors.load(Ordering::Relaxed)
                 + shared.failed.load(Ordering::Relaxed) as u64,
@@ -577,10 +643,11 @@ impl EchoStats {
     /// The JSON fields both `echo` and `slow` report, without braces.
     fn json_fields(&self) -> String {
         format!(
-            "\"secs\":{:.3},\"messages\":{},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\
-             \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}",
+            "\"secs\":{:.3},\"messages\":{},\"messages_total\":{},\"msgs_per_sec\":{:.1},\
+             \"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}",
             self.secs,
             self.messages,
+            self.messages_total,
             self.messages as f64 / self.secs,
             self.bytes as f64 / self.secs / 1e6,
             self.p50_us,
@@ -600,10 +667,10 @@ fn echo(args: &Args) {
     let per = |bytes: u64, messages: u64| bytes as f64 / messages.max(1) as f64;
     let stats = run.finish(secs);
     println!(
-        "{{\"mode\":\"echo\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},\
+        "{{\"mode\":\"echo\",\"url\":{},\"conns\":{},\"size\":{},\"inflight\":{},\"text\":{},\
          \"json\":{},\"deflate\":{},\"wire_out_per_msg\":{:.1},\"wire_in_per_msg\":{:.1},{},\
          \"client_backend\":\"{}\"}}",
-        args.url,
+        json_str(Some(&args.url)),
         args.conns,
         args.size,
         args.inflight,
@@ -621,13 +688,19 @@ fn echo(args: &Args) {
 
 struct Idle {
     shared: Arc<Shared>,
+    open: bool,
 }
 
 impl Handler for Idle {
     fn on_open(&mut self, _ws: &mut Ws<'_>) {
+        self.open = true;
         self.shared.opened.fetch_add(1, Ordering::Relaxed);
     }
     fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        // A connect that failed (1006 before opening) never was held.
+        if self.open {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.closed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -670,6 +743,7 @@ fn idle(args: &Args) {
                 &spread(&args.url, i, args.hosts),
                 Idle {
                     shared: shared.clone(),
+                    open: false,
                 },
             )
             .unwrap_or_else(|e| usage(&format!("{}: {e}", args.url)));
@@ -678,14 +752,14 @@ fn idle(args: &Args) {
     let opened = shared.opened.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs_f64(args.secs.max(1.0)));
     let after = rss_kib(pid);
-    let still_open = opened - shared.closed.load(Ordering::Relaxed).min(opened);
+    let still_open = opened - shared.dropped.load(Ordering::Relaxed).min(opened);
     eprintln!("wsload: {opened} opened, {still_open} held; server RSS {before} KiB -> {after} KiB");
     let _ = clients.shutdown(Duration::from_secs(5));
     let per_conn = (after.saturating_sub(before) * 1024) as f64 / still_open.max(1) as f64;
     println!(
-        "{{\"mode\":\"idle\",\"url\":\"{}\",\"conns\":{},\"opened\":{},\"held\":{},\"all_opened\":{},\
+        "{{\"mode\":\"idle\",\"url\":{},\"conns\":{},\"opened\":{},\"held\":{},\"all_opened\":{},\
          \"rss_before_kib\":{},\"rss_after_kib\":{},\"bytes_per_conn\":{:.0},\"errors\":{}}}",
-        args.url,
+        json_str(Some(&args.url)),
         args.conns,
         opened,
         still_open,
@@ -707,6 +781,8 @@ struct Churn {
     payload: Arc<[u8]>,
     /// Whether the echo came back (`Some`), and right (`Some(true)`).
     echoed: Option<bool>,
+    /// `on_error` was called: the close that follows counts the failure, once.
+    errored: bool,
 }
 
 impl Handler for Churn {
@@ -728,11 +804,12 @@ impl Handler for Churn {
     }
 
     fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        // A close follows every error, and counts it (a failed connect is one error).
+        self.errored = true;
     }
 
     fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
-        if code != 1000 || self.echoed.is_none() {
+        if self.errored || code != 1000 || self.echoed.is_none() {
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
         } else if self.echoed == Some(true) && self.shared.measuring.load(Ordering::Relaxed) {
             self.shared.received.fetch_add(1, Ordering::Relaxed);
@@ -756,6 +833,7 @@ fn churn(args: &Args) {
                 started: Instant::now(),
                 payload: payload.clone(),
                 echoed: None,
+                errored: false,
             };
             let url = spread(&args.url, issued.get(), args.hosts);
             clients
@@ -798,10 +876,10 @@ fn churn(args: &Args) {
         + shared.failed.load(Ordering::Relaxed) as u64
         + (issued.get() - shared.closed.load(Ordering::Relaxed).min(issued.get())) as u64;
     println!(
-        "{{\"mode\":\"churn\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"secs\":{:.3},\
+        "{{\"mode\":\"churn\",\"url\":{},\"conns\":{},\"size\":{},\"secs\":{:.3},\
          \"cycles\":{},\"cycles_per_sec\":{:.1},\"connections\":{},\"all_closed\":{},\
          \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
-        args.url,
+        json_str(Some(&args.url)),
         args.conns,
         args.size,
         secs,
@@ -911,6 +989,8 @@ struct BroadcastClient {
     got: usize,
     /// Senders heard from in this round, one bit each.
     seen: Vec<u64>,
+    /// `on_error` was called: the close that follows counts the failure, once.
+    errored: bool,
 }
 
 impl Handler for BroadcastClient {
@@ -966,7 +1046,8 @@ impl Handler for BroadcastClient {
     }
 
     fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        // A close follows every error, and counts it (a failed connect is one error).
+        self.errored = true;
     }
 
     fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
@@ -974,7 +1055,7 @@ impl Handler for BroadcastClient {
         self.rounds
             .delivered
             .fetch_add(std::mem::take(&mut self.got) as u64, Ordering::Relaxed);
-        if !self.shared.stop.load(Ordering::Relaxed) {
+        if self.errored || !self.shared.stop.load(Ordering::Relaxed) {
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
         }
         self.shared.closed.fetch_add(1, Ordering::Relaxed);
@@ -1019,6 +1100,7 @@ fn broadcast(args: &Args) {
             round: 0,
             got: 0,
             seen: vec![0; conns.div_ceil(64)],
+            errored: false,
         };
         clients
             .connect(&args.url, handler)
@@ -1077,11 +1159,11 @@ fn broadcast(args: &Args) {
     let deliveries = shared.received.load(Ordering::Relaxed);
     let per_sec = deliveries as f64 / secs;
     println!(
-        "{{\"mode\":\"broadcast\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"secs\":{:.3},\
+        "{{\"mode\":\"broadcast\",\"url\":{},\"conns\":{},\"size\":{},\"secs\":{:.3},\
          \"deliveries\":{},\"deliveries_per_sec\":{:.1},\"msgs_per_sec\":{:.1},\"rounds\":{},\
          \"rounds_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"rounds_total\":{},\
          \"missing\":{},\"stalled\":{},\"errors\":{},\"client_backend\":\"{}\"}}",
-        args.url,
+        json_str(Some(&args.url)),
         conns,
         args.size,
         secs,
@@ -1111,8 +1193,9 @@ const FANOUT_SIZE: usize = 16;
 struct Fanout {
     epoch: Instant,
     /// Messages with a lower sequence number are the warm-up's: delivered and checked, but
-    /// not measured.
-    warmup_msgs: u64,
+    /// not measured. `u64::MAX` until the warm-up ends (set before the first measured
+    /// publish), since a warm-up cut short by its one second sends fewer than planned.
+    warmup_msgs: AtomicU64,
     publisher: Mutex<Option<Sender>>,
     /// Subscriber deliveries that passed the checks, warm-up included.
     delivered: AtomicU64,
@@ -1148,6 +1231,8 @@ struct FanoutClient {
     group: usize,
     next_seq: u64,
     latencies: Vec<u32>,
+    /// `on_error` was called: the close that follows counts the failure, once.
+    errored: bool,
 }
 
 impl Handler for FanoutClient {
@@ -1179,7 +1264,7 @@ impl Handler for FanoutClient {
         let group = &self.fanout.groups[self.group];
         self.fanout.delivered.fetch_add(1, Ordering::Relaxed);
         group.delivered.fetch_add(1, Ordering::Relaxed);
-        if seq >= self.fanout.warmup_msgs {
+        if seq >= self.fanout.warmup_msgs.load(Ordering::Acquire) {
             let now = self.fanout.epoch.elapsed().as_nanos() as u64;
             self.shared.received.fetch_add(1, Ordering::Relaxed);
             group.received.fetch_add(1, Ordering::Relaxed);
@@ -1191,11 +1276,12 @@ impl Handler for FanoutClient {
     }
 
     fn on_error(&mut self, _ws: &mut Ws<'_>, _error: &Error) {
-        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        // A close follows every error, and counts it (a failed connect is one error).
+        self.errored = true;
     }
 
     fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
-        if !self.shared.stop.load(Ordering::Relaxed) {
+        if self.errored || !self.shared.stop.load(Ordering::Relaxed) {
             self.shared.failed.fetch_add(1, Ordering::Relaxed);
         }
         if !self.publisher {
@@ -1238,12 +1324,13 @@ fn fanout(args: &Args) {
             latencies: Mutex::new(Vec::new()),
         })
         .collect();
-    let rate = args.rate.max(0.001);
+    // parse_args checked it: finite, and 1 / rate is at most `--secs`.
+    let rate = args.rate;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let shared = Arc::new(Shared::default());
     let fanout = Arc::new(Fanout {
         epoch: Instant::now(),
-        warmup_msgs: rate.ceil() as u64,
+        warmup_msgs: AtomicU64::new(u64::MAX),
         publisher: Mutex::new(None),
         delivered: AtomicU64::new(0),
         self_delivered: AtomicU64::new(0),
@@ -1260,6 +1347,7 @@ fn fanout(args: &Args) {
             group: i % sub_urls.len(),
             next_seq: 0,
             latencies: Vec::new(),
+            errored: false,
         };
         let url = if i == subs {
             &args.url
@@ -1291,18 +1379,25 @@ fn fanout(args: &Args) {
         payload.extend_from_slice(&seq.to_le_bytes());
         sender.send_binary(payload).is_ok()
     };
-    // Warm-up: one second's worth of messages, checked but not measured.
+    // Warm-up: one second's worth of messages, checked but not measured. It stops at one
+    // second whatever the rate (one the publisher cannot keep up with, or below 1/s).
     let mut seq = 0u64;
-    let mut next = Instant::now();
-    while seq < fanout.warmup_msgs && publish(seq) {
+    let warm_start = Instant::now();
+    let warm_end = warm_start + Duration::from_secs(1);
+    let planned = rate.ceil() as u64;
+    let mut next = warm_start;
+    while seq < planned && Instant::now() < warm_end && publish(seq) {
         seq += 1;
         next += interval;
-        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        std::thread::sleep(next.min(warm_end).saturating_duration_since(Instant::now()));
     }
+    let warmup_msgs = seq;
+    fanout.warmup_msgs.store(warmup_msgs, Ordering::Release);
     shared.measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     let start_ns = fanout.epoch.elapsed().as_nanos() as u64;
     let window = Duration::from_secs_f64(args.secs);
+    let end = start + window;
     next = start;
     let (mut last_line, mut last_count) = (start, 0);
     while start.elapsed() < window {
@@ -1312,7 +1407,8 @@ fn fanout(args: &Args) {
         }
         seq += 1;
         next += interval;
-        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        // Never past the window's end: the run stays within `--secs` at any rate.
+        std::thread::sleep(next.min(end).saturating_duration_since(Instant::now()));
         if last_line.elapsed() >= Duration::from_secs(1) {
             let now = shared.received.load(Ordering::Relaxed);
             eprintln!(
@@ -1342,7 +1438,7 @@ fn fanout(args: &Args) {
     shared.stop.store(true, Ordering::Relaxed);
     let backend = clients.backend();
     let _ = clients.shutdown(Duration::from_secs(5));
-    let measured = published - fanout.warmup_msgs.min(published);
+    let measured = published - warmup_msgs.min(published);
     let mut latencies = Vec::new();
     let mut per_url = Vec::new();
     for group in &fanout.groups {
@@ -1373,12 +1469,12 @@ fn fanout(args: &Args) {
     let end_ns = published_ns.max(fanout.last_ns.load(Ordering::Relaxed));
     let secs = (end_ns - start_ns) as f64 / 1e9;
     println!(
-        "{{\"mode\":\"fanout\",\"url\":\"{}\",\"subs\":{},\"rate\":{},\"published\":{},\
+        "{{\"mode\":\"fanout\",\"url\":{},\"subs\":{},\"rate\":{},\"published\":{},\
          \"measured_published\":{},\"deliveries\":{},\"expected\":{},\"secs\":{:.3},\
          \"offered_per_sec\":{:.1},\"deliveries_per_sec\":{:.1},\"msgs_per_sec\":{:.1},\
          \"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"missing\":{},\"self_delivered\":{},\
          \"errors\":{},\"client_backend\":\"{}\",\"per_url\":[{}]}}",
-        args.url,
+        json_str(Some(&args.url)),
         subs,
         args.rate,
         published,
@@ -1429,21 +1525,12 @@ struct FloodResult {
     disconnected: Option<(f64, String)>,
 }
 
-/// `host:port` of a `ws://host:port/...` URL.
-fn host_port(url: &str) -> String {
-    let rest = url.strip_prefix("ws://").unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    if authority.contains("]:") || (!authority.starts_with('[') && authority.contains(':')) {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    }
-}
-
 /// Connects a plain blocking socket and completes the opening handshake with a client
 /// [`Driver`](websocket_driver::Driver) (which only encodes and parses; no reactor).
 fn flooder_connect(url: &str) -> Result<(TcpStream, websocket_driver::Driver), String> {
-    let addr = host_port(url)
+    // The host the client driver and the loopback check see (userinfo and brackets off).
+    let parsed = ClientUrl::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let addr = (parsed.host.as_str(), parsed.port)
         .to_socket_addrs()
         .map_err(|e| format!("{url}: {e}"))?
         .next()
@@ -1644,13 +1731,13 @@ fn slow(args: &Args) {
         }
     );
     println!(
-        "{{\"mode\":\"slow\",\"url\":\"{}\",\"conns\":{},\"size\":{},\"flood_size\":{},{},\
+        "{{\"mode\":\"slow\",\"url\":{},\"conns\":{},\"size\":{},\"flood_size\":{},{},\
          \"server_rss_start_kib\":{},\"server_rss_max_kib\":{},\"server_rss_end_kib\":{},\
          \"server_rss_growth_max_kib\":{},\"rss_samples\":{},\"server_gone\":{},\"rss_cap_hit\":{},\
          \"flooder_connected\":{},\"flooder_error\":{},\"flooder_bytes_sent\":{},\"flooder_frames_sent\":{},\
          \"flooder_secs\":{:.3},\"flooder_last_progress_s\":{:.3},\"flooder_disconnected\":{},\
          \"flooder_disconnected_at_s\":{},\"flooder_disconnect_reason\":{},\"client_backend\":\"{}\"}}",
-        args.url,
+        json_str(Some(&args.url)),
         args.conns,
         args.size,
         args.flood_size,
@@ -1699,7 +1786,61 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::same_short;
+    use super::{loopback_only, same_short, stamp};
+
+    #[test]
+    fn loopback_only_looks_at_the_host_connected_to() {
+        for url in [
+            "ws://127.0.0.1:9001/",
+            "ws://127.0.0.5:9001/topic",
+            "ws://127.1.2.3/",
+            "ws://[::1]:9001/",
+            "ws://[::1]/",
+            "ws://localhost:9001/",
+            "ws://user:pw@127.0.0.1:9001/",
+            "ws://10.0.0.5@127.0.0.1:9001/",
+        ] {
+            assert_eq!(loopback_only(url), Ok(()), "{url}");
+        }
+        for url in [
+            // The part after the last `@` is the host the client connects to.
+            "ws://localhost@10.0.0.5:9001/",
+            "ws://127.0.0.1@10.0.0.5:9001/",
+            "ws://127.0.0.1:9001@10.0.0.5/",
+            "ws://10.0.0.5:9001/",
+            "ws://0.0.0.0:9001/",
+            "ws://[::]:9001/",
+            "ws://[::ffff:10.0.0.5]:9001/",
+            "ws://[2001:db8::1]:9001/",
+            // Names that are not loopback (or do not resolve at all).
+            "ws://localhost.example.com/",
+            "ws://127.evil.example/",
+            "ws://localhost.invalid:9001/",
+            // Not a URL the client would connect with.
+            "http://127.0.0.1:9001/",
+            "ws://127.0.0.1:99999/",
+            "ws://[::1/",
+            "ws:///",
+        ] {
+            assert!(loopback_only(url).is_err(), "{url}");
+        }
+    }
+
+    /// Every size of stamp changes from one message to the next, text or binary.
+    #[test]
+    fn short_stamps_differ_from_message_to_message() {
+        for text in [false, true] {
+            for len in 1..=10 {
+                let (mut a, mut b) = (vec![b'x'; len], vec![b'x'; len]);
+                stamp(&mut a, 6, text);
+                stamp(&mut b, 7, text);
+                assert_ne!(a, b, "len {len}, text {text}");
+                if text {
+                    assert!(a.is_ascii(), "len {len}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn same_short_is_slice_equality() {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use websocket_driver::server::{
-    Handler, Server, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, Ws,
+    Handler, HttpResponse, Server, ServerConfig, ServerHandle, Stats, Upgrade, UpgradeRequest, Ws,
 };
 use websocket_driver::{Backend, Message, MessageType};
 
@@ -116,6 +116,10 @@ fn smoke(backend: Backend, extra: &[&str]) {
     let args = [&["--conns", "10", "--size", "100", "--secs", "1"], extra].concat();
     let json = run_wsload(backend, "echo", &args);
     assert!(field(&json, "msgs_per_sec") > 0.0, "{json}");
+    assert!(
+        field(&json, "messages_total") >= field(&json, "messages"),
+        "{json}"
+    );
     assert_eq!(field(&json, "errors"), 0.0, "{json}");
     assert!(field(&json, "p50_us") <= field(&json, "p99_us"), "{json}");
 }
@@ -349,5 +353,168 @@ fn echo_counts_an_altered_byte_as_an_error() {
             field(&json, "errors") >= field(&json, "messages"),
             "byte {at}: {json}"
         );
+    }
+}
+
+/// `wsload MODE ARGS…` (the URL among ARGS) expected to fail: its exit status and the
+/// first line of its stderr (the problem; the usage text follows).
+fn wsload_fails(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_wsload"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} succeeded");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Every echo of the whole run (handshakes and warm-up included, as a server-side count
+/// over the run sees them) is reported next to the window's.
+#[test]
+fn echo_reports_the_messages_of_the_whole_run() {
+    let json = run_wsload(
+        Backend::Epoll,
+        "echo",
+        &["--conns", "4", "--size", "20", "--secs", "1"],
+    );
+    assert!(field(&json, "messages") > 0.0, "{json}");
+    assert!(
+        field(&json, "messages_total") >= field(&json, "messages"),
+        "{json}"
+    );
+}
+
+/// Answers every message with the first one it got: stale echoes, right but for the stamp.
+struct StaleEcho {
+    first: Option<Vec<u8>>,
+}
+impl Handler for StaleEcho {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let first = self
+            .first
+            .get_or_insert_with(|| message.as_bytes().to_vec());
+        let _ = ws.send_text(std::str::from_utf8(first).unwrap());
+    }
+}
+
+/// Text payloads shorter than the 8-byte stamp still carry (the low digits of) the
+/// sequence number: a stale echo is an error whatever the size.
+#[test]
+fn echo_checks_the_sequence_of_short_text_payloads() {
+    for size in ["1", "4", "7"] {
+        let json = run_wsload_on(
+            Backend::Epoll,
+            |_| Upgrade::Accept(StaleEcho { first: None }),
+            "echo",
+            &["--conns", "1", "--size", size, "--text", "--secs", "1"],
+        );
+        assert!(field(&json, "messages") > 0.0, "size {size}: {json}");
+        assert!(field(&json, "errors") > 0.0, "size {size}: {json}");
+    }
+}
+
+/// The URL goes into the JSON as a JSON string: a `"` in its path is escaped.
+#[test]
+fn echo_escapes_the_url_in_its_json() {
+    let server = start(Backend::Epoll, |_| Upgrade::Accept(Echo));
+    let url = format!("ws://{}/a\"b", server.local_addr());
+    let json = wsload(&url, "echo", &["--conns", "1", "--secs", "1"]);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    let escaped = format!("\"url\":\"ws://{}/a\\\"b\"", server.local_addr());
+    assert!(json.contains(&escaped), "{json}");
+}
+
+/// Accepts every other upgrade and refuses the rest (403).
+fn every_other() -> impl Fn(&UpgradeRequest<'_>) -> Upgrade<Echo> + Send + Sync + 'static {
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    move |_| {
+        if n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
+        {
+            Upgrade::Accept(Echo)
+        } else {
+            Upgrade::Reject(HttpResponse::new(403, "no"))
+        }
+    }
+}
+
+/// A connection refused at the upgrade never opened, so its close does not come off the
+/// connections held.
+#[test]
+fn idle_holds_what_opened_when_some_are_refused() {
+    let pid = std::process::id().to_string();
+    let json = run_wsload_on(
+        Backend::Epoll,
+        every_other(),
+        "idle",
+        &["--conns", "10", "--pid", &pid, "--secs", "1"],
+    );
+    assert_eq!(field(&json, "opened"), 5.0, "{json}");
+    assert_eq!(field(&json, "held"), 5.0, "{json}");
+    assert_eq!(field(&json, "errors"), 5.0, "{json}");
+    assert!(json.contains("\"all_opened\":false"), "{json}");
+}
+
+/// A connection that fails (here: every upgrade refused) is one error, not one for its
+/// `on_error` and another for its 1006 close.
+#[test]
+fn churn_counts_a_failed_connection_once() {
+    let server = start(Backend::Epoll, |_| {
+        Upgrade::<Echo>::Reject(HttpResponse::new(403, "no"))
+    });
+    let url = format!("ws://{}/", server.local_addr());
+    let json = wsload(&url, "churn", &["--conns", "2", "--secs", "1"]);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+    assert_eq!(field(&json, "cycles"), 0.0, "{json}");
+    assert!(field(&json, "connections") > 0.0, "{json}");
+    assert_eq!(
+        field(&json, "errors"),
+        field(&json, "connections"),
+        "{json}"
+    );
+}
+
+/// Rates and durations that would never end, or panic, are refused before any connection
+/// is made (nothing listens on port 1 anyway).
+#[test]
+fn fanout_refuses_unbounded_rates_and_durations() {
+    let url = "ws://127.0.0.1:1/topic";
+    for (flag, value) in [
+        ("--rate", "0"),
+        ("--rate", "-5"),
+        ("--rate", "inf"),
+        ("--rate", "NaN"),
+        // Less than one publish in the window.
+        ("--rate", "0.5"),
+        ("--secs", "0"),
+        ("--secs", "inf"),
+        ("--secs", "1e300"),
+        ("--drain-secs", "inf"),
+    ] {
+        let (code, stderr) = wsload_fails(&["fanout", "--url", url, "--secs", "1", flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}
+
+/// The loopback guard looks at the host the client would connect to, not at how the URL
+/// starts. 192.0.2.1 is a documentation address (RFC 5737): should the guard ever let one
+/// through, the connect goes nowhere.
+#[test]
+fn urls_off_loopback_are_refused() {
+    for url in [
+        "ws://localhost@192.0.2.1:9001/",
+        "ws://127.0.0.1@192.0.2.1:9001/",
+        "ws://192.0.2.1:9001/",
+    ] {
+        let (code, stderr) = wsload_fails(&["echo", "--url", url, "--conns", "1", "--secs", "1"]);
+        assert_eq!(code, Some(2), "{url}: {stderr}");
+        assert!(stderr.contains("loopback"), "{url}: {stderr}");
     }
 }
