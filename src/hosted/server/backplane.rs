@@ -49,10 +49,12 @@ pub struct BackplaneStats {
     pub sent: u64,
     /// Messages received from the other processes.
     pub received: u64,
-    /// Messages for the other processes that were dropped (engine unreachable, queue
-    /// full).
+    /// Messages for the other processes that were dropped (engine unreachable or
+    /// refusing them, queue full).
     pub dropped: u64,
-    /// Times the backplane reconnected after losing its engine.
+    /// Times the backplane reconnected after losing its engine, counted per connection:
+    /// the Redis backplane's publisher and subscriber each count their own, so one outage
+    /// counts up to 2 (the publisher reconnects only when it has something to send).
     pub reconnects: u64,
 }
 
