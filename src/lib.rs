@@ -21,9 +21,11 @@
 //! client.send_text("Hi").unwrap(); // queued until the handshake completes
 //! ```
 
-// `unsafe` is allowed only in `reactor::uring` (kernel-shared memory) and in the unmask
-// kernel's dispatch (`protocol::mask`, entering its AVX-512 or AVX2 build after the CPU
-// check), each block with a `// SAFETY:` comment; the rest of the protocol layer is safe.
+// `unsafe` is allowed only in the reactor's backends (`reactor::uring`: kernel-shared
+// memory; `reactor::epoll`: a receive into a vector's spare capacity; `reactor::low_water`:
+// `setsockopt(SO_RCVLOWAT)`) and in the unmask kernel's dispatch (`protocol::mask`,
+// entering its AVX-512 or AVX2 build after the CPU check), each block with a `// SAFETY:`
+// comment; the rest of the protocol layer is safe.
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]

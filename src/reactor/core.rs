@@ -170,7 +170,13 @@ pub(crate) struct Core<S: Service, B: Backend> {
 const CONNECTS_PER_TURN: usize = 64;
 
 /// Runs one loop until a shutdown completes.
-pub(crate) fn run<S: Service, B: Backend>(mut backend: B, mut core: Core<S, B>) -> io::Result<()> {
+pub(crate) fn run<S: Service, B: Backend>(backend: B, core: Core<S, B>) -> io::Result<()> {
+    // Locals drop in reverse order when a handler's panic unwinds through here: the
+    // backend first (io_uring quiesces its ring, submitting what the turn queued), then
+    // the core (its connections' sockets), so no queued operation names a descriptor
+    // that was closed and perhaps reused by another loop in between.
+    let mut core = core;
+    let mut backend = backend;
     core.inbox.claim_thread();
     let result = (|| {
         loop {

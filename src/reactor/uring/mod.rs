@@ -489,13 +489,18 @@ impl Backend for Uring {
     }
 
     fn stop_accepting(&mut self) -> io::Result<()> {
+        let cancelled = match self.accept_op.take() {
+            Some(op) => self.ring.cancel(op),
+            None => Ok(()),
+        };
+        // The accept names the listener by its descriptor and may have been re-armed this
+        // turn, not submitted yet: it goes in, with its cancel, while the descriptor is
+        // still the listener's (closed first, its number could be another file's by then).
+        let submitted = self.ring.run_pending(true).map(drop);
         self.listener = None;
         // Accepted but never served: closed now.
         self.accepted.clear();
-        match self.accept_op.take() {
-            Some(op) => self.ring.cancel(op),
-            None => Ok(()),
-        }
+        cancelled.and(submitted)
     }
 
     fn quiesce<S: Service>(&mut self, _core: &mut Core<S, Self>) {

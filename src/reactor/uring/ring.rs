@@ -1,6 +1,7 @@
 //! The io_uring ring with a safe API: an op table whose entries own everything the kernel
-//! may touch, and the provided-buffer ring. This module is the only place in the crate
-//! where `unsafe` is allowed; every block says why it is sound.
+//! may touch, and the provided-buffer ring. Most of the crate's `unsafe` is here (the rest:
+//! epoll's receive into a vector's spare capacity, `SO_RCVLOWAT`, and the unmask kernel's
+//! dispatch); every block says why it is sound.
 //!
 //! Ownership rules (the tokio-uring / monoio model): a submitted operation's buffer is
 //! owned by value by its [`Op`] in the table (send buffers, the wake buffer) or by the
@@ -325,7 +326,10 @@ impl Ring {
             // only when its completion is reaped, and leaked by `quiesce` if it is not),
             // and outlives the operation (a slot update reads a cell of the ring's own
             // `slot_fds`, or a static, when it is submitted): ops are only removed by
-            // `finish`, after their final completion was reaped.
+            // `finish`, after their final completion was reaped; a `Ring` or `BufRing`
+            // dropped with operations in flight leaks what they own. (Memory only: a
+            // descriptor an entry names must stay open until the entry is submitted, which
+            // the backend keeps: see `register_socket` and `Uring::stop_accepting`.)
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
@@ -656,6 +660,18 @@ impl Ring {
     }
 }
 
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Operations still in flight (a ring dropped without `quiesce`, or one that timed
+        // out) may have the kernel write into or read from what they own until the ring's
+        // teardown ends, asynchronously: leaked, not freed.
+        if !self.ops.is_empty() || !self.payloads.is_empty() {
+            std::mem::forget(std::mem::take(&mut self.payloads));
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
+}
+
 /// A multishot receive into the provided-buffer ring, optionally polling first.
 fn recv_entry(socket: SocketRef, key: usize, poll_first: bool) -> squeue::Entry {
     let entry = on_socket!(socket, |target| opcode::RecvMulti::new(target, BUF_GROUP)
@@ -750,6 +766,9 @@ pub(crate) struct BufRing {
     size: usize,
     tail: u16,
     group: u16,
+    /// Registered with the kernel and not unregistered since: the kernel may write into
+    /// the buffers and read the entries, so they are leaked, not freed, if dropped so.
+    registered: bool,
 }
 
 impl BufRing {
@@ -773,9 +792,11 @@ impl BufRing {
             size,
             tail: 0,
             group,
+            registered: false,
         };
-        // SAFETY: the entries array is page-aligned, `count` entries long, and lives until
-        // `unregister` (called before it is freed).
+        // SAFETY: the entries array is page-aligned, `count` entries long, and is not freed
+        // while registered (`registered` below: `Drop` leaks it unless `unregister` took
+        // it back from the kernel).
         let registered = unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(entries.as_ptr() as u64, count, group, 0)
@@ -785,6 +806,7 @@ impl BufRing {
             drop(bufs);
             return Err(e);
         }
+        bufs.registered = true;
         for bid in 0..count {
             bufs.recycle(bid);
         }
@@ -797,7 +819,9 @@ impl BufRing {
     pub fn recycle(&mut self, bid: u16) {
         assert!(bid < self.count && !self.queued[bid as usize]);
         let buffer = &mut self.buffers[bid as usize];
-        if buffer.is_empty() {
+        // The kernel writes up to `size` bytes at the buffer's address: a slot whose
+        // buffer was taken, or left shorter by a session, gets a whole one.
+        if buffer.len() < self.size {
             *buffer = self.spares.pop().unwrap_or_else(|| vec![0; self.size]);
         }
         let slot = (self.tail & (self.count - 1)) as usize;
@@ -840,21 +864,25 @@ impl BufRing {
         }
     }
 
-    fn unregister(self, ring: &IoUring) {
+    fn unregister(mut self, ring: &IoUring) {
         if ring.submitter().unregister_buf_ring(self.group).is_ok() {
-            drop(self);
-        } else {
-            // The kernel may still reference the memory: leak it rather than free it.
-            std::mem::forget(self);
+            self.registered = false;
         }
+        // Still registered (the kernel may reference the memory): `Drop` leaks it.
     }
 }
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; only reached once the kernel no
-        // longer references it (never registered, unregistered, or after ring teardown).
-        // The buffers drop with the struct, under the same condition.
+        if self.registered {
+            // Dropped without `unregister` (an error path, a panic) or refused by it: the
+            // kernel may still write into the buffers or read the entries.
+            std::mem::forget(std::mem::take(&mut self.buffers));
+            return;
+        }
+        // SAFETY: allocated in `new` with this layout, and the kernel does not reference
+        // it: never registered, or unregistered (`registered` is false). The buffers
+        // drop with the struct, under the same condition.
         unsafe {
             dealloc(self.entries.as_ptr().cast(), self.entries_layout);
         }
@@ -870,8 +898,8 @@ mod tests {
     /// buffer ring hands back what the kernel received.
     #[test]
     fn send_recv_and_accept_through_the_op_table() {
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
+        if no_io_uring() {
+            return;
         }
         use std::io::{Read, Write};
         use std::os::fd::AsRawFd;
@@ -979,6 +1007,23 @@ mod tests {
         assert!(bufs.spares.is_empty());
         bufs.recycle(bid);
         drop(server);
+        ring.quiesce(Some(bufs));
+    }
+
+    /// A slot whose buffer a session left shorter than the ring's size gets a whole one
+    /// before the kernel is told it may write `size` bytes there.
+    #[test]
+    fn a_buffer_left_short_is_replaced_before_the_kernel_gets_it() {
+        let Some((ring, _listener)) = ring_with_slots() else {
+            return;
+        };
+        let mut bufs = ring.buffers(2, 4096).unwrap();
+        *bufs.received(0) = vec![7; 16];
+        bufs.recycle(0);
+        bufs.publish();
+        assert_eq!(bufs.buffers[0].len(), 4096);
+        assert!(bufs.buffers[0].iter().all(|&b| b == 0), "a new buffer");
+        let mut ring = ring;
         ring.quiesce(Some(bufs));
     }
 
@@ -1195,11 +1240,26 @@ mod tests {
         ring.quiesce(None);
     }
 
+    /// Whether io_uring is missing here, so a ring test has nothing to run (the epoll
+    /// backend is tested instead). With `WSD_REQUIRE_IO_URING=1` (as `.ci/run` sets) a
+    /// missing io_uring fails the test instead of letting it pass without running.
+    fn no_io_uring() -> bool {
+        match probe() {
+            Ok(_) => false,
+            Err(why) if std::env::var_os("WSD_REQUIRE_IO_URING").is_some_and(|v| v == "1") => {
+                panic!("WSD_REQUIRE_IO_URING=1, but io_uring is unavailable: {why}")
+            }
+            Err(_) => true,
+        }
+    }
+
     /// A ring with a registered-socket table and a loopback listener; `None` (the test
     /// passes vacuously) without io_uring, where the epoll backend is tested instead, or
     /// before Linux 5.19, where sockets are always named by descriptor.
     fn ring_with_slots() -> Option<(Ring, std::net::TcpListener)> {
-        probe().ok()?;
+        if no_io_uring() {
+            return None;
+        }
         let ring = Ring::new(64).unwrap();
         (ring.slots > 0).then(|| (ring, std::net::TcpListener::bind("127.0.0.1:0").unwrap()))
     }
@@ -1244,8 +1304,8 @@ mod tests {
     /// `run_pending`).
     #[test]
     fn a_drain_runs_pending_receives_without_sleeping() {
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
+        if no_io_uring() {
+            return;
         }
         use std::io::Write;
         const SOCKETS: usize = 30;
@@ -1299,8 +1359,8 @@ mod tests {
     /// Without it, this sees 20 of the 100.
     #[test]
     fn a_wait_and_a_drain_complete_every_pending_receive() {
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
+        if no_io_uring() {
+            return;
         }
         use std::io::Write;
         const SOCKETS: usize = 100;
@@ -1353,8 +1413,8 @@ mod tests {
         assert_eq!(plain[..2], polled[..2]);
         assert_eq!(plain[4..], polled[4..]);
 
-        if probe().is_err() {
-            return; // No io_uring here: the epoll backend is tested instead.
+        if no_io_uring() {
+            return;
         }
         use std::io::Write;
         use std::os::fd::AsRawFd;
