@@ -5,12 +5,15 @@
 //! records every command and every connection its client closed.
 #![cfg(feature = "redis")]
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::eventually;
 use websocket_driver::MessageType;
 use websocket_driver::server::{
     Backplane, BackplaneStats, Handler, Inbound, RedisBackplane, Server, ServerHandle, Upgrade,
@@ -295,17 +298,6 @@ fn start(redis: &FakeRedis) -> (ServerHandle, Arc<RedisBackplane>) {
         .start(|_| Upgrade::Accept(Idle))
         .unwrap();
     (server, backplane)
-}
-
-fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    check()
 }
 
 /// The fake's policy for "the first connection that subscribes answers its first

@@ -1120,6 +1120,54 @@ fn blocking_client_bounds_a_trickling_proxy_by_the_handshake_timeout() {
     trickler.join().unwrap();
 }
 
+/// Connects a `Recorder` (sending `greeting` once open) to `url` at `addrs` in turn, and
+/// returns what it heard once its connection has ended (within 10 s).
+fn dial(
+    reactor: &ClientReactor<Recorder>,
+    url: &str,
+    addrs: &[SocketAddr],
+    greeting: Option<&str>,
+) -> Vec<Seen> {
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    reactor
+        .connect_at(
+            url,
+            addrs,
+            &Options::default(),
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: greeting.map(str::to_string),
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    log.lock().unwrap().clone()
+}
+
+/// What a `Recorder` that sent `greeting` to the echo server hears: its echo, and the close
+/// it then starts.
+fn echoed(greeting: &str) -> Vec<Seen> {
+    vec![
+        Seen::Open,
+        Seen::Text(greeting.into()),
+        Seen::Close(1000, String::new()),
+    ]
+}
+
+fn client_reactor(backend: Backend, handshake_timeout: Duration) -> ClientReactor<Recorder> {
+    ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        handshake_timeout,
+        ..ServerConfig::default()
+    })
+    .unwrap()
+}
+
 /// A hosted client tries a name's addresses in turn: here `connect_at` with an address
 /// that refuses the connect, then the echo server's. The handler hears nothing of the
 /// refused one (no error, no close): it opens, echoes and closes at the second. With
@@ -1130,55 +1178,16 @@ fn hosted_client_tries_the_next_address_when_one_refuses(backend: Backend) {
         .unwrap()
         .local_addr()
         .unwrap();
-    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
-        threads: 1,
-        backend,
-        ..ServerConfig::default()
-    })
-    .unwrap();
-    let closes = Arc::new(AtomicUsize::new(0));
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let reactor = client_reactor(backend, Duration::from_secs(10));
     let url = format!("ws://{}/", server.local_addr());
-    reactor
-        .connect_at(
-            &url,
-            &[refusing, server.local_addr()],
-            &Options::default(),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: Some("second address".into()),
-            },
-        )
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || closes
-        .load(Ordering::Relaxed)
-        == 1));
-    assert_eq!(
-        *log.lock().unwrap(),
-        [
-            Seen::Open,
-            Seen::Text("second address".into()),
-            Seen::Close(1000, String::new())
-        ]
+    let log = dial(
+        &reactor,
+        &url,
+        &[refusing, server.local_addr()],
+        Some("second address"),
     );
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    reactor
-        .connect_at(
-            &url,
-            &[refusing],
-            &Options::default(),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: None,
-            },
-        )
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || closes
-        .load(Ordering::Relaxed)
-        == 2));
-    let log = log.lock().unwrap().clone();
+    assert_eq!(log, echoed("second address"));
+    let log = dial(&reactor, &url, &[refusing], None);
     assert!(
         matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)]
             if e.to_lowercase().contains("refused")),
@@ -1228,57 +1237,18 @@ fn hosted_client_gives_up_a_black_holed_address(backend: Backend) {
     let server = echo_server();
     let (_hole, hole, _fillers) = black_hole();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
-        threads: 1,
-        backend,
-        handshake_timeout: Duration::from_millis(300),
-        ..ServerConfig::default()
-    })
-    .unwrap();
-    let closes = Arc::new(AtomicUsize::new(0));
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let reactor = client_reactor(backend, Duration::from_millis(300));
     let url = format!("ws://{}/", server.local_addr());
-    reactor
-        .connect_at(
-            &url,
-            &[hole, server.local_addr()],
-            &Options::default(),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: Some("past the hole".into()),
-            },
-        )
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || closes
-        .load(Ordering::Relaxed)
-        == 1));
-    assert_eq!(
-        *log.lock().unwrap(),
-        [
-            Seen::Open,
-            Seen::Text("past the hole".into()),
-            Seen::Close(1000, String::new())
-        ]
+    let log = dial(
+        &reactor,
+        &url,
+        &[hole, server.local_addr()],
+        Some("past the hole"),
     );
+    assert_eq!(log, echoed("past the hole"));
     // Connected to a server that never answers, with an address left: not retried.
-    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    reactor
-        .connect_at(
-            &url,
-            &[silent.local_addr().unwrap(), server.local_addr()],
-            &Options::default(),
-            Recorder {
-                log: log.clone(),
-                closes: closes.clone(),
-                greeting: None,
-            },
-        )
-        .unwrap();
-    assert!(eventually(Duration::from_secs(10), || closes
-        .load(Ordering::Relaxed)
-        == 2));
-    let log = log.lock().unwrap().clone();
+    let addrs = [silent.local_addr().unwrap(), server.local_addr()];
+    let log = dial(&reactor, &url, &addrs, None);
     assert!(
         matches!(&log[..], [Seen::Error(e), Seen::Close(1006, _)] if e.contains("timed out")),
         "{log:?}"
