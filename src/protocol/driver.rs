@@ -207,7 +207,7 @@ enum Handshake {
 /// # Call order
 /// 1. Create with [`Driver::make_server`] (from a parsed request) or [`Driver::make_client`].
 /// 2. [`Driver::start_connection`]: queues the 101 response (server, which is then open) or
-///    the upgrade request (client).
+///    the upgrade request (client). Until then [`Driver::poll_event`] reads nothing.
 /// 3. Loop: write out [`Driver::pending_output`]; read from the transport; call
 ///    [`Driver::poll_event`] on the read bytes until it has consumed them all and returns no
 ///    event (an event may come with fewer bytes consumed: call again with the rest).
