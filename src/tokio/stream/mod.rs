@@ -242,6 +242,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// themselves when they run on the TCP socket, and so do [`WebSocketStream::connect`]
     /// and the split API's `connect`, whose socket is their own.
     ///
+    /// For a plain socket only: the mark counts what the frame still owes in the stream's
+    /// own bytes, and a layer between (TLS) that holds part of them in a record it has not
+    /// finished could leave the socket short of the mark for good.
+    ///
     /// ```no_run
     /// # async fn demo(tcp: tokio::net::TcpStream) -> Result<(), websocket_driver::Error> {
     /// use websocket_driver::{Options, tokio::WebSocketStream};
@@ -641,6 +645,109 @@ mod tests {
         let keepalive = Config::default().idle_timeout(Duration::from_secs(30));
         let marks = marks_for_a_large_then_a_small_message(&keepalive).await;
         assert!(marks.is_empty(), "{marks:?}");
+    }
+
+    /// With a read buffer larger than the mark (512 KiB), the end of a large frame is read
+    /// into the read buffer, and that read may bring the first bytes of the next, small
+    /// frame: the mark is not raised for such a read, so the small frame's last bytes
+    /// still wake the stream (it waited for them forever under a raised mark).
+    #[::tokio::test]
+    async fn a_small_frame_after_a_large_one_is_not_held_by_the_mark_with_a_large_read_buffer() {
+        let config = Config::default().read_buffer_size(512 * 1024);
+        MARKS.with(|marks| marks.borrow_mut().clear());
+        let (server_end, mut client_end) = duplex(8 << 20);
+        let mut client = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
+        client.start_connection();
+        client_end.write_all(client.pending_output()).await.unwrap();
+        let n = client.pending_output().len();
+        client.consume_output(n);
+        let ws = WebSocketStream::accept_with(server_end, &Options::default(), &config, |_| Ok(()))
+            .await
+            .unwrap();
+        let mut ws = ws.with_low_water_setter(record);
+        let mut response = vec![0; 4096];
+        let n = client_end.read(&mut response).await.unwrap();
+        assert!(matches!(
+            client.poll_event(&mut response[..n]).1,
+            Some(Event::Open)
+        ));
+        assert!(matches!(ws.next().await, Some(Event::Open)));
+        let large: Vec<u8> = (0..1_200_000).map(|i| (i % 251) as u8).collect();
+        client.send_binary(&large).unwrap();
+        client.send_binary(b"small one!").unwrap();
+        let wire = client.pending_output().to_vec();
+        let frame_len = 14 + large.len();
+        client_end.write_all(&wire[..1_000_000]).await.unwrap();
+        assert!(
+            ::tokio::time::timeout(Duration::from_millis(50), ws.next())
+                .await
+                .is_err()
+        );
+        // The frame's end and 3 bytes of the next frame's header, in one read.
+        client_end
+            .write_all(&wire[1_000_000..frame_len + 3])
+            .await
+            .unwrap();
+        match ws.next().await {
+            Some(Event::Message(Message::Binary(data))) => assert!(data == large),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            ::tokio::time::timeout(Duration::from_millis(50), ws.next())
+                .await
+                .is_err()
+        );
+        let marks = MARKS.with(|marks| marks.borrow().clone());
+        assert_eq!(
+            marks.last(),
+            Some(&1),
+            "lowered while the small frame waits: {marks:?}"
+        );
+        client_end.write_all(&wire[frame_len + 3..]).await.unwrap();
+        match ws.next().await {
+            Some(Event::Message(Message::Binary(data))) => assert_eq!(&data[..], b"small one!"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// With permessage-deflate agreed a large message is compressed too: the direct write
+    /// of a large frame (header and payload, no copy) is for uncompressed connections only.
+    #[::tokio::test]
+    async fn large_sends_are_compressed_when_deflate_is_agreed() {
+        let options = Options::default().deflate(true);
+        let (server_end, mut client_end) = duplex(8 << 20);
+        let mut client = Driver::make_client("ws://pipe/", &options).unwrap();
+        client.start_connection();
+        client_end.write_all(client.pending_output()).await.unwrap();
+        let n = client.pending_output().len();
+        client.consume_output(n);
+        let mut ws =
+            WebSocketStream::accept_with(server_end, &options, &Config::default(), |_| Ok(()))
+                .await
+                .unwrap();
+        let mut response = vec![0; 4096];
+        let n = client_end.read(&mut response).await.unwrap();
+        assert!(matches!(
+            client.poll_event(&mut response[..n]).1,
+            Some(Event::Open)
+        ));
+        assert!(client.deflate_params().is_some(), "deflate agreed");
+        assert!(matches!(ws.next().await, Some(Event::Open)));
+        for len in [1000, 16 * 1024, 300 * 1024] {
+            ws.send_binary(vec![0u8; len]).await.unwrap();
+            ws.flush().await.unwrap();
+            let mut wire = vec![0u8; 1 << 20];
+            let n = client_end.read(&mut wire).await.unwrap();
+            assert!(
+                wire[0] & 0x40 != 0,
+                "{len} B sent uncompressed ({n} B on the wire)"
+            );
+            assert!(n < len / 10, "{len} B of zeros took {n} B");
+            match client.poll_event(&mut wire[..n]).1 {
+                Some(Event::Message(Message::Binary(data))) => assert_eq!(data.len(), len),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// `connect` opens the socket itself, so it sets the mark; `accept` over a socket the

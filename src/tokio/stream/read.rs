@@ -223,7 +223,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 && let Some(want) = self.frame_shortfall(borrow)
             {
                 // Read the rest of the frame before the driver sees it: then it is lent
-                // (or copied) once, not reassembled piece by piece.
+                // (or copied) once, not reassembled piece by piece. A frame of at most a
+                // read buffer: no mark may hold its last bytes back.
+                if self.low_water.is_some() {
+                    self.mark_low_water();
+                }
                 match self.poll_fill(cx, want) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(0)) => {
@@ -361,9 +365,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         let Some(set) = self.low_water else {
             return;
         };
+        // Raised only while the frame's rest goes to the payload loan (at least a read
+        // buffer's worth to come): a read into the read buffer may end the frame and start
+        // the next, whose last few bytes must still wake the stream.
+        let to_come = self.driver.payload_to_come();
         let mark = match self.timer_config.idle {
-            None => low_water_for(self.driver.payload_to_come()),
-            Some(_) => 1,
+            None if to_come >= self.buf_size as u64 => low_water_for(to_come),
+            _ => 1,
         };
         if (mark > 1) == self.low_water_raised {
             return;

@@ -147,19 +147,21 @@ impl<S: AsyncWrite + Unpin> Sending<'_, S> {
         .map(drop)
     }
 
-    /// A server's large data frame with nothing queued before it: header and payload in
-    /// one gathered write, with no copy into the driver's output; the part the transport
+    /// A server's large data frame with nothing queued before it and no compression agreed:
+    /// header and payload in one gathered write, with no copy into the driver's output; the part the transport
     /// does not take is kept in the outbox. False (nothing written) when not eligible or
     /// the transport would block or failed (the driver then queues the frame, and the
     /// stream meets the failure on its next write).
     pub(super) fn write_direct(&mut self, cx: &mut Context<'_>, data: Data<'_>) -> bool {
         let payload = data.bytes();
+        // Not with permessage-deflate agreed: the driver compresses the message.
         if payload.len() < DIRECT_MIN
             || self.driver.role() != Role::Server
             || self.driver.ready_state() != ReadyState::Open
             || self.driver.buffered_amount() != 0
             || self.outbox.len() != 0
             || !self.io.is_write_vectored()
+            || self.driver.deflate_params().is_some()
         {
             return false;
         }
