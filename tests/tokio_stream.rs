@@ -849,6 +849,38 @@ async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
     assert!(ws.next().await.is_none());
 }
 
+/// A write that fails (the peer reset) does not throw away what was already read: the
+/// peer's later message and its Close, which came in the same read, still come out, and
+/// the stream ends.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_write_keeps_the_input_already_read() {
+    let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
+    client.send_text("one").unwrap();
+    client.send_text("two").unwrap();
+    client.close_connection(1000, "bye").unwrap();
+    let input = common::take_output(&mut client);
+    let transport = Recording {
+        writes_fail: true,
+        ..Recording::new(input)
+    };
+    let mut ws = WebSocketStream::from_driver(transport, server, &[], &Config::default());
+    assert_eq!(
+        message(ws.next().await.unwrap()),
+        Message::Text(Cow::Borrowed("one"))
+    );
+    // Queued, and its write fails (here or at the next read).
+    let _ = ws.send_text("echo").await;
+    assert_eq!(
+        message(ws.next().await.unwrap()),
+        Message::Text(Cow::Borrowed("two"))
+    );
+    match ws.next().await.unwrap() {
+        Event::Close { code, reason } => assert_eq!((code, &reason[..]), (1000, "bye")),
+        other => panic!("expected the peer's close, got {other:?}"),
+    }
+    assert!(ws.next().await.is_none());
+}
+
 /// A transport that hands over `input` as fast as it is read, then has nothing more (reads
 /// stay pending) or, `resetting`, fails every read with a reset; it takes every write
 /// whole, recording each write's size and bytes in a log that outlives it (a stream handed
@@ -856,6 +888,8 @@ async fn a_transport_error_is_reported_as_itself_after_earlier_messages() {
 struct Recording {
     input: Vec<u8>,
     reset_at_end: bool,
+    /// Every write fails (`BrokenPipe`): the peer reset after sending `input`.
+    writes_fail: bool,
     log: std::sync::Arc<std::sync::Mutex<Writes>>,
 }
 
@@ -870,6 +904,7 @@ impl Recording {
         Recording {
             input,
             reset_at_end: false,
+            writes_fail: false,
             log: Default::default(),
         }
     }
@@ -917,6 +952,9 @@ impl AsyncWrite for Recording {
         _: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.writes_fail {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
         let mut log = self.log.lock().unwrap();
         log.sizes.push(buf.len());
         log.bytes.extend_from_slice(buf);
@@ -927,6 +965,9 @@ impl AsyncWrite for Recording {
         _: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.writes_fail {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
         let n = bufs.iter().map(|b| b.len()).sum();
         let mut log = self.log.lock().unwrap();
         log.sizes.push(n);

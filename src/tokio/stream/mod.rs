@@ -160,6 +160,8 @@ pub struct WebSocketStream<S> {
     closed_noted: bool,
     reading: bool,
     writing: bool,
+    /// A write failed while input was still to be parsed: reported once it is.
+    write_failure: Option<io::Error>,
     flushed: bool,
     /// Bytes were written or a deadline fired since the last look (for the connection task).
     progressed: bool,
@@ -209,6 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             small_frames: 0,
             at_frame,
             eof_seen: false,
+            write_failure: None,
             payload_in: false,
             limit: config.max_backpressure,
             timer_config,
@@ -304,6 +307,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             self.closed_noted = true;
             self.timers.closed(now(), &self.timer_config);
         }
+    }
+
+    /// A write failed: stop reading and writing, but what was already read is still
+    /// parsed (a peer's last messages and its Close may have come before it reset the
+    /// connection); the failure is reported after it, as [`Self::transport_failed`] does.
+    fn write_failed(&mut self, e: io::Error) {
+        if self.start == self.end {
+            return self.transport_failed(e);
+        }
+        self.reading = false;
+        self.writing = false;
+        self.write_failure = Some(e);
     }
 
     /// The transport failed: stop reading and writing; the driver reports the error (as

@@ -249,6 +249,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             if over {
                 return Poll::Pending;
             }
+            if let Some(e) = self.write_failure.take() {
+                // The input read before a write failed is parsed: now the failure.
+                self.transport_failed(e);
+                continue;
+            }
             if !self.reading {
                 // The driver saw the end of the transport and has nothing left to say.
                 self.phase = Phase::Done;

@@ -258,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         if self.writing
             && let Poll::Ready(Err(e)) = self.poll_write_out(cx)
         {
-            self.transport_failed(e);
+            self.write_failed(e);
         }
     }
 
@@ -279,7 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
             match ready!(self.poll_write_out(cx)) {
                 Ok(()) => {}
-                Err(e) => self.transport_failed(e),
+                Err(e) => self.write_failed(e),
             }
             if self.driver.ready_state() == ReadyState::Connecting && self.held.is_none() {
                 // A client handed over still connecting: what it queued waits for the
@@ -429,7 +429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             Ok(()) => Poll::Ready(Ok(())),
             Err(e) => {
                 let err = Error::Io(io::Error::new(e.kind(), e.to_string()));
-                self.transport_failed(e);
+                self.write_failed(e);
                 Poll::Ready(Err(err))
             }
         }
