@@ -614,20 +614,21 @@ mod tests {
         Ok(())
     }
 
-    /// Sends a 1 MiB and then a 10-byte message through a stream that records its marks,
-    /// and returns the marks.
-    async fn marks_for_a_large_then_a_small_message(config: &Config) -> Vec<usize> {
-        MARKS.with(|marks| marks.borrow_mut().clear());
-        let (server_end, mut client_end) = duplex(4 << 20);
-        let mut client = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
+    /// A server stream over a duplex pipe with `options` and `config`, its `Open` taken,
+    /// and the open client driver and the pipe's other end.
+    async fn open_server(
+        options: &Options,
+        config: &Config,
+    ) -> (WebSocketStream<DuplexStream>, Driver, DuplexStream) {
+        let (server_end, mut client_end) = duplex(8 << 20);
+        let mut client = Driver::make_client("ws://pipe/", options).unwrap();
         client.start_connection();
         client_end.write_all(client.pending_output()).await.unwrap();
         let n = client.pending_output().len();
         client.consume_output(n);
-        let ws = WebSocketStream::accept_with(server_end, &Options::default(), config, |_| Ok(()))
+        let mut ws = WebSocketStream::accept_with(server_end, options, config, |_| Ok(()))
             .await
             .unwrap();
-        let mut ws = ws.with_low_water_setter(record);
         let mut response = vec![0; 4096];
         let n = client_end.read(&mut response).await.unwrap();
         assert!(matches!(
@@ -635,6 +636,15 @@ mod tests {
             Some(Event::Open)
         ));
         assert!(matches!(ws.next().await, Some(Event::Open)));
+        (ws, client, client_end)
+    }
+
+    /// Sends a 1 MiB and then a 10-byte message through a stream that records its marks,
+    /// and returns the marks.
+    async fn marks_for_a_large_then_a_small_message(config: &Config) -> Vec<usize> {
+        MARKS.with(|marks| marks.borrow_mut().clear());
+        let (ws, mut client, mut client_end) = open_server(&Options::default(), config).await;
+        let mut ws = ws.with_low_water_setter(record);
         let large: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
         client.send_binary(&large).unwrap();
         client.send_binary(b"small one!").unwrap();
@@ -670,23 +680,8 @@ mod tests {
     async fn a_small_frame_after_a_large_one_is_not_held_by_the_mark_with_a_large_read_buffer() {
         let config = Config::default().read_buffer_size(512 * 1024);
         MARKS.with(|marks| marks.borrow_mut().clear());
-        let (server_end, mut client_end) = duplex(8 << 20);
-        let mut client = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
-        client.start_connection();
-        client_end.write_all(client.pending_output()).await.unwrap();
-        let n = client.pending_output().len();
-        client.consume_output(n);
-        let ws = WebSocketStream::accept_with(server_end, &Options::default(), &config, |_| Ok(()))
-            .await
-            .unwrap();
+        let (ws, mut client, mut client_end) = open_server(&Options::default(), &config).await;
         let mut ws = ws.with_low_water_setter(record);
-        let mut response = vec![0; 4096];
-        let n = client_end.read(&mut response).await.unwrap();
-        assert!(matches!(
-            client.poll_event(&mut response[..n]).1,
-            Some(Event::Open)
-        ));
-        assert!(matches!(ws.next().await, Some(Event::Open)));
         let large: Vec<u8> = (0..1_200_000).map(|i| (i % 251) as u8).collect();
         client.send_binary(&large).unwrap();
         client.send_binary(b"small one!").unwrap();
@@ -730,24 +725,8 @@ mod tests {
     #[::tokio::test]
     async fn large_sends_are_compressed_when_deflate_is_agreed() {
         let options = Options::default().deflate(true);
-        let (server_end, mut client_end) = duplex(8 << 20);
-        let mut client = Driver::make_client("ws://pipe/", &options).unwrap();
-        client.start_connection();
-        client_end.write_all(client.pending_output()).await.unwrap();
-        let n = client.pending_output().len();
-        client.consume_output(n);
-        let mut ws =
-            WebSocketStream::accept_with(server_end, &options, &Config::default(), |_| Ok(()))
-                .await
-                .unwrap();
-        let mut response = vec![0; 4096];
-        let n = client_end.read(&mut response).await.unwrap();
-        assert!(matches!(
-            client.poll_event(&mut response[..n]).1,
-            Some(Event::Open)
-        ));
+        let (mut ws, mut client, mut client_end) = open_server(&options, &Config::default()).await;
         assert!(client.deflate_params().is_some(), "deflate agreed");
-        assert!(matches!(ws.next().await, Some(Event::Open)));
         for len in [1000, 16 * 1024, 300 * 1024] {
             ws.send_binary(vec![0u8; len]).await.unwrap();
             ws.flush().await.unwrap();
