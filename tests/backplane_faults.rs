@@ -115,6 +115,28 @@ struct FakeRedis {
 }
 
 impl FakeRedis {
+    /// A fake that answers every command but hangs up at `command`.
+    fn closing_at(command: &'static str) -> FakeRedis {
+        FakeRedis::start(move |conn, args| {
+            if args[0].eq_ignore_ascii_case(command.as_bytes()) {
+                Act::Close
+            } else {
+                conn.answer(args)
+            }
+        })
+    }
+
+    /// Waits (up to 5 s) until a client has sent `command`.
+    fn wait_for(&self, command: &str) {
+        assert!(
+            eventually(Duration::from_secs(5), || !self
+                .commands(command)
+                .is_empty()),
+            "no {command} within 5 s: {:?}",
+            self.seen()
+        );
+    }
+
     fn start(policy: impl Fn(&mut Conn, &[Vec<u8>]) -> Act + Send + Sync + 'static) -> FakeRedis {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -382,17 +404,9 @@ fn an_idle_subscriber_connection_that_stops_answering_is_replaced() {
 /// and the fake routes nothing).
 #[test]
 fn shutdown_closes_the_subscriber_connection_without_the_wake_up() {
-    let redis = FakeRedis::start(|conn, args| {
-        if args[0].eq_ignore_ascii_case(b"PUBLISH") {
-            Act::Close
-        } else {
-            conn.answer(args)
-        }
-    });
+    let redis = FakeRedis::closing_at("PUBLISH");
     let (server, backplane) = start(&redis);
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .connections_sending("SUBSCRIBE")
-        .is_empty()));
+    redis.wait_for("SUBSCRIBE");
     let subscriber = redis.connections_sending("SUBSCRIBE")[0];
     backplane.publish(b"room", b"x", MessageType::Text);
     server.shutdown(Duration::from_millis(100)).unwrap();
@@ -438,13 +452,7 @@ fn a_refused_publish_is_counted_alone_and_keeps_the_connection() {
 /// with a growing backoff (50 ms doubling), not every 50 ms forever.
 #[test]
 fn a_publisher_connection_that_fails_each_time_backs_off() {
-    let redis = FakeRedis::start(|conn, args| {
-        if args[0].eq_ignore_ascii_case(b"PUBLISH") {
-            Act::Close
-        } else {
-            conn.answer(args)
-        }
-    });
+    let redis = FakeRedis::closing_at("PUBLISH");
     let (server, backplane) = start(&redis);
     let end = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < end {
@@ -515,9 +523,7 @@ fn a_refused_subscribe_is_tried_again() {
         }
     });
     let (server, backplane) = start(&redis);
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .connections_sending("SUBSCRIBE")
-        .is_empty()));
+    redis.wait_for("SUBSCRIBE");
     backplane.subscribe(b"room");
     let tries = || {
         redis
@@ -543,17 +549,9 @@ fn a_refused_subscribe_is_tried_again() {
 /// retried with a growing backoff, not in a tight loop.
 #[test]
 fn a_subscriber_connection_that_fails_at_once_backs_off() {
-    let redis = FakeRedis::start(|conn, args| {
-        if args[0].eq_ignore_ascii_case(b"SUBSCRIBE") {
-            Act::Close
-        } else {
-            conn.answer(args)
-        }
-    });
+    let redis = FakeRedis::closing_at("SUBSCRIBE");
     let (server, _backplane) = start(&redis);
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .commands("SUBSCRIBE")
-        .is_empty()));
+    redis.wait_for("SUBSCRIBE");
     std::thread::sleep(Duration::from_millis(1200));
     let first = redis.commands("SUBSCRIBE")[0].2;
     let within_a_second = redis
