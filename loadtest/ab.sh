@@ -57,7 +57,7 @@ trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
 start_server() { # label command logfile -> SP, PORT; fails if it never listened
-  local label=$1 cmd=$2 slog=$3 try i
+  local label=$1 cmd=$2 slog=$3 try
   # A random port may be taken (a client's socket in TIME_WAIT holds it): the server
   # then exits at once, and another port is tried.
   for try in 1 2 3 4 5; do
@@ -66,11 +66,7 @@ start_server() { # label command logfile -> SP, PORT; fails if it never listened
     # shellcheck disable=SC2086 # COMMAND is a command line
     taskset -c 0 $cmd --addr "127.0.0.1:$PORT" --threads 1 >"$slog" 2>&1 &
     SP=$!
-    for ((i = 0; i < 100; i++)); do # up to 10 s
-      listening "$PORT" && return 0
-      kill -0 "$SP" 2>/dev/null || break
-      sleep 0.1
-    done
+    await_listening "$PORT" "$SP" && return 0
     log "$label did not start listening on 127.0.0.1:$PORT (try $try): $(head -c 200 "$slog")"
     stop_pid "$SP"
     SP=""

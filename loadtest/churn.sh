@@ -87,11 +87,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         log "round $round/$ROUNDS: $server"
         taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
         SPID=$!
-        for ((i = 0; i < 100; i++)); do
-            listening "$port" && break
-            kill -0 "$SPID" 2>/dev/null || break
-            sleep 0.05
-        done
+        await_listening "$port" "$SPID" || true
         rc=0 exited=0 before=-1 after=-1
         : >"$TMP/wsload.json"
         if ! listening "$port"; then

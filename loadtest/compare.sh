@@ -262,17 +262,13 @@ machine_json "$OUT/logs/machine.json" \
 PORT=$PORT_BASE
 
 start_server() { # name logfile [kind] -> SPID, PORT (a fresh port every time: no TIME_WAIT reuse)
-    local name=$1 logfile=$2 i
+    local name=$1 logfile=$2
     PORT=$((PORT + 1))
     while listening "$PORT"; do PORT=$((PORT + 1)); done
     server_cmd "$name" "$PORT" "${3:-echo}" || die "unknown server $name"
     taskset -c "$SERVER_CPU" "${SERVER_ARGV[@]}" >"$logfile" 2>&1 &
     SPID=$!
-    for ((i = 0; i < 100; i++)); do # up to 10 s
-        listening "$PORT" && return 0
-        kill -0 "$SPID" 2>/dev/null || break
-        sleep 0.1
-    done
+    await_listening "$PORT" "$SPID" && return 0
     log "$name did not start listening on 127.0.0.1:$PORT (see $logfile)"
     stop_server
     return 1

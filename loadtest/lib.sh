@@ -51,6 +51,16 @@ listening() { # port: a LISTEN socket on 127.0.0.1:port (or any address), withou
     grep -qE "^ *[0-9]+: (0100007F|00000000):$hex 00000000:0000 0A" /proc/net/tcp 2>/dev/null
 }
 
+await_listening() { # port pid: waits (up to 10 s) until the server listens; fails if it exits first
+    local i
+    for ((i = 0; i < 200; i++)); do
+        listening "$1" && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
 stop_pid() { # pid: SIGTERM, SIGKILL after 5 s
     local pid=$1 i
     [[ -n $pid ]] || return 0

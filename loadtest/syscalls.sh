@@ -107,11 +107,7 @@ for sc in "${scenario_list[@]}"; do
         log "$sc ($SC_CONNS × $SC_SIZE B): $server"
         taskset -c 0 "${SERVER_ARGV[@]}" >"$TMP/server.log" 2>&1 &
         SPID=$!
-        for ((i = 0; i < 100; i++)); do
-            listening "$port" && break
-            kill -0 "$SPID" 2>/dev/null || break
-            sleep 0.05
-        done
+        await_listening "$port" "$SPID" || true
         rc=0 exited=0
         : >"$TMP/wsload.json"
         : >"$TMP/perf.csv"
