@@ -540,12 +540,19 @@ impl Uring {
                 if completions.is_empty() {
                     break;
                 }
-                for completion in completions.drain(..) {
+                let mut batch = completions.drain(..);
+                while let Some(completion) = batch.next() {
                     if completion.recv.is_some() && completion.result > 0 {
                         received += completion.result as usize;
                         receives += 1;
                     }
-                    self.complete(core, bufs, completion)?;
+                    if let Err(e) = self.complete(core, bufs, completion) {
+                        // The loop ends on this error: the batch's other ops leave the
+                        // table, or the exit's quiesce would wait for completions already
+                        // reaped (and then leak every buffer).
+                        batch.for_each(|rest| self.ring.forget_reaped(rest));
+                        return Err(e);
+                    }
                 }
                 // Before the next enter: the kernel receives into these again.
                 bufs.publish();

@@ -459,9 +459,13 @@ impl Ring {
     }
 
     /// Sends the rest of send op `op` after a short send (same op, same buffer).
+    /// If it cannot be queued, the op is finished (dropped) before the error returns:
+    /// nothing of it is in flight, and nothing else would remove it.
     pub fn resend(&mut self, op: usize, socket: SocketRef) -> io::Result<()> {
         let entry = send_entry(&mut self.ops[op], socket).user_data(op as u64);
-        self.push(entry)
+        self.push(entry).inspect_err(|_| {
+            self.ops.remove(op);
+        })
     }
 
     /// Cancels op `target` (its completion still comes, with `-ECANCELED` or a result).
@@ -485,6 +489,15 @@ impl Ring {
     /// Removes an op whose final completion was reaped, returning what it owned.
     pub fn finish(&mut self, id: usize) -> Op {
         self.ops.remove(id)
+    }
+
+    /// Drops a reaped completion unhandled (the loop is ending): its op leaves the table
+    /// if this was its final completion, so [`Ring::quiesce`] does not wait for it. The
+    /// kernel is done with what it owns (a payload buffer, an accepted socket: closed).
+    pub fn forget_reaped(&mut self, completion: Completion) {
+        if completion.recv.is_none() && !completion.more && self.ops.contains(completion.op) {
+            self.ops.remove(completion.op);
+        }
     }
 
     /// Submits everything queued and waits up to `timeout` for one completion. A zero
@@ -634,9 +647,7 @@ impl Ring {
         for _ in 0..100 {
             self.reap(&mut reaped, usize::MAX);
             for completion in reaped.drain(..) {
-                if !completion.more && self.ops.contains(completion.op) {
-                    self.ops.remove(completion.op);
-                }
+                self.forget_reaped(completion);
             }
             if self.ops.is_empty() && self.receives == 0 {
                 break;
@@ -771,6 +782,23 @@ pub(crate) struct BufRing {
     registered: bool,
 }
 
+/// The kernel's `struct io_uring_buf`: one provided buffer. The ring's tail shares the
+/// first entry's `resv` (`struct io_uring_buf_ring`'s union), so entries are written field
+/// by field (see [`BufRing::recycle`]).
+#[repr(C)]
+struct RawBufEntry {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<RawBufEntry>() == std::mem::size_of::<BufRingEntry>()
+        && std::mem::size_of::<RawBufEntry>() == 16
+        && std::mem::offset_of!(RawBufEntry, resv) == 14
+);
+
 impl BufRing {
     fn new(ring: &IoUring, count: u16, size: usize, group: u16) -> io::Result<BufRing> {
         assert!(count.is_power_of_two() && size > 0);
@@ -825,24 +853,33 @@ impl BufRing {
             *buffer = self.spares.pop().unwrap_or_else(|| vec![0; self.size]);
         }
         let slot = (self.tail & (self.count - 1)) as usize;
-        // SAFETY: `slot < count`, inside the entries allocation; the kernel only reads
-        // entries between its head and our published tail, and this slot is past it.
-        let entry = unsafe { &mut *self.entries.as_ptr().add(slot) };
         // The kernel writes through this address until it hands the buffer back: nothing
         // here touches the buffer's bytes, or frees it, while `queued` says so.
-        entry.set_addr(buffer.as_mut_ptr() as u64);
-        entry.set_len(self.size as u32);
-        entry.set_bid(bid);
+        let (addr, len) = (buffer.as_mut_ptr() as u64, self.size as u32);
+        let entry = self.entries.as_ptr().cast::<RawBufEntry>();
+        // SAFETY: `slot < count`, inside the entries allocation (`RawBufEntry` has the
+        // layout of the kernel's `io_uring_buf`, asserted below). The kernel only reads
+        // entries between its head and our published tail, and this slot is past it. The
+        // fields are written through raw pointers, never a `&mut` to the whole entry:
+        // slot 0's last two bytes are the ring's tail, which the kernel reads at any time
+        // (only `publish` writes it, atomically).
+        unsafe {
+            let entry = entry.add(slot);
+            (&raw mut (*entry).addr).write(addr);
+            (&raw mut (*entry).len).write(len);
+            (&raw mut (*entry).bid).write(bid);
+        }
         self.queued[bid as usize] = true;
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes recycled buffers visible to the kernel.
     pub fn publish(&self) {
-        // SAFETY: the entries pointer is the ring base, so `tail` points at the ring's
-        // shared tail field, which is only ever accessed atomically.
-        let tail =
-            unsafe { AtomicU16::from_ptr(BufRingEntry::tail(self.entries.as_ptr()) as *mut u16) };
+        let base = self.entries.as_ptr().cast::<RawBufEntry>();
+        // SAFETY: the entries pointer is the ring base, so the first entry's `resv` is the
+        // ring's shared tail (aligned for a `u16`), which is only ever accessed atomically
+        // (here and by the kernel); the address is taken without a reference.
+        let tail = unsafe { AtomicU16::from_ptr(&raw mut (*base).resv) };
         tail.store(self.tail, Ordering::Release);
     }
 
@@ -953,6 +990,43 @@ mod tests {
 
     /// A buffer the session keeps is its own: its slot takes another, the kernel never
     /// writes into the kept one again, and once given back it is the next slot's buffer.
+    /// A loop that ends on an error drops the rest of its reaped batch unhandled: those
+    /// ops must leave the table (their completions will not come again), so the exit's
+    /// quiesce finds nothing in flight instead of waiting its second and leaking.
+    #[test]
+    fn forgotten_completions_leave_the_table_so_quiesce_is_done() {
+        if no_io_uring() {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let mut ring = Ring::new(64).unwrap();
+        let bufs = ring.buffers(4, 4096).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut client, server) = connected(&listener);
+        let socket = ring.register_socket(3, server.as_raw_fd());
+        let mut batch = Box::<SendBatch>::default();
+        batch.out.set_bytes(b"bye");
+        let send = ring.send(socket, 3, batch).unwrap();
+        let mut done = Vec::new();
+        while !done.iter().any(|c: &Completion| c.op == send) {
+            ring.enter(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut done, usize::MAX);
+        }
+        assert!(ring.op(send).is_some(), "reaped, not yet finished");
+        for completion in done.drain(..) {
+            ring.forget_reaped(completion);
+        }
+        assert!(ring.op(send).is_none());
+        // Nothing left for quiesce to wait for (the send's entry used to stay: quiesce
+        // then polled for a second and leaked every buffer).
+        assert!(ring.ops.is_empty() && ring.receives == 0);
+        ring.release_socket(socket);
+        ring.quiesce(Some(bufs));
+        let mut got = [0; 3];
+        std::io::Read::read_exact(&mut client, &mut got).unwrap();
+        assert_eq!(&got, b"bye");
+    }
+
     #[test]
     fn a_kept_buffer_is_replaced_and_reused_once_given_back() {
         use std::io::Write;
