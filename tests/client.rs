@@ -1420,3 +1420,49 @@ fn blocking_client_dropped_in_on_close_still_answers_the_close() {
     let got = server.join().unwrap();
     assert_eq!(got.first(), Some(&0x88), "no close reply: {got:?}");
 }
+
+/// A shutdown ends every connection the client reactor was asked for, each handler
+/// hearing its close once: those open or waiting for their 101 (1006), and those still
+/// queued for a later turn (a turn starts at most 64), which fail as connects. A connect
+/// asked for after the shutdown is refused by `connect` itself.
+fn hosted_client_shutdown_ends_every_queued_connect(backend: Backend) {
+    // Takes connections into its backlog and never answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", silent.local_addr().unwrap());
+    let reactor = client_reactor(backend, Duration::from_secs(30));
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let recorder = || Recorder {
+        log: log.clone(),
+        closes: closes.clone(),
+        greeting: None,
+    };
+    const ASKED: usize = 300;
+    for _ in 0..ASKED {
+        reactor.connect(&url, recorder()).unwrap();
+    }
+    reactor.shutdown(Duration::ZERO).unwrap();
+    assert!(
+        reactor.connect(&url, recorder()).is_err(),
+        "a connect after the shutdown was taken"
+    );
+    // Every handler heard its close by the time `shutdown` returned.
+    assert_eq!(closes.load(Ordering::Relaxed), ASKED);
+    let log = log.lock().unwrap();
+    let closed = log
+        .iter()
+        .filter(|seen| matches!(seen, Seen::Close(1006, _)))
+        .count();
+    assert_eq!(closed, ASKED, "{log:?}");
+    assert!(!log.contains(&Seen::Open));
+}
+
+#[test]
+fn hosted_client_shutdown_ends_every_queued_connect_epoll() {
+    hosted_client_shutdown_ends_every_queued_connect(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_shutdown_ends_every_queued_connect_io_uring() {
+    hosted_client_shutdown_ends_every_queued_connect(Backend::IoUring);
+}

@@ -84,7 +84,9 @@ impl<H: Handler> ClientReactor<H> {
     }
 
     /// Opens a connection to `url` with the default options; `handler` gets its events.
-    /// Connection failures reach `handler.on_error` and `on_close` (1006).
+    /// Connection failures reach `handler.on_error` and `on_close` (1006). An error
+    /// here (a bad URL, a name that does not resolve, a reactor that has shut down)
+    /// means the handler was dropped without being called.
     pub fn connect(&self, url: &str, handler: H) -> Result<(), Error> {
         let options = self.options.clone();
         self.connect_with(url, &options, handler)
@@ -196,7 +198,7 @@ impl<H: Handler> ClientReactor<H> {
     /// Sends 1001 to every open connection, waits up to `grace`, closes the rest, stops
     /// the loops. A connection still waiting for its 101 ends at once (its handler hears
     /// 1006, "shut down before the connection opened"); a connect not started yet fails
-    /// (`on_error`, then 1006).
+    /// (`on_error`, then 1006), and `connect` refuses new ones from then on.
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         self.handle.shutdown(grace)
     }

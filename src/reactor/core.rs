@@ -190,6 +190,7 @@ pub(crate) fn run<S: Service, B: Backend>(backend: B, core: Core<S, B>) -> io::R
             }
         }
     })();
+    core.fail_queued_connects(&mut backend);
     core.close_all(&mut backend);
     backend.quiesce(&mut core);
     result
@@ -773,6 +774,17 @@ impl<S: Service, B: Backend> Core<S, B> {
         match started {
             Ok(stream) => self.register(backend, stream, addr, Some(init)),
             Err(e) => self.connect_failed(backend, init, e),
+        }
+    }
+
+    /// The loop is ending: outgoing connections still queued (a turn starts at most
+    /// [`CONNECTS_PER_TURN`]) fail as connects, so each handler hears of its end, and
+    /// no more are taken.
+    fn fail_queued_connects(&mut self, backend: &mut B) {
+        // Their other addresses, if any, fail the same way (see `connect`).
+        self.shutdown_deadline.get_or_insert_with(Instant::now);
+        for (addr, init) in self.inbox.close_connects() {
+            self.connect(backend, addr, init);
         }
     }
 

@@ -412,6 +412,8 @@ impl<C> Clone for Remote<C> {
 pub(crate) struct Inbox<C, K> {
     rx: mpsc::Receiver<Envelope<C>>,
     connects: mpsc::Receiver<(SocketAddr, K)>,
+    /// The [`Connector`]'s end, closed by [`Inbox::close_connects`].
+    connect_tx: ConnectQueue<K>,
     notified: Arc<AtomicBool>,
     /// `OWN_POSTS` when last looked at (see [`Inbox::own_posts`]).
     own_posts_seen: std::cell::Cell<u64>,
@@ -445,6 +447,16 @@ impl<C, K> Inbox<C, K> {
     pub fn next_connect(&self) -> Option<(SocketAddr, K)> {
         self.connects.try_recv().ok()
     }
+
+    /// Refuses further connections (`Connector::connect` fails from now on) and returns
+    /// those still queued: the loop is ending, and each must be reported as failed.
+    pub fn close_connects(&self) -> Vec<(SocketAddr, K)> {
+        self.connect_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.connects.try_iter().collect()
+    }
 }
 
 /// The channels, [`Remote`] and [`Connector`] of one loop, woken through `waker`.
@@ -457,8 +469,9 @@ pub(crate) fn channel<C, K>(waker: Waker) -> (Remote<C>, Connector<K, C>, Inbox<
         waker,
         notified: notified.clone(),
     };
+    let connect_tx = Arc::new(Mutex::new(Some(connect_tx)));
     let connector = Connector {
-        tx: connect_tx,
+        tx: connect_tx.clone(),
         remote: remote.clone(),
     };
     (
@@ -467,6 +480,7 @@ pub(crate) fn channel<C, K>(waker: Waker) -> (Remote<C>, Connector<K, C>, Inbox<
         Inbox {
             rx,
             connects,
+            connect_tx,
             notified,
             own_posts_seen: std::cell::Cell::new(0),
         },
@@ -517,14 +531,24 @@ fn stopped() -> io::Error {
 /// Asks one loop to open outgoing connections: a typed queue beside the loop's inbox,
 /// sharing its waker, so a connection's parts (`K`) reach the loop without type erasure.
 pub(crate) struct Connector<K, C> {
-    tx: mpsc::Sender<(SocketAddr, K)>,
+    /// `None` once the loop has closed its queue ([`Inbox::close_connects`]). Sends go
+    /// under the lock, so each connection is either refused here or reaches the loop,
+    /// which reports on every one it takes: none is dropped unheard.
+    tx: ConnectQueue<K>,
     remote: Remote<C>,
 }
 
+type ConnectQueue<K> = Arc<Mutex<Option<mpsc::Sender<(SocketAddr, K)>>>>;
+
 impl<K, C> Connector<K, C> {
-    /// Queues a connection to `addr` made of `init`, and wakes the loop.
+    /// Queues a connection to `addr` made of `init`, and wakes the loop. Fails once the
+    /// loop has stopped.
     pub fn connect(&self, addr: SocketAddr, init: K) -> io::Result<()> {
-        self.tx.send((addr, init)).map_err(|_| stopped())?;
+        {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = tx.as_ref().ok_or_else(stopped)?;
+            tx.send((addr, init)).map_err(|_| stopped())?;
+        }
         self.remote.wake()
     }
 }
