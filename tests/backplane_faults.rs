@@ -409,7 +409,14 @@ fn shutdown_closes_the_subscriber_connection_without_the_wake_up() {
     redis.wait_for("SUBSCRIBE");
     let subscriber = redis.connections_sending("SUBSCRIBE")[0];
     backplane.publish(b"room", b"x", MessageType::Text);
+    assert!(!backplane.is_stopped());
     server.shutdown(Duration::from_millis(100)).unwrap();
+    // The shutdown waited for the backplane's threads (they used to run on for up to
+    // the subscriber's 250 ms poll).
+    assert!(
+        backplane.is_stopped(),
+        "a backplane thread outlived shutdown"
+    );
     assert!(
         eventually(Duration::from_secs(3), || redis.closed(subscriber)),
         "the subscriber's connection is still open after shutdown"

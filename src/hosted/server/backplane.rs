@@ -38,7 +38,9 @@ pub trait Backplane: Send + Sync + 'static {
     fn stats(&self) -> BackplaneStats {
         BackplaneStats::default()
     }
-    /// The server is shutting down: stop the IO.
+    /// The server is shutting down: stop the IO. Called once every loop has ended;
+    /// the server's `shutdown` returns after it, so it may wait (briefly) for the
+    /// backplane's threads to end.
     fn stop(&self) {}
 }
 

@@ -192,7 +192,9 @@ impl ServerHandle {
     }
 
     /// Stops accepting, sends 1001 to every connection, waits up to `grace` for them to
-    /// close, drops the rest, and returns when every loop has stopped.
+    /// close, drops the rest, and returns when every loop has stopped and the backplane
+    /// (if any) has stopped its IO (the Redis backplane waits up to a second for its
+    /// threads).
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         stop_loops(&self.inner.remotes, Instant::now() + grace);
         let result = self.wait();

@@ -60,6 +60,10 @@ const POLL: Duration = Duration::from_millis(250);
 const KEEPALIVE: Duration = Duration::from_secs(2);
 /// A subscriber connection that lasted this long worked: the backoff starts over after it.
 const STABLE: Duration = Duration::from_secs(5);
+/// How long [`Backplane::stop`] waits for the IO threads to end. They see the stop within
+/// [`POLL`] or their current IO's timeout (a pipeline's reply: [`IO_TIMEOUT`]); one still
+/// running then is left to end by itself.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// Pub/sub across processes through Redis (feature `redis`); see the module
 /// documentation of [`Backplane`] for the semantics.
@@ -79,6 +83,8 @@ pub struct RedisBackplane {
     queue_limit: usize,
     shared: Arc<Shared>,
     queue: Mutex<Option<Sender<Out>>>,
+    /// The publisher's and the subscriber's threads, until `stop` has joined them.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -183,6 +189,41 @@ impl RedisBackplane {
                 reconnects: AtomicU64::new(0),
             }),
             queue: Mutex::new(None),
+            threads: Mutex::default(),
+        }
+    }
+
+    /// Whether the backplane's IO threads have all ended (after the server's shutdown,
+    /// which waits for them up to a second; true also before it started).
+    pub fn is_stopped(&self) -> bool {
+        let threads = self.threads.lock().expect("backplane threads lock");
+        threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Joins the IO threads that end within `limit`; the others are left running (they
+    /// end by themselves, see [`STOP_WAIT`]). Not from one of those threads: a thread that
+    /// holds the last reference to the server drops the backplane there.
+    fn join_threads(&self, limit: Duration) {
+        let mut threads = self.threads.lock().expect("backplane threads lock");
+        let me = std::thread::current().id();
+        if threads.iter().any(|t| t.thread().id() == me) {
+            return;
+        }
+        let end = Instant::now() + limit;
+        while !threads.iter().all(|t| t.is_finished()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for t in std::mem::take(&mut *threads) {
+            if t.is_finished() {
+                // A panic there was logged by the thread itself; nothing more to do.
+                let _ = t.join();
+            } else {
+                log::debug!(
+                    "websocket-driver: Redis backplane thread {:?} still in its IO at stop",
+                    t.thread().name()
+                );
+                threads.push(t);
+            }
         }
     }
 
@@ -309,14 +350,17 @@ impl Backplane for RedisBackplane {
         };
         // If a thread cannot be spawned the backplane stays silent (publishes are counted
         // as dropped); the server itself runs on.
+        let mut threads = self.threads.lock().expect("backplane threads lock");
         let spawned = std::thread::Builder::new()
             .name("wsd-redis-pub".into())
             .spawn(move || publisher.run(rx))
-            .and_then(|_| {
+            .and_then(|publisher| {
+                threads.push(publisher);
                 std::thread::Builder::new()
                     .name("wsd-redis-sub".into())
                     .spawn(move || subscriber.run())
-            });
+            })
+            .map(|subscriber| threads.push(subscriber));
         if let Err(e) = spawned {
             log::error!("websocket-driver: the Redis backplane cannot start a thread: {e}");
         }
@@ -363,6 +407,7 @@ impl Backplane for RedisBackplane {
         // also sees `stop` by itself within `POLL`.
         self.enqueue(Out::Stop);
         *self.queue.lock().expect("backplane queue lock") = None;
+        self.join_threads(STOP_WAIT);
     }
 }
 
