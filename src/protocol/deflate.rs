@@ -171,7 +171,8 @@ pub struct Extension {
     pub params: Vec<(String, Option<String>)>,
 }
 
-fn is_tchar(b: u8) -> bool {
+/// An HTTP token character (RFC 9110 §5.6.2).
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 

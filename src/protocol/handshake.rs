@@ -110,6 +110,20 @@ struct HeadBuffer {
     buf: Vec<u8>,
 }
 
+/// Where a head ends: just past its first empty line, searching `buf` for line ends
+/// from `from` on. Lines end in CRLF or, as httparse also reads them (RFC 9112 §2.2
+/// lets a recipient), a bare LF: the end found here is the one httparse finds.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr_iter(b'\n', &buf[from..]).find_map(|i| {
+        let next = from + i + 1;
+        match buf.get(next..) {
+            Some([b'\n', ..]) => Some(next + 1),
+            Some([b'\r', b'\n', ..]) => Some(next + 2),
+            _ => None,
+        }
+    })
+}
+
 enum Head<'a> {
     /// The head, and how many bytes of the input it took.
     Complete(&'a [u8], usize),
@@ -122,11 +136,11 @@ impl HeadBuffer {
         input: &'a [u8],
         max_size: usize,
     ) -> Result<Head<'a>, HandshakeError> {
-        const END: &[u8] = b"\r\n\r\n";
+        /// The longest end of a head: `\r\n\r\n`.
+        const END: usize = 4;
         if self.buf.is_empty() {
             // Fast path: the whole head in one read needs no copy.
-            if let Some(at) = memchr::memmem::find(input, END) {
-                let end = at + END.len();
+            if let Some(end) = head_end(input, 0) {
                 if end > max_size {
                     return Err(HandshakeError::HeadTooLarge { limit: max_size });
                 }
@@ -134,14 +148,15 @@ impl HeadBuffer {
             }
         }
         let old = self.buf.len();
-        let start = old.saturating_sub(END.len() - 1);
+        // An end is an LF and at most two bytes after it: one may begin in what was
+        // already looked at.
+        let start = old.saturating_sub(2);
         // Never hold more than the limit plus the terminator, whatever the read size.
-        let room = max_size.saturating_add(END.len()).saturating_sub(old);
+        let room = max_size.saturating_add(END).saturating_sub(old);
         let take = input.len().min(room);
         self.buf.extend_from_slice(&input[..take]);
-        match memchr::memmem::find(&self.buf[start..], END) {
-            Some(at) => {
-                let end = start + at + END.len();
+        match head_end(&self.buf, start) {
+            Some(end) => {
                 if end > max_size {
                     return Err(HandshakeError::HeadTooLarge { limit: max_size });
                 }
@@ -166,6 +181,15 @@ fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// httparse must have read the whole head, to its end: bytes it left (or a head it
+/// thought unfinished) would otherwise be dropped unparsed.
+fn complete_head(status: httparse::Status<usize>, head: &[u8]) -> Result<(), HandshakeError> {
+    match status {
+        httparse::Status::Complete(n) if n == head.len() => Ok(()),
+        _ => Err(HandshakeError::MalformedHttp("incomplete head".into())),
+    }
 }
 
 fn http_error(e: httparse::Error, limits: HeadLimits) -> HandshakeError {
@@ -204,12 +228,7 @@ impl RequestParser {
         };
         let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head).map_err(|e| http_error(e, limits))? {
-            httparse::Status::Complete(_) => {}
-            httparse::Status::Partial => {
-                return Err(HandshakeError::MalformedHttp("incomplete head".into()));
-            }
-        }
+        complete_head(req.parse(head).map_err(|e| http_error(e, limits))?, head)?;
         let request = Request {
             method: req.method.unwrap_or_default().to_string(),
             path: req.path.unwrap_or_default().to_string(),
@@ -236,6 +255,12 @@ impl ResponseParser {
         }
     }
 
+    /// Forgets the head parsed last, to parse the next one (a final response after an
+    /// interim 1xx).
+    pub fn reset(&mut self) {
+        self.head.buf.clear();
+    }
+
     /// Like [`RequestParser::parse`], for the response.
     pub fn parse(&mut self, input: &[u8]) -> Result<Status<Response>, HandshakeError> {
         let limits = self.limits;
@@ -245,12 +270,7 @@ impl ResponseParser {
         };
         let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
         let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(head).map_err(|e| http_error(e, limits))? {
-            httparse::Status::Complete(_) => {}
-            httparse::Status::Partial => {
-                return Err(HandshakeError::MalformedHttp("incomplete head".into()));
-            }
-        }
+        complete_head(resp.parse(head).map_err(|e| http_error(e, limits))?, head)?;
         Ok(Status::Complete(
             Response {
                 status: resp.code.unwrap_or_default(),
@@ -419,11 +439,12 @@ pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) ->
 }
 
 /// The HTTP response a server sends for a failed handshake: 400 with the reason,
-/// 426 with `Sec-WebSocket-Version: 13`, or 431.
+/// 426 with `Upgrade: websocket` (RFC 9110 §15.5.22: a 426 must name the protocol) and
+/// `Sec-WebSocket-Version: 13` (RFC 6455 §4.4), or 431.
 pub fn error_response(error: &HandshakeError) -> Vec<u8> {
     let status = error.status();
     let extra: &[(&str, &str)] = if status == 426 {
-        &[("Sec-WebSocket-Version", "13")]
+        &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
     } else {
         &[]
     };
@@ -554,6 +575,7 @@ mod tests {
         .unwrap();
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+        assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
     }
 
     #[test]
@@ -613,6 +635,43 @@ mod tests {
             };
             assert_eq!(used, GOOD.len(), "cut {cut}");
             assert_eq!(req.path, "/chat");
+        }
+    }
+
+    /// Lines may end in a bare LF (httparse reads them so): a head ends at its first
+    /// empty line however its lines end, split anywhere, and every header in it is
+    /// parsed. (A head that ended `\r\n\n` used to be taken to the next `\r\n\r\n`,
+    /// the headers between dropped unparsed; one of bare LFs never ended.)
+    #[test]
+    fn heads_with_bare_lf_line_ends_end_at_their_empty_line() {
+        let bare = GOOD.replace("\r\n", "\n");
+        let mixed = GOOD.replace("Version: 13\r\n\r\n", "Version: 13\r\n\n");
+        for head in [bare, mixed] {
+            let mut input = head.clone().into_bytes();
+            input.extend_from_slice(b"X-After: 1\r\n\r\n");
+            for cut in 0..input.len() {
+                let mut p = RequestParser::new(LIMITS);
+                let (a, b) = input.split_at(cut);
+                let (req, used) = match p.parse(a).unwrap() {
+                    Status::Complete(r, n) => (r, n),
+                    Status::Partial => match p.parse(b).unwrap() {
+                        Status::Complete(r, n) => (r, cut + n),
+                        Status::Partial => panic!("{head:?} cut {cut}"),
+                    },
+                };
+                assert_eq!(used, head.len(), "{head:?} cut {cut}");
+                assert!(validate_request(&req).is_ok());
+                assert_eq!(req.header("sec-websocket-version"), Some("13"));
+                assert_eq!(req.header("x-after"), None);
+            }
+        }
+        // A response the same way.
+        let response = "HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\n\nrest";
+        match ResponseParser::new(LIMITS).parse(response.as_bytes()) {
+            Ok(Status::Complete(r, used)) => {
+                assert_eq!((r.status, used), (101, response.len() - 4));
+            }
+            other => panic!("{other:?}"),
         }
     }
 

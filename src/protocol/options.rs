@@ -109,22 +109,52 @@ impl Options {
         }
     }
 
-    /// Checks the headers and protocol names for characters that could break the head.
+    /// Checks the headers for characters that could break the head, and the protocol
+    /// names: each a non-empty token, none twice (RFC 6455 §4.1).
     pub fn validate(&self) -> Result<(), UsageError> {
         for (name, value) in &self.additional_headers {
             validate_header(name, value)?;
         }
-        for p in &self.accept_protocols {
-            if p.contains(',') {
+        for (i, p) in self.accept_protocols.iter().enumerate() {
+            let token = !p.is_empty() && p.bytes().all(super::deflate::is_tchar);
+            if !token || self.accept_protocols[..i].contains(p) {
                 return Err(UsageError::InvalidHeader(format!(
                     "Sec-WebSocket-Protocol: {p}"
                 )));
             }
-            validate_header("Sec-WebSocket-Protocol", p)?;
         }
         if let Some(deflate) = &self.deflate {
             deflate.validate()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Subprotocol names are tokens, non-empty, each once (RFC 6455 §4.1): a client
+    /// would otherwise put a broken or ambiguous `Sec-WebSocket-Protocol` on the wire.
+    #[test]
+    fn protocol_names_must_be_unique_tokens() {
+        let good = Options::default().accept_protocols(["chat", "v2.chat+json", "a!#$%&'*^_`|~"]);
+        assert!(good.validate().is_ok());
+        let bad: [&[&str]; 7] = [
+            &["chat room"],
+            &[""],
+            &["a/b"],
+            &["\"chat\""],
+            &["a,b"],
+            &["caf\u{e9}"],
+            &["chat", "chat"],
+        ];
+        for names in bad {
+            let options = Options::default().accept_protocols(names.iter().copied());
+            assert!(
+                matches!(options.validate(), Err(UsageError::InvalidHeader(_))),
+                "{names:?} accepted"
+            );
+        }
     }
 }

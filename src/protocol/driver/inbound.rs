@@ -190,10 +190,21 @@ impl Driver {
             }
             _ => unreachable!("checked by the caller"),
         };
-        let (response, used) = match hs.parser.parse(input) {
-            Ok(Status::Partial) => return (input.len(), None),
-            Ok(Status::Complete(response, used)) => (response, used),
-            Err(e) => return self.handshake_failed(e, input.len()),
+        // Interim 1xx responses (100 Continue, 103 Early Hints from a proxy or a CDN) may
+        // come before the 101, and a client must take them (RFC 9110 §15.2): skipped.
+        let mut interim = 0;
+        let (response, used) = loop {
+            match hs.parser.parse(&input[interim..]) {
+                Ok(Status::Partial) => return (input.len(), None),
+                Ok(Status::Complete(response, used))
+                    if (100..200).contains(&response.status) && response.status != 101 =>
+                {
+                    hs.parser.reset();
+                    interim += used;
+                }
+                Ok(Status::Complete(response, used)) => break (response, interim + used),
+                Err(e) => return self.handshake_failed(e, input.len()),
+            }
         };
         match validate_response(
             &response,
@@ -826,6 +837,46 @@ mod tests {
             Event::Error(e) => Event::Error(e),
             Event::Ping(p) => Event::Ping(Cow::Owned(p.into_owned())),
             Event::Pong(p) => Event::Pong(Cow::Owned(p.into_owned())),
+        }
+    }
+
+    /// Interim 1xx responses before the 101 are skipped (RFC 9110 §15.2: a client must
+    /// take them), whole or in pieces, and the frame after the 101 is read; they used to
+    /// fail the handshake (`UnexpectedStatus { status: 100 }`, 1006).
+    #[test]
+    fn interim_responses_before_the_101_are_skipped() {
+        use crate::protocol::handshake::accept_key;
+        let interims = [
+            "HTTP/1.1 100 Continue\r\n\r\n",
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 100 Continue\r\n\r\n",
+        ];
+        for interim in interims {
+            for piece in [usize::MAX, 7, 1] {
+                let mut client = Driver::make_client("ws://h/", &Options::default()).unwrap();
+                client.start_connection();
+                let request = String::from_utf8(client.pending_output().to_vec()).unwrap();
+                client.consume_output(request.len());
+                let key = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .unwrap();
+                let mut wire = format!(
+                    "{interim}HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    accept_key(key)
+                )
+                .into_bytes();
+                wire.extend_from_slice(&[0x81, 2, b'h', b'i']);
+                let events: Vec<_> = wire
+                    .chunks(piece.min(wire.len()))
+                    .flat_map(|chunk| feed(&mut client, chunk.to_vec()))
+                    .collect();
+                assert!(
+                    matches!(&events[..], [Event::Open, Event::Message(Message::Text(t))] if t == "hi"),
+                    "{interim:?} in pieces of {piece}: {events:?}"
+                );
+            }
         }
     }
 

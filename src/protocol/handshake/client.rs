@@ -44,6 +44,20 @@ impl ClientUrl {
             r if r.starts_with('?') => format!("/{r}"),
             r => r.to_string(),
         };
+        // The request line is ASCII: other characters go percent-encoded as UTF-8, as a
+        // browser sends them (`/café` → `/caf%C3%A9`).
+        let resource = if resource.is_ascii() {
+            resource
+        } else {
+            resource.bytes().fold(String::new(), |mut out, b| {
+                if b.is_ascii() {
+                    out.push(b as char);
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+                out
+            })
+        };
         let (userinfo, hostport) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u.to_string()), h),
             None => (None, authority),
@@ -63,9 +77,19 @@ impl ClientUrl {
         let default_port = if secure { 443 } else { 80 };
         let port = match port {
             None | Some("") => default_port,
-            Some(p) => p.parse::<u16>().map_err(|_| bad())?,
+            // Digits only (RFC 3986 §3.2.3): `u16::from_str` also takes a leading `+`.
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u16>().map_err(|_| bad())?
+            }
+            Some(_) => return Err(bad()),
         };
-        if host.is_empty() || host.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@') {
+        // An internationalized name must come in its ASCII (`xn--`) form: the `Host`
+        // header and the resolver take nothing else.
+        if host.is_empty()
+            || host
+                .bytes()
+                .any(|b| b <= b' ' || b == b'/' || b == b'@' || !b.is_ascii())
+        {
             return Err(bad());
         }
         let bracketed = if host.contains(':') {
@@ -233,9 +257,18 @@ mod tests {
             "ws://[::1]junk/",
             "ws://[::1]80/",
             "x",
+            // Ports are digits only; hosts ASCII (their `xn--` form).
+            "ws://h:+81/",
+            "ws://h:-1/",
+            "ws://h: 81/",
+            "ws://caf\u{e9}.example/",
         ] {
             assert!(ClientUrl::parse(bad).is_err(), "{bad}");
         }
+        // Other characters of the path and query go percent-encoded, as browsers send them.
+        let u = ClientUrl::parse("ws://h/caf\u{e9}?q=\u{1F600}#\u{e9}").unwrap();
+        assert_eq!(u.resource, "/caf%C3%A9?q=%F0%9F%98%80");
+        assert_eq!(ClientUrl::parse("ws://h:081/").unwrap().port, 81);
         let req = String::from_utf8(client_request(
             &ClientUrl::parse("ws://u:p@h:81/p").unwrap(),
             "k",
