@@ -37,6 +37,9 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
 
 /// Subscribes to its request path (without the leading `/`, unless empty) on open, then
 /// obeys its client's commands.
+/// What `close-and-look` saw.
+static SEEN_AFTER_CLOSE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
 struct Member {
     topic: String,
     farewell: Option<String>,
@@ -110,6 +113,20 @@ impl Handler for Member {
             }
             None if text == "close" => {
                 ws.close_connection(1000, "").unwrap();
+                None
+            }
+            Some(("close-and-look", topic)) => {
+                // What the connection's topics look like right after its own close, in
+                // the same handler call (it can no longer answer: recorded instead).
+                ws.close_connection(1000, "").unwrap();
+                let seen = format!(
+                    "is {} subscribers {} topics {} subscribe {}",
+                    ws.is_subscribed(topic),
+                    ws.subscribers(topic),
+                    ws.topics().len(),
+                    ws.subscribe(topic).is_ok(),
+                );
+                SEEN_AFTER_CLOSE.lock().unwrap().push(seen);
                 None
             }
             None if text == "topics" => {
@@ -284,6 +301,49 @@ fn a_connection_closed_by_the_server_leaves_its_topics_at_once(backend: Backend)
     subscribers(&server, "closing", 1);
     drop((leaving, staying));
     server.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// A connection that closes itself has left its topics by the time `close_connection`
+/// returns (it said it was still subscribed until its handler returned), and after the
+/// server's shutdown a publish fails instead of being counted.
+fn a_closing_connection_leaves_at_once_and_a_stopped_server_refuses_publishes(backend: Backend) {
+    let _turn = turn();
+    let server = start(backend, ServerConfig::default());
+    let addr = server.local_addr();
+    let mut closing = TestClient::connect(addr, "/look").unwrap();
+    let mut staying = TestClient::connect(addr, "/look").unwrap();
+    subscribers(&server, "look", 2);
+    SEEN_AFTER_CLOSE.lock().unwrap().clear();
+    closing.send_text("close-and-look:look").unwrap();
+    assert!(matches!(
+        closing.next_message().unwrap(),
+        Owned::Close(1000, _)
+    ));
+    assert_eq!(
+        *SEEN_AFTER_CLOSE.lock().unwrap(),
+        ["is false subscribers 1 topics 0 subscribe false"]
+    );
+    subscribers(&server, "look", 1);
+    server
+        .publish("look", b"still here", MessageType::Text)
+        .unwrap();
+    assert_eq!(text(&mut staying), "still here");
+    let published = server.stats().published;
+    assert_eq!(published, 1);
+    drop((closing, staying));
+    server.shutdown(Duration::from_secs(5)).unwrap();
+    let after = server.publish("look", b"too late", MessageType::Text);
+    assert!(
+        matches!(&after, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotConnected),
+        "{after:?}"
+    );
+    assert!(
+        server
+            .publisher()
+            .publish("look", b"x", MessageType::Text)
+            .is_err()
+    );
+    assert_eq!(server.stats().published, published);
 }
 
 /// A publication made by a handler that runs late in a turn (here `on_close`, when the
@@ -913,6 +973,7 @@ on_both_backends!(
     a_handlers_sends_and_publishes_keep_their_order_on_its_loop,
     publications_from_late_handlers_leave_in_their_turn,
     a_connection_closed_by_the_server_leaves_its_topics_at_once,
+    a_closing_connection_leaves_at_once_and_a_stopped_server_refuses_publishes,
     a_subscriber_closed_inside_a_run_is_refused_once,
     unsubscribe_and_close_stop_delivery,
     topic_limits_and_publishable_kinds,

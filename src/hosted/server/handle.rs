@@ -196,6 +196,7 @@ impl ServerHandle {
     /// (if any) has stopped its IO (the Redis backplane waits up to a second for its
     /// threads).
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
+        self.inner.pubsub.stop();
         stop_loops(&self.inner.remotes, Instant::now() + grace);
         let result = self.wait();
         if let Some(backplane) = &self.inner.pubsub.backplane {

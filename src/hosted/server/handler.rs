@@ -458,9 +458,19 @@ impl Ws<'_> {
         Ok(token)
     }
 
-    /// Starts the close handshake.
+    /// Starts the close handshake. A server connection leaves all its topics at once.
     pub fn close_connection(&mut self, code: u16, reason: &str) -> Result<SendToken, Error> {
-        self.driver.close_connection(code, reason)
+        let token = self.driver.close_connection(code, reason)?;
+        if self.driver.role() == Role::Server && self.driver.ready_state() != ReadyState::Open {
+            // It takes no more publications: it leaves its topics now, so that
+            // `is_subscribed`, `topics` and `subscribers` say so in this same call.
+            self.ctx.topics.borrow_mut().leave_all(
+                self.ctx.pubsub,
+                self.ctx.loop_index,
+                self.ctx.key,
+            );
+        }
+        Ok(token)
     }
 
     /// The agreed subprotocol.

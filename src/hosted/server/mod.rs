@@ -277,6 +277,7 @@ where
                 // The loops already started stop (nothing else could reach them), and a
                 // publish made on one meanwhile finds the loops it can reach.
                 pubsub.set_remotes(remotes.clone());
+                pubsub.stop();
                 handle::stop_loops(&remotes, std::time::Instant::now());
                 let _ = handle::join_loops(handles);
                 return Err(error);
