@@ -1,10 +1,13 @@
 //! Seed-style closures on top of the [`Driver`]: `on_open`, `on_message`, `on_error`,
 //! `on_close` (+ `on_ping`, `on_pong`), ping callbacks and write-completion callbacks.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 
-use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, SendToken};
+use crate::protocol::driver::{
+    Driver, Event, Message, MessageType, Outgoing, ReadyState, SendToken,
+};
 use crate::protocol::error::Error;
 
 type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
@@ -17,21 +20,36 @@ type OnPayload = Box<dyn FnMut(&mut Driver, &[u8]) + Send>;
 /// A [`Driver`] with event handlers attached, like the seed's `ws` object.
 ///
 /// Handlers receive the driver, so they can send (an echo is
-/// `ws.on_message(|ws, msg| { let _ = ws.send_message(&msg); })`). Everything of the
-/// driver is reachable through `Deref`.
-#[derive(Default)]
+/// `ws.on_message(|ws, msg| { let _ = ws.send_message(&msg); })`). Each `on_*` adds a
+/// listener; an event runs its listeners in the order they were added (the seed's `on`).
+/// Everything of the driver is reachable through `Deref`; the methods that take output
+/// (`consume_output`, `poll_output`, `take_output`) or end the connection
+/// (`close_connection`, `abort`, `receive_eof`, `receive_error`) have their own versions
+/// here, which run the callbacks they make due.
+///
+/// A listener that panics: the panic goes on to the caller of `receive` (or of the method
+/// that ran it), and the `WebSocket` stays usable: the driver is where it was, and the
+/// input not read yet is kept and read by the next `receive`.
 pub struct WebSocket {
-    driver: Option<Driver>,
-    on_open: Option<OnOpen>,
-    on_message: Option<OnMessage>,
-    on_error: Option<OnError>,
-    on_close: Option<OnClose>,
-    on_ping: Option<OnPayload>,
-    on_pong: Option<OnPayload>,
+    driver: Driver,
+    handlers: Handlers,
+    /// Input received before `start_connection`, or after an event whose listener
+    /// panicked: read by the next `receive`.
+    unread: Vec<u8>,
+}
+
+/// The listeners and callbacks: apart from the driver, so that they run with it
+/// borrowed alongside (it never leaves the `WebSocket`, even when one panics).
+#[derive(Default)]
+struct Handlers {
+    on_open: Vec<OnOpen>,
+    on_message: Vec<OnMessage>,
+    on_error: Vec<OnError>,
+    on_close: Vec<OnClose>,
+    on_ping: Vec<OnPayload>,
+    on_pong: Vec<OnPayload>,
     ping_callbacks: Vec<(Vec<u8>, Callback)>,
     write_callbacks: VecDeque<(SendToken, Callback)>,
-    /// Input received before `start_connection`, read once it is called.
-    unread: Vec<u8>,
 }
 
 impl std::fmt::Debug for WebSocket {
@@ -42,125 +60,27 @@ impl std::fmt::Debug for WebSocket {
     }
 }
 
-impl WebSocket {
-    /// Wraps a driver; no handlers yet.
-    pub fn new(driver: Driver) -> WebSocket {
-        WebSocket {
-            driver: Some(driver),
-            ..WebSocket::default()
-        }
+/// `message` lent again: the listeners before the last get a borrowed view of it.
+fn lend<'b>(message: &'b Message<'_>) -> Message<'b> {
+    match message {
+        Message::Text(t) => Message::Text(Cow::Borrowed(t)),
+        Message::Binary(b) => Message::Binary(Cow::Borrowed(b)),
     }
+}
 
-    /// The wrapped driver.
-    pub fn driver(&mut self) -> &mut Driver {
-        self.driver
-            .as_mut()
-            .expect("a WebSocket always holds a driver")
-    }
-
-    /// Called when the connection opens.
-    pub fn on_open(&mut self, f: impl FnMut(&mut Driver) + Send + 'static) -> &mut Self {
-        self.on_open = Some(Box::new(f));
-        self
-    }
-
-    /// Called with each complete message.
-    pub fn on_message(
-        &mut self,
-        f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
-    ) -> &mut Self {
-        self.on_message = Some(Box::new(f));
-        self
-    }
-
-    /// Called when the peer breaks the protocol or the handshake fails (`close` follows).
-    pub fn on_error(&mut self, f: impl FnMut(&mut Driver, &Error) + Send + 'static) -> &mut Self {
-        self.on_error = Some(Box::new(f));
-        self
-    }
-
-    /// Called exactly once, with the close code and reason.
-    pub fn on_close(
-        &mut self,
-        f: impl FnMut(&mut Driver, u16, &str) + Send + 'static,
-    ) -> &mut Self {
-        self.on_close = Some(Box::new(f));
-        self
-    }
-
-    /// Called with each ping's payload (the pong is sent automatically).
-    pub fn on_ping(&mut self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &mut Self {
-        self.on_ping = Some(Box::new(f));
-        self
-    }
-
-    /// Called with each pong's payload.
-    pub fn on_pong(&mut self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &mut Self {
-        self.on_pong = Some(Box::new(f));
-        self
-    }
-
-    /// Sends the handshake (see [`Driver::start_connection`]) and runs `on_open` for a server,
-    /// then reads what [`WebSocket::receive`] was given before.
-    pub fn start_connection(&mut self) -> bool {
-        let started = self.driver().start_connection();
-        let mut unread = std::mem::take(&mut self.unread);
-        self.receive(&mut unread);
-        started
-    }
-
-    /// Feeds bytes read from the transport and runs the handlers for every event. Before
-    /// [`WebSocket::start_connection`] the bytes are kept, and read once it is called.
-    pub fn receive(&mut self, input: &mut [u8]) {
-        let mut driver = self
-            .driver
-            .take()
-            .expect("a WebSocket always holds a driver");
-        let mut at = 0;
-        loop {
-            let (used, event) = driver.poll_event(&mut input[at..]);
-            at += used;
-            match event {
-                None => {
-                    // Only a driver not started yet leaves input unread.
-                    self.unread.extend_from_slice(&input[at..]);
-                    break;
-                }
-                Some(event) => self.dispatch(&mut driver, event),
-            }
-        }
-        self.driver = Some(driver);
-    }
-
-    /// The transport ended: runs `on_error` (if a message was cut off) and `on_close` 1006.
-    pub fn receive_eof(&mut self) {
-        self.driver().receive_eof();
-        self.receive(&mut []);
-    }
-
-    /// The transport failed with `error`: runs `on_error` with it and `on_close` 1006.
-    pub fn receive_error(&mut self, error: std::io::Error) {
-        self.driver().receive_error(error);
-        self.receive(&mut []);
-    }
-
+impl Handlers {
     fn dispatch(&mut self, driver: &mut Driver, event: Event<'_>) {
         match event {
-            Event::Open => {
-                if let Some(f) = &mut self.on_open {
-                    f(driver)
-                }
-            }
+            Event::Open => self.on_open.iter_mut().for_each(|f| f(driver)),
             Event::Message(m) => {
-                if let Some(f) = &mut self.on_message {
-                    f(driver, m)
+                if let Some((last, first)) = self.on_message.split_last_mut() {
+                    for f in first {
+                        f(driver, lend(&m));
+                    }
+                    last(driver, m);
                 }
             }
-            Event::Ping(p) => {
-                if let Some(f) = &mut self.on_ping {
-                    f(driver, &p)
-                }
-            }
+            Event::Ping(p) => self.on_ping.iter_mut().for_each(|f| f(driver, &p)),
             Event::Pong(p) => {
                 if let Some(at) = self
                     .ping_callbacks
@@ -170,22 +90,145 @@ impl WebSocket {
                     let (_, callback) = self.ping_callbacks.remove(at);
                     callback(driver);
                 }
-                if let Some(f) = &mut self.on_pong {
-                    f(driver, &p)
-                }
+                self.on_pong.iter_mut().for_each(|f| f(driver, &p));
             }
-            Event::Error(e) => {
-                if let Some(f) = &mut self.on_error {
-                    f(driver, &e)
-                }
-            }
+            Event::Error(e) => self.on_error.iter_mut().for_each(|f| f(driver, &e)),
             Event::Close { code, reason } => {
                 self.ping_callbacks.clear();
-                if let Some(f) = &mut self.on_close {
-                    f(driver, code, &reason)
-                }
+                self.on_close
+                    .iter_mut()
+                    .for_each(|f| f(driver, code, &reason));
             }
         }
+    }
+
+    /// Runs the write callbacks of the sends the driver now counts as written.
+    fn run_written(&mut self, driver: &mut Driver) {
+        while let Some((token, _)) = self.write_callbacks.front() {
+            if !driver.is_sent(*token) {
+                break;
+            }
+            let (_, callback) = self.write_callbacks.pop_front().expect("front exists");
+            callback(driver);
+        }
+    }
+}
+
+impl WebSocket {
+    /// Wraps a driver; no handlers yet.
+    pub fn new(driver: Driver) -> WebSocket {
+        WebSocket {
+            driver,
+            handlers: Handlers::default(),
+            unread: Vec::new(),
+        }
+    }
+
+    /// The wrapped driver.
+    pub fn driver(&mut self) -> &mut Driver {
+        &mut self.driver
+    }
+
+    /// Adds a listener for the connection's opening.
+    pub fn on_open(&mut self, f: impl FnMut(&mut Driver) + Send + 'static) -> &mut Self {
+        self.handlers.on_open.push(Box::new(f));
+        self
+    }
+
+    /// Adds a listener for each complete message.
+    pub fn on_message(
+        &mut self,
+        f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
+    ) -> &mut Self {
+        self.handlers.on_message.push(Box::new(f));
+        self
+    }
+
+    /// Adds a listener for a peer that breaks the protocol or a failed handshake (`close`
+    /// follows).
+    pub fn on_error(&mut self, f: impl FnMut(&mut Driver, &Error) + Send + 'static) -> &mut Self {
+        self.handlers.on_error.push(Box::new(f));
+        self
+    }
+
+    /// Adds a listener for the close, called exactly once, with the close code and reason.
+    pub fn on_close(
+        &mut self,
+        f: impl FnMut(&mut Driver, u16, &str) + Send + 'static,
+    ) -> &mut Self {
+        self.handlers.on_close.push(Box::new(f));
+        self
+    }
+
+    /// Adds a listener for each ping's payload (the pong is sent automatically).
+    pub fn on_ping(&mut self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &mut Self {
+        self.handlers.on_ping.push(Box::new(f));
+        self
+    }
+
+    /// Adds a listener for each pong's payload.
+    pub fn on_pong(&mut self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &mut Self {
+        self.handlers.on_pong.push(Box::new(f));
+        self
+    }
+
+    /// Sends the handshake (see [`Driver::start_connection`]) and runs `on_open` for a server,
+    /// then reads what [`WebSocket::receive`] was given before.
+    pub fn start_connection(&mut self) -> bool {
+        let started = self.driver.start_connection();
+        self.receive(&mut []);
+        started
+    }
+
+    /// Feeds bytes read from the transport and runs the handlers for every event. Before
+    /// [`WebSocket::start_connection`] the bytes are kept, and read once it is called.
+    pub fn receive(&mut self, input: &mut [u8]) {
+        if self.unread.is_empty() {
+            return self.receive_now(input);
+        }
+        // Kept input goes first (rare: before the start, or after a listener's panic).
+        let mut all = std::mem::take(&mut self.unread);
+        all.extend_from_slice(input);
+        self.receive_now(&mut all);
+    }
+
+    fn receive_now(&mut self, input: &mut [u8]) {
+        let WebSocket {
+            driver,
+            handlers,
+            unread,
+        } = self;
+        let mut at = 0;
+        loop {
+            let (used, event) = driver.poll_event(&mut input[at..]);
+            at += used;
+            let Some(event) = event else {
+                // Only a driver not started yet leaves input unread.
+                unread.extend_from_slice(&input[at..]);
+                return;
+            };
+            let dispatched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handlers.dispatch(driver, event)
+            }));
+            if let Err(panic) = dispatched {
+                // The listener's panic goes on to the caller; what was not read yet is
+                // kept for the next `receive` (the event itself was delivered).
+                unread.extend_from_slice(&input[at..]);
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+
+    /// The transport ended: runs `on_error` (if a message was cut off) and `on_close` 1006.
+    pub fn receive_eof(&mut self) {
+        self.driver.receive_eof();
+        self.receive(&mut []);
+    }
+
+    /// The transport failed with `error`: runs `on_error` with it and `on_close` 1006.
+    pub fn receive_error(&mut self, error: std::io::Error) {
+        self.driver.receive_error(error);
+        self.receive(&mut []);
     }
 
     /// Sends a ping; `on_pong` runs when a pong with the same payload arrives.
@@ -194,22 +237,25 @@ impl WebSocket {
         payload: &[u8],
         on_pong: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
-        let token = self.driver().send_ping(payload)?;
-        self.ping_callbacks
+        let token = self.driver.send_ping(payload)?;
+        self.handlers
+            .ping_callbacks
             .push((payload.to_vec(), Box::new(on_pong)));
         Ok(token)
     }
 
     /// Sends like [`Driver::send`] and runs `on_written` once the bytes have been handed to
-    /// the transport (the seed's `:callback`).
+    /// the transport (the seed's `:callback`), by [`WebSocket::consume_output`],
+    /// [`WebSocket::poll_output`] or [`WebSocket::take_output`].
     pub fn send_with(
         &mut self,
         data: &[u8],
         kind: MessageType,
         on_written: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
-        let token = self.driver().send(data, kind)?;
-        self.write_callbacks
+        let token = self.driver.send(data, kind)?;
+        self.handlers
+            .write_callbacks
             .push_back((token, Box::new(on_written)));
         Ok(token)
     }
@@ -218,32 +264,34 @@ impl WebSocket {
     /// `on_error` with `error`, ends the connection with `code` and `reason` (see
     /// [`Driver::abort`]) and runs `on_close`. Does nothing once the connection is closed.
     pub fn fail(&mut self, error: Error, code: u16, reason: &str) {
-        if self.ready_state() == ReadyState::Closed {
+        if self.driver.ready_state() == ReadyState::Closed {
             return;
         }
-        let mut driver = self
-            .driver
-            .take()
-            .expect("a WebSocket always holds a driver");
-        if let Some(f) = &mut self.on_error {
-            f(&mut driver, &error)
-        }
-        if driver.ready_state() == ReadyState::Connecting {
+        let WebSocket {
+            driver, handlers, ..
+        } = self;
+        handlers.on_error.iter_mut().for_each(|f| f(driver, &error));
+        self.abort(code, reason);
+    }
+
+    /// Ends the connection at once (see [`Driver::abort`]) and runs `on_close`; the sends
+    /// queued while connecting are dropped with their write callbacks.
+    pub fn abort(&mut self, code: u16, reason: &str) {
+        if self.driver.ready_state() == ReadyState::Connecting {
             // Sends queued while connecting are dropped, never written.
-            self.write_callbacks.clear();
+            self.handlers.write_callbacks.clear();
         }
-        driver.abort(code, reason);
-        self.driver = Some(driver);
+        self.driver.abort(code, reason);
         self.receive(&mut []);
     }
 
     /// Closes (see [`Driver::close_connection`]); runs `on_close` at once if still connecting
     /// (the sends queued until then are dropped, and their write callbacks with them).
     pub fn close_connection(&mut self, code: u16, reason: &str) -> Result<SendToken, Error> {
-        let connecting = self.ready_state() == ReadyState::Connecting;
-        let token = self.driver().close_connection(code, reason)?;
+        let connecting = self.driver.ready_state() == ReadyState::Connecting;
+        let token = self.driver.close_connection(code, reason)?;
         if connecting {
-            self.write_callbacks.clear();
+            self.handlers.write_callbacks.clear();
         }
         self.receive(&mut []);
         Ok(token)
@@ -252,19 +300,28 @@ impl WebSocket {
     /// Marks `n` bytes written (see [`Driver::consume_output`]) and runs the write
     /// callbacks of the sends that are now complete.
     pub fn consume_output(&mut self, n: usize) {
-        let mut driver = self
-            .driver
-            .take()
-            .expect("a WebSocket always holds a driver");
-        driver.consume_output(n);
-        while let Some((token, _)) = self.write_callbacks.front() {
-            if !driver.is_sent(*token) {
-                break;
-            }
-            let (_, callback) = self.write_callbacks.pop_front().expect("front exists");
-            callback(&mut driver);
-        }
-        self.driver = Some(driver);
+        self.driver.consume_output(n);
+        self.written();
+    }
+
+    /// Copies pending output into `buf` (see [`Driver::poll_output`]) and runs the write
+    /// callbacks of the sends that are now complete.
+    pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.driver.poll_output(buf);
+        self.written();
+        n
+    }
+
+    /// Hands all pending output over (see [`Driver::take_output`]) and runs the write
+    /// callbacks of the sends that are now complete.
+    pub fn take_output(&mut self, into: &mut Outgoing) -> bool {
+        let taken = self.driver.take_output(into);
+        self.written();
+        taken
+    }
+
+    fn written(&mut self) {
+        self.handlers.run_written(&mut self.driver);
         // Callbacks may have closed a connecting driver.
         self.receive(&mut []);
     }
@@ -273,14 +330,12 @@ impl WebSocket {
 impl Deref for WebSocket {
     type Target = Driver;
     fn deref(&self) -> &Driver {
-        self.driver
-            .as_ref()
-            .expect("a WebSocket always holds a driver")
+        &self.driver
     }
 }
 
 impl DerefMut for WebSocket {
     fn deref_mut(&mut self) -> &mut Driver {
-        self.driver()
+        &mut self.driver
     }
 }

@@ -1466,3 +1466,89 @@ fn hosted_client_shutdown_ends_every_queued_connect_epoll() {
 fn hosted_client_shutdown_ends_every_queued_connect_io_uring() {
     hosted_client_shutdown_ends_every_queued_connect(Backend::IoUring);
 }
+
+/// A listener that panics on the blocking client's I/O thread fails the connection as
+/// an internal error (1011 to the server, `on_close` here) instead of leaving a client
+/// whose every later call panicked and whose drop aborted the process.
+#[test]
+fn blocking_client_survives_a_panicking_listener() {
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    let client = BlockingClient::new(&url, Options::default()).unwrap();
+    client.on_message(|_, m| {
+        if m.as_text() == Some("boom") {
+            panic!("a listener bug");
+        }
+    });
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    client.send_text("boom").unwrap();
+    assert_eq!(
+        next(&events),
+        Seen::Close(1011, "a listener panicked".into())
+    );
+    assert_eq!(client.ready_state(), websocket_driver::ReadyState::Closed);
+    assert!(matches!(
+        client.send_text("again"),
+        Err(Error::Usage(UsageError::NotOpen))
+    ));
+    drop(client);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// `start_connection` on a client already started changes nothing: it used to dial the
+/// server again and re-arm the handshake deadline, which then dropped the open
+/// connection (1006, "close handshake timed out").
+#[test]
+fn blocking_client_second_start_connection_leaves_the_open_one_alone() {
+    let server = echo_server();
+    let url = format!("ws://{}/", server.local_addr());
+    let client = BlockingClient::new(&url, Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            handshake: Duration::from_millis(300),
+            ..ClientTimeouts::default()
+        });
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    assert!(matches!(
+        client.start_connection(),
+        Err(Error::Usage(UsageError::NotOpen))
+    ));
+    std::thread::sleep(Duration::from_millis(600));
+    client.send_text("still there?").unwrap();
+    assert_eq!(next(&events), Seen::Text("still there?".into()));
+    assert_eq!(client.ready_state(), websocket_driver::ReadyState::Open);
+    assert_eq!(server.stats().connections_total, 1);
+    drop(client);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A handshake that times out reaches `on_error` as the timeout `start_connection`
+/// returns (it heard "connection closed during the handshake").
+#[test]
+fn blocking_client_handshake_timeout_reaches_on_error_as_a_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            handshake: Duration::from_millis(300),
+            ..ClientTimeouts::default()
+        });
+    let events = recorded(&client);
+    let err = client.start_connection().unwrap_err();
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    let error = next(&events);
+    assert!(
+        matches!(&error, Seen::Error(e) if e.contains("timed out")),
+        "on_error heard {error:?}"
+    );
+    assert!(matches!(next(&events), Seen::Close(1006, _)));
+    drop(listener);
+}

@@ -2093,3 +2093,94 @@ fn websocket_reads_early_input_once_started_and_drops_unsent_callbacks() {
     );
     assert_eq!(Arc::strong_count(&written), 1, "its callback is dropped");
 }
+
+/// A listener that panics leaves the `WebSocket` usable: the panic reaches the caller of
+/// `receive`, the driver stays in place (it was taken out while listeners ran, and every
+/// later call panicked with "a WebSocket always holds a driver"), and the input behind the
+/// event is read by the next `receive`, before what that one brings.
+#[test]
+fn websocket_survives_a_listener_panic_and_keeps_the_input_behind_it() {
+    let (client, mut server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    ws.on_message(move |_, m| {
+        let text = m.as_text().unwrap().to_string();
+        if text == "boom" {
+            panic!("a listener bug");
+        }
+        s.lock().unwrap().push(text);
+    });
+    for text in ["boom", "behind"] {
+        server.send_text(text).unwrap();
+    }
+    let mut bytes = take_output(&mut server);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ws.receive(&mut bytes)));
+    assert!(caught.is_err(), "the listener's panic reaches the caller");
+    assert_eq!(ws.ready_state(), ReadyState::Open);
+    assert!(seen.lock().unwrap().is_empty());
+    server.send_text("next").unwrap();
+    let mut bytes = take_output(&mut server);
+    ws.receive(&mut bytes);
+    assert_eq!(*seen.lock().unwrap(), ["behind", "next"]);
+    ws.send_text("still works").unwrap();
+    assert_eq!(
+        feed(&mut server, &take_output(&mut ws)),
+        vec![Ev::Text("still works".into())]
+    );
+}
+
+/// The output-taking and ending methods reached through `Deref` have their own versions
+/// on `WebSocket`: `poll_output` runs `send_with`'s callback (it never ran for bytes taken
+/// that way) and `abort` runs `on_close` (it waited for a `receive` that a transport
+/// shutting down never makes).
+#[test]
+fn websocket_poll_output_runs_write_callbacks_and_abort_runs_on_close() {
+    let (client, mut server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let token = ws
+        .send_with(b"hello", MessageType::Text, move |_| {
+            w.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = ws.poll_output(&mut buf);
+    assert!(ws.is_sent(token));
+    assert_eq!(written.load(Ordering::SeqCst), 1);
+    assert_eq!(feed(&mut server, &buf[..n]), vec![Ev::Text("hello".into())]);
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let c = closed.clone();
+    ws.on_close(move |_, code, _| c.lock().unwrap().push(code));
+    ws.abort(1001, "going away");
+    assert_eq!(ws.ready_state(), ReadyState::Closed);
+    assert_eq!(*closed.lock().unwrap(), [1001]);
+}
+
+/// Each `on_*` adds a listener, and an event runs its listeners in the order they were
+/// added (the seed's `on`): a second `on_message` replaced the first.
+#[test]
+fn websocket_listeners_add_up_and_run_in_order() {
+    let (client, mut server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    for name in ["logger", "app"] {
+        let l = log.clone();
+        ws.on_message(move |_, m| {
+            l.lock()
+                .unwrap()
+                .push(format!("{name} {}", m.as_text().unwrap()));
+        });
+        let l = log.clone();
+        ws.on_close(move |_, code, _| l.lock().unwrap().push(format!("{name} {code}")));
+    }
+    server.send_text("hi").unwrap();
+    server.close_connection(1000, "").unwrap();
+    let mut bytes = take_output(&mut server);
+    ws.receive(&mut bytes);
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["logger hi", "app hi", "logger 1000", "app 1000"]
+    );
+}

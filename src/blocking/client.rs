@@ -171,6 +171,7 @@ impl BlockingClient {
                     stall: Stall::default(),
                     failed: None,
                     ended: false,
+                    started: false,
                 }),
                 changed: Condvar::new(),
             }),
@@ -213,13 +214,14 @@ impl BlockingClient {
         self
     }
 
-    /// Called when the connection opens (on the caller's thread, in `start_connection`).
+    /// Adds a listener for the opening (on the caller's thread, in `start_connection`);
+    /// listeners of an event run in the order they were added.
     pub fn on_open(&self, f: impl FnMut(&mut Driver) + Send + 'static) -> &Self {
         self.shared.lock().on_open(f);
         self
     }
 
-    /// Called with each message, on the I/O thread.
+    /// Adds a listener for each message, on the I/O thread.
     pub fn on_message(
         &self,
         f: impl for<'m> FnMut(&mut Driver, Message<'m>) + Send + 'static,
@@ -228,19 +230,19 @@ impl BlockingClient {
         self
     }
 
-    /// Called on a protocol or handshake error (a close follows).
+    /// Adds a listener for a protocol or handshake error (a close follows).
     pub fn on_error(&self, f: impl FnMut(&mut Driver, &Error) + Send + 'static) -> &Self {
         self.shared.lock().on_error(f);
         self
     }
 
-    /// Called exactly once with the close code and reason.
+    /// Adds a listener for the close, called exactly once with the code and reason.
     pub fn on_close(&self, f: impl FnMut(&mut Driver, u16, &str) + Send + 'static) -> &Self {
         self.shared.lock().on_close(f);
         self
     }
 
-    /// Called with each pong's payload.
+    /// Adds a listener for each pong's payload.
     pub fn on_pong(&self, f: impl FnMut(&mut Driver, &[u8]) + Send + 'static) -> &Self {
         self.shared.lock().on_pong(f);
         self
@@ -266,6 +268,12 @@ impl BlockingClient {
     }
 
     fn connect_and_open(&self) -> Result<(), Error> {
+        {
+            let mut ws = self.shared.lock();
+            if std::mem::replace(&mut ws.started, true) {
+                return Err(UsageError::NotOpen.into());
+            }
+        }
         let mut stream = match &self.proxy {
             None => connect_any(&self.url.host, self.url.port, self.timeouts.connect)?,
             Some(proxy) => {
@@ -304,16 +312,18 @@ impl BlockingClient {
         loop {
             let n = match read_by(&mut stream, &mut buf, deadline) {
                 Ok(Some(n)) => n,
+                // The handler hears the cause that is returned (it heard "connection
+                // closed during the handshake" for both).
                 Ok(None) => {
-                    self.shared.lock().receive_eof();
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "opening handshake timed out",
-                    )
-                    .into());
+                    let timed_out =
+                        || io::Error::new(io::ErrorKind::TimedOut, "opening handshake timed out");
+                    self.shared.lock().receive_error(timed_out());
+                    return Err(timed_out().into());
                 }
                 Err(e) => {
-                    self.shared.lock().receive_eof();
+                    self.shared
+                        .lock()
+                        .receive_error(io::Error::new(e.kind(), e.to_string()));
                     return Err(e.into());
                 }
             };
@@ -547,15 +557,36 @@ impl Drop for BlockingClient {
 /// The I/O thread: reads until the connection ends and writes what senders left behind,
 /// sleeping in `poll` until the socket is ready, a sender wakes it, or the next deadline
 /// of the session's timers or of the write timeout.
-fn io_loop(
-    shared: Arc<Shared>,
-    stream: Arc<mio::net::TcpStream>,
+fn io_loop(shared: Arc<Shared>, stream: Arc<mio::net::TcpStream>, poll: mio::Poll, buf: Vec<u8>) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_until_end(&shared, &stream, poll, buf)
+    }));
+    if ran.is_err() {
+        // A listener panicked on this thread (the panic hook has reported it). Without
+        // this the thread was gone and the client hung: no close, senders waiting for
+        // good. The connection fails as an internal error (1011 to the server, `on_close`
+        // here, once), and the I/O ends as for any other failure. A listener that panics
+        // again meanwhile changes nothing more.
+        let mut session = shared.lock();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            session
+                .ws
+                .abort(crate::code::INTERNAL_ERROR, "a listener panicked");
+            session.write_ready();
+        }));
+        end(&shared, session, &stream);
+    }
+}
+
+fn read_until_end(
+    shared: &Arc<Shared>,
+    stream: &Arc<mio::net::TcpStream>,
     mut poll: mio::Poll,
     mut buf: Vec<u8>,
 ) {
     let mut events = mio::Events::with_capacity(4);
     loop {
-        let read = (&*stream).read(&mut buf);
+        let read = (&**stream).read(&mut buf);
         let mut guard = shared.lock();
         let session = &mut *guard;
         match read {
@@ -568,7 +599,7 @@ fn io_loop(
                     // Undecryptable input: the connection is over, and the handler hears
                     // why.
                     session.ws.fail(e, crate::code::ABNORMAL, "");
-                    return end(&shared, guard, &stream);
+                    return end(shared, guard, stream);
                 }
                 shared.changed.notify_all();
                 continue;
@@ -577,12 +608,12 @@ fn io_loop(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(_) => {
                 session.receive_eof();
-                return end(&shared, guard, &stream);
+                return end(shared, guard, stream);
             }
             // The socket failed (a reset): reported as itself.
             Err(e) => {
                 session.ws.receive_error(e);
-                return end(&shared, guard, &stream);
+                return end(shared, guard, stream);
             }
         }
         // Input drained: write what the socket takes, then look at the deadlines.
@@ -601,7 +632,7 @@ fn io_loop(
             session.track();
             if let Expired::Drop(_) = expired {
                 // The close took too long: drop the server.
-                return end(&shared, guard, &stream);
+                return end(shared, guard, stream);
             }
             shared.changed.notify_all();
             continue;
@@ -618,7 +649,7 @@ fn io_loop(
         {
             let mut session = shared.lock();
             session.receive_eof();
-            return end(&shared, session, &stream);
+            return end(shared, session, stream);
         }
     }
 }

@@ -40,6 +40,9 @@ pub(super) struct Session {
     pub(super) failed: Option<(io::ErrorKind, String)>,
     /// The I/O thread has ended: nothing more will be written.
     pub(super) ended: bool,
+    /// `start_connection` was called: a second call changes nothing (it used to dial
+    /// again and re-arm the handshake deadline of the open connection).
+    pub(super) started: bool,
 }
 
 impl std::ops::Deref for Session {
