@@ -54,6 +54,12 @@ impl UpgradeRequest<'_> {
 }
 
 /// Per-connection event handler. Every method has an empty default.
+///
+/// Handlers run on their connection's event loop and must not panic: a panic ends that
+/// loop (its connections are dropped without `on_close`; the other loops go on, and the
+/// server's `wait` and `shutdown` report "an event loop panicked"), as a panicking thread
+/// would. Code that may panic on one connection's input belongs in
+/// [`std::panic::catch_unwind`], closing that connection (1011) when it does.
 pub trait Handler: Send + 'static {
     /// The connection is open.
     fn on_open(&mut self, ws: &mut Ws<'_>) {
