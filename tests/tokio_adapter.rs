@@ -1166,3 +1166,143 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
     })
     .await;
 }
+
+/// A client frame (FIN, mask key 0, so the payload is as written) with a short payload.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The peer sends two messages with its upgrade request and then resets the connection.
+/// The server app takes `Open` and then only sends (it does not poll the receiver): once
+/// a write fails, its sends must fail too, not be accepted and then hang forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_fail_after_a_write_error_while_input_waits() {
+    bounded(30, async {
+        let (addr, server) = serve_one(|stream| async move {
+            let (tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            assert!(matches!(rx.next().await, Some(Event::Open)));
+            let mut accepted = 0usize;
+            let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    tx.send_binary(vec![7u8; 64 * 1024]).await?;
+                    accepted += 1;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), Error>(())
+            })
+            .await;
+            let flushed = tokio::time::timeout(Duration::from_secs(2), tx.flush()).await;
+            (outcome, accepted, tx.ready_state(), flushed, rx)
+        })
+        .await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let mut request = upgrade_request("/", 13);
+        request.extend(masked_frame(1, b"one"));
+        request.extend(masked_frame(1, b"two"));
+        raw.write_all(&request).await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        // A reset: the server's next write fails.
+        socket2::SockRef::from(&raw)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(raw);
+        let (outcome, accepted, state, flushed, _rx) = server.await.unwrap();
+        assert!(
+            matches!(outcome, Ok(Err(Error::Usage(UsageError::NotOpen)))),
+            "sends after the write failure: {outcome:?} ({accepted} accepted, state {state:?}, \
+             flush: {flushed:?})"
+        );
+    })
+    .await;
+}
+
+/// A send made after the sender's own `close_connection` returned must fail like any send
+/// on a closing connection, not report Ok for a message that is then dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_after_the_own_close_is_refused() {
+    bounded(30, async {
+        let url = format!("ws://{}/", tungstenite_server().await);
+        let (tx, rx) = connect(&url, &Options::default()).await.unwrap();
+        let _events = forward_events(rx);
+        tx.close_connection(1000, "bye").await.unwrap();
+        let late = tx.send_text("after the close").await;
+        assert!(
+            matches!(late, Err(Error::Usage(UsageError::NotOpen))),
+            "send after close_connection: {late:?}"
+        );
+    })
+    .await;
+}
+
+/// A client that streams to an echo server from one task and reads the echoes in another
+/// (what the split API is for) must not lock up once its output reaches the byte budget:
+/// it streams for a second, then everything it sent must get out and come back. (The
+/// connection task held input back while its output was over the limit, so it stopped
+/// reading the echoes while the server, blocked writing them, stopped reading it.)
+async fn stream_against_echo(url: String) {
+    let (tx, mut rx) = connect(&url, &Options::default()).await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut echoes = 0usize;
+        loop {
+            match rx.next().await {
+                Some(Event::Message(_)) => echoes += 1,
+                Some(Event::Close { .. }) | None => break echoes,
+                Some(_) => {}
+            }
+        }
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pusher = {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let send = tx.send_binary(vec![1u8; 16 * 1024]);
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(500), send).await {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = pusher.await.unwrap();
+    let drained = tokio::time::timeout(Duration::from_secs(10), tx.flush()).await;
+    let left = tx.buffered_amount();
+    tx.close_connection(1000, "").await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    assert!(
+        matches!(drained, Ok(Ok(()))),
+        "sent {sent}, our output stuck at {left} bytes (flush: {drained:?}); echoed {echoed:?}"
+    );
+    // Every message came back, before the peer's close.
+    assert_eq!(echoed.unwrap().unwrap(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_to_a_tungstenite_echo_server_does_not_deadlock() {
+    bounded(
+        60,
+        stream_against_echo(format!("ws://{}/", tungstenite_server().await)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_to_an_adapter_echo_server_does_not_deadlock() {
+    bounded(
+        60,
+        stream_against_echo(format!("ws://{}/", adapter_server().await)),
+    )
+    .await;
+}

@@ -15,7 +15,9 @@ use super::frame::Status;
 // keeps its `handshake::` path.
 mod client;
 
-pub use client::{Agreed, ClientUrl, client_request, generate_key, validate_response};
+pub use client::{
+    Agreed, ClientUrl, basic_credentials, client_request, generate_key, validate_response,
+};
 
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 

@@ -71,19 +71,24 @@ impl fmt::Debug for Proxy {
 
 impl Proxy {
     /// Parses `http://[user:password@]host[:port][/]`. Credentials go out as
-    /// `Proxy-Authorization: Basic`, as written in the URL (not percent-decoded). IPv6
-    /// hosts are bracketed: `http://[::1]:3128`.
+    /// `Proxy-Authorization: Basic`, percent-decoded (see [`basic_credentials`]); a
+    /// password may also hold a raw `/`, `?` or `#` (a proxy URL has no path, so the
+    /// credentials end at the last `@`). IPv6 hosts are bracketed: `http://[::1]:3128`.
+    ///
+    /// [`basic_credentials`]: crate::protocol::handshake::basic_credentials
     pub fn parse(url: &str) -> Result<Proxy, UsageError> {
         let bad = || UsageError::InvalidUrl(url.to_string());
         let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
         if !scheme.eq_ignore_ascii_case("http") {
             return Err(bad());
         }
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
+        // A raw `/` in a password used to end the authority there: the user name became
+        // the proxy's host.
+        let (userinfo, rest) = match rest.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+            None => (None, rest),
         };
+        let hostport = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(bad)?;
             match after {
@@ -100,16 +105,11 @@ impl Proxy {
             return Err(bad());
         }
         let port = match port {
-            Some(p) => p.parse().map_err(|_| bad())?,
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p.parse().map_err(|_| bad())?,
+            Some(_) => return Err(bad()),
             None => 80,
         };
-        let authorization = userinfo.map(|u| {
-            use base64::Engine;
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(u)
-            )
-        });
+        let authorization = userinfo.map(crate::protocol::handshake::basic_credentials);
         Ok(Proxy {
             host: host.to_string(),
             port,
@@ -235,12 +235,44 @@ mod tests {
             "http://host:70000",
             "http://[::1",
             "http://[::1]x",
+            "http://host:+81",
         ] {
             assert!(
                 matches!(Proxy::parse(bad), Err(UsageError::InvalidUrl(_))),
                 "{bad}"
             );
         }
+    }
+
+    /// Credentials go out percent-decoded, with the `:` a user without a password needs
+    /// (RFC 7617), and a raw `/` in a password stays in it: it used to end the authority,
+    /// making the user name the proxy's host.
+    #[test]
+    fn credentials_are_decoded_and_may_hold_a_raw_slash() {
+        let authorization = |url: &str| {
+            let proxy = Proxy::parse(url).unwrap();
+            let request = String::from_utf8(proxy.connect_request(&target("ws://t/"))).unwrap();
+            assert_eq!(proxy.host, "proxy.example", "{url}");
+            request
+                .lines()
+                .find_map(|l| l.strip_prefix("Proxy-Authorization: Basic "))
+                .map(|b| {
+                    use base64::Engine;
+                    let raw = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+                    String::from_utf8(raw).unwrap()
+                })
+        };
+        let cases = [
+            ("http://alice:12/34@proxy.example:3128", "alice:12/34"),
+            ("http://alice:p%2Fss@proxy.example:3128", "alice:p/ss"),
+            ("http://al%40ice:p%3As%25@proxy.example", "al@ice:p:s%"),
+            ("http://alice@proxy.example/", "alice:"),
+            ("http://alice:100%@proxy.example", "alice:100%"),
+        ];
+        for (url, pair) in cases {
+            assert_eq!(authorization(url).as_deref(), Some(pair), "{url}");
+        }
+        assert_eq!(authorization("http://proxy.example:3128/"), None);
     }
 
     #[test]

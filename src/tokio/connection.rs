@@ -69,13 +69,15 @@ where
     /// every message is copied into an owned command. Poll the stream directly when one
     /// task does all the sending. Sends queued while the task is busy go out together
     /// (one write for up to 256 KiB of them).
-    pub fn spawn(self) -> (WsSender, WsReceiver) {
+    pub fn spawn(mut self) -> (WsSender, WsReceiver) {
+        self.parse_over_limit();
         let driver = self.driver();
         let shared = Arc::new(Shared {
             queued: AtomicUsize::new(0),
             buffered: AtomicUsize::new(self.buffered_amount()),
             state: AtomicU8::new(state_code(driver.ready_state())),
             finished: AtomicBool::new(false),
+            close_queued: AtomicBool::new(false),
             changed: Notify::new(),
             demand: Notify::new(),
             protocol: driver.protocol().map(str::to_string),
@@ -201,9 +203,12 @@ where
     /// the following frames cause (a protocol error's close, a pong), as with a
     /// synchronous handler. Once closing, nothing can be sent any more, and input is parsed
     /// as it comes (up to the receiver's queue). After the close, the stream only ends
-    /// the transport.
+    /// the transport. After a failed write too, whatever the receiver does: the rest of
+    /// what was read (no more is) comes out, then the failure, and the senders see the
+    /// connection closed (they queued on, their sends accepted and then waiting for good).
     fn may_parse(&self) -> bool {
         self.close_seen
+            || !self.ws.can_write()
             || (self.inbox.is_empty()
                 && (self.credit || self.receiver_gone || self.ws.ready_state() != ReadyState::Open))
     }

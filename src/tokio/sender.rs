@@ -65,7 +65,8 @@ impl WsSender {
             if !matches!(
                 self.shared.state(),
                 ReadyState::Connecting | ReadyState::Open
-            ) {
+            ) || self.shared.close_queued.load(Ordering::Acquire)
+            {
                 return Err(not_open());
             }
             if ready(&self.shared) {
@@ -86,8 +87,15 @@ impl WsSender {
             // of the senders that found room together (or while waiting for a slot), one
             // takes it and the others wait again, so the output goes over the limit by at
             // most one message. The message is queued whole or not at all.
+            if self.shared.close_queued.load(Ordering::Acquire) {
+                return Err(not_open());
+            }
             if cost == 0 || self.shared.try_count(cost) {
+                let close = matches!(command, Command::Close(..));
                 permit.send((command, ack));
+                if close {
+                    self.shared.close_queued.store(true, Ordering::Release);
+                }
                 return Ok(());
             }
         }

@@ -35,6 +35,9 @@ pub(super) struct Shared {
     pub(super) state: AtomicU8,
     /// The task has ended; nothing more will be written.
     pub(super) finished: AtomicBool,
+    /// A sender queued the close: later sends are refused at once, as the driver would
+    /// (they were accepted, then dropped unsent, while the task had not applied it yet).
+    pub(super) close_queued: AtomicBool,
     /// Woken when the buffer shrinks, the state changes or the task ends.
     pub(super) changed: Notify,
     /// The receiver waits for an event (receiver to task).

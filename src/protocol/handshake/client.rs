@@ -22,7 +22,8 @@ pub struct ClientUrl {
     pub host_header: String,
     /// Path and query, `/` at least. The fragment is dropped.
     pub resource: String,
-    /// `user:password` from the URL, sent as Basic authorization.
+    /// `user:password` from the URL as written, sent as Basic authorization (see
+    /// [`basic_credentials`]).
     pub userinfo: Option<String>,
 }
 
@@ -116,6 +117,42 @@ impl ClientUrl {
     }
 }
 
+/// The `Basic` credentials (RFC 7617) for a URL's `user[:password]`: percent-decoded
+/// first (RFC 3986: a `/`, `:` or `@` in a password is written `%2F`, `%3A`, `%40`; a `%`
+/// not followed by two hex digits stays as it is), with the `:` a user name without a
+/// password still needs.
+pub fn basic_credentials(userinfo: &str) -> String {
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let mut pair = percent_decode(user);
+    pair.push(b':');
+    pair.extend(percent_decode(password));
+    format!("Basic {}", BASE64.encode(pair))
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(hi), Some(lo)) if hex(hi).is_some() && hex(lo).is_some() => {
+                out.push((hex(hi).unwrap_or(0) * 16 + hex(lo).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// A fresh `Sec-WebSocket-Key`: 16 bytes from the OS CSPRNG, base64.
 pub fn generate_key() -> String {
     let mut raw = [0u8; 16];
@@ -147,11 +184,7 @@ pub fn client_request(
         push_header(&mut out, "Sec-WebSocket-Extensions", e);
     }
     if let Some(userinfo) = &url.userinfo {
-        push_header(
-            &mut out,
-            "Authorization",
-            &format!("Basic {}", BASE64.encode(userinfo)),
-        );
+        push_header(&mut out, "Authorization", &basic_credentials(userinfo));
     }
     for (name, value) in additional_headers {
         push_header(&mut out, name, value);
@@ -280,6 +313,10 @@ mod tests {
         assert!(req.starts_with("GET /p HTTP/1.1\r\nHost: h:81\r\n"));
         assert!(req.contains("Authorization: Basic dTpw\r\n"));
         assert!(!req.contains("u:p@"));
+        // Credentials are percent-decoded before they are encoded (`us@er:p/`), and a
+        // user without a password still gets its `:` (`u:`).
+        assert_eq!(basic_credentials("us%40er:p%2F"), "Basic dXNAZXI6cC8=");
+        assert_eq!(basic_credentials("u"), "Basic dTo=");
     }
 
     #[test]

@@ -160,6 +160,10 @@ pub struct WebSocketStream<S> {
     closed_noted: bool,
     reading: bool,
     writing: bool,
+    /// Over the limit, no new input is parsed until the peer takes some output (a peer
+    /// that does not read cannot make us queue without bound). Off for the split API's
+    /// task, whose senders wait on the limit themselves.
+    hold_over_limit: bool,
     /// A write failed while input was still to be parsed: reported once it is.
     write_failure: Option<io::Error>,
     flushed: bool,
@@ -223,6 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             closed_noted: false,
             reading: true,
             writing: true,
+            hold_over_limit: true,
             flushed: true,
             progressed: false,
             held: None,
@@ -487,6 +492,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// The backpressure limit.
     pub(super) fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Parses input whatever the output's level (see `hold_over_limit`): for the split
+    /// API's task. Holding input there only deadlocked a client that streams to an echo
+    /// server: its output over the limit, it stopped reading the echoes, and the server,
+    /// blocked writing them, stopped reading it.
+    pub(super) fn parse_over_limit(&mut self) {
+        self.hold_over_limit = false;
+    }
+
+    /// Whether output can still be written (not after a write or the transport failed).
+    pub(super) fn can_write(&self) -> bool {
+        self.writing
     }
 }
 

@@ -214,7 +214,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             self.note_state();
             // Over the limit, queued events still come out but no new input is parsed
             // until the peer takes some output (the write above registered for it).
-            let over = self.writing
+            let over = self.hold_over_limit
+                && self.writing
                 && self.driver.ready_state() == ReadyState::Open
                 && self.unwritten() > self.limit;
             if !over
