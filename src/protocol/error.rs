@@ -122,7 +122,9 @@ impl fmt::Display for ProtocolError {
             ProtocolError::UnfinishedMessage => {
                 f.write_str("new data frame inside a fragmented message")
             }
-            ProtocolError::InvalidUtf8 => f.write_str("invalid UTF-8 in a text message"),
+            ProtocolError::InvalidUtf8 => {
+                f.write_str("invalid UTF-8 in a text message or a close reason")
+            }
             ProtocolError::MessageTooLarge { len, max } => {
                 write!(f, "message of {len} bytes exceeds max_length {max}")
             }
