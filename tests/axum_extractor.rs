@@ -521,3 +521,88 @@ async fn deflate_is_one_switch_on_the_extractor() {
     })
     .await;
 }
+
+/// axum's chat-example shape: `socket.split()`, the sink on one task and the stream on
+/// another. The send task waits to write (the client is not reading yet); a message from
+/// the client then wakes the receive task, whose poll also writes. Once the client reads,
+/// every message the send task sends must arrive (the receive task's poll used to take
+/// over the socket's waker, and the send task was never woken: message 4 never came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_send_task_keeps_sending_while_the_receive_task_polls() {
+    use std::time::Duration;
+    bounded(60, async {
+        let app = Router::new().route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.on_upgrade(|socket| async move {
+                    let (mut sink, mut stream) = socket.split();
+                    let send_task = tokio::spawn(async move {
+                        for i in 0..64u8 {
+                            let big = Bytes::from(vec![i; 1 << 20]);
+                            if sink.send(Message::Binary(big)).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = sink.send(Message::text("done")).await;
+                    });
+                    let recv_task =
+                        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                    let _ = tokio::join!(send_task, recv_task);
+                })
+            }),
+        );
+        let addr = axum_server(app).await;
+        let mut ws = tungstenite_client(addr, "/ws").await;
+        // The server fills the socket buffers; its send task then waits to write.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The client speaks: the server's receive task wakes (and writes too).
+        ws.send(TMessage::Text("hello".into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 0..64u8 {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(TMessage::Binary(b)))) => {
+                    assert_eq!(b.len(), 1 << 20);
+                    assert_eq!(b[0], i);
+                }
+                Ok(other) => panic!("message {i}: {other:?}"),
+                Err(_) => panic!("message {i} never came: the send task was never woken"),
+            }
+        }
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            TMessage::Text("done".into())
+        );
+    })
+    .await;
+}
+
+/// A subprotocol name that is not a token (`v1/json`; RFC 6455 §4.1) is never agreed,
+/// and the upgrade goes through without one: it was answered 500 (the driver refuses the
+/// name), on every request that offered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subprotocol_that_is_not_a_token_is_not_agreed_and_not_a_500() {
+    bounded(30, async {
+        let app = Router::new().route(
+            "/ws",
+            get(|ws: WebSocketUpgrade| async move {
+                ws.protocols(["v1/json", "chat"])
+                    .on_upgrade(|_socket| async {})
+            }),
+        );
+        let addr = axum_server(app).await;
+        for (offered, agreed) in [("v1/json", None), ("v1/json, chat", Some("chat"))] {
+            let request = format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Protocol: {offered}\r\n\r\n"
+            );
+            let answer = raw_exchange(addr, request.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+            let header = answer
+                .lines()
+                .find_map(|l| l.strip_prefix("sec-websocket-protocol: "));
+            assert_eq!(header, agreed, "{answer}");
+        }
+    })
+    .await;
+}

@@ -23,6 +23,7 @@ use crate::protocol::error::{Error, HandshakeError, code};
 use crate::protocol::handshake;
 use crate::protocol::options::Options;
 use crate::tokio::Config;
+use crate::tokio::{Side, SplitWakers};
 
 /// The axum extractor for a WebSocket upgrade (axum's `WebSocketUpgrade` idiom): take it
 /// as a handler argument and answer with [`WebSocketUpgrade::on_upgrade`]. The request is
@@ -72,6 +73,11 @@ impl<F> fmt::Debug for WebSocketUpgrade<F> {
     }
 }
 
+/// Whether a subprotocol name is an HTTP token, as RFC 6455 §4.1 requires.
+fn is_token(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(crate::protocol::deflate::is_tchar)
+}
+
 impl WebSocketUpgrade {
     fn checked(
         request: handshake::Request,
@@ -115,16 +121,19 @@ impl WebSocketUpgrade {
 impl<F> WebSocketUpgrade<F> {
     /// The subprotocols this server speaks, in its order of preference: the first of them
     /// the client offered is agreed (as axum's extractor does; the crate's own servers
-    /// take the client's order, as the seed does).
+    /// take the client's order, as the seed does). A name that is not an HTTP token (RFC
+    /// 6455 §4.1: `v1/json` is not) is never agreed.
     pub fn protocols<I>(mut self, protocols: I) -> Self
     where
         I: IntoIterator,
         I::Item: Into<Cow<'static, str>>,
     {
         let chosen = protocols.into_iter().map(Into::into).find(|p| {
-            self.requested
-                .iter()
-                .any(|offered| offered.as_bytes() == p.as_bytes())
+            is_token(p)
+                && self
+                    .requested
+                    .iter()
+                    .any(|offered| offered.as_bytes() == p.as_bytes())
         });
         self.select(chosen.as_deref());
         self
@@ -155,9 +164,15 @@ impl<F> WebSocketUpgrade<F> {
         })
     }
 
-    /// Accepts `protocol` alone (none with `None`).
+    /// Accepts `protocol` alone (none with `None`, or with a name that is not a token:
+    /// RFC 6455 §4.1 allows only tokens, and the driver refuses others, which failed the
+    /// upgrade with a 500).
     fn select(&mut self, protocol: Option<&str>) {
-        self.options.accept_protocols = protocol.map(str::to_string).into_iter().collect();
+        self.options.accept_protocols = protocol
+            .filter(|p| is_token(p))
+            .map(str::to_string)
+            .into_iter()
+            .collect();
     }
 
     /// The largest message accepted (a bigger one closes the connection with 1009).
@@ -265,6 +280,7 @@ impl<F> WebSocketUpgrade<F> {
                         inner,
                         protocol,
                         done: false,
+                        split_wakers: SplitWakers::default(),
                     })
                     .await
                 }
@@ -387,6 +403,9 @@ pub struct WebSocket {
     inner: HyperStream,
     protocol: Option<HeaderValue>,
     done: bool,
+    /// For the `Stream` and `Sink` impls, which `split` puts on two tasks (axum's chat
+    /// example): see `SplitWakers`.
+    split_wakers: SplitWakers,
 }
 
 fn bytes_of(payload: Cow<'static, [u8]>) -> Bytes {
@@ -487,7 +506,9 @@ impl futures_core::Stream for WebSocket {
     type Item = Result<Message, Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_recv(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Receiving, cx).clone();
+        this.poll_recv(&mut Context::from_waker(&waker))
     }
 }
 
@@ -501,7 +522,9 @@ impl futures_sink::Sink<Message> for WebSocket {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.get_mut().inner.poll_send_ready(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
+        this.inner.poll_send_ready(&mut Context::from_waker(&waker))
     }
 
     fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), Error> {
@@ -519,13 +542,17 @@ impl futures_sink::Sink<Message> for WebSocket {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.get_mut().inner.poll_flush_all(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
+        this.inner.poll_flush_all(&mut Context::from_waker(&waker))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
         futures_sink::Sink::<DriverMessage<'static>>::poll_close(
-            Pin::new(&mut self.get_mut().inner),
-            cx,
+            Pin::new(&mut this.inner),
+            &mut Context::from_waker(&waker),
         )
     }
 }

@@ -98,3 +98,4 @@ pub use proxy::{connect_via_proxy, tunnel};
 pub use receiver::WsReceiver;
 pub use sender::{Receipt, WsSender};
 pub use stream::{Reply, WebSocketStream};
+pub(crate) use stream::{Side, SplitWakers};

@@ -3,7 +3,10 @@
 //! the transport) and the `Stream`/`Sink` impls; `read.rs` receives, `write.rs` sends.
 
 mod read;
+mod wakers;
 mod write;
+
+pub(crate) use wakers::{Side, SplitWakers};
 
 pub use write::Reply;
 use write::{Outbox, recycle};
@@ -182,6 +185,8 @@ pub struct WebSocketStream<S> {
     low_water: Option<fn(&S, usize) -> io::Result<()>>,
     /// The mark is raised.
     low_water_raised: bool,
+    /// For the `Stream` and `Sink` impls, which a split puts on two tasks.
+    split_wakers: SplitWakers,
 }
 
 fn not_open() -> Error {
@@ -236,6 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             outbox: Outbox::default(),
             low_water: None,
             low_water_raised: false,
+            split_wakers: SplitWakers::default(),
         }
     }
 
@@ -562,7 +568,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> futures_core::Stream for WebSocketStream
     type Item = Event<'static>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<'static>>> {
-        self.get_mut().poll_next_event(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Receiving, cx).clone();
+        this.poll_next_event(&mut Context::from_waker(&waker))
     }
 }
 
@@ -572,6 +580,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> futures_core::FusedStream for WebSocketS
     }
 }
 
+/// The `Stream` and `Sink` sides may be polled from two tasks (`StreamExt::split`): each
+/// wakes when the other's poll took over the socket's or the deadline's waker (see
+/// `SplitWakers`).
+///
 /// Messages go in whole: `poll_ready` waits while the output is over the limit,
 /// `start_send` queues the frame, `poll_flush` writes and flushes, `poll_close` starts the
 /// close handshake (1000) if it has not started and flushes. `SinkExt::send` therefore
@@ -580,7 +592,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for 
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.get_mut().poll_send_ready(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
+        this.poll_send_ready(&mut Context::from_waker(&waker))
     }
 
     fn start_send(self: Pin<&mut Self>, item: Message<'a>) -> Result<(), Error> {
@@ -596,7 +610,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for 
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.get_mut().poll_flush_all(cx)
+        let this = self.get_mut();
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
+        this.poll_flush_all(&mut Context::from_waker(&waker))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
@@ -606,7 +622,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> futures_sink::Sink<Message<'a>> for 
                 .close_connection(crate::protocol::error::code::NORMAL, "")?;
             this.note_state();
         }
-        this.poll_flush_all(cx)
+        let waker = this.split_wakers.waker(Side::Sending, cx).clone();
+        this.poll_flush_all(&mut Context::from_waker(&waker))
     }
 }
 
