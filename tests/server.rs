@@ -1284,3 +1284,261 @@ on_every_backend!(
     a_reset_in_the_middle_of_a_payload_is_reported_as_a_reset,
     a_close_from_a_write_callback_is_timed_and_leaves_its_topics,
 );
+
+// ----- the session layer: close policy, keepalive, pipelined frames, stale senders -----
+
+/// Closes with 1000 when it gets the text "bye"; records every `on_close`.
+struct CloseOnBye(Arc<Mutex<Vec<(u16, String)>>>);
+impl Handler for CloseOnBye {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        if message.as_text() == Some("bye") {
+            ws.close_connection(1000, "bye").unwrap();
+        }
+    }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, reason: &str) {
+        self.0.lock().unwrap().push((code, reason.to_string()));
+    }
+}
+
+/// README: "close timeout drops a silent peer with 1006". With an idle keepalive shorter
+/// than the close timeout, a peer that never answers the server's Close must still get
+/// the close timeout (and 1006), not an "idle timeout" for a ping that could not be sent.
+fn a_silent_peer_in_the_close_handshake_gets_the_close_timeout(backend: Backend) {
+    let closes = Arc::new(Mutex::new(Vec::new()));
+    let log = closes.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            idle_timeout: Some(Duration::from_millis(200)),
+            close_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(CloseOnBye(log.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    client.send_text("bye").unwrap();
+    let started = std::time::Instant::now();
+    // Raw bytes from here: the Close is never answered.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        match client.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("no EOF: {e}"),
+        }
+    }
+    let ended = started.elapsed();
+    assert_eq!(
+        &seen[..4],
+        [0x88, 5, 0x03, 0xe8],
+        "our close frame: {seen:?}"
+    );
+    assert!(eventually(Duration::from_secs(5), || !closes
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let closes = closes.lock().unwrap().clone();
+    assert_eq!(
+        closes,
+        vec![(1006, "close handshake timed out".to_string())],
+        "dropped after {ended:?}, bytes after the close frame: {:?}",
+        &seen[7..]
+    );
+    assert!(
+        ended >= Duration::from_millis(1500),
+        "dropped after {ended:?}"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A client that sends its first frame in the same write as the upgrade request (and one
+/// more right behind it) gets the 101, then both echoes.
+fn frames_in_the_same_write_as_the_request_are_kept(backend: Backend) {
+    let server = start_echo(config(backend));
+    let url = format!("ws://{}/", server.local_addr());
+    let mut driver =
+        websocket_driver::Driver::make_client(&url, &websocket_driver::Options::default()).unwrap();
+    driver.start_connection();
+    let mut bytes = driver.pending_output().to_vec();
+    let n = bytes.len();
+    driver.consume_output(n);
+    // Frames cannot be queued on a connecting driver: mask them by hand.
+    for text in ["first", "second"] {
+        let mut frame = vec![0x81, 0x80 | text.len() as u8, 1, 2, 3, 4];
+        frame.extend(
+            text.bytes()
+                .enumerate()
+                .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
+        );
+        bytes.extend(frame);
+    }
+    let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&bytes).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("second") {
+        let n = stream
+            .read(&mut buf)
+            .expect("echoes of the pipelined frames");
+        assert!(n > 0, "EOF; got {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.find("first").unwrap() < text.find("second").unwrap());
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// `BackpressurePolicy::Close { grace: ZERO }` closes "at the first refused send" (README,
+/// `BackpressurePolicy` docs): a `Sender`'s send refused by the cap (`WouldBlock` wrapping
+/// `BufferFull`) must close a peer that stopped reading with 1008, as a handler's does.
+fn a_refused_sender_send_closes_under_close_policy(backend: Backend) {
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 64 * 1024,
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::ZERO,
+            },
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    // A client that never reads.
+    let _silent = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == 1));
+    let sender = senders.lock().unwrap()[0].clone();
+    let chunk = vec![7u8; 16 * 1024];
+    let mut accepted = 0;
+    let refused = loop {
+        match sender.send_binary(chunk.clone()) {
+            Ok(()) => accepted += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break e,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(accepted < 100_000, "never refused");
+        // Let the loop take each message, so sends are refused by the connection's
+        // backlog rather than by the inbox.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let closed = eventually(Duration::from_secs(3), || {
+        server.stats().closes.get(&1008) == Some(&1)
+    });
+    assert!(
+        closed,
+        "refused after {accepted} sends ({refused}), but still open 3 s later: {:?}",
+        server.stats()
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A `Sender` of a closed connection never reaches the next connection that gets its
+/// slab key (one loop: the key is reused at once).
+fn a_stale_sender_does_not_reach_the_keys_next_connection(backend: Backend) {
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    let mut first = TestClient::connect(server.local_addr(), "/").unwrap();
+    first.driver.close_connection(1000, "").unwrap();
+    first.flush().unwrap();
+    assert_eq!(
+        first.next_message().unwrap(),
+        Owned::Close(1000, String::new())
+    );
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 0));
+    let mut second = TestClient::connect(server.local_addr(), "/").unwrap();
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == 2));
+    let (stale, fresh) = {
+        let s = senders.lock().unwrap();
+        (s[0].clone(), s[1].clone())
+    };
+    assert_eq!(
+        format!("{stale:?}").split("generation").next(),
+        format!("{fresh:?}").split("generation").next(),
+        "same key"
+    );
+    stale.send_text("for the first").unwrap();
+    fresh.send_text("for the second").unwrap();
+    assert_eq!(
+        second.next_message().unwrap(),
+        Owned::Text("for the second".into())
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// `Close { grace: ZERO }` closes "at the first refused send": an echo whose one send was
+/// accepted (the output was empty) is no refused send, so a client that sends a 4 MiB
+/// message and reads the echo after 500 ms gets it, not a 1008.
+fn an_accepted_send_over_the_cap_is_not_closed_under_close_policy(backend: Backend) {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let server = start_flooder(
+        ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 256 * 1024,
+            backpressure_policy: BackpressurePolicy::Close {
+                grace: Duration::ZERO,
+            },
+            ..ServerConfig::default()
+        },
+        refused.clone(),
+    );
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    socket2::SockRef::from(&client.stream)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    let big = vec![0x5a; 4 << 20];
+    client.send_binary(&big).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let echo = client.next_message().unwrap();
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "no send was refused");
+    match echo {
+        Owned::Binary(b) => assert_eq!(b.len(), big.len()),
+        other => panic!(
+            "expected the echo, got {other:?}; stats {:?}",
+            server.stats()
+        ),
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+mod session_layer {
+    use super::*;
+    on_every_backend!(
+        a_silent_peer_in_the_close_handshake_gets_the_close_timeout,
+        frames_in_the_same_write_as_the_request_are_kept,
+        a_refused_sender_send_closes_under_close_policy,
+        a_stale_sender_does_not_reach_the_keys_next_connection,
+        an_accepted_send_over_the_cap_is_not_closed_under_close_policy,
+    );
+}

@@ -144,21 +144,28 @@ impl Timers {
     }
 
     /// Bytes arrived from the peer at `now`: the idle period restarts and an outstanding
-    /// keepalive ping counts as answered (any input proves the peer alive).
+    /// keepalive ping counts as answered (any input proves the peer alive). Not while
+    /// closing: the close deadline alone applies then.
     pub fn received(&mut self, now: Instant, config: &TimerConfig) {
-        if let Some(t) = config.idle {
+        if let Some(t) = config.idle
+            && !self.closing
+        {
             self.idle_at = Some(CompactInstant::new(now + t));
             self.ping_outstanding = false;
         }
     }
 
     /// The close handshake began at `now` (or a refusal is being written): the peer has
-    /// until `now + config.close`. Later calls keep the first deadline.
+    /// until `now + config.close`, and the idle keepalive stops (it would ping a closing
+    /// connection, which sends nothing more, and close it with 1001 before that deadline).
+    /// Later calls keep the first deadline.
     pub fn close_started(&mut self, now: Instant, config: &TimerConfig) {
         if !self.closing {
             self.handshake_by = Some(CompactInstant::new(now + config.close));
             self.closing = true;
         }
+        self.idle_at = None;
+        self.ping_outstanding = false;
     }
 
     /// The driver is closed at `now`: no more keepalive, and the close deadline bounds the
@@ -166,8 +173,6 @@ impl Timers {
     /// driver from open to closed without a closing state that would have started it).
     pub fn closed(&mut self, now: Instant, config: &TimerConfig) {
         self.close_started(now, config);
-        self.idle_at = None;
-        self.ping_outstanding = false;
     }
 
     /// Whether the outgoing buffer is over the limit at `now`. Going over starts the grace

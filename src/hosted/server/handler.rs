@@ -218,6 +218,9 @@ impl<H> ClientInit<H> {
 pub(crate) enum Command {
     Send(Vec<u8>, MessageType),
     Close(u16, String),
+    /// A `Sender`'s send was refused by the cap: under `BackpressurePolicy::Close` with
+    /// no grace the connection closes with 1008 (the loop never saw the refused message).
+    Refused,
     /// A published message for this loop's subscribers of its topic.
     Publish(Arc<Publication>),
     /// Consecutive publications to one topic, merged on the loop that delivers them.
@@ -612,6 +615,7 @@ impl Ws<'_> {
                     queued: AtomicUsize::new(0),
                     backlog: AtomicUsize::new(self.buffered_amount()),
                     limit: self.ctx.max_backpressure,
+                    close_on_limit: self.ctx.close_on_limit,
                 })
             })
             .clone();
@@ -642,6 +646,8 @@ pub(super) struct Gauge {
     /// The connection's unsent output, as the loop last saw it.
     pub backlog: AtomicUsize,
     pub limit: usize,
+    /// A refused send closes the connection (`BackpressurePolicy::Close` with no grace).
+    pub close_on_limit: bool,
 }
 
 /// The gauges of a loop's connections that have [`Sender`]s, by slab key.
@@ -686,6 +692,11 @@ impl Sender {
         let gauge = &self.gauge;
         let buffered = gauge.queued.load(Ordering::Acquire) + gauge.backlog.load(Ordering::Acquire);
         if buffered > gauge.limit {
+            if gauge.close_on_limit {
+                // The policy closes at the first refused send: the loop does it. (A loop
+                // that has stopped has nothing left to close.)
+                let _ = self.post(Command::Refused);
+            }
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 Error::Usage(UsageError::BufferFull {

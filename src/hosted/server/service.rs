@@ -453,6 +453,13 @@ where
                 sent.map(|_| ())
             }
             Command::Close(code, reason) => driver.close_connection(code, &reason).map(|_| ()),
+            Command::Refused => {
+                if self.close_on_limit() {
+                    driver.abort(code::POLICY_VIOLATION, "outgoing buffer limit exceeded");
+                    self.pump(conn, io, &mut []);
+                }
+                return;
+            }
             Command::Publish(publication) => {
                 self.deliver_plain(conn, io, &publication.frame);
                 return;
@@ -1009,9 +1016,12 @@ fn timer_config(config: &ServerConfig) -> TimerConfig {
         handshake: config.handshake_timeout,
         close: config.close_timeout,
         idle: config.idle_timeout,
+        // No grace: the refused send itself closes (`close_on_limit`), not output that
+        // is over the cap with every send accepted (a large message, a slow peer), which
+        // the timer dropped at its next tick, mid-frame.
         backpressure_grace: match config.backpressure_policy {
-            BackpressurePolicy::Close { grace } => Some(grace),
-            BackpressurePolicy::DropNew => None,
+            BackpressurePolicy::Close { grace } if !grace.is_zero() => Some(grace),
+            _ => None,
         },
     }
 }

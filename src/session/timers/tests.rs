@@ -270,12 +270,19 @@ fn close_timeout_at_the_deadline_not_a_tick_before() {
     // Later reports keep the first deadline.
     timers.close_started(started + 100 * MS, &cfg);
     let deadline = started + cfg.close;
-    // Idle stays armed while closing: poll_timeout is the earlier of the two.
-    assert_eq!(timers.poll_timeout(), Some(t0 + cfg.idle.unwrap()));
+    // The idle keepalive stops while closing, and input does not restart it: the close
+    // deadline alone applies (the keepalive used to ping a closing connection, which
+    // sends nothing, and close it with 1001 before that deadline).
+    assert_eq!(timers.poll_timeout(), Some(deadline));
     timers.received(started + 10 * MS, &cfg);
+    assert_eq!(timers.poll_timeout(), Some(deadline));
     assert_eq!(
-        timers.poll_timeout(),
-        Some(started + 10 * MS + cfg.idle.unwrap())
+        timers.handle_timeout(deadline - TICK, &cfg, &mut server),
+        Expired::Nothing
+    );
+    assert!(
+        take(&mut server).is_empty(),
+        "no keepalive ping while closing"
     );
     let no_idle = TimerConfig { idle: None, ..cfg };
     let mut timers = Timers::new();
@@ -435,7 +442,9 @@ fn poll_timeout_is_always_the_earliest_deadline() {
             }
             2 => {
                 timers.received(now, &cfg);
-                idle = Some(now + cfg.idle.unwrap());
+                if !closing {
+                    idle = Some(now + cfg.idle.unwrap());
+                }
             }
             3 => {
                 timers.close_started(now, &cfg);
@@ -443,6 +452,7 @@ fn poll_timeout_is_always_the_earliest_deadline() {
                     handshake = Some(now + cfg.close);
                     closing = true;
                 }
+                idle = None;
             }
             4 => {
                 timers.closed(now, &cfg);
