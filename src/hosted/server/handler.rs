@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, Role, SendToken};
 use crate::protocol::error::{Error, UsageError, code};
@@ -616,6 +616,7 @@ impl Ws<'_> {
                     backlog: AtomicUsize::new(self.buffered_amount()),
                     limit: self.ctx.max_backpressure,
                     close_on_limit: self.ctx.close_on_limit,
+                    close_posted: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -648,6 +649,9 @@ pub(super) struct Gauge {
     pub limit: usize,
     /// A refused send closes the connection (`BackpressurePolicy::Close` with no grace).
     pub close_on_limit: bool,
+    /// The close was posted: one is enough (a sender retrying in a loop would otherwise
+    /// fill the inbox with them before the loop gets to the first).
+    pub close_posted: AtomicBool,
 }
 
 /// The gauges of a loop's connections that have [`Sender`]s, by slab key.
@@ -692,7 +696,7 @@ impl Sender {
         let gauge = &self.gauge;
         let buffered = gauge.queued.load(Ordering::Acquire) + gauge.backlog.load(Ordering::Acquire);
         if buffered > gauge.limit {
-            if gauge.close_on_limit {
+            if gauge.close_on_limit && !gauge.close_posted.swap(true, Ordering::AcqRel) {
                 // The policy closes at the first refused send: the loop does it. (A loop
                 // that has stopped has nothing left to close.)
                 let _ = self.post(Command::Refused);
