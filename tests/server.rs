@@ -191,6 +191,28 @@ impl Handler for Register {
     }
 }
 
+/// A server whose connections register their `Sender` as they open.
+fn registering(config: ServerConfig) -> (ServerHandle, Arc<Mutex<Vec<Sender>>>) {
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let registry = senders.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(move |_| Upgrade::Accept(Register(registry.clone())))
+        .unwrap();
+    (server, senders)
+}
+
+/// Waits until `n` connections have registered, and returns their senders.
+fn registered(senders: &Mutex<Vec<Sender>>, n: usize) -> Vec<Sender> {
+    assert!(eventually(Duration::from_secs(5), || senders
+        .lock()
+        .unwrap()
+        .len()
+        == n));
+    senders.lock().unwrap().clone()
+}
+
 struct Flooder {
     refused: Arc<AtomicUsize>,
 }
@@ -489,22 +511,11 @@ fn max_connections_answers_503_beyond_the_limit(backend: Backend) {
 }
 
 fn sender_reaches_a_connection_from_another_thread(backend: Backend) {
-    let senders = Arc::new(Mutex::new(Vec::new()));
-    let registry = senders.clone();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(config(backend))
-        .start(move |_| Upgrade::Accept(Register(registry.clone())))
-        .unwrap();
+    let (server, senders) = registering(config(backend));
     let mut clients: Vec<TestClient> = (0..4)
         .map(|_| TestClient::connect(server.local_addr(), "/").unwrap())
         .collect();
-    assert!(eventually(Duration::from_secs(5), || senders
-        .lock()
-        .unwrap()
-        .len()
-        == 4));
-    let all = senders.lock().unwrap().clone();
+    let all = registered(&senders, 4);
     let pusher = std::thread::spawn(move || {
         for (i, s) in all.iter().enumerate() {
             // Close arguments the loop would refuse fail here, clearly, and send nothing.
@@ -577,25 +588,14 @@ fn idle_timeout_pings_then_closes_a_silent_peer(backend: Backend) {
 }
 
 fn close_timeout_drops_a_peer_that_never_answers(backend: Backend) {
-    let senders = Arc::new(Mutex::new(Vec::new()));
-    let registry = senders.clone();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            close_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        })
-        .start(move |_| Upgrade::Accept(Register(registry.clone())))
-        .unwrap();
+    let (server, senders) = registering(ServerConfig {
+        threads: 1,
+        backend,
+        close_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    });
     let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-    assert!(eventually(Duration::from_secs(5), || senders
-        .lock()
-        .unwrap()
-        .len()
-        == 1));
-    senders.lock().unwrap()[0]
+    registered(&senders, 1)[0]
         .close_connection(1000, "bye")
         .unwrap();
     // Read raw bytes and never answer: the close frame, then the server drops TCP.
@@ -1400,29 +1400,18 @@ fn frames_in_the_same_write_as_the_request_are_kept(backend: Backend) {
 /// `BackpressurePolicy` docs): a `Sender`'s send refused by the cap (`WouldBlock` wrapping
 /// `BufferFull`) must close a peer that stopped reading with 1008, as a handler's does.
 fn a_refused_sender_send_closes_under_close_policy(backend: Backend) {
-    let senders = Arc::new(Mutex::new(Vec::new()));
-    let registry = senders.clone();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            max_backpressure: 64 * 1024,
-            backpressure_policy: BackpressurePolicy::Close {
-                grace: Duration::ZERO,
-            },
-            ..ServerConfig::default()
-        })
-        .start(move |_| Upgrade::Accept(Register(registry.clone())))
-        .unwrap();
+    let (server, senders) = registering(ServerConfig {
+        threads: 1,
+        backend,
+        max_backpressure: 64 * 1024,
+        backpressure_policy: BackpressurePolicy::Close {
+            grace: Duration::ZERO,
+        },
+        ..ServerConfig::default()
+    });
     // A client that never reads.
     let _silent = TestClient::connect(server.local_addr(), "/").unwrap();
-    assert!(eventually(Duration::from_secs(5), || senders
-        .lock()
-        .unwrap()
-        .len()
-        == 1));
-    let sender = senders.lock().unwrap()[0].clone();
+    let sender = registered(&senders, 1).remove(0);
     let chunk = vec![7u8; 16 * 1024];
     let mut accepted = 0;
     let refused = loop {
@@ -1450,17 +1439,11 @@ fn a_refused_sender_send_closes_under_close_policy(backend: Backend) {
 /// A `Sender` of a closed connection never reaches the next connection that gets its
 /// slab key (one loop: the key is reused at once).
 fn a_stale_sender_does_not_reach_the_keys_next_connection(backend: Backend) {
-    let senders = Arc::new(Mutex::new(Vec::new()));
-    let registry = senders.clone();
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
-        .start(move |_| Upgrade::Accept(Register(registry.clone())))
-        .unwrap();
+    let (server, senders) = registering(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    });
     let mut first = TestClient::connect(server.local_addr(), "/").unwrap();
     first.driver.close_connection(1000, "").unwrap();
     first.flush().unwrap();
@@ -1473,15 +1456,8 @@ fn a_stale_sender_does_not_reach_the_keys_next_connection(backend: Backend) {
         .connections_open
         == 0));
     let mut second = TestClient::connect(server.local_addr(), "/").unwrap();
-    assert!(eventually(Duration::from_secs(5), || senders
-        .lock()
-        .unwrap()
-        .len()
-        == 2));
-    let (stale, fresh) = {
-        let s = senders.lock().unwrap();
-        (s[0].clone(), s[1].clone())
-    };
+    let mut both = registered(&senders, 2);
+    let (stale, fresh) = (both.remove(0), both.remove(0));
     assert_eq!(
         format!("{stale:?}").split("generation").next(),
         format!("{fresh:?}").split("generation").next(),

@@ -621,20 +621,26 @@ mod tests {
         }
     }
 
+    /// Parses `input` in two reads, cut at `cut`: the request and how many bytes of
+    /// `input` its head took.
+    fn parse_in_two(input: &[u8], cut: usize) -> (Request, usize) {
+        let mut p = RequestParser::new(LIMITS);
+        let (a, b) = input.split_at(cut);
+        match p.parse(a).unwrap() {
+            Status::Complete(r, n) => (r, n),
+            Status::Partial => match p.parse(b).unwrap() {
+                Status::Complete(r, n) => (r, cut + n),
+                Status::Partial => panic!("still partial, cut at {cut}"),
+            },
+        }
+    }
+
     #[test]
     fn split_head_hands_over_the_rest() {
         let mut input = GOOD.as_bytes().to_vec();
         input.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
         for cut in 0..input.len() {
-            let mut p = RequestParser::new(LIMITS);
-            let (a, b) = input.split_at(cut);
-            let (req, used) = match p.parse(a).unwrap() {
-                Status::Complete(r, n) => (r, n),
-                Status::Partial => match p.parse(b).unwrap() {
-                    Status::Complete(r, n) => (r, cut + n),
-                    Status::Partial => panic!("cut {cut}"),
-                },
-            };
+            let (req, used) = parse_in_two(&input, cut);
             assert_eq!(used, GOOD.len(), "cut {cut}");
             assert_eq!(req.path, "/chat");
         }
@@ -652,15 +658,7 @@ mod tests {
             let mut input = head.clone().into_bytes();
             input.extend_from_slice(b"X-After: 1\r\n\r\n");
             for cut in 0..input.len() {
-                let mut p = RequestParser::new(LIMITS);
-                let (a, b) = input.split_at(cut);
-                let (req, used) = match p.parse(a).unwrap() {
-                    Status::Complete(r, n) => (r, n),
-                    Status::Partial => match p.parse(b).unwrap() {
-                        Status::Complete(r, n) => (r, cut + n),
-                        Status::Partial => panic!("{head:?} cut {cut}"),
-                    },
-                };
+                let (req, used) = parse_in_two(&input, cut);
                 assert_eq!(used, head.len(), "{head:?} cut {cut}");
                 assert!(validate_request(&req).is_ok());
                 assert_eq!(req.header("sec-websocket-version"), Some("13"));
