@@ -1167,6 +1167,64 @@ async fn sends_wait_while_a_tungstenite_client_does_not_read() {
     .await;
 }
 
+/// A client frame (FIN, mask key 0, so the payload is as written) with a short payload.
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The peer sends two messages with its upgrade request and then resets the connection.
+/// The server app takes `Open` and then only sends (it does not poll the receiver): once
+/// a write fails, its sends must fail too, not be accepted and then hang forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_fail_after_a_write_error_while_input_waits() {
+    bounded(30, async {
+        let (addr, server) = serve_one(|stream| async move {
+            let (tx, mut rx) = accept(stream, &Options::default()).await.unwrap();
+            assert!(matches!(rx.next().await, Some(Event::Open)));
+            let mut accepted = 0usize;
+            let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    tx.send_binary(vec![7u8; 64 * 1024]).await?;
+                    accepted += 1;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), Error>(())
+            })
+            .await;
+            let flushed = tokio::time::timeout(Duration::from_secs(2), tx.flush()).await;
+            (outcome, accepted, tx.ready_state(), flushed, rx)
+        })
+        .await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let mut request = upgrade_request("/", 13);
+        request.extend(masked_frame(1, b"one"));
+        request.extend(masked_frame(1, b"two"));
+        raw.write_all(&request).await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        // A reset: the server's next write fails.
+        socket2::SockRef::from(&raw)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(raw);
+        let (outcome, accepted, state, flushed, _rx) = server.await.unwrap();
+        assert!(
+            matches!(outcome, Ok(Err(Error::Usage(UsageError::NotOpen)))),
+            "sends after the write failure: {outcome:?} ({accepted} accepted, state {state:?}, \
+             flush: {flushed:?})"
+        );
+    })
+    .await;
+}
+
 /// A send made after the sender's own `close_connection` returned must fail like any send
 /// on a closing connection, not report Ok for a message that is then dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

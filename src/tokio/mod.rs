@@ -98,4 +98,5 @@ pub use proxy::{connect_via_proxy, tunnel};
 pub use receiver::WsReceiver;
 pub use sender::{Receipt, WsSender};
 pub use stream::{Reply, WebSocketStream};
+#[cfg(feature = "hyper")]
 pub(crate) use stream::{Side, SplitWakers};

@@ -324,6 +324,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// parsed (a peer's last messages and its Close may have come before it reset the
     /// connection); the failure is reported after it, as [`Self::transport_failed`] does.
     fn write_failed(&mut self, e: io::Error) {
+        // A change the connection task must look at (its state, what it may parse), as
+        // written bytes are: without this a failure met while it only wrote went unseen,
+        // and the task waited for a wake that no longer came.
+        self.progressed = true;
         if self.start == self.end {
             return self.transport_failed(e);
         }
