@@ -453,6 +453,56 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
     );
 }
 
+/// A client reading a long download more slowly than the server writes it is alive,
+/// though the keepalive's ping waits behind the output: the output it keeps taking counts
+/// as life. (Its small receive buffer keeps the backlog on the server's side, as a slow link
+/// would.)
+#[test]
+fn a_slow_reader_of_a_long_download_is_not_closed_as_idle() {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            idle: Some(Duration::from_millis(300)),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (closes_tx, closes) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let closes = closes_tx.clone();
+            ws.on_message(|ws, _| {
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..128 {
+                    ws.send_binary(&chunk).unwrap();
+                }
+            });
+            ws.on_close(move |_, code, reason| {
+                let _ = closes.send((code, reason.to_string()));
+            });
+        });
+    });
+    let mut client = Client::connect(addr);
+    socket2::SockRef::from(&client.stream)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    client.driver.send_text("flood").unwrap();
+    client.flush();
+    // About 3 MB/s: the 8 MiB take 2.5 s, eight idle periods.
+    let mut received = 0;
+    while received < 128 * 64 * 1024 {
+        match client.next_event() {
+            Ev::Binary(b) => received += b.len(),
+            Ev::Ping(_) => {}
+            other => panic!("after {received} bytes: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(closes.try_recv().is_err(), "closed while reading");
+    client.driver.close_connection(1000, "").unwrap();
+    client.flush();
+    assert_eq!(closes.recv_timeout(TIMEOUT).unwrap().0, 1000);
+}
+
 /// This process's resident set, from `/proc/self/status` (`VmRSS`, in kB).
 fn vm_rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

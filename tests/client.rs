@@ -837,6 +837,55 @@ fn blocking_client_idle_timeout_pings_then_closes_a_silent_server() {
     );
 }
 
+/// The blocking client's keepalive and a server reading a long upload slowly: the ping
+/// waits behind the upload, and the upload the server keeps taking counts as life, so the
+/// client does not close it as idle. (The server's small receive buffer keeps the backlog
+/// on the client's side, as a slow link would.)
+#[test]
+fn blocking_client_keeps_a_server_slowly_reading_its_upload() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (count, size) = (128usize, 64 * 1024);
+    let slow = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        socket2::SockRef::from(&s)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        accept_upgrade(&mut s, "");
+        // About 3 MB/s: the 8 MiB take 2.5 s, eight idle periods.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        while total < count * size {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the client ended the upload after {total} bytes");
+            total += n;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            idle: Some(Duration::from_millis(300)),
+            ..ClientTimeouts::default()
+        });
+    let events = recorded(&client);
+    client.start_connection().unwrap();
+    assert_eq!(next(&events), Seen::Open);
+    let chunk = vec![7u8; size];
+    for _ in 0..count {
+        client.send_binary(&chunk).unwrap();
+    }
+    let _server = slow.join().unwrap();
+    assert!(
+        events.try_recv().is_err(),
+        "no close while the upload was read"
+    );
+    assert_eq!(client.ready_state(), websocket_driver::ReadyState::Open);
+}
+
 /// A hosted client's opening-handshake deadline ends when it opens: an open connection
 /// outlives several handshake timeouts (it used to be aborted with 1006 after one).
 #[test]

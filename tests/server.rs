@@ -1508,6 +1508,82 @@ fn an_accepted_send_over_the_cap_is_not_closed_under_close_policy(backend: Backe
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A client reading a long download more slowly than the server produces it is alive,
+/// though the keepalive's ping waits behind megabytes of output and its pong comes late:
+/// output the peer keeps taking counts as life. The client's small receive buffer keeps the
+/// backlog on the server's side, as a slow link would.
+fn a_slow_reader_of_a_long_download_is_not_closed_as_idle(backend: Backend) {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let server = start_flooder(
+        ServerConfig {
+            threads: 1,
+            backend,
+            idle_timeout: Some(Duration::from_millis(300)),
+            max_backpressure: 16 << 20,
+            ..ServerConfig::default()
+        },
+        refused.clone(),
+    );
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    socket2::SockRef::from(&client.stream)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    let (count, size) = (128, 64 * 1024);
+    client.send_text(&format!("flood {count} {size}")).unwrap();
+    // About 3 MB/s: the 8 MiB take 2.5 s, eight idle periods.
+    for i in 0..count {
+        match client.next_message().unwrap() {
+            Owned::Binary(b) => assert_eq!(b.len(), size),
+            other => panic!(
+                "message {i}: expected binary, got {other:?}; stats {:?}",
+                server.stats()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(refused.load(Ordering::Relaxed), 0);
+    assert!(server.stats().closes.is_empty(), "{:?}", server.stats());
+    assert_eq!(server.stats().connections_open, 1);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A client that stops reading a long download is still closed by the keepalive, however
+/// much output waits: once its buffers are full it takes nothing more.
+fn a_peer_that_stops_reading_a_download_is_closed_as_idle(backend: Backend) {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let server = start_flooder(
+        ServerConfig {
+            threads: 1,
+            backend,
+            idle_timeout: Some(Duration::from_millis(200)),
+            close_timeout: Duration::from_millis(300),
+            max_backpressure: 16 << 20,
+            ..ServerConfig::default()
+        },
+        refused.clone(),
+    );
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    socket2::SockRef::from(&client.stream)
+        .set_recv_buffer_size(64 * 1024)
+        .unwrap();
+    client.send_text("flood 128 65536").unwrap();
+    // Never read: the idle close (1001, its frame stuck behind the output), then the close
+    // timeout drops the socket.
+    assert!(
+        eventually(Duration::from_secs(10), || server.stats().connections_open
+            == 0),
+        "{:?}",
+        server.stats()
+    );
+    assert_eq!(
+        server.stats().closes.get(&1001),
+        Some(&1),
+        "{:?}",
+        server.stats()
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 mod session_layer {
     use super::*;
     on_every_backend!(
@@ -1516,5 +1592,7 @@ mod session_layer {
         a_refused_sender_send_closes_under_close_policy,
         a_stale_sender_does_not_reach_the_keys_next_connection,
         an_accepted_send_over_the_cap_is_not_closed_under_close_policy,
+        a_slow_reader_of_a_long_download_is_not_closed_as_idle,
+        a_peer_that_stops_reading_a_download_is_closed_as_idle,
     );
 }

@@ -623,9 +623,23 @@ fn read_until_end(
         session.track();
         if session.timers.poll_timeout().is_some_and(|d| d <= now) {
             let config = session.timer_config;
-            let expired = session
-                .timers
-                .handle_timeout(now, &config, session.ws.driver());
+            // A server still taking queued output counts as alive (see `Delivery`).
+            let ours = session.has_output();
+            let delivery = || {
+                crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&**stream))
+                    .ok()
+                    .map(|kernel| crate::session::Delivery {
+                        backlog: kernel.backlog || ours,
+                        ..kernel
+                    })
+            };
+            let session = &mut *session;
+            let expired = session.timers.handle_timeout_with_delivery(
+                now,
+                &config,
+                session.ws.driver(),
+                delivery,
+            );
             // Run the handlers for what the timers did (an abort's close).
             session.ws.receive(&mut []);
             session.write_ready();

@@ -52,7 +52,9 @@ pub struct Timeouts {
     /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
     pub close: Duration,
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
-    /// without input, close with 1001 "idle timeout". Default `None` (off).
+    /// without input, close with 1001 "idle timeout". Default `None` (off). A peer still
+    /// taking our queued output (the kernel sees it acknowledged) counts as alive, since
+    /// its pong waits behind that output ([`Delivery`](crate::session::Delivery)).
     pub idle: Option<Duration>,
     /// Queued output that makes no progress for this long (the peer reads nothing) fails
     /// the connection: `on_error` with a `TimedOut` I/O error, then `on_close` 1006. Also
@@ -383,7 +385,17 @@ fn run_connection(
             return Err(write_timed_out(timeouts.write));
         }
         if timers.poll_timeout().is_some_and(|d| d <= now) {
-            let expired = timers.handle_timeout(now, &config, ws.driver());
+            // A peer still taking queued output counts as alive (see `Delivery`).
+            let ours = !ws.pending_output().is_empty();
+            let delivery = || {
+                crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&conn))
+                    .ok()
+                    .map(|kernel| crate::session::Delivery {
+                        backlog: kernel.backlog || ours,
+                        ..kernel
+                    })
+            };
+            let expired = timers.handle_timeout_with_delivery(now, &config, ws.driver(), delivery);
             // Run the handlers for what the timers did (an abort's close).
             ws.receive(&mut []);
             if let Expired::Drop(_) = expired {

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use super::core::{Core, Output};
@@ -53,6 +54,8 @@ pub(crate) trait Backend: Sized + 'static {
         socket: &mut Self::Socket,
         out: &mut Output<'_, '_, S>,
     ) -> io::Result<Written>;
+    /// The socket's descriptor (for questions to the kernel, such as `TCP_INFO`).
+    fn fd(socket: &Self::Socket) -> BorrowedFd<'_>;
     /// Sends our FIN (everything queued is written).
     fn finish_writes(&mut self, socket: &mut Self::Socket);
     /// Stops all IO on the socket and drops the kernel's registration of it, if any; it is

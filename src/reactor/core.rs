@@ -617,6 +617,7 @@ impl<S: Service, B: Backend> Core<S, B> {
             return false;
         };
         let mut io = Io::new(now, key, conn.generation, &self.remote);
+        io.socket = Some(B::fd(&conn.socket));
         f(&mut self.service, session, &mut io);
         let effects = io.effects;
         self.apply(backend, key, effects)

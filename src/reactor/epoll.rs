@@ -178,6 +178,10 @@ impl Backend for Epoll {
         }
     }
 
+    fn fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(stream)
+    }
+
     fn finish_writes(&mut self, stream: &mut TcpStream) {
         let _ = stream.shutdown(Shutdown::Write);
     }

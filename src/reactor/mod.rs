@@ -12,6 +12,7 @@ pub(crate) mod backend;
 pub(crate) mod core;
 pub(crate) mod epoll;
 pub(crate) mod low_water;
+pub(crate) mod tcp_info;
 pub(crate) mod timer;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
@@ -144,6 +145,8 @@ pub(crate) struct Io<'a, C> {
     pub generation: u32,
     pub remote: &'a Remote<C>,
     pub(crate) effects: Effects,
+    /// The connection's socket, for [`Io::delivery`] (set on the calls that have one).
+    pub(crate) socket: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// What a [`Service`] call asked of the loop for its connection.
@@ -175,7 +178,14 @@ impl<'a, C> Io<'a, C> {
             generation,
             remote,
             effects: Effects::NONE,
+            socket: None,
         }
+    }
+
+    /// How the connection's output is being delivered, as the kernel tells it (`None`: no
+    /// socket on this call, or the kernel did not say). Our own buffers are not counted.
+    pub fn delivery(&self) -> Option<crate::session::Delivery> {
+        self.socket.and_then(|fd| tcp_info::delivery(fd).ok())
     }
 
     /// Replaces the connection's deadline (`None` disarms it).

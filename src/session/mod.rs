@@ -16,5 +16,5 @@ pub mod proxy;
 pub mod timers;
 pub mod upgrade;
 
-pub use timers::{Expired, TimerConfig, Timers};
+pub use timers::{Delivery, Expired, TimerConfig, Timers};
 pub use upgrade::{Answer, HttpResponse, NonUpgrade, Refusal, answer};

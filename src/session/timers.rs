@@ -21,7 +21,9 @@
 //! 3. When the clock reaches it: [`Timers::handle_timeout`], which acts on the driver (a
 //!    ping, or an abort) and returns what the runtime must do ([`Expired`]). Before the
 //!    server has a driver (the request is still being read), [`Timers::is_expired`] says
-//!    whether to drop the connection.
+//!    whether to drop the connection. A runtime that can ask its kernel how its output is
+//!    being delivered calls [`Timers::handle_timeout_with_delivery`] instead (see
+//!    [`Delivery`]).
 //!
 //! The durations come in as a [`TimerConfig`] on each call rather than living in
 //! [`Timers`], so the per-connection state stays small (the reactor holds one per
@@ -104,6 +106,28 @@ pub enum Expired {
     Drop(u16),
 }
 
+/// How our output is being delivered, as the transport's kernel tells it at an idle
+/// deadline ([`Timers::handle_timeout_with_delivery`]).
+///
+/// A keepalive ping waits behind every byte queued before it, in our buffers and in both
+/// kernels' buffers. A peer that reads a long download more slowly than we produce it
+/// hears the ping late, and its pong comes back late, however alive it is. So at an idle
+/// deadline with output still waiting to be delivered, the peer taking some of it since the
+/// last deadline counts as a sign of life, as input does.
+///
+/// What it cannot see: bytes the peer's kernel already acknowledged and its application
+/// has not read yet. A peer whose own receive buffer holds more than two idle periods of its
+/// reading is still closed as idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Bytes of ours the peer has acknowledged since the connection began (Linux: `TCP_INFO`'s
+    /// `tcpi_bytes_acked`). Only its change between two idle deadlines is used.
+    pub acked: u64,
+    /// Whether output of ours is still waiting to be delivered: in our buffers, or in the
+    /// kernel's send queue (unsent, or sent and not acknowledged).
+    pub backlog: bool,
+}
+
 /// The deadlines of one connection. See the [module docs](self) for the call order.
 #[derive(Debug, Clone, Default)]
 pub struct Timers {
@@ -115,6 +139,11 @@ pub struct Timers {
     idle_at: Option<CompactInstant>,
     /// A keepalive ping went out and nothing arrived since.
     ping_outstanding: bool,
+    /// `acked_mark` holds the low 32 bits of [`Delivery::acked`] at the last idle deadline
+    /// (since the last input). Only equality is compared, so the cut is safe unless exactly
+    /// a multiple of 4 GiB was acknowledged in one idle period.
+    acked_seen: bool,
+    acked_mark: u32,
     /// The outgoing buffer is over the limit.
     over_limit: bool,
     /// When the outgoing buffer must be back under the limit.
@@ -141,6 +170,7 @@ impl Timers {
         }
         self.idle_at = config.idle.map(|t| CompactInstant::new(now + t));
         self.ping_outstanding = false;
+        self.acked_seen = false;
     }
 
     /// Bytes arrived from the peer at `now`: the idle period restarts and an outstanding
@@ -152,6 +182,7 @@ impl Timers {
         {
             self.idle_at = Some(CompactInstant::new(now + t));
             self.ping_outstanding = false;
+            self.acked_seen = false;
         }
     }
 
@@ -226,6 +257,21 @@ impl Timers {
         config: &TimerConfig,
         driver: &mut Driver,
     ) -> Expired {
+        self.handle_timeout_with_delivery(now, config, driver, || None)
+    }
+
+    /// [`Timers::handle_timeout`], for a runtime that can say how its output is being
+    /// delivered: `delivery` is asked (at most once, only at an idle deadline) and, with
+    /// output waiting that the peer took some of since the previous idle deadline, the idle
+    /// period starts over instead of a ping or the idle close (see [`Delivery`]); the
+    /// outstanding ping, if any, stays outstanding. `None` from it: the plain rule.
+    pub fn handle_timeout_with_delivery(
+        &mut self,
+        now: Instant,
+        config: &TimerConfig,
+        driver: &mut Driver,
+        delivery: impl FnOnce() -> Option<Delivery>,
+    ) -> Expired {
         if self.handshake_by.is_some_and(|t| now >= t.get()) {
             if driver.ready_state() == ReadyState::Connecting {
                 // A connect that never completed is a failure the handler hears of, as
@@ -248,6 +294,16 @@ impl Timers {
         if let (Some(t), Some(at)) = (config.idle, self.idle_at)
             && now >= at.get()
         {
+            if let Some(delivery) = delivery() {
+                let mark = delivery.acked as u32;
+                let taken = self.acked_seen && mark != self.acked_mark;
+                self.acked_seen = true;
+                self.acked_mark = mark;
+                if taken && delivery.backlog {
+                    self.idle_at = Some(CompactInstant::new(now + t));
+                    return Expired::Nothing;
+                }
+            }
             if self.ping_outstanding {
                 // Two idle periods without a word: say why, then give the close frame
                 // until the close timeout to get out.

@@ -29,7 +29,11 @@ pub struct Config {
     pub read_buffer_size: usize,
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
     /// without input, close with 1001 "idle timeout" (the close frame then has
-    /// [`Config::close_timeout`] to get out). Default `None` (off).
+    /// [`Config::close_timeout`] to get out). Default `None` (off). Only input counts:
+    /// over any `AsyncRead + AsyncWrite` the stream cannot ask a kernel how its output is
+    /// delivered, so a peer reading a long download more slowly than two idle periods'
+    /// worth of buffered output can be closed (the reactor and the blocking runtimes count
+    /// such a peer as alive; see [`Delivery`](crate::session::Delivery)).
     ///
     /// With the split API, the connection task reads only as the [`WsReceiver`] asks
     /// for events; while it holds input back (the receiver not polled, or its queue

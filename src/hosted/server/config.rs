@@ -49,7 +49,9 @@ pub struct ServerConfig {
     /// Time the peer has to answer our close frame before TCP is dropped. Default 5 s.
     pub close_timeout: Duration,
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
-    /// without input, close with 1001. Default `None` (off).
+    /// without input, close with 1001. Default `None` (off). A peer still taking our
+    /// queued output (the kernel sees it acknowledged) counts as alive, since its pong
+    /// waits behind that output ([`Delivery`](crate::session::Delivery)).
     pub idle_timeout: Option<Duration>,
     /// The cap on a connection's unsent output (see [`BackpressurePolicy`]). Default 1 MiB.
     /// A connection's memory is bounded by this, one read buffer and the message being

@@ -32,7 +32,7 @@ const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Buffers larger than this are freed, not pooled.
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
-use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::timers::{Delivery, Expired, TimerConfig, Timers};
 use crate::session::upgrade::{self, Answer, NonUpgrade};
 
 pub(crate) struct WsService<F, H> {
@@ -775,6 +775,7 @@ where
     fn timeout_plain(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>) {
         conn.untunnel();
         let timer_config = self.timer_config();
+        let queued_outside = Self::queued_outside(conn);
         let Phase::Open(driver, _) = &mut conn.phase else {
             // A handshake that took too long (slowloris) or a reject that never flushed.
             io.close(CloseRequest::Now);
@@ -789,7 +790,18 @@ where
             io.close(CloseRequest::Now);
             return;
         }
-        match conn.timers.handle_timeout(io.now, &timer_config, driver) {
+        // Output still in our buffers waits for the peer as much as the kernel's does.
+        let ours = queued_outside > 0 || driver.buffered_amount() > 0;
+        let delivery = || {
+            io.delivery().map(|kernel| Delivery {
+                backlog: kernel.backlog || ours,
+                ..kernel
+            })
+        };
+        match conn
+            .timers
+            .handle_timeout_with_delivery(io.now, &timer_config, driver, delivery)
+        {
             Expired::Drop(_) => {
                 self.pump(conn, io, &mut []);
                 io.close(CloseRequest::Now);

@@ -431,6 +431,10 @@ impl Backend for Uring {
         Ok(Written::Submitted)
     }
 
+    fn fd(socket: &Socket) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&socket.stream)
+    }
+
     fn finish_writes(&mut self, socket: &mut Socket) {
         let _ = socket.stream.shutdown(Shutdown::Write);
     }
