@@ -13,8 +13,8 @@ use std::time::Duration;
 use support::{Owned, Rng, TestClient, eventually};
 use websocket_driver::protocol::driver::OWNED_MIN;
 use websocket_driver::server::{
-    BackpressurePolicy, Handler, HttpResponse, Sender, Server, ServerConfig, ServerHandle, Upgrade,
-    Ws,
+    BackpressurePolicy, Handler, HttpResponse, PanicPolicy, Sender, Server, ServerConfig,
+    ServerHandle, Upgrade, Ws,
 };
 use websocket_driver::{Backend, Error, Message, UsageError};
 
@@ -1223,15 +1223,16 @@ impl Handler for Fragile {
     }
 }
 
-/// A handler that panics ends its loop, and the loop lets go of what it held: its other
-/// connections end (here one in the middle of 1 MiB echoes, with receives and sends in
-/// the kernel's hands on io_uring, which the backend cancels and waits for before its
-/// memory goes), and the server's handle reports the panic.
+/// Under `PanicPolicy::EndLoop` a handler that panics ends its loop, and the loop lets go
+/// of what it held: its other connections end (here one in the middle of 1 MiB echoes,
+/// with receives and sends in the kernel's hands on io_uring, which the backend cancels
+/// and waits for before its memory goes), and the server's handle reports the panic.
 fn a_panicking_handler_ends_its_loop_and_its_connections(backend: Backend) {
     let server = Server::bind("127.0.0.1:0")
         .unwrap()
         .config(ServerConfig {
             threads: 1,
+            panic_policy: PanicPolicy::EndLoop,
             ..config(backend)
         })
         .start(|_| Upgrade::Accept(Fragile))
@@ -1257,8 +1258,133 @@ fn a_panicking_handler_ends_its_loop_and_its_connections(backend: Backend) {
     assert_eq!(error.to_string(), "an event loop panicked");
 }
 
+/// Panics wherever the application's code runs on the loop, chosen by the request's path
+/// or by the message: the upgrade closure (`/upgrade`), `on_open` (`/open`),
+/// `on_message` ("panic"), a write callback ("later"), `on_close` ("close").
+struct Touchy {
+    panic_on_open: bool,
+    panic_on_close: bool,
+}
+impl Handler for Touchy {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        if self.panic_on_open {
+            panic!("on_open panics (on purpose)");
+        }
+        ws.subscribe("room").unwrap();
+    }
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        match message.as_text() {
+            Some("panic") => panic!("on_message panics (on purpose)"),
+            Some("later") => {
+                ws.send_with(b"sent", websocket_driver::MessageType::Text, |_| {
+                    panic!("a write callback panics (on purpose)")
+                })
+                .unwrap();
+            }
+            Some("close") => {
+                self.panic_on_close = true;
+                ws.close_connection(1000, "").unwrap();
+            }
+            _ => {
+                let _ = ws.send_message(&message);
+            }
+        }
+    }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        if self.panic_on_close {
+            panic!("on_close panics (on purpose)");
+        }
+    }
+}
+
+/// By default a panic drops only the connection it happened on: that one ends without a
+/// close frame and leaves its topics, the loop's other connections (one in the middle of
+/// 1 MiB echoes) go on, the panics are counted, and the server shuts down cleanly.
+fn a_panicking_handler_drops_only_its_connection(backend: Backend) {
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            ..config(backend)
+        })
+        .start(|request| {
+            if request.path() == "/upgrade" {
+                panic!("the upgrade closure panics (on purpose)");
+            }
+            Upgrade::Accept(Touchy {
+                panic_on_open: request.path() == "/open",
+                panic_on_close: false,
+            })
+        })
+        .unwrap();
+    let addr = server.local_addr();
+    let mut streaming = TestClient::connect(addr, "/").unwrap();
+    let big = vec![0x42; 1 << 20];
+    for _ in 0..3 {
+        streaming.send_binary(&big).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || server
+        .subscribers("room")
+        == 1));
+    let mut expected = 0;
+    for message in ["panic", "later", "close"] {
+        let mut culprit = TestClient::connect(addr, "/").unwrap();
+        assert!(eventually(Duration::from_secs(10), || server
+            .subscribers("room")
+            == 2));
+        culprit.send_text(message).unwrap();
+        // Ended without a close frame of the server's: the driver reports 1006 (the
+        // write callback's message and the close's own frame may come first).
+        loop {
+            match culprit.next_event() {
+                Ok(Owned::Close(1006, _)) | Err(_) => break,
+                Ok(Owned::Text(t)) if t == "sent" && message == "later" => {}
+                Ok(Owned::Close(1000, _)) if message == "close" => {}
+                other => panic!("{message}: {other:?}"),
+            }
+        }
+        expected += 1;
+        assert!(
+            eventually(Duration::from_secs(10), || server.stats().handler_panics
+                == expected),
+            "{message}: {:?}",
+            server.stats()
+        );
+        assert_eq!(server.subscribers("room"), 1, "{message}: left its topic");
+    }
+    for path in ["/upgrade", "/open"] {
+        let mut culprit = TestClient::connect_only(addr, path).unwrap();
+        assert!(
+            !matches!(culprit.next_event(), Ok(Owned::Open)) || culprit.wait_ended(),
+            "{path}"
+        );
+        expected += 1;
+        assert!(
+            eventually(Duration::from_secs(10), || server.stats().handler_panics
+                == expected),
+            "{path}: {:?}",
+            server.stats()
+        );
+    }
+    // The loop's other connection was never disturbed.
+    for _ in 0..3 {
+        assert_eq!(
+            streaming.next_message().unwrap(),
+            Owned::Binary(big.clone())
+        );
+    }
+    streaming.send_text("still here").unwrap();
+    assert_eq!(
+        streaming.next_message().unwrap(),
+        Owned::Text("still here".into())
+    );
+    assert_eq!(server.stats().connections_open, 1);
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 on_every_backend!(
     a_panicking_handler_ends_its_loop_and_its_connections,
+    a_panicking_handler_drops_only_its_connection,
     close_timeout_drops_a_peer_that_never_answers,
     thousand_clients_echo_random_sizes_without_loss,
     random_disconnects_leak_no_connection,

@@ -116,26 +116,62 @@ pub(crate) struct Output<'s, 'r, S: Service> {
     session: &'s mut S::Session,
     io: Io<'r, S::Command>,
     stats: &'s LoopStats,
+    /// Whether a panic is caught here rather than ending the loop ([`LoopConfig`]).
+    isolate_panics: bool,
+    /// A call panicked (a write callback): nothing more is offered, and the connection is
+    /// dropped once the backend's write returns.
+    panicked: bool,
 }
 
 impl<S: Service> Output<'_, '_, S> {
     /// The bytes to write next, as slices for one vectored write (readiness backends);
     /// returns how many of `parts` were filled.
     pub fn parts<'p>(&'p self, parts: &mut [std::io::IoSlice<'p>]) -> usize {
+        if self.panicked {
+            return 0;
+        }
         self.service.output(self.session, parts)
     }
 
     /// The first `n` bytes of what [`Output::parts`] offered were written.
     pub fn consume(&mut self, n: usize) {
         LoopStats::add(&self.stats.bytes_out, n as u64);
-        self.service.consume(self.session, &mut self.io, n);
+        if self.panicked {
+            return;
+        }
+        let (service, session, io) = (&mut *self.service, &mut *self.session, &mut self.io);
+        self.panicked = guarded(self.isolate_panics, || service.consume(session, io, n)).is_none();
     }
 
     /// Everything queued, handed over into `into` for the kernel to hold until its send
     /// completes (completion backends). Returns false when nothing is queued.
     pub fn take(&mut self, into: &mut super::Outgoing) -> bool {
-        self.service.take_output(self.session, &mut self.io, into)
+        if self.panicked {
+            return false;
+        }
+        let (service, session, io) = (&mut *self.service, &mut *self.session, &mut self.io);
+        match guarded(self.isolate_panics, || {
+            service.take_output(session, io, into)
+        }) {
+            Some(taken) => taken,
+            None => {
+                self.panicked = true;
+                false
+            }
+        }
     }
+}
+
+/// Runs `f`, a service call that may run the application's code; with `isolate` a panic
+/// in it is caught (`None`; the caller drops the connection), else it goes on unwinding
+/// and ends the loop.
+fn guarded<R>(isolate: bool, f: impl FnOnce() -> R) -> Option<R> {
+    if !isolate {
+        return Some(f());
+    }
+    // The connection whose call panicked is dropped with everything kept for it (see
+    // `Core::abandon`); what the call left half-changed belonged to it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
 }
 
 /// The loop core; see the module documentation.
@@ -618,9 +654,31 @@ impl<S: Service, B: Backend> Core<S, B> {
         };
         let mut io = Io::new(now, key, conn.generation, &self.remote);
         io.socket = Some(B::fd(&conn.socket));
-        f(&mut self.service, session, &mut io);
+        let service = &mut self.service;
+        if guarded(self.config.isolate_panics, || f(service, session, &mut io)).is_none() {
+            self.abandon(backend, key);
+            return false;
+        }
         let effects = io.effects;
         self.apply(backend, key, effects)
+    }
+
+    /// A call for `key` panicked: the connection is dropped at once, its session (the
+    /// application's handler) without another call, and the service forgets the key.
+    fn abandon(&mut self, backend: &mut B, key: usize) {
+        LoopStats::add(&self.stats.handler_panics, 1);
+        log::error!("a handler panicked: its connection is dropped");
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let session = conn.session.take();
+        let generation = conn.generation;
+        // Its drop is the application's code too.
+        let _ = guarded(true, || drop(session));
+        let mut io = Io::new(self.now(), key, generation, &self.remote);
+        self.service.abandoned(&mut io);
+        // No session: `close_now` has nobody to tell.
+        self.close_now(backend, key, None);
     }
 
     /// Applies a service call's requests. Returns false if the connection is closing.
@@ -689,8 +747,14 @@ impl<S: Service, B: Backend> Core<S, B> {
             session,
             io: Io::new(now, key, conn.generation, &self.remote),
             stats: &self.stats,
+            isolate_panics: self.config.isolate_panics,
+            panicked: false,
         };
         let written = backend.write(key, &mut conn.socket, &mut out);
+        if out.panicked {
+            self.abandon(backend, key);
+            return;
+        }
         let effects = out.io.effects;
         if effects != Effects::NONE {
             // Applying marks the connection dirty again only when it asked for something.
@@ -793,8 +857,18 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// it has one, is dialled; otherwise it has reported the failure.
     fn connect_failed(&mut self, backend: &mut B, init: S::Connect, error: io::Error) {
         let mut io = Io::new(self.now(), usize::MAX, 0, &self.remote);
-        if let Some((addr, init)) = self.service.connect_failed(&mut io, init, error) {
-            self.connect(backend, addr, init);
+        let service = &mut self.service;
+        let next = guarded(self.config.isolate_panics, || {
+            service.connect_failed(&mut io, init, error)
+        });
+        match next {
+            Some(Some((addr, init))) => self.connect(backend, addr, init),
+            Some(None) => {}
+            // Its handler (told of the failure) panicked: nothing is left of it.
+            None => {
+                LoopStats::add(&self.stats.handler_panics, 1);
+                log::error!("a handler panicked on a failed connect");
+            }
         }
     }
 
@@ -878,7 +952,19 @@ impl<S: Service, B: Backend> Core<S, B> {
         // connection gone.
         let retry = session.and_then(|session| {
             let mut io = Io::new(self.now(), key, generation, &self.remote);
-            self.service.closed(session, &mut io, cause)
+            let service = &mut self.service;
+            match guarded(self.config.isolate_panics, || {
+                service.closed(session, &mut io, cause)
+            }) {
+                Some(retry) => retry,
+                // `on_close` panicked: what the service keeps for the key may be left.
+                None => {
+                    LoopStats::add(&self.stats.handler_panics, 1);
+                    log::error!("a handler panicked in its close");
+                    self.service.abandoned(&mut io);
+                    None
+                }
+            }
         });
         self.config.connections.fetch_sub(1, Ordering::AcqRel);
         self.stats.connections_open.fetch_sub(1, Ordering::Release);

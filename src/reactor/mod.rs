@@ -356,6 +356,10 @@ pub(crate) trait Service: 'static {
         io: &mut Io<'_, Self::Command>,
         cause: Option<std::io::Error>,
     ) -> Option<(SocketAddr, Self::Connect)>;
+    /// A call for connection `io.key` panicked (in the application's code, which runs
+    /// inside the service) and the loop dropped its session: forget everything kept for
+    /// the key. Runs no application code.
+    fn abandoned(&mut self, io: &mut Io<'_, Self::Command>);
     /// The response for a connection refused because the server is full.
     fn over_capacity(&self) -> Vec<u8>;
 }
@@ -598,6 +602,8 @@ pub(crate) struct LoopStats {
     pub payload_receives: AtomicU64,
     /// Times the loop stopped accepting with its queue of accepted connections full.
     pub accept_pauses: AtomicU64,
+    /// Connections dropped because a call for them panicked.
+    pub handler_panics: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
@@ -663,6 +669,9 @@ pub(crate) struct LoopConfig {
     pub busy_poll: std::time::Duration,
     /// Shared by every loop of one server, for `max_connections`.
     pub connections: Arc<AtomicUsize>,
+    /// A panic in a service call drops that connection (the session is dropped, the
+    /// service told with [`Service::abandoned`]) instead of ending the loop.
+    pub isolate_panics: bool,
 }
 
 /// The largest number of connections the open-file limit leaves room for: the current

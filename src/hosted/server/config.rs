@@ -29,6 +29,23 @@ pub enum BackpressurePolicy {
     },
 }
 
+/// What a panic in a handler does (see [`Handler`](super::Handler)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PanicPolicy {
+    /// The panicking connection is dropped at once: its TCP connection is closed without
+    /// a close frame, its handler is dropped without another call (no `on_close`), it
+    /// leaves its topics, and [`Stats::handler_panics`](super::Stats::handler_panics)
+    /// counts it. The loop and its other connections go on. The default.
+    #[default]
+    CloseConnection,
+    /// The panic ends the loop, as a panicking thread would: its connections are dropped
+    /// without `on_close`, the other loops go on, and the server's `wait` and `shutdown`
+    /// report "an event loop panicked". For applications that would rather stop than go on
+    /// beside state a panic may have left half-changed (a `Mutex` shared by handlers).
+    EndLoop,
+}
+
 /// Server settings. Every limit has a default; see each field.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -59,6 +76,8 @@ pub struct ServerConfig {
     pub max_backpressure: usize,
     /// Default [`BackpressurePolicy::DropNew`]: the cap only.
     pub backpressure_policy: BackpressurePolicy,
+    /// What a handler's panic does. Default [`PanicPolicy::CloseConnection`].
+    pub panic_policy: PanicPolicy,
     /// Size of each loop's read buffer on epoll (at least 1 byte; 0 counts as 1). Default
     /// 64 KiB. io_uring receives into its own ring of 32 KiB buffers instead.
     pub read_buffer_size: usize,
@@ -91,6 +110,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             max_backpressure: 1 << 20,
             backpressure_policy: BackpressurePolicy::DropNew,
+            panic_policy: PanicPolicy::CloseConnection,
             read_buffer_size: 64 * 1024,
             busy_poll: Duration::from_micros(20),
             #[cfg(feature = "tls")]

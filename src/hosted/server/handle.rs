@@ -58,6 +58,9 @@ pub struct Stats {
     /// loop could take them, and the rest waited in the kernel's backlog until it could.
     /// Always 0 on epoll, which accepts only what a turn sets up.
     pub accept_pauses: u64,
+    /// Connections dropped because their handler panicked (see
+    /// [`PanicPolicy::CloseConnection`](super::PanicPolicy::CloseConnection)).
+    pub handler_panics: u64,
     /// What the backplane (if any) did: messages sent to and received from the other
     /// processes, dropped on the way out, reconnections.
     pub backplane: BackplaneStats,
@@ -161,6 +164,7 @@ impl ServerHandle {
             s.replies_in_place += l.replies_in_place.load(Ordering::Relaxed);
             s.payload_receives += l.payload_receives.load(Ordering::Relaxed);
             s.accept_pauses += l.accept_pauses.load(Ordering::Relaxed);
+            s.handler_panics += l.handler_panics.load(Ordering::Relaxed);
             for (code, n) in l.closes.lock().expect("stats lock").iter() {
                 *s.closes.entry(*code).or_default() += n;
             }

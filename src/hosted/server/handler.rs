@@ -55,11 +55,15 @@ impl UpgradeRequest<'_> {
 
 /// Per-connection event handler. Every method has an empty default.
 ///
-/// Handlers run on their connection's event loop and must not panic: a panic ends that
-/// loop (its connections are dropped without `on_close`; the other loops go on, and the
-/// server's `wait` and `shutdown` report "an event loop panicked"), as a panicking thread
-/// would. Code that may panic on one connection's input belongs in
-/// [`std::panic::catch_unwind`], closing that connection (1011) when it does.
+/// Handlers run on their connection's event loop. A panic in one (or in a callback it
+/// gave, or in the server's upgrade closure for its request) drops that connection at
+/// once by default: its TCP connection closes without a close frame, the handler is
+/// dropped without another call (no `on_close`), the connection leaves its topics, and
+/// [`Stats::handler_panics`](super::Stats::handler_panics) counts it; the loop and its
+/// other connections go on. [`ServerConfig::panic_policy`](super::ServerConfig::panic_policy)
+/// set to [`PanicPolicy::EndLoop`](super::PanicPolicy::EndLoop) ends the loop instead. A
+/// handler that would rather say goodbye (1011) catches its own panics
+/// ([`std::panic::catch_unwind`]) and closes.
 pub trait Handler: Send + 'static {
     /// The connection is open.
     fn on_open(&mut self, ws: &mut Ws<'_>) {

@@ -17,7 +17,7 @@ use service::WsService;
 #[cfg(feature = "redis")]
 pub use backplane::RedisBackplane;
 pub use backplane::{Backplane, BackplaneStats, Inbound};
-pub use config::{BackpressurePolicy, ServerConfig};
+pub use config::{BackpressurePolicy, PanicPolicy, ServerConfig};
 pub use handle::{ServerHandle, Stats};
 pub(crate) use handler::{Attempt, ClientInit, Command, Redial};
 pub use handler::{Handler, Sender, Upgrade, UpgradeRequest, Ws};
@@ -261,6 +261,7 @@ where
             max_connections: shared.max_connections,
             read_buffer_size: shared.read_buffer_size,
             busy_poll: shared.busy_poll,
+            isolate_panics: shared.panic_policy == PanicPolicy::CloseConnection,
             connections: connections.clone(),
         };
         let name = format!("wsd-loop-{i}");

@@ -969,16 +969,20 @@ where
                 self.recycle(driver);
             }
         }
-        // The key is free for the next connection: no callback or held input of this one
-        // may linger.
-        self.callbacks.get_mut().remove(&io.key);
-        self.topics
-            .get_mut()
-            .leave_all(&self.pubsub, self.loop_index, io.key);
-        self.held.remove(&io.key);
-        self.gauges.get_mut().remove(&io.key);
+        self.forget(io.key);
         conn.phase = Phase::Done;
         retry
+    }
+
+    /// The key is free for the next connection: no callback, subscription, held input or
+    /// gauge of this one may linger (nor a redial, once its connection is gone for good).
+    pub(super) fn forget(&mut self, key: usize) {
+        self.callbacks.get_mut().remove(&key);
+        self.topics
+            .get_mut()
+            .leave_all(&self.pubsub, self.loop_index, key);
+        self.held.remove(&key);
+        self.gauges.get_mut().remove(&key);
     }
 
     /// `n` bytes of connection `key` went out (plain or TLS). Once any have, its connect

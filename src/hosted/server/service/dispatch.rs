@@ -256,6 +256,10 @@ where
         self.closed_plain(conn, io, cause)
     }
 
+    fn abandoned(&mut self, io: &mut Io<'_, Command>) {
+        self.forget(io.key);
+    }
+
     fn over_capacity(&self) -> Vec<u8> {
         // A TLS client would read a plaintext 503 as a broken record: it is closed
         // without an answer.
