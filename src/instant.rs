@@ -32,12 +32,31 @@ impl CompactInstant {
         CompactInstant(NonZeroU64::new(nanos).expect("non-zero"))
     }
 
+    /// `now + t`, or the latest instant there is room for when that overflows (a timeout
+    /// of `Duration::MAX`, "never": about 584 years on).
+    pub fn after(now: Instant, t: Duration) -> CompactInstant {
+        match now.checked_add(t) {
+            Some(at) => CompactInstant::new(at),
+            None => {
+                base(now);
+                CompactInstant(NonZeroU64::MAX)
+            }
+        }
+    }
+
     pub fn get(self) -> Instant {
         let base = *BASE
             .get()
             .expect("a CompactInstant was made, so the base is set");
         base + Duration::from_nanos(self.0.get() - 1)
     }
+}
+
+/// `now + t`, saturating: a timeout of `Duration::MAX` ("never") is a deadline a century
+/// away instead of an overflow's panic.
+pub(crate) fn deadline_after(now: Instant, t: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(t).unwrap_or(now + CENTURY)
 }
 
 #[cfg(test)]

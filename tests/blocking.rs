@@ -453,6 +453,36 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
     );
 }
 
+/// `Duration::MAX` is "never" for every timeout, not an overflow that panics the
+/// connection's thread.
+#[test]
+fn a_timeout_of_duration_max_means_never() {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            handshake: Duration::MAX,
+            close: Duration::MAX,
+            idle: Some(Duration::MAX),
+            write: Duration::MAX,
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let _ = server.serve(|_, ws| {
+            ws.on_message(|ws, message| {
+                let _ = ws.send_message(&message);
+            });
+        });
+    });
+    let mut client = Client::connect(addr);
+    client.driver.send_text("hello").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Text("hello".into()));
+    client.driver.close_connection(1000, "").unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
+}
+
 /// A client reading a long download more slowly than the server writes it is alive,
 /// though the keepalive's ping waits behind the output: the output it keeps taking counts
 /// as life. (Its small receive buffer keeps the backlog on the server's side, as a slow link

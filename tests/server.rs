@@ -1710,6 +1710,71 @@ fn a_peer_that_stops_reading_a_download_is_closed_as_idle(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A client that sends its Close and then half-closes TCP is still reading: RFC 6455
+/// §5.5.1 says the server must answer the Close with its own, and the FIN that came in the
+/// same turn must not drop that answer.
+fn a_close_followed_by_fin_is_answered(backend: Backend) {
+    let server = start_echo(config(backend));
+    for _ in 0..5 {
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        client.driver.close_connection(1000, "bye").unwrap();
+        client.flush().unwrap();
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            client.next_event().unwrap(),
+            Owned::Close(1000, String::new()),
+            "the server's Close answer"
+        );
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// A plain HTTP client that half-closes after its request still gets the server's answer.
+fn a_request_followed_by_fin_gets_its_answer(backend: Backend) {
+    let server = start_echo(config(backend));
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 426 "), "got {response:?}");
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+/// `Duration::MAX` is "never" for every timeout (and for a shutdown's grace), not an
+/// overflow that panics the loop at the first connection.
+fn a_timeout_of_duration_max_means_never(backend: Backend) {
+    let server = start_echo(ServerConfig {
+        threads: 1,
+        backend,
+        handshake_timeout: Duration::MAX,
+        close_timeout: Duration::MAX,
+        idle_timeout: Some(Duration::MAX),
+        backpressure_policy: BackpressurePolicy::Close {
+            grace: Duration::MAX,
+        },
+        ..ServerConfig::default()
+    });
+    let mut client = TestClient::connect(server.local_addr(), "/").expect("the handshake");
+    client.send_text("hello").unwrap();
+    assert_eq!(client.next_message().unwrap(), Owned::Text("hello".into()));
+    client.driver.close_connection(1000, "").unwrap();
+    client.flush().unwrap();
+    assert_eq!(
+        client.next_message().unwrap(),
+        Owned::Close(1000, String::new())
+    );
+    server.shutdown(Duration::MAX).unwrap();
+}
+
 mod session_layer {
     use super::*;
     on_every_backend!(
@@ -1720,5 +1785,8 @@ mod session_layer {
         an_accepted_send_over_the_cap_is_not_closed_under_close_policy,
         a_slow_reader_of_a_long_download_is_not_closed_as_idle,
         a_peer_that_stops_reading_a_download_is_closed_as_idle,
+        a_close_followed_by_fin_is_answered,
+        a_request_followed_by_fin_gets_its_answer,
+        a_timeout_of_duration_max_means_never,
     );
 }

@@ -281,7 +281,8 @@ impl BlockingClient {
                 let mut stream = connect_any(&proxy.host, proxy.port, self.timeouts.connect)?;
                 stream.set_write_timeout(Some(self.timeouts.write))?;
                 // The proxy's answer, however it trickles in, within the handshake timeout.
-                let deadline = Instant::now() + self.timeouts.handshake;
+                let deadline =
+                    crate::instant::deadline_after(Instant::now(), self.timeouts.handshake);
                 tunnel(proxy, &mut stream, &self.url, deadline)?;
                 stream
             }
@@ -480,7 +481,7 @@ impl BlockingClient {
             return sent.map(|_| ());
         }
         if sent.is_ok() {
-            let deadline = Instant::now() + self.timeouts.close;
+            let deadline = crate::instant::deadline_after(Instant::now(), self.timeouts.close);
             if self.wait_closed(self.timeouts.close) {
                 self.shared.lock().close_tls();
             }
@@ -505,7 +506,7 @@ impl BlockingClient {
     /// Blocks until `done` holds for the session or `timeout` passes; returns whether it
     /// held.
     fn wait_for(&self, timeout: Duration, done: impl Fn(&Session) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::instant::deadline_after(Instant::now(), timeout);
         let mut ws = self.shared.lock();
         while !done(&ws) {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -133,7 +133,8 @@ impl Stall {
 
     /// When the pending output times out, if any is pending.
     pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.0.map(|since| since + timeout)
+        self.0
+            .map(|since| crate::instant::deadline_after(since, timeout))
     }
 }
 

@@ -493,12 +493,22 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// input the session holds came before the FIN and is still to be handled: the EOF
     /// waits for the resumed read, which meets it again (a FIN stays readable).
     pub fn on_eof(&mut self, backend: &mut B, key: usize) {
-        if self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.phase == Phase::Active && !c.is(READING))
+        if let Some(c) = self.conns.get_mut(key)
+            && c.phase == Phase::Active
         {
-            return;
+            if !c.is(READING) {
+                return;
+            }
+            if c.is(CLOSE_REQUESTED) {
+                // The session is closing (the peer's Close came before its FIN): what it
+                // queued (its Close answer) is written first, then the socket closes
+                // without lingering, the peer's FIN being in.
+                c.set(NO_LINGER, true);
+                c.set(READING, false);
+                backend.pause_reading(key, &mut c.socket);
+                self.mark_dirty(key);
+                return;
+            }
         }
         self.close_now(backend, key, None);
     }

@@ -319,3 +319,91 @@ mod tests {
         assert!(wheel.slots[slot].capacity() >= 1);
     }
 }
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+
+    /// Model check: random resets (earlier, later, disarm, far past the horizon, in the
+    /// past) of a few connections whose slots are reused with fresh `Deadline`s (a closed
+    /// connection's entries stay in the wheel), with the loop waking as `next_timeout`
+    /// says: every deadline fires exactly once, never before it, and at most a tick late.
+    #[test]
+    fn random_deadlines_fire_once_on_time_with_key_reuse() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let t0 = Instant::now();
+        let mut wheel = Wheel::new(t0);
+        const KEYS: usize = 6;
+        let mut deadlines = [Deadline::default(); KEYS];
+        let mut model: [Option<Instant>; KEYS] = [None; KEYS];
+        // When each deadline is due at the latest: its time, or when it was set if later.
+        let mut due_by: [Instant; KEYS] = [t0; KEYS];
+        let mut now = t0;
+        let mut due = Vec::new();
+        let mut fired = 0u32;
+        for step in 0..200_000u32 {
+            let key = rnd(KEYS as u64) as usize;
+            match rnd(10) {
+                0 => {
+                    // The connection closes and its key is reused.
+                    deadlines[key].clear();
+                    deadlines[key] = Deadline::default();
+                    model[key] = None;
+                }
+                1 => {
+                    wheel.reset(key, &mut deadlines[key], None);
+                    model[key] = None;
+                }
+                r => {
+                    let at = match r {
+                        2 => now
+                            .checked_sub(Duration::from_millis(rnd(500)))
+                            .unwrap_or(now),
+                        3 => now + TICK * SLOTS as u32 * (1 + rnd(3) as u32),
+                        _ => now + Duration::from_millis(rnd(3_000)),
+                    };
+                    wheel.reset(key, &mut deadlines[key], Some(at));
+                    model[key] = Some(at);
+                    due_by[key] = at.max(now);
+                }
+            }
+            // Advance: to the wheel's next wake, or less.
+            let wait = wheel
+                .next_timeout(now)
+                .unwrap_or(Duration::from_millis(200))
+                .min(Duration::from_millis(rnd(200)));
+            now += wait;
+            wheel.expire(now, &mut due);
+            for entry in due.drain(..) {
+                let key = entry.key();
+                if wheel.fires(entry, &mut deadlines[key], now) {
+                    let at = model[key]
+                        .take()
+                        .unwrap_or_else(|| panic!("step {step}: key {key} fired with no deadline"));
+                    assert!(at <= now, "step {step}: fired early");
+                    fired += 1;
+                }
+            }
+            // Anything overdue by more than a tick (after a wake at the wheel's time) is
+            // a missed timer.
+            for (key, at) in model.iter().enumerate() {
+                if let Some(at) = at {
+                    let next = now + wheel.next_timeout(now).unwrap_or(Duration::MAX / 4);
+                    assert!(
+                        next <= due_by[key] + TICK * 2,
+                        "step {step}: key {key} due at {:?}, next wake {:?}",
+                        *at - t0,
+                        next - t0
+                    );
+                }
+            }
+        }
+        assert!(fired > 10_000, "{fired} fired");
+    }
+}

@@ -158,7 +158,7 @@ impl Timers {
 
     /// The opening handshake began at `now`: it must be over by `now + config.handshake`.
     pub fn handshake_started(&mut self, now: Instant, config: &TimerConfig) {
-        self.handshake_by = Some(CompactInstant::new(now + config.handshake));
+        self.handshake_by = Some(CompactInstant::after(now, config.handshake));
         self.closing = false;
     }
 
@@ -168,7 +168,7 @@ impl Timers {
         if !self.closing {
             self.handshake_by = None;
         }
-        self.idle_at = config.idle.map(|t| CompactInstant::new(now + t));
+        self.idle_at = config.idle.map(|t| CompactInstant::after(now, t));
         self.ping_outstanding = false;
         self.acked_seen = false;
     }
@@ -180,7 +180,7 @@ impl Timers {
         if let Some(t) = config.idle
             && !self.closing
         {
-            self.idle_at = Some(CompactInstant::new(now + t));
+            self.idle_at = Some(CompactInstant::after(now, t));
             self.ping_outstanding = false;
             self.acked_seen = false;
         }
@@ -192,7 +192,7 @@ impl Timers {
     /// Later calls keep the first deadline.
     pub fn close_started(&mut self, now: Instant, config: &TimerConfig) {
         if !self.closing {
-            self.handshake_by = Some(CompactInstant::new(now + config.close));
+            self.handshake_by = Some(CompactInstant::after(now, config.close));
             self.closing = true;
         }
         self.idle_at = None;
@@ -213,7 +213,7 @@ impl Timers {
             if !self.over_limit {
                 self.grace_by = config
                     .backpressure_grace
-                    .map(|g| CompactInstant::new(now + g));
+                    .map(|g| CompactInstant::after(now, g));
             }
         } else {
             self.grace_by = None;
@@ -300,7 +300,7 @@ impl Timers {
                 self.acked_seen = true;
                 self.acked_mark = mark;
                 if taken && delivery.backlog {
-                    self.idle_at = Some(CompactInstant::new(now + t));
+                    self.idle_at = Some(CompactInstant::after(now, t));
                     return Expired::Nothing;
                 }
             }
@@ -313,7 +313,7 @@ impl Timers {
             }
             let _ = driver.send_ping(b"");
             self.ping_outstanding = true;
-            self.idle_at = Some(CompactInstant::new(now + t));
+            self.idle_at = Some(CompactInstant::after(now, t));
             return Expired::Ping;
         }
         Expired::Nothing

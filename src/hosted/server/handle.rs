@@ -201,7 +201,10 @@ impl ServerHandle {
     /// threads).
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         self.inner.pubsub.stop();
-        stop_loops(&self.inner.remotes, Instant::now() + grace);
+        stop_loops(
+            &self.inner.remotes,
+            crate::instant::deadline_after(Instant::now(), grace),
+        );
         let result = self.wait();
         if let Some(backplane) = &self.inner.pubsub.backplane {
             backplane.stop();

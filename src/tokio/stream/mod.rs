@@ -411,7 +411,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// order RFC 6455 §7.1.1 asks, all within the close timeout.
     fn poll_linger(&mut self, cx: &mut Context<'_>, mut step: Linger) -> Poll<()> {
         if step == Linger::Start {
-            self.linger_by = Some(now() + self.timer_config.close);
+            self.linger_by = Some(crate::instant::deadline_after(
+                now(),
+                self.timer_config.close,
+            ));
             step = Linger::Flush;
         }
         let deadline = self.linger_by.expect("set when ending starts");
