@@ -211,7 +211,18 @@ impl TlsStream {
             let state = self.conn.process_new_packets();
             // Alerts for the peer go out even when processing failed.
             self.pump_out();
-            let state = state.map_err(|e| tls_error("TLS", e))?;
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    // The records before the bad one decrypted: their plaintext is the
+                    // peer's (a last message, its Close) and goes before the error.
+                    let mut chunk = [0u8; 4096];
+                    while let Ok(n @ 1..) = self.conn.reader().read(&mut chunk) {
+                        plain.extend_from_slice(&chunk[..n]);
+                    }
+                    return Err(tls_error("TLS", e));
+                }
+            };
             if state.plaintext_bytes_to_read() > 0 {
                 let start = plain.len();
                 plain.resize(start + state.plaintext_bytes_to_read(), 0);

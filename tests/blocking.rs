@@ -457,6 +457,7 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
 /// connection's thread.
 #[test]
 fn a_timeout_of_duration_max_means_never() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
     let server = BlockingServer::bind("127.0.0.1:0")
         .unwrap()
         .timeouts(Timeouts {
@@ -489,6 +490,7 @@ fn a_timeout_of_duration_max_means_never() {
 /// would.)
 #[test]
 fn a_slow_reader_of_a_long_download_is_not_closed_as_idle() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
     let server = BlockingServer::bind("127.0.0.1:0")
         .unwrap()
         .timeouts(Timeouts {
@@ -533,6 +535,10 @@ fn a_slow_reader_of_a_long_download_is_not_closed_as_idle() {
     assert_eq!(closes.recv_timeout(TIMEOUT).unwrap().0, 1000);
 }
 
+/// The flood test measures this process's memory: the tests that allocate while it runs
+/// (taking `read`) wait for it (`write`).
+static MEMORY: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// This process's resident set, from `/proc/self/status` (`VmRSS`, in kB).
 fn vm_rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -550,6 +556,8 @@ fn vm_rss() -> usize {
 
 #[test]
 fn a_client_that_floods_without_reading_is_slowed_with_bounded_memory() {
+    // Alone: the tests that share the process's memory with it wait.
+    let _memory = MEMORY.write().unwrap_or_else(|e| e.into_inner());
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
@@ -697,4 +705,250 @@ fn a_refused_client_that_keeps_sending_is_closed_within_the_linger() {
         "still open after {:?} of trickled bytes",
         started.elapsed()
     );
+}
+
+// ----- timeouts, limits and a panicking listener -----
+
+/// A raw socket that completes the upgrade (the 101 head read byte by byte, so nothing
+/// after it is consumed).
+fn raw_upgrade(addr: SocketAddr) -> TcpStream {
+    let mut raw = connect_tcp(addr);
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"\r\n\r\n") {
+        raw.read_exact(&mut byte).unwrap();
+        seen.push(byte[0]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 101 "), "{seen:?}");
+    raw
+}
+
+/// `on_close` is called exactly once, also when a listener panics on the connection's
+/// thread: the connection is aborted with 1011, as the BlockingClient does (the thread
+/// used to die without `on_close`).
+#[test]
+fn a_panicking_listener_still_gets_on_close() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let addr = start_server(Options::default(), move |_, ws| {
+        let tx = tx.lock().unwrap().clone();
+        ws.on_message(|_, _| panic!("a listener bug"));
+        ws.on_close(move |_, code, _| {
+            let _ = tx.send(code);
+        });
+    });
+    let mut client = Client::connect(addr);
+    client.driver.send_text("boom").unwrap();
+    client.flush();
+    let seen_by_client = client.next_event();
+    let on_close = rx.recv_timeout(Duration::from_secs(3));
+    assert!(
+        on_close.is_ok(),
+        "on_close never ran on the server; the client saw {seen_by_client:?}"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "twice"
+    );
+}
+
+/// the server closes, the peer never answers: after the close
+/// timeout TCP is dropped and `on_close` reports 1006.
+#[test]
+fn unanswered_server_close_times_out() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            close: Duration::from_millis(300),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let tx = tx.clone();
+            ws.on_message(|ws, _| {
+                ws.close_connection(1000, "bye").unwrap();
+            });
+            ws.on_close(move |_, code, reason| {
+                let _ = tx.send((code, reason.to_string()));
+            });
+        });
+    });
+    let mut raw = raw_upgrade(addr);
+    raw.write_all(&masked(OpCode::Text, b"x")).unwrap();
+    let started = std::time::Instant::now();
+    let mut frames = Vec::new();
+    raw.read_to_end(&mut frames).expect("the server drops TCP");
+    let took = started.elapsed();
+    let parsed = parse_frames(&frames);
+    assert_eq!(parsed.len(), 1, "{parsed:?}");
+    assert_eq!(parsed[0].close_code(), Some(1000));
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let (code, _) = rx.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(code, 1006);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "twice"
+    );
+}
+
+/// the close timeout also holds against a peer that never answers the close but
+/// keeps sending data: the connection thread reads in a loop that only looks at its
+/// deadlines once a read would block.
+#[test]
+fn unanswered_server_close_times_out_while_the_peer_floods() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            close: Duration::from_millis(300),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = server.serve(move |_, ws| {
+            let tx = tx.clone();
+            ws.on_message(|ws, _| {
+                let _ = ws.close_connection(1000, "bye");
+            });
+            ws.on_close(move |_, code, _| {
+                let _ = tx.send((code, std::time::Instant::now()));
+            });
+        });
+    });
+    let raw = raw_upgrade(addr);
+    let mut writer = raw.try_clone().unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let chunk: Vec<u8> = (0..64)
+        .flat_map(|_| masked(OpCode::Binary, &[7u8; 16 * 1024]))
+        .collect();
+    let started = std::time::Instant::now();
+    let flooder = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(8) {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let closed = rx.recv_timeout(Duration::from_secs(8));
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().unwrap();
+    let (code, at) = closed.expect("on_close never ran while the peer flooded");
+    assert_eq!(code, 1006);
+    let took = at.duration_since(started);
+    assert!(
+        took < Duration::from_secs(3),
+        "close timeout 300 ms, took {took:?}"
+    );
+    drop(raw);
+}
+
+/// a request that never completes is dropped after the
+/// handshake timeout, with no response.
+#[test]
+fn incomplete_request_is_dropped_after_the_handshake_timeout() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .timeouts(Timeouts {
+            handshake: Duration::from_millis(300),
+            ..Timeouts::default()
+        });
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let _ = server.serve(|_, _| {});
+    });
+    let mut raw = connect_tcp(addr);
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = std::time::Instant::now();
+    // Trickle a header line every 100 ms: the deadline is for the whole head.
+    let mut got = Vec::new();
+    raw.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match raw.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {
+                assert!(started.elapsed() < Duration::from_secs(5), "never dropped");
+                let _ = raw.write_all(b"X-A: b\r\n");
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
+/// max_length at the limit passes, one over closes 1009.
+#[test]
+fn max_length_at_the_limit_and_one_over() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let addr = start_server(Options::default().max_length(1000), |_, ws| {
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
+        });
+    });
+    let mut client = Client::connect(addr);
+    let at = "a".repeat(1000);
+    client.driver.send_text(&at).unwrap();
+    client.flush();
+    assert_eq!(client.next_event(), Ev::Text(at));
+    client.driver.send_text(&"a".repeat(1001)).unwrap();
+    client.flush();
+    match client.next_event() {
+        Ev::Close(1009, _) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// a head of exactly `max_handshake_size` bytes is upgraded,
+/// one byte more gets 431, whether it comes in one write or trickles in.
+#[test]
+fn head_limit_at_the_limit_and_one_over() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let addr = start_server(Options::default().max_handshake_size(512), |_, _| {});
+    let head = |len: usize| {
+        let base = "GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Pad: \r\n\r\n";
+        let pad = len - base.len();
+        let h = base.replace("X-Pad: ", &format!("X-Pad: {}", "p".repeat(pad)));
+        assert_eq!(h.len(), len);
+        h
+    };
+    for split in [None, Some(100), Some(511)] {
+        for (len, want) in [(512, "HTTP/1.1 101"), (513, "HTTP/1.1 431")] {
+            let request = head(len);
+            let mut stream = connect_tcp(addr);
+            match split {
+                None => stream.write_all(request.as_bytes()).unwrap(),
+                Some(at) => {
+                    stream.write_all(&request.as_bytes()[..at]).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    stream.write_all(&request.as_bytes()[at..]).unwrap();
+                }
+            }
+            let mut got = [0u8; 12];
+            stream.read_exact(&mut got).unwrap();
+            assert_eq!(&got, want.as_bytes(), "len {len}, split {split:?}");
+        }
+    }
 }

@@ -689,3 +689,167 @@ fn wss_sender_is_refused_past_the_cap() {
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
+
+/// A wss `BlockingClient` whose TLS handshake fails hears the TLS error in
+/// `on_error` (README: "so does every failure of the blocking client's
+/// `start_connection`": `on_error` with its own cause, then `on_close` 1006), not a bare
+/// `HandshakeError::Incomplete`. A certificate that does not verify, and a server that
+/// answers the ClientHello with plaintext HTTP.
+#[test]
+fn blocking_wss_handshake_failure_reaches_on_error_as_the_tls_error() {
+    use std::io::{Read, Write};
+    fn events_of(url: &str, verify: &Verify) -> (Error, Vec<String>) {
+        let client = BlockingClient::new(url, Options::default())
+            .unwrap()
+            .verify(verify)
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let (errors, closes) = (tx.clone(), tx);
+        client.on_error(move |_, e| {
+            let _ = errors.send(format!("error {e}"));
+        });
+        client.on_close(move |_, code, _| {
+            let _ = closes.send(format!("close {code}"));
+        });
+        let err = client.start_connection().unwrap_err();
+        let mut seen = Vec::new();
+        while let Ok(event) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.push(event);
+        }
+        (err, seen)
+    }
+
+    // 1. Verification fails (a certificate from another issuer).
+    let (cert, key) = certificate("bad-cert");
+    let (other_ca, _) = certificate("other-ca");
+    let server = tls_server(Backend::Epoll, &cert, &key);
+    let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
+    let (err, seen) = events_of(&url, &Verify::CaFile(other_ca));
+    assert!(matches!(&err, Error::Tls(_)), "returned {err}");
+    server.shutdown(Duration::from_secs(1)).unwrap();
+
+    // 2. A "server" that answers the ClientHello with plaintext HTTP.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let plain = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = socket.read(&mut buf);
+        let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let (err2, seen2) = events_of(
+        &format!("wss://127.0.0.1:{port}/"),
+        &Verify::DangerouslyDisabled,
+    );
+    plain.join().unwrap();
+    assert!(matches!(&err2, Error::Tls(_)), "returned {err2}");
+
+    for (err, seen) in [(err, seen), (err2, seen2)] {
+        assert_eq!(seen.len(), 2, "returned {err}, handlers saw {seen:?}");
+        assert!(
+            seen[0].starts_with("error TLS"),
+            "returned {err}, but on_error heard {:?}",
+            seen[0]
+        );
+        assert_eq!(seen[1], "close 1006");
+    }
+}
+
+/// A record that decrypts, then in the same read one that does not: the first
+/// record's plaintext (a text frame) still reaches `on_message` before the error.
+#[test]
+fn plaintext_before_a_bad_record_in_the_same_read_is_delivered() {
+    use std::io::Write;
+    let (cert, key) = certificate("good-then-bad");
+    let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
+        std::thread::sleep(Duration::from_millis(300));
+        tls.writer()
+            .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
+            .unwrap();
+        let mut bytes = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut bytes).unwrap();
+        }
+        bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
+        bytes.extend([0x5a; 0x40]);
+        socket.write_all(&bytes).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&Verify::CaFile(cert.clone()))
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (messages, errors) = (tx.clone(), tx);
+    client.on_message(move |_, m| {
+        let _ = messages.send(format!("message {}", m.as_text().unwrap_or("?")));
+    });
+    client.on_error(move |_, e| {
+        let _ = errors.send(format!("error {e}"));
+    });
+    client.start_connection().unwrap();
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(first, "message hello");
+    drop(client);
+    let _ = server.join();
+}
+
+/// The same on the reactor's hosted client: what decrypted before the bad record is
+/// delivered before the error ends the connection.
+#[test]
+fn hosted_client_gets_the_plaintext_before_a_bad_record() {
+    use std::io::Write;
+    let (cert, key) = certificate("hosted-good-then-bad");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
+            std::thread::sleep(Duration::from_millis(300));
+            tls.writer()
+                .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
+                .unwrap();
+            let mut bytes = Vec::new();
+            while tls.wants_write() {
+                tls.write_tls(&mut bytes).unwrap();
+            }
+            bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
+            bytes.extend([0x5a; 0x40]);
+            socket.write_all(&bytes).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let reactor: ClientReactor<Greeter> = ClientReactor::start(ServerConfig {
+            threads: 1,
+            backend,
+            client_tls: Some(client_config(&Verify::CaFile(cert.clone())).unwrap()),
+            ..ServerConfig::default()
+        })
+        .unwrap();
+        let closes = Arc::new(AtomicUsize::new(0));
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let handler = Greeter {
+            log: log.clone(),
+            closes: closes.clone(),
+        };
+        reactor
+            .connect(&format!("wss://127.0.0.1:{}/", addr.port()), handler)
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while closes.load(Ordering::Relaxed) < 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log.first().map(String::as_str),
+            Some("hello"),
+            "{backend}: {log:?}"
+        );
+        assert!(
+            log.iter().any(|l| l.starts_with("error: TLS")),
+            "{backend}: {log:?}"
+        );
+        reactor.shutdown(Duration::from_secs(1)).unwrap();
+        let _ = server.join();
+    }
+}

@@ -143,6 +143,7 @@ fn reported(e: &Error) -> Error {
         Error::Handshake(h) => Error::Handshake(h.clone()),
         Error::Protocol(p) => Error::Protocol(p.clone()),
         Error::Io(io) => Error::Io(io::Error::new(io.kind(), io.to_string())),
+        Error::Tls(tls) => Error::Tls(crate::protocol::error::TlsError::msg(tls.to_string())),
         other => Error::Io(io::Error::other(other.to_string())),
     }
 }
@@ -350,11 +351,13 @@ impl BlockingClient {
             let written = write_handshake(&self.shared, &mut stream);
             let mut ws = self.shared.lock();
             if let Err(e) = received {
-                ws.receive_eof();
+                // The handler hears the cause that is returned (a TLS error), not
+                // "connection closed during the handshake".
+                ws.fail(reported(&e), crate::code::ABNORMAL, "");
                 return Err(e);
             }
             if let Err(e) = written {
-                ws.receive_eof();
+                ws.receive_error(io::Error::new(e.kind(), e.to_string()));
                 return Err(e.into());
             }
             if ws.ready_state() == ReadyState::Closed {

@@ -245,7 +245,7 @@ impl BlockingServer {
 }
 
 /// Writes what the socket takes now without blocking. `Ok(true)`: some bytes went out.
-fn write_ready(mut stream: &mio::net::TcpStream, ws: &mut WebSocket) -> io::Result<bool> {
+fn write_ready(mut stream: impl Write, ws: &mut WebSocket) -> io::Result<bool> {
     let mut progressed = false;
     while !ws.pending_output().is_empty() {
         match stream.write(ws.pending_output()) {
@@ -315,112 +315,126 @@ fn run_connection(
         }
     };
     let mut ws = WebSocket::new(driver);
-    app(&request, &mut ws);
-    ws.start_connection();
-    timers.opened(Instant::now(), &config);
-    ws.receive(&mut buf[used..len]);
+    // A listener (or `app`) that panics ends the connection as the blocking client's I/O
+    // thread does: close 1011 to the peer if it is open, `on_close` here, once.
+    let spare = stream.try_clone()?;
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> io::Result<()> {
+        app(&request, &mut ws);
+        ws.start_connection();
+        timers.opened(Instant::now(), &config);
+        ws.receive(&mut buf[used..len]);
 
-    // From here on the socket is non-blocking; `linger` keeps a blocking handle for the end.
-    let linger = stream.try_clone()?;
-    stream.set_nonblocking(true)?;
-    let mut conn = mio::net::TcpStream::from_std(stream);
-    let mut poll = mio::Poll::new()?;
-    poll.registry().register(
-        &mut conn,
-        STREAM,
-        mio::Interest::READABLE | mio::Interest::WRITABLE,
-    )?;
-    let mut events = mio::Events::with_capacity(4);
-    let mut stall = Stall::default();
-    let mut eof = false;
-    loop {
-        let progressed = match write_ready(&conn, &mut ws) {
-            Ok(progressed) => progressed,
-            Err(_) => {
-                // The peer is gone.
-                ws.receive_eof();
-                return Ok(());
-            }
-        };
-        let now = Instant::now();
-        stall.update(progressed, !ws.pending_output().is_empty(), now);
-        if ws.is_finished() {
-            break;
-        }
-        match ws.ready_state() {
-            ReadyState::Closing => timers.close_started(now, &config),
-            ReadyState::Closed => timers.closed(now, &config),
-            _ => {}
-        }
-        // Read unless the peer has not taken what we owe it: what we read may add to it.
-        if !eof && ws.buffered_amount() <= max_backpressure {
-            match (&conn).read(&mut buf) {
-                Ok(0) => {
-                    ws.receive_eof();
-                    eof = true;
-                    continue;
-                }
-                Ok(n) => {
-                    timers.received(now, &config);
-                    ws.receive(&mut buf[..n]);
-                    continue;
-                }
-                // Drained: wait for the socket below.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        // From here on the socket is non-blocking; `linger` keeps a blocking handle for the end.
+        let linger = stream.try_clone()?;
+        stream.set_nonblocking(true)?;
+        let mut conn = mio::net::TcpStream::from_std(stream);
+        let mut poll = mio::Poll::new()?;
+        poll.registry().register(
+            &mut conn,
+            STREAM,
+            mio::Interest::READABLE | mio::Interest::WRITABLE,
+        )?;
+        let mut events = mio::Events::with_capacity(4);
+        let mut stall = Stall::default();
+        let mut eof = false;
+        loop {
+            let progressed = match write_ready(&conn, &mut ws) {
+                Ok(progressed) => progressed,
                 Err(_) => {
+                    // The peer is gone.
                     ws.receive_eof();
-                    eof = true;
-                    continue;
+                    return Ok(());
+                }
+            };
+            let now = Instant::now();
+            stall.update(progressed, !ws.pending_output().is_empty(), now);
+            if ws.is_finished() {
+                break;
+            }
+            match ws.ready_state() {
+                ReadyState::Closing => timers.close_started(now, &config),
+                ReadyState::Closed => timers.closed(now, &config),
+                _ => {}
+            }
+            // Read unless the peer has not taken what we owe it: what we read may add to it.
+            if !eof && ws.buffered_amount() <= max_backpressure {
+                match (&conn).read(&mut buf) {
+                    Ok(0) => {
+                        ws.receive_eof();
+                        eof = true;
+                        continue;
+                    }
+                    Ok(n) => {
+                        timers.received(now, &config);
+                        ws.receive(&mut buf[..n]);
+                        continue;
+                    }
+                    // Drained: wait for the socket below.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        ws.receive_eof();
+                        eof = true;
+                        continue;
+                    }
                 }
             }
-        }
-        // Nothing to do until the socket is ready again or a deadline passes: the input is
-        // drained (or not wanted now) and the output went as far as the socket took it.
-        if stall.deadline(timeouts.write).is_some_and(|d| d <= now) {
-            ws.fail(
-                write_timed_out(timeouts.write).into(),
-                crate::code::ABNORMAL,
-                "write timed out",
-            );
-            return Err(write_timed_out(timeouts.write));
-        }
-        if timers.poll_timeout().is_some_and(|d| d <= now) {
-            // A peer still taking queued output counts as alive (see `Delivery`).
-            let ours = !ws.pending_output().is_empty();
-            let delivery = || {
-                crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&conn))
-                    .ok()
-                    .map(|kernel| crate::session::Delivery {
-                        backlog: kernel.backlog || ours,
-                        ..kernel
-                    })
-            };
-            let expired = timers.handle_timeout_with_delivery(now, &config, ws.driver(), delivery);
-            // Run the handlers for what the timers did (an abort's close).
-            ws.receive(&mut []);
-            if let Expired::Drop(_) = expired {
-                // The handshake or close took too long: drop the peer.
-                return Ok(());
+            // Nothing to do until the socket is ready again or a deadline passes: the input is
+            // drained (or not wanted now) and the output went as far as the socket took it.
+            if stall.deadline(timeouts.write).is_some_and(|d| d <= now) {
+                ws.fail(
+                    write_timed_out(timeouts.write).into(),
+                    crate::code::ABNORMAL,
+                    "write timed out",
+                );
+                return Err(write_timed_out(timeouts.write));
             }
-            continue;
+            if timers.poll_timeout().is_some_and(|d| d <= now) {
+                // A peer still taking queued output counts as alive (see `Delivery`).
+                let ours = !ws.pending_output().is_empty();
+                let delivery = || {
+                    crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&conn))
+                        .ok()
+                        .map(|kernel| crate::session::Delivery {
+                            backlog: kernel.backlog || ours,
+                            ..kernel
+                        })
+                };
+                let expired =
+                    timers.handle_timeout_with_delivery(now, &config, ws.driver(), delivery);
+                // Run the handlers for what the timers did (an abort's close).
+                ws.receive(&mut []);
+                if let Expired::Drop(_) = expired {
+                    // The handshake or close took too long: drop the peer.
+                    return Ok(());
+                }
+                continue;
+            }
+            let deadline = earliest(timers.poll_timeout(), stall.deadline(timeouts.write));
+            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            match poll.poll(&mut events, timeout) {
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                _ => {}
+            }
         }
-        let deadline = earliest(timers.poll_timeout(), stall.deadline(timeouts.write));
-        let timeout = deadline.map(|d| d.saturating_duration_since(now));
-        match poll.poll(&mut events, timeout) {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
-            _ => {}
+        drop(poll);
+        drop(conn);
+        if ws.driver().close_received() {
+            // The peer sends nothing after its Close: closing now sends a FIN, not a reset,
+            // and frees this thread without waiting for the peer's FIN.
+            return Ok(());
         }
-    }
-    drop(poll);
-    drop(conn);
-    if ws.driver().close_received() {
-        // The peer sends nothing after its Close: closing now sends a FIN, not a reset,
-        // and frees this thread without waiting for the peer's FIN.
-        return Ok(());
-    }
-    linger.set_nonblocking(false)?;
-    linger_close(linger)
+        linger.set_nonblocking(false)?;
+        linger_close(linger)
+    }));
+    ran.unwrap_or_else(|_| {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
+            let _ = spare.set_nonblocking(true);
+            let _ = write_ready(&spare, &mut ws);
+        }));
+        Ok(())
+    })
 }
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
 /// for a moment (2 s in all, however it trickles in), so unread data does not turn the

@@ -72,6 +72,10 @@ where
             match tls.decrypt(data, &mut plain) {
                 Ok(()) => self.read_plain(conn, io, &mut plain),
                 Err(e) => {
+                    // What decrypted before the bad record came first: it is delivered.
+                    if !plain.is_empty() {
+                        self.read_plain(conn, io, &mut plain);
+                    }
                     // A TLS failure ends the connection; the alert (if any) goes out first.
                     let outside = WsService::<F, H>::queued_outside(conn);
                     // Not once the close was reported: `on_error` never follows `on_close`.

@@ -1,0 +1,157 @@
+//! The chat example (`examples/chat.rs`) over plain WebSocket clients, no browser: the
+//! rules its module docs state.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use websocket_driver::client::BlockingClient;
+use websocket_driver::{Message, Options};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_chat() -> (Killed, String) {
+    let binary = support::example_binary("chat", &[]);
+    let mut child = Command::new(&binary)
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--backend",
+            "epoll",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("listening line");
+        if let Some(rest) = line.strip_prefix("chat: listening on http://") {
+            break rest.split('/').next().unwrap().to_string();
+        }
+    };
+    (Killed(child), addr)
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Joins `room` as `nick`; returns the client and the first JSON message it got.
+fn join(addr: &str, room: &str, nick: &str) -> (BlockingClient, mpsc::Receiver<Value>, Value) {
+    let url = format!("ws://{addr}/ws?room={}&nick={}", encode(room), encode(nick));
+    let client = BlockingClient::new(&url, Options::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_message(move |_, m| {
+        if let Message::Text(t) = m {
+            let _ = tx.send(serde_json::from_str::<Value>(&t).unwrap());
+        }
+    });
+    client.start_connection().unwrap();
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a first message");
+    (client, rx, first)
+}
+
+/// The module docs: "a nickname is 1 to 24 characters with no control or invisible
+/// characters" ("alice" and "alice\u{200b}" would look like one person). Other characters
+/// that print as nothing pass the check, so a second "alice" joins the room.
+#[test]
+fn chat_refuses_nicknames_that_only_add_invisible_characters() {
+    let (_server, addr) = start_chat();
+    let (_alice, _rx, welcome) = join(&addr, "r", "alice");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let mut let_in = Vec::new();
+    for (name, fake) in [
+        ("U+FE0F variation selector", "alice\u{fe0f}"),
+        ("U+034F combining grapheme joiner", "alice\u{34f}"),
+        ("U+E0061 tag latin small a", "alice\u{e0061}"),
+        ("U+3164 hangul filler", "alice\u{3164}"),
+        ("U+2800 braille blank", "alice\u{2800}"),
+    ] {
+        let (_c, _rx, first) = join(&addr, "r", fake);
+        if first["type"] == "welcome" {
+            let_in.push(format!(
+                "{name}: welcomed as {:?}, members {}",
+                first["nick"], first["members"]
+            ));
+        }
+    }
+    assert!(
+        let_in.is_empty(),
+        "look-alike nicknames joined:\n{}",
+        let_in.join("\n")
+    );
+}
+
+/// (Expected to pass) the other documented rules: a nickname is unique in its room, a
+/// foreign Origin gets 403, a line over 500 characters gets an error, a frame over
+/// 16 KiB closes with 1009.
+#[test]
+fn chat_documented_rules() {
+    let (_server, addr) = start_chat();
+    let (alice, rx, welcome) = join(&addr, "r", "alice");
+    assert_eq!(welcome["type"], "welcome");
+    let (_dup, _rx2, first) = join(&addr, "r", "alice");
+    assert_eq!(first["type"], "error", "{first}");
+
+    alice.send_text(&"x".repeat(500)).unwrap();
+    let echo = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(echo["type"], "message", "{echo}");
+    alice.send_text(&"x".repeat(501)).unwrap();
+    let refused = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(refused["type"], "error", "{refused}");
+
+    let (tx, closes) = mpsc::channel();
+    alice.on_close(move |_, code, _| {
+        let _ = tx.send(code);
+    });
+    alice.send_text(&"y".repeat(16 * 1024 + 1)).unwrap();
+    assert_eq!(closes.recv_timeout(Duration::from_secs(5)).unwrap(), 1009);
+
+    // A cross-site page's Origin.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /ws?room=r&nick=eve HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://evil.example\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 403");
+}
