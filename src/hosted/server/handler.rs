@@ -89,9 +89,10 @@ pub trait Handler: Send + 'static {
     fn on_pong(&mut self, ws: &mut Ws<'_>, payload: &[u8]) {
         let _ = (ws, payload);
     }
-    /// The output went over the cap (sends were refused with
-    /// [`UsageError::BufferFull`](crate::UsageError::BufferFull), or would have been) and
-    /// is now fully written: send the rest from here.
+    /// Output that had to wait is now fully written: the socket did not take it all at
+    /// once (its kernel buffer was full), or it went over the cap (sends were refused with
+    /// [`UsageError::BufferFull`](crate::UsageError::BufferFull)). A producer that stopped
+    /// at a refused send sends the rest from here. It may run when no send was refused.
     fn on_drain(&mut self, ws: &mut Ws<'_>) {
         let _ = ws;
     }
