@@ -1790,3 +1790,101 @@ mod session_layer {
         a_timeout_of_duration_max_means_never,
     );
 }
+
+mod panics_in_drops {
+    use super::*;
+
+    /// Panics when dropped outside an unwind: a value a callback captured.
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("a callback's captured value panics on drop (on purpose)");
+            }
+        }
+    }
+
+    /// Echoes; on "panic" leaves a pong callback pending (capturing a `Bomb`) and panics.
+    struct PanicsWithCallbackPending;
+    impl Handler for PanicsWithCallbackPending {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            if message.as_text() == Some("panic") {
+                let bomb = Bomb;
+                ws.send_ping(b"never answered", move |_| drop(bomb))
+                    .unwrap();
+                panic!("on_message panics (on purpose) with a pong callback pending");
+            }
+            let _ = ws.send_message(&message);
+        }
+    }
+
+    /// The callbacks of an abandoned connection are the application's code too: dropping
+    /// them in `Service::abandoned` (WsService::forget) must be guarded like the session's
+    /// drop, or a panic there ends the loop under `PanicPolicy::CloseConnection`.
+    fn a_panic_dropping_an_abandoned_connections_callback_drops_only_it(backend: Backend) {
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 1,
+                ..config(backend)
+            })
+            .start(|_| Upgrade::Accept(PanicsWithCallbackPending))
+            .unwrap();
+        let addr = server.local_addr();
+        let mut bystander = TestClient::connect(addr, "/").unwrap();
+        let mut culprit = TestClient::connect(addr, "/").unwrap();
+        culprit.send_text("panic").unwrap();
+        let _ = culprit.next_event();
+        std::thread::sleep(Duration::from_millis(300));
+        bystander.send_text("still here").unwrap();
+        assert_eq!(
+            bystander.next_message().ok(),
+            Some(Owned::Text("still here".into())),
+            "the loop died: {:?}",
+            server.stats()
+        );
+        assert!(server.stats().handler_panics >= 1, "{:?}", server.stats());
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+
+    on_every_backend!(a_panic_dropping_an_abandoned_connections_callback_drops_only_it);
+}
+
+mod eof_after_close {
+    use super::*;
+
+    /// The peer's Close and FIN arrive behind a long download it never reads: the answer
+    /// waits behind 8 MiB, the FIN takes the lingering away, and the close timeout must
+    /// still drop the connection.
+    fn a_close_and_fin_from_a_peer_that_never_reads_still_times_out(backend: Backend) {
+        let refused = Arc::new(AtomicUsize::new(0));
+        let server = start_flooder(
+            ServerConfig {
+                threads: 1,
+                backend,
+                close_timeout: Duration::from_millis(300),
+                max_backpressure: 16 << 20,
+                ..ServerConfig::default()
+            },
+            refused.clone(),
+        );
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        socket2::SockRef::from(&client.stream)
+            .set_recv_buffer_size(16 * 1024)
+            .unwrap();
+        client.send_text("flood 128 65536").unwrap();
+        client.driver.close_connection(1000, "bye").unwrap();
+        client.flush().unwrap();
+        client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || server.stats().connections_open
+                == 0),
+            "{:?}",
+            server.stats()
+        );
+        drop(client);
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+
+    on_every_backend!(a_close_and_fin_from_a_peer_that_never_reads_still_times_out);
+}

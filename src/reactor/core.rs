@@ -686,7 +686,9 @@ impl<S: Service, B: Backend> Core<S, B> {
         // Its drop is the application's code too.
         let _ = guarded(true, || drop(session));
         let mut io = Io::new(self.now(), key, generation, &self.remote);
-        self.service.abandoned(&mut io);
+        // It drops the connection's callbacks, the application's code too.
+        let service = &mut self.service;
+        let _ = guarded(true, || service.abandoned(&mut io));
         // No session: `close_now` has nobody to tell.
         self.close_now(backend, key, None);
     }
@@ -971,7 +973,8 @@ impl<S: Service, B: Backend> Core<S, B> {
                 None => {
                     LoopStats::add(&self.stats.handler_panics, 1);
                     log::error!("a handler panicked in its close");
-                    self.service.abandoned(&mut io);
+                    let service = &mut self.service;
+                    let _ = guarded(true, || service.abandoned(&mut io));
                     None
                 }
             }

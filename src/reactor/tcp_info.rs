@@ -3,13 +3,22 @@
 //! (see [`Delivery`]).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+#[cfg(target_os = "linux")]
+use std::os::fd::AsRawFd;
+use std::os::fd::BorrowedFd;
 
 use crate::session::Delivery;
+
+/// Elsewhere the kernel is not asked: only input counts as life there.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn delivery(_socket: BorrowedFd<'_>) -> io::Result<Delivery> {
+    Err(io::ErrorKind::Unsupported.into())
+}
 
 /// The socket's delivery state: bytes the peer acknowledged in all, and whether the kernel
 /// still holds output of ours (unsent, or unacknowledged). Our own buffers are the
 /// caller's to add to [`Delivery::backlog`].
+#[cfg(target_os = "linux")]
 pub(crate) fn delivery(socket: BorrowedFd<'_>) -> io::Result<Delivery> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -39,7 +48,7 @@ pub(crate) fn delivery(socket: BorrowedFd<'_>) -> io::Result<Delivery> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::{Read, Write};

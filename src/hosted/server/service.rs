@@ -977,12 +977,14 @@ where
     /// The key is free for the next connection: no callback, subscription, held input or
     /// gauge of this one may linger (nor a redial, once its connection is gone for good).
     pub(super) fn forget(&mut self, key: usize) {
-        self.callbacks.get_mut().remove(&key);
         self.topics
             .get_mut()
             .leave_all(&self.pubsub, self.loop_index, key);
         self.held.remove(&key);
         self.gauges.get_mut().remove(&key);
+        self.redials.remove(&key);
+        // Last: dropping the application's callbacks may panic (what they captured).
+        drop(self.callbacks.get_mut().remove(&key));
     }
 
     /// `n` bytes of connection `key` went out (plain or TLS). Once any have, its connect
