@@ -23,7 +23,7 @@
 
 // `unsafe` is allowed only in the reactor's backends (`reactor::uring`: kernel-shared
 // memory; `reactor::epoll`: a receive into a vector's spare capacity; `reactor::low_water`:
-// `setsockopt(SO_RCVLOWAT)`) and in the unmask kernel's dispatch (`protocol::mask`,
+// `setsockopt(SO_RCVLOWAT)`; `reactor::tcp_info`: `getsockopt(TCP_INFO)`) and in the unmask kernel's dispatch (`protocol::mask`,
 // entering its AVX-512 or AVX2 build after the CPU check), each block with a `// SAFETY:`
 // comment; the rest of the protocol layer is safe.
 #![deny(unsafe_code)]
