@@ -738,7 +738,12 @@ fn a_panicking_listener_still_gets_on_close() {
     let tx = std::sync::Mutex::new(tx);
     let addr = start_server(Options::default(), move |_, ws| {
         let tx = tx.lock().unwrap().clone();
-        ws.on_message(|_, _| panic!("a listener bug"));
+        ws.on_message(|ws, message| {
+            if message.as_text() == Some("boom") {
+                panic!("a listener bug (on purpose)");
+            }
+            let _ = ws.send_message(&message);
+        });
         ws.on_close(move |_, code, _| {
             let _ = tx.send(code);
         });
@@ -748,14 +753,25 @@ fn a_panicking_listener_still_gets_on_close() {
     client.flush();
     let seen_by_client = client.next_event();
     let on_close = rx.recv_timeout(Duration::from_secs(3));
-    assert!(
-        on_close.is_ok(),
-        "on_close never ran on the server; the client saw {seen_by_client:?}"
+    assert_eq!(
+        on_close.ok(),
+        Some(1011),
+        "on_close on the server; the client saw {seen_by_client:?}"
+    );
+    assert_eq!(
+        seen_by_client,
+        Ev::Close(1011, "a listener panicked".into()),
+        "the close frame on the wire"
     );
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "twice"
     );
+    // The server goes on serving others.
+    let mut other = Client::connect(addr);
+    other.driver.send_text("still here").unwrap();
+    other.flush();
+    assert_eq!(other.next_event(), Ev::Text("still here".into()));
 }
 
 /// the server closes, the peer never answers: after the close

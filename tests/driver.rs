@@ -1169,6 +1169,24 @@ fn a_chunked_refusal_is_decoded_however_the_reads_fall() {
     );
 }
 
+/// A chunked body is read for at most its first 4 KiB on the wire (the limit bounds the
+/// coding's overhead, not only what it decodes to): with one byte per chunk (6 bytes on the
+/// wire each) the refusal waits through 4 095 bytes and is reported at the 4 096th, with
+/// what decoded by then.
+#[test]
+fn a_chunked_refusal_is_read_for_at_most_4_kib_on_the_wire() {
+    let head: &[u8] = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let body: Vec<u8> = b"1\r\nz\r\n".repeat(1000);
+    let (_, events) = refused_in_reads(&[head, &body[..4095]]);
+    assert_eq!(events, [vec![], vec![]], "4 095 bytes: still waiting");
+    // 682 whole chunks (4 092 bytes), then `1\r\nz` of the next: 683 bytes decoded.
+    let (mut client, events) = refused_in_reads(&[head, &body[..4095], &body[4095..4097]]);
+    assert_eq!(events[..2], [vec![], vec![]]);
+    assert_handshake_failed(&mut client, &events[2], refused_with(500, &"z".repeat(683)));
+    let (mut client, events) = refused_in_reads(&[head, &body[..4096]]);
+    assert_handshake_failed(&mut client, &events[1], refused_with(500, &"z".repeat(683)));
+}
+
 #[test]
 fn client_rejects_unexpected_subprotocol() {
     let bad_response = |e: &HandshakeError| matches!(e, HandshakeError::BadResponse(_));

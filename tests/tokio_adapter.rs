@@ -1177,7 +1177,8 @@ fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// The peer sends two messages with its upgrade request and then resets the connection.
 /// The server app takes `Open` and then only sends (it does not poll the receiver): once
-/// a write fails, its sends must fail too, not be accepted and then hang forever.
+/// a write fails, its sends must fail too, not be accepted and then hang forever; and the
+/// input read before the failure still comes out of the receiver, then the close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_fail_after_a_write_error_while_input_waits() {
     bounded(30, async {
@@ -1215,12 +1216,20 @@ async fn sends_fail_after_a_write_error_while_input_waits() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(raw);
-        let (outcome, accepted, state, flushed, _rx) = server.await.unwrap();
+        let (outcome, accepted, state, flushed, mut rx) = server.await.unwrap();
         assert!(
             matches!(outcome, Ok(Err(Error::Usage(UsageError::NotOpen)))),
             "sends after the write failure: {outcome:?} ({accepted} accepted, state {state:?}, \
              flush: {flushed:?})"
         );
+        let mut rest = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+            rest.push(format!("{event:?}"));
+        }
+        assert!(rest.len() >= 3, "{rest:?}");
+        assert!(rest[0].contains("\"one\""), "{rest:?}");
+        assert!(rest[1].contains("\"two\""), "{rest:?}");
+        assert!(rest.last().unwrap().starts_with("Close"), "{rest:?}");
     })
     .await;
 }
