@@ -1601,3 +1601,43 @@ fn blocking_client_handshake_timeout_reaches_on_error_as_a_timeout() {
     assert!(matches!(next(&events), Seen::Close(1006, _)));
     drop(listener);
 }
+
+/// A server that floods pings and never reads: the blocking client reads on (it must, to
+/// see the server's messages), and its pongs coalesce (RFC 6455 §5.5.3: only the last
+/// unanswered ping needs one), so its output stays a few bytes instead of a pong per ping
+/// (46 MB of them for 16 MiB of pings before).
+#[test]
+fn blocking_client_output_stays_bounded_under_a_ping_flood() {
+    use std::io::Write;
+    const PING_FLOOD: usize = 16 << 20;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let flooder = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        accept_upgrade(&mut s, "");
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let chunk: Vec<u8> = [0x89u8, 0x00].repeat(32 * 1024);
+        let mut sent = 0;
+        while sent < PING_FLOOD {
+            s.write_all(&chunk).expect("the client keeps reading");
+            sent += chunk.len();
+        }
+        s.write_all(&[0x81, 5, b'p', b'r', b'o', b'b', b'e'])
+            .unwrap();
+        s
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_message(move |driver, _| {
+        let _ = tx.send(driver.buffered_amount());
+    });
+    client.start_connection().unwrap();
+    let buffered = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the message after the pings");
+    assert!(
+        buffered <= 64 * 1024,
+        "{buffered} bytes of output queued after {PING_FLOOD} bytes of pings"
+    );
+    let _server = flooder.join().unwrap();
+}

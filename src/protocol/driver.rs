@@ -248,7 +248,7 @@ pub struct Driver {
     close_received: bool,
 }
 
-/// What a driver holds only now and then, in one box (freed once both parts are empty),
+/// What a driver holds only now and then, in one box (freed once every part is empty),
 /// so that an idle connection pays one pointer for them.
 #[derive(Debug, Default)]
 struct Occasional {
@@ -256,11 +256,15 @@ struct Occasional {
     events: VecDeque<Event<'static>>,
     /// A control frame's payload split across reads.
     control: Vec<u8>,
+    /// The last automatic pong, queued behind other output, while it may still be unsent:
+    /// where it starts in the count of own bytes appended, and its length (see
+    /// `Driver::answer_ping`).
+    pong: Option<(u64, u8)>,
 }
 
 impl Occasional {
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.control.is_empty()
+        self.events.is_empty() && self.control.is_empty() && self.pong.is_none()
     }
 }
 

@@ -506,7 +506,7 @@ impl Driver {
                 // Answered until the peer's Close is in (RFC 6455 §5.5.2), after ours too: a
                 // Pong is not a data frame (§5.5.1).
                 if matches!(self.state, ReadyState::Open | ReadyState::Closing) {
-                    self.push_frame(OpCode::Pong, &payload);
+                    self.answer_ping(&payload);
                 }
                 Ok(Some(Event::Ping(payload)))
             }
@@ -908,6 +908,101 @@ mod tests {
             "{events:?}"
         );
         assert!(driver.occasional.is_none(), "nothing kept once whole");
+    }
+
+    /// The server's frames in `wire`, as (opcode, payload) pairs.
+    fn frames_of(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !wire.is_empty() {
+            let (opcode, len) = (wire[0] & 0x0f, usize::from(wire[1] & 0x7f));
+            frames.push((opcode, wire[2..2 + len].to_vec()));
+            wire = &wire[2 + len..];
+        }
+        frames
+    }
+
+    /// RFC 6455 §5.5.3: a peer that pings without reading gets a pong per ping only until
+    /// 16 KiB of our output waits; from there its pings share one pong, the last one's, so
+    /// our output stops growing. A pong behind a message, or one partly written, is never
+    /// replaced; pings after the output was written are each answered again.
+    #[test]
+    fn pings_while_pongs_wait_are_answered_by_the_last_pong_only() {
+        use crate::protocol::driver::outbound::PONGS_COALESCE_AT;
+        let mut driver = open_server();
+        let payload = |i: u32| format!("{i:0120}").into_bytes();
+        let pings: Vec<u8> = (0..1000u32)
+            .flat_map(|i| client_frame(true, OpCode::Ping, &payload(i)))
+            .collect();
+        let events = feed(&mut driver, pings);
+        assert_eq!(events.len(), 1000, "every ping is reported");
+        let pong = OpCode::Pong as u8;
+        let out = frames_of(driver.pending_output());
+        // 122 bytes a pong: one each while less than 16 KiB waits; the pong that passes it
+        // is replaced by each later one, and ends up the last ping's.
+        let each = PONGS_COALESCE_AT.div_ceil(122) - 1;
+        assert_eq!(out.len(), each + 1);
+        for (i, frame) in out[..each].iter().enumerate() {
+            assert_eq!(*frame, (pong, payload(i as u32)));
+        }
+        assert_eq!(out[each], (pong, payload(999)));
+        assert!(driver.pending_output().len() < PONGS_COALESCE_AT + 2 * 122);
+        // Written: the next pings are each answered.
+        let n = driver.pending_output().len();
+        driver.consume_output(n);
+        assert!(
+            driver.occasional.is_none(),
+            "no record is kept once written"
+        );
+        for p in [b"a", b"b", b"c"] {
+            feed(&mut driver, client_frame(true, OpCode::Ping, p));
+        }
+        assert_eq!(
+            frames_of(driver.pending_output()),
+            [
+                (pong, b"a".to_vec()),
+                (pong, b"b".to_vec()),
+                (pong, b"c".to_vec())
+            ]
+        );
+        let n = driver.pending_output().len();
+        driver.consume_output(n);
+        // Behind a large message: d, e and f share a pong, f's.
+        driver.send_binary(&[0; 100]).unwrap();
+        let big = vec![1u8; PONGS_COALESCE_AT];
+        driver.send_binary(&big).unwrap();
+        let message_bytes = driver.pending_output().len();
+        for p in [b"d", b"e", b"f"] {
+            feed(&mut driver, client_frame(true, OpCode::Ping, p));
+        }
+        assert_eq!(
+            frames_of(&driver.pending_output()[message_bytes..]),
+            [(pong, b"f".to_vec())]
+        );
+        // A message queued after the waiting pong: the next pong goes after it.
+        driver.send_text("msg").unwrap();
+        feed(&mut driver, client_frame(true, OpCode::Ping, b"g"));
+        let text = OpCode::Text as u8;
+        assert_eq!(
+            frames_of(&driver.pending_output()[message_bytes..]),
+            [
+                (pong, b"f".to_vec()),
+                (text, b"msg".to_vec()),
+                (pong, b"g".to_vec())
+            ]
+        );
+        // A pong already partly written is not replaced either.
+        let n = driver.pending_output().len();
+        driver.consume_output(n - 1);
+        feed(&mut driver, client_frame(true, OpCode::Ping, b"h"));
+        assert_eq!(
+            driver.pending_output()[0],
+            b'g',
+            "the rest of pong g, then h"
+        );
+        assert_eq!(
+            frames_of(&driver.pending_output()[1..]),
+            [(pong, b"h".to_vec())]
+        );
     }
 
     /// A whole final text frame at a frame boundary of an open connection, with no event

@@ -27,6 +27,10 @@ pub(crate) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Output waiting (bytes) from which a new pong replaces an unsent one at the end of the
+/// output instead of joining it (see `Driver::answer_ping`).
+pub(super) const PONGS_COALESCE_AT: usize = 16 * 1024;
+
 /// A fresh mask key for a client's frame; none for a server's.
 fn frame_mask(role: Role) -> Option<[u8; 4]> {
     match role {
@@ -42,6 +46,50 @@ impl Driver {
         let mask = frame_mask(self.role);
         write_frame(&mut self.out, opcode, payload, mask);
         SendToken(self.frames_appended())
+    }
+
+    /// Queues the pong for a received ping. RFC 6455 §5.5.3 lets an endpoint answer only the
+    /// most recent of the pings it has not answered yet: once [`PONGS_COALESCE_AT`] bytes of
+    /// output wait, a pong of ours still unsent at the end of the output is replaced by this
+    /// one. So a peer that pings without reading grows our output to that much and no more,
+    /// not by a pong per ping (the client's masked pong of an empty ping is three times its
+    /// size); below it every ping gets its own pong, as peers (and Autobahn's 2.10) expect.
+    pub(super) fn answer_ping(&mut self, payload: &[u8]) {
+        let appended = self.frames_appended();
+        if self.buffered_amount() >= PONGS_COALESCE_AT
+            && let Some((start, len)) = self.occasional.as_deref().and_then(|o| o.pong)
+        {
+            let nothing_after = appended == start + u64::from(len)
+                && self
+                    .shared
+                    .as_deref()
+                    .is_none_or(|q| q.last_after().is_none_or(|after| after <= start));
+            if nothing_after && self.frames_written <= start {
+                self.out.truncate(self.out.len() - usize::from(len));
+                self.push_frame(OpCode::Pong, payload);
+                let len = self.frames_appended() - start;
+                self.occasional().pong = Some((start, len as u8));
+                return;
+            }
+        }
+        // Only a pong behind other output can still be unsent when the next ping comes.
+        let behind = self.buffered_amount() > 0;
+        self.push_frame(OpCode::Pong, payload);
+        if behind {
+            let len = self.frames_appended() - appended;
+            self.occasional().pong = Some((appended, len as u8));
+        } else {
+            self.forget_pong();
+        }
+    }
+
+    /// Drops the record of the last automatic pong (written, or no longer last).
+    pub(super) fn forget_pong(&mut self) {
+        if let Some(occasional) = self.occasional.as_deref_mut()
+            && occasional.pong.take().is_some()
+        {
+            self.release_occasional();
+        }
     }
 
     /// Queues a data message: compressed (RSV1) when permessage-deflate is agreed and the
@@ -259,6 +307,10 @@ impl Driver {
         if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
+            // Everything is written: a pong recorded as unsent no longer is.
+            if self.occasional.is_some() {
+                self.forget_pong();
+            }
         } else if self.out_pos >= 64 * 1024 && self.out_pos * 2 >= self.out.len() {
             self.out.drain(..self.out_pos);
             self.out_pos = 0;

@@ -42,6 +42,11 @@ impl SharedQueue {
     pub(super) fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// How many own bytes came before the last queued frame (none queued: `None`).
+    pub(super) fn last_after(&self) -> Option<u64> {
+        self.frames.back().map(|queued| queued.after)
+    }
 }
 
 /// Output handed over whole, for completion transports (io_uring) that give the kernel
@@ -416,6 +421,10 @@ impl Driver {
         let handshake = own.min(self.handshake_left as usize);
         self.handshake_left -= handshake as u32;
         self.frames_written += (own - handshake) as u64;
+        // Everything counts as written: a pong recorded as unsent no longer is.
+        if self.occasional.is_some() {
+            self.forget_pong();
+        }
         true
     }
 }
