@@ -484,6 +484,57 @@ fn a_timeout_of_duration_max_means_never() {
     assert_eq!(client.next_event(), Ev::Close(1000, String::new()));
 }
 
+/// `max_connections`: connections that hold a thread (here two silent ones that never send
+/// their request, and one open WebSocket) count; at the limit a new one is served, one over
+/// it gets 503 without a thread, and once one ends there is room again.
+#[test]
+fn max_connections_answers_503_beyond_the_limit() {
+    let server = BlockingServer::bind("127.0.0.1:0")
+        .unwrap()
+        .max_connections(3);
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let _ = server.serve(|_, ws| {
+            ws.on_message(|ws, message| {
+                let _ = ws.send_message(&message);
+            });
+        });
+    });
+    let silent: Vec<TcpStream> = (0..2).map(|_| connect_tcp(addr)).collect();
+    // The third, at the limit, is served.
+    let mut third = Client::connect(addr);
+    third.driver.send_text("third").unwrap();
+    third.flush();
+    assert_eq!(third.next_event(), Ev::Text("third".into()));
+    // One over: 503, closed.
+    let refused = raw_exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused:?}");
+    // A silent one leaves: its thread ends, and the next is served.
+    drop(silent);
+    let mut served = None;
+    for _ in 0..100 {
+        let mut stream = connect_tcp(addr);
+        stream
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        if &head == b"HTTP/1.1 101" {
+            served = Some(stream);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served.is_some(), "no room after a connection ended");
+}
+
 /// A client reading a long download more slowly than the server writes it is alive,
 /// though the keepalive's ping waits behind the output: the output it keeps taking counts
 /// as life. (Its small receive buffer keeps the backlog on the server's side, as a slow link

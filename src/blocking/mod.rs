@@ -23,6 +23,7 @@ pub(crate) mod client;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::protocol::driver::ReadyState;
@@ -171,6 +172,7 @@ pub struct BlockingServer {
     options: Options,
     timeouts: Timeouts,
     max_backpressure: usize,
+    max_connections: usize,
 }
 
 impl BlockingServer {
@@ -181,7 +183,17 @@ impl BlockingServer {
             options: Options::default(),
             timeouts: Timeouts::default(),
             max_backpressure: DEFAULT_MAX_BACKPRESSURE,
+            max_connections: crate::reactor::default_max_connections(),
         })
+    }
+
+    /// Most connections served at once, each on its thread (the handshake included);
+    /// beyond, a new one is answered 503 and closed without a thread. Default: what the
+    /// current soft open-file limit allows, minus a reserve, as the reactor's
+    /// `ServerConfig::max_connections` ([`default_max_connections`](crate::reactor::default_max_connections)).
+    pub fn max_connections(mut self, connections: usize) -> BlockingServer {
+        self.max_connections = connections;
+        self
     }
 
     /// Outgoing bytes a connection may have queued before it stops reading its peer
@@ -217,6 +229,7 @@ impl BlockingServer {
     {
         let app = Arc::new(app);
         let options = Arc::new(self.options);
+        let open = Arc::new(AtomicUsize::new(0));
         loop {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
@@ -229,12 +242,19 @@ impl BlockingServer {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => return Err(e),
             };
+            if open.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+                open.fetch_sub(1, Ordering::AcqRel);
+                refuse_over_capacity(stream);
+                continue;
+            }
             let (app, options, timeouts) = (app.clone(), options.clone(), self.timeouts);
             let limit = self.max_backpressure;
+            let counted = Counted(open.clone());
             let spawned = std::thread::Builder::new()
                 .name("wsd-conn".into())
                 .stack_size(256 * 1024)
                 .spawn(move || {
+                    let _counted = counted;
                     let _ = run_connection(stream, &options, timeouts, limit, &*app);
                 });
             if spawned.is_err() {
@@ -242,6 +262,29 @@ impl BlockingServer {
             }
         }
     }
+}
+
+/// One connection counted against [`BlockingServer::max_connections`] while its thread runs
+/// (also when it panics, or when the thread could not be started).
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a connection over [`BlockingServer::max_connections`] with 503, as the reactor
+/// does, without a thread: a fresh socket's send buffer takes the short response whole.
+fn refuse_over_capacity(mut stream: TcpStream) {
+    let response = crate::protocol::handshake::http_response(
+        503,
+        &[("Retry-After", "1")],
+        "server is at its connection limit",
+    );
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(&response);
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// Writes what the socket takes now without blocking. `Ok(true)`: some bytes went out.
