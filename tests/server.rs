@@ -472,6 +472,33 @@ fn plain_http_and_rejections_get_clear_responses(backend: Backend) {
         &format!("GET /{} HTTP/1.1\r\n{upgrade}", "a".repeat(20_000)),
     );
     assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
+    // An upgrade request with a body: 400 (the body would be read as frames).
+    for body in [
+        "Content-Length: 5\r\n\r\nhello",
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let with_body = raw_request(
+            addr,
+            &format!(
+                "GET / HTTP/1.1\r\n{}",
+                upgrade.replace("\r\n\r\n", &format!("\r\n{body}"))
+            ),
+        );
+        assert!(with_body.starts_with("HTTP/1.1 400 "), "{with_body}");
+        assert!(
+            with_body.contains("an upgrade request has no body"),
+            "{with_body}"
+        );
+    }
+    // `Content-Length: 0` is no body.
+    let empty = raw_request(
+        addr,
+        &format!(
+            "GET / HTTP/1.1\r\n{}",
+            upgrade.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n\u{88}\u{80}")
+        ),
+    );
+    assert!(empty.starts_with("HTTP/1.1 101 "), "{empty}");
     let ok = raw_request(
         addr,
         &format!(

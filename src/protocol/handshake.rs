@@ -304,6 +304,22 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
     if !has_token(&request.headers, "connection", "upgrade") {
         return Err(BadRequest("'Connection' header does not contain 'upgrade'"));
     }
+    // A body would be read as the client's first frames (a GET's body has no meaning, RFC
+    // 9110 §9.3.1); Python's websockets refuses one too.
+    if count_header(&request.headers, "transfer-encoding") > 0 {
+        return Err(BadRequest(
+            "an upgrade request has no body (Transfer-Encoding)",
+        ));
+    }
+    if request
+        .headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && v.trim() != "0")
+    {
+        return Err(BadRequest(
+            "an upgrade request has no body (Content-Length)",
+        ));
+    }
     match count_header(&request.headers, "sec-websocket-version") {
         0 => return Err(HandshakeError::UnsupportedVersion(String::new())),
         1 => {}
