@@ -623,3 +623,62 @@ fn many_small_fragments_grow_the_message_geometrically() {
     );
     assert!(stats.allocs <= 40, "{} allocations", stats.allocs);
 }
+
+/// The README's bound for a compressed message in many fragments (Flow control): its
+/// compressed bytes are kept until the last fragment and then inflated, so the compressed
+/// bytes (here `max_length` - 1 KiB of stored data, then empty stored blocks of 15 bytes a
+/// continuation, up to `max_length` more, as the per-fragment flush allowance lets through)
+/// and the inflated message are held together: about 3 × `max_length`, and no more.
+#[test]
+fn a_compressed_message_in_many_fragments_holds_at_most_about_3_max_length() {
+    use flate2::{Compress, Compression, FlushCompress};
+    let _serial = serial();
+    const MAX: usize = 4 << 20;
+    let data = vec![7u8; MAX - 1024];
+    let mut c = Compress::new_with_window_bits(Compression::none(), false, 15);
+    let mut first = Vec::with_capacity(MAX + 4096);
+    c.compress_vec(&data, &mut first, FlushCompress::Sync)
+        .unwrap();
+    assert!(first.ends_with(&[0, 0, 0xff, 0xff]));
+    drop(data);
+    let options = Options::default().max_length(MAX).deflate(true);
+    let (_client, mut server) = common::open_pair(&Options::default().deflate(true), &options);
+    let mut frames = vec![client_frame(0x42, &first)];
+    let pad = [0u8, 0, 0, 0xff, 0xff].repeat(3);
+    let continuations = MAX / 16 - 64;
+    for _ in 0..continuations {
+        frames.push(client_frame(0x00, &pad));
+    }
+    frames.push(client_frame(0x80, &[0]));
+    let (got, stats) = measure(|| {
+        let mut got = None;
+        for f in &mut frames {
+            let mut at = 0;
+            loop {
+                let (used, event) = server.poll_event(&mut f[at..]);
+                at += used;
+                match event {
+                    Some(Event::Message(Message::Binary(b))) => got = Some(b.len()),
+                    Some(other) => panic!("{other:?}"),
+                    None => break,
+                }
+            }
+        }
+        got
+    });
+    assert_eq!(got, Some(MAX - 1024));
+    let peak = stats.peak as usize;
+    eprintln!(
+        "{} fragments: peak {peak} bytes, {:.2} x max_length",
+        frames.len(),
+        peak as f64 / MAX as f64
+    );
+    assert!(
+        peak > 2 * MAX,
+        "the bound is met with room: update the README ({peak})"
+    );
+    assert!(
+        peak <= 3 * MAX + MAX / 8,
+        "peak {peak} for max_length {MAX}"
+    );
+}
