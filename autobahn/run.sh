@@ -114,7 +114,7 @@ else
   outdir="autobahn/reports/client-$flavour"
   rm -rf "$outdir"
   configure autobahn/fuzzingserver.json "$outdir" "$agent"
-  (cd "$work" && exec "$AUTOBAHN_HOME/bin/wstest" -m fuzzingserver -s "$work/config.json" > "$work/wstest.log" 2>&1) &
+  (cd "$work" && exec "$AUTOBAHN_HOME/bin/wstest" -m fuzzingserver --webport 0 -s "$work/config.json" > "$work/wstest.log" 2>&1) &
   pids+=($!)
   wait_port "$port" "$!"
   ./target/release/examples/autobahn_client --url "ws://127.0.0.1:$port" --agent "$agent" $hosted \
