@@ -606,3 +606,43 @@ async fn a_subprotocol_that_is_not_a_token_is_not_agreed_and_not_a_500() {
     })
     .await;
 }
+
+// ---- hostile-peer review (adapters) ----
+
+/// axum's `socket.send(msg)` to a client that upgraded and then neither reads nor sends
+/// (gone without a FIN): with an idle timeout configured, the send should fail once the
+/// idle close has had its close timeout, as the stream's own `send_*` do. `send` is a
+/// queue and a flush, and the flush runs no deadlines: the handler waits for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_send_to_a_silent_non_reading_client_ends_at_the_idle_timeout() {
+    use std::time::Duration;
+    use websocket_driver::tokio::Config;
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let app = Router::new().route(
+        "/ws",
+        get(move |ws: WebSocketUpgrade| {
+            let done_tx = done_tx.clone();
+            async move {
+                let config = Config::default()
+                    .idle_timeout(Duration::from_millis(300))
+                    .close_timeout(Duration::from_millis(300));
+                ws.config(config).on_upgrade(move |mut socket| async move {
+                    // 32 MiB: more than both sockets' buffers hold over loopback.
+                    let sent = socket
+                        .send(Message::Binary(Bytes::from(vec![7u8; 32 << 20])))
+                        .await;
+                    let _ = done_tx.send(format!("{sent:?}"));
+                })
+            }
+        }),
+    );
+    let addr = axum_server(app).await;
+    let (raw, _head) = raw_upgrade(addr, "/ws").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), done.recv()).await;
+    assert!(
+        matches!(&outcome, Ok(Some(s)) if s.starts_with("Err")),
+        "the handler's send to a silent client that never reads is still waiting after 10 s \
+         (idle 300 ms, close 300 ms): {outcome:?}"
+    );
+    drop(raw);
+}

@@ -853,3 +853,167 @@ fn hosted_client_gets_the_plaintext_before_a_bad_record() {
         let _ = server.join();
     }
 }
+
+// ---- hostile-peer review (adapters and TLS) ----
+
+/// Reports each connection's close code.
+struct CloseReporter(mpsc::Sender<u16>);
+impl Handler for CloseReporter {
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
+        let _ = self.0.send(code);
+    }
+}
+
+fn tls_server_with(
+    backend: Backend,
+    cert: &PathBuf,
+    key: &PathBuf,
+    tune: impl FnOnce(&mut ServerConfig),
+    closes: mpsc::Sender<u16>,
+) -> ServerHandle {
+    let mut config = ServerConfig::default();
+    config.threads = 1;
+    config.backend = backend;
+    config.tls = Some(websocket_driver::tls::server_config_from_pem(cert, key).unwrap());
+    tune(&mut config);
+    let closes = Mutex::new(closes);
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(move |_| Upgrade::Accept(CloseReporter(closes.lock().unwrap().clone())))
+        .unwrap()
+}
+
+/// Whether the server closed `socket` (EOF or reset) within `within`.
+fn closed_within(socket: &std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    socket.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    loop {
+        match (&*socket).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+    }
+}
+
+/// A TLS handshake that never completes (a TCP connect with nothing sent, and one that
+/// sends half a ClientHello) is dropped within the server's handshake timeout, on both
+/// backends: the timer starts at accept, before TLS.
+#[test]
+fn a_tls_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() {
+    use std::io::Write;
+    let (cert, key) = certificate("tls-handshake-timeout");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, _rx) = mpsc::channel();
+        let server = tls_server_with(
+            backend,
+            &cert,
+            &key,
+            |c| c.handshake_timeout = Duration::from_millis(500),
+            tx,
+        );
+        let silent = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        // Half of a real ClientHello.
+        let config = client_config(&Verify::CaFile(cert.clone())).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut hello = Vec::new();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        while tls.wants_write() {
+            tls.write_tls(&mut hello).unwrap();
+        }
+        let mut partial = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        partial.write_all(&hello[..hello.len() / 2]).unwrap();
+        let started = std::time::Instant::now();
+        assert!(closed_within(&silent, Duration::from_secs(5)), "{backend:?}: silent");
+        assert!(closed_within(&partial, Duration::from_secs(5)), "{backend:?}: half hello");
+        assert!(started.elapsed() < Duration::from_secs(3), "{backend:?}");
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
+/// Garbage instead of TLS (a plaintext upgrade request on the wss port) gets the
+/// connection closed at once, on both backends.
+#[test]
+fn plaintext_on_the_wss_port_is_closed_at_once() {
+    use std::io::Write;
+    let (cert, key) = certificate("tls-garbage");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, _rx) = mpsc::channel();
+        let server = tls_server_with(backend, &cert, &key, |_| {}, tx);
+        let mut socket = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        socket
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
+        assert!(closed_within(&socket, Duration::from_secs(2)), "{backend:?}");
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
+/// A wss client that sends close_notify without a WebSocket close and keeps TCP open
+/// can send the server nothing more (rustls drops all input after the alert, RFC 8446
+/// §6.1): its side of the connection has ended, as with a FIN. The server should end the
+/// connection as it does at EOF (on_close 1006) rather than keep it open for good.
+#[test]
+fn close_notify_without_a_websocket_close_ends_the_connection_with_1006() {
+    use std::io::Write;
+    let (cert, key) = certificate("close-notify-only");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, rx) = mpsc::channel();
+        let server = tls_server_with(backend, &cert, &key, |_| {}, tx);
+        let raw = RawWss::connect(server.local_addr(), &cert);
+        let mut wire = Vec::new();
+        {
+            let mut tls = raw.tls.lock().unwrap();
+            tls.send_close_notify();
+            while tls.wants_write() {
+                tls.write_tls(&mut wire).unwrap();
+            }
+        }
+        (&raw.socket).write_all(&wire).unwrap();
+        let code = rx.recv_timeout(Duration::from_secs(3));
+        assert_eq!(
+            code,
+            Ok(1006),
+            "{backend:?}: the connection stays open after the peer's close_notify"
+        );
+        drop(raw);
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}
+
+/// A flood of TLS 1.3 KeyUpdate requests from a client that never reads: rustls answers
+/// them with one coalesced KeyUpdate and fails the connection after 32 requests without
+/// data between (`TooManyKeyUpdateRequests`), so the server closes it (1006) instead of
+/// queueing an answer each.
+#[test]
+fn a_key_update_flood_is_closed() {
+    use std::io::Write;
+    let (cert, key) = certificate("key-update-flood");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, rx) = mpsc::channel();
+        let server = tls_server_with(backend, &cert, &key, |_| {}, tx);
+        let raw = RawWss::connect(server.local_addr(), &cert);
+        let mut wire = Vec::new();
+        {
+            let mut tls = raw.tls.lock().unwrap();
+            for _ in 0..1000 {
+                tls.refresh_traffic_keys().unwrap();
+                while tls.wants_write() {
+                    tls.write_tls(&mut wire).unwrap();
+                }
+            }
+        }
+        let _ = (&raw.socket).write_all(&wire);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(3)), Ok(1006), "{backend:?}");
+        assert!(closed_within(&raw.socket, Duration::from_secs(3)), "{backend:?}");
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}

@@ -1447,3 +1447,82 @@ async fn an_idle_close_is_reported_with_a_frame_half_read() {
     assert!(started.elapsed() < 2 * idle + std::time::Duration::from_millis(500));
     drop(far);
 }
+
+// ---- hostile-peer review (adapters) ----
+
+/// A peer that stops reading and stops sending (gone without a FIN) while the app is
+/// blocked in a send over the limit: the idle keepalive runs inside `send` (its ping, then
+/// its close), so the send fails after two idle periods, and `next` then reports the
+/// idle close (1001) once the close timeout drops the peer.
+#[tokio::test(start_paused = true)]
+async fn a_send_blocked_on_a_silent_non_reading_peer_ends_at_the_idle_timeout() {
+    let idle = std::time::Duration::from_secs(1);
+    let config = Config::default()
+        .max_backpressure(16 * 1024)
+        .idle_timeout(idle);
+    let (mut ws, peer) = piped(64 * 1024, &config).await;
+    let started = tokio::time::Instant::now();
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = ws.send_binary(vec![1u8; 8 * 1024]).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the send waited for good");
+    assert!(matches!(sent, Error::Usage(UsageError::NotOpen)), "{sent:?}");
+    let took = started.elapsed();
+    let close = tokio::time::timeout(std::time::Duration::from_secs(60), ws.next())
+        .await
+        .expect("next waited for good");
+    assert!(
+        matches!(close, Some(Event::Close { code: 1001 | 1006, .. })),
+        "{close:?}"
+    );
+    // The idle close left the connection closing at 2 x idle: the send should fail then,
+    // not a close timeout later (it waits on for the close deadline's wake-up).
+    assert!(
+        took <= 2 * idle + std::time::Duration::from_millis(100),
+        "the send failed only after {took:?}"
+    );
+    drop(peer);
+}
+
+/// The same silent, non-reading peer while the app is in `flush` (axum's `send` is a
+/// queue and a flush, and so is `SinkExt::send`): the deadlines should run there too, as
+/// they do in `send`, so the flush fails once the idle close's close timeout has passed.
+/// `poll_flush_all` runs no timers: the flush waits for good, idle keepalive or not.
+#[tokio::test(start_paused = true)]
+async fn a_flush_to_a_silent_non_reading_peer_ends_at_the_idle_timeout() {
+    let idle = std::time::Duration::from_secs(1);
+    let config = Config::default().idle_timeout(idle);
+    let (mut ws, peer) = piped(64 * 1024, &config).await;
+    // Under the 1 MiB limit: queued at once; far more than the pipe holds.
+    ws.send_binary(vec![1u8; 512 * 1024]).await.unwrap();
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(60), ws.flush()).await;
+    assert!(
+        matches!(flushed, Ok(Err(_))),
+        "the flush to a peer that never reads waited 60 s, past the idle timeout ({idle:?} \
+         x 2) and the close timeout: {flushed:?}"
+    );
+    drop(peer);
+}
+
+/// `Sink::close` (axum's `socket.close()`) to a peer that never reads: the close frame
+/// cannot get out, so the close timeout should end it; it waits for good.
+#[tokio::test(start_paused = true)]
+async fn sink_close_to_a_non_reading_peer_ends_within_the_close_timeout() {
+    let (mut ws, peer) = piped(64 * 1024, &Config::default()).await;
+    ws.send_binary(vec![1u8; 512 * 1024]).await.unwrap();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        SinkExt::<Message<'static>>::close(&mut ws),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "Sink::close to a peer that never reads waited 60 s (close timeout: 5 s)"
+    );
+    drop(peer);
+}

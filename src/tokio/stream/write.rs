@@ -274,7 +274,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 return Poll::Ready(Ok(()));
             }
             self.poll_timers(cx);
-            if !self.writing {
+            // A deadline may have closed the connection (an idle close, a dropped peer):
+            // fail now, not at the next deadline's wake-up.
+            self.note_state();
+            if !self.writing || !self.can_send() {
                 return Poll::Ready(Err(not_open()));
             }
             match ready!(self.poll_write_out(cx)) {
@@ -418,6 +421,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     pub(crate) fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.phase == Phase::Open {
+            // The deadlines run while a flush waits on a peer that does not read (axum's
+            // `send`, `SinkExt::send`, `Sink::close`): the idle keepalive and the close
+            // timeout end it, as they end a `send` waiting on the limit.
+            self.note_state();
+            self.poll_timers(cx);
+        }
         if !self.writing {
             return Poll::Ready(if self.unwritten() == 0 {
                 Ok(())
