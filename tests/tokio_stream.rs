@@ -1471,13 +1471,22 @@ async fn a_send_blocked_on_a_silent_non_reading_peer_ends_at_the_idle_timeout() 
     })
     .await
     .expect("the send waited for good");
-    assert!(matches!(sent, Error::Usage(UsageError::NotOpen)), "{sent:?}");
+    assert!(
+        matches!(sent, Error::Usage(UsageError::NotOpen)),
+        "{sent:?}"
+    );
     let took = started.elapsed();
     let close = tokio::time::timeout(std::time::Duration::from_secs(60), ws.next())
         .await
         .expect("next waited for good");
     assert!(
-        matches!(close, Some(Event::Close { code: 1001 | 1006, .. })),
+        matches!(
+            close,
+            Some(Event::Close {
+                code: 1001 | 1006,
+                ..
+            })
+        ),
         "{close:?}"
     );
     // The idle close left the connection closing at 2 x idle: the send should fail then,
