@@ -165,6 +165,8 @@ pub(crate) struct TlsStream {
     /// Ciphertext waiting for the socket; `sent` bytes of it are written.
     out: Vec<u8>,
     sent: usize,
+    /// The peer's close_notify arrived: nothing more will be read from it.
+    peer_closed: bool,
 }
 
 impl TlsStream {
@@ -192,7 +194,14 @@ impl TlsStream {
             conn,
             out: Vec::new(),
             sent: 0,
+            peer_closed: false,
         }
+    }
+
+    /// Whether the peer's close_notify arrived: it can send nothing more (not even a
+    /// WebSocket Close), so for the connection it is the end of its input.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
     }
 
     fn pump_out(&mut self) {
@@ -229,9 +238,13 @@ impl TlsStream {
                 let n = self.conn.reader().read(&mut plain[start..]).unwrap_or(0);
                 plain.truncate(start + n);
             }
-            if taken == 0 || state.peer_has_closed() {
+            if state.peer_has_closed() {
                 // After the peer's close_notify rustls takes nothing more: what follows
                 // it is ignored (RFC 8446 §6.1), not waited on.
+                self.peer_closed = true;
+                break;
+            }
+            if taken == 0 {
                 break;
             }
         }

@@ -871,10 +871,12 @@ fn tls_server_with(
     tune: impl FnOnce(&mut ServerConfig),
     closes: mpsc::Sender<u16>,
 ) -> ServerHandle {
-    let mut config = ServerConfig::default();
-    config.threads = 1;
-    config.backend = backend;
-    config.tls = Some(websocket_driver::tls::server_config_from_pem(cert, key).unwrap());
+    let mut config = ServerConfig {
+        threads: 1,
+        backend,
+        tls: Some(websocket_driver::tls::server_config_from_pem(cert, key).unwrap()),
+        ..ServerConfig::default()
+    };
     tune(&mut config);
     let closes = Mutex::new(closes);
     Server::bind("127.0.0.1:0")
@@ -894,8 +896,12 @@ fn closed_within(socket: &std::net::TcpStream, within: Duration) -> bool {
         match (&*socket).read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
             Err(_) => return true,
         }
         if start.elapsed() > within {
@@ -932,8 +938,14 @@ fn a_tls_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() {
         let mut partial = std::net::TcpStream::connect(server.local_addr()).unwrap();
         partial.write_all(&hello[..hello.len() / 2]).unwrap();
         let started = std::time::Instant::now();
-        assert!(closed_within(&silent, Duration::from_secs(5)), "{backend:?}: silent");
-        assert!(closed_within(&partial, Duration::from_secs(5)), "{backend:?}: half hello");
+        assert!(
+            closed_within(&silent, Duration::from_secs(5)),
+            "{backend:?}: silent"
+        );
+        assert!(
+            closed_within(&partial, Duration::from_secs(5)),
+            "{backend:?}: half hello"
+        );
         assert!(started.elapsed() < Duration::from_secs(3), "{backend:?}");
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
@@ -952,7 +964,10 @@ fn plaintext_on_the_wss_port_is_closed_at_once() {
         socket
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
             .unwrap();
-        assert!(closed_within(&socket, Duration::from_secs(2)), "{backend:?}");
+        assert!(
+            closed_within(&socket, Duration::from_secs(2)),
+            "{backend:?}"
+        );
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -1012,8 +1027,48 @@ fn a_key_update_flood_is_closed() {
             }
         }
         let _ = (&raw.socket).write_all(&wire);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(3)), Ok(1006), "{backend:?}");
-        assert!(closed_within(&raw.socket, Duration::from_secs(3)), "{backend:?}");
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(3)),
+            Ok(1006),
+            "{backend:?}"
+        );
+        assert!(
+            closed_within(&raw.socket, Duration::from_secs(3)),
+            "{backend:?}"
+        );
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
+}
+
+/// The blocking client the same way: a server's close_notify without a WebSocket Close
+/// ends the connection (1006) at once, with the server's TCP connection still open.
+#[test]
+fn blocking_client_ends_at_a_close_notify_without_a_websocket_close() {
+    use std::io::Write;
+    let (cert, key) = certificate("blocking-close-notify-only");
+    let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
+        std::thread::sleep(Duration::from_millis(200));
+        tls.send_close_notify();
+        let mut bytes = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut bytes).unwrap();
+        }
+        socket.write_all(&bytes).unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+    });
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&Verify::CaFile(cert.clone()))
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_close(move |_, code, _| {
+        let _ = tx.send(code);
+    });
+    client.start_connection().unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)), Ok(1006));
+    drop(client);
+    let _ = server.join();
 }

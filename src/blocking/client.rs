@@ -605,6 +605,10 @@ fn read_until_end(
                     session.ws.fail(e, crate::code::ABNORMAL, "");
                     return end(shared, guard, stream);
                 }
+                if session.peer_closed_tls() {
+                    session.receive_eof();
+                    return end(shared, guard, stream);
+                }
                 shared.changed.notify_all();
                 continue;
             }

@@ -15,6 +15,8 @@ use super::options::Options;
 // response, frames, reassembly) and writing (commands, the output buffer).
 mod inbound;
 mod outbound;
+#[cfg(test)]
+mod pong_props;
 mod shared;
 #[cfg(test)]
 mod testing;

@@ -70,6 +70,16 @@ impl Session {
         }
     }
 
+    /// Whether the server's TLS close_notify arrived (wss): it can send nothing more, not
+    /// even its WebSocket Close, so its input has ended as with a FIN.
+    pub(super) fn peer_closed_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = self.tls.as_ref() {
+            return tls.peer_closed();
+        }
+        false
+    }
+
     /// Feeds bytes read from the socket (decrypting them first on wss).
     pub(super) fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
         self.timers.received(Instant::now(), &self.timer_config);

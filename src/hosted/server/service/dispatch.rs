@@ -70,7 +70,20 @@ where
             let mut plain = std::mem::take(&mut self.plain);
             plain.clear();
             match tls.decrypt(data, &mut plain) {
-                Ok(()) => self.read_plain(conn, io, &mut plain),
+                Ok(()) => {
+                    let peer_closed = tls.peer_closed();
+                    self.read_plain(conn, io, &mut plain);
+                    // After its close_notify the peer can send nothing, not even its Close:
+                    // for the connection that is the end of its input, as a FIN is.
+                    if peer_closed
+                        && let Phase::Open(driver, _) = &mut conn.phase
+                        && driver.ready_state() != ReadyState::Closed
+                    {
+                        driver.receive_eof();
+                        self.pump(conn, io, &mut []);
+                        io.close(CloseRequest::AfterFlush);
+                    }
+                }
                 Err(e) => {
                     // What decrypted before the bad record came first: it is delivered.
                     if !plain.is_empty() {
