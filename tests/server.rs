@@ -490,15 +490,20 @@ fn plain_http_and_rejections_get_clear_responses(backend: Backend) {
             "{with_body}"
         );
     }
-    // `Content-Length: 0` is no body.
-    let empty = raw_request(
-        addr,
-        &format!(
-            "GET / HTTP/1.1\r\n{}",
-            upgrade.replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n\u{88}\u{80}")
-        ),
-    );
-    assert!(empty.starts_with("HTTP/1.1 101 "), "{empty}");
+    // `Content-Length: 0` (however written) is no body.
+    for zero in ["0", "00"] {
+        let empty = raw_request(
+            addr,
+            &format!(
+                "GET / HTTP/1.1\r\n{}",
+                upgrade.replace(
+                    "\r\n\r\n",
+                    &format!("\r\nContent-Length: {zero}\r\n\r\n\u{{88}}\u{{80}}")
+                )
+            ),
+        );
+        assert!(empty.starts_with("HTTP/1.1 101 "), "{empty}");
+    }
     let ok = raw_request(
         addr,
         &format!(

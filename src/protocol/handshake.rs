@@ -314,7 +314,7 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
     if request
         .headers
         .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && v.trim() != "0")
+        .any(|(n, v)| n.eq_ignore_ascii_case("content-length") && v.trim().parse::<u64>() != Ok(0))
     {
         return Err(BadRequest(
             "an upgrade request has no body (Content-Length)",

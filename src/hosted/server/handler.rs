@@ -455,7 +455,10 @@ impl Ws<'_> {
 
     /// Sends a ping; `on_pong` runs when a pong with the same payload arrives (the seed's
     /// `(send-ping ws msg fn)`), before [`Handler::on_pong`]. It never runs if the
-    /// connection closes first.
+    /// connection closes first, nor for a ping the peer answered only by the pong of a later
+    /// one (RFC 6455 §5.5.3 lets a peer answer only the latest of several unanswered pings;
+    /// this crate does so once 16 KiB of its output waits): wait for a pong before the next
+    /// ping where every callback matters.
     pub fn send_ping(
         &mut self,
         payload: &[u8],
