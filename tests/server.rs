@@ -498,7 +498,7 @@ fn plain_http_and_rejections_get_clear_responses(backend: Backend) {
                 "GET / HTTP/1.1\r\n{}",
                 upgrade.replace(
                     "\r\n\r\n",
-                    &format!("\r\nContent-Length: {zero}\r\n\r\n\u{{88}}\u{{80}}")
+                    &format!("\r\nContent-Length: {zero}\r\n\r\n{}", "\u{88}\u{80}")
                 )
             ),
         );
