@@ -304,6 +304,18 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
     if !has_token(&request.headers, "connection", "upgrade") {
         return Err(BadRequest("'Connection' header does not contain 'upgrade'"));
     }
+    match count_header(&request.headers, "sec-websocket-version") {
+        0 => return Err(HandshakeError::UnsupportedVersion(String::new())),
+        1 => {}
+        _ => return Err(BadRequest("duplicate Sec-WebSocket-Version header")),
+    }
+    let version = request
+        .header("sec-websocket-version")
+        .unwrap_or_default()
+        .trim();
+    if version != "13" {
+        return Err(HandshakeError::UnsupportedVersion(version.to_string()));
+    }
     // A body would be read as the client's first frames (a GET's body has no meaning, RFC
     // 9110 §9.3.1); Python's websockets refuses one too.
     if count_header(&request.headers, "transfer-encoding") > 0 {
@@ -319,18 +331,6 @@ pub fn validate_request(request: &Request) -> Result<String, HandshakeError> {
         return Err(BadRequest(
             "an upgrade request has no body (Content-Length)",
         ));
-    }
-    match count_header(&request.headers, "sec-websocket-version") {
-        0 => return Err(HandshakeError::UnsupportedVersion(String::new())),
-        1 => {}
-        _ => return Err(BadRequest("duplicate Sec-WebSocket-Version header")),
-    }
-    let version = request
-        .header("sec-websocket-version")
-        .unwrap_or_default()
-        .trim();
-    if version != "13" {
-        return Err(HandshakeError::UnsupportedVersion(version.to_string()));
     }
     let key = match count_header(&request.headers, "sec-websocket-key") {
         0 => return Err(BadRequest("missing Sec-WebSocket-Key header")),
