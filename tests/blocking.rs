@@ -17,6 +17,23 @@ use websocket_driver::{Driver, Options, ReadyState};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server on a free port (tune it with the builder's methods before `serve`).
+fn bound() -> BlockingServer {
+    BlockingServer::bind("127.0.0.1:0").unwrap()
+}
+
+/// Serves `app` with `server` on a thread of its own; returns its address.
+fn serve(
+    server: BlockingServer,
+    app: impl Fn(&websocket_driver::Request, &mut websocket_driver::WebSocket) + Send + Sync + 'static,
+) -> SocketAddr {
+    let addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let _ = server.serve(app);
+    });
+    addr
+}
+
 /// Starts a server on a free port with `configure` attached to every connection.
 fn start_server(
     options: Options,
@@ -25,14 +42,7 @@ fn start_server(
     + Sync
     + 'static,
 ) -> SocketAddr {
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .options(options);
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let _ = server.serve(configure);
-    });
-    addr
+    serve(bound().options(options), configure)
 }
 
 fn echo_server() -> SocketAddr {
@@ -387,23 +397,18 @@ fn many_clients_at_once() {
 #[test]
 fn idle_timeout_pings_then_closes_a_silent_peer() {
     let idle = Duration::from_millis(250);
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            idle: Some(idle),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
+    let server = bound().timeouts(Timeouts {
+        idle: Some(idle),
+        ..Timeouts::default()
+    });
     let (closes_tx, closes) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = server.serve(move |_, ws| {
-            let closes = closes_tx.clone();
-            ws.on_message(|ws, message| {
-                let _ = ws.send_message(&message);
-            });
-            ws.on_close(move |_, code, reason| {
-                let _ = closes.send((code, reason.to_string()));
-            });
+    let addr = serve(server, move |_, ws| {
+        let closes = closes_tx.clone();
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
+        });
+        ws.on_close(move |_, code, reason| {
+            let _ = closes.send((code, reason.to_string()));
         });
     });
 
@@ -458,21 +463,16 @@ fn idle_timeout_pings_then_closes_a_silent_peer() {
 #[test]
 fn a_timeout_of_duration_max_means_never() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            handshake: Duration::MAX,
-            close: Duration::MAX,
-            idle: Some(Duration::MAX),
-            write: Duration::MAX,
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let _ = server.serve(|_, ws| {
-            ws.on_message(|ws, message| {
-                let _ = ws.send_message(&message);
-            });
+    let server = bound().timeouts(Timeouts {
+        handshake: Duration::MAX,
+        close: Duration::MAX,
+        idle: Some(Duration::MAX),
+        write: Duration::MAX,
+        ..Timeouts::default()
+    });
+    let addr = serve(server, |_, ws| {
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
         });
     });
     let mut client = Client::connect(addr);
@@ -489,15 +489,10 @@ fn a_timeout_of_duration_max_means_never() {
 /// it gets 503 without a thread, and once one ends there is room again.
 #[test]
 fn max_connections_answers_503_beyond_the_limit() {
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .max_connections(3);
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let _ = server.serve(|_, ws| {
-            ws.on_message(|ws, message| {
-                let _ = ws.send_message(&message);
-            });
+    let server = bound().max_connections(3);
+    let addr = serve(server, |_, ws| {
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
         });
     });
     let silent: Vec<TcpStream> = (0..2).map(|_| connect_tcp(addr)).collect();
@@ -542,26 +537,21 @@ fn max_connections_answers_503_beyond_the_limit() {
 #[test]
 fn a_slow_reader_of_a_long_download_is_not_closed_as_idle() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            idle: Some(Duration::from_millis(300)),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
+    let server = bound().timeouts(Timeouts {
+        idle: Some(Duration::from_millis(300)),
+        ..Timeouts::default()
+    });
     let (closes_tx, closes) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = server.serve(move |_, ws| {
-            let closes = closes_tx.clone();
-            ws.on_message(|ws, _| {
-                let chunk = vec![7u8; 64 * 1024];
-                for _ in 0..128 {
-                    ws.send_binary(&chunk).unwrap();
-                }
-            });
-            ws.on_close(move |_, code, reason| {
-                let _ = closes.send((code, reason.to_string()));
-            });
+    let addr = serve(server, move |_, ws| {
+        let closes = closes_tx.clone();
+        ws.on_message(|ws, _| {
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..128 {
+                ws.send_binary(&chunk).unwrap();
+            }
+        });
+        ws.on_close(move |_, code, reason| {
+            let _ = closes.send((code, reason.to_string()));
         });
     });
     let mut client = Client::connect(addr);
@@ -698,27 +688,22 @@ fn a_client_that_floods_without_reading_is_slowed_with_bounded_memory() {
 
 #[test]
 fn write_timeout_fails_a_connection_whose_peer_reads_nothing() {
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            write: Duration::from_millis(300),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
+    let server = bound().timeouts(Timeouts {
+        write: Duration::from_millis(300),
+        ..Timeouts::default()
+    });
     let (seen_tx, seen) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = server.serve(move |_, ws| {
-            let (errors, closes) = (seen_tx.clone(), seen_tx.clone());
-            ws.on_open(|ws| {
-                // More than the socket buffers hold, under the client's max_length.
-                ws.send_binary(&vec![1u8; 48 << 20]).unwrap();
-            });
-            ws.on_error(move |_, e| {
-                let _ = errors.send(format!("error: {e}"));
-            });
-            ws.on_close(move |_, code, reason| {
-                let _ = closes.send(format!("close: {code} {reason}"));
-            });
+    let addr = serve(server, move |_, ws| {
+        let (errors, closes) = (seen_tx.clone(), seen_tx.clone());
+        ws.on_open(|ws| {
+            // More than the socket buffers hold, under the client's max_length.
+            ws.send_binary(&vec![1u8; 48 << 20]).unwrap();
+        });
+        ws.on_error(move |_, e| {
+            let _ = errors.send(format!("error: {e}"));
+        });
+        ws.on_close(move |_, code, reason| {
+            let _ = closes.send(format!("close: {code} {reason}"));
         });
     });
     // Completes the handshake, then reads nothing.
@@ -825,28 +810,23 @@ fn a_panicking_listener_still_gets_on_close() {
     assert_eq!(other.next_event(), Ev::Text("still here".into()));
 }
 
-/// the server closes, the peer never answers: after the close
+/// The server closes, the peer never answers: after the close
 /// timeout TCP is dropped and `on_close` reports 1006.
 #[test]
 fn unanswered_server_close_times_out() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            close: Duration::from_millis(300),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
+    let server = bound().timeouts(Timeouts {
+        close: Duration::from_millis(300),
+        ..Timeouts::default()
+    });
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = server.serve(move |_, ws| {
-            let tx = tx.clone();
-            ws.on_message(|ws, _| {
-                ws.close_connection(1000, "bye").unwrap();
-            });
-            ws.on_close(move |_, code, reason| {
-                let _ = tx.send((code, reason.to_string()));
-            });
+    let addr = serve(server, move |_, ws| {
+        let tx = tx.clone();
+        ws.on_message(|ws, _| {
+            ws.close_connection(1000, "bye").unwrap();
+        });
+        ws.on_close(move |_, code, reason| {
+            let _ = tx.send((code, reason.to_string()));
         });
     });
     let mut raw = raw_upgrade(addr);
@@ -870,30 +850,25 @@ fn unanswered_server_close_times_out() {
     );
 }
 
-/// the close timeout also holds against a peer that never answers the close but
+/// The close timeout also holds against a peer that never answers the close but
 /// keeps sending data: the connection thread reads in a loop that only looks at its
 /// deadlines once a read would block.
 #[test]
 fn unanswered_server_close_times_out_while_the_peer_floods() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
     use std::sync::atomic::{AtomicBool, Ordering};
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            close: Duration::from_millis(300),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
+    let server = bound().timeouts(Timeouts {
+        close: Duration::from_millis(300),
+        ..Timeouts::default()
+    });
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = server.serve(move |_, ws| {
-            let tx = tx.clone();
-            ws.on_message(|ws, _| {
-                let _ = ws.close_connection(1000, "bye");
-            });
-            ws.on_close(move |_, code, _| {
-                let _ = tx.send((code, std::time::Instant::now()));
-            });
+    let addr = serve(server, move |_, ws| {
+        let tx = tx.clone();
+        ws.on_message(|ws, _| {
+            let _ = ws.close_connection(1000, "bye");
+        });
+        ws.on_close(move |_, code, _| {
+            let _ = tx.send((code, std::time::Instant::now()));
         });
     });
     let raw = raw_upgrade(addr);
@@ -924,21 +899,16 @@ fn unanswered_server_close_times_out_while_the_peer_floods() {
     drop(raw);
 }
 
-/// a request that never completes is dropped after the
+/// A request that never completes is dropped after the
 /// handshake timeout, with no response.
 #[test]
 fn incomplete_request_is_dropped_after_the_handshake_timeout() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
-    let server = BlockingServer::bind("127.0.0.1:0")
-        .unwrap()
-        .timeouts(Timeouts {
-            handshake: Duration::from_millis(300),
-            ..Timeouts::default()
-        });
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let _ = server.serve(|_, _| {});
+    let server = bound().timeouts(Timeouts {
+        handshake: Duration::from_millis(300),
+        ..Timeouts::default()
     });
+    let addr = serve(server, |_, _| {});
     let mut raw = connect_tcp(addr);
     raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     let started = std::time::Instant::now();
@@ -965,7 +935,7 @@ fn incomplete_request_is_dropped_after_the_handshake_timeout() {
     );
 }
 
-/// max_length at the limit passes, one over closes 1009.
+/// `max_length`: at the limit it passes, one over closes 1009.
 #[test]
 fn max_length_at_the_limit_and_one_over() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
@@ -987,7 +957,7 @@ fn max_length_at_the_limit_and_one_over() {
     }
 }
 
-/// a head of exactly `max_handshake_size` bytes is upgraded,
+/// A head of exactly `max_handshake_size` bytes is upgraded,
 /// one byte more gets 431, whether it comes in one write or trickles in.
 #[test]
 fn head_limit_at_the_limit_and_one_over() {

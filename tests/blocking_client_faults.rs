@@ -92,7 +92,7 @@ fn client_close_unanswered_with_a_concurrent_sender() {
     assert!(events.recv_timeout(Duration::from_millis(300)).is_err());
 }
 
-/// wss: a server that takes TCP and the ClientHello and then says nothing: the handshake
+/// Over wss, a server that takes TCP and the ClientHello and then says nothing: the handshake
 /// timeout ends start_connection with TimedOut, reported as such, then 1006.
 #[test]
 #[cfg(feature = "tls")]
