@@ -240,6 +240,16 @@ impl Handler for Flooder {
     }
 }
 
+/// A connected client whose receive buffer is `bytes`: what the server sends it beyond
+/// that waits on the server's side, as behind a slow link.
+fn slow_link_client(server: &ServerHandle, bytes: usize) -> TestClient {
+    let client = TestClient::connect(server.local_addr(), "/").unwrap();
+    socket2::SockRef::from(&client.stream)
+        .set_recv_buffer_size(bytes)
+        .unwrap();
+    client
+}
+
 fn start_flooder(config: ServerConfig, refused: Arc<AtomicUsize>) -> ServerHandle {
     Server::bind("127.0.0.1:0")
         .unwrap()
@@ -1658,10 +1668,7 @@ fn an_accepted_send_over_the_cap_is_not_closed_under_close_policy(backend: Backe
         },
         refused.clone(),
     );
-    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-    socket2::SockRef::from(&client.stream)
-        .set_recv_buffer_size(64 * 1024)
-        .unwrap();
+    let mut client = slow_link_client(&server, 64 * 1024);
     let big = vec![0x5a; 4 << 20];
     client.send_binary(&big).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -1693,10 +1700,7 @@ fn a_slow_reader_of_a_long_download_is_not_closed_as_idle(backend: Backend) {
         },
         refused.clone(),
     );
-    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-    socket2::SockRef::from(&client.stream)
-        .set_recv_buffer_size(64 * 1024)
-        .unwrap();
+    let mut client = slow_link_client(&server, 64 * 1024);
     let (count, size) = (128, 64 * 1024);
     client.send_text(&format!("flood {count} {size}")).unwrap();
     // About 3 MB/s: the 8 MiB take 2.5 s, eight idle periods.
@@ -1731,10 +1735,7 @@ fn a_peer_that_stops_reading_a_download_is_closed_as_idle(backend: Backend) {
         },
         refused.clone(),
     );
-    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-    socket2::SockRef::from(&client.stream)
-        .set_recv_buffer_size(64 * 1024)
-        .unwrap();
+    let mut client = slow_link_client(&server, 64 * 1024);
     client.send_text("flood 128 65536").unwrap();
     // Never read: the idle close (1001, its frame stuck behind the output), then the close
     // timeout drops the socket.
@@ -1911,10 +1912,7 @@ mod eof_after_close {
             },
             refused.clone(),
         );
-        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
-        socket2::SockRef::from(&client.stream)
-            .set_recv_buffer_size(16 * 1024)
-            .unwrap();
+        let mut client = slow_link_client(&server, 16 * 1024);
         client.send_text("flood 128 65536").unwrap();
         client.driver.close_connection(1000, "bye").unwrap();
         client.flush().unwrap();
