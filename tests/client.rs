@@ -2,11 +2,13 @@
 //! thread) and the reactor-hosted client on both backends.
 
 mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
+use support::{accept_upgrade, read_head};
 
 use websocket_driver::client::{BlockingClient, ClientReactor, ClientTimeouts};
 use websocket_driver::server::{
@@ -92,35 +94,6 @@ fn recorded(client: &BlockingClient) -> mpsc::Receiver<Seen> {
 fn next(rx: &mpsc::Receiver<Seen>) -> Seen {
     rx.recv_timeout(Duration::from_secs(20))
         .expect("an event within 20 s")
-}
-
-/// Reads an HTTP head byte by byte (nothing past it is consumed).
-fn read_head(stream: &mut std::net::TcpStream) -> String {
-    use std::io::Read;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
-/// A fake server's side of the handshake: reads the upgrade request and answers 101 with
-/// the right accept key plus `extra` header lines.
-fn accept_upgrade(stream: &mut std::net::TcpStream, extra: &str) {
-    use std::io::Write;
-    let head = read_head(stream);
-    let key = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-        .unwrap();
-    let accept = websocket_driver::protocol::handshake::accept_key(key);
-    write!(
-        stream,
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
-    )
-    .unwrap();
 }
 
 /// A server that refuses the upgrade with `head`, then writes `body` in two TCP writes

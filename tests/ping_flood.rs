@@ -4,42 +4,16 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use support::{Owned, TestClient};
+use support::{Owned, TestClient, accept_upgrade};
 use websocket_driver::client::ClientReactor;
 use websocket_driver::server::{Handler, Server, ServerConfig, Upgrade, Ws};
 use websocket_driver::{Backend, Message};
-
-/// Reads an HTTP head byte by byte (nothing past it is consumed).
-fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
-/// A fake server's side of the handshake.
-fn accept_upgrade(stream: &mut TcpStream) {
-    let head = read_head(stream);
-    let key = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-        .unwrap();
-    let accept = websocket_driver::protocol::handshake::accept_key(key);
-    write!(
-        stream,
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .unwrap();
-}
 
 /// Output the pongs may reach: 16 KiB, plus the pong that passes it.
 const BOUND: usize = 16 * 1024 + 6;
@@ -54,7 +28,7 @@ fn ping_flooding_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        accept_upgrade(&mut s);
+        accept_upgrade(&mut s, "");
         s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         let chunk: Vec<u8> = [0x89u8, 0x00].repeat(32 * 1024);
         let mut sent = 0;

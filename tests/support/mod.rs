@@ -356,3 +356,30 @@ pub fn mixed_size_echoes(backend: websocket_driver::Backend) {
     }
     server.shutdown(Duration::from_secs(2)).unwrap();
 }
+
+/// Reads an HTTP head byte by byte (nothing past it is consumed).
+pub fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A fake server's side of the handshake: reads the upgrade request and answers 101 with
+/// the right accept key plus `extra` header lines.
+pub fn accept_upgrade(stream: &mut TcpStream, extra: &str) {
+    let head = read_head(stream);
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap();
+    let accept = websocket_driver::protocol::handshake::accept_key(key);
+    write!(
+        stream,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    )
+    .unwrap();
+}
