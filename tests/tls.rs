@@ -756,26 +756,30 @@ fn blocking_wss_handshake_failure_reaches_on_error_as_the_tls_error() {
     }
 }
 
+/// A raw wss server's move after its 101: a text message "hello" and, in the same write,
+/// a record that cannot decrypt; then it holds the connection for 2 s.
+fn hello_then_a_bad_record(tls: &mut rustls::ServerConnection, socket: &mut std::net::TcpStream) {
+    use std::io::Write;
+    std::thread::sleep(Duration::from_millis(300));
+    tls.writer()
+        .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
+        .unwrap();
+    let mut bytes = Vec::new();
+    while tls.wants_write() {
+        tls.write_tls(&mut bytes).unwrap();
+    }
+    bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
+    bytes.extend([0x5a; 0x40]);
+    socket.write_all(&bytes).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+}
+
 /// A record that decrypts, then in the same read one that does not: the first
 /// record's plaintext (a text frame) still reaches `on_message` before the error.
 #[test]
 fn plaintext_before_a_bad_record_in_the_same_read_is_delivered() {
-    use std::io::Write;
     let (cert, key) = certificate("good-then-bad");
-    let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
-        std::thread::sleep(Duration::from_millis(300));
-        tls.writer()
-            .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
-            .unwrap();
-        let mut bytes = Vec::new();
-        while tls.wants_write() {
-            tls.write_tls(&mut bytes).unwrap();
-        }
-        bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
-        bytes.extend([0x5a; 0x40]);
-        socket.write_all(&bytes).unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-    });
+    let (addr, server) = raw_wss_server(&cert, &key, hello_then_a_bad_record);
     let client = BlockingClient::new(
         &format!("wss://127.0.0.1:{}/", addr.port()),
         Options::default(),
@@ -802,23 +806,9 @@ fn plaintext_before_a_bad_record_in_the_same_read_is_delivered() {
 /// delivered before the error ends the connection.
 #[test]
 fn hosted_client_gets_the_plaintext_before_a_bad_record() {
-    use std::io::Write;
     let (cert, key) = certificate("hosted-good-then-bad");
     for backend in [Backend::Epoll, Backend::IoUring] {
-        let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
-            std::thread::sleep(Duration::from_millis(300));
-            tls.writer()
-                .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
-                .unwrap();
-            let mut bytes = Vec::new();
-            while tls.wants_write() {
-                tls.write_tls(&mut bytes).unwrap();
-            }
-            bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
-            bytes.extend([0x5a; 0x40]);
-            socket.write_all(&bytes).unwrap();
-            std::thread::sleep(Duration::from_secs(2));
-        });
+        let (addr, server) = raw_wss_server(&cert, &key, hello_then_a_bad_record);
         let reactor: ClientReactor<Greeter> = ClientReactor::start(ServerConfig {
             threads: 1,
             backend,
@@ -974,8 +964,8 @@ fn plaintext_on_the_wss_port_is_closed_at_once() {
 
 /// A wss client that sends close_notify without a WebSocket close and keeps TCP open
 /// can send the server nothing more (rustls drops all input after the alert, RFC 8446
-/// §6.1): its side of the connection has ended, as with a FIN. The server should end the
-/// connection as it does at EOF (on_close 1006) rather than keep it open for good.
+/// §6.1): its side of the connection has ended, as with a FIN, and the server ends the
+/// connection as it does at EOF (on_close 1006); it used to keep it open for good.
 #[test]
 fn close_notify_without_a_websocket_close_ends_the_connection_with_1006() {
     use std::io::Write;
