@@ -237,86 +237,76 @@ fn reads_reset_idle_and_answer_the_outstanding_ping() {
     assert_eq!(server.ready_state(), ReadyState::Open);
 }
 
+/// A server just opened at `now`, whose every `deadline` call moves to the next idle
+/// deadline and says what the timers did there, told `delivery`.
+struct IdleDeadlines {
+    cfg: TimerConfig,
+    timers: Timers,
+    server: Driver,
+    now: Instant,
+}
+
+impl IdleDeadlines {
+    fn new() -> IdleDeadlines {
+        let (cfg, now) = (config(), Instant::now());
+        let mut timers = Timers::new();
+        timers.opened(now, &cfg);
+        let server = open_server();
+        IdleDeadlines {
+            cfg,
+            timers,
+            server,
+            now,
+        }
+    }
+
+    fn deadline(&mut self, delivery: Option<(u64, bool)>) -> Expired {
+        self.now += self.cfg.idle.unwrap();
+        assert_eq!(self.timers.poll_timeout(), Some(self.now));
+        let delivery = delivery.map(|(acked, backlog)| Delivery { acked, backlog });
+        let cfg = self.cfg;
+        self.timers
+            .handle_timeout_with_delivery(self.now, &cfg, &mut self.server, || delivery)
+    }
+}
+
 /// At an idle deadline with output still waiting, output the peer took since the previous
 /// deadline counts as life (the ping waits behind it); without waiting output, or with
 /// nothing taken, the plain rule holds. Input starts the comparison over.
 #[test]
 fn output_being_taken_keeps_a_backlogged_peer_alive_and_nothing_else_does() {
-    let cfg = config();
-    let idle = cfg.idle.unwrap();
-    let t0 = Instant::now();
-    let mut timers = Timers::new();
-    let mut server = open_server();
-    timers.opened(t0, &cfg);
-    let at = |acked, backlog| move || Some(Delivery { acked, backlog });
+    let mut idle = IdleDeadlines::new();
     // The first deadline has nothing to compare with: a ping, as always.
-    let mut now = t0 + idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(1000, true)),
-        Expired::Ping
-    );
-    assert_eq!(take(&mut server), [0x89, 0x00]);
+    assert_eq!(idle.deadline(Some((1000, true))), Expired::Ping);
+    assert_eq!(take(&mut idle.server), [0x89, 0x00]);
     // The peer took output meanwhile and more waits: another period, no ping, no close;
     // the ping is still outstanding.
     for acked in [5000, 9000, 9001] {
-        now += idle;
-        assert_eq!(
-            timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(acked, true)),
-            Expired::Nothing
-        );
-        assert_eq!(timers.poll_timeout(), Some(now + idle));
-        assert!(timers.is_ping_outstanding());
-        assert!(take(&mut server).is_empty());
+        assert_eq!(idle.deadline(Some((acked, true))), Expired::Nothing);
+        assert!(idle.timers.is_ping_outstanding());
+        assert!(take(&mut idle.server).is_empty());
     }
     // Taken, but nothing waits any more: the ping reached the peer, the plain rule.
-    now += idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(9500, false)),
-        Expired::IdleClose
-    );
+    assert_eq!(idle.deadline(Some((9500, false))), Expired::IdleClose);
 
     // Waiting output that the peer stopped taking: the plain rule too.
-    let mut timers = Timers::new();
-    let mut server = open_server();
-    timers.opened(t0, &cfg);
-    now = t0 + idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(7, true)),
-        Expired::Ping
-    );
-    now += idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(7, true)),
-        Expired::IdleClose
-    );
+    let mut idle = IdleDeadlines::new();
+    assert_eq!(idle.deadline(Some((7, true))), Expired::Ping);
+    assert_eq!(idle.deadline(Some((7, true))), Expired::IdleClose);
 
     // Input forgets the last mark: the next deadline compares with nothing and pings.
-    let mut timers = Timers::new();
-    let mut server = open_server();
-    timers.opened(t0, &cfg);
-    now = t0 + idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(1, true)),
-        Expired::Ping
-    );
-    timers.received(now + MS, &cfg);
-    now += MS + idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(2, true)),
-        Expired::Ping
-    );
+    let mut idle = IdleDeadlines::new();
+    assert_eq!(idle.deadline(Some((1, true))), Expired::Ping);
+    idle.now += MS;
+    idle.timers.received(idle.now, &idle.cfg);
+    assert_eq!(idle.deadline(Some((2, true))), Expired::Ping);
     // The count is compared by its low 32 bits; a change above them still shows.
-    now += idle;
     assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, at(2 + (1 << 33) + 5, true)),
+        idle.deadline(Some((2 + (1 << 33) + 5, true))),
         Expired::Nothing
     );
     // A runtime that cannot tell: the plain rule.
-    now += idle;
-    assert_eq!(
-        timers.handle_timeout_with_delivery(now, &cfg, &mut server, || None),
-        Expired::IdleClose
-    );
+    assert_eq!(idle.deadline(None), Expired::IdleClose);
 }
 
 #[test]
