@@ -633,14 +633,8 @@ fn read_until_end(
             let config = session.timer_config;
             // A server still taking queued output counts as alive (see `Delivery`).
             let ours = session.has_output();
-            let delivery = || {
-                crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&**stream))
-                    .ok()
-                    .map(|kernel| crate::session::Delivery {
-                        backlog: kernel.backlog || ours,
-                        ..kernel
-                    })
-            };
+            let fd = std::os::fd::AsFd::as_fd(&**stream);
+            let delivery = || crate::reactor::tcp_info::delivery_with_ours(fd, ours);
             let session = &mut *session;
             let expired = session.timers.handle_timeout_with_delivery(
                 now,

@@ -435,14 +435,8 @@ fn run_connection(
             if timers.poll_timeout().is_some_and(|d| d <= now) {
                 // A peer still taking queued output counts as alive (see `Delivery`).
                 let ours = !ws.pending_output().is_empty();
-                let delivery = || {
-                    crate::reactor::tcp_info::delivery(std::os::fd::AsFd::as_fd(&conn))
-                        .ok()
-                        .map(|kernel| crate::session::Delivery {
-                            backlog: kernel.backlog || ours,
-                            ..kernel
-                        })
-                };
+                let fd = std::os::fd::AsFd::as_fd(&conn);
+                let delivery = || crate::reactor::tcp_info::delivery_with_ours(fd, ours);
                 let expired =
                     timers.handle_timeout_with_delivery(now, &config, ws.driver(), delivery);
                 // Run the handlers for what the timers did (an abort's close).

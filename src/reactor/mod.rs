@@ -182,10 +182,12 @@ impl<'a, C> Io<'a, C> {
         }
     }
 
-    /// How the connection's output is being delivered, as the kernel tells it (`None`: no
-    /// socket on this call, or the kernel did not say). Our own buffers are not counted.
-    pub fn delivery(&self) -> Option<crate::session::Delivery> {
-        self.socket.and_then(|fd| tcp_info::delivery(fd).ok())
+    /// How the connection's output is being delivered, as the kernel tells it, with
+    /// `ours_waiting` (output in the session's own buffers) added to the backlog (`None`: no
+    /// socket on this call, or the kernel did not say).
+    pub fn delivery(&self, ours_waiting: bool) -> Option<crate::session::Delivery> {
+        self.socket
+            .and_then(|fd| tcp_info::delivery_with_ours(fd, ours_waiting))
     }
 
     /// Replaces the connection's deadline (`None` disarms it).

@@ -9,6 +9,17 @@ use std::os::fd::BorrowedFd;
 
 use crate::session::Delivery;
 
+/// How the output of `socket` is being delivered, for the idle keepalive: the kernel's view
+/// (see [`delivery`]), with `ours_waiting` (output still in our own buffers, which waits for
+/// the peer as much as the kernel's does) added to its backlog. `None` where the kernel
+/// cannot tell.
+pub(crate) fn delivery_with_ours(socket: BorrowedFd<'_>, ours_waiting: bool) -> Option<Delivery> {
+    delivery(socket).ok().map(|kernel| Delivery {
+        backlog: kernel.backlog || ours_waiting,
+        ..kernel
+    })
+}
+
 /// Elsewhere the kernel is not asked: only input counts as life there.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn delivery(_socket: BorrowedFd<'_>) -> io::Result<Delivery> {

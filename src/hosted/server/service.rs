@@ -32,7 +32,7 @@ const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Buffers larger than this are freed, not pooled.
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
-use crate::session::timers::{Delivery, Expired, TimerConfig, Timers};
+use crate::session::timers::{Expired, TimerConfig, Timers};
 use crate::session::upgrade::{self, Answer, NonUpgrade};
 
 pub(crate) struct WsService<F, H> {
@@ -790,14 +790,8 @@ where
             io.close(CloseRequest::Now);
             return;
         }
-        // Output still in our buffers waits for the peer as much as the kernel's does.
         let ours = queued_outside > 0 || driver.buffered_amount() > 0;
-        let delivery = || {
-            io.delivery().map(|kernel| Delivery {
-                backlog: kernel.backlog || ours,
-                ..kernel
-            })
-        };
+        let delivery = || io.delivery(ours);
         match conn
             .timers
             .handle_timeout_with_delivery(io.now, &timer_config, driver, delivery)
