@@ -1608,8 +1608,10 @@ fn blocking_client_output_stays_bounded_under_a_ping_flood() {
     let buffered = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the message after the pings");
+    // Under 16 KiB of pongs, then at most two more (6 bytes each: the client masks): one
+    // partly written, which is not replaced, and the one that replaces the rest.
     assert!(
-        buffered <= 64 * 1024,
+        buffered <= 16 * 1024 + 2 * 6,
         "{buffered} bytes of output queued after {PING_FLOOD} bytes of pings"
     );
     let _server = flooder.join().unwrap();
