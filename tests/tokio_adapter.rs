@@ -1315,3 +1315,43 @@ async fn streaming_to_an_adapter_echo_server_does_not_deadlock() {
     )
     .await;
 }
+
+/// The split API's connection task runs the write timeout too: a peer that reads nothing
+/// fails a send's receipt once the socket has taken nothing for `write_timeout`, and the
+/// receiver hears why (a `TimedOut` error, then 1006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_nothing_fails_the_split_api_at_the_write_timeout() {
+    bounded(60, async {
+        let (addr, peer) =
+            serve_one(
+                |stream| async move { tokio_tungstenite::accept_async(stream).await.unwrap() },
+            )
+            .await;
+        let timeout = Duration::from_millis(500);
+        let config = Config::default().write_timeout(timeout);
+        let (tx, rx) = client_with_config(addr, &config).await;
+        let _peer = peer.await.unwrap();
+        let mut events = forward_events(rx);
+        let started = tokio::time::Instant::now();
+        let receipt = tx
+            .send_with_receipt(pattern(unbuffered(), 5), MessageType::Binary)
+            .await
+            .unwrap();
+        assert!(is_not_open(receipt.await), "the receipt fails");
+        assert!(started.elapsed() >= timeout);
+        let mut seen = Vec::new();
+        while let Some(event) = events.recv().await {
+            seen.push(event);
+        }
+        assert!(
+            matches!(
+                seen.as_slice(),
+                [Event::Open, Event::Error(Error::Io(e)), Event::Close { code: 1006, .. }]
+                    if e.kind() == std::io::ErrorKind::TimedOut
+            ),
+            "{seen:?}"
+        );
+        assert!(is_not_open(tx.send_text("late").await));
+    })
+    .await;
+}

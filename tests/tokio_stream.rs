@@ -1535,3 +1535,155 @@ async fn sink_close_to_a_non_reading_peer_ends_within_the_close_timeout() {
     );
     drop(peer);
 }
+
+// ---- the write timeout ----
+
+/// Sends 8 KiB messages until one fails; the error and when it came (paused time).
+async fn send_until_refused(
+    ws: &mut WebSocketStream<DuplexStream>,
+) -> (Error, tokio::time::Instant) {
+    tokio::time::timeout(std::time::Duration::from_secs(600), async {
+        loop {
+            if let Err(e) = ws.send_binary(vec![1u8; 8 * 1024]).await {
+                return (e, tokio::time::Instant::now());
+            }
+        }
+    })
+    .await
+    .expect("the send waited for good")
+}
+
+/// After a write timeout: the error (a `TimedOut` I/O error), then `Close` 1006, then the
+/// end of the stream.
+async fn assert_timed_out_then_1006(ws: &mut WebSocketStream<DuplexStream>) {
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(std::time::Duration::from_secs(600), ws.next())
+        .await
+        .expect("next waited for good")
+    {
+        events.push(event);
+    }
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::Error(Error::Io(e)), Event::Close { code: 1006, .. }]
+                if e.kind() == std::io::ErrorKind::TimedOut
+        ),
+        "{events:?}"
+    );
+}
+
+/// A peer that reads nothing (and sends nothing; no idle keepalive) while the app is blocked
+/// in a send over the limit: the send fails once the transport has taken nothing for the
+/// write timeout, not before, and `next` reports why.
+#[tokio::test(start_paused = true)]
+async fn a_send_to_a_peer_that_reads_nothing_fails_at_the_write_timeout() {
+    assert_eq!(
+        Config::default().write_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default()
+        .max_backpressure(16 * 1024)
+        .write_timeout(timeout);
+    let (mut ws, peer) = piped(64 * 1024, &config).await;
+    let started = tokio::time::Instant::now();
+    let (error, failed_at) = send_until_refused(&mut ws).await;
+    assert!(
+        matches!(error, Error::Usage(UsageError::NotOpen)),
+        "{error:?}"
+    );
+    // The pipe filled at once (no time passes but the runtime's own): the stall began then.
+    let took = failed_at - started;
+    assert!(
+        took >= timeout && took <= timeout + std::time::Duration::from_millis(50),
+        "failed after {took:?}"
+    );
+    assert_timed_out_then_1006(&mut ws).await;
+    drop(peer);
+}
+
+/// At the limit: a peer that takes a little every `timeout - 100 ms` is never cut off (each
+/// byte it takes starts the clock over), however long that goes on; once it stops, the
+/// connection fails `timeout` after the last byte it took.
+#[tokio::test(start_paused = true)]
+async fn a_peer_reading_slowly_is_kept_and_one_that_stops_is_cut_at_the_write_timeout() {
+    let timeout = std::time::Duration::from_secs(2);
+    let pause = timeout - std::time::Duration::from_millis(100);
+    let config = Config::default()
+        .max_backpressure(16 * 1024)
+        .write_timeout(timeout);
+    let (mut ws, mut peer) = piped(64 * 1024, &config).await;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1024];
+        for _ in 0..10 {
+            tokio::time::sleep(pause).await;
+            let n = peer.io.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+        }
+        // Stops reading, still connected.
+        (peer, tokio::time::Instant::now())
+    });
+    let started = tokio::time::Instant::now();
+    let (error, failed_at) = send_until_refused(&mut ws).await;
+    assert!(
+        matches!(error, Error::Usage(UsageError::NotOpen)),
+        "{error:?}"
+    );
+    let (peer, last_read) = reader.await.unwrap();
+    assert!(
+        failed_at - started >= pause * 10,
+        "cut off after {:?} while the peer was still reading",
+        failed_at - started
+    );
+    let after = failed_at - last_read;
+    assert!(
+        after >= timeout && after <= timeout + std::time::Duration::from_millis(50),
+        "failed {after:?} after the peer's last read"
+    );
+    assert_timed_out_then_1006(&mut ws).await;
+    drop(peer);
+}
+
+/// The same peer while the app waits in `flush` with less than the limit queued (axum's
+/// `send` and `SinkExt::send` end in a flush): the flush fails at the write timeout.
+#[tokio::test(start_paused = true)]
+async fn a_flush_to_a_peer_that_reads_nothing_fails_at_the_write_timeout() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (mut ws, peer) = piped(64 * 1024, &config).await;
+    // Under the 1 MiB limit: queued at once; far more than the pipe holds.
+    ws.send_binary(vec![1u8; 512 * 1024]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(600), ws.flush())
+        .await
+        .expect("the flush waited for good");
+    assert!(flushed.is_err(), "{flushed:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= timeout - std::time::Duration::from_millis(50)
+            && took <= timeout + std::time::Duration::from_millis(50),
+        "failed after {took:?}"
+    );
+    assert_timed_out_then_1006(&mut ws).await;
+    drop(peer);
+}
+
+/// `Duration::MAX` means never: a send to a peer that reads nothing still waits after
+/// an hour (and arming the deadline does not overflow).
+#[tokio::test(start_paused = true)]
+async fn a_write_timeout_of_duration_max_means_never() {
+    let config = Config::default()
+        .max_backpressure(16 * 1024)
+        .write_timeout(std::time::Duration::MAX);
+    let (mut ws, peer) = piped(64 * 1024, &config).await;
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(3600), async {
+        loop {
+            ws.send_binary(vec![1u8; 8 * 1024]).await.unwrap();
+        }
+    })
+    .await;
+    assert!(waited.is_err(), "the send ended");
+    assert_eq!(ws.ready_state(), ReadyState::Open);
+    drop(peer);
+}

@@ -8,12 +8,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::blocking::{Stall, Timeouts, earliest, read_by};
+use crate::blocking::{Timeouts, read_by};
 use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToken};
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
 use crate::session::timers::{Expired, Timers};
+use crate::session::timers::{Stall, earliest};
 use crate::websocket::WebSocket;
 
 use crate::client::{addresses, parse_url};

@@ -30,7 +30,7 @@ use crate::protocol::driver::ReadyState;
 use crate::protocol::frame::Status;
 use crate::protocol::handshake::{Request, RequestParser};
 use crate::protocol::options::Options;
-use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::timers::{Expired, Stall, TimerConfig, Timers, earliest, write_timed_out};
 use crate::session::upgrade::{self, Answer, NonUpgrade, error_response};
 use crate::websocket::WebSocket;
 
@@ -115,43 +115,6 @@ pub(crate) fn read_by(
                 ) => {}
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Since when queued output has made no progress; the write timeout runs from there.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Stall(Option<Instant>);
-
-impl Stall {
-    /// Records a write attempt: whether it `progressed` and whether output is still `pending`.
-    pub(crate) fn update(&mut self, progressed: bool, pending: bool, now: Instant) {
-        self.0 = match self.0 {
-            _ if !pending => None,
-            Some(since) if !progressed => Some(since),
-            _ => Some(now),
-        };
-    }
-
-    /// When the pending output times out, if any is pending.
-    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.0
-            .map(|since| crate::instant::deadline_after(since, timeout))
-    }
-}
-
-/// The error a connection fails with when its output made no progress for `timeout`.
-pub(crate) fn write_timed_out(timeout: Duration) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("write timed out: the peer took no data for {timeout:?}"),
-    )
-}
-
-/// The earlier of two optional deadlines.
-pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -390,7 +353,7 @@ fn run_connection(
                 }
             };
             let now = Instant::now();
-            stall.update(progressed, !ws.pending_output().is_empty(), now);
+            stall.update(progressed, !ws.pending_output().is_empty(), || now);
             if ws.is_finished() {
                 break;
             }

@@ -320,5 +320,50 @@ impl Timers {
     }
 }
 
+/// Since when queued output has made no progress: a runtime's write timeout runs from
+/// there. Kept apart from [`Timers`] (which the reactor holds per connection, where the
+/// backpressure grace plays this part), for the runtimes that have a write timeout.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Stall(Option<Instant>);
+
+impl Stall {
+    /// Records a write attempt: whether it `progressed` and whether output is still
+    /// `pending`. The clock is read only when a stall starts or starts over.
+    pub(crate) fn update(
+        &mut self,
+        progressed: bool,
+        pending: bool,
+        now: impl FnOnce() -> Instant,
+    ) {
+        self.0 = match self.0 {
+            _ if !pending => None,
+            Some(since) if !progressed => Some(since),
+            _ => Some(now()),
+        };
+    }
+
+    /// When the pending output times out, if any is pending.
+    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.0
+            .map(|since| crate::instant::deadline_after(since, timeout))
+    }
+}
+
+/// The error a connection fails with when its output made no progress for `timeout`.
+pub(crate) fn write_timed_out(timeout: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("write timed out: the peer took no data for {timeout:?}"),
+    )
+}
+
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -42,6 +42,15 @@ pub struct Config {
     ///
     /// [`WsReceiver`]: super::WsReceiver
     pub idle_timeout: Option<Duration>,
+    /// Output that the transport takes none of for this long (the peer reads nothing)
+    /// fails the connection: [`Event::Error`](crate::Event::Error) with a `TimedOut` I/O
+    /// error, then `Close` 1006, and a send or flush waiting on it fails. The clock runs
+    /// while output waits and a poll of the stream (a `next`, a send, a flush, or the split
+    /// API's connection task) has found the transport full; each byte it takes starts it
+    /// over, so a slow reader is not cut off, only one that stopped. Default 30 s (as the
+    /// blocking runtimes' [`Timeouts::write`](crate::blocking::Timeouts::write));
+    /// `Duration::MAX`: never.
+    pub write_timeout: Duration,
 }
 
 impl Default for Config {
@@ -52,6 +61,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(5),
             read_buffer_size: 64 * 1024,
             idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -84,6 +94,12 @@ impl Config {
     /// Sets [`Config::idle_timeout`] (`None`: off).
     pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.idle_timeout = timeout.into();
+        self
+    }
+
+    /// Sets [`Config::write_timeout`].
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
         self
     }
 

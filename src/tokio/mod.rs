@@ -20,7 +20,9 @@
 //!
 //! [`WsSender`] is cloneable, for any task: async `send_text`, `send_binary`, `send_ping`,
 //! `close_connection`… Each call queues one whole message; it waits while the connection's
-//! outgoing buffer is over [`Config::max_backpressure`] (1 MiB by default).
+//! outgoing buffer is over [`Config::max_backpressure`] (1 MiB by default). A peer that
+//! takes none of our output for [`Config::write_timeout`] (30 s by default) fails the
+//! connection, on both shapes: waiting sends and flushes fail, and the events say why.
 //! [`WsSender::send_with_receipt`] also hands back a [`Receipt`] that resolves once the
 //! frame is written (the seed's `:callback`), and [`WsSender::ping`] one that resolves with
 //! the matching pong (the seed's `send-ping` callback). [`WsReceiver`] yields the driver's

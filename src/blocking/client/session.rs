@@ -12,9 +12,9 @@ use super::lock;
 /// Most plaintext encrypted ahead of the socket on wss (the rest stays in the driver).
 #[cfg(feature = "tls")]
 const TLS_CHUNK: usize = 256 * 1024;
-use crate::blocking::{Stall, write_timed_out};
 use crate::protocol::driver::ReadyState;
 use crate::protocol::error::Error;
+use crate::session::timers::{Stall, write_timed_out};
 use crate::session::timers::{TimerConfig, Timers};
 use crate::websocket::WebSocket;
 
@@ -173,7 +173,7 @@ impl Session {
             }
         };
         let pending = self.has_output();
-        self.stall.update(progressed, pending, Instant::now());
+        self.stall.update(progressed, pending, Instant::now);
         if let Err(e) = result {
             self.write_failed(e);
         }

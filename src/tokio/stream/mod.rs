@@ -14,6 +14,7 @@ use write::{Outbox, recycle};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::time::{Instant, Sleep, sleep_until};
@@ -21,7 +22,7 @@ use ::tokio::time::{Instant, Sleep, sleep_until};
 use super::config::Config;
 use crate::protocol::driver::{Driver, Event, Message, ReadyState, Role};
 use crate::protocol::error::{Error, UsageError};
-use crate::session::timers::{Expired, TimerConfig, Timers};
+use crate::session::timers::{Expired, Stall, TimerConfig, Timers, earliest, write_timed_out};
 
 /// Gathered writes take up to this many parts of the pending output at once.
 const WRITE_PARTS: usize = 8;
@@ -152,6 +153,10 @@ pub struct WebSocketStream<S> {
     limit: usize,
     timer_config: TimerConfig,
     timers: Timers,
+    /// Since when output has waited on a transport that takes none of it (open phase
+    /// only: the linger has its own deadline), and how long it may.
+    stall: Stall,
+    write_timeout: Duration,
     /// The timer wheel entry, made on first use and re-armed lazily.
     sleep: Option<Pin<Box<Sleep>>>,
     /// The deadline `sleep` is set to.
@@ -225,6 +230,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             limit: config.max_backpressure,
             timer_config,
             timers,
+            stall: Stall::default(),
+            write_timeout: config.write_timeout,
             sleep: None,
             armed: None,
             linger_by: None,
@@ -381,13 +388,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         }
     }
 
-    /// Runs the deadlines that passed (the idle keepalive, the close deadline).
+    /// Runs the deadlines that passed (the idle keepalive, the close deadline, the write
+    /// timeout) and arms the timer for the next.
     fn poll_timers(&mut self, cx: &mut Context<'_>) {
-        while let Some(deadline) = self.timers.poll_timeout() {
+        loop {
+            let stalled_by = self.stall.deadline(self.write_timeout);
+            let Some(deadline) = earliest(self.timers.poll_timeout(), stalled_by) else {
+                return;
+            };
             if !self.poll_deadline(cx, deadline) && self.armed.is_some() {
                 return;
             }
             self.progressed = true;
+            if stalled_by.is_some_and(|by| now() >= by) {
+                // The peer took nothing for the write timeout: the connection fails (its
+                // error, then 1006) as a failed write does.
+                self.stall = Stall::default();
+                self.write_failed(write_timed_out(self.write_timeout));
+                return;
+            }
             match self
                 .timers
                 .handle_timeout(now(), &self.timer_config, &mut self.driver)

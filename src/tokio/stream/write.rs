@@ -206,8 +206,31 @@ pub(super) fn recycle(message: Message<'_>, spare: &mut Vec<u8>) {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
-    /// Writes the pending output until the transport would block; then flushes.
+    /// Writes the pending output until the transport would block; then flushes. While the
+    /// connection is open, output left waiting on a full transport starts (or keeps) the
+    /// write timeout's clock, and the timer is armed for it.
     pub(super) fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let before = self.unwritten();
+        // A frame written straight from its payload went out since the last look.
+        let went_direct = self.outbox.unflushed;
+        let poll = self.poll_write_all(cx);
+        if self.phase == Phase::Open {
+            let progressed = went_direct || self.unwritten() < before;
+            self.stall.update(progressed, poll.is_pending(), super::now);
+            // Armed unless an earlier deadline is (its wake-up runs the deadlines, which
+            // arm the next); firing that one here would leave it unhandled.
+            if let Some(by) = self.stall.deadline(self.write_timeout)
+                && self.armed.is_none_or(|armed| armed > by)
+                && self.poll_deadline(cx, by)
+            {
+                // Already past: the next poll's deadlines fail the connection.
+                cx.waker().wake_by_ref();
+            }
+        }
+        poll
+    }
+
+    fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if std::mem::take(&mut self.outbox.unflushed) {
             self.flushed = false;
         }
