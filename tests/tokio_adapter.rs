@@ -1355,3 +1355,22 @@ async fn a_peer_that_reads_nothing_fails_the_split_api_at_the_write_timeout() {
     })
     .await;
 }
+
+/// A peer that answers only the latest of two pings (RFC 6455 §5.5.3 allows it): the one
+/// pong answers both receipts, not only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pong_for_the_latest_ping_answers_the_earlier_ones_too() {
+    bounded(60, async {
+        let (tx, rx, mut peer) = hand_driven_peer().await;
+        let _events = forward_events(rx);
+        let first = tx.ping("one").await.unwrap();
+        let second = tx.ping("two").await.unwrap();
+        // The peer has read neither ping; its pong answers the latest.
+        peer.send(TMessage::Pong("two".into())).await.unwrap();
+        let (first, second) = tokio::join!(first, second);
+        first.unwrap();
+        second.unwrap();
+        tx.close_connection(1000, "").await.unwrap();
+    })
+    .await;
+}

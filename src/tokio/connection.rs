@@ -91,7 +91,7 @@ where
             shared: shared.clone(),
             commands: command_rx,
             written: VecDeque::new(),
-            pongs: Vec::new(),
+            pongs: PingReceipts::default(),
             events: event_tx,
             close_seen: false,
             credit: false,
@@ -122,8 +122,8 @@ struct Connection<S> {
     commands: mpsc::Receiver<Queued>,
     /// Receipts of confirmed sends, in send order, until their frame is written.
     written: VecDeque<(SendToken, oneshot::Sender<()>)>,
-    /// Pings waiting for their pong: payload and receipt, oldest first.
-    pongs: Vec<(Vec<u8>, oneshot::Sender<()>)>,
+    /// Pings waiting for their pong.
+    pongs: PingReceipts,
     events: mpsc::Sender<Event<'static>>,
     /// A `Close` went into the inbox: nothing may follow it.
     close_seen: bool,
@@ -144,6 +144,37 @@ enum Step {
     Event(Option<Event<'static>>),
     /// Bytes were written or a deadline fired.
     Progress,
+}
+
+/// The pings of [`WsSender::ping`] waiting for their pong: payload and receipt, oldest
+/// first.
+#[derive(Debug, Default)]
+struct PingReceipts(Vec<(Vec<u8>, oneshot::Sender<()>)>);
+
+impl PingReceipts {
+    /// A ping went out. Receipts dropped meanwhile (an app's `timeout` around one that
+    /// never got its pong) go first: only receipts someone still holds are kept.
+    fn add(&mut self, payload: Vec<u8>, done: oneshot::Sender<()>) {
+        self.0.retain(|(_, done)| !done.is_closed());
+        self.0.push((payload, done));
+    }
+
+    /// A pong arrived: it answers the oldest ping with its payload and every ping sent
+    /// before that one (RFC 6455 §5.5.3 lets a peer answer only the latest of the pings it
+    /// had not answered yet, and it read them in order). A pong that matches none (an
+    /// unsolicited one) answers nothing.
+    fn pong(&mut self, payload: &[u8]) {
+        if let Some(at) = self.0.iter().position(|(p, _)| p[..] == payload[..]) {
+            for (_, done) in self.0.drain(..=at) {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// No pong comes any more: the receipts fail.
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// Marks the connection finished when dropped: the end of the task, however it came.
@@ -183,11 +214,7 @@ where
                 // No pong comes after the close: the pings' receipts fail.
                 self.pongs.clear();
             }
-            Event::Pong(ref payload) => {
-                if let Some(at) = self.pongs.iter().position(|(p, _)| p[..] == payload[..]) {
-                    let _ = self.pongs.remove(at).1.send(());
-                }
-            }
+            Event::Pong(ref payload) => self.pongs.pong(payload),
             _ => {}
         }
         self.credit = false;
@@ -232,7 +259,7 @@ where
         };
         match (sent, ack, ping) {
             (Ok(token), Some(Ack::Written(done)), _) => self.written.push_back((token, done)),
-            (Ok(_), Some(Ack::Pong(done)), Some(payload)) => self.pongs.push((payload, done)),
+            (Ok(_), Some(Ack::Pong(done)), Some(payload)) => self.pongs.add(payload, done),
             _ => {}
         }
         self.shared
@@ -380,5 +407,53 @@ where
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(receipts: &PingReceipts) -> Vec<&[u8]> {
+        receipts.0.iter().map(|(p, _)| &p[..]).collect()
+    }
+
+    #[test]
+    fn a_pong_answers_its_ping_and_every_earlier_one_only() {
+        let mut receipts = PingReceipts::default();
+        let mut rx: Vec<_> = [b"a", b"b", b"c"]
+            .into_iter()
+            .map(|p| {
+                let (tx, rx) = oneshot::channel();
+                receipts.add(p.to_vec(), tx);
+                rx
+            })
+            .collect();
+        // Unsolicited: nothing.
+        receipts.pong(b"z");
+        assert_eq!(waiting(&receipts), [b"a", b"b", b"c"]);
+        receipts.pong(b"b");
+        assert_eq!(waiting(&receipts), [b"c"]);
+        assert_eq!(rx[0].try_recv(), Ok(()));
+        assert_eq!(rx[1].try_recv(), Ok(()));
+        assert!(rx[2].try_recv().is_err(), "c is still waiting");
+        receipts.clear();
+        assert_eq!(rx[2].try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[test]
+    fn dropped_receipts_are_let_go_at_the_next_ping() {
+        let mut receipts = PingReceipts::default();
+        for n in 0..1000u32 {
+            let (tx, rx) = oneshot::channel();
+            receipts.add(n.to_le_bytes().to_vec(), tx);
+            // The app gave up on it (a timeout around a pong that never came).
+            drop(rx);
+        }
+        // Only the newest, whose receipt was dropped after the last `add`, is left.
+        assert_eq!(receipts.0.len(), 1);
+        let (tx, _kept) = oneshot::channel();
+        receipts.add(b"kept".to_vec(), tx);
+        assert_eq!(waiting(&receipts), [b"kept"]);
     }
 }

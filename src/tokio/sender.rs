@@ -145,14 +145,15 @@ impl WsSender {
     /// `(send-ping ws msg fn)`). The pong also comes out of the receiver as [`Event::Pong`].
     ///
     /// Pongs are matched by payload, oldest ping first, so give concurrent pings distinct
-    /// payloads (a pong answering only the latest of several pings, as RFC 6455 allows,
-    /// leaves the earlier ones waiting). The receipt fails with [`UsageError::NotOpen`]
+    /// payloads; a pong also answers every ping sent before its own (RFC 6455 lets a peer
+    /// answer only the latest of several pings). The receipt fails with [`UsageError::NotOpen`]
     /// when the connection closes before the pong. Pongs are read like all input: while
     /// the connection is open, only as the [`WsReceiver`](super::WsReceiver) asks for
     /// events, so keep polling it.
     ///
     /// Cost: one `tokio::sync::oneshot` channel and a copy of the payload per ping, held by
-    /// the connection task until the pong or the close.
+    /// the connection task until the pong, the close, or the next ping after the receipt
+    /// was dropped.
     ///
     /// ```no_run
     /// # async fn demo(tx: websocket_driver::tokio::WsSender) -> Result<(), websocket_driver::Error> {
