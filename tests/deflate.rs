@@ -782,9 +782,10 @@ fn fragmented_compressed_size_on_the_wire_at_limit_and_over() {
         );
         for (over, ok) in [(0, true), (1, false)] {
             let (_, mut server) = deflate_pair(&on(), &on().max_length(max));
-            // A first fragment of 10 bytes (never inflated: the message does not end),
-            // empty continuations, then one declaring the rest of the limit.
-            let mut wire = client_frame(0x42, &[0; 10]);
+            // A first fragment of 10 bytes (valid deflate data, inflated as it comes: a
+            // stored block of 65 535 bytes begins, 5 of them here), empty continuations,
+            // then one declaring the rest of the limit.
+            let mut wire = client_frame(0x42, &[0x00, 0xff, 0xff, 0x00, 0x00, 1, 2, 3, 4, 5]);
             for _ in 0..empty {
                 wire.extend(client_frame(0x00, &[]));
             }
@@ -1152,4 +1153,19 @@ mod properties {
             }
         }
     }
+}
+
+/// Deflate data is inflated as it arrives: a first fragment that is not deflate data
+/// fails with 1007 at once, not when the message's last fragment (which never comes
+/// here) would have made it whole.
+#[test]
+fn bad_deflate_data_fails_before_the_message_ends() {
+    let (_, mut server) = deflate_pair(&on(), &on());
+    // A stored block whose length and its complement disagree.
+    let wire = client_frame(0x42, &[0; 10]);
+    assert_failed(
+        &feed(&mut server, &wire),
+        ProtocolError::InvalidCompressedData,
+        1007,
+    );
 }

@@ -508,6 +508,29 @@ struct SharedCodecs {
 
 thread_local! {
     static SHARED: RefCell<SharedCodecs> = RefCell::new(SharedCodecs::default());
+    /// A message's own inflate stream, given back at the message's end for the next one
+    /// on this thread (a connection without the peer's context takeover needs one only
+    /// while a compressed message arrives in pieces).
+    static SPARE_STREAM: RefCell<Option<Box<Decompress>>> = const { RefCell::new(None) };
+}
+
+/// A fresh full-window inflate stream for one message: this thread's spare, reset, or a
+/// new one.
+fn message_stream() -> Box<Decompress> {
+    match SPARE_STREAM.with(|spare| spare.borrow_mut().take()) {
+        Some(mut d) => {
+            d.reset(false);
+            d
+        }
+        None => Box::new(Decompress::new_with_window_bits(false, MAX_WINDOW_BITS)),
+    }
+}
+
+/// Gives a message's inflate stream back to this thread, if it holds none.
+fn give_back_stream(d: Box<Decompress>) {
+    SPARE_STREAM.with(|spare| {
+        spare.borrow_mut().get_or_insert(d);
+    });
 }
 
 /// Runs `f` with this thread's shared compressor for `bits` and `level`, reset.
@@ -590,48 +613,72 @@ fn inflate_message(
     input: &[u8],
     max_length: usize,
 ) -> Result<(Vec<u8>, bool), InflateError> {
+    let mut out = Vec::new();
+    if inflate_onto(d, input, &mut out, max_length)? {
+        return Ok((out, true));
+    }
+    let ended = inflate_tail(d, &mut out, max_length)?;
+    Ok((out, ended))
+}
+
+/// Inflates `input` onto the end of `out`, growing it geometrically and never past
+/// `max_length + 1` bytes. Returns whether the stream ended with a final block (input
+/// after it is ignored).
+fn inflate_onto(
+    d: &mut Decompress,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    max_length: usize,
+) -> Result<bool, InflateError> {
     let limit = max_length.saturating_add(1);
-    let mut out: Vec<u8> = Vec::new();
-    let mut before_tail = 0;
-    for part in [input, &SYNC_TAIL[..]] {
-        before_tail = out.len();
-        let start = d.total_in();
-        loop {
-            if out.len() == out.capacity() {
-                if out.len() >= limit {
-                    return Err(InflateError::TooBig);
-                }
-                let step = if out.capacity() == 0 {
-                    INFLATE_FIRST_STEP.max(input.len().saturating_mul(4))
-                } else {
-                    out.len()
-                };
-                out.reserve_exact(step.min(limit - out.len()));
-            }
-            let status = d
-                .decompress_vec(
-                    &part[(d.total_in() - start) as usize..],
-                    &mut out,
-                    FlushDecompress::Sync,
-                )
-                .map_err(|_| InflateError::Corrupt)?;
-            if out.len() > max_length {
+    let start = d.total_in();
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() >= limit {
                 return Err(InflateError::TooBig);
             }
-            match status {
-                flate2::Status::StreamEnd => return Ok((out, true)),
-                flate2::Status::Ok | flate2::Status::BufError => {}
-            }
-            let used = (d.total_in() - start) as usize;
-            if used == part.len() && out.len() < out.capacity() {
-                break;
-            }
+            let step = if out.capacity() == 0 {
+                INFLATE_FIRST_STEP.max(input.len().saturating_mul(4))
+            } else {
+                out.len()
+            };
+            out.reserve_exact(step.min(limit - out.len()));
         }
+        let status = d
+            .decompress_vec(
+                &input[(d.total_in() - start) as usize..],
+                out,
+                FlushDecompress::Sync,
+            )
+            .map_err(|_| InflateError::Corrupt)?;
+        if out.len() > max_length {
+            return Err(InflateError::TooBig);
+        }
+        if status == flate2::Status::StreamEnd {
+            return Ok(true);
+        }
+        let used = (d.total_in() - start) as usize;
+        if used == input.len() && out.len() < out.capacity() {
+            return Ok(false);
+        }
+    }
+}
+
+/// Ends a message: inflates the flush's tail (RFC 7692 §7.2.2), which must add nothing
+/// (see [`inflate_message`]). Returns whether the stream ended with a final block.
+fn inflate_tail(
+    d: &mut Decompress,
+    out: &mut Vec<u8>,
+    max_length: usize,
+) -> Result<bool, InflateError> {
+    let before_tail = out.len();
+    if inflate_onto(d, &SYNC_TAIL, out, max_length)? {
+        return Ok(true);
     }
     if out.len() != before_tail {
         return Err(InflateError::Corrupt);
     }
-    Ok((out, false))
+    Ok(false)
 }
 
 /// A connection's permessage-deflate state, once agreed.
@@ -644,6 +691,13 @@ pub(crate) struct DeflateState {
     compressor: Option<Box<Compress>>,
     /// The peer's stream: only with its context takeover, made on first use.
     decompressor: Option<Box<Decompress>>,
+    /// Without the peer's context takeover: the stream of the one message being inflated
+    /// piece by piece ([`DeflateState::inflate_piece`]), given back to the thread at its
+    /// end.
+    message_stream: Option<Box<Decompress>>,
+    /// The peer's stream ended (a final block) inside the message being inflated piece by
+    /// piece: the rest of its data is ignored, as [`DeflateState::inflate`] ignores it.
+    message_ended: bool,
 }
 
 impl std::fmt::Debug for DeflateState {
@@ -652,6 +706,7 @@ impl std::fmt::Debug for DeflateState {
             .field("params", &self.params)
             .field("compressor", &self.compressor.is_some())
             .field("decompressor", &self.decompressor.is_some())
+            .field("message_stream", &self.message_stream.is_some())
             .finish()
     }
 }
@@ -665,6 +720,8 @@ impl DeflateState {
             threshold: options.threshold,
             compressor: None,
             decompressor: None,
+            message_stream: None,
+            message_ended: false,
         }
     }
 
@@ -714,7 +771,7 @@ impl DeflateState {
 
     /// Whether zlib state is held between messages (for the idle-cost accounting).
     pub(crate) fn holds_streams(&self) -> bool {
-        self.compressor.is_some() || self.decompressor.is_some()
+        self.compressor.is_some() || self.decompressor.is_some() || self.message_stream.is_some()
     }
 
     /// Appends a compressed frame (RSV1 set) of `payload` to `out` and returns its length,
@@ -786,6 +843,75 @@ impl DeflateState {
             self.decompressor = None;
         }
         result.map(|(out, _)| out)
+    }
+
+    /// Inflates a piece of a compressed message that arrives in pieces (fragments, or
+    /// reads of a frame) onto `out`, so that only the inflated message is held, not its
+    /// compressed bytes too. Pieces arrive in order; end the message with
+    /// [`DeflateState::inflate_end`]. An error leaves the stream unusable: the connection
+    /// fails.
+    pub(crate) fn inflate_piece(
+        &mut self,
+        piece: &[u8],
+        out: &mut Vec<u8>,
+        max_length: usize,
+    ) -> Result<(), InflateError> {
+        if piece.is_empty() || self.message_ended {
+            return Ok(());
+        }
+        let d = self.message_decompressor();
+        let result = inflate_onto(d, piece, out, max_length);
+        self.message_ended = matches!(result, Ok(true));
+        result.map(drop)
+    }
+
+    /// Ends a message inflated with [`DeflateState::inflate_piece`]: its flush's tail,
+    /// then the stream is kept (context takeover) or dropped. `wire`: the message's
+    /// compressed bytes; none is an empty message, and leaves the stream as it was.
+    pub(crate) fn inflate_end(
+        &mut self,
+        out: &mut Vec<u8>,
+        wire: usize,
+        max_length: usize,
+    ) -> Result<(), InflateError> {
+        if wire == 0 {
+            return Ok(());
+        }
+        let result = if std::mem::take(&mut self.message_ended) {
+            Ok(true)
+        } else {
+            inflate_tail(self.message_decompressor(), out, max_length)
+        };
+        if let Some(d) = self.message_stream.take() {
+            give_back_stream(d);
+        }
+        if !matches!(result, Ok(false)) {
+            // A final block ends the peer's stream; an error leaves it unusable anyway.
+            self.decompressor = None;
+        }
+        result.map(drop)
+    }
+
+    /// Drops the peer's streams: the connection reads no more.
+    pub(crate) fn stop_inflating(&mut self) {
+        self.decompressor = None;
+        if let Some(d) = self.message_stream.take() {
+            give_back_stream(d);
+        }
+        self.message_ended = false;
+    }
+
+    /// The stream a message in pieces inflates through: the kept one (the peer's context
+    /// takeover), or one of the message's own (the thread's shared one serves only a
+    /// message inflated in one call).
+    fn message_decompressor(&mut self) -> &mut Decompress {
+        if self.peer_no_context_takeover() {
+            self.message_stream.get_or_insert_with(message_stream)
+        } else {
+            let bits = self.peer_window_bits();
+            self.decompressor
+                .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)))
+        }
     }
 }
 

@@ -467,6 +467,11 @@ impl Driver {
         self.stage = Stage::Stopped;
         self.message = None;
         self.take_control();
+        // No input is parsed any more: the peer's inflate streams go now, not with the
+        // driver.
+        if let Some(deflate) = self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut()) {
+            deflate.stop_inflating();
+        }
     }
 
     fn occasional(&mut self) -> &mut Occasional {

@@ -43,11 +43,18 @@ pub const EAGER_RESERVE: usize = 1 << 20;
 #[derive(Debug)]
 pub(super) struct PartialMessage {
     text: bool,
-    /// RSV1 on its first frame: `buf` holds deflate data, inflated at the last frame.
+    /// RSV1 on its first frame: its deflate data is inflated into `buf` as it arrives
+    /// (`wire` counts it), so only the inflated message is held.
     compressed: bool,
     /// Frames after the first so far (each may carry a flush's overhead when compressed).
     continuations: u32,
+    /// The message so far (inflated, if compressed).
     buf: Vec<u8>,
+    /// Compressed: the deflate bytes received so far, which the wire limit bounds.
+    wire: usize,
+    /// Compressed: the buffer lent to the transport for deflate data, inflated from when
+    /// it comes back (kept between loans).
+    staging: Vec<u8>,
     utf8: Utf8Validator,
     /// `buf` is with the transport ([`Driver::lend_payload_buffer`]).
     lent: bool,
@@ -60,19 +67,11 @@ impl PartialMessage {
             compressed: header.rsv != 0,
             continuations: 0,
             buf: Vec::new(),
+            wire: 0,
+            staging: Vec::new(),
             utf8: Utf8Validator::new(),
             lent: false,
         })
-    }
-
-    /// The most bytes `buf` may hold: `max_length`, or for deflate data its worst-case
-    /// size.
-    fn limit(&self, max_length: usize) -> usize {
-        if self.compressed {
-            compressed_limit_fragmented(max_length, self.continuations as usize)
-        } else {
-            max_length
-        }
     }
 
     /// Makes room for `more` bytes of a frame that has `remaining` (at least `more`) left,
@@ -276,7 +275,7 @@ impl Driver {
         let (buffered, compressed, continuations) = match (h.opcode, &self.message) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
             (OpCode::Continuation, Some(m)) => (
-                m.buf.len() as u64,
+                if m.compressed { m.wire } else { m.buf.len() } as u64,
                 m.compressed,
                 m.continuations as usize + 1,
             ),
@@ -318,15 +317,21 @@ impl Driver {
             .as_deref_mut()
             .and_then(|a| a.deflate.as_mut())
             .expect("RSV1 is accepted only with deflate");
-        let bytes = match deflate.inflate(compressed, max) {
-            Ok(bytes) => bytes,
-            Err(InflateError::TooBig) => {
-                return self.fail(total, ProtocolError::InflatedTooLarge { max });
-            }
-            Err(InflateError::Corrupt) => {
-                return self.fail(total, ProtocolError::InvalidCompressedData);
-            }
-        };
+        match deflate.inflate(compressed, max) {
+            Ok(bytes) => self.inflated_message(total, pos, text, bytes),
+            Err(e) => self.fail(total, inflate_failure(e, max)),
+        }
+    }
+
+    /// A compressed message's inflated bytes as its event (1007 for text that is not
+    /// UTF-8).
+    fn inflated_message<'i>(
+        &mut self,
+        total: usize,
+        pos: usize,
+        text: bool,
+        bytes: Vec<u8>,
+    ) -> (usize, Option<Event<'i>>) {
         let message = if text {
             match String::from_utf8(bytes) {
                 Ok(text) => Message::Text(Cow::Owned(text)),
@@ -452,14 +457,26 @@ impl Driver {
                             .message
                             .get_or_insert_with(|| PartialMessage::new(&header));
                         assert!(!message.lent, "input while the payload buffer is lent");
-                        let max = message.limit(max_length);
-                        // Compressed text is checked once inflated.
-                        if message.text && !message.compressed && message.utf8.feed(chunk).is_err()
-                        {
-                            return self.fail(total, ProtocolError::InvalidUtf8);
+                        if message.compressed {
+                            // Inflated as it comes; its text is checked once whole.
+                            message.wire += chunk.len();
+                            let deflate = self
+                                .agreed
+                                .as_deref_mut()
+                                .and_then(|a| a.deflate.as_mut())
+                                .expect("RSV1 is accepted only with deflate");
+                            if let Err(e) =
+                                deflate.inflate_piece(chunk, &mut message.buf, max_length)
+                            {
+                                return self.fail(total, inflate_failure(e, max_length));
+                            }
+                        } else {
+                            if message.text && message.utf8.feed(chunk).is_err() {
+                                return self.fail(total, ProtocolError::InvalidUtf8);
+                            }
+                            message.reserve(chunk.len(), remaining, max_length);
+                            message.buf.extend_from_slice(chunk);
                         }
-                        message.reserve(chunk.len(), remaining, max);
-                        message.buf.extend_from_slice(chunk);
                     }
                     if done < header.payload_len {
                         self.stage = Stage::Payload { header, done };
@@ -474,9 +491,19 @@ impl Driver {
                         };
                     }
                     if header.fin {
-                        let message = self.message.take().expect("a data frame has a message");
+                        let mut message = self.message.take().expect("a data frame has a message");
                         if message.compressed {
-                            return self.inflated(total, pos, message.text, &message.buf);
+                            let max = self.max_length;
+                            let deflate = self
+                                .agreed
+                                .as_deref_mut()
+                                .and_then(|a| a.deflate.as_mut())
+                                .expect("RSV1 is accepted only with deflate");
+                            if let Err(e) = deflate.inflate_end(&mut message.buf, message.wire, max)
+                            {
+                                return self.fail(total, inflate_failure(e, max));
+                            }
+                            return self.inflated_message(total, pos, message.text, message.buf);
                         }
                         let event = if message.text {
                             if !message.utf8.is_complete() {
@@ -568,7 +595,9 @@ impl Driver {
     /// than `min` bytes of the frame are to come: the transport then reads into its own
     /// buffer and feeds [`Driver::poll_event`] as usual. What is lent is the driver's own
     /// buffer, moved out: no copy, and nothing is allocated beyond what reassembling the
-    /// message would have allocated anyway.
+    /// message would have allocated anyway. A compressed (permessage-deflate) message's
+    /// data goes instead into a buffer of its own, empty when lent and with room for at
+    /// most `min` bytes, which is inflated into the message when it comes back.
     ///
     /// Give the buffer back with [`Driver::payload_received`] before feeding
     /// [`Driver::poll_event`] more bytes. Commands (sends, a close) may come in between,
@@ -615,8 +644,16 @@ impl Driver {
         if message.lent {
             return None;
         }
-        let max = message.limit(max_length);
-        message.reserve(min.max(1), remaining, max);
+        if message.compressed {
+            // Deflate data goes to a buffer of its own, inflated into the message when it
+            // comes back: at most `min` of it at a time.
+            message.staging.clear();
+            message.staging.reserve_exact(min.max(1));
+            let room = message.staging.capacity().min(remaining as usize);
+            message.lent = true;
+            return Some((std::mem::take(&mut message.staging), room));
+        }
+        message.reserve(min.max(1), remaining, max_length);
         let room = (message.buf.capacity() - message.buf.len()).min(remaining as usize);
         message.lent = true;
         Some((std::mem::take(&mut message.buf), room))
@@ -650,13 +687,26 @@ impl Driver {
             apply_mask(&mut buf[piece.clone()], key, done as usize);
         }
         message.lent = false;
-        let bad_text =
-            message.text && !message.compressed && message.utf8.feed(&buf[piece]).is_err();
-        message.buf = buf;
-        if bad_text {
+        let failure = if message.compressed {
+            message.wire += n;
+            let max_length = self.max_length;
+            let deflate = self
+                .agreed
+                .as_deref_mut()
+                .and_then(|a| a.deflate.as_mut())
+                .expect("RSV1 is accepted only with deflate");
+            let inflated = deflate.inflate_piece(&buf[piece], &mut message.buf, max_length);
+            buf.clear();
+            message.staging = buf;
+            inflated.err().map(|e| inflate_failure(e, max_length))
+        } else {
+            let bad_text = message.text && message.utf8.feed(&buf[piece]).is_err();
+            message.buf = buf;
+            bad_text.then_some(ProtocolError::InvalidUtf8)
+        };
+        if let Some(failure) = failure {
             // The error comes before the close `fail` queues, as it does from `poll_event`.
-            let (_, error): (usize, Option<Event<'static>>) =
-                self.fail(0, ProtocolError::InvalidUtf8);
+            let (_, error): (usize, Option<Event<'static>>) = self.fail(0, failure);
             if let Some(error) = error {
                 self.queue_event_first(error);
             }
@@ -690,6 +740,15 @@ impl Driver {
         self.stop();
         self.queue_close(close_code, reason);
         (consumed, Some(Event::Error(Error::Protocol(error))))
+    }
+}
+
+/// The protocol error of a compressed message that could not be inflated: 1009 past
+/// `max_length`, 1007 for bad deflate data.
+fn inflate_failure(e: InflateError, max_length: usize) -> ProtocolError {
+    match e {
+        InflateError::TooBig => ProtocolError::InflatedTooLarge { max: max_length },
+        InflateError::Corrupt => ProtocolError::InvalidCompressedData,
     }
 }
 
@@ -1190,7 +1249,7 @@ mod tests {
     }
 
     /// A compressed (RSV1) message's deflate data is received into the lent buffer the
-    /// same way, and inflated once whole.
+    /// same way (a buffer of its own, inflated from as each piece comes back).
     #[test]
     fn a_compressed_frame_is_received_into_the_lent_buffer_and_inflated() {
         use crate::protocol::deflate::{DeflateOptions, DeflateParams, DeflateState};
@@ -1227,6 +1286,77 @@ mod tests {
         assert!(
             matches!(&events[..], [Event::Message(Message::Binary(b))] if b[..] == payload[..])
         );
+    }
+
+    /// A compressed message is inflated as it arrives: one that inflates past
+    /// `max_length` fails with 1009 while most of its deflate data is still to come
+    /// (through `poll_event` and through lent buffers alike), and nothing of it is held
+    /// beyond `max_length` + 1 bytes of output. Without the client's context takeover, so
+    /// the message inflates through a stream of its own; with it, through the kept one.
+    #[test]
+    fn a_compressed_message_that_inflates_too_far_fails_as_it_arrives() {
+        use crate::protocol::deflate::{DeflateOptions, DeflateParams, DeflateState};
+        for takeover in [false, true] {
+            for lent in [false, true] {
+                let offer = if takeover {
+                    "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+                } else {
+                    "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n"
+                };
+                let options = Options::default().deflate(true).max_length(100_000);
+                let (mut driver, response) = open_server_with(&options, offer);
+                assert!(response.contains("permessage-deflate"), "deflate agreed");
+                let params = DeflateParams {
+                    server_no_context_takeover: false,
+                    client_no_context_takeover: !takeover,
+                    server_max_window_bits: 15,
+                    client_max_window_bits: 15,
+                };
+                let mut client =
+                    DeflateState::new(params, Role::Client, &DeflateOptions::default());
+                // 8 MB of zeros: a few KiB compressed, within the wire limit.
+                let payload = vec![0u8; 8_000_000];
+                let mut frame = Vec::new();
+                client
+                    .write_frame(&mut frame, OpCode::Binary, &payload, Some(KEY))
+                    .expect("compressed");
+                assert!(frame.len() < 100_000, "{} bytes on the wire", frame.len());
+                let mut events = feed(&mut driver, frame[..20].to_vec());
+                let mut at = 20;
+                while events.is_empty() && at < frame.len() {
+                    if lent {
+                        let (mut buf, room) = driver.lend_payload_buffer(1).expect("lent");
+                        let n = room.min(16).min(frame.len() - at);
+                        buf.extend_from_slice(&frame[at..at + n]);
+                        driver.payload_received(buf, n);
+                        at += n;
+                        events = feed(&mut driver, Vec::new());
+                    } else {
+                        let n = 16.min(frame.len() - at);
+                        events = feed(&mut driver, frame[at..at + n].to_vec());
+                        at += n;
+                    }
+                }
+                assert!(
+                    matches!(
+                        &events[..],
+                        [
+                            Event::Error(Error::Protocol(ProtocolError::InflatedTooLarge {
+                                max: 100_000
+                            })),
+                            Event::Close { code: 1009, .. }
+                        ]
+                    ),
+                    "{events:?}"
+                );
+                // 100 000 bytes inflate from a small part of the wire's bytes.
+                assert!(
+                    at < frame.len() / 10,
+                    "failed after {at} of {} bytes",
+                    frame.len()
+                );
+            }
+        }
     }
 
     #[test]
