@@ -1687,3 +1687,170 @@ async fn a_write_timeout_of_duration_max_means_never() {
     assert_eq!(ws.ready_state(), ReadyState::Open);
     drop(peer);
 }
+// ---- the write timeout: an app busy elsewhere, a transport that buffers ----
+
+/// The app is busy elsewhere (not polling the stream) for longer than the write timeout
+/// while output waits; the peer reads everything it was given meanwhile, and more room
+/// is there at once. The next poll of the stream must write, not fail the connection: the
+/// transport did not refuse anything for the write timeout, nobody asked it.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_read_while_the_app_was_busy_is_not_cut_off_by_flush() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (mut ws, mut peer) = piped(64 * 1024, &config).await;
+    let len = 256 * 1024;
+    // Under the 1 MiB limit: queued at once; the pipe takes 64 KiB, the rest waits.
+    ws.send_binary(vec![1u8; len]).await.unwrap();
+    assert!(ws.buffered_amount() > 0);
+    let reader = tokio::spawn(async move {
+        // The peer reads all along.
+        match peer.next_event().await {
+            Event::Message(m) => assert_eq!(m.as_bytes().len(), len),
+            other => panic!("{other:?}"),
+        }
+        peer
+    });
+    // Busy with something else (a slow database call, say) for longer than the timeout.
+    tokio::time::sleep(timeout * 2).await;
+    let flushed = ws.flush().await;
+    assert!(flushed.is_ok(), "cut off though the peer read: {flushed:?}");
+    let _peer = reader.await.unwrap();
+}
+
+/// The same through `next` (an app that handles each message slowly before asking for
+/// the next).
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_read_while_the_app_was_busy_is_not_cut_off_by_next() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (mut ws, mut peer) = piped(64 * 1024, &config).await;
+    let len = 256 * 1024;
+    ws.send_binary(vec![1u8; len]).await.unwrap();
+    let reader = tokio::spawn(async move {
+        match peer.next_event().await {
+            Event::Message(m) => assert_eq!(m.as_bytes().len(), len),
+            other => panic!("{other:?}"),
+        }
+        peer.driver.send_text("next request").unwrap();
+        peer.send_queued().await;
+        peer
+    });
+    tokio::time::sleep(timeout * 2).await;
+    let event = tokio::time::timeout(std::time::Duration::from_secs(600), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(event, Some(Event::Message(_))),
+        "cut off though the peer read: {event:?}"
+    );
+    let _peer = reader.await.unwrap();
+}
+
+/// A transport with a send buffer of its own in front of the pipe, as TLS has (tokio-rustls
+/// takes plaintext into records up to its buffer limit, writes them out as the socket
+/// takes them, and its `poll_flush` writes out the rest).
+struct Layered {
+    inner: DuplexStream,
+    out: Vec<u8>,
+    cap: usize,
+}
+
+impl Layered {
+    fn poll_drain(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while !self.out.is_empty() {
+            let n =
+                std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            self.out.drain(..n);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncRead for Layered {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Layered {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let std::task::Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let take = buf.len().min(this.cap - this.out.len());
+        if take == 0 {
+            // The drain above is pending on the pipe: woken when the peer reads.
+            return std::task::Poll::Pending;
+        }
+        this.out.extend_from_slice(&buf[..take]);
+        std::task::Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+/// A flush that the write timeout ends must fail ("a send or flush waiting on it fails"),
+/// also where the transport, not the stream, still holds the output (a buffering layer
+/// whose `poll_flush` waits on a peer that reads nothing).
+#[tokio::test(start_paused = true)]
+async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (server_end, mut client_end) = duplex(4 * 1024);
+    let client = send_client_request(&mut client_end, "ws://pipe/").await;
+    let layered = Layered {
+        inner: server_end,
+        out: Vec::new(),
+        cap: 64 * 1024,
+    };
+    let mut ws = WebSocketStream::accept_with(layered, &Options::default(), &config, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Event::Open)));
+    let mut peer = Peer {
+        io: client_end,
+        driver: client,
+        input: Vec::new(),
+    };
+    assert!(matches!(peer.next_event().await, Event::Open));
+    // The peer reads nothing from now on. 32 KiB: all taken by the transport's buffer, 4 KiB
+    // of it by the pipe.
+    ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(600), ws.flush())
+        .await
+        .unwrap();
+    assert!(
+        flushed.is_err(),
+        "flush reported {flushed:?}; the stream is {:?} and 28 KiB never left",
+        ws.ready_state()
+    );
+    drop(peer);
+}

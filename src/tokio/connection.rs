@@ -146,17 +146,35 @@ enum Step {
     Progress,
 }
 
-/// The pings of [`WsSender::ping`] waiting for their pong: payload and receipt, oldest
-/// first.
+/// Pings whose receipt was dropped kept as placeholders, the newest this many: their pongs
+/// may still come, and must answer them, not a later ping with the same payload.
+const DROPPED_PINGS_KEPT: usize = 16;
+
+/// The pings of [`WsSender::ping`] waiting for their pong: payload and receipt (`None`
+/// once the app dropped it), oldest first.
 #[derive(Debug, Default)]
-struct PingReceipts(Vec<(Vec<u8>, oneshot::Sender<()>)>);
+struct PingReceipts(Vec<(Vec<u8>, Option<oneshot::Sender<()>>)>);
 
 impl PingReceipts {
     /// A ping went out. Receipts dropped meanwhile (an app's `timeout` around one that
-    /// never got its pong) go first: only receipts someone still holds are kept.
+    /// never got its pong) become placeholders, and only the newest
+    /// [`DROPPED_PINGS_KEPT`] of those are kept, so a peer that never answers cannot grow
+    /// the list beyond the receipts the app still holds.
     fn add(&mut self, payload: Vec<u8>, done: oneshot::Sender<()>) {
-        self.0.retain(|(_, done)| !done.is_closed());
-        self.0.push((payload, done));
+        let mut dropped = 0;
+        for (_, done) in self.0.iter_mut().rev() {
+            if done.as_ref().is_some_and(oneshot::Sender::is_closed) {
+                *done = None;
+            }
+            dropped += usize::from(done.is_none());
+        }
+        let mut excess = dropped.saturating_sub(DROPPED_PINGS_KEPT);
+        self.0.retain(|(_, done)| {
+            let forget = excess > 0 && done.is_none();
+            excess -= usize::from(forget);
+            !forget
+        });
+        self.0.push((payload, Some(done)));
     }
 
     /// A pong arrived: it answers the oldest ping with its payload and every ping sent
@@ -166,7 +184,9 @@ impl PingReceipts {
     fn pong(&mut self, payload: &[u8]) {
         if let Some(at) = self.0.iter().position(|(p, _)| p[..] == payload[..]) {
             for (_, done) in self.0.drain(..=at) {
-                let _ = done.send(());
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
         }
     }
@@ -442,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn dropped_receipts_are_let_go_at_the_next_ping() {
+    fn dropped_receipts_are_kept_as_the_newest_placeholders_only() {
         let mut receipts = PingReceipts::default();
         for n in 0..1000u32 {
             let (tx, rx) = oneshot::channel();
@@ -450,10 +470,50 @@ mod tests {
             // The app gave up on it (a timeout around a pong that never came).
             drop(rx);
         }
-        // Only the newest, whose receipt was dropped after the last `add`, is left.
-        assert_eq!(receipts.0.len(), 1);
-        let (tx, _kept) = oneshot::channel();
+        // The newest dropped ones as placeholders, and the last, dropped after its `add`.
+        assert_eq!(receipts.0.len(), DROPPED_PINGS_KEPT + 1);
+        let (tx, mut kept) = oneshot::channel();
         receipts.add(b"kept".to_vec(), tx);
-        assert_eq!(waiting(&receipts), [b"kept"]);
+        assert_eq!(receipts.0.len(), DROPPED_PINGS_KEPT + 1);
+        assert_eq!(waiting(&receipts).last(), Some(&&b"kept"[..]));
+        assert_eq!(waiting(&receipts)[0], 984u32.to_le_bytes());
+        receipts.pong(b"kept");
+        assert_eq!(kept.try_recv(), Ok(()));
+        assert!(receipts.0.is_empty());
+    }
+
+    /// A heartbeat with one payload: the late pong of a ping whose receipt was dropped
+    /// answers that ping, not the next one.
+    #[test]
+    fn a_late_pong_for_a_dropped_ping_does_not_answer_the_next_one() {
+        let mut receipts = PingReceipts::default();
+        let (tx, rx) = oneshot::channel();
+        receipts.add(b"hb".to_vec(), tx);
+        drop(rx);
+        let (tx, mut second) = oneshot::channel();
+        receipts.add(b"hb".to_vec(), tx);
+        receipts.pong(b"hb");
+        assert!(
+            second.try_recv().is_err(),
+            "answered by the first one's pong"
+        );
+        receipts.pong(b"hb");
+        assert_eq!(second.try_recv(), Ok(()));
+    }
+
+    /// A pong for a ping whose receipt was dropped still answers the earlier ones.
+    #[test]
+    fn a_pong_for_a_dropped_ping_answers_the_earlier_ones() {
+        let mut receipts = PingReceipts::default();
+        let (tx, mut first) = oneshot::channel();
+        receipts.add(b"a".to_vec(), tx);
+        let (tx, rx) = oneshot::channel();
+        receipts.add(b"b".to_vec(), tx);
+        drop(rx);
+        let (tx, mut third) = oneshot::channel();
+        receipts.add(b"c".to_vec(), tx);
+        receipts.pong(b"b");
+        assert_eq!(first.try_recv(), Ok(()));
+        assert!(third.try_recv().is_err());
     }
 }

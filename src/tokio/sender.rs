@@ -152,8 +152,9 @@ impl WsSender {
     /// events, so keep polling it.
     ///
     /// Cost: one `tokio::sync::oneshot` channel and a copy of the payload per ping, held by
-    /// the connection task until the pong, the close, or the next ping after the receipt
-    /// was dropped.
+    /// the connection task until the pong or the close (a dropped receipt's ping is kept as
+    /// a placeholder, the newest 16 of those, so that its late pong answers it and not a
+    /// later ping with the same payload).
     ///
     /// ```no_run
     /// # async fn demo(tx: websocket_driver::tokio::WsSender) -> Result<(), websocket_driver::Error> {

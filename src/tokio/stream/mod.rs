@@ -392,7 +392,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// timeout) and arms the timer for the next.
     fn poll_timers(&mut self, cx: &mut Context<'_>) {
         loop {
-            let stalled_by = self.stall.deadline(self.write_timeout);
+            let stalled_by = if self.writing {
+                self.stall.deadline(self.write_timeout)
+            } else {
+                None
+            };
             let Some(deadline) = earliest(self.timers.poll_timeout(), stalled_by) else {
                 return;
             };
@@ -401,6 +405,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
             self.progressed = true;
             if stalled_by.is_some_and(|by| now() >= by) {
+                // The clock may have run while nobody asked the transport (an app busy
+                // elsewhere): ask once more, since a peer that read meanwhile made room.
+                if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+                    self.write_failed(e);
+                    return;
+                }
+                if self
+                    .stall
+                    .deadline(self.write_timeout)
+                    .is_none_or(|by| now() < by)
+                {
+                    continue;
+                }
                 // The peer took nothing for the write timeout: the connection fails (its
                 // error, then 1006) as a failed write does.
                 self.stall = Stall::default();

@@ -452,7 +452,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             self.poll_timers(cx);
         }
         if !self.writing {
-            return Poll::Ready(if self.unwritten() == 0 {
+            // Written and flushed, or it never will be (a transport that holds output
+            // of its own, TLS, may still have been flushing it when the connection failed).
+            return Poll::Ready(if self.unwritten() == 0 && self.flushed {
                 Ok(())
             } else {
                 Err(not_open())
