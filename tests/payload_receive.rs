@@ -110,13 +110,19 @@ fn only_frames_with_the_limit_still_to_come_are_received_into_the_message() {
         let mut rng = Rng(23);
         let min = payload_min(backend);
         for (rest, lent) in [(min - 1, false), (min, true)] {
-            // The header and 10 bytes, then (once the server has surely read them) the rest.
+            // The header and 10 bytes, then (once the server has read them: a read of
+            // both together would leave less than the limit to come) the rest.
             let message = rng.bytes(10 + rest);
             let frame = client_frame(0x80 | OpCode::Binary as u8, &message);
             let split = frame.len() - rest;
             let before = server.stats().payload_receives;
+            let bytes_before = server.stats().bytes_in;
             client.stream.write_all(&frame[..split]).unwrap();
-            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                support::eventually(Duration::from_secs(10), || server.stats().bytes_in
+                    >= bytes_before + split as u64),
+                "{backend}: the first piece was never read"
+            );
             client.stream.write_all(&frame[split..]).unwrap();
             expect_binary(&mut client, &message);
             let receives = server.stats().payload_receives - before;
@@ -233,8 +239,11 @@ fn connections_that_end_during_a_payload_receive_are_released() {
 #[test]
 fn a_slow_large_frame_keeps_an_idle_connection_alive() {
     for backend in backends() {
+        // The frame takes 10 idle periods to arrive, a piece every 50 ms: 250 ms of room
+        // for a late write on a loaded machine (with 100 ms and 20 pieces, a write 50 ms late
+        // let the keepalive ping go first).
         let config = ServerConfig {
-            idle_timeout: Some(Duration::from_millis(100)),
+            idle_timeout: Some(Duration::from_millis(300)),
             ..ServerConfig::default()
         };
         let server = server(backend, config);
@@ -242,7 +251,7 @@ fn a_slow_large_frame_keeps_an_idle_connection_alive() {
         let message = Rng(37).bytes(400_000);
         let frame = client_frame(0x80 | OpCode::Binary as u8, &message);
         let before = server.stats().payload_receives;
-        for piece in frame.chunks(frame.len() / 20 + 1) {
+        for piece in frame.chunks(frame.len() / 60 + 1) {
             client.stream.write_all(piece).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1039,7 +1039,9 @@ pub(crate) struct Spawned<S: Service> {
 }
 
 /// Spawns one loop thread on backend `B`: `prepare` on this thread, the rest on the new
-/// one.
+/// one. Returns once the backend is built there, so that a failure to build it (an
+/// io_uring ring the kernel refuses) is this call's error, not a loop thread that ended
+/// by itself while the server looked started.
 pub(crate) fn spawn<S, B>(
     name: String,
     listener: Option<TcpListener>,
@@ -1057,14 +1059,34 @@ where
     let (prepared, waker) = B::prepare()?;
     let (remote, connector, inbox) = super::channel(waker);
     let loop_remote = remote.clone();
+    let (built_tx, built) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // Built on the loop's thread: io_uring's SINGLE_ISSUER ties a ring to its creator.
-        let backend = B::new(prepared, listener)?;
+        let backend = match B::new(prepared, listener) {
+            Ok(backend) => backend,
+            Err(e) => {
+                let _ = built_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = built_tx.send(Ok(()));
         run(
             backend,
             Core::new(service, inbox, loop_remote, config, stats),
         )
     })?;
+    let failed = match built.recv() {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        // The thread ended without a word: it panicked building the backend.
+        Err(_) => Some(io::Error::other(
+            "the loop thread ended while building its backend",
+        )),
+    };
+    if let Some(e) = failed {
+        let _ = thread.join();
+        return Err(e);
+    }
     Ok(Spawned {
         remote,
         connector,
