@@ -474,6 +474,30 @@ fn bench_deflate(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // A 256 KiB JSON text compressed (no context takeover) and fed in 16 KiB reads: it is
+    // inflated read by read, through the thread's spare inflate stream.
+    let mut group = c.benchmark_group("deflate_pieces");
+    let text = json_text(256 * 1024);
+    group.throughput(Throughput::Bytes(text.len() as u64));
+    let (mut client, mut server) = open_pair_with(&Options::default().deflate(true));
+    client.send_text(&text).unwrap();
+    let frame = client.pending_output().to_vec();
+    client.consume_output(frame.len());
+    group.bench_function("receive_256KiB_json_in_16KiB_reads", |b| {
+        b.iter_batched_ref(
+            || frame.clone(),
+            |input| {
+                let mut messages = 0;
+                for piece in input.chunks_mut(16 * 1024) {
+                    messages += read_all(&mut server, piece);
+                }
+                assert_eq!(messages, 1);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
 }
 
 // ----- echoing a large message -----

@@ -1169,3 +1169,471 @@ fn bad_deflate_data_fails_before_the_message_ends() {
         1007,
     );
 }
+
+// ----- inflating in pieces: a differential stress against whole messages, and its edges -----
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+/// Feeds `wire` to `driver` in random reads, sometimes through lent buffers; returns the
+/// events.
+fn feed_randomly(driver: &mut Driver, wire: &[u8], rng: &mut Rng, max_read: usize) -> Vec<Ev> {
+    let mut at = 0;
+    let mut events = Vec::new();
+    while at < wire.len() {
+        if rng.below(3) == 0 {
+            let min = 1 + rng.below(64);
+            if let Some((mut buf, room)) = driver.lend_payload_buffer(min) {
+                let n = room.min(1 + rng.below(max_read)).min(wire.len() - at);
+                let n = if rng.below(10) == 0 { 0 } else { n };
+                buf.extend_from_slice(&wire[at..at + n]);
+                driver.payload_received(buf, n);
+                at += n;
+                events.extend(drain(driver));
+                continue;
+            }
+        }
+        let n = (1 + rng.below(max_read)).min(wire.len() - at);
+        events.extend(feed(driver, &wire[at..at + n]));
+        at += n;
+    }
+    events.extend(drain(driver));
+    events
+}
+
+#[test]
+fn pieces_stress_pieces_match_whole() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for round in 0..6000 {
+        let cnct = rng.below(2) == 0;
+        let bits = 8 + rng.below(8) as u8;
+        let opts = Options::default()
+            .max_length(1 << 20)
+            .deflate_options(DeflateOptions {
+                client_no_context_takeover: cnct,
+                server_no_context_takeover: rng.below(2) == 0,
+                client_max_window_bits: bits,
+                server_max_window_bits: 8 + rng.below(8) as u8,
+                threshold: 0,
+                ..DeflateOptions::default()
+            });
+        let (_, mut server) = deflate_pair(&opts, &opts);
+        let p = server.deflate_params().unwrap();
+        let cbits = p.client_max_window_bits.max(9);
+        let mut comp = Compress::new_with_window_bits(Compression::default(), false, cbits);
+        let mut wire = Vec::new();
+        let mut expected = Vec::new();
+        for _ in 0..(1 + rng.below(5)) {
+            let len = rng.below(20_000);
+            let data: Vec<u8> = match rng.below(3) {
+                0 => json(len).into_bytes(),
+                1 => noise(len),
+                _ => vec![b'z'; len],
+            };
+            let plain = rng.below(5) == 0;
+            let payload = if plain {
+                data.clone()
+            } else {
+                if p.client_no_context_takeover {
+                    comp = Compress::new_with_window_bits(Compression::default(), false, cbits);
+                }
+                deflate_with(&mut comp, &data)
+            };
+            let nfrag = 1 + rng.below(4);
+            let mut cuts: Vec<usize> = (0..nfrag - 1)
+                .map(|_| rng.below(payload.len() + 1))
+                .collect();
+            cuts.sort();
+            cuts.push(payload.len());
+            let mut start = 0;
+            for (i, &end) in cuts.iter().enumerate() {
+                let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
+                let b0 = if i == 0 {
+                    fin | 0x42 | if plain { 0 } else { 0x40 } - 0x40 * 0
+                } else {
+                    fin
+                };
+                let b0 = if i == 0 {
+                    (b0 & !0x40) | if plain { 0 } else { 0x40 }
+                } else {
+                    b0
+                };
+                wire.extend(client_frame(b0, &payload[start..end]));
+                start = end;
+                if rng.below(4) == 0 && fin == 0 {
+                    wire.extend(client_frame(0x89, b"p"));
+                    expected.push(Ev::Ping(b"p".to_vec()));
+                }
+            }
+            expected.push(Ev::Binary(data));
+        }
+        let max_read = [1, 7, 100, 5000, 100_000][rng.below(5)];
+        let events = feed_randomly(&mut server, &wire, &mut rng, max_read);
+        assert!(
+            events == expected,
+            "round {round} {p:?} max_read {max_read}: {} events vs {}: {:?}",
+            events.len(),
+            expected.len(),
+            events
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .map(|i| (&events[i], i))
+                .map(|(e, i)| (
+                    match e {
+                        Ev::Binary(b) => format!("bin {}", b.len()),
+                        o => format!("{o:?}"),
+                    },
+                    i
+                ))
+        );
+    }
+}
+
+#[test]
+fn pieces_stress_interleaved_connections() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..1500 {
+        let k = 2 + rng.below(3);
+        let mut conns = Vec::new();
+        for _ in 0..k {
+            let cnct = rng.below(3) != 0;
+            let opts = Options::default()
+                .max_length(1 << 20)
+                .deflate_options(DeflateOptions {
+                    client_no_context_takeover: cnct,
+                    client_max_window_bits: 8 + rng.below(8) as u8,
+                    threshold: 0,
+                    ..DeflateOptions::default()
+                });
+            let (_, server) = deflate_pair(&opts, &opts);
+            let p = server.deflate_params().unwrap();
+            let cbits = p.client_max_window_bits.max(9);
+            let mut comp = Compress::new_with_window_bits(Compression::default(), false, cbits);
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..(1 + rng.below(4)) {
+                let len = rng.below(10_000);
+                let data: Vec<u8> = match rng.below(2) {
+                    0 => json(len).into_bytes(),
+                    _ => noise(len),
+                };
+                if p.client_no_context_takeover {
+                    comp = Compress::new_with_window_bits(Compression::default(), false, cbits);
+                }
+                let payload = deflate_with(&mut comp, &data);
+                let nfrag = 1 + rng.below(4);
+                let mut cuts: Vec<usize> = (0..nfrag - 1)
+                    .map(|_| rng.below(payload.len() + 1))
+                    .collect();
+                cuts.sort();
+                cuts.push(payload.len());
+                let mut start = 0;
+                for (i, &end) in cuts.iter().enumerate() {
+                    let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
+                    let b0 = if i == 0 { fin | 0x42 } else { fin };
+                    wire.extend(client_frame(b0, &payload[start..end]));
+                    start = end;
+                }
+                expected.push(Ev::Binary(data));
+            }
+            conns.push((server, wire, 0usize, expected, Vec::new()));
+        }
+        let max_read = [1, 13, 300, 5000][rng.below(4)];
+        loop {
+            let open: Vec<usize> = (0..k).filter(|&i| conns[i].2 < conns[i].1.len()).collect();
+            if open.is_empty() {
+                break;
+            }
+            let i = open[rng.below(open.len())];
+            let (server, wire, at, _, events) = &mut conns[i];
+            let n = (1 + rng.below(max_read)).min(wire.len() - *at);
+            if rng.below(3) == 0
+                && let Some((mut buf, room)) = server.lend_payload_buffer(1)
+            {
+                let n = n.min(room);
+                buf.extend_from_slice(&wire[*at..*at + n]);
+                server.payload_received(buf, n);
+                *at += n;
+                events.extend(drain(server));
+                continue;
+            }
+            events.extend(feed(server, &wire[*at..*at + n]));
+            *at += n;
+        }
+        for (i, (server, _, _, expected, events)) in conns.iter_mut().enumerate() {
+            events.extend(drain(server));
+            assert!(
+                events == expected,
+                "round {round} conn {i}: {:?}",
+                events
+                    .iter()
+                    .map(|e| match e {
+                        Ev::Binary(b) => format!("bin {}", b.len()),
+                        o => format!("{o:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+#[test]
+fn pieces_edges() {
+    let mut rng = Rng(77);
+    // (a) max_length exact and over, any split, lent or not.
+    let limit = 20_000;
+    for data in [noise(limit), json(limit).into_bytes(), vec![b'q'; limit]] {
+        for over in [0usize, 1] {
+            let mut d = data.clone();
+            if over == 1 {
+                d.push(b'x');
+            }
+            let payload = deflate(&d);
+            for _ in 0..200 {
+                let (_, mut server) = deflate_pair(&on(), &on().max_length(limit));
+                let cut = rng.below(payload.len() + 1);
+                let mut wire = client_frame(0x42, &payload[..cut]);
+                wire.extend(client_frame(0x80, &payload[cut..]));
+                let max_read = [1, 5, 64, 3000, 100_000][rng.below(5)];
+                let events = feed_randomly(&mut server, &wire, &mut rng, max_read);
+                if over == 0 {
+                    assert!(
+                        events == vec![Ev::Binary(d.clone())],
+                        "exact: {:?}",
+                        events.len()
+                    );
+                } else {
+                    assert_failed(
+                        &events,
+                        ProtocolError::InflatedTooLarge { max: limit },
+                        1009,
+                    );
+                }
+            }
+        }
+    }
+    // (b) cut inside a block: 1007, whatever the split.
+    for data in [noise(3000), json(3000).into_bytes()] {
+        let whole = deflate(&data);
+        for c in [1, 2, 3, whole.len() / 3, whole.len() / 2, whole.len() - 1] {
+            let cut = &whole[..c];
+            for _ in 0..30 {
+                let (_, mut server) = deflate_pair(&on(), &on());
+                let k = rng.below(cut.len() + 1);
+                let mut wire = client_frame(0x42, &cut[..k]);
+                wire.extend(client_frame(0x80, &cut[k..]));
+                let max_read = [1, 5, 64, 3000][rng.below(4)];
+                let events = feed_randomly(&mut server, &wire, &mut rng, max_read);
+                let (_, mut whole_server) = deflate_pair(&on(), &on());
+                let reference = feed(&mut whole_server, &client_frame(0xc2, cut));
+                assert_eq!(events, reference, "cut {c} split {k}");
+            }
+        }
+    }
+    // (d) text not UTF-8 once inflated, in pieces.
+    let mut bad = json(5000).into_bytes();
+    bad[4000] = 0xff;
+    let payload = deflate(&bad);
+    for _ in 0..50 {
+        let (_, mut server) = deflate_pair(&on(), &on());
+        let k = rng.below(payload.len() + 1);
+        let mut wire = client_frame(0x41, &payload[..k]);
+        wire.extend(client_frame(0x80, &payload[k..]));
+        let events = feed_randomly(&mut server, &wire, &mut rng, 50);
+        assert_failed(&events, ProtocolError::InvalidUtf8, 1007);
+    }
+}
+
+#[test]
+fn pieces_client_direction_and_bfinal() {
+    let mut rng = Rng(4242);
+    for round in 0..2000 {
+        let snct = rng.below(2) == 0;
+        let opts = Options::default()
+            .max_length(1 << 20)
+            .deflate_options(DeflateOptions {
+                server_no_context_takeover: snct,
+                server_max_window_bits: 8 + rng.below(8) as u8,
+                threshold: 0,
+                ..DeflateOptions::default()
+            });
+        let (mut client, _) = deflate_pair(&opts, &opts);
+        let p = client.deflate_params().unwrap();
+        let sbits = p.server_max_window_bits.max(9);
+        let mut comp = Compress::new_with_window_bits(Compression::default(), false, sbits);
+        let mut wire = Vec::new();
+        let mut expected = Vec::new();
+        for _ in 0..(1 + rng.below(5)) {
+            let len = 1 + rng.below(8000);
+            let data = json(len).into_bytes();
+            let finish = rng.below(4) == 0;
+            if p.server_no_context_takeover || finish {
+                comp = Compress::new_with_window_bits(Compression::default(), false, sbits);
+            }
+            let mut payload = if finish {
+                let mut out = Vec::with_capacity(len + 100);
+                comp.compress_vec(&data, &mut out, FlushCompress::Finish)
+                    .unwrap();
+                // Garbage after the final block is ignored.
+                if rng.below(2) == 0 {
+                    out.extend_from_slice(&[0xde, 0xad]);
+                }
+                comp = Compress::new_with_window_bits(Compression::default(), false, sbits);
+                out
+            } else {
+                deflate_with(&mut comp, &data)
+            };
+            if payload.is_empty() {
+                payload.push(0);
+            }
+            let nfrag = 1 + rng.below(4);
+            let mut cuts: Vec<usize> = (0..nfrag - 1)
+                .map(|_| rng.below(payload.len() + 1))
+                .collect();
+            cuts.sort();
+            cuts.push(payload.len());
+            let mut start = 0;
+            for (i, &end) in cuts.iter().enumerate() {
+                let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
+                let b0 = if i == 0 { fin | 0x41 | 0x40 } else { fin };
+                wire.extend(common::raw_frame(b0, &payload[start..end], None));
+                start = end;
+            }
+            expected.push(Ev::Text(String::from_utf8(data).unwrap()));
+        }
+        let max_read = [1, 7, 100, 5000][rng.below(4)];
+        let events = feed_randomly(&mut client, &wire, &mut rng, max_read);
+        assert!(
+            events == expected,
+            "round {round} {p:?}: {:?}",
+            events
+                .iter()
+                .map(|e| match e {
+                    Ev::Text(b) => format!("text {}", b.len()),
+                    o => format!("{o:?}"),
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+/// A message cut inside a final (BFINAL) stored block: the `00 00 ff ff` tail the
+/// receiver appends completes the block as its last four bytes, so the stream "ends" and
+/// the tail's bytes are delivered as the message's. It must fail 1007 like any other
+/// message cut inside a block (RFC 7692 §7.2.2: the tail is not data).
+#[test]
+fn a_message_cut_inside_a_final_block_is_1007() {
+    // A final stored block of 10 bytes, only 6 of them sent.
+    let cut = [
+        0x01, 0x0a, 0x00, 0xf5, 0xff, b'a', b'b', b'c', b'd', b'e', b'f',
+    ];
+    // Whole (fast path).
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let events = feed(&mut server, &client_frame(0xc2, &cut));
+    assert_failed(&events, ProtocolError::InvalidCompressedData, 1007);
+    // In two fragments (inflated in pieces).
+    let (_, mut server) = deflate_pair(&on(), &on());
+    let mut wire = client_frame(0x42, &cut[..3]);
+    wire.extend(client_frame(0x80, &cut[3..]));
+    let events = feed(&mut server, &wire);
+    assert_failed(&events, ProtocolError::InvalidCompressedData, 1007);
+}
+
+/// A driver kept in a thread-local and stopped from its destructor (an "abort on drop"
+/// guard) while a compressed message is under way in pieces: `stop` gives the message's
+/// stream back to the thread's spare slot, which this thread may already have destroyed.
+/// That must not panic (a panic in a TLS destructor aborts the process). Run in a child
+/// process, since the failure is an abort.
+#[test]
+fn stopping_in_a_thread_local_destructor_does_not_abort() {
+    const CHILD: &str = "REVIEW_TLS_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        struct AbortOnDrop(Driver);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort(1001, "going away");
+            }
+        }
+        thread_local! {
+            static GUARD: std::cell::RefCell<Option<AbortOnDrop>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            // The guard's slot is registered first, so it is destroyed last.
+            GUARD.with(|_| ());
+            let (_, mut server) = deflate_pair(&on(), &on());
+            let data = deflate(json(5000).as_bytes());
+            // The first fragment only: the message is inflating through the thread's
+            // spare stream (registered now, after the guard).
+            assert_eq!(feed(&mut server, &client_frame(0x41, &data[..100])), vec![]);
+            assert!(server.holds_deflate_streams());
+            GUARD.with(|g| *g.borrow_mut() = Some(AbortOnDrop(server)));
+        })
+        .join()
+        .unwrap();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "stopping_in_a_thread_local_destructor_does_not_abort",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "child: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn pieces_failure_mid_message_then_others() {
+    let text = json(30_000);
+    let data = deflate(text.as_bytes());
+    for how in 0..3 {
+        let (_, mut b) = deflate_pair(&on(), &on());
+        // B is mid-message, on its own stream.
+        assert_eq!(feed(&mut b, &client_frame(0x41, &data[..50])), vec![]);
+        let (_, mut a) = deflate_pair(&on(), &on().max_length(1000));
+        let first = client_frame(0x41, &data[..200]);
+        let events = match how {
+            0 => feed(&mut a, &first),
+            1 => feed(&mut a, &client_frame(0x42, &[0; 10])),
+            _ => {
+                let mut e = feed(&mut a, &first);
+                e.extend(feed(&mut a, &client_frame(0x89, b"x")));
+                e.extend(feed(&mut a, &client_frame(0x88, &[0x03, 0xe8])));
+                e
+            }
+        };
+        assert!(!a.holds_deflate_streams(), "{how} {events:?}");
+        // B goes on, then C in pieces on the given-back stream.
+        let mut rest = client_frame(0x00, &data[50..300]);
+        rest.extend(client_frame(0x80, &data[300..]));
+        assert_eq!(feed(&mut b, &rest), vec![Ev::Text(text.clone())]);
+        let (_, mut c) = deflate_pair(&on(), &on());
+        let mut wire = client_frame(0x41, &data[..7]);
+        wire.extend(client_frame(0x80, &data[7..]));
+        assert_eq!(feed(&mut c, &wire), vec![Ev::Text(text.clone())]);
+        assert!(!b.holds_deflate_streams() && !c.holds_deflate_streams());
+    }
+}

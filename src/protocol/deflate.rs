@@ -517,7 +517,13 @@ thread_local! {
 /// A fresh full-window inflate stream for one message: this thread's spare, reset, or a
 /// new one.
 fn message_stream() -> Box<Decompress> {
-    match SPARE_STREAM.with(|spare| spare.borrow_mut().take()) {
+    // `try_with`: a driver may be used from another thread-local's destructor, after
+    // this one is gone (then a new stream, dropped at the message's end).
+    match SPARE_STREAM
+        .try_with(|spare| spare.borrow_mut().take())
+        .ok()
+        .flatten()
+    {
         Some(mut d) => {
             d.reset(false);
             d
@@ -528,7 +534,8 @@ fn message_stream() -> Box<Decompress> {
 
 /// Gives a message's inflate stream back to this thread, if it holds none.
 fn give_back_stream(d: Box<Decompress>) {
-    SPARE_STREAM.with(|spare| {
+    // Gone (a thread-local's destructor stopping a driver): the stream is dropped.
+    let _ = SPARE_STREAM.try_with(|spare| {
         spare.borrow_mut().get_or_insert(d);
     });
 }
@@ -672,13 +679,13 @@ fn inflate_tail(
     max_length: usize,
 ) -> Result<bool, InflateError> {
     let before_tail = out.len();
-    if inflate_onto(d, &SYNC_TAIL, out, max_length)? {
-        return Ok(true);
-    }
+    let ended = inflate_onto(d, &SYNC_TAIL, out, max_length)?;
+    // Also when the tail ended the stream: it then completed a final block the message
+    // stopped inside, and its bytes are not the peer's.
     if out.len() != before_tail {
         return Err(InflateError::Corrupt);
     }
-    Ok(false)
+    Ok(ended)
 }
 
 /// A connection's permessage-deflate state, once agreed.
