@@ -1262,15 +1262,11 @@ fn pieces_stress_pieces_match_whole() {
             let mut start = 0;
             for (i, &end) in cuts.iter().enumerate() {
                 let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
-                let b0 = if i == 0 {
-                    fin | 0x42 | if plain { 0 } else { 0x40 } - 0x40 * 0
-                } else {
-                    fin
-                };
-                let b0 = if i == 0 {
-                    (b0 & !0x40) | if plain { 0 } else { 0x40 }
-                } else {
-                    b0
+                // The first frame: binary, RSV1 when compressed; the others continuations.
+                let b0 = match (i, plain) {
+                    (0, true) => fin | 0x02,
+                    (0, false) => fin | 0x42,
+                    _ => fin,
                 };
                 wire.extend(client_frame(b0, &payload[start..end]));
                 start = end;
