@@ -1854,3 +1854,56 @@ async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
     );
     drop(peer);
 }
+
+/// A peer that reads 1 KiB every 100 ms (10 KiB/s, never pausing for more than 100 ms)
+/// through a transport that buffers 64 KiB (as TLS does): the last 64 KiB leave the
+/// transport's buffer in its `poll_flush`, 6.4 s at that rate, and a wake-up of that flush
+/// counts as progress, so a 2 s write timeout does not cut the reader off.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_behind_a_buffering_transport_is_not_cut_off_during_its_flush() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (server_end, mut client_end) = duplex(4 * 1024);
+    let client = send_client_request(&mut client_end, "ws://pipe/").await;
+    let layered = Layered {
+        inner: server_end,
+        out: Vec::new(),
+        cap: 64 * 1024,
+    };
+    let mut ws = WebSocketStream::accept_with(layered, &Options::default(), &config, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Event::Open)));
+    let mut peer = Peer {
+        io: client_end,
+        driver: client,
+        input: Vec::new(),
+    };
+    assert!(matches!(peer.next_event().await, Event::Open));
+    let len = 128 * 1024;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1024];
+        let mut total = 0;
+        while total < len + 10 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let n = peer.io.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the server gave up after {total} B");
+            total += n;
+        }
+        peer
+    });
+    ws.send_binary(vec![1u8; len]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(600), ws.flush())
+        .await
+        .unwrap();
+    assert!(
+        flushed.is_ok() && ws.ready_state() == ReadyState::Open,
+        "cut off after {:?} though the peer read 1 KiB every 100 ms: {flushed:?}, {:?}",
+        started.elapsed(),
+        ws.ready_state()
+    );
+    // The flush waited on the transport's buffer for well over the write timeout.
+    assert!(started.elapsed() > 2 * timeout, "{:?}", started.elapsed());
+    let _peer = reader.await.unwrap();
+}

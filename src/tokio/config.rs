@@ -47,11 +47,10 @@ pub struct Config {
     /// error, then `Close` 1006, and a send or flush waiting on it fails. The clock runs
     /// while output waits and a poll of the stream (a `next`, a send, a flush, or the split
     /// API's connection task) has found the transport full; each byte it takes starts it
-    /// over, so a slow reader is not cut off, only one that stopped. (What a layer inside
-    /// the transport holds, a TLS stream's buffer of tens of KiB, counts as taken once the
-    /// layer took it: while only the layer's flush is left, its progress is not seen, so a
-    /// reader slower than that buffer per `write_timeout`, about 2 KiB/s at 64 KiB and 30
-    /// s, can be cut off then.) Default 30 s (as the
+    /// over, so a slow reader is not cut off, only one that stopped. (Output a layer inside
+    /// the transport holds, a TLS stream's records, counts as taken once the layer took it;
+    /// while only the layer's flush is left, the layer waking that flush, its socket having
+    /// taken bytes, starts the clock over.) Default 30 s (as the
     /// blocking runtimes' [`Timeouts::write`](crate::blocking::Timeouts::write));
     /// `Duration::MAX`: never.
     pub write_timeout: Duration,

@@ -6,6 +6,7 @@ mod read;
 mod wakers;
 mod write;
 
+use wakers::FlushWatch;
 pub(crate) use wakers::{Side, SplitWakers};
 
 pub use write::Reply;
@@ -192,6 +193,8 @@ pub struct WebSocketStream<S> {
     low_water_raised: bool,
     /// For the `Stream` and `Sink` impls, which a split puts on two tasks.
     split_wakers: SplitWakers,
+    /// The transport's flush, while only the transport's own buffer holds output.
+    flush_watch: FlushWatch,
 }
 
 fn not_open() -> Error {
@@ -249,6 +252,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             low_water: None,
             low_water_raised: false,
             split_wakers: SplitWakers::default(),
+            flush_watch: FlushWatch::default(),
         }
     }
 

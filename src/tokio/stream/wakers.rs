@@ -1,5 +1,7 @@
-//! The two wakers of a stream split into a reading and a sending task.
+//! The two wakers of a stream split into a reading and a sending task, and the waker that
+//! watches a transport's flush.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 
@@ -72,16 +74,83 @@ impl SplitWakers {
     }
 }
 
+/// Watches a transport's flush while only the transport's own buffer holds output (a TLS
+/// stream's records): the stream then flushes with [`FlushWatch::waker`], and the
+/// transport waking it (its socket took bytes, so the peer read some) counts as progress
+/// for the write timeout, which otherwise sees none until the whole flush is done. Made
+/// on first use: a plain socket's flush never waits.
+#[derive(Debug, Default)]
+pub(crate) struct FlushWatch(Option<Arc<FlushWake>>);
+
+#[derive(Debug, Default)]
+struct FlushWake {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for FlushWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+impl FlushWatch {
+    /// A waker for the transport's flush that wakes `cx`'s task and notes the wake.
+    pub(crate) fn waker(&mut self, cx: &Context<'_>) -> Waker {
+        let wake = self.0.get_or_insert_with(Arc::default);
+        let mut task = wake.task.lock().unwrap_or_else(|e| e.into_inner());
+        if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *task = Some(cx.waker().clone());
+        }
+        drop(task);
+        Waker::from(wake.clone())
+    }
+
+    /// Whether the transport woke the watched flush since the last call.
+    pub(crate) fn take_woken(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|wake| wake.woken.swap(false, Ordering::AcqRel))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     struct Count(AtomicUsize);
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// The flush watch's waker wakes the task it was made for and notes the wake, once.
+    #[test]
+    fn the_flush_watch_forwards_and_notes_a_wake() {
+        let mut watch = FlushWatch::default();
+        assert!(!watch.take_woken(), "nothing watched yet");
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        let waker = watch.waker(&Context::from_waker(&task_waker));
+        assert!(!watch.take_woken());
+        waker.wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert!(watch.take_woken());
+        assert!(!watch.take_woken(), "taken");
+        // The task was taken by the wake: another wake is noted but wakes nobody.
+        waker.wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert!(watch.take_woken());
     }
 
     /// A wake through the proxy reaches the last task of each side, once per

@@ -215,7 +215,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         let went_direct = self.outbox.unflushed;
         let poll = self.poll_write_all(cx);
         if self.phase == Phase::Open {
-            let progressed = went_direct || self.unwritten() < before;
+            // Or the transport woke a flush of what its own buffer holds (TLS): its
+            // socket took bytes.
+            let progressed =
+                went_direct || self.unwritten() < before || self.flush_watch.take_woken();
             self.stall.update(progressed, poll.is_pending(), super::now);
             // Armed unless an earlier deadline is (its wake-up runs the deadlines, which
             // arm the next); firing that one here would leave it unhandled.
@@ -270,8 +273,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             }
         }
         if !self.flushed {
-            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
-            self.flushed = true;
+            if let Poll::Ready(flushed) = Pin::new(&mut self.io).poll_flush(cx) {
+                flushed?;
+                self.flushed = true;
+            } else if self.phase == Phase::Open {
+                // Only the transport's own buffer holds output now: flush again with a
+                // waker that notes the transport's wake-up (see `FlushWatch`).
+                let waker = self.flush_watch.waker(cx);
+                let mut watched = Context::from_waker(&waker);
+                ready!(Pin::new(&mut self.io).poll_flush(&mut watched))?;
+                self.flushed = true;
+            } else {
+                return Poll::Pending;
+            }
         }
         Poll::Ready(Ok(()))
     }
