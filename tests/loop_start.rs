@@ -80,4 +80,71 @@ fn a_server_started_under_a_tight_open_file_limit_serves() {
             open_descriptors()
         );
     }
+    failed_multi_loop_starts_leave_nothing_behind();
+}
+
+fn loop_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| {
+            let t = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(t)
+                .map(|c| c.starts_with("wsd-loop"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// With several loops, every failed `start` (whichever loop failed, the later ones after
+/// earlier ones started) leaves no descriptor open and no loop thread running. Called from
+/// the one test: both lower the process's open-file limit, so they may not run side by
+/// side.
+fn failed_multi_loop_starts_leave_nothing_behind() {
+    let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
+    for backend in backends() {
+        let before = open_descriptors();
+        let mut failures = 0;
+        let mut started = None;
+        for limit in 3..(before as u64 + 128) {
+            let server = Server::bind("127.0.0.1:0")
+                .unwrap()
+                .threads(4)
+                .backend(backend);
+            rlimit::setrlimit(Resource::NOFILE, limit, hard).unwrap();
+            let result = server.start(|_| Upgrade::Accept(Echo));
+            rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
+            match result {
+                Ok(server) => {
+                    started = Some(server);
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(EMFILE), "{backend}: {e}");
+                    failures += 1;
+                    assert!(
+                        support::eventually(Duration::from_secs(5), || open_descriptors()
+                            <= before),
+                        "{backend}, limit {limit}: {} descriptors open, {before} before",
+                        open_descriptors()
+                    );
+                    assert_eq!(
+                        loop_threads(),
+                        0,
+                        "{backend}, limit {limit}: loop threads left"
+                    );
+                }
+            }
+        }
+        assert!(failures > 0);
+        let server = started.unwrap_or_else(|| panic!("{backend}: never started"));
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        client.send_text("still here").unwrap();
+        assert_eq!(
+            client.next_message().unwrap(),
+            Owned::Text("still here".into())
+        );
+        drop(client);
+        server.shutdown(Duration::from_secs(2)).unwrap();
+        drop(server);
+    }
 }

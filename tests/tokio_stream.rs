@@ -1907,3 +1907,177 @@ async fn a_slow_reader_behind_a_buffering_transport_is_not_cut_off_during_its_fl
     assert!(started.elapsed() > 2 * timeout, "{:?}", started.elapsed());
     let _peer = reader.await.unwrap();
 }
+
+// ---- wakes of the flush watch that are not progress ----
+
+/// `Layered` for writes; reads come from a pipe of their own (so the peer can fill it
+/// while the write pipe stays full).
+struct LayeredWithInput {
+    out: Layered,
+    input: DuplexStream,
+}
+
+impl tokio::io::AsyncRead for LayeredWithInput {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().input).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LayeredWithInput {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().out).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().out).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().out).poll_shutdown(cx)
+    }
+}
+
+/// A peer that reads nothing but keeps sending (a burst of small messages every 100 ms),
+/// behind a transport that buffers (TLS). Its output sits in the transport's buffer, the
+/// write pipe full: the write timeout must end the connection ("only one that stopped").
+/// The reads use up the task's coop budget; the flush polled with no budget left gets
+/// `Pending` and its waker woken by tokio (a forced yield), and the flush watch takes
+/// that wake for the transport's socket taking bytes.
+#[tokio::test(start_paused = true)]
+async fn a_flooding_peer_that_reads_nothing_behind_a_buffering_transport_is_cut_off() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default()
+        .write_timeout(timeout)
+        .read_buffer_size(64);
+    let (out_end, mut peer_out) = duplex(4 * 1024);
+    let (in_end, mut peer_in) = duplex(1 << 20);
+    let mut client = send_client_request(&mut peer_in, "ws://pipe/").await;
+    let transport = LayeredWithInput {
+        out: Layered {
+            inner: out_end,
+            out: Vec::new(),
+            cap: 64 * 1024,
+        },
+        input: in_end,
+    };
+    let mut ws = WebSocketStream::accept_with(transport, &Options::default(), &config, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Event::Open)));
+    let mut response = vec![0u8; 4096];
+    let n = peer_out.read(&mut response).await.unwrap();
+    assert!(matches!(
+        client.poll_event(&mut response[..n]).1,
+        Some(Event::Open)
+    ));
+    // The peer reads nothing from now on. 32 KiB: all taken by the transport's buffer,
+    // 4 KiB of it by the pipe.
+    ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
+    assert_eq!(ws.buffered_amount(), 0);
+    let _flooder = tokio::spawn(async move {
+        loop {
+            for _ in 0..2000 {
+                client.send_binary(b"0123456789").unwrap();
+            }
+            let bytes = common::take_output(&mut client);
+            if peer_in.write_all(&bytes).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        drop(peer_out);
+    });
+    let started = tokio::time::Instant::now();
+    let mut messages = 0u64;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            match ws.next().await {
+                Some(Event::Message(_)) => messages += 1,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(ended, Ok(Some(Event::Error(Error::Io(ref e)))) if e.kind() == std::io::ErrorKind::TimedOut),
+        "after {:?} ({messages} messages read) the peer that read nothing for all that time \
+         is still connected: {ended:?}, {:?}",
+        started.elapsed(),
+        ws.ready_state()
+    );
+    assert!(started.elapsed() <= timeout + std::time::Duration::from_millis(200));
+}
+
+/// The same with the default 64 KiB read buffer: a peer that sends 9 MiB every 500 ms
+/// (so a task poll finds 128 reads' worth of input) and reads nothing.
+#[tokio::test(start_paused = true)]
+async fn a_flooding_peer_is_cut_off_with_the_default_read_buffer() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (out_end, mut peer_out) = duplex(4 * 1024);
+    let (in_end, mut peer_in) = duplex(16 << 20);
+    let mut client = send_client_request(&mut peer_in, "ws://pipe/").await;
+    let transport = LayeredWithInput {
+        out: Layered {
+            inner: out_end,
+            out: Vec::new(),
+            cap: 64 * 1024,
+        },
+        input: in_end,
+    };
+    let mut ws = WebSocketStream::accept_with(transport, &Options::default(), &config, |_| Ok(()))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Event::Open)));
+    let mut response = vec![0u8; 4096];
+    let n = peer_out.read(&mut response).await.unwrap();
+    assert!(matches!(
+        client.poll_event(&mut response[..n]).1,
+        Some(Event::Open)
+    ));
+    ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
+    let _flooder = tokio::spawn(async move {
+        let payload = vec![7u8; 1024];
+        loop {
+            for _ in 0..9 * 1024 {
+                client.send_binary(&payload).unwrap();
+            }
+            let bytes = common::take_output(&mut client);
+            if peer_in.write_all(&bytes).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        drop(peer_out);
+    });
+    let started = tokio::time::Instant::now();
+    let mut messages = 0u64;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Event::Message(_)) => messages += 1,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(ended, Ok(Some(Event::Error(Error::Io(ref e)))) if e.kind() == std::io::ErrorKind::TimedOut),
+        "after {:?} ({messages} messages read) the peer that read nothing is still \
+         connected: {ended:?}, {:?}",
+        started.elapsed(),
+        ws.ready_state()
+    );
+}

@@ -85,6 +85,9 @@ pub(crate) struct FlushWatch(Option<Arc<FlushWake>>);
 #[derive(Debug, Default)]
 struct FlushWake {
     woken: AtomicBool,
+    /// The watched flush is being polled: a wake now is the transport yielding, not its
+    /// socket taking bytes.
+    polling: AtomicBool,
     task: Mutex<Option<Waker>>,
 }
 
@@ -94,7 +97,9 @@ impl Wake for FlushWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
+        if !self.polling.load(Ordering::Acquire) {
+            self.woken.store(true, Ordering::Release);
+        }
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             task.wake();
@@ -103,8 +108,23 @@ impl Wake for FlushWake {
 }
 
 impl FlushWatch {
+    /// Runs `flush` (the transport's `poll_flush`) with a waker that wakes `cx`'s task and
+    /// notes a later wake (one during the poll is the transport yielding: not noted).
+    pub(crate) fn watch<T>(
+        &mut self,
+        cx: &Context<'_>,
+        flush: impl FnOnce(&mut Context<'_>) -> T,
+    ) -> T {
+        let waker = self.waker(cx);
+        let wake = self.0.as_ref().expect("made by `waker`");
+        wake.polling.store(true, Ordering::Release);
+        let result = flush(&mut Context::from_waker(&waker));
+        wake.polling.store(false, Ordering::Release);
+        result
+    }
+
     /// A waker for the transport's flush that wakes `cx`'s task and notes the wake.
-    pub(crate) fn waker(&mut self, cx: &Context<'_>) -> Waker {
+    fn waker(&mut self, cx: &Context<'_>) -> Waker {
         let wake = self.0.get_or_insert_with(Arc::default);
         let mut task = wake.task.lock().unwrap_or_else(|e| e.into_inner());
         if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -151,6 +171,13 @@ mod tests {
         waker.wake();
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
         assert!(watch.take_woken());
+        // A wake during the watched poll (the transport yielding) wakes the task but is
+        // not noted.
+        watch.watch(&Context::from_waker(&task_waker), |cx| {
+            cx.waker().wake_by_ref();
+        });
+        assert_eq!(task.0.load(Ordering::SeqCst), 2);
+        assert!(!watch.take_woken());
     }
 
     /// A wake through the proxy reaches the last task of each side, once per

@@ -276,12 +276,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             if let Poll::Ready(flushed) = Pin::new(&mut self.io).poll_flush(cx) {
                 flushed?;
                 self.flushed = true;
-            } else if self.phase == Phase::Open {
+            } else if self.phase == Phase::Open && ::tokio::task::coop::has_budget_remaining() {
                 // Only the transport's own buffer holds output now: flush again with a
-                // waker that notes the transport's wake-up (see `FlushWatch`).
-                let waker = self.flush_watch.waker(cx);
-                let mut watched = Context::from_waker(&waker);
-                ready!(Pin::new(&mut self.io).poll_flush(&mut watched))?;
+                // waker that notes the transport's wake-up (see `FlushWatch`). Not with the
+                // task's coop budget spent: tokio then answers `Pending` and wakes the
+                // waker itself (a forced yield), which is no progress of the transport.
+                let io = &mut self.io;
+                ready!(
+                    self.flush_watch
+                        .watch(cx, |watched| Pin::new(io).poll_flush(watched))
+                )?;
                 self.flushed = true;
             } else {
                 return Poll::Pending;
