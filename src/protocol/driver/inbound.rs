@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use super::outbound::cut_at_char_boundary;
 use super::{
-    Driver, Event, Handshake, Message, REFUSED_BODY_MAX, REFUSED_CHUNKED_MAX, ReadyState,
-    RefusedBody, Role,
+    Driver, Event, Handshake, Message, Negotiated, REFUSED_BODY_MAX, REFUSED_CHUNKED_MAX,
+    ReadyState, RefusedBody, Role,
 };
 use crate::protocol::deflate::{DeflateState, InflateError, compressed_limit_fragmented};
 use crate::protocol::error::{Error, HandshakeError, ProtocolError, code, is_valid_close_code};
@@ -312,11 +312,7 @@ impl Driver {
         compressed: &[u8],
     ) -> (usize, Option<Event<'i>>) {
         let max = self.max_length;
-        let deflate = self
-            .agreed
-            .as_deref_mut()
-            .and_then(|a| a.deflate.as_mut())
-            .expect("RSV1 is accepted only with deflate");
+        let deflate = rsv1_deflate(&mut self.agreed);
         match deflate.inflate(compressed, max) {
             Ok(bytes) => self.inflated_message(total, pos, text, bytes),
             Err(e) => self.fail(total, inflate_failure(e, max)),
@@ -460,11 +456,7 @@ impl Driver {
                         if message.compressed {
                             // Inflated as it comes; its text is checked once whole.
                             message.wire += chunk.len();
-                            let deflate = self
-                                .agreed
-                                .as_deref_mut()
-                                .and_then(|a| a.deflate.as_mut())
-                                .expect("RSV1 is accepted only with deflate");
+                            let deflate = rsv1_deflate(&mut self.agreed);
                             if let Err(e) =
                                 deflate.inflate_piece(chunk, &mut message.buf, max_length)
                             {
@@ -494,11 +486,7 @@ impl Driver {
                         let mut message = self.message.take().expect("a data frame has a message");
                         if message.compressed {
                             let max = self.max_length;
-                            let deflate = self
-                                .agreed
-                                .as_deref_mut()
-                                .and_then(|a| a.deflate.as_mut())
-                                .expect("RSV1 is accepted only with deflate");
+                            let deflate = rsv1_deflate(&mut self.agreed);
                             if let Err(e) = deflate.inflate_end(&mut message.buf, message.wire, max)
                             {
                                 return self.fail(total, inflate_failure(e, max));
@@ -690,11 +678,7 @@ impl Driver {
         let failure = if message.compressed {
             message.wire += n;
             let max_length = self.max_length;
-            let deflate = self
-                .agreed
-                .as_deref_mut()
-                .and_then(|a| a.deflate.as_mut())
-                .expect("RSV1 is accepted only with deflate");
+            let deflate = rsv1_deflate(&mut self.agreed);
             let inflated = deflate.inflate_piece(&buf[piece], &mut message.buf, max_length);
             buf.clear();
             message.staging = buf;
@@ -741,6 +725,16 @@ impl Driver {
         self.queue_close(close_code, reason);
         (consumed, Some(Event::Error(Error::Protocol(error))))
     }
+}
+
+/// The permessage-deflate state a compressed (RSV1) message inflates through: RSV1 is
+/// accepted only once deflate is agreed. A function of the field, so that it borrows
+/// `agreed` alone, beside the message being reassembled.
+fn rsv1_deflate(agreed: &mut Option<Box<Negotiated>>) -> &mut DeflateState {
+    agreed
+        .as_deref_mut()
+        .and_then(|a| a.deflate.as_mut())
+        .expect("RSV1 is accepted only with deflate")
 }
 
 /// The protocol error of a compressed message that could not be inflated: 1009 past
