@@ -13,8 +13,7 @@ use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, SendToke
 use crate::protocol::error::{Error, HandshakeError, UsageError};
 use crate::protocol::handshake::ClientUrl;
 use crate::protocol::options::Options;
-use crate::session::timers::{Expired, Timers};
-use crate::session::timers::{Stall, earliest};
+use crate::session::timers::{Expired, Stall, Timers, earliest};
 use crate::websocket::WebSocket;
 
 use crate::client::{addresses, parse_url};

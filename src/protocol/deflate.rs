@@ -840,11 +840,7 @@ impl DeflateState {
             return with_shared_decompressor(|d| inflate_message(d, compressed, max_length))
                 .map(|(out, _)| out);
         }
-        let bits = self.peer_window_bits();
-        let d = self
-            .decompressor
-            .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)));
-        let result = inflate_message(d, compressed, max_length);
+        let result = inflate_message(self.kept_decompressor(), compressed, max_length);
         if !matches!(result, Ok((_, false))) {
             // A final block ends the peer's stream; an error leaves it unusable anyway.
             self.decompressor = None;
@@ -915,10 +911,15 @@ impl DeflateState {
         if self.peer_no_context_takeover() {
             self.message_stream.get_or_insert_with(message_stream)
         } else {
-            let bits = self.peer_window_bits();
-            self.decompressor
-                .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)))
+            self.kept_decompressor()
         }
+    }
+
+    /// The peer's stream kept between messages (its context takeover), made on first use.
+    fn kept_decompressor(&mut self) -> &mut Decompress {
+        let bits = self.peer_window_bits();
+        self.decompressor
+            .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, bits)))
     }
 }
 

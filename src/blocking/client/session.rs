@@ -14,8 +14,7 @@ use super::lock;
 const TLS_CHUNK: usize = 256 * 1024;
 use crate::protocol::driver::ReadyState;
 use crate::protocol::error::Error;
-use crate::session::timers::{Stall, write_timed_out};
-use crate::session::timers::{TimerConfig, Timers};
+use crate::session::timers::{Stall, TimerConfig, Timers, write_timed_out};
 use crate::websocket::WebSocket;
 
 /// The connection state the I/O thread and senders share, under one lock.

@@ -72,8 +72,8 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// The cap on a connection's unsent output (see [`BackpressurePolicy`]). Default 1 MiB.
     /// A connection's memory is bounded by this, one read buffer and the message being
-    /// assembled (`Options::max_length`; with permessage-deflate, up to about three times
-    /// that while a compressed message in many fragments is inflated).
+    /// assembled (`Options::max_length`; with permessage-deflate, inflated as it arrives,
+    /// plus an inflate stream of about 47 KB while a compressed message comes in pieces).
     pub max_backpressure: usize,
     /// Default [`BackpressurePolicy::DropNew`]: the cap only.
     pub backpressure_policy: BackpressurePolicy,

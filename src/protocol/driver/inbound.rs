@@ -74,6 +74,20 @@ impl PartialMessage {
         })
     }
 
+    /// Inflates `piece` of this compressed message's deflate data onto the message (and
+    /// counts it against the wire limit).
+    fn inflate(
+        &mut self,
+        deflate: &mut DeflateState,
+        piece: &[u8],
+        max_length: usize,
+    ) -> Result<(), ProtocolError> {
+        self.wire += piece.len();
+        deflate
+            .inflate_piece(piece, &mut self.buf, max_length)
+            .map_err(|e| inflate_failure(e, max_length))
+    }
+
     /// Makes room for `more` bytes of a frame that has `remaining` (at least `more`) left,
     /// never past `max` (the message limit, which the header check guarantees the frame
     /// fits): the rest of the frame at once when it ends within [`EAGER_RESERVE`] (no
@@ -455,12 +469,9 @@ impl Driver {
                         assert!(!message.lent, "input while the payload buffer is lent");
                         if message.compressed {
                             // Inflated as it comes; its text is checked once whole.
-                            message.wire += chunk.len();
                             let deflate = rsv1_deflate(&mut self.agreed);
-                            if let Err(e) =
-                                deflate.inflate_piece(chunk, &mut message.buf, max_length)
-                            {
-                                return self.fail(total, inflate_failure(e, max_length));
+                            if let Err(e) = message.inflate(deflate, chunk, max_length) {
+                                return self.fail(total, e);
                             }
                         } else {
                             if message.text && message.utf8.feed(chunk).is_err() {
@@ -676,13 +687,11 @@ impl Driver {
         }
         message.lent = false;
         let failure = if message.compressed {
-            message.wire += n;
-            let max_length = self.max_length;
             let deflate = rsv1_deflate(&mut self.agreed);
-            let inflated = deflate.inflate_piece(&buf[piece], &mut message.buf, max_length);
+            let inflated = message.inflate(deflate, &buf[piece], self.max_length);
             buf.clear();
             message.staging = buf;
-            inflated.err().map(|e| inflate_failure(e, max_length))
+            inflated.err()
         } else {
             let bad_text = message.text && message.utf8.feed(&buf[piece]).is_err();
             message.buf = buf;
