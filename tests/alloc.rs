@@ -643,6 +643,28 @@ fn many_small_fragments_grow_the_message_geometrically() {
     assert!(stats.allocs <= 40, "{} allocations", stats.allocs);
 }
 
+/// Feeds `reads` to `server` one at a time and returns the binary message they make (any
+/// other event fails the test).
+fn binary_message<'a>(
+    server: &mut Driver,
+    reads: impl IntoIterator<Item = &'a mut [u8]>,
+) -> Option<Vec<u8>> {
+    let mut got = None;
+    for read in reads {
+        let mut at = 0;
+        loop {
+            let (used, event) = server.poll_event(&mut read[at..]);
+            at += used;
+            match event {
+                Some(Event::Message(Message::Binary(b))) => got = Some(b.into_owned()),
+                Some(other) => panic!("{other:?}"),
+                None => break,
+            }
+        }
+    }
+    got
+}
+
 /// The README's bound for a compressed message in many fragments (Flow control): its
 /// deflate data is inflated as it arrives, so only the inflated message is held (with the
 /// message's own inflate stream), not its compressed bytes too: here `max_length` - 1 KiB
@@ -671,20 +693,7 @@ fn a_compressed_message_in_many_fragments_holds_about_max_length() {
     }
     frames.push(client_frame(0x80, &[0]));
     let (got, stats) = measure(|| {
-        let mut got = None;
-        for f in &mut frames {
-            let mut at = 0;
-            loop {
-                let (used, event) = server.poll_event(&mut f[at..]);
-                at += used;
-                match event {
-                    Some(Event::Message(Message::Binary(b))) => got = Some(b.len()),
-                    Some(other) => panic!("{other:?}"),
-                    None => break,
-                }
-            }
-        }
-        got
+        binary_message(&mut server, frames.iter_mut().map(|f| &mut f[..])).map(|m| m.len())
     });
     assert_eq!(got, Some(MAX - 1024));
     let peak = stats.peak as usize;
@@ -725,22 +734,7 @@ fn a_compressed_frame_fed_in_pieces_holds_about_its_inflated_size() {
     let (_client, mut server) = common::open_pair(&Options::default().deflate(true), &options);
     let mut frame = client_frame(0xc2, &deflated);
     drop(deflated);
-    let (got, stats) = measure(|| {
-        let mut got = None;
-        for piece in frame.chunks_mut(16 * 1024) {
-            let mut at = 0;
-            loop {
-                let (used, event) = server.poll_event(&mut piece[at..]);
-                at += used;
-                match event {
-                    Some(Event::Message(Message::Binary(b))) => got = Some(b.into_owned()),
-                    Some(other) => panic!("{other:?}"),
-                    None => break,
-                }
-            }
-        }
-        got
-    });
+    let (got, stats) = measure(|| binary_message(&mut server, frame.chunks_mut(16 * 1024)));
     assert!(
         got.as_deref() == Some(&data[..]),
         "the message came out whole"

@@ -1189,6 +1189,15 @@ impl Rng {
     }
 }
 
+/// An event for a failure message: a message as its kind and length, not its bytes.
+fn brief(event: &Ev) -> String {
+    match event {
+        Ev::Binary(b) => format!("bin {}", b.len()),
+        Ev::Text(t) => format!("text {}", t.len()),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Feeds `wire` to `driver` in random reads, sometimes through lent buffers; returns the
 /// events.
 fn feed_randomly(driver: &mut Driver, wire: &[u8], rng: &mut Rng, max_read: usize) -> Vec<Ev> {
@@ -1216,7 +1225,7 @@ fn feed_randomly(driver: &mut Driver, wire: &[u8], rng: &mut Rng, max_read: usiz
 }
 
 #[test]
-fn pieces_stress_pieces_match_whole() {
+fn random_splits_inflate_as_the_whole_message() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
     for round in 0..6000 {
         let cnct = rng.below(2) == 0;
@@ -1289,19 +1298,13 @@ fn pieces_stress_pieces_match_whole() {
                 .zip(&expected)
                 .position(|(a, b)| a != b)
                 .map(|i| (&events[i], i))
-                .map(|(e, i)| (
-                    match e {
-                        Ev::Binary(b) => format!("bin {}", b.len()),
-                        o => format!("{o:?}"),
-                    },
-                    i
-                ))
+                .map(|(e, i)| (brief(e), i))
         );
     }
 }
 
 #[test]
-fn pieces_stress_interleaved_connections() {
+fn random_splits_on_interleaved_connections_on_one_thread() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for round in 0..1500 {
         let k = 2 + rng.below(3);
@@ -1376,20 +1379,14 @@ fn pieces_stress_interleaved_connections() {
             assert!(
                 events == expected,
                 "round {round} conn {i}: {:?}",
-                events
-                    .iter()
-                    .map(|e| match e {
-                        Ev::Binary(b) => format!("bin {}", b.len()),
-                        o => format!("{o:?}"),
-                    })
-                    .collect::<Vec<_>>()
+                events.iter().map(brief).collect::<Vec<_>>()
             );
         }
     }
 }
 
 #[test]
-fn pieces_edges() {
+fn inflating_in_pieces_at_its_edges() {
     let mut rng = Rng(77);
     // (a) max_length exact and over, any split, lent or not.
     let limit = 20_000;
@@ -1456,7 +1453,7 @@ fn pieces_edges() {
 }
 
 #[test]
-fn pieces_client_direction_and_bfinal() {
+fn a_client_inflates_in_pieces_and_reads_final_blocks() {
     let mut rng = Rng(4242);
     for round in 0..2000 {
         let snct = rng.below(2) == 0;
@@ -1517,13 +1514,7 @@ fn pieces_client_direction_and_bfinal() {
         assert!(
             events == expected,
             "round {round} {p:?}: {:?}",
-            events
-                .iter()
-                .map(|e| match e {
-                    Ev::Text(b) => format!("text {}", b.len()),
-                    o => format!("{o:?}"),
-                })
-                .collect::<Vec<_>>()
+            events.iter().map(brief).collect::<Vec<_>>()
         );
     }
 }
@@ -1602,7 +1593,7 @@ fn stopping_in_a_thread_local_destructor_does_not_abort() {
 }
 
 #[test]
-fn pieces_failure_mid_message_then_others() {
+fn a_failure_mid_message_leaves_the_other_connections_sound() {
     let text = json(30_000);
     let data = deflate(text.as_bytes());
     for how in 0..3 {

@@ -28,61 +28,7 @@ fn open_descriptors() -> usize {
 /// Linux's "too many open files".
 const EMFILE: i32 = 24;
 
-#[test]
-fn a_server_started_under_a_tight_open_file_limit_serves() {
-    let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-    for backend in backends() {
-        let before = open_descriptors();
-        // Raise the limit one descriptor at a time from far too low: every `start` fails
-        // with EMFILE until one succeeds, and that one must serve.
-        let mut failures = 0;
-        let mut started = None;
-        for limit in 3..(before as u64 + 64) {
-            let server = Server::bind("127.0.0.1:0")
-                .unwrap()
-                .threads(1)
-                .backend(backend);
-            rlimit::setrlimit(Resource::NOFILE, limit, hard).unwrap();
-            let result = server.start(|_| Upgrade::Accept(Echo));
-            // The limit stays low a while after `start` returned: a loop still building its
-            // backend then builds it under this limit too.
-            std::thread::sleep(Duration::from_millis(50));
-            rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
-            match result {
-                Ok(server) => {
-                    started = Some(server);
-                    break;
-                }
-                Err(e) => {
-                    assert_eq!(e.raw_os_error(), Some(EMFILE), "{backend}: {e}");
-                    failures += 1;
-                }
-            }
-        }
-        assert!(failures > 0, "{backend}: no limit was too low");
-        let server = started.unwrap_or_else(|| panic!("{backend}: never started"));
-        let mut client = TestClient::connect(server.local_addr(), "/")
-            .unwrap_or_else(|e| panic!("{backend}: the started server does not serve: {e}"));
-        client.send_text("still here").unwrap();
-        assert_eq!(
-            client.next_message().unwrap(),
-            Owned::Text("still here".into()),
-            "{backend}"
-        );
-        drop(client);
-        server.shutdown(Duration::from_secs(2)).unwrap();
-        // (The handle holds the loop's waker.)
-        drop(server);
-        // The failed starts left nothing open either.
-        assert!(
-            support::eventually(Duration::from_secs(5), || open_descriptors() <= before),
-            "{backend}: {} descriptors open, {before} before",
-            open_descriptors()
-        );
-    }
-    failed_multi_loop_starts_leave_nothing_behind();
-}
-
+/// Threads named as the server's loops.
 fn loop_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
@@ -95,11 +41,11 @@ fn loop_threads() -> usize {
         .count()
 }
 
-/// With several loops, every failed `start` (whichever loop failed, the later ones after
-/// earlier ones started) leaves no descriptor open and no loop thread running. Called from
-/// the one test: both lower the process's open-file limit, so they may not run side by
-/// side.
-fn failed_multi_loop_starts_leave_nothing_behind() {
+/// On every backend, with `threads` loops: raises the open-file limit one descriptor at a
+/// time from far too low. Every `start` fails with EMFILE (whichever loop failed, the
+/// later ones after earlier ones started) and leaves no descriptor open and no loop thread
+/// running, until one succeeds; that one must serve.
+fn start_under_tight_limits(threads: usize) {
     let (soft, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
     for backend in backends() {
         let before = open_descriptors();
@@ -108,10 +54,13 @@ fn failed_multi_loop_starts_leave_nothing_behind() {
         for limit in 3..(before as u64 + 128) {
             let server = Server::bind("127.0.0.1:0")
                 .unwrap()
-                .threads(4)
+                .threads(threads)
                 .backend(backend);
             rlimit::setrlimit(Resource::NOFILE, limit, hard).unwrap();
             let result = server.start(|_| Upgrade::Accept(Echo));
+            // The limit stays low a while after `start` returned: a loop still building its
+            // backend then builds it under this limit too.
+            std::thread::sleep(Duration::from_millis(50));
             rlimit::setrlimit(Resource::NOFILE, soft, hard).unwrap();
             match result {
                 Ok(server) => {
@@ -135,16 +84,32 @@ fn failed_multi_loop_starts_leave_nothing_behind() {
                 }
             }
         }
-        assert!(failures > 0);
+        assert!(failures > 0, "{backend}: no limit was too low");
         let server = started.unwrap_or_else(|| panic!("{backend}: never started"));
-        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        let mut client = TestClient::connect(server.local_addr(), "/")
+            .unwrap_or_else(|e| panic!("{backend}: the started server does not serve: {e}"));
         client.send_text("still here").unwrap();
         assert_eq!(
             client.next_message().unwrap(),
-            Owned::Text("still here".into())
+            Owned::Text("still here".into()),
+            "{backend}"
         );
         drop(client);
         server.shutdown(Duration::from_secs(2)).unwrap();
+        // (The handle holds the loop's waker.)
         drop(server);
+        assert!(
+            support::eventually(Duration::from_secs(5), || open_descriptors() <= before),
+            "{backend}: {} descriptors open, {before} before",
+            open_descriptors()
+        );
     }
+}
+
+/// One test for both: each lowers the process's open-file limit, so they may not run
+/// side by side.
+#[test]
+fn a_server_started_under_a_tight_open_file_limit_serves() {
+    start_under_tight_limits(1);
+    start_under_tight_limits(4);
 }

@@ -245,14 +245,11 @@ fn bytes_after_close_notify_leave_the_loop_serving() {
         let server = tls_server(backend, &cert, &key);
         let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
         let raw = RawWss::connect(server.local_addr(), &cert);
-        let mut wire = Vec::new();
-        {
+        let mut wire = {
             let mut tls = raw.tls.lock().unwrap();
             tls.send_close_notify();
-            while tls.wants_write() {
-                tls.write_tls(&mut wire).unwrap();
-            }
-        }
+            take_records(&mut tls)
+        };
         wire.extend(std::iter::repeat_n(0x17u8, 16 * 1024));
         (&raw.socket).write_all(&wire).unwrap();
         let (tx, rx) = mpsc::channel();
@@ -437,6 +434,15 @@ fn a_tls_server_at_its_limit_closes_without_a_plaintext_answer() {
 /// A raw wss client whose TLS state is shared by a writer and a reader thread without
 /// ever holding the lock across a blocking socket call: encrypt under the lock, write the
 /// ciphertext outside it; read outside it, decrypt under the lock.
+/// The TLS records `tls` has queued to send.
+fn take_records<D>(tls: &mut rustls::ConnectionCommon<D>) -> Vec<u8> {
+    let mut records = Vec::new();
+    while tls.wants_write() {
+        tls.write_tls(&mut records).unwrap();
+    }
+    records
+}
+
 struct RawWss {
     tls: Arc<Mutex<rustls::ClientConnection>>,
     socket: std::net::TcpStream,
@@ -764,10 +770,7 @@ fn hello_then_a_bad_record(tls: &mut rustls::ServerConnection, socket: &mut std:
     tls.writer()
         .write_all(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o'])
         .unwrap();
-    let mut bytes = Vec::new();
-    while tls.wants_write() {
-        tls.write_tls(&mut bytes).unwrap();
-    }
+    let mut bytes = take_records(tls);
     bytes.extend([0x17, 0x03, 0x03, 0x00, 0x40]);
     bytes.extend([0x5a; 0x40]);
     socket.write_all(&bytes).unwrap();
@@ -920,11 +923,7 @@ fn a_tls_handshake_that_never_completes_is_dropped_at_the_handshake_timeout() {
         // Half of a real ClientHello.
         let config = client_config(&Verify::CaFile(cert.clone())).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut hello = Vec::new();
-        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
-        while tls.wants_write() {
-            tls.write_tls(&mut hello).unwrap();
-        }
+        let hello = take_records(&mut rustls::ClientConnection::new(config, name).unwrap());
         let mut partial = std::net::TcpStream::connect(server.local_addr()).unwrap();
         partial.write_all(&hello[..hello.len() / 2]).unwrap();
         let started = std::time::Instant::now();
@@ -974,14 +973,11 @@ fn close_notify_without_a_websocket_close_ends_the_connection_with_1006() {
         let (tx, rx) = mpsc::channel();
         let server = tls_server_with(backend, &cert, &key, |_| {}, tx);
         let raw = RawWss::connect(server.local_addr(), &cert);
-        let mut wire = Vec::new();
-        {
+        let wire = {
             let mut tls = raw.tls.lock().unwrap();
             tls.send_close_notify();
-            while tls.wants_write() {
-                tls.write_tls(&mut wire).unwrap();
-            }
-        }
+            take_records(&mut tls)
+        };
         (&raw.socket).write_all(&wire).unwrap();
         let code = rx.recv_timeout(Duration::from_secs(3));
         assert_eq!(
@@ -1011,9 +1007,7 @@ fn a_key_update_flood_is_closed() {
             let mut tls = raw.tls.lock().unwrap();
             for _ in 0..1000 {
                 tls.refresh_traffic_keys().unwrap();
-                while tls.wants_write() {
-                    tls.write_tls(&mut wire).unwrap();
-                }
+                wire.extend(take_records(&mut tls));
             }
         }
         let _ = (&raw.socket).write_all(&wire);
@@ -1039,11 +1033,7 @@ fn blocking_client_ends_at_a_close_notify_without_a_websocket_close() {
     let (addr, server) = raw_wss_server(&cert, &key, |tls, socket| {
         std::thread::sleep(Duration::from_millis(200));
         tls.send_close_notify();
-        let mut bytes = Vec::new();
-        while tls.wants_write() {
-            tls.write_tls(&mut bytes).unwrap();
-        }
-        socket.write_all(&bytes).unwrap();
+        socket.write_all(&take_records(tls)).unwrap();
         std::thread::sleep(Duration::from_secs(4));
     });
     let client = BlockingClient::new(

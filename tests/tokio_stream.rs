@@ -1817,13 +1817,9 @@ impl AsyncWrite for Layered {
     }
 }
 
-/// A flush that the write timeout ends must fail ("a send or flush waiting on it fails"),
-/// also where the transport, not the stream, still holds the output (a buffering layer
-/// whose `poll_flush` waits on a peer that reads nothing).
-#[tokio::test(start_paused = true)]
-async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
-    let timeout = std::time::Duration::from_secs(2);
-    let config = Config::default().write_timeout(timeout);
+/// A server stream over a [`Layered`] transport (64 KiB of its own buffer in front of a
+/// 4 KiB pipe), its `Open` taken, and the hand-driven client on the other end.
+async fn layered_pair(config: &Config) -> (WebSocketStream<Layered>, Peer) {
     let (server_end, mut client_end) = duplex(4 * 1024);
     let client = send_client_request(&mut client_end, "ws://pipe/").await;
     let layered = Layered {
@@ -1831,7 +1827,7 @@ async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
         out: Vec::new(),
         cap: 64 * 1024,
     };
-    let mut ws = WebSocketStream::accept_with(layered, &Options::default(), &config, |_| Ok(()))
+    let mut ws = WebSocketStream::accept_with(layered, &Options::default(), config, |_| Ok(()))
         .await
         .unwrap();
     assert!(matches!(ws.next().await, Some(Event::Open)));
@@ -1841,6 +1837,17 @@ async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
         input: Vec::new(),
     };
     assert!(matches!(peer.next_event().await, Event::Open));
+    (ws, peer)
+}
+
+/// A flush that the write timeout ends must fail ("a send or flush waiting on it fails"),
+/// also where the transport, not the stream, still holds the output (a buffering layer
+/// whose `poll_flush` waits on a peer that reads nothing).
+#[tokio::test(start_paused = true)]
+async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default().write_timeout(timeout);
+    let (mut ws, peer) = layered_pair(&config).await;
     // The peer reads nothing from now on. 32 KiB: all taken by the transport's buffer, 4 KiB
     // of it by the pipe.
     ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
@@ -1863,23 +1870,7 @@ async fn a_flush_ended_by_the_write_timeout_does_not_report_success() {
 async fn a_slow_reader_behind_a_buffering_transport_is_not_cut_off_during_its_flush() {
     let timeout = std::time::Duration::from_secs(2);
     let config = Config::default().write_timeout(timeout);
-    let (server_end, mut client_end) = duplex(4 * 1024);
-    let client = send_client_request(&mut client_end, "ws://pipe/").await;
-    let layered = Layered {
-        inner: server_end,
-        out: Vec::new(),
-        cap: 64 * 1024,
-    };
-    let mut ws = WebSocketStream::accept_with(layered, &Options::default(), &config, |_| Ok(()))
-        .await
-        .unwrap();
-    assert!(matches!(ws.next().await, Some(Event::Open)));
-    let mut peer = Peer {
-        io: client_end,
-        driver: client,
-        input: Vec::new(),
-    };
-    assert!(matches!(peer.next_event().await, Event::Open));
+    let (mut ws, mut peer) = layered_pair(&config).await;
     let len = 128 * 1024;
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 1024];
@@ -1949,20 +1940,19 @@ impl AsyncWrite for LayeredWithInput {
     }
 }
 
-/// A peer that reads nothing but keeps sending (a burst of small messages every 100 ms),
-/// behind a transport that buffers (TLS). Its output sits in the transport's buffer, the
-/// write pipe full: the write timeout must end the connection ("only one that stopped").
-/// The reads use up the task's coop budget; the flush polled with no budget left gets
-/// `Pending` and its waker woken by tokio (a forced yield), and the flush watch takes
-/// that wake for the transport's socket taking bytes.
-#[tokio::test(start_paused = true)]
-async fn a_flooding_peer_that_reads_nothing_behind_a_buffering_transport_is_cut_off() {
-    let timeout = std::time::Duration::from_secs(2);
-    let config = Config::default()
-        .write_timeout(timeout)
-        .read_buffer_size(64);
+/// A peer that reads nothing from the start but sends `per_burst` binary messages of
+/// `len` bytes every `pause`, behind a [`Layered`] transport whose input comes from a pipe
+/// of `input_pipe` bytes: our 32 KiB sit in the transport's buffer, its write pipe full.
+/// Asserts that the write timeout ends the connection (`TimedOut`, within `window`) and
+/// returns how long that took.
+async fn flooding_peer_is_cut_off(
+    config: &Config,
+    input_pipe: usize,
+    (per_burst, len, pause): (usize, usize, std::time::Duration),
+    window: std::time::Duration,
+) -> std::time::Duration {
     let (out_end, mut peer_out) = duplex(4 * 1024);
-    let (in_end, mut peer_in) = duplex(1 << 20);
+    let (in_end, mut peer_in) = duplex(input_pipe);
     let mut client = send_client_request(&mut peer_in, "ws://pipe/").await;
     let transport = LayeredWithInput {
         out: Layered {
@@ -1972,7 +1962,7 @@ async fn a_flooding_peer_that_reads_nothing_behind_a_buffering_transport_is_cut_
         },
         input: in_end,
     };
-    let mut ws = WebSocketStream::accept_with(transport, &Options::default(), &config, |_| Ok(()))
+    let mut ws = WebSocketStream::accept_with(transport, &Options::default(), config, |_| Ok(()))
         .await
         .unwrap();
     assert!(matches!(ws.next().await, Some(Event::Open)));
@@ -1982,89 +1972,26 @@ async fn a_flooding_peer_that_reads_nothing_behind_a_buffering_transport_is_cut_
         client.poll_event(&mut response[..n]).1,
         Some(Event::Open)
     ));
-    // The peer reads nothing from now on. 32 KiB: all taken by the transport's buffer,
-    // 4 KiB of it by the pipe.
+    // All taken by the transport's buffer, 4 KiB of it by the pipe.
     ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
     assert_eq!(ws.buffered_amount(), 0);
     let _flooder = tokio::spawn(async move {
+        let payload = vec![7u8; len];
         loop {
-            for _ in 0..2000 {
-                client.send_binary(b"0123456789").unwrap();
-            }
-            let bytes = common::take_output(&mut client);
-            if peer_in.write_all(&bytes).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        drop(peer_out);
-    });
-    let started = tokio::time::Instant::now();
-    let mut messages = 0u64;
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        loop {
-            match ws.next().await {
-                Some(Event::Message(_)) => messages += 1,
-                other => return other,
-            }
-        }
-    })
-    .await;
-    assert!(
-        matches!(ended, Ok(Some(Event::Error(Error::Io(ref e)))) if e.kind() == std::io::ErrorKind::TimedOut),
-        "after {:?} ({messages} messages read) the peer that read nothing for all that time \
-         is still connected: {ended:?}, {:?}",
-        started.elapsed(),
-        ws.ready_state()
-    );
-    assert!(started.elapsed() <= timeout + std::time::Duration::from_millis(200));
-}
-
-/// The same with the default 64 KiB read buffer: a peer that sends 9 MiB every 500 ms
-/// (so a task poll finds 128 reads' worth of input) and reads nothing.
-#[tokio::test(start_paused = true)]
-async fn a_flooding_peer_is_cut_off_with_the_default_read_buffer() {
-    let timeout = std::time::Duration::from_secs(2);
-    let config = Config::default().write_timeout(timeout);
-    let (out_end, mut peer_out) = duplex(4 * 1024);
-    let (in_end, mut peer_in) = duplex(16 << 20);
-    let mut client = send_client_request(&mut peer_in, "ws://pipe/").await;
-    let transport = LayeredWithInput {
-        out: Layered {
-            inner: out_end,
-            out: Vec::new(),
-            cap: 64 * 1024,
-        },
-        input: in_end,
-    };
-    let mut ws = WebSocketStream::accept_with(transport, &Options::default(), &config, |_| Ok(()))
-        .await
-        .unwrap();
-    assert!(matches!(ws.next().await, Some(Event::Open)));
-    let mut response = vec![0u8; 4096];
-    let n = peer_out.read(&mut response).await.unwrap();
-    assert!(matches!(
-        client.poll_event(&mut response[..n]).1,
-        Some(Event::Open)
-    ));
-    ws.send_binary(vec![1u8; 32 * 1024]).await.unwrap();
-    let _flooder = tokio::spawn(async move {
-        let payload = vec![7u8; 1024];
-        loop {
-            for _ in 0..9 * 1024 {
+            for _ in 0..per_burst {
                 client.send_binary(&payload).unwrap();
             }
             let bytes = common::take_output(&mut client);
             if peer_in.write_all(&bytes).await.is_err() {
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tokio::time::sleep(pause).await;
         }
         drop(peer_out);
     });
     let started = tokio::time::Instant::now();
     let mut messages = 0u64;
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    let ended = tokio::time::timeout(window, async {
         loop {
             match ws.next().await {
                 Some(Event::Message(_)) => messages += 1,
@@ -2080,4 +2007,33 @@ async fn a_flooding_peer_is_cut_off_with_the_default_read_buffer() {
         started.elapsed(),
         ws.ready_state()
     );
+    started.elapsed()
+}
+
+/// A flooding peer that reads nothing, with a 64-byte read buffer: the reads use up the
+/// task's coop budget; a flush polled with no budget left gets `Pending` and its waker
+/// woken by tokio (a forced yield), which the flush watch must not take for the
+/// transport's socket taking bytes ("only one that stopped" is cut off: this one is).
+#[tokio::test(start_paused = true)]
+async fn a_flooding_peer_that_reads_nothing_behind_a_buffering_transport_is_cut_off() {
+    let timeout = std::time::Duration::from_secs(2);
+    let config = Config::default()
+        .write_timeout(timeout)
+        .read_buffer_size(64);
+    let burst = (2000, 10, std::time::Duration::from_millis(100));
+    let took =
+        flooding_peer_is_cut_off(&config, 1 << 20, burst, std::time::Duration::from_secs(60)).await;
+    assert!(
+        took <= timeout + std::time::Duration::from_millis(200),
+        "{took:?}"
+    );
+}
+
+/// The same with the default 64 KiB read buffer: a peer that sends 9 MiB every 500 ms
+/// (so a task poll finds 128 reads' worth of input) and reads nothing.
+#[tokio::test(start_paused = true)]
+async fn a_flooding_peer_is_cut_off_with_the_default_read_buffer() {
+    let config = Config::default().write_timeout(std::time::Duration::from_secs(2));
+    let burst = (9 * 1024, 1024, std::time::Duration::from_millis(500));
+    flooding_peer_is_cut_off(&config, 16 << 20, burst, std::time::Duration::from_secs(10)).await;
 }
