@@ -5,7 +5,8 @@
 //!   4 KiB and 1 MiB, on an 8-byte-aligned slice and on one that starts a byte later;
 //! - `utf8`: `Utf8Validator::feed` (whole, and in 1 KiB pieces) against
 //!   `std::str::from_utf8` and `simdutf8::basic::from_utf8`, on ASCII and mixed text;
-//! - `frame_parse`: a server `Driver` reading many masked client frames with `poll_event`;
+//! - `frame_parse`: a server `Driver` reading many masked client frames with `poll_event`
+//!   (and a client reading a server's unmasked 20-byte frames, `client_1000x20B_binary`);
 //!   `parse` times only `poll_event` (the pristine bytes are copied in untimed setup,
 //!   because unmasking happens in place), `copy+parse` times the copy too, and `copy`
 //!   times the copy alone, so parse cost and memcpy cost can be told apart;
@@ -318,6 +319,23 @@ fn bench_frame_parse(c: &mut Criterion) {
             })
         });
     }
+    // A client reading a server's unmasked frames: a pub/sub subscriber's load, many small
+    // frames per read.
+    let count = 1000;
+    let mut pristine = Vec::with_capacity(count * 22);
+    let payload = pseudo_random(20, 0x2545_f491_4f6c_dd1d);
+    for _ in 0..count {
+        write_frame(&mut pristine, OpCode::Binary, &payload, None);
+    }
+    let (mut client, _server) = open_pair();
+    group.throughput(Throughput::Elements(count as u64));
+    group.bench_function(BenchmarkId::new("parse", "client_1000x20B_binary"), |b| {
+        b.iter_batched_ref(
+            || pristine.clone(),
+            |work| assert_eq!(read_all(&mut client, work), count),
+            BatchSize::LargeInput,
+        )
+    });
     group.finish();
 }
 

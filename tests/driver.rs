@@ -552,6 +552,42 @@ fn fragments_with_interleaved_ping_reassemble() {
     );
 }
 
+/// Every header length form (7-bit, 16-bit and 64-bit lengths, masked), whole messages,
+/// control frames and fragments, read one byte at a time: each header then arrives in
+/// pieces across reads, and the events are those of one read.
+#[test]
+fn frames_read_one_byte_at_a_time_give_the_events_of_one_read() {
+    let mut bytes = client_frame(0x82, &[7; 20]);
+    bytes.extend(raw_frame(0x81, &b"x".repeat(300), Some([1, 2, 3, 4])));
+    bytes.extend(raw_frame(0x82, &[9; 70_000], Some([5, 6, 7, 8])));
+    bytes.extend(client_frame(0x89, b"ping"));
+    bytes.extend(client_frame(0x01, b"frag"));
+    bytes.extend(client_frame(0x8a, b""));
+    bytes.extend(client_frame(0x80, b"mented"));
+    bytes.extend(client_frame(0x82, &[]));
+    let mut whole = open_server(&Options::default());
+    let one_read = feed(&mut whole, &bytes);
+    assert_eq!(
+        one_read,
+        vec![
+            Ev::Binary(vec![7; 20]),
+            Ev::Text("x".repeat(300)),
+            Ev::Binary(vec![9; 70_000]),
+            Ev::Ping(b"ping".to_vec()),
+            Ev::Pong(Vec::new()),
+            Ev::Text("fragmented".into()),
+            Ev::Binary(Vec::new()),
+        ]
+    );
+    let mut bytewise = open_server(&Options::default());
+    let mut events = Vec::new();
+    for byte in &bytes {
+        events.extend(feed(&mut bytewise, std::slice::from_ref(byte)));
+    }
+    assert_eq!(events, one_read);
+    assert_eq!(take_output(&mut bytewise), take_output(&mut whole));
+}
+
 #[test]
 fn continuation_without_start_fails_with_1002() {
     let mut server = open_server(&Options::default());

@@ -28,6 +28,13 @@ pub(super) enum Stage {
     Stopped,
 }
 
+/// Whether a frame is a message by itself or a control frame: one that can be handed out
+/// as it is, when its whole payload is in one read.
+fn is_whole_frame(header: &FrameHeader) -> bool {
+    let opcode = header.opcode;
+    opcode.is_control() || (header.fin && opcode != OpCode::Continuation)
+}
+
 pub(super) const HEADER_START: Stage = Stage::Header {
     buf: [0; MAX_HEADER_LEN],
     len: 0,
@@ -353,13 +360,53 @@ impl Driver {
         (pos, Some(Event::Message(message)))
     }
 
-    fn read_frames<'i>(&mut self, mut input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
+    /// Fast path: a frame whose whole payload is in this read (from `pos`) and that is a
+    /// whole message or a control frame, handed out borrowed from `input`. The stage is
+    /// already back at the start of a header.
+    #[inline(always)]
+    fn whole_frame<'i>(
+        &mut self,
+        header: FrameHeader,
+        input: &'i mut [u8],
+        pos: usize,
+        total: usize,
+    ) -> (usize, Option<Event<'i>>) {
+        let end = pos + header.payload_len as usize;
+        let payload = &mut input[pos..end];
+        if let Some(key) = header.mask {
+            apply_mask(payload, key, 0);
+        }
+        let payload: &'i [u8] = payload;
+        let opcode = header.opcode;
+        if header.rsv != 0 {
+            return self.inflated(total, end, opcode == OpCode::Text, payload);
+        }
+        match opcode {
+            OpCode::Text => match simdutf8::basic::from_utf8(payload) {
+                Ok(text) => (
+                    end,
+                    Some(Event::Message(Message::Text(Cow::Borrowed(text)))),
+                ),
+                Err(_) => self.fail(total, ProtocolError::InvalidUtf8),
+            },
+            OpCode::Binary => (
+                end,
+                Some(Event::Message(Message::Binary(Cow::Borrowed(payload)))),
+            ),
+            _ => match self.control_frame(opcode, Cow::Borrowed(payload)) {
+                Ok(event) => (end, event),
+                Err(e) => self.fail(total, e),
+            },
+        }
+    }
+
+    fn read_frames<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
         let total = input.len();
         let mut pos = 0;
         loop {
             match self.stage {
                 Stage::Stopped => return (total, None),
-                Stage::Header { mut buf, len } => {
+                Stage::Header { len, .. } => {
                     if pos == total {
                         return (total, None);
                     }
@@ -367,84 +414,73 @@ impl Driver {
                     let avail = &input[pos..];
                     let allowed = self.allowed_rsv();
                     let parsed = if have == 0 {
+                        // The usual case: the header starts in this read. The stage is
+                        // not copied out (its bytes are not needed).
                         parse_header(avail, allowed)
                     } else {
+                        let Stage::Header { buf, .. } = &mut self.stage else {
+                            unreachable!("matched above")
+                        };
                         let take = (MAX_HEADER_LEN - have).min(avail.len());
                         buf[have..have + take].copy_from_slice(&avail[..take]);
                         parse_header(&buf[..have + take], allowed)
                     };
-                    match parsed {
+                    let header = match parsed {
                         Err(e) => return self.fail(total, e),
                         Ok(Status::Partial) => {
                             // Fewer than 14 bytes remain: keep them for the next read.
                             let rest = total - pos;
                             if have == 0 {
+                                let mut buf = [0; MAX_HEADER_LEN];
                                 buf[..rest].copy_from_slice(avail);
+                                self.stage = Stage::Header {
+                                    buf,
+                                    len: rest as u8,
+                                };
+                            } else if let Stage::Header { len, .. } = &mut self.stage {
+                                *len = (have + rest) as u8;
                             }
-                            self.stage = Stage::Header {
-                                buf,
-                                len: (have + rest) as u8,
-                            };
                             return (total, None);
                         }
                         Ok(Status::Complete(header, n)) => {
                             pos += n - have;
-                            if let Err(e) = self.check_header(&header) {
-                                return self.fail(total, e);
-                            }
-                            if header.opcode == OpCode::Continuation
-                                && let Some(m) = self.message.as_deref_mut()
-                            {
-                                m.continuations = m.continuations.saturating_add(1);
-                            }
-                            // A control frame's payload is kept only while its own frame
-                            // is read (taken at its end, dropped by `stop`): none is left.
-                            debug_assert!(
-                                self.occasional
-                                    .as_deref()
-                                    .is_none_or(|o| o.control.is_empty()),
-                                "a control payload left from an earlier frame"
-                            );
-                            self.stage = Stage::Payload { header, done: 0 };
+                            header
                         }
+                    };
+                    if let Err(e) = self.check_header(&header) {
+                        return self.fail(total, e);
                     }
+                    if header.opcode == OpCode::Continuation
+                        && let Some(m) = self.message.as_deref_mut()
+                    {
+                        m.continuations = m.continuations.saturating_add(1);
+                    }
+                    // A control frame's payload is kept only while its own frame is read
+                    // (taken at its end, dropped by `stop`): none is left.
+                    debug_assert!(
+                        self.occasional
+                            .as_deref()
+                            .is_none_or(|o| o.control.is_empty()),
+                        "a control payload left from an earlier frame"
+                    );
+                    if is_whole_frame(&header) && (total - pos) as u64 >= header.payload_len {
+                        // Handed out straight from the header just parsed: storing the
+                        // stage and reading it back at once stalls on the store (the
+                        // costliest lines of a subscriber's profile, 20-byte frames).
+                        if have != 0 {
+                            self.stage = HEADER_START;
+                        }
+                        return self.whole_frame(header, input, pos, total);
+                    }
+                    self.stage = Stage::Payload { header, done: 0 };
                 }
                 Stage::Payload { header, done } => {
                     let remaining = header.payload_len - done;
                     let avail = (total - pos) as u64;
                     let opcode = header.opcode;
-                    let whole =
-                        opcode.is_control() || (header.fin && opcode != OpCode::Continuation);
-                    if done == 0 && whole && avail >= remaining {
-                        // Fast path: the whole frame is in this read; hand it out borrowed.
-                        let len = remaining as usize;
+                    if done == 0 && is_whole_frame(&header) && avail >= remaining {
                         self.stage = HEADER_START;
-                        let payload = &mut std::mem::take(&mut input)[pos..pos + len];
-                        pos += len;
-                        if let Some(key) = header.mask {
-                            apply_mask(payload, key, 0);
-                        }
-                        let payload: &'i [u8] = payload;
-                        if header.rsv != 0 {
-                            return self.inflated(total, pos, opcode == OpCode::Text, payload);
-                        }
-                        return match opcode {
-                            OpCode::Text => match simdutf8::basic::from_utf8(payload) {
-                                Ok(text) => (
-                                    pos,
-                                    Some(Event::Message(Message::Text(Cow::Borrowed(text)))),
-                                ),
-                                Err(_) => self.fail(total, ProtocolError::InvalidUtf8),
-                            },
-                            OpCode::Binary => (
-                                pos,
-                                Some(Event::Message(Message::Binary(Cow::Borrowed(payload)))),
-                            ),
-                            _ => match self.control_frame(opcode, Cow::Borrowed(payload)) {
-                                Ok(event) => (pos, event),
-                                Err(e) => self.fail(total, e),
-                            },
-                        };
+                        return self.whole_frame(header, input, pos, total);
                     }
                     let take = remaining.min(avail) as usize;
                     if take == 0 && remaining > 0 {
