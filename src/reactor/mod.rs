@@ -610,6 +610,9 @@ pub(crate) struct LoopStats {
 }
 
 impl LoopStats {
+    // Inlined into the services' generic code, which is compiled in the application's
+    // crate (a call per message otherwise).
+    #[inline]
     pub fn add(counter: &AtomicU64, n: u64) {
         // Only the owning loop writes, so a relaxed load + store is enough and cheaper
         // than a locked read-modify-write.

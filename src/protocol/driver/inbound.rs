@@ -131,7 +131,10 @@ impl Driver {
     /// request, so no frame can be theirs to answer).
     #[inline]
     pub fn poll_event<'i>(&mut self, input: &'i mut [u8]) -> (usize, Option<Event<'i>>) {
-        if let Some(event) = self.next_queued() {
+        // Checked here, inlined into the caller: most calls find no queue at all.
+        if self.occasional.is_some()
+            && let Some(event) = self.next_queued()
+        {
             return (0, Some(event));
         }
         if self.state == ReadyState::Connecting {
