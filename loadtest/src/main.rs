@@ -902,7 +902,15 @@ fn same_short(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() || a.len() > 64 {
         return a == b;
     }
-    a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
+    // Eight bytes at a time: one compare for the 8-byte body of a 20-byte message, where
+    // a byte-wise fold took a sixth of `wsload`'s own samples at 500 clients.
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+    let (wa, wb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = wa.remainder().iter().zip(wb.remainder());
+    let diff = wa
+        .zip(wb)
+        .fold(0, |diff, (x, y)| diff | (word(x) ^ word(y)));
+    tail.fold(diff, |diff, (x, y)| diff | u64::from(x ^ y)) == 0
 }
 
 /// Bytes of a `broadcast` message's header: the sender's id (u32) and the round (u64),

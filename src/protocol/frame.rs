@@ -93,6 +93,9 @@ pub fn header_len(payload_len: u64, masked: bool) -> usize {
 /// Parses a frame header from the start of `buf`.
 ///
 /// `allowed_rsv` holds the RSV bits an extension has claimed (0 without extensions).
+// Inlined: its result then stays in registers; returned through memory it was read back
+// before its stores had landed (a stall on every frame of a subscriber's small messages).
+#[inline]
 pub fn parse_header(buf: &[u8], allowed_rsv: u8) -> Result<Status<FrameHeader>, ProtocolError> {
     let Some(&b0) = buf.first() else {
         return Ok(Status::Partial);
