@@ -9,6 +9,7 @@ use crate::protocol::driver::{
     Driver, Event, Message, MessageType, Outgoing, ReadyState, SendToken,
 };
 use crate::protocol::error::Error;
+use crate::session::PongWaiters;
 
 type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
 type OnOpen = Box<dyn FnMut(&mut Driver) + Send>;
@@ -48,7 +49,7 @@ struct Handlers {
     on_close: Vec<OnClose>,
     on_ping: Vec<OnPayload>,
     on_pong: Vec<OnPayload>,
-    ping_callbacks: Vec<(Vec<u8>, Callback)>,
+    ping_callbacks: PongWaiters<Callback>,
     write_callbacks: VecDeque<(SendToken, Callback)>,
 }
 
@@ -82,12 +83,7 @@ impl Handlers {
             }
             Event::Ping(p) => self.on_ping.iter_mut().for_each(|f| f(driver, &p)),
             Event::Pong(p) => {
-                if let Some(at) = self
-                    .ping_callbacks
-                    .iter()
-                    .position(|(payload, _)| payload[..] == p[..])
-                {
-                    let (_, callback) = self.ping_callbacks.remove(at);
+                for callback in self.ping_callbacks.answered(&p) {
                     callback(driver);
                 }
                 self.on_pong.iter_mut().for_each(|f| f(driver, &p));
@@ -231,7 +227,10 @@ impl WebSocket {
         self.receive(&mut []);
     }
 
-    /// Sends a ping; `on_pong` runs when a pong with the same payload arrives.
+    /// Sends a ping; `on_pong` runs when a pong with the same payload arrives, or the pong
+    /// of a later ping (which answers the earlier ones too: RFC 6455 §5.5.3 lets a peer
+    /// answer only the latest of several pings), before the `on_pong` listeners. It never
+    /// runs if the connection closes first.
     pub fn send_ping(
         &mut self,
         payload: &[u8],
@@ -240,7 +239,7 @@ impl WebSocket {
         let token = self.driver.send_ping(payload)?;
         self.handlers
             .ping_callbacks
-            .push((payload.to_vec(), Box::new(on_pong)));
+            .push(payload.to_vec(), Box::new(on_pong));
         Ok(token)
     }
 

@@ -499,18 +499,37 @@ fn send_ping_callback_fires_on_matching_pong_only() {
     assert_eq!(pong_frames.len(), 2);
     assert_eq!(pong_frames[0].payload, b"text-like");
     assert_eq!(pong_frames[1].payload, [0x00, 0xff, 0x80, 0xfe]);
-    // Deliver the pongs in the other order: each fires its own callback.
-    let mut binary_pong = raw_frame(0x8a, &pong_frames[1].payload, None);
+    // The first pong answers its own ping only.
     let mut text_pong = raw_frame(0x8a, &pong_frames[0].payload, None);
-    ws.receive(&mut binary_pong);
-    assert_eq!(*fired.lock().unwrap(), vec!["binary"]);
     ws.receive(&mut text_pong);
-    assert_eq!(*fired.lock().unwrap(), vec!["binary", "text"]);
+    assert_eq!(*fired.lock().unwrap(), vec!["text"]);
+    let mut binary_pong = raw_frame(0x8a, &pong_frames[1].payload, None);
+    ws.receive(&mut binary_pong);
+    assert_eq!(*fired.lock().unwrap(), vec!["text", "binary"]);
     // Callbacks are one-shot.
     let mut again = raw_frame(0x8a, b"text-like", None);
     ws.receive(&mut again);
     assert_eq!(fired.lock().unwrap().len(), 2);
     assert_eq!(pongs.load(Ordering::SeqCst), 4);
+}
+
+/// A pong answers its ping and every earlier one (RFC 6455 §5.5.3 lets a peer answer only
+/// the latest of several): the pong of the second ping runs both callbacks, in ping order,
+/// and a late pong for the first runs nothing.
+#[test]
+fn a_pong_for_a_later_ping_runs_the_earlier_pings_callbacks_too() {
+    let (client, _server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let fired = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+    for (payload, name) in [(&b"first"[..], "first"), (b"second", "second")] {
+        let f = fired.clone();
+        ws.send_ping(payload, move |_| f.lock().unwrap().push(name))
+            .unwrap();
+    }
+    ws.receive(&mut raw_frame(0x8a, b"second", None));
+    assert_eq!(*fired.lock().unwrap(), vec!["first", "second"]);
+    ws.receive(&mut raw_frame(0x8a, b"first", None));
+    assert_eq!(*fired.lock().unwrap(), vec!["first", "second"]);
 }
 
 // ----- fragmentation -----

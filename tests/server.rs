@@ -783,6 +783,67 @@ fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// A pong answers its ping and every earlier one (RFC 6455 §5.5.3 lets a peer answer only
+/// the latest of several pings): a client that answers only the second of two pings runs
+/// both callbacks, in ping order; a late pong for the first runs nothing more.
+fn a_pong_for_a_later_ping_runs_the_earlier_pings_callbacks_too(backend: Backend) {
+    struct TwoPings(Arc<Mutex<Vec<&'static str>>>);
+    impl Handler for TwoPings {
+        fn on_message(&mut self, ws: &mut Ws<'_>, _message: Message<'_>) {
+            for (payload, name) in [(&b"first"[..], "pong first"), (b"second", "pong second")] {
+                let log = self.0.clone();
+                ws.send_ping(payload, move |_| log.lock().unwrap().push(name))
+                    .unwrap();
+            }
+        }
+        fn on_pong(&mut self, _ws: &mut Ws<'_>, _payload: &[u8]) {
+            self.0.lock().unwrap().push("on_pong");
+        }
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let shared = log.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            ..config(backend)
+        })
+        .start(move |_| Upgrade::Accept(TwoPings(shared.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    client.send_text("ping me twice").unwrap();
+    // Both pings, read raw so that the client's driver does not answer them.
+    let mut pings = [0u8; 2 + 5 + 2 + 6];
+    client.stream.read_exact(&mut pings).unwrap();
+    assert_eq!(&pings[..7], b"\x89\x05first");
+    assert_eq!(&pings[7..], b"\x89\x06second");
+    client.driver.send_pong(b"second").unwrap();
+    client.flush().unwrap();
+    assert!(eventually(Duration::from_secs(5), || log
+        .lock()
+        .unwrap()
+        .len()
+        == 3));
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["pong first", "pong second", "on_pong"]
+    );
+    client.driver.send_pong(b"first").unwrap();
+    client.flush().unwrap();
+    assert!(eventually(Duration::from_secs(5), || log
+        .lock()
+        .unwrap()
+        .len()
+        == 4));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["pong first", "pong second", "on_pong", "on_pong"],
+        "an answered ping's callback runs once"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 /// A server that ends a connection the peer has not closed (here a protocol error) closes
 /// TCP first and keeps reading until the peer's FIN (RFC 6455 §7.1.1): bytes the peer
 /// sends after our FIN are read and dropped, and the peer's FIN ends the connection at
@@ -1451,6 +1512,7 @@ on_every_backend!(
     sender_reaches_a_connection_from_another_thread,
     idle_timeout_pings_then_closes_a_silent_peer,
     write_and_pong_callbacks_run_and_are_dropped_on_close,
+    a_pong_for_a_later_ping_runs_the_earlier_pings_callbacks_too,
     lingering_close_reads_until_the_peers_fin,
     a_peers_close_ends_the_connection_without_lingering,
     messages_echoed_by_value_arrive_whole_and_in_order,

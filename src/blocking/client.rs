@@ -457,7 +457,8 @@ impl BlockingClient {
         self.submit(|ws| ws.send_binary(data))
     }
 
-    /// Sends a ping; `on_pong` runs on the I/O thread when the matching pong arrives.
+    /// Sends a ping; `on_pong` runs on the I/O thread when the matching pong arrives, or the
+    /// pong of a later ping (see [`WebSocket::send_ping`](crate::WebSocket::send_ping)).
     pub fn send_ping(
         &self,
         payload: &[u8],

@@ -29,6 +29,7 @@ use super::shared::{Ack, Command, Queued, Shared, state_code};
 use super::stream::WebSocketStream;
 use crate::protocol::driver::{Driver, Event, ReadyState, SendToken};
 use crate::protocol::error::code;
+use crate::session::PongWaiters;
 
 /// Events the receiver may lag behind before the connection stops reading.
 const EVENT_QUEUE: usize = 32;
@@ -150,10 +151,11 @@ enum Step {
 /// may still come, and must answer them, not a later ping with the same payload.
 const DROPPED_PINGS_KEPT: usize = 16;
 
-/// The pings of [`WsSender::ping`] waiting for their pong: payload and receipt (`None`
-/// once the app dropped it), oldest first.
+/// The pings of [`WsSender::ping`] waiting for their pong, with their receipts (`None`
+/// once the app dropped it), oldest first. A pong answers as
+/// [`PongWaiters`](crate::session::PongWaiters) says.
 #[derive(Debug, Default)]
-struct PingReceipts(Vec<(Vec<u8>, Option<oneshot::Sender<()>>)>);
+struct PingReceipts(PongWaiters<Option<oneshot::Sender<()>>>);
 
 impl PingReceipts {
     /// A ping went out. Receipts dropped meanwhile (an app's `timeout` around one that
@@ -162,32 +164,25 @@ impl PingReceipts {
     /// the list beyond the receipts the app still holds.
     fn add(&mut self, payload: Vec<u8>, done: oneshot::Sender<()>) {
         let mut dropped = 0;
-        for (_, done) in self.0.iter_mut().rev() {
+        for done in self.0.newest_first() {
             if done.as_ref().is_some_and(oneshot::Sender::is_closed) {
                 *done = None;
             }
             dropped += usize::from(done.is_none());
         }
         let mut excess = dropped.saturating_sub(DROPPED_PINGS_KEPT);
-        self.0.retain(|(_, done)| {
+        self.0.retain(|done| {
             let forget = excess > 0 && done.is_none();
             excess -= usize::from(forget);
             !forget
         });
-        self.0.push((payload, Some(done)));
+        self.0.push(payload, Some(done));
     }
 
-    /// A pong arrived: it answers the oldest ping with its payload and every ping sent
-    /// before that one (RFC 6455 §5.5.3 lets a peer answer only the latest of the pings it
-    /// had not answered yet, and it read them in order). A pong that matches none (an
-    /// unsolicited one) answers nothing.
+    /// A pong arrived: the receipts of the pings it answers are done.
     fn pong(&mut self, payload: &[u8]) {
-        if let Some(at) = self.0.iter().position(|(p, _)| p[..] == payload[..]) {
-            for (_, done) in self.0.drain(..=at) {
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
-            }
+        for done in self.0.answered(payload).flatten() {
+            let _ = done.send(());
         }
     }
 
@@ -435,7 +430,7 @@ mod tests {
     use super::*;
 
     fn waiting(receipts: &PingReceipts) -> Vec<&[u8]> {
-        receipts.0.iter().map(|(p, _)| &p[..]).collect()
+        receipts.0.payloads().collect()
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::{Request, is_websocket};
 use crate::reactor::{Envelope, LoopStats, Remote};
+use crate::session::PongWaiters;
 
 use super::pubsub::{LoopTopics, Origin, PubSub, Publication, PublicationRun, Publisher, Topic};
 
@@ -323,8 +324,8 @@ pub(super) type Callbacks = HashMap<usize, Pending>;
 pub(super) struct Pending {
     /// Write callbacks in send order, with the token that says when they are due.
     pub written: VecDeque<(SendToken, WsCallback)>,
-    /// Pong callbacks with the ping payload they wait for.
-    pub pongs: Vec<(Vec<u8>, WsCallback)>,
+    /// Pong callbacks, in ping order.
+    pub pongs: PongWaiters<WsCallback>,
 }
 
 impl Pending {
@@ -336,10 +337,9 @@ impl Pending {
         }
     }
 
-    /// The callback waiting for a pong with `payload`.
-    pub fn take_pong(&mut self, payload: &[u8]) -> Option<WsCallback> {
-        let at = self.pongs.iter().position(|(p, _)| p[..] == payload[..])?;
-        Some(self.pongs.remove(at).1)
+    /// The callbacks of the pings a pong with `payload` answers, oldest first.
+    pub fn take_pongs(&mut self, payload: &[u8]) -> Vec<WsCallback> {
+        self.pongs.answered(payload).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -454,11 +454,10 @@ impl Ws<'_> {
     }
 
     /// Sends a ping; `on_pong` runs when a pong with the same payload arrives (the seed's
-    /// `(send-ping ws msg fn)`), before [`Handler::on_pong`]. It never runs if the
-    /// connection closes first, nor for a ping the peer answered only by the pong of a later
-    /// one (RFC 6455 §5.5.3 lets a peer answer only the latest of several unanswered pings;
-    /// this crate does so once 16 KiB of its output waits): wait for a pong before the next
-    /// ping where every callback matters.
+    /// `(send-ping ws msg fn)`), or the pong of a later ping, which answers the earlier
+    /// ones too (RFC 6455 §5.5.3 lets a peer answer only the latest of several unanswered
+    /// pings; this crate does so once 16 KiB of its output waits); the callbacks run in ping
+    /// order, before [`Handler::on_pong`]. It never runs if the connection closes first.
     pub fn send_ping(
         &mut self,
         payload: &[u8],
@@ -471,7 +470,7 @@ impl Ws<'_> {
             .entry(self.ctx.key)
             .or_default()
             .pongs
-            .push((payload.to_vec(), Box::new(on_pong)));
+            .push(payload.to_vec(), Box::new(on_pong));
         Ok(token)
     }
 

@@ -327,12 +327,13 @@ where
                 }
                 Event::Ping(p) => handler.on_ping(&mut ws, &p),
                 Event::Pong(p) => {
-                    let callback = self
+                    let answered = self
                         .callbacks
                         .borrow_mut()
                         .get_mut(&io.key)
-                        .and_then(|c| c.take_pong(&p));
-                    if let Some(callback) = callback {
+                        .map(|c| c.take_pongs(&p))
+                        .unwrap_or_default();
+                    for callback in answered {
                         callback(&mut ws);
                     }
                     handler.on_pong(&mut ws, &p)
