@@ -455,8 +455,10 @@ fn ping_after_our_close_gets_a_pong_and_after_the_peers_none() {
     );
 }
 
+/// Each pong answers its own ping (and, below in the next test, the earlier ones); an
+/// unsolicited pong answers none; a callback runs once.
 #[test]
-fn send_ping_callback_fires_on_matching_pong_only() {
+fn send_ping_callback_fires_on_its_pong_once() {
     let (client, mut server) = open_client(&Options::default());
     let mut ws = WebSocket::new(client);
     let fired = Arc::new(Mutex::new(Vec::<&'static str>::new()));
@@ -481,7 +483,7 @@ fn send_ping_callback_fires_on_matching_pong_only() {
     assert!(fired.lock().unwrap().is_empty());
     assert_eq!(pongs.load(Ordering::SeqCst), 1);
 
-    // The server answers both pings; the binary one first.
+    // The server answers both pings, in order.
     let out = ws.pending_output().to_vec();
     ws.consume_output(out.len());
     let frames = parse_frames(&out);

@@ -678,7 +678,7 @@ fn close_timeout_drops_a_peer_that_never_answers(backend: Backend) {
 }
 
 /// The seed's callbacks on the hosted `Ws`: `send_with` runs once the frame is handed to
-/// the transport, `send_ping` once the matching pong arrives; both may send again. A
+/// the transport, `send_ping` once its pong arrives; both may send again. A
 /// callback whose connection closes first never runs.
 fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
     struct Callbacks(Arc<Mutex<Vec<String>>>, usize);
