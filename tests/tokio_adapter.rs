@@ -1366,7 +1366,10 @@ async fn a_pong_for_the_latest_ping_answers_the_earlier_ones_too() {
         let _events = forward_events(rx);
         let first = tx.ping("one").await.unwrap();
         let second = tx.ping("two").await.unwrap();
-        // The peer has read neither ping; its pong answers the latest.
+        // Both pings written (so both wait for a pong: `ping` returns once the ping is
+        // queued, and a pong read before "two" is applied would be unsolicited, as it was
+        // once under CI's load). The peer has read neither; its pong answers the latest.
+        tx.flush().await.unwrap();
         peer.send(TMessage::Pong("two".into())).await.unwrap();
         let (first, second) = tokio::join!(first, second);
         first.unwrap();
