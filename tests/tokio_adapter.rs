@@ -1378,3 +1378,87 @@ async fn a_pong_for_the_latest_ping_answers_the_earlier_ones_too() {
     })
     .await;
 }
+
+// ----- flush and control frames, sends that wait for a slot -----
+
+/// Whether the peer's socket holds any byte now (a non-blocking `recv(MSG_PEEK)`).
+fn peer_has_bytes(peer: &Peer) -> bool {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    match socket2::SockRef::from(peer.get_ref()).peek(&mut buf) {
+        Ok(n) => n > 0,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("peek: {e}"),
+    }
+}
+
+/// `flush` waits for a queued ping, close or message to be written: each reached the
+/// peer's socket when it returns (a control frame counted nothing, and `flush` returned
+/// while it was still in the command channel). One thread, so the connection task runs
+/// only while the test awaits.
+async fn flush_waits_for(send: impl AsyncFnOnce(&WsSender)) {
+    let (tx, rx, peer) = hand_driven_peer().await;
+    let _events = forward_events(rx);
+    // The task settles: Open handed out, nothing left to write.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!peer_has_bytes(&peer));
+    send(&tx).await;
+    tx.flush().await.unwrap();
+    // The kernel's moment, without yielding to the connection task.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        peer_has_bytes(&peer),
+        "flush returned before the frame was written"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn flush_waits_for_a_queued_ping_a_close_and_a_message() {
+    bounded(30, async {
+        flush_waits_for(async |tx| drop(tx.ping("two").await.unwrap())).await;
+        flush_waits_for(async |tx| tx.send_pong("").await.unwrap()).await;
+        flush_waits_for(async |tx| tx.close_connection(1000, "bye").await.unwrap()).await;
+        flush_waits_for(async |tx| tx.send_text("two").await.unwrap()).await;
+    })
+    .await;
+}
+
+/// A send that waited for a channel slot while the task read the peer's close fails (it
+/// was accepted, then dropped unsent, and a `flush` after it waited for the task's end and
+/// then reported success); the messages queued before the close was read go out, and
+/// `flush` says so at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_send_that_waited_for_a_slot_past_the_peers_close_fails_and_so_does_flush() {
+    bounded(30, async {
+        let (tx, mut rx, mut peer) = hand_driven_peer().await;
+        assert!(matches!(rx.next().await, Some(Event::Open)));
+        // The peer closes; the task parses it once the receiver asks.
+        peer.close(None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(rx.poll_event(&mut cx).is_pending());
+        // The app fills the command channel without yielding; the next send waits for a
+        // slot, during which the task reads the close.
+        for i in 0..64 {
+            tx.send_text(format!("m{i}")).await.unwrap();
+        }
+        let late = tx.send_text("late").await;
+        let state = tx.ready_state();
+        assert!(
+            late.is_err() || state == ReadyState::Open,
+            "send returned {late:?} with the connection already {state:?}"
+        );
+        let flushed = tokio::time::timeout(Duration::from_secs(3), tx.flush()).await;
+        assert!(matches!(flushed, Ok(Ok(()))), "flush: {flushed:?}");
+        let mut got = Vec::new();
+        while let Some(Ok(message)) = peer.next().await {
+            match message {
+                TMessage::Text(t) => got.push(t.to_string()),
+                TMessage::Close(_) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let sent: Vec<String> = (0..64).map(|i| format!("m{i}")).collect();
+        assert_eq!(got, sent, "every message accepted went out, and only those");
+    })
+    .await;
+}

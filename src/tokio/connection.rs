@@ -79,6 +79,7 @@ where
             state: AtomicU8::new(state_code(driver.ready_state())),
             finished: AtomicBool::new(false),
             close_queued: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
             changed: Notify::new(),
             demand: Notify::new(),
             protocol: driver.protocol().map(str::to_string),
@@ -272,6 +273,7 @@ where
             Command::Pong(p) => driver.send_pong(&p),
             Command::Close(c, r) => driver.close_connection(c, &r),
         };
+        let refused = sent.is_err();
         match (sent, ack, ping) {
             (Ok(token), Some(Ack::Written(done)), _) => self.written.push_back((token, done)),
             (Ok(_), Some(Ack::Pong(done)), Some(payload)) => self.pongs.add(payload, done),
@@ -281,6 +283,12 @@ where
             .buffered
             .store(self.ws.buffered_amount(), Ordering::Release);
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
+        if refused {
+            // Never written: a waiting `flush` fails now rather than when the task ends
+            // (nothing else would wake it: the buffer did not shrink).
+            self.shared.dropped.store(true, Ordering::Release);
+            self.shared.changed.notify_waiters();
+        }
     }
 
     /// Applies `command` and the commands already queued behind it, so they share a write:

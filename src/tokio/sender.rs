@@ -62,11 +62,7 @@ impl WsSender {
             let notified = self.shared.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if !matches!(
-                self.shared.state(),
-                ReadyState::Connecting | ReadyState::Open
-            ) || self.shared.close_queued.load(Ordering::Acquire)
-            {
+            if !self.shared.takes_sends() {
                 return Err(not_open());
             }
             if ready(&self.shared) {
@@ -77,20 +73,27 @@ impl WsSender {
     }
 
     async fn submit(&self, command: Command, ack: Option<Ack>) -> Result<(), Error> {
-        // Control frames (cost 0) do not wait on the byte limit.
+        // Control frames do not wait on the byte limit.
         let cost = command.cost();
+        let control = command.is_control();
         loop {
-            self.wait_until(|s| cost == 0 || s.total() <= s.limit)
-                .await?;
+            self.wait_until(|s| control || s.total() <= s.limit).await?;
             let permit = self.commands.reserve().await.map_err(|_| not_open())?;
             // Checked again and counted in one step, now that nothing awaits any more:
             // of the senders that found room together (or while waiting for a slot), one
             // takes it and the others wait again, so the output goes over the limit by at
-            // most one message. The message is queued whole or not at all.
-            if self.shared.close_queued.load(Ordering::Acquire) {
+            // most one message. The message is queued whole or not at all. The state too:
+            // the peer's close may have been read while this send waited for a slot.
+            if !self.shared.takes_sends() {
                 return Err(not_open());
             }
-            if cost == 0 || self.shared.try_count(cost) {
+            let counted = if control {
+                self.shared.count(cost);
+                true
+            } else {
+                self.shared.try_count(cost)
+            };
+            if counted {
                 let close = matches!(command, Command::Close(..));
                 permit.send((command, ack));
                 if close {
@@ -225,6 +228,9 @@ impl WsSender {
             let notified = self.shared.changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
+            if self.shared.dropped.load(Ordering::Acquire) {
+                return Err(not_open());
+            }
             if self.shared.total() == 0 {
                 return Ok(());
             }

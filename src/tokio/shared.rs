@@ -28,7 +28,9 @@ fn state_from(code: u8) -> ReadyState {
 /// What the connection task publishes for its senders.
 #[derive(Debug)]
 pub(super) struct Shared {
-    /// Payload bytes senders queued that the task has not handed to the driver yet.
+    /// Bytes senders queued that the task has not handed to the driver yet (a control
+    /// frame's count too, so that `flush` waits for it; only data counts against the
+    /// limit's check).
     pub(super) queued: AtomicUsize,
     /// The driver's unwritten output.
     pub(super) buffered: AtomicUsize,
@@ -38,6 +40,9 @@ pub(super) struct Shared {
     /// A sender queued the close: later sends are refused at once, as the driver would
     /// (they were accepted, then dropped unsent, while the task had not applied it yet).
     pub(super) close_queued: AtomicBool,
+    /// A command accepted by a sender was refused when the task came to it (the connection
+    /// had closed meanwhile): its bytes will never be written, so `flush` fails.
+    pub(super) dropped: AtomicBool,
     /// Woken when the buffer shrinks, the state changes or the task ends.
     pub(super) changed: Notify,
     /// The receiver waits for an event (receiver to task).
@@ -59,6 +64,17 @@ impl Shared {
                 (queued + buffered <= self.limit).then_some(queued + cost)
             })
             .is_ok()
+    }
+
+    /// Counts `cost` more queued bytes whatever the limit (a control frame).
+    pub(super) fn count(&self, cost: usize) {
+        self.queued.fetch_add(cost, Ordering::AcqRel);
+    }
+
+    /// Whether sends are still taken: connecting or open, and no close queued.
+    pub(super) fn takes_sends(&self) -> bool {
+        matches!(self.state(), ReadyState::Connecting | ReadyState::Open)
+            && !self.close_queued.load(Ordering::Acquire)
     }
 
     pub(super) fn state(&self) -> ReadyState {
@@ -95,13 +111,24 @@ pub(super) enum Command {
 }
 
 impl Command {
-    /// Bytes counted against the backpressure budget (control frames count nothing).
+    /// Bytes counted as queued until the task hands the command to the driver: the
+    /// payload, and at least one byte (an empty control frame is still waited for).
     pub(super) fn cost(&self) -> usize {
         match self {
             Command::Text(t) => t.len(),
             Command::Binary(b) => b.len(),
-            _ => 0,
+            Command::Ping(p) | Command::Pong(p) => p.len(),
+            Command::Close(_, reason) => 2 + reason.len(),
         }
+        .max(1)
+    }
+
+    /// A control frame: it does not wait on the byte limit.
+    pub(super) fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Command::Ping(_) | Command::Pong(_) | Command::Close(..)
+        )
     }
 }
 
