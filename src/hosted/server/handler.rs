@@ -319,6 +319,23 @@ pub(super) type WsCallback = Box<dyn FnOnce(&mut Ws<'_>) + Send>;
 /// so they live here rather than in each connection's state.
 pub(super) type Callbacks = HashMap<usize, Pending>;
 
+/// Takes what `take` gives from `key`'s callbacks, and drops the entry once it is empty,
+/// so that a loop with no callbacks waiting skips its checks (`run_written`'s first test).
+pub(super) fn take_callbacks<R: Default>(
+    callbacks: &mut Callbacks,
+    key: usize,
+    take: impl FnOnce(&mut Pending) -> R,
+) -> R {
+    let Some(pending) = callbacks.get_mut(&key) else {
+        return R::default();
+    };
+    let taken = take(pending);
+    if pending.is_empty() {
+        callbacks.remove(&key);
+    }
+    taken
+}
+
 /// One connection's callbacks.
 #[derive(Default)]
 pub(super) struct Pending {
@@ -742,5 +759,33 @@ impl Sender {
             ));
         }
         self.post(Command::Close(code, reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Callbacks, Pending, WsCallback, take_callbacks};
+
+    fn callback() -> WsCallback {
+        Box::new(|_| {})
+    }
+
+    /// The entry goes with its last callback (and stays while one waits), so an idle
+    /// loop's map is empty again.
+    #[test]
+    fn a_connections_entry_goes_with_its_last_callback() {
+        let mut callbacks = Callbacks::new();
+        let mut pending = Pending::default();
+        pending.pongs.push(b"a".to_vec(), callback());
+        pending.pongs.push(b"b".to_vec(), callback());
+        callbacks.insert(7, pending);
+        let answered = take_callbacks(&mut callbacks, 7, |p| p.take_pongs(b"a"));
+        assert_eq!(answered.len(), 1);
+        assert!(callbacks.contains_key(&7), "b still waits");
+        let answered = take_callbacks(&mut callbacks, 7, |p| p.take_pongs(b"b"));
+        assert_eq!(answered.len(), 1);
+        assert!(callbacks.is_empty(), "the emptied entry is gone");
+        let none = take_callbacks(&mut callbacks, 7, |p| p.take_pongs(b"b"));
+        assert!(none.is_empty());
     }
 }

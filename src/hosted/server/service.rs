@@ -1,7 +1,7 @@
 //! The per-connection service the loops drive: the upgrade, the session's deadlines,
 //! TLS and the handler's events, behind the reactor's `Service` trait.
 
-use super::handler::{Callbacks, Ctx, Gauges, Lendable, Redial};
+use super::handler::{Callbacks, Ctx, Gauges, Lendable, Redial, take_callbacks};
 use super::pubsub::{LoopTopics, PubSub};
 use super::tunnel::{Progress, Tunnel};
 
@@ -327,12 +327,10 @@ where
                 }
                 Event::Ping(p) => handler.on_ping(&mut ws, &p),
                 Event::Pong(p) => {
-                    let answered = self
-                        .callbacks
-                        .borrow_mut()
-                        .get_mut(&io.key)
-                        .map(|c| c.take_pongs(&p))
-                        .unwrap_or_default();
+                    let answered =
+                        take_callbacks(&mut self.callbacks.borrow_mut(), io.key, |pending| {
+                            pending.take_pongs(&p)
+                        });
                     for callback in answered {
                         callback(&mut ws);
                     }

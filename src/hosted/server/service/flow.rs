@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Conn, Phase, WsService};
+use super::{Conn, Phase, WsService, take_callbacks};
 use crate::hosted::server::{BackpressurePolicy, Command, Handler, Upgrade, UpgradeRequest, Ws};
 use crate::reactor::Io;
 
@@ -35,17 +35,9 @@ where
         let ctx = self.ctx(conn.peer.get(), io, outside);
         let mut ran = false;
         loop {
-            let due = {
-                let mut callbacks = self.callbacks.borrow_mut();
-                let Some(pending) = callbacks.get_mut(&io.key) else {
-                    break;
-                };
-                let due = pending.next_written(driver);
-                if pending.is_empty() {
-                    callbacks.remove(&io.key);
-                }
-                due
-            };
+            let due = take_callbacks(&mut self.callbacks.borrow_mut(), io.key, |pending| {
+                pending.next_written(driver)
+            });
             let Some(callback) = due else { break };
             callback(&mut Ws { driver, ctx: &ctx });
             ran = true;
