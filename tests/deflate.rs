@@ -1190,6 +1190,34 @@ impl Rng {
 }
 
 /// An event for a failure message: a message as its kind and length, not its bytes.
+/// `payload` cut at up to three random places into one message's frames, each built by
+/// `frame`: the first with the opcode and RSV bits of `first`, the rest continuations, FIN
+/// on the last.
+fn random_fragments(
+    rng: &mut Rng,
+    payload: &[u8],
+    first: u8,
+    frame: impl Fn(u8, &[u8]) -> Vec<u8>,
+) -> Vec<Vec<u8>> {
+    let mut cuts: Vec<usize> = (0..rng.below(4))
+        .map(|_| rng.below(payload.len() + 1))
+        .collect();
+    cuts.sort();
+    cuts.push(payload.len());
+    let mut start = 0;
+    let last = cuts.len() - 1;
+    cuts.iter()
+        .enumerate()
+        .map(|(i, &end)| {
+            let fin = if i == last { 0x80 } else { 0 };
+            let b0 = if i == 0 { fin | first } else { fin };
+            let piece = frame(b0, &payload[start..end]);
+            start = end;
+            piece
+        })
+        .collect()
+}
+
 fn brief(event: &Ev) -> String {
     match event {
         Ev::Binary(b) => format!("bin {}", b.len()),
@@ -1262,24 +1290,13 @@ fn random_splits_inflate_as_the_whole_message() {
                 }
                 deflate_with(&mut comp, &data)
             };
-            let nfrag = 1 + rng.below(4);
-            let mut cuts: Vec<usize> = (0..nfrag - 1)
-                .map(|_| rng.below(payload.len() + 1))
-                .collect();
-            cuts.sort();
-            cuts.push(payload.len());
-            let mut start = 0;
-            for (i, &end) in cuts.iter().enumerate() {
-                let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
-                // The first frame: binary, RSV1 when compressed; the others continuations.
-                let b0 = match (i, plain) {
-                    (0, true) => fin | 0x02,
-                    (0, false) => fin | 0x42,
-                    _ => fin,
-                };
-                wire.extend(client_frame(b0, &payload[start..end]));
-                start = end;
-                if rng.below(4) == 0 && fin == 0 {
+            // The first frame: binary, RSV1 when compressed; pings between fragments.
+            let first = if plain { 0x02 } else { 0x42 };
+            let frames = random_fragments(&mut rng, &payload, first, client_frame);
+            let last = frames.len() - 1;
+            for (i, frame) in frames.into_iter().enumerate() {
+                wire.extend(frame);
+                if i < last && rng.below(4) == 0 {
                     wire.extend(client_frame(0x89, b"p"));
                     expected.push(Ev::Ping(b"p".to_vec()));
                 }
@@ -1335,18 +1352,8 @@ fn random_splits_on_interleaved_connections_on_one_thread() {
                     comp = Compress::new_with_window_bits(Compression::default(), false, cbits);
                 }
                 let payload = deflate_with(&mut comp, &data);
-                let nfrag = 1 + rng.below(4);
-                let mut cuts: Vec<usize> = (0..nfrag - 1)
-                    .map(|_| rng.below(payload.len() + 1))
-                    .collect();
-                cuts.sort();
-                cuts.push(payload.len());
-                let mut start = 0;
-                for (i, &end) in cuts.iter().enumerate() {
-                    let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
-                    let b0 = if i == 0 { fin | 0x42 } else { fin };
-                    wire.extend(client_frame(b0, &payload[start..end]));
-                    start = end;
+                for frame in random_fragments(&mut rng, &payload, 0x42, client_frame) {
+                    wire.extend(frame);
                 }
                 expected.push(Ev::Binary(data));
             }
@@ -1494,18 +1501,9 @@ fn a_client_inflates_in_pieces_and_reads_final_blocks() {
             if payload.is_empty() {
                 payload.push(0);
             }
-            let nfrag = 1 + rng.below(4);
-            let mut cuts: Vec<usize> = (0..nfrag - 1)
-                .map(|_| rng.below(payload.len() + 1))
-                .collect();
-            cuts.sort();
-            cuts.push(payload.len());
-            let mut start = 0;
-            for (i, &end) in cuts.iter().enumerate() {
-                let fin = if i + 1 == cuts.len() { 0x80 } else { 0 };
-                let b0 = if i == 0 { fin | 0x41 | 0x40 } else { fin };
-                wire.extend(common::raw_frame(b0, &payload[start..end], None));
-                start = end;
+            let unmasked = |b0, payload: &[u8]| common::raw_frame(b0, payload, None);
+            for frame in random_fragments(&mut rng, &payload, 0x41, unmasked) {
+                wire.extend(frame);
             }
             expected.push(Ev::Text(String::from_utf8(data).unwrap()));
         }
