@@ -30,7 +30,8 @@ type OnPayload = Box<dyn FnMut(&mut Driver, &[u8]) + Send>;
 ///
 /// A listener that panics: the panic goes on to the caller of `receive` (or of the method
 /// that ran it), and the `WebSocket` stays usable: the driver is where it was, and the
-/// input not read yet is kept and read by the next `receive`.
+/// input not read yet is kept and read by the next `receive`. Ping callbacks that the
+/// same pong answered after the one that panicked run first thing in that `receive`.
 pub struct WebSocket {
     driver: Driver,
     handlers: Handlers,
@@ -50,6 +51,10 @@ struct Handlers {
     on_ping: Vec<OnPayload>,
     on_pong: Vec<OnPayload>,
     ping_callbacks: PongWaiters<Callback>,
+    /// The oldest `ping_callbacks` that a pong answered and that have not run yet: they
+    /// run one at a time, so that if one panics the rest run on the next `receive`
+    /// rather than being dropped unrun.
+    pongs_due: usize,
     write_callbacks: VecDeque<(SendToken, Callback)>,
 }
 
@@ -83,18 +88,31 @@ impl Handlers {
             }
             Event::Ping(p) => self.on_ping.iter_mut().for_each(|f| f(driver, &p)),
             Event::Pong(p) => {
-                for callback in self.ping_callbacks.answered(&p) {
-                    callback(driver);
-                }
+                // The due ones are the oldest: a pong answers them, or more.
+                self.pongs_due = self.pongs_due.max(self.ping_callbacks.answers(&p));
+                self.run_pongs_due(driver);
                 self.on_pong.iter_mut().for_each(|f| f(driver, &p));
             }
             Event::Error(e) => self.on_error.iter_mut().for_each(|f| f(driver, &e)),
             Event::Close { code, reason } => {
                 self.ping_callbacks.clear();
+                self.pongs_due = 0;
                 self.on_close
                     .iter_mut()
                     .for_each(|f| f(driver, code, &reason));
             }
+        }
+    }
+
+    /// Runs the ping callbacks a pong answered, oldest first.
+    fn run_pongs_due(&mut self, driver: &mut Driver) {
+        while self.pongs_due > 0 {
+            self.pongs_due -= 1;
+            let callback = self
+                .ping_callbacks
+                .take_oldest()
+                .expect("a due callback is waiting");
+            callback(driver);
         }
     }
 
@@ -194,6 +212,16 @@ impl WebSocket {
             handlers,
             unread,
         } = self;
+        if handlers.pongs_due > 0 {
+            // Left by a callback that panicked: the rest run before anything new is read.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handlers.run_pongs_due(driver)
+            }));
+            if let Err(panic) = ran {
+                unread.extend_from_slice(input);
+                std::panic::resume_unwind(panic);
+            }
+        }
         let mut at = 0;
         loop {
             let (used, event) = driver.poll_event(&mut input[at..]);

@@ -534,6 +534,45 @@ fn a_pong_for_a_later_ping_runs_the_earlier_pings_callbacks_too() {
     assert_eq!(*fired.lock().unwrap(), vec!["first", "second"]);
 }
 
+/// A ping callback that panics: the panic goes on to the caller of `receive`, and the
+/// callbacks the same pong answered after it run on the next `receive` (they were dropped
+/// unrun), before its input is read.
+#[test]
+fn ping_callbacks_behind_one_that_panics_run_on_the_next_receive() {
+    let (client, _server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let fired = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+    for name in ["first", "second", "third"] {
+        let f = fired.clone();
+        ws.send_ping(name.as_bytes(), move |_| {
+            if name == "first" {
+                panic!("a callback bug");
+            }
+            f.lock().unwrap().push(name)
+        })
+        .unwrap();
+    }
+    let f = fired.clone();
+    ws.on_pong(move |_, payload| {
+        f.lock().unwrap().push(if payload == b"third" {
+            "on_pong third"
+        } else {
+            "on_pong"
+        })
+    });
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ws.receive(&mut raw_frame(0x8a, b"third", None))
+    }));
+    assert!(caught.is_err(), "the callback's panic reaches the caller");
+    assert!(fired.lock().unwrap().is_empty());
+    ws.receive(&mut raw_frame(0x8a, b"later", None));
+    assert_eq!(
+        *fired.lock().unwrap(),
+        vec!["second", "third", "on_pong"],
+        "the answered callbacks run before the next pong is read"
+    );
+}
+
 // ----- fragmentation -----
 
 #[test]

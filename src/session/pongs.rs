@@ -30,12 +30,22 @@ impl<W> PongWaiters<W> {
     /// A pong with `payload` arrived: takes what waited for the pings it answers, oldest
     /// first (none for an unsolicited pong).
     pub fn answered(&mut self, payload: &[u8]) -> impl Iterator<Item = W> + '_ {
-        let end = self
-            .pings
+        let end = self.answers(payload);
+        self.pings.drain(..end).map(|(_, waiter)| waiter)
+    }
+
+    /// How many waiters a pong with `payload` answers (see [`PongWaiters::answered`]),
+    /// for a caller that takes them one at a time with [`PongWaiters::take_oldest`].
+    pub fn answers(&self, payload: &[u8]) -> usize {
+        self.pings
             .iter()
             .position(|(ping, _)| ping[..] == payload[..])
-            .map_or(0, |at| at + 1);
-        self.pings.drain(..end).map(|(_, waiter)| waiter)
+            .map_or(0, |at| at + 1)
+    }
+
+    /// Takes the oldest waiter.
+    pub fn take_oldest(&mut self) -> Option<W> {
+        (!self.pings.is_empty()).then(|| self.pings.remove(0).1)
     }
 
     /// Keeps only the waiters `keep` says to, in order; it may change them.
@@ -103,6 +113,19 @@ mod tests {
         let mut waiters = waiting(&[("same", 1), ("same", 2)]);
         assert_eq!(waiters.answered(b"same").collect::<Vec<_>>(), [1]);
         assert_eq!(waiters.answered(b"same").collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn answers_counts_what_answered_would_take_and_take_oldest_takes_them_in_order() {
+        let mut waiters = waiting(&[("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(waiters.answers(b"zz"), 0);
+        assert_eq!(waiters.answers(b"b"), 2);
+        assert_eq!(waiters.len(), 3, "counting takes nothing");
+        assert_eq!(waiters.take_oldest(), Some(1));
+        assert_eq!(waiters.take_oldest(), Some(2));
+        assert_eq!(waiters.answers(b"c"), 1);
+        assert_eq!(waiters.take_oldest(), Some(3));
+        assert_eq!(waiters.take_oldest(), None);
     }
 
     #[test]
