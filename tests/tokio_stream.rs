@@ -1203,6 +1203,71 @@ async fn concurrent_split_senders_stay_within_one_message_of_the_limit() {
     assert!(sent >= 1, "no big message was accepted");
 }
 
+/// The byte limit holds against senders on other threads while the connection task hands
+/// commands to the driver on its own: a sender reads the queued and buffered counts while
+/// the task moves a command from one to the other, and must see it in at least one of
+/// them (read the wrong way round, it could see it in neither and let a second message
+/// past the limit). Repeated, since each round has one crossing of the limit to race on.
+#[test]
+fn split_senders_on_other_threads_stay_within_one_message_of_the_limit() {
+    const LIMIT: usize = 8_000;
+    const MESSAGE: usize = 1_000;
+    const SENDERS: usize = 6;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .build()
+        .unwrap();
+    for round in 0..150 {
+        runtime.block_on(async {
+            let (_client, server) = common::open_pair(&Options::default(), &Options::default());
+            // The far end is kept and never read: nothing written drains.
+            let (near, _far) = duplex(1024);
+            let config = Config::default().max_backpressure(LIMIT);
+            let ws = WebSocketStream::from_driver(near, server, &[], &config);
+            let (tx, _rx) = ws.spawn();
+            let senders: Vec<_> = (0..SENDERS)
+                .map(|_| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        while tx.send_binary(vec![7u8; MESSAGE]).await.is_ok() {}
+                    })
+                })
+                .collect();
+            // Until the senders have taken the output past the limit.
+            tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                while tx.buffered_amount() <= LIMIT {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the senders reach the limit");
+            // A send is queued whole or not at all, so aborting the waiting ones leaves
+            // what was admitted; the task applies it and goes idle.
+            for sender in &senders {
+                sender.abort();
+            }
+            for sender in senders {
+                let _ = sender.await;
+            }
+            // A reading taken while the task hands a command over may count it twice; an
+            // admission past the limit shows in every reading.
+            let mut held = usize::MAX;
+            for _ in 0..5 {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                held = held.min(tx.buffered_amount());
+            }
+            // A queued message counts its payload, a buffered one its frame: the headers
+            // (4 bytes each here) of every message admitted may come on top.
+            let headers = 4 * (LIMIT / MESSAGE + 2);
+            assert!(
+                held <= LIMIT + MESSAGE + headers,
+                "round {round}: {held} bytes held (limit {LIMIT}, messages of {MESSAGE})"
+            );
+        });
+    }
+}
+
 /// Senders waiting on backpressure are released (with `NotOpen`) when the connection
 /// task is dropped without ending itself: here its runtime shuts down under it.
 #[tokio::test(flavor = "current_thread")]

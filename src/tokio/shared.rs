@@ -52,15 +52,24 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Queued and buffered bytes. Read in this order, a command the task is handing over
+    /// may be counted in both for a moment (never in neither): an over-estimate, which
+    /// makes a waiting sender wait a little longer, never pass the limit.
     pub(super) fn total(&self) -> usize {
         self.queued.load(Ordering::Acquire) + self.buffered.load(Ordering::Acquire)
     }
 
     /// Counts `cost` more queued bytes if the output is at or under the limit now.
+    ///
+    /// `buffered` is read after `queued`, each time: the task hands a command over by
+    /// storing the grown `buffered` first and taking its cost off `queued` after, so a
+    /// sender that sees the smaller `queued` sees the grown `buffered` too. Read the other
+    /// way round, a sender could find the command in neither (the old `buffered`, then the
+    /// new `queued`) and let a second message past the limit.
     pub(super) fn try_count(&self, cost: usize) -> bool {
-        let buffered = self.buffered.load(Ordering::Acquire);
         self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                let buffered = self.buffered.load(Ordering::Acquire);
                 (queued + buffered <= self.limit).then_some(queued + cost)
             })
             .is_ok()
