@@ -1710,6 +1710,55 @@ async fn a_peer_reading_slowly_is_kept_and_one_that_stops_is_cut_at_the_write_ti
     drop(peer);
 }
 
+/// A peer reading a long download more slowly than the app sends it, and sending nothing:
+/// the keepalive's ping waits behind the queued output, yet the peer is alive, since it
+/// keeps taking output (once every half idle period here). It is kept for six idle periods
+/// (the plain rule closed it after two); once it stops reading it takes nothing more, and
+/// the idle close comes within two idle periods of its last read.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_of_a_download_is_kept_by_the_idle_keepalive_until_it_stops() {
+    let idle = std::time::Duration::from_secs(1);
+    let config = Config::default()
+        .max_backpressure(16 * 1024)
+        .idle_timeout(idle);
+    let (mut ws, mut peer) = piped(64 * 1024, &config).await;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1024];
+        for _ in 0..12 {
+            tokio::time::sleep(idle / 2).await;
+            let n = peer.io.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+        }
+        // Stops reading, still connected.
+        (peer, tokio::time::Instant::now())
+    });
+    let started = tokio::time::Instant::now();
+    let (error, failed_at) = send_until_refused(&mut ws).await;
+    assert!(
+        matches!(error, Error::Usage(UsageError::NotOpen)),
+        "{error:?}"
+    );
+    let (peer, last_read) = reader.await.unwrap();
+    assert!(
+        failed_at - started >= 6 * idle,
+        "closed after {:?} while the peer was still reading",
+        failed_at - started
+    );
+    let after = failed_at - last_read;
+    assert!(
+        after <= 2 * idle + std::time::Duration::from_millis(100),
+        "closed {after:?} after the peer's last read"
+    );
+    let close = tokio::time::timeout(std::time::Duration::from_secs(60), ws.next())
+        .await
+        .expect("next waited for good");
+    assert!(
+        matches!(close, Some(Event::Close { code: 1001, .. })),
+        "{close:?}"
+    );
+    drop(peer);
+}
+
 /// The same peer while the app waits in `flush` with less than the limit queued (axum's
 /// `send` and `SinkExt::send` end in a flush): the flush fails at the write timeout.
 #[tokio::test(start_paused = true)]

@@ -342,6 +342,11 @@ impl Stall {
         };
     }
 
+    /// Whether output is waiting on a full transport (the last attempt left some unwritten).
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// When the pending output times out, if any is pending.
     pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
         self.0

@@ -29,11 +29,14 @@ pub struct Config {
     pub read_buffer_size: usize,
     /// With `Some(t)`: after `t` without input, send a ping; after another `t` still
     /// without input, close with 1001 "idle timeout" (the close frame then has
-    /// [`Config::close_timeout`] to get out). Default `None` (off). Only input counts:
-    /// over any `AsyncRead + AsyncWrite` the stream cannot ask a kernel how its output is
-    /// delivered, so a peer reading a long download more slowly than two idle periods'
-    /// worth of buffered output can be closed (the reactor and the blocking runtimes count
-    /// such a peer as alive; see [`Delivery`](crate::session::Delivery)).
+    /// [`Config::close_timeout`] to get out). Default `None` (off). Besides input, a
+    /// peer that keeps taking our output counts as alive: at an idle deadline with output
+    /// waiting on a full transport, any write that moved some of it since the previous
+    /// deadline starts the period over (a peer reading a long download more slowly than
+    /// we produce it hears the ping, and answers it, only after everything queued before
+    /// it; see [`Delivery`](crate::session::Delivery), which the reactor and the blocking
+    /// runtimes read from the kernel). A peer that stops reading stops taking output once
+    /// the buffers between are full, and is then pinged and closed as a silent one.
     ///
     /// With the split API, the connection task reads only as the [`WsReceiver`] asks
     /// for events; while it holds input back (the receiver not polled, or its queue

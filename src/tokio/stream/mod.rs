@@ -23,7 +23,9 @@ use ::tokio::time::{Instant, Sleep, sleep_until};
 use super::config::Config;
 use crate::protocol::driver::{Driver, Event, Message, ReadyState, Role};
 use crate::protocol::error::{Error, UsageError};
-use crate::session::timers::{Expired, Stall, TimerConfig, Timers, earliest, write_timed_out};
+use crate::session::timers::{
+    Delivery, Expired, Stall, TimerConfig, Timers, earliest, write_timed_out,
+};
 
 /// Gathered writes take up to this many parts of the pending output at once.
 const WRITE_PARTS: usize = 8;
@@ -157,6 +159,9 @@ pub struct WebSocketStream<S> {
     /// Since when output has waited on a transport that takes none of it (open phase
     /// only: the linger has its own deadline), and how long it may.
     stall: Stall,
+    /// Write attempts that moved output (counted in the open phase, wrapping): the idle
+    /// keepalive's sign that a peer with our output waiting on it is still taking some.
+    progress_marks: u64,
     write_timeout: Duration,
     /// The timer wheel entry, made on first use and re-armed lazily.
     sleep: Option<Pin<Box<Sleep>>>,
@@ -234,6 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             timer_config,
             timers,
             stall: Stall::default(),
+            progress_marks: 0,
             write_timeout: config.write_timeout,
             sleep: None,
             armed: None,
@@ -428,10 +434,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 self.write_failed(write_timed_out(self.write_timeout));
                 return;
             }
-            match self
-                .timers
-                .handle_timeout(now(), &self.timer_config, &mut self.driver)
-            {
+            // Output waiting on a full transport that took some of it since the last idle
+            // deadline: the peer is reading (a download it reads slowly puts our ping
+            // and its pong behind everything queued), so the idle period starts over.
+            let delivery = Delivery {
+                acked: self.progress_marks,
+                backlog: self.stall.is_waiting(),
+            };
+            match self.timers.handle_timeout_with_delivery(
+                now(),
+                &self.timer_config,
+                &mut self.driver,
+                || Some(delivery),
+            ) {
                 // The opening or close handshake took too long: drop the peer (the
                 // driver's `Close` is queued).
                 Expired::Drop(_) => {

@@ -220,6 +220,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
             let progressed =
                 went_direct || self.unwritten() < before || self.flush_watch.take_woken();
             self.stall.update(progressed, poll.is_pending(), super::now);
+            if progressed {
+                self.progress_marks = self.progress_marks.wrapping_add(1);
+            }
             // Armed unless an earlier deadline is (its wake-up runs the deadlines, which
             // arm the next); firing that one here would leave it unhandled.
             if let Some(by) = self.stall.deadline(self.write_timeout)
