@@ -646,3 +646,102 @@ async fn axum_send_to_a_silent_non_reading_client_ends_at_the_idle_timeout() {
     );
     drop(raw);
 }
+
+// ---- the optional extractor, push-only handlers ----
+
+/// `Option<WebSocketUpgrade>` on a valid upgrade whose `Upgrade` header lists
+/// `websocket` among other protocols (RFC 9110 §7.8: a list; RFC 6455 §4.2.1: the field
+/// "containing the value websocket"): the plain extractor accepts it (101), and the
+/// optional one gives `Some` and upgrades too (it compared the whole value with
+/// `websocket`, gave `None`, and the route answered it as plain HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_extractor_sees_websocket_in_an_upgrade_list() {
+    bounded(30, async {
+        let app = Router::new()
+            .route(
+                "/both",
+                get(|ws: Option<WebSocketUpgrade>| async move {
+                    match ws {
+                        Some(ws) => ws.on_upgrade(|_| async {}),
+                        None => "plain http".into_response(),
+                    }
+                }),
+            )
+            .route(
+                "/ws",
+                get(|ws: WebSocketUpgrade| async move { ws.on_upgrade(|_| async {}) }),
+            );
+        let addr = axum_server(app).await;
+        let request = |path: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: h2c, websocket\r\n\
+                 Connection: keep-alive, Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+        };
+        let plain = raw_exchange(addr, request("/ws").as_bytes()).await;
+        assert!(
+            plain.starts_with("HTTP/1.1 101"),
+            "the plain extractor: {plain}"
+        );
+        let both = raw_exchange(addr, request("/both").as_bytes()).await;
+        assert!(
+            both.starts_with("HTTP/1.1 101"),
+            "Option<WebSocketUpgrade> took the same upgrade for plain HTTP: {both}"
+        );
+    })
+    .await;
+}
+
+/// An axum handler that only pushes (a ticker: `socket.send` every 50 ms, never
+/// `recv`), with an idle timeout of 200 ms, to a tungstenite client that reads every
+/// tick and so answers every ping at once: the client is kept (`send` flushes, and the
+/// flush ran the idle deadline even when it did not wait, closing the client with 1001
+/// after two idle periods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_only_handler_keeps_a_client_that_reads_and_pongs() {
+    use std::time::Duration;
+    use websocket_driver::tokio::Config;
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let app = Router::new().route(
+        "/ws",
+        get(move |ws: WebSocketUpgrade| {
+            let done_tx = done_tx.clone();
+            async move {
+                let config = Config::default().idle_timeout(Duration::from_millis(200));
+                ws.config(config).on_upgrade(move |mut socket| async move {
+                    for i in 0..20 {
+                        if let Err(e) = socket.send(Message::text(format!("tick {i}"))).await {
+                            let _ = done_tx.send(format!("tick {i} failed: {e}"));
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let _ = done_tx.send("all sent".to_string());
+                })
+            }
+        }),
+    );
+    bounded(30, async {
+        let addr = axum_server(app).await;
+        let mut client = tungstenite_client(addr, "/ws").await;
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(Ok(msg)) = client.next().await {
+                seen.push(format!("{msg:?}"));
+                // Talks too, as a live client would.
+                if msg.is_text() && client.send(TMessage::Text("ack".into())).await.is_err() {
+                    break;
+                }
+            }
+            seen
+        });
+        let outcome = done.recv().await.unwrap();
+        reader.abort();
+        assert_eq!(
+            outcome, "all sent",
+            "the handler's ticks to a live client failed"
+        );
+    })
+    .await;
+}

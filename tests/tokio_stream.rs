@@ -2151,3 +2151,87 @@ async fn a_flooding_peer_is_cut_off_with_the_default_read_buffer() {
     let burst = (9 * 1024, 1024, std::time::Duration::from_millis(500));
     flooding_peer_is_cut_off(&config, 16 << 20, burst, std::time::Duration::from_secs(10)).await;
 }
+
+// ---- push-only apps and flushes ----
+
+/// A push-only app (it sends and flushes, never calls `next`, as an axum ticker whose
+/// `send` is a queue and a flush) to a peer that reads everything and answers every ping
+/// at once: the idle keepalive takes only a peer that went silent. The app reads no input,
+/// so the peer's pongs go unheard; the deadlines run only while a flush waits on a full
+/// transport (they ran in every flush, and closed this peer with 1001 after two idle
+/// periods).
+#[tokio::test(start_paused = true)]
+async fn a_push_only_app_that_flushes_keeps_a_responsive_peer_under_idle_timeout() {
+    let idle = std::time::Duration::from_secs(5);
+    let config = Config::default().idle_timeout(idle);
+    let (mut ws, mut peer) = piped(1 << 20, &config).await;
+    let mut failed = None;
+    for i in 0..60 {
+        let sent = ws.send_text(format!("tick {i}")).await;
+        let flushed = ws.flush().await;
+        if sent.is_err() || flushed.is_err() {
+            failed = Some((i, sent, flushed));
+            break;
+        }
+        // The peer reads everything the app wrote, answers pings at once, and talks.
+        while let Some(event) = peer.next_event().now_or_never() {
+            if let Event::Close { code, reason } = event {
+                panic!("the server closed a responsive peer after {i} s: {code} {reason:?}");
+            }
+        }
+        peer.driver.send_text("still here").unwrap();
+        peer.send_queued().await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert!(
+        failed.is_none(),
+        "a peer that answered every ping and sent a message every second was cut off \
+         (idle {idle:?}): {failed:?}"
+    );
+}
+
+/// The same push-only app without the flush: no deadline runs, the peer is kept.
+#[tokio::test(start_paused = true)]
+async fn a_push_only_app_that_does_not_flush_keeps_a_responsive_peer() {
+    let idle = std::time::Duration::from_secs(5);
+    let config = Config::default().idle_timeout(idle);
+    let (mut ws, mut peer) = piped(1 << 20, &config).await;
+    for i in 0..60 {
+        ws.send_text(format!("tick {i}")).await.unwrap();
+        while peer.next_event().now_or_never().is_some() {}
+        peer.driver.send_text("still here").unwrap();
+        peer.send_queued().await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A client driver handed over still connecting (`from_driver`): `flush` writes everything
+/// queued so far (and `SinkExt::send` returns once the frame is written), so it reads the
+/// server's 101 itself, then writes the message held behind the handshake; the app may
+/// then wait elsewhere, holding the stream (flush returned `Ok` with the message still
+/// held, and the server never got it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_of_a_connecting_client_writes_the_queued_message() {
+    bounded(30, async {
+        let (client_end, server_end) = duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut ws = tokio_tungstenite::accept_async(server_end).await.unwrap();
+            ws.next().await
+        });
+        let mut driver = Driver::make_client("ws://pipe/", &Options::default()).unwrap();
+        driver.start_connection();
+        let mut ws = WebSocketStream::from_driver(client_end, driver, &[], &Config::default());
+        SinkExt::send(&mut ws, Message::Text("hello".into()))
+            .await
+            .unwrap();
+        ws.flush().await.unwrap();
+        // The app now waits on something else, holding the stream.
+        let got = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
+        assert!(
+            matches!(&got, Ok(Ok(Some(Ok(TMessage::Text(t))))) if t.as_str() == "hello"),
+            "flush returned Ok but the server got nothing in 2 s: {got:?}; still buffered: {}",
+            ws.buffered_amount()
+        );
+    })
+    .await;
+}

@@ -312,10 +312,9 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for WebSocketUpgrade<DefaultOnF
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
         let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
-        let upgrade = request.headers.iter().any(|(name, value)| {
-            name.eq_ignore_ascii_case("upgrade") && value.trim().eq_ignore_ascii_case("websocket")
-        });
-        if !upgrade {
+        // `websocket` as one token of the list, as the plain extractor checks it
+        // (`Upgrade: h2c, websocket` asks for a WebSocket too).
+        if !handshake::has_token(&request.headers, "upgrade", "websocket") {
             return Ok(None);
         }
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();

@@ -67,7 +67,7 @@ pub(super) fn count_header(headers: &[(String, String)], name: &str) -> usize {
 
 /// Whether a comma-separated header value holds `token` (case-insensitive), in any of the
 /// header's lines.
-fn has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
+pub(crate) fn has_token(headers: &[(String, String)], name: &str, token: &str) -> bool {
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(name))

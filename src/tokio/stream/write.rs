@@ -465,28 +465,60 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     pub(crate) fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.phase == Phase::Open {
-            // The deadlines run while a flush waits on a peer that does not read (axum's
-            // `send`, `SinkExt::send`, `Sink::close`): the idle keepalive and the close
-            // timeout end it, as they end a `send` waiting on the limit.
-            self.note_state();
-            self.poll_timers(cx);
-        }
-        if !self.writing {
-            // Written and flushed, or it never will be (a transport that holds output
-            // of its own, TLS, may still have been flushing it when the connection failed).
-            return Poll::Ready(if self.unwritten() == 0 && self.flushed {
-                Ok(())
-            } else {
-                Err(not_open())
-            });
-        }
-        match ready!(self.poll_write_out(cx)) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(e) => {
-                let err = Error::Io(io::Error::new(e.kind(), e.to_string()));
-                self.write_failed(e);
-                Poll::Ready(Err(err))
+        loop {
+            if self.phase == Phase::Open {
+                self.note_state();
+            }
+            if !self.writing {
+                // Written and flushed, or it never will be (a transport that holds output
+                // of its own, TLS, may still have been flushing it when the connection
+                // failed).
+                return Poll::Ready(if self.unwritten() == 0 && self.flushed {
+                    Ok(())
+                } else {
+                    Err(not_open())
+                });
+            }
+            match self.poll_write_out(cx) {
+                Poll::Ready(Err(e)) => {
+                    let err = Error::Io(io::Error::new(e.kind(), e.to_string()));
+                    self.write_failed(e);
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Ready(Ok(())) => {
+                    if self.driver.ready_state() != ReadyState::Connecting
+                        || self.unwritten() == 0
+                        || self.held.is_some()
+                    {
+                        return Poll::Ready(Ok(()));
+                    }
+                    // A client handed over still connecting: its frames wait behind the
+                    // handshake, whose answer only a read brings (as in a send waiting on
+                    // the limit). Its event comes out of the next `next`/`recv` first.
+                    match ready!(self.poll_next_slot(cx, false)) {
+                        Some(Slot::Owned(event)) => self.held = Some(event),
+                        Some(Slot::Borrowed(..) | Slot::WholeText) => {
+                            unreachable!("an owned parse hands out no ranges")
+                        }
+                        None => return Poll::Ready(Err(not_open())),
+                    }
+                }
+                Poll::Pending => {
+                    if self.phase != Phase::Open {
+                        return Poll::Pending;
+                    }
+                    // The flush waits on a peer that does not read (axum's `send`,
+                    // `SinkExt::send`, `Sink::close`): the deadlines run, so the idle
+                    // keepalive and the close timeout end it, as they end a `send` waiting
+                    // on the limit. Not while the flush completes: an app that only sends
+                    // reads no input, so its peer's pongs go unheard, and the keepalive
+                    // would close a live peer.
+                    self.poll_timers(cx);
+                    self.note_state();
+                    if self.writing {
+                        return Poll::Pending;
+                    }
+                }
             }
         }
     }
