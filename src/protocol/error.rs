@@ -78,6 +78,18 @@ pub enum ProtocolError {
     CloseFrameTooShort,
     /// A close frame with a code that may not be sent.
     InvalidCloseCode(u16),
+    /// A compressed message (RSV1, permessage-deflate) larger on the wire than any
+    /// message of `max_length` bytes compresses to (see
+    /// [`compressed_limit`](crate::protocol::deflate::compressed_limit)): refused before
+    /// its payload is read.
+    CompressedTooLarge {
+        /// Compressed bytes the message would have had on the wire.
+        len: u64,
+        /// The most it may have (from `max_length` and its frames).
+        wire_max: usize,
+        /// The configured `max_length`.
+        max: usize,
+    },
     /// A compressed message (RSV1, permessage-deflate) whose data does not inflate.
     InvalidCompressedData,
     /// A compressed message that inflates past `max_length` (inflation stops there).
@@ -94,9 +106,9 @@ impl ProtocolError {
             ProtocolError::InvalidUtf8 | ProtocolError::InvalidCompressedData => {
                 code::INVALID_PAYLOAD
             }
-            ProtocolError::MessageTooLarge { .. } | ProtocolError::InflatedTooLarge { .. } => {
-                code::TOO_BIG
-            }
+            ProtocolError::MessageTooLarge { .. }
+            | ProtocolError::CompressedTooLarge { .. }
+            | ProtocolError::InflatedTooLarge { .. } => code::TOO_BIG,
             _ => code::PROTOCOL_ERROR,
         }
     }
@@ -128,6 +140,11 @@ impl fmt::Display for ProtocolError {
             ProtocolError::MessageTooLarge { len, max } => {
                 write!(f, "message of {len} bytes exceeds max_length {max}")
             }
+            ProtocolError::CompressedTooLarge { len, wire_max, max } => write!(
+                f,
+                "compressed message of {len} bytes on the wire exceeds {wire_max}, the most \
+                 max_length {max} allows"
+            ),
             ProtocolError::CloseFrameTooShort => f.write_str("close frame with a 1-byte payload"),
             ProtocolError::InvalidCloseCode(c) => write!(f, "invalid close code {c}"),
             ProtocolError::InvalidCompressedData => {
@@ -487,6 +504,17 @@ mod tests {
         assert_eq!(
             ProtocolError::MessageTooLarge { len: 2, max: 1 }.close_code(),
             1009
+        );
+        let compressed = ProtocolError::CompressedTooLarge {
+            len: 300,
+            wire_max: 250,
+            max: 100,
+        };
+        assert_eq!(compressed.close_code(), 1009);
+        assert_eq!(
+            compressed.to_string(),
+            "compressed message of 300 bytes on the wire exceeds 250, the most max_length 100 \
+             allows"
         );
         assert_eq!(ProtocolError::UnmaskedFrame.close_code(), 1002);
         assert_eq!(HandshakeError::UnsupportedVersion("8".into()).status(), 426);

@@ -318,9 +318,17 @@ impl Driver {
             self.max_length
         };
         if !h.opcode.is_control() && len > max as u64 {
-            return Err(ProtocolError::MessageTooLarge {
-                len,
-                max: self.max_length,
+            return Err(if compressed {
+                ProtocolError::CompressedTooLarge {
+                    len,
+                    wire_max: max,
+                    max: self.max_length,
+                }
+            } else {
+                ProtocolError::MessageTooLarge {
+                    len,
+                    max: self.max_length,
+                }
             });
         }
         Ok(())
