@@ -197,16 +197,27 @@ impl WebSocket {
     /// Feeds bytes read from the transport and runs the handlers for every event. Before
     /// [`WebSocket::start_connection`] the bytes are kept, and read once it is called.
     pub fn receive(&mut self, input: &mut [u8]) {
+        self.receive_through(input, false);
+    }
+
+    /// [`WebSocket::receive`] up to the `Open` event: what follows it is kept for the next
+    /// `receive` (a client's runtime hands a server's first frames, read with its 101, to
+    /// the thread that runs the connection from then on).
+    pub(crate) fn receive_until_open(&mut self, input: &mut [u8]) {
+        self.receive_through(input, true);
+    }
+
+    fn receive_through(&mut self, input: &mut [u8], until_open: bool) {
         if self.unread.is_empty() {
-            return self.receive_now(input);
+            return self.receive_now(input, until_open);
         }
         // Kept input goes first (rare: before the start, or after a listener's panic).
         let mut all = std::mem::take(&mut self.unread);
         all.extend_from_slice(input);
-        self.receive_now(&mut all);
+        self.receive_now(&mut all, until_open);
     }
 
-    fn receive_now(&mut self, input: &mut [u8]) {
+    fn receive_now(&mut self, input: &mut [u8], until_open: bool) {
         let WebSocket {
             driver,
             handlers,
@@ -231,6 +242,7 @@ impl WebSocket {
                 unread.extend_from_slice(&input[at..]);
                 return;
             };
+            let opened = matches!(event, Event::Open);
             let dispatched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 handlers.dispatch(driver, event)
             }));
@@ -239,6 +251,10 @@ impl WebSocket {
                 // kept for the next `receive` (the event itself was delivered).
                 unread.extend_from_slice(&input[at..]);
                 std::panic::resume_unwind(panic);
+            }
+            if opened && until_open {
+                unread.extend_from_slice(&input[at..]);
+                return;
             }
         }
     }

@@ -169,3 +169,183 @@ fn client_idle_timeout() {
     );
     assert!(events.recv_timeout(Duration::from_millis(200)).is_err());
 }
+
+/// A server that answers the upgrade with the 101 and `after` in one write, then reads
+/// (and drops) everything for `hold`.
+fn upgrade_then(after: Vec<u8>, hold: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut out = common::response_for(&head, "");
+        out.extend_from_slice(&after);
+        s.write_all(&out).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let until = Instant::now() + hold;
+        let mut buf = [0u8; 65536];
+        while Instant::now() < until {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                _ => {}
+            }
+        }
+    });
+    addr
+}
+
+/// `on_message` runs on the I/O thread, for a message in the same TCP read as the 101 too.
+#[test]
+fn message_behind_the_101_runs_on_the_io_thread() {
+    let addr = upgrade_then(vec![0x81, 2, b'h', b'i'], Duration::from_secs(3));
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_message(move |_, m| {
+        let _ = tx.send((
+            m.as_text().map(str::to_string),
+            std::thread::current().name().map(str::to_string),
+        ));
+    });
+    client.start_connection().unwrap();
+    let (text, thread) = rx.recv_timeout(Duration::from_secs(3)).unwrap();
+    assert_eq!(text.as_deref(), Some("hi"));
+    assert_eq!(thread.as_deref(), Some("wsd-client-io"));
+}
+
+/// What a client whose listener panics during `start_connection` (on a message that came
+/// in the same read as the 101, or in `on_open`) goes through: whether `start_connection`
+/// returned, the first event within 2 s, how long the drop took, any event after it.
+fn panic_during_start(
+    after_101: Vec<u8>,
+    setup: impl FnOnce(&BlockingClient),
+) -> (
+    bool,
+    Result<String, mpsc::RecvTimeoutError>,
+    Duration,
+    Result<String, mpsc::RecvTimeoutError>,
+) {
+    let addr = upgrade_then(after_101, Duration::from_secs(10));
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            close: Duration::from_secs(3),
+            ..ClientTimeouts::default()
+        });
+    setup(&client);
+    let events = record(&client);
+    let started =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| client.start_connection()));
+    let first = events.recv_timeout(Duration::from_secs(2));
+    let dropped = Instant::now();
+    drop(client);
+    let took = dropped.elapsed();
+    let later = events.recv_timeout(Duration::from_millis(200));
+    (started.is_ok(), first, took, later)
+}
+
+/// README ("On the threads of `BlockingClient` ... a panicking listener fails only its
+/// connection: close 1011 "a listener panicked" to the peer, `on_close` once"), and
+/// `on_message` runs on the I/O thread, a message in the same read as the 101 too (it ran
+/// on the caller's thread inside `start_connection`, outside the I/O thread's
+/// `catch_unwind`: the panic escaped `start_connection`, `on_close` never ran, and
+/// dropping the client waited out the whole close timeout).
+#[test]
+fn panic_on_a_message_behind_the_101_still_closes_once() {
+    let (returned, first, took, later) =
+        panic_during_start(vec![0x81, 4, b'b', b'o', b'o', b'm'], |client| {
+            client.on_message(|_, m| {
+                if m.as_text() == Some("boom") {
+                    panic!("a listener bug");
+                }
+            });
+        });
+    let seen = format!("returned {returned}, first {first:?}, drop took {took:?}, later {later:?}");
+    assert!(
+        returned,
+        "the listener's panic escaped start_connection: {seen}"
+    );
+    assert_eq!(
+        first.as_deref(),
+        Ok("close 1011 a listener panicked"),
+        "{seen}"
+    );
+    assert!(later.is_err(), "one close only: {seen}");
+    assert!(took < Duration::from_secs(2), "{seen}");
+}
+
+/// The same for a panicking `on_open` (which runs in `start_connection`): the connection
+/// fails with 1011, `on_close` runs exactly once, `start_connection` returns an error and
+/// the drop is quick (`on_close` never ran, and the drop took the close timeout).
+#[test]
+fn panic_in_on_open_still_closes_once() {
+    let (returned, first, took, later) = panic_during_start(Vec::new(), |client| {
+        client.on_open(|_| panic!("a listener bug"));
+    });
+    let seen = format!("returned {returned}, first {first:?}, drop took {took:?}, later {later:?}");
+    assert!(
+        returned,
+        "the listener's panic escaped start_connection: {seen}"
+    );
+    assert_eq!(
+        first.as_deref(),
+        Ok("close 1011 a listener panicked"),
+        "{seen}"
+    );
+    let closes = [&first, &later]
+        .iter()
+        .filter(|e| e.as_deref().is_ok_and(|e| e.starts_with("close")))
+        .count();
+    assert_eq!(closes, 1, "on_close runs exactly once: {seen}");
+    assert!(took < Duration::from_secs(2), "{seen}");
+}
+
+/// RFC 9110 §15.2: a client must take interim 1xx responses before the final one, as the
+/// WebSocket handshake does. A proxy that sends `100 Continue` before its `200` opens the
+/// tunnel.
+#[test]
+fn proxy_interim_100_before_200_opens_the_tunnel() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = server.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        s.write_all(&common::response_for(&head, "")).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut client, _) = proxy.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let upstream = TcpStream::connect(target).unwrap();
+        client
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\n")
+            .unwrap();
+        let (mut a, mut b) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut a, &mut b);
+        });
+        let (mut upstream, mut client) = (upstream, client);
+        let _ = std::io::copy(&mut upstream, &mut client);
+    });
+    let client = BlockingClient::new(&format!("ws://{target}/"), Options::default())
+        .unwrap()
+        .proxy(&format!("http://{proxy_addr}"))
+        .unwrap();
+    client.start_connection().unwrap();
+}

@@ -1616,3 +1616,28 @@ fn blocking_client_output_stays_bounded_under_a_ping_flood() {
     );
     let _server = flooder.join().unwrap();
 }
+
+/// RFC 3986 §3.2.2: a host is an IP literal in brackets, an IPv4 address or a reg-name,
+/// which holds no `:`: an unbracketed colon in the host is refused (`ws://host:80:81/`
+/// parsed as host `host:80` with `Host: [host:80]:81`, and `ws://::1/` as host `:` port
+/// 1), and so are brackets around anything but an IPv6 address, as the proxy URL parser
+/// refuses them. A bracketed IPv6 address still parses.
+#[test]
+fn client_urls_with_a_colon_in_an_unbracketed_host_are_refused() {
+    use websocket_driver::protocol::handshake::ClientUrl;
+    for url in ["ws://host:80:81/", "ws://::1/", "ws://[example.com]/"] {
+        let parsed = ClientUrl::parse(url);
+        assert!(parsed.is_err(), "{url} parsed as {parsed:?}");
+        assert!(
+            matches!(
+                BlockingClient::new(url, Options::default()),
+                Err(Error::Usage(UsageError::InvalidUrl(_)))
+            ),
+            "{url}"
+        );
+    }
+    assert!(websocket_driver::session::proxy::Proxy::parse("http://host:80:81/").is_err());
+    let v6 = ClientUrl::parse("ws://[::1]:9001/chat").unwrap();
+    assert_eq!((v6.host.as_str(), v6.port), ("::1", 9001));
+    assert_eq!(v6.host_header, "[::1]:9001");
+}

@@ -251,7 +251,11 @@ impl BlockingClient {
 
     /// Connects, sends the upgrade request, waits for the 101, fires `open`, and starts
     /// the I/O thread. Any failure (the connect, the proxy, TLS, the handshake, setting
-    /// up the I/O thread) fires `error` and `close` 1006, once, and is returned.
+    /// up the I/O thread) fires `error` and `close` 1006, once, and is returned. An `open`
+    /// listener that panics fails the connection as a listener on the I/O thread does
+    /// (close 1011 "a listener panicked" to the server, `close` once here) and
+    /// `start_connection` returns that as an error. Messages the server sent in the same
+    /// read as its 101 are handed to the I/O thread, like every later one.
     pub fn start_connection(&self) -> Result<(), Error> {
         let started = self.connect_and_open();
         if let Err(e) = &started
@@ -339,7 +343,23 @@ impl BlockingClient {
                     .unwrap_or(HandshakeError::Incomplete);
                 return Err(why.into());
             }
-            let received = ws.receive(&mut buf[..n]);
+            let session = &mut *ws;
+            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                session.receive_handshake(&mut buf[..n])
+            }));
+            let Ok(received) = received else {
+                // `on_open` panicked (here, on the caller's thread): the connection fails
+                // as on the I/O thread, with 1011 to the server and `on_close` once, and
+                // `start_connection` reports it.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ws.ws
+                        .abort(crate::code::INTERNAL_ERROR, "a listener panicked")
+                }));
+                drop(ws);
+                let _ = write_handshake(&self.shared, &mut stream);
+                let _ = stream.shutdown(Shutdown::Both);
+                return Err(io::Error::other("a listener panicked").into());
+            };
             if ws.is_handshake_complete() && received.is_ok() {
                 // What follows the handshake is the I/O thread's to write.
                 let config = ws.timer_config;
@@ -590,6 +610,15 @@ fn read_until_end(
     mut buf: Vec<u8>,
 ) {
     let mut events = mio::Events::with_capacity(4);
+    {
+        // What the server sent behind its 101, kept by `start_connection`: its events
+        // run here, on this thread, as every later message's do.
+        let mut session = shared.lock();
+        session.ws.receive(&mut []);
+        session.write_ready();
+        session.track();
+        shared.changed.notify_all();
+    }
     loop {
         let read = (&**stream).read(&mut buf);
         let mut guard = shared.lock();

@@ -142,21 +142,46 @@ impl Proxy {
 ///
 /// - `Ok(Status::Partial)`: incomplete; nothing consumed. Read more, append, call again.
 /// - `Ok(Status::Complete(status, used))`: a 2xx; the tunnel is open and `input[used..]`
-///   already belongs to it.
+///   already belongs to it. Interim 1xx responses before it (`100 Continue`) are skipped
+///   and counted in `used`; a `101` is a refusal (a tunnel is not an upgrade).
 /// - `Err(HandshakeError::ProxyRefused { status, authenticate })`: any other status (407
 ///   when the credentials are missing or wrong), with the proxy's `Proxy-Authenticate`
 ///   challenges (at most [`MAX_AUTHENTICATE`] bytes of them, cut at a character).
 /// - `Err(MalformedHttp | TooManyHeaders | HeadTooLarge)`: not an HTTP response, or a head
 ///   over [`MAX_RESPONSE_HEAD`] bytes.
 pub fn parse_response(input: &[u8]) -> Result<Status<u16>, HandshakeError> {
+    let limited = &input[..input.len().min(MAX_RESPONSE_HEAD)];
+    // Interim 1xx heads (`100 Continue`, `103 Early Hints`) come before the final one and
+    // are skipped (RFC 9110 §15.2); they count against the same head limit.
+    let mut at = 0;
+    loop {
+        match parse_one(&limited[at..], input.len())? {
+            Head::Interim(used) => at += used,
+            Head::Final(status, used) => return Ok(Status::Complete(status, at + used)),
+            Head::Partial => return Ok(Status::Partial),
+        }
+    }
+}
+
+enum Head {
+    Partial,
+    /// An interim response of this many bytes.
+    Interim(usize),
+    /// A 2xx of this many bytes.
+    Final(u16, usize),
+}
+
+/// One response head from the start of `limited`; `read` is how much was read in all.
+fn parse_one(limited: &[u8], read: usize) -> Result<Head, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let limited = &input[..input.len().min(MAX_RESPONSE_HEAD)];
     match response.parse(limited) {
         Ok(httparse::Status::Complete(used)) => {
             let status = response.code.unwrap_or_default();
             if (200..300).contains(&status) {
-                Ok(Status::Complete(status, used))
+                Ok(Head::Final(status, used))
+            } else if (100..200).contains(&status) && status != 101 {
+                Ok(Head::Interim(used))
             } else {
                 Err(HandshakeError::ProxyRefused {
                     status,
@@ -164,12 +189,12 @@ pub fn parse_response(input: &[u8]) -> Result<Status<u16>, HandshakeError> {
                 })
             }
         }
-        Ok(httparse::Status::Partial) if input.len() >= MAX_RESPONSE_HEAD => {
+        Ok(httparse::Status::Partial) if read >= MAX_RESPONSE_HEAD => {
             Err(HandshakeError::HeadTooLarge {
                 limit: MAX_RESPONSE_HEAD,
             })
         }
-        Ok(httparse::Status::Partial) => Ok(Status::Partial),
+        Ok(httparse::Status::Partial) => Ok(Head::Partial),
         Err(httparse::Error::TooManyHeaders) => {
             Err(HandshakeError::TooManyHeaders { limit: MAX_HEADERS })
         }
@@ -317,6 +342,33 @@ mod tests {
             parse_response(b"HTTP/1.0 204 No Content\r\n\r\n").unwrap(),
             Status::Complete(204, 27)
         );
+    }
+
+    #[test]
+    fn interim_heads_are_skipped_and_counted_and_a_101_is_refused() {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n";
+        let head = b"HTTP/1.1 200 Connection established\r\n\r\n";
+        let mut input = interim.to_vec();
+        input.extend_from_slice(head);
+        let used = interim.len() + head.len();
+        input.extend_from_slice(b"tunnel bytes");
+        assert_eq!(parse_response(&input).unwrap(), Status::Complete(200, used));
+        // Cut anywhere before the final head ends: partial, nothing consumed.
+        for cut in 0..used {
+            assert_eq!(
+                parse_response(&input[..cut]).unwrap(),
+                Status::Partial,
+                "{cut}"
+            );
+        }
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 407 Auth\r\n\r\n"),
+            Err(HandshakeError::ProxyRefused { status: 407, .. })
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+            Err(HandshakeError::ProxyRefused { status: 101, .. })
+        ));
     }
 
     #[test]

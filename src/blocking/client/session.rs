@@ -81,15 +81,34 @@ impl Session {
 
     /// Feeds bytes read from the socket (decrypting them first on wss).
     pub(super) fn receive(&mut self, data: &mut [u8]) -> Result<(), Error> {
+        self.receive_through(data, false)
+    }
+
+    /// [`Session::receive`] during the opening handshake: the events up to `Open` run
+    /// (on the caller of `start_connection`); what the server sent behind its 101 is
+    /// kept for the I/O thread, where `on_message` and the rest run.
+    pub(super) fn receive_handshake(&mut self, data: &mut [u8]) -> Result<(), Error> {
+        self.receive_through(data, true)
+    }
+
+    fn receive_through(&mut self, data: &mut [u8], until_open: bool) -> Result<(), Error> {
         self.timers.received(Instant::now(), &self.timer_config);
         #[cfg(feature = "tls")]
         if let Some(tls) = self.tls.as_mut() {
             self.plain.clear();
             let decrypted = tls.decrypt(data, &mut self.plain);
-            self.ws.receive(&mut self.plain);
+            if until_open {
+                self.ws.receive_until_open(&mut self.plain);
+            } else {
+                self.ws.receive(&mut self.plain);
+            }
             return decrypted;
         }
-        self.ws.receive(data);
+        if until_open {
+            self.ws.receive_until_open(data);
+        } else {
+            self.ws.receive(data);
+        }
         Ok(())
     }
 

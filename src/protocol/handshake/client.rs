@@ -65,15 +65,25 @@ impl ClientUrl {
         };
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(bad)?;
+            // Brackets hold an IPv6 address (RFC 3986 §3.2.2), nothing else.
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad());
+            }
             match after {
                 "" => (h, None),
                 _ => (h, Some(after.strip_prefix(':').ok_or_else(bad)?)),
             }
         } else {
-            match hostport.rsplit_once(':') {
+            let (h, p) = match hostport.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
                 None => (hostport, None),
+            };
+            // A name or an IPv4 address has no `:` or brackets: `ws://host:80:81/` and
+            // `ws://::1/` are not a host and a port.
+            if h.contains([':', '[', ']']) {
+                return Err(bad());
             }
+            (h, p)
         };
         let default_port = if secure { 443 } else { 80 };
         let port = match port {
