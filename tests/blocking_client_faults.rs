@@ -190,9 +190,8 @@ fn upgrade_then(after: Vec<u8>, hold: Duration) -> SocketAddr {
         let until = Instant::now() + hold;
         let mut buf = [0u8; 65536];
         while Instant::now() < until {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                _ => {}
+            if let Ok(0) = s.read(&mut buf) {
+                break;
             }
         }
     });
