@@ -995,3 +995,115 @@ fn slow_subscriber_closed(backend: Backend) {
         },
     );
 }
+
+mod sender_gauge_after_publications {
+    use super::*;
+    use websocket_driver::server::Sender;
+
+    /// Subscribes to "t" and hands its `Sender` over on open; "sleep" blocks its loop for
+    /// a while (so what other threads send waits in the inbox).
+    struct Sub(Arc<Mutex<Vec<Sender>>>, bool);
+    impl Handler for Sub {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            if self.1 {
+                ws.subscribe("t").unwrap();
+                self.0.lock().unwrap().push(ws.sender());
+            }
+        }
+        fn on_message(&mut self, _ws: &mut Ws<'_>, message: Message<'_>) {
+            if message.as_text() == Some("sleep") {
+                std::thread::sleep(Duration::from_millis(600));
+            }
+        }
+    }
+
+    /// `Sender::send` counts a subscriber's output grown by publications (still under the
+    /// cap): once that output plus what senders queued is over the cap, a send is refused
+    /// (the gauge saw publications' output only at the next write, so senders could queue
+    /// up to a cap more).
+    fn a_sender_counts_output_queued_by_publications(backend: Backend) {
+        let _turn = turn();
+        const CAP: usize = 256 * 1024;
+        const CHUNK: usize = 16 * 1024;
+        let senders = Arc::new(Mutex::new(Vec::new()));
+        let registry = senders.clone();
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 1,
+                backend,
+                max_backpressure: CAP,
+                ..ServerConfig::default()
+            })
+            .start(move |req| Upgrade::Accept(Sub(registry.clone(), req.path() == "/sub")))
+            .unwrap();
+        let addr = server.local_addr();
+        // A subscriber that never reads, behind a small receive buffer.
+        let slow = TestClient::connect(addr, "/sub").unwrap();
+        socket2::SockRef::from(&slow.stream)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let mut sleeper = TestClient::connect(addr, "/").unwrap();
+        assert!(eventually(Duration::from_secs(5), || senders
+            .lock()
+            .unwrap()
+            .len()
+            == 1));
+        let sender = senders.lock().unwrap()[0].clone();
+        let base = server.stats().bytes_out;
+        let payload = vec![b'p'; 1020]; // a 1 024-byte frame
+        let frame = 1024u64;
+        // Fill the kernel's buffers: publish until what was written stops growing.
+        let mut last = 0;
+        loop {
+            for _ in 0..128 {
+                server.publish("t", &payload, MessageType::Binary).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let out = server.stats().bytes_out - base;
+            if out == last {
+                break;
+            }
+            last = out;
+        }
+        // The subscriber's backlog now: what was delivered to it and not written.
+        let backlog = |server: &ServerHandle| {
+            let s = server.stats();
+            s.delivered * frame - (s.bytes_out - base)
+        };
+        let stats = server.stats();
+        assert_eq!(stats.dropped, 0, "{stats:?}");
+        // Publish until the subscriber holds about CAP - 2 chunks (still under the cap).
+        while backlog(&server) < (CAP - 2 * CHUNK) as u64 {
+            server.publish("t", &payload, MessageType::Binary).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let held = backlog(&server);
+        let stats = server.stats();
+        assert_eq!(stats.dropped, 0, "still under the cap: {stats:?}");
+        // Block the loop, then send from this thread until refused.
+        sleeper.send_text("sleep").unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let mut accepted = 0usize;
+        while accepted < 4 * CAP {
+            match sender.send_binary(vec![7u8; CHUNK]) {
+                Ok(()) => accepted += CHUNK,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Refused once output + queued is over the cap: at most one chunk past it.
+        assert!(
+            held as usize + accepted <= CAP + CHUNK,
+            "the output held {held} bytes (cap {CAP}), yet senders queued {accepted} more \
+             before a refusal: {} in all",
+            held as usize + accepted
+        );
+        drop(sleeper);
+        drop(slow);
+        let _ = server.shutdown(Duration::from_secs(1));
+    }
+
+    on_both_backends!(a_sender_counts_output_queued_by_publications);
+}

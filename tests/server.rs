@@ -1704,7 +1704,13 @@ fn a_stale_sender_does_not_reach_the_keys_next_connection(backend: Backend) {
         format!("{fresh:?}").split("generation").next(),
         "same key"
     );
-    stale.send_text("for the first").unwrap();
+    // Refused at once: its connection is gone (one sent just before the close is
+    // dropped by the loop, which checks the generation).
+    let refused = stale.send_text("for the first");
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::NotConnected),
+        "{refused:?}"
+    );
     fresh.send_text("for the second").unwrap();
     assert_eq!(
         second.next_message().unwrap(),
@@ -1990,4 +1996,151 @@ mod eof_after_close {
     }
 
     on_every_backend!(a_close_and_fin_from_a_peer_that_never_reads_still_times_out);
+}
+
+mod end_loop_leaves_counts {
+    use super::*;
+
+    /// Under `PanicPolicy::EndLoop` the panicking loop's connections are dropped and the
+    /// other loops go on: `Stats::connections_open` and `subscribers` no longer count them,
+    /// and the surviving loop takes connections up to `max_connections` again (all three
+    /// kept counting the dead loop's connections).
+    fn an_ended_loops_connections_are_no_longer_counted(backend: Backend) {
+        const CLIENTS: usize = 8;
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 2,
+                max_connections: CLIENTS,
+                panic_policy: PanicPolicy::EndLoop,
+                ..config(backend)
+            })
+            .start(|_| {
+                Upgrade::Accept(Touchy {
+                    panic_on_open: false,
+                    panic_on_close: false,
+                })
+            })
+            .unwrap();
+        let addr = server.local_addr();
+        let mut clients: Vec<TestClient> = (0..CLIENTS)
+            .map(|_| TestClient::connect(addr, "/").unwrap())
+            .collect();
+        assert!(eventually(Duration::from_secs(5), || server
+            .subscribers("room")
+            == CLIENTS));
+        clients[0].send_text("panic").unwrap();
+        // Which connections survived: those that still echo.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut alive = 0;
+        for client in &mut clients {
+            client
+                .stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            if client.send_text("hello").is_ok()
+                && client.next_message().ok() == Some(Owned::Text("hello".into()))
+            {
+                alive += 1;
+            }
+        }
+        let dead = CLIENTS - alive;
+        assert!(
+            dead >= 1 && alive >= 1,
+            "alive {alive}: rerun (the kernel put every connection on one loop)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = server.stats();
+        let subscribers = server.subscribers("room");
+        // The surviving loop can take as many connections as the dead one held.
+        let mut refused = 0;
+        let mut extra = Vec::new();
+        for _ in 0..dead {
+            match TestClient::connect(addr, "/") {
+                Ok(client) => extra.push(client),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(
+            (stats.connections_open, subscribers, refused),
+            (alive, alive, 0),
+            "after the loop ended with {dead} connections: {stats:?}"
+        );
+        let _ = server.shutdown(Duration::from_secs(1));
+    }
+
+    on_every_backend!(an_ended_loops_connections_are_no_longer_counted);
+}
+
+mod sender_after_close {
+    use super::*;
+
+    /// A `Sender` whose connection has closed fails with `NotConnected` (`NotOpen`), every
+    /// time, never with `WouldBlock` / `BufferFull`, which tells the caller to wait for a
+    /// drain that never comes (the loop dropped each message, but they stayed counted
+    /// against the cap, and after a cap's worth every send was refused as full).
+    fn a_closed_connections_sender_fails_as_not_connected(backend: Backend) {
+        let (server, senders) = registering(ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 64 * 1024,
+            ..ServerConfig::default()
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        let sender = registered(&senders, 1).remove(0);
+        client.driver.close_connection(1000, "").unwrap();
+        client.flush().unwrap();
+        assert_eq!(
+            client.next_message().unwrap(),
+            Owned::Close(1000, String::new())
+        );
+        assert!(eventually(Duration::from_secs(5), || server
+            .stats()
+            .connections_open
+            == 0));
+        let chunk = vec![7u8; 16 * 1024];
+        for i in 0..20 {
+            let sent = sender.send_binary(chunk.clone());
+            assert!(
+                matches!(&sent, Err(e) if e.kind() == std::io::ErrorKind::NotConnected
+                && matches!(
+                    e.get_ref().and_then(|e| e.downcast_ref::<Error>()),
+                    Some(Error::Usage(UsageError::NotOpen))
+                )),
+                "send {i} to the closed connection: {sent:?}"
+            );
+        }
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+
+    on_every_backend!(a_closed_connections_sender_fails_as_not_connected);
+}
+
+mod sender_validation {
+    use super::*;
+    use websocket_driver::MessageType;
+
+    /// `Sender::send` refuses what `Ws::send` refuses, since the loop would have no one to
+    /// report it to: text that is not UTF-8 fails with `InvalidInput` wrapping
+    /// `UsageError::InvalidUtf8` (it was accepted with `Ok` and dropped by the loop).
+    fn a_sender_refuses_text_that_is_not_utf8(backend: Backend) {
+        let (server, senders) = registering(ServerConfig {
+            threads: 1,
+            backend,
+            ..ServerConfig::default()
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        let sender = registered(&senders, 1).remove(0);
+        let result = sender.send(vec![0xff, 0xfe], MessageType::Text);
+        sender.send_text("next").unwrap();
+        let first = client.next_message().unwrap();
+        assert!(
+            result.is_err(),
+            "invalid UTF-8 text accepted ({result:?}) and never delivered: the client's \
+             first message is {first:?}"
+        );
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+
+    on_every_backend!(a_sender_refuses_text_that_is_not_utf8);
 }

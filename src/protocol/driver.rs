@@ -23,7 +23,7 @@ mod testing;
 
 pub use inbound::EAGER_RESERVE;
 pub use outbound::OWNED_MIN;
-pub(crate) use outbound::cut_at_char_boundary;
+pub(crate) use outbound::{check_sendable, cut_at_char_boundary};
 pub use shared::Outgoing;
 
 use inbound::{HEADER_START, PartialMessage, Stage};

@@ -214,7 +214,7 @@ pub(crate) fn run<S: Service, B: Backend>(backend: B, core: Core<S, B>) -> io::R
     let mut core = core;
     let mut backend = backend;
     core.inbox.claim_thread();
-    let result = (|| {
+    let turns = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         loop {
             let timeout = core.next_timeout(core.now());
             // The clock is read again, once, when the wait's first event needs it.
@@ -225,7 +225,17 @@ pub(crate) fn run<S: Service, B: Backend>(backend: B, core: Core<S, B>) -> io::R
                 return Ok(());
             }
         }
-    })();
+    }));
+    let result = match turns {
+        Ok(result) => result,
+        Err(panic) => {
+            // A handler panicked with `PanicPolicy::EndLoop`: the loop ends with its
+            // connections, which must stop counting (open, against `max_connections`, as
+            // subscribers) while the other loops go on. Then the unwind goes on.
+            core.forget_all();
+            std::panic::resume_unwind(panic);
+        }
+    };
     core.fail_queued_connects(&mut backend);
     core.close_all(&mut backend);
     backend.quiesce(&mut core);
@@ -988,6 +998,31 @@ impl<S: Service, B: Backend> Core<S, B> {
         // A connect refused at this address: the session's next one.
         if let Some((addr, init)) = retry {
             self.connect(backend, addr, init);
+        }
+    }
+
+    /// The loop is ending on a handler's panic: every connection not closed yet is
+    /// counted out and its session dropped, and the service forgets what it keeps for it
+    /// (its topics above all). Its socket closes when the core is dropped, after the
+    /// backend (see [`run`]). Further panics (a handler's drop) are caught: this runs
+    /// before the unwind goes on.
+    fn forget_all(&mut self) {
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.phase != Phase::Closing)
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            conn.phase = Phase::Closing;
+            let (generation, session) = (conn.generation, conn.session.take());
+            let _ = guarded(true, || drop(session));
+            let mut io = Io::new(self.now(), key, generation, &self.remote);
+            let service = &mut self.service;
+            let _ = guarded(true, || service.abandoned(&mut io));
+            self.config.connections.fetch_sub(1, Ordering::AcqRel);
+            self.stats.connections_open.fetch_sub(1, Ordering::Release);
         }
     }
 

@@ -40,7 +40,9 @@ pub enum PanicPolicy {
     #[default]
     CloseConnection,
     /// The panic ends the loop, as a panicking thread would: its connections are dropped
-    /// without `on_close`, the other loops go on, and the server's `wait` and `shutdown`
+    /// without `on_close` (they leave their topics and stop counting in
+    /// [`Stats::connections_open`](super::Stats::connections_open) and against
+    /// `max_connections`), the other loops go on, and the server's `wait` and `shutdown`
     /// report "an event loop panicked". For applications that would rather stop than go on
     /// beside state a panic may have left half-changed (a `Mutex` shared by handlers).
     EndLoop,

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::protocol::driver::{Driver, Message, MessageType, ReadyState, Role, SendToken};
+use crate::protocol::driver::{
+    Driver, Message, MessageType, ReadyState, Role, SendToken, check_sendable,
+};
 use crate::protocol::error::{Error, UsageError, code};
 use crate::protocol::frame::OpCode;
 use crate::protocol::handshake::{Request, is_websocket};
@@ -641,6 +643,7 @@ impl Ws<'_> {
                     limit: self.ctx.max_backpressure,
                     close_on_limit: self.ctx.close_on_limit,
                     close_posted: AtomicBool::new(false),
+                    gone: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -676,6 +679,8 @@ pub(super) struct Gauge {
     /// The close was posted: one is enough (a sender retrying in a loop would otherwise
     /// fill the inbox with them before the loop gets to the first).
     pub close_posted: AtomicBool,
+    /// The loop let go of the connection (closed): sends fail at once.
+    pub gone: AtomicBool,
 }
 
 /// The gauges of a loop's connections that have [`Sender`]s, by slab key.
@@ -709,15 +714,28 @@ impl Sender {
         self.send(data.into(), MessageType::Binary)
     }
 
-    /// Queues a message of any type (as [`Ws::send`]). The connection's output cap
-    /// (`ServerConfig::max_backpressure`) counts what senders have queued and not yet
-    /// handed to the loop: while the two together are over it, this fails with
+    /// Queues a message of any type (as [`Ws::send`]). A message that cannot be sent as
+    /// `kind` (text that is not UTF-8, a ping over 125 bytes, a close code that may not
+    /// be sent) fails here with [`io::ErrorKind::InvalidInput`] wrapping the
+    /// [`UsageError`], since the loop would have no one to report it to. The connection's
+    /// output cap (`ServerConfig::max_backpressure`) counts what senders have queued and
+    /// not yet handed to the loop: while the two together are over it, this fails with
     /// [`io::ErrorKind::WouldBlock`] wrapping [`UsageError::BufferFull`] and queues
-    /// nothing. It also fails if the server has stopped. A message for a connection that
-    /// has closed meanwhile is dropped by its loop.
+    /// nothing. Once the connection has closed and its loop let go of it, this fails
+    /// with [`io::ErrorKind::NotConnected`] wrapping [`UsageError::NotOpen`]; a message
+    /// sent while it was closing is dropped by its loop. It also fails if the server has
+    /// stopped.
     pub fn send(&self, data: impl Into<Vec<u8>>, kind: MessageType) -> io::Result<()> {
         let data = data.into();
+        check_sendable(&data, kind)
+            .map_err(|usage| io::Error::new(io::ErrorKind::InvalidInput, Error::Usage(usage)))?;
         let gauge = &self.gauge;
+        if gauge.gone.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                Error::Usage(UsageError::NotOpen),
+            ));
+        }
         let buffered = gauge.queued.load(Ordering::Acquire) + gauge.backlog.load(Ordering::Acquire);
         if buffered > gauge.limit {
             if gauge.close_on_limit && !gauge.close_posted.swap(true, Ordering::AcqRel) {
@@ -745,19 +763,8 @@ impl Sender {
     /// [`UsageError`]), since the loop would have no one to report it to.
     pub fn close_connection(&self, code: u16, reason: impl Into<String>) -> io::Result<()> {
         let reason = reason.into();
-        let refused = if !crate::protocol::error::is_valid_close_code(code) {
-            Some(UsageError::InvalidCloseCode(code))
-        } else if reason.len() > 123 {
-            Some(UsageError::CloseReasonTooLong)
-        } else {
-            None
-        };
-        if let Some(usage) = refused {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                Error::Usage(usage),
-            ));
-        }
+        check_sendable(reason.as_bytes(), MessageType::Close(code))
+            .map_err(|usage| io::Error::new(io::ErrorKind::InvalidInput, Error::Usage(usage)))?;
         self.post(Command::Close(code, reason))
     }
 }

@@ -421,6 +421,12 @@ where
     fn command_on(&mut self, conn: &mut Conn<H>, io: &mut Io<'_, Command>, command: Command) {
         let outside = Self::queued_outside(conn);
         let Phase::Open(driver, _) = &mut conn.phase else {
+            if let (Command::Send(data, _), Some(gauge)) =
+                (&command, self.gauges.get_mut().get(&io.key))
+            {
+                // Dropped: no longer waiting in the inbox.
+                gauge.queued.fetch_sub(data.len(), Ordering::AcqRel);
+            }
             return;
         };
         let result = match command {
@@ -526,6 +532,16 @@ where
         LoopStats::add(&self.stats.messages_out, messages);
         if over {
             self.settle(conn, io);
+        } else if let Some(gauge) = self.gauges.get_mut().get(&io.key) {
+            // Its `Sender`s count this output against the cap as well (it was seen only
+            // at the next write or once over the cap, so senders could queue up to a cap
+            // more on top of what publications had queued).
+            if let Phase::Open(driver, _) = &conn.phase {
+                let outside = Self::queued_outside(conn);
+                gauge
+                    .backlog
+                    .store(driver.buffered_amount() + outside, Ordering::Release);
+            }
         }
     }
 
@@ -975,7 +991,10 @@ where
             .get_mut()
             .leave_all(&self.pubsub, self.loop_index, key);
         self.held.remove(&key);
-        self.gauges.get_mut().remove(&key);
+        if let Some(gauge) = self.gauges.get_mut().remove(&key) {
+            // Its `Sender`s refuse from now on: what they would queue is dropped.
+            gauge.gone.store(true, Ordering::Release);
+        }
         self.redials.remove(&key);
         // Last: dropping the application's callbacks may panic (what they captured).
         drop(self.callbacks.get_mut().remove(&key));

@@ -32,6 +32,33 @@ pub(crate) fn cut_at_char_boundary(s: &str, max: usize) -> &str {
 pub(super) const PONGS_COALESCE_AT: usize = 16 * 1024;
 
 /// A fresh mask key for a client's frame; none for a server's.
+/// Whether `data` can be sent as `kind` at all, whatever the connection's state: text
+/// and a close reason are UTF-8, a ping's or pong's payload at most 125 bytes, a close
+/// code one that may be sent with a reason of at most 123 bytes. For senders that queue
+/// a message for later (another thread's `Sender`), which must refuse it while someone
+/// can still hear why.
+pub(crate) fn check_sendable(data: &[u8], kind: MessageType) -> Result<(), UsageError> {
+    match kind {
+        MessageType::Text => simdutf8::basic::from_utf8(data)
+            .map(drop)
+            .map_err(|_| UsageError::InvalidUtf8),
+        MessageType::Binary => Ok(()),
+        MessageType::Ping | MessageType::Pong if data.len() > MAX_CONTROL_PAYLOAD => {
+            Err(UsageError::ControlPayloadTooLong)
+        }
+        MessageType::Ping | MessageType::Pong => Ok(()),
+        MessageType::Close(code) if !is_valid_close_code(code) => {
+            Err(UsageError::InvalidCloseCode(code))
+        }
+        MessageType::Close(_) if data.len() > MAX_CONTROL_PAYLOAD - 2 => {
+            Err(UsageError::CloseReasonTooLong)
+        }
+        MessageType::Close(_) => std::str::from_utf8(data)
+            .map(drop)
+            .map_err(|_| UsageError::InvalidUtf8),
+    }
+}
+
 fn frame_mask(role: Role) -> Option<[u8; 4]> {
     match role {
         Role::Client => Some(random_mask()),
