@@ -530,9 +530,12 @@ where
     ) {
         LoopStats::add(&self.stats.delivered, messages);
         LoopStats::add(&self.stats.messages_out, messages);
+        let gauges = self.gauges.get_mut();
         if over {
             self.settle(conn, io);
-        } else if let Some(gauge) = self.gauges.get_mut().get(&io.key) {
+        } else if !gauges.is_empty()
+            && let Some(gauge) = gauges.get(&io.key)
+        {
             // Its `Sender`s count this output against the cap as well (it was seen only
             // at the next write or once over the cap, so senders could queue up to a cap
             // more on top of what publications had queued).
