@@ -34,8 +34,3 @@ pub(crate) fn addresses(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     }
     Ok(addrs)
 }
-
-/// Resolves an HTTP proxy's address.
-pub(crate) fn resolve_proxy(proxy: &crate::session::proxy::Proxy) -> io::Result<SocketAddr> {
-    Ok(addresses(&proxy.host, proxy.port)?[0])
-}

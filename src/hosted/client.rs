@@ -22,7 +22,7 @@ use crate::session::upgrade::HttpResponse;
 
 #[cfg(feature = "tls")]
 use crate::blocking::client::lock;
-use crate::client::{addresses, parse_url, resolve_proxy};
+use crate::client::{addresses, parse_url};
 use crate::session::proxy::Proxy;
 
 /// Client connections on event loops of their own: tens of thousands per process, each
@@ -95,12 +95,14 @@ impl<H: Handler> ClientReactor<H> {
     /// Like [`ClientReactor::connect`], with per-connection options. The host is resolved
     /// here, on the calling thread; its addresses are tried in turn, the next one when a
     /// connect is refused or finds no route (`localhost` as `::1`, then `127.0.0.1`).
-    /// Through a proxy, only the proxy's name is resolved: the target's is the proxy's.
+    /// Through a proxy, only the proxy's name is resolved (its addresses tried in turn the
+    /// same way): the target's is the proxy's.
     pub fn connect_with(&self, url: &str, options: &Options, handler: H) -> Result<(), Error> {
         let parsed = parse_url(url)?;
         let (addrs, proxy) = match &self.proxy {
+            // The proxy's addresses in turn, as a target's are.
             Some(proxy) => (
-                vec![resolve_proxy(proxy)?],
+                addresses(&proxy.host, proxy.port)?,
                 Some(proxy.connect_request(&parsed)),
             ),
             None => (addresses(&parsed.host, parsed.port)?, None),
@@ -175,6 +177,7 @@ impl<H: Handler> ClientReactor<H> {
                 connect_timed_out: false,
                 url: url.to_string(),
                 options: options.clone(),
+                proxy: proxy.clone(),
                 #[cfg(feature = "tls")]
                 tls,
             })

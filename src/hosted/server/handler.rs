@@ -125,6 +125,8 @@ pub(crate) struct Redial {
     pub connect_timed_out: bool,
     pub url: String,
     pub options: crate::protocol::options::Options,
+    /// The `CONNECT` request when `addrs` are a proxy's: each attempt tunnels again.
+    pub proxy: Option<Vec<u8>>,
     #[cfg(feature = "tls")]
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -198,8 +200,9 @@ impl Redial {
             return Err(handler);
         };
         self.connect_timed_out = false;
+        let proxy = self.proxy.clone();
         let redial = (!self.addrs.is_empty()).then_some(self);
-        Ok((addr, ClientInit::new(attempt, handler, None, redial)))
+        Ok((addr, ClientInit::new(attempt, handler, proxy, redial)))
     }
 }
 
@@ -775,6 +778,37 @@ mod tests {
 
     fn callback() -> WsCallback {
         Box::new(|_| {})
+    }
+
+    /// Each attempt at a proxy's next address tunnels again: the `CONNECT` request goes
+    /// with it (the second attempt went to the proxy without one).
+    #[test]
+    fn a_redial_through_a_proxy_keeps_its_connect_request() {
+        let addrs: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let request = b"CONNECT target:80 HTTP/1.1\r\nHost: target:80\r\n\r\n".to_vec();
+        let redial = Box::new(super::Redial {
+            addrs: addrs.clone().into(),
+            connect_timed_out: false,
+            url: "ws://target/".to_string(),
+            options: crate::protocol::options::Options::default(),
+            proxy: Some(request.clone()),
+            #[cfg(feature = "tls")]
+            tls: None,
+        });
+        let Ok((addr, init)) = redial.next(()) else {
+            panic!("a second attempt");
+        };
+        assert_eq!(addr, addrs[0]);
+        assert_eq!(init.proxy.as_deref(), Some(&request[..]));
+        let Ok((addr, init)) = init.redial.expect("one address left").next(()) else {
+            panic!("a third attempt");
+        };
+        assert_eq!(addr, addrs[1]);
+        assert_eq!(init.proxy.as_deref(), Some(&request[..]));
+        assert!(init.redial.is_none());
     }
 
     /// The entry goes with its last callback (and stays while one waits), so an idle
