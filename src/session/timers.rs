@@ -343,6 +343,7 @@ impl Stall {
     }
 
     /// Whether output is waiting on a full transport (the last attempt left some unwritten).
+    #[cfg(feature = "tokio")]
     pub(crate) fn is_waiting(&self) -> bool {
         self.0.is_some()
     }
