@@ -1462,3 +1462,27 @@ async fn a_send_that_waited_for_a_slot_past_the_peers_close_fails_and_so_does_fl
     })
     .await;
 }
+
+// ----- review of the split API -----
+
+/// `Config::handshake_timeout` bounds the opening handshake, a refused one too: a peer
+/// that sends an upgrade request the server refuses (here: no `Upgrade` header) and then
+/// reads nothing must not hold `accept_with` past the timeout while the refusal waits to be
+/// written. (A duplex pipe with a small buffer stands for a transport whose buffers are
+/// full; over TCP the same happens with a refusal body larger than the socket buffers.)
+#[tokio::test(start_paused = true)]
+async fn a_refusal_to_a_peer_that_reads_nothing_ends_at_the_handshake_timeout() {
+    let (near, mut far) = tokio::io::duplex(64);
+    far.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let config = Config::default().handshake_timeout(Duration::from_secs(3));
+    let options = Options::default();
+    let accepting = accept_with(near, &options, &config, |_| Ok(()));
+    let result = tokio::time::timeout(Duration::from_secs(60), accepting).await;
+    assert!(
+        result.is_ok(),
+        "accept_with still running 60 s in, with a handshake timeout of 3 s"
+    );
+    drop(far);
+}

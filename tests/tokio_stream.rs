@@ -2235,3 +2235,100 @@ async fn flush_of_a_connecting_client_writes_the_queued_message() {
     })
     .await;
 }
+
+// ----- review of the split API -----
+
+/// `WsSender::flush` "waits until everything queued so far has been written": a message
+/// another task queues after the flush began is not part of it. Here the peer reads
+/// exactly the frame queued before the flush, and the flush must then return, whatever
+/// the later message does.
+#[tokio::test(flavor = "current_thread")]
+async fn split_flush_does_not_wait_for_messages_queued_after_it() {
+    let (_client, server) = common::open_pair(&Options::default(), &Options::default());
+    // A transport that holds 16 bytes: frames get out only as the peer reads.
+    let (near, mut far) = duplex(16);
+    let ws = WebSocketStream::from_driver(near, server, &[], &Config::default());
+    let (tx, _rx) = ws.spawn();
+    tx.send_binary(vec![1u8; 100]).await.unwrap(); // 102 bytes on the wire
+    let flushing = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.flush().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!flushing.is_finished(), "nothing was read yet");
+    // Another task queues a message after the flush began.
+    tx.send_binary(vec![2u8; 100]).await.unwrap();
+    // The peer reads exactly the first frame: everything queued before the flush is
+    // written to the transport.
+    let mut first = vec![0u8; 102];
+    far.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first[2..], &[1u8; 100][..]);
+    let flushed = tokio::time::timeout(std::time::Duration::from_secs(2), flushing).await;
+    assert!(
+        matches!(flushed, Ok(Ok(Ok(())))),
+        "flush still waiting 2 s after its bytes were written ({} bytes of the later \
+         message unwritten): {flushed:?}",
+        tx.buffered_amount()
+    );
+}
+
+/// With permessage-deflate, a compressible message takes fewer bytes once the connection
+/// task hands it to the driver than it counted while queued: the output falls under the
+/// limit, and a send waiting on the limit must go on (`Config::max_backpressure`: "a
+/// message is admitted while the buffer is at or under the limit").
+#[tokio::test(flavor = "current_thread")]
+async fn a_split_send_waiting_on_the_limit_is_woken_when_compression_shrinks_the_output() {
+    let options = Options::default().deflate(true);
+    let (_client, server) = common::open_pair(&options, &options);
+    // The far end is kept and never read.
+    let (near, _far) = duplex(64);
+    let config = Config::default().max_backpressure(1000);
+    let ws = WebSocketStream::from_driver(near, server, &[], &config);
+    let (tx, _rx) = ws.spawn();
+    // Incompressible bytes fill the transport; the rest stays buffered, under the limit.
+    let noise: Vec<u8> = (0..300u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    tx.send_binary(noise).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let before = tx.buffered_amount();
+    assert!(before > 0 && before <= 1000, "{before}");
+    // A compressible message, admitted under the limit: queued, it counts 5000 bytes, so
+    // the next send waits.
+    tx.send_binary(vec![0u8; 5000]).await.unwrap();
+    let mut third = Box::pin(tx.send_binary(vec![3u8; 10]));
+    assert!(
+        third.as_mut().now_or_never().is_none(),
+        "over the limit while queued"
+    );
+    // The task compresses it to a few bytes: the output is under the limit again.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let after = tx.buffered_amount();
+    assert!(after <= 1000, "{after}");
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(2), third).await;
+    assert!(
+        matches!(sent, Ok(Ok(()))),
+        "the send still waits with {after} bytes unwritten (limit 1000): {sent:?}"
+    );
+}
+
+/// `WsSender::is_open` says "whether messages can still be sent": not once the sender's
+/// own close is queued, when every send is refused with `NotOpen`.
+#[tokio::test(flavor = "current_thread")]
+async fn split_is_open_is_false_once_a_close_is_queued() {
+    let (_client, server) = common::open_pair(&Options::default(), &Options::default());
+    let (near, _far) = duplex(1 << 16);
+    let ws = WebSocketStream::from_driver(near, server, &[], &Config::default());
+    let (tx, _rx) = ws.spawn();
+    tx.close_connection(1000, "").await.unwrap();
+    let refused = tx.send_text("after the close").await;
+    assert!(
+        matches!(refused, Err(Error::Usage(UsageError::NotOpen))),
+        "{refused:?}"
+    );
+    assert!(
+        !tx.is_open(),
+        "is_open() is true (ready_state {:?}) while sends are refused with NotOpen",
+        tx.ready_state()
+    );
+}

@@ -272,6 +272,7 @@ where
             }
             Command::Pong(p) => driver.send_pong(&p),
             Command::Close(c, r) => driver.close_connection(c, &r),
+            Command::Flush => Ok(driver.output_token()),
         };
         let refused = sent.is_err();
         match (sent, ack, ping) {
@@ -279,14 +280,17 @@ where
             (Ok(_), Some(Ack::Pong(done)), Some(payload)) => self.pongs.add(payload, done),
             _ => {}
         }
-        self.shared
-            .buffered
-            .store(self.ws.buffered_amount(), Ordering::Release);
+        let buffered = self.ws.buffered_amount();
+        let before = self.shared.buffered.swap(buffered, Ordering::AcqRel);
         self.shared.queued.fetch_sub(cost, Ordering::AcqRel);
         if refused {
-            // Never written: a waiting `flush` fails now rather than when the task ends
-            // (nothing else would wake it: the buffer did not shrink).
+            // Never written: a waiting `flush` fails now rather than when the task ends.
             self.shared.dropped.store(true, Ordering::Release);
+        }
+        if buffered < before + cost {
+            // The total went down (a refused command, a message compressed smaller than
+            // its payload): a send waiting on the limit may go now, and nothing else would
+            // wake it (the buffer did not shrink by writing).
             self.shared.changed.notify_waiters();
         }
     }

@@ -6,7 +6,7 @@ use std::io;
 
 use ::tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use ::tokio::net::TcpStream;
-use ::tokio::time::timeout;
+use ::tokio::time::{Instant, timeout, timeout_at};
 
 use super::config::Config;
 use super::receiver::WsReceiver;
@@ -93,23 +93,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     where
         F: FnOnce(&Request) -> Result<(), HttpResponse>,
     {
-        let (request, read_ahead) =
-            match timeout(config.handshake_timeout, read_request(&mut io, options)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(timed_out("handshake timed out")),
-            };
+        // One deadline for the whole handshake: the request, then the 101 or the
+        // refusal (a peer that sends a bad request and reads nothing holds no task longer).
+        let by = deadline_after(config.handshake_timeout);
+        let (request, read_ahead) = match timeout_at(by, read_request(&mut io, options)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(timed_out("handshake timed out")),
+        };
         let mut driver =
             match upgrade::answer(&request, options, check(&request), NonUpgrade::BadRequest) {
                 Answer::Accept(driver, ()) => driver,
                 Answer::Reject(refusal) => {
-                    reject(&mut io, &refusal.response).await;
+                    let _ = timeout_at(by, reject(&mut io, &refusal.response)).await;
                     return Err(refusal.error);
                 }
             };
         driver.start_connection();
         let mut ws = Self::from_driver(io, driver, &read_ahead, config);
         // The 101 goes out now: the handshake is complete when this returns.
-        match timeout(config.handshake_timeout, ws.flush()).await {
+        match timeout_at(by, ws.flush()).await {
             Ok(result) => result?,
             Err(_) => return Err(timed_out("handshake timed out")),
         }
@@ -280,4 +282,12 @@ where
     WebSocketStream::client_with(stream, url, options, config)
         .await
         .map(WebSocketStream::spawn)
+}
+
+/// `after` from now on tokio's clock; far in the future (as `tokio::time::timeout` puts
+/// it) when that overflows (`Duration::MAX` means never).
+fn deadline_after(after: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
 }

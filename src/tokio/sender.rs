@@ -221,23 +221,37 @@ impl WsSender {
         self.submit(close_command(code, reason.into())?, None).await
     }
 
-    /// Waits until everything queued so far has been written to the stream. Fails if the
-    /// connection ended with bytes unwritten.
+    /// Waits until everything queued so far (by any sender) has been written to the
+    /// stream; what is queued after the call is not waited for. Fails if the connection
+    /// ended with bytes unwritten, or a message accepted earlier was refused when the
+    /// connection task came to it (the connection had closed meanwhile).
+    ///
+    /// A marker goes through the command queue behind what was queued before it (taking
+    /// a slot there, so it may wait for one); cancel-safe: a dropped flush leaves the
+    /// marker, which the task completes unheard.
     pub async fn flush(&self) -> Result<(), Error> {
-        loop {
-            let notified = self.shared.changed.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.dropped.load(Ordering::Acquire) {
-                return Err(not_open());
+        let settled = || {
+            if self.shared.dropped.load(Ordering::Acquire) || self.shared.total() != 0 {
+                Err(not_open())
+            } else {
+                Ok(())
             }
-            if self.shared.total() == 0 {
-                return Ok(());
-            }
-            if self.shared.finished.load(Ordering::Acquire) {
-                return Err(not_open());
-            }
-            notified.await;
+        };
+        if self.shared.dropped.load(Ordering::Acquire) {
+            return Err(not_open());
+        }
+        if self.shared.total() == 0 {
+            return Ok(());
+        }
+        let Ok(permit) = self.commands.reserve().await else {
+            // The task has ended: whatever was queued is written by now or never.
+            return settled();
+        };
+        let (done, written) = oneshot::channel();
+        permit.send((Command::Flush, Some(Ack::Written(done))));
+        match written.await {
+            Ok(()) if !self.shared.dropped.load(Ordering::Acquire) => Ok(()),
+            _ => Err(not_open()),
         }
     }
 
@@ -251,9 +265,10 @@ impl WsSender {
         self.shared.state()
     }
 
-    /// Whether messages can still be sent.
+    /// Whether messages can still be sent: the connection is connecting or open and no
+    /// close has been queued (sends fail with [`UsageError::NotOpen`] otherwise).
     pub fn is_open(&self) -> bool {
-        self.shared.state() == ReadyState::Open
+        self.shared.takes_sends()
     }
 
     /// The agreed subprotocol, if any.

@@ -117,17 +117,22 @@ pub(super) enum Command {
     Ping(Vec<u8>),
     Pong(Vec<u8>),
     Close(u16, String),
+    /// A flush's marker: its [`Ack::Written`] completes once everything queued before it
+    /// has been written.
+    Flush,
 }
 
 impl Command {
     /// Bytes counted as queued until the task hands the command to the driver: the
-    /// payload, and at least one byte (an empty control frame is still waited for).
+    /// payload, and at least one byte (an empty control frame is still waited for); none
+    /// for a flush's marker, which is not counted.
     pub(super) fn cost(&self) -> usize {
         match self {
             Command::Text(t) => t.len(),
             Command::Binary(b) => b.len(),
             Command::Ping(p) | Command::Pong(p) => p.len(),
             Command::Close(_, reason) => 2 + reason.len(),
+            Command::Flush => return 0,
         }
         .max(1)
     }

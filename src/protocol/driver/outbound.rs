@@ -386,6 +386,12 @@ impl Driver {
         }
     }
 
+    /// A token that [`Driver::is_sent`] reports sent once everything queued so far (own
+    /// frames, the handshake's too) has been handed to the transport: a flush's.
+    pub(crate) fn output_token(&self) -> SendToken {
+        SendToken(self.frames_appended())
+    }
+
     /// Whether the send identified by `token` has been handed to the transport.
     pub fn is_sent(&self, token: SendToken) -> bool {
         self.frames_written > token.0
