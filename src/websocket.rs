@@ -261,14 +261,24 @@ impl WebSocket {
 
     /// The transport ended: runs `on_error` (if a message was cut off) and `on_close` 1006.
     pub fn receive_eof(&mut self) {
+        self.drop_sends_if_connecting();
         self.driver.receive_eof();
         self.receive(&mut []);
     }
 
     /// The transport failed with `error`: runs `on_error` with it and `on_close` 1006.
     pub fn receive_error(&mut self, error: std::io::Error) {
+        self.drop_sends_if_connecting();
         self.driver.receive_error(error);
         self.receive(&mut []);
+    }
+
+    /// The connection ends before it opened: the sends queued until then are dropped,
+    /// never written, and their write callbacks with them.
+    fn drop_sends_if_connecting(&mut self) {
+        if self.driver.ready_state() == ReadyState::Connecting {
+            self.handlers.write_callbacks.clear();
+        }
     }
 
     /// Sends a ping; `on_pong` runs when a pong with the same payload arrives, or the pong
@@ -320,10 +330,7 @@ impl WebSocket {
     /// Ends the connection at once (see [`Driver::abort`]) and runs `on_close`; the sends
     /// queued while connecting are dropped with their write callbacks.
     pub fn abort(&mut self, code: u16, reason: &str) {
-        if self.driver.ready_state() == ReadyState::Connecting {
-            // Sends queued while connecting are dropped, never written.
-            self.handlers.write_callbacks.clear();
-        }
+        self.drop_sends_if_connecting();
         self.driver.abort(code, reason);
         self.receive(&mut []);
     }

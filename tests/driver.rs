@@ -399,6 +399,48 @@ fn close_while_connecting_reports_close_once_and_sends_nothing() {
     assert_eq!(drain(&mut server), vec![]);
 }
 
+/// A connection that never opened sends none of the frames queued for it: `close_connection`
+/// and `abort` while connecting drop them, and so must the end of the transport
+/// (`receive_eof`, `receive_error`, which `Timers` uses for the opening handshake's
+/// timeout). Otherwise the closed driver offers data frames to write on a connection that
+/// never got (or never answered) a 101, and `is_finished` stays false until they are.
+#[test]
+fn transport_end_before_open_drops_the_frames_queued_for_the_connection() {
+    // Server, before start_connection: no 101 was ever queued.
+    let (_, request) = started_client(&Options::default());
+    let mut server = Driver::make_server(&parse_request(&request), &Options::default()).unwrap();
+    server.send_text("never").unwrap();
+    assert_eq!(eof(&mut server), vec![Ev::Close(1006, String::new())]);
+    assert_eq!(server.ready_state(), ReadyState::Closed);
+    assert!(
+        server.pending_output().is_empty(),
+        "a frame without a handshake: {:?}",
+        server.pending_output()
+    );
+    assert!(server.is_finished());
+
+    // Client, request written, the response never came (handshake timeout).
+    let (mut client, _) = started_client(&Options::default());
+    client.send_text("never").unwrap();
+    client.receive_error(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "timed out",
+    ));
+    assert_eq!(
+        drain(&mut client),
+        vec![
+            Ev::Error(Err::Io(std::io::ErrorKind::TimedOut)),
+            Ev::Close(1006, String::new())
+        ]
+    );
+    assert!(
+        client.pending_output().is_empty(),
+        "a data frame of a connection that never opened: {:?}",
+        client.pending_output()
+    );
+    assert!(client.is_finished());
+}
+
 // ----- ping / pong -----
 
 #[test]

@@ -431,20 +431,28 @@ fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// A complete HTTP response that closes the connection: plain text unless
-/// `extra_headers` names its own `Content-Type`.
+/// `extra_headers` names its own `Content-Type`. With an `Upgrade` header among them (a
+/// 426), `Connection` lists `upgrade` too, as a sender of `Upgrade` must (RFC 9110 §7.8).
 pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let typed = extra_headers
-        .iter()
-        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+    let has = |header: &str| {
+        extra_headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(header))
+    };
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\n{}Content-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\n{}Content-Length: {}\r\nConnection: {}\r\n",
         reason_phrase(status),
-        if typed {
+        if has("content-type") {
             ""
         } else {
             "Content-Type: text/plain; charset=utf-8\r\n"
         },
-        body.len() + 1
+        body.len() + 1,
+        if has("upgrade") {
+            "Upgrade, close"
+        } else {
+            "close"
+        }
     )
     .into_bytes();
     for (name, value) in extra_headers {
@@ -594,6 +602,28 @@ mod tests {
         assert!(resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
         assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+    }
+
+    /// A 426 names the protocol in `Upgrade` (RFC 9110 §15.5.22), and a sender of
+    /// `Upgrade` MUST also send the `upgrade` connection option in `Connection` (RFC 9110
+    /// §7.8; RFC 7230 §6.7), so that intermediaries do not forward the hop-by-hop field.
+    #[test]
+    fn a_426_lists_upgrade_as_a_connection_option() {
+        let resp = String::from_utf8(error_response(&HandshakeError::UnsupportedVersion(
+            "8".into(),
+        )))
+        .unwrap();
+        assert!(resp.contains("\r\nUpgrade: websocket\r\n"), "{resp}");
+        let connection = resp
+            .lines()
+            .find_map(|l| l.strip_prefix("Connection: "))
+            .expect("a Connection header");
+        assert!(
+            connection
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade")),
+            "Connection: {connection}\n{resp}"
+        );
     }
 
     #[test]

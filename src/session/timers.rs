@@ -174,11 +174,14 @@ impl Timers {
     }
 
     /// Bytes arrived from the peer at `now`: the idle period restarts and an outstanding
-    /// keepalive ping counts as answered (any input proves the peer alive). Not while
-    /// closing: the close deadline alone applies then.
+    /// keepalive ping counts as answered (any input proves the peer alive). Only while the
+    /// keepalive runs, from [`Timers::opened`] until closing: not during the opening
+    /// handshake (a client reading a slow 101 would ping a connection not yet open), nor
+    /// while closing (the close deadline alone applies then).
     pub fn received(&mut self, now: Instant, config: &TimerConfig) {
         if let Some(t) = config.idle
             && !self.closing
+            && self.idle_at.is_some()
         {
             self.idle_at = Some(CompactInstant::after(now, t));
             self.ping_outstanding = false;

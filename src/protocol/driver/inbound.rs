@@ -197,6 +197,13 @@ impl Driver {
         if let Some(why) = why {
             self.queue_event(Event::Error(why));
         }
+        if self.state == ReadyState::Connecting {
+            // Nothing more can be written: the frames queued for a connection that never
+            // opened (and what is left of the handshake) are dropped, not offered as the
+            // closed driver's output.
+            self.out.truncate(self.out_pos);
+            self.handshake_left = 0;
+        }
         self.stop();
         self.queue_close(code::ABNORMAL, String::new());
     }

@@ -514,7 +514,8 @@ fn poll_timeout_is_always_the_earliest_deadline() {
             }
             2 => {
                 timers.received(now, &cfg);
-                if !closing {
+                // Only while the keepalive runs (opened, not closing).
+                if !closing && idle.is_some() {
                     idle = Some(now + cfg.idle.unwrap());
                 }
             }
@@ -552,4 +553,36 @@ fn poll_timeout_is_always_the_earliest_deadline() {
             assert!(timers.is_expired(w));
         }
     }
+}
+
+/// Input that arrives during the opening handshake (a client reading the start of the
+/// server's response) must not arm the idle keepalive: the keepalive is for an open
+/// connection ([`Timers::opened`] starts it), and the handshake deadline alone bounds the
+/// handshake. With `idle` shorter than `handshake`, the idle deadline used to come first:
+/// a ping was queued on the connecting driver, and one idle period later the connection
+/// was aborted with 1001 "idle timeout" long before the handshake timed out.
+#[test]
+fn input_during_the_opening_handshake_arms_no_idle_keepalive() {
+    let cfg = config();
+    let idle = cfg.idle.unwrap();
+    assert!(idle < cfg.handshake);
+    let t0 = Instant::now();
+    let mut timers = Timers::new();
+    let mut client = connecting_client();
+    timers.handshake_started(t0, &cfg);
+    // Part of the 101 arrives.
+    timers.received(t0 + 10 * MS, &cfg);
+    assert_eq!(
+        timers.poll_timeout(),
+        Some(t0 + cfg.handshake),
+        "the handshake deadline is the only one while connecting"
+    );
+    let first = timers.handle_timeout(t0 + 10 * MS + idle, &cfg, &mut client);
+    let second = timers.handle_timeout(t0 + 10 * MS + 2 * idle, &cfg, &mut client);
+    assert_eq!(
+        (first, second, client.ready_state()),
+        (Expired::Nothing, Expired::Nothing, ReadyState::Connecting),
+        "events: {:?}",
+        drain(&mut client)
+    );
 }
