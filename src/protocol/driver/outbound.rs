@@ -388,6 +388,7 @@ impl Driver {
 
     /// A token that [`Driver::is_sent`] reports sent once everything queued so far (own
     /// frames, the handshake's too) has been handed to the transport: a flush's.
+    #[cfg(feature = "tokio")]
     pub(crate) fn output_token(&self) -> SendToken {
         SendToken(self.frames_appended())
     }
