@@ -2144,3 +2144,102 @@ mod sender_validation {
 
     on_every_backend!(a_sender_refuses_text_that_is_not_utf8);
 }
+
+/// A burst over the cap followed by Close and FIN, and a shutdown in the middle of a write.
+mod close_under_load {
+    use super::*;
+
+    /// A peer that sends a burst far over the output cap without reading, then its Close
+    /// and its FIN, and only then reads: it gets every echo, in order, and the Close
+    /// answer behind them (its Close came before its FIN, so nothing it sent is abnormal).
+    fn close_and_fin_after_a_burst_over_the_cap_get_every_echo_and_the_answer(backend: Backend) {
+        let server = start_echo(ServerConfig {
+            threads: 1,
+            max_backpressure: 64 * 1024,
+            ..config(backend)
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        const N: usize = 256;
+        let mut burst = Vec::new();
+        for i in 0..N {
+            let mut frame = vec![0x82, 0x80 | 126, 0x10, 0x00, 0, 0, 0, 0];
+            frame.extend_from_slice(&[i as u8; 4096]);
+            burst.extend_from_slice(&frame);
+        }
+        // Close 1000, masked with key 0.
+        burst.extend_from_slice(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]);
+        let mut writer = client.stream.try_clone().unwrap();
+        let sending = std::thread::spawn(move || {
+            writer.write_all(&burst).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // Everything the server sends, to its FIN (the client writes nothing more).
+        let mut bytes = Vec::new();
+        let _ = client.stream.read_to_end(&mut bytes);
+        sending.join().unwrap();
+        let mut events = Vec::new();
+        let (mut at, total) = (0, bytes.len());
+        loop {
+            let (used, event) = client.driver.poll_event(&mut bytes[at..]);
+            at += used;
+            match event {
+                Some(event) => events.push(support::own(event)),
+                None if at >= total => break,
+                None => {}
+            }
+        }
+        let echoes = events
+            .iter()
+            .take_while(|e| matches!(e, Owned::Binary(_)))
+            .count();
+        for (i, event) in events.iter().take(echoes).enumerate() {
+            let Owned::Binary(data) = event else {
+                unreachable!()
+            };
+            assert!(
+                data.len() == 4096 && data.iter().all(|&b| b == i as u8),
+                "echo {i}"
+            );
+        }
+        assert_eq!(
+            (echoes, events.get(echoes)),
+            (N, Some(&Owned::Close(1000, String::new()))),
+            "every echo, then the server's Close answer"
+        );
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+
+    /// Shutdown with a connection in the middle of a write to a slow reader: the output
+    /// already queued goes out first, then the 1001, within the grace.
+    fn shutdown_mid_write_delivers_the_output_then_1001(backend: Backend) {
+        let server = start_echo(ServerConfig {
+            threads: 1,
+            max_backpressure: 64 << 20,
+            ..config(backend)
+        });
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        client.send_binary(&payload).unwrap();
+        // The echo fills the socket buffers; then the shutdown starts.
+        std::thread::sleep(Duration::from_millis(300));
+        let handle = std::thread::spawn(move || {
+            server.shutdown(Duration::from_secs(10)).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        match client.next_event().unwrap() {
+            Owned::Binary(data) => assert!(data == payload, "the echo"),
+            other => panic!("got {other:?}"),
+        }
+        assert_eq!(
+            client.next_event().unwrap(),
+            Owned::Close(1001, "server shutting down".into())
+        );
+        handle.join().unwrap();
+    }
+
+    on_every_backend!(
+        close_and_fin_after_a_burst_over_the_cap_get_every_echo_and_the_answer,
+        shutdown_mid_write_delivers_the_output_then_1001,
+    );
+}
