@@ -29,8 +29,9 @@
 //! - `{"type":"error","text":WHY}` to one client: a message it sent was refused.
 //!
 //! The server trusts nothing the client sends: a nickname is 1 to 24 characters with no
-//! control or invisible characters, a room name 1 to 32 of `A-Z a-z 0-9 - _`, a nickname is unique in
-//! its room, a line is 1 to 500 characters with no control characters, and a frame over
+//! control or invisible characters, kept in Unicode's composed form (NFC, so that two
+//! spellings of one name are one nickname), a room name 1 to 32 of `A-Z a-z 0-9 - _`, a
+//! nickname is unique in its room, a line is 1 to 500 characters with no control characters, and a frame over
 //! 16 KiB closes the connection (1009). A bad join gets an `error` and close 1008; a bad
 //! line only the `error`. A `/ws` request whose `Origin` is another site is refused (403).
 //! The page puts every piece of user text into the DOM with `textContent`, never as HTML.
@@ -45,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use unicode_normalization::UnicodeNormalization;
 use websocket_driver::server::{
     Handler, HttpResponse, Server, ServerConfig, Upgrade, UpgradeRequest, Ws,
 };
@@ -231,7 +233,11 @@ fn is_invisible(c: char) -> bool {
 /// Checks the join request in the `/ws` query string.
 fn parse_join(query: &str) -> Result<Join, String> {
     let nick = query_param(query, "nick")?.unwrap_or_default();
-    let nick = nick.trim();
+    // One spelling per name: "José" typed with a precomposed é and with e + a combining
+    // accent is the same text (Unicode canonical equivalence) and looks the same, so it is
+    // kept in its composed form (NFC), and the uniqueness check sees one name.
+    let nick: String = nick.trim().nfc().collect();
+    let nick = nick.as_str();
     let nick_len = nick.chars().count();
     if nick_len == 0 || nick_len > MAX_NICK {
         return Err(format!("a nickname is 1 to {MAX_NICK} characters"));
@@ -331,7 +337,9 @@ fn main() {
             "--threads" => {
                 threads = value("--threads")
                     .parse()
-                    .unwrap_or_else(|_| usage("--threads needs a number"))
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .unwrap_or_else(|| usage("--threads needs a number of at least 1"))
             }
             "--backend" => {
                 backend = value("--backend")

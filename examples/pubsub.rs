@@ -58,7 +58,9 @@ fn main() {
             "--threads" => {
                 threads = value("--threads")
                     .parse()
-                    .unwrap_or_else(|_| usage("--threads needs a number"))
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .unwrap_or_else(|| usage("--threads needs a number of at least 1"))
             }
             "--backend" => {
                 backend = value("--backend")

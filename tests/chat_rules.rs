@@ -155,3 +155,81 @@ fn chat_documented_rules() {
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 403");
 }
+
+/// A nickname is unique in its room, however it is spelled: "José" written precomposed
+/// (U+00E9) and decomposed ("e" + U+0301 combining acute) is the same text to Unicode
+/// (canonically equivalent) and renders identically, so the second is refused (both
+/// joined as different people).
+#[test]
+fn chat_refuses_a_canonically_equivalent_duplicate_nickname() {
+    let (_server, addr) = start_chat();
+    let (_a, _rx, welcome) = join(&addr, "r", "Jos\u{e9}");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let (_b, _rx2, first) = join(&addr, "r", "Jose\u{301}");
+    assert_eq!(first["type"], "error", "a second \"José\" joined: {first}");
+}
+
+/// `--threads 0` is no number of loops: chat and pubsub refuse it as echo does ("--threads
+/// needs a number of at least 1", exit 2; they announced "0 threads" and ran one loop).
+#[test]
+fn chat_and_pubsub_threads_zero_is_refused_or_reported_truthfully() {
+    let mut wrong = Vec::new();
+    for example in ["chat", "pubsub"] {
+        let binary = support::example_binary(example, &[]);
+        let mut child = Command::new(&binary)
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--threads",
+                "0",
+                "--backend",
+                "epoll",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let status = child.try_wait().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        if first.contains(" 0 threads") {
+            wrong.push(format!("{example}: {first:?} (exited: {status:?})"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "started with --threads 0:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// A response to HEAD carries no content (RFC 9110 §9.3.2: "the server MUST NOT send
+/// content in the response"): the chat answers `HEAD /` (405) and `HEAD /nope` (404) with
+/// their heads only (the text bodies followed).
+#[test]
+fn chat_head_responses_have_no_body() {
+    use std::io::{Read, Write};
+    let (_server, addr) = start_chat();
+    let mut with_body = Vec::new();
+    for path in ["/", "/nope"] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "HEAD {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut response = Vec::new();
+        let _ = s.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response).to_string();
+        let (head, body) = response.split_once("\r\n\r\n").expect("a response head");
+        if !body.is_empty() {
+            with_body.push(format!(
+                "HEAD {path}: {:?} then body {body:?}",
+                head.lines().next()
+            ));
+        }
+    }
+    assert!(with_body.is_empty(), "{}", with_body.join("\n"));
+}

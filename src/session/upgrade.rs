@@ -115,39 +115,54 @@ pub enum Answer<H> {
 /// as `non_upgrade` says; then [`Driver::make_server`], whose handshake errors become
 /// [`error_response`]s (400, 426 with `Sec-WebSocket-Version: 13`, 431) and any other
 /// error (invalid options) a 500.
+///
+/// A refusal of a `HEAD` request is its head only (RFC 9110 §9.3.2: no content in a
+/// response to HEAD), `Content-Length` included.
 pub fn answer<H>(
     request: &Request,
     options: &Options,
     decision: Result<H, HttpResponse>,
     non_upgrade: NonUpgrade,
 ) -> Answer<H> {
+    let refuse = |response: Vec<u8>, error: Error| {
+        Answer::Reject(Refusal {
+            response: if request.method == "HEAD" {
+                head_only(response)
+            } else {
+                response
+            },
+            error,
+        })
+    };
     let handler = match decision {
         Ok(handler) => handler,
         Err(response) => {
-            return Answer::Reject(Refusal {
-                response: response.to_bytes(),
-                error: HandshakeError::BadRequest("upgrade refused by the application").into(),
-            });
+            return refuse(
+                response.to_bytes(),
+                HandshakeError::BadRequest("upgrade refused by the application").into(),
+            );
         }
     };
     if non_upgrade == NonUpgrade::UpgradeRequired && !is_websocket(request) {
         let why = "this endpoint requires a WebSocket upgrade";
-        return Answer::Reject(Refusal {
-            response: http_response(426, &[("Upgrade", "websocket")], why),
-            error: HandshakeError::BadRequest(why).into(),
-        });
+        return refuse(
+            http_response(426, &[("Upgrade", "websocket")], why),
+            HandshakeError::BadRequest(why).into(),
+        );
     }
     match Driver::make_server(request, options) {
         Ok(driver) => Answer::Accept(driver, handler),
-        Err(Error::Handshake(e)) => Answer::Reject(Refusal {
-            response: error_response(&e),
-            error: e.into(),
-        }),
-        Err(e) => Answer::Reject(Refusal {
-            response: http_response(500, &[], &e.to_string()),
-            error: e,
-        }),
+        Err(Error::Handshake(e)) => refuse(error_response(&e), e.into()),
+        Err(e) => refuse(http_response(500, &[], &e.to_string()), e),
     }
+}
+
+/// A response without its content: everything up to the blank line after the headers.
+fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+        response.truncate(end + 4);
+    }
+    response
 }
 
 #[cfg(test)]
@@ -165,6 +180,43 @@ mod tests {
             Ok(Status::Complete(request, _)) => request,
             other => panic!("{head:?} does not parse: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_refused_head_request_gets_the_head_only() {
+        let head = parse("HEAD /page HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (response, _) = refused(answer(
+            &head,
+            &Options::default(),
+            Err::<(), _>(HttpResponse::new(404, "not found")),
+            NonUpgrade::UpgradeRequired,
+        ));
+        assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
+        assert!(
+            response.contains("\r\nContent-Length: 10\r\n"),
+            "{response}"
+        );
+        assert!(response.ends_with("\r\n\r\n"), "no content: {response:?}");
+        // The same refusal of a GET keeps its content.
+        let get = parse("GET /page HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (response, _) = refused(answer(
+            &get,
+            &Options::default(),
+            Err::<(), _>(HttpResponse::new(404, "not found")),
+            NonUpgrade::UpgradeRequired,
+        ));
+        assert!(response.ends_with("\r\n\r\nnot found\n"), "{response:?}");
+        // And a HEAD that is no upgrade: the 426's head.
+        let (response, _) = refused(answer(
+            &head,
+            &Options::default(),
+            Ok(()),
+            NonUpgrade::UpgradeRequired,
+        ));
+        assert!(
+            response.starts_with("HTTP/1.1 426 ") && response.ends_with("\r\n\r\n"),
+            "{response:?}"
+        );
     }
 
     fn refused(answer: Answer<()>) -> (String, Error) {
