@@ -2243,3 +2243,74 @@ mod close_under_load {
         shutdown_mid_write_delivers_the_output_then_1001,
     );
 }
+
+mod wait_beside_shutdown {
+    use super::*;
+
+    /// Under `PanicPolicy::EndLoop` "the server's `wait` and `shutdown` report 'an event
+    /// loop panicked'": also when another thread is blocked in `wait()` as `shutdown`
+    /// is called.
+    fn shutdown_beside_a_waiting_thread_reports_a_panicked_loop(backend: Backend) {
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 2,
+                panic_policy: PanicPolicy::EndLoop,
+                ..config(backend)
+            })
+            .start(|_| Upgrade::Accept(Fragile))
+            .unwrap();
+        let addr = server.local_addr();
+        let waiter = server.clone();
+        let waiting = std::thread::spawn(move || waiter.wait());
+        std::thread::sleep(Duration::from_millis(100));
+        let mut culprit = TestClient::connect(addr, "/").unwrap();
+        culprit.send_text("panic").unwrap();
+        assert!(culprit.wait_ended());
+        let shut = server.shutdown(Duration::from_secs(1));
+        let waited = waiting.join().unwrap();
+        assert_eq!(
+            waited.as_ref().map_err(|e| e.to_string()),
+            Err("an event loop panicked".to_string())
+        );
+        assert_eq!(
+            shut.map_err(|e| e.to_string()),
+            Err("an event loop panicked".to_string()),
+            "shutdown did not report the panicked loop"
+        );
+    }
+
+    /// The same without a second thread: `wait()` reports the panic, and so does a
+    /// `shutdown` after it (it returned `Ok`: the first join took the outcome with it).
+    fn shutdown_after_wait_still_reports_a_panicked_loop(backend: Backend) {
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 1,
+                panic_policy: PanicPolicy::EndLoop,
+                ..config(backend)
+            })
+            .start(|_| Upgrade::Accept(Fragile))
+            .unwrap();
+        let mut culprit = TestClient::connect(server.local_addr(), "/").unwrap();
+        culprit.send_text("panic").unwrap();
+        assert!(culprit.wait_ended());
+        // The only loop has ended: wait() returns, with the panic.
+        assert_eq!(
+            server.wait().map_err(|e| e.to_string()),
+            Err("an event loop panicked".to_string())
+        );
+        assert_eq!(
+            server
+                .shutdown(Duration::from_secs(1))
+                .map_err(|e| e.to_string()),
+            Err("an event loop panicked".to_string()),
+            "shutdown did not report the panicked loop"
+        );
+    }
+
+    on_every_backend!(
+        shutdown_beside_a_waiting_thread_reports_a_panicked_loop,
+        shutdown_after_wait_still_reports_a_panicked_loop
+    );
+}

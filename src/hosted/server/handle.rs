@@ -77,10 +77,18 @@ pub struct ServerHandle {
 struct HandleInner {
     remotes: Vec<Remote<Command>>,
     stats: Vec<Arc<LoopStats>>,
-    threads: Mutex<Vec<JoinHandle<io::Result<()>>>>,
+    threads: Mutex<Loops>,
     local_addr: Option<SocketAddr>,
     backend: Backend,
     pubsub: Arc<PubSub>,
+}
+
+/// The loops' threads until joined, and how they ended once they are: every `wait` (and
+/// `shutdown`) reports it, not only the first, which joins them.
+struct Loops {
+    running: Vec<LoopThread>,
+    /// The last error of a joined loop (kind and message: an `io::Error` is not `Clone`).
+    ended: Option<(io::ErrorKind, String)>,
 }
 
 /// The one log line saying which backend serves and why, through the [`log`] facade at
@@ -106,7 +114,10 @@ impl ServerHandle {
             inner: Arc::new(HandleInner {
                 remotes,
                 stats,
-                threads: Mutex::new(threads),
+                threads: Mutex::new(Loops {
+                    running: threads,
+                    ended: None,
+                }),
                 local_addr,
                 backend,
                 pubsub,
@@ -212,11 +223,21 @@ impl ServerHandle {
         result
     }
 
-    /// Blocks until every loop has stopped (after a shutdown).
+    /// Blocks until every loop has stopped (after a shutdown). Fails if one ended with an
+    /// error or panicked ("an event loop panicked"): every call says so, from any thread
+    /// (the one that joined the loops and the others alike).
     pub fn wait(&self) -> io::Result<()> {
-        join_loops(std::mem::take(
-            &mut *self.inner.threads.lock().expect("threads lock"),
-        ))
+        // Held while joining: a concurrent `wait` or `shutdown` returns once the loops
+        // have ended, with the same outcome.
+        let mut loops = self.inner.threads.lock().expect("threads lock");
+        let running = std::mem::take(&mut loops.running);
+        if let Err(e) = join_loops(running) {
+            loops.ended = Some((e.kind(), e.to_string()));
+        }
+        match &loops.ended {
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+            None => Ok(()),
+        }
     }
 }
 
