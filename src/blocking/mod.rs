@@ -146,14 +146,17 @@ impl BlockingServer {
             options: Options::default(),
             timeouts: Timeouts::default(),
             max_backpressure: DEFAULT_MAX_BACKPRESSURE,
-            max_connections: crate::reactor::default_max_connections(),
+            max_connections: crate::reactor::default_max_connections() / DESCRIPTORS_PER_CONNECTION,
         })
     }
 
     /// Most connections served at once, each on its thread (the handshake included);
     /// beyond, a new one is answered 503 and closed without a thread. Default: what the
-    /// current soft open-file limit allows, minus a reserve, as the reactor's
-    /// `ServerConfig::max_connections` ([`default_max_connections`](crate::reactor::default_max_connections)).
+    /// current soft open-file limit allows, minus a reserve
+    /// ([`default_max_connections`](crate::reactor::default_max_connections), the reactor's
+    /// default), divided by the three descriptors each connection holds here (its socket,
+    /// a second handle on it for the end, and its own epoll instance). A connection that
+    /// finds no descriptor left for those is answered 503 before any listener runs.
     pub fn max_connections(mut self, connections: usize) -> BlockingServer {
         self.max_connections = connections;
         self
@@ -226,6 +229,10 @@ impl BlockingServer {
         }
     }
 }
+
+/// Descriptors one connection holds: its socket, a second handle on it and an epoll
+/// instance.
+const DESCRIPTORS_PER_CONNECTION: usize = 3;
 
 /// One connection counted against [`BlockingServer::max_connections`] while its thread runs
 /// (also when it panics, or when the thread could not be started).
@@ -321,20 +328,31 @@ fn run_connection(
         }
     };
     let mut ws = WebSocket::new(driver);
+    // The descriptors the connection holds besides its socket, before any listener runs
+    // (at the open-file limit a connection whose `on_open` ran would otherwise end
+    // without `on_close`): a second handle, kept for writing after a listener's panic has
+    // dropped the first, and the epoll instance it waits in. Without them: 503.
+    let (spare, mut poll) = match stream
+        .try_clone()
+        .and_then(|spare| Ok((spare, mio::Poll::new()?)))
+    {
+        Ok(held) => held,
+        Err(e) => {
+            refuse_over_capacity(stream);
+            return Err(e);
+        }
+    };
     // A listener (or `app`) that panics ends the connection as the blocking client's I/O
     // thread does: close 1011 to the peer if it is open, `on_close` here, once.
-    let spare = stream.try_clone()?;
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> io::Result<()> {
         app(&request, &mut ws);
         ws.start_connection();
         timers.opened(Instant::now(), &config);
         ws.receive(&mut buf[used..len]);
 
-        // From here on the socket is non-blocking; `linger` keeps a blocking handle for the end.
-        let linger = stream.try_clone()?;
+        // From here on the socket is non-blocking (blocking again for the end).
         stream.set_nonblocking(true)?;
         let mut conn = mio::net::TcpStream::from_std(stream);
-        let mut poll = mio::Poll::new()?;
         poll.registry().register(
             &mut conn,
             STREAM,
@@ -418,23 +436,34 @@ fn run_connection(
             }
         }
         drop(poll);
-        drop(conn);
         if ws.driver().close_received() {
             // The peer sends nothing after its Close: closing now sends a FIN, not a reset,
             // and frees this thread without waiting for the peer's FIN.
             return Ok(());
         }
+        let linger = TcpStream::from(conn);
         linger.set_nonblocking(false)?;
         linger_close(linger)
     }));
-    ran.unwrap_or_else(|_| {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
-            let _ = spare.set_nonblocking(true);
-            let _ = write_ready(&spare, &mut ws);
-        }));
-        Ok(())
-    })
+    match ran {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            // The connection failed after it opened (the socket, the epoll instance): the
+            // handler hears of it, `on_close` once, unless the close was reported already.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ws.receive_error(io::Error::new(e.kind(), e.to_string()))
+            }));
+            Err(e)
+        }
+        Err(_) => {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
+                let _ = spare.set_nonblocking(true);
+                let _ = write_ready(&spare, &mut ws);
+            }));
+            Ok(())
+        }
+    }
 }
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
 /// for a moment (2 s in all, however it trickles in), so unread data does not turn the
