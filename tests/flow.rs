@@ -517,6 +517,204 @@ fn a_refused_handler_is_told_when_its_output_drains(backend: Backend) {
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
+/// The cap of the test below.
+const LATE_CAP: usize = 16 << 20;
+
+/// Subscribed to "late-topic". On "prefill": 48 MiB in one send (over the cap: reading
+/// pauses). On "go" (delivered once that drained to half the cap): a small "marker" with
+/// a write callback. Any binary message is echoed, and every echo refused is counted.
+struct LateCallback {
+    go: std::sync::mpsc::Sender<()>,
+    callbacks: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+    echoed: Arc<AtomicUsize>,
+    /// On "hold": blocks the loop until the test sends on `release`.
+    held: std::sync::mpsc::Sender<()>,
+    release: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+impl Handler for LateCallback {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        ws.subscribe("late-topic").unwrap();
+    }
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        match message.as_text() {
+            Some("prefill") => {
+                ws.send_binary(&vec![1u8; 3 * LATE_CAP]).unwrap();
+            }
+            Some("hold") => {
+                self.held.send(()).unwrap();
+                self.release.lock().unwrap().recv().unwrap();
+            }
+            Some("go") => {
+                let callbacks = self.callbacks.clone();
+                ws.send_with(
+                    b"marker",
+                    websocket_driver::MessageType::Text,
+                    move |_: &mut Ws<'_>| {
+                        callbacks.fetch_add(1, Ordering::Relaxed);
+                    },
+                )
+                .unwrap();
+                let _ = self.go.send(());
+            }
+            _ => match ws.send_message(&message) {
+                Ok(_) => {
+                    self.echoed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Error::Usage(UsageError::BufferFull { .. })) => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("{e}"),
+            },
+        }
+    }
+}
+
+/// A large message finished while the output is over the cap waits in the driver for the
+/// drain (see above), and must not reach the handler while the output is still over the
+/// cap, whatever runs the session meanwhile: here a write callback (`Ws::send_with`) whose
+/// frame is handed on while a 48 MiB publication queued behind it still waits. The echo
+/// of that message must not be refused (README: "an echo handler's replies are never
+/// refused, because delivery pauses before the cap is passed").
+fn a_write_callback_over_the_cap_does_not_deliver_the_waiting_message(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let go_tx = Arc::new(Mutex::new(go_tx));
+    let callbacks = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let (c, r, e) = (callbacks.clone(), refused.clone(), echoed.clone());
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let held_tx = Arc::new(Mutex::new(held_tx));
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            // A cap larger than the socket buffers take, so that the marker queued at
+            // half of it still waits in the loop when the client stops reading.
+            max_backpressure: LATE_CAP,
+            ..one_loop(backend)
+        })
+        .start(move |_| {
+            Upgrade::Accept(LateCallback {
+                go: go_tx.lock().unwrap().clone(),
+                callbacks: c.clone(),
+                refused: r.clone(),
+                echoed: e.clone(),
+                held: held_tx.lock().unwrap().clone(),
+                release: release_rx.clone(),
+            })
+        })
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.send_text("prefill").unwrap();
+    client.send_text("go").unwrap();
+    // Read slowly until "go" is delivered (the server's queue is down to half the cap),
+    // then stop: the socket buffers stay full, and the marker waits behind them.
+    let mut raw = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    while go_rx.try_recv().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "go never delivered"
+        );
+        let n = client.stream.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        raw.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        callbacks.load(Ordering::Relaxed),
+        0,
+        "the marker went out already"
+    );
+    // A 4 MiB message, all but its last 100 KiB: the loop receives the rest into its
+    // buffer.
+    let message: Vec<u8> = (0..4 * CAP).map(|i| (i % 251) as u8).collect();
+    let frame = encode(&message);
+    let split = frame.len() - 100 * 1024;
+    client.stream.write_all(&frame[..split]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Over the cap (a publication does not pause reading).
+    let big = vec![7u8; 3 * LATE_CAP];
+    server
+        .publish("late-topic", &big, websocket_driver::MessageType::Binary)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The message's last bytes arrive whole while another connection blocks the loop, so
+    // one receive finishes the message (in its own buffer, over the cap: it waits there).
+    let mut other = TestClient::connect(server.local_addr(), "/").unwrap();
+    other.send_text("hold").unwrap();
+    held_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the loop is held");
+    client.stream.write_all(&frame[split..]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    release.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(echoed.load(Ordering::Relaxed), 0, "delivered over the cap");
+    // Now read everything.
+    let mut events = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pending = raw;
+    loop {
+        let mut at = 0;
+        while at < pending.len() {
+            let (used, event) = client.driver.poll_event(&mut pending[at..]);
+            at += used;
+            match event.map(support::own) {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        // A frame's first bytes that the driver did not take wait for the rest.
+        pending.drain(..at);
+        if events.len() >= 4 {
+            break;
+        }
+        match client.stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            Owned::Binary(d) => format!("binary {}", d.len()),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let seen = format!(
+        "{backend}: events {summary:?}; callbacks {} echoed {} refused {}",
+        callbacks.load(Ordering::Relaxed),
+        echoed.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "the echo was refused: {seen}"
+    );
+    assert_eq!(
+        summary,
+        [
+            format!("binary {}", 3 * LATE_CAP),
+            "Text(\"marker\")".to_string(),
+            format!("binary {}", 3 * LATE_CAP),
+            format!("binary {}", 4 * CAP),
+        ],
+        "{seen}"
+    );
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod epoll {
@@ -535,4 +733,5 @@ on_every_backend!(
     accepted_sends_are_delivered_past_the_cap,
     a_refused_handler_is_told_when_its_output_drains,
     a_large_message_finished_over_the_cap_waits_for_the_drain,
+    a_write_callback_over_the_cap_does_not_deliver_the_waiting_message,
 );

@@ -306,9 +306,14 @@ where
         let mut at = 0;
         loop {
             // Over the cap, the handler hears nothing more of the peer's input until the
-            // output drains: what is left of this read waits (events the driver queued
-            // itself, such as an abort's close, still go out).
-            if at < data.len() && driver.buffered_amount() + outside > cap {
+            // output drains: what is left of this read waits, and so does a message the
+            // driver completed from a payload loan (a pump with no input, from a write
+            // callback or a command, delivered it over the cap, and its echo was
+            // refused). Events the driver queued itself, such as an abort's close, still
+            // go out.
+            if driver.buffered_amount() + outside > cap
+                && (at < data.len() || !driver.has_queued_events())
+            {
                 break;
             }
             let (used, event) = driver.poll_event(&mut data[at..]);
