@@ -1052,3 +1052,305 @@ fn blocking_client_ends_at_a_close_notify_without_a_websocket_close() {
     drop(client);
     let _ = server.join();
 }
+
+// ---- input held over the cap, then the end of the input (close_notify, FIN) ----
+
+/// Echoes each message and reports its close code.
+struct EchoReporter(Mutex<mpsc::Sender<u16>>);
+impl Handler for EchoReporter {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = ws.send_message(&message);
+    }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, _reason: &str) {
+        let _ = self.0.lock().unwrap().send(code);
+    }
+}
+
+/// A wss client writes, in one go, a burst of messages whose echoes pass the cap, then
+/// its Close (1000) and a close_notify. Reading pauses partway through the burst (the
+/// rest of the read is held back); the close_notify in the same read must not end the
+/// connection before the held messages and the Close are delivered: every message is
+/// echoed, in order, and the handler hears the peer's 1000 (as over plain TCP, where a
+/// FIN behind held input waits for it).
+#[test]
+fn close_notify_behind_held_input_loses_nothing() {
+    use std::io::{Read, Write};
+    let (cert, key) = certificate("close-notify-held");
+    let mut outcomes = Vec::new();
+    const MESSAGES: u64 = 20;
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let config = ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 16 * 1024,
+            tls: Some(websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap()),
+            ..ServerConfig::default()
+        };
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(config)
+            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
+            .unwrap();
+        let mut raw = RawWss::connect(server.local_addr(), &cert);
+        let mut plain = Vec::new();
+        for i in 0..MESSAGES {
+            let mut payload = vec![b'a' + (i % 26) as u8; 2048];
+            payload[..8].copy_from_slice(&i.to_le_bytes());
+            raw.ws.send_binary(&payload).unwrap();
+        }
+        raw.ws.close_connection(1000, "bye").unwrap();
+        plain.extend_from_slice(raw.ws.pending_output());
+        let n = plain.len();
+        raw.ws.consume_output(n);
+        let wire = {
+            let mut tls = raw.tls.lock().unwrap();
+            use std::io::Write as _;
+            tls.writer().write_all(&plain).unwrap();
+            tls.send_close_notify();
+            take_records(&mut tls)
+        };
+        (&raw.socket).write_all(&wire).unwrap();
+        // Read every echo back.
+        let mut echoes = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        raw.socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        'read: loop {
+            let n = match raw.socket.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut plain = {
+                use std::io::Read as _;
+                let mut tls = raw.tls.lock().unwrap();
+                let mut c = &buf[..n];
+                let mut out = Vec::new();
+                while !c.is_empty() {
+                    if tls.read_tls(&mut c).is_err() || tls.process_new_packets().is_err() {
+                        break 'read;
+                    }
+                    let _ = tls.reader().read_to_end(&mut out);
+                }
+                out
+            };
+            let mut at = 0;
+            loop {
+                let (used, event) = raw.ws.poll_event(&mut plain[at..]);
+                at += used;
+                match event {
+                    Some(websocket_driver::Event::Message(m)) => {
+                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
+                        echoes += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        let code = rx.recv_timeout(Duration::from_secs(3));
+        outcomes.push((backend.to_string(), echoes, code));
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+    // (backend, echoes received, close code the handler heard)
+    assert_eq!(
+        outcomes,
+        vec![
+            ("epoll".to_string(), MESSAGES, Ok(1000)),
+            ("io-uring".to_string(), MESSAGES, Ok(1000)),
+        ]
+    );
+}
+
+/// The control for the test above, over plain TCP: the same burst, Close and then a FIN
+/// (shutdown of the write side). Held input is delivered before the EOF: every echo and
+/// the peer's 1000 (this passes; only the close_notify path loses them).
+#[test]
+fn plain_fin_behind_held_input_loses_nothing() {
+    use std::io::{Read, Write};
+    const MESSAGES: u64 = 20;
+    let mut outcomes = Vec::new();
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let config = ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 16 * 1024,
+            ..ServerConfig::default()
+        };
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(config)
+            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
+            .unwrap();
+        let addr = server.local_addr();
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut ws = websocket_driver::Driver::make_client(
+            &format!("ws://127.0.0.1:{}/", addr.port()),
+            &Options::default(),
+        )
+        .unwrap();
+        ws.start_connection();
+        let head = ws.pending_output().to_vec();
+        ws.consume_output(head.len());
+        socket.write_all(&head).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = Vec::new();
+        loop {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0);
+            pending.extend_from_slice(&buf[..n]);
+            let (used, event) = ws.poll_event(&mut pending);
+            let open = event.map(|e| matches!(e, websocket_driver::Event::Open));
+            pending.drain(..used);
+            if let Some(open) = open {
+                assert!(open);
+                break;
+            }
+        }
+        for i in 0..MESSAGES {
+            let mut payload = vec![b'a' + (i % 26) as u8; 2048];
+            payload[..8].copy_from_slice(&i.to_le_bytes());
+            ws.send_binary(&payload).unwrap();
+        }
+        ws.close_connection(1000, "bye").unwrap();
+        let wire = ws.pending_output().to_vec();
+        ws.consume_output(wire.len());
+        socket.write_all(&wire).unwrap();
+        socket.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echoes = 0u64;
+        loop {
+            let n = match socket.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            loop {
+                let (used, event) = ws.poll_event(&mut pending[at..]);
+                at += used;
+                match event {
+                    Some(websocket_driver::Event::Message(m)) => {
+                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
+                        echoes += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            pending.drain(..at);
+        }
+        let code = rx.recv_timeout(Duration::from_secs(3));
+        outcomes.push((backend.to_string(), echoes, code));
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+    assert_eq!(
+        outcomes,
+        vec![
+            ("epoll".to_string(), MESSAGES, Ok(1000)),
+            ("io-uring".to_string(), MESSAGES, Ok(1000)),
+        ]
+    );
+}
+
+/// Same as the plain control, with permessage-deflate negotiated.
+#[test]
+fn deflate_fin_behind_held_input_loses_nothing() {
+    use std::io::{Read, Write};
+    const MESSAGES: u64 = 20;
+    let mut outcomes = Vec::new();
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let config = ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 16 * 1024,
+            options: Options::default().deflate(true),
+            ..ServerConfig::default()
+        };
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(config)
+            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
+            .unwrap();
+        let addr = server.local_addr();
+        let mut socket = std::net::TcpStream::connect(addr).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut ws = websocket_driver::Driver::make_client(
+            &format!("ws://127.0.0.1:{}/", addr.port()),
+            &Options::default().deflate(true),
+        )
+        .unwrap();
+        ws.start_connection();
+        let head = ws.pending_output().to_vec();
+        ws.consume_output(head.len());
+        socket.write_all(&head).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = Vec::new();
+        loop {
+            let n = socket.read(&mut buf).unwrap();
+            assert!(n > 0);
+            pending.extend_from_slice(&buf[..n]);
+            let (used, event) = ws.poll_event(&mut pending);
+            let open = event.map(|e| matches!(e, websocket_driver::Event::Open));
+            pending.drain(..used);
+            if let Some(open) = open {
+                assert!(open);
+                break;
+            }
+        }
+        for i in 0..MESSAGES {
+            let mut payload: Vec<u8> = (0..2048u64)
+                .map(|j| ((j.wrapping_mul(2654435761) ^ (i * 97)) >> 7) as u8)
+                .collect();
+            payload[..8].copy_from_slice(&i.to_le_bytes());
+            ws.send_binary(&payload).unwrap();
+        }
+        ws.close_connection(1000, "bye").unwrap();
+        let wire = ws.pending_output().to_vec();
+        ws.consume_output(wire.len());
+        socket.write_all(&wire).unwrap();
+        socket.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echoes = 0u64;
+        loop {
+            let n = match socket.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            loop {
+                let (used, event) = ws.poll_event(&mut pending[at..]);
+                at += used;
+                match event {
+                    Some(websocket_driver::Event::Message(m)) => {
+                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
+                        echoes += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            pending.drain(..at);
+        }
+        let code = rx.recv_timeout(Duration::from_secs(3));
+        outcomes.push((backend.to_string(), echoes, code));
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+    assert_eq!(
+        outcomes,
+        vec![
+            ("epoll".to_string(), MESSAGES, Ok(1000)),
+            ("io-uring".to_string(), MESSAGES, Ok(1000)),
+        ]
+    );
+}

@@ -47,6 +47,10 @@ pub(crate) struct WsService<F, H> {
     /// cap (their reading is paused): at most what was left of one read, plus receives
     /// already under way when the pause began.
     held: HashMap<usize, Vec<u8>>,
+    /// Connections among `held` whose input ended behind what is held (a TLS peer's
+    /// close_notify, read with it): the end is theirs once the held input is delivered.
+    #[cfg(feature = "tls")]
+    ended_behind: std::collections::HashSet<usize>,
     /// What the `Sender`s of connections that have any share with the loop.
     gauges: RefCell<Gauges>,
     /// Client connections still connecting that have other addresses to try.
@@ -78,6 +82,8 @@ impl<F, H> WsService<F, H> {
             pool: BufferPool::default(),
             callbacks: RefCell::default(),
             held: HashMap::new(),
+            #[cfg(feature = "tls")]
+            ended_behind: std::collections::HashSet::new(),
             redials: HashMap::new(),
             gauges: RefCell::default(),
             topics: RefCell::default(),
@@ -999,6 +1005,8 @@ where
             .get_mut()
             .leave_all(&self.pubsub, self.loop_index, key);
         self.held.remove(&key);
+        #[cfg(feature = "tls")]
+        self.ended_behind.remove(&key);
         if let Some(gauge) = self.gauges.get_mut().remove(&key) {
             // Its `Sender`s refuse from now on: what they would queue is dropped.
             gauge.gone.store(true, Ordering::Release);

@@ -74,8 +74,13 @@ where
                     let peer_closed = tls.peer_closed();
                     self.read_plain(conn, io, &mut plain);
                     // After its close_notify the peer can send nothing, not even its Close:
-                    // for the connection that is the end of its input, as a FIN is.
-                    if peer_closed
+                    // for the connection that is the end of its input, as a FIN is. Input
+                    // held back over the cap (the peer's Close among it, perhaps) goes
+                    // first: the end waits for it (`resume_if_drained`), as a FIN behind
+                    // held input waits for the resumed read.
+                    if peer_closed && self.held.contains_key(&io.key) {
+                        self.ended_behind.insert(io.key);
+                    } else if peer_closed
                         && let Phase::Open(driver, _) = &mut conn.phase
                         && driver.ready_state() != ReadyState::Closed
                     {

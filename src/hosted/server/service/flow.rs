@@ -66,8 +66,21 @@ where
         }
         let mut input = self.held.remove(&io.key).unwrap_or_default();
         self.pump(conn, io, &mut input);
-        if !self.held.contains_key(&io.key) {
-            io.set_reading(true);
+        if self.held.contains_key(&io.key) {
+            return;
         }
+        #[cfg(feature = "tls")]
+        if self.ended_behind.remove(&io.key) {
+            // The input ended behind what was held (a TLS close_notify): now it ends.
+            if let Phase::Open(driver, _) = &mut conn.phase
+                && driver.ready_state() != crate::protocol::driver::ReadyState::Closed
+            {
+                driver.receive_eof();
+            }
+            self.pump(conn, io, &mut []);
+            io.close(crate::reactor::CloseRequest::AfterFlush);
+            return;
+        }
+        io.set_reading(true);
     }
 }
