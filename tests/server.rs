@@ -2044,11 +2044,10 @@ mod end_loop_leaves_counts {
                 alive += 1;
             }
         }
+        // The kernel spreads connections over the loops as it likes: all may have been on
+        // the loop that ended (then none survives, and the other loop takes them all anew).
         let dead = CLIENTS - alive;
-        assert!(
-            dead >= 1 && alive >= 1,
-            "alive {alive}: rerun (the kernel put every connection on one loop)"
-        );
+        assert!(dead >= 1, "the panicking connection's loop ended");
         std::thread::sleep(Duration::from_millis(200));
         let stats = server.stats();
         let subscribers = server.subscribers("room");
