@@ -1079,26 +1079,12 @@ fn close_notify_behind_held_input_loses_nothing() {
     let mut outcomes = Vec::new();
     const MESSAGES: u64 = 20;
     for backend in [Backend::Epoll, Backend::IoUring] {
-        let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let config = ServerConfig {
-            threads: 1,
-            backend,
-            max_backpressure: 16 * 1024,
-            tls: Some(websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap()),
-            ..ServerConfig::default()
-        };
-        let server = Server::bind("127.0.0.1:0")
-            .unwrap()
-            .config(config)
-            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
-            .unwrap();
+        let tls = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
+        let (server, rx) = held_input_server(backend, Some(tls), Options::default());
         let mut raw = RawWss::connect(server.local_addr(), &cert);
         let mut plain = Vec::new();
         for i in 0..MESSAGES {
-            let mut payload = vec![b'a' + (i % 26) as u8; 2048];
-            payload[..8].copy_from_slice(&i.to_le_bytes());
-            raw.ws.send_binary(&payload).unwrap();
+            raw.ws.send_binary(&held_input_message(i)).unwrap();
         }
         raw.ws.close_connection(1000, "bye").unwrap();
         plain.extend_from_slice(raw.ws.pending_output());
@@ -1136,19 +1122,7 @@ fn close_notify_behind_held_input_loses_nothing() {
                 }
                 out
             };
-            let mut at = 0;
-            loop {
-                let (used, event) = raw.ws.poll_event(&mut plain[at..]);
-                at += used;
-                match event {
-                    Some(websocket_driver::Event::Message(m)) => {
-                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
-                        echoes += 1;
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
+            count_echoes(&mut raw.ws, &mut plain, &mut echoes);
         }
         let code = rx.recv_timeout(Duration::from_secs(3));
         outcomes.push((backend.to_string(), echoes, code));
@@ -1164,28 +1138,67 @@ fn close_notify_behind_held_input_loses_nothing() {
     );
 }
 
-/// The control for the test above, over plain TCP: the same burst, Close and then a FIN
+/// Starts an echo server that reports close codes on `rx`: one loop, a 16 KiB cap.
+fn held_input_server(
+    backend: Backend,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    options: Options,
+) -> (ServerHandle, mpsc::Receiver<u16>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let config = ServerConfig {
+        threads: 1,
+        backend,
+        max_backpressure: 16 * 1024,
+        tls,
+        options,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
+        .unwrap();
+    (server, rx)
+}
+
+/// Message `i` of the burst: its number in the first 8 bytes, then 2 KiB that deflate
+/// cannot shrink much.
+fn held_input_message(i: u64) -> Vec<u8> {
+    let mut payload: Vec<u8> = (0..2048u64)
+        .map(|j| ((j.wrapping_mul(2654435761) ^ (i * 97)) >> 7) as u8)
+        .collect();
+    payload[..8].copy_from_slice(&i.to_le_bytes());
+    payload
+}
+
+/// Parses the echoes in `input`, each checked to be the next in order; returns the
+/// bytes used (a frame's start the driver did not take waits for the rest).
+fn count_echoes(ws: &mut websocket_driver::Driver, input: &mut [u8], echoes: &mut u64) -> usize {
+    let mut at = 0;
+    loop {
+        let (used, event) = ws.poll_event(&mut input[at..]);
+        at += used;
+        match event {
+            Some(websocket_driver::Event::Message(m)) => {
+                assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes());
+                *echoes += 1;
+            }
+            Some(_) => {}
+            None => return at,
+        }
+    }
+}
+
+/// The test above over plain TCP (with `options`): the same burst, Close and then a FIN
 /// (shutdown of the write side). Held input is delivered before the EOF: every echo and
-/// the peer's 1000 (this passes; only the close_notify path loses them).
-#[test]
-fn plain_fin_behind_held_input_loses_nothing() {
+/// the peer's 1000, on both backends.
+fn fin_behind_held_input_loses_nothing(options: Options) {
     use std::io::{Read, Write};
     const MESSAGES: u64 = 20;
     let mut outcomes = Vec::new();
     for backend in [Backend::Epoll, Backend::IoUring] {
-        let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let config = ServerConfig {
-            threads: 1,
-            backend,
-            max_backpressure: 16 * 1024,
-            ..ServerConfig::default()
-        };
-        let server = Server::bind("127.0.0.1:0")
-            .unwrap()
-            .config(config)
-            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
-            .unwrap();
+        let (server, rx) = held_input_server(backend, None, options.clone());
         let addr = server.local_addr();
         let mut socket = std::net::TcpStream::connect(addr).unwrap();
         socket
@@ -1193,7 +1206,7 @@ fn plain_fin_behind_held_input_loses_nothing() {
             .unwrap();
         let mut ws = websocket_driver::Driver::make_client(
             &format!("ws://127.0.0.1:{}/", addr.port()),
-            &Options::default(),
+            &options,
         )
         .unwrap();
         ws.start_connection();
@@ -1215,9 +1228,7 @@ fn plain_fin_behind_held_input_loses_nothing() {
             }
         }
         for i in 0..MESSAGES {
-            let mut payload = vec![b'a' + (i % 26) as u8; 2048];
-            payload[..8].copy_from_slice(&i.to_le_bytes());
-            ws.send_binary(&payload).unwrap();
+            ws.send_binary(&held_input_message(i)).unwrap();
         }
         ws.close_connection(1000, "bye").unwrap();
         let wire = ws.pending_output().to_vec();
@@ -1231,20 +1242,8 @@ fn plain_fin_behind_held_input_loses_nothing() {
                 Ok(n) => n,
             };
             pending.extend_from_slice(&buf[..n]);
-            let mut at = 0;
-            loop {
-                let (used, event) = ws.poll_event(&mut pending[at..]);
-                at += used;
-                match event {
-                    Some(websocket_driver::Event::Message(m)) => {
-                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
-                        echoes += 1;
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            pending.drain(..at);
+            let used = count_echoes(&mut ws, &mut pending, &mut echoes);
+            pending.drain(..used);
         }
         let code = rx.recv_timeout(Duration::from_secs(3));
         outcomes.push((backend.to_string(), echoes, code));
@@ -1259,98 +1258,12 @@ fn plain_fin_behind_held_input_loses_nothing() {
     );
 }
 
-/// Same as the plain control, with permessage-deflate negotiated.
+#[test]
+fn plain_fin_behind_held_input_loses_nothing() {
+    fin_behind_held_input_loses_nothing(Options::default());
+}
+
 #[test]
 fn deflate_fin_behind_held_input_loses_nothing() {
-    use std::io::{Read, Write};
-    const MESSAGES: u64 = 20;
-    let mut outcomes = Vec::new();
-    for backend in [Backend::Epoll, Backend::IoUring] {
-        let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let config = ServerConfig {
-            threads: 1,
-            backend,
-            max_backpressure: 16 * 1024,
-            options: Options::default().deflate(true),
-            ..ServerConfig::default()
-        };
-        let server = Server::bind("127.0.0.1:0")
-            .unwrap()
-            .config(config)
-            .start(move |_| Upgrade::Accept(EchoReporter(Mutex::new(tx.lock().unwrap().clone()))))
-            .unwrap();
-        let addr = server.local_addr();
-        let mut socket = std::net::TcpStream::connect(addr).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let mut ws = websocket_driver::Driver::make_client(
-            &format!("ws://127.0.0.1:{}/", addr.port()),
-            &Options::default().deflate(true),
-        )
-        .unwrap();
-        ws.start_connection();
-        let head = ws.pending_output().to_vec();
-        ws.consume_output(head.len());
-        socket.write_all(&head).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut pending = Vec::new();
-        loop {
-            let n = socket.read(&mut buf).unwrap();
-            assert!(n > 0);
-            pending.extend_from_slice(&buf[..n]);
-            let (used, event) = ws.poll_event(&mut pending);
-            let open = event.map(|e| matches!(e, websocket_driver::Event::Open));
-            pending.drain(..used);
-            if let Some(open) = open {
-                assert!(open);
-                break;
-            }
-        }
-        for i in 0..MESSAGES {
-            let mut payload: Vec<u8> = (0..2048u64)
-                .map(|j| ((j.wrapping_mul(2654435761) ^ (i * 97)) >> 7) as u8)
-                .collect();
-            payload[..8].copy_from_slice(&i.to_le_bytes());
-            ws.send_binary(&payload).unwrap();
-        }
-        ws.close_connection(1000, "bye").unwrap();
-        let wire = ws.pending_output().to_vec();
-        ws.consume_output(wire.len());
-        socket.write_all(&wire).unwrap();
-        socket.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut echoes = 0u64;
-        loop {
-            let n = match socket.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            pending.extend_from_slice(&buf[..n]);
-            let mut at = 0;
-            loop {
-                let (used, event) = ws.poll_event(&mut pending[at..]);
-                at += used;
-                match event {
-                    Some(websocket_driver::Event::Message(m)) => {
-                        assert_eq!(&m.as_bytes()[..8], &echoes.to_le_bytes(), "{backend}");
-                        echoes += 1;
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            pending.drain(..at);
-        }
-        let code = rx.recv_timeout(Duration::from_secs(3));
-        outcomes.push((backend.to_string(), echoes, code));
-        server.shutdown(Duration::from_secs(1)).unwrap();
-    }
-    assert_eq!(
-        outcomes,
-        vec![
-            ("epoll".to_string(), MESSAGES, Ok(1000)),
-            ("io-uring".to_string(), MESSAGES, Ok(1000)),
-        ]
-    );
+    fin_behind_held_input_loses_nothing(Options::default().deflate(true));
 }
