@@ -10,92 +10,17 @@
 //! message's buffer, a whole text frame parsed by `recv` itself, and queued events.
 #![cfg(feature = "tokio")]
 
+mod arrival;
 mod common;
 
-use std::io::IoSlice;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use arrival::Arrival;
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use websocket_driver::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, encode_header};
 use websocket_driver::protocol::mask::apply_mask;
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Event, Message, Options};
-
-/// A transport that hands out `input` in reads of the sizes in `cuts` (cycled), returning
-/// `Pending` (and waking at once) between two reads, and records what is written.
-struct Arrival {
-    input: Vec<u8>,
-    at: usize,
-    cuts: Vec<usize>,
-    next_cut: usize,
-    pending_next: bool,
-    written: Vec<u8>,
-}
-
-impl AsyncRead for Arrival {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.at == self.input.len() {
-            // All sent: the peer waits for the echoes.
-            return Poll::Pending;
-        }
-        if self.pending_next {
-            self.pending_next = false;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let cut = self.cuts[self.next_cut % self.cuts.len()];
-        self.next_cut += 1;
-        let n = cut.min(buf.remaining()).min(self.input.len() - self.at);
-        let at = self.at;
-        buf.put_slice(&self.input[at..at + n]);
-        self.at += n;
-        self.pending_next = true;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Arrival {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.written.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let mut n = 0;
-        for b in bufs {
-            self.written.extend_from_slice(b);
-            n += b.len();
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
 
 /// What the client sends: a data message (in `fragments` frames) or a ping.
 #[derive(Debug, Clone)]
@@ -210,14 +135,7 @@ fn run(
     apis: &[bool],
 ) -> (Vec<Sent>, Vec<Message<'static>>) {
     let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
-    let transport = Arrival {
-        input: wire(sent, keys),
-        at: 0,
-        cuts: cuts.to_vec(),
-        next_cut: 0,
-        pending_next: false,
-        written: Vec::new(),
-    };
+    let transport = Arrival::new(wire(sent, keys), cuts.to_vec());
     let mut ws = WebSocketStream::from_driver(transport, server, &[], config);
     let mut got = Vec::new();
     // Polls in a row that neither read nor gave an event (each read is one poll).

@@ -3,93 +3,17 @@
 //! under arbitrary cuts and `recv`/`next` mixed.
 #![cfg(feature = "tokio")]
 
+mod arrival;
 mod common;
 
-use std::io::IoSlice;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use arrival::Arrival;
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use websocket_driver::protocol::frame::{FrameHeader, MAX_HEADER_LEN, OpCode, encode_header};
 use websocket_driver::protocol::mask::apply_mask;
 use websocket_driver::tokio::{Config, WebSocketStream};
 use websocket_driver::{Event, Message, Options};
-
-struct Arrival {
-    input: Vec<u8>,
-    at: usize,
-    cuts: Vec<usize>,
-    next_cut: usize,
-    pending_next: bool,
-    eof: bool,
-    fail: bool,
-    written: Vec<u8>,
-}
-
-impl AsyncRead for Arrival {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.at == self.input.len() {
-            if self.eof {
-                if self.fail {
-                    return Poll::Ready(Err(std::io::Error::other("transport reset")));
-                }
-                return Poll::Ready(Ok(()));
-            }
-            return Poll::Pending;
-        }
-        if self.pending_next {
-            self.pending_next = false;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        let cut = self.cuts[self.next_cut % self.cuts.len()];
-        self.next_cut += 1;
-        let n = cut.min(buf.remaining()).min(self.input.len() - self.at);
-        let at = self.at;
-        buf.put_slice(&self.input[at..at + n]);
-        self.at += n;
-        self.pending_next = true;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Arrival {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.written.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let mut n = 0;
-        for b in bufs {
-            self.written.extend_from_slice(b);
-            n += b.len();
-        }
-        Poll::Ready(Ok(n))
-    }
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Got {
@@ -279,14 +203,9 @@ fn run_input(input: Vec<u8>, cuts: &[usize], setup: &Setup, apis: &[bool]) -> Ve
         common::open_pair(&peer, &local).1
     };
     let transport = Arrival {
-        input,
-        at: 0,
-        cuts: cuts.to_vec(),
-        next_cut: 0,
-        pending_next: false,
         eof: setup.eof,
         fail: FAIL.with(|f| f.get()),
-        written: Vec::new(),
+        ..Arrival::new(input, cuts.to_vec())
     };
     let config = Config::default().read_buffer_size(setup.read_buffer);
     let mut ws = WebSocketStream::from_driver(transport, driver, &[], &config);
