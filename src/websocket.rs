@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use crate::protocol::driver::{
     Driver, Event, Message, MessageType, Outgoing, ReadyState, SendToken,
 };
-use crate::protocol::error::Error;
+use crate::protocol::error::{Error, UsageError};
 use crate::session::PongWaiters;
 
 type Callback = Box<dyn FnOnce(&mut Driver) + Send>;
@@ -306,11 +306,27 @@ impl WebSocket {
         kind: MessageType,
         on_written: impl FnOnce(&mut Driver) + Send + 'static,
     ) -> Result<SendToken, Error> {
-        let token = self.driver.send(data, kind)?;
-        self.handlers
-            .write_callbacks
-            .push_back((token, Box::new(on_written)));
+        let connecting = self.driver.ready_state() == ReadyState::Connecting;
+        let token = self.send(data, kind)?;
+        // A close while connecting writes nothing: its callback would never run.
+        if !(connecting && matches!(kind, MessageType::Close(_))) {
+            self.handlers
+                .write_callbacks
+                .push_back((token, Box::new(on_written)));
+        }
         Ok(token)
+    }
+
+    /// Sends like [`Driver::send`]; a [`MessageType::Close`] closes as
+    /// [`WebSocket::close_connection`] does (at once, with `on_close`, while connecting).
+    pub fn send(&mut self, data: &[u8], kind: MessageType) -> Result<SendToken, Error> {
+        match kind {
+            MessageType::Close(code) => {
+                let reason = std::str::from_utf8(data).map_err(|_| UsageError::InvalidUtf8)?;
+                self.close_connection(code, reason)
+            }
+            _ => self.driver.send(data, kind),
+        }
     }
 
     /// Fails the connection from the transport's side (a write that timed out, say): runs

@@ -2250,6 +2250,65 @@ fn websocket_reads_early_input_once_started_and_drops_unsent_callbacks() {
     assert_eq!(Arc::strong_count(&written), 1, "its callback is dropped");
 }
 
+/// A close sent as a message (`send` or `send_with` with `MessageType::Close`) is the
+/// wrapper's `close_connection`: while connecting it runs `on_close` at once and drops the
+/// queued sends' callbacks, its own with them; once open its callback runs when the close
+/// frame is written.
+#[test]
+fn websocket_close_sent_as_a_message_closes_like_close_connection() {
+    for with_callback in [false, true] {
+        let client = Driver::make_client("ws://localhost/chat", &Options::default()).unwrap();
+        let mut ws = WebSocket::new(client);
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let c = closed.clone();
+        ws.on_close(move |_, code, reason| c.lock().unwrap().push((code, reason.to_string())));
+        let written = Arc::new(AtomicUsize::new(0));
+        let w = written.clone();
+        ws.send_with(b"queued", MessageType::Text, move |_| {
+            w.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert!(ws.start_connection());
+        let bye = MessageType::Close(4000);
+        if with_callback {
+            let w = written.clone();
+            ws.send_with(b"bye", bye, move |_| {
+                w.fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap();
+        } else {
+            ws.send(b"bye", bye).unwrap();
+        }
+        assert_eq!(ws.ready_state(), ReadyState::Closed);
+        assert_eq!(*closed.lock().unwrap(), [(4000, "bye".to_string())]);
+        let output = ws.pending_output().len();
+        ws.consume_output(output);
+        assert_eq!(written.load(Ordering::Relaxed), 0);
+        assert_eq!(Arc::strong_count(&written), 1, "the callbacks are dropped");
+    }
+
+    let (client, mut server) = open_client(&Options::default());
+    let mut ws = WebSocket::new(client);
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    ws.send_with(b"bye", MessageType::Close(1000), move |_| {
+        w.fetch_add(1, Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(ws.ready_state(), ReadyState::Closing);
+    assert!(matches!(
+        ws.send(&[0xff], MessageType::Close(1000)),
+        Err(Error::Usage(UsageError::InvalidUtf8))
+    ));
+    let mut buf = [0u8; 64];
+    let n = ws.poll_output(&mut buf);
+    assert_eq!(written.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        feed(&mut server, &buf[..n]),
+        vec![Ev::Close(1000, "bye".into())]
+    );
+}
+
 /// A listener that panics leaves the `WebSocket` usable: the panic reaches the caller of
 /// `receive`, the driver stays in place (it was taken out while listeners ran, and every
 /// later call panicked with "a WebSocket always holds a driver"), and the input behind the
