@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    Ev, MASK, assert_failed, client_frame, drain, feed, open_pair, parse_frames, parse_request,
-    pump, response_for, started_client, take_output,
+    Ev, MASK, assert_failed, client_frame, drain, eof, feed, open_pair, parse_frames,
+    parse_request, pump, response_for, started_client, take_output,
 };
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use websocket_driver::protocol::deflate::{
@@ -1541,6 +1541,68 @@ fn a_message_cut_inside_a_final_block_is_1007() {
     wire.extend(client_frame(0x80, &cut[3..]));
     let events = feed(&mut server, &wire);
     assert_failed(&events, ProtocolError::InvalidCompressedData, 1007);
+}
+
+/// A connection keeps its compressor only while it may still send messages: its own close
+/// lets it go (the peer's stream stays for the messages it sends before its answer), and
+/// a closed connection holds no zlib state, whichever side closed and however.
+#[test]
+fn the_zlib_streams_go_when_the_connection_can_no_longer_use_them() {
+    let keep = Options::default().deflate_options(DeflateOptions {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        ..DeflateOptions::default()
+    });
+    let text = json(2000);
+    let warmed = || {
+        let (mut client, mut server) = deflate_pair(&keep, &keep);
+        client.send_text(&text).unwrap();
+        assert_eq!(pump(&mut client, &mut server), vec![Ev::Text(text.clone())]);
+        server.send_text(&text).unwrap();
+        assert_eq!(pump(&mut server, &mut client), vec![Ev::Text(text.clone())]);
+        assert!(client.holds_deflate_streams() && server.holds_deflate_streams());
+        (client, server)
+    };
+
+    // The server closes; the client sends one more message before it reads the close.
+    let (mut client, mut server) = warmed();
+    server.close_connection(1000, "").unwrap();
+    let close = take_output(&mut server);
+    client.send_text(&text).unwrap();
+    let wire = take_output(&mut client);
+    assert!(server.holds_deflate_streams(), "the peer's stream stays");
+    assert_eq!(feed(&mut server, &wire), vec![Ev::Text(text.clone())]);
+    assert_eq!(
+        feed(&mut client, &close),
+        vec![Ev::Close(1000, String::new())]
+    );
+    assert!(!client.holds_deflate_streams(), "closed after its answer");
+    assert_eq!(
+        pump(&mut client, &mut server),
+        vec![Ev::Close(1000, String::new())]
+    );
+    assert!(!server.holds_deflate_streams());
+
+    // Ended by an abort, by the transport, by a protocol error.
+    for how in 0..3 {
+        let (_, mut server) = warmed();
+        match how {
+            0 => server.abort(1001, "going away"),
+            1 => {
+                eof(&mut server);
+            }
+            // A reserved opcode: 1002.
+            _ => {
+                feed(&mut server, &client_frame(0x83, b"?"));
+            }
+        }
+        assert_eq!(
+            server.ready_state(),
+            websocket_driver::ReadyState::Closed,
+            "{how}"
+        );
+        assert!(!server.holds_deflate_streams(), "{how}");
+    }
 }
 
 /// A driver kept in a thread-local and stopped from its destructor (an "abort on drop"

@@ -895,6 +895,13 @@ impl DeflateState {
         result.map(drop)
     }
 
+    /// Drops this side's stream: the connection sends no more messages (its close is
+    /// queued), so the compressor's window and state (about 256 KiB at the defaults)
+    /// would only wait for the connection to go.
+    pub(crate) fn stop_compressing(&mut self) {
+        self.compressor = None;
+    }
+
     /// Drops the peer's streams: the connection reads no more.
     pub(crate) fn stop_inflating(&mut self) {
         self.decompressor = None;

@@ -455,6 +455,10 @@ impl Driver {
         self.agreed.as_deref().and_then(|a| a.deflate.as_ref())
     }
 
+    pub(super) fn deflate_mut(&mut self) -> Option<&mut DeflateState> {
+        self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut())
+    }
+
     /// Handshake bytes go before frames queued while connecting.
     fn prepend_handshake(&mut self, bytes: Vec<u8>) {
         // A head over 4 GiB (extra headers of that size) is refused by every peer anyway.
@@ -467,10 +471,11 @@ impl Driver {
         self.stage = Stage::Stopped;
         self.message = None;
         self.take_control();
-        // No input is parsed any more: the peer's inflate streams go now, not with the
-        // driver.
-        if let Some(deflate) = self.agreed.as_deref_mut().and_then(|a| a.deflate.as_mut()) {
+        // No input is parsed and no message sent any more: the zlib streams go now, not
+        // with the driver (a closed connection may wait a while to be dropped).
+        if let Some(deflate) = self.deflate_mut() {
             deflate.stop_inflating();
+            deflate.stop_compressing();
         }
     }
 

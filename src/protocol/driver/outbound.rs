@@ -273,6 +273,11 @@ impl Driver {
                 payload.extend_from_slice(reason.as_bytes());
                 let token = self.push_frame(OpCode::Close, &payload);
                 self.state = ReadyState::Closing;
+                // No message follows a close: the compressor is not needed while the peer
+                // answers (its own stream stays for what it sends until then).
+                if let Some(deflate) = self.deflate_mut() {
+                    deflate.stop_compressing();
+                }
                 Ok(token)
             }
             ReadyState::Closing | ReadyState::Closed => Err(UsageError::NotOpen.into()),
