@@ -361,6 +361,74 @@ async fn bad_upgrades_are_rejected_over_http() {
     .await;
 }
 
+/// Where the extractor answers as the crate's servers do rather than as axum's: 400 for a
+/// method other than GET, a duplicate `Host`, a key that is not 16 bytes of base64, and a
+/// request hyper cannot upgrade (no `OnUpgrade`, as in a tower `oneshot` test); HTTP/2's
+/// extended CONNECT is refused (400). The same request done right upgrades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_upgrades_get_the_crates_answers() {
+    use axum::extract::FromRequestParts;
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+    let head = |method: &str, extra: &str, key: &str| {
+        format!(
+            "{method} /any HTTP/1.1\r\nHost: x\r\n{extra}Upgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    bounded(30, async {
+        let app = Router::new().route(
+            "/any",
+            axum::routing::any(|ws: WebSocketUpgrade| async move { ws.on_upgrade(|_| async {}) }),
+        );
+        let addr = axum_server(app).await;
+        for (what, request) in [
+            ("POST", head("POST", "", KEY)),
+            ("two Hosts", head("GET", "Host: y\r\n", KEY)),
+            ("a 15-byte key", head("GET", "", "MTIzNDU2Nzg5MDEyMzQ1")),
+            (
+                "a key that is not base64",
+                head("GET", "", "dGhlIHNhbXBsZSBub25jZQ=!"),
+            ),
+        ] {
+            let response = raw_exchange(addr, request.as_bytes()).await;
+            assert!(response.starts_with("HTTP/1.1 400"), "{what}: {response}");
+        }
+        let response = raw_exchange(addr, head("GET", "", KEY).as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    })
+    .await;
+
+    // Requests that no server handed over: no `OnUpgrade` among their extensions.
+    let request = |method: hyper::Method, version: hyper::Version| {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri("/any")
+            .version(version);
+        for (name, value) in [
+            ("host", "x"),
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", KEY),
+            ("sec-websocket-version", "13"),
+        ] {
+            builder = builder.header(name, value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    };
+    let mut parts = request(hyper::Method::GET, hyper::Version::HTTP_11);
+    let refused = WebSocketUpgrade::from_request_parts(&mut parts, &())
+        .await
+        .err()
+        .expect("no OnUpgrade: refused");
+    assert_eq!(refused.status(), 400, "{:?}", refused.error());
+    let mut parts = request(hyper::Method::CONNECT, hyper::Version::HTTP_2);
+    let refused = WebSocketUpgrade::from_request_parts(&mut parts, &())
+        .await
+        .err()
+        .expect("extended CONNECT: refused");
+    assert_eq!(refused.status(), 400, "{:?}", refused.error());
+}
+
 /// The same extractor on a plain hyper server: `WebSocketUpgrade::from_request`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extractor_on_plain_hyper() {

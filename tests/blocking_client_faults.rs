@@ -348,3 +348,18 @@ fn proxy_interim_100_before_200_opens_the_tunnel() {
         .unwrap();
     client.start_connection().unwrap();
 }
+
+/// `send(_, MessageType::Close(_))` before `start_connection` closes the client as
+/// `close_connection` does: `on_close` runs once, at once (the closed client reads no
+/// more, so it cannot wait for a read).
+#[test]
+fn a_close_sent_before_start_runs_on_close_once() {
+    // Nothing listens here: the client must not need a server to close.
+    let client = BlockingClient::new("ws://127.0.0.1:9/", Options::default()).unwrap();
+    let closes = record(&client);
+    client
+        .send(b"bye", websocket_driver::MessageType::Close(4000))
+        .unwrap();
+    assert_eq!(client.ready_state(), websocket_driver::ReadyState::Closed);
+    assert_eq!(closes.try_iter().collect::<Vec<_>>(), ["close 4000 bye"]);
+}

@@ -176,7 +176,7 @@ impl<F> WebSocketUpgrade<F> {
     }
 
     /// The largest message accepted (a bigger one closes the connection with 1009).
-    /// Default 64 MiB.
+    /// Default 64 MiB − 1 ([`Options::max_length`]'s default, the seed's `#x3ffffff`).
     pub fn max_message_size(mut self, max: usize) -> Self {
         self.options.max_length = max;
         self

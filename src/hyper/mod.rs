@@ -2,7 +2,9 @@
 //! from the driver's own handshake, and the upgraded stream runs on the
 //! [tokio adapter](crate::tokio).
 //!
-//! Three ways in, fastest first:
+//! Three ways in (the first two drive the connection inline in the caller's task and cost
+//! about the same per message; the third puts a connection task and channels in between,
+//! which costs more per message):
 //!
 //! - [`WebSocketUpgrade`]: the axum extractor, with axum's own idiom and types
 //!   ([`WebSocket`], [`Message`], [`CloseFrame`], [`Utf8Bytes`]): an axum app switches by
