@@ -416,16 +416,14 @@ async fn malformed_upgrades_get_the_crates_answers() {
         builder.body(()).unwrap().into_parts().0
     };
     let mut parts = request(hyper::Method::GET, hyper::Version::HTTP_11);
-    let refused = WebSocketUpgrade::from_request_parts(&mut parts, &())
-        .await
-        .err()
-        .expect("no OnUpgrade: refused");
+    let Err(refused) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+        panic!("no OnUpgrade: refused");
+    };
     assert_eq!(refused.status(), 400, "{:?}", refused.error());
     let mut parts = request(hyper::Method::CONNECT, hyper::Version::HTTP_2);
-    let refused = WebSocketUpgrade::from_request_parts(&mut parts, &())
-        .await
-        .err()
-        .expect("extended CONNECT: refused");
+    let Err(refused) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+        panic!("extended CONNECT: refused");
+    };
     assert_eq!(refused.status(), 400, "{:?}", refused.error());
 }
 
