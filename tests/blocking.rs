@@ -958,23 +958,34 @@ fn max_length_at_the_limit_and_one_over() {
     }
 }
 
-/// A head of exactly `max_handshake_size` bytes is upgraded,
-/// one byte more gets 431, whether it comes in one write or trickles in.
+/// A head of exactly `max_handshake_size` bytes and `max_headers` lines is upgraded,
+/// one byte or one line more gets 431, whether it comes in one write or trickles in.
 #[test]
 fn head_limit_at_the_limit_and_one_over() {
     let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
-    let addr = start_server(Options::default().max_handshake_size(512), |_, _| {});
-    let head = |len: usize| {
+    let options = Options::default().max_handshake_size(512).max_headers(6);
+    let addr = start_server(options, |_, _| {});
+    // Six header lines, or seven with `extra`.
+    let head = |len: usize, extra: bool| {
         let base = "GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Pad: \r\n\r\n";
+        let base = if extra {
+            base.replace("X-Pad", "X: 1\r\nX-Pad")
+        } else {
+            base.to_string()
+        };
         let pad = len - base.len();
         let h = base.replace("X-Pad: ", &format!("X-Pad: {}", "p".repeat(pad)));
         assert_eq!(h.len(), len);
         h
     };
     for split in [None, Some(100), Some(511)] {
-        for (len, want) in [(512, "HTTP/1.1 101"), (513, "HTTP/1.1 431")] {
-            let request = head(len);
+        for (len, extra, want) in [
+            (512, false, "HTTP/1.1 101"),
+            (513, false, "HTTP/1.1 431"),
+            (512, true, "HTTP/1.1 431"),
+        ] {
+            let request = head(len, extra);
             let mut stream = connect_tcp(addr);
             match split {
                 None => stream.write_all(request.as_bytes()).unwrap(),
@@ -986,7 +997,11 @@ fn head_limit_at_the_limit_and_one_over() {
             }
             let mut got = [0u8; 12];
             stream.read_exact(&mut got).unwrap();
-            assert_eq!(&got, want.as_bytes(), "len {len}, split {split:?}");
+            assert_eq!(
+                &got,
+                want.as_bytes(),
+                "len {len}, extra {extra}, split {split:?}"
+            );
         }
     }
 }

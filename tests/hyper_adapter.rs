@@ -9,7 +9,8 @@ use std::convert::Infallible;
 
 use adapter_support::{
     axum_server, bounded, close_frame, echoes, echoes_large, hyper_server, next_close,
-    pong_answers, raw_exchange, refuses_version, tungstenite_client, upgrade_request,
+    padded_upgrade, pong_answers, raw_exchange, refuses_version, tungstenite_client,
+    upgrade_request,
 };
 use futures_util::StreamExt;
 use http_body_util::Full;
@@ -117,6 +118,29 @@ async fn bad_upgrades_get_http_errors_from_hyper() {
         assert!(ok.starts_with("HTTP/1.1 101"), "{ok}");
         // RFC 6455's example key.
         assert!(ok.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{ok}");
+    })
+    .await;
+}
+
+/// The options' head limits hold through hyper as on the other servers (hyper's own are
+/// far larger): a head of `max_handshake_size` bytes and `max_headers` lines is upgraded,
+/// a byte or a line more gets 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_limits_of_the_options_hold_through_hyper() {
+    async fn limited(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let options = Options::default().max_handshake_size(512).max_headers(7);
+        Ok(serve(&mut req, &options, echo))
+    }
+    bounded(30, async {
+        let addr = hyper_server(limited).await;
+        for (len, extra, want) in [(512, 1, "101"), (513, 1, "431"), (512, 2, "431")] {
+            let answer = raw_exchange(addr, &padded_upgrade(len, extra)).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                "{len} bytes, {} headers: {answer}",
+                6 + extra
+            );
+        }
     })
     .await;
 }

@@ -338,6 +338,19 @@ fn client_applies_handshake_limits_to_the_response() {
         Ev::Error(Err::Handshake(HandshakeError::HeadTooLarge { limit }))
     );
     assert_eq!(client.ready_state(), ReadyState::Closed);
+
+    // Header lines: the 101's three and `X-1` make four, at the limit; `X-2` is one over.
+    let options = Options::default().max_headers(4);
+    let (mut client, request) = started_client(&options);
+    let at_limit = response_for(&request, "X-1: 1\r\n");
+    assert_eq!(feed(&mut client, &at_limit), vec![Ev::Open]);
+    let (mut client, request) = started_client(&options);
+    let over = response_for(&request, "X-1: 1\r\nX-2: 2\r\n");
+    assert_eq!(
+        feed(&mut client, &over)[0],
+        Ev::Error(Err::Handshake(HandshakeError::TooManyHeaders { limit: 4 }))
+    );
+    assert_eq!(client.ready_state(), ReadyState::Closed);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use websocket_driver::server::{
     BackpressurePolicy, Handler, HttpResponse, PanicPolicy, Sender, Server, ServerConfig,
     ServerHandle, Upgrade, Ws,
 };
-use websocket_driver::{Backend, Error, Message, UsageError};
+use websocket_driver::{Backend, Error, Message, Options, UsageError};
 
 struct Echo;
 impl Handler for Echo {
@@ -449,6 +449,40 @@ fn shutdown_sends_1001_to_everyone_and_returns(backend: Backend) {
     assert!(
         TcpStream::connect(addr).is_err() || raw_request(addr, "GET / HTTP/1.1\r\n\r\n").is_empty()
     );
+}
+
+/// A head of exactly `max_handshake_size` bytes and `max_headers` lines is upgraded, one
+/// byte or one line more gets 431.
+fn head_limits_at_the_limit_and_one_over(backend: Backend) {
+    let server = start_echo(ServerConfig {
+        options: Options::default().max_handshake_size(512).max_headers(6),
+        ..config(backend)
+    });
+    // Six header lines (`X-Pad` filling the head to `len` bytes), or seven with `extra`.
+    let head = |len: usize, extra: &str| {
+        let base = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             {extra}X-Pad: \r\n\r\n"
+        );
+        let padded = base.replace(
+            "X-Pad: ",
+            &format!("X-Pad: {}", "p".repeat(len - base.len())),
+        );
+        assert_eq!(padded.len(), len);
+        padded
+    };
+    for (len, extra, want) in [
+        (512, "", "HTTP/1.1 101 "),
+        (513, "", "HTTP/1.1 431 "),
+        (512, "X: 1\r\n", "HTTP/1.1 431 "),
+    ] {
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream.write_all(head(len, extra).as_bytes()).unwrap();
+        let answer = support::read_head(&mut stream);
+        assert!(answer.starts_with(want), "{len} bytes, {extra:?}: {answer}");
+    }
+    server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
 fn plain_http_and_rejections_get_clear_responses(backend: Backend) {
@@ -1508,6 +1542,7 @@ on_every_backend!(
     handshake_timeout_closes_silent_and_slow_sockets,
     shutdown_sends_1001_to_everyone_and_returns,
     plain_http_and_rejections_get_clear_responses,
+    head_limits_at_the_limit_and_one_over,
     max_connections_answers_503_beyond_the_limit,
     sender_reaches_a_connection_from_another_thread,
     idle_timeout_pings_then_closes_a_silent_peer,

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use adapter_support::{
     assert_protocol_error_then_close, bounded, close_frame, echoes, echoes_large, next_close,
-    pattern, pings_on_request, pong_answers, raw_upgrade, read_head, serve_each, serve_one,
-    tungstenite_client, tungstenite_sees_server_close, tungstenite_server, upgrade_request,
+    padded_upgrade, pattern, pings_on_request, pong_answers, raw_exchange, raw_upgrade, read_head,
+    serve_each, serve_one, tungstenite_client, tungstenite_sees_server_close, tungstenite_server,
+    upgrade_request,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -369,6 +370,30 @@ async fn bad_upgrades_are_answered_with_http_errors() {
         match connect(&format!("ws://{addr}/"), &Options::default()).await {
             Err(Error::Handshake(e)) => assert!(e.to_string().contains("403"), "{e}"),
             other => panic!("expected a handshake error, got {:?}", other.is_ok()),
+        }
+    })
+    .await;
+}
+
+/// The head limits on `accept`: a head of `max_handshake_size` bytes and `max_headers`
+/// lines is upgraded, a byte or a line more gets 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_limits_at_the_limit_and_one_over() {
+    bounded(30, async {
+        let addr = serve_each(|stream| async move {
+            let options = Options::default().max_handshake_size(512).max_headers(7);
+            if let Ok((tx, rx)) = accept(stream, &options).await {
+                echo_app(tx, rx).await;
+            }
+        })
+        .await;
+        for (len, extra, want) in [(512, 1, "101"), (513, 1, "431"), (512, 2, "431")] {
+            let answer = raw_exchange(addr, &padded_upgrade(len, extra)).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                "{len} bytes, {} headers: {answer}",
+                6 + extra
+            );
         }
     })
     .await;

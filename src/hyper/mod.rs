@@ -291,6 +291,7 @@ pub(crate) fn accept_head(
     request: &handshake::Request,
     options: &Options,
 ) -> Result<(Response<Full<Bytes>>, Driver), Error> {
+    check_head_limits(request, options)?;
     let mut driver = Driver::make_server(request, options)?;
     driver.start_connection();
     let head = driver.pending_output();
@@ -359,6 +360,31 @@ pub fn upgrade_stream_with<B>(
     let (response, driver) = accept_head(&to_request(req), options)?;
     let on_upgrade = ::hyper::upgrade::on(req);
     Ok((response, UpgradingStream::new(on_upgrade, driver, config)))
+}
+
+/// The options' head limits, as the other servers apply them while they read the head:
+/// hyper read it under its own (larger) limits. The size is the head's as sent with one
+/// space after each colon (hyper keeps neither the raw head nor its spacing).
+fn check_head_limits(request: &handshake::Request, options: &Options) -> Result<(), Error> {
+    if request.headers.len() > options.max_headers {
+        return Err(HandshakeError::TooManyHeaders {
+            limit: options.max_headers,
+        }
+        .into());
+    }
+    let line = request.method.len() + 1 + request.path.len() + " HTTP/1.1\r\n".len();
+    let headers: usize = request
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    if line + headers + "\r\n".len() > options.max_handshake_size {
+        return Err(HandshakeError::HeadTooLarge {
+            limit: options.max_handshake_size,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Turns the driver's 101 head into a hyper response with the same headers.

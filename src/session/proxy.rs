@@ -466,4 +466,40 @@ mod tests {
             Err(HandshakeError::TooManyHeaders { limit: MAX_HEADERS })
         );
     }
+
+    /// Heads (an interim one counted in) of exactly `MAX_RESPONSE_HEAD` bytes and
+    /// `MAX_HEADERS` lines are taken; a byte more is refused, in one read or as it grows.
+    #[test]
+    fn head_limits_at_the_limit_and_one_over() {
+        let padded = |interim: &str, len: usize| {
+            let start = format!("{interim}HTTP/1.1 200 OK\r\nX: ");
+            let mut head = start.into_bytes();
+            head.resize(len - 4, b'a');
+            head.extend_from_slice(b"\r\n\r\n");
+            head
+        };
+        let too_large = Err(HandshakeError::HeadTooLarge {
+            limit: MAX_RESPONSE_HEAD,
+        });
+        for interim in ["", "HTTP/1.1 100 Continue\r\n\r\n"] {
+            let at_limit = padded(interim, MAX_RESPONSE_HEAD);
+            assert_eq!(
+                parse_response(&at_limit),
+                Ok(Status::Complete(200, MAX_RESPONSE_HEAD))
+            );
+            let over = padded(interim, MAX_RESPONSE_HEAD + 1);
+            assert_eq!(parse_response(&over), too_large);
+            assert_eq!(parse_response(&over[..MAX_RESPONSE_HEAD]), too_large);
+            assert_eq!(
+                parse_response(&over[..MAX_RESPONSE_HEAD - 1]),
+                Ok(Status::Partial)
+            );
+        }
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_response(&many), Ok(Status::Complete(200, many.len())));
+    }
 }

@@ -242,6 +242,21 @@ pub fn upgrade_request(path: &str, version: u8) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A valid upgrade request to `/` of exactly `len` bytes with `extra` header lines
+/// (`X-0: 0` …) after the five an upgrade needs and an `X-Pad` line that fills it up: its
+/// header count is `6 + extra`. For the head limits at the limit and one over.
+pub fn padded_upgrade(len: usize, extra: usize) -> Vec<u8> {
+    let mut head = String::from_utf8(upgrade_request("/", 13)).unwrap();
+    head.truncate(head.len() - 2);
+    for i in 0..extra {
+        head.push_str(&format!("X-{i}: {i}\r\n"));
+    }
+    let pad = len - head.len() - "X-Pad: \r\n\r\n".len();
+    head.push_str(&format!("X-Pad: {}\r\n\r\n", "p".repeat(pad)));
+    assert_eq!(head.len(), len);
+    head.into_bytes()
+}
+
 /// An upgrade request with an unsupported `version` to `path` gets a 426 that names
 /// version 13.
 pub async fn refuses_version(addr: SocketAddr, path: &str, version: u8) {
