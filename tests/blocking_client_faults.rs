@@ -363,3 +363,49 @@ fn a_close_sent_before_start_runs_on_close_once() {
     assert_eq!(client.ready_state(), websocket_driver::ReadyState::Closed);
     assert_eq!(closes.try_iter().collect::<Vec<_>>(), ["close 4000 bye"]);
 }
+
+/// A proxy whose answer grows past 16 KiB without ending a line is refused once it passes
+/// the limit (`HeadTooLarge`), not read until the handshake times out; its head at the
+/// limit, read byte by byte, still opens the tunnel (the unit tests of `session::proxy`
+/// have the exact boundary).
+#[test]
+fn a_proxy_head_over_the_limit_is_refused_as_it_grows() {
+    use websocket_driver::HandshakeError;
+    use websocket_driver::session::proxy::MAX_RESPONSE_HEAD;
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let (done, finished) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut client, _) = proxy.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut answer = b"HTTP/1.1 200 Connection established\r\nX: ".to_vec();
+        answer.resize(MAX_RESPONSE_HEAD + 100, b'a');
+        let _ = client.write_all(&answer);
+        // Held open: only the limit ends the client's read.
+        let _ = finished.recv_timeout(Duration::from_secs(30));
+    });
+    let client = BlockingClient::new("ws://127.0.0.1:9/", Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            handshake: Duration::from_secs(60),
+            ..ClientTimeouts::default()
+        })
+        .proxy(&format!("http://{proxy_addr}"))
+        .unwrap();
+    let result = client.start_connection();
+    drop(done);
+    assert!(
+        matches!(
+            result,
+            Err(Error::Handshake(HandshakeError::HeadTooLarge {
+                limit: MAX_RESPONSE_HEAD
+            }))
+        ),
+        "{result:?}"
+    );
+}

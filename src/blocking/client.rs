@@ -731,7 +731,11 @@ fn tunnel(
             Some(_) => {}
         }
         head.push(byte[0]);
-        if let Status::Complete(..) = proxy::parse_response(&head)? {
+        // A head ends with a line: parsed at each line's end (not at each byte, which
+        // would scan it over and over), and once past the limit, to refuse it.
+        if (byte[0] == b'\n' || head.len() > proxy::MAX_RESPONSE_HEAD)
+            && let Status::Complete(..) = proxy::parse_response(&head)?
+        {
             return Ok(());
         }
     }
