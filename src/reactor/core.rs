@@ -886,10 +886,13 @@ impl<S: Service, B: Backend> Core<S, B> {
         match next {
             Some(Some((addr, init))) => self.connect(backend, addr, init),
             Some(None) => {}
-            // Its handler (told of the failure) panicked: nothing is left of it.
+            // Its handler (told of the failure) panicked: nothing is left of it, nor of
+            // what it registered under the stand-in key (a `Sender`'s gauge, callbacks).
             None => {
                 LoopStats::add(&self.stats.handler_panics, 1);
                 log::error!("a handler panicked on a failed connect");
+                let service = &mut self.service;
+                let _ = guarded(true, || service.abandoned(&mut io));
             }
         }
     }

@@ -665,9 +665,9 @@ where
         }
         self.pump(&mut conn, io, &mut []);
         // No connection holds the key this ran under: nothing its handler registered
-        // there (a `Sender`'s gauge, write callbacks) may outlive it.
-        self.callbacks.get_mut().remove(&io.key);
-        self.gauges.get_mut().remove(&io.key);
+        // there (a `Sender`'s gauge, write callbacks) may outlive it, and its `Sender`s
+        // fail as a closed connection's do (`forget` marks the gauge gone).
+        self.forget(io.key);
         None
     }
 
