@@ -234,6 +234,13 @@ impl Timers {
         self.ping_outstanding
     }
 
+    /// Whether no deadline is armed: [`Timers::poll_timeout`] is `None`, found without
+    /// comparing instants (a transport asks on every poll).
+    #[inline]
+    pub fn is_unarmed(&self) -> bool {
+        self.handshake_by.is_none() && self.grace_by.is_none() && self.idle_at.is_none()
+    }
+
     /// The earliest armed deadline: call [`Timers::handle_timeout`] once the clock reaches
     /// it. `None`: nothing to wait for.
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -347,11 +354,13 @@ impl Stall {
 
     /// Whether output is waiting on a full transport (the last attempt left some unwritten).
     #[cfg(feature = "tokio")]
+    #[inline]
     pub(crate) fn is_waiting(&self) -> bool {
         self.0.is_some()
     }
 
     /// When the pending output times out, if any is pending.
+    #[inline]
     pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
         self.0
             .map(|since| crate::instant::deadline_after(since, timeout))

@@ -682,7 +682,17 @@ impl Driver {
     /// # Ok(())
     /// # }
     /// ```
+    #[inline]
     pub fn lend_payload_buffer(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
+        // A transport asks before every read; between frames the answer is no, found here
+        // rather than in a call.
+        if !matches!(self.stage, Stage::Payload { .. }) {
+            return None;
+        }
+        self.lend_payload_buffer_now(min)
+    }
+
+    fn lend_payload_buffer_now(&mut self, min: usize) -> Option<(Vec<u8>, usize)> {
         let remaining = self.payload_to_come();
         let Stage::Payload { header, .. } = self.stage else {
             return None;

@@ -548,6 +548,7 @@ fn poll_timeout_is_always_the_earliest_deadline() {
         }
         let want = [handshake, idle, grace].into_iter().flatten().min();
         assert_eq!(timers.poll_timeout(), want);
+        assert_eq!(timers.is_unarmed(), want.is_none());
         if let Some(w) = want {
             assert!(!timers.is_expired(w - TICK));
             assert!(timers.is_expired(w));

@@ -400,7 +400,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Runs the deadlines that passed (the idle keepalive, the close deadline, the write
     /// timeout) and arms the timer for the next.
+    #[inline]
     fn poll_timers(&mut self, cx: &mut Context<'_>) {
+        // The receive loop asks on every turn; most find no deadline at all (no keepalive
+        // configured, no handshake or close under way, no output waiting on the peer).
+        if self.timers.is_unarmed() && !(self.writing && self.stall.is_waiting()) {
+            return;
+        }
+        self.run_timers(cx);
+    }
+
+    fn run_timers(&mut self, cx: &mut Context<'_>) {
         loop {
             let stalled_by = if self.writing {
                 self.stall.deadline(self.write_timeout)

@@ -504,17 +504,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
 
     /// Parses up to one event: queued ones first, then (unless `queued_only`) the unparsed
     /// input. With `borrow`, a payload still in the read buffer comes out as its range.
+    #[inline]
     pub(super) fn parse(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
-        // The receive loop asks after every write and read; most asks find nothing. A
-        // payload received into its message's buffer may have completed a message, which
-        // the driver gives out for no input.
-        let payload_in = std::mem::take(&mut self.payload_in);
+        // The receive loop asks after every write and read; most asks find nothing, and
+        // are answered here, not in a call. A payload received into its message's buffer
+        // may have completed a message, which the driver gives out for no input.
         if (queued_only || self.start == self.end)
-            && !payload_in
+            && !self.payload_in
             && !self.driver.has_queued_events()
         {
             return None;
         }
+        self.parse_some(queued_only, borrow)
+    }
+
+    fn parse_some(&mut self, queued_only: bool, borrow: bool) -> Option<Slot> {
+        let payload_in = std::mem::take(&mut self.payload_in);
         if borrow && !queued_only && self.whole_text_waits() {
             return Some(Slot::WholeText);
         }
