@@ -627,6 +627,7 @@ impl Driver {
     /// control frame): what [`Driver::lend_payload_buffer`] could lend room for. A
     /// transport may size its next receive by it (the reactor sets the socket's receive
     /// low-water mark from it).
+    #[inline]
     pub fn payload_to_come(&self) -> u64 {
         match self.stage {
             Stage::Payload { header, done } if !header.opcode.is_control() => {

@@ -367,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// Raises or lowers the transport's receive low-water mark (see
     /// [`WebSocketStream::with_recv_low_water`]) to what the frame being received still
     /// owes. Only with every byte read parsed: the driver's count is then the socket's.
+    #[inline]
     fn mark_low_water(&mut self) {
         let Some(set) = self.low_water else {
             return;
@@ -375,6 +376,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
         // buffer's worth to come): a read into the read buffer may end the frame and start
         // the next, whose last few bytes must still wake the stream.
         let to_come = self.driver.payload_to_come();
+        // Most reads come between small frames, with the mark left low: nothing to do.
+        if !self.low_water_raised && to_come < self.buf_size as u64 {
+            return;
+        }
+        self.set_low_water(set, to_come);
+    }
+
+    fn set_low_water(&mut self, set: fn(&S, usize) -> io::Result<()>, to_come: u64) {
         let mark = match self.timer_config.idle {
             None if to_come >= self.buf_size as u64 => low_water_for(to_come),
             _ => 1,

@@ -271,6 +271,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                     self.driver.consume_output(n - from_outbox);
                     self.flushed = false;
                     self.progressed = true;
+                    // Everything went (the usual case): no second look for more.
+                    if self.unwritten() == 0 {
+                        break;
+                    }
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
