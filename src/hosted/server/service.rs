@@ -39,6 +39,8 @@ use crate::session::upgrade::{self, Answer, NonUpgrade};
 pub(crate) struct WsService<F, H> {
     app: Arc<F>,
     config: Arc<ServerConfig>,
+    /// The deadlines' durations, made from `config` once (every delivery asks for them).
+    timers: TimerConfig,
     stats: Arc<LoopStats>,
     pool: BufferPool,
     /// Write-completion and pong callbacks of this loop's connections.
@@ -77,6 +79,7 @@ impl<F, H> WsService<F, H> {
     ) -> Self {
         WsService {
             app,
+            timers: timer_config(&config),
             config,
             stats,
             pool: BufferPool::default(),
@@ -174,8 +177,9 @@ where
     H: Handler,
 {
     /// The deadlines' durations, from the server's settings.
+    #[inline]
     fn timer_config(&self) -> TimerConfig {
-        timer_config(&self.config)
+        self.timers
     }
 
     /// The handler context for a connection.
