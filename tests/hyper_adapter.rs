@@ -9,8 +9,8 @@ use std::convert::Infallible;
 
 use adapter_support::{
     axum_server, bounded, close_frame, echoes, echoes_large, hyper_server, next_close,
-    padded_upgrade, pong_answers, raw_exchange, refuses_version, tungstenite_client,
-    upgrade_request,
+    padded_upgrade, padded_upgrade_latin1, pong_answers, raw_exchange, refuses_version,
+    tungstenite_client, upgrade_request,
 };
 use futures_util::StreamExt;
 use http_body_util::Full;
@@ -140,6 +140,36 @@ async fn head_limits_of_the_options_hold_through_hyper() {
                 "{len} bytes, {} headers: {answer}",
                 6 + extra
             );
+        }
+    })
+    .await;
+}
+
+/// The head limit counts the head's bytes, as the other servers do: a value that is not
+/// UTF-8 (Latin-1 obs-text, which the driver keeps lossily, each byte as a 3-byte U+FFFD)
+/// counts as the bytes it came as, so a head of `max_handshake_size` bytes is upgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_limit_counts_the_bytes_of_a_latin1_value() {
+    async fn limited(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let options = Options::default().max_handshake_size(512);
+        Ok(serve(&mut req, &options, echo))
+    }
+    async fn extracted(ws: websocket_driver::hyper::WebSocketUpgrade) -> axum::response::Response {
+        let options = Options::default().max_handshake_size(512);
+        ws.options(options).on_upgrade(|_| async {})
+    }
+    bounded(30, async {
+        let hyper = hyper_server(limited).await;
+        let app = axum::Router::new().route("/", axum::routing::get(extracted));
+        let axum = axum_server(app).await;
+        for addr in [hyper, axum] {
+            for (len, want) in [(512, "101"), (513, "431")] {
+                let answer = raw_exchange(addr, &padded_upgrade_latin1(len, 0)).await;
+                assert!(
+                    answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                    "{len} bytes: {answer}"
+                );
+            }
         }
     })
     .await;

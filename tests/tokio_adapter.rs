@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use adapter_support::{
     assert_protocol_error_then_close, bounded, close_frame, echoes, echoes_large, next_close,
-    padded_upgrade, pattern, pings_on_request, pong_answers, raw_exchange, raw_upgrade, read_head,
-    serve_each, serve_one, tungstenite_client, tungstenite_sees_server_close, tungstenite_server,
-    upgrade_request,
+    padded_upgrade, padded_upgrade_latin1, pattern, pings_on_request, pong_answers, raw_exchange,
+    raw_upgrade, read_head, serve_each, serve_one, tungstenite_client,
+    tungstenite_sees_server_close, tungstenite_server, upgrade_request,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -393,6 +393,29 @@ async fn head_limits_at_the_limit_and_one_over() {
                 answer.starts_with(&format!("HTTP/1.1 {want} ")),
                 "{len} bytes, {} headers: {answer}",
                 6 + extra
+            );
+        }
+    })
+    .await;
+}
+
+/// A head with a value that is not UTF-8 is measured in its bytes: one of exactly
+/// `max_handshake_size` bytes is upgraded (as through hyper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_limit_counts_the_bytes_of_a_latin1_value() {
+    bounded(30, async {
+        let addr = serve_each(|stream| async move {
+            let options = Options::default().max_handshake_size(512);
+            if let Ok((tx, rx)) = accept(stream, &options).await {
+                echo_app(tx, rx).await;
+            }
+        })
+        .await;
+        for (len, want) in [(512, "101"), (513, "431")] {
+            let answer = raw_exchange(addr, &padded_upgrade_latin1(len, 0)).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {want} ")),
+                "{len} bytes: {answer}"
             );
         }
     })

@@ -17,7 +17,9 @@ use axum_core::body::Body;
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
 
-use super::{HyperStream, UpgradingStream, accept_head, error_response, head_to_request};
+use super::{
+    HyperStream, UpgradingStream, accept_head, error_response, head_size, head_to_request,
+};
 use crate::protocol::driver::{Driver, Event, Message as DriverMessage};
 use crate::protocol::error::{Error, HandshakeError, code};
 use crate::protocol::handshake;
@@ -53,6 +55,8 @@ use crate::tokio::{Side, SplitWakers};
 /// request.
 pub struct WebSocketUpgrade<F = DefaultOnFailedUpgrade> {
     request: handshake::Request,
+    /// The head's size in bytes, for the options' limit (see [`head_size`]).
+    head_size: usize,
     on_upgrade: OnUpgrade,
     options: Options,
     config: Config,
@@ -81,6 +85,7 @@ fn is_token(name: &str) -> bool {
 impl WebSocketUpgrade {
     fn checked(
         request: handshake::Request,
+        head_size: usize,
         on_upgrade: Option<OnUpgrade>,
     ) -> Result<Self, WebSocketUpgradeRejection> {
         Driver::make_server(&request, &Options::default())
@@ -102,6 +107,7 @@ impl WebSocketUpgrade {
             .collect();
         Ok(WebSocketUpgrade {
             request,
+            head_size,
             on_upgrade,
             options: Options::default(),
             config: Config::default(),
@@ -114,7 +120,8 @@ impl WebSocketUpgrade {
     /// The extractor for a plain hyper request (what axum does in `FromRequestParts`).
     pub fn from_request<B>(req: &mut Request<B>) -> Result<Self, WebSocketUpgradeRejection> {
         let request = super::to_request(req);
-        Self::checked(request, Some(::hyper::upgrade::on(req)))
+        let size = head_size(req.method(), req.uri(), req.headers());
+        Self::checked(request, size, Some(::hyper::upgrade::on(req)))
     }
 }
 
@@ -242,6 +249,7 @@ impl<F> WebSocketUpgrade<F> {
     pub fn on_failed_upgrade<C: OnFailedUpgrade>(self, callback: C) -> WebSocketUpgrade<C> {
         WebSocketUpgrade {
             request: self.request,
+            head_size: self.head_size,
             on_upgrade: self.on_upgrade,
             options: self.options,
             config: self.config,
@@ -264,7 +272,7 @@ impl<F> WebSocketUpgrade<F> {
         if let Some(max) = self.max_frame {
             self.options.max_length = self.options.max_length.min(max);
         }
-        let (response, driver) = match accept_head(&self.request, &self.options) {
+        let (response, driver) = match accept_head(&self.request, self.head_size, &self.options) {
             Ok(accepted) => accepted,
             Err(e) => return error_response(&e).map(Body::new),
         };
@@ -296,8 +304,9 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade<DefaultOnFailedUpg
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let request = head_to_request(&parts.method, &parts.uri, parts.version, &parts.headers);
+        let size = head_size(&parts.method, &parts.uri, &parts.headers);
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-        Self::checked(request, on_upgrade)
+        Self::checked(request, size, on_upgrade)
     }
 }
 
@@ -317,8 +326,9 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for WebSocketUpgrade<DefaultOnF
         if !handshake::has_token(&request.headers, "upgrade", "websocket") {
             return Ok(None);
         }
+        let size = head_size(&parts.method, &parts.uri, &parts.headers);
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-        Self::checked(request, on_upgrade).map(Some)
+        Self::checked(request, size, on_upgrade).map(Some)
     }
 }
 

@@ -289,9 +289,10 @@ pub fn upgrade_with<B>(
 /// driver's own head, marked written).
 pub(crate) fn accept_head(
     request: &handshake::Request,
+    head_size: usize,
     options: &Options,
 ) -> Result<(Response<Full<Bytes>>, Driver), Error> {
-    check_head_limits(request, options)?;
+    check_head_limits(request, head_size, options)?;
     let mut driver = Driver::make_server(request, options)?;
     driver.start_connection();
     let head = driver.pending_output();
@@ -357,28 +358,45 @@ pub fn upgrade_stream_with<B>(
     options: &Options,
     config: &Config,
 ) -> Result<(Response<Full<Bytes>>, UpgradingStream), Error> {
-    let (response, driver) = accept_head(&to_request(req), options)?;
+    let size = head_size(req.method(), req.uri(), req.headers());
+    let (response, driver) = accept_head(&to_request(req), size, options)?;
     let on_upgrade = ::hyper::upgrade::on(req);
     Ok((response, UpgradingStream::new(on_upgrade, driver, config)))
 }
 
+/// The size of a head hyper parsed, as sent with one space after each colon (hyper keeps
+/// neither the raw head nor its spacing): counted in the values' bytes, not in the
+/// driver's lossy text of them (a byte that is not UTF-8 is a 3-byte U+FFFD there).
+pub(crate) fn head_size(
+    method: &::hyper::Method,
+    uri: &::hyper::Uri,
+    headers: &::hyper::HeaderMap,
+) -> usize {
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| {
+            name.as_str().len() + ": ".len() + value.as_bytes().len() + "\r\n".len()
+        })
+        .sum();
+    line + fields + "\r\n".len()
+}
+
 /// The options' head limits, as the other servers apply them while they read the head:
-/// hyper read it under its own (larger) limits. The size is the head's as sent with one
-/// space after each colon (hyper keeps neither the raw head nor its spacing).
-fn check_head_limits(request: &handshake::Request, options: &Options) -> Result<(), Error> {
+/// hyper read it under its own (larger) limits. `head_size`: see [`head_size`].
+fn check_head_limits(
+    request: &handshake::Request,
+    head_size: usize,
+    options: &Options,
+) -> Result<(), Error> {
     if request.headers.len() > options.max_headers {
         return Err(HandshakeError::TooManyHeaders {
             limit: options.max_headers,
         }
         .into());
     }
-    let line = request.method.len() + 1 + request.path.len() + " HTTP/1.1\r\n".len();
-    let headers: usize = request
-        .headers
-        .iter()
-        .map(|(name, value)| name.len() + ": ".len() + value.len() + "\r\n".len())
-        .sum();
-    if line + headers + "\r\n".len() > options.max_handshake_size {
+    if head_size > options.max_handshake_size {
         return Err(HandshakeError::HeadTooLarge {
             limit: options.max_handshake_size,
         }

@@ -257,6 +257,16 @@ pub fn padded_upgrade(len: usize, extra: usize) -> Vec<u8> {
     head.into_bytes()
 }
 
+/// [`padded_upgrade`] with its `X-Pad` value in Latin-1 (obs-text, RFC 9110 §5.5: not
+/// UTF-8, which the servers keep lossily), the same length on the wire.
+pub fn padded_upgrade_latin1(len: usize, extra: usize) -> Vec<u8> {
+    let mut head = padded_upgrade(len, extra);
+    let pad = head.windows(7).position(|w| w == b"X-Pad: ").unwrap() + 7;
+    let end = head.len() - 4;
+    head[pad..end].fill(0xe9);
+    head
+}
+
 /// An upgrade request with an unsupported `version` to `path` gets a 426 that names
 /// version 13.
 pub async fn refuses_version(addr: SocketAddr, path: &str, version: u8) {
