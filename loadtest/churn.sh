@@ -52,17 +52,9 @@ done
     { echo "--conns and --rounds need positive integers, --secs a number above 0" >&2; exit 2; }
 
 binaries
-IFS=, read -ra server_list <<<"$SERVERS"
-for s in "${server_list[@]}"; do
-    server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
-done
+check_servers "$SERVERS"
 
-if ((BUILD)); then
-    log "building in release: wsload, the echo examples, the peers"
-    cargo build --release -p wsload >&2
-    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
-    (cd loadtest/peers && cargo build --release) >&2
-fi
+if ((BUILD)); then build_echo_servers; fi
 
 mkdir -p "$OUT"
 RUNS=$OUT/runs.jsonl

@@ -57,16 +57,8 @@ done
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 binaries
 
-IFS=, read -ra server_list <<<"$SERVERS"
-for s in "${server_list[@]}"; do
-    server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
-done
-if ((BUILD)); then
-    log "building in release: wsload, the echo examples, the peers"
-    cargo build --release -p wsload >&2
-    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
-    (cd loadtest/peers && cargo build --release) >&2
-fi
+check_servers "$SERVERS"
+if ((BUILD)); then build_echo_servers; fi
 
 mkdir -p "$OUT"
 RUNS=$OUT/runs.jsonl

@@ -157,3 +157,18 @@ server_cmd() { # name port [kind] -> the command line, as an array in SERVER_ARG
         *) return 1 ;;
     esac
 }
+
+check_servers() { # comma-separated names -> server_list (an array); exits 2 on an unknown one
+    IFS=, read -ra server_list <<<"$1"
+    local s
+    for s in "${server_list[@]}"; do
+        server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
+    done
+}
+
+build_echo_servers() { # wsload, the echo examples and the peers, in release
+    log "building in release: wsload, the echo examples, the peers"
+    cargo build --release -p wsload >&2
+    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
+    (cd loadtest/peers && cargo build --release) >&2
+}

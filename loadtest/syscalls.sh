@@ -64,19 +64,11 @@ scenario_args() { # key -> SC_CONNS SC_SIZE (SC_SIZE 0: open and close connectio
     esac
 }
 
-IFS=, read -ra server_list <<<"$SERVERS"
+check_servers "$SERVERS"
 IFS=, read -ra scenario_list <<<"$SCENARIOS"
-for s in "${server_list[@]}"; do
-    server_cmd "$s" 1 || { echo "unknown server: $s" >&2; exit 2; }
-done
 for s in "${scenario_list[@]}"; do scenario_args "$s"; done
 
-if ((BUILD)); then
-    log "building in release: wsload, the echo examples, the peers"
-    cargo build --release -p wsload >&2
-    cargo build --release --features hyper --example echo --example echo_tokio --example echo_hyper >&2
-    (cd loadtest/peers && cargo build --release) >&2
-fi
+if ((BUILD)); then build_echo_servers; fi
 
 EVENTS=(recvfrom sendto recvmsg sendmsg read write readv writev epoll_wait epoll_pwait
     epoll_pwait2 epoll_ctl io_uring_enter io_uring_register futex accept4 getpeername
