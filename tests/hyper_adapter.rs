@@ -8,8 +8,8 @@ mod adapter_support;
 use std::convert::Infallible;
 
 use adapter_support::{
-    axum_server, bounded, close_frame, echoes, echoes_large, hyper_server, next_close,
-    padded_upgrade, padded_upgrade_latin1, pong_answers, raw_exchange, refuses_version,
+    answers_heads_at_the_limits, axum_server, bounded, close_frame, echoes, echoes_large,
+    head_limited, hyper_server, next_close, pong_answers, raw_exchange, refuses_version,
     tungstenite_client, upgrade_request,
 };
 use futures_util::StreamExt;
@@ -122,55 +122,20 @@ async fn bad_upgrades_get_http_errors_from_hyper() {
     .await;
 }
 
-/// The options' head limits hold through hyper as on the other servers (hyper's own are
-/// far larger): a head of `max_handshake_size` bytes and `max_headers` lines is upgraded,
-/// a byte or a line more gets 431.
+/// The options' head limits hold through hyper and the axum extractor as on the other
+/// servers (hyper's own are far larger), counted in the head's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_limits_of_the_options_hold_through_hyper() {
     async fn limited(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let options = Options::default().max_handshake_size(512).max_headers(7);
-        Ok(serve(&mut req, &options, echo))
-    }
-    bounded(30, async {
-        let addr = hyper_server(limited).await;
-        for (len, extra, want) in [(512, 1, "101"), (513, 1, "431"), (512, 2, "431")] {
-            let answer = raw_exchange(addr, &padded_upgrade(len, extra)).await;
-            assert!(
-                answer.starts_with(&format!("HTTP/1.1 {want} ")),
-                "{len} bytes, {} headers: {answer}",
-                6 + extra
-            );
-        }
-    })
-    .await;
-}
-
-/// The head limit counts the head's bytes, as the other servers do: a value that is not
-/// UTF-8 (Latin-1 obs-text, which the driver keeps lossily, each byte as a 3-byte U+FFFD)
-/// counts as the bytes it came as, so a head of `max_handshake_size` bytes is upgraded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn head_limit_counts_the_bytes_of_a_latin1_value() {
-    async fn limited(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let options = Options::default().max_handshake_size(512);
-        Ok(serve(&mut req, &options, echo))
+        Ok(serve(&mut req, &head_limited(), echo))
     }
     async fn extracted(ws: websocket_driver::hyper::WebSocketUpgrade) -> axum::response::Response {
-        let options = Options::default().max_handshake_size(512);
-        ws.options(options).on_upgrade(|_| async {})
+        ws.options(head_limited()).on_upgrade(|_| async {})
     }
     bounded(30, async {
-        let hyper = hyper_server(limited).await;
+        answers_heads_at_the_limits(hyper_server(limited).await).await;
         let app = axum::Router::new().route("/", axum::routing::get(extracted));
-        let axum = axum_server(app).await;
-        for addr in [hyper, axum] {
-            for (len, want) in [(512, "101"), (513, "431")] {
-                let answer = raw_exchange(addr, &padded_upgrade_latin1(len, 0)).await;
-                assert!(
-                    answer.starts_with(&format!("HTTP/1.1 {want} ")),
-                    "{len} bytes: {answer}"
-                );
-            }
-        }
+        answers_heads_at_the_limits(axum_server(app).await).await;
     })
     .await;
 }

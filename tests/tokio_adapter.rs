@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use adapter_support::{
-    assert_protocol_error_then_close, bounded, close_frame, echoes, echoes_large, next_close,
-    padded_upgrade, padded_upgrade_latin1, pattern, pings_on_request, pong_answers, raw_exchange,
-    raw_upgrade, read_head, serve_each, serve_one, tungstenite_client,
-    tungstenite_sees_server_close, tungstenite_server, upgrade_request,
+    answers_heads_at_the_limits, assert_protocol_error_then_close, bounded, close_frame, echoes,
+    echoes_large, head_limited, next_close, pattern, pings_on_request, pong_answers, raw_upgrade,
+    read_head, serve_each, serve_one, tungstenite_client, tungstenite_sees_server_close,
+    tungstenite_server, upgrade_request,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -375,49 +375,17 @@ async fn bad_upgrades_are_answered_with_http_errors() {
     .await;
 }
 
-/// The head limits on `accept`: a head of `max_handshake_size` bytes and `max_headers`
-/// lines is upgraded, a byte or a line more gets 431.
+/// The head limits on `accept`, counted in the head's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_limits_at_the_limit_and_one_over() {
     bounded(30, async {
         let addr = serve_each(|stream| async move {
-            let options = Options::default().max_handshake_size(512).max_headers(7);
-            if let Ok((tx, rx)) = accept(stream, &options).await {
+            if let Ok((tx, rx)) = accept(stream, &head_limited()).await {
                 echo_app(tx, rx).await;
             }
         })
         .await;
-        for (len, extra, want) in [(512, 1, "101"), (513, 1, "431"), (512, 2, "431")] {
-            let answer = raw_exchange(addr, &padded_upgrade(len, extra)).await;
-            assert!(
-                answer.starts_with(&format!("HTTP/1.1 {want} ")),
-                "{len} bytes, {} headers: {answer}",
-                6 + extra
-            );
-        }
-    })
-    .await;
-}
-
-/// A head with a value that is not UTF-8 is measured in its bytes: one of exactly
-/// `max_handshake_size` bytes is upgraded (as through hyper).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn head_limit_counts_the_bytes_of_a_latin1_value() {
-    bounded(30, async {
-        let addr = serve_each(|stream| async move {
-            let options = Options::default().max_handshake_size(512);
-            if let Ok((tx, rx)) = accept(stream, &options).await {
-                echo_app(tx, rx).await;
-            }
-        })
-        .await;
-        for (len, want) in [(512, "101"), (513, "431")] {
-            let answer = raw_exchange(addr, &padded_upgrade_latin1(len, 0)).await;
-            assert!(
-                answer.starts_with(&format!("HTTP/1.1 {want} ")),
-                "{len} bytes: {answer}"
-            );
-        }
+        answers_heads_at_the_limits(addr).await;
     })
     .await;
 }

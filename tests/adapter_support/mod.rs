@@ -267,6 +267,39 @@ pub fn padded_upgrade_latin1(len: usize, extra: usize) -> Vec<u8> {
     head
 }
 
+/// Options with small head limits for [`answers_heads_at_the_limits`]: 512 bytes, 7 header
+/// lines.
+pub fn head_limited() -> websocket_driver::Options {
+    websocket_driver::Options::default()
+        .max_handshake_size(512)
+        .max_headers(7)
+}
+
+/// A server with [`head_limited`] options answers heads at and over its limits as every
+/// server of the crate does: `max_handshake_size` bytes in `max_headers` lines upgraded, a
+/// byte or a line more 431; a value that is not UTF-8 (Latin-1 obs-text, which the driver
+/// keeps lossily, a 3-byte U+FFFD a byte) counted in the bytes it came as.
+pub async fn answers_heads_at_the_limits(addr: SocketAddr) {
+    for (len, extra, latin1, want) in [
+        (512, 1, false, "101"),
+        (513, 1, false, "431"),
+        (512, 2, false, "431"),
+        (512, 1, true, "101"),
+        (513, 1, true, "431"),
+    ] {
+        let head = match latin1 {
+            true => padded_upgrade_latin1(len, extra),
+            false => padded_upgrade(len, extra),
+        };
+        let answer = raw_exchange(addr, &head).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want} ")),
+            "{len} bytes, {} headers, Latin-1 {latin1}: {answer}",
+            6 + extra
+        );
+    }
+}
+
 /// An upgrade request with an unsupported `version` to `path` gets a 426 that names
 /// version 13.
 pub async fn refuses_version(addr: SocketAddr, path: &str, version: u8) {
