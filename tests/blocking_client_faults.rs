@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 use websocket_driver::client::{BlockingClient, ClientTimeouts};
 use websocket_driver::{Error, Options};
 
+/// Reads an HTTP head byte by byte (nothing past it), up to its blank line.
+fn read_head_bytes(stream: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    head
+}
+
 /// A server that answers the upgrade, then reads (and drops) everything and never writes
 /// nor closes, for `hold`.
 fn silent_after_upgrade(hold: Duration) -> SocketAddr {
@@ -17,12 +28,7 @@ fn silent_after_upgrade(hold: Duration) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
+        let head = read_head_bytes(&mut s);
         s.write_all(&common::response_for(&head, "")).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let until = Instant::now() + hold;
@@ -177,12 +183,7 @@ fn upgrade_then(after: Vec<u8>, hold: Duration) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
+        let head = read_head_bytes(&mut s);
         let mut out = common::response_for(&head, "");
         out.extend_from_slice(&after);
         s.write_all(&out).unwrap();
@@ -312,12 +313,7 @@ fn proxy_interim_100_before_200_opens_the_tunnel() {
     let target = server.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut s, _) = server.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
+        let head = read_head_bytes(&mut s);
         s.write_all(&common::response_for(&head, "")).unwrap();
         std::thread::sleep(Duration::from_secs(2));
     });
@@ -325,12 +321,7 @@ fn proxy_interim_100_before_200_opens_the_tunnel() {
     let proxy_addr = proxy.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut client, _) = proxy.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            client.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
+        read_head_bytes(&mut client);
         let upstream = TcpStream::connect(target).unwrap();
         client
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\n")
@@ -377,12 +368,7 @@ fn a_proxy_head_over_the_limit_is_refused_as_it_grows() {
     let (done, finished) = mpsc::channel::<()>();
     std::thread::spawn(move || {
         let (mut client, _) = proxy.accept().unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            client.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
+        read_head_bytes(&mut client);
         let mut answer = b"HTTP/1.1 200 Connection established\r\nX: ".to_vec();
         answer.resize(MAX_RESPONSE_HEAD + 100, b'a');
         let _ = client.write_all(&answer);
