@@ -1053,7 +1053,8 @@ mod sender_gauge_after_publications {
         let base = server.stats().bytes_out;
         let payload = vec![b'p'; 1020]; // a 1 024-byte frame
         let frame = 1024u64;
-        // Fill the kernel's buffers: publish until what was written stops growing.
+        // Fill the kernel's buffers: publish until what was written stops growing (and
+        // stays put for a while more: a loop kept off the CPU writes nothing either).
         let mut last = 0;
         loop {
             for _ in 0..128 {
@@ -1062,9 +1063,12 @@ mod sender_gauge_after_publications {
             std::thread::sleep(Duration::from_millis(50));
             let out = server.stats().bytes_out - base;
             if out == last {
-                break;
+                std::thread::sleep(Duration::from_millis(200));
+                if server.stats().bytes_out - base == last {
+                    break;
+                }
             }
-            last = out;
+            last = server.stats().bytes_out - base;
         }
         // The subscriber's backlog now: what was delivered to it and not written.
         let backlog = |server: &ServerHandle| {
