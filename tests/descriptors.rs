@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{Owned, TestClient, eventually};
+use support::{Owned, TestClient, eventually, open_descriptors};
 use websocket_driver::Backend;
 use websocket_driver::Message;
 use websocket_driver::server::{Handler, Server, Upgrade, Ws};
@@ -18,21 +18,6 @@ impl Handler for Echo {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
         let _ = ws.send_message(&message);
     }
-}
-
-/// This process's open descriptors, each as `fd -> target` (the directory's own, while it
-/// is read, included: the same one each time), sorted for a failure's message.
-fn open_descriptors() -> Vec<String> {
-    let mut all: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| {
-            let path = entry.ok()?.path();
-            let target = std::fs::read_link(&path).ok()?;
-            Some(format!("{} -> {}", path.display(), target.display()))
-        })
-        .collect();
-    all.sort();
-    all
 }
 
 const EACH: usize = 20;

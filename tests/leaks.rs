@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{TestClient, eventually};
+use support::{TestClient, eventually, open_descriptors};
 use websocket_driver::client::{BlockingClient, ClientReactor, ClientTimeouts};
 use websocket_driver::server::{
     Handler, HttpResponse, PanicPolicy, Sender, Server, ServerConfig, ServerHandle, Upgrade, Ws,
@@ -20,19 +20,6 @@ use websocket_driver::server::{
 use websocket_driver::{Backend, Error, Message, Options};
 
 const N: usize = 200;
-
-fn open_descriptors() -> Vec<String> {
-    let mut all: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| {
-            let path = entry.ok()?.path();
-            let target = std::fs::read_link(&path).ok()?;
-            Some(format!("{} -> {}", path.display(), target.display()))
-        })
-        .collect();
-    all.sort();
-    all
-}
 
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()

@@ -383,3 +383,18 @@ pub fn accept_upgrade(stream: &mut TcpStream, extra: &str) {
     )
     .unwrap();
 }
+
+/// This process's open descriptors, each as `fd -> target` (the directory's own, while it
+/// is read, included: the same one each time), sorted for a failure's message.
+pub fn open_descriptors() -> Vec<String> {
+    let mut all: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let target = std::fs::read_link(&path).ok()?;
+            Some(format!("{} -> {}", path.display(), target.display()))
+        })
+        .collect();
+    all.sort();
+    all
+}
