@@ -347,14 +347,7 @@ fn server_paths(audit: &mut Audit, backend: Backend) {
 
 fn tls_paths(audit: &mut Audit, backend: Backend) {
     let tag = |s: &str| format!("{backend} tls {s}");
-    let dir = std::env::temp_dir().join(format!("wsd-leaks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    let (cert_path, key_path) = support::self_signed_pem("leaks");
     let tls = websocket_driver::tls::server_config_from_pem(&cert_path, &key_path).unwrap();
     let handle = server(
         ServerConfig {

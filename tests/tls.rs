@@ -3,6 +3,7 @@
 #![cfg(feature = "tls")]
 
 mod common;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,17 +22,8 @@ impl Handler for Echo {
     }
 }
 
-/// A fresh self-signed certificate for 127.0.0.1, written as PEM files.
 fn certificate(dir: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("wsd-tls-{}-{dir}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
-    (cert_path, key_path)
+    support::self_signed_pem(&format!("tls-{dir}"))
 }
 
 fn tls_server(backend: Backend, cert: &PathBuf, key: &PathBuf) -> ServerHandle {
@@ -1076,14 +1068,12 @@ impl Handler for EchoReporter {
 fn close_notify_behind_held_input_loses_nothing() {
     use std::io::{Read, Write};
     let (cert, key) = certificate("close-notify-held");
-    let mut outcomes = Vec::new();
-    const MESSAGES: u64 = 20;
-    for backend in [Backend::Epoll, Backend::IoUring] {
+    every_echo_and_1000_on_both_backends(|backend| {
         let tls = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
         let (server, rx) = held_input_server(backend, Some(tls), Options::default());
         let mut raw = RawWss::connect(server.local_addr(), &cert);
         let mut plain = Vec::new();
-        for i in 0..MESSAGES {
+        for i in 0..HELD_MESSAGES {
             raw.ws.send_binary(&held_input_message(i)).unwrap();
         }
         raw.ws.close_connection(1000, "bye").unwrap();
@@ -1125,15 +1115,32 @@ fn close_notify_behind_held_input_loses_nothing() {
             count_echoes(&mut raw.ws, &mut plain, &mut echoes);
         }
         let code = rx.recv_timeout(Duration::from_secs(3));
-        outcomes.push((backend.to_string(), echoes, code));
         server.shutdown(Duration::from_secs(1)).unwrap();
-    }
-    // (backend, echoes received, close code the handler heard)
+        (echoes, code)
+    });
+}
+
+/// Messages each held-input scenario sends: more than `held_input_server`'s cap holds.
+const HELD_MESSAGES: u64 = 20;
+
+/// Runs a held-input scenario on both backends. Each run returns the echoes its client
+/// read and the close code the server's handler heard; every run must get every echo and
+/// the peer's 1000.
+fn every_echo_and_1000_on_both_backends(
+    mut scenario: impl FnMut(Backend) -> (u64, Result<u16, mpsc::RecvTimeoutError>),
+) {
+    let outcomes: Vec<_> = [Backend::Epoll, Backend::IoUring]
+        .into_iter()
+        .map(|backend| {
+            let (echoes, code) = scenario(backend);
+            (backend.to_string(), echoes, code)
+        })
+        .collect();
     assert_eq!(
         outcomes,
         vec![
-            ("epoll".to_string(), MESSAGES, Ok(1000)),
-            ("io-uring".to_string(), MESSAGES, Ok(1000)),
+            ("epoll".to_string(), HELD_MESSAGES, Ok(1000)),
+            ("io-uring".to_string(), HELD_MESSAGES, Ok(1000)),
         ]
     );
 }
@@ -1195,9 +1202,7 @@ fn count_echoes(ws: &mut websocket_driver::Driver, input: &mut [u8], echoes: &mu
 /// the peer's 1000, on both backends.
 fn fin_behind_held_input_loses_nothing(options: Options) {
     use std::io::{Read, Write};
-    const MESSAGES: u64 = 20;
-    let mut outcomes = Vec::new();
-    for backend in [Backend::Epoll, Backend::IoUring] {
+    every_echo_and_1000_on_both_backends(|backend| {
         let (server, rx) = held_input_server(backend, None, options.clone());
         let addr = server.local_addr();
         let mut socket = std::net::TcpStream::connect(addr).unwrap();
@@ -1227,7 +1232,7 @@ fn fin_behind_held_input_loses_nothing(options: Options) {
                 break;
             }
         }
-        for i in 0..MESSAGES {
+        for i in 0..HELD_MESSAGES {
             ws.send_binary(&held_input_message(i)).unwrap();
         }
         ws.close_connection(1000, "bye").unwrap();
@@ -1246,16 +1251,9 @@ fn fin_behind_held_input_loses_nothing(options: Options) {
             pending.drain(..used);
         }
         let code = rx.recv_timeout(Duration::from_secs(3));
-        outcomes.push((backend.to_string(), echoes, code));
         server.shutdown(Duration::from_secs(1)).unwrap();
-    }
-    assert_eq!(
-        outcomes,
-        vec![
-            ("epoll".to_string(), MESSAGES, Ok(1000)),
-            ("io-uring".to_string(), MESSAGES, Ok(1000)),
-        ]
-    );
+        (echoes, code)
+    });
 }
 
 #[test]

@@ -398,3 +398,17 @@ pub fn open_descriptors() -> Vec<String> {
     all.sort();
     all
 }
+
+/// A fresh self-signed certificate for 127.0.0.1 and localhost, written as PEM files
+/// (certificate, key) under a temporary directory named by `dir` and this process.
+pub fn self_signed_pem(dir: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("wsd-{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
