@@ -137,53 +137,40 @@ fn run(
     let (mut client, server) = common::open_pair(&Options::default(), &Options::default());
     let transport = Arrival::new(wire(sent, keys), cuts.to_vec());
     let mut ws = WebSocketStream::from_driver(transport, server, &[], config);
-    let mut got = Vec::new();
-    // Polls in a row that neither read nor gave an event (each read is one poll).
-    let mut idle = 0;
-    let mut read_to = 0;
     let mut api = apis.iter().cycle();
-    while got.len() < sent.len() && idle < 100 {
-        let event = if *api.next().unwrap() {
-            match ws.recv().now_or_never() {
-                Some(Some((event, mut reply))) => {
-                    if let Event::Message(m) = &event {
-                        reply.send_message(m).expect("open");
+    let got = arrival::drive(
+        &mut ws,
+        |ws| {
+            if *api.next().unwrap() {
+                match ws.recv().now_or_never() {
+                    Some(Some((event, mut reply))) => {
+                        if let Event::Message(m) = &event {
+                            reply.send_message(m).expect("open");
+                        }
+                        Some(Some(to_sent(&event)))
                     }
-                    Some(Some(to_sent(&event)))
+                    Some(None) => Some(None),
+                    None => None,
                 }
-                Some(None) => Some(None),
-                None => None,
-            }
-        } else {
-            match ws.next().now_or_never() {
-                Some(Some(event)) => {
-                    let out = to_sent(&event);
-                    if let Event::Message(m) = event {
-                        ws.send_message(m)
-                            .now_or_never()
-                            .expect("a send under the limit does not wait")
-                            .expect("open");
+            } else {
+                match ws.next().now_or_never() {
+                    Some(Some(event)) => {
+                        let out = to_sent(&event);
+                        if let Event::Message(m) = event {
+                            ws.send_message(m)
+                                .now_or_never()
+                                .expect("a send under the limit does not wait")
+                                .expect("open");
+                        }
+                        Some(Some(out))
                     }
-                    Some(Some(out))
+                    Some(None) => Some(None),
+                    None => None,
                 }
-                Some(None) => Some(None),
-                None => None,
             }
-        };
-        match event {
-            Some(Some(Some(s))) => {
-                idle = 0;
-                got.push(s);
-            }
-            Some(Some(None)) => idle = 0,
-            Some(None) => break,
-            None if ws.get_ref().at != read_to => {
-                read_to = ws.get_ref().at;
-                idle = 0;
-            }
-            None => idle += 1,
-        }
-    }
+        },
+        |got| got.len() >= sent.len(),
+    );
     // Everything arrived: the next poll writes what the last answers queued.
     let _ = ws.next().now_or_never();
     let mut written = std::mem::take(&mut ws.get_mut().written);

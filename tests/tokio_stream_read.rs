@@ -209,39 +209,26 @@ fn run_input(input: Vec<u8>, cuts: &[usize], setup: &Setup, apis: &[bool]) -> Ve
     };
     let config = Config::default().read_buffer_size(setup.read_buffer);
     let mut ws = WebSocketStream::from_driver(transport, driver, &[], &config);
-    let mut out = Vec::new();
-    let mut idle = 0;
-    let mut read_to = 0;
     let mut api = apis.iter().cycle();
-    while idle < 100 {
-        let event = if *api.next().unwrap() {
-            match ws.recv().now_or_never() {
-                Some(Some((event, _reply))) => Some(Some(got(&event))),
-                Some(None) => Some(None),
-                None => None,
+    arrival::drive(
+        &mut ws,
+        |ws| {
+            if *api.next().unwrap() {
+                match ws.recv().now_or_never() {
+                    Some(Some((event, _reply))) => Some(Some(got(&event))),
+                    Some(None) => Some(None),
+                    None => None,
+                }
+            } else {
+                match ws.next().now_or_never() {
+                    Some(Some(event)) => Some(Some(got(&event))),
+                    Some(None) => Some(None),
+                    None => None,
+                }
             }
-        } else {
-            match ws.next().now_or_never() {
-                Some(Some(event)) => Some(Some(got(&event))),
-                Some(None) => Some(None),
-                None => None,
-            }
-        };
-        match event {
-            Some(Some(Some(g))) => {
-                idle = 0;
-                out.push(g);
-            }
-            Some(Some(None)) => idle = 0,
-            Some(None) => break,
-            None if ws.get_ref().at != read_to => {
-                read_to = ws.get_ref().at;
-                idle = 0;
-            }
-            None => idle += 1,
-        }
-    }
-    out
+        },
+        |_| false,
+    )
 }
 
 fn sent_strategy(deflate: bool) -> impl Strategy<Value = Sent> {

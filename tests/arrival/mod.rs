@@ -98,3 +98,37 @@ impl Arrival {
         }
     }
 }
+
+/// What one poll of the stream gave: `None` pending, `Some(None)` the stream's end,
+/// `Some(Some(kept))` an event, with what the test keeps of it (if anything).
+pub type Polled<T> = Option<Option<Option<T>>>;
+
+/// Polls `ws` with `poll` until the stream ends, `done` says so of what was kept, or 100
+/// polls in a row neither read from the transport nor gave an event; returns what the
+/// events gave.
+pub fn drive<T>(
+    ws: &mut websocket_driver::tokio::WebSocketStream<Arrival>,
+    mut poll: impl FnMut(&mut websocket_driver::tokio::WebSocketStream<Arrival>) -> Polled<T>,
+    done: impl Fn(&[T]) -> bool,
+) -> Vec<T> {
+    let mut kept = Vec::new();
+    // Polls in a row that neither read nor gave an event (each read is one poll).
+    let mut idle = 0;
+    let mut read_to = 0;
+    while !done(&kept) && idle < 100 {
+        match poll(ws) {
+            Some(Some(Some(k))) => {
+                idle = 0;
+                kept.push(k);
+            }
+            Some(Some(None)) => idle = 0,
+            Some(None) => break,
+            None if ws.get_ref().at != read_to => {
+                read_to = ws.get_ref().at;
+                idle = 0;
+            }
+            None => idle += 1,
+        }
+    }
+    kept
+}
