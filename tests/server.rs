@@ -1371,20 +1371,26 @@ impl Handler for Fragile {
     }
 }
 
+/// A server of `threads` loops whose `Fragile` handlers panic on "panic", under
+/// `PanicPolicy::EndLoop`.
+fn fragile_ending_loops(backend: Backend, threads: usize) -> ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads,
+            panic_policy: PanicPolicy::EndLoop,
+            ..config(backend)
+        })
+        .start(|_| Upgrade::Accept(Fragile))
+        .unwrap()
+}
+
 /// Under `PanicPolicy::EndLoop` a handler that panics ends its loop, and the loop lets go
 /// of what it held: its other connections end (here one in the middle of 1 MiB echoes,
 /// with receives and sends in the kernel's hands on io_uring, which the backend cancels
 /// and waits for before its memory goes), and the server's handle reports the panic.
 fn a_panicking_handler_ends_its_loop_and_its_connections(backend: Backend) {
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            panic_policy: PanicPolicy::EndLoop,
-            ..config(backend)
-        })
-        .start(|_| Upgrade::Accept(Fragile))
-        .unwrap();
+    let server = fragile_ending_loops(backend, 1);
     let addr = server.local_addr();
     let mut streaming = TestClient::connect(addr, "/").unwrap();
     let mut idle = TestClient::connect(addr, "/").unwrap();
@@ -2285,15 +2291,7 @@ mod wait_beside_shutdown {
     /// loop panicked'": also when another thread is blocked in `wait()` as `shutdown`
     /// is called.
     fn shutdown_beside_a_waiting_thread_reports_a_panicked_loop(backend: Backend) {
-        let server = Server::bind("127.0.0.1:0")
-            .unwrap()
-            .config(ServerConfig {
-                threads: 2,
-                panic_policy: PanicPolicy::EndLoop,
-                ..config(backend)
-            })
-            .start(|_| Upgrade::Accept(Fragile))
-            .unwrap();
+        let server = fragile_ending_loops(backend, 2);
         let addr = server.local_addr();
         let waiter = server.clone();
         let waiting = std::thread::spawn(move || waiter.wait());
@@ -2317,15 +2315,7 @@ mod wait_beside_shutdown {
     /// The same without a second thread: `wait()` reports the panic, and so does a
     /// `shutdown` after it (it returned `Ok`: the first join took the outcome with it).
     fn shutdown_after_wait_still_reports_a_panicked_loop(backend: Backend) {
-        let server = Server::bind("127.0.0.1:0")
-            .unwrap()
-            .config(ServerConfig {
-                threads: 1,
-                panic_policy: PanicPolicy::EndLoop,
-                ..config(backend)
-            })
-            .start(|_| Upgrade::Accept(Fragile))
-            .unwrap();
+        let server = fragile_ending_loops(backend, 1);
         let mut culprit = TestClient::connect(server.local_addr(), "/").unwrap();
         culprit.send_text("panic").unwrap();
         assert!(culprit.wait_ended());
