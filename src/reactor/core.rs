@@ -10,7 +10,7 @@
 //!
 //! One loop turn ([`run`]):
 //! 1. [`Core::next_timeout`] bounds the wait;
-//! 2. [`Backend::wait`] blocks, then reports IO: [`Core::on_accept`], [`Core::on_data`],
+//! 2. [`Backend::wait`] blocks, then reports IO: [`Core::on_accept`], [`Core::on_received`],
 //!    [`Core::on_eof`], [`Core::on_read_error`], [`Core::on_writable`], [`Core::on_sent`],
 //!    [`Core::on_wake`]…;
 //! 3. [`Core::end_turn`] starts queued outgoing connections (a bounded number per turn;
@@ -421,26 +421,28 @@ impl<S: Service, B: Backend> Core<S, B> {
         self.connects_pending = true;
     }
 
-    /// Bytes arrived for `key`. Returns whether the connection still reads.
-    pub fn on_data(&mut self, backend: &mut B, key: usize, data: &mut [u8]) -> bool {
-        self.input(backend, key, data.len(), |service, session, io| {
-            service.read(session, io, data)
-        })
-    }
-
-    /// `len` bytes arrived for `key` in `input`, a buffer the service may keep (see
-    /// [`Service::read_lendable`]); the backend receives into another if it did. Returns
-    /// whether the connection still reads.
+    /// `len` bytes arrived for `key` in `input`, a buffer the service may keep for a reply
+    /// of at least `min_reply` bytes (see [`Service::read_lendable`]); the backend
+    /// receives into another if it did, or takes it back with [`Core::reclaim_received`].
+    /// Returns whether the connection still reads.
     pub fn on_received(
         &mut self,
         backend: &mut B,
         key: usize,
         input: &mut Vec<u8>,
         len: usize,
+        min_reply: usize,
     ) -> bool {
         self.input(backend, key, len, |service, session, io| {
-            service.read_lendable(session, io, input, len)
+            service.read_lendable(session, io, input, len, min_reply)
         })
+    }
+
+    /// The buffer `key`'s session took in [`Core::on_received`], back (see
+    /// [`Service::reclaim_received`]); `None` when the connection is gone, or holds none.
+    pub fn reclaim_received(&mut self, key: usize) -> Option<Vec<u8>> {
+        let session = self.conns.get_mut(key)?.session.as_mut()?;
+        self.service.reclaim_received(session)
     }
 
     /// Lends the buffer of the large frame `key` is receiving, when at least `min` bytes

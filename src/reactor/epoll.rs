@@ -1,5 +1,7 @@
 //! The epoll backend (through mio): readiness, edge-triggered sockets, reads into one
-//! per-loop buffer, writes straight from the session's output. The rest of a large frame
+//! per-loop buffer, writes straight from the session's output. A large message sent back
+//! while it is delivered goes out from that buffer (lent to the reply, written at once,
+//! then taken back), not copied into the output. The rest of a large frame
 //! (at least a read buffer's worth still to come) is read straight into its message's
 //! buffer instead, lent by the session (`Service::lend_payload_buffer`): the one `unsafe`
 //! here sets that buffer's length after `recv` filled its spare capacity.
@@ -44,6 +46,12 @@ const WRITE_PARTS: usize = 1024;
 /// Slices asked for first: an echo's output is one or two, and filling many empty slices
 /// on every write cost more than the rest of the write's user-space work.
 const FEW_PARTS: usize = 4;
+
+/// The smallest reply sent from the read buffer it arrived in (see
+/// `Service::read_lendable`) rather than copied into the output: the buffer comes back
+/// right after the write, so any size could, but below a few KiB the copy costs less than
+/// the hand-over.
+const IN_PLACE_MIN: usize = 4096;
 
 pub(crate) struct Epoll {
     poll: Poll,
@@ -369,11 +377,21 @@ impl Epoll {
                     let Some(stream) = core.reading_socket(key) else {
                         break;
                     };
+                    let room = buf.len();
                     match recv(stream, &mut buf) {
                         Ok(n) if n > 0 => {
-                            Ok((n, core.on_data(self, key, &mut buf[..n]), buf.len()))
+                            let reading = core.on_received(self, key, &mut buf, n, IN_PLACE_MIN);
+                            if buf.is_empty() {
+                                // A reply claimed the buffer: written now, and the buffer
+                                // back (the unwritten rest of the reply copied out).
+                                core.flush_now(self, key);
+                                buf = core
+                                    .reclaim_received(key)
+                                    .unwrap_or_else(|| vec![0; core.read_buffer_size()]);
+                            }
+                            Ok((n, reading, room))
                         }
-                        other => other.map(|n| (n, true, buf.len())),
+                        other => other.map(|n| (n, true, room)),
                     }
                 }
             };

@@ -256,17 +256,27 @@ pub(crate) trait Service: 'static {
         data: &mut [u8],
     );
     /// Bytes arrived in `input[..len]`, a buffer the backend can give away (io_uring's
-    /// receive buffers): the service may take it (leaving an empty `Vec`) to send a reply
-    /// from it in place; the backend then receives into another. The default reads the
-    /// bytes and leaves the buffer.
+    /// receive buffers, epoll's read buffer): the service may take it (leaving an empty
+    /// `Vec`) to send a reply of at least `min_reply` bytes from it in place; the backend
+    /// then receives into another, or takes it back with [`Service::reclaim_received`].
+    /// The default reads the bytes and leaves the buffer.
     fn read_lendable(
         &mut self,
         session: &mut Self::Session,
         io: &mut Io<'_, Self::Command>,
         input: &mut Vec<u8>,
         len: usize,
+        min_reply: usize,
     ) {
+        let _ = min_reply;
         self.read(session, io, &mut input[..len]);
+    }
+    /// Gives back a buffer taken by [`Service::read_lendable`] (readiness backends, right
+    /// after writing): at once if its reply is written, else after copying the reply into
+    /// the session's output. `None` when the session holds no such buffer.
+    fn reclaim_received(&mut self, session: &mut Self::Session) -> Option<Vec<u8>> {
+        let _ = session;
+        None
     }
     /// A large frame's payload is being received, with at least `min` bytes of it to come:
     /// lends the buffer the rest goes in, so the backend receives straight into it instead

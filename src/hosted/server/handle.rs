@@ -42,10 +42,13 @@ pub struct Stats {
     pub delivered: u64,
     /// Published messages a subscriber did not get because its output was over the cap.
     pub dropped: u64,
-    /// Messages sent from the buffer they were received in, without a copy: on io_uring,
-    /// a message of at least half a receive buffer (16 KiB) that arrived whole and that
-    /// a handler sends back (`send_message` / `send_message_owned`) during its delivery,
-    /// on a connection without TLS or permessage-deflate. One such reply per receive.
+    /// Messages sent from the buffer they were received in, without a copy: a message
+    /// that arrived whole in one receive and that a handler sends back (`send_message` /
+    /// `send_message_owned`) during its delivery, on a connection without TLS or
+    /// permessage-deflate, of at least half a receive buffer (16 KiB) on io_uring, which
+    /// keeps the buffer until the send completes, or of 4 KiB on epoll, which writes the
+    /// reply at once and reads into the buffer again (copying out what the socket did
+    /// not take). One such reply per receive.
     pub replies_in_place: u64,
     /// Receives made straight into the buffer of a message being reassembled, without a
     /// copy (a `recv` on epoll, a receive operation on io_uring, counted when made): for

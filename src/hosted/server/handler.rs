@@ -268,10 +268,11 @@ pub(super) struct Ctx<'a> {
 }
 
 /// The receive buffer a read came in, while its input is delivered, when the transport
-/// can give the buffer away (io_uring, without TLS): the first message sent back from it
-/// that fills at least half of it goes out from there, in place, instead of being copied
-/// into the output (see `Driver::send_received`). At most one per read, so a reply holds
-/// at most twice its size.
+/// can give the buffer away (the reactor, without TLS): the first message sent back from
+/// it that is at least as large as the transport asks goes out from there, in place,
+/// instead of being copied into the output (see `Driver::send_received`). At most one per
+/// read. io_uring keeps the buffer until the send completes, so it asks for half of it
+/// (a reply holds at most twice its size); epoll takes it back right after its write.
 #[derive(Debug, Default)]
 pub(super) struct Lendable(Cell<Loan>);
 
@@ -281,18 +282,20 @@ enum Loan {
     /// No buffer to lend (not a lendable read, or not delivering one).
     #[default]
     None,
-    /// The buffer's address and length: a reply may claim it.
-    Offered { base: usize, len: usize },
+    /// The buffer's address and length, and the smallest reply that may claim it.
+    Offered { base: usize, len: usize, min: usize },
     /// A reply claimed it; the driver gets it when the read's delivery ends.
     Claimed,
 }
 
 impl Lendable {
-    /// `buffer` may be lent until [`Lendable::withdraw`].
-    pub fn offer(&self, buffer: &[u8]) {
+    /// `buffer` may be lent, to a reply of at least `min` bytes, until
+    /// [`Lendable::withdraw`].
+    pub fn offer(&self, buffer: &[u8], min: usize) {
         self.0.set(Loan::Offered {
             base: buffer.as_ptr() as usize,
             len: buffer.len(),
+            min,
         });
     }
 
@@ -301,15 +304,15 @@ impl Lendable {
         matches!(self.0.replace(Loan::None), Loan::Claimed)
     }
 
-    /// Claims the buffer for a reply of `payload` if the payload lies in it and fills at
-    /// least half of it; returns where the payload starts in it.
+    /// Claims the buffer for a reply of `payload` if the payload lies in it and is large
+    /// enough; returns where the payload starts in it.
     fn claim(&self, payload: &[u8]) -> Option<usize> {
-        let Loan::Offered { base, len } = self.0.get() else {
+        let Loan::Offered { base, len, min } = self.0.get() else {
             return None;
         };
         // Addresses only compared, never dereferenced.
         let addr = payload.as_ptr() as usize;
-        if addr < base || addr + payload.len() > base + len || payload.len() * 2 < len {
+        if addr < base || addr + payload.len() > base + len || payload.len() < min {
             return None;
         }
         self.0.set(Loan::Claimed);

@@ -700,8 +700,9 @@ where
         io: &mut Io<'_, Command>,
         input: &mut Vec<u8>,
         len: usize,
+        min_reply: usize,
     ) {
-        self.input.offer(input);
+        self.input.offer(input, min_reply);
         self.read_plain(conn, io, &mut input[..len]);
         if !self.input.withdraw() {
             return;

@@ -27,6 +27,9 @@ pub(super) struct SharedQueue {
     pos: usize,
     /// Unwritten bytes of all queued frames.
     bytes: usize,
+    /// The receive buffer of a reply sent in place and written since (readiness
+    /// transports), until [`Driver::reclaim_received`] takes it; empty otherwise.
+    spent: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -370,10 +373,40 @@ impl Driver {
             queue.bytes -= k;
             n -= k;
             if k == frame_left {
-                queue.frames.pop_front();
+                let written = queue.frames.pop_front().expect("a frame is queued");
                 queue.pos = 0;
+                if let FrameRef::Received { buf, .. } = written.frame
+                    && !buf.is_empty()
+                {
+                    queue.spent = buf;
+                }
             }
         }
+    }
+
+    /// Takes back the receive buffer a reply sent in place holds (see
+    /// [`Driver::send_received`]), for a readiness transport that reads into it again right
+    /// after its write: as it is once the reply is written; with the reply still queued
+    /// (the socket took only part of it), after copying the payload into an owned part,
+    /// as if it had been sent by value. `None` when no such buffer is held.
+    pub(crate) fn reclaim_received(&mut self) -> Option<Vec<u8>> {
+        let queue = self.shared.as_deref_mut()?;
+        if !queue.spent.is_empty() {
+            return Some(std::mem::take(&mut queue.spent));
+        }
+        queue
+            .frames
+            .iter_mut()
+            .find_map(|queued| match &mut queued.frame {
+                FrameRef::Received { buf, start, len } if !buf.is_empty() => {
+                    // The whole payload, so that `pos` still counts into the same bytes.
+                    let payload = buf[*start..*start + *len].to_vec();
+                    let buf = std::mem::take(buf);
+                    queued.frame = FrameRef::Owned(payload);
+                    Some(buf)
+                }
+                _ => None,
+            })
     }
 
     /// Hands all pending output over as an [`Outgoing`] batch, for completion-based
@@ -682,6 +715,70 @@ mod tests {
         assert_eq!(gathered(&driver), [7, 8, 9]);
         driver.consume_output(3);
         assert!(driver.is_sent(token));
+    }
+
+    /// A readiness transport takes its read buffer back after each write: the very
+    /// allocation, once the reply is written; with part of the reply unwritten, after the
+    /// payload was copied into the output, which then still gives exactly the rest, in
+    /// order, and the token still waits for it.
+    #[test]
+    fn a_received_buffer_comes_back_written_or_not() {
+        use crate::protocol::frame::OpCode;
+        let payload: Vec<u8> = (0..200u8).collect();
+        let received = |start: usize| {
+            let mut buffer = vec![0u8; 1024];
+            buffer[start..start + 200].copy_from_slice(&payload);
+            buffer
+        };
+        let header = [0x82, 126, 0, 200];
+
+        // Written whole (header, payload and the frame behind it).
+        let mut driver = open_server();
+        let buffer = received(8);
+        let address = buffer.as_ptr();
+        let token = driver.send_received(OpCode::Binary, 8, 200).unwrap();
+        assert!(driver.hand_received(buffer).is_none());
+        driver.send_text("z").unwrap();
+        assert_eq!(
+            gathered(&driver),
+            [&header[..], &payload, &[0x81, 1, b'z']].concat()
+        );
+        driver.consume_output(4 + 200 + 3);
+        assert!(driver.is_sent(token));
+        let back = driver
+            .reclaim_received()
+            .expect("the written reply's buffer");
+        assert_eq!((back.as_ptr(), back.len()), (address, 1024));
+        assert!(driver.reclaim_received().is_none(), "given back once");
+
+        // Written in part, at every point: before the header ends, inside the payload.
+        for written in [0, 3, 4, 5, 150, 203] {
+            let mut driver = open_server();
+            let buffer = received(100);
+            let address = buffer.as_ptr();
+            let token = driver.send_received(OpCode::Binary, 100, 200).unwrap();
+            assert!(driver.hand_received(buffer).is_none());
+            driver.send_text("z").unwrap();
+            driver.consume_output(written);
+            let mut back = driver
+                .reclaim_received()
+                .expect("the buffer, copied out of");
+            assert_eq!((back.as_ptr(), back.len()), (address, 1024), "{written}");
+            back.fill(0xEE); // Read into again: the output must not see it.
+            let expected = [&header[..], &payload, &[0x81, 1, b'z']].concat();
+            assert_eq!(gathered(&driver), expected[written..], "{written}");
+            assert!(!driver.is_sent(token));
+            assert_eq!(driver.buffered_amount(), expected.len() - written);
+            assert!(driver.reclaim_received().is_none(), "{written}");
+            driver.consume_output(4 + 200 - written);
+            assert!(driver.is_sent(token), "{written}");
+        }
+
+        // Nothing sent in place: nothing to give back.
+        let mut driver = open_server();
+        driver.send_binary(&payload).unwrap();
+        driver.consume_output(204);
+        assert!(driver.reclaim_received().is_none());
     }
 
     /// Only an open server connection without permessage-deflate sends in place (a

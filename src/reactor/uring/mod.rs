@@ -690,7 +690,10 @@ impl Uring {
                 let bid = buffer.expect("multishot recv always selects a buffer");
                 // The session may keep the buffer (a reply sent from it in place); the
                 // slot then takes another.
-                core.on_received(self, key, bufs.received(bid), result as usize);
+                // Kept until the send completes: only for a reply that fills half of it.
+                let input = bufs.received(bid);
+                let min_reply = input.len().div_ceil(2);
+                core.on_received(self, key, input, result as usize, min_reply);
                 bufs.recycle(bid);
                 if more {
                     self.make_way_for_payload(core, key);

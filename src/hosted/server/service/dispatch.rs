@@ -121,13 +121,21 @@ where
         io: &mut Io<'_, Command>,
         input: &mut Vec<u8>,
         len: usize,
+        min_reply: usize,
     ) {
         // Over TLS the messages are in the decrypted copy, not in the receive buffer.
         #[cfg(feature = "tls")]
         if conn.tls.is_some() {
             return self.read(conn, io, &mut input[..len]);
         }
-        self.read_plain_lendable(conn, io, input, len)
+        self.read_plain_lendable(conn, io, input, len, min_reply)
+    }
+
+    fn reclaim_received(&mut self, conn: &mut Conn<H>) -> Option<Vec<u8>> {
+        match &mut conn.phase {
+            Phase::Open(driver, _) => driver.reclaim_received(),
+            _ => None,
+        }
     }
 
     fn lend_payload_buffer(
