@@ -287,6 +287,9 @@ where
     }
 
     fn abandoned(&mut self, io: &mut Io<'_, Command>) {
+        // A handler that panicked during a lendable read left its offer standing: a later
+        // delivery that is not from a receive buffer must not find it.
+        self.input.withdraw();
         self.forget(io.key);
     }
 
