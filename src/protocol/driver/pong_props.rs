@@ -1,6 +1,7 @@
 //! Property test for pong coalescing (`Driver::answer_ping`): random pings, sends of
-//! every kind, partial writes, hand-overs and buffer swaps on a server or a client (with
-//! and without permessage-deflate, with the handshake written or still pending); the
+//! every kind, partial writes, hand-overs, receive buffers taken back and buffer swaps on a
+//! server or a client (with and without permessage-deflate, with the handshake written or
+//! still pending); the
 //! wire must parse as whole frames, carry every message and user control frame in order,
 //! answer pings with pongs in order (the last one always), and tokens must fall due with
 //! the last byte of their frame.
@@ -119,7 +120,7 @@ fn run(seed: u64, role: Role, deflate: bool, pending_handshake: bool) -> (usize,
             v
         };
         let mut token = None;
-        match rng.below(21) {
+        match rng.below(22) {
             0..=6 => {
                 // A burst of pings from the peer.
                 let n = 1 + rng.below(8);
@@ -270,6 +271,19 @@ fn run(seed: u64, role: Role, deflate: bool, pending_handshake: bool) -> (usize,
                 expected.push(Item::Close);
                 closed = true;
                 stopped = true;
+            }
+            21 => {
+                // A readiness transport takes its receive buffer back after a write (epoll's
+                // in-place echo) and reads into it again: the output must not change.
+                let before = gathered(&subject);
+                if let Some(mut buffer) = subject.reclaim_received() {
+                    buffer.fill(0xEE);
+                }
+                assert_eq!(
+                    gathered(&subject),
+                    before,
+                    "seed {seed}: reclaim changed the output"
+                );
             }
             17 => {
                 // The pool takes the idle buffer and gives one back.
