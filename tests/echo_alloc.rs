@@ -105,9 +105,113 @@ fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
     allocations
 }
 
+/// A peer that sends 1 000 messages of 20 KiB before it reads a reply (epoll): once its
+/// socket is full the replies are copied into the connection's output, which grows
+/// geometrically, instead of each going out from the read buffer and, the socket taking
+/// only part of it, having its rest copied into an allocation of its own. Returns the
+/// allocations over the 1 000 echoes.
+fn late_reader_allocations() -> u64 {
+    const SIZE: usize = 20_000;
+    const MESSAGES: usize = 1000;
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend: Backend::Epoll,
+            max_backpressure: 64 << 20,
+            ..ServerConfig::default()
+        })
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap();
+    let mut stream = TestClient::connect(server.local_addr(), "/")
+        .unwrap()
+        .stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let frame = raw_echo::masked_frame(SIZE);
+    let mut reply = vec![0; raw_echo::reply_len(SIZE)];
+    // Warm-up: the loop's read buffer and the connection's output exist.
+    stream.write_all(&frame).unwrap();
+    stream.read_exact(&mut reply).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let before = counting::allocations();
+    // One frame at a time, so that most arrive whole in a read of their own.
+    let writing = std::thread::spawn(move || {
+        for _ in 0..MESSAGES {
+            writer.write_all(&frame)?;
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    writing.join().unwrap().unwrap();
+    for _ in 0..MESSAGES {
+        stream.read_exact(&mut reply).unwrap();
+    }
+    let allocations = counting::allocations() - before;
+    drop(stream);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+    allocations
+}
+
+/// Connections whose peer sends a message and its Close in one write (epoll): the reply
+/// goes out from the loop's read buffer, the connection closes during that write, and the
+/// buffer comes back to the loop from the close instead of a new one being allocated
+/// (and zeroed) for the next read. Returns the read buffers allocated for 20 connections.
+fn read_buffers_for_closes_in_the_same_read() -> u64 {
+    // A size nothing else here allocates.
+    const READ_BUFFER: usize = 65_000;
+    const SIZE: usize = 8000;
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend: Backend::Epoll,
+            read_buffer_size: READ_BUFFER,
+            ..ServerConfig::default()
+        })
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap();
+    let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
+    let wire = [&raw_echo::masked_frame(SIZE)[..], &close].concat();
+    let one = || {
+        let mut stream = TestClient::connect(server.local_addr(), "/")
+            .unwrap()
+            .stream;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(&wire).unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).unwrap();
+        assert!(
+            got.len() > raw_echo::reply_len(SIZE),
+            "the echo and the Close"
+        );
+    };
+    one(); // The loop's read buffer exists from here on.
+    let before = counting::watch_size(READ_BUFFER);
+    for _ in 0..20 {
+        one();
+    }
+    let allocated = counting::watched_allocations() - before;
+    assert!(server.stats().replies_in_place >= 20);
+    server.shutdown(Duration::from_secs(5)).unwrap();
+    allocated
+}
+
 /// All cases in one test: the counter is process-wide, so nothing may run beside.
 #[test]
 fn an_echo_allocates_nothing_once_warm() {
+    // 1 in 10 messages would be 100; the output's growth is about 20.
+    let allocations = late_reader_allocations();
+    assert!(
+        allocations <= 50,
+        "{allocations} allocations for 1 000 echoes to a late reader"
+    );
+    let allocated = read_buffers_for_closes_in_the_same_read();
+    assert_eq!(allocated, 0, "read buffers allocated for 20 connections");
+
     let mut backends = vec![Backend::Epoll];
     #[cfg(target_os = "linux")]
     backends.push(Backend::IoUring);

@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::time::Duration;
 
 use support::{Owned, Rng, TestClient, backends};
@@ -158,7 +159,7 @@ fn replies_in_place_to_a_peer_that_reads_late_arrive_whole() {
             }
         }
         let mut stream = client.stream.try_clone().unwrap();
-        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stream, &wire));
+        let writer = std::thread::spawn(move || stream.write_all(&wire));
         // Not reading yet: the replies pile up in the sockets.
         std::thread::sleep(Duration::from_millis(300));
         for (i, message) in messages.iter().enumerate() {
@@ -201,5 +202,135 @@ fn compressed_and_reassembled_replies_are_copied(backend: Backend) {
     // The same server sends in place on a plain connection.
     echoes_until_one_goes_in_place(&server, &mut plain, &mut rng, HALF_A_BUFFER + 100);
     drop((deflating, plain));
+    server.shutdown(Duration::from_secs(2)).unwrap();
+}
+
+/// Everything around an in-place reply at once, checked byte for byte: several
+/// sends per message (in place, then the same message copied), a write callback that
+/// sends, a publish to a topic the connection is on (queued behind), a cap small enough
+/// that delivery pauses and input is held, a peer that reads late, and an in-place reply
+/// followed by a close.
+#[test]
+fn in_place_replies_survive_pauses_callbacks_publishes_and_a_close() {
+    for backend in backends() {
+        in_place_replies_survive_everything_around_them(backend);
+    }
+}
+
+fn in_place_replies_survive_everything_around_them(backend: Backend) {
+    use std::sync::{Arc, Mutex};
+    use websocket_driver::MessageType;
+
+    #[derive(Clone, Debug, PartialEq)]
+    enum Sent {
+        Text(String),
+        Binary(Vec<u8>),
+    }
+    struct Busy(Arc<Mutex<Vec<Sent>>>);
+    impl Handler for Busy {
+        fn on_open(&mut self, ws: &mut Ws<'_>) {
+            ws.subscribe("t").unwrap();
+        }
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            let Message::Binary(data) = &message else {
+                return;
+            };
+            let log = &self.0;
+            if ws.send_text("b").is_ok() {
+                log.lock().unwrap().push(Sent::Text("b".into()));
+            }
+            if ws.send_message(&message).is_ok() {
+                log.lock().unwrap().push(Sent::Binary(data.to_vec()));
+            }
+            let _ = ws.publish_all("t", b"p", MessageType::Text);
+            if ws
+                .send_with(b"w", MessageType::Text, |ws| {
+                    let _ = ws.send_text("cb");
+                })
+                .is_ok()
+            {
+                log.lock().unwrap().push(Sent::Text("w".into()));
+            }
+            if ws.send_message_owned(message.clone()).is_ok() {
+                log.lock().unwrap().push(Sent::Binary(data.to_vec()));
+            }
+            if data[0] == 0xFF {
+                ws.close_connection(1000, "bye").unwrap();
+            }
+        }
+    }
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let for_server = log.clone();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            max_backpressure: 200 * 1024,
+            ..ServerConfig::default()
+        })
+        .start(move |_| Upgrade::Accept(Busy(for_server.clone())))
+        .unwrap();
+    let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rng = Rng(123);
+    const MESSAGES: usize = 400;
+    let mut wire = Vec::new();
+    for i in 0..MESSAGES {
+        let len = 4096 + (rng.next() % 40_000) as usize;
+        let mut m = rng.bytes(len);
+        m[0] = if i == MESSAGES - 1 { 0xFF } else { m[0] & 0x7F };
+        client.driver.send_binary(&m).unwrap();
+        while !client.driver.pending_output().is_empty() {
+            let n = client.driver.pending_output().len();
+            wire.extend_from_slice(client.driver.pending_output());
+            client.driver.consume_output(n);
+        }
+    }
+    let mut stream = client.stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // In pieces of varied sizes, so reads catch whole frames and parts of frames.
+        let mut rng = Rng(5);
+        let mut at = 0;
+        while at < wire.len() {
+            let n = ((rng.next() % 90_000) as usize + 1).min(wire.len() - at);
+            stream.write_all(&wire[at..at + n])?;
+            at += n;
+            if rng.next().is_multiple_of(4) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = Vec::new();
+    let (mut published, mut called_back) = (0, 0);
+    loop {
+        match client.next_message().unwrap() {
+            Owned::Text(t) if t == "p" => published += 1,
+            Owned::Text(t) if t == "cb" => called_back += 1,
+            Owned::Text(t) => got.push(Sent::Text(t)),
+            Owned::Binary(b) => got.push(Sent::Binary(b)),
+            Owned::Close(..) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    writer.join().unwrap().unwrap();
+    let expected = log.lock().unwrap().clone();
+    let stats = server.stats();
+    assert_eq!(got.len(), expected.len(), "{backend}");
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!(g == e, "{backend}: reply {i} differs");
+    }
+    assert!(
+        published > 0 && called_back > 0,
+        "{backend}: {published} · {called_back}"
+    );
+    assert!(stats.replies_in_place > 0, "{backend}");
+    drop(client);
     server.shutdown(Duration::from_secs(2)).unwrap();
 }

@@ -76,4 +76,13 @@ pub(crate) trait Backend: Sized + 'static {
     /// Called once when the loop ends, after every connection was closed: release what the
     /// kernel still holds.
     fn quiesce<S: Service>(&mut self, core: &mut Core<S, Self>);
+
+    /// Whether the backend wants back a receive buffer a closing session still holds (lent
+    /// to a reply, see [`Core::reclaim_received`]): epoll, whose one read buffer it is.
+    const TAKES_BACK_INPUT: bool = false;
+    /// A receive buffer a session held when its connection closed (only with
+    /// [`Backend::TAKES_BACK_INPUT`]).
+    fn input_returned(&mut self, buffer: Vec<u8>) {
+        drop(buffer);
+    }
 }

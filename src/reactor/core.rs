@@ -439,10 +439,19 @@ impl<S: Service, B: Backend> Core<S, B> {
     }
 
     /// The buffer `key`'s session took in [`Core::on_received`], back (see
-    /// [`Service::reclaim_received`]); `None` when the connection is gone, or holds none.
+    /// [`Service::reclaim_received`]); `None` when the connection is gone (its buffer then
+    /// came back through [`Backend::input_returned`] if the backend wants it), or holds
+    /// none.
     pub fn reclaim_received(&mut self, key: usize) -> Option<Vec<u8>> {
         let session = self.conns.get_mut(key)?.session.as_mut()?;
         self.service.reclaim_received(session)
+    }
+
+    /// Whether `key`'s last write found its socket full (and output still waits).
+    pub fn write_blocked(&self, key: usize) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|conn| conn.is(WRITE_BLOCKED))
     }
 
     /// Lends the buffer of the large frame `key` is receiving, when at least `min` bytes
@@ -972,7 +981,16 @@ impl<S: Service, B: Backend> Core<S, B> {
         }
         conn.phase = Phase::Closing;
         conn.deadline.clear();
-        let (generation, session) = (conn.generation, conn.session.take());
+        let (generation, mut session) = (conn.generation, conn.session.take());
+        if B::TAKES_BACK_INPUT
+            && let Some(buffer) = session
+                .as_mut()
+                .and_then(|session| self.service.reclaim_received(session))
+        {
+            // A reply in place and a close in the same read: the loop reads into the buffer
+            // again instead of a new one.
+            backend.input_returned(buffer);
+        }
         // The session records how it ended (its close code) first, then the connection
         // is counted out, then the peer can see the close: a stats reader that sees the
         // connection gone sees its close too, and one that saw the socket's EOF sees the

@@ -231,6 +231,15 @@ impl Backend for Epoll {
         Ok(())
     }
 
+    const TAKES_BACK_INPUT: bool = true;
+
+    fn input_returned(&mut self, buffer: Vec<u8>) {
+        // Only while a read has the loop's buffer out (it takes this one instead).
+        if self.read_buf.is_empty() {
+            self.read_buf = buffer;
+        }
+    }
+
     fn quiesce<S: Service>(&mut self, _core: &mut Core<S, Self>) {}
 }
 
@@ -380,14 +389,26 @@ impl Epoll {
                     let room = buf.len();
                     match recv(stream, &mut buf) {
                         Ok(n) if n > 0 => {
-                            let reading = core.on_received(self, key, &mut buf, n, IN_PLACE_MIN);
+                            // A socket already full would take part of a reply at most, and
+                            // the rest would be copied out of the buffer: copied into the
+                            // output at once instead.
+                            let min_reply = match core.write_blocked(key) {
+                                true => usize::MAX,
+                                false => IN_PLACE_MIN,
+                            };
+                            let reading = core.on_received(self, key, &mut buf, n, min_reply);
                             if buf.is_empty() {
                                 // A reply claimed the buffer: written now, and the buffer
-                                // back (the unwritten rest of the reply copied out).
+                                // back (the unwritten rest of the reply copied out), or, if
+                                // that write ended the connection, back from its close.
                                 core.flush_now(self, key);
-                                buf = core
-                                    .reclaim_received(key)
-                                    .unwrap_or_else(|| vec![0; core.read_buffer_size()]);
+                                buf = match core.reclaim_received(key) {
+                                    Some(buffer) => buffer,
+                                    None if !self.read_buf.is_empty() => {
+                                        std::mem::take(&mut self.read_buf)
+                                    }
+                                    None => vec![0; core.read_buffer_size()],
+                                };
                             }
                             Ok((n, reading, room))
                         }

@@ -608,7 +608,7 @@ pub(crate) struct LoopStats {
     pub delivered: AtomicU64,
     /// Published messages a subscriber did not get: its output was over the cap.
     pub dropped: AtomicU64,
-    /// Messages sent back from the receive buffer they arrived in (io_uring).
+    /// Messages sent back from the receive buffer they arrived in.
     pub replies_in_place: AtomicU64,
     /// Receives made straight into a large message's buffer.
     pub payload_receives: AtomicU64,

@@ -42,13 +42,15 @@ pub struct Stats {
     pub delivered: u64,
     /// Published messages a subscriber did not get because its output was over the cap.
     pub dropped: u64,
-    /// Messages sent from the buffer they were received in, without a copy: a message
-    /// that arrived whole in one receive and that a handler sends back (`send_message` /
-    /// `send_message_owned`) during its delivery, on a connection without TLS or
-    /// permessage-deflate, of at least half a receive buffer (16 KiB) on io_uring, which
-    /// keeps the buffer until the send completes, or of 4 KiB on epoll, which writes the
-    /// reply at once and reads into the buffer again (copying out what the socket did
-    /// not take). One such reply per receive.
+    /// Messages whose reply took the buffer they were received in instead of being copied
+    /// into the output: a message that arrived whole in one receive and that a handler
+    /// sends back (`send_message` / `send_message_owned`) during its delivery, on a
+    /// connection without TLS or permessage-deflate, of at least half a receive buffer
+    /// (16 KiB) on io_uring, which keeps the buffer until the send completes, or of 4 KiB
+    /// on epoll, which writes the reply at once and reads into the buffer again (where the
+    /// socket took only part of the reply, the rest is then copied out; a connection whose
+    /// socket is full does not take the buffer). Counted when the reply takes the buffer;
+    /// one such reply per receive.
     pub replies_in_place: u64,
     /// Receives made straight into the buffer of a message being reassembled, without a
     /// copy (a `recv` on epoll, a receive operation on io_uring, counted when made): for

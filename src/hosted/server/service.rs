@@ -692,8 +692,9 @@ where
     }
 
     /// [`WsService::read_plain`] of `input[..len]`, a receive buffer the backend can give
-    /// away: a large message sent back while it is delivered claims it (see [`Lendable`])
-    /// and the driver's output keeps it until the reply is written.
+    /// away: a message of at least `min_reply` bytes sent back while it is delivered claims
+    /// it (see [`Lendable`]) and the driver's output keeps it until the reply is written,
+    /// or until the backend takes it back ([`Driver::reclaim_received`]).
     fn read_plain_lendable(
         &mut self,
         conn: &mut Conn<H>,

@@ -387,22 +387,27 @@ impl Driver {
     /// Takes back the receive buffer a reply sent in place holds (see
     /// [`Driver::send_received`]), for a readiness transport that reads into it again right
     /// after its write: as it is once the reply is written; with the reply still queued
-    /// (the socket took only part of it), after copying the payload into an owned part,
-    /// as if it had been sent by value. `None` when no such buffer is held.
+    /// (the socket took only part of it), after copying what is left of the payload into
+    /// an owned part of its own, as if it had been sent by value. `None` when no such
+    /// buffer is held.
     pub(crate) fn reclaim_received(&mut self) -> Option<Vec<u8>> {
         let queue = self.shared.as_deref_mut()?;
         if !queue.spent.is_empty() {
             return Some(std::mem::take(&mut queue.spent));
         }
+        let pos = &mut queue.pos;
         queue
             .frames
             .iter_mut()
-            .find_map(|queued| match &mut queued.frame {
+            .enumerate()
+            .find_map(|(i, queued)| match &mut queued.frame {
                 FrameRef::Received { buf, start, len } if !buf.is_empty() => {
-                    // The whole payload, so that `pos` still counts into the same bytes.
-                    let payload = buf[*start..*start + *len].to_vec();
+                    // Only the unwritten rest (a part written in part is the first, `pos`
+                    // bytes in).
+                    let written = if i == 0 { std::mem::take(pos) } else { 0 };
+                    let rest = buf[*start + written..*start + *len].to_vec();
                     let buf = std::mem::take(buf);
-                    queued.frame = FrameRef::Owned(payload);
+                    queued.frame = FrameRef::Owned(rest);
                     Some(buf)
                 }
                 _ => None,
