@@ -261,30 +261,38 @@ impl Driver {
 
     /// Hands over the receive buffer a [`Driver::send_received`] of the same read refers
     /// to. Returns it when no queued part waits for it (the driver refused the reply).
-    pub(crate) fn hand_received(&mut self, buffer: Vec<u8>) -> Option<Vec<u8>> {
-        let waiting = self.shared.as_deref_mut().and_then(|queue| {
+    pub(crate) fn hand_received(&mut self, mut buffer: Vec<u8>) -> Option<Vec<u8>> {
+        let waiting = self.shared.as_deref().and_then(|queue| {
             queue
                 .frames
-                .iter_mut()
+                .iter()
+                .enumerate()
                 .rev()
-                .find_map(|queued| match &mut queued.frame {
+                .find_map(|(i, queued)| match &queued.frame {
                     FrameRef::Received { buf, start, len } if buf.is_empty() => {
-                        assert!(
-                            *start + *len <= buffer.len(),
-                            "the payload is in the buffer"
-                        );
-                        Some(buf)
+                        Some((i, queued.after, *start, *len))
                     }
                     _ => None,
                 })
         });
-        match waiting {
-            Some(buf) => {
-                *buf = buffer;
-                None
-            }
-            None => Some(buffer),
+        let Some((index, after, start, len)) = waiting else {
+            return Some(buffer);
+        };
+        assert!(start + len <= buffer.len(), "the payload is in the buffer");
+        // The header also goes in front of the payload, where the client's longer one was
+        // (parsed by now), so that a gathered write can take header and payload as one
+        // slice (`pending_output_vectored`). The own bytes keep their copy (the header is
+        // the last own bytes before the part): the stream and its accounting do not change.
+        let h = header_len(len as u64, false);
+        let header_end = self.out_pos + self.own_before(after);
+        if start >= h && header_end >= self.out_pos + h {
+            buffer[start - h..start].copy_from_slice(&self.out[header_end - h..header_end]);
         }
+        let queue = self.shared.as_deref_mut().expect("a part is queued");
+        if let FrameRef::Received { buf, .. } = &mut queue.frames[index].frame {
+            *buf = buffer;
+        }
+        None
     }
 
     /// Whether the next part to write is a message's owned payload queued at own-byte
@@ -330,7 +338,21 @@ impl Driver {
         let mut own_at = self.out_pos;
         if let Some(queue) = self.shared.as_deref() {
             for (i, queued) in queue.frames.iter().enumerate() {
-                let own_end = self.out_pos + self.own_before(queued.after);
+                let mut own_end = self.out_pos + self.own_before(queued.after);
+                let first = if i == 0 { queue.pos } else { 0 };
+                // A reply in place whose header `hand_received` copied in front of its
+                // payload: header and payload as one slice (an echo is then one plain
+                // send), its own bytes' copy of the header skipped.
+                let joined = match &queued.frame {
+                    FrameRef::Received { buf, start, len } if !buf.is_empty() && first == 0 => {
+                        let h = header_len(*len as u64, false);
+                        (*start >= h && own_end >= own_at + h).then(|| {
+                            own_end -= h;
+                            &buf[*start - h..*start + *len]
+                        })
+                    }
+                    _ => None,
+                };
                 if own_end > own_at {
                     if n == parts.len() {
                         return n;
@@ -342,8 +364,13 @@ impl Driver {
                 if n == parts.len() {
                     return n;
                 }
-                let start = if i == 0 { queue.pos } else { 0 };
-                parts[n] = IoSlice::new(&queued.frame.as_bytes()[start..]);
+                parts[n] = IoSlice::new(match joined {
+                    Some(frame) => {
+                        own_at = own_end + frame.len() - queued.frame.len();
+                        frame
+                    }
+                    None => &queued.frame.as_bytes()[first..],
+                });
                 n += 1;
             }
         }
@@ -704,6 +731,60 @@ mod tests {
         out.slices(0, &mut slices);
         let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
         assert_eq!(bytes, [&[0x82, 126, 0, 200][..], &[b'y'; 200]].concat());
+    }
+
+    /// Through the gathered view (epoll) too: the header is copied in front of the
+    /// payload at hand-over, so an echo is one slice in the receive buffer, and frames
+    /// before it stay apart; once part of the header is written, the two are apart again.
+    #[test]
+    fn an_echo_in_place_is_one_slice_when_gathered() {
+        use crate::protocol::frame::OpCode;
+        let slices = |driver: &Driver| {
+            let mut parts = [IoSlice::new(&[]); 8];
+            let n = driver.pending_output_vectored(&mut parts);
+            parts[..n]
+                .iter()
+                .map(|p| (p.as_ptr() as usize, p.len()))
+                .collect::<Vec<_>>()
+        };
+        let received = || {
+            let mut buffer = vec![0u8; 300];
+            buffer[8..208].fill(b'x');
+            buffer
+        };
+        let expected = [&[0x82, 126, 0, 200][..], &[b'x'; 200]].concat();
+
+        let mut driver = open_server();
+        let buffer = received();
+        let address = buffer.as_ptr() as usize;
+        driver.send_received(OpCode::Binary, 8, 200).unwrap();
+        assert!(driver.hand_received(buffer).is_none());
+        assert_eq!(slices(&driver), [(address + 4, 204)]);
+        assert_eq!(gathered(&driver), expected);
+        driver.consume_output(2);
+        assert_eq!(
+            slices(&driver).len(),
+            2,
+            "the header's rest, then the payload"
+        );
+        assert_eq!(gathered(&driver), expected[2..]);
+
+        let mut driver = open_server();
+        let buffer = received();
+        let address = buffer.as_ptr() as usize;
+        driver.send_text("a").unwrap();
+        driver.send_received(OpCode::Binary, 8, 200).unwrap();
+        assert!(driver.hand_received(buffer).is_none());
+        driver.send_text("b").unwrap();
+        let parts = slices(&driver);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            (parts[0].1, parts[1], parts[2].1),
+            (3, (address + 4, 204), 3)
+        );
+        let all = [&[0x81, 1, b'a'][..], &expected, &[0x81, 1, b'b']].concat();
+        assert_eq!(gathered(&driver), all);
+        assert_pending(&mut driver, &all);
     }
 
     /// Through the readiness view too, and written a byte at a time: the token waits for
