@@ -46,6 +46,15 @@ impl Handler for Echo {
     }
 }
 
+/// An echo server on one loop with these settings.
+fn echo_server(config: ServerConfig) -> websocket_driver::server::ServerHandle {
+    Server::bind("127.0.0.1:0")
+        .unwrap()
+        .config(config)
+        .start(|_| Upgrade::Accept(Echo))
+        .unwrap()
+}
+
 /// One round whose messages all reach the loop in one turn, so that a reply is in flight
 /// on every connection at once: the loop's pools reach their peak here, not at random
 /// inside the measured window. (Without it, io_uring with 500 connections, whose turn
@@ -74,15 +83,11 @@ fn stalled_round(streams: &mut [TcpStream], size: usize) {
 }
 
 fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend,
-            ..ServerConfig::default()
-        })
-        .start(|_| Upgrade::Accept(Echo))
-        .unwrap();
+    let server = echo_server(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    });
     let mut streams: Vec<TcpStream> = (0..connections)
         .map(|_| {
             TestClient::connect(server.local_addr(), "/")
@@ -113,16 +118,12 @@ fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
 fn late_reader_allocations() -> u64 {
     const SIZE: usize = 20_000;
     const MESSAGES: usize = 1000;
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend: Backend::Epoll,
-            max_backpressure: 64 << 20,
-            ..ServerConfig::default()
-        })
-        .start(|_| Upgrade::Accept(Echo))
-        .unwrap();
+    let server = echo_server(ServerConfig {
+        threads: 1,
+        backend: Backend::Epoll,
+        max_backpressure: 64 << 20,
+        ..ServerConfig::default()
+    });
     let mut stream = TestClient::connect(server.local_addr(), "/")
         .unwrap()
         .stream;
@@ -162,16 +163,12 @@ fn read_buffers_for_closes_in_the_same_read() -> u64 {
     // A size nothing else here allocates.
     const READ_BUFFER: usize = 65_000;
     const SIZE: usize = 8000;
-    let server = Server::bind("127.0.0.1:0")
-        .unwrap()
-        .config(ServerConfig {
-            threads: 1,
-            backend: Backend::Epoll,
-            read_buffer_size: READ_BUFFER,
-            ..ServerConfig::default()
-        })
-        .start(|_| Upgrade::Accept(Echo))
-        .unwrap();
+    let server = echo_server(ServerConfig {
+        threads: 1,
+        backend: Backend::Epoll,
+        read_buffer_size: READ_BUFFER,
+        ..ServerConfig::default()
+    });
     let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
     let wire = [&raw_echo::masked_frame(SIZE)[..], &close].concat();
     let one = || {
