@@ -46,11 +46,15 @@ impl Handler for Echo {
     }
 }
 
-/// An echo server on one loop with these settings.
-fn echo_server(config: ServerConfig) -> websocket_driver::server::ServerHandle {
+/// An echo server on one loop of `backend`, with these other settings.
+fn echo_server(backend: Backend, config: ServerConfig) -> websocket_driver::server::ServerHandle {
     Server::bind("127.0.0.1:0")
         .unwrap()
-        .config(config)
+        .config(ServerConfig {
+            threads: 1,
+            backend,
+            ..config
+        })
         .start(|_| Upgrade::Accept(Echo))
         .unwrap()
 }
@@ -83,11 +87,7 @@ fn stalled_round(streams: &mut [TcpStream], size: usize) {
 }
 
 fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
-    let server = echo_server(ServerConfig {
-        threads: 1,
-        backend,
-        ..ServerConfig::default()
-    });
+    let server = echo_server(backend, ServerConfig::default());
     let mut streams: Vec<TcpStream> = (0..connections)
         .map(|_| {
             TestClient::connect(server.local_addr(), "/")
@@ -118,12 +118,13 @@ fn echo_allocations(backend: Backend, connections: usize, size: usize) -> u64 {
 fn late_reader_allocations() -> u64 {
     const SIZE: usize = 20_000;
     const MESSAGES: usize = 1000;
-    let server = echo_server(ServerConfig {
-        threads: 1,
-        backend: Backend::Epoll,
-        max_backpressure: 64 << 20,
-        ..ServerConfig::default()
-    });
+    let server = echo_server(
+        Backend::Epoll,
+        ServerConfig {
+            max_backpressure: 64 << 20,
+            ..ServerConfig::default()
+        },
+    );
     let mut stream = TestClient::connect(server.local_addr(), "/")
         .unwrap()
         .stream;
@@ -163,12 +164,13 @@ fn read_buffers_for_closes_in_the_same_read() -> u64 {
     // A size nothing else here allocates.
     const READ_BUFFER: usize = 65_000;
     const SIZE: usize = 8000;
-    let server = echo_server(ServerConfig {
-        threads: 1,
-        backend: Backend::Epoll,
-        read_buffer_size: READ_BUFFER,
-        ..ServerConfig::default()
-    });
+    let server = echo_server(
+        Backend::Epoll,
+        ServerConfig {
+            read_buffer_size: READ_BUFFER,
+            ..ServerConfig::default()
+        },
+    );
     let close = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8];
     let wire = [&raw_echo::masked_frame(SIZE)[..], &close].concat();
     let one = || {
