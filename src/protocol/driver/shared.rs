@@ -129,9 +129,9 @@ impl Outgoing {
         self.parts(sent, |part| out.push(IoSlice::new(part)));
     }
 
-    /// Moves the header of each payload sent in place from the own bytes into its receive
-    /// buffer, just before the payload, where the received frame's header was (a client's
-    /// is never shorter: it carries a mask), so that header and payload leave as one part:
+    /// Drops the own bytes' copy of the header of each payload sent in place, whose receive
+    /// buffer holds it just before the payload (put there by `Driver::hand_received`, where
+    /// the received frame's header was), so that header and payload leave as one part:
     /// an echo's batch is then a single buffer, sent without an iovec.
     fn join_received_headers(&mut self) {
         let mut moved = 0;
@@ -148,7 +148,9 @@ impl Outgoing {
             if buf.is_empty() || *start < h || *offset < h || (i == 0 && self.skip > 0) {
                 continue;
             }
-            buf[*start - h..*start].copy_from_slice(&self.own[*offset - h..*offset]);
+            // `Driver::hand_received` already copied the header there (it was wholly
+            // unwritten then too): only the own bytes' copy goes.
+            debug_assert_eq!(buf[*start - h..*start], self.own[*offset - h..*offset]);
             self.own.drain(*offset - h..*offset);
             *offset -= h;
             *start -= h;
