@@ -1641,3 +1641,69 @@ fn client_urls_with_a_colon_in_an_unbracketed_host_are_refused() {
     assert_eq!((v6.host.as_str(), v6.port), ("::1", 9001));
     assert_eq!(v6.host_header, "[::1]:9001");
 }
+
+/// Tells the test how its connection closed.
+struct ToldOfClose(mpsc::Sender<(u16, String)>);
+impl Handler for ToldOfClose {
+    fn on_open(&mut self, ws: &mut Ws<'_>) {
+        ws.send_text("hello").unwrap();
+    }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, code: u16, reason: &str) {
+        let _ = self.0.send((code, reason.to_string()));
+    }
+}
+
+/// Panics on the first message.
+struct PanicsOnMessage;
+impl Handler for PanicsOnMessage {
+    fn on_message(&mut self, _ws: &mut Ws<'_>, _message: Message<'_>) {
+        panic!("a client handler panics (on purpose)");
+    }
+}
+
+/// A hosted client whose handler panics fails its connection as a server's does: the
+/// server hears close 1011, and the client reactor counts the panic, lets the connection
+/// go and goes on connecting.
+fn a_panicking_client_handler_fails_its_connection(backend: Backend) {
+    let (told, closes) = mpsc::channel();
+    let server = Server::bind("127.0.0.1:0")
+        .unwrap()
+        .threads(1)
+        .start(move |_| Upgrade::Accept(ToldOfClose(told.clone())))
+        .unwrap();
+    let clients: ClientReactor<PanicsOnMessage> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let url = format!("ws://{}/", server.local_addr());
+    for round in 1..=3 {
+        clients.connect(&url, PanicsOnMessage).unwrap();
+        assert_eq!(
+            closes.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (1011, "the handler panicked".to_string()),
+            "{backend}: round {round}"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let stats = clients.stats();
+                stats.handler_panics == round && stats.connections_open == 0
+            }),
+            "{backend}: {:?}",
+            clients.stats()
+        );
+    }
+    clients.shutdown(Duration::from_secs(1)).unwrap();
+    server.shutdown(Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn a_panicking_client_handler_fails_its_connection_on_epoll() {
+    a_panicking_client_handler_fails_its_connection(Backend::Epoll);
+}
+
+#[test]
+fn a_panicking_client_handler_fails_its_connection_on_io_uring() {
+    a_panicking_client_handler_fails_its_connection(Backend::IoUring);
+}

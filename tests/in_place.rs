@@ -334,3 +334,60 @@ fn in_place_replies_survive_everything_around_them(backend: Backend) {
     drop(client);
     server.shutdown(Duration::from_secs(2)).unwrap();
 }
+
+/// Sends every message back (in place when it can), then panics.
+struct EchoThenPanic;
+impl Handler for EchoThenPanic {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        ws.send_message(&message).unwrap();
+        panic!("panics after its echo (on purpose)");
+    }
+}
+
+/// A handler that sends a message back from its receive buffer and then panics in the
+/// same delivery: the reply, which claimed the buffer, still goes out whole, then close
+/// 1011, and the loop's buffers are whole for the next connection.
+#[test]
+fn a_reply_in_place_goes_out_whole_before_a_panics_close() {
+    for backend in backends() {
+        let limit = match backend {
+            Backend::IoUring => HALF_A_BUFFER,
+            _ => EPOLL_IN_PLACE_MIN,
+        };
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .threads(1)
+            .backend(backend)
+            .start(|_| Upgrade::Accept(EchoThenPanic))
+            .unwrap();
+        let mut rng = Rng(23);
+        // A receive that caught only part of a frame reassembles it and copies the reply:
+        // rare, so at most 10 tries until one reply went in place.
+        let mut connections = 0;
+        while server.stats().replies_in_place == 0 {
+            assert!(connections < 10, "{backend}: no reply went in place");
+            connections += 1;
+            let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+            let message = rng.bytes(limit + connections * 1000);
+            client.send_binary(&message).unwrap();
+            match client.next_message().unwrap() {
+                Owned::Binary(reply) => assert!(reply == message, "{backend}: echo differs"),
+                other => panic!("{backend}: {other:?}"),
+            }
+            assert_eq!(
+                client.next_message().unwrap(),
+                Owned::Close(1011, "the handler panicked".into()),
+                "{backend}"
+            );
+            assert!(client.wait_eof(), "{backend}: the server closes TCP");
+        }
+        assert_eq!(server.stats().handler_panics, connections as u64);
+        // The loop reads on into whole buffers.
+        let mut client = TestClient::connect(server.local_addr(), "/").unwrap();
+        let message = rng.bytes(3 * limit);
+        client.send_binary(&message).unwrap();
+        assert_eq!(client.next_message().unwrap(), Owned::Binary(message));
+        drop(client);
+        server.shutdown(Duration::from_secs(2)).unwrap();
+    }
+}

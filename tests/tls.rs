@@ -1265,3 +1265,49 @@ fn plain_fin_behind_held_input_loses_nothing() {
 fn deflate_fin_behind_held_input_loses_nothing() {
     fin_behind_held_input_loses_nothing(Options::default().deflate(true));
 }
+
+/// Echoes, and panics on the text "panic" (after queueing its echo).
+struct EchoThenMaybePanic;
+impl Handler for EchoThenMaybePanic {
+    fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+        let _ = ws.send_message(&message);
+        if message.as_text() == Some("panic") {
+            panic!("a wss handler panics (on purpose)");
+        }
+    }
+}
+
+/// Over TLS a panicking handler's connection fails as a plain one's does: its queued echo
+/// and then close 1011 reach the client, sealed like everything before them.
+#[test]
+fn a_panicking_wss_handler_sends_its_close_sealed() {
+    let (cert, key) = certificate("panic");
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let server = Server::bind_tls("127.0.0.1:0", &cert, &key)
+            .unwrap()
+            .threads(1)
+            .backend(backend)
+            .start(|_| Upgrade::Accept(EchoThenMaybePanic))
+            .unwrap();
+        let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
+        let client = BlockingClient::new(&url, Options::default())
+            .unwrap()
+            .verify(&Verify::CaFile(cert.clone()))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let messages = tx.clone();
+        client.on_message(move |_, m| {
+            let _ = messages.send(format!("message {}", m.as_text().unwrap_or_default()));
+        });
+        client.on_close(move |_, code, reason| {
+            let _ = tx.send(format!("close {code} {reason}"));
+        });
+        client.start_connection().unwrap();
+        client.send_text("panic").unwrap();
+        let next = || rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(next(), "message panic", "{backend}");
+        assert_eq!(next(), "close 1011 the handler panicked", "{backend}");
+        assert_eq!(server.stats().handler_panics, 1, "{backend}");
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+}

@@ -118,8 +118,8 @@ pub(crate) struct Output<'s, 'r, S: Service> {
     stats: &'s LoopStats,
     /// Whether a panic is caught here rather than ending the loop ([`LoopConfig`]).
     isolate_panics: bool,
-    /// A call panicked (a write callback): nothing more is offered, and the connection is
-    /// dropped once the backend's write returns.
+    /// A call panicked (a write callback): nothing more is offered, and the connection
+    /// fails once the backend's write returns ([`Core::abandon`]).
     panicked: bool,
 }
 
@@ -155,8 +155,10 @@ impl<S: Service> Output<'_, '_, S> {
         }) {
             Some(taken) => taken,
             None => {
+                // A write callback, run once the output was taken: what was taken still
+                // goes out, ahead of the failing connection's close.
                 self.panicked = true;
-                false
+                !into.is_empty()
             }
         }
     }
@@ -169,8 +171,8 @@ fn guarded<R>(isolate: bool, f: impl FnOnce() -> R) -> Option<R> {
     if !isolate {
         return Some(f());
     }
-    // The connection whose call panicked is dropped with everything kept for it (see
-    // `Core::abandon`); what the call left half-changed belonged to it.
+    // The connection whose call panicked fails, its handler dropped with everything kept
+    // for it (see `Core::abandon`); what the call left half-changed belonged to it.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
 }
 
@@ -433,9 +435,16 @@ impl<S: Service, B: Backend> Core<S, B> {
         len: usize,
         min_reply: usize,
     ) -> bool {
-        self.input(backend, key, len, |service, session, io| {
-            service.read_lendable(session, io, input, len, min_reply)
-        })
+        self.input(
+            backend,
+            key,
+            len,
+            Some(input),
+            |service, session, io, input| {
+                let input = input.expect("the receive buffer is passed on");
+                service.read_lendable(session, io, input, len, min_reply)
+            },
+        )
     }
 
     /// The buffer `key`'s session took in [`Core::on_received`], back (see
@@ -488,22 +497,24 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// The buffer from [`Core::lend_payload`] is back with `n` bytes received into it.
     /// Returns whether the connection still reads.
     pub fn on_payload(&mut self, backend: &mut B, key: usize, buffer: Vec<u8>, n: usize) -> bool {
-        self.input(backend, key, n, |service, session, io| {
+        self.input(backend, key, n, None, |service, session, io, _| {
             service.payload_received(session, io, buffer, n)
         })
     }
 
-    /// Hands `len` bytes of input to the session through `read`.
+    /// Hands `len` bytes of input to the session through `read`, with `buffer`, the
+    /// receive buffer they are in when the session may keep it.
     fn input(
         &mut self,
         backend: &mut B,
         key: usize,
         len: usize,
-        read: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>),
+        buffer: Option<&mut Vec<u8>>,
+        read: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>, Option<&mut Vec<u8>>),
     ) -> bool {
         LoopStats::add(&self.stats.bytes_in, len as u64);
         match self.conns.get(key).map(|c| c.phase) {
-            Some(Phase::Active) => self.call(backend, key, self.now(), read),
+            Some(Phase::Active) => self.call_with(backend, key, self.now(), buffer, read),
             // Our side is done: discard until the peer's FIN.
             Some(Phase::Lingering) => true,
             Some(Phase::Closing) | None => false,
@@ -677,6 +688,23 @@ impl<S: Service, B: Backend> Core<S, B> {
         now: Instant,
         f: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>),
     ) -> bool {
+        self.call_with(backend, key, now, None, |service, session, io, _| {
+            f(service, session, io)
+        })
+    }
+
+    /// [`Core::call`] with the receive buffer the call delivers from, if it may be kept
+    /// (see [`Service::read_lendable`]): should the call panic, the connection's failure
+    /// ([`Core::abandon`]) may need it.
+    #[inline]
+    fn call_with(
+        &mut self,
+        backend: &mut B,
+        key: usize,
+        now: Instant,
+        mut buffer: Option<&mut Vec<u8>>,
+        f: impl FnOnce(&mut S, &mut S::Session, &mut Io<'_, S::Command>, Option<&mut Vec<u8>>),
+    ) -> bool {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
@@ -686,32 +714,53 @@ impl<S: Service, B: Backend> Core<S, B> {
         let mut io = Io::new(now, key, conn.generation, &self.remote);
         io.socket = Some(B::fd(&conn.socket));
         let service = &mut self.service;
-        if guarded(self.config.isolate_panics, || f(service, session, &mut io)).is_none() {
-            self.abandon(backend, key);
-            return false;
+        let lent = buffer.as_deref_mut();
+        if guarded(self.config.isolate_panics, || {
+            f(service, session, &mut io, lent)
+        })
+        .is_none()
+        {
+            return self.abandon(backend, key, buffer);
         }
         let effects = io.effects;
         self.apply(backend, key, effects)
     }
 
-    /// A call for `key` panicked: the connection is dropped at once, its session (the
-    /// application's handler) without another call, and the service forgets the key.
-    fn abandon(&mut self, backend: &mut B, key: usize) {
+    /// A call for `key` panicked: the connection fails. Its handler (the application's
+    /// part of the session) is dropped without another call and the service forgets the
+    /// key; what the peer should still hear (close 1011, or 500 before the upgrade) goes
+    /// out behind the output already queued, and the connection closes as after any
+    /// close, within the close timeout. Where nothing can go out cleanly (the session's
+    /// own code panicked too) it is dropped at once, without a word. `buffer`: the
+    /// receive buffer whose delivery panicked, if it may be kept. Returns whether the
+    /// connection is still active.
+    fn abandon(&mut self, backend: &mut B, key: usize, buffer: Option<&mut Vec<u8>>) -> bool {
         LoopStats::add(&self.stats.handler_panics, 1);
-        log::error!("a handler panicked: its connection is dropped");
+        let now = self.now();
         let Some(conn) = self.conns.get_mut(key) else {
-            return;
+            return false;
         };
-        let session = conn.session.take();
-        let generation = conn.generation;
-        // Its drop is the application's code too.
-        let _ = guarded(true, || drop(session));
-        let mut io = Io::new(self.now(), key, generation, &self.remote);
-        // It drops the connection's callbacks, the application's code too.
+        let mut io = Io::new(now, key, conn.generation, &self.remote);
+        io.socket = Some(B::fd(&conn.socket));
         let service = &mut self.service;
+        // Dropping the handler is the application's code too.
+        let failing = match conn.session.as_mut() {
+            Some(session) => guarded(true, || service.fail(session, &mut io, buffer)),
+            None => None,
+        };
+        // It drops the connection's callbacks, the application's code too.
         let _ = guarded(true, || service.abandoned(&mut io));
+        let effects = io.effects;
+        if failing == Some(true) {
+            log::error!("a handler panicked: its connection fails");
+            return self.apply(backend, key, effects);
+        }
+        log::error!("a handler panicked: its connection is dropped");
+        let session = self.conns.get_mut(key).and_then(|conn| conn.session.take());
+        let _ = guarded(true, || drop(session));
         // No session: `close_now` has nobody to tell.
         self.close_now(backend, key, None);
+        false
     }
 
     /// Applies a service call's requests. Returns false if the connection is closing.
@@ -785,7 +834,12 @@ impl<S: Service, B: Backend> Core<S, B> {
         };
         let written = backend.write(key, &mut conn.socket, &mut out);
         if out.panicked {
-            self.abandon(backend, key);
+            // What the write took is out (or with the kernel); the failure's close is
+            // written behind it.
+            if let Ok(Written::Blocked) = written {
+                self.conns[key].set(WRITE_BLOCKED, true);
+            }
+            self.abandon(backend, key, None);
             return;
         }
         let effects = out.io.effects;

@@ -369,8 +369,22 @@ pub(crate) trait Service: 'static {
         cause: Option<std::io::Error>,
     ) -> Option<(SocketAddr, Self::Connect)>;
     /// A call for connection `io.key` panicked (in the application's code, which runs
-    /// inside the service) and the loop dropped its session: forget everything kept for
-    /// the key. Runs no application code.
+    /// inside the service): the session drops the application's part (its handler, whose
+    /// drop may panic too: the loop catches it) and queues what the peer should still hear,
+    /// a close frame or an error response, behind its output. `input` is the receive
+    /// buffer whose delivery panicked, if it was one (a reply may have claimed it, as in
+    /// [`Service::read_lendable`]). Returns whether the connection goes on to write that
+    /// and close as requested through `io`; `false`: the loop drops it at once. Either
+    /// way [`Service::abandoned`] follows.
+    fn fail(
+        &mut self,
+        session: &mut Self::Session,
+        io: &mut Io<'_, Self::Command>,
+        input: Option<&mut Vec<u8>>,
+    ) -> bool;
+    /// A call for connection `io.key` panicked: forget everything kept for the key
+    /// (callbacks, subscriptions, held input). Runs no application code but the drops of
+    /// what the application gave (its callbacks).
     fn abandoned(&mut self, io: &mut Io<'_, Self::Command>);
     /// The response for a connection refused because the server is full.
     fn over_capacity(&self) -> Vec<u8>;
@@ -614,7 +628,7 @@ pub(crate) struct LoopStats {
     pub payload_receives: AtomicU64,
     /// Times the loop stopped accepting with its queue of accepted connections full.
     pub accept_pauses: AtomicU64,
-    /// Connections dropped because a call for them panicked.
+    /// Connections failed (or dropped) because a call for them panicked.
     pub handler_panics: AtomicU64,
     pub closes: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
@@ -684,8 +698,8 @@ pub(crate) struct LoopConfig {
     pub busy_poll: std::time::Duration,
     /// Shared by every loop of one server, for `max_connections`.
     pub connections: Arc<AtomicUsize>,
-    /// A panic in a service call drops that connection (the session is dropped, the
-    /// service told with [`Service::abandoned`]) instead of ending the loop.
+    /// A panic in a service call fails that connection ([`Service::fail`], then
+    /// [`Service::abandoned`]) instead of ending the loop.
     pub isolate_panics: bool,
 }
 

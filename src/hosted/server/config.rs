@@ -33,10 +33,12 @@ pub enum BackpressurePolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum PanicPolicy {
-    /// The panicking connection is dropped at once: its TCP connection is closed without
-    /// a close frame, its handler is dropped without another call (no `on_close`), it
-    /// leaves its topics, and [`Stats::handler_panics`](super::Stats::handler_panics)
-    /// counts it. The loop and its other connections go on. The default.
+    /// The panicking connection fails: its handler is dropped without another call (no
+    /// `on_close`), it leaves its topics, the peer gets the output already queued and
+    /// then close 1011 "the handler panicked" (an HTTP 500 when the upgrade closure
+    /// panicked), and the server closes TCP once that is written, within the close
+    /// timeout; [`Stats::handler_panics`](super::Stats::handler_panics) counts it. The loop
+    /// and its other connections go on. The default.
     #[default]
     CloseConnection,
     /// The panic ends the loop, as a panicking thread would: its connections are dropped

@@ -63,7 +63,7 @@ pub struct Stats {
     /// loop could take them, and the rest waited in the kernel's backlog until it could.
     /// Always 0 on epoll, which accepts only what a turn sets up.
     pub accept_pauses: u64,
-    /// Connections dropped because their handler panicked (see
+    /// Connections failed because their handler panicked (see
     /// [`PanicPolicy::CloseConnection`](super::PanicPolicy::CloseConnection)).
     pub handler_panics: u64,
     /// What the backplane (if any) did: messages sent to and received from the other

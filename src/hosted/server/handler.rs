@@ -59,14 +59,13 @@ impl UpgradeRequest<'_> {
 /// Per-connection event handler. Every method has an empty default.
 ///
 /// Handlers run on their connection's event loop. A panic in one (or in a callback it
-/// gave, or in the server's upgrade closure for its request) drops that connection at
-/// once by default: its TCP connection closes without a close frame, the handler is
-/// dropped without another call (no `on_close`), the connection leaves its topics, and
-/// [`Stats::handler_panics`](super::Stats::handler_panics) counts it; the loop and its
+/// gave, or in the server's upgrade closure for its request) fails that connection by
+/// default: the handler is dropped without another call (no `on_close`), the connection
+/// leaves its topics, its peer gets what was already queued and then close 1011 "the
+/// handler panicked" (500 when the upgrade closure panicked), and the server closes TCP;
+/// [`Stats::handler_panics`](super::Stats::handler_panics) counts it. The loop and its
 /// other connections go on. [`ServerConfig::panic_policy`](super::ServerConfig::panic_policy)
-/// set to [`PanicPolicy::EndLoop`](super::PanicPolicy::EndLoop) ends the loop instead. A
-/// handler that would rather say goodbye (1011) catches its own panics
-/// ([`std::panic::catch_unwind`]) and closes.
+/// set to [`PanicPolicy::EndLoop`](super::PanicPolicy::EndLoop) ends the loop instead.
 pub trait Handler: Send + 'static {
     /// The connection is open.
     fn on_open(&mut self, ws: &mut Ws<'_>) {

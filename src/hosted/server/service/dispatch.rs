@@ -132,10 +132,7 @@ where
     }
 
     fn reclaim_received(&mut self, conn: &mut Conn<H>) -> Option<Vec<u8>> {
-        match &mut conn.phase {
-            Phase::Open(driver, _) => driver.reclaim_received(),
-            _ => None,
-        }
+        conn.phase.writer_mut()?.reclaim_received()
     }
 
     fn lend_payload_buffer(
@@ -284,6 +281,19 @@ where
         cause: Option<io::Error>,
     ) -> Option<(SocketAddr, ClientInit<H>)> {
         self.closed_plain(conn, io, cause)
+    }
+
+    fn fail(
+        &mut self,
+        conn: &mut Conn<H>,
+        io: &mut Io<'_, Command>,
+        input: Option<&mut Vec<u8>>,
+    ) -> bool {
+        let failing = self.fail_plain(conn, io, input);
+        if failing {
+            self.seal(conn, io);
+        }
+        failing
     }
 
     fn abandoned(&mut self, io: &mut Io<'_, Command>) {
