@@ -1266,7 +1266,7 @@ fn deflate_fin_behind_held_input_loses_nothing() {
     fin_behind_held_input_loses_nothing(Options::default().deflate(true));
 }
 
-/// Echoes, and panics on the text "panic" (after queueing its echo).
+/// Echoes, and panics on the text "panic" (after queueing its echo), or in `on_close`.
 struct EchoThenMaybePanic;
 impl Handler for EchoThenMaybePanic {
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
@@ -1275,10 +1275,46 @@ impl Handler for EchoThenMaybePanic {
             panic!("a wss handler panics (on purpose)");
         }
     }
+    fn on_close(&mut self, _ws: &mut Ws<'_>, _code: u16, _reason: &str) {
+        panic!("a wss handler panics in on_close (on purpose)");
+    }
+}
+
+/// Runs `send` on the raw client's driver and sends what it queued.
+fn send_raw(raw: &mut RawWss, send: impl FnOnce(&mut websocket_driver::Driver)) {
+    send(&mut raw.ws);
+    let out = raw.ws.pending_output().to_vec();
+    raw.ws.consume_output(out.len());
+    raw.send_plain(&out);
+}
+
+/// Reads until the server closes TCP: the plaintext received, and whether a
+/// close_notify came before the end.
+fn read_to_the_end(raw: &mut RawWss) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    let mut plain = Vec::new();
+    let mut notified = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = raw.socket.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return (plain, notified);
+        }
+        let mut tls = raw.tls.lock().unwrap();
+        let mut records = &buf[..n];
+        while !records.is_empty() {
+            tls.read_tls(&mut records).unwrap();
+            let state = tls.process_new_packets().unwrap();
+            let _ = tls.reader().read_to_end(&mut plain);
+            notified |= state.peer_has_closed();
+        }
+    }
 }
 
 /// Over TLS a panicking handler's connection fails as a plain one's does: its queued echo
-/// and then close 1011 reach the client, sealed like everything before them.
+/// and then close 1011 reach the client sealed like everything before them, and TLS ends
+/// with a close_notify; so does a connection whose handler panics in `on_close`, after
+/// the close handshake, with nothing more to say.
 #[test]
 fn a_panicking_wss_handler_sends_its_close_sealed() {
     let (cert, key) = certificate("panic");
@@ -1289,25 +1325,30 @@ fn a_panicking_wss_handler_sends_its_close_sealed() {
             .backend(backend)
             .start(|_| Upgrade::Accept(EchoThenMaybePanic))
             .unwrap();
-        let url = format!("wss://127.0.0.1:{}/", server.local_addr().port());
-        let client = BlockingClient::new(&url, Options::default())
-            .unwrap()
-            .verify(&Verify::CaFile(cert.clone()))
-            .unwrap();
-        let (tx, rx) = mpsc::channel();
-        let messages = tx.clone();
-        client.on_message(move |_, m| {
-            let _ = messages.send(format!("message {}", m.as_text().unwrap_or_default()));
+        let mut raw = RawWss::connect(server.local_addr(), &cert);
+        send_raw(&mut raw, |ws| {
+            ws.send_text("panic").unwrap();
         });
-        client.on_close(move |_, code, reason| {
-            let _ = tx.send(format!("close {code} {reason}"));
+        let (plain, notified) = read_to_the_end(&mut raw);
+        // The echo, then Close 1011 "the handler panicked".
+        let mut expected = b"\x81\x05panic\x88\x16".to_vec();
+        expected.extend_from_slice(&1011u16.to_be_bytes());
+        expected.extend_from_slice(b"the handler panicked");
+        assert_eq!(plain, expected, "{backend}");
+        assert!(notified, "{backend}: no close_notify after close 1011");
+
+        let mut raw = RawWss::connect(server.local_addr(), &cert);
+        send_raw(&mut raw, |ws| {
+            ws.close_connection(1000, "bye").unwrap();
         });
-        client.start_connection().unwrap();
-        client.send_text("panic").unwrap();
-        let next = || rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(next(), "message panic", "{backend}");
-        assert_eq!(next(), "close 1011 the handler panicked", "{backend}");
-        assert_eq!(server.stats().handler_panics, 1, "{backend}");
+        let (plain, notified) = read_to_the_end(&mut raw);
+        // The server's answer: Close 1000 (its code, without the reason).
+        assert_eq!(plain, b"\x88\x02\x03\xe8", "{backend}: the close's answer");
+        assert!(
+            notified,
+            "{backend}: no close_notify after on_close panicked"
+        );
+        assert_eq!(server.stats().handler_panics, 2, "{backend}");
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }

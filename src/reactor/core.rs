@@ -734,6 +734,8 @@ impl<S: Service, B: Backend> Core<S, B> {
     /// own code panicked too) it is dropped at once, without a word. `buffer`: the
     /// receive buffer whose delivery panicked, if it may be kept. Returns whether the
     /// connection is still active.
+    #[cold]
+    #[inline(never)]
     fn abandon(&mut self, backend: &mut B, key: usize, buffer: Option<&mut Vec<u8>>) -> bool {
         LoopStats::add(&self.stats.handler_panics, 1);
         let now = self.now();
@@ -743,10 +745,13 @@ impl<S: Service, B: Backend> Core<S, B> {
         let mut io = Io::new(now, key, conn.generation, &self.remote);
         io.socket = Some(B::fd(&conn.socket));
         let service = &mut self.service;
-        // Dropping the handler is the application's code too.
+        // Dropping the handler is the application's code too. A lingering connection (all
+        // written, our FIN sent) has nothing more to say.
         let failing = match conn.session.as_mut() {
-            Some(session) => guarded(true, || service.fail(session, &mut io, buffer)),
-            None => None,
+            Some(session) if conn.phase == Phase::Active => {
+                guarded(true, || service.fail(session, &mut io, buffer))
+            }
+            _ => None,
         };
         // It drops the connection's callbacks, the application's code too.
         let _ = guarded(true, || service.abandoned(&mut io));

@@ -155,23 +155,7 @@ enum Phase<H> {
     /// A client connection opening its tunnel through a proxy.
     Tunnel(Box<Tunnel<H>>),
     Open(Driver, H),
-    /// Its handler panicked and is gone: the driver only writes out what it had queued
-    /// and its close 1011; input is discarded. (Boxed: inline, a second variant the size
-    /// of a driver would grow every connection by a tag word.)
-    Failed(Box<Driver>),
     Done,
-}
-
-impl<H> Phase<H> {
-    /// The driver whose output goes out: an open connection's, or a failed one's.
-    #[inline]
-    fn writer_mut(&mut self) -> Option<&mut Driver> {
-        match self {
-            Phase::Open(driver, _) => Some(driver),
-            Phase::Failed(driver) => Some(driver),
-            _ => None,
-        }
-    }
 }
 
 impl<H> Conn<H> {
@@ -228,32 +212,38 @@ where
             let Some(tls) = conn.tls.as_mut() else {
                 return;
             };
-            if let Some(driver) = conn.phase.writer_mut() {
-                let pending = driver.pending_output();
-                let sealed = !pending.is_empty() && tls.encrypt(pending).is_ok();
-                if sealed {
-                    let n = pending.len();
-                    driver.consume_output(n);
+            match &mut conn.phase {
+                Phase::Open(driver, _) => {
+                    let pending = driver.pending_output();
+                    let sealed = !pending.is_empty() && tls.encrypt(pending).is_ok();
+                    if sealed {
+                        let n = pending.len();
+                        driver.consume_output(n);
+                    }
+                    if driver.is_finished() {
+                        tls.close();
+                    }
+                    self.recycle(driver);
+                    if !sealed {
+                        return;
+                    }
+                    // A callback may send again: seal until nothing is left.
+                    self.run_written(conn, io);
                 }
-                if driver.is_finished() {
+                Phase::Rejecting(response, at) => {
+                    if *at < response.len() {
+                        if tls.encrypt(&response[*at..]).is_err() {
+                            return;
+                        }
+                        *at = response.len();
+                    }
+                    // Also when there was nothing more to say (a connection that failed
+                    // after its close handshake): TLS ends with a close_notify.
                     tls.close();
-                }
-                self.recycle(driver);
-                if !sealed {
                     return;
                 }
-                // A callback may send again: seal until nothing is left.
-                self.run_written(conn, io);
-                continue;
+                _ => return,
             }
-            if let Phase::Rejecting(response, at) = &mut conn.phase
-                && *at < response.len()
-                && tls.encrypt(&response[*at..]).is_ok()
-            {
-                *at = response.len();
-                tls.close();
-            }
-            return;
         }
     }
 
@@ -267,30 +257,13 @@ where
         conn.in_flight + tls
     }
 
-    /// How a connection whose driver is closed ends once its output is written.
-    fn close_request(conn: &Conn<H>, driver: &Driver) -> CloseRequest {
-        // A server whose peer sent its Close needs no lingering for the peer's FIN. A
-        // client waits for the server to close TCP (RFC 6455 §7.1.1), and over TLS the
-        // peer's close_notify may still come.
-        #[cfg(feature = "tls")]
-        let plain = conn.tls.is_none();
-        #[cfg(not(feature = "tls"))]
-        let plain = {
-            let _ = conn;
-            true
-        };
-        match plain && driver.close_received() && driver.role() == Role::Server {
-            true => CloseRequest::AfterFlushPeerDone,
-            false => CloseRequest::AfterFlush,
-        }
-    }
-
     /// A call for this connection panicked (see `Service::fail`): before the upgrade the
     /// client gets 500; an open connection drops its handler and fails with close 1011
-    /// behind what it had queued (a reply that claimed `input`, the receive buffer being
-    /// delivered, gets it as after any delivery). The close timeout bounds the rest.
-    /// Returns false where nothing can go out cleanly: a client still connecting, a
-    /// tunnel, a connection already done, or a claimed reply whose buffer is not here.
+    /// behind what it had queued. Either way the connection goes on as a refused one
+    /// ([`Phase::Rejecting`]): its last bytes written, its input discarded, TCP closed by
+    /// this side, within the close timeout. Returns false where nothing can go out
+    /// cleanly: a client still connecting, a tunnel, a connection already done, or a reply
+    /// that claimed the receive buffer (see [`Lendable`]) when `input` is not that buffer.
     pub(super) fn fail_plain(
         &mut self,
         conn: &mut Conn<H>,
@@ -309,8 +282,11 @@ where
             Phase::Open(mut driver, handler) if driver.ready_state() != ReadyState::Connecting => {
                 // The application's code: if its drop panics too, the driver goes with it.
                 drop(handler);
+                let mut input = input;
                 if claimed {
-                    let Some(input) = input else {
+                    // The reply's payload is in the receive buffer: the driver takes it,
+                    // as after any delivery, for the copy below.
+                    let Some(input) = input.as_deref_mut() else {
                         return false;
                     };
                     match driver.hand_received(std::mem::take(input)) {
@@ -319,12 +295,26 @@ where
                     }
                 }
                 driver.abort(code::INTERNAL_ERROR, "the handler panicked");
-                conn.timers.close_started(io.now, &self.timer_config());
-                io.set_deadline(conn.timers.poll_timeout());
-                // Read on (and discard) until the peer's Close or FIN: nothing held back.
+                // Its output (own bytes and the shared parts between them, from where the
+                // socket left off), copied out: once, for a connection that is ending.
+                let mut last = Vec::with_capacity(driver.buffered_amount());
+                loop {
+                    let part = driver.pending_output();
+                    if part.is_empty() {
+                        break;
+                    }
+                    last.extend_from_slice(part);
+                    let n = part.len();
+                    driver.consume_output(n);
+                }
+                if let (Some(input), Some(buffer)) = (input, driver.reclaim_received()) {
+                    // The receive buffer, copied from, goes back to the loop.
+                    *input = buffer;
+                }
+                self.recycle(&mut driver);
+                self.reject(conn, io, last);
+                // Read on (and discard) until the peer's Close or FIN: nothing is held.
                 io.set_reading(true);
-                io.close(Self::close_request(conn, &driver));
-                conn.phase = Phase::Failed(Box::new(driver));
                 true
             }
             // Dropped here, the handler's drop caught by the loop.
@@ -496,7 +486,18 @@ where
             io.notify_drained();
         }
         if state == ReadyState::Closed {
-            io.close(Self::close_request(conn, driver));
+            // A server whose peer sent its Close needs no lingering for the peer's FIN. A
+            // client waits for the server to close TCP (RFC 6455 §7.1.1), and over TLS
+            // the peer's close_notify may still come.
+            #[cfg(feature = "tls")]
+            let plain = conn.tls.is_none();
+            #[cfg(not(feature = "tls"))]
+            let plain = true;
+            let peer_done = plain && driver.close_received() && driver.role() == Role::Server;
+            io.close(match peer_done {
+                true => CloseRequest::AfterFlushPeerDone,
+                false => CloseRequest::AfterFlush,
+            });
             conn.timers.closed(io.now, &timer_config);
         }
         io.set_deadline(conn.timers.poll_timeout());
@@ -756,7 +757,7 @@ where
                     None => self.pump(conn, io, data),
                 }
             }
-            Phase::Rejecting(..) | Phase::Failed(_) | Phase::Done => {}
+            Phase::Rejecting(..) | Phase::Done => {}
         }
     }
 
@@ -946,14 +947,13 @@ where
                 ReadyState::Closing | ReadyState::Closed => self.pump(conn, io, &mut []),
             },
             Phase::Handshake(_) | Phase::Tunnel(_) => io.close(CloseRequest::Now),
-            Phase::Rejecting(..) | Phase::Failed(_) | Phase::Done => {}
+            Phase::Rejecting(..) | Phase::Done => {}
         }
     }
 
     fn output_plain<'s>(&self, conn: &'s Conn<H>, parts: &mut [IoSlice<'s>]) -> usize {
         match &conn.phase {
             Phase::Open(driver, _) => driver.pending_output_vectored(parts),
-            Phase::Failed(driver) => driver.pending_output_vectored(parts),
             Phase::Rejecting(response, at) => dispatch::one_part(&response[*at..], parts),
             Phase::Tunnel(tunnel) => dispatch::one_part(tunnel.output(), parts),
             _ => 0,
@@ -983,10 +983,6 @@ where
                 }
                 self.recycle(driver);
             }
-            Phase::Failed(driver) => {
-                driver.consume_output(n);
-                self.recycle(driver);
-            }
             Phase::Rejecting(_, at) => *at += n,
             Phase::Tunnel(tunnel) => tunnel.consume(n),
             _ => {}
@@ -1007,13 +1003,6 @@ where
                 conn.in_flight += into.len();
                 // What the callbacks send goes out with the next send.
                 self.run_written(conn, io);
-                true
-            }
-            Phase::Failed(driver) => {
-                if !driver.take_output(into) {
-                    return false;
-                }
-                conn.in_flight += into.len();
                 true
             }
             Phase::Rejecting(response, at) => {
@@ -1046,7 +1035,7 @@ where
         // All out: the (spare) buffer the driver writes into goes back to the pool, so an
         // idle connection holds none.
         if conn.in_flight == 0
-            && let Some(driver) = conn.phase.writer_mut()
+            && let Phase::Open(driver, _) = &mut conn.phase
         {
             self.recycle(driver);
         }

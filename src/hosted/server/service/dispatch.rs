@@ -132,7 +132,10 @@ where
     }
 
     fn reclaim_received(&mut self, conn: &mut Conn<H>) -> Option<Vec<u8>> {
-        conn.phase.writer_mut()?.reclaim_received()
+        match &mut conn.phase {
+            Phase::Open(driver, _) => driver.reclaim_received(),
+            _ => None,
+        }
     }
 
     fn lend_payload_buffer(
