@@ -351,6 +351,27 @@ impl Handler for SubscribedEcho {
     }
 }
 
+/// Waits until the server receives a large message straight into its buffer: more
+/// payload receives than `before`.
+fn receiving_payload(server: &websocket_driver::server::ServerHandle, before: u64) -> bool {
+    eventually(Duration::from_secs(10), || {
+        server.stats().payload_receives > before
+    })
+}
+
+/// Waits until the peer's kernel has acknowledged everything written to `stream`: its
+/// send queue is empty (the bytes wait in the server's receive buffer, or were read).
+fn acknowledged(stream: &std::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    eventually(Duration::from_secs(10), || {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int through the valid pointer; the descriptor is
+        // the open socket `stream` borrows.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        rc == 0 && queued == 0
+    })
+}
+
 /// A large message whose last bytes arrive while the connection's output is over the cap
 /// (a 48 MiB publication, more than the socket's buffers take, came after its first
 /// bytes) waits, like any input, until the output drains, instead of reaching a handler
@@ -369,14 +390,20 @@ fn a_large_message_finished_over_the_cap_waits_for_the_drain(backend: Backend) {
     let frame = encode(&message);
     // The header and 1 MiB: the loop starts receiving the rest into the message's buffer.
     let split = 14 + CAP;
+    let lent = server.stats().payload_receives;
     client.stream.write_all(&frame[..split]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(receiving_payload(&server, lent));
     let big = vec![7u8; 48 * CAP];
     server
         .publish("echo-topic", &big, websocket_driver::MessageType::Binary)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(eventually(Duration::from_secs(10), || server
+        .stats()
+        .delivered
+        == 1));
     client.stream.write_all(&frame[split..]).unwrap();
+    // Time for the loop to take what it still takes of it over the cap (it pauses at some
+    // point; how much it took first does not change what must arrive below).
     std::thread::sleep(Duration::from_millis(100));
     // The publication first (queued first), then the echo, once the output drained.
     let first = client.next_message().unwrap();
@@ -640,14 +667,20 @@ fn a_write_callback_over_the_cap_does_not_deliver_the_waiting_message(backend: B
     let message: Vec<u8> = (0..4 * CAP).map(|i| (i % 251) as u8).collect();
     let frame = encode(&message);
     let split = frame.len() - 100 * 1024;
+    let lent = server.stats().payload_receives;
     client.stream.write_all(&frame[..split]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(receiving_payload(&server, lent));
+    assert!(acknowledged(&client.stream));
     // Over the cap (a publication does not pause reading).
     let big = vec![7u8; 3 * LATE_CAP];
+    let handled = |s: websocket_driver::server::Stats| s.delivered + s.dropped;
+    let before = handled(server.stats());
     server
         .publish("late-topic", &big, websocket_driver::MessageType::Binary)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(eventually(Duration::from_secs(10), || handled(
+        server.stats()
+    ) > before));
     // The message's last bytes arrive whole while another connection blocks the loop, so
     // one receive finishes the message (in its own buffer, over the cap: it waits there).
     let mut other = TestClient::connect(server.local_addr(), "/").unwrap();
@@ -656,7 +689,8 @@ fn a_write_callback_over_the_cap_does_not_deliver_the_waiting_message(backend: B
         .recv_timeout(Duration::from_secs(5))
         .expect("the loop is held");
     client.stream.write_all(&frame[split..]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // All in the server's receive buffer before the loop goes on.
+    assert!(acknowledged(&client.stream));
     release.send(()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(echoed.load(Ordering::Relaxed), 0, "delivered over the cap");
