@@ -811,6 +811,38 @@ fn a_panicking_listener_still_gets_on_close() {
     assert_eq!(other.next_event(), Ev::Text("still here".into()));
 }
 
+/// A setup closure that panics before the connection opens: the client gets 500 (as from
+/// the reactor's server), not a 101 or a silent close, and the server goes on serving.
+#[test]
+fn a_panicking_setup_closure_answers_500() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let addr = start_server(Options::default(), |request, ws| {
+        if request.path == "/boom" {
+            panic!("a setup closure bug (on purpose)");
+        }
+        ws.on_message(|ws, message| {
+            let _ = ws.send_message(&message);
+        });
+    });
+    let mut raw = connect_tcp(addr);
+    raw.write_all(
+        b"GET /boom HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 500 "), "{answer:?}");
+    assert!(
+        answer.ends_with("the server failed to answer the upgrade\n"),
+        "{answer:?}"
+    );
+    let mut other = Client::connect(addr);
+    other.driver.send_text("still here").unwrap();
+    other.flush();
+    assert_eq!(other.next_event(), Ev::Text("still here".into()));
+}
+
 /// The server closes, the peer never answers: after the close
 /// timeout TCP is dropped and `on_close` reports 1006.
 #[test]

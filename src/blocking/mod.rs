@@ -188,7 +188,8 @@ impl BlockingServer {
 
     /// Accepts connections until the listener fails. `app` runs for each valid upgrade
     /// request, before the 101 is sent, to attach handlers (like the seed's app, which
-    /// calls `make-server` and `on`).
+    /// calls `make-server` and `on`). If it panics, that client gets 500 and the server
+    /// goes on; a listener that panics later fails its connection with close 1011.
     pub fn serve<F>(self, app: F) -> io::Result<()>
     where
         F: Fn(&Request, &mut WebSocket) + Send + Sync + 'static,
@@ -343,7 +344,8 @@ fn run_connection(
         }
     };
     // A listener (or `app`) that panics ends the connection as the blocking client's I/O
-    // thread does: close 1011 to the peer if it is open, `on_close` here, once.
+    // thread does: close 1011 to the peer if it is open (500 if `app` panicked before the
+    // 101), `on_close` here, once.
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> io::Result<()> {
         app(&request, &mut ws);
         ws.start_connection();
@@ -456,11 +458,25 @@ fn run_connection(
             Err(e)
         }
         Err(_) => {
+            // `app` itself panicked before the 101: the client gets 500, as from the
+            // reactor, and no WebSocket close (there is no WebSocket yet).
+            let upgraded = ws.ready_state() != ReadyState::Connecting;
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
                 let _ = spare.set_nonblocking(true);
                 let _ = write_ready(&spare, &mut ws);
             }));
+            if !upgraded {
+                let _ = spare.set_nonblocking(false);
+                let response = crate::protocol::handshake::http_response(
+                    500,
+                    &[],
+                    "the server failed to answer the upgrade",
+                );
+                if (&spare).write_all(&response).is_ok() {
+                    let _ = linger_close(spare);
+                }
+            }
             Ok(())
         }
     }
