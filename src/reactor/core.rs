@@ -845,6 +845,9 @@ impl<S: Service, B: Backend> Core<S, B> {
                 self.conns[key].set(WRITE_BLOCKED, true);
             }
             self.abandon(backend, key, None);
+            if let Err(error) = written {
+                self.close_now(backend, key, Some(error));
+            }
             return;
         }
         let effects = out.io.effects;
