@@ -1293,21 +1293,16 @@ fn send_raw(raw: &mut RawWss, send: impl FnOnce(&mut websocket_driver::Driver)) 
 fn read_to_the_end(raw: &mut RawWss) -> (Vec<u8>, bool) {
     use std::io::Read;
     let mut plain = Vec::new();
-    let mut notified = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = raw.socket.read(&mut buf).unwrap_or(0);
         if n == 0 {
+            // With no new records, processing only reports the state so far.
+            let mut tls = raw.tls.lock().unwrap();
+            let notified = tls.process_new_packets().unwrap().peer_has_closed();
             return (plain, notified);
         }
-        let mut tls = raw.tls.lock().unwrap();
-        let mut records = &buf[..n];
-        while !records.is_empty() {
-            tls.read_tls(&mut records).unwrap();
-            let state = tls.process_new_packets().unwrap();
-            let _ = tls.reader().read_to_end(&mut plain);
-            notified |= state.peer_has_closed();
-        }
+        plain.extend(raw.decrypt(&buf[..n]));
     }
 }
 

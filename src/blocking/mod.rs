@@ -468,12 +468,7 @@ fn run_connection(
             }));
             if !upgraded {
                 let _ = spare.set_nonblocking(false);
-                let response = crate::protocol::handshake::http_response(
-                    500,
-                    &[],
-                    "the server failed to answer the upgrade",
-                );
-                if (&spare).write_all(&response).is_ok() {
+                if (&spare).write_all(&upgrade::panicked_response()).is_ok() {
                     let _ = linger_close(spare);
                 }
             }

@@ -44,6 +44,12 @@ use crate::protocol::options::Options;
 
 pub use crate::protocol::handshake::{error_response, http_response};
 
+/// The answer to an upgrade request whose application code panicked before the 101 (the
+/// reactor's upgrade closure, `BlockingServer`'s setup closure): 500.
+pub(crate) fn panicked_response() -> Vec<u8> {
+    http_response(500, &[], "the server failed to answer the upgrade")
+}
+
 /// An HTTP response that refuses an upgrade (or answers a plain HTTP request).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::protocol::driver::{Driver, Event, Message, MessageType, ReadyState, Role};
 use crate::protocol::error::{Error, code};
 use crate::protocol::frame::{FrameRun, SharedFrame, Status};
-use crate::protocol::handshake::{RequestParser, error_response, http_response};
+use crate::protocol::handshake::{RequestParser, error_response};
 use crate::reactor::{CloseRequest, Io, KeepBudget, LoopStats, Outgoing, PayloadLoan, Service};
 
 /// Bytes of output buffers a loop keeps for reuse: enough for 500 connections' 16 KiB
@@ -275,8 +275,7 @@ where
         match std::mem::replace(&mut conn.phase, Phase::Done) {
             Phase::Handshake(_) => {
                 // The upgrade closure panicked.
-                let response = http_response(500, &[], "the server failed to answer the upgrade");
-                self.reject(conn, io, response);
+                self.reject(conn, io, upgrade::panicked_response());
                 true
             }
             Phase::Open(mut driver, handler) if driver.ready_state() != ReadyState::Connecting => {
@@ -289,10 +288,7 @@ where
                     let Some(input) = input.as_deref_mut() else {
                         return false;
                     };
-                    match driver.hand_received(std::mem::take(input)) {
-                        Some(unused) => *input = unused,
-                        None => LoopStats::add(&self.stats.replies_in_place, 1),
-                    }
+                    self.hand_received(&mut driver, input);
                 }
                 driver.abort(code::INTERNAL_ERROR, "the handler panicked");
                 // Its output (own bytes and the shared parts between them, from where the
@@ -781,9 +777,14 @@ where
         let Phase::Open(driver, _) = &mut conn.phase else {
             return;
         };
+        self.hand_received(driver, input);
+    }
+
+    /// Gives the receive buffer to the reply that claimed it (see [`Lendable`]). The driver
+    /// may refuse it (a client masks, deflate compresses): the buffer then stays with the
+    /// loop.
+    fn hand_received(&self, driver: &mut Driver, input: &mut Vec<u8>) {
         match driver.hand_received(std::mem::take(input)) {
-            // The driver refused the reply (a client masks, deflate compresses): the
-            // buffer stays with the ring.
             Some(unused) => *input = unused,
             None => LoopStats::add(&self.stats.replies_in_place, 1),
         }
