@@ -22,8 +22,10 @@
 //! writes it) and then sends each chat line as one text message, the line itself. The
 //! server answers with JSON text messages, one object each:
 //!
-//! - `{"type":"welcome","room":R,"nick":N,"members":[...]}` to the one who joined;
-//! - `{"type":"join","room":R,"nick":N}` / `{"type":"leave",...}` to the rest of the room;
+//! - `{"type":"welcome","room":R,"nick":N,"members":[...],"server":S,"seq":Q}` to the one
+//!   who joined;
+//! - `{"type":"join","room":R,"nick":N,"server":S,"seq":Q}` / `{"type":"leave",...}` to the
+//!   rest of the room;
 //! - `{"type":"message","room":R,"nick":N,"text":T}` to everyone in the room, the sender
 //!   included;
 //! - `{"type":"error","text":WHY}` to one client: a message it sent was refused.
@@ -40,6 +42,18 @@
 //! with `Ws::publish_all` (every subscriber on every loop, this one included), join and
 //! leave notices with `Ws::publish` (everyone but this connection). A closing connection
 //! leaves its topics on its own; its `on_close` publishes the leave notice.
+//!
+//! # Member lists and notices
+//!
+//! Joins happen on every loop at once, so a member's welcome and another member's join
+//! notice can cross: a newcomer subscribes before it reads the member list, and may then
+//! get the notice of someone the list already holds. So every change to a room's members
+//! takes the next number (`seq`, one sequence per server: `server` names this process),
+//! and its notice is published while the room's lock is held, so that notices reach every
+//! member in the order of their numbers. A welcome carries the number of the last change
+//! its list includes; a client ignores a notice from the same `server` numbered at or
+//! below it (the page does). A notice from another server (through Redis) has that
+//! server's numbers and always counts.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -64,7 +78,36 @@ const MAX_FRAME: usize = 16 * 1024;
 const IDLE: Duration = Duration::from_secs(30);
 
 /// Who is in which room: nicknames are unique per room.
-type Rooms = Arc<Mutex<HashMap<String, BTreeSet<String>>>>;
+#[derive(Clone)]
+struct Rooms {
+    state: Arc<Mutex<Members>>,
+    /// This process's name in notices (see the module docs).
+    server: Arc<str>,
+}
+
+/// Every room's members on this server.
+#[derive(Default)]
+struct Members {
+    by_room: HashMap<String, BTreeSet<String>>,
+    /// The number of the last change to any room's members (one sequence for the server,
+    /// so that a room emptied and filled again does not count from zero).
+    seq: u64,
+}
+
+impl Rooms {
+    fn new() -> Rooms {
+        // Unique enough to tell servers sharing a Redis apart: the process id and a
+        // randomly keyed hash of the start time.
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let salt = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), started);
+        Rooms {
+            state: Arc::default(),
+            server: format!("{:x}-{:08x}", std::process::id(), salt as u32).into(),
+        }
+    }
+}
 
 /// A validated join request.
 struct Join {
@@ -106,26 +149,29 @@ impl Handler for Member {
             Err(why) => return Self::refuse(ws, why),
         };
         // Subscribed before the member list is read: whoever joins after that list was
-        // taken publishes a join notice this subscription gets.
+        // taken publishes a join notice this subscription gets (numbered past the list).
         if let Err(e) = ws.subscribe(&join.topic) {
             return Self::refuse(ws, &format!("cannot join: {e}"));
         }
-        let members: Vec<String> = {
-            let mut rooms = self.rooms.lock().unwrap();
-            let members = rooms.entry(join.room.clone()).or_default();
-            if !members.insert(join.nick.clone()) {
-                drop(rooms);
-                let why = format!("the nickname {:?} is taken in #{}", join.nick, join.room);
-                // Closing leaves the topic.
-                return Self::refuse(ws, &why);
-            }
-            members.iter().cloned().collect()
-        };
+        let mut state = self.rooms.state.lock().unwrap();
+        let members = state.by_room.entry(join.room.clone()).or_default();
+        if !members.insert(join.nick.clone()) {
+            drop(state);
+            let why = format!("the nickname {:?} is taken in #{}", join.nick, join.room);
+            // Closing leaves the topic.
+            return Self::refuse(ws, &why);
+        }
+        let members: Vec<String> = members.iter().cloned().collect();
+        state.seq += 1;
+        let seq = state.seq;
         self.joined = true;
-        let welcome =
-            json!({"type": "welcome", "room": join.room, "nick": join.nick, "members": members});
+        let server = &*self.rooms.server;
+        let welcome = json!({"type": "welcome", "room": join.room, "nick": join.nick,
+                             "members": members, "server": server, "seq": seq});
         let _ = ws.send_text(&welcome.to_string());
-        let notice = json!({"type": "join", "room": join.room, "nick": join.nick});
+        // Published under the lock: notices go out in the order of their numbers.
+        let notice = json!({"type": "join", "room": join.room, "nick": join.nick,
+                            "server": server, "seq": seq});
         if let Err(e) = ws.publish(
             &join.topic,
             notice.to_string().as_bytes(),
@@ -133,6 +179,7 @@ impl Handler for Member {
         ) {
             eprintln!("chat: join notice for #{}: {e}", join.room);
         }
+        drop(state);
     }
 
     fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
@@ -163,17 +210,19 @@ impl Handler for Member {
         if !self.joined {
             return;
         }
-        {
-            let mut rooms = self.rooms.lock().unwrap();
-            if let Some(members) = rooms.get_mut(&join.room) {
-                members.remove(&join.nick);
-                if members.is_empty() {
-                    rooms.remove(&join.room);
-                }
+        let mut state = self.rooms.state.lock().unwrap();
+        if let Some(members) = state.by_room.get_mut(&join.room) {
+            members.remove(&join.nick);
+            if members.is_empty() {
+                state.by_room.remove(&join.room);
             }
         }
-        // This connection is leaving: `publish` reaches the rest of the room.
-        let notice = json!({"type": "leave", "room": join.room, "nick": join.nick});
+        state.seq += 1;
+        let seq = state.seq;
+        // This connection is leaving: `publish` reaches the rest of the room. Under the
+        // lock, as the join notices are.
+        let notice = json!({"type": "leave", "room": join.room, "nick": join.nick,
+                            "server": &*self.rooms.server, "seq": seq});
         if let Err(e) = ws.publish(
             &join.topic,
             notice.to_string().as_bytes(),
@@ -181,6 +230,7 @@ impl Handler for Member {
         ) {
             eprintln!("chat: leave notice for #{}: {e}", join.room);
         }
+        drop(state);
     }
 }
 
@@ -354,7 +404,7 @@ fn main() {
     if let Err(e) = websocket_driver::raise_open_file_limit() {
         eprintln!("chat: cannot raise the open-file limit: {e}");
     }
-    let rooms: Rooms = Arc::default();
+    let rooms = Rooms::new();
     let mut server = Server::bind(&addr)
         .unwrap_or_else(|e| usage(&format!("cannot listen on {addr}: {e}")))
         .config(ServerConfig {
@@ -483,18 +533,25 @@ function join() {
   const ws = new WebSocket(`${scheme}//${location.host}/ws?room=${encodeURIComponent(room)}` +
                            `&nick=${encodeURIComponent(nick)}`);
   socket = ws;
+  // The server and number of the last member change this socket's welcome listed: a
+  // notice numbered at or below it is already in the list (see the server's docs).
+  let listed = { server: null, seq: 0 };
   $("status").textContent = "connecting…";
   ws.onmessage = (event) => {
     let m;
     try { m = JSON.parse(event.data); } catch { return; }
     switch (m.type) {
       case "welcome":
+        listed = { server: m.server, seq: m.seq };
         $("status").textContent = `in #${m.room} as ${m.nick}`;
         line("welcome", [["text", `joined #${m.room} as ${m.nick}; here: ${m.members.join(", ")}`]]);
         ready(true);
         break;
-      case "join": line("join", [["text", `${m.nick} joined`]]); break;
-      case "leave": line("leave", [["text", `${m.nick} left`]]); break;
+      case "join":
+      case "leave":
+        if (m.server === listed.server && m.seq <= listed.seq) break;
+        line(m.type, [["text", `${m.nick} ${m.type === "join" ? "joined" : "left"}`]]);
+        break;
       case "message": line("message", [["nick", m.nick], ["text", m.text]]); break;
       case "error": line("error", [["text", m.text]]); break;
     }

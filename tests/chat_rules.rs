@@ -21,15 +21,19 @@ impl Drop for Killed {
 }
 
 fn start_chat() -> (Killed, String) {
+    start_chat_with("1", "epoll")
+}
+
+fn start_chat_with(threads: &str, backend: &str) -> (Killed, String) {
     let binary = support::example_binary("chat", &[]);
     let mut child = Command::new(&binary)
         .args([
             "--addr",
             "127.0.0.1:0",
             "--threads",
-            "1",
+            threads,
             "--backend",
-            "epoll",
+            backend,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -232,4 +236,165 @@ fn chat_head_responses_have_no_body() {
         }
     }
     assert!(with_body.is_empty(), "{}", with_body.join("\n"));
+}
+
+/// One client's view of a room's members, kept by the rule the module docs give a client
+/// (and the page follows): the welcome's list, then every join and leave notice from the
+/// same server numbered past the welcome's. Notices must arrive in the order of their
+/// numbers, and none past the welcome may contradict the view (a join of someone listed,
+/// a leave of someone absent).
+struct View {
+    nick: String,
+    server: String,
+    /// The welcome's number: notices at or below it are in its list.
+    listed: u64,
+    /// The number of the last notice applied.
+    last: u64,
+    members: std::collections::BTreeSet<String>,
+    wrong: Vec<String>,
+}
+
+impl View {
+    fn new(welcome: &Value) -> View {
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        let listed = welcome["seq"].as_u64().expect("welcome carries a number");
+        View {
+            nick: welcome["nick"].as_str().unwrap().to_string(),
+            server: welcome["server"]
+                .as_str()
+                .expect("welcome names its server")
+                .into(),
+            listed,
+            last: listed,
+            members: welcome["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap().to_string())
+                .collect(),
+            wrong: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, notice: &Value) {
+        let (Some(kind), Some(nick), Some(seq)) = (
+            notice["type"].as_str(),
+            notice["nick"].as_str(),
+            notice["seq"].as_u64(),
+        ) else {
+            return self.wrong.push(format!("not a notice: {notice}"));
+        };
+        if notice["server"] != self.server.as_str() {
+            return self
+                .wrong
+                .push(format!("another server's notice: {notice}"));
+        }
+        if seq <= self.listed {
+            return;
+        }
+        if seq <= self.last {
+            return self.wrong.push(format!(
+                "{}: {notice} after number {}",
+                self.nick, self.last
+            ));
+        }
+        self.last = seq;
+        let changed = match kind {
+            "join" => self.members.insert(nick.to_string()),
+            "leave" => self.members.remove(nick),
+            _ => false,
+        };
+        if !changed {
+            self.wrong.push(format!(
+                "{}: {notice} contradicts {:?}",
+                self.nick, self.members
+            ));
+        }
+    }
+}
+
+/// Joins on several loops at once: a newcomer subscribes before it reads the member list,
+/// so it can get the join notice of someone its welcome already lists (the page showed
+/// "bob joined" under a welcome naming bob), and a leave and a join of one nickname could
+/// cross. Every client keeps its view by the documented rule; no notice may contradict
+/// it, and every view ends as the room's true members, through a burst of joins and a
+/// burst of leaves, on both backends.
+#[test]
+fn chat_member_views_agree_through_concurrent_joins_and_leaves() {
+    const CLIENTS: usize = 24;
+    for backend in ["epoll", "io-uring"] {
+        let (_server, addr) = start_chat_with("2", backend);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+        let joined: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let (addr, barrier) = (addr.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    join(&addr, "race", &format!("m{i:02}"))
+                })
+            })
+            .collect();
+        let mut members: Vec<_> = joined
+            .into_iter()
+            .map(|t| {
+                let (client, rx, welcome) = t.join().unwrap();
+                (client, rx, View::new(&welcome))
+            })
+            .collect();
+        let everyone: std::collections::BTreeSet<String> =
+            (0..CLIENTS).map(|i| format!("m{i:02}")).collect();
+        settle(&mut members, &everyone, backend);
+
+        // Half leave at once; the rest must see exactly the other half go.
+        let leaving: Vec<_> = members.drain(CLIENTS / 2..).collect();
+        let closers: Vec<_> = leaving
+            .into_iter()
+            .map(|(client, rx, _)| {
+                std::thread::spawn(move || {
+                    let _ = client.close_connection(1000, "bye");
+                    assert!(client.wait_closed(Duration::from_secs(5)));
+                    drop(rx);
+                })
+            })
+            .collect();
+        for closer in closers {
+            closer.join().unwrap();
+        }
+        let staying: std::collections::BTreeSet<String> =
+            (0..CLIENTS / 2).map(|i| format!("m{i:02}")).collect();
+        settle(&mut members, &staying, backend);
+    }
+}
+
+/// Applies notices until every view is `expected` (or 10 s pass), then checks them.
+fn settle(
+    members: &mut [(BlockingClient, mpsc::Receiver<Value>, View)],
+    expected: &std::collections::BTreeSet<String>,
+    backend: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (_, rx, view) in members.iter_mut() {
+        while view.members != *expected && view.wrong.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(notice) => view.apply(&notice),
+                Err(_) => break,
+            }
+        }
+    }
+    let wrong: Vec<String> = members
+        .iter()
+        .flat_map(|(_, _, view)| {
+            let mut wrong = view.wrong.clone();
+            if view.members != *expected {
+                wrong.push(format!("{} sees {:?}", view.nick, view.members));
+            }
+            wrong
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{backend}, expected {expected:?}:\n{}",
+        wrong.join("\n")
+    );
 }
