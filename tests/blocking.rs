@@ -843,6 +843,69 @@ fn a_panicking_setup_closure_answers_500() {
     assert_eq!(other.next_event(), Ev::Text("still here".into()));
 }
 
+/// A setup closure that attaches its listeners and then panics: the client gets 500,
+/// and none of those listeners hears of the connection, which never opened (its
+/// `on_close` was called with 1011).
+#[test]
+fn a_setup_closure_that_panics_after_attaching_listeners_runs_none() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let (tx, heard) = mpsc::channel::<String>();
+    let tx = std::sync::Mutex::new(tx);
+    let addr = start_server(Options::default(), move |_, ws| {
+        let open = tx.lock().unwrap().clone();
+        let close = open.clone();
+        ws.on_open(move |_| {
+            let _ = open.send("on_open".into());
+        });
+        ws.on_close(move |_, code, reason| {
+            let _ = close.send(format!("on_close({code}, {reason:?})"));
+        });
+        panic!("a setup closure bug (on purpose)");
+    });
+    let mut raw = connect_tcp(addr);
+    raw.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 500 "), "{answer:?}");
+    // The server is done with the connection once it has closed TCP.
+    let heard: Vec<String> = heard.try_iter().collect();
+    assert!(heard.is_empty(), "listeners ran: {heard:?}");
+}
+
+/// A listener that panics with a large reply still queued (the peer reads nothing until
+/// then): the peer gets the whole reply, then close 1011, then the server's FIN (only
+/// what the socket took at once went out, and the connection was dropped unclosed).
+#[test]
+fn a_panicking_listener_s_queued_output_goes_out_whole_before_its_1011() {
+    let _memory = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    const BIG: usize = 32 << 20;
+    let addr = start_server(Options::default(), |_, ws| {
+        ws.on_message(|ws, message| {
+            if message.as_text() == Some("boom") {
+                ws.send_binary(&vec![7u8; BIG]).unwrap();
+                panic!("a listener bug (on purpose)");
+            }
+        });
+    });
+    let mut client = Client::connect(addr);
+    client.driver.send_text("boom").unwrap();
+    client.flush();
+    // The reply is queued whole before the panic: far more than the sockets hold.
+    match client.next_event() {
+        Ev::Binary(b) => assert!(b.len() == BIG && b.iter().all(|&x| x == 7), "{}", b.len()),
+        other => panic!("the queued reply first, got {other:?}"),
+    }
+    assert_eq!(
+        client.next_event(),
+        Ev::Close(1011, "a listener panicked".into())
+    );
+    assert!(client.read_to_eof().is_empty(), "nothing after the close");
+}
+
 /// The server closes, the peer never answers: after the close
 /// timeout TCP is dropped and `on_close` reports 1006.
 #[test]

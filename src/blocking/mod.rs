@@ -188,8 +188,9 @@ impl BlockingServer {
 
     /// Accepts connections until the listener fails. `app` runs for each valid upgrade
     /// request, before the 101 is sent, to attach handlers (like the seed's app, which
-    /// calls `make-server` and `on`). If it panics, that client gets 500 and the server
-    /// goes on; a listener that panics later fails its connection with close 1011.
+    /// calls `make-server` and `on`). If it panics, that client gets 500, none of the
+    /// listeners it attached runs, and the server goes on; a listener that panics later
+    /// fails its connection with close 1011, sent after everything already queued.
     pub fn serve<F>(self, app: F) -> io::Result<()>
     where
         F: Fn(&Request, &mut WebSocket) + Send + Sync + 'static,
@@ -458,24 +459,46 @@ fn run_connection(
             Err(e)
         }
         Err(_) => {
-            // `app` itself panicked before the 101: the client gets 500, as from the
-            // reactor, and no WebSocket close (there is no WebSocket yet).
-            let upgraded = ws.ready_state() != ReadyState::Connecting;
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
-                let _ = spare.set_nonblocking(true);
-                let _ = write_ready(&spare, &mut ws);
-            }));
-            if !upgraded {
-                let _ = spare.set_nonblocking(false);
+            // The socket is the spare's alone now (the panic dropped the other handle), and
+            // blocking again: what is left goes out whole, within the write timeout.
+            let _ = spare.set_nonblocking(false);
+            if ws.ready_state() == ReadyState::Connecting {
+                // `app` itself panicked before the 101: the client gets 500, as from the
+                // reactor, and no WebSocket close; no listener `app` attached hears of a
+                // connection that never opened.
                 if (&spare).write_all(&upgrade::panicked_response()).is_ok() {
                     let _ = linger_close(spare);
                 }
+                return Ok(());
+            }
+            // A listener panicked: close 1011 behind everything already queued (`on_close`
+            // once), then TCP closes as after any other close.
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ws.abort(crate::code::INTERNAL_ERROR, "a listener panicked");
+                write_all_output(&spare, &mut ws)
+            }));
+            if matches!(written, Ok(Ok(()))) && !ws.driver().close_received() {
+                let _ = linger_close(spare);
             }
             Ok(())
         }
     }
 }
+
+/// Writes all pending output on a blocking socket (each write bounded by its write
+/// timeout).
+fn write_all_output(mut stream: impl Write, ws: &mut WebSocket) -> io::Result<()> {
+    while !ws.pending_output().is_empty() {
+        match stream.write(ws.pending_output()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => ws.consume_output(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
 /// for a moment (2 s in all, however it trickles in), so unread data does not turn the
 /// close into a reset that could destroy the close frame in flight.
