@@ -746,15 +746,22 @@ fn a_refused_client_that_keeps_sending_is_closed_within_the_linger() {
 
 // ----- timeouts, limits and a panicking listener -----
 
+/// A raw socket that has sent an upgrade request for `path`.
+fn raw_upgrade_request(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut raw = connect_tcp(addr);
+    write!(
+        raw,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    raw
+}
+
 /// A raw socket that completes the upgrade (the 101 head read byte by byte, so nothing
 /// after it is consumed).
 fn raw_upgrade(addr: SocketAddr) -> TcpStream {
-    let mut raw = connect_tcp(addr);
-    raw.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
+    let mut raw = raw_upgrade_request(addr, "/");
     let mut seen = Vec::new();
     let mut byte = [0u8; 1];
     while !seen.ends_with(b"\r\n\r\n") {
@@ -824,12 +831,7 @@ fn a_panicking_setup_closure_answers_500() {
             let _ = ws.send_message(&message);
         });
     });
-    let mut raw = connect_tcp(addr);
-    raw.write_all(
-        b"GET /boom HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
+    let mut raw = raw_upgrade_request(addr, "/boom");
     let mut answer = String::new();
     raw.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 500 "), "{answer:?}");
@@ -862,12 +864,7 @@ fn a_setup_closure_that_panics_after_attaching_listeners_runs_none() {
         });
         panic!("a setup closure bug (on purpose)");
     });
-    let mut raw = connect_tcp(addr);
-    raw.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .unwrap();
+    let mut raw = raw_upgrade_request(addr, "/");
     let mut answer = String::new();
     raw.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 500 "), "{answer:?}");
