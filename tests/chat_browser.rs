@@ -1,8 +1,8 @@
 //! The chat example (`examples/chat.rs`) in a real browser: headless Chromium, driven
 //! through the Chrome DevTools Protocol over this crate's own [`BlockingClient`].
 //!
-//! The test builds the example (`cargo build --example chat`, nothing to do after
-//! `cargo build --all-targets`), starts it on a free loopback port, starts
+//! The test builds the example (`cargo build --profile test --example chat`, nothing to do
+//! after `cargo test` has built its targets), starts it on a free loopback port, starts
 //! `/usr/bin/chromium` (or `$CHROMIUM`) with `--remote-debugging-port=0` and reads the
 //! DevTools URL from its stderr. Three pages join: alice and bob in `alpha`, carol in
 //! `beta`. Alice types a line with HTML in it; alice and bob must show it as literal text

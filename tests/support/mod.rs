@@ -219,6 +219,11 @@ impl Rng {
 
 /// An example's binary, built by cargo with `features` (a no-op when an earlier build
 /// made it), so a test can run it as a process of its own.
+///
+/// Built with the `test` profile and the features this test crate was built with (plus
+/// `features`): `cargo test` has then compiled the library, and the example itself, for
+/// that profile and feature set already, where another profile or feature set would
+/// compile the library once more (about a minute of a clean CI run).
 pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
     use std::process::{Command, Stdio};
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -245,10 +250,23 @@ pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
     }
     command.current_dir(env!("CARGO_MANIFEST_DIR")).args([
         "build",
+        "--profile",
+        "test",
         "--example",
         name,
         "--message-format=json-render-diagnostics",
     ]);
+    let mut features = features.to_vec();
+    let built_with = [
+        (cfg!(feature = "tokio"), "tokio"),
+        (cfg!(feature = "hyper"), "hyper"),
+        (cfg!(feature = "redis"), "redis"),
+    ];
+    for (on, feature) in built_with {
+        if on && !features.contains(&feature) {
+            features.push(feature);
+        }
+    }
     if !features.is_empty() {
         command.args(["--features", &features.join(",")]);
     }
