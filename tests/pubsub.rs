@@ -235,6 +235,7 @@ fn burst_reaches_every_subscriber_once_and_in_order(backend: Backend) {
     assert_eq!(stats.published, 2 * BURST as u64);
     assert_eq!(stats.delivered, (2 * BURST * SUBSCRIBERS) as u64);
     assert_eq!(stats.dropped, 0);
+    drop(clients);
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -374,7 +375,7 @@ fn publications_from_late_handlers_leave_in_their_turn(backend: Backend) {
     listener.send_text("count:farewells").unwrap();
     assert_eq!(text(&mut listener), "bye");
     assert_eq!(text(&mut listener), "count 1");
-    drop(leaver);
+    drop((leaver, listener));
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -416,6 +417,7 @@ fn a_subscriber_closed_inside_a_run_is_refused_once(backend: Backend) {
     let stats = server.stats();
     assert!(stats.dropped <= 1, "{stats:?}");
     subscribers(&server, "flood", 0);
+    drop((_slow, publisher));
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -457,6 +459,7 @@ fn a_handlers_sends_and_publishes_keep_their_order_on_its_loop(backend: Backend)
             ]
         );
     }
+    drop((mixer, clients));
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -576,6 +579,7 @@ fn unsubscribe_and_close_stop_delivery(backend: Backend) {
     // A topic without subscribers costs nothing and is no error.
     server.publish("nobody", b"x", MessageType::Binary).unwrap();
     assert_eq!(server.subscribers("nobody"), 0);
+    drop((a, b, c));
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -620,6 +624,7 @@ fn topic_limits_and_publishable_kinds(backend: Backend) {
         client.next_message().unwrap(),
         Owned::Binary(vec![0xff, 0xfe])
     );
+    drop(client);
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
@@ -827,6 +832,7 @@ fn never_reading_subscriber_is_held_to_the_cap(backend: Backend, policy: Backpre
         "RSS grew by {} KiB",
         peak - before
     );
+    drop(slow);
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
