@@ -133,6 +133,7 @@ fn publishes_reach_deflate_and_plain_subscribers(backend: Backend) {
             .unwrap()
     };
     assert!(read("context takeover") < read("default"));
+    drop(clients);
     handle.shutdown(Duration::from_secs(5)).unwrap();
 }
 

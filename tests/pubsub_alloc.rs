@@ -108,6 +108,7 @@ fn no_allocation_per_delivered_message(backend: Backend) {
         allocations <= 3 * BURST as u64 + BURST as u64 / 2,
         "{allocations} allocations for {BURST} publishes to {SUBSCRIBERS} subscribers"
     );
+    drop(clients);
     server.shutdown(Duration::from_secs(5)).unwrap();
 }
 
