@@ -207,6 +207,13 @@ impl WebSocket {
         self.receive_through(input, true);
     }
 
+    /// Takes the input kept for the next `receive` (what [`WebSocket::receive_until_open`]
+    /// left behind the `Open`), so that the thread that runs the connection from then on
+    /// reads it, not whichever thread calls in first.
+    pub(crate) fn take_unread(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.unread)
+    }
+
     fn receive_through(&mut self, input: &mut [u8], until_open: bool) {
         if self.unread.is_empty() {
             return self.receive_now(input, until_open);

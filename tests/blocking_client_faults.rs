@@ -1,6 +1,7 @@
 //! BlockingClient timeouts and close paths against raw servers that misbehave.
 
 mod common;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -199,22 +200,176 @@ fn upgrade_then(after: Vec<u8>, hold: Duration) -> SocketAddr {
     addr
 }
 
-/// `on_message` runs on the I/O thread, for a message in the same TCP read as the 101 too.
+/// `on_message` runs on the I/O thread, for a message in the same TCP read as the 101 too,
+/// also when the application sends at once after `start_connection` (the send's write
+/// used to read the kept input on the sender's thread first, in 10 of 10 rounds).
 #[test]
 fn message_behind_the_101_runs_on_the_io_thread() {
-    let addr = upgrade_then(vec![0x81, 2, b'h', b'i'], Duration::from_secs(3));
+    for round in 0..10 {
+        let addr = upgrade_then(vec![0x81, 2, b'h', b'i'], Duration::from_millis(300));
+        let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        client.on_message(move |_, m| {
+            let _ = tx.send((
+                m.as_text().map(str::to_string),
+                std::thread::current().name().map(str::to_string),
+            ));
+        });
+        client.start_connection().unwrap();
+        if round > 0 {
+            client.send_text("x").unwrap();
+        }
+        let (text, thread) = rx.recv_timeout(Duration::from_secs(3)).unwrap();
+        assert_eq!(text.as_deref(), Some("hi"));
+        assert_eq!(thread.as_deref(), Some("wsd-client-io"), "round {round}");
+    }
+}
+
+/// A listener that panics on a message behind the 101 fails the connection on the I/O
+/// thread (1011, `on_close` once): the panic does not come out of a send the
+/// application makes right after `start_connection`.
+#[test]
+fn a_panic_on_a_message_behind_the_101_does_not_reach_a_sender() {
+    let addr = upgrade_then(vec![0x81, 2, b'h', b'i'], Duration::from_secs(2));
     let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default()).unwrap();
-    let (tx, rx) = mpsc::channel();
-    client.on_message(move |_, m| {
-        let _ = tx.send((
-            m.as_text().map(str::to_string),
-            std::thread::current().name().map(str::to_string),
-        ));
+    client.on_message(|_, _| panic!("a listener bug (on purpose)"));
+    let (tx, closes) = mpsc::channel();
+    client.on_close(move |_, code, _| {
+        let _ = tx.send(code);
     });
     client.start_connection().unwrap();
-    let (text, thread) = rx.recv_timeout(Duration::from_secs(3)).unwrap();
-    assert_eq!(text.as_deref(), Some("hi"));
-    assert_eq!(thread.as_deref(), Some("wsd-client-io"));
+    let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| client.send_text("x")));
+    assert!(sent.is_ok(), "the listener's panic came out of send_text");
+    assert_eq!(closes.recv_timeout(Duration::from_secs(5)), Ok(1011));
+    assert!(closes.recv_timeout(Duration::from_millis(200)).is_err());
+}
+
+/// A refusal whose body runs to a close that never comes (no Content-Length, TCP held
+/// open): the handshake timeout ends it, and `on_error` and `start_connection` report
+/// the same cause, the refusal (the handler heard the 503, the caller a timeout).
+#[test]
+fn a_refusal_held_open_reports_one_cause() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        read_head_bytes(&mut s);
+        s.write_all(b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy")
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let client = BlockingClient::new(&format!("ws://{addr}/"), Options::default())
+        .unwrap()
+        .timeouts(ClientTimeouts {
+            handshake: Duration::from_millis(500),
+            ..ClientTimeouts::default()
+        });
+    let (tx, heard) = mpsc::channel();
+    client.on_error(move |_, e| {
+        let _ = tx.send(format!("{e:?}"));
+    });
+    let err = client.start_connection().unwrap_err();
+    assert!(
+        matches!(&err, Error::Handshake(websocket_driver::HandshakeError::UnexpectedStatus { status: 503, body }) if body == "busy"),
+        "{err:?}"
+    );
+    assert_eq!(heard.try_iter().collect::<Vec<_>>(), [format!("{err:?}")]);
+}
+
+/// A one-connection wss server: the TLS handshake, the upgrade request, then (when
+/// `answer`) the 101 and a close_notify sealed into one write; TCP held open for `hold`.
+#[cfg(feature = "tls")]
+fn wss_close_notify_server(
+    name: &str,
+    answer: bool,
+    hold: Duration,
+) -> (SocketAddr, std::path::PathBuf) {
+    let (cert, key) = support::self_signed_pem(name);
+    let config = websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut tls = rustls::ServerConnection::new(config).unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.complete_io(&mut socket).unwrap();
+            let mut chunk = [0u8; 4096];
+            match tls.reader().read(&mut chunk) {
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if answer {
+            tls.writer()
+                .write_all(&common::response_for(&head, ""))
+                .unwrap();
+        }
+        tls.send_close_notify();
+        let mut records = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut records).unwrap();
+        }
+        socket.write_all(&records).unwrap();
+        std::thread::sleep(hold);
+    });
+    (addr, cert)
+}
+
+/// On wss, a close_notify in the same read as the 101 ends the connection at once (1006),
+/// as one in a later read does; the client stayed open until the server dropped TCP.
+#[test]
+#[cfg(feature = "tls")]
+fn wss_close_notify_in_the_same_read_as_the_101_ends_the_connection() {
+    let (addr, cert) =
+        wss_close_notify_server("bcf-101-close-notify", true, Duration::from_secs(6));
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&websocket_driver::tls::Verify::CaFile(cert))
+    .unwrap();
+    let (tx, closes) = mpsc::channel();
+    client.on_close(move |_, code, _| {
+        let _ = tx.send(code);
+    });
+    client.start_connection().unwrap();
+    assert_eq!(closes.recv_timeout(Duration::from_secs(3)), Ok(1006));
+}
+
+/// On wss, a close_notify before any 101: `start_connection` fails at once (it waited
+/// for TCP's end or the handshake timeout).
+#[test]
+#[cfg(feature = "tls")]
+fn wss_close_notify_before_the_101_fails_the_start_at_once() {
+    let (addr, cert) =
+        wss_close_notify_server("bcf-close-notify-before-101", false, Duration::from_secs(4));
+    let client = BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&websocket_driver::tls::Verify::CaFile(cert))
+    .unwrap();
+    let started = Instant::now();
+    let result = client.start_connection();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            result,
+            Err(Error::Handshake(
+                websocket_driver::HandshakeError::Incomplete
+            ))
+        ),
+        "{result:?}"
+    );
+    // The server holds TCP for 4 s; the default handshake timeout is longer.
+    assert!(took < Duration::from_secs(2), "took {took:?}");
 }
 
 /// What a client whose listener panics during `start_connection` (on a message that came

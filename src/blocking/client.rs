@@ -315,23 +315,15 @@ impl BlockingClient {
             ws.timers.poll_timeout()
         };
         write_handshake(&self.shared, &mut stream)?;
-        loop {
+        let behind_101 = loop {
             let n = match read_by(&mut stream, &mut buf, deadline) {
                 Ok(Some(n)) => n,
-                // The handler hears the cause that is returned (it heard "connection
-                // closed during the handshake" for both).
                 Ok(None) => {
                     let timed_out =
-                        || io::Error::new(io::ErrorKind::TimedOut, "opening handshake timed out");
-                    self.shared.lock().receive_error(timed_out());
-                    return Err(timed_out().into());
+                        io::Error::new(io::ErrorKind::TimedOut, "opening handshake timed out");
+                    return Err(handshake_failed(&mut self.shared.lock(), timed_out));
                 }
-                Err(e) => {
-                    self.shared
-                        .lock()
-                        .receive_error(io::Error::new(e.kind(), e.to_string()));
-                    return Err(e.into());
-                }
+                Err(e) => return Err(handshake_failed(&mut self.shared.lock(), e)),
             };
             let mut ws = self.shared.lock();
             if n == 0 {
@@ -361,10 +353,22 @@ impl BlockingClient {
                 return Err(io::Error::other("a listener panicked").into());
             };
             if ws.is_handshake_complete() && received.is_ok() {
-                // What follows the handshake is the I/O thread's to write.
+                // What follows the handshake is the I/O thread's to write, and what the
+                // server sent behind its 101 the I/O thread's to read: taken out of the
+                // `WebSocket`, where the next call from any thread would read it.
                 let config = ws.timer_config;
                 ws.timers.opened(Instant::now(), &config);
-                break;
+                break ws.ws.take_unread();
+            }
+            if received.is_ok() && ws.peer_closed_tls() {
+                // On wss the server ended TLS (close_notify) before its 101: no answer can
+                // follow, whatever TCP does.
+                ws.receive_eof();
+                let why = ws
+                    .handshake_error()
+                    .cloned()
+                    .unwrap_or(HandshakeError::Incomplete);
+                return Err(why.into());
             }
             drop(ws);
             // The TLS handshake's next flight, or an alert.
@@ -387,7 +391,7 @@ impl BlockingClient {
                     .unwrap_or(HandshakeError::Incomplete);
                 return Err(why.into());
             }
-        }
+        };
         // Open: the socket turns non-blocking and the I/O thread takes over.
         stream.set_nonblocking(true)?;
         let mut conn = mio::net::TcpStream::from_std(stream);
@@ -407,7 +411,7 @@ impl BlockingClient {
         let shared = self.shared.clone();
         let io_thread = std::thread::Builder::new()
             .name("wsd-client-io".into())
-            .spawn(move || io_loop(shared, conn, poll, buf))?;
+            .spawn(move || io_loop(shared, conn, poll, buf, behind_101))?;
         *lock(&self.io_thread) = Some(io_thread);
         Ok(())
     }
@@ -579,12 +583,29 @@ impl Drop for BlockingClient {
     }
 }
 
+/// The transport failed with `error` before the 101: the handler hears why, and the same
+/// cause is returned (the refusal, where the server had refused and its body was cut
+/// short; else `error`).
+fn handshake_failed(session: &mut Session, error: io::Error) -> Error {
+    session.receive_error(io::Error::new(error.kind(), error.to_string()));
+    match session.handshake_error() {
+        Some(refusal) => refusal.clone().into(),
+        None => error.into(),
+    }
+}
+
 /// The I/O thread: reads until the connection ends and writes what senders left behind,
 /// sleeping in `poll` until the socket is ready, a sender wakes it, or the next deadline
 /// of the session's timers or of the write timeout.
-fn io_loop(shared: Arc<Shared>, stream: Arc<mio::net::TcpStream>, poll: mio::Poll, buf: Vec<u8>) {
+fn io_loop(
+    shared: Arc<Shared>,
+    stream: Arc<mio::net::TcpStream>,
+    poll: mio::Poll,
+    buf: Vec<u8>,
+    behind_101: Vec<u8>,
+) {
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        read_until_end(&shared, &stream, poll, buf)
+        read_until_end(&shared, &stream, poll, buf, behind_101)
     }));
     if ran.is_err() {
         // A listener panicked on this thread (the panic hook has reported it). Without
@@ -608,15 +629,23 @@ fn read_until_end(
     stream: &Arc<mio::net::TcpStream>,
     mut poll: mio::Poll,
     mut buf: Vec<u8>,
+    mut behind_101: Vec<u8>,
 ) {
     let mut events = mio::Events::with_capacity(4);
     {
-        // What the server sent behind its 101, kept by `start_connection`: its events
-        // run here, on this thread, as every later message's do.
-        let mut session = shared.lock();
-        session.ws.receive(&mut []);
+        // What the server sent behind its 101 (decrypted on wss), taken by
+        // `start_connection`: its events run here, on this thread, as every later
+        // message's do.
+        let mut guard = shared.lock();
+        let session = &mut *guard;
+        session.ws.receive(&mut behind_101);
         session.write_ready();
         session.track();
+        if session.peer_closed_tls() {
+            // The server's close_notify came in the same read as the 101.
+            session.receive_eof();
+            return end(shared, guard, stream);
+        }
         shared.changed.notify_all();
     }
     loop {
