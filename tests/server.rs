@@ -2348,3 +2348,89 @@ mod wait_beside_shutdown {
         shutdown_after_wait_still_reports_a_panicked_loop
     );
 }
+
+mod shutdown_from_a_handler {
+    use super::*;
+    use std::sync::OnceLock;
+
+    /// Calls on its server's handle from inside `on_message` ("stop": `shutdown`, "wait":
+    /// `wait`) and reports what they returned.
+    struct Admin {
+        handle: Arc<OnceLock<ServerHandle>>,
+        said: std::sync::mpsc::Sender<String>,
+    }
+
+    impl Handler for Admin {
+        fn on_message(&mut self, ws: &mut Ws<'_>, message: Message<'_>) {
+            let handle = self.handle.get().unwrap();
+            match message.as_text() {
+                Some("wait") => {
+                    let waited = handle.wait().map_err(|e| e.kind());
+                    let _ = self.said.send(format!("wait {waited:?}"));
+                    let _ = ws.send_text("still serving");
+                }
+                Some("stop") => {
+                    let shut = handle
+                        .shutdown(Duration::from_secs(1))
+                        .map_err(|e| e.kind());
+                    let _ = self.said.send(format!("shutdown {shut:?}"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `ServerHandle` "controls a running server from any thread", a handler's too:
+    /// `wait` there fails at once (the loop would wait for itself) and the loop goes on;
+    /// `shutdown` there starts the shutdown and returns, every client gets 1001, and
+    /// `wait` on another thread sees the loops end. (Both joined the handler's own
+    /// thread: a panic, close 1011 to the client, and the handle's lock poisoned for
+    /// every later `wait` and `shutdown`.)
+    fn wait_and_shutdown_from_a_handler(backend: Backend) {
+        let handle = Arc::new(OnceLock::new());
+        let (said, heard) = std::sync::mpsc::channel();
+        let (cell, said) = (handle.clone(), Mutex::new(said));
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 2,
+                backend,
+                ..ServerConfig::default()
+            })
+            .start(move |_| {
+                Upgrade::Accept(Admin {
+                    handle: cell.clone(),
+                    said: said.lock().unwrap().clone(),
+                })
+            })
+            .unwrap();
+        handle.set(server.clone()).ok().unwrap();
+        let mut admin = TestClient::connect(server.local_addr(), "/").unwrap();
+        let mut other = TestClient::connect(server.local_addr(), "/").unwrap();
+        admin.send_text("wait").unwrap();
+        let said = heard.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(said, "wait Err(Deadlock)");
+        assert_eq!(
+            admin.next_message().unwrap(),
+            Owned::Text("still serving".into())
+        );
+
+        admin.send_text("stop").unwrap();
+        let said = heard.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(said, "shutdown Ok(())");
+        for client in [&mut admin, &mut other] {
+            assert!(
+                matches!(client.next_message(), Ok(Owned::Close(1001, _))),
+                "a client did not get 1001"
+            );
+        }
+        drop((admin, other));
+        let waiter = server.clone();
+        let waited = std::thread::spawn(move || waiter.wait());
+        assert!(waited.join().unwrap().is_ok());
+        assert!(server.shutdown(Duration::from_secs(1)).is_ok());
+        assert_eq!(server.stats().handler_panics, 0);
+    }
+
+    on_every_backend!(wait_and_shutdown_from_a_handler);
+}

@@ -201,7 +201,10 @@ impl<H: Handler> ClientReactor<H> {
     /// Sends 1001 to every open connection, waits up to `grace`, closes the rest, stops
     /// the loops. A connection still waiting for its 101 ends at once (its handler hears
     /// 1006, "shut down before the connection opened"); a connect not started yet fails
-    /// (`on_error`, then 1006), and `connect` refuses new ones from then on.
+    /// (`on_error`, then 1006), and `connect` refuses new ones from then on. Called from a
+    /// handler (on one of these loops), it starts the same and returns without waiting
+    /// for the loops, as [`ServerHandle::shutdown`](crate::server::ServerHandle::shutdown)
+    /// does.
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         self.handle.shutdown(grace)
     }

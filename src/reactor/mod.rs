@@ -551,7 +551,7 @@ impl<C> Remote<C> {
     }
 
     /// Whether this thread runs the loop this handle reaches.
-    fn is_own_loop(&self) -> bool {
+    pub(crate) fn is_own_loop(&self) -> bool {
         OWN_INBOX.with(|own| own.get()) == Arc::as_ptr(&self.notified) as usize
     }
 

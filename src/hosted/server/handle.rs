@@ -215,13 +215,22 @@ impl ServerHandle {
     /// close, drops the rest, and returns when every loop has stopped and the backplane
     /// (if any) has stopped its IO (the Redis backplane waits up to a second for its
     /// threads).
+    ///
+    /// Called from a handler (on one of this server's loops), it starts the same shutdown
+    /// and returns without waiting for the loops: the handler's own loop can end only
+    /// after the handler returns. A thread blocked in [`ServerHandle::wait`] sees the
+    /// end.
     pub fn shutdown(&self, grace: Duration) -> io::Result<()> {
         self.inner.pubsub.stop();
         stop_loops(
             &self.inner.remotes,
             crate::instant::deadline_after(Instant::now(), grace),
         );
-        let result = self.wait();
+        let result = if self.on_own_loop() {
+            Ok(())
+        } else {
+            self.wait()
+        };
         if let Some(backplane) = &self.inner.pubsub.backplane {
             backplane.stop();
         }
@@ -230,8 +239,16 @@ impl ServerHandle {
 
     /// Blocks until every loop has stopped (after a shutdown). Fails if one ended with an
     /// error or panicked ("an event loop panicked"): every call says so, from any thread
-    /// (the one that joined the loops and the others alike).
+    /// (the one that joined the loops and the others alike). From a handler (on one of
+    /// this server's loops) it fails at once with [`io::ErrorKind::Deadlock`]: the loop
+    /// would wait for itself.
     pub fn wait(&self) -> io::Result<()> {
+        if self.on_own_loop() {
+            return Err(io::Error::new(
+                io::ErrorKind::Deadlock,
+                "ServerHandle::wait called from a handler: its loop would wait for itself",
+            ));
+        }
         // Held while joining: a concurrent `wait` or `shutdown` returns once the loops
         // have ended, with the same outcome.
         let mut loops = self.inner.threads.lock().expect("threads lock");
@@ -243,6 +260,13 @@ impl ServerHandle {
             Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
             None => Ok(()),
         }
+    }
+}
+
+impl ServerHandle {
+    /// Whether the calling thread runs one of this server's loops (a handler's call).
+    fn on_own_loop(&self) -> bool {
+        self.inner.remotes.iter().any(Remote::is_own_loop)
     }
 }
 
