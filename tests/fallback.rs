@@ -51,5 +51,6 @@ fn auto_serves_on_epoll_when_io_uring_is_unavailable() {
         .start(|_| Upgrade::Accept(Echo))
         .unwrap_err();
     assert_eq!(explicit.kind(), std::io::ErrorKind::Unsupported);
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }

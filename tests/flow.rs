@@ -159,6 +159,7 @@ fn flooding_client_is_slowed_not_dropped(backend: Backend) {
     let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
     eprintln!("{backend}: stalled after {stalled_at} messages; RSS growth {growth_mib:.1} MiB");
     assert!(growth_mib < 64.0, "RSS grew by {growth_mib:.1} MiB");
+    drop(stream);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -248,6 +249,7 @@ fn handler_sends_are_refused_past_the_cap(backend: Backend) {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     assert!(client.next_message().is_err());
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -317,6 +319,7 @@ fn sender_is_refused_past_the_cap(backend: Backend) {
         .send_text("again")
         .is_ok()));
     assert_eq!(client.next_message().unwrap(), Owned::Text("again".into()));
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -412,6 +415,7 @@ fn a_large_message_finished_over_the_cap_waits_for_the_drain(backend: Backend) {
         "expected the publication"
     );
     assert_eq!(client.next_message().unwrap(), Owned::Binary(message));
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -462,6 +466,7 @@ fn accepted_sends_are_delivered_past_the_cap(backend: Backend) {
         "{first:?}"
     );
     assert_eq!(client.next_message().unwrap(), Owned::Text("behind".into()));
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -746,6 +751,7 @@ fn a_write_callback_over_the_cap_does_not_deliver_the_waiting_message(backend: B
         ],
         "{seen}"
     );
+    drop((client, other));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 

@@ -186,6 +186,7 @@ fn ping_flood_from_a_peer_that_never_reads_stays_at_16_kib(backend: Backend) {
         "server queued {max} bytes of pongs (cap {cap}, written {written})"
     );
     drop(flooder.stream.shutdown(std::net::Shutdown::Both));
+    drop(other);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 

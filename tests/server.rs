@@ -317,6 +317,7 @@ fn refused_send_closes_with_1008_under_close_policy(backend: Backend) {
         .stats()
         .connections_open
         == 1));
+    drop((slow, healthy));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -371,6 +372,7 @@ fn drop_new_policy_refuses_sends_over_the_limit(backend: Backend) {
         (received, refused.load(Ordering::Relaxed) - before),
         (17, 3)
     );
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -671,6 +673,7 @@ fn idle_timeout_pings_then_closes_a_silent_peer(backend: Backend) {
         .closes
         .get(&1001)
         == Some(&1)));
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -814,6 +817,7 @@ fn write_and_pong_callbacks_run_and_are_dropped_on_close(backend: Backend) {
             "pong unanswered #2"
         ]
     );
+    drop(next);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -875,6 +879,7 @@ fn a_pong_for_a_later_ping_runs_the_earlier_pings_callbacks_too(backend: Backend
         ["pong first", "pong second", "on_pong", "on_pong"],
         "an answered ping's callback runs once"
     );
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1001,6 +1006,7 @@ fn messages_echoed_by_value_arrive_whole_and_in_order(backend: Backend) {
     assert!(by_value.load(Ordering::Relaxed) >= 1);
     let stats = server.stats();
     assert_eq!((stats.messages_in, stats.messages_out), (7, 7));
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1095,6 +1101,7 @@ fn a_backlog_burst_leaves_room_for_open_connections(backend: Backend) {
     let mut later = TestClient::connect(addr, "/").unwrap();
     later.send_text("ping").unwrap();
     assert_eq!(later.next_message().unwrap(), Owned::Text("pong".into()));
+    drop((client, later));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1116,6 +1123,7 @@ fn echoes_arrive_with_and_without_busy_polling(backend: Backend) {
             // Gaps from nothing to past the poll, so polls both find work and miss.
             std::thread::sleep(Duration::from_micros(250 * (i % 30)));
         }
+        drop(client);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -1135,6 +1143,7 @@ fn tiny_read_buffers_still_echo(backend: Backend) {
             client.send_text(&text).unwrap();
             assert_eq!(client.next_message().unwrap(), Owned::Text(text));
         }
+        drop(client);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -1543,6 +1552,7 @@ fn a_panicking_handler_fails_only_its_connection(backend: Backend) {
         Owned::Text("still here".into())
     );
     assert_eq!(server.stats().connections_open, 1);
+    drop(streaming);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1685,6 +1695,7 @@ fn frames_in_the_same_write_as_the_request_are_kept(backend: Backend) {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.find("first").unwrap() < text.find("second").unwrap());
+    drop(stream);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1725,6 +1736,7 @@ fn a_refused_sender_send_closes_under_close_policy(backend: Backend) {
         "refused after {accepted} sends ({refused}), but still open 3 s later: {:?}",
         server.stats()
     );
+    drop(_silent);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1767,6 +1779,7 @@ fn a_stale_sender_does_not_reach_the_keys_next_connection(backend: Backend) {
         second.next_message().unwrap(),
         Owned::Text("for the second".into())
     );
+    drop((first, second));
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1800,6 +1813,7 @@ fn an_accepted_send_over_the_cap_is_not_closed_under_close_policy(backend: Backe
             server.stats()
         ),
     }
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -1836,6 +1850,7 @@ fn a_slow_reader_of_a_long_download_is_not_closed_as_idle(backend: Backend) {
     assert_eq!(refused.load(Ordering::Relaxed), 0);
     assert!(server.stats().closes.is_empty(), "{:?}", server.stats());
     assert_eq!(server.stats().connections_open, 1);
+    drop(client);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -2007,6 +2022,7 @@ mod panics_in_drops {
             server.stats()
         );
         assert!(server.stats().handler_panics >= 1, "{:?}", server.stats());
+        drop((bystander, culprit));
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 
@@ -2116,6 +2132,7 @@ mod end_loop_leaves_counts {
             (alive, alive, 0),
             "after the loop ended with {dead} connections: {stats:?}"
         );
+        drop(extra);
         let _ = server.shutdown(Duration::from_secs(1));
     }
 
@@ -2189,6 +2206,7 @@ mod sender_validation {
             "invalid UTF-8 text accepted ({result:?}) and never delivered: the client's \
              first message is {first:?}"
         );
+        drop(client);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 

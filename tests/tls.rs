@@ -420,6 +420,7 @@ fn a_tls_server_at_its_limit_closes_without_a_plaintext_answer() {
     let _ = refused.read_to_end(&mut got);
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     assert_eq!(server.stats().connections_refused, 1);
+    drop(_held);
     server.shutdown(Duration::from_secs(1)).unwrap();
 }
 
@@ -606,6 +607,7 @@ fn wss_flooding_client_is_slowed_not_dropped() {
             growth_mib < 64.0,
             "{backend}: RSS grew by {growth_mib:.1} MiB"
         );
+        drop(raw);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -949,6 +951,7 @@ fn plaintext_on_the_wss_port_is_closed_at_once() {
             closed_within(&socket, Duration::from_secs(2)),
             "{backend:?}"
         );
+        drop(socket);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -1012,6 +1015,7 @@ fn a_key_update_flood_is_closed() {
             closed_within(&raw.socket, Duration::from_secs(3)),
             "{backend:?}"
         );
+        drop(raw);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
@@ -1115,6 +1119,7 @@ fn close_notify_behind_held_input_loses_nothing() {
             count_echoes(&mut raw.ws, &mut plain, &mut echoes);
         }
         let code = rx.recv_timeout(Duration::from_secs(3));
+        drop(raw);
         server.shutdown(Duration::from_secs(1)).unwrap();
         (echoes, code)
     });
@@ -1344,6 +1349,7 @@ fn a_panicking_wss_handler_sends_its_close_sealed() {
             "{backend}: no close_notify after on_close panicked"
         );
         assert_eq!(server.stats().handler_panics, 2, "{backend}");
+        drop(raw);
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
