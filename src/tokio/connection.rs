@@ -316,7 +316,9 @@ where
     /// Completes the receipts of the sends whose frames are now written.
     fn confirm_written(&mut self) {
         while let Some((token, _)) = self.written.front() {
-            if !self.ws.driver().is_sent(*token) {
+            // A frame the stream wrote around the driver before `spawn` goes out before
+            // everything the driver holds: nothing queued since is written before it.
+            if !self.ws.driver().is_sent(*token) || self.ws.unwritten_around_driver() > 0 {
                 break;
             }
             let (_, done) = self.written.pop_front().expect("front exists");
@@ -351,7 +353,8 @@ where
         loop {
             // The state goes out before the events: a receiver that sees `Close` finds the
             // senders refusing already.
-            self.shared.publish(self.ws.driver());
+            self.shared
+                .publish(self.ws.buffered_amount(), self.ws.ready_state());
             self.confirm_written();
             self.try_deliver();
             let state = self.ws.ready_state();
@@ -417,7 +420,13 @@ where
         // Closed: what the last writes took is confirmed; then stop taking commands, tell
         // the senders, hand out the last events.
         self.confirm_written();
-        self.shared.publish(self.ws.driver());
+        self.shared
+            .publish(self.ws.buffered_amount(), self.ws.ready_state());
+        if self.ws.driver().handshake_error().is_some() {
+            // A client whose handshake failed: what was queued behind it was dropped
+            // unwritten, so a `flush` fails.
+            self.shared.dropped.store(true, Ordering::Release);
+        }
         self.commands.close();
         self.shared.finish();
         // What was not confirmed by now never will be: fail the receipts (unapplied

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 use ::tokio::sync::{Notify, oneshot};
 
-use crate::protocol::driver::{Driver, ReadyState};
+use crate::protocol::driver::ReadyState;
 
 pub(super) fn state_code(state: ReadyState) -> u8 {
     match state {
@@ -90,11 +90,11 @@ impl Shared {
         state_from(self.state.load(Ordering::Acquire))
     }
 
-    /// Publishes the driver's buffer and state; wakes waiters when either improved.
-    pub(super) fn publish(&self, driver: &Driver) {
-        let buffered = driver.buffered_amount();
+    /// Publishes the stream's unwritten bytes (the driver's, and a frame written around
+    /// it) and state; wakes waiters when either improved.
+    pub(super) fn publish(&self, buffered: usize, state: ReadyState) {
         let old = self.buffered.swap(buffered, Ordering::AcqRel);
-        let state = state_code(driver.ready_state());
+        let state = state_code(state);
         let old_state = self.state.swap(state, Ordering::AcqRel);
         if buffered < old || state != old_state {
             self.changed.notify_waiters();

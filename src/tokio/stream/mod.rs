@@ -476,10 +476,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// order RFC 6455 §7.1.1 asks, all within the close timeout.
     fn poll_linger(&mut self, cx: &mut Context<'_>, mut step: Linger) -> Poll<()> {
         if step == Linger::Start {
-            self.linger_by = Some(crate::instant::deadline_after(
-                now(),
-                self.timer_config.close,
-            ));
+            // A flush after the `Close` may have started the clock already.
+            let close = self.timer_config.close;
+            self.linger_by
+                .get_or_insert_with(|| crate::instant::deadline_after(now(), close));
             step = Linger::Flush;
         }
         let deadline = self.linger_by.expect("set when ending starts");
@@ -600,6 +600,12 @@ impl<S> WebSocketStream<S> {
     /// Bytes queued and not yet written (the browser API's `bufferedAmount`).
     pub fn buffered_amount(&self) -> usize {
         self.unwritten()
+    }
+
+    /// Bytes of a frame written around the driver still waiting for the transport (they
+    /// go out before anything the driver holds).
+    pub(super) fn unwritten_around_driver(&self) -> usize {
+        self.outbox.len()
     }
 
     fn unwritten(&self) -> usize {

@@ -186,7 +186,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                 Phase::Done => return Poll::Ready(None),
                 Phase::Ending(step) => {
                     ready!(self.poll_linger(cx, step));
+                    // Done with the transport: what the linger did not get out never will.
                     self.phase = Phase::Done;
+                    self.writing = false;
                     return Poll::Ready(None);
                 }
                 Phase::Open => {}

@@ -463,7 +463,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     }
 
     /// Writes everything queued so far and flushes the transport. Fails if the transport
-    /// failed (the error also comes out of [`WebSocketStream::next`]).
+    /// failed (the error also comes out of [`WebSocketStream::next`]), if a client's
+    /// handshake was refused (what was queued behind it is dropped), or if what is left
+    /// cannot go out by the close timeout once the `Close` event was handed out (the
+    /// deadline the stream's end keeps too).
     pub async fn flush(&mut self) -> Result<(), Error> {
         poll_fn(|cx| self.poll_flush_all(cx)).await
     }
@@ -490,6 +493,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                     return Poll::Ready(Err(err));
                 }
                 Poll::Ready(Ok(())) => {
+                    if self.driver.handshake_error().is_some() {
+                        // A client handed over still connecting whose handshake failed:
+                        // what was queued behind it was dropped, never written.
+                        return Poll::Ready(Err(not_open()));
+                    }
                     if self.driver.ready_state() != ReadyState::Connecting
                         || self.unwritten() == 0
                         || self.held.is_some()
@@ -508,8 +516,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
                     }
                 }
                 Poll::Pending => {
-                    if self.phase != Phase::Open {
-                        return Poll::Pending;
+                    match self.phase {
+                        Phase::Open => {}
+                        Phase::Ending(_) => {
+                            // `Close` was handed out: what is left has until the deadline
+                            // `next` lingers by (the close timeout) to go; a peer that
+                            // reads nothing would hold the flush for good.
+                            let close = self.timer_config.close;
+                            let deadline = *self.linger_by.get_or_insert_with(|| {
+                                crate::instant::deadline_after(super::now(), close)
+                            });
+                            if !self.poll_deadline(cx, deadline) {
+                                return Poll::Pending;
+                            }
+                            self.writing = false;
+                            continue;
+                        }
+                        Phase::Done => {
+                            self.writing = false;
+                            continue;
+                        }
                     }
                     // The flush waits on a peer that does not read (axum's `send`,
                     // `SinkExt::send`, `Sink::close`): the deadlines run, so the idle
