@@ -1353,3 +1353,76 @@ fn a_panicking_wss_handler_sends_its_close_sealed() {
         server.shutdown(Duration::from_secs(1)).unwrap();
     }
 }
+
+/// A wss client whose close_notify comes before its upgrade request is complete can send
+/// nothing more (TLS drops every record after the alert), so the request never will be:
+/// the server ends the connection at once, as for a FIN there, on both backends. (It
+/// waited for the handshake timeout, 10 s by default.)
+#[test]
+fn a_close_notify_during_the_upgrade_ends_the_connection() {
+    use std::io::{Read, Write};
+    struct Nothing;
+    impl Handler for Nothing {}
+    /// Whether the server ends `socket` (EOF or reset) within `limit`.
+    fn ended_within(socket: &std::net::TcpStream, limit: Duration) -> bool {
+        socket.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&*socket).read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+    let (cert, key) = certificate("close-notify-upgrade");
+    let mut open = Vec::new();
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let server = Server::bind("127.0.0.1:0")
+            .unwrap()
+            .config(ServerConfig {
+                threads: 1,
+                backend,
+                tls: Some(websocket_driver::tls::server_config_from_pem(&cert, &key).unwrap()),
+                handshake_timeout: Duration::from_secs(10),
+                ..ServerConfig::default()
+            })
+            .start(|_| Upgrade::Accept(Nothing))
+            .unwrap();
+        for half_a_head in [&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n"] {
+            let config = client_config(&Verify::CaFile(cert.clone())).unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+            let mut socket = std::net::TcpStream::connect(server.local_addr()).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            tls.complete_io(&mut socket).unwrap();
+            tls.writer().write_all(half_a_head).unwrap();
+            tls.send_close_notify();
+            let mut records = Vec::new();
+            while tls.wants_write() {
+                tls.write_tls(&mut records).unwrap();
+            }
+            // TCP stays open: only the alert says the client is done.
+            socket.write_all(&records).unwrap();
+            if !ended_within(&socket, Duration::from_secs(3)) {
+                open.push(format!(
+                    "{backend:?}, {:?} then close_notify",
+                    String::from_utf8_lossy(half_a_head)
+                ));
+            }
+        }
+        server.shutdown(Duration::from_secs(1)).unwrap();
+    }
+    assert!(
+        open.is_empty(),
+        "still open 3 s after the close_notify: {open:#?}"
+    );
+}

@@ -433,6 +433,9 @@ fn reason_phrase(status: u16) -> &'static str {
 /// A complete HTTP response that closes the connection: plain text unless
 /// `extra_headers` names its own `Content-Type`. With an `Upgrade` header among them (a
 /// 426), `Connection` lists `upgrade` too, as a sender of `Upgrade` must (RFC 9110 §7.8).
+/// The framing is this function's: `Content-Length`, `Transfer-Encoding` and `Connection`
+/// among `extra_headers` are left out (two differing lengths are a framing error the
+/// client cannot recover from, RFC 9112 §6.3).
 pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) -> Vec<u8> {
     let has = |header: &str| {
         extra_headers
@@ -456,7 +459,12 @@ pub fn http_response(status: u16, extra_headers: &[(&str, &str)], body: &str) ->
     )
     .into_bytes();
     for (name, value) in extra_headers {
-        push_header(&mut out, name, value);
+        let framing = ["content-length", "transfer-encoding", "connection"]
+            .iter()
+            .any(|own| name.eq_ignore_ascii_case(own));
+        if !framing {
+            push_header(&mut out, name, value);
+        }
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
@@ -479,6 +487,36 @@ pub fn error_response(error: &HandshakeError) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A refusal whose headers name their own framing (`Content-Length`, `Connection`,
+    /// `Transfer-Encoding`) goes out with the library's only: two differing lengths are a
+    /// framing error for the client (RFC 9112 §6.3); it had two of each.
+    #[test]
+    fn a_response_keeps_its_own_framing_headers_only() {
+        let text = String::from_utf8(http_response(
+            401,
+            &[
+                ("Content-Length", "2"),
+                ("connection", "keep-alive"),
+                ("Transfer-Encoding", "chunked"),
+                ("WWW-Authenticate", "Basic"),
+            ],
+            "no",
+        ))
+        .unwrap();
+        let count = |name: &str| {
+            text.lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+                .count()
+        };
+        assert_eq!(count("content-length"), 1, "{text:?}");
+        assert_eq!(count("connection"), 1, "{text:?}");
+        assert_eq!(count("transfer-encoding"), 0, "{text:?}");
+        assert!(text.contains("\r\nContent-Length: 3\r\n"), "{text:?}");
+        assert!(text.contains("\r\nConnection: close\r\n"), "{text:?}");
+        assert!(text.contains("\r\nWWW-Authenticate: Basic\r\n"), "{text:?}");
+        assert!(text.ends_with("\r\n\r\nno\n"), "{text:?}");
+    }
     use super::*;
 
     #[test]

@@ -55,7 +55,8 @@ pub(crate) fn panicked_response() -> Vec<u8> {
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,
-    /// Extra headers.
+    /// Extra headers (`Content-Length`, `Transfer-Encoding` and `Connection` are the
+    /// library's own: the body's length, and a connection that closes after it).
     pub headers: Vec<(String, String)>,
     /// Plain-text body.
     pub body: String,

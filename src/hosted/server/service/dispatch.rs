@@ -87,6 +87,9 @@ where
                         driver.receive_eof();
                         self.pump(conn, io, &mut []);
                         io.close(CloseRequest::AfterFlush);
+                    } else if peer_closed && matches!(conn.phase, Phase::Handshake(_)) {
+                        // The upgrade request can never be completed now: as a FIN there.
+                        io.close(CloseRequest::Now);
                     }
                 }
                 Err(e) => {
