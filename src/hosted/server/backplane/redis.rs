@@ -267,11 +267,19 @@ impl RedisBackplane {
         rx
     }
 
-    fn enqueue(&self, out: Out) -> bool {
+    fn enqueue(&self, mut out: Out) -> bool {
         let queue = self.queue.lock().expect("backplane queue lock");
         let Some(tx) = queue.as_ref() else {
             return false;
         };
+        if let Out::Publish { payload, .. } = &mut out {
+            // Read under the lock `start` opens the queue with, after drawing the id: a
+            // publish racing the start carries the id its own subscriber skips (read
+            // before the lock, it could be the 0 of a backplane not started, and the
+            // message came back to this process a second time).
+            payload[2..HEADER]
+                .copy_from_slice(&self.shared.node.load(Ordering::Relaxed).to_le_bytes());
+        }
         // Only publishes count against the limit: a stop, or the one pending wake-up,
         // always finds room and never takes a publish's.
         let publish = matches!(out, Out::Publish { .. });
@@ -381,7 +389,8 @@ impl Backplane for RedisBackplane {
             MessageType::Text => 1,
             _ => 2,
         });
-        payload.extend_from_slice(&self.shared.node.load(Ordering::Relaxed).to_le_bytes());
+        // The node id goes in under the queue's lock (`enqueue`).
+        payload.extend_from_slice(&[0; 8]);
         payload.extend_from_slice(data);
         let out = Out::Publish {
             channel: self.channel(topic),
