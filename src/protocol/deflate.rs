@@ -985,7 +985,7 @@ pub const FRAGMENT_FLUSH_OVERHEAD: usize = 16;
 /// The most compressed bytes a message of at most `max_length` inflated bytes may arrive
 /// as in one frame: deflate's worst case for that size under any settings, as zlib's
 /// `deflateBound` puts it for a window under 15 bits or level 1 (static Huffman codes,
-/// up to 9 bits a byte, about 12.9 % over; a full window at the default level stays
+/// up to 9 bits a byte, about 13.1 % over; a full window at the default level stays
 /// within 0.03 %, but RFC 7692 lets a peer compress as it likes), plus 64 bytes. A
 /// compressed message larger on the wire fails with 1009 before its payload is read; one
 /// in several frames may be larger by [`compressed_limit_fragmented`]. Inflation itself

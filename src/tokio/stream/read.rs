@@ -482,7 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocketStream<S> {
     /// A buffer grown for a large frame goes back to its usual size once 64 events in a
     /// row came without another large frame.
     fn shrink_buffer(&mut self) {
-        if self.small_frames > 64 && self.buf.len() > self.buf_size && self.start == self.end {
+        if self.small_frames >= 64 && self.buf.len() > self.buf_size && self.start == self.end {
             self.buf.truncate(self.buf_size);
             self.buf.shrink_to_fit();
         }
