@@ -1104,24 +1104,7 @@ fn blocking_client_close_waits_for_the_servers_tcp_close() {
 /// off by the handshake timeout as a whole, not per byte: a timed-out error (then 1006).
 #[test]
 fn blocking_client_bounds_a_trickling_proxy_by_the_handshake_timeout() {
-    use std::io::Write;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = listener.local_addr().unwrap();
-    let trickler = std::thread::spawn(move || {
-        let (mut client, _) = listener.accept().unwrap();
-        let _ = read_head(&mut client);
-        // 20 s of "HTTP/1.1 200 ..." one byte at a time, or until the client goes.
-        for byte in b"HTTP/1.1 200 Connection established but slowly"
-            .iter()
-            .cycle()
-            .take(100)
-        {
-            std::thread::sleep(Duration::from_millis(200));
-            if client.write_all(&[*byte]).is_err() {
-                break;
-            }
-        }
-    });
+    let (proxy, trickler) = trickling_proxy();
     let client = BlockingClient::new("ws://127.0.0.1:9/", Options::default())
         .unwrap()
         .proxy(&format!("http://{proxy}"))
@@ -1140,6 +1123,83 @@ fn blocking_client_bounds_a_trickling_proxy_by_the_handshake_timeout() {
     assert!(matches!(next(&events), Seen::Close(1006, _)));
     drop(client);
     trickler.join().unwrap();
+}
+
+/// A proxy on a free port that reads one `CONNECT` and then trickles an answer that never
+/// ends its head (a byte every 200 ms, for up to 20 s, or until the client goes).
+fn trickling_proxy() -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let _ = read_head(&mut client);
+        for byte in b"HTTP/1.1 200 Connection established but slowly"
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            if client.write_all(&[*byte]).is_err() {
+                break;
+            }
+        }
+    });
+    (proxy, trickler)
+}
+
+/// The hosted client's tunnel and 101 share one handshake deadline: a proxy that trickles
+/// its answer is cut off when it passes (1 s here, the trickle lasting 20 s), with 1006,
+/// on both backends.
+fn hosted_client_bounds_a_trickling_proxy_by_the_handshake_timeout(backend: Backend) {
+    let (proxy, trickler) = trickling_proxy();
+    let reactor: ClientReactor<Recorder> = ClientReactor::start(ServerConfig {
+        threads: 1,
+        backend,
+        handshake_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    })
+    .unwrap()
+    .proxy(&format!("http://{proxy}"))
+    .unwrap();
+    let closes = Arc::new(AtomicUsize::new(0));
+    let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let started = std::time::Instant::now();
+    reactor
+        .connect(
+            "ws://127.0.0.1:9/",
+            Recorder {
+                log: log.clone(),
+                closes: closes.clone(),
+                greeting: None,
+            },
+        )
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || closes
+        .load(Ordering::Relaxed)
+        == 1));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "{backend:?}: ended after {took:?}"
+    );
+    let seen = log.lock().unwrap().clone();
+    assert!(
+        matches!(seen.last(), Some(Seen::Close(1006, _))) && !seen.contains(&Seen::Open),
+        "{backend:?}: {seen:?}"
+    );
+    reactor.shutdown(Duration::from_secs(1)).unwrap();
+    trickler.join().unwrap();
+}
+
+#[test]
+fn hosted_client_bounds_a_trickling_proxy_by_the_handshake_timeout_on_epoll() {
+    hosted_client_bounds_a_trickling_proxy_by_the_handshake_timeout(Backend::Epoll);
+}
+
+#[test]
+fn hosted_client_bounds_a_trickling_proxy_by_the_handshake_timeout_on_io_uring() {
+    hosted_client_bounds_a_trickling_proxy_by_the_handshake_timeout(Backend::IoUring);
 }
 
 /// Connects a `Recorder` (sending `greeting` once open) to `url` at `addrs` in turn, and

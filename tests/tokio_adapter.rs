@@ -1103,6 +1103,54 @@ async fn proxy_refusal_is_reported() {
     .await;
 }
 
+/// `connect_via_proxy` gives the tunnel the handshake timeout (as its docs say): a proxy
+/// that reads the `CONNECT` and trickles an answer that never ends its head is cut off
+/// then with a timed-out error (1 s here; the trickle lasts 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_proxy_is_cut_off_by_the_handshake_timeout() {
+    bounded(30, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let trickler = tokio::spawn(async move {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                head.extend_from_slice(&buf[..n]);
+            }
+            for byte in b"HTTP/1.1 200 Connection established but slowly"
+                .iter()
+                .cycle()
+                .take(100)
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if client.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let result = connect_via_proxy(
+            "ws://127.0.0.1:9/",
+            &format!("http://{proxy}"),
+            &Options::default(),
+            &Config::default().handshake_timeout(Duration::from_secs(1)),
+        )
+        .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(&result, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{:?}",
+            result.map(|_| ())
+        );
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        trickler.abort();
+    })
+    .await;
+}
+
 /// The largest size the kernel lets a TCP buffer autotune to (`tcp_wmem` / `tcp_rmem`'s
 /// last field), or 16 MiB where that cannot be read.
 fn tcp_buffer_max(sysctl: &str) -> usize {
