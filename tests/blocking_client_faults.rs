@@ -290,20 +290,7 @@ fn wss_close_notify_server(
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut socket, _) = listener.accept().unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut tls = rustls::ServerConnection::new(config).unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            tls.complete_io(&mut socket).unwrap();
-            let mut chunk = [0u8; 4096];
-            match tls.reader().read(&mut chunk) {
-                Ok(n) => head.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        let (mut tls, head) = support::tls_accept_head(&mut socket, config);
         if answer {
             tls.writer()
                 .write_all(&common::response_for(&head, ""))
@@ -320,6 +307,18 @@ fn wss_close_notify_server(
     (addr, cert)
 }
 
+/// A wss client of `addr` that trusts `cert`.
+#[cfg(feature = "tls")]
+fn wss_client(addr: SocketAddr, cert: std::path::PathBuf) -> BlockingClient {
+    BlockingClient::new(
+        &format!("wss://127.0.0.1:{}/", addr.port()),
+        Options::default(),
+    )
+    .unwrap()
+    .verify(&websocket_driver::tls::Verify::CaFile(cert))
+    .unwrap()
+}
+
 /// On wss, a close_notify in the same read as the 101 ends the connection at once (1006),
 /// as one in a later read does; the client stayed open until the server dropped TCP.
 #[test]
@@ -327,13 +326,7 @@ fn wss_close_notify_server(
 fn wss_close_notify_in_the_same_read_as_the_101_ends_the_connection() {
     let (addr, cert) =
         wss_close_notify_server("bcf-101-close-notify", true, Duration::from_secs(6));
-    let client = BlockingClient::new(
-        &format!("wss://127.0.0.1:{}/", addr.port()),
-        Options::default(),
-    )
-    .unwrap()
-    .verify(&websocket_driver::tls::Verify::CaFile(cert))
-    .unwrap();
+    let client = wss_client(addr, cert);
     let (tx, closes) = mpsc::channel();
     client.on_close(move |_, code, _| {
         let _ = tx.send(code);
@@ -349,13 +342,7 @@ fn wss_close_notify_in_the_same_read_as_the_101_ends_the_connection() {
 fn wss_close_notify_before_the_101_fails_the_start_at_once() {
     let (addr, cert) =
         wss_close_notify_server("bcf-close-notify-before-101", false, Duration::from_secs(4));
-    let client = BlockingClient::new(
-        &format!("wss://127.0.0.1:{}/", addr.port()),
-        Options::default(),
-    )
-    .unwrap()
-    .verify(&websocket_driver::tls::Verify::CaFile(cert))
-    .unwrap();
+    let client = wss_client(addr, cert);
     let started = Instant::now();
     let result = client.start_connection();
     let took = started.elapsed();

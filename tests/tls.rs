@@ -265,26 +265,13 @@ fn raw_wss_server<T: Send + 'static>(
     key: &std::path::Path,
     then: impl FnOnce(&mut rustls::ServerConnection, &mut std::net::TcpStream) -> T + Send + 'static,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<T>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let config = websocket_driver::tls::server_config_from_pem(cert, key).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let (mut socket, _) = listener.accept().unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut tls = rustls::ServerConnection::new(config).unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            tls.complete_io(&mut socket).unwrap();
-            let mut chunk = [0u8; 4096];
-            match tls.reader().read(&mut chunk) {
-                Ok(n) => head.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
+        let (mut tls, head) = support::tls_accept_head(&mut socket, config);
         tls.writer()
             .write_all(&common::response_for(&head, ""))
             .unwrap();

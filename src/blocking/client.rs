@@ -328,12 +328,7 @@ impl BlockingClient {
             let mut ws = self.shared.lock();
             if n == 0 {
                 // A refusal whose body ran to the close is reported as that refusal.
-                ws.receive_eof();
-                let why = ws
-                    .handshake_error()
-                    .cloned()
-                    .unwrap_or(HandshakeError::Incomplete);
-                return Err(why.into());
+                return Err(ended_before_101(&mut ws));
             }
             let session = &mut *ws;
             let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -363,12 +358,7 @@ impl BlockingClient {
             if received.is_ok() && ws.peer_closed_tls() {
                 // On wss the server ended TLS (close_notify) before its 101: no answer can
                 // follow, whatever TCP does.
-                ws.receive_eof();
-                let why = ws
-                    .handshake_error()
-                    .cloned()
-                    .unwrap_or(HandshakeError::Incomplete);
-                return Err(why.into());
+                return Err(ended_before_101(&mut ws));
             }
             drop(ws);
             // The TLS handshake's next flight, or an alert.
@@ -581,6 +571,18 @@ impl Drop for BlockingClient {
             self.shutdown();
         }
     }
+}
+
+/// The server's input ended before its 101 (EOF, or on wss its close_notify): the handler
+/// hears it, and the same is returned (a refusal whose body ran to the end, else
+/// `Incomplete`).
+fn ended_before_101(session: &mut Session) -> Error {
+    session.receive_eof();
+    session
+        .handshake_error()
+        .cloned()
+        .unwrap_or(HandshakeError::Incomplete)
+        .into()
 }
 
 /// The transport failed with `error` before the 101: the handler hears why, and the same

@@ -414,6 +414,30 @@ pub fn open_descriptors() -> Vec<String> {
     all
 }
 
+/// The server side of a wss connection accepted on `socket`, by hand: the TLS handshake,
+/// then the client's upgrade request head (plaintext). Reads time out after 20 s.
+#[cfg(feature = "tls")]
+pub fn tls_accept_head(
+    socket: &mut TcpStream,
+    config: std::sync::Arc<rustls::ServerConfig>,
+) -> (rustls::ServerConnection, Vec<u8>) {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut tls = rustls::ServerConnection::new(config).unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.complete_io(socket).unwrap();
+        let mut chunk = [0u8; 4096];
+        match tls.reader().read(&mut chunk) {
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    (tls, head)
+}
+
 /// A fresh self-signed certificate for 127.0.0.1 and localhost, written as PEM files
 /// (certificate, key) under a temporary directory named by `dir` and this process.
 pub fn self_signed_pem(dir: &str) -> (std::path::PathBuf, std::path::PathBuf) {
