@@ -97,6 +97,11 @@ impl Handlers {
             Event::Close { code, reason } => {
                 self.ping_callbacks.clear();
                 self.pongs_due = 0;
+                if driver.handshake_error().is_some() {
+                    // A client's handshake failed: the sends queued behind it were dropped
+                    // unwritten, and their write callbacks go with them.
+                    self.write_callbacks.clear();
+                }
                 self.on_close
                     .iter_mut()
                     .for_each(|f| f(driver, code, &reason));

@@ -2399,3 +2399,48 @@ fn websocket_listeners_add_up_and_run_in_order() {
         ["logger hi", "app hi", "logger 1000", "app 1000"]
     );
 }
+
+/// A client's handshake refused in a `receive`: the sends queued behind it were dropped
+/// unwritten, and `WebSocket` drops their write callbacks with them (they were kept for
+/// the life of the `WebSocket`, never run and never dropped).
+#[test]
+fn a_refused_handshake_drops_the_write_callbacks_of_queued_sends() {
+    let client = Driver::make_client("ws://localhost/chat", &Options::default()).unwrap();
+    let mut ws = WebSocket::new(client);
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let token = ws
+        .send_with(b"queued", MessageType::Text, move |_| {
+            w.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    let closes = Arc::new(Mutex::new(Vec::new()));
+    let c = closes.clone();
+    ws.on_close(move |_, code, _| c.lock().unwrap().push(code));
+    assert!(ws.start_connection());
+    let n = ws.pending_output().len();
+    ws.consume_output(n);
+    let mut refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".to_vec();
+    ws.receive(&mut refusal);
+    assert_eq!(*closes.lock().unwrap(), [1006]);
+    assert!(ws.is_finished());
+    assert!(!ws.is_sent(token));
+    assert_eq!(written.load(Ordering::Relaxed), 0);
+    assert_eq!(Arc::strong_count(&written), 1, "the callback is still held");
+}
+
+/// `Driver::url` as documented: the client's URL until its handshake ends, `None` once
+/// open; and a close while connecting: its token reports sent at once (it writes
+/// nothing), the sends it dropped never do.
+#[test]
+fn a_clients_url_and_a_close_while_connecting_are_as_documented() {
+    let mut client = Driver::make_client("ws://localhost/chat", &Options::default()).unwrap();
+    assert_eq!(client.url().map(|u| u.host.as_str()), Some("localhost"));
+    client.start_connection();
+    let text = client.send_text("queued").unwrap();
+    let close = client.close_connection(1000, "").unwrap();
+    assert!(client.is_sent(close));
+    assert!(!client.is_sent(text));
+    let (open, _server) = open_client(&Options::default());
+    assert!(open.url().is_none());
+}

@@ -133,7 +133,9 @@ pub enum MessageType {
 }
 
 /// Identifies a send: it has reached the transport once [`Driver::is_sent`] says so.
-/// Tokens of one driver are ordered like their sends.
+/// Tokens of one driver are ordered like their sends, with one exception: a close while
+/// still connecting drops the sends queued before it (they never report sent) and writes
+/// nothing itself, so its token reports sent at once and may order before theirs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SendToken(u64);
 
@@ -409,7 +411,8 @@ impl Driver {
         }
     }
 
-    /// The parsed URL of a client driver.
+    /// The parsed URL of a client driver, until its handshake ends (`None` once open or
+    /// failed, and for a server: the handshake's state is freed then).
     pub fn url(&self) -> Option<&ClientUrl> {
         match self.handshake.as_deref() {
             Some(Handshake::Client(hs)) => Some(&hs.url),
