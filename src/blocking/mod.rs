@@ -485,18 +485,15 @@ fn run_connection(
     }
 }
 
-/// Writes all pending output on a blocking socket (each write bounded by its write
-/// timeout).
-fn write_all_output(mut stream: impl Write, ws: &mut WebSocket) -> io::Result<()> {
-    while !ws.pending_output().is_empty() {
-        match stream.write(ws.pending_output()) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => ws.consume_output(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Writes all pending output on a blocking socket: [`write_ready`], which there stops
+/// short only when a write times out.
+fn write_all_output(stream: impl Write, ws: &mut WebSocket) -> io::Result<()> {
+    write_ready(stream, ws)?;
+    if ws.pending_output().is_empty() {
+        Ok(())
+    } else {
+        Err(io::ErrorKind::TimedOut.into())
     }
-    Ok(())
 }
 
 /// The server closes TCP first (RFC 6455 §7.1.1), but reads what the peer still sends
